@@ -1,0 +1,58 @@
+//! The types that cross between edge shards and the core.
+//!
+//! Every edge shard owns one [`ShardLink`]: a bounded queue of [`CoreRequest`]s towards the core
+//! and a bounded queue of [`CoreReply`]s back. Each queue has exactly one producer and one
+//! consumer (SPSC use of crossbeam channels), so a shard never contends with another shard.
+
+use crossbeam::channel::{Receiver, Sender};
+
+/// A message accepted by an edge, addressed to one recipient.
+///
+/// `id` is the server-chosen message id (unique, and increasing per sending shard); the store
+/// keeps a recipient's messages ordered by it. `payload` is exactly what the recipient receives
+/// inside its RELIABLE_MSG frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMsg {
+    pub id: u64,
+    pub recipient: Vec<u8>,
+    pub sender: Vec<u8>,
+    pub payload: Vec<u8>,
+}
+
+/// Where a reply must go on the edge: the shard-local connection number.
+pub type ConnId = u64;
+
+/// What an edge shard asks of the core. Never awaited on the shard's hot path.
+#[derive(Debug)]
+pub enum CoreRequest {
+    /// Store a message until its recipient acks it.
+    Store(StoredMsg),
+    /// The recipient acked message `id`: it is delivered and must never come again.
+    Ack { user: Vec<u8>, id: u64 },
+    /// Send up to `limit` of `user`'s undelivered messages with an id greater than `after`
+    /// (0 = from the start), in id order, as one [`CoreReply::Drain`] to `conn`.
+    /// Before serving a drain the core takes in every request already queued by any shard, so a
+    /// message whose store request was queued before the drain request is always included.
+    Drain { user: Vec<u8>, conn: ConnId, after: u64, limit: usize },
+    /// Store (replace) `user`'s E2EE prekey bundle (a CBOR map).
+    PutPrekeys { user: Vec<u8>, bundle: Vec<u8> },
+    /// Fetch `user`'s prekey bundle; answered with [`CoreReply::Prekeys`] to `conn`.
+    FetchPrekeys { user: Vec<u8>, conn: ConnId },
+}
+
+/// What the core sends back to a shard.
+#[derive(Debug)]
+pub enum CoreReply {
+    /// Answer to [`CoreRequest::Drain`]: `(id, payload)` in id order; `more` is true when
+    /// further messages may follow `msgs.last()`.
+    Drain { conn: ConnId, user: Vec<u8>, msgs: Vec<(u64, Vec<u8>)>, more: bool },
+    /// Answer to [`CoreRequest::FetchPrekeys`]; `None` when no bundle is stored.
+    Prekeys { conn: ConnId, user: Vec<u8>, bundle: Option<Vec<u8>> },
+}
+
+/// The shard's end of its link to the core.
+#[derive(Debug, Clone)]
+pub struct ShardLink {
+    pub to_core: Sender<CoreRequest>,
+    pub from_core: Receiver<CoreReply>,
+}

@@ -1,0 +1,20 @@
+//! `iris-core`: the record of truth for messages.
+//!
+//! In the embedded (one-box) deployment the core runs in-process: [`embedded::EmbeddedCore`]
+//! is a dedicated OS thread that owns the [`store::MessageStore`] (an fjall LSM on local disk)
+//! and talks to every edge shard over a pair of bounded crossbeam queues per shard
+//! ([`api::ShardLink`]). Shards never wait on it: they push [`api::CoreRequest`]s and poll
+//! [`api::CoreReply`]s. The regional cluster (Kafka bus, Redis sessions, ScyllaDB) will put the
+//! same requests on the bus instead.
+//!
+//! - [`api`]: the request and reply types that cross the shard/core boundary.
+//! - [`store`]: the durable message store (inbox per user, prekey bundles).
+//! - [`embedded`]: the core thread: group commit, ack cancellation, ordered login drains.
+
+pub mod api;
+pub mod embedded;
+pub mod error;
+pub mod store;
+
+pub use api::{CoreReply, CoreRequest, ShardLink, StoredMsg};
+pub use error::CoreError;

