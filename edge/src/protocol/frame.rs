@@ -4,7 +4,7 @@
 //! buffer. Encoders append to a caller-owned `Vec<u8>` so a shard can batch many frames into one
 //! write. Client-side encoders ([`ClientFrame::encode`]) serve the load generator and the tests.
 
-use super::msgid::MsgId;
+
 
 /// Client → server opcodes.
 pub mod op {
