@@ -33,7 +33,12 @@ pub enum CoreRequest {
     /// (0 = from the start), in id order, as one [`CoreReply::Drain`] to `conn`.
     /// Before serving a drain the core takes in every request already queued by any shard, so a
     /// message whose store request was queued before the drain request is always included.
-    Drain { user: Vec<u8>, conn: ConnId, after: u64, limit: usize },
+    Drain {
+        user: Vec<u8>,
+        conn: ConnId,
+        after: u64,
+        limit: usize,
+    },
     /// Store (replace) `user`'s E2EE prekey bundle (a CBOR map).
     PutPrekeys { user: Vec<u8>, bundle: Vec<u8> },
     /// Fetch `user`'s prekey bundle; answered with [`CoreReply::Prekeys`] to `conn`.
@@ -45,9 +50,18 @@ pub enum CoreRequest {
 pub enum CoreReply {
     /// Answer to [`CoreRequest::Drain`]: `(id, payload)` in id order; `more` is true when
     /// further messages may follow `msgs.last()`.
-    Drain { conn: ConnId, user: Vec<u8>, msgs: Vec<(u64, Vec<u8>)>, more: bool },
+    Drain {
+        conn: ConnId,
+        user: Vec<u8>,
+        msgs: Vec<(u64, Vec<u8>)>,
+        more: bool,
+    },
     /// Answer to [`CoreRequest::FetchPrekeys`]; `None` when no bundle is stored.
-    Prekeys { conn: ConnId, user: Vec<u8>, bundle: Option<Vec<u8>> },
+    Prekeys {
+        conn: ConnId,
+        user: Vec<u8>,
+        bundle: Option<Vec<u8>>,
+    },
 }
 
 /// The shard's end of its link to the core.

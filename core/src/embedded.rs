@@ -1,1 +1,892 @@
-//! placeholder
+//! The in-process core of the embedded deployment: one dedicated OS thread ("iris-core") that
+//! owns the [`MessageStore`] and serves every edge shard over its [`ShardLink`].
+//!
+//! # Queues
+//! [`EmbeddedCore::start`] creates, per shard, one bounded request queue (shard → core) and one
+//! bounded reply queue (core → shard), each used by exactly one producer and one consumer. The
+//! core thread takes requests from all shards (a crossbeam `Select` when idle, non-blocking
+//! sweeps when busy) and never blocks on a reply queue: a reply that finds its queue full waits
+//! in a per-shard overflow list and is retried (in order) until the shard takes it; replies are
+//! never dropped while the shard's receiver exists.
+//!
+//! # Group commit and the accept → store window
+//! A [`CoreRequest::Store`] is held **in memory only** for at most `commit_window_ms` (default
+//! 2 ms, counted from the first operation that became pending after the previous commit). At
+//! the end of the window all surviving inserts, the deletes of acked messages, pending prekey
+//! bundles and the id floor go to disk as ONE atomic fjall batch followed by an fsync. This is
+//! the bounded "accept → store" window of DESIGN.md: a crash of the process inside the window
+//! loses the messages accepted in it (the recipient got them live or gets nothing; the sender
+//! is never told otherwise); everything committed before survives (fjall journal recovery).
+//!
+//! If an ack arrives while its message is still pending, the message is dropped without ever
+//! touching disk (`cancelled_before_store`). An ack for an already committed message becomes a
+//! delete in the next batch, and is remembered for 1–2 s (two generations of a recent-acks set,
+//! rotated every second), because stores and acks travel on different shards' queues: a store
+//! that arrives after its own ack is dropped (`late_stores_dropped`) instead of being kept
+//! forever. A store later than that is kept and delivered again at the next login (a duplicate,
+//! never a loss).
+//!
+//! # Drains and prekey fetches
+//! Before serving a [`CoreRequest::Drain`] or [`CoreRequest::FetchPrekeys`] the core takes in
+//! every request already queued on every shard's queue (so a store or prekey upload queued
+//! before the read is seen), then answers from the store merged with the still-pending
+//! operations of that user (pending inserts and bundles included, pending deletes excluded).
+//! Reads therefore never write, and drains do not defeat ack cancellation.
+//!
+//! # Failures
+//! A failed commit (disk full, I/O error) is logged and counted (`store_errors`); its operations
+//! stay pending and are retried with backoff (10 ms doubling to 1 s). While commits fail and more
+//! than `queue_capacity × shards` operations are pending, the core stops taking new requests so
+//! the shards' queues fill and the edge sheds load instead of the core growing memory. Note that
+//! fjall refuses all writes after a failed journal write (`Poisoned`): recovery then needs a
+//! restart, and the pending operations are what the window allows to be lost.
+//!
+//! # Shutdown
+//! The thread ends when [`EmbeddedCore::stop`] is called (or [`EmbeddedCore::shutdown`], or the
+//! [`EmbeddedCore`] is dropped), or when every request sender of every shard is dropped. Either
+//! way it first takes in everything still queued, answers the drains among it, commits all
+//! pending operations durably, then exits.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::ops::Bound;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam::channel::{self, Receiver, Select, Sender, TryRecvError, TrySendError};
+use tracing::{debug, error, info, trace, warn};
+
+use crate::api::{ConnId, CoreReply, CoreRequest, ShardLink, StoredMsg};
+use crate::error::CoreError;
+use crate::store::{Batch, MessageStore, MAX_SENDER_LEN, MAX_USER_LEN};
+
+/// How often the recent-acks set rotates; an ack is remembered for one to two periods.
+const ACK_MEMORY_PERIOD: Duration = Duration::from_secs(1);
+/// Requests taken from one shard's queue before looking at the next one (fairness).
+const SWEEP_BATCH: usize = 1024;
+/// Longest idle wait when nothing is due (the loop also wakes on every request).
+const IDLE_WAIT: Duration = Duration::from_secs(1);
+/// First retry delay after a failed commit; doubles per failure up to [`MAX_RETRY_DELAY`].
+const FIRST_RETRY_DELAY: Duration = Duration::from_millis(10);
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(1);
+/// Bounded passes over the queues at shutdown (producers may still be sending).
+const FINAL_PASSES: usize = 16;
+
+/// Configuration of the embedded core.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmbeddedConfig {
+    /// Directory of the fjall database (created if missing). Default `data/core`.
+    pub data_dir: PathBuf,
+    /// Group-commit window in milliseconds: the longest a stored message lives only in memory.
+    /// Default 2. 0 commits on every pass of the core loop.
+    pub commit_window_ms: u64,
+    /// Capacity of each shard's request queue and of each shard's reply queue. Default 65536.
+    pub queue_capacity: usize,
+    /// Most messages in one [`CoreReply::Drain`]: a drain's `limit` is capped to it, and a
+    /// `limit` of 0 means this many. Bounds the time one drain holds the core. Default 1024.
+    pub drain_chunk: usize,
+}
+
+impl Default for EmbeddedConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("data/core"),
+            commit_window_ms: 2,
+            queue_capacity: 65_536,
+            drain_chunk: 1024,
+        }
+    }
+}
+
+/// Live counters of the core thread (monotonic unless noted), readable from any thread.
+#[derive(Debug, Default)]
+pub struct CoreMetrics {
+    /// Messages written to the store.
+    pub stored: AtomicU64,
+    /// Ack requests taken in.
+    pub acked: AtomicU64,
+    /// Messages acked inside the commit window, so never written.
+    pub cancelled_before_store: AtomicU64,
+    /// Stores that arrived after their own ack and were dropped.
+    pub late_stores_dropped: AtomicU64,
+    /// Successful group commits (each one batch + fsync).
+    pub commits: AtomicU64,
+    /// Total wall time of successful commits, microseconds (batch write + fsync).
+    pub commit_micros_total: AtomicU64,
+    /// Drain requests answered.
+    pub drains: AtomicU64,
+    /// Messages sent in drain replies.
+    pub drained_messages: AtomicU64,
+    /// Failed store operations (commits, scans, prekey reads).
+    pub store_errors: AtomicU64,
+    /// Requests the store cannot represent (user or sender too long); answered empty if a
+    /// reply is due, otherwise dropped.
+    pub invalid_requests: AtomicU64,
+    /// Corrupt inbox entries skipped by drains.
+    pub corrupt_skipped: AtomicU64,
+    /// Replies that found their shard's reply queue full and waited in the overflow list.
+    pub replies_deferred: AtomicU64,
+    /// Gauge: operations (inserts, deletes, prekey bundles) waiting for the next commit.
+    pub pending_ops: AtomicU64,
+}
+
+/// A point-in-time copy of [`CoreMetrics`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CoreStats {
+    pub stored: u64,
+    pub acked: u64,
+    pub cancelled_before_store: u64,
+    pub late_stores_dropped: u64,
+    pub commits: u64,
+    pub commit_micros_total: u64,
+    pub drains: u64,
+    pub drained_messages: u64,
+    pub store_errors: u64,
+    pub invalid_requests: u64,
+    pub corrupt_skipped: u64,
+    pub replies_deferred: u64,
+    pub pending_ops: u64,
+}
+
+impl CoreMetrics {
+    /// Reads every counter (each individually; not one atomic snapshot).
+    pub fn snapshot(&self) -> CoreStats {
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        CoreStats {
+            stored: r(&self.stored),
+            acked: r(&self.acked),
+            cancelled_before_store: r(&self.cancelled_before_store),
+            late_stores_dropped: r(&self.late_stores_dropped),
+            commits: r(&self.commits),
+            commit_micros_total: r(&self.commit_micros_total),
+            drains: r(&self.drains),
+            drained_messages: r(&self.drained_messages),
+            store_errors: r(&self.store_errors),
+            invalid_requests: r(&self.invalid_requests),
+            corrupt_skipped: r(&self.corrupt_skipped),
+            replies_deferred: r(&self.replies_deferred),
+            pending_ops: r(&self.pending_ops),
+        }
+    }
+}
+
+fn bump(a: &AtomicU64, n: u64) {
+    a.fetch_add(n, Ordering::Relaxed);
+}
+
+/// Handle to the running core thread.
+pub struct EmbeddedCore {
+    thread: Option<JoinHandle<Result<(), CoreError>>>,
+    stop_tx: Sender<()>,
+    metrics: Arc<CoreMetrics>,
+    id_floor: u64,
+}
+
+impl std::fmt::Debug for EmbeddedCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedCore")
+            .field("id_floor", &self.id_floor)
+            .field(
+                "running",
+                &self.thread.as_ref().is_some_and(|t| !t.is_finished()),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl EmbeddedCore {
+    /// Opens the store in `cfg.data_dir` (recovering what was committed before), starts the
+    /// core thread, and returns its handle and one [`ShardLink`] per shard (index = shard).
+    pub fn start(
+        cfg: EmbeddedConfig,
+        nr_shards: usize,
+    ) -> Result<(Self, Vec<ShardLink>), CoreError> {
+        if nr_shards == 0 || cfg.queue_capacity == 0 || cfg.drain_chunk == 0 {
+            return Err(CoreError::InvalidInput(format!(
+                "embedded core needs shards, queue_capacity and drain_chunk > 0 \
+                 (got {nr_shards}, {}, {})",
+                cfg.queue_capacity, cfg.drain_chunk
+            )));
+        }
+        let store = MessageStore::open(&cfg.data_dir)?;
+        let id_floor = store.id_floor();
+        let metrics = Arc::new(CoreMetrics::default());
+        let (stop_tx, stop_rx) = channel::bounded(1);
+
+        let mut links = Vec::with_capacity(nr_shards);
+        let mut shards = Vec::with_capacity(nr_shards);
+        for _ in 0..nr_shards {
+            let (req_tx, req_rx) = channel::bounded(cfg.queue_capacity);
+            let (rep_tx, rep_rx) = channel::bounded(cfg.queue_capacity);
+            links.push(ShardLink {
+                to_core: req_tx,
+                from_core: rep_rx,
+            });
+            shards.push(Shard {
+                rx: req_rx,
+                tx: rep_tx,
+                overflow: VecDeque::new(),
+                open: true,
+            });
+        }
+
+        let now = Instant::now();
+        let core = Core {
+            store,
+            window: Duration::from_millis(cfg.commit_window_ms),
+            drain_chunk: cfg.drain_chunk,
+            pending_cap: cfg.queue_capacity.saturating_mul(nr_shards),
+            shards,
+            stop_rx,
+            metrics: Arc::clone(&metrics),
+            pending: HashMap::new(),
+            pending_prekeys: HashMap::new(),
+            pending_ops: 0,
+            max_id_seen: id_floor,
+            deadline: None,
+            failures: 0,
+            recent_acks: HashSet::new(),
+            older_acks: HashSet::new(),
+            next_rotation: now + ACK_MEMORY_PERIOD,
+            deferred: Vec::new(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("iris-core".into())
+            .spawn(move || core.run())?;
+        info!(
+            shards = nr_shards,
+            id_floor,
+            commit_window_ms = cfg.commit_window_ms,
+            data_dir = %cfg.data_dir.display(),
+            "embedded core started"
+        );
+        Ok((
+            Self {
+                thread: Some(thread),
+                stop_tx,
+                metrics,
+                id_floor,
+            },
+            links,
+        ))
+    }
+
+    /// The highest message id the store had seen when the core started: shards seed their id
+    /// generators above it.
+    pub fn id_floor(&self) -> u64 {
+        self.id_floor
+    }
+
+    /// The core's live counters.
+    pub fn metrics(&self) -> Arc<CoreMetrics> {
+        Arc::clone(&self.metrics)
+    }
+
+    /// Asks the core thread to finish: it takes in what is queued, commits durably and exits.
+    /// Returns at once; [`EmbeddedCore::shutdown`] waits for it.
+    pub fn stop(&self) {
+        // A full channel means a stop is already signalled; a closed one means the thread ended.
+        let _ = self.stop_tx.try_send(());
+    }
+
+    /// True once the core thread has exited (after a stop, or when all request senders are gone).
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Stops the core thread (see [`EmbeddedCore::stop`]), waits until it has committed
+    /// everything pending durably and exited, and returns the final counters. An error means
+    /// the final commit failed (the operations it held are lost) or the thread panicked.
+    pub fn shutdown(mut self) -> Result<CoreStats, CoreError> {
+        self.stop();
+        self.join()?;
+        Ok(self.metrics.snapshot())
+    }
+
+    fn join(&mut self) -> Result<(), CoreError> {
+        match self.thread.take() {
+            None => Ok(()),
+            Some(t) => t.join().map_err(|_| CoreError::ThreadPanicked)?,
+        }
+    }
+}
+
+impl Drop for EmbeddedCore {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.stop();
+            if let Err(e) = self.join() {
+                error!(error = %e, "embedded core ended with an error");
+            }
+        }
+    }
+}
+
+/// The core's side of one shard's link.
+struct Shard {
+    rx: Receiver<CoreRequest>,
+    tx: Sender<CoreReply>,
+    /// Replies that found `tx` full, oldest first.
+    overflow: VecDeque<CoreReply>,
+    /// False once every sender of `rx` is gone.
+    open: bool,
+}
+
+/// One user's operations waiting for the next commit.
+#[derive(Default)]
+struct UserPending {
+    inserts: BTreeMap<u64, StoredMsg>,
+    deletes: BTreeSet<u64>,
+}
+
+/// A read request (drain or prekey fetch) waiting for its take-in pass.
+struct ReadReq {
+    shard: usize,
+    user: Vec<u8>,
+    conn: ConnId,
+    kind: ReadKind,
+}
+
+enum ReadKind {
+    Drain { after: u64, limit: usize },
+    Prekeys,
+}
+
+/// State of the core thread.
+struct Core {
+    store: MessageStore,
+    window: Duration,
+    drain_chunk: usize,
+    /// Above this many pending operations, and while commits fail, stop taking requests.
+    pending_cap: usize,
+    shards: Vec<Shard>,
+    stop_rx: Receiver<()>,
+    metrics: Arc<CoreMetrics>,
+    /// Per recipient: pending inserts and deletes.
+    pending: HashMap<Vec<u8>, UserPending>,
+    pending_prekeys: HashMap<Vec<u8>, Vec<u8>>,
+    /// Inserts + deletes in `pending` + bundles in `pending_prekeys`.
+    pending_ops: usize,
+    /// Highest id of any store taken in (persisted as the id floor at the next commit).
+    max_id_seen: u64,
+    /// When the next commit is due; None when nothing is pending.
+    deadline: Option<Instant>,
+    /// Consecutive failed commits.
+    failures: u32,
+    /// Acks of messages that were not pending, `(id, hash(user))`: this and the previous period.
+    recent_acks: HashSet<(u64, u64)>,
+    older_acks: HashSet<(u64, u64)>,
+    next_rotation: Instant,
+    /// Reads (drains, prekey fetches) taken in but not yet served: each waits for one take-in
+    /// pass over all queues that starts after it was received.
+    deferred: Vec<ReadReq>,
+}
+
+impl Core {
+    fn run(mut self) -> Result<(), CoreError> {
+        loop {
+            let mut took = 0;
+            if !self.stalled() {
+                for s in 0..self.shards.len() {
+                    took += self.take_from(s, SWEEP_BATCH);
+                }
+            }
+            if !self.deferred.is_empty() {
+                self.serve_reads();
+            }
+            self.flush_overflows();
+            let now = Instant::now();
+            if self.deadline.is_some_and(|d| now >= d) {
+                // A failure is logged, counted and retried by `commit` itself.
+                let _ = self.commit();
+            }
+            self.rotate_acks(now);
+            self.metrics
+                .pending_ops
+                .store(self.pending_ops as u64, Ordering::Relaxed);
+
+            match self.stop_rx.try_recv() {
+                Ok(()) | Err(TryRecvError::Disconnected) => {
+                    debug!("embedded core stop requested");
+                    break;
+                }
+                Err(TryRecvError::Empty) => {}
+            }
+            if self.shards.iter().all(|s| !s.open) {
+                debug!("all shard links closed");
+                break;
+            }
+            if took == 0 && self.deferred.is_empty() {
+                self.wait();
+            }
+        }
+        self.finish()
+    }
+
+    /// While commits fail and too much is pending, requests stay in the queues (backpressure).
+    fn stalled(&self) -> bool {
+        self.failures > 0 && self.pending_ops >= self.pending_cap
+    }
+
+    /// Blocks until a request or stop signal arrives, an overflowing reply queue has room, or
+    /// the next commit is due.
+    fn wait(&mut self) {
+        let now = Instant::now();
+        let timeout = self.deadline.map_or(IDLE_WAIT, |d| {
+            d.saturating_duration_since(now).min(IDLE_WAIT)
+        });
+        if timeout.is_zero() {
+            return;
+        }
+        let stalled = self.stalled();
+        let mut sel = Select::new();
+        sel.recv(&self.stop_rx);
+        for s in &self.shards {
+            if s.open && !stalled {
+                sel.recv(&s.rx);
+            }
+            if !s.overflow.is_empty() {
+                sel.send(&s.tx);
+            }
+        }
+        // Which operation is ready does not matter: the loop sweeps everything.
+        let _ = sel.ready_timeout(timeout);
+    }
+
+    /// Takes in and handles up to `max` requests from shard `s`; returns how many.
+    fn take_from(&mut self, s: usize, max: usize) -> usize {
+        let mut n = 0;
+        while n < max {
+            let Some(shard) = self.shards.get_mut(s) else {
+                break;
+            };
+            if !shard.open {
+                break;
+            }
+            match shard.rx.try_recv() {
+                Ok(req) => {
+                    n += 1;
+                    self.handle(s, req);
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    debug!(shard = s, "shard request queue closed");
+                    shard.open = false;
+                }
+            }
+        }
+        n
+    }
+
+    /// One take-in pass: everything queued on every shard right now.
+    fn take_in_all(&mut self) -> usize {
+        let mut n = 0;
+        for s in 0..self.shards.len() {
+            let queued = self.shards[s].rx.len();
+            n += self.take_from(s, queued);
+        }
+        n
+    }
+
+    fn handle(&mut self, shard: usize, req: CoreRequest) {
+        match req {
+            CoreRequest::Store(msg) => self.on_store(msg),
+            CoreRequest::Ack { user, id } => self.on_ack(user, id),
+            CoreRequest::Drain {
+                user,
+                conn,
+                after,
+                limit,
+            } => self.deferred.push(ReadReq {
+                shard,
+                user,
+                conn,
+                kind: ReadKind::Drain { after, limit },
+            }),
+            CoreRequest::PutPrekeys { user, bundle } => {
+                if self.invalid_user(&user, "prekeys") {
+                    return;
+                }
+                if self.pending_prekeys.insert(user, bundle).is_none() {
+                    self.pending_ops += 1;
+                }
+                self.arm_deadline();
+            }
+            CoreRequest::FetchPrekeys { user, conn } => self.deferred.push(ReadReq {
+                shard,
+                user,
+                conn,
+                kind: ReadKind::Prekeys,
+            }),
+        }
+    }
+
+    fn on_store(&mut self, msg: StoredMsg) {
+        if self.invalid_user(&msg.recipient, "store") {
+            return;
+        }
+        if msg.sender.len() > MAX_SENDER_LEN {
+            bump(&self.metrics.invalid_requests, 1);
+            debug!(
+                len = msg.sender.len(),
+                "store with oversized sender dropped"
+            );
+            return;
+        }
+        self.max_id_seen = self.max_id_seen.max(msg.id);
+        let key = (msg.id, user_hash(&msg.recipient));
+        if self.recent_acks.contains(&key) || self.older_acks.contains(&key) {
+            bump(&self.metrics.late_stores_dropped, 1);
+            debug!(id = msg.id, "store after its ack dropped");
+            return;
+        }
+        trace!(id = msg.id, "store pending");
+        // Look up before inserting so the recipient is cloned only for a new pending user.
+        if !self.pending.contains_key(&msg.recipient) {
+            self.pending
+                .insert(msg.recipient.clone(), UserPending::default());
+        }
+        if let Some(p) = self.pending.get_mut(&msg.recipient) {
+            if p.inserts.insert(msg.id, msg).is_none() {
+                self.pending_ops += 1;
+            }
+        }
+        self.arm_deadline();
+    }
+
+    fn on_ack(&mut self, user: Vec<u8>, id: u64) {
+        bump(&self.metrics.acked, 1);
+        if self.invalid_user(&user, "ack") {
+            return;
+        }
+        if let Some(p) = self.pending.get_mut(&user) {
+            if p.inserts.remove(&id).is_some() {
+                self.pending_ops -= 1;
+                if p.inserts.is_empty() && p.deletes.is_empty() {
+                    self.pending.remove(&user);
+                }
+                bump(&self.metrics.cancelled_before_store, 1);
+                trace!(id, "ack cancelled a pending store");
+                return;
+            }
+        }
+        self.recent_acks.insert((id, user_hash(&user)));
+        if self.pending.entry(user).or_default().deletes.insert(id) {
+            self.pending_ops += 1;
+        }
+        self.arm_deadline();
+    }
+
+    fn invalid_user(&self, user: &[u8], what: &'static str) -> bool {
+        if user.len() > MAX_USER_LEN {
+            bump(&self.metrics.invalid_requests, 1);
+            debug!(
+                request = what,
+                len = user.len(),
+                "request with oversized user name"
+            );
+            true
+        } else {
+            false
+        }
+    }
+
+    fn arm_deadline(&mut self) {
+        if self.deadline.is_none() {
+            self.deadline = Some(Instant::now() + self.window);
+        }
+    }
+
+    fn rotate_acks(&mut self, now: Instant) {
+        if now < self.next_rotation {
+            return;
+        }
+        if now >= self.next_rotation + ACK_MEMORY_PERIOD {
+            // Idle for more than a whole period: both generations are stale.
+            self.older_acks.clear();
+            self.recent_acks.clear();
+        } else {
+            self.older_acks = std::mem::take(&mut self.recent_acks);
+        }
+        self.next_rotation = now + ACK_MEMORY_PERIOD;
+    }
+
+    /// Serves the reads received before this call, after one take-in pass over all queues
+    /// (reads received during the pass wait for the next call). So a write queued on any shard
+    /// before a read was queued is visible to that read.
+    fn serve_reads(&mut self) {
+        let ready = std::mem::take(&mut self.deferred);
+        self.take_in_all();
+        for r in ready {
+            self.serve_read(r);
+        }
+    }
+
+    fn serve_read(&mut self, r: ReadReq) {
+        let ReadReq {
+            shard,
+            user,
+            conn,
+            kind,
+        } = r;
+        match kind {
+            ReadKind::Drain { after, limit } => self.serve_drain(shard, user, conn, after, limit),
+            ReadKind::Prekeys => {
+                let bundle = self.prekeys_of(&user);
+                self.reply(shard, CoreReply::Prekeys { conn, user, bundle });
+            }
+        }
+    }
+
+    fn prekeys_of(&mut self, user: &[u8]) -> Option<Vec<u8>> {
+        if self.invalid_user(user, "fetch prekeys") {
+            return None;
+        }
+        if let Some(b) = self.pending_prekeys.get(user) {
+            return Some(b.clone());
+        }
+        match self.store.get_prekeys(user) {
+            Ok(b) => b,
+            Err(e) => {
+                bump(&self.metrics.store_errors, 1);
+                error!(error = %e, "prekey read failed");
+                None
+            }
+        }
+    }
+
+    fn serve_drain(&mut self, shard: usize, user: Vec<u8>, conn: ConnId, after: u64, limit: usize) {
+        let limit = if limit == 0 {
+            self.drain_chunk
+        } else {
+            limit.min(self.drain_chunk)
+        };
+        let msgs = if self.invalid_user(&user, "drain") {
+            Vec::new()
+        } else {
+            self.drain_msgs(&user, after, limit)
+        };
+        let more = msgs.len() == limit;
+        bump(&self.metrics.drains, 1);
+        bump(&self.metrics.drained_messages, msgs.len() as u64);
+        debug!(shard, conn, after, n = msgs.len(), more, "drain served");
+        self.reply(
+            shard,
+            CoreReply::Drain {
+                conn,
+                user,
+                msgs,
+                more,
+            },
+        );
+    }
+
+    /// Up to `limit` of `user`'s messages after `after`: the store merged with what is pending.
+    fn drain_msgs(&mut self, user: &[u8], after: u64, limit: usize) -> Vec<(u64, Vec<u8>)> {
+        let pending = self.pending.get(user);
+        let skip = pending.map_or(0, |p| p.deletes.len());
+        let stored = match self.store.scan(user, after, limit.saturating_add(skip)) {
+            Ok(v) => v,
+            Err(e) => {
+                // The messages stay stored; the next login drains them.
+                bump(&self.metrics.store_errors, 1);
+                error!(error = %e, "drain scan failed");
+                Vec::new()
+            }
+        };
+        self.metrics
+            .corrupt_skipped
+            .store(self.store.corrupt_skipped(), Ordering::Relaxed);
+        let Some(p) = pending else {
+            return stored;
+        };
+        let mut stored = stored
+            .into_iter()
+            .filter(|(id, _)| !p.deletes.contains(id))
+            .peekable();
+        let mut fresh = p
+            .inserts
+            .range((Bound::Excluded(after), Bound::Unbounded))
+            .peekable();
+        let mut out = Vec::with_capacity(limit.min(1024));
+        while out.len() < limit {
+            let (take_fresh, duplicate) = match (stored.peek(), fresh.peek()) {
+                (None, None) => break,
+                (Some(_), None) => (false, false),
+                (None, Some(_)) => (true, false),
+                (Some((sid, _)), Some((fid, _))) => (**fid <= *sid, **fid == *sid),
+            };
+            if duplicate {
+                stored.next(); // the same message stored and pending again: keep one copy
+            }
+            if take_fresh {
+                if let Some((id, m)) = fresh.next() {
+                    out.push((*id, m.payload.clone()));
+                }
+            } else if let Some(e) = stored.next() {
+                out.push(e);
+            }
+        }
+        out
+    }
+
+    /// Sends a reply without blocking; a full queue parks it (in order) in the overflow list.
+    fn reply(&mut self, s: usize, r: CoreReply) {
+        let Some(shard) = self.shards.get_mut(s) else {
+            return;
+        };
+        if !shard.overflow.is_empty() {
+            shard.overflow.push_back(r);
+            bump(&self.metrics.replies_deferred, 1);
+            return;
+        }
+        match shard.tx.try_send(r) {
+            Ok(()) => {}
+            Err(TrySendError::Full(r)) => {
+                shard.overflow.push_back(r);
+                bump(&self.metrics.replies_deferred, 1);
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                debug!(shard = s, "reply dropped: shard reply queue closed");
+            }
+        }
+    }
+
+    fn flush_overflows(&mut self) {
+        for (s, shard) in self.shards.iter_mut().enumerate() {
+            while let Some(r) = shard.overflow.pop_front() {
+                match shard.tx.try_send(r) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(r)) => {
+                        shard.overflow.push_front(r);
+                        break;
+                    }
+                    Err(TrySendError::Disconnected(_)) => {
+                        debug!(
+                            shard = s,
+                            dropped = shard.overflow.len() + 1,
+                            "replies dropped: shard reply queue closed"
+                        );
+                        shard.overflow.clear();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes everything pending as one atomic batch and fsyncs it. On failure everything
+    /// stays pending and a retry is scheduled.
+    fn commit(&mut self) -> Result<(), CoreError> {
+        if self.pending_ops == 0 && self.max_id_seen <= self.store.id_floor() {
+            self.deadline = None;
+            return Ok(());
+        }
+        let mut inserts = Vec::new();
+        let mut deletes = Vec::new();
+        for (user, p) in self.pending.drain() {
+            for id in p.deletes {
+                deletes.push((user.clone(), id));
+            }
+            inserts.extend(p.inserts.into_values());
+        }
+        let prekeys: Vec<_> = self.pending_prekeys.drain().collect();
+        let started = Instant::now();
+        let result = self.store.write(
+            &Batch {
+                inserts: &inserts,
+                deletes: &deletes,
+                prekeys: &prekeys,
+                id_hint: self.max_id_seen,
+            },
+            true,
+        );
+        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        match result {
+            Ok(()) => {
+                bump(&self.metrics.stored, inserts.len() as u64);
+                bump(&self.metrics.commits, 1);
+                bump(&self.metrics.commit_micros_total, micros);
+                debug!(
+                    inserts = inserts.len(),
+                    deletes = deletes.len(),
+                    prekeys = prekeys.len(),
+                    micros,
+                    "group commit"
+                );
+                if self.failures > 0 {
+                    info!(failures = self.failures, "store commits recovered");
+                }
+                self.failures = 0;
+                self.pending_ops = 0;
+                self.deadline = None;
+                Ok(())
+            }
+            Err(e) => {
+                bump(&self.metrics.store_errors, 1);
+                self.failures = self.failures.saturating_add(1);
+                if self.failures == 1 {
+                    error!(error = %e, pending = self.pending_ops, "commit failed; retrying");
+                } else {
+                    debug!(error = %e, failures = self.failures, "commit failed again");
+                }
+                // Put everything back (nothing else ran in between: this is the only thread).
+                for m in inserts {
+                    self.pending
+                        .entry(m.recipient.clone())
+                        .or_default()
+                        .inserts
+                        .insert(m.id, m);
+                }
+                for (user, id) in deletes {
+                    self.pending.entry(user).or_default().deletes.insert(id);
+                }
+                self.pending_prekeys.extend(prekeys);
+                let shift = self.failures.saturating_sub(1).min(16);
+                let delay = FIRST_RETRY_DELAY
+                    .saturating_mul(1 << shift)
+                    .min(MAX_RETRY_DELAY)
+                    .max(self.window);
+                self.deadline = Some(Instant::now() + delay);
+                Err(e)
+            }
+        }
+    }
+
+    /// Final take-in, drains answered, durable commit.
+    fn finish(mut self) -> Result<(), CoreError> {
+        for _ in 0..FINAL_PASSES {
+            if self.take_in_all() == 0 {
+                break;
+            }
+        }
+        for r in std::mem::take(&mut self.deferred) {
+            self.serve_read(r);
+        }
+        self.flush_overflows();
+        let result = self.commit();
+        if let Err(e) = &result {
+            error!(error = %e, lost = self.pending_ops, "final commit failed");
+        }
+        self.metrics
+            .pending_ops
+            .store(self.pending_ops as u64, Ordering::Relaxed);
+        let unsent: usize = self.shards.iter().map(|s| s.overflow.len()).sum();
+        if unsent > 0 {
+            warn!(unsent, "replies not taken by shards at shutdown");
+        }
+        info!(stats = ?self.metrics.snapshot(), "embedded core stopped");
+        result
+    }
+}
+
+/// Hash of a user name for the recent-acks set. Paired with the (unique) message id, a false
+/// match needs two different messages with the same id, which the id scheme rules out.
+fn user_hash(user: &[u8]) -> u64 {
+    let mut h = DefaultHasher::new();
+    user.hash(&mut h);
+    h.finish()
+}

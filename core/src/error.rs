@@ -1,7 +1,64 @@
-//! placeholder
+//! The core's error type, [`CoreError`], classified by cause.
+//!
+//! - [`CoreError::Io`] and [`CoreError::Storage`]: the environment failed (disk full, I/O error,
+//!   the storage engine refused a write). Transient or operator-fixable; the embedded core keeps
+//!   the affected operations and retries them.
+//! - [`CoreError::InvalidInput`]: the caller asked for something the store cannot encode (a
+//!   user name or sender longer than the key/value layout allows). Nothing was written.
+//! - [`CoreError::Corrupt`] and [`CoreError::ThreadPanicked`]: internal faults — stored bytes
+//!   that do not decode, or the core thread died. Never caused by a client.
+
 /// Errors of the core.
 #[derive(Debug, thiserror::Error)]
 pub enum CoreError {
-    #[error("store: {0}")]
-    Store(String),
+    /// An operating-system I/O error (opening the data directory, spawning the core thread,
+    /// journal writes and syncs surfaced by the storage engine as I/O).
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+
+    /// The storage engine (fjall) failed for a reason other than plain I/O; after a failed
+    /// journal write fjall also refuses further writes (`Poisoned`) until the process restarts.
+    #[error("storage backend error: {0}")]
+    Storage(fjall::Error),
+
+    /// Stored bytes that do not decode: an internal fault (a bug or on-disk damage).
+    #[error("corrupt {what}: {detail}")]
+    Corrupt {
+        /// Which kind of record (e.g. "inbox value", "inbox key", "id_floor").
+        what: &'static str,
+        /// What was wrong with it.
+        detail: String,
+    },
+
+    /// A request the store cannot represent; nothing was written.
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+
+    /// The core thread panicked (an internal fault); its pending operations are lost.
+    #[error("core thread panicked")]
+    ThreadPanicked,
+}
+
+impl CoreError {
+    /// True for internal faults (corruption, a panicked core thread), false for environment
+    /// failures and invalid input.
+    pub fn is_internal(&self) -> bool {
+        matches!(self, Self::Corrupt { .. } | Self::ThreadPanicked)
+    }
+
+    pub(crate) fn corrupt(what: &'static str, detail: impl Into<String>) -> Self {
+        Self::Corrupt {
+            what,
+            detail: detail.into(),
+        }
+    }
+}
+
+impl From<fjall::Error> for CoreError {
+    fn from(e: fjall::Error) -> Self {
+        match e {
+            fjall::Error::Io(io) => Self::Io(io),
+            other => Self::Storage(other),
+        }
+    }
 }

@@ -1,1 +1,517 @@
-//! placeholder
+//! The durable message store of the embedded deployment: an fjall LSM database on local disk.
+//!
+//! [`MessageStore`] keeps three keyspaces in one fjall [`Database`]:
+//!
+//! - `inbox`: every stored, not yet acked message. Key = `u16 BE len(user) | user | u64 BE id`.
+//!   The length prefix makes one user's keys a prefix-free range (user `ab` never sees the keys
+//!   of user `abc`), and the big-endian id makes key order equal id order, so a drain is one
+//!   forward range scan. Value = `u8 version (1) | u16 BE len(sender) | sender | payload`.
+//! - `prekeys`: key = user, value = the user's E2EE prekey bundle (CBOR bytes, stored as given).
+//! - `meta`: `id_floor` = the highest message id the store has ever been told about (u64 BE),
+//!   written in the same atomic batch as the messages that raise it. Edge shards seed their id
+//!   generators with it so a restart never reuses an id.
+//!
+//! Every write goes through [`MessageStore::write`] / [`MessageStore::commit`]: one fjall write
+//! batch (atomic across keyspaces), optionally followed by an fsync of the journal. Anything a
+//! durable commit returned `Ok` for survives a crash (fjall replays its journal on open).
+//! The store is used by a single writer, the embedded core thread ([`crate::embedded`]), but is
+//! `Send + Sync` and safe to read from elsewhere (tests do).
+//!
+//! Corrupt stored values are reported (logged with the [`CoreError`], counted in
+//! [`MessageStore::corrupt_skipped`]) and skipped; they never cause a panic.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use tracing::{debug, error};
+
+use crate::api::StoredMsg;
+use crate::error::CoreError;
+
+/// Version byte of an inbox value.
+const VALUE_VERSION: u8 = 1;
+/// Bytes of a key besides the user name: `u16` length prefix and `u64` id.
+const KEY_OVERHEAD: usize = 2 + 8;
+/// fjall's key size limit.
+const FJALL_MAX_KEY: usize = 65_536;
+/// Longest user name the inbox key layout can hold (fjall limits keys to 64 KiB).
+pub const MAX_USER_LEN: usize = FJALL_MAX_KEY - KEY_OVERHEAD;
+/// Longest sender the inbox value layout can hold (`u16` length).
+pub const MAX_SENDER_LEN: usize = u16::MAX as usize;
+/// Key of the id floor in the `meta` keyspace.
+const ID_FLOOR_KEY: &[u8] = b"id_floor";
+
+/// Everything one atomic commit writes: see [`MessageStore::write`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Batch<'a> {
+    /// Messages to store (a message already present is overwritten with the same bytes).
+    pub inserts: &'a [StoredMsg],
+    /// `(recipient, id)` of messages to delete (acked); deleting an absent message is harmless.
+    pub deletes: &'a [(Vec<u8>, u64)],
+    /// `(user, bundle)` prekey bundles to store (replace).
+    pub prekeys: &'a [(Vec<u8>, Vec<u8>)],
+    /// Raise the id floor to at least this id even if no insert carries it (the embedded core
+    /// passes the highest id it has accepted, including messages acked before they were
+    /// written), 0 for none.
+    pub id_hint: u64,
+}
+
+impl Batch<'_> {
+    fn is_empty(&self) -> bool {
+        self.inserts.is_empty() && self.deletes.is_empty() && self.prekeys.is_empty()
+    }
+}
+
+/// The durable store: per-user inboxes ordered by message id, prekey bundles, and the id floor.
+pub struct MessageStore {
+    db: Database,
+    inbox: Keyspace,
+    prekeys: Keyspace,
+    meta: Keyspace,
+    /// Cached `meta/id_floor`; only raised after the batch that raised it on disk committed.
+    id_floor: AtomicU64,
+    corrupt_skipped: AtomicU64,
+}
+
+impl std::fmt::Debug for MessageStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MessageStore")
+            .field("id_floor", &self.id_floor())
+            .field("corrupt_skipped", &self.corrupt_skipped())
+            .finish_non_exhaustive()
+    }
+}
+
+impl MessageStore {
+    /// Opens (creating if needed) the store in directory `dir`, recovering everything that was
+    /// committed before (fjall replays its journal).
+    ///
+    /// Only one process may hold a store open; a second open of the same directory fails.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self, CoreError> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir)?;
+        let db = Database::builder(dir).open()?;
+        let inbox = db.keyspace("inbox", KeyspaceCreateOptions::default)?;
+        let prekeys = db.keyspace("prekeys", KeyspaceCreateOptions::default)?;
+        let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
+        let id_floor = match meta.get(ID_FLOOR_KEY)? {
+            None => 0,
+            Some(v) => {
+                let bytes: [u8; 8] = v.as_ref().try_into().map_err(|_| {
+                    CoreError::corrupt("id_floor", format!("{} bytes, expected 8", v.len()))
+                })?;
+                u64::from_be_bytes(bytes)
+            }
+        };
+        debug!(dir = %dir.display(), id_floor, "message store opened");
+        Ok(Self {
+            db,
+            inbox,
+            prekeys,
+            meta,
+            id_floor: AtomicU64::new(id_floor),
+            corrupt_skipped: AtomicU64::new(0),
+        })
+    }
+
+    /// Stores `inserts` and deletes `deletes` (`(recipient, id)`) in ONE atomic write batch, then
+    /// fsyncs the journal if `durable`. The id floor is raised to the highest inserted id in the
+    /// same batch. With `durable` and nothing to write, only the fsync happens (it makes earlier
+    /// non-durable writes durable).
+    pub fn commit(
+        &self,
+        inserts: &[StoredMsg],
+        deletes: &[(Vec<u8>, u64)],
+        durable: bool,
+    ) -> Result<(), CoreError> {
+        self.write(
+            &Batch {
+                inserts,
+                deletes,
+                ..Batch::default()
+            },
+            durable,
+        )
+    }
+
+    /// Writes everything in `batch` as one atomic fjall batch, then fsyncs if `durable`.
+    ///
+    /// Inputs are validated first: if any user name or sender is too long for the layout,
+    /// nothing is written and [`CoreError::InvalidInput`] is returned.
+    pub fn write(&self, batch: &Batch<'_>, durable: bool) -> Result<(), CoreError> {
+        for m in batch.inserts {
+            check_user(&m.recipient)?;
+            if m.sender.len() > MAX_SENDER_LEN {
+                return Err(CoreError::InvalidInput(format!(
+                    "sender of {} bytes (max {MAX_SENDER_LEN})",
+                    m.sender.len()
+                )));
+            }
+        }
+        for (user, _) in batch.deletes {
+            check_user(user)?;
+        }
+        for (user, _) in batch.prekeys {
+            check_user(user)?;
+        }
+
+        let floor = self.id_floor();
+        if !batch.is_empty() || batch.id_hint > floor {
+            let new_floor = batch
+                .inserts
+                .iter()
+                .map(|m| m.id)
+                .chain(std::iter::once(batch.id_hint))
+                .fold(floor, u64::max);
+
+            let mut wb = self.db.batch();
+            for m in batch.inserts {
+                wb.insert(&self.inbox, inbox_key(&m.recipient, m.id), encode_value(m));
+            }
+            for (user, id) in batch.deletes {
+                wb.remove(&self.inbox, inbox_key(user, *id));
+            }
+            for (user, bundle) in batch.prekeys {
+                wb.insert(&self.prekeys, user.as_slice(), bundle.as_slice());
+            }
+            if new_floor > floor {
+                wb.insert(&self.meta, ID_FLOOR_KEY, new_floor.to_be_bytes());
+            }
+            wb.commit()?;
+            self.id_floor.fetch_max(new_floor, Ordering::Relaxed);
+        }
+        if durable {
+            self.db.persist(PersistMode::SyncAll)?;
+        }
+        Ok(())
+    }
+
+    /// Up to `limit` of `user`'s stored messages with an id greater than `after`, as
+    /// `(id, payload)` in id order. Corrupt entries are logged, counted and skipped (they do
+    /// not count towards `limit`).
+    pub fn scan(
+        &self,
+        user: &[u8],
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, CoreError> {
+        check_user(user)?;
+        let mut out = Vec::new();
+        if limit == 0 || after == u64::MAX {
+            return Ok(out);
+        }
+        let start = inbox_key(user, after + 1);
+        let end = inbox_key(user, u64::MAX);
+        for guard in self.inbox.range(start..=end) {
+            let (key, value) = guard.into_inner()?;
+            match decode_entry(user.len(), &key, &value) {
+                Ok((id, payload)) => {
+                    out.push((id, payload.to_vec()));
+                    if out.len() == limit {
+                        break;
+                    }
+                }
+                Err(e) => self.report_corrupt(user, &e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Number of messages stored for `user` (walks the whole inbox range; for tests and tools).
+    pub fn count(&self, user: &[u8]) -> Result<usize, CoreError> {
+        check_user(user)?;
+        let mut n = 0;
+        for guard in self.inbox.prefix(user_prefix(user)) {
+            guard.key()?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Stores (replaces) `user`'s prekey bundle in its own batch (not fsynced; a later durable
+    /// commit makes it durable).
+    pub fn put_prekeys(&self, user: &[u8], bundle: &[u8]) -> Result<(), CoreError> {
+        let prekeys = [(user.to_vec(), bundle.to_vec())];
+        self.write(
+            &Batch {
+                prekeys: &prekeys,
+                ..Batch::default()
+            },
+            false,
+        )
+    }
+
+    /// `user`'s prekey bundle, if one is stored.
+    pub fn get_prekeys(&self, user: &[u8]) -> Result<Option<Vec<u8>>, CoreError> {
+        check_user(user)?;
+        Ok(self.prekeys.get(user)?.map(|v| v.to_vec()))
+    }
+
+    /// The highest message id ever committed (or passed as [`Batch::id_hint`]); 0 for a new
+    /// store.
+    pub fn id_floor(&self) -> u64 {
+        self.id_floor.load(Ordering::Relaxed)
+    }
+
+    /// How many corrupt inbox entries scans have skipped since open.
+    pub fn corrupt_skipped(&self) -> u64 {
+        self.corrupt_skipped.load(Ordering::Relaxed)
+    }
+
+    fn report_corrupt(&self, user: &[u8], e: &CoreError) {
+        self.corrupt_skipped.fetch_add(1, Ordering::Relaxed);
+        error!(user = %String::from_utf8_lossy(user), error = %e, "skipping corrupt inbox entry");
+    }
+
+    /// Writes a raw inbox value (tests only: to plant corrupt data).
+    #[cfg(test)]
+    pub(crate) fn put_raw_inbox(
+        &self,
+        user: &[u8],
+        id: u64,
+        value: &[u8],
+    ) -> Result<(), CoreError> {
+        self.inbox.insert(inbox_key(user, id), value)?;
+        Ok(())
+    }
+}
+
+fn check_user(user: &[u8]) -> Result<(), CoreError> {
+    if user.len() > MAX_USER_LEN {
+        return Err(CoreError::InvalidInput(format!(
+            "user name of {} bytes (max {MAX_USER_LEN})",
+            user.len()
+        )));
+    }
+    Ok(())
+}
+
+/// `u16 BE len(user) | user`; callers have checked the length.
+fn user_prefix(user: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(user.len() + KEY_OVERHEAD);
+    k.extend_from_slice(&(user.len() as u16).to_be_bytes());
+    k.extend_from_slice(user);
+    k
+}
+
+/// `u16 BE len(user) | user | u64 BE id`; callers have checked the length.
+fn inbox_key(user: &[u8], id: u64) -> Vec<u8> {
+    let mut k = user_prefix(user);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// `u8 version | u16 BE len(sender) | sender | payload`; callers have checked the length.
+fn encode_value(m: &StoredMsg) -> Vec<u8> {
+    let mut v = Vec::with_capacity(3 + m.sender.len() + m.payload.len());
+    v.push(VALUE_VERSION);
+    v.extend_from_slice(&(m.sender.len() as u16).to_be_bytes());
+    v.extend_from_slice(&m.sender);
+    v.extend_from_slice(&m.payload);
+    v
+}
+
+/// Decodes an inbox entry of a user whose name is `user_len` bytes: `(id, payload)`.
+fn decode_entry<'v>(
+    user_len: usize,
+    key: &[u8],
+    value: &'v [u8],
+) -> Result<(u64, &'v [u8]), CoreError> {
+    let id_bytes: [u8; 8] = key
+        .get(2 + user_len..)
+        .and_then(|rest| rest.try_into().ok())
+        .ok_or_else(|| CoreError::corrupt("inbox key", format!("{} bytes", key.len())))?;
+    let id = u64::from_be_bytes(id_bytes);
+    let (_sender, payload) = decode_value(value).map_err(|detail| CoreError::Corrupt {
+        what: "inbox value",
+        detail: format!("id {id}: {detail}"),
+    })?;
+    Ok((id, payload))
+}
+
+/// Splits an inbox value into `(sender, payload)`.
+fn decode_value(v: &[u8]) -> Result<(&[u8], &[u8]), String> {
+    let (&version, rest) = v.split_first().ok_or("empty value")?;
+    if version != VALUE_VERSION {
+        return Err(format!("unknown version {version}"));
+    }
+    let len_bytes: [u8; 2] = rest
+        .get(..2)
+        .and_then(|b| b.try_into().ok())
+        .ok_or("truncated sender length")?;
+    let slen = usize::from(u16::from_be_bytes(len_bytes));
+    let body = &rest[2..];
+    if body.len() < slen {
+        return Err(format!(
+            "sender length {slen} exceeds the {} bytes left",
+            body.len()
+        ));
+    }
+    Ok(body.split_at(slen))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(to: &str, id: u64, payload: &str) -> StoredMsg {
+        StoredMsg {
+            id,
+            recipient: to.as_bytes().to_vec(),
+            sender: b"sender".to_vec(),
+            payload: payload.as_bytes().to_vec(),
+        }
+    }
+
+    fn ids(v: &[(u64, Vec<u8>)]) -> Vec<u64> {
+        v.iter().map(|(id, _)| *id).collect()
+    }
+
+    #[test]
+    fn value_roundtrip_and_corrupt_values_are_errors() {
+        let m = msg("bob", 7, "hello");
+        let v = encode_value(&m);
+        assert_eq!(decode_value(&v), Ok((&b"sender"[..], &b"hello"[..])));
+        assert!(decode_value(&[]).is_err());
+        assert!(decode_value(&[2, 0, 0]).is_err());
+        assert!(decode_value(&[1, 0]).is_err());
+        assert!(decode_value(&[1, 0, 9, b'a']).is_err());
+        assert_eq!(decode_value(&[1, 0, 0]), Ok((&b""[..], &b""[..])));
+    }
+
+    /// Ids minted by several shards (low bits = shard) arrive interleaved and out of order;
+    /// a scan returns them in id order, and user prefixes do not leak into each other.
+    #[test]
+    fn scan_is_in_id_order_across_interleaved_shards_and_users_are_prefix_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = MessageStore::open(dir.path()).unwrap();
+        let mut all = Vec::new();
+        // Three "shards" with their own increasing sequences, committed in shuffled batches.
+        for round in 0..50u64 {
+            let mut batch = Vec::new();
+            for shard in [2u64, 0, 1] {
+                let id = ((1000 + round * 3 + (2 - shard)) << 10) | shard;
+                batch.push(msg("ab", id, &format!("{id}")));
+                all.push(id);
+            }
+            batch.reverse();
+            s.commit(&batch, &[], round % 10 == 0).unwrap();
+        }
+        // A user whose name extends "ab", and one that is a prefix of it.
+        s.commit(&[msg("abc", 1, "x"), msg("a", u64::MAX, "y")], &[], true)
+            .unwrap();
+        all.sort_unstable();
+
+        let got = s.scan(b"ab", 0, usize::MAX).unwrap();
+        assert_eq!(ids(&got), all);
+        for (id, p) in &got {
+            assert_eq!(p, id.to_string().as_bytes());
+        }
+        assert_eq!(s.count(b"ab").unwrap(), 150);
+        assert_eq!(s.count(b"abc").unwrap(), 1);
+        assert_eq!(ids(&s.scan(b"a", 0, 10).unwrap()), vec![u64::MAX]);
+        assert!(s.scan(b"a", u64::MAX, 10).unwrap().is_empty());
+        assert_eq!(s.id_floor(), u64::MAX);
+
+        // `after` and `limit`.
+        let mid = all[70];
+        assert_eq!(ids(&s.scan(b"ab", mid, 5).unwrap()), all[71..76].to_vec());
+        assert!(s.scan(b"ab", 0, 0).unwrap().is_empty());
+    }
+
+    #[test]
+    fn deletes_and_inserts_commit_together_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = MessageStore::open(dir.path()).unwrap();
+            let ins: Vec<_> = (1..=10).map(|i| msg("u", i, "p")).collect();
+            s.commit(&ins, &[], true).unwrap();
+            s.commit(
+                &[msg("u", 11, "p")],
+                &[(b"u".to_vec(), 3), (b"u".to_vec(), 5)],
+                true,
+            )
+            .unwrap();
+            // Deleting something never stored is harmless.
+            s.commit(&[], &[(b"nobody".to_vec(), 1)], true).unwrap();
+            s.put_prekeys(b"u", b"\xa1\x01\x02").unwrap();
+            s.commit(&[], &[], true).unwrap();
+            assert_eq!(s.id_floor(), 11);
+        }
+        let s = MessageStore::open(dir.path()).unwrap();
+        assert_eq!(
+            ids(&s.scan(b"u", 0, 100).unwrap()),
+            vec![1, 2, 4, 6, 7, 8, 9, 10, 11]
+        );
+        assert_eq!(s.id_floor(), 11);
+        assert_eq!(s.get_prekeys(b"u").unwrap(), Some(b"\xa1\x01\x02".to_vec()));
+        assert_eq!(s.get_prekeys(b"v").unwrap(), None);
+    }
+
+    #[test]
+    fn id_hint_raises_the_floor_without_inserts() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = MessageStore::open(dir.path()).unwrap();
+            s.write(
+                &Batch {
+                    deletes: &[(b"u".to_vec(), 1)],
+                    id_hint: 99,
+                    ..Batch::default()
+                },
+                true,
+            )
+            .unwrap();
+            // A lower id never lowers it.
+            s.commit(&[msg("u", 5, "p")], &[], true).unwrap();
+            assert_eq!(s.id_floor(), 99);
+        }
+        assert_eq!(MessageStore::open(dir.path()).unwrap().id_floor(), 99);
+    }
+
+    #[test]
+    fn corrupt_values_are_skipped_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = MessageStore::open(dir.path()).unwrap();
+        s.commit(
+            &[msg("u", 1, "a"), msg("u", 3, "c"), msg("u", 5, "e")],
+            &[],
+            false,
+        )
+        .unwrap();
+        s.put_raw_inbox(b"u", 2, &[9, 9]).unwrap();
+        s.put_raw_inbox(b"u", 4, &[]).unwrap();
+        let got = s.scan(b"u", 0, 2).unwrap();
+        assert_eq!(
+            ids(&got),
+            vec![1, 3],
+            "corrupt entries do not count towards the limit"
+        );
+        assert_eq!(ids(&s.scan(b"u", 0, 10).unwrap()), vec![1, 3, 5]);
+        assert_eq!(s.corrupt_skipped(), 3);
+    }
+
+    #[test]
+    fn oversized_names_are_rejected_before_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = MessageStore::open(dir.path()).unwrap();
+        let long = "x".repeat(MAX_USER_LEN + 1);
+        let err = s
+            .commit(&[msg("ok", 1, "p"), msg(&long, 2, "p")], &[], true)
+            .unwrap_err();
+        assert!(matches!(err, CoreError::InvalidInput(_)), "{err}");
+        assert_eq!(
+            s.count(b"ok").unwrap(),
+            0,
+            "nothing of a rejected batch is written"
+        );
+        let mut m = msg("ok", 3, "p");
+        m.sender = vec![0; MAX_SENDER_LEN + 1];
+        assert!(matches!(
+            s.commit(&[m], &[], false),
+            Err(CoreError::InvalidInput(_))
+        ));
+        assert_eq!(s.id_floor(), 0);
+    }
+}

@@ -1,0 +1,152 @@
+//! LOGIN authentication: compact JWS HS256 tokens (PROTOCOL.md "Auth").
+//!
+//! With auth on, LOGIN is `user:token`. The token's header must say `alg: HS256`, its signature
+//! must verify with the configured secret, `sub` must equal the user, `iss` the configured
+//! issuer, `exp` must be in the future and `nbf` (if present) in the past, both with leeway.
+//! Anything else is refused with `AUTH_FAILED`.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use crate::config::AuthConfig;
+
+/// Why a token was refused (logged at debug level; the client only sees `AUTH_FAILED`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("no token")]
+    Missing,
+    #[error("token is not a compact JWS")]
+    Malformed,
+    #[error("alg is not HS256")]
+    WrongAlg,
+    #[error("bad signature")]
+    BadSignature,
+    #[error("sub does not match the user")]
+    WrongSubject,
+    #[error("wrong issuer")]
+    WrongIssuer,
+    #[error("token expired")]
+    Expired,
+    #[error("token not valid yet")]
+    NotYetValid,
+}
+
+/// Splits a LOGIN body at the first `:` into user and optional token.
+pub fn split_login(body: &[u8]) -> (&[u8], Option<&[u8]>) {
+    match body.iter().position(|&b| b == b':') {
+        Some(i) => (&body[..i], Some(&body[i + 1..])),
+        None => (body, None),
+    }
+}
+
+/// Verifies `token` for `user` at `now_ms`.
+pub fn verify(cfg: &AuthConfig, user: &[u8], token: Option<&[u8]>, now_ms: u64) -> Result<(), AuthError> {
+    let token = token.ok_or(AuthError::Missing)?;
+    let token = std::str::from_utf8(token).map_err(|_| AuthError::Malformed)?;
+    let mut parts = token.split('.');
+    let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(AuthError::Malformed);
+    };
+    let header: serde_json::Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(h).map_err(|_| AuthError::Malformed)?)
+            .map_err(|_| AuthError::Malformed)?;
+    if header.get("alg").and_then(|a| a.as_str()) != Some("HS256") {
+        return Err(AuthError::WrongAlg);
+    }
+    let sig = URL_SAFE_NO_PAD.decode(s).map_err(|_| AuthError::Malformed)?;
+    let mut mac = Hmac::<Sha256>::new_from_slice(cfg.secret.as_bytes()).map_err(|_| AuthError::BadSignature)?;
+    mac.update(h.as_bytes());
+    mac.update(b".");
+    mac.update(p.as_bytes());
+    mac.verify_slice(&sig).map_err(|_| AuthError::BadSignature)?;
+    let claims: serde_json::Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(p).map_err(|_| AuthError::Malformed)?)
+            .map_err(|_| AuthError::Malformed)?;
+    if claims.get("sub").and_then(|v| v.as_str()).map(str::as_bytes) != Some(user) {
+        return Err(AuthError::WrongSubject);
+    }
+    if claims.get("iss").and_then(|v| v.as_str()) != Some(cfg.issuer.as_str()) {
+        return Err(AuthError::WrongIssuer);
+    }
+    let leeway = cfg.leeway_ms as i128;
+    let now = now_ms as i128;
+    let exp = claims.get("exp").and_then(|v| v.as_i64()).ok_or(AuthError::Expired)? as i128;
+    if exp * 1000 + leeway <= now {
+        return Err(AuthError::Expired);
+    }
+    if let Some(nbf) = claims.get("nbf").and_then(|v| v.as_i64()) {
+        if (nbf as i128) * 1000 - leeway > now {
+            return Err(AuthError::NotYetValid);
+        }
+    }
+    Ok(())
+}
+
+/// Signs claims as an HS256 token (for tests and the load generator).
+pub fn sign(secret: &[u8], claims: &serde_json::Value) -> String {
+    let h = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
+    let p = URL_SAFE_NO_PAD.encode(claims.to_string());
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("hmac takes any key length");
+    mac.update(h.as_bytes());
+    mac.update(b".");
+    mac.update(p.as_bytes());
+    let s = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+    format!("{h}.{p}.{s}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn cfg() -> AuthConfig {
+        AuthConfig {
+            enabled: true,
+            secret: "0123456789abcdef0123456789abcdef".into(),
+            ..AuthConfig::default()
+        }
+    }
+
+    #[test]
+    fn good_token_passes_and_tampering_fails() {
+        let c = cfg();
+        let now = 1_700_000_000_000u64;
+        let t = sign(c.secret.as_bytes(), &json!({"sub":"alice","iss":"iris","exp":1_700_000_100}));
+        assert_eq!(verify(&c, b"alice", Some(t.as_bytes()), now), Ok(()));
+        assert_eq!(verify(&c, b"bob", Some(t.as_bytes()), now), Err(AuthError::WrongSubject));
+        let mut bad = t.clone().into_bytes();
+        let n = bad.len();
+        bad[n - 2] = if bad[n - 2] == b'A' { b'B' } else { b'A' };
+        assert_eq!(verify(&c, b"alice", Some(&bad), now), Err(AuthError::BadSignature));
+        assert_eq!(verify(&c, b"alice", None, now), Err(AuthError::Missing));
+        assert_eq!(verify(&c, b"alice", Some(b"x.y"), now), Err(AuthError::Malformed));
+    }
+
+    #[test]
+    fn expiry_issuer_nbf_and_alg() {
+        let c = cfg();
+        let now = 1_700_000_000_000u64;
+        let s = c.secret.as_bytes();
+        let exp = sign(s, &json!({"sub":"a","iss":"iris","exp":1_699_999_000}));
+        assert_eq!(verify(&c, b"a", Some(exp.as_bytes()), now), Err(AuthError::Expired));
+        let iss = sign(s, &json!({"sub":"a","iss":"other","exp":1_700_000_100}));
+        assert_eq!(verify(&c, b"a", Some(iss.as_bytes()), now), Err(AuthError::WrongIssuer));
+        let nbf = sign(s, &json!({"sub":"a","iss":"iris","exp":1_700_009_000,"nbf":1_700_005_000}));
+        assert_eq!(verify(&c, b"a", Some(nbf.as_bytes()), now), Err(AuthError::NotYetValid));
+        let none_alg = format!(
+            "{}.{}.",
+            URL_SAFE_NO_PAD.encode(br#"{"alg":"none"}"#),
+            URL_SAFE_NO_PAD.encode(br#"{"sub":"a"}"#)
+        );
+        assert_eq!(verify(&c, b"a", Some(none_alg.as_bytes()), now), Err(AuthError::WrongAlg));
+    }
+
+    #[test]
+    fn split_at_first_colon() {
+        assert_eq!(split_login(b"a:b:c"), (&b"a"[..], Some(&b"b:c"[..])));
+        assert_eq!(split_login(b"alice"), (&b"alice"[..], None));
+    }
+}

@@ -1,0 +1,210 @@
+//! Edge configuration: one TOML file (`--config FILE`) plus command-line flags that override it.
+//!
+//! Every key has a documented default (see `docs/CONFIG.md` and [`EdgeConfig::default`]), units
+//! are part of the key names (`_ms`, `_us`, `_bytes`), and unknown keys are rejected so a typo
+//! never silently falls back to a default. `iris-edge --check` loads, validates and prints the
+//! effective configuration, then exits.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The whole edge configuration. The TOML file has the same shape.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EdgeConfig {
+    /// Client protocol listener (`0.0.0.0:8085`). Port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Admin HTTP listener for `/metrics` and `/health` (`127.0.0.1:9085`).
+    pub admin: SocketAddr,
+    /// Where the embedded store keeps its files (`./data`).
+    pub data_dir: PathBuf,
+    /// Number of shards; 0 means one per CPU this process may run on (0).
+    pub shards: usize,
+    /// CPUs to pin shards to, in shard order; empty means the CPUs this process may run on,
+    /// shard `i` on the `i % n`-th of them (empty).
+    pub cpus: Vec<usize>,
+    /// Locked memory glommio registers per shard for I/O buffers (524288 = 512 KiB).
+    pub io_memory_bytes: usize,
+    /// io_uring submission queue depth per ring (128).
+    pub ring_depth: usize,
+    /// Capacity of each shard-to-shard ring, in batches (1024).
+    pub ring_capacity: usize,
+    /// Largest input a connection may buffer; bigger frames are refused (1114112 = 1 MiB + 64 KiB).
+    pub max_input_bytes: usize,
+    /// Largest output queued for a connection; a client that lets it fill up is disconnected and
+    /// its undelivered messages stay stored (4194304 = 4 MiB).
+    pub max_output_bytes: usize,
+    /// A login drain asks the store for the next chunk only while the connection's queued output
+    /// is below this (262144 = 256 KiB).
+    pub drain_low_water_bytes: usize,
+    /// Messages per drain chunk (1024).
+    pub drain_chunk: usize,
+    /// LOGIN carries no length: its body is what arrived with it. The edge waits this long after
+    /// a LOGIN's first byte for the rest of a login split over several TCP segments (500).
+    pub login_settle_us: u64,
+    /// Group-commit window of the embedded store: a message lives only in memory at most this
+    /// long after it is accepted (2).
+    pub commit_window_ms: u64,
+    /// Capacity of each shard's request queue to the core (65536).
+    pub core_queue_capacity: usize,
+    /// On SIGTERM/SIGINT, how long connections get to flush queued output (2000).
+    pub drain_timeout_ms: u64,
+    /// A connection that has not logged in after this long is closed (10000).
+    pub login_timeout_ms: u64,
+    /// Optional JWT authentication of LOGIN `user:token`.
+    pub auth: AuthConfig,
+}
+
+/// LOGIN authentication (PROTOCOL.md "Auth"): off unless `enabled`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Require `user:token` with a valid HS256 JWT (false).
+    pub enabled: bool,
+    /// HMAC secret, at least 32 bytes (empty).
+    pub secret: String,
+    /// Expected `iss` claim ("iris").
+    pub issuer: String,
+    /// Clock skew tolerated on `exp`/`nbf` (30000).
+    pub leeway_ms: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            secret: String::new(),
+            issuer: "iris".to_owned(),
+            leeway_ms: 30_000,
+        }
+    }
+}
+
+impl Default for EdgeConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8085)),
+            admin: SocketAddr::from(([127, 0, 0, 1], 9085)),
+            data_dir: PathBuf::from("./data"),
+            shards: 0,
+            cpus: Vec::new(),
+            io_memory_bytes: 512 << 10,
+            ring_depth: 128,
+            ring_capacity: 1024,
+            max_input_bytes: (1 << 20) + (64 << 10),
+            max_output_bytes: 4 << 20,
+            drain_low_water_bytes: 256 << 10,
+            drain_chunk: 1024,
+            login_settle_us: 500,
+            commit_window_ms: 2,
+            core_queue_capacity: 65_536,
+            drain_timeout_ms: 2_000,
+            login_timeout_ms: 10_000,
+            auth: AuthConfig::default(),
+        }
+    }
+}
+
+/// A configuration that cannot be used, with the reason.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+impl EdgeConfig {
+    /// Loads a TOML file; missing keys take their defaults, unknown keys are errors.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Checks the values that parse but cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.shards > 1024 {
+            return bad(format!("shards = {} exceeds 1024", self.shards));
+        }
+        if self.max_input_bytes < (1 << 20) + 16 {
+            return bad(format!(
+                "max_input_bytes = {} is below the largest v1 frame (1 MiB batch + header)",
+                self.max_input_bytes
+            ));
+        }
+        if self.max_output_bytes < 128 << 10 {
+            return bad("max_output_bytes must be at least 131072".to_owned());
+        }
+        if self.drain_low_water_bytes >= self.max_output_bytes {
+            return bad("drain_low_water_bytes must be below max_output_bytes".to_owned());
+        }
+        if self.drain_chunk == 0 || self.ring_capacity == 0 || self.core_queue_capacity == 0 {
+            return bad("drain_chunk, ring_capacity and core_queue_capacity must be > 0".to_owned());
+        }
+        if self.ring_depth == 0 || self.io_memory_bytes < 64 << 10 {
+            return bad("ring_depth must be > 0 and io_memory_bytes at least 65536".to_owned());
+        }
+        if self.auth.enabled && self.auth.secret.len() < 32 {
+            return bad("auth.secret must be at least 32 bytes when auth.enabled".to_owned());
+        }
+        Ok(())
+    }
+
+    /// The shard count after resolving `shards = 0` against the CPUs we may run on.
+    pub fn resolved_shards(&self, available_cpus: usize) -> usize {
+        if self.shards == 0 {
+            available_cpus.max(1)
+        } else {
+            self.shards
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_documented_values() {
+        let c = EdgeConfig::default();
+        c.validate().unwrap();
+        assert_eq!(c.listen.port(), 8085);
+        assert_eq!(c.data_dir, PathBuf::from("./data"));
+    }
+
+    #[test]
+    fn unknown_key_is_rejected() {
+        let e = toml::from_str::<EdgeConfig>("listen = \"127.0.0.1:1\"\nshardz = 3\n");
+        assert!(e.unwrap_err().to_string().contains("shardz"));
+    }
+
+    #[test]
+    fn partial_file_takes_defaults() {
+        let c: EdgeConfig = toml::from_str("shards = 3\n[auth]\nissuer = \"x\"\n").unwrap();
+        assert_eq!(c.shards, 3);
+        assert_eq!(c.auth.issuer, "x");
+        assert_eq!(c.max_output_bytes, EdgeConfig::default().max_output_bytes);
+    }
+
+    #[test]
+    fn short_secret_is_invalid() {
+        let mut c = EdgeConfig::default();
+        c.auth.enabled = true;
+        c.auth.secret = "short".into();
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,227 @@
+//! Starting and stopping a whole edge: the in-process core, one listener socket and one pinned
+//! glommio executor per shard, the shard mesh, and the admin endpoint.
+//!
+//! Startup order: open the store (the core thread), bind every shard's `SO_REUSEPORT` socket on
+//! the main thread (so `--listen 127.0.0.1:0` resolves to one port shared by all shards), start
+//! the admin endpoint, announce the bound addresses, start the shards. Shutdown (the `shutdown`
+//! flag, set by SIGTERM/SIGINT): shards stop accepting, flush their connections' queued output
+//! for up to `drain_timeout_ms`, hand everything pending to the core and exit; then the core
+//! commits everything it holds durably and the process exits 0.
+
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::{bail, Context as _};
+use glommio::channels::channel_mesh::MeshBuilder;
+use glommio::{LocalExecutorBuilder, Placement};
+use iris_core::embedded::{CoreStats, EmbeddedConfig, EmbeddedCore};
+use socket2::{Domain, Protocol, Socket, Type};
+use tracing::{info, warn};
+
+use crate::admin;
+use crate::config::EdgeConfig;
+use crate::metrics::ShardMetrics;
+use crate::shard::{self, ShardStart};
+
+/// The addresses the edge actually bound.
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    pub client: SocketAddr,
+    pub admin: SocketAddr,
+    pub shards: usize,
+}
+
+/// The CPUs this process may run on (its affinity mask), in ascending order.
+pub fn allowed_cpus() -> Vec<usize> {
+    let ids: Vec<usize> = core_ids_from_affinity();
+    if ids.is_empty() {
+        (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect()
+    } else {
+        ids
+    }
+}
+
+fn core_ids_from_affinity() -> Vec<usize> {
+    // SAFETY: `cpu_set_t` is plain data for which all-zeroes is a valid (empty) set;
+    // `sched_getaffinity` writes at most `size_of::<cpu_set_t>()` bytes into it, and `CPU_ISSET`
+    // only reads it with an index below `CPU_SETSIZE`.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&i| libc::CPU_ISSET(i, &set))
+            .collect()
+    }
+}
+
+fn bind_listener(addr: SocketAddr) -> std::io::Result<Socket> {
+    let domain = if addr.is_ipv6() {
+        Domain::IPV6
+    } else {
+        Domain::IPV4
+    };
+    let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.bind(&addr.into())?;
+    s.listen(4096)?;
+    Ok(s)
+}
+
+/// Runs the edge until `shutdown` is set, calling `ready` once every socket is bound.
+pub fn run(
+    cfg: EdgeConfig,
+    shutdown: Arc<AtomicBool>,
+    ready: impl FnOnce(Bound),
+) -> anyhow::Result<()> {
+    cfg.validate()?;
+    let cpus = if cfg.cpus.is_empty() {
+        allowed_cpus()
+    } else {
+        cfg.cpus.clone()
+    };
+    let nshards = cfg.resolved_shards(cpus.len());
+    crate::hostcheck::startup(&cfg, nshards)?;
+
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
+    let core_cfg = EmbeddedConfig {
+        data_dir: cfg.data_dir.join("store"),
+        commit_window_ms: cfg.commit_window_ms,
+        queue_capacity: cfg.core_queue_capacity,
+        drain_chunk: cfg.drain_chunk,
+    };
+    let (core, links) = EmbeddedCore::start(core_cfg, nshards)
+        .with_context(|| format!("cannot open the store under {}", cfg.data_dir.display()))?;
+    let id_floor = core.id_floor();
+
+    // All shard sockets bind the same port: the first one resolves port 0.
+    let first = bind_listener(cfg.listen)
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    let client_addr = first
+        .local_addr()?
+        .as_socket()
+        .context("listener has no inet address")?;
+    let mut sockets = vec![first];
+    for _ in 1..nshards {
+        sockets.push(bind_listener(client_addr).with_context(|| format!("cannot listen on {client_addr}"))?);
+    }
+
+    let metrics: Vec<Arc<ShardMetrics>> = (0..nshards).map(|_| Arc::new(ShardMetrics::default())).collect();
+    let core_metrics = core.metrics();
+    let extra: admin::ExtraMetrics = Arc::new(move || core_lines(&core_metrics.snapshot()));
+    let admin_addr = admin::start(cfg.admin, metrics.clone(), extra, shutdown.clone())
+        .with_context(|| format!("cannot bind admin endpoint {}", cfg.admin))?;
+
+    let cfg = Arc::new(cfg);
+    let mesh = (nshards > 1).then(|| MeshBuilder::full(nshards, cfg.ring_capacity));
+    let mut handles = Vec::with_capacity(nshards);
+    for (i, (sock, link)) in sockets.into_iter().zip(links).enumerate() {
+        let start = ShardStart {
+            id: i,
+            nshards,
+            cfg: cfg.clone(),
+            metrics: metrics[i].clone(),
+            core: link,
+            id_floor,
+            listener_fd: OwnedFd::from(sock),
+            mesh: mesh.clone(),
+            shutdown: shutdown.clone(),
+        };
+        let cpu = cpus[i % cpus.len()];
+        let h = LocalExecutorBuilder::new(Placement::Fixed(cpu))
+            .name(&format!("iris-shard-{i}"))
+            .io_memory(cfg.io_memory_bytes)
+            .ring_depth(cfg.ring_depth)
+            .spawn(move || shard::run(start))
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot start shard {i} on cpu {cpu}: {e} (io_uring and memlock: run `iris-tune check`)"
+                )
+            })?;
+        handles.push(h);
+    }
+    info!(client = %client_addr, admin = %admin_addr, shards = nshards, "iris-edge serving");
+    ready(Bound {
+        client: client_addr,
+        admin: admin_addr,
+        shards: nshards,
+    });
+
+    let mut failed = false;
+    for h in handles {
+        if let Err(e) = h.join() {
+            warn!(error = %e, "shard ended with an error");
+            failed = true;
+        }
+    }
+    let stats = core.shutdown();
+    info!(?stats, "store flushed; iris-edge stopped");
+    if failed {
+        bail!("a shard failed");
+    }
+    Ok(())
+}
+
+/// The core's counters as Prometheus lines.
+fn core_lines(s: &CoreStats) -> Vec<(&'static str, &'static str, &'static str, u64)> {
+    vec![
+        ("iris_core_stored_total", "counter", "Messages written to the store.", s.stored),
+        ("iris_core_acked_total", "counter", "Acks taken in by the core.", s.acked),
+        (
+            "iris_core_cancelled_before_store_total",
+            "counter",
+            "Messages acked inside the commit window, never written.",
+            s.cancelled_before_store,
+        ),
+        (
+            "iris_core_late_stores_dropped_total",
+            "counter",
+            "Stores that arrived after their own ack.",
+            s.late_stores_dropped,
+        ),
+        ("iris_core_commits_total", "counter", "Group commits (batch + fsync).", s.commits),
+        (
+            "iris_core_commit_micros_total",
+            "counter",
+            "Time spent in group commits, microseconds.",
+            s.commit_micros_total,
+        ),
+        ("iris_core_drains_total", "counter", "Drain requests answered.", s.drains),
+        (
+            "iris_core_drained_messages_total",
+            "counter",
+            "Messages sent in drain replies.",
+            s.drained_messages,
+        ),
+        ("iris_core_store_errors_total", "counter", "Failed store operations.", s.store_errors),
+        (
+            "iris_core_invalid_requests_total",
+            "counter",
+            "Requests the store cannot represent.",
+            s.invalid_requests,
+        ),
+        (
+            "iris_core_corrupt_skipped_total",
+            "counter",
+            "Corrupt inbox entries skipped.",
+            s.corrupt_skipped,
+        ),
+        (
+            "iris_core_replies_deferred_total",
+            "counter",
+            "Replies that waited for room in a shard's queue.",
+            s.replies_deferred,
+        ),
+        (
+            "iris_core_pending_ops",
+            "gauge",
+            "Operations waiting for the next commit.",
+            s.pending_ops,
+        ),
+    ]
+}

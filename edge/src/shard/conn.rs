@@ -1,0 +1,673 @@
+//! One client connection: a single task per socket that reads, decodes, dispatches and writes.
+//!
+//! Reads land in the shard's shared scratch buffer and are copied into the connection's own input
+//! buffer only to complete a frame, so an idle connection holds no read buffer. Output for the
+//! client (replies, live messages, drained messages) is appended by any part of the shard to the
+//! connection's [`ConnShared`] output queue and flushed by the task with non-blocking writes,
+//! many frames per write. The output queue is bounded: a client that lets it grow past
+//! `max_output_bytes` is disconnected, and whatever it had not acked stays stored.
+//!
+//! Login: LOGIN_OK is written at once; the session is registered with the user's presence owner,
+//! which answers `Registered`; only then is the store asked for the user's backlog (in chunks,
+//! while the output queue is below `drain_low_water_bytes`). Live messages that arrive during the
+//! drain are held and written after it, skipping any the drain already wrote, so the client sees
+//! its messages in order and a message stored just before login is never missed.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use futures_lite::{AsyncRead, AsyncWrite};
+use glommio::net::TcpStream;
+use glommio::timer::Timer;
+use iris_core::api::{ConnId, CoreRequest, StoredMsg};
+use tracing::debug;
+
+use super::{owner_of, Delivery, Shard, ShardMsg};
+use crate::auth;
+use crate::metrics::ShardMetrics;
+use crate::protocol::decode::frame_len_hint;
+use crate::protocol::frame::{self, op, ClientFrame};
+use crate::protocol::{decode, Decoded, MsgId, ProtoError};
+
+/// Stop reading from clients while this many requests wait for room in the core's queue.
+const CORE_BACKLOG_HIGH: usize = 16_384;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Close {
+    Open,
+    AfterFlush,
+    Now,
+}
+
+#[derive(Debug)]
+struct DrainState {
+    user: Vec<u8>,
+    /// A chunk is requested and not answered yet.
+    requested: bool,
+    /// The next chunk starts after this id, once the output queue is low.
+    next_after: Option<u64>,
+    /// Ids written by the drain so far (ascending).
+    sent: Vec<u64>,
+    /// Live messages that arrived during the drain.
+    held: Vec<(u64, Vec<u8>)>,
+    held_bytes: usize,
+}
+
+#[derive(Debug)]
+struct ConnState {
+    out: Vec<u8>,
+    out_pos: usize,
+    waker: Option<Waker>,
+    close: Close,
+    user: Option<Vec<u8>>,
+    drain: Option<Box<DrainState>>,
+}
+
+/// The part of a connection other tasks of the shard can reach: its output queue and session.
+#[derive(Debug)]
+pub struct ConnShared {
+    pub id: ConnId,
+    st: RefCell<ConnState>,
+}
+
+impl ConnShared {
+    fn new(id: ConnId) -> Self {
+        Self {
+            id,
+            st: RefCell::new(ConnState {
+                out: Vec::new(),
+                out_pos: 0,
+                waker: None,
+                close: Close::Open,
+                user: None,
+                drain: None,
+            }),
+        }
+    }
+
+    fn pending_out(st: &ConnState) -> usize {
+        st.out.len() - st.out_pos
+    }
+
+    /// Appends bytes to the output queue; disconnects a client whose queue is over the bound.
+    fn append(&self, shard: &Shard, st: &mut ConnState, bytes: &[u8]) {
+        if st.close == Close::Now {
+            return;
+        }
+        st.out.extend_from_slice(bytes);
+        if Self::pending_out(st) > shard.cfg.max_output_bytes {
+            ShardMetrics::inc(&shard.metrics.slow_consumer_disconnects_total);
+            debug!(shard = shard.id, conn = self.id, "slow consumer disconnected");
+            st.close = Close::Now;
+            st.out = Vec::new();
+            st.out_pos = 0;
+        }
+        if let Some(w) = &st.waker {
+            w.wake_by_ref();
+        }
+    }
+
+    /// Writes a complete frame to the client.
+    pub fn write_frame(&self, shard: &Shard, bytes: &[u8]) {
+        let mut st = self.st.borrow_mut();
+        self.append(shard, &mut st, bytes);
+    }
+
+    /// A delivery for `user` arrived from the owner shard.
+    pub fn deliver(&self, shard: &Shard, user: &[u8], d: Delivery) {
+        let mut st = self.st.borrow_mut();
+        if st.user.as_deref() != Some(user) {
+            return;
+        }
+        let max_held = shard.cfg.max_output_bytes;
+        if let (Some(id), Some(drain)) = (d.id, st.drain.as_mut()) {
+            if drain.held_bytes + d.frame.len() <= max_held {
+                drain.held_bytes += d.frame.len();
+                drain.held.push((id, d.frame));
+            }
+            // Beyond that the message simply stays stored for the next login.
+            return;
+        }
+        let m = if d.id.is_some() {
+            &shard.metrics.messages_delivered_live_total
+        } else {
+            &shard.metrics.relays_delivered_total
+        };
+        ShardMetrics::inc(m);
+        self.append(shard, &mut st, &d.frame);
+    }
+
+    /// Presence registered the session: ask the store for the user's backlog.
+    pub fn start_drain(&self, shard: &Rc<Shard>, user: &[u8]) {
+        let mut st = self.st.borrow_mut();
+        if st.user.as_deref() != Some(user) {
+            return;
+        }
+        if let Some(d) = st.drain.as_mut() {
+            if !d.requested {
+                d.requested = true;
+                shard.push_core(CoreRequest::Drain {
+                    user: user.to_vec(),
+                    conn: self.id,
+                    after: 0,
+                    limit: shard.cfg.drain_chunk,
+                });
+            }
+        }
+    }
+
+    /// A chunk of the user's backlog arrived from the store.
+    pub fn drain_chunk(&self, shard: &Rc<Shard>, user: &[u8], msgs: Vec<(u64, Vec<u8>)>, more: bool) {
+        let mut st = self.st.borrow_mut();
+        let st = &mut *st;
+        let Some(drain) = st.drain.as_mut() else {
+            return;
+        };
+        if drain.user != user {
+            return;
+        }
+        drain.requested = false;
+        let mut frame_buf = Vec::new();
+        let last = msgs.last().map(|m| m.0);
+        ShardMetrics::add(&shard.metrics.messages_drained_total, msgs.len() as u64);
+        for (id, payload) in msgs {
+            if drain.sent.last().is_some_and(|&l| id <= l) {
+                continue; // a repeated chunk (re-login race): never write an id twice
+            }
+            frame::encode_reliable(&mut frame_buf, MsgId(id), &payload);
+            drain.sent.push(id);
+        }
+        if more {
+            drain.next_after = last.or(drain.next_after);
+        } else {
+            let mut drain = st.drain.take().expect("checked above");
+            for (id, f) in drain.held.drain(..) {
+                if drain.sent.binary_search(&id).is_err() {
+                    frame_buf.extend_from_slice(&f);
+                    ShardMetrics::inc(&shard.metrics.messages_delivered_live_total);
+                }
+            }
+        }
+        self.append(shard, st, &frame_buf);
+        drop(frame_buf);
+        self.continue_drain(shard, st);
+    }
+
+    /// Requests the next drain chunk if one is due and the output queue is low enough.
+    fn continue_drain(&self, shard: &Rc<Shard>, st: &mut ConnState) {
+        let low = Self::pending_out(st) < shard.cfg.drain_low_water_bytes;
+        if let Some(d) = st.drain.as_mut() {
+            if low && !d.requested {
+                if let Some(after) = d.next_after.take() {
+                    d.requested = true;
+                    shard.push_core(CoreRequest::Drain {
+                        user: d.user.clone(),
+                        conn: self.id,
+                        after,
+                        limit: shard.cfg.drain_chunk,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Shutdown: flush what is queued, then close.
+    pub fn begin_shutdown(&self) {
+        let mut st = self.st.borrow_mut();
+        if st.close == Close::Open {
+            st.close = Close::AfterFlush;
+        }
+        if let Some(w) = &st.waker {
+            w.wake_by_ref();
+        }
+    }
+
+    /// Shutdown deadline passed: close now.
+    pub fn force_close(&self) {
+        let mut st = self.st.borrow_mut();
+        st.close = Close::Now;
+        if let Some(w) = &st.waker {
+            w.wake_by_ref();
+        }
+    }
+
+    fn user(&self) -> Option<Vec<u8>> {
+        self.st.borrow().user.clone()
+    }
+}
+
+enum Io {
+    Data,
+    Eof,
+    Closed,
+    Failed(io::Error),
+    Settled,
+    LoginTimeout,
+    Recheck,
+}
+
+struct Timers {
+    login: Option<Pin<Box<Timer>>>,
+    settle: Option<Pin<Box<Timer>>>,
+    backoff: Option<Pin<Box<Timer>>>,
+}
+
+fn poll_timer(t: &mut Option<Pin<Box<Timer>>>, cx: &mut Context<'_>) -> bool {
+    if let Some(timer) = t {
+        if timer.as_mut().poll(cx).is_ready() {
+            *t = None;
+            return true;
+        }
+    }
+    false
+}
+
+impl ConnShared {
+    fn poll_io(
+        &self,
+        cx: &mut Context<'_>,
+        shard: &Rc<Shard>,
+        stream: &mut TcpStream,
+        inbuf: &mut Vec<u8>,
+        timers: &mut Timers,
+    ) -> Poll<Io> {
+        {
+            let mut st = self.st.borrow_mut();
+            let st = &mut *st;
+            match &st.waker {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                _ => st.waker = Some(cx.waker().clone()),
+            }
+            if st.close == Close::Now {
+                return Poll::Ready(Io::Closed);
+            }
+            while st.out_pos < st.out.len() {
+                match Pin::new(&mut *stream).poll_write(cx, &st.out[st.out_pos..]) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Io::Closed),
+                    Poll::Ready(Ok(n)) => {
+                        st.out_pos += n;
+                        ShardMetrics::add(&shard.metrics.bytes_out_total, n as u64);
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Io::Failed(e)),
+                    Poll::Pending => break,
+                }
+            }
+            if st.out_pos == st.out.len() {
+                st.out_pos = 0;
+                if st.out.capacity() > 64 << 10 {
+                    st.out = Vec::new();
+                } else {
+                    st.out.clear();
+                }
+                if st.close == Close::AfterFlush {
+                    return Poll::Ready(Io::Closed);
+                }
+            }
+            if st.drain.is_some() {
+                self.continue_drain(shard, st);
+            }
+            if st.close != Close::Open {
+                // Closing: read nothing more, wait for the flush (or the shutdown deadline).
+                return Poll::Pending;
+            }
+        }
+        if poll_timer(&mut timers.settle, cx) {
+            return Poll::Ready(Io::Settled);
+        }
+        if poll_timer(&mut timers.login, cx) {
+            return Poll::Ready(Io::LoginTimeout);
+        }
+        if shard.core_backlog_len() >= CORE_BACKLOG_HIGH {
+            if timers.backoff.is_none() {
+                timers.backoff = Some(Box::pin(Timer::new(Duration::from_millis(1))));
+            }
+            if poll_timer(&mut timers.backoff, cx) {
+                return Poll::Ready(Io::Recheck);
+            }
+            return Poll::Pending;
+        }
+        let mut scratch = shard.scratch.borrow_mut();
+        match Pin::new(&mut *stream).poll_read(cx, &mut scratch[..]) {
+            Poll::Ready(Ok(0)) => Poll::Ready(Io::Eof),
+            Poll::Ready(Ok(n)) => {
+                ShardMetrics::add(&shard.metrics.bytes_in_total, n as u64);
+                inbuf.extend_from_slice(&scratch[..n]);
+                Poll::Ready(Io::Data)
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Io::Failed(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// What decoding the input buffer asks of the connection loop.
+enum Step {
+    /// Need more bytes.
+    More,
+    /// A LOGIN is at the head: wait for the settle timer before parsing it.
+    Settle,
+    /// Close after flushing what is queued.
+    Close,
+}
+
+struct Conn {
+    shard: Rc<Shard>,
+    c: Rc<ConnShared>,
+    /// The settle timer of the LOGIN at the head of the buffer has fired.
+    login_settled: bool,
+    settle_started: bool,
+}
+
+impl Conn {
+    fn fail(&self, e: &ProtoError) -> Step {
+        ShardMetrics::inc(&self.shard.metrics.protocol_errors_total);
+        debug!(shard = self.shard.id, conn = self.c.id, reason = e.reason(), "bad frame");
+        let mut f = Vec::with_capacity(32);
+        e.encode_wire(&mut f);
+        self.close_with(&f)
+    }
+
+    fn close_with(&self, bytes: &[u8]) -> Step {
+        let mut st = self.c.st.borrow_mut();
+        self.c.append(&self.shard, &mut st, bytes);
+        if st.close == Close::Open {
+            st.close = Close::AfterFlush;
+        }
+        Step::Close
+    }
+
+    fn error_reply(&self, reason: &str) {
+        let mut f = Vec::with_capacity(reason.len() + 3);
+        frame::encode_error(&mut f, reason);
+        self.c.write_frame(&self.shard, &f);
+    }
+
+    /// Decodes and handles every complete frame in `inbuf`, then drops the consumed bytes.
+    fn process(&mut self, inbuf: &mut Vec<u8>) -> Step {
+        let mut pos = 0;
+        let step = loop {
+            let buf = &inbuf[pos..];
+            if buf.is_empty() {
+                break Step::More;
+            }
+            if buf[0] == op::LOGIN && !self.login_settled && self.shard.cfg.login_settle_us > 0 {
+                break Step::Settle;
+            }
+            match decode(buf, &self.shard.limits) {
+                Ok(Decoded::Incomplete) => {
+                    if frame_len_hint(buf).is_some_and(|n| n > self.shard.cfg.max_input_bytes)
+                        || buf.len() > self.shard.cfg.max_input_bytes
+                    {
+                        break self.fail(&ProtoError::FrameTooLarge);
+                    }
+                    break Step::More;
+                }
+                Ok(Decoded::Frame(f, n)) => {
+                    pos += n;
+                    ShardMetrics::inc(&self.shard.metrics.frames_in_total);
+                    if let ClientFrame::Login { .. } = f {
+                        self.login_settled = false;
+                        self.settle_started = false;
+                    }
+                    if let Err(step) = self.handle(f) {
+                        break step;
+                    }
+                }
+                Err(e) => break self.fail(&e),
+            }
+        };
+        inbuf.drain(..pos);
+        if inbuf.is_empty() && inbuf.capacity() > 4096 {
+            *inbuf = Vec::new();
+        }
+        step
+    }
+
+    fn logged_in_user(&self) -> Result<Vec<u8>, Step> {
+        self.c
+            .user()
+            .ok_or_else(|| self.close_with(&error_frame("not_logged_in")))
+    }
+
+    /// Accepts one message from the logged-in sender for `target`.
+    fn accept_message(&self, sender: &[u8], target: &[u8], payload: &[u8]) {
+        let shard = &self.shard;
+        let id = shard.idgen.borrow_mut().next_id();
+        let mut f = Vec::with_capacity(payload.len() + 23);
+        frame::encode_reliable(&mut f, MsgId(id), payload);
+        shard.push_core(CoreRequest::Store(StoredMsg {
+            id,
+            recipient: target.to_vec(),
+            sender: sender.to_vec(),
+            payload: payload.to_vec(),
+        }));
+        ShardMetrics::inc(&shard.metrics.messages_accepted_total);
+        shard.route(
+            target,
+            Delivery {
+                id: Some(id),
+                frame: f,
+            },
+        );
+    }
+
+    fn handle(&mut self, f: ClientFrame<'_>) -> Result<(), Step> {
+        let shard = self.shard.clone();
+        match f {
+            ClientFrame::Login { body } => return self.login(body),
+            ClientFrame::Send { target, msg } | ClientFrame::SendSeq { target, msg, .. } => {
+                let me = self.logged_in_user()?;
+                self.accept_message(&me, target, msg);
+            }
+            ClientFrame::CborMsg { target, cbor } => {
+                let me = self.logged_in_user()?;
+                self.accept_message(&me, target, cbor);
+            }
+            ClientFrame::BatchSend { target, blob } => {
+                let me = self.logged_in_user()?;
+                for msg in frame::batch_entries(blob) {
+                    self.accept_message(&me, target, msg);
+                }
+            }
+            ClientFrame::E2eeMsg {
+                recipient,
+                header,
+                ciphertext,
+            } => {
+                let me = self.logged_in_user()?;
+                let mut inner = Vec::with_capacity(me.len() + header.len() + ciphertext.len() + 8);
+                frame::encode_e2ee_delivery(&mut inner, &me, header, ciphertext);
+                self.accept_message(&me, recipient, &inner);
+            }
+            ClientFrame::Ack { id } => {
+                let me = self.logged_in_user()?;
+                ShardMetrics::inc(&shard.metrics.acks_total);
+                shard.push_core(CoreRequest::Ack { user: me, id: id.0 });
+            }
+            ClientFrame::GetStatus { target } => {
+                self.logged_in_user()?;
+                let owner = owner_of(target, shard.nshards);
+                shard.send_shard(
+                    owner,
+                    ShardMsg::StatusQuery {
+                        user: target.to_vec(),
+                        shard: shard.id,
+                        conn: self.c.id,
+                    },
+                );
+            }
+            ClientFrame::Typing { target, on } => {
+                let me = self.logged_in_user()?;
+                let mut f = Vec::with_capacity(me.len() + 4);
+                frame::encode_typing(&mut f, &me, on);
+                shard.route(target, Delivery { id: None, frame: f });
+            }
+            ClientFrame::ReadReceipt { id, sender } => {
+                let me = self.logged_in_user()?;
+                let mut f = Vec::with_capacity(id.len() + me.len() + 13);
+                let now_ms = crate::idgen::now_micros() / 1000;
+                frame::encode_receipt_relay(&mut f, id, &me, now_ms);
+                shard.route(sender, Delivery { id: None, frame: f });
+            }
+            ClientFrame::UploadPrekeys { bundle } => {
+                let me = self.logged_in_user()?;
+                shard.push_core(CoreRequest::PutPrekeys {
+                    user: me,
+                    bundle: bundle.to_vec(),
+                });
+            }
+            ClientFrame::FetchPrekeys { user } => {
+                self.logged_in_user()?;
+                shard.push_core(CoreRequest::FetchPrekeys {
+                    user: user.to_vec(),
+                    conn: self.c.id,
+                });
+            }
+            ClientFrame::Group { .. } => {
+                self.logged_in_user()?;
+                self.error_reply("group_service_unavailable");
+            }
+        }
+        Ok(())
+    }
+
+    fn login(&mut self, body: &[u8]) -> Result<(), Step> {
+        let shard = self.shard.clone();
+        let (user, token) = auth::split_login(body);
+        if user.is_empty() || user.len() > shard.limits.max_target_bytes {
+            ShardMetrics::inc(&shard.metrics.logins_refused_total);
+            return Err(self.fail(&ProtoError::EmptyLogin));
+        }
+        if shard.cfg.auth.enabled {
+            let now_ms = crate::idgen::now_micros() / 1000;
+            if let Err(e) = auth::verify(&shard.cfg.auth, user, token, now_ms) {
+                ShardMetrics::inc(&shard.metrics.logins_refused_total);
+                debug!(shard = shard.id, conn = self.c.id, error = %e, "login refused");
+                return Err(self.close_with(frame::AUTH_FAILED));
+            }
+        }
+        let previous = {
+            let mut st = self.c.st.borrow_mut();
+            let prev = st.user.replace(user.to_vec());
+            st.drain = Some(Box::new(DrainState {
+                user: user.to_vec(),
+                requested: false,
+                next_after: None,
+                sent: Vec::new(),
+                held: Vec::new(),
+                held_bytes: 0,
+            }));
+            let mut ok = Vec::with_capacity(9);
+            frame::encode_login_ok(&mut ok);
+            self.c.append(&shard, &mut st, &ok);
+            prev
+        };
+        match previous {
+            Some(prev) => shard.send_shard(
+                owner_of(&prev, shard.nshards),
+                ShardMsg::Unregister {
+                    user: prev,
+                    shard: shard.id,
+                    conn: self.c.id,
+                },
+            ),
+            None => ShardMetrics::inc(&shard.metrics.sessions_open),
+        }
+        ShardMetrics::inc(&shard.metrics.logins_total);
+        shard.send_shard(
+            owner_of(user, shard.nshards),
+            ShardMsg::Register {
+                user: user.to_vec(),
+                shard: shard.id,
+                conn: self.c.id,
+            },
+        );
+        Ok(())
+    }
+}
+
+fn error_frame(reason: &str) -> Vec<u8> {
+    let mut f = Vec::with_capacity(reason.len() + 3);
+    frame::encode_error(&mut f, reason);
+    f
+}
+
+/// Serves one accepted socket until it closes.
+pub async fn run(shard: Rc<Shard>, mut stream: TcpStream, id: ConnId) {
+    let c = Rc::new(ConnShared::new(id));
+    shard.conns.borrow_mut().insert(id, c.clone());
+    ShardMetrics::inc(&shard.metrics.connections_open);
+    let _ = stream.set_nodelay(true);
+    let mut conn = Conn {
+        shard: shard.clone(),
+        c: c.clone(),
+        login_settled: false,
+        settle_started: false,
+    };
+    let mut inbuf: Vec<u8> = Vec::new();
+    let mut timers = Timers {
+        login: Some(Box::pin(Timer::new(Duration::from_millis(
+            shard.cfg.login_timeout_ms,
+        )))),
+        settle: None,
+        backoff: None,
+    };
+    loop {
+        let ev = std::future::poll_fn(|cx| c.poll_io(cx, &shard, &mut stream, &mut inbuf, &mut timers)).await;
+        let step = match ev {
+            Io::Data | Io::Recheck => conn.process(&mut inbuf),
+            Io::Settled => {
+                conn.login_settled = true;
+                conn.process(&mut inbuf)
+            }
+            Io::LoginTimeout => {
+                if c.user().is_none() {
+                    conn.close_with(&error_frame("login_timeout"))
+                } else {
+                    Step::More
+                }
+            }
+            Io::Eof | Io::Closed => break,
+            Io::Failed(e) => {
+                debug!(shard = shard.id, conn = id, error = %e, "socket error");
+                break;
+            }
+        };
+        match step {
+            Step::Settle if !conn.settle_started => {
+                conn.settle_started = true;
+                timers.settle = Some(Box::pin(Timer::new(Duration::from_micros(
+                    shard.cfg.login_settle_us,
+                ))));
+            }
+            _ => {}
+        }
+        if c.user().is_some() {
+            timers.login = None;
+        }
+        glommio::yield_if_needed().await;
+    }
+    // The session ends: presence learns it, whatever was not acked stays stored.
+    if let Some(user) = c.user() {
+        ShardMetrics::dec(&shard.metrics.sessions_open);
+        shard.send_shard(
+            owner_of(&user, shard.nshards),
+            ShardMsg::Unregister {
+                user,
+                shard: shard.id,
+                conn: id,
+            },
+        );
+    }
+    drop(stream);
+    shard.conns.borrow_mut().remove(&id);
+    ShardMetrics::dec(&shard.metrics.connections_open);
+    if shard.shutting_down.get() && shard.conns.borrow().is_empty() {
+        shard.conns_empty.notify();
+    }
+}

@@ -1,0 +1,522 @@
+//! One shard: a pinned glommio executor that owns its listener, its sockets and its slice of
+//! presence, and shares nothing with the other shards.
+//!
+//! A shard runs these tasks:
+//! - the accept loop on its own `SO_REUSEPORT` listener, spawning one [`conn`] task per socket;
+//! - one ring reader per peer shard (glommio channel mesh, SPSC), handing [`ShardMsg`]s to
+//!   [`Shard::handle_mesh`];
+//! - one ring writer per peer shard, which ships the batched outbox to that peer;
+//! - the core poller, which moves requests to the in-process core and takes its replies
+//!   (crossbeam queues: the core is a plain OS thread, not a glommio executor).
+//!
+//! Routing a message to user `u`: its owner shard is `hash(u) % shards` ([`owner_of`]); the
+//! owner's [`presence`] slice knows which shard and connection hold `u`. So a message takes at
+//! most two ring hops: sender's shard → owner → recipient's shard. Every accepted message is
+//! also handed to the core, which stores it until it is acked.
+
+pub mod conn;
+pub mod presence;
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+use std::time::Duration;
+
+use crossbeam::channel::TrySendError;
+use glommio::channels::channel_mesh::{MeshBuilder, Full, Senders};
+use glommio::net::TcpListener;
+use iris_core::api::{ConnId, CoreReply, CoreRequest, ShardLink};
+use tracing::{debug, info, warn};
+
+use crate::config::EdgeConfig;
+use crate::idgen::IdGen;
+use crate::metrics::ShardMetrics;
+use crate::protocol::{frame, Limits};
+use conn::ConnShared;
+use presence::Presence;
+
+/// Something that will be written to a recipient's socket.
+#[derive(Debug)]
+pub struct Delivery {
+    /// The message id for reliable messages (stored, acked); `None` for best-effort relays
+    /// (typing, read receipts), which are never stored.
+    pub id: Option<u64>,
+    /// The complete server frame.
+    pub frame: Vec<u8>,
+}
+
+/// What shards send each other over the rings.
+#[derive(Debug)]
+pub enum ShardMsg {
+    /// To the owner of `to`: hand `d` to every session of `to`.
+    Route { to: Vec<u8>, d: Delivery },
+    /// To the shard hosting `conn`: write `d` if `conn` is still logged in as `user`.
+    Deliver {
+        conn: ConnId,
+        user: Vec<u8>,
+        d: Delivery,
+    },
+    /// To the owner of `user`: `user` logged in on (`shard`, `conn`).
+    Register {
+        user: Vec<u8>,
+        shard: usize,
+        conn: ConnId,
+    },
+    /// Back to the hosting shard: presence knows the session, start the login drain.
+    Registered { user: Vec<u8>, conn: ConnId },
+    /// To the owner of `user`: the session on (`shard`, `conn`) ended.
+    Unregister {
+        user: Vec<u8>,
+        shard: usize,
+        conn: ConnId,
+    },
+    /// To the owner of `user`: what is `user`'s status? Reply to (`shard`, `conn`).
+    StatusQuery {
+        user: Vec<u8>,
+        shard: usize,
+        conn: ConnId,
+    },
+    /// Back to the asking shard: a complete STATUS frame for `conn`.
+    StatusReply { conn: ConnId, frame: Vec<u8> },
+}
+
+/// A batch of ring messages: one ring slot carries many messages.
+pub type Batch = Vec<ShardMsg>;
+
+/// The shard owning user `u`'s presence: FNV-1a of the name, modulo the shard count.
+pub fn owner_of(user: &[u8], shards: usize) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in user {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % shards.max(1) as u64) as usize
+}
+
+/// A one-waiter wake-up flag for tasks of one shard.
+#[derive(Debug, Default)]
+pub struct LocalNotify {
+    set: Cell<bool>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl LocalNotify {
+    pub fn notify(&self) {
+        self.set.set(true);
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    pub fn wait(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.set.replace(false) {
+                Poll::Ready(())
+            } else {
+                *self.waker.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+    }
+}
+
+/// Everything a shard owns. Lives in an `Rc`: only this shard's thread ever touches it.
+pub struct Shard {
+    pub id: usize,
+    pub nshards: usize,
+    pub cfg: Arc<EdgeConfig>,
+    pub limits: Limits,
+    pub metrics: Arc<ShardMetrics>,
+    pub conns: RefCell<HashMap<ConnId, Rc<ConnShared>>>,
+    next_conn: Cell<ConnId>,
+    pub presence: RefCell<Presence>,
+    pub idgen: RefCell<IdGen>,
+    outbox: Vec<RefCell<Batch>>,
+    outbox_notify: Vec<LocalNotify>,
+    core: ShardLink,
+    core_backlog: RefCell<VecDeque<CoreRequest>>,
+    core_notify: LocalNotify,
+    /// Read buffer shared by all connections of the shard: a connection only holds input between
+    /// reads when a frame is incomplete, so an idle connection holds none.
+    pub scratch: RefCell<Vec<u8>>,
+    pub shutting_down: Cell<bool>,
+    /// Signalled when the last connection closes during shutdown.
+    pub conns_empty: LocalNotify,
+}
+
+impl Shard {
+    fn new(
+        id: usize,
+        nshards: usize,
+        cfg: Arc<EdgeConfig>,
+        metrics: Arc<ShardMetrics>,
+        core: ShardLink,
+        id_floor: u64,
+    ) -> Self {
+        Self {
+            id,
+            nshards,
+            limits: Limits::default(),
+            metrics,
+            conns: RefCell::new(HashMap::new()),
+            next_conn: Cell::new(1),
+            presence: RefCell::new(Presence::default()),
+            idgen: RefCell::new(IdGen::new(id, id_floor)),
+            outbox: (0..nshards).map(|_| RefCell::new(Vec::new())).collect(),
+            outbox_notify: (0..nshards).map(|_| LocalNotify::default()).collect(),
+            core,
+            core_backlog: RefCell::new(VecDeque::new()),
+            core_notify: LocalNotify::default(),
+            scratch: RefCell::new(vec![0; 64 << 10]),
+            shutting_down: Cell::new(false),
+            conns_empty: LocalNotify::default(),
+            cfg,
+        }
+    }
+
+    pub fn next_conn_id(&self) -> ConnId {
+        let id = self.next_conn.get();
+        self.next_conn.set(id + 1);
+        id
+    }
+
+    /// Sends `m` to shard `to` (handled inline when `to` is this shard).
+    pub fn send_shard(self: &Rc<Self>, to: usize, m: ShardMsg) {
+        if to == self.id {
+            self.handle_mesh(m);
+        } else {
+            let mut ob = self.outbox[to].borrow_mut();
+            ob.push(m);
+            if ob.len() == 1 {
+                self.outbox_notify[to].notify();
+            }
+        }
+    }
+
+    /// Hands a request to the core without ever waiting: if the core's queue is full the request
+    /// waits in the shard's backlog (kept in order) and connections stop reading until it drains.
+    pub fn push_core(&self, req: CoreRequest) {
+        let mut backlog = self.core_backlog.borrow_mut();
+        if backlog.is_empty() {
+            match self.core.to_core.try_send(req) {
+                Ok(()) => return,
+                Err(TrySendError::Full(r)) | Err(TrySendError::Disconnected(r)) => {
+                    backlog.push_back(r)
+                }
+            }
+        } else {
+            backlog.push_back(req);
+        }
+        ShardMetrics::set(&self.metrics.core_backlog, backlog.len() as u64);
+        self.core_notify.notify();
+    }
+
+    /// Requests waiting for room in the core's queue.
+    pub fn core_backlog_len(&self) -> usize {
+        self.core_backlog.borrow().len()
+    }
+
+    /// Routes a delivery to every session of `to`, wherever it is.
+    pub fn route(self: &Rc<Self>, to: &[u8], d: Delivery) {
+        let owner = owner_of(to, self.nshards);
+        self.send_shard(
+            owner,
+            ShardMsg::Route {
+                to: to.to_vec(),
+                d,
+            },
+        );
+    }
+
+    /// Handles one ring message (or a local one).
+    pub fn handle_mesh(self: &Rc<Self>, m: ShardMsg) {
+        match m {
+            ShardMsg::Route { to, d } => {
+                let sessions = self.presence.borrow().sessions(&to);
+                match sessions.as_slice() {
+                    [] => {
+                        if d.id.is_some() {
+                            ShardMetrics::inc(&self.metrics.messages_live_offline_total);
+                        }
+                    }
+                    [(shard, conn)] => self.send_shard(
+                        *shard,
+                        ShardMsg::Deliver {
+                            conn: *conn,
+                            user: to,
+                            d,
+                        },
+                    ),
+                    many => {
+                        for &(shard, conn) in many {
+                            let d = Delivery {
+                                id: d.id,
+                                frame: d.frame.clone(),
+                            };
+                            self.send_shard(
+                                shard,
+                                ShardMsg::Deliver {
+                                    conn,
+                                    user: to.clone(),
+                                    d,
+                                },
+                            );
+                        }
+                    }
+                }
+            }
+            ShardMsg::Deliver { conn, user, d } => {
+                let c = self.conns.borrow().get(&conn).cloned();
+                if let Some(c) = c {
+                    c.deliver(self, &user, d);
+                }
+            }
+            ShardMsg::Register { user, shard, conn } => {
+                self.presence.borrow_mut().register(&user, shard, conn);
+                self.send_shard(shard, ShardMsg::Registered { user, conn });
+            }
+            ShardMsg::Registered { user, conn } => {
+                let c = self.conns.borrow().get(&conn).cloned();
+                if let Some(c) = c {
+                    c.start_drain(self, &user);
+                }
+            }
+            ShardMsg::Unregister { user, shard, conn } => {
+                let now = crate::idgen::now_micros() / 1_000_000;
+                self.presence
+                    .borrow_mut()
+                    .unregister(&user, shard, conn, now);
+            }
+            ShardMsg::StatusQuery { user, shard, conn } => {
+                let (online, last_seen) = self.presence.borrow().status(&user);
+                let mut f = Vec::with_capacity(user.len() + 12);
+                frame::encode_status(&mut f, &user, online, last_seen);
+                self.send_shard(shard, ShardMsg::StatusReply { conn, frame: f });
+            }
+            ShardMsg::StatusReply { conn, frame } => {
+                let c = self.conns.borrow().get(&conn).cloned();
+                if let Some(c) = c {
+                    c.write_frame(self, &frame);
+                }
+            }
+        }
+    }
+
+    fn handle_core(self: &Rc<Self>, r: CoreReply) {
+        match r {
+            CoreReply::Drain {
+                conn,
+                user,
+                msgs,
+                more,
+            } => {
+                let c = self.conns.borrow().get(&conn).cloned();
+                if let Some(c) = c {
+                    c.drain_chunk(self, &user, msgs, more);
+                }
+            }
+            CoreReply::Prekeys { conn, bundle, .. } => {
+                let c = self.conns.borrow().get(&conn).cloned();
+                if let Some(c) = c {
+                    let body = bundle
+                        .as_deref()
+                        .unwrap_or(crate::protocol::cbor::NOT_FOUND_BUNDLE);
+                    let mut f = Vec::with_capacity(body.len() + 5);
+                    frame::encode_prekey_response(&mut f, body);
+                    c.write_frame(self, &f);
+                }
+            }
+        }
+    }
+
+    /// Moves backlog to the core and core replies to connections. The core is an OS thread that
+    /// cannot wake a glommio executor, so this polls, backing off from 50 µs to 1 ms when idle.
+    async fn core_poller(self: Rc<Self>) {
+        let mut idle = Duration::from_micros(50);
+        loop {
+            let mut busy = false;
+            {
+                let mut backlog = self.core_backlog.borrow_mut();
+                while let Some(req) = backlog.pop_front() {
+                    match self.core.to_core.try_send(req) {
+                        Ok(()) => busy = true,
+                        Err(TrySendError::Full(r)) => {
+                            backlog.push_front(r);
+                            break;
+                        }
+                        Err(TrySendError::Disconnected(_)) => {
+                            warn!(shard = self.id, "core is gone; dropping backlog");
+                            backlog.clear();
+                        }
+                    }
+                }
+                ShardMetrics::set(&self.metrics.core_backlog, backlog.len() as u64);
+            }
+            let mut n = 0;
+            while let Ok(r) = self.core.from_core.try_recv() {
+                self.handle_core(r);
+                busy = true;
+                n += 1;
+                if n >= 256 {
+                    break;
+                }
+            }
+            if busy {
+                idle = Duration::from_micros(50);
+                futures_lite::future::yield_now().await;
+            } else {
+                if self.shutting_down.get()
+                    && self.conns.borrow().is_empty()
+                    && self.core_backlog.borrow().is_empty()
+                {
+                    return;
+                }
+                glommio::timer::sleep(idle).await;
+                idle = (idle * 2).min(Duration::from_millis(1));
+            }
+        }
+    }
+
+    async fn ring_writer(self: Rc<Self>, senders: Rc<Senders<Batch>>, peer: usize) {
+        loop {
+            let batch = std::mem::take(&mut *self.outbox[peer].borrow_mut());
+            if batch.is_empty() {
+                self.outbox_notify[peer].wait().await;
+                continue;
+            }
+            ShardMetrics::inc(&self.metrics.ring_batches_out_total);
+            ShardMetrics::add(&self.metrics.ring_items_out_total, batch.len() as u64);
+            if senders.send_to(peer, batch).await.is_err() {
+                debug!(shard = self.id, peer, "ring closed");
+                return;
+            }
+        }
+    }
+
+    async fn accept_loop(self: Rc<Self>, listener: TcpListener) {
+        loop {
+            match listener.accept().await {
+                Ok(stream) => {
+                    if self.shutting_down.get() {
+                        return;
+                    }
+                    ShardMetrics::inc(&self.metrics.connections_accepted_total);
+                    let id = self.next_conn_id();
+                    glommio::spawn_local(conn::run(self.clone(), stream, id)).detach();
+                }
+                Err(e) => {
+                    ShardMetrics::inc(&self.metrics.accept_errors_total);
+                    warn!(shard = self.id, error = %e, "accept failed; pausing 10 ms");
+                    glommio::timer::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    }
+}
+
+/// What a shard needs to start, built on the main thread and moved into the executor.
+pub struct ShardStart {
+    pub id: usize,
+    pub nshards: usize,
+    pub cfg: Arc<EdgeConfig>,
+    pub metrics: Arc<ShardMetrics>,
+    pub core: ShardLink,
+    pub id_floor: u64,
+    pub listener_fd: std::os::fd::OwnedFd,
+    pub mesh: Option<MeshBuilder<Batch, Full>>,
+    pub shutdown: Arc<AtomicBool>,
+}
+
+/// Runs one shard until shutdown; called inside its glommio executor.
+pub async fn run(start: ShardStart) {
+    let ShardStart {
+        id,
+        nshards,
+        cfg,
+        metrics,
+        core,
+        id_floor,
+        listener_fd,
+        mesh,
+        shutdown,
+    } = start;
+    let shard = Rc::new(Shard::new(id, nshards, cfg, metrics, core, id_floor));
+
+    if let Some(mesh) = mesh {
+        match mesh.join().await {
+            Ok((senders, mut receivers)) => {
+                let senders = Rc::new(senders);
+                for peer in (0..nshards).filter(|&p| p != id) {
+                    glommio::spawn_local(shard.clone().ring_writer(senders.clone(), peer)).detach();
+                }
+                for (peer, rx) in receivers.streams() {
+                    let s = shard.clone();
+                    glommio::spawn_local(async move {
+                        while let Some(batch) = rx.recv().await {
+                            for m in batch {
+                                s.handle_mesh(m);
+                            }
+                        }
+                        debug!(shard = s.id, peer, "ring reader done");
+                    })
+                    .detach();
+                }
+            }
+            Err(e) => {
+                warn!(shard = id, error = %e, "could not join the shard mesh");
+                return;
+            }
+        }
+    }
+
+    let poller = glommio::spawn_local(shard.clone().core_poller());
+    // SAFETY: `OwnedFd` guarantees the descriptor is open and owned by us; `into_raw_fd` gives
+    // that ownership up, and `from_raw_fd` takes it, so exactly one owner closes it. It is a
+    // bound, listening TCP socket created for this shard alone.
+    let listener = unsafe { TcpListener::from_raw_fd(listener_fd.into_raw_fd()) };
+    let accept = glommio::spawn_local(shard.clone().accept_loop(listener)).detach();
+    info!(shard = id, "shard started");
+
+    while !shutdown.load(Ordering::Relaxed) {
+        glommio::timer::sleep(Duration::from_millis(20)).await;
+    }
+    info!(shard = id, "shard draining");
+    shard.shutting_down.set(true);
+    accept.cancel();
+    let conns: Vec<_> = shard.conns.borrow().values().cloned().collect();
+    for c in &conns {
+        c.begin_shutdown();
+    }
+    let deadline = Duration::from_millis(shard.cfg.drain_timeout_ms);
+    let waited = glommio::timer::timeout(deadline, async {
+        while !shard.conns.borrow().is_empty() {
+            shard.conns_empty.wait().await;
+        }
+        Ok(())
+    })
+    .await;
+    if waited.is_err() {
+        let conns: Vec<_> = shard.conns.borrow().values().cloned().collect();
+        for c in &conns {
+            c.force_close();
+        }
+        while !shard.conns.borrow().is_empty() {
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    // Everything the connections produced is in the backlog or the core's queue now.
+    poller.await;
+    info!(shard = id, "shard stopped");
+}
+
+impl std::fmt::Debug for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shard").field("id", &self.id).finish()
+    }
+}
+
