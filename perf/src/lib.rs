@@ -1,6 +1,9 @@
-//! `iris-perf`: the tools that measure an Iris deployment.
+//! `iris-perf`: the tools that measure an Iris deployment and turn the figures into node counts.
 //!
-//! This crate will hold `iris-load` (a thread-per-core v1-protocol load generator with
-//! coordinated-omission-free latency histograms), the benchmark suite driven by
-//! `scripts/bench.sh`, the reference echo server that measures this machine's loopback ceiling,
-//! and `iris-plan`, the capacity planner. Not built yet.
+//! - [`load`]: `iris-load`, a thread-per-core v1-protocol load generator (scenarios `connect`,
+//!   `pairs`, `offline`, `logins`) with coordinated-omission-free latency histograms, plus the
+//!   reference echo server that measures this machine's loopback ceiling.
+//! - [`plan`]: `iris-plan`, the capacity planner.
+
+pub mod load;
+pub mod plan;

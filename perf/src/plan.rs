@@ -1,0 +1,1 @@
+//! Capacity planner (being built).
