@@ -15,7 +15,8 @@ use tracing::{debug, warn};
 use crate::metrics::{render, ShardMetrics};
 
 /// Extra metric lines from outside the shards (the core), read at scrape time.
-pub type ExtraMetrics = Arc<dyn Fn() -> Vec<(&'static str, &'static str, &'static str, u64)> + Send + Sync>;
+pub type ExtraMetrics =
+    Arc<dyn Fn() -> Vec<(&'static str, &'static str, &'static str, u64)> + Send + Sync>;
 
 /// Binds the admin listener (so the caller learns the real port) and serves it on a thread.
 pub fn start(
@@ -61,17 +62,25 @@ fn serve(
             break;
         }
         n += r;
-        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") || buf[..n].windows(2).any(|w| w == b"\n\n") {
+        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n")
+            || buf[..n].windows(2).any(|w| w == b"\n\n")
+        {
             break;
         }
     }
     let req = String::from_utf8_lossy(&buf[..n]);
     let path = req.split_whitespace().nth(1).unwrap_or("/");
     let (status, ctype, body) = match path {
-        "/metrics" => ("200 OK", "text/plain; version=0.0.4", render(shards, &extra())),
-        "/health" if draining.load(Ordering::Relaxed) => {
-            ("503 Service Unavailable", "text/plain", "draining\n".to_owned())
-        }
+        "/metrics" => (
+            "200 OK",
+            "text/plain; version=0.0.4",
+            render(shards, &extra()),
+        ),
+        "/health" if draining.load(Ordering::Relaxed) => (
+            "503 Service Unavailable",
+            "text/plain",
+            "draining\n".to_owned(),
+        ),
         "/health" => ("200 OK", "text/plain", "ok\n".to_owned()),
         _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
     };

@@ -42,30 +42,51 @@ pub fn split_login(body: &[u8]) -> (&[u8], Option<&[u8]>) {
 }
 
 /// Verifies `token` for `user` at `now_ms`.
-pub fn verify(cfg: &AuthConfig, user: &[u8], token: Option<&[u8]>, now_ms: u64) -> Result<(), AuthError> {
+pub fn verify(
+    cfg: &AuthConfig,
+    user: &[u8],
+    token: Option<&[u8]>,
+    now_ms: u64,
+) -> Result<(), AuthError> {
     let token = token.ok_or(AuthError::Missing)?;
     let token = std::str::from_utf8(token).map_err(|_| AuthError::Malformed)?;
     let mut parts = token.split('.');
-    let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(h), Some(p), Some(s), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(AuthError::Malformed);
     };
-    let header: serde_json::Value =
-        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(h).map_err(|_| AuthError::Malformed)?)
-            .map_err(|_| AuthError::Malformed)?;
+    let header: serde_json::Value = serde_json::from_slice(
+        &URL_SAFE_NO_PAD
+            .decode(h)
+            .map_err(|_| AuthError::Malformed)?,
+    )
+    .map_err(|_| AuthError::Malformed)?;
     if header.get("alg").and_then(|a| a.as_str()) != Some("HS256") {
         return Err(AuthError::WrongAlg);
     }
-    let sig = URL_SAFE_NO_PAD.decode(s).map_err(|_| AuthError::Malformed)?;
-    let mut mac = Hmac::<Sha256>::new_from_slice(cfg.secret.as_bytes()).map_err(|_| AuthError::BadSignature)?;
+    let sig = URL_SAFE_NO_PAD
+        .decode(s)
+        .map_err(|_| AuthError::Malformed)?;
+    let mut mac = Hmac::<Sha256>::new_from_slice(cfg.secret.as_bytes())
+        .map_err(|_| AuthError::BadSignature)?;
     mac.update(h.as_bytes());
     mac.update(b".");
     mac.update(p.as_bytes());
-    mac.verify_slice(&sig).map_err(|_| AuthError::BadSignature)?;
-    let claims: serde_json::Value =
-        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(p).map_err(|_| AuthError::Malformed)?)
-            .map_err(|_| AuthError::Malformed)?;
-    if claims.get("sub").and_then(|v| v.as_str()).map(str::as_bytes) != Some(user) {
+    mac.verify_slice(&sig)
+        .map_err(|_| AuthError::BadSignature)?;
+    let claims: serde_json::Value = serde_json::from_slice(
+        &URL_SAFE_NO_PAD
+            .decode(p)
+            .map_err(|_| AuthError::Malformed)?,
+    )
+    .map_err(|_| AuthError::Malformed)?;
+    if claims
+        .get("sub")
+        .and_then(|v| v.as_str())
+        .map(str::as_bytes)
+        != Some(user)
+    {
         return Err(AuthError::WrongSubject);
     }
     if claims.get("iss").and_then(|v| v.as_str()) != Some(cfg.issuer.as_str()) {
@@ -73,7 +94,10 @@ pub fn verify(cfg: &AuthConfig, user: &[u8], token: Option<&[u8]>, now_ms: u64) 
     }
     let leeway = cfg.leeway_ms as i128;
     let now = now_ms as i128;
-    let exp = claims.get("exp").and_then(|v| v.as_i64()).ok_or(AuthError::Expired)? as i128;
+    let exp = claims
+        .get("exp")
+        .and_then(|v| v.as_i64())
+        .ok_or(AuthError::Expired)? as i128;
     if exp * 1000 + leeway <= now {
         return Err(AuthError::Expired);
     }
@@ -114,15 +138,27 @@ mod tests {
     fn good_token_passes_and_tampering_fails() {
         let c = cfg();
         let now = 1_700_000_000_000u64;
-        let t = sign(c.secret.as_bytes(), &json!({"sub":"alice","iss":"iris","exp":1_700_000_100}));
+        let t = sign(
+            c.secret.as_bytes(),
+            &json!({"sub":"alice","iss":"iris","exp":1_700_000_100}),
+        );
         assert_eq!(verify(&c, b"alice", Some(t.as_bytes()), now), Ok(()));
-        assert_eq!(verify(&c, b"bob", Some(t.as_bytes()), now), Err(AuthError::WrongSubject));
+        assert_eq!(
+            verify(&c, b"bob", Some(t.as_bytes()), now),
+            Err(AuthError::WrongSubject)
+        );
         let mut bad = t.clone().into_bytes();
         let n = bad.len();
         bad[n - 2] = if bad[n - 2] == b'A' { b'B' } else { b'A' };
-        assert_eq!(verify(&c, b"alice", Some(&bad), now), Err(AuthError::BadSignature));
+        assert_eq!(
+            verify(&c, b"alice", Some(&bad), now),
+            Err(AuthError::BadSignature)
+        );
         assert_eq!(verify(&c, b"alice", None, now), Err(AuthError::Missing));
-        assert_eq!(verify(&c, b"alice", Some(b"x.y"), now), Err(AuthError::Malformed));
+        assert_eq!(
+            verify(&c, b"alice", Some(b"x.y"), now),
+            Err(AuthError::Malformed)
+        );
     }
 
     #[test]
@@ -131,17 +167,32 @@ mod tests {
         let now = 1_700_000_000_000u64;
         let s = c.secret.as_bytes();
         let exp = sign(s, &json!({"sub":"a","iss":"iris","exp":1_699_999_000}));
-        assert_eq!(verify(&c, b"a", Some(exp.as_bytes()), now), Err(AuthError::Expired));
+        assert_eq!(
+            verify(&c, b"a", Some(exp.as_bytes()), now),
+            Err(AuthError::Expired)
+        );
         let iss = sign(s, &json!({"sub":"a","iss":"other","exp":1_700_000_100}));
-        assert_eq!(verify(&c, b"a", Some(iss.as_bytes()), now), Err(AuthError::WrongIssuer));
-        let nbf = sign(s, &json!({"sub":"a","iss":"iris","exp":1_700_009_000,"nbf":1_700_005_000}));
-        assert_eq!(verify(&c, b"a", Some(nbf.as_bytes()), now), Err(AuthError::NotYetValid));
+        assert_eq!(
+            verify(&c, b"a", Some(iss.as_bytes()), now),
+            Err(AuthError::WrongIssuer)
+        );
+        let nbf = sign(
+            s,
+            &json!({"sub":"a","iss":"iris","exp":1_700_009_000,"nbf":1_700_005_000}),
+        );
+        assert_eq!(
+            verify(&c, b"a", Some(nbf.as_bytes()), now),
+            Err(AuthError::NotYetValid)
+        );
         let none_alg = format!(
             "{}.{}.",
             URL_SAFE_NO_PAD.encode(br#"{"alg":"none"}"#),
             URL_SAFE_NO_PAD.encode(br#"{"sub":"a"}"#)
         );
-        assert_eq!(verify(&c, b"a", Some(none_alg.as_bytes()), now), Err(AuthError::WrongAlg));
+        assert_eq!(
+            verify(&c, b"a", Some(none_alg.as_bytes()), now),
+            Err(AuthError::WrongAlg)
+        );
     }
 
     #[test]

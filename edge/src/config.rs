@@ -153,7 +153,9 @@ impl EdgeConfig {
             return bad("drain_low_water_bytes must be below max_output_bytes".to_owned());
         }
         if self.drain_chunk == 0 || self.ring_capacity == 0 || self.core_queue_capacity == 0 {
-            return bad("drain_chunk, ring_capacity and core_queue_capacity must be > 0".to_owned());
+            return bad(
+                "drain_chunk, ring_capacity and core_queue_capacity must be > 0".to_owned(),
+            );
         }
         if self.ring_depth == 0 || self.io_memory_bytes < 64 << 10 {
             return bad("ring_depth must be > 0 and io_memory_bytes at least 65536".to_owned());

@@ -100,18 +100,23 @@ pub fn run(
     let id_floor = core.id_floor();
 
     // All shard sockets bind the same port: the first one resolves port 0.
-    let first = bind_listener(cfg.listen)
-        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    let first =
+        bind_listener(cfg.listen).with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let client_addr = first
         .local_addr()?
         .as_socket()
         .context("listener has no inet address")?;
     let mut sockets = vec![first];
     for _ in 1..nshards {
-        sockets.push(bind_listener(client_addr).with_context(|| format!("cannot listen on {client_addr}"))?);
+        sockets.push(
+            bind_listener(client_addr)
+                .with_context(|| format!("cannot listen on {client_addr}"))?,
+        );
     }
 
-    let metrics: Vec<Arc<ShardMetrics>> = (0..nshards).map(|_| Arc::new(ShardMetrics::default())).collect();
+    let metrics: Vec<Arc<ShardMetrics>> = (0..nshards)
+        .map(|_| Arc::new(ShardMetrics::default()))
+        .collect();
     let core_metrics = core.metrics();
     let extra: admin::ExtraMetrics = Arc::new(move || core_lines(&core_metrics.snapshot()));
     let admin_addr = admin::start(cfg.admin, metrics.clone(), extra, shutdown.clone())
@@ -170,8 +175,18 @@ pub fn run(
 /// The core's counters as Prometheus lines.
 fn core_lines(s: &CoreStats) -> Vec<(&'static str, &'static str, &'static str, u64)> {
     vec![
-        ("iris_core_stored_total", "counter", "Messages written to the store.", s.stored),
-        ("iris_core_acked_total", "counter", "Acks taken in by the core.", s.acked),
+        (
+            "iris_core_stored_total",
+            "counter",
+            "Messages written to the store.",
+            s.stored,
+        ),
+        (
+            "iris_core_acked_total",
+            "counter",
+            "Acks taken in by the core.",
+            s.acked,
+        ),
         (
             "iris_core_cancelled_before_store_total",
             "counter",
@@ -184,21 +199,36 @@ fn core_lines(s: &CoreStats) -> Vec<(&'static str, &'static str, &'static str, u
             "Stores that arrived after their own ack.",
             s.late_stores_dropped,
         ),
-        ("iris_core_commits_total", "counter", "Group commits (batch + fsync).", s.commits),
+        (
+            "iris_core_commits_total",
+            "counter",
+            "Group commits (batch + fsync).",
+            s.commits,
+        ),
         (
             "iris_core_commit_micros_total",
             "counter",
             "Time spent in group commits, microseconds.",
             s.commit_micros_total,
         ),
-        ("iris_core_drains_total", "counter", "Drain requests answered.", s.drains),
+        (
+            "iris_core_drains_total",
+            "counter",
+            "Drain requests answered.",
+            s.drains,
+        ),
         (
             "iris_core_drained_messages_total",
             "counter",
             "Messages sent in drain replies.",
             s.drained_messages,
         ),
-        ("iris_core_store_errors_total", "counter", "Failed store operations.", s.store_errors),
+        (
+            "iris_core_store_errors_total",
+            "counter",
+            "Failed store operations.",
+            s.store_errors,
+        ),
         (
             "iris_core_invalid_requests_total",
             "counter",

@@ -1,6 +1,6 @@
 //! [`ProtoError`]: every way a client frame can be rejected, and its wire reason.
 //!
-//! The decoder ([`super::decode`]) and the CBOR check ([`super::cbor`]) return these errors;
+//! The decoder ([`mod@super::decode`]) and the CBOR check ([`super::cbor`]) return these errors;
 //! the server answers with [`ProtoError::encode_wire`] (`0xFE | u16 len | reason`) and then skips
 //! the frame or closes the connection. This is the one place where errors map to wire reasons:
 //! [`ProtoError::reason`] is the ASCII text v1 clients see.
@@ -21,7 +21,7 @@ pub enum ProtoError {
     /// The LOGIN body is longer than the configured maximum.
     #[error("login too long")]
     LoginTooLong,
-    /// The LOGIN user name is empty. [`super::decode`] never produces it (a LOGIN body is at
+    /// The LOGIN user name is empty. [`mod@super::decode`] never produces it (a LOGIN body is at
     /// least one byte); the server uses it for an empty user part of `user:token`.
     #[error("empty login")]
     EmptyLogin,

@@ -1,7 +1,7 @@
 //! Client frames as borrowed views of the read buffer, and encoders for every frame.
 //!
 //! Decoding never copies payload bytes: a [`ClientFrame`] borrows from the connection's input
-//! buffer (the decoder itself lives in [`super::decode`]). Encoders append to a caller-owned
+//! buffer (the decoder itself lives in [`mod@super::decode`]). Encoders append to a caller-owned
 //! `Vec<u8>` so a shard can batch many frames into one write: the `encode_*` functions build the
 //! server → client frames of `PROTOCOL.md`. The client side of the protocol is here too, for the
 //! load generator and the tests: [`ClientFrame::encode`] builds client frames and
@@ -127,7 +127,7 @@ impl ClientFrame<'_> {
     ///
     /// `Group` appends `raw` unchanged. A LOGIN has no length: the server delimits it by the
     /// read, so a client must wait for LOGIN_OK before sending more (or accept the rule of
-    /// [`super::decode`]).
+    /// [`mod@super::decode`]).
     pub fn encode(&self, out: &mut Vec<u8>) {
         match self {
             ClientFrame::Login { body } => {
@@ -299,18 +299,32 @@ pub fn encode_e2ee_delivery(out: &mut Vec<u8>, sender: &[u8], header: &[u8], cip
     put32(out, ciphertext);
 }
 
-/// Reads an E2EE delivery (the payload of a RELIABLE_MSG starting with 0x24): returns
-/// `(sender, header, ciphertext)`. The payload must be exactly one such frame.
-pub fn decode_e2ee_delivery(payload: &[u8]) -> Result<(&[u8], &[u8], &[u8]), ProtoError> {
+/// The fields of an E2EE delivery (the 0x24 frame inside a RELIABLE_MSG).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct E2eeDelivery<'a> {
+    pub sender: &'a [u8],
+    pub header: &'a [u8],
+    pub ciphertext: &'a [u8],
+}
+
+/// Reads an E2EE delivery (the payload of a RELIABLE_MSG starting with 0x24, client side). The
+/// payload must be exactly one such frame.
+pub fn decode_e2ee_delivery(payload: &[u8]) -> Result<E2eeDelivery<'_>, ProtoError> {
     let mut c = Cursor::new(payload);
     match c.u8() {
         Some(sop::E2EE_DELIVERY) => {}
         Some(other) => return Err(ProtoError::UnknownOpcode(other)),
         None => return Err(ProtoError::BadFrame),
     }
-    let fields = (|| Some((c.bytes16()?, c.bytes16()?, c.bytes32()?)))();
+    let fields = (|| {
+        Some(E2eeDelivery {
+            sender: c.bytes16()?,
+            header: c.bytes16()?,
+            ciphertext: c.bytes32()?,
+        })
+    })();
     match fields {
-        Some(f) if c.pos() == payload.len() => Ok(f),
+        Some(d) if c.pos() == payload.len() => Ok(d),
         _ => Err(ProtoError::BadFrame),
     }
 }
@@ -373,7 +387,9 @@ impl ServerFrame<'_> {
                 out.push(sop::ERROR);
                 put16(out, reason);
             }
-            ServerFrame::RateLimited { retry_after_ms } => encode_rate_limited(out, *retry_after_ms),
+            ServerFrame::RateLimited { retry_after_ms } => {
+                encode_rate_limited(out, *retry_after_ms)
+            }
             ServerFrame::PrekeyResponse { cbor } => encode_prekey_response(out, cbor),
         }
     }
@@ -430,9 +446,7 @@ pub fn decode_server(buf: &[u8]) -> Result<Option<(ServerFrame<'_>, usize)>, Pro
         sop::RATE_LIMITED => c
             .u32()
             .map(|retry_after_ms| ServerFrame::RateLimited { retry_after_ms }),
-        sop::PREKEY_RESPONSE => c
-            .bytes32()
-            .map(|cbor| ServerFrame::PrekeyResponse { cbor }),
+        sop::PREKEY_RESPONSE => c.bytes32().map(|cbor| ServerFrame::PrekeyResponse { cbor }),
         other => return Err(ProtoError::UnknownOpcode(other)),
     };
     Ok(frame.map(|f| (f, c.pos())))
@@ -515,5 +529,245 @@ impl<'a> Cursor<'a> {
     pub(crate) fn bytes32(&mut self) -> Option<&'a [u8]> {
         let n = usize::try_from(self.u32()?).ok()?;
         self.bytes(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::cbor::NOT_FOUND_BUNDLE;
+    use crate::protocol::testutil::{any_frame, server_frame, LARGE};
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    fn out(f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+        let mut o = Vec::new();
+        f(&mut o);
+        o
+    }
+
+    #[test]
+    fn server_encoders_are_byte_exact() {
+        assert_eq!(out(encode_login_ok), b"\x03LOGIN_OK");
+        assert_eq!(
+            out(|o| encode_reliable(o, MsgId(0xab), b"hi")),
+            b"\x10\x00\x1000000000000000ab\x00\x00\x00\x02hi"
+        );
+        assert_eq!(
+            out(|o| encode_status(o, b"bob", true, 0)),
+            b"\x06\x00\x03bob\x01\x00\x00\x00\x00\x00\x00\x00\x00"
+        );
+        assert_eq!(
+            out(|o| encode_status(o, b"bob", false, 0x0102_0304)),
+            b"\x06\x00\x03bob\x00\x00\x00\x00\x00\x01\x02\x03\x04"
+        );
+        assert_eq!(
+            out(|o| encode_typing(o, b"al", true)),
+            b"\x72\x00\x02al\x01"
+        );
+        assert_eq!(
+            out(|o| encode_typing(o, b"al", false)),
+            b"\x72\x00\x02al\x00"
+        );
+        assert_eq!(
+            out(|o| encode_receipt_relay(o, b"id", b"r", 5)),
+            b"\x75\x00\x02id\x00\x01r\x00\x00\x00\x00\x00\x00\x00\x05"
+        );
+        assert_eq!(
+            out(|o| encode_error(o, "group_service_unavailable")),
+            b"\xfe\x00\x19group_service_unavailable"
+        );
+        assert_eq!(
+            out(|o| encode_rate_limited(o, 1500)),
+            b"\xff\x00\x00\x05\xdc"
+        );
+        let mut want = b"\x22\x00\x00\x00\x12".to_vec();
+        want.extend_from_slice(NOT_FOUND_BUNDLE);
+        assert_eq!(out(|o| encode_prekey_response(o, NOT_FOUND_BUNDLE)), want);
+        assert_eq!(
+            out(|o| encode_e2ee_delivery(o, b"al", b"\xa0", b"ct")),
+            b"\x24\x00\x02al\x00\x01\xa0\x00\x00\x00\x02ct"
+        );
+        assert_eq!(AUTH_FAILED, b"AUTH_FAILED");
+        assert_eq!(RATE_LIMITED_TEXT, b"RATE_LIMITED");
+    }
+
+    #[test]
+    fn encoders_append() {
+        let mut o = vec![9];
+        encode_login_ok(&mut o);
+        encode_rate_limited(&mut o, 1);
+        assert_eq!(o, b"\x09\x03LOGIN_OK\xff\x00\x00\x00\x01");
+    }
+
+    #[test]
+    fn client_encoder_is_byte_exact() {
+        let e = |f: ClientFrame<'_>| out(|o| f.encode(o));
+        assert_eq!(e(ClientFrame::Login { body: b"al" }), b"\x01al");
+        assert_eq!(
+            e(ClientFrame::Send {
+                target: b"bob",
+                msg: b"hi"
+            }),
+            b"\x02\x00\x03bob\x00\x02hi"
+        );
+        assert_eq!(
+            e(ClientFrame::Ack { id: MsgId(1) }),
+            b"\x030000000000000001"
+        );
+        assert_eq!(
+            e(ClientFrame::SendSeq {
+                target: b"b",
+                seq: 2,
+                msg: b""
+            }),
+            b"\x07\x00\x01b\x00\x00\x00\x00\x00\x00\x00\x02\x00\x00"
+        );
+        assert_eq!(
+            e(ClientFrame::Typing {
+                target: b"b",
+                on: false
+            }),
+            b"\x71\x00\x01b"
+        );
+        assert_eq!(
+            e(ClientFrame::Group {
+                op: op::GROUP_LEAVE,
+                raw: b"\x32\x00\x01g"
+            }),
+            b"\x32\x00\x01g"
+        );
+        assert_eq!(ClientFrame::Group { op: 0x33, raw: b"" }.opcode(), 0x33);
+        assert_eq!(ClientFrame::Ack { id: MsgId(0) }.opcode(), op::ACK);
+    }
+
+    #[test]
+    fn oversized_fields_are_truncated_to_a_well_formed_frame() {
+        let msg = vec![1u8; 70_000];
+        let buf = out(|o| {
+            ClientFrame::Send {
+                target: b"b",
+                msg: &msg,
+            }
+            .encode(o)
+        });
+        assert_eq!(buf.len(), 1 + 2 + 1 + 2 + 65535);
+        assert_eq!(&buf[4..6], &[0xff, 0xff]);
+    }
+
+    #[test]
+    fn batch_entries_stop_on_bad_input() {
+        let mut blob = Vec::new();
+        push_batch_entry(&mut blob, b"ab");
+        push_batch_entry(&mut blob, b"");
+        assert_eq!(blob, b"\x00\x02ab\x00\x00");
+        let mut it = batch_entries(&blob);
+        assert_eq!(it.next(), Some(&b"ab"[..]));
+        assert_eq!(it.next(), Some(&b""[..]));
+        assert_eq!(it.next(), None);
+        assert_eq!(it.remainder(), b"");
+        let mut it = batch_entries(b"\x00\x01a\x00\x05ab");
+        assert_eq!(it.next(), Some(&b"a"[..]));
+        assert_eq!(it.next(), None);
+        assert_eq!(it.next(), None);
+        assert_eq!(it.remainder(), b"\x00\x05ab");
+        assert_eq!(batch_entries(b"\x00").count(), 0);
+        assert_eq!(batch_entries(b"").count(), 0);
+    }
+
+    #[test]
+    fn decode_server_errors() {
+        assert_eq!(decode_server(b""), Ok(None));
+        assert_eq!(decode_server(b"\x03"), Ok(None));
+        assert_eq!(decode_server(b"\x03LOGIN"), Ok(None));
+        assert_eq!(decode_server(b"\x03LOGOUT__"), Err(ProtoError::BadFrame));
+        assert_eq!(decode_server(b"\x03X"), Err(ProtoError::BadFrame));
+        assert_eq!(
+            decode_server(b"\x03LOGIN_OKrest"),
+            Ok(Some((ServerFrame::LoginOk, 9)))
+        );
+        assert_eq!(
+            decode_server(b"\x06\x00\x01b\x02\x00\x00\x00\x00\x00\x00\x00\x00"),
+            Err(ProtoError::BadFrame)
+        );
+        assert_eq!(
+            decode_server(b"\x72\x00\x01b\x07"),
+            Err(ProtoError::BadFrame)
+        );
+        assert_eq!(decode_server(b"\x72\x00\x01b"), Ok(None));
+        assert_eq!(
+            decode_server(AUTH_FAILED),
+            Err(ProtoError::UnknownOpcode(b'A'))
+        );
+        assert_eq!(decode_server(b"\x01"), Err(ProtoError::UnknownOpcode(1)));
+    }
+
+    #[test]
+    fn e2ee_delivery_reads_back() {
+        let buf = out(|o| encode_e2ee_delivery(o, b"alice", b"\xa0", b"ct"));
+        assert_eq!(
+            decode_e2ee_delivery(&buf),
+            Ok(E2eeDelivery {
+                sender: b"alice",
+                header: b"\xa0",
+                ciphertext: b"ct"
+            })
+        );
+        assert_eq!(
+            decode_e2ee_delivery(&buf[..buf.len() - 1]),
+            Err(ProtoError::BadFrame)
+        );
+        let mut longer = buf.clone();
+        longer.push(0);
+        assert_eq!(decode_e2ee_delivery(&longer), Err(ProtoError::BadFrame));
+        assert_eq!(decode_e2ee_delivery(b""), Err(ProtoError::BadFrame));
+        assert_eq!(
+            decode_e2ee_delivery(b"\x23"),
+            Err(ProtoError::UnknownOpcode(0x23))
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn server_frames_round_trip(f in server_frame(), tail in vec(any::<u8>(), 0..16)) {
+            let mut buf = Vec::new();
+            f.as_frame().encode(&mut buf);
+            let len = buf.len();
+            for cut in 0..len {
+                prop_assert_eq!(decode_server(&buf[..cut]), Ok(None));
+            }
+            prop_assert_eq!(decode_server(&buf), Ok(Some((f.as_frame(), len))));
+            buf.extend_from_slice(&tail);
+            prop_assert_eq!(decode_server(&buf), Ok(Some((f.as_frame(), len))));
+        }
+
+        #[test]
+        fn server_frame_sequences_decode_in_order(fs in vec(server_frame(), 1..8)) {
+            let mut buf = Vec::new();
+            fs.iter().for_each(|f| f.as_frame().encode(&mut buf));
+            let mut at = 0;
+            for f in &fs {
+                let (got, n) = decode_server(&buf[at..]).unwrap().unwrap();
+                prop_assert_eq!(got, f.as_frame());
+                at += n;
+            }
+            prop_assert_eq!(at, buf.len());
+        }
+
+        #[test]
+        fn decode_server_never_panics(buf in vec(any::<u8>(), 0..300)) {
+            if let Ok(Some((_, n))) = decode_server(&buf) {
+                prop_assert!(n >= 1 && n <= buf.len());
+            }
+            let _ = decode_e2ee_delivery(&buf);
+        }
+
+        #[test]
+        fn client_encode_opcode_matches(f in any_frame(LARGE)) {
+            let buf = f.encoded();
+            prop_assert_eq!(buf.first().copied(), Some(f.as_frame().opcode()));
+        }
     }
 }

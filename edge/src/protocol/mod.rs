@@ -2,7 +2,7 @@
 //!
 //! - [`frame`]: the client frames as borrowed views ([`frame::ClientFrame`]) and the encoders of
 //!   every server frame (plus the client side: client-frame encoder, server-frame decoder).
-//! - [`decode`]: the incremental decoder. It checks that a frame is complete before parsing it;
+//! - [`mod@decode`]: the incremental decoder. It checks that a frame is complete before parsing it;
 //!   an incomplete frame is `Decoded::Incomplete`, a state, not an error. It also holds the rule
 //!   that delimits a LOGIN, which has no length field.
 //! - [`error`]: `ProtoError`, the one place where decoding errors map to wire reasons.

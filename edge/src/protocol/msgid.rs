@@ -4,7 +4,7 @@
 //! (`0x10`). Iris 2.0 chooses every id, and always chooses exactly [`MSG_ID_LEN`] (16) lowercase
 //! hex digits of a `u64`, most significant digit first. An ACK on the wire is therefore exactly
 //! `0x03` followed by these 16 bytes, and acks followed by other frames in one read all parse
-//! (see [`super::decode`]). Because the digits are big-endian and fixed-width, the byte order of
+//! (see [`mod@super::decode`]). Because the digits are big-endian and fixed-width, the byte order of
 //! encoded ids sorts like the numbers, so stores can key on the encoded form.
 
 use std::fmt;

@@ -252,8 +252,11 @@ fn group_frame(s: Sizes) -> impl Strategy<Value = OwnedFrame> {
         )
             .prop_map(|(o, g)| raw_group(o, &[&g], &[])),
         (t(), t()).prop_map(|(g, u)| raw_group(op::GROUP_ADD, &[&g, &u], &[])),
-        (t(), bytes(s.msg), bytes(s.cipher))
-            .prop_map(|(g, h, c)| raw_group(op::GROUP_MSG, &[&g, &h], &[&c])),
+        (t(), bytes(s.msg), bytes(s.cipher)).prop_map(|(g, h, c)| raw_group(
+            op::GROUP_MSG,
+            &[&g, &h],
+            &[&c]
+        )),
         (t(), bytes(s.cipher)).prop_map(|(g, k)| raw_group(op::SENDER_KEY_DIST, &[&g], &[&k])),
     ]
 }
@@ -295,8 +298,7 @@ pub(crate) fn framed(s: Sizes) -> BoxedStrategy<OwnedFrame> {
         (t(), cbor()).prop_map(|(t, c)| OwnedFrame::CborMsg(t, c)),
         cbor().prop_map(OwnedFrame::UploadPrekeys),
         t().prop_map(OwnedFrame::FetchPrekeys),
-        (t(), small_cbor_map(), bytes(s.cipher))
-            .prop_map(|(r, h, c)| OwnedFrame::E2eeMsg(r, h, c)),
+        (t(), small_cbor_map(), bytes(s.cipher)).prop_map(|(r, h, c)| OwnedFrame::E2eeMsg(r, h, c)),
         group_frame(s),
         (t(), any::<bool>()).prop_map(|(t, on)| OwnedFrame::Typing(t, on)),
         (t(), t()).prop_map(|(i, s)| OwnedFrame::ReadReceipt(i, s)),

@@ -102,7 +102,11 @@ impl ConnShared {
         st.out.extend_from_slice(bytes);
         if Self::pending_out(st) > shard.cfg.max_output_bytes {
             ShardMetrics::inc(&shard.metrics.slow_consumer_disconnects_total);
-            debug!(shard = shard.id, conn = self.id, "slow consumer disconnected");
+            debug!(
+                shard = shard.id,
+                conn = self.id,
+                "slow consumer disconnected"
+            );
             st.close = Close::Now;
             st.out = Vec::new();
             st.out_pos = 0;
@@ -162,7 +166,13 @@ impl ConnShared {
     }
 
     /// A chunk of the user's backlog arrived from the store.
-    pub fn drain_chunk(&self, shard: &Rc<Shard>, user: &[u8], msgs: Vec<(u64, Vec<u8>)>, more: bool) {
+    pub fn drain_chunk(
+        &self,
+        shard: &Rc<Shard>,
+        user: &[u8],
+        msgs: Vec<(u64, Vec<u8>)>,
+        more: bool,
+    ) {
         let mut st = self.st.borrow_mut();
         let st = &mut *st;
         let Some(drain) = st.drain.as_mut() else {
@@ -366,7 +376,12 @@ struct Conn {
 impl Conn {
     fn fail(&self, e: &ProtoError) -> Step {
         ShardMetrics::inc(&self.shard.metrics.protocol_errors_total);
-        debug!(shard = self.shard.id, conn = self.c.id, reason = e.reason(), "bad frame");
+        debug!(
+            shard = self.shard.id,
+            conn = self.c.id,
+            reason = e.reason(),
+            "bad frame"
+        );
         let mut f = Vec::with_capacity(32);
         e.encode_wire(&mut f);
         self.close_with(&f)
@@ -618,7 +633,9 @@ pub async fn run(shard: Rc<Shard>, mut stream: TcpStream, id: ConnId) {
         backoff: None,
     };
     loop {
-        let ev = std::future::poll_fn(|cx| c.poll_io(cx, &shard, &mut stream, &mut inbuf, &mut timers)).await;
+        let ev =
+            std::future::poll_fn(|cx| c.poll_io(cx, &shard, &mut stream, &mut inbuf, &mut timers))
+                .await;
         let step = match ev {
             Io::Data | Io::Recheck => conn.process(&mut inbuf),
             Io::Settled => {

@@ -28,7 +28,7 @@ use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use crossbeam::channel::TrySendError;
-use glommio::channels::channel_mesh::{MeshBuilder, Full, Senders};
+use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
 use glommio::net::TcpListener;
 use iris_core::api::{ConnId, CoreReply, CoreRequest, ShardLink};
 use tracing::{debug, info, warn};
@@ -224,13 +224,7 @@ impl Shard {
     /// Routes a delivery to every session of `to`, wherever it is.
     pub fn route(self: &Rc<Self>, to: &[u8], d: Delivery) {
         let owner = owner_of(to, self.nshards);
-        self.send_shard(
-            owner,
-            ShardMsg::Route {
-                to: to.to_vec(),
-                d,
-            },
-        );
+        self.send_shard(owner, ShardMsg::Route { to: to.to_vec(), d });
     }
 
     /// Handles one ring message (or a local one).
@@ -519,4 +513,3 @@ impl std::fmt::Debug for Shard {
         f.debug_struct("Shard").field("id", &self.id).finish()
     }
 }
-
