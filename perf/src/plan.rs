@@ -1,1 +1,0 @@
-//! Capacity planner (being built).
