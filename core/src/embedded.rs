@@ -89,6 +89,9 @@ pub struct EmbeddedConfig {
     /// Most messages in one [`CoreReply::Drain`]: a drain's `limit` is capped to it, and a
     /// `limit` of 0 means this many. Bounds the time one drain holds the core. Default 1024.
     pub drain_chunk: usize,
+    /// Payload bytes per drain reply, at most (one message always fits); default 1 MiB. With
+    /// `drain_chunk` it bounds what one reply adds to a connection's output queue.
+    pub drain_chunk_bytes: usize,
 }
 
 impl Default for EmbeddedConfig {
@@ -98,6 +101,7 @@ impl Default for EmbeddedConfig {
             commit_window_ms: 2,
             queue_capacity: 65_536,
             drain_chunk: 1024,
+            drain_chunk_bytes: 1 << 20,
         }
     }
 }
@@ -239,6 +243,7 @@ impl EmbeddedCore {
             store,
             window: Duration::from_millis(cfg.commit_window_ms),
             drain_chunk: cfg.drain_chunk,
+            drain_chunk_bytes: cfg.drain_chunk_bytes.max(1),
             pending_cap: cfg.queue_capacity.saturating_mul(nr_shards),
             shards,
             stop_rx,
@@ -361,6 +366,7 @@ struct Core {
     store: MessageStore,
     window: Duration,
     drain_chunk: usize,
+    drain_chunk_bytes: usize,
     /// Above this many pending operations, and while commits fail, stop taking requests.
     pending_cap: usize,
     shards: Vec<Shard>,
@@ -665,12 +671,21 @@ impl Core {
         } else {
             limit.min(self.drain_chunk)
         };
-        let msgs = if self.invalid_user(&user, "drain") {
+        let mut msgs = if self.invalid_user(&user, "drain") {
             Vec::new()
         } else {
             self.drain_msgs(&user, after, limit)
         };
-        let more = msgs.len() == limit;
+        let mut more = msgs.len() == limit;
+        let mut bytes = 0usize;
+        if let Some(cut) = msgs.iter().position(|(_, p)| {
+            bytes += p.len();
+            bytes > self.drain_chunk_bytes
+        }) {
+            // Keep at least one message so a drain always progresses.
+            msgs.truncate(cut.max(1));
+            more = true;
+        }
         bump(&self.metrics.drains, 1);
         bump(&self.metrics.drained_messages, msgs.len() as u64);
         debug!(shard, conn, after, n = msgs.len(), more, "drain served");

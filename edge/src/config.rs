@@ -41,6 +41,8 @@ pub struct EdgeConfig {
     pub drain_low_water_bytes: usize,
     /// Messages per drain chunk (1024).
     pub drain_chunk: usize,
+    /// Payload bytes per drain chunk, at most; one message always fits (1048576 = 1 MiB).
+    pub drain_chunk_bytes: usize,
     /// LOGIN carries no length: its body is what arrived with it. The edge waits this long after
     /// a LOGIN's first byte for the rest of a login split over several TCP segments (500).
     pub login_settle_us: u64,
@@ -97,6 +99,7 @@ impl Default for EdgeConfig {
             max_output_bytes: 4 << 20,
             drain_low_water_bytes: 256 << 10,
             drain_chunk: 1024,
+            drain_chunk_bytes: 1 << 20,
             login_settle_us: 500,
             commit_window_ms: 2,
             core_queue_capacity: 65_536,

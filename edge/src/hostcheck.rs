@@ -20,8 +20,15 @@ pub fn startup(cfg: &EdgeConfig, shards: usize) -> anyhow::Result<()> {
     iris_tuning::log_findings(&findings);
     let fatal: Vec<String> = findings
         .iter()
-        .filter(|f| f.severity == Severity::Critical && (f.name == "io_uring" || f.name == "memlock"))
-        .map(|f| format!("{}: is {}, needs {} ({})", f.name, f.current, f.wanted, f.why))
+        .filter(|f| {
+            f.severity == Severity::Critical && (f.name == "io_uring" || f.name == "memlock")
+        })
+        .map(|f| {
+            format!(
+                "{}: is {}, needs {} ({})",
+                f.name, f.current, f.wanted, f.why
+            )
+        })
         .collect();
     if !fatal.is_empty() {
         bail!(

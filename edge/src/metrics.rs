@@ -52,6 +52,8 @@ counters! {
     messages_drained_total: "counter",
     /// Live messages not written because the recipient was offline (they stay stored).
     messages_live_offline_total: "counter",
+    /// Live copies of messages a login drain had already written, dropped.
+    duplicates_suppressed_total: "counter",
     /// ACKs received.
     acks_total: "counter",
     /// Typing and read-receipt relays delivered.

@@ -10,8 +10,9 @@
 
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use glommio::channels::channel_mesh::MeshBuilder;
@@ -94,6 +95,7 @@ pub fn run(
         commit_window_ms: cfg.commit_window_ms,
         queue_capacity: cfg.core_queue_capacity,
         drain_chunk: cfg.drain_chunk,
+        drain_chunk_bytes: cfg.drain_chunk_bytes,
     };
     let (core, links) = EmbeddedCore::start(core_cfg, nshards)
         .with_context(|| format!("cannot open the store under {}", cfg.data_dir.display()))?;
@@ -125,6 +127,7 @@ pub fn run(
     let cfg = Arc::new(cfg);
     let mesh = (nshards > 1).then(|| MeshBuilder::full(nshards, cfg.ring_capacity));
     let mut handles = Vec::with_capacity(nshards);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     for (i, (sock, link)) in sockets.into_iter().zip(links).enumerate() {
         let start = ShardStart {
             id: i,
@@ -136,6 +139,7 @@ pub fn run(
             listener_fd: OwnedFd::from(sock),
             mesh: mesh.clone(),
             shutdown: shutdown.clone(),
+            ready: ready_tx.clone(),
         };
         let cpu = cpus[i % cpus.len()];
         let h = LocalExecutorBuilder::new(Placement::Fixed(cpu))
@@ -149,6 +153,14 @@ pub fn run(
                 )
             })?;
         handles.push(h);
+    }
+    drop(ready_tx);
+    // Announce only once every shard accepts connections.
+    for _ in 0..nshards {
+        if ready_rx.recv_timeout(Duration::from_secs(120)).is_err() {
+            shutdown.store(true, Ordering::Relaxed);
+            bail!("a shard did not start (see the log above)");
+        }
     }
     info!(client = %client_addr, admin = %admin_addr, shards = nshards, "iris-edge serving");
     ready(Bound {

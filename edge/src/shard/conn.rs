@@ -19,7 +19,7 @@ use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
@@ -56,6 +56,34 @@ struct DrainState {
     /// Live messages that arrived during the drain.
     held: Vec<(u64, Vec<u8>)>,
     held_bytes: usize,
+    /// Held messages overflowed `max_output_bytes` and were dropped (they are stored): the drain
+    /// goes on past what would have been its last chunk, so it picks them up in order.
+    overflowed: bool,
+}
+
+impl DrainState {
+    fn new(user: &[u8]) -> Box<Self> {
+        Box::new(Self {
+            user: user.to_vec(),
+            requested: false,
+            next_after: None,
+            sent: Vec::new(),
+            held: Vec::new(),
+            held_bytes: 0,
+            overflowed: false,
+        })
+    }
+}
+
+/// How long after a drain ends live copies of drained messages are still recognised and
+/// dropped. A live copy can trail its drained twin when the sender's ring to the owner shard is
+/// slower than the store's round trip; ring latency is far below this.
+const RECENT_DRAIN_TTL: Duration = Duration::from_secs(5);
+
+#[derive(Debug)]
+struct RecentDrain {
+    ids: Vec<u64>,
+    until: Instant,
 }
 
 #[derive(Debug)]
@@ -66,6 +94,8 @@ struct ConnState {
     close: Close,
     user: Option<Vec<u8>>,
     drain: Option<Box<DrainState>>,
+    /// Ids the last drain wrote, for a while after it ended.
+    recent: Option<Box<RecentDrain>>,
 }
 
 /// The part of a connection other tasks of the shard can reach: its output queue and session.
@@ -86,6 +116,7 @@ impl ConnShared {
                 close: Close::Open,
                 user: None,
                 drain: None,
+                recent: None,
             }),
         }
     }
@@ -96,11 +127,17 @@ impl ConnShared {
 
     /// Appends bytes to the output queue; disconnects a client whose queue is over the bound.
     fn append(&self, shard: &Shard, st: &mut ConnState, bytes: &[u8]) {
+        self.append_bounded(shard, st, bytes, shard.cfg.max_output_bytes);
+    }
+
+    /// Appends bytes; a queue over `bound` means the client does not keep up: disconnect it
+    /// (what it had not acked stays stored).
+    fn append_bounded(&self, shard: &Shard, st: &mut ConnState, bytes: &[u8], bound: usize) {
         if st.close == Close::Now {
             return;
         }
         st.out.extend_from_slice(bytes);
-        if Self::pending_out(st) > shard.cfg.max_output_bytes {
+        if Self::pending_out(st) > bound {
             ShardMetrics::inc(&shard.metrics.slow_consumer_disconnects_total);
             debug!(
                 shard = shard.id,
@@ -128,14 +165,27 @@ impl ConnShared {
         if st.user.as_deref() != Some(user) {
             return;
         }
-        let max_held = shard.cfg.max_output_bytes;
         if let (Some(id), Some(drain)) = (d.id, st.drain.as_mut()) {
-            if drain.held_bytes + d.frame.len() <= max_held {
-                drain.held_bytes += d.frame.len();
-                drain.held.push((id, d.frame));
+            if drain.overflowed {
+                return; // stored; a later drain chunk writes it, in order
             }
-            // Beyond that the message simply stays stored for the next login.
+            if drain.held_bytes + d.frame.len() > shard.cfg.max_output_bytes {
+                drain.overflowed = true;
+                drain.held = Vec::new();
+                drain.held_bytes = 0;
+                return;
+            }
+            drain.held_bytes += d.frame.len();
+            drain.held.push((id, d.frame));
             return;
+        }
+        if let (Some(id), Some(recent)) = (d.id, st.recent.as_ref()) {
+            if recent.until < Instant::now() {
+                st.recent = None;
+            } else if recent.ids.binary_search(&id).is_ok() {
+                ShardMetrics::inc(&shard.metrics.duplicates_suppressed_total);
+                return;
+            }
         }
         let m = if d.id.is_some() {
             &shard.metrics.messages_delivered_live_total
@@ -183,7 +233,6 @@ impl ConnShared {
         }
         drain.requested = false;
         let mut frame_buf = Vec::new();
-        let last = msgs.last().map(|m| m.0);
         ShardMetrics::add(&shard.metrics.messages_drained_total, msgs.len() as u64);
         for (id, payload) in msgs {
             if drain.sent.last().is_some_and(|&l| id <= l) {
@@ -192,8 +241,12 @@ impl ConnShared {
             frame::encode_reliable(&mut frame_buf, MsgId(id), &payload);
             drain.sent.push(id);
         }
-        if more {
-            drain.next_after = last.or(drain.next_after);
+        let cursor = drain.sent.last().copied().unwrap_or(0);
+        if more || drain.overflowed {
+            // Live messages were dropped while held: keep draining until a final chunk arrives
+            // with nothing dropped, so they come from the store, in order.
+            drain.overflowed = false;
+            drain.next_after = Some(cursor);
         } else {
             let mut drain = st.drain.take().expect("checked above");
             for (id, f) in drain.held.drain(..) {
@@ -202,8 +255,21 @@ impl ConnShared {
                     ShardMetrics::inc(&shard.metrics.messages_delivered_live_total);
                 }
             }
+            if !drain.sent.is_empty() {
+                st.recent = Some(Box::new(RecentDrain {
+                    ids: std::mem::take(&mut drain.sent),
+                    until: Instant::now() + RECENT_DRAIN_TTL,
+                }));
+            }
         }
-        self.append(shard, st, &frame_buf);
+        // Drained output is pulled (a chunk is asked for only while the queue is below the low
+        // water mark), so one chunk may take the queue past max_output_bytes without the client
+        // being slow; the chunk size is bounded by the store (drain_chunk, drain_chunk_bytes).
+        let bound = shard
+            .cfg
+            .max_output_bytes
+            .max(Self::pending_out(st) + frame_buf.len());
+        self.append_bounded(shard, st, &frame_buf, bound);
         drop(frame_buf);
         self.continue_drain(shard, st);
     }
@@ -569,14 +635,8 @@ impl Conn {
         let previous = {
             let mut st = self.c.st.borrow_mut();
             let prev = st.user.replace(user.to_vec());
-            st.drain = Some(Box::new(DrainState {
-                user: user.to_vec(),
-                requested: false,
-                next_after: None,
-                sent: Vec::new(),
-                held: Vec::new(),
-                held_bytes: 0,
-            }));
+            st.drain = Some(DrainState::new(user));
+            st.recent = None;
             let mut ok = Vec::with_capacity(9);
             frame::encode_login_ok(&mut ok);
             self.c.append(&shard, &mut st, &ok);

@@ -424,6 +424,8 @@ pub struct ShardStart {
     pub listener_fd: std::os::fd::OwnedFd,
     pub mesh: Option<MeshBuilder<Batch, Full>>,
     pub shutdown: Arc<AtomicBool>,
+    /// Told this shard's id once it accepts connections.
+    pub ready: std::sync::mpsc::Sender<usize>,
 }
 
 /// Runs one shard until shutdown; called inside its glommio executor.
@@ -438,6 +440,7 @@ pub async fn run(start: ShardStart) {
         listener_fd,
         mesh,
         shutdown,
+        ready,
     } = start;
     let shard = Rc::new(Shard::new(id, nshards, cfg, metrics, core, id_floor));
 
@@ -475,6 +478,8 @@ pub async fn run(start: ShardStart) {
     let listener = unsafe { TcpListener::from_raw_fd(listener_fd.into_raw_fd()) };
     let accept = glommio::spawn_local(shard.clone().accept_loop(listener)).detach();
     info!(shard = id, "shard started");
+    let _ = ready.send(id);
+    drop(ready);
 
     while !shutdown.load(Ordering::Relaxed) {
         glommio::timer::sleep(Duration::from_millis(20)).await;

@@ -1,0 +1,179 @@
+//! Auth on: LOGIN `user:JWT` (HS256). Good tokens (made by `iris_edge::auth::sign` and one
+//! made by hand with Python's hmac, independent of the server's code) get LOGIN_OK; a bad
+//! signature, an expired token, a missing token, a wrong subject, issuer or algorithm, and a
+//! token not valid yet get raw `AUTH_FAILED` and a close.
+
+use std::time::Duration;
+
+use base64_free::b64url;
+use iris_edge::auth::sign;
+use iris_tests::{unix_secs, wire, Client, Frame, Server, ServerOpts};
+use serde_json::json;
+
+const SECRET: &str = "iris-integration-test-secret-0123456789";
+
+/// Made outside Rust: python3 hmac/hashlib/base64 with SECRET, claims
+/// {"sub":"handmade","iss":"iris","exp":4102444800}.
+const HANDMADE: &str = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJoYW5kbWFkZSIsImlzcyI6ImlyaXMiLCJleHAiOjQxMDI0NDQ4MDB9.UwJytD0cC83L0jpBtFLRTMsmWEvpDhEilKEKGeXZlkw";
+
+/// Base64url without padding, for hand-built tokens (no extra dependency).
+mod base64_free {
+    pub fn b64url(data: &[u8]) -> String {
+        const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut out = String::new();
+        for chunk in data.chunks(3) {
+            let b = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
+            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+            let chars = chunk.len() + 1;
+            for i in 0..chars {
+                out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            }
+        }
+        out
+    }
+}
+
+fn server() -> Server {
+    Server::start(
+        ServerOpts::shards(2).config(&format!("[auth]\nenabled = true\nsecret = \"{SECRET}\"\n")),
+    )
+}
+
+fn token(claims: serde_json::Value) -> String {
+    sign(SECRET.as_bytes(), &claims)
+}
+
+fn good(user: &str) -> String {
+    token(json!({"sub": user, "iss": "iris", "exp": unix_secs() + 3600}))
+}
+
+fn login_ok(s: &Server, user: &str, tok: &str) -> Client {
+    let mut c = s.connect();
+    c.write(&wire::login(format!("{user}:{tok}").as_bytes()));
+    let (f, raw) = c.recv_raw();
+    assert_eq!(raw, b"\x03LOGIN_OK", "login {user}: got {f:?}");
+    c.user = Some(user.to_owned());
+    c
+}
+
+fn refused(s: &Server, body: &str, why: &str) {
+    let mut c = s.connect();
+    c.write(&wire::login(body.as_bytes()));
+    let (f, raw) = c.recv_raw();
+    assert_eq!(raw, b"AUTH_FAILED", "{why}: got {f:?}");
+    let rest = c.expect_closed();
+    assert!(rest.is_empty(), "{why}: frames after AUTH_FAILED: {rest:?}");
+}
+
+#[test]
+fn good_tokens_log_in_and_deliver() {
+    let s = server();
+    let mut a = login_ok(&s, "alice", &good("alice"));
+    let mut h = login_ok(&s, "handmade", HANDMADE);
+    a.send("handmade", b"hi handmade");
+    assert_eq!(h.recv_acked(), b"hi handmade");
+    h.send("alice", b"hi alice");
+    assert_eq!(a.recv_acked(), b"hi alice");
+    // nbf in the past is fine.
+    let t = token(
+        json!({"sub": "nbf-ok", "iss": "iris", "exp": unix_secs() + 600, "nbf": unix_secs() - 600}),
+    );
+    login_ok(&s, "nbf-ok", &t);
+}
+
+#[test]
+fn bad_tokens_get_auth_failed_and_close() {
+    let s = server();
+    let now = unix_secs();
+    let other_secret = sign(
+        b"another-secret-of-at-least-32-bytes!!",
+        &json!({"sub": "mallory", "iss": "iris", "exp": now + 3600}),
+    );
+    refused(
+        &s,
+        &format!("mallory:{other_secret}"),
+        "signed with another secret",
+    );
+
+    let mut t = good("mallory").into_bytes();
+    let n = t.len();
+    t[n - 3] = if t[n - 3] == b'A' { b'B' } else { b'A' };
+    refused(
+        &s,
+        &format!("mallory:{}", String::from_utf8(t).unwrap()),
+        "tampered signature",
+    );
+
+    // Payload swapped, signature kept.
+    let g = good("mallory");
+    let parts: Vec<&str> = g.split('.').collect();
+    let forged_payload =
+        b64url(format!(r#"{{"sub":"mallory","iss":"iris","exp":{}}}"#, now + 99_999).as_bytes());
+    refused(
+        &s,
+        &format!("mallory:{}.{forged_payload}.{}", parts[0], parts[2]),
+        "tampered payload",
+    );
+
+    refused(
+        &s,
+        &format!(
+            "old:{}",
+            token(json!({"sub": "old", "iss": "iris", "exp": now - 3600}))
+        ),
+        "expired token",
+    );
+    refused(&s, "nobody", "missing token");
+    refused(&s, "nobody:", "empty token");
+    refused(&s, "nobody:not-a-jwt", "garbage token");
+    refused(
+        &s,
+        &format!("eve:{}", good("alice")),
+        "token for another user",
+    );
+    refused(
+        &s,
+        &format!(
+            "iss:{}",
+            token(json!({"sub": "iss", "iss": "evil", "exp": now + 3600}))
+        ),
+        "wrong issuer",
+    );
+    refused(
+        &s,
+        &format!(
+            "early:{}",
+            token(json!({"sub": "early", "iss": "iris", "exp": now + 7200, "nbf": now + 3600}))
+        ),
+        "not valid yet (nbf)",
+    );
+    let none = format!(
+        "{}.{}.",
+        b64url(br#"{"alg":"none","typ":"JWT"}"#),
+        b64url(format!(r#"{{"sub":"none","iss":"iris","exp":{}}}"#, now + 3600).as_bytes())
+    );
+    refused(&s, &format!("none:{none}"), "alg none");
+
+    // After all that, good logins still work.
+    let mut a = login_ok(&s, "after-a", &good("after-a"));
+    let mut b = login_ok(&s, "after-b", &good("after-b"));
+    a.send("after-b", b"still fine");
+    assert_eq!(b.recv_acked(), b"still fine");
+    b.expect_silence(Duration::from_millis(50));
+    assert_eq!(a.recv_within(Duration::from_millis(50)), None::<Frame>);
+}
+
+#[test]
+fn check_rejects_short_secret() {
+    let out = iris_tests::run_check("[auth]\nenabled = true\nsecret = \"short\"\n");
+    assert!(!out.status.success(), "--check accepted a 5-byte secret");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("secret"),
+        "message does not name the secret: {err}"
+    );
+}

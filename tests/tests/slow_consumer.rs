@@ -1,0 +1,220 @@
+//! A silent reader: logs in and never reads while 20,000 messages are sent to it. The server
+//! stays up with bounded memory; the reader may be disconnected (slow consumer) or not, but
+//! what it got plus a fresh login afterwards delivers all 20,000, in order. With a small
+//! output cap (and 60,000 messages, more than socket buffers hold) the disconnect must happen.
+//! A stored backlog bigger than the output cap must still drain to a reader that reads.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use iris_tests::{
+    describe_sequence_diff, number_of, numbered, wire, Client, Frame, ReadEnd, Server, ServerOpts,
+};
+
+const N: usize = 20_000;
+const LEN: usize = 100;
+const MAX_RSS_GROWTH_KIB: u64 = 200 << 10;
+
+/// What the silent reader had received when it finally read: numbers in arrival order, and
+/// whether the server had closed its connection.
+fn read_what_arrived(c: &mut Client) -> (Vec<usize>, bool) {
+    let mut got = Vec::new();
+    let mut acks = Vec::new();
+    let mut closed = false;
+    loop {
+        match c.next_raw(Instant::now() + Duration::from_millis(1500)) {
+            Ok((Frame::Reliable { id, payload }, _)) => {
+                got.push(number_of(&payload));
+                acks.extend(wire::ack(&id));
+                if acks.len() > 32 << 10 {
+                    // The connection may be gone: acks are best effort here.
+                    let _ = c.try_write(&acks);
+                    acks.clear();
+                }
+            }
+            Ok((other, _)) => panic!("silent reader got {other:?}"),
+            Err(ReadEnd::Timeout) => break,
+            Err(ReadEnd::Closed(_)) => {
+                closed = true;
+                break;
+            }
+        }
+    }
+    if !acks.is_empty() {
+        let _ = c.try_write(&acks);
+    }
+    (got, closed)
+}
+
+fn silent_reader(opts: ServerOpts, n: usize, len: usize, must_disconnect: bool) {
+    let s = Server::start(opts);
+    // A small receive buffer: the kernel hides little of what the server sends it.
+    let mut silent = Client::connect_small_rcvbuf(s.client, 8192);
+    silent.login("silent");
+    let mut a = s.login("loud");
+    let rss0 = s.rss_kib();
+    let t0 = Instant::now();
+    a.send_many("silent", (0..n).map(|i| numbered(i, len)));
+    a.sync();
+    let sent_in = t0.elapsed();
+    std::thread::sleep(Duration::from_millis(300));
+    let rss1 = s.rss_kib();
+    let mut s = s;
+    s.assert_running();
+    assert!(
+        rss1 < rss0 + MAX_RSS_GROWTH_KIB,
+        "VmRSS grew from {rss0} KiB to {rss1} KiB while a silent reader was sent {n} messages"
+    );
+    let disconnects = s.metric("iris_edge_slow_consumer_disconnects_total");
+
+    let (first, closed) = read_what_arrived(&mut silent);
+    let _ = silent.stream().flush();
+    drop(silent);
+    eprintln!(
+        "sent {n} x {len} B in {sent_in:?}; RSS {rss0} -> {rss1} KiB; silent reader got {} before {}; \
+         slow-consumer disconnects: {disconnects}",
+        first.len(),
+        if closed { "being closed" } else { "reading stopped" }
+    );
+    if must_disconnect {
+        assert!(
+            closed,
+            "silent reader was not disconnected with a small max_output_bytes"
+        );
+        assert!(
+            disconnects >= 1,
+            "slow_consumer_disconnects_total = {disconnects}"
+        );
+    }
+    // What it got is the beginning of the stream, in order.
+    let prefix: Vec<usize> = (0..first.len()).collect();
+    if let Some(d) = describe_sequence_diff(&first, &prefix) {
+        panic!("the silent reader's messages are not #0, #1, ... in order: {d}");
+    }
+    std::thread::sleep(Duration::from_millis(100));
+
+    // A fresh login delivers the rest: a contiguous run k..n with k <= what was received
+    // (nothing if the silent reader got and acked everything).
+    let mut r = s.login("silent");
+    let mut second = Vec::new();
+    loop {
+        match r.next_raw(Instant::now() + Duration::from_millis(1500)) {
+            Ok((Frame::Reliable { id, payload }, _)) => {
+                second.push(number_of(&payload));
+                r.ack_later(&id);
+            }
+            Ok((other, _)) => panic!("fresh login got {other:?}"),
+            Err(ReadEnd::Timeout) => break,
+            Err(ReadEnd::Closed(why)) => panic!(
+                "the fresh login (reading promptly) was disconnected ({why}) after {} messages \
+                 (last {:?}); slow-consumer disconnects so far: {}",
+                second.len(),
+                second.last(),
+                s.metric("iris_edge_slow_consumer_disconnects_total")
+            ),
+        }
+    }
+    r.flush_acks();
+    match second.first() {
+        None => assert_eq!(
+            first.len(),
+            n,
+            "the first session got {} messages and a fresh login got none: {} lost",
+            first.len(),
+            n - first.len()
+        ),
+        Some(&k) => {
+            assert!(
+                k <= first.len(),
+                "the fresh login starts at #{k} but the first session only got {} (messages lost)",
+                first.len()
+            );
+            let run: Vec<usize> = (k..n).collect();
+            if let Some(d) = describe_sequence_diff(&second, &run) {
+                panic!("the fresh login's messages are not the contiguous run #{k}..#{n}: {d}");
+            }
+        }
+    }
+    r.expect_silence(Duration::from_millis(300));
+    s.assert_running();
+}
+
+#[test]
+fn silent_reader_default_limits() {
+    silent_reader(ServerOpts::shards(2), N, LEN, false);
+}
+
+#[test]
+fn silent_reader_small_output_cap_is_disconnected() {
+    silent_reader(
+        ServerOpts::shards(2).config("max_output_bytes = 131072\ndrain_low_water_bytes = 65536\n"),
+        // 4.9 MB: more than the server's socket send buffer (tcp_wmem max 4 MiB here) holds.
+        40_000,
+        LEN,
+        true,
+    );
+}
+
+#[test]
+fn big_backlog_drained_to_a_reader_that_does_not_read_yet() {
+    // 20,000 stored messages; the user logs in and reads nothing for a while: the drain is
+    // paced by the output queue, so memory stays bounded; then it reads everything.
+    let s = Server::start(ServerOpts::shards(2));
+    let mut a = s.login("bb-sender");
+    a.send_many("bb-rcpt", (0..N).map(|i| numbered(i, LEN)));
+    a.sync();
+    std::thread::sleep(Duration::from_millis(100));
+    let rss0 = s.rss_kib();
+    let mut r = s.connect();
+    r.write(&wire::login(b"bb-rcpt"));
+    std::thread::sleep(Duration::from_millis(700));
+    let rss1 = s.rss_kib();
+    assert!(
+        rss1 < rss0 + MAX_RSS_GROWTH_KIB,
+        "VmRSS {rss0} -> {rss1} KiB"
+    );
+    assert_eq!(r.recv(), Frame::LoginOk);
+    let msgs = r.recv_msgs(N, true);
+    for (i, (_, p)) in msgs.iter().enumerate() {
+        assert_eq!(number_of(p), i, "message {i}");
+    }
+    r.expect_silence(Duration::from_millis(300));
+}
+
+#[test]
+fn backlog_of_large_messages_drains_at_default_limits() {
+    // 300 stored messages of 60,000 bytes (18 MB, over the default 4 MiB output cap): a reader
+    // that reads promptly must get all of them after its login, in order.
+    let s = Server::with_shards(2);
+    let n = 300;
+    let mut a = s.login("lb-sender");
+    a.send_many("lb-rcpt", (0..n).map(|i| numbered(i, 60_000)));
+    a.sync();
+    std::thread::sleep(Duration::from_millis(100));
+    let mut r = s.login("lb-rcpt");
+    let mut got = Vec::new();
+    loop {
+        match r.next_raw(Instant::now() + Duration::from_secs(5)) {
+            Ok((Frame::Reliable { id, payload }, _)) => {
+                assert_eq!(payload.len(), 60_000);
+                got.push(number_of(&payload));
+                r.ack_later(&id);
+                if got.len() == n {
+                    break;
+                }
+            }
+            Ok((other, _)) => panic!("got {other:?}"),
+            Err(e) => panic!(
+                "the reader got {} of {n} stored 60,000-byte messages, then {e:?} (slow-consumer \
+                 disconnects: {})",
+                got.len(),
+                s.metric("iris_edge_slow_consumer_disconnects_total")
+            ),
+        }
+    }
+    r.flush_acks();
+    let want: Vec<usize> = (0..n).collect();
+    if let Some(d) = describe_sequence_diff(&got, &want) {
+        panic!("large backlog out of order: {d}");
+    }
+}
