@@ -34,9 +34,6 @@ use crate::protocol::decode::frame_len_hint;
 use crate::protocol::frame::{self, op, ClientFrame};
 use crate::protocol::{decode, Decoded, MsgId, ProtoError};
 
-/// Stop reading from clients while this many requests wait for room in the core's queue.
-const CORE_BACKLOG_HIGH: usize = 16_384;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Close {
     Open,
@@ -398,7 +395,7 @@ impl ConnShared {
         if poll_timer(&mut timers.login, cx) {
             return Poll::Ready(Io::LoginTimeout);
         }
-        if shard.core_backlog_len() >= CORE_BACKLOG_HIGH {
+        if shard.backpressured() {
             if timers.backoff.is_none() {
                 timers.backoff = Some(Box::pin(Timer::new(Duration::from_millis(1))));
             }

@@ -85,6 +85,11 @@ pub enum ShardMsg {
     StatusReply { conn: ConnId, frame: Vec<u8> },
 }
 
+/// Requests waiting for the core beyond which connections stop reading.
+const CORE_BACKLOG_HIGH: usize = 16_384;
+/// Messages waiting for one peer's ring beyond which connections stop reading.
+const OUTBOX_HIGH: usize = 65_536;
+
 /// A batch of ring messages: one ring slot carries many messages.
 pub type Batch = Vec<ShardMsg>;
 
@@ -219,6 +224,13 @@ impl Shard {
     /// Requests waiting for room in the core's queue.
     pub fn core_backlog_len(&self) -> usize {
         self.core_backlog.borrow().len()
+    }
+
+    /// True while the core's queue or a peer's ring is backed up: connections stop reading
+    /// (TCP backpressure to the senders) instead of letting the shard's queues grow.
+    pub fn backpressured(&self) -> bool {
+        self.core_backlog_len() >= CORE_BACKLOG_HIGH
+            || self.outbox.iter().any(|o| o.borrow().len() >= OUTBOX_HIGH)
     }
 
     /// Routes a delivery to every session of `to`, wherever it is.
