@@ -45,7 +45,9 @@
 //! The thread ends when [`EmbeddedCore::stop`] is called (or [`EmbeddedCore::shutdown`], or the
 //! [`EmbeddedCore`] is dropped), or when every request sender of every shard is dropped. Either
 //! way it first takes in everything still queued, answers the drains among it, commits all
-//! pending operations durably, then exits.
+//! pending operations durably (retrying a failed commit a few times, ~1.5 s in all), then
+//! exits; if the final commit still fails, shutdown returns the error (and logs how many
+//! operations were lost).
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
@@ -75,6 +77,8 @@ const FIRST_RETRY_DELAY: Duration = Duration::from_millis(10);
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(1);
 /// Bounded passes over the queues at shutdown (producers may still be sending).
 const FINAL_PASSES: usize = 16;
+/// Attempts of the final commit at shutdown (with the usual backoff: ~1.5 s in all).
+const FINAL_COMMIT_ATTEMPTS: u32 = 8;
 
 /// Configuration of the embedded core.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,7 +142,7 @@ pub struct CoreMetrics {
     pub pending_ops: AtomicU64,
 }
 
-/// A point-in-time copy of [`CoreMetrics`].
+/// A point-in-time copy of [`CoreMetrics`] (same fields, same meaning).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CoreStats {
     pub stored: u64,
@@ -863,8 +867,7 @@ impl Core {
                 let shift = self.failures.saturating_sub(1).min(16);
                 let delay = FIRST_RETRY_DELAY
                     .saturating_mul(1 << shift)
-                    .min(MAX_RETRY_DELAY)
-                    .max(self.window);
+                    .min(MAX_RETRY_DELAY);
                 self.deadline = Some(Instant::now() + delay);
                 Err(e)
             }
@@ -882,7 +885,16 @@ impl Core {
             self.serve_read(r);
         }
         self.flush_overflows();
-        let result = self.commit();
+        let mut result = self.commit();
+        for _ in 1..FINAL_COMMIT_ATTEMPTS {
+            if result.is_ok() {
+                break;
+            }
+            if let Some(d) = self.deadline {
+                std::thread::sleep(d.saturating_duration_since(Instant::now()));
+            }
+            result = self.commit();
+        }
         if let Err(e) = &result {
             error!(error = %e, lost = self.pending_ops, "final commit failed");
         }
@@ -904,4 +916,165 @@ fn user_hash(user: &[u8]) -> u64 {
     let mut h = DefaultHasher::new();
     user.hash(&mut h);
     h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::fault;
+
+    fn msg(id: u64) -> StoredMsg {
+        StoredMsg {
+            id,
+            recipient: b"ruth".to_vec(),
+            sender: b"sam".to_vec(),
+            payload: id.to_be_bytes().to_vec(),
+        }
+    }
+
+    fn wait_for(m: &CoreMetrics, what: &str, f: impl Fn(&CoreStats) -> bool) {
+        let start = Instant::now();
+        while !f(&m.snapshot()) {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "timed out waiting for {what}: {:?}",
+                m.snapshot()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Failed commits (as on a full disk) are counted and retried with every operation kept;
+    /// drains still see the pending messages; while commits fail and the pending cap is
+    /// reached the core stops taking requests, so the shard's queue fills (backpressure)
+    /// instead of the core's memory growing; after recovery everything is committed.
+    #[test]
+    fn failed_commits_keep_and_retry_everything_with_backpressure() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("core");
+        let cfg = EmbeddedConfig {
+            data_dir: data_dir.clone(),
+            queue_capacity: 4,
+            ..EmbeddedConfig::default()
+        };
+        // 1 shard × capacity 4 = pending cap 4. Five failures = 10+20+40+80 ms of retries.
+        fault::fail_next_writes(&data_dir, 5);
+        let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
+        let m = core.metrics();
+        let link = &links[0];
+        for id in 1..=4 {
+            link.to_core.send(CoreRequest::Store(msg(id))).unwrap();
+        }
+        wait_for(&m, "a failed commit", |s| s.store_errors >= 1);
+        assert_eq!(m.snapshot().stored, 0);
+
+        // Stalled: the queue takes its capacity, then refuses.
+        let mut accepted = 4;
+        let mut refused = 0;
+        for id in 5..=20 {
+            match link.to_core.try_send(CoreRequest::Store(msg(id))) {
+                Ok(()) => accepted += 1,
+                Err(_) => refused += 1,
+            }
+        }
+        assert!(refused > 0, "the core kept taking requests while stalled");
+
+        wait_for(&m, "recovery", |s| s.stored == accepted);
+        let s = m.snapshot();
+        assert_eq!(s.store_errors, 5);
+        assert_eq!(s.pending_ops, 0);
+
+        link.to_core
+            .send(CoreRequest::Drain {
+                user: b"ruth".to_vec(),
+                conn: 1,
+                after: 0,
+                limit: 100,
+            })
+            .unwrap();
+        match link
+            .from_core
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap()
+        {
+            CoreReply::Drain { msgs, more, .. } => {
+                assert!(!more);
+                let ids: Vec<u64> = msgs.iter().map(|(id, _)| *id).collect();
+                assert_eq!(ids, (1..=accepted).collect::<Vec<_>>());
+            }
+            other => panic!("unexpected reply {other:?}"),
+        }
+        core.shutdown().unwrap();
+        let store = MessageStore::open(&data_dir).unwrap();
+        assert_eq!(store.count(b"ruth").unwrap() as u64, accepted);
+    }
+
+    /// Drains see messages still pending after failed commits (served from memory).
+    #[test]
+    fn drains_see_pending_messages_while_commits_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("core");
+        fault::fail_next_writes(&data_dir, 3);
+        let cfg = EmbeddedConfig {
+            data_dir: data_dir.clone(),
+            ..EmbeddedConfig::default()
+        };
+        let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
+        let m = core.metrics();
+        for id in 1..=3 {
+            links[0].to_core.send(CoreRequest::Store(msg(id))).unwrap();
+        }
+        wait_for(&m, "a failed commit", |s| s.store_errors >= 1);
+        links[0]
+            .to_core
+            .send(CoreRequest::Drain {
+                user: b"ruth".to_vec(),
+                conn: 1,
+                after: 1,
+                limit: 100,
+            })
+            .unwrap();
+        match links[0]
+            .from_core
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap()
+        {
+            CoreReply::Drain { msgs, .. } => {
+                let ids: Vec<u64> = msgs.iter().map(|(id, _)| *id).collect();
+                assert_eq!(ids, vec![2, 3]);
+            }
+            other => panic!("unexpected reply {other:?}"),
+        }
+        // Shutdown retries the final commit too.
+        let stats = core.shutdown().unwrap();
+        assert_eq!(stats.stored, 3);
+        assert_eq!(stats.store_errors, 3);
+        let store = MessageStore::open(&data_dir).unwrap();
+        assert_eq!(store.count(b"ruth").unwrap(), 3);
+    }
+
+    /// A final commit that keeps failing makes shutdown return the error (nothing silent).
+    #[test]
+    fn shutdown_reports_a_final_commit_that_keeps_failing() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("core");
+        let cfg = EmbeddedConfig {
+            data_dir: data_dir.clone(),
+            commit_window_ms: 3_600_000,
+            ..EmbeddedConfig::default()
+        };
+        let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
+        links[0].to_core.send(CoreRequest::Store(msg(1))).unwrap();
+        let m = core.metrics();
+        wait_for(&m, "the store", |s| s.pending_ops == 1);
+        fault::fail_next_writes(&data_dir, 1000);
+        let err = core.shutdown().unwrap_err();
+        assert!(matches!(err, CoreError::Io(_)), "{err}");
+        assert_eq!(
+            m.snapshot().pending_ops,
+            1,
+            "the lost operation is reported"
+        );
+        fault::fail_next_writes(&data_dir, 0);
+    }
 }

@@ -10,6 +10,7 @@
 //! - [`api`]: the request and reply types that cross the shard/core boundary.
 //! - [`store`]: the durable message store (inbox per user, prekey bundles).
 //! - [`embedded`]: the core thread: group commit, ack cancellation, ordered login drains.
+//! - [`error`]: [`CoreError`], classified by cause (environment, invalid input, internal).
 
 pub mod api;
 pub mod embedded;

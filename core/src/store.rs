@@ -20,7 +20,7 @@
 //! Corrupt stored values are reported (logged with the [`CoreError`], counted in
 //! [`MessageStore::corrupt_skipped`]) and skipped; they never cause a panic.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
@@ -65,6 +65,7 @@ impl Batch<'_> {
 
 /// The durable store: per-user inboxes ordered by message id, prekey bundles, and the id floor.
 pub struct MessageStore {
+    dir: PathBuf,
     db: Database,
     inbox: Keyspace,
     prekeys: Keyspace,
@@ -77,6 +78,7 @@ pub struct MessageStore {
 impl std::fmt::Debug for MessageStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MessageStore")
+            .field("dir", &self.dir)
             .field("id_floor", &self.id_floor())
             .field("corrupt_skipped", &self.corrupt_skipped())
             .finish_non_exhaustive()
@@ -106,6 +108,7 @@ impl MessageStore {
         };
         debug!(dir = %dir.display(), id_floor, "message store opened");
         Ok(Self {
+            dir: dir.to_path_buf(),
             db,
             inbox,
             prekeys,
@@ -140,6 +143,12 @@ impl MessageStore {
     /// Inputs are validated first: if any user name or sender is too long for the layout,
     /// nothing is written and [`CoreError::InvalidInput`] is returned.
     pub fn write(&self, batch: &Batch<'_>, durable: bool) -> Result<(), CoreError> {
+        #[cfg(test)]
+        if fault::take(&self.dir) {
+            return Err(CoreError::Io(std::io::Error::other(
+                "injected write failure",
+            )));
+        }
         for m in batch.inserts {
             check_user(&m.recipient)?;
             if m.sender.len() > MAX_SENDER_LEN {
@@ -277,6 +286,34 @@ impl MessageStore {
     }
 }
 
+/// Test-only fault injection: make the next writes of the store in a directory fail.
+#[cfg(test)]
+pub(crate) mod fault {
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    static FAILURES: Mutex<Vec<(PathBuf, u32)>> = Mutex::new(Vec::new());
+
+    /// The next `n` writes of the store opened at `dir` fail with an I/O error.
+    pub(crate) fn fail_next_writes(dir: &Path, n: u32) {
+        let mut f = FAILURES.lock().unwrap_or_else(|e| e.into_inner());
+        f.retain(|(d, _)| d != dir);
+        f.push((dir.to_path_buf(), n));
+    }
+
+    /// Consumes one injected failure for `dir`, if any is left.
+    pub(crate) fn take(dir: &Path) -> bool {
+        let mut f = FAILURES.lock().unwrap_or_else(|e| e.into_inner());
+        match f.iter_mut().find(|(d, n)| d == dir && *n > 0) {
+            Some((_, n)) => {
+                *n -= 1;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 fn check_user(user: &[u8]) -> Result<(), CoreError> {
     if user.len() > MAX_USER_LEN {
         return Err(CoreError::InvalidInput(format!(
@@ -396,7 +433,7 @@ mod tests {
                 all.push(id);
             }
             batch.reverse();
-            s.commit(&batch, &[], round % 10 == 0).unwrap();
+            s.commit(&batch, &[], round.is_multiple_of(10)).unwrap();
         }
         // A user whose name extends "ab", and one that is a prefix of it.
         s.commit(&[msg("abc", 1, "x"), msg("a", u64::MAX, "y")], &[], true)

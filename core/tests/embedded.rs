@@ -180,7 +180,7 @@ fn restart_keeps_unacked_and_not_acked() {
             store(&links[id as usize % 2], msg("erin", id, format!("p{id}")));
         }
         wait_for(&core, "the stores to commit", |s| s.stored == 20);
-        for id in (1..=20).filter(|id| id % 3 == 0) {
+        for id in (1..=20).filter(|id: &u64| id.is_multiple_of(3)) {
             ack(&links[0], "erin", id);
         }
         wait_for(&core, "the acks", |s| s.acked == 6);
@@ -190,7 +190,7 @@ fn restart_keeps_unacked_and_not_acked() {
     assert_eq!(core.id_floor(), 20);
     let (got, more) = drain(&links[1], "erin", 1, 0, 100);
     assert!(!more);
-    let expected: Vec<u64> = (1..=20).filter(|id| id % 3 != 0).collect();
+    let expected: Vec<u64> = (1..=20).filter(|id: &u64| !id.is_multiple_of(3)).collect();
     assert_eq!(ids(&got), expected);
     for (id, payload) in &got {
         assert_eq!(payload, format!("p{id}").as_bytes());
@@ -282,7 +282,7 @@ fn drain_sees_store_queued_just_before_on_another_shard() {
         let mut id = 0u64;
         while !noise_stop.load(Ordering::Relaxed) {
             id += 1;
-            let req = if id % 5 == 0 {
+            let req = if id.is_multiple_of(5) {
                 CoreRequest::Ack {
                     user: b"noise".to_vec(),
                     id: id - 4,
@@ -290,6 +290,12 @@ fn drain_sees_store_queued_just_before_on_another_shard() {
             } else {
                 CoreRequest::Store(msg("noise", id, "n"))
             };
+            // Keep a backlog of a few hundred requests, not a flood: a full queue would make
+            // every drain wait for a whole queue's worth of requests (correct, but slow in a
+            // debug build).
+            while noise_link.to_core.len() > 256 && !noise_stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_micros(50));
+            }
             noise_link.to_core.send(req).unwrap();
         }
     });
@@ -306,14 +312,14 @@ fn drain_sees_store_queued_just_before_on_another_shard() {
         (0, 3),
         (3, 2),
     ];
-    for i in 0..3000u64 {
+    for i in 0..1000u64 {
         let user = format!("u{i}");
         let (store_link, drain_link) = pairs[i as usize % pairs.len()];
         let id = 1_000_000 + i;
         // Sometimes there is an older, committed message as well.
-        if i % 7 == 0 {
+        if i.is_multiple_of(7) {
             store(&links[store_link], msg(&user, id - 500_000, "old"));
-            if i % 14 == 0 {
+            if i.is_multiple_of(14) {
                 std::thread::sleep(Duration::from_millis(3));
             }
         }
@@ -324,7 +330,7 @@ fn drain_sees_store_queued_just_before_on_another_shard() {
             ids(&got).contains(&id),
             "iteration {i}: drain missed the store: {got:?}"
         );
-        assert_eq!(got.len(), if i % 7 == 0 { 2 } else { 1 });
+        assert_eq!(got.len(), if i.is_multiple_of(7) { 2 } else { 1 });
     }
     stop.store(true, Ordering::Relaxed);
     noise.join().unwrap();
@@ -554,4 +560,35 @@ fn start_rejects_zero_sizes() {
         ..cfg(&dir)
     };
     assert!(EmbeddedCore::start(config, 1).is_err());
+}
+
+/// `drain_chunk_bytes` bounds a reply's payload bytes: the reply is cut before the message that
+/// would exceed it (with `more` set), and a single message larger than the bound still goes
+/// alone so a drain always progresses.
+#[test]
+fn drain_replies_are_byte_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = EmbeddedConfig {
+        drain_chunk_bytes: 100,
+        ..cfg(&dir)
+    };
+    let (core, links) = EmbeddedCore::start(config, 1).unwrap();
+    for id in 1..=5 {
+        store(&links[0], msg("nora", id, vec![b'x'; 30]));
+    }
+    store(&links[0], msg("nora", 6, vec![b'y'; 500]));
+    store(&links[0], msg("nora", 7, vec![b'z'; 10]));
+    let (got, more) = drain(&links[0], "nora", 1, 0, 100);
+    assert_eq!((ids(&got), more), (vec![1, 2, 3], true));
+    let (got, more) = drain(&links[0], "nora", 1, 3, 100);
+    assert_eq!((ids(&got), more), (vec![4, 5], true));
+    let (got, more) = drain(&links[0], "nora", 1, 5, 100);
+    assert_eq!(
+        (ids(&got), more),
+        (vec![6], true),
+        "an oversized message goes alone"
+    );
+    let (got, more) = drain(&links[0], "nora", 1, 6, 100);
+    assert_eq!((ids(&got), more), (vec![7], false));
+    core.shutdown().unwrap();
 }
