@@ -1,0 +1,93 @@
+//! The embedded message store (`iris_core::store::MessageStore`, fjall) in a temporary
+//! directory: appending a batch of 64 messages (as the core commits a batch window), with and
+//! without the fsync of the journal, acking (deleting) 64 stored messages, and the scan of a
+//! login drain.
+
+use std::cell::Cell;
+
+use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use iris_core::api::StoredMsg;
+use iris_core::store::MessageStore;
+
+const BATCH: u64 = 64;
+
+fn batch(next_id: &Cell<u64>, users: u64) -> Vec<StoredMsg> {
+    (0..BATCH)
+        .map(|_| {
+            let id = next_id.get() + 1;
+            next_id.set(id);
+            StoredMsg {
+                id,
+                recipient: format!("user-{:06}", id % users).into_bytes(),
+                sender: b"sender-1".to_vec(),
+                payload: vec![b'x'; 64],
+            }
+        })
+        .collect()
+}
+
+fn bench(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = MessageStore::open(dir.path().join("store")).expect("open store");
+    let next_id = Cell::new(0u64);
+    let mut g = c.benchmark_group("store");
+    g.throughput(Throughput::Elements(BATCH));
+
+    g.bench_function("append_64", |b| {
+        b.iter_batched(
+            || batch(&next_id, 1000),
+            |msgs| store.commit(&msgs, &[], false).unwrap(),
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("append_64_fsync", |b| {
+        b.iter_batched(
+            || batch(&next_id, 1000),
+            |msgs| store.commit(&msgs, &[], true).unwrap(),
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("ack_64", |b| {
+        b.iter_batched(
+            || {
+                let msgs = batch(&next_id, 1000);
+                store.commit(&msgs, &[], false).unwrap();
+                msgs.into_iter()
+                    .map(|m| (m.recipient, m.id))
+                    .collect::<Vec<_>>()
+            },
+            |acks| store.commit(&[], &acks, false).unwrap(),
+            BatchSize::SmallInput,
+        )
+    });
+    // A user with 1000 stored messages, drained in chunks of 100 as the edge does.
+    let drain_user = b"drain-user".to_vec();
+    let msgs: Vec<StoredMsg> = (0..1000u64)
+        .map(|i| StoredMsg {
+            id: 10_000_000 + i,
+            recipient: drain_user.clone(),
+            sender: b"s".to_vec(),
+            payload: vec![b'y'; 64],
+        })
+        .collect();
+    store.commit(&msgs, &[], true).unwrap();
+    g.throughput(Throughput::Elements(100));
+    g.bench_function("scan_100_of_1000", |b| {
+        b.iter(|| {
+            let got = store.scan(black_box(&drain_user), 0, 100).unwrap();
+            assert_eq!(got.len(), 100);
+            got
+        })
+    });
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .sample_size(30)
+        .warm_up_time(std::time::Duration::from_millis(500))
+        .measurement_time(std::time::Duration::from_secs(2));
+    targets = bench
+}
+criterion_main!(benches);

@@ -1,1 +1,0 @@
-//! Load generator (being built).

@@ -1,0 +1,147 @@
+//! Command line of `iris-load`: one subcommand per scenario, shared options in [`Common`].
+//!
+//! [`main_with_args`] parses, runs the scenario, prints the final table on standard output and
+//! writes `--json FILE`. [`run`] does the same without printing and returns the report, for
+//! tests and other tools.
+
+use std::ffi::OsString;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+
+use super::bench_report::ReportOpts;
+use super::report::Report;
+use super::scenario::{connect, echo, logins, offline, pairs};
+
+/// Iris load generator: thread-per-core, v1 protocol, coordinated-omission-free latency.
+#[derive(Debug, Parser)]
+#[command(name = "iris-load", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub scenario: Scenario,
+}
+
+/// The scenarios.
+#[derive(Debug, Subcommand)]
+pub enum Scenario {
+    /// Hold N logged-in idle connections, ramped at a set rate; connects/s and server memory
+    /// per connection (with --server-pid).
+    Connect(connect::ConnectOpts),
+    /// P sender → receiver pairs at a constant open-loop rate (--rate) or as fast as the server
+    /// takes them (--max); receivers ack; end-to-end latency from the intended send time.
+    Pairs(pairs::PairsOpts),
+    /// Fill N offline users' inboxes, then time the drain when they log in.
+    Offline(offline::OfflineOpts),
+    /// Login/logout churn.
+    Logins(logins::LoginsOpts),
+    /// Client of the reference echo server (`iris-echo`): the loopback ceiling.
+    Echo(echo::EchoOpts),
+    /// Draw charts and regenerate the tables of BENCHMARKS.md from result JSON files.
+    Report(ReportOpts),
+}
+
+/// Options every load scenario takes.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct Common {
+    /// Server address, host:port (repeatable; connections are spread round-robin).
+    #[arg(long = "target", default_value = "127.0.0.1:8085")]
+    pub targets: Vec<String>,
+    /// CPUs for the worker threads, one pinned executor each (e.g. `1` or `2-3`)
+    /// [default: every CPU this process may use].
+    #[arg(long)]
+    pub cpus: Option<String>,
+    /// Do not pin the workers to their CPUs.
+    #[arg(long)]
+    pub no_pin: bool,
+    /// Write the full report as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// A name for this run, recorded in the report.
+    #[arg(long)]
+    pub label: Option<String>,
+    /// No progress line.
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// Prefix of every user name [default: unique per run].
+    #[arg(long)]
+    pub user_prefix: Option<String>,
+    /// Registered I/O memory per worker executor, bytes (counts against the memlock limit).
+    #[arg(long, default_value_t = 256 << 10)]
+    pub io_memory: usize,
+    /// Busy-poll this many microseconds before an idle worker parks (0 = never spin).
+    #[arg(long, default_value_t = 0)]
+    pub spin_us: u64,
+    /// Connect timeout, seconds.
+    #[arg(long, default_value_t = 5.0)]
+    pub connect_timeout: f64,
+    /// Pid of the server: its memory and CPU time go into the report.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+}
+
+impl Common {
+    /// Resolves every `--target`.
+    pub fn resolve_targets(&self) -> anyhow::Result<Vec<SocketAddr>> {
+        let mut out = Vec::new();
+        for t in &self.targets {
+            let a = t
+                .to_socket_addrs()
+                .with_context(|| format!("cannot resolve target {t}"))?
+                .next()
+                .with_context(|| format!("target {t} has no address"))?;
+            out.push(a);
+        }
+        anyhow::ensure!(!out.is_empty(), "no --target");
+        Ok(out)
+    }
+}
+
+/// Runs the scenario of `cli` and returns its report (`None` for `report`). `command` is the
+/// command line recorded in the report.
+pub fn run(cli: Cli, command: Vec<String>) -> anyhow::Result<Option<Report>> {
+    let r = match cli.scenario {
+        Scenario::Connect(o) => connect::run(&o, command)?,
+        Scenario::Pairs(o) => pairs::run(&o, command)?,
+        Scenario::Offline(o) => offline::run(&o, command)?,
+        Scenario::Logins(o) => logins::run(&o, command)?,
+        Scenario::Echo(o) => echo::run(&o, command)?,
+        Scenario::Report(o) => {
+            super::bench_report::run(&o)?;
+            return Ok(None);
+        }
+    };
+    Ok(Some(r))
+}
+
+/// The whole program: parse `args`, run, print the table, write the JSON.
+pub fn main_with_args<I, T>(args: I) -> anyhow::Result<()>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    let command: Vec<String> = args
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let cli = Cli::parse_from(args);
+    let json = match &cli.scenario {
+        Scenario::Connect(o) => o.common.json.clone(),
+        Scenario::Pairs(o) => o.common.json.clone(),
+        Scenario::Offline(o) => o.common.json.clone(),
+        Scenario::Logins(o) => o.common.json.clone(),
+        Scenario::Echo(o) => o.common.json.clone(),
+        Scenario::Report(_) => None,
+    };
+    if let Some(report) = run(cli, command)? {
+        print!("{}", report.table());
+        if let Some(path) = json {
+            report.write_json(&path)?;
+            eprintln!("report written to {}", path.display());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,523 @@
+//! `pairs`: P sender → receiver pairs; every receiver acks every message.
+//!
+//! Pair `i` is user `{prefix}s{i}` sending to `{prefix}r{i}`; both connections live on the
+//! same worker (`i % workers`). Two modes:
+//!
+//! - **open loop** (`--rate R`): each sender has a fixed schedule, message `k` of pair `i` is
+//!   *intended* at `start + φᵢ + k·P/R` (the phases φᵢ spread the pairs evenly over one
+//!   interval). A sender that wakes late (or was blocked by a full socket) sends everything that
+//!   is due in one write, each message stamped with its own intended time, so the latency the
+//!   receiver records (`arrival − intended`) includes every delay of the generator and the
+//!   server: no coordinated omission.
+//! - **closed loop** (`--max`): each pair keeps `--window` messages in flight (sent and not yet
+//!   received), which finds the saturation throughput; the latency is from the actual send.
+//!
+//! After `--warmup` seconds the `--duration` seconds are measured: `delivered_per_s` counts
+//! distinct messages received in the window, the latency histogram holds the messages intended
+//! in it. Then the senders stop and the run waits (up to `--drain-timeout`) for the last
+//! messages; lost = sent − distinct received, exactly, per pair. `--idle N` holds N more
+//! logged-in idle connections during the whole measurement.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+
+use anyhow::Context as _;
+use clap::Args;
+use glommio::sync::Semaphore;
+use iris_edge::protocol::frame::ServerFrame;
+use iris_edge::protocol::ClientFrame;
+use serde::Serialize;
+
+use super::super::cli::Common;
+use super::super::clock;
+use super::super::conn::{self, Client, LoadError};
+use super::super::payload::{self, Stamp};
+use super::super::report::Report;
+use super::super::runtime::WorkerEnv;
+use super::super::seq::{Arrival, SeqTracker};
+use super::super::stats;
+use super::{connect_login, count_error, ramp, Run};
+
+/// Options of `pairs`.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct PairsOpts {
+    #[command(flatten)]
+    pub common: Common,
+    /// Sender → receiver pairs.
+    #[arg(long, default_value_t = 100)]
+    pub pairs: usize,
+    /// Offered rate, messages/s over all pairs (open loop).
+    #[arg(long, conflicts_with = "max")]
+    pub rate: Option<f64>,
+    /// Closed loop: as fast as the server takes them, --window messages in flight per pair.
+    #[arg(long)]
+    pub max: bool,
+    /// Messages in flight per pair with --max.
+    #[arg(long, default_value_t = 64)]
+    pub window: u64,
+    /// Payload bytes per message (at least 22: stream, sequence number, timestamp).
+    #[arg(long, default_value_t = 64)]
+    pub size: usize,
+    /// Measured seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Seconds of load before the measurement.
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup: f64,
+    /// Idle logged-in connections held during the run.
+    #[arg(long, default_value_t = 0)]
+    pub idle: usize,
+    /// Ramp rate of the idle connections, connections/s.
+    #[arg(long, default_value_t = 10_000.0)]
+    pub idle_rate: f64,
+    /// Seconds to wait for the last messages after the senders stop.
+    #[arg(long, default_value_t = 5.0)]
+    pub drain_timeout: f64,
+    /// Most messages in one write of a sender.
+    #[arg(long, default_value_t = 256)]
+    pub max_batch: usize,
+}
+
+const SETUP: u32 = 1;
+const RUN: u32 = 2;
+
+/// One pair's state, shared by its sender and receiver tasks.
+#[derive(Debug)]
+struct Pair {
+    id: u32,
+    sent: Cell<u64>,
+    tracker: RefCell<SeqTracker>,
+    /// Messages in flight allowed (closed loop only).
+    window: Option<Semaphore>,
+}
+
+/// What one worker found, summed over its pairs.
+#[derive(Debug, Default, Clone, Copy)]
+struct Outcome {
+    sent: u64,
+    distinct: u64,
+    lost: u64,
+    duplicates: u64,
+    reordered: u64,
+    /// Received sequence numbers that were never sent.
+    phantom: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    start_ns: u64,
+    measure_ns: u64,
+    end_ns: u64,
+}
+
+async fn worker(env: WorkerEnv, o: PairsOpts) -> anyhow::Result<Outcome> {
+    let Ok(setup_start) = env.wait_phase(SETUP).await else {
+        return Ok(Outcome::default());
+    };
+    // Idle connections ramp in the background while the pairs connect.
+    let idle_task = {
+        let env = env.clone();
+        let idx: Vec<usize> = env.my_share(o.idle).collect();
+        let rate = o.idle_rate / env.workers as f64;
+        glommio::spawn_local(
+            async move { ramp(&env, idx, "i", rate, setup_start, 256, false).await },
+        )
+    };
+    let mut conns = Vec::new();
+    for i in env.my_share(o.pairs) {
+        let rx_user = format!("{}r{i}", env.prefix);
+        let tx_user = format!("{}s{i}", env.prefix);
+        let rx = connect_login(&env, env.target(2 * i), rx_user.as_bytes())
+            .await
+            .with_context(|| format!("receiver {rx_user}"))?;
+        let tx = connect_login(&env, env.target(2 * i + 1), tx_user.as_bytes())
+            .await
+            .with_context(|| format!("sender {tx_user}"))?;
+        stats::add(&env.me().c.connections, 2);
+        stats::add(&env.me().c.logins, 2);
+        conns.push((i, rx, tx, rx_user));
+    }
+    let idle = idle_task.await;
+    env.set_ready();
+    let Ok(start_ns) = env.wait_phase(RUN).await else {
+        return Ok(Outcome::default());
+    };
+    let measure_ns = start_ns + clock::secs_to_ns(o.warmup);
+    let t = Timing {
+        start_ns,
+        measure_ns,
+        end_ns: measure_ns + clock::secs_to_ns(o.duration),
+    };
+    let mut pairs = Vec::new();
+    let mut tasks = Vec::new();
+    for (i, rx, tx, rx_user) in conns {
+        let pair = Rc::new(Pair {
+            id: i as u32,
+            sent: Cell::new(0),
+            tracker: RefCell::new(SeqTracker::new()),
+            window: o.max.then(|| Semaphore::new(o.window.max(1))),
+        });
+        pairs.push(pair.clone());
+        tasks.push(glommio::spawn_local(receive(
+            env.clone(),
+            rx,
+            pair.clone(),
+            t,
+        )));
+        let phase = match o.rate {
+            Some(_) => i as f64 / o.pairs as f64,
+            None => 0.0,
+        };
+        tasks.push(glommio::spawn_local(send(
+            env.clone(),
+            tx,
+            pair,
+            rx_user.into_bytes(),
+            o.clone(),
+            t,
+            phase,
+        )));
+    }
+    for task in tasks {
+        task.await;
+    }
+    drop(idle);
+    let mut out = Outcome::default();
+    for p in pairs {
+        let tr = p.tracker.borrow();
+        let sent = p.sent.get();
+        out.sent += sent;
+        out.distinct += tr.distinct;
+        out.lost += tr.lost(sent);
+        out.duplicates += tr.duplicates;
+        out.reordered += tr.reordered;
+        if let Some(h) = tr.highest() {
+            if h >= sent {
+                out.phantom += h + 1 - sent;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The sender of one pair.
+async fn send(
+    env: WorkerEnv,
+    mut c: Client,
+    pair: Rc<Pair>,
+    target: Vec<u8>,
+    o: PairsOpts,
+    t: Timing,
+    phase: f64,
+) {
+    let per_pair = o.rate.map(|r| r / o.pairs as f64);
+    let interval = per_pair.map(|r| 1e9 / r.max(1e-9)).unwrap_or(0.0);
+    let first = t.start_ns + (phase * interval) as u64;
+    let intended = |k: u64| first + (k as f64 * interval) as u64;
+    let max_batch = o.max_batch.max(1);
+    let mut buf = Vec::with_capacity(max_batch * (o.size + target.len() + 8));
+    let mut msg = Vec::with_capacity(o.size.max(payload::MIN_SIZE));
+    let mut k = 0u64;
+    let counters = &env.me().c;
+    loop {
+        if env.stopping() {
+            break;
+        }
+        let now = clock::now_ns();
+        let n = match &pair.window {
+            None => {
+                let next = intended(k);
+                if next >= t.end_ns {
+                    break;
+                }
+                if next > now {
+                    clock::sleep_until_ns(next).await;
+                    continue;
+                }
+                let mut n = 0;
+                buf.clear();
+                while n < max_batch {
+                    let due = intended(k + n as u64);
+                    if due > now || due >= t.end_ns {
+                        break;
+                    }
+                    if due >= t.measure_ns {
+                        env.lag.record(now - due);
+                    }
+                    push_msg(
+                        &mut buf,
+                        &mut msg,
+                        &target,
+                        pair.id,
+                        k + n as u64,
+                        due,
+                        o.size,
+                    );
+                    n += 1;
+                }
+                n
+            }
+            Some(win) => {
+                if now >= t.end_ns {
+                    break;
+                }
+                if glommio::timer::timeout(conn::POLL, win.acquire(1))
+                    .await
+                    .is_err()
+                {
+                    continue;
+                }
+                let extra = win.available().min(max_batch as u64 - 1);
+                if extra > 0 && !win.try_acquire(extra).unwrap_or(false) {
+                    continue;
+                }
+                let n = 1 + extra as usize;
+                let now = clock::now_ns();
+                buf.clear();
+                for j in 0..n {
+                    push_msg(
+                        &mut buf,
+                        &mut msg,
+                        &target,
+                        pair.id,
+                        k + j as u64,
+                        now,
+                        o.size,
+                    );
+                }
+                n
+            }
+        };
+        match c.write_all(&buf).await {
+            Ok(()) => {
+                k += n as u64;
+                pair.sent.set(k);
+                stats::add(&counters.sent, n as u64);
+            }
+            Err(e) => {
+                count_error(&env, &e);
+                break;
+            }
+        }
+        glommio::yield_if_needed().await;
+    }
+    stats::add(&counters.finished, 1);
+    // Keep the connection until the end (closing it early is not part of the load), and count
+    // what the server said to the sender (errors, rate limiting).
+    while !env.stopping() {
+        match c.fill().await {
+            Ok(_) => drain_sender_frames(&env, &mut c),
+            Err(e) => {
+                count_error(&env, &e);
+                break;
+            }
+        }
+    }
+}
+
+fn drain_sender_frames(env: &WorkerEnv, c: &mut Client) {
+    loop {
+        match c.rx.next_frame() {
+            Ok(None) => break,
+            Ok(Some(ServerFrame::Error { reason })) => {
+                env.me().error(&format!(
+                    "sender got ERROR {}",
+                    String::from_utf8_lossy(reason)
+                ));
+            }
+            Ok(Some(ServerFrame::RateLimited { .. })) => stats::add(&env.me().c.rate_limited, 1),
+            Ok(Some(_)) => stats::add(&env.me().c.unexpected, 1),
+            Err(e) => {
+                env.me().error(&format!("sender: bad server frame: {e}"));
+                break;
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn push_msg(
+    buf: &mut Vec<u8>,
+    msg: &mut Vec<u8>,
+    target: &[u8],
+    stream: u32,
+    seq: u64,
+    intended_ns: u64,
+    size: usize,
+) {
+    msg.clear();
+    payload::encode(
+        msg,
+        Stamp {
+            stream,
+            seq,
+            intended_ns,
+        },
+        size,
+    );
+    ClientFrame::Send { target, msg }.encode(buf);
+}
+
+/// The receiver of one pair: acks everything, tracks sequence numbers, records latency.
+async fn receive(env: WorkerEnv, mut c: Client, pair: Rc<Pair>, t: Timing) {
+    let mut acks = Vec::with_capacity(64 << 10);
+    let counters = &env.me().c;
+    loop {
+        let now = clock::now_ns();
+        loop {
+            let frame = match c.rx.next_frame() {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    env.me().error(&format!("receiver: bad server frame: {e}"));
+                    return;
+                }
+            };
+            match frame {
+                ServerFrame::Reliable { id, payload } => {
+                    conn::push_ack(&mut acks, id);
+                    let Some(s) = payload::decode(payload).filter(|s| s.stream == pair.id) else {
+                        stats::add(&counters.unexpected, 1);
+                        continue;
+                    };
+                    match pair.tracker.borrow_mut().record(s.seq) {
+                        Arrival::Duplicate => {
+                            stats::add(&counters.duplicates, 1);
+                            continue;
+                        }
+                        Arrival::Reordered => stats::add(&counters.reordered, 1),
+                        Arrival::InOrder => {}
+                    }
+                    stats::add(&counters.delivered, 1);
+                    if s.intended_ns >= t.measure_ns && s.intended_ns < t.end_ns {
+                        env.hist.record(now.saturating_sub(s.intended_ns));
+                    }
+                    if let Some(w) = &pair.window {
+                        w.signal(1);
+                    }
+                }
+                ServerFrame::Error { reason } => {
+                    env.me().error(&format!(
+                        "receiver got ERROR {}",
+                        String::from_utf8_lossy(reason)
+                    ));
+                }
+                ServerFrame::RateLimited { .. } => stats::add(&counters.rate_limited, 1),
+                _ => stats::add(&counters.unexpected, 1),
+            }
+        }
+        if !acks.is_empty() {
+            if let Err(e) = c.write_all(&acks).await {
+                count_error(&env, &e);
+                return;
+            }
+            acks.clear();
+        }
+        if env.stopping() {
+            return;
+        }
+        match c.fill().await {
+            Ok(_) => {}
+            Err(LoadError::Closed) if env.stopping() => return,
+            Err(e) => {
+                count_error(&env, &e);
+                return;
+            }
+        }
+    }
+}
+
+/// Runs `pairs`.
+pub fn run(o: &PairsOpts, command: Vec<String>) -> anyhow::Result<Report> {
+    anyhow::ensure!(
+        o.rate.is_some() || o.max,
+        "give --rate MSGS_PER_S (open loop) or --max (saturation)"
+    );
+    anyhow::ensure!(o.pairs > 0, "--pairs must be at least 1");
+    anyhow::ensure!(
+        o.rate.is_none_or(|r| r > 0.0 && r.is_finite()),
+        "--rate must be positive"
+    );
+    let mut run = Run::new(&o.common, "pairs", command, o)?;
+    let mem0 = run.server_now();
+    let oc = o.clone();
+    let handles = run.spawn(move |env| worker(env, oc.clone()))?;
+    run.shared.set_phase(SETUP, clock::now_ns());
+    let setup_budget = 60.0 + o.idle as f64 / o.idle_rate.max(1.0) * 3.0;
+    run.wait_ready("connection setup", setup_budget)?;
+    let conns = run.shared.totals().connections;
+    run.monitor.say(&format!(
+        "{conns} connections logged in ({} pairs, {} idle); starting",
+        o.pairs, o.idle
+    ));
+    let start = clock::now_ns() + 20_000_000;
+    run.shared.set_phase(RUN, start);
+    let measure = start + clock::secs_to_ns(o.warmup);
+    let end = measure + clock::secs_to_ns(o.duration);
+    run.monitor.sleep_until(measure)?;
+    let t0 = run.shared.totals();
+    let s0 = run.server_now();
+    run.monitor.sleep_until(end)?;
+    let t1 = run.shared.totals();
+    let s1 = run.server_now();
+    let window = (clock::now_ns() - measure) as f64 / 1e9;
+    let drain_deadline = end + clock::secs_to_ns(o.drain_timeout);
+    let pairs = o.pairs as u64;
+    let drained = run.monitor.wait_until(
+        |s| {
+            let t = s.totals();
+            t.finished >= pairs && t.delivered >= t.sent
+        },
+        Some(drain_deadline),
+    )?;
+    let outcomes = run.stop_and_join(handles)?;
+    let mut sum = Outcome::default();
+    for x in outcomes {
+        sum.sent += x.sent;
+        sum.distinct += x.distinct;
+        sum.lost += x.lost;
+        sum.duplicates += x.duplicates;
+        sum.reordered += x.reordered;
+        sum.phantom += x.phantom;
+    }
+    run.set_server(mem0.map(|m| (m.0, s0.map_or(m.1, |s| s.1))), s1, window);
+    let r = &mut run.report;
+    r.lost = sum.lost;
+    if let Some(rate) = o.rate {
+        r.figure("offered_per_s", rate);
+    }
+    r.figure("pairs", o.pairs as f64);
+    r.figure("idle_connections", o.idle as f64);
+    r.figure("connections", conns as f64);
+    r.figure("measured_secs", window);
+    r.figure("sent_per_s", (t1.sent - t0.sent) as f64 / window);
+    r.figure(
+        "delivered_per_s",
+        (t1.delivered - t0.delivered) as f64 / window,
+    );
+    r.figure("sent", sum.sent as f64);
+    r.figure("delivered", sum.distinct as f64);
+    r.figure("lost", sum.lost as f64);
+    r.figure("duplicated", sum.duplicates as f64);
+    r.figure("reordered", sum.reordered as f64);
+    if sum.phantom > 0 {
+        r.notes.push(format!(
+            "{} sequence numbers received that were never sent",
+            sum.phantom
+        ));
+    }
+    r.figure("drain_complete", if drained { 1.0 } else { 0.0 });
+    if !drained {
+        r.notes.push(format!(
+            "not every message arrived within --drain-timeout {} s: `lost` counts messages \
+             still undelivered then (an overloaded server may still hold them)",
+            o.drain_timeout
+        ));
+    }
+    let what = if o.max {
+        "end to end, from the actual send (closed loop)"
+    } else {
+        "end to end, from the intended send time (open loop)"
+    };
+    Ok(run.finish(what))
+}

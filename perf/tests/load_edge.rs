@@ -1,0 +1,175 @@
+//! `iris-load` against a real `iris-edge`: short runs of every scenario; counts must match
+//! (nothing lost, duplicated or reordered), the JSON must parse and the histograms be sane.
+
+mod common;
+
+use common::{assert_sane_latency, run_load, Edge};
+
+#[test]
+fn pairs_open_loop_delivers_everything_in_order() {
+    let edge = Edge::start(1);
+    let target = edge.client.to_string();
+    let pid = edge.pid.to_string();
+    let r = run_load(&[
+        "pairs",
+        "--target",
+        &target,
+        "--pairs",
+        "4",
+        "--rate",
+        "400",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.5",
+        "--size",
+        "64",
+        "--server-pid",
+        &pid,
+    ]);
+    let sent = r.get("sent").unwrap();
+    // 400/s for 1.5 s, give or take one message per pair at the edges of the schedule.
+    assert!((590.0..=610.0).contains(&sent), "sent {sent}");
+    assert_eq!(r.get("delivered"), Some(sent));
+    assert_eq!(r.totals.sent as f64, sent);
+    assert_eq!(r.totals.delivered as f64, sent);
+    assert_eq!(r.lost, 0);
+    assert_eq!((r.totals.duplicates, r.totals.reordered), (0, 0));
+    assert_eq!(
+        (r.totals.errors, r.totals.unexpected),
+        (0, 0),
+        "{:?}",
+        r.notes
+    );
+    assert_sane_latency(&r);
+    // Only messages intended in the measured second are in the histogram.
+    let n = r.latency.unwrap().count as f64;
+    assert!((390.0..=410.0).contains(&n), "samples {n}");
+    let s = r.server.expect("server sampled");
+    assert_eq!(s.pid, edge.pid);
+    assert!(s.mem_after.rss_kib > 0);
+    assert!(r.command.iter().any(|a| a == "pairs"));
+    assert!(!r.timeseries.is_empty());
+    assert_eq!(r.get("offered_per_s"), Some(400.0));
+}
+
+#[test]
+fn pairs_max_with_idle_connections() {
+    let edge = Edge::start(2);
+    let target = edge.client.to_string();
+    let r = run_load(&[
+        "pairs",
+        "--target",
+        &target,
+        "--pairs",
+        "3",
+        "--max",
+        "--window",
+        "8",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.2",
+        "--idle",
+        "50",
+    ]);
+    assert_eq!(r.get("connections"), Some(56.0));
+    let sent = r.get("sent").unwrap();
+    assert!(sent > 0.0);
+    assert_eq!(r.get("delivered"), Some(sent));
+    assert_eq!(r.lost, 0);
+    assert_eq!(
+        (r.totals.duplicates, r.totals.reordered, r.totals.errors),
+        (0, 0, 0)
+    );
+    assert!(r.get("delivered_per_s").unwrap() > 0.0);
+    assert_sane_latency(&r);
+}
+
+#[test]
+fn connect_holds_connections_and_measures_memory() {
+    let edge = Edge::start(1);
+    let target = edge.client.to_string();
+    let pid = edge.pid.to_string();
+    let r = run_load(&[
+        "connect",
+        "--target",
+        &target,
+        "--conns",
+        "300",
+        "--rate",
+        "3000",
+        "--hold",
+        "0.5",
+        "--settle",
+        "0.3",
+        "--server-pid",
+        &pid,
+    ]);
+    assert_eq!(r.get("connections_open"), Some(300.0));
+    assert_eq!(r.get("still_open"), Some(300.0));
+    assert!(r.get("connects_per_s").unwrap() > 0.0);
+    assert!(r.get("server_rss_per_conn_bytes").is_some());
+    assert_eq!(r.totals.errors, 0, "{:?}", r.notes);
+    assert_eq!(r.latency.unwrap().count, 300);
+    assert_sane_latency(&r);
+}
+
+#[test]
+fn offline_drain_gets_every_message_in_order() {
+    let edge = Edge::start(1);
+    let target = edge.client.to_string();
+    let r = run_load(&[
+        "offline",
+        "--target",
+        &target,
+        "--users",
+        "10",
+        "--messages",
+        "2003",
+        "--senders",
+        "3",
+        "--settle",
+        "0.2",
+        "--timeout",
+        "30",
+    ]);
+    assert_eq!(r.get("sent"), Some(2003.0));
+    assert_eq!(r.get("delivered"), Some(2003.0));
+    assert_eq!(r.lost, 0);
+    assert_eq!(
+        (r.totals.duplicates, r.totals.reordered, r.totals.errors),
+        (0, 0, 0)
+    );
+    assert!(r.get("drain_per_s").unwrap() > 0.0);
+    assert_eq!(r.latency.unwrap().count, 2003);
+    assert_sane_latency(&r);
+}
+
+#[test]
+fn logins_churn_both_modes() {
+    let edge = Edge::start(1);
+    let target = edge.client.to_string();
+    for relogin in [false, true] {
+        let mut args = vec![
+            "logins",
+            "--target",
+            &target,
+            "--conns",
+            "4",
+            "--users",
+            "20",
+            "--duration",
+            "0.5",
+            "--warmup",
+            "0.2",
+        ];
+        if relogin {
+            args.push("--relogin");
+        }
+        let r = run_load(&args);
+        assert!(r.get("logins_per_s").unwrap() > 0.0);
+        assert_eq!(r.totals.errors, 0, "{:?}", r.notes);
+        assert_sane_latency(&r);
+    }
+}

@@ -1,0 +1,232 @@
+#!/usr/bin/env bash
+# The Iris benchmark suite (see BENCHMARKS.md).
+#
+# Builds release, measures the loopback ceiling with the reference echo server, starts iris-edge
+# pinned to the server CPUs and drives it with iris-load pinned to the others through the
+# standard scenarios, runs the criterion micro-benchmarks, writes perf/results/*.json, draws the
+# charts and regenerates the tables of BENCHMARKS.md from the JSON.
+#
+# Usage: scripts/bench.sh [options]
+#   --quick              shorter runs (3 s measured instead of 10; ~2 min in all)
+#   --server-cpus LIST   CPUs for iris-edge (and iris-echo) [default: 0]
+#   --load-cpus LIST     CPUs for iris-load [default: 1, or 0 on a one-CPU host]
+#   --duration S         measured seconds of each pairs run [default: 10, quick: 3]
+#   --idle N             idle connections held (connect run and latency runs) [default: 10000]
+#   --pairs P            sender -> receiver pairs of the saturation and latency runs [default: 10]
+#   --offline N          messages of the offline drain [default: 100000]
+#   --no-build           use the binaries already in target/release
+#   --no-micro           skip the criterion micro-benchmarks (keep the last criterion.json)
+#   --only LIST          run only these steps (comma-separated: echo,connect,saturation,
+#                        goals,latency,offline,logins,micro); the report covers every JSON
+#   --note TEXT          a note on machine load, printed in BENCHMARKS.md
+#   --out DIR            results directory [default: perf/results]
+# Total time at the defaults: about 6 minutes (plus the build); --quick: about 2.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ncpu=$(nproc)
+SERVER_CPUS=0
+if [ "$ncpu" -ge 2 ]; then LOAD_CPUS=1; else LOAD_CPUS=0; fi
+QUICK=0
+DURATION=""
+IDLE=10000
+PAIRS=10
+OFFLINE=100000
+BUILD=1
+MICRO=1
+ONLY=""
+NOTE=""
+OUT=perf/results
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) QUICK=1 ;;
+    --server-cpus) SERVER_CPUS=$2; shift ;;
+    --load-cpus) LOAD_CPUS=$2; shift ;;
+    --duration) DURATION=$2; shift ;;
+    --idle) IDLE=$2; shift ;;
+    --pairs) PAIRS=$2; shift ;;
+    --offline) OFFLINE=$2; shift ;;
+    --no-build) BUILD=0 ;;
+    --no-micro) MICRO=0 ;;
+    --only) ONLY=$2; shift ;;
+    --note) NOTE=$2; shift ;;
+    --out) OUT=$2; shift ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+if [ "$QUICK" = 1 ]; then
+  DURATION=${DURATION:-3}; WARMUP=1; SHORT=2; CRIT_ARGS=(--warm-up-time 0.3 --measurement-time 0.7)
+else
+  DURATION=${DURATION:-10}; WARMUP=2; SHORT=5; CRIT_ARGS=(--warm-up-time 0.5 --measurement-time 2)
+fi
+
+want() { [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]]; }
+say() { printf '\n=== %s\n' "$*" >&2; }
+
+# Number of CPUs in a list like 0,2-3.
+count_cpus() {
+  local n=0 part a b
+  IFS=, read -ra parts <<< "$1"
+  for part in "${parts[@]}"; do
+    if [[ $part == *-* ]]; then a=${part%-*}; b=${part#*-}; n=$((n + b - a + 1)); else n=$((n + 1)); fi
+  done
+  echo "$n"
+}
+SHARDS=$(count_cpus "$SERVER_CPUS")
+FIRST_SERVER_CPU=${SERVER_CPUS%%[,-]*}
+
+if [ "$BUILD" = 1 ]; then
+  say "building release binaries"
+  cargo build --release -p iris-edge -p iris-perf --bins
+fi
+EDGE=target/release/iris-edge
+LOAD=target/release/iris-load
+ECHO=target/release/iris-echo
+mkdir -p "$OUT"
+
+TMP=$(mktemp -d)
+SERVER_PID=""
+cleanup() {
+  if [ -n "$SERVER_PID" ]; then kill -TERM "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi
+  rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+# Waits for the first stdout line of the server just started; prints it.
+first_line() {
+  local f=$1 i
+  for i in $(seq 1 300); do
+    if [ -s "$f" ]; then head -n1 "$f"; return 0; fi
+    if ! kill -0 "$SERVER_PID" 2>/dev/null; then echo "server exited; its log:" >&2; cat "$TMP/server.err" >&2; exit 1; fi
+    sleep 0.1
+  done
+  echo "server did not start" >&2; exit 1
+}
+
+start_edge() {
+  rm -rf "$TMP/data"
+  taskset -c "$SERVER_CPUS" "$EDGE" --listen 127.0.0.1:0 --admin 127.0.0.1:0 \
+    --data-dir "$TMP/data" --shards "$SHARDS" > "$TMP/server.out" 2> "$TMP/server.err" &
+  SERVER_PID=$!
+  TARGET=$(first_line "$TMP/server.out" | sed -n 's/.*client=\([^ ]*\).*/\1/p')
+  echo "iris-edge pid $SERVER_PID on CPUs $SERVER_CPUS ($SHARDS shards) at $TARGET" >&2
+}
+
+stop_server() {
+  if [ -n "$SERVER_PID" ]; then
+    kill -TERM "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+    SERVER_PID=""
+  fi
+}
+
+# iris-load SCENARIO LABEL ARGS...: one run, JSON to $OUT/LABEL.json.
+load() {
+  local scenario=$1 label=$2; shift 2
+  say "$label: iris-load $scenario $*"
+  "$LOAD" "$scenario" --cpus "$LOAD_CPUS" --label "$label" --json "$OUT/$label.json" "$@"
+}
+
+# A figure from a report: figure FILE NAME.
+figure() {
+  sed -n "s/^ *\"$2\": \([-0-9.e+]*\),\{0,1\}$/\1/p" "$1" | head -n1
+}
+
+START=$(date +%s)
+
+if want echo; then
+  say "loopback ceiling: iris-echo on CPU $FIRST_SERVER_CPU"
+  taskset -c "$FIRST_SERVER_CPU" "$ECHO" --cpu "$FIRST_SERVER_CPU" --listen 127.0.0.1:0 \
+    > "$TMP/server.out" 2> "$TMP/server.err" &
+  SERVER_PID=$!
+  ECHO_ADDR=$(first_line "$TMP/server.out" | awk '{print $3}')
+  load echo echo-1 --target "$ECHO_ADDR" --conns 64 --batch 1 --size 64 --duration "$SHORT" --warmup 1 --server-pid "$SERVER_PID"
+  load echo echo-8 --target "$ECHO_ADDR" --conns 64 --batch 8 --size 64 --duration "$SHORT" --warmup 1 --server-pid "$SERVER_PID"
+  stop_server
+fi
+
+if want connect || want saturation || want goals || want latency; then
+  start_edge
+  if want connect; then
+    load connect connect --target "$TARGET" --conns "$IDLE" --rate 20000 --hold 3 --settle 1 \
+      --server-pid "$SERVER_PID"
+  fi
+  if want saturation; then
+    load pairs saturation --target "$TARGET" --pairs "$PAIRS" --max --window 64 --size 64 \
+      --duration "$DURATION" --warmup "$WARMUP" --server-pid "$SERVER_PID"
+    if [ "$QUICK" = 0 ]; then
+      # The same closed loop over 10x more pairs: how throughput depends on batching.
+      load pairs saturation-100pairs --target "$TARGET" --pairs 100 --max --window 64 --size 64 \
+        --duration "$DURATION" --warmup "$WARMUP" --server-pid "$SERVER_PID"
+    fi
+  fi
+  if want goals; then
+    # The goals of DESIGN.md at their own rates, open loop: 250,000/s per server core, and
+    # half of it with the idle connections held.
+    load pairs throughput-goal --target "$TARGET" --pairs "$PAIRS" --rate $((250000 * SHARDS)) \
+      --size 64 --duration "$DURATION" --warmup "$WARMUP" --drain-timeout 10 \
+      --server-pid "$SERVER_PID"
+    load pairs latency-goal --target "$TARGET" --pairs "$PAIRS" --rate $((125000 * SHARDS)) \
+      --size 64 --idle "$IDLE" --idle-rate 20000 --duration "$DURATION" --warmup "$WARMUP" \
+      --drain-timeout 10 --server-pid "$SERVER_PID"
+  fi
+  if want latency; then
+    SAT=$(figure "$OUT/saturation.json" delivered_per_s)
+    [ -n "$SAT" ] || { echo "no saturation figure in $OUT/saturation.json" >&2; exit 1; }
+    for pct in 25 50 75; do
+      RATE=$(awk -v s="$SAT" -v p="$pct" 'BEGIN { r = int(s * p / 100); if (r < 100) r = 100; print r }')
+      load pairs "latency-$pct" --target "$TARGET" --pairs "$PAIRS" --rate "$RATE" --size 64 \
+        --idle "$IDLE" --idle-rate 20000 --duration "$DURATION" --warmup "$WARMUP" \
+        --drain-timeout 10 --server-pid "$SERVER_PID"
+    done
+  fi
+  stop_server
+fi
+
+if want offline; then
+  start_edge
+  load offline offline --target "$TARGET" --users 100 --messages "$OFFLINE" --senders 8 --size 64 \
+    --settle 1 --server-pid "$SERVER_PID"
+  stop_server
+fi
+
+if want logins; then
+  start_edge
+  load logins logins --target "$TARGET" --conns 64 --users 10000 --duration "$SHORT" --warmup 1 \
+    --server-pid "$SERVER_PID"
+  load logins logins-relogin --target "$TARGET" --conns 64 --users 10000 --relogin \
+    --duration "$SHORT" --warmup 1 --server-pid "$SERVER_PID"
+  stop_server
+fi
+
+CRIT=()
+if [ "$MICRO" = 1 ] && want micro; then
+  say "criterion micro-benchmarks"
+  cargo bench -p iris-perf --bench codec --bench presence --bench ring --bench store -- "${CRIT_ARGS[@]}"
+  CRIT=(--criterion target/criterion)
+fi
+
+LOADAVG=$(cut -d' ' -f1-3 /proc/loadavg)
+cat > "$OUT/meta.json" <<EOF
+{
+  "date_utc": "$(date -u +%Y-%m-%dT%H:%M:%SZ)",
+  "git_commit": "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo '+uncommitted')",
+  "server_cpus": "$SERVER_CPUS",
+  "load_cpus": "$LOAD_CPUS",
+  "server_cores": $SHARDS,
+  "note": "$(printf '%s' "$NOTE" | sed 's/\\/\\\\/g; s/"/\\"/g') Load average at the end of the suite: $LOADAVG.",
+  "quick": $([ "$QUICK" = 1 ] && echo true || echo false),
+  "server_commands": [
+    "taskset -c $FIRST_SERVER_CPU $ECHO --cpu $FIRST_SERVER_CPU --listen 127.0.0.1:0",
+    "taskset -c $SERVER_CPUS $EDGE --listen 127.0.0.1:0 --admin 127.0.0.1:0 --data-dir \$TMP/data --shards $SHARDS  (a fresh data directory for each of: connect+saturation+goals+latency, offline, logins)"
+  ]
+}
+EOF
+
+say "charts and BENCHMARKS.md"
+"$LOAD" report --results "$OUT" --markdown BENCHMARKS.md "${CRIT[@]}"
+echo "suite done in $(( $(date +%s) - START )) s; results in $OUT, tables in BENCHMARKS.md" >&2
