@@ -1,6 +1,6 @@
 //! Facts about the host and about processes, read from `/proc`.
 //!
-//! Every report records the CPU model, core count, kernel and load average (other people's work
+//! Every report records the CPU model, core count, kernel and load average (other work
 //! on a shared machine shows up there), and, given the server's pid, its resident memory and
 //! CPU time, so memory per connection and server CPU use come from the same run.
 
