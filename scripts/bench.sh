@@ -152,7 +152,7 @@ fi
 if want connect || want saturation || want goals || want latency; then
   start_edge
   if want connect; then
-    load connect connect --target "$TARGET" --conns "$IDLE" --rate 20000 --hold 3 --settle 1 \
+    load connect connect --target "$TARGET" --conns "$IDLE" --rate 20000 --hold 4 --settle 3 \
       --server-pid "$SERVER_PID"
   fi
   if want saturation; then

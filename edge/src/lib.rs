@@ -9,9 +9,11 @@
 //! - [`server`]: startup and shutdown of the whole edge.
 //! - [`shard`]: one shard: accept loop, connections, presence slice, rings.
 //! - [`admin`], [`metrics`]: `/metrics` and `/health`.
+//! - [`alloc`]: idle shards return freed memory to the OS.
 //! - [`auth`]: JWT login tokens. [`idgen`]: message ids. [`hostcheck`]: startup host checks.
 
 pub mod admin;
+pub mod alloc;
 pub mod auth;
 pub mod config;
 pub mod hostcheck;

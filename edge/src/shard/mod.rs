@@ -344,6 +344,8 @@ impl Shard {
     /// cannot wake a glommio executor, so this polls, backing off from 50 µs to 1 ms when idle.
     async fn core_poller(self: Rc<Self>) {
         let mut idle = Duration::from_micros(50);
+        let mut last_collect = std::time::Instant::now();
+        let mut bytes_at_collect = u64::MAX;
         loop {
             let mut busy = false;
             {
@@ -381,6 +383,20 @@ impl Shard {
                     && self.core_backlog.borrow().is_empty()
                 {
                     return;
+                }
+                if idle >= Duration::from_millis(1)
+                    && last_collect.elapsed() >= Duration::from_secs(1)
+                {
+                    // No client bytes for a second: hand the pages freed by the last burst back.
+                    let bytes = self
+                        .metrics
+                        .bytes_in_total
+                        .load(std::sync::atomic::Ordering::Relaxed);
+                    if bytes == bytes_at_collect {
+                        crate::alloc::collect_idle_heap();
+                    }
+                    bytes_at_collect = bytes;
+                    last_collect = std::time::Instant::now();
                 }
                 glommio::timer::sleep(idle).await;
                 idle = (idle * 2).min(Duration::from_millis(1));
@@ -528,5 +544,18 @@ pub async fn run(start: ShardStart) {
 impl std::fmt::Debug for Shard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Shard").field("id", &self.id).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::owner_of;
+
+    #[test]
+    fn owner_hash_matches_the_bus_partitioner() {
+        // The same FNV-1a 64 as `iris_bus::topics::user_hash`: hash("alice") = 0x508b2abb65a03907.
+        assert_eq!(owner_of(b"alice", 4), 3);
+        assert_eq!(owner_of(b"alice", 1), 0);
+        assert_eq!(owner_of(b"", 7), (0xcbf2_9ce4_8422_2325u64 % 7) as usize);
     }
 }
