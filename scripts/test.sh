@@ -4,6 +4,10 @@
 # Ends with one summary line over every test binary: "N passed, N failed, N skipped".
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The tests start their own broker and Redis processes: install them if absent (tansu is a
+# cargo build of about 12 minutes the first time; redis-server comes from Debian).
+scripts/kafka.sh install
+scripts/redis.sh install
 cargo build --workspace --bins
 if [ -z "${IRIS_SCYLLA_NODES:-}" ]; then
   echo "note: IRIS_SCYLLA_NODES is not set: no ScyllaDB tests run (none can run on this machine)"

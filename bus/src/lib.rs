@@ -1,7 +1,31 @@
 //! `iris-bus`: what crosses node boundaries in an Iris cluster.
 //!
-//! This crate will hold the rkyv-archived bus frames (deliver, ack, login drain, presence,
-//! receipts, cross-region route), each starting with a version byte, and the two transports
-//! behind one interface: the in-process transport used by the embedded one-box deployment and a
-//! Kafka transport on rdkafka for the regional cluster. Not built yet: the embedded deployment
-//! currently wires the edge shards straight to the in-process core in `iris-core`.
+//! This crate holds the bus frames ([`frame`]: deliver, ack, login drain request and chunk,
+//! presence, relay of typing and receipts, cross-region route), archived with rkyv and read in
+//! place from any byte buffer after validation ([`codec`]: every encoded frame starts with a
+//! version byte, [`VERSION`]), and the topic layout with the user partitioning ([`topics`]).
+//! `docs/BUS.md` documents the wire rules and the layout.
+//! [`kafka`]: the Kafka transport on rdkafka (a producer thread fed by one ring per shard, with
+//! `QueueFull` backpressure; a consumer thread handing frames to the owning shard's queue; topic
+//! creation at startup).
+//!
+//! Not built yet: the one interface that lets the edge use either the in-process core (the
+//! embedded one-box deployment, wired today straight to `iris-core`) or this Kafka transport.
+
+#![forbid(unsafe_code)]
+
+pub mod codec;
+pub mod frame;
+pub mod kafka;
+pub mod topics;
+
+pub use codec::{
+    decode, decode_counted, encode, encode_into, to_owned, BusError, FrameCounts, FrameStats,
+    VERSION,
+};
+pub use frame::{
+    Ack, ArchivedAck, ArchivedBusFrame, ArchivedDeliver, ArchivedDrainChunk, ArchivedDrainRequest,
+    ArchivedDrained, ArchivedPresence, ArchivedRelay, ArchivedRelayKind, ArchivedRoute,
+    ArchivedRouted, BusFrame, Deliver, DrainChunk, DrainRequest, Drained, FrameKind, Presence,
+    Relay, RelayKind, Route, Routed,
+};

@@ -1,0 +1,253 @@
+//! The Kafka consumer thread: records from a consumer group to the owning shards' channels.
+//!
+//! One OS thread owns one rdkafka `BaseConsumer` (`auto.offset.reset=earliest`, no automatic
+//! commit). Each record is copied into an [`InFrame`] and handed to `outputs[route(partition,
+//! n)]` with a blocking send: a slow shard stops this thread, which stops fetching, which is
+//! the backpressure towards the broker. Offsets are committed (asynchronously, every
+//! [`COMMIT_EVERY`] at most, synchronously at stop) only for frames already handed over, so
+//! delivery is at-least-once: after a crash or a rebalance some frames come again.
+//!
+//! Payloads are raw bytes; the receiver validates them with [`crate::decode_counted`], which
+//! counts and skips bad frames, so a corrupted record never stops the flow.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crossbeam::channel::{SendTimeoutError, Sender};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::ClientContext;
+
+use super::{KafkaConfig, TransportError};
+
+/// Offsets are committed at most this often while frames flow.
+const COMMIT_EVERY: Duration = Duration::from_millis(100);
+
+/// One record as consumed: where it came from and its value, copied out of rdkafka's buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InFrame {
+    pub topic: Arc<str>,
+    pub partition: i32,
+    pub offset: i64,
+    pub payload: Vec<u8>,
+}
+
+/// The default route: partition `p` goes to output `p mod n`.
+pub fn route_by_partition(partition: i32, outputs: usize) -> usize {
+    partition.max(0) as usize % outputs.max(1)
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    stop: AtomicBool,
+    frames: AtomicU64,
+    commits: AtomicU64,
+    commit_errors: AtomicU64,
+    errors: AtomicU64,
+    logged_error: AtomicBool,
+}
+
+/// A snapshot of the consumer's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConsumerStats {
+    /// Records handed to the outputs.
+    pub frames: u64,
+    /// Offset commits issued.
+    pub commits: u64,
+    /// Offset commits refused (the frames come again: at-least-once).
+    pub commit_errors: u64,
+    /// Consume and client errors (broker down, transport failures).
+    pub errors: u64,
+}
+
+struct Ctx {
+    shared: Arc<Shared>,
+}
+
+impl ClientContext for Ctx {
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.shared.errors.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(error = %error, reason, "kafka consumer client error");
+    }
+}
+
+impl ConsumerContext for Ctx {}
+
+/// The handle of a consumer thread; dropping it stops the thread (committing what was handed
+/// over).
+#[derive(Debug)]
+pub struct KafkaConsumer {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl KafkaConsumer {
+    /// Joins consumer group `group_id` on `topics` and starts handing records to `outputs`,
+    /// the output for a record chosen by `route(partition, outputs.len())` (taken modulo the
+    /// number of outputs). The thread ends when stopped or when every output is closed.
+    pub fn start<R>(
+        cfg: &KafkaConfig,
+        group_id: &str,
+        topics: Vec<String>,
+        outputs: Vec<Sender<InFrame>>,
+        route: R,
+    ) -> Result<KafkaConsumer, TransportError>
+    where
+        R: Fn(i32, usize) -> usize + Send + 'static,
+    {
+        let shared = Arc::new(Shared::default());
+        let consumer: BaseConsumer<Ctx> = cfg
+            .base_client_config()
+            .set("group.id", group_id)
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            .create_with_context(Ctx {
+                shared: Arc::clone(&shared),
+            })
+            .map_err(TransportError::Config)?;
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&names)
+            .map_err(TransportError::Subscribe)?;
+        let thread_shared = Arc::clone(&shared);
+        let thread = thread::Builder::new()
+            .name("iris-kafka-consumer".to_owned())
+            .spawn(move || run(consumer, thread_shared, outputs, route))
+            .map_err(TransportError::Thread)?;
+        Ok(KafkaConsumer {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> ConsumerStats {
+        let s = &self.shared;
+        ConsumerStats {
+            frames: s.frames.load(Ordering::Relaxed),
+            commits: s.commits.load(Ordering::Relaxed),
+            commit_errors: s.commit_errors.load(Ordering::Relaxed),
+            errors: s.errors.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stops the thread after its current record, commits what was handed over, and waits.
+    pub fn stop(mut self) -> Result<ConsumerStats, TransportError> {
+        self.stop_inner()?;
+        Ok(self.stats())
+    }
+
+    fn stop_inner(&mut self) -> Result<(), TransportError> {
+        let Some(thread) = self.thread.take() else {
+            return Ok(());
+        };
+        self.shared.stop.store(true, Ordering::Release);
+        thread.join().map_err(|_| TransportError::ThreadPanicked)
+    }
+}
+
+impl Drop for KafkaConsumer {
+    fn drop(&mut self) {
+        let _ = self.stop_inner();
+    }
+}
+
+fn run<R>(consumer: BaseConsumer<Ctx>, shared: Arc<Shared>, outputs: Vec<Sender<InFrame>>, route: R)
+where
+    R: Fn(i32, usize) -> usize,
+{
+    let n = outputs.len();
+    if n == 0 {
+        tracing::warn!("kafka consumer started without outputs, stopping");
+        return;
+    }
+    // Next offset to commit for each (topic, partition) handed over since the last commit.
+    let mut uncommitted: HashMap<(Arc<str>, i32), i64> = HashMap::new();
+    let mut topic_names: HashMap<String, Arc<str>> = HashMap::new();
+    let mut last_commit = Instant::now();
+    'poll: while !shared.stop.load(Ordering::Acquire) {
+        match consumer.poll(Duration::from_millis(100)) {
+            None => {}
+            Some(Err(e)) => {
+                shared.errors.fetch_add(1, Ordering::Relaxed);
+                if !shared.logged_error.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "kafka consume error (logged once, counted after)");
+                } else {
+                    tracing::debug!(error = %e, "kafka consume error");
+                }
+            }
+            Some(Ok(msg)) => {
+                let topic = match topic_names.get(msg.topic()) {
+                    Some(t) => Arc::clone(t),
+                    None => {
+                        let t: Arc<str> = Arc::from(msg.topic());
+                        topic_names.insert(msg.topic().to_owned(), Arc::clone(&t));
+                        t
+                    }
+                };
+                let mut frame = InFrame {
+                    topic: Arc::clone(&topic),
+                    partition: msg.partition(),
+                    offset: msg.offset(),
+                    payload: msg.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                };
+                drop(msg);
+                let (partition, offset) = (frame.partition, frame.offset);
+                let out = &outputs[route(frame.partition, n) % n];
+                loop {
+                    match out.send_timeout(frame, Duration::from_millis(100)) {
+                        Ok(()) => break,
+                        Err(SendTimeoutError::Timeout(f)) => {
+                            if shared.stop.load(Ordering::Acquire) {
+                                break 'poll;
+                            }
+                            frame = f;
+                        }
+                        Err(SendTimeoutError::Disconnected(f)) => {
+                            tracing::info!(
+                                topic = %f.topic,
+                                partition = f.partition,
+                                "kafka consumer output closed, stopping"
+                            );
+                            break 'poll;
+                        }
+                    }
+                }
+                shared.frames.fetch_add(1, Ordering::Relaxed);
+                uncommitted.insert((topic, partition), offset + 1);
+            }
+        }
+        if !uncommitted.is_empty() && last_commit.elapsed() >= COMMIT_EVERY {
+            commit(&consumer, &shared, &mut uncommitted, CommitMode::Async);
+            last_commit = Instant::now();
+        }
+    }
+    if !uncommitted.is_empty() {
+        commit(&consumer, &shared, &mut uncommitted, CommitMode::Sync);
+    }
+}
+
+fn commit(
+    consumer: &BaseConsumer<Ctx>,
+    shared: &Shared,
+    uncommitted: &mut HashMap<(Arc<str>, i32), i64>,
+    mode: CommitMode,
+) {
+    let mut tpl = TopicPartitionList::with_capacity(uncommitted.len());
+    for ((topic, partition), next) in uncommitted.drain() {
+        if let Err(e) = tpl.add_partition_offset(&topic, partition, Offset::Offset(next)) {
+            tracing::debug!(error = %e, topic = %topic, partition, "kafka offset not added to commit");
+        }
+    }
+    shared.commits.fetch_add(1, Ordering::Relaxed);
+    if let Err(e) = consumer.commit(&tpl, mode) {
+        shared.commit_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(error = %e, "kafka offset commit refused, frames may come again");
+    }
+}

@@ -1,0 +1,546 @@
+//! The Kafka transport against a real broker: each test starts its own tansu on a free
+//! loopback port (memory storage, or a sqlite file where the data must survive a restart) and
+//! kills it when done. Needs `tansu` on PATH or in ~/.cargo/bin (`scripts/kafka.sh install`).
+
+use std::collections::{HashMap, HashSet};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam::channel::{bounded, Receiver};
+use iris_bus::kafka::{
+    ensure_topics, ensure_topics_within, route_by_partition, InFrame, KafkaConfig, KafkaConsumer,
+    KafkaProducer, OutFrame,
+};
+use iris_bus::{decode_counted, encode, BusFrame, Deliver, FrameStats};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::DefaultProducerContext;
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+fn tansu_bin() -> PathBuf {
+    if let Ok(path) = std::env::var("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let p = dir.join("tansu");
+            if p.is_file() {
+                return p;
+            }
+        }
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        let p = Path::new(&home).join(".cargo/bin/tansu");
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!("tansu not found: run scripts/kafka.sh install");
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A tansu broker owned by one test; killed on drop.
+struct Tansu {
+    child: Option<Child>,
+    port: u16,
+    storage: String,
+    dir: tempfile::TempDir,
+}
+
+impl Tansu {
+    /// A broker with memory storage (lost when it stops).
+    fn memory() -> Tansu {
+        Tansu::start(None)
+    }
+
+    /// A broker whose data lives in a sqlite file in its temporary directory (kept across
+    /// restarts).
+    fn sqlite() -> Tansu {
+        Tansu::start(Some("broker.db"))
+    }
+
+    fn start(sqlite_file: Option<&str>) -> Tansu {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = match sqlite_file {
+            // tansu resolves the path against its working directory: start it in `/` and
+            // give an absolute path.
+            Some(f) => format!("sqlite://{}", dir.path().join(f).display()),
+            None => "memory://tansu/".to_owned(),
+        };
+        let mut t = Tansu {
+            child: None,
+            port: free_port(),
+            storage,
+            dir,
+        };
+        t.spawn();
+        t
+    }
+
+    fn spawn(&mut self) {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("tansu.log"))
+            .unwrap();
+        let child = Command::new(tansu_bin())
+            .current_dir("/")
+            .env_remove("CLUSTER_ID")
+            .env_remove("LISTENER_URL")
+            .env_remove("ADVERTISED_LISTENER_URL")
+            .env_remove("STORAGE_ENGINE")
+            .env("RUST_LOG", "warn")
+            .args(["broker", "--cluster-id", "iris-test"])
+            .args(["--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", &self.storage])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("tansu could not be started: {e}"));
+        self.child = Some(child);
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("tansu exited at startup ({status}): {}", self.log());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "tansu did not listen within 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("tansu.log")).unwrap_or_default()
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn config(&self, client_id: &str) -> KafkaConfig {
+        KafkaConfig {
+            brokers: self.brokers(),
+            client_id: client_id.to_owned(),
+            ..KafkaConfig::default()
+        }
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Receives from all `rxs` until `want` frames arrived or `timeout` passed.
+fn collect(rxs: &[Receiver<InFrame>], want: usize, timeout: Duration) -> Vec<InFrame> {
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::with_capacity(want);
+    while out.len() < want && Instant::now() < deadline {
+        let mut got = false;
+        for rx in rxs {
+            while let Ok(f) = rx.try_recv() {
+                out.push(f);
+                got = true;
+            }
+        }
+        if !got {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    out
+}
+
+fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Pushes `frame` into `ring`, retrying while it is full (at most 10 s).
+fn send_retrying(ring: &iris_bus::kafka::ProducerRing, mut frame: OutFrame) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match ring.try_send(frame) {
+            Ok(()) => return,
+            Err(f) => {
+                assert!(Instant::now() < deadline, "ring stayed full for 10 s");
+                frame = f;
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+    }
+}
+
+#[test]
+fn produces_and_consumes_10000_frames_exactly_once_in_order() {
+    init_tracing();
+    let broker = Tansu::memory();
+    let cfg = broker.config("t-roundtrip");
+    let topic = "iris.test.roundtrip".to_owned();
+    ensure_topics(&cfg, &[(topic.clone(), 4)]).unwrap();
+
+    let (producer, rings) = KafkaProducer::start(&cfg, 2).unwrap();
+    let topic_arc: Arc<str> = Arc::from(topic.as_str());
+    const PER_RING: usize = 5_000;
+    std::thread::scope(|s| {
+        for (r, ring) in rings.iter().enumerate() {
+            let topic_arc = Arc::clone(&topic_arc);
+            s.spawn(move || {
+                for seq in 0..PER_RING {
+                    let frame = OutFrame {
+                        topic: Arc::clone(&topic_arc),
+                        partition: (seq % 4) as i32,
+                        key: None,
+                        payload: format!("{r}:{seq}").into_bytes(),
+                    };
+                    send_retrying(ring, frame);
+                }
+            });
+        }
+    });
+
+    let (txs, rxs): (Vec<_>, Vec<_>) = (0..2).map(|_| bounded::<InFrame>(1024)).unzip();
+    let consumer = KafkaConsumer::start(
+        &cfg,
+        "g-roundtrip",
+        vec![topic.clone()],
+        txs,
+        route_by_partition,
+    )
+    .unwrap();
+    let frames = collect(&rxs, 2 * PER_RING, Duration::from_secs(30));
+    let pstats = producer.flush_and_stop(Duration::from_secs(10)).unwrap();
+    assert_eq!(pstats.frames_in, 2 * PER_RING as u64);
+    assert_eq!(pstats.produced_ok, 2 * PER_RING as u64);
+    assert_eq!(pstats.delivery_errors, 0);
+    assert_eq!(
+        frames.len(),
+        2 * PER_RING,
+        "consumed {} frames",
+        frames.len()
+    );
+
+    // Exactly once per (partition, offset) and per payload; offsets increase per partition.
+    let mut seen_at = HashSet::new();
+    let mut payloads = HashSet::new();
+    let mut last_offset: HashMap<i32, i64> = HashMap::new();
+    let mut last_seq: HashMap<(i32, usize), usize> = HashMap::new();
+    for f in &frames {
+        assert_eq!(&*f.topic, topic.as_str());
+        assert!(seen_at.insert((f.partition, f.offset)), "duplicate {f:?}");
+        assert!(
+            payloads.insert(f.payload.clone()),
+            "duplicate payload {f:?}"
+        );
+        if let Some(prev) = last_offset.insert(f.partition, f.offset) {
+            assert!(
+                f.offset > prev,
+                "offsets out of order on partition {}",
+                f.partition
+            );
+        }
+        // Route: partition p went to output p mod 2 (checked through the ring order below).
+        let text = std::str::from_utf8(&f.payload).unwrap();
+        let (r, seq) = text.split_once(':').unwrap();
+        let (r, seq): (usize, usize) = (r.parse().unwrap(), seq.parse().unwrap());
+        assert_eq!(
+            f.partition as usize,
+            seq % 4,
+            "frame on the wrong partition"
+        );
+        if let Some(prev) = last_seq.insert((f.partition, r), seq) {
+            assert!(
+                seq > prev,
+                "ring {r} frames out of order on partition {}",
+                f.partition
+            );
+        }
+    }
+    let cstats = consumer.stop().unwrap();
+    assert_eq!(cstats.frames, 2 * PER_RING as u64);
+}
+
+#[test]
+fn consumer_routes_partitions_to_their_outputs() {
+    init_tracing();
+    let broker = Tansu::memory();
+    let cfg = broker.config("t-route");
+    let topic = "iris.test.route".to_owned();
+    ensure_topics(&cfg, &[(topic.clone(), 4)]).unwrap();
+    let (producer, rings) = KafkaProducer::start(&cfg, 1).unwrap();
+    let t: Arc<str> = Arc::from(topic.as_str());
+    for i in 0..40 {
+        send_retrying(
+            &rings[0],
+            OutFrame {
+                topic: Arc::clone(&t),
+                partition: i % 4,
+                key: Some(vec![i as u8]),
+                payload: vec![i as u8],
+            },
+        );
+    }
+    producer.flush_and_stop(Duration::from_secs(10)).unwrap();
+    let (txs, rxs): (Vec<_>, Vec<_>) = (0..3).map(|_| bounded::<InFrame>(64)).unzip();
+    let _consumer = KafkaConsumer::start(&cfg, "g-route", vec![topic], txs, |p, n| {
+        (p as usize + 1) % n
+    })
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut got = 0;
+    while got < 40 && Instant::now() < deadline {
+        for (i, rx) in rxs.iter().enumerate() {
+            while let Ok(f) = rx.try_recv() {
+                assert_eq!(
+                    (f.partition as usize + 1) % 3,
+                    i,
+                    "frame on the wrong output"
+                );
+                got += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(got, 40);
+}
+
+fn partitions_of(cfg: &KafkaConfig, topic: &str) -> usize {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &cfg.brokers)
+        .create()
+        .unwrap();
+    let md = c
+        .fetch_metadata(Some(topic), Duration::from_secs(5))
+        .unwrap();
+    md.topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .map_or(0, |t| t.partitions().len())
+}
+
+#[test]
+fn ensure_topics_is_idempotent() {
+    init_tracing();
+    let broker = Tansu::memory();
+    let cfg = broker.config("t-topics");
+    let a = ("iris.test.a".to_owned(), 3);
+    let b = ("iris.test.b".to_owned(), 2);
+    ensure_topics(&cfg, std::slice::from_ref(&a)).unwrap();
+    ensure_topics(&cfg, std::slice::from_ref(&a)).unwrap();
+    ensure_topics(&cfg, &[a.clone(), b.clone()]).unwrap();
+    ensure_topics(&cfg, &[a.clone(), b.clone()]).unwrap();
+    assert_eq!(partitions_of(&cfg, &a.0), 3);
+    assert_eq!(partitions_of(&cfg, &b.0), 2);
+}
+
+#[test]
+fn ensure_topics_fails_when_no_broker_answers() {
+    // Nothing listens on this port; the error comes after the bounded wait, not a hang.
+    let cfg = KafkaConfig {
+        brokers: format!("127.0.0.1:{}", free_port()),
+        ..KafkaConfig::default()
+    };
+    let start = Instant::now();
+    let err = ensure_topics_within(
+        &cfg,
+        &[("iris.test.none".to_owned(), 1)],
+        Duration::from_secs(2),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            iris_bus::kafka::TransportError::BrokerUnreachable { .. }
+        ),
+        "{err}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(10));
+}
+
+fn deliver(id: u64) -> Vec<u8> {
+    encode(&BusFrame::Deliver(Deliver {
+        id,
+        recipient: b"bob".to_vec(),
+        sender: b"alice".to_vec(),
+        payload: format!("hello {id}").into_bytes(),
+        origin: "eu".to_owned(),
+    }))
+    .unwrap()
+}
+
+#[test]
+fn corrupted_record_is_skipped_and_the_consumer_goes_on() {
+    init_tracing();
+    let broker = Tansu::memory();
+    let cfg = broker.config("t-corrupt");
+    let topic = "iris.test.corrupt".to_owned();
+    ensure_topics(&cfg, &[(topic.clone(), 1)]).unwrap();
+
+    // A plain rdkafka producer writes good frames around two bad records, in one partition.
+    let plain: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", broker.brokers())
+        .set("linger.ms", "0")
+        .create()
+        .unwrap();
+    let mut corrupt = deliver(99);
+    let last = corrupt.len() - 1;
+    corrupt[1..last].iter_mut().for_each(|b| *b = 0xff);
+    let unknown_version = {
+        let mut v = deliver(98);
+        v[0] = 200;
+        v
+    };
+    let records: Vec<Vec<u8>> = (0..5)
+        .map(deliver)
+        .chain([corrupt, unknown_version])
+        .chain((5..10).map(deliver))
+        .collect();
+    for r in &records {
+        plain
+            .send(BaseRecord::<(), _>::to(&topic).partition(0).payload(r))
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    plain.flush(Duration::from_secs(10)).unwrap();
+
+    let (tx, rx) = bounded::<InFrame>(64);
+    let consumer =
+        KafkaConsumer::start(&cfg, "g-corrupt", vec![topic], vec![tx], route_by_partition).unwrap();
+    let frames = collect(
+        std::slice::from_ref(&rx),
+        records.len(),
+        Duration::from_secs(20),
+    );
+    assert_eq!(frames.len(), records.len());
+    let stats = FrameStats::new();
+    let mut ids = Vec::new();
+    for f in &frames {
+        if let Ok(iris_bus::ArchivedBusFrame::Deliver(d)) = decode_counted(&stats, &f.payload) {
+            ids.push(d.id.to_native());
+        }
+    }
+    assert_eq!(ids, (0..10).collect::<Vec<u64>>());
+    let counts = stats.counts();
+    assert_eq!(
+        (counts.ok, counts.invalid, counts.unknown_version),
+        (10, 1, 1)
+    );
+    assert_eq!(consumer.stats().frames, 12);
+}
+
+#[test]
+fn broker_down_fills_the_rings_and_nothing_accepted_is_lost() {
+    init_tracing();
+    let mut broker = Tansu::sqlite();
+    let cfg = KafkaConfig {
+        ring_capacity: 500,
+        queue_max_messages: 1_000,
+        ..broker.config("t-down")
+    };
+    let topic = "iris.test.down".to_owned();
+    ensure_topics(&cfg, &[(topic.clone(), 2)]).unwrap();
+    let (producer, rings) = KafkaProducer::start(&cfg, 1).unwrap();
+    let ring = &rings[0];
+    let t: Arc<str> = Arc::from(topic.as_str());
+    let frame = |seq: u64| OutFrame {
+        topic: Arc::clone(&t),
+        partition: (seq % 2) as i32,
+        key: None,
+        payload: seq.to_le_bytes().to_vec(),
+    };
+
+    // Up: 100 frames acknowledged.
+    let mut accepted = 0u64;
+    for _ in 0..100 {
+        send_retrying(ring, frame(accepted));
+        accepted += 1;
+    }
+    wait_for("the first 100 acks", Duration::from_secs(15), || {
+        producer.stats().produced_ok == 100
+    });
+
+    // Down: rdkafka's queue fills, then the ring; try_send reports full, nothing panics.
+    broker.kill();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while ring.try_send(frame(accepted)).is_ok() {
+        accepted += 1;
+        assert!(Instant::now() < deadline, "the ring never reported full");
+        if accepted.is_multiple_of(100) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    let s = producer.stats();
+    assert!(s.ring_full >= 1 && s.queue_full_events >= 1, "{s:?}");
+    assert!(
+        ring.len() == ring.capacity(),
+        "ring not full: {}",
+        ring.len()
+    );
+    // Bounded: everything accepted is in the ring, held by the thread, or in rdkafka.
+    assert!(accepted - 100 <= (cfg.ring_capacity + cfg.queue_max_messages + 1) as u64);
+    // Stays full while the broker is down.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(ring.try_send(frame(accepted)).is_err());
+
+    // Back: everything accepted is produced, then consumed.
+    broker.restart();
+    wait_for(
+        "every accepted frame acknowledged",
+        Duration::from_secs(30),
+        || producer.stats().produced_ok >= accepted,
+    );
+    let s = producer.flush_and_stop(Duration::from_secs(10)).unwrap();
+    assert_eq!(s.frames_in, accepted);
+
+    let (txs, rxs): (Vec<_>, Vec<_>) = (0..2).map(|_| bounded::<InFrame>(4096)).unzip();
+    let _consumer =
+        KafkaConsumer::start(&cfg, "g-down", vec![topic], txs, route_by_partition).unwrap();
+    let frames = collect(&rxs, accepted as usize, Duration::from_secs(20));
+    let seqs: HashSet<u64> = frames
+        .iter()
+        .map(|f| u64::from_le_bytes(f.payload[..8].try_into().unwrap()))
+        .collect();
+    let missing: Vec<u64> = (0..accepted).filter(|s| !seqs.contains(s)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {accepted} accepted frames lost, first {:?}; tansu log:\n{}",
+        missing.len(),
+        &missing[..missing.len().min(10)],
+        broker.log()
+    );
+}
