@@ -3,6 +3,8 @@
 //! - [`CoreError::Io`] and [`CoreError::Storage`]: the environment failed (disk full, I/O error,
 //!   the storage engine refused a write). Transient or operator-fixable; the embedded core keeps
 //!   the affected operations and retries them.
+//! - [`CoreError::Redis`]: the session store (Redis) failed: unreachable, timed out, or it
+//!   refused a command. Environment, transient; the session writer keeps state and retries.
 //! - [`CoreError::InvalidInput`]: the caller asked for something the store cannot encode (a
 //!   user name or sender longer than the key/value layout allows). Nothing was written.
 //! - [`CoreError::Corrupt`] and [`CoreError::ThreadPanicked`]: internal faults — stored bytes
@@ -20,6 +22,10 @@ pub enum CoreError {
     /// journal write fjall also refuses further writes (`Poisoned`) until the process restarts.
     #[error("storage backend error: {0}")]
     Storage(fjall::Error),
+
+    /// The session store (Redis) failed: connect, I/O, timeout, or a refused command.
+    #[error("redis backend error: {0}")]
+    Redis(#[from] redis::RedisError),
 
     /// Stored bytes that do not decode: an internal fault (a bug or on-disk damage).
     #[error("corrupt {what}: {detail}")]

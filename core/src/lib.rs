@@ -10,11 +10,14 @@
 //! - [`api`]: the request and reply types that cross the shard/core boundary.
 //! - [`store`]: the durable message store (inbox per user, prekey bundles).
 //! - [`embedded`]: the core thread: group commit, ack cancellation, ordered login drains.
+//! - [`sessions`]: Redis sessions (`session:{user}`): a batching, pipelining writer thread fed
+//!   by non-blocking per-shard sinks, and a blocking reader for the core.
 //! - [`error`]: [`CoreError`], classified by cause (environment, invalid input, internal).
 
 pub mod api;
 pub mod embedded;
 pub mod error;
+pub mod sessions;
 pub mod store;
 
 pub use api::{CoreReply, CoreRequest, ShardLink, StoredMsg};

@@ -1,0 +1,1020 @@
+//! Sessions in Redis: where each logged-in user is connected.
+//!
+//! Every user with a session has a Redis hash at `session:{user}` (the user's bytes appended
+//! verbatim to `b"session:"`, so names may hold `:` or non-UTF-8 bytes) with the fields
+//! `node`, `shard`, `region`, `last_seen` (unix seconds; `0` while online) and `online`
+//! (`1`/`0`). The key carries a TTL ([`SessionConfig::ttl_secs`], 24 h by default) that is
+//! refreshed while the user stays connected.
+//!
+//! Writes never happen on a shard's hot path. A shard owns a [`SessionSink`] and calls
+//! [`SessionSink::try_send`], which never blocks: it pushes a [`SessionOp`] into a bounded
+//! crossbeam queue (one per producer) or hands the op back when the queue is full. A single
+//! [`SessionWriter`] thread (`iris-sessions`) drains the queues and coalesces the ops per user
+//! (the latest state wins; a refresh folds into a pending write), then writes the coalesced
+//! state every [`SessionConfig::flush_interval_ms`] or every [`SessionConfig::max_batch`] ops as
+//! one pipelined round trip (`HSET` + `EXPIRE` per user). Every
+//! [`SessionConfig::refresh_interval_secs`] it re-arms the TTL (`EXPIRE`) of every user it last
+//! wrote as online, in pipelined batches.
+//!
+//! When Redis is down the writer keeps the coalesced state in memory (one entry per distinct
+//! user), reconnects with a backoff of 10 ms doubling to 1 s, counts the errors, logs the first
+//! failure and the recovery once each, and writes everything when Redis is back.
+//! [`SessionMetrics`] exposes the counters.
+//!
+//! [`SessionReader`] is the lookup side for the core (a plain thread where blocking is fine):
+//! [`SessionReader::get`] and the pipelined [`SessionReader::get_many`]; it reconnects after a
+//! connection error.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam::channel::{self, Receiver, Select, Sender, TryRecvError, TrySendError};
+use redis::{Client, Connection, RedisError, RedisResult, Value};
+
+use crate::error::CoreError;
+
+/// Key prefix of a session hash; the user's bytes follow verbatim.
+pub const KEY_PREFIX: &[u8] = b"session:";
+
+/// Initial reconnect backoff.
+const BACKOFF_MIN: Duration = Duration::from_millis(10);
+/// Largest reconnect backoff.
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Pipelines written per loop turn before the writer goes back to draining its queues (bounds
+/// how long the queues go unread while a backlog is written after an outage).
+const CHUNKS_PER_TURN: usize = 8;
+
+/// The Redis key of `user`'s session: `b"session:"` followed by the user's bytes.
+pub fn session_key(user: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(KEY_PREFIX.len() + user.len());
+    key.extend_from_slice(KEY_PREFIX);
+    key.extend_from_slice(user);
+    key
+}
+
+/// Settings of the session writer and reader.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionConfig {
+    /// Redis URL, e.g. `redis://127.0.0.1:6379/`. Default `redis://127.0.0.1:6379/`.
+    pub url: String,
+    /// TTL of a session key, re-armed on every write and refresh. Default 86,400 (24 h).
+    pub ttl_secs: u64,
+    /// Longest time an op waits in the writer before it is written. Default 5 ms.
+    pub flush_interval_ms: u64,
+    /// Ops (and users per pipeline) that trigger a write before the interval ends. Default 1024.
+    pub max_batch: usize,
+    /// Interval between TTL refreshes of every user the writer knows online. Default 3600 s.
+    pub refresh_interval_secs: u64,
+    /// Capacity of each producer's queue; a full queue makes `try_send` fail. Default 4096.
+    pub channel_capacity: usize,
+    /// TCP connect (and connection setup) timeout. Default 500 ms.
+    pub connect_timeout_ms: u64,
+    /// Read and write timeout of a round trip. Default 1000 ms.
+    pub io_timeout_ms: u64,
+    /// How long `shutdown` keeps trying to write what is pending. Default 2000 ms.
+    pub shutdown_timeout_ms: u64,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379/".to_owned(),
+            ttl_secs: 86_400,
+            flush_interval_ms: 5,
+            max_batch: 1024,
+            refresh_interval_secs: 3600,
+            channel_capacity: 4096,
+            connect_timeout_ms: 500,
+            io_timeout_ms: 1000,
+            shutdown_timeout_ms: 2000,
+        }
+    }
+}
+
+impl SessionConfig {
+    /// The defaults with another URL.
+    pub fn with_url(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            ..Self::default()
+        }
+    }
+}
+
+/// A user's session as stored in Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRecord {
+    /// Edge node that holds (or last held) the user's connection.
+    pub node: String,
+    /// Shard on that node.
+    pub shard: u16,
+    /// Region of that node.
+    pub region: String,
+    /// Unix seconds of the logout; 0 while online.
+    pub last_seen: u64,
+    /// Whether the user is connected.
+    pub online: bool,
+}
+
+/// A session change sent by a shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionOp {
+    /// The user logged in on `node`/`shard` in `region`.
+    Online {
+        /// User id bytes.
+        user: Vec<u8>,
+        /// Edge node id.
+        node: String,
+        /// Shard on that node.
+        shard: u16,
+        /// Region of that node.
+        region: String,
+    },
+    /// The user disconnected at `last_seen` (unix seconds).
+    Offline {
+        /// User id bytes.
+        user: Vec<u8>,
+        /// Unix seconds of the logout.
+        last_seen: u64,
+    },
+    /// The user is still connected: re-arm the TTL.
+    Refresh {
+        /// User id bytes.
+        user: Vec<u8>,
+    },
+}
+
+impl SessionOp {
+    /// The user this op is about.
+    pub fn user(&self) -> &[u8] {
+        match self {
+            Self::Online { user, .. } | Self::Offline { user, .. } | Self::Refresh { user } => user,
+        }
+    }
+}
+
+/// Counters of the session writer (all monotonic except `pending_users`).
+#[derive(Debug, Default)]
+pub struct SessionMetrics {
+    /// Ops the writer thread received from its queues.
+    pub ops_in: AtomicU64,
+    /// Ops handed back by `try_send` because the queue was full (or the writer gone).
+    pub rejected: AtomicU64,
+    /// Coalesced per-user writes acknowledged by Redis (`HSET`+`EXPIRE` or a lone `EXPIRE`).
+    pub writes: AtomicU64,
+    /// TTL refreshes of online users acknowledged by Redis (the periodic sweep).
+    pub refreshes: AtomicU64,
+    /// Round trips (pipelines) that succeeded.
+    pub pipelines: AtomicU64,
+    /// Failed connects, failed round trips and commands Redis refused.
+    pub errors: AtomicU64,
+    /// Successful connects after a failure.
+    pub reconnects: AtomicU64,
+    /// Users with a write waiting in memory (a gauge).
+    pub pending_users: AtomicU64,
+}
+
+/// A plain copy of [`SessionMetrics`] at one instant.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionMetricsSnapshot {
+    /// See [`SessionMetrics::ops_in`].
+    pub ops_in: u64,
+    /// See [`SessionMetrics::rejected`].
+    pub rejected: u64,
+    /// See [`SessionMetrics::writes`].
+    pub writes: u64,
+    /// See [`SessionMetrics::refreshes`].
+    pub refreshes: u64,
+    /// See [`SessionMetrics::pipelines`].
+    pub pipelines: u64,
+    /// See [`SessionMetrics::errors`].
+    pub errors: u64,
+    /// See [`SessionMetrics::reconnects`].
+    pub reconnects: u64,
+    /// See [`SessionMetrics::pending_users`].
+    pub pending_users: u64,
+}
+
+impl SessionMetrics {
+    /// Reads every counter (each atomically, not all at one instant).
+    pub fn snapshot(&self) -> SessionMetricsSnapshot {
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        SessionMetricsSnapshot {
+            ops_in: r(&self.ops_in),
+            rejected: r(&self.rejected),
+            writes: r(&self.writes),
+            refreshes: r(&self.refreshes),
+            pipelines: r(&self.pipelines),
+            errors: r(&self.errors),
+            reconnects: r(&self.reconnects),
+            pending_users: r(&self.pending_users),
+        }
+    }
+
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// A producer's end of the writer's queue (one per shard).
+#[derive(Debug)]
+pub struct SessionSink {
+    tx: Sender<SessionOp>,
+    metrics: Arc<SessionMetrics>,
+}
+
+impl SessionSink {
+    /// Queues `op` for the writer. Never blocks: when the queue is full (or the writer has
+    /// stopped) the op comes back as `Err(op)` and the caller decides (retry later, drop a
+    /// refresh, ...).
+    pub fn try_send(&self, op: SessionOp) -> Result<(), SessionOp> {
+        match self.tx.try_send(op) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(op) | TrySendError::Disconnected(op)) => {
+                SessionMetrics::add(&self.metrics.rejected, 1);
+                Err(op)
+            }
+        }
+    }
+
+    /// The writer's counters.
+    pub fn metrics(&self) -> &Arc<SessionMetrics> {
+        &self.metrics
+    }
+}
+
+/// The session writer thread; [`SessionWriter::shutdown`] (or drop) flushes and joins it.
+#[derive(Debug)]
+pub struct SessionWriter {
+    ctl: Option<Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+    metrics: Arc<SessionMetrics>,
+}
+
+impl SessionWriter {
+    /// Starts the writer thread (`iris-sessions`) and returns it with one sink per producer.
+    ///
+    /// Redis need not be up: the writer connects in the background and keeps ops in memory
+    /// until it can write them. Fails only on an unparsable URL or when the thread cannot be
+    /// spawned.
+    pub fn start(
+        cfg: SessionConfig,
+        producers: usize,
+    ) -> Result<(SessionWriter, Vec<SessionSink>), CoreError> {
+        let client = Client::open(cfg.url.as_str())?;
+        let metrics = Arc::new(SessionMetrics::default());
+        let cap = cfg.channel_capacity.max(1);
+        let (txs, rxs): (Vec<_>, Vec<_>) = (0..producers).map(|_| channel::bounded(cap)).unzip();
+        let (ctl_tx, ctl_rx) = channel::bounded(1);
+        let state = WriterState::new(cfg, client, Arc::clone(&metrics));
+        let thread = std::thread::Builder::new()
+            .name("iris-sessions".to_owned())
+            .spawn(move || state.run(ctl_rx, rxs))?;
+        let sinks = txs
+            .into_iter()
+            .map(|tx| SessionSink {
+                tx,
+                metrics: Arc::clone(&metrics),
+            })
+            .collect();
+        Ok((
+            SessionWriter {
+                ctl: Some(ctl_tx),
+                thread: Some(thread),
+                metrics,
+            },
+            sinks,
+        ))
+    }
+
+    /// The writer's counters.
+    pub fn metrics(&self) -> &Arc<SessionMetrics> {
+        &self.metrics
+    }
+
+    /// Drains the queues, writes what is pending (trying for at most
+    /// [`SessionConfig::shutdown_timeout_ms`] while Redis is unreachable) and joins the thread.
+    pub fn shutdown(mut self) -> Result<(), CoreError> {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> Result<(), CoreError> {
+        if let Some(ctl) = self.ctl.take() {
+            // Full or disconnected both mean the thread already knows (or is gone).
+            let _ = ctl.try_send(());
+        }
+        match self.thread.take() {
+            Some(t) => t.join().map_err(|_| CoreError::ThreadPanicked),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for SessionWriter {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+/// The coalesced write waiting for one user.
+#[derive(Debug)]
+enum Pending {
+    Online {
+        node: String,
+        shard: u16,
+        region: String,
+    },
+    Offline {
+        last_seen: u64,
+        /// Where the user was, when an `Online` for it was still pending (so the record is
+        /// complete even if that `Online` never reached Redis).
+        was: Option<(String, u16, String)>,
+    },
+    Refresh,
+}
+
+/// Folds `op` into the pending state of its user: the latest state wins, a refresh folds into
+/// any pending write (which re-arms the TTL anyway).
+fn coalesce(pending: &mut HashMap<Vec<u8>, Pending>, op: SessionOp) {
+    match op {
+        SessionOp::Online {
+            user,
+            node,
+            shard,
+            region,
+        } => {
+            pending.insert(
+                user,
+                Pending::Online {
+                    node,
+                    shard,
+                    region,
+                },
+            );
+        }
+        SessionOp::Offline { user, last_seen } => {
+            let was = match pending.remove(&user) {
+                Some(Pending::Online {
+                    node,
+                    shard,
+                    region,
+                }) => Some((node, shard, region)),
+                Some(Pending::Offline { was, .. }) => was,
+                Some(Pending::Refresh) | None => None,
+            };
+            pending.insert(user, Pending::Offline { last_seen, was });
+        }
+        SessionOp::Refresh { user } => {
+            pending.entry(user).or_insert(Pending::Refresh);
+        }
+    }
+}
+
+/// Appends the commands for one user's pending write; returns how many commands it added.
+fn push_write(pipe: &mut redis::Pipeline, key: &[u8], p: &Pending, ttl: u64) -> usize {
+    match p {
+        Pending::Online {
+            node,
+            shard,
+            region,
+        } => {
+            pipe.cmd("HSET")
+                .arg(key)
+                .arg("node")
+                .arg(node.as_str())
+                .arg("shard")
+                .arg(*shard)
+                .arg("region")
+                .arg(region.as_str())
+                .arg("last_seen")
+                .arg(0u64)
+                .arg("online")
+                .arg(1u8);
+        }
+        Pending::Offline { last_seen, was } => {
+            let h = pipe.cmd("HSET").arg(key);
+            if let Some((node, shard, region)) = was {
+                h.arg("node")
+                    .arg(node.as_str())
+                    .arg("shard")
+                    .arg(*shard)
+                    .arg("region")
+                    .arg(region.as_str());
+            }
+            h.arg("last_seen").arg(*last_seen).arg("online").arg(0u8);
+        }
+        Pending::Refresh => {
+            pipe.cmd("EXPIRE").arg(key).arg(ttl);
+            return 1;
+        }
+    }
+    pipe.cmd("EXPIRE").arg(key).arg(ttl);
+    2
+}
+
+/// True for errors after which the connection cannot be trusted (I/O, timeouts, a dropped or
+/// refused connection); false for a command the server refused.
+fn is_connection_error(e: &RedisError) -> bool {
+    e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal()
+}
+
+fn connect(
+    client: &Client,
+    connect_timeout: Duration,
+    io_timeout: Duration,
+) -> RedisResult<Connection> {
+    let conn = client.get_connection_with_timeout(connect_timeout)?;
+    conn.set_read_timeout(Some(io_timeout))?;
+    conn.set_write_timeout(Some(io_timeout))?;
+    Ok(conn)
+}
+
+/// Everything the writer thread owns.
+struct WriterState {
+    cfg: SessionConfig,
+    client: Client,
+    metrics: Arc<SessionMetrics>,
+    conn: Option<Connection>,
+    /// Whether a connection ever succeeded (later successes count as reconnects).
+    connected_once: bool,
+    /// Earliest time of the next connect attempt while disconnected.
+    next_attempt: Instant,
+    backoff: Duration,
+    /// In an outage (first failure logged, recovery not yet).
+    failing: bool,
+    /// Errors counted since the outage began (for the recovery log).
+    outage_errors: u64,
+    pending: HashMap<Vec<u8>, Pending>,
+    /// When the oldest pending op arrived.
+    first_pending: Option<Instant>,
+    /// Ops received since the last completed flush.
+    ops_since_flush: usize,
+    /// Users whose last write was `online`.
+    online: HashSet<Vec<u8>>,
+    next_refresh: Instant,
+    /// Users still to refresh in the current sweep.
+    refresh_queue: Vec<Vec<u8>>,
+    pipe: redis::Pipeline,
+}
+
+impl WriterState {
+    fn new(cfg: SessionConfig, client: Client, metrics: Arc<SessionMetrics>) -> Self {
+        let now = Instant::now();
+        let next_refresh = now + Duration::from_secs(cfg.refresh_interval_secs.max(1));
+        Self {
+            cfg,
+            client,
+            metrics,
+            conn: None,
+            connected_once: false,
+            next_attempt: now,
+            backoff: BACKOFF_MIN,
+            failing: false,
+            outage_errors: 0,
+            pending: HashMap::new(),
+            first_pending: None,
+            ops_since_flush: 0,
+            online: HashSet::new(),
+            next_refresh,
+            refresh_queue: Vec::new(),
+            pipe: redis::pipe(),
+        }
+    }
+
+    fn max_batch(&self) -> usize {
+        self.cfg.max_batch.max(1)
+    }
+
+    fn flush_interval(&self) -> Duration {
+        Duration::from_millis(self.cfg.flush_interval_ms)
+    }
+
+    fn run(mut self, ctl: Receiver<()>, rxs: Vec<Receiver<SessionOp>>) {
+        let mut sel = Select::new();
+        let ctl_idx = sel.recv(&ctl);
+        // Select index -> producer queue index.
+        let mut by_idx: HashMap<usize, usize> = HashMap::new();
+        for (i, rx) in rxs.iter().enumerate() {
+            by_idx.insert(sel.recv(rx), i);
+        }
+        let mut live: Vec<bool> = vec![true; rxs.len()];
+        let mut shutdown_deadline: Option<Instant> = None;
+
+        loop {
+            let deadline = self.next_deadline(shutdown_deadline);
+            match sel.ready_deadline(deadline) {
+                Ok(idx) if idx == ctl_idx => {
+                    if shutdown_deadline.is_none() {
+                        let wait = Duration::from_millis(self.cfg.shutdown_timeout_ms);
+                        shutdown_deadline = Some(Instant::now() + wait);
+                    }
+                    // Stop selecting on it: a disconnected receiver is always ready.
+                    sel.remove(ctl_idx);
+                }
+                Ok(_) | Err(_) => {}
+            }
+            self.drain(&rxs, &mut live, &mut sel, &by_idx);
+
+            let now = Instant::now();
+            if let Some(end) = shutdown_deadline {
+                if self.pending.is_empty() || now >= end {
+                    if !self.pending.is_empty() {
+                        // One last try, so a Redis that is up gets everything.
+                        self.flush(usize::MAX);
+                    }
+                    break;
+                }
+                self.flush(usize::MAX);
+                continue;
+            }
+            if self.flush_due(now) {
+                self.flush(CHUNKS_PER_TURN);
+            }
+            if now >= self.next_refresh {
+                self.next_refresh =
+                    now + Duration::from_secs(self.cfg.refresh_interval_secs.max(1));
+                if self.refresh_queue.is_empty() {
+                    self.refresh_queue = self.online.iter().cloned().collect();
+                }
+            }
+            if !self.refresh_queue.is_empty() && self.may_attempt(now) {
+                self.refresh_chunk();
+            }
+        }
+
+        if !self.pending.is_empty() {
+            tracing::warn!(
+                pending_users = self.pending.len(),
+                "session writer stopped with unwritten sessions"
+            );
+        }
+        tracing::debug!(
+            ops_in = self.metrics.ops_in.load(Ordering::Relaxed),
+            writes = self.metrics.writes.load(Ordering::Relaxed),
+            "session writer stopped"
+        );
+    }
+
+    /// When the loop must wake next even without new ops.
+    fn next_deadline(&self, shutdown: Option<Instant>) -> Instant {
+        let now = Instant::now();
+        if let Some(end) = shutdown {
+            // While shutting down: retry as the backoff allows, never past the deadline.
+            return if self.conn.is_some() {
+                now
+            } else {
+                self.next_attempt.min(end)
+            };
+        }
+        let mut d = self.next_refresh;
+        if let Some(first) = self.first_pending {
+            let mut due = if self.ops_since_flush >= self.max_batch() {
+                now
+            } else {
+                first + self.flush_interval()
+            };
+            if self.conn.is_none() {
+                due = due.max(self.next_attempt);
+            }
+            d = d.min(due);
+        }
+        if !self.refresh_queue.is_empty() {
+            d = d.min(if self.conn.is_none() {
+                self.next_attempt
+            } else {
+                now
+            });
+        }
+        d
+    }
+
+    fn may_attempt(&self, now: Instant) -> bool {
+        self.conn.is_some() || now >= self.next_attempt
+    }
+
+    fn flush_due(&self, now: Instant) -> bool {
+        match self.first_pending {
+            None => false,
+            Some(first) => {
+                (self.ops_since_flush >= self.max_batch() || now >= first + self.flush_interval())
+                    && self.may_attempt(now)
+            }
+        }
+    }
+
+    /// Moves queued ops into the pending map (at most a few batches per call so writes keep
+    /// their pace under sustained load).
+    fn drain(
+        &mut self,
+        rxs: &[Receiver<SessionOp>],
+        live: &mut [bool],
+        sel: &mut Select<'_>,
+        by_idx: &HashMap<usize, usize>,
+    ) {
+        let limit = self.max_batch().saturating_mul(4);
+        let mut n = 0usize;
+        let mut progress = true;
+        while progress && n < limit {
+            progress = false;
+            for (i, rx) in rxs.iter().enumerate() {
+                if !live[i] {
+                    continue;
+                }
+                // Up to a batch from each queue per sweep, so no producer starves the others.
+                for _ in 0..self.max_batch() {
+                    match rx.try_recv() {
+                        Ok(op) => {
+                            coalesce(&mut self.pending, op);
+                            n += 1;
+                            progress = true;
+                        }
+                        Err(TryRecvError::Empty) => break,
+                        Err(TryRecvError::Disconnected) => {
+                            live[i] = false;
+                            if let Some((&idx, _)) = by_idx.iter().find(|(_, &q)| q == i) {
+                                sel.remove(idx);
+                            }
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        if n > 0 {
+            SessionMetrics::add(&self.metrics.ops_in, n as u64);
+            self.ops_since_flush += n;
+            if self.first_pending.is_none() {
+                self.first_pending = Some(Instant::now());
+            }
+            self.update_pending_gauge();
+        }
+    }
+
+    fn update_pending_gauge(&self) {
+        self.metrics
+            .pending_users
+            .store(self.pending.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Returns a connection, connecting if the backoff allows.
+    fn ensure_conn(&mut self) -> bool {
+        if self.conn.is_some() {
+            return true;
+        }
+        if Instant::now() < self.next_attempt {
+            return false;
+        }
+        let connect_timeout = Duration::from_millis(self.cfg.connect_timeout_ms.max(1));
+        let io_timeout = Duration::from_millis(self.cfg.io_timeout_ms.max(1));
+        match connect(&self.client, connect_timeout, io_timeout) {
+            Ok(c) => {
+                if self.connected_once {
+                    SessionMetrics::add(&self.metrics.reconnects, 1);
+                }
+                self.connected_once = true;
+                self.conn = Some(c);
+                true
+            }
+            Err(e) => {
+                self.on_failure(&e, "connect");
+                false
+            }
+        }
+    }
+
+    /// Counts a connection-level failure, logs the first of an outage, drops the connection
+    /// and arms the backoff.
+    fn on_failure(&mut self, e: &RedisError, during: &'static str) {
+        SessionMetrics::add(&self.metrics.errors, 1);
+        self.outage_errors += 1;
+        if !self.failing {
+            self.failing = true;
+            tracing::warn!(
+                error = %e,
+                during,
+                pending_users = self.pending.len(),
+                "redis session writes failing, keeping sessions in memory"
+            );
+        }
+        self.conn = None;
+        self.next_attempt = Instant::now() + self.backoff;
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+    }
+
+    /// A round trip succeeded: reset the backoff and log the recovery once.
+    fn on_success(&mut self) {
+        SessionMetrics::add(&self.metrics.pipelines, 1);
+        self.backoff = BACKOFF_MIN;
+        if self.failing {
+            self.failing = false;
+            tracing::info!(
+                errors = self.outage_errors,
+                pending_users = self.pending.len(),
+                "redis session writes recovered"
+            );
+            self.outage_errors = 0;
+        }
+    }
+
+    /// Runs the pipeline in `self.pipe`; `Ok` holds one result per command. The caller
+    /// handles a failure (after putting its work back, so the log shows the full backlog).
+    fn round_trip(&mut self) -> Option<RedisResult<Vec<RedisResult<Value>>>> {
+        let conn = self.conn.as_mut()?;
+        let r = self
+            .pipe
+            .ignore_errors()
+            .query::<Vec<RedisResult<Value>>>(conn);
+        if r.is_ok() {
+            self.on_success();
+        }
+        Some(r)
+    }
+
+    /// Counts and logs commands Redis refused (wrong type, out of memory, ...). They are not
+    /// retried: the next state change or refresh of that user writes it again.
+    fn count_refused(&mut self, results: &[RedisResult<Value>]) -> usize {
+        let mut refused = 0usize;
+        for r in results {
+            if let Err(e) = r {
+                if refused == 0 {
+                    tracing::warn!(error = %e, "redis refused a session command");
+                }
+                refused += 1;
+            }
+        }
+        SessionMetrics::add(&self.metrics.errors, refused as u64);
+        refused
+    }
+
+    /// Writes pending users in pipelines of up to `max_batch` users, at most `max_chunks`
+    /// pipelines. Stops at the first failure (the chunk goes back to pending).
+    fn flush(&mut self, max_chunks: usize) {
+        let ttl = self.cfg.ttl_secs;
+        let batch = self.max_batch();
+        let mut chunks = 0usize;
+        while !self.pending.is_empty() && chunks < max_chunks {
+            if !self.ensure_conn() {
+                break;
+            }
+            let keys: Vec<Vec<u8>> = self.pending.keys().take(batch).cloned().collect();
+            let mut chunk: Vec<(Vec<u8>, Pending)> = Vec::with_capacity(keys.len());
+            for k in keys {
+                if let Some(p) = self.pending.remove(&k) {
+                    chunk.push((k, p));
+                }
+            }
+            self.pipe.clear();
+            let mut key = Vec::new();
+            for (user, p) in &chunk {
+                key.clear();
+                key.extend_from_slice(KEY_PREFIX);
+                key.extend_from_slice(user);
+                push_write(&mut self.pipe, &key, p, ttl);
+            }
+            match self.round_trip() {
+                Some(Ok(results)) => {
+                    self.count_refused(&results);
+                    let written = chunk.len() as u64;
+                    for (user, p) in chunk {
+                        match p {
+                            Pending::Online { .. } => {
+                                self.online.insert(user);
+                            }
+                            Pending::Offline { .. } => {
+                                self.online.remove(&user);
+                            }
+                            Pending::Refresh => {}
+                        }
+                    }
+                    SessionMetrics::add(&self.metrics.writes, written);
+                    chunks += 1;
+                }
+                Some(Err(e)) => {
+                    // Nothing newer can have arrived meanwhile (this thread is the only
+                    // consumer), so the chunk goes back as it was.
+                    self.pending.extend(chunk);
+                    self.on_failure(&e, "write");
+                    break;
+                }
+                None => {
+                    self.pending.extend(chunk);
+                    break;
+                }
+            }
+        }
+        if self.pending.is_empty() {
+            self.first_pending = None;
+            self.ops_since_flush = 0;
+        } else if chunks > 0 {
+            self.ops_since_flush = self.ops_since_flush.min(self.pending.len());
+        }
+        self.update_pending_gauge();
+    }
+
+    /// Re-arms the TTL of one batch of the current refresh sweep.
+    fn refresh_chunk(&mut self) {
+        if !self.ensure_conn() {
+            return;
+        }
+        let n = self.refresh_queue.len().min(self.max_batch());
+        let start = self.refresh_queue.len() - n;
+        self.pipe.clear();
+        let ttl = self.cfg.ttl_secs;
+        let mut key = Vec::new();
+        for user in &self.refresh_queue[start..] {
+            key.clear();
+            key.extend_from_slice(KEY_PREFIX);
+            key.extend_from_slice(user);
+            self.pipe.cmd("EXPIRE").arg(key.as_slice()).arg(ttl);
+        }
+        match self.round_trip() {
+            Some(Ok(results)) => {
+                self.count_refused(&results);
+                self.refresh_queue.truncate(start);
+                SessionMetrics::add(&self.metrics.refreshes, n as u64);
+            }
+            Some(Err(e)) => self.on_failure(&e, "refresh"),
+            None => {}
+        }
+    }
+}
+
+/// Looks sessions up (blocking; for the core's own threads, never a shard).
+pub struct SessionReader {
+    client: Client,
+    conn: Mutex<Option<Connection>>,
+    connect_timeout: Duration,
+    io_timeout: Duration,
+}
+
+impl std::fmt::Debug for SessionReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionReader")
+            .field("addr", &self.client.get_connection_info().addr())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SessionReader {
+    /// A reader for `cfg.url`; it connects on first use and again after a connection error.
+    pub fn new(cfg: &SessionConfig) -> Result<Self, CoreError> {
+        Ok(Self {
+            client: Client::open(cfg.url.as_str())?,
+            conn: Mutex::new(None),
+            connect_timeout: Duration::from_millis(cfg.connect_timeout_ms.max(1)),
+            io_timeout: Duration::from_millis(cfg.io_timeout_ms.max(1)),
+        })
+    }
+
+    /// `user`'s session, or `None` when there is none (never written or expired).
+    pub fn get(&self, user: &[u8]) -> Result<Option<SessionRecord>, CoreError> {
+        let mut v = self.get_many(&[user])?;
+        Ok(v.pop().flatten())
+    }
+
+    /// The sessions of `users`, in order, in one pipelined round trip.
+    pub fn get_many<U: AsRef<[u8]>>(
+        &self,
+        users: &[U],
+    ) -> Result<Vec<Option<SessionRecord>>, CoreError> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for u in users {
+            pipe.cmd("HGETALL").arg(session_key(u.as_ref()));
+        }
+        let maps: Vec<HashMap<Vec<u8>, Vec<u8>>> = self.query(&pipe)?;
+        if maps.len() != users.len() {
+            return Err(CoreError::corrupt(
+                "session reply",
+                format!("{} replies for {} users", maps.len(), users.len()),
+            ));
+        }
+        maps.iter().map(parse_record).collect()
+    }
+
+    /// Runs `pipe`, reconnecting and retrying once after a connection error.
+    fn query<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T, CoreError> {
+        let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last_err = None;
+        for _ in 0..2 {
+            if guard.is_none() {
+                match connect(&self.client, self.connect_timeout, self.io_timeout) {
+                    Ok(c) => *guard = Some(c),
+                    Err(e) => {
+                        last_err = Some(e);
+                        continue;
+                    }
+                }
+            }
+            let Some(conn) = guard.as_mut() else { continue };
+            match pipe.query::<T>(conn) {
+                Ok(v) => return Ok(v),
+                Err(e) if is_connection_error(&e) => {
+                    *guard = None;
+                    last_err = Some(e);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        match last_err {
+            Some(e) => Err(e.into()),
+            None => Err(CoreError::corrupt("session reader", "no attempt made")),
+        }
+    }
+}
+
+/// Decodes a session hash; an empty hash (missing key) is `None`. Fields a partial record
+/// lacks (an `Offline` written without a known location) read as empty / zero.
+fn parse_record(map: &HashMap<Vec<u8>, Vec<u8>>) -> Result<Option<SessionRecord>, CoreError> {
+    if map.is_empty() {
+        return Ok(None);
+    }
+    let text = |field: &str| -> Result<String, CoreError> {
+        match map.get(field.as_bytes()) {
+            None => Ok(String::new()),
+            Some(v) => String::from_utf8(v.clone())
+                .map_err(|_| CoreError::corrupt("session record", format!("{field} not utf-8"))),
+        }
+    };
+    let num = |field: &str| -> Result<u64, CoreError> {
+        match map.get(field.as_bytes()) {
+            None => Ok(0),
+            Some(v) => std::str::from_utf8(v)
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or_else(|| {
+                    CoreError::corrupt("session record", format!("{field} not a number"))
+                }),
+        }
+    };
+    let shard = u16::try_from(num("shard")?)
+        .map_err(|_| CoreError::corrupt("session record", "shard out of range"))?;
+    Ok(Some(SessionRecord {
+        node: text("node")?,
+        shard,
+        region: text("region")?,
+        last_seen: num("last_seen")?,
+        online: num("online")? != 0,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_is_binary_safe() {
+        assert_eq!(session_key(b"a:\xff\x00"), b"session:a:\xff\x00".to_vec());
+    }
+
+    #[test]
+    fn coalescing_keeps_latest_and_location() {
+        let mut p = HashMap::new();
+        let u = b"u".to_vec();
+        coalesce(&mut p, SessionOp::Refresh { user: u.clone() });
+        assert!(matches!(p[&u], Pending::Refresh));
+        coalesce(
+            &mut p,
+            SessionOp::Online {
+                user: u.clone(),
+                node: "n1".into(),
+                shard: 3,
+                region: "eu".into(),
+            },
+        );
+        coalesce(&mut p, SessionOp::Refresh { user: u.clone() });
+        assert!(matches!(p[&u], Pending::Online { shard: 3, .. }));
+        coalesce(
+            &mut p,
+            SessionOp::Offline {
+                user: u.clone(),
+                last_seen: 42,
+            },
+        );
+        match &p[&u] {
+            Pending::Offline { last_seen, was } => {
+                assert_eq!(*last_seen, 42);
+                assert_eq!(was.as_ref().map(|w| w.1), Some(3));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(p.len(), 1);
+    }
+
+    #[test]
+    fn parse_partial_and_bad_records() {
+        let mut m = HashMap::new();
+        assert_eq!(parse_record(&m).unwrap(), None);
+        m.insert(b"last_seen".to_vec(), b"7".to_vec());
+        m.insert(b"online".to_vec(), b"0".to_vec());
+        let r = parse_record(&m).unwrap().unwrap();
+        assert_eq!((r.last_seen, r.online, r.shard), (7, false, 0));
+        m.insert(b"shard".to_vec(), b"70000".to_vec());
+        assert!(parse_record(&m).is_err());
+    }
+}

@@ -1,0 +1,508 @@
+//! Session store against a real `redis-server`: each test starts its own server on a free
+//! loopback port (no persistence) and stops it on drop.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use iris_core::sessions::{
+    session_key, SessionConfig, SessionOp, SessionReader, SessionRecord, SessionWriter,
+};
+
+/// Installs `redis-server` once (Debian package) when it is not on PATH.
+fn ensure_redis_server() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        if on_path("redis-server") {
+            return;
+        }
+        let install = || {
+            Command::new("apt-get")
+                .args(["install", "-y", "redis-server"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+        };
+        if !install() {
+            let _ = Command::new("apt-get")
+                .arg("update")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+            let _ = install();
+        }
+    });
+    assert!(
+        on_path("redis-server"),
+        "redis-server not found: run scripts/redis.sh install"
+    );
+}
+
+fn on_path(bin: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
+        .unwrap_or(false)
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `redis-server` child process on its own port.
+struct RedisServer {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    fn start() -> Self {
+        ensure_redis_server();
+        let mut s = Self {
+            port: free_port(),
+            child: None,
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Ok(mut c) = redis::Client::open(self.url()).and_then(|c| c.get_connection()) {
+                if redis::cmd("PING").query::<String>(&mut c).is_ok() {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "redis-server did not come up");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Kills the process (SIGKILL) and waits for it.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts a fresh (empty) server on the same port.
+    fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn cfg(url: String) -> SessionConfig {
+    SessionConfig {
+        shutdown_timeout_ms: 1000,
+        ..SessionConfig::with_url(url)
+    }
+}
+
+fn online(user: &[u8], node: &str, shard: u16) -> SessionOp {
+    SessionOp::Online {
+        user: user.to_vec(),
+        node: node.to_owned(),
+        shard,
+        region: "eu-west".to_owned(),
+    }
+}
+
+fn hgetall(c: &mut redis::Connection, user: &[u8]) -> std::collections::HashMap<String, String> {
+    redis::cmd("HGETALL")
+        .arg(session_key(user))
+        .query(c)
+        .unwrap()
+}
+
+fn ttl(c: &mut redis::Connection, user: &[u8]) -> i64 {
+    redis::cmd("TTL").arg(session_key(user)).query(c).unwrap()
+}
+
+/// Polls `f` until it holds or `secs` pass.
+fn wait_until(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    f()
+}
+
+#[test]
+fn online_writes_hash_and_ttl() {
+    let srv = RedisServer::start();
+    let (writer, sinks) = SessionWriter::start(cfg(srv.url()), 1).unwrap();
+    sinks[0].try_send(online(b"alice", "edge-1", 3)).unwrap();
+    let m = writer.metrics().clone();
+    assert!(wait_until(3, || m.snapshot().writes >= 1));
+    let mut c = srv.conn();
+    let h = hgetall(&mut c, b"alice");
+    assert_eq!(h["node"], "edge-1");
+    assert_eq!(h["shard"], "3");
+    assert_eq!(h["region"], "eu-west");
+    assert_eq!(h["last_seen"], "0");
+    assert_eq!(h["online"], "1");
+    let t = ttl(&mut c, b"alice");
+    assert!((86_390..=86_400).contains(&t), "ttl {t}");
+
+    // A refresh re-arms the TTL.
+    redis::cmd("EXPIRE")
+        .arg(session_key(b"alice"))
+        .arg(100)
+        .exec(&mut c)
+        .unwrap();
+    sinks[0]
+        .try_send(SessionOp::Refresh {
+            user: b"alice".to_vec(),
+        })
+        .unwrap();
+    assert!(wait_until(3, || ttl(&mut c, b"alice") > 86_000));
+    writer.shutdown().unwrap();
+}
+
+#[test]
+fn offline_sets_last_seen() {
+    let srv = RedisServer::start();
+    let (writer, sinks) = SessionWriter::start(cfg(srv.url()), 2).unwrap();
+    sinks[0].try_send(online(b"bob", "edge-2", 1)).unwrap();
+    let m = writer.metrics().clone();
+    assert!(wait_until(3, || m.snapshot().writes >= 1));
+    sinks[1]
+        .try_send(SessionOp::Offline {
+            user: b"bob".to_vec(),
+            last_seen: 1_700_000_000,
+        })
+        .unwrap();
+    assert!(wait_until(3, || m.snapshot().writes >= 2));
+    let mut c = srv.conn();
+    let h = hgetall(&mut c, b"bob");
+    assert_eq!(h["online"], "0");
+    assert_eq!(h["last_seen"], "1700000000");
+    assert_eq!(h["node"], "edge-2", "location kept");
+    assert!(ttl(&mut c, b"bob") > 86_000);
+
+    let reader = SessionReader::new(&cfg(srv.url())).unwrap();
+    assert_eq!(
+        reader.get(b"bob").unwrap(),
+        Some(SessionRecord {
+            node: "edge-2".into(),
+            shard: 1,
+            region: "eu-west".into(),
+            last_seen: 1_700_000_000,
+            online: false,
+        })
+    );
+    writer.shutdown().unwrap();
+}
+
+#[test]
+fn coalesces_per_user_latest_wins() {
+    let srv = RedisServer::start();
+    let c = SessionConfig {
+        flush_interval_ms: 100,
+        ..cfg(srv.url())
+    };
+    let (writer, sinks) = SessionWriter::start(c, 1).unwrap();
+    for i in 0..1000u32 {
+        let user = format!("user{}", i % 10);
+        let op = match i % 3 {
+            0 => online(user.as_bytes(), &format!("edge-{i}"), (i % 7) as u16),
+            1 => SessionOp::Refresh {
+                user: user.into_bytes(),
+            },
+            _ => SessionOp::Offline {
+                user: user.into_bytes(),
+                last_seen: u64::from(i),
+            },
+        };
+        sinks[0].try_send(op).unwrap();
+    }
+    let m = writer.metrics().clone();
+    assert!(wait_until(3, || m.snapshot().pending_users == 0
+        && m.snapshot().ops_in == 1000));
+    writer.shutdown().unwrap();
+    let s = m.snapshot();
+    assert_eq!(s.ops_in, 1000);
+    assert!(s.writes >= 10 && s.writes <= 30, "writes {}", s.writes);
+    assert!(s.pipelines <= 3, "pipelines {}", s.pipelines);
+    assert_eq!(s.errors, 0);
+
+    let mut conn = srv.conn();
+    let keys: Vec<Vec<u8>> = redis::cmd("KEYS")
+        .arg("session:*")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(keys.len(), 10);
+    // Latest op per user: i in 990..1000 → user i%10; expected state from that last i.
+    let reader = SessionReader::new(&cfg(srv.url())).unwrap();
+    for i in 990..1000u32 {
+        let user = format!("user{}", i % 10);
+        let rec = reader.get(user.as_bytes()).unwrap().unwrap();
+        match i % 3 {
+            0 | 1 => {
+                // A refresh folds into the state before: the user's previous op (i - 10,
+                // and (i - 10) % 3 == 0 when i % 3 == 1) was an Online.
+                let j = if i % 3 == 0 { i } else { i - 10 };
+                assert!(rec.online, "{user}");
+                assert_eq!(rec.node, format!("edge-{j}"));
+                assert_eq!(rec.last_seen, 0);
+            }
+            _ => {
+                assert!(!rec.online, "{user}");
+                assert_eq!(rec.last_seen, u64::from(i));
+            }
+        }
+    }
+}
+
+#[test]
+fn try_send_never_blocks_when_full() {
+    // A server that accepts connections and never answers: the writer blocks in its round
+    // trip, so the queue fills.
+    let hole = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("redis://127.0.0.1:{}/", hole.local_addr().unwrap().port());
+    let c = SessionConfig {
+        channel_capacity: 4,
+        connect_timeout_ms: 2000,
+        io_timeout_ms: 2000,
+        shutdown_timeout_ms: 100,
+        ..SessionConfig::with_url(url)
+    };
+    let (writer, sinks) = SessionWriter::start(c, 1).unwrap();
+    let start = Instant::now();
+    let mut rejected = None;
+    for i in 0..10_000u32 {
+        let op = online(format!("u{i}").as_bytes(), "edge", 0);
+        if let Err(back) = sinks[0].try_send(op.clone()) {
+            assert_eq!(back, op, "the op comes back");
+            rejected = Some(i);
+            break;
+        }
+    }
+    let elapsed = start.elapsed();
+    let i = rejected.expect("queue never full");
+    assert!(i >= 4, "accepted {i} before full");
+    assert!(
+        elapsed < Duration::from_millis(500),
+        "try_send took {elapsed:?}"
+    );
+    assert!(writer.metrics().snapshot().rejected >= 1);
+    // Further sends keep failing fast.
+    let t = Instant::now();
+    for _ in 0..1000 {
+        let _ = sinks[0].try_send(SessionOp::Refresh {
+            user: b"x".to_vec(),
+        });
+    }
+    assert!(t.elapsed() < Duration::from_millis(200));
+    drop(hole);
+    writer.shutdown().unwrap();
+}
+
+#[test]
+fn survives_redis_restart_and_writes_latest() {
+    let mut srv = RedisServer::start();
+    let (writer, sinks) = SessionWriter::start(cfg(srv.url()), 2).unwrap();
+    let m = writer.metrics().clone();
+    for u in 0..20u16 {
+        sinks[usize::from(u % 2)]
+            .try_send(online(format!("u{u}").as_bytes(), "edge-a", u))
+            .unwrap();
+    }
+    assert!(wait_until(3, || m.snapshot().writes >= 20));
+
+    srv.kill();
+    // Ops keep coming while Redis is down: the latest state per user must survive.
+    let mut expected = std::collections::HashMap::new();
+    for round in 0..50u16 {
+        for u in 0..20u16 {
+            let user = format!("u{u}");
+            let op = if (round + u) % 2 == 0 {
+                online(user.as_bytes(), &format!("edge-{round}"), u)
+            } else {
+                SessionOp::Offline {
+                    user: user.clone().into_bytes(),
+                    last_seen: u64::from(round) + 1,
+                }
+            };
+            expected.insert(user, (round + u) % 2 == 0);
+            // A queue may be momentarily full; retry (the writer drains it while down).
+            let mut op = op;
+            loop {
+                match sinks[usize::from(u % 2)].try_send(op) {
+                    Ok(()) => break,
+                    Err(back) => {
+                        op = back;
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(wait_until(3, || m.snapshot().errors >= 1));
+    assert!(wait_until(3, || m.snapshot().pending_users == 20));
+
+    srv.restart();
+    assert!(
+        wait_until(4, || m.snapshot().pending_users == 0),
+        "not written after restart: {:?}",
+        m.snapshot()
+    );
+    let s = m.snapshot();
+    assert!(s.reconnects >= 1, "{s:?}");
+
+    let reader = SessionReader::new(&cfg(srv.url())).unwrap();
+    let users: Vec<String> = (0..20).map(|u| format!("u{u}")).collect();
+    let recs = reader.get_many(&users).unwrap();
+    for (user, rec) in users.iter().zip(recs) {
+        let rec = rec.unwrap_or_else(|| panic!("{user} missing after restart"));
+        let want_online = expected[user];
+        assert_eq!(rec.online, want_online, "{user}");
+        let u: u16 = user[1..].parse().unwrap();
+        if want_online {
+            assert_eq!(rec.node, "edge-49");
+            assert_eq!(rec.last_seen, 0);
+        } else {
+            assert_eq!(rec.last_seen, 50);
+            assert_eq!(rec.shard, u, "location kept from the pending online");
+        }
+    }
+    writer.shutdown().unwrap();
+}
+
+#[test]
+fn reader_get_many_and_missing() {
+    let mut srv = RedisServer::start();
+    let (writer, sinks) = SessionWriter::start(cfg(srv.url()), 1).unwrap();
+    sinks[0].try_send(online(b"carol", "edge-9", 9)).unwrap();
+    sinks[0].try_send(online(b"dave", "edge-8", 8)).unwrap();
+    let m = writer.metrics().clone();
+    assert!(wait_until(3, || m.snapshot().writes >= 2));
+    writer.shutdown().unwrap();
+
+    let reader = SessionReader::new(&cfg(srv.url())).unwrap();
+    assert_eq!(reader.get(b"nobody").unwrap(), None);
+    let got = reader
+        .get_many(&[&b"carol"[..], b"nobody", b"dave"])
+        .unwrap();
+    assert_eq!(got.len(), 3);
+    assert_eq!(got[0].as_ref().unwrap().node, "edge-9");
+    assert_eq!(got[1], None);
+    assert_eq!(got[2].as_ref().unwrap().shard, 8);
+    assert!(got[2].as_ref().unwrap().online);
+    assert!(reader.get_many::<&[u8]>(&[]).unwrap().is_empty());
+
+    // The reader reconnects after Redis restarts (the fresh server is empty).
+    srv.restart();
+    assert_eq!(reader.get(b"carol").unwrap(), None);
+    // And reports an error while Redis is down.
+    srv.kill();
+    assert!(reader.get(b"carol").is_err());
+}
+
+#[test]
+fn binary_user_names() {
+    let srv = RedisServer::start();
+    let (writer, sinks) = SessionWriter::start(cfg(srv.url()), 1).unwrap();
+    let users: [&[u8]; 3] = [b"a:b:c", b"\xff\xfe\x00:x", b"session:nested"];
+    for (i, u) in users.iter().enumerate() {
+        sinks[0].try_send(online(u, "edge-b", i as u16)).unwrap();
+    }
+    let m = writer.metrics().clone();
+    assert!(wait_until(3, || m.snapshot().writes >= 3));
+    writer.shutdown().unwrap();
+
+    let mut c = srv.conn();
+    for u in users {
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(session_key(u))
+            .query(&mut c)
+            .unwrap();
+        assert!(exists, "{u:?}");
+    }
+    let reader = SessionReader::new(&cfg(srv.url())).unwrap();
+    let got = reader.get_many(&users).unwrap();
+    for (i, rec) in got.into_iter().enumerate() {
+        assert_eq!(rec.unwrap().shard, i as u16);
+    }
+    // Only the exact key: a prefix of a binary name is another user.
+    assert_eq!(reader.get(b"\xff\xfe").unwrap(), None);
+}
+
+#[test]
+fn periodic_refresh_rearms_online_users_only() {
+    let srv = RedisServer::start();
+    let c = SessionConfig {
+        refresh_interval_secs: 1,
+        ..cfg(srv.url())
+    };
+    let (writer, sinks) = SessionWriter::start(c, 1).unwrap();
+    sinks[0].try_send(online(b"on", "edge-r", 1)).unwrap();
+    sinks[0].try_send(online(b"off", "edge-r", 2)).unwrap();
+    sinks[0]
+        .try_send(SessionOp::Offline {
+            user: b"off".to_vec(),
+            last_seen: 5,
+        })
+        .unwrap();
+    let m = writer.metrics().clone();
+    assert!(wait_until(3, || m.snapshot().pending_users == 0
+        && m.snapshot().writes >= 2));
+    let mut conn = srv.conn();
+    for u in [&b"on"[..], b"off"] {
+        redis::cmd("EXPIRE")
+            .arg(session_key(u))
+            .arg(100)
+            .exec(&mut conn)
+            .unwrap();
+    }
+    assert!(wait_until(3, || m.snapshot().refreshes >= 1));
+    assert!(ttl(&mut conn, b"on") > 86_000);
+    assert!(ttl(&mut conn, b"off") <= 100);
+    writer.shutdown().unwrap();
+}
