@@ -135,16 +135,24 @@ impl ConnShared {
         }
         st.out.extend_from_slice(bytes);
         if Self::pending_out(st) > bound {
-            ShardMetrics::inc(&shard.metrics.slow_consumer_disconnects_total);
-            debug!(
-                shard = shard.id,
-                conn = self.id,
-                "slow consumer disconnected"
-            );
-            st.close = Close::Now;
-            st.out = Vec::new();
-            st.out_pos = 0;
+            self.disconnect_slow(shard, st);
         }
+        if let Some(w) = &st.waker {
+            w.wake_by_ref();
+        }
+    }
+
+    /// Closes a client that does not keep up; what it had not acked stays stored.
+    fn disconnect_slow(&self, shard: &Shard, st: &mut ConnState) {
+        ShardMetrics::inc(&shard.metrics.slow_consumer_disconnects_total);
+        debug!(
+            shard = shard.id,
+            conn = self.id,
+            "slow consumer disconnected"
+        );
+        st.close = Close::Now;
+        st.out = Vec::new();
+        st.out_pos = 0;
         if let Some(w) = &st.waker {
             w.wake_by_ref();
         }
@@ -162,11 +170,20 @@ impl ConnShared {
         if st.user.as_deref() != Some(user) {
             return;
         }
+        let behind = Self::pending_out(&st) >= shard.cfg.drain_low_water_bytes;
         if let (Some(id), Some(drain)) = (d.id, st.drain.as_mut()) {
             if drain.overflowed {
                 return; // stored; a later drain chunk writes it, in order
             }
             if drain.held_bytes + d.frame.len() > shard.cfg.max_output_bytes {
+                if behind {
+                    // Not even reading its backlog while live messages pile up: a slow
+                    // consumer. Everything it has not acked stays stored.
+                    self.disconnect_slow(shard, &mut st);
+                    return;
+                }
+                // Reading, just not as fast as messages arrive: drop the held copies (they are
+                // stored) and let the drain pick them up, in order.
                 drain.overflowed = true;
                 drain.held = Vec::new();
                 drain.held_bytes = 0;
