@@ -7,7 +7,9 @@
 //!   refused a command. Environment, transient; the session writer keeps state and retries.
 //! - [`CoreError::InvalidInput`]: the caller asked for something the store cannot encode (a
 //!   user name or sender longer than the key/value layout allows). Nothing was written.
-//! - [`CoreError::Corrupt`] and [`CoreError::ThreadPanicked`]: internal faults — stored bytes
+//! - [`CoreError::Transport`] and [`CoreError::Kafka`]: the broker side of the cluster service
+//!   failed (unreachable, refused a topic or a commit). Environment.
+//! - [`CoreError::Corrupt`], [`CoreError::ThreadPanicked`] and [`CoreError::Encode`]: internal faults — stored bytes
 //!   that do not decode, or the core thread died. Never caused by a client.
 
 /// Errors of the core.
@@ -43,13 +45,30 @@ pub enum CoreError {
     /// The core thread panicked (an internal fault); its pending operations are lost.
     #[error("core thread panicked")]
     ThreadPanicked,
+
+    /// The Kafka transport of the cluster service failed (broker unreachable at startup, topic
+    /// creation refused, a transport thread could not start). Environment.
+    #[error("kafka transport error: {0}")]
+    Transport(#[from] iris_bus::kafka::TransportError),
+
+    /// The cluster service's own Kafka consumer failed (configuration, subscribe, offset commit
+    /// at shutdown). Environment.
+    #[error("kafka consumer error: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+
+    /// A bus frame could not be encoded (never expected: allocation failure). Internal.
+    #[error("bus frame encoding failed: {0}")]
+    Encode(#[source] iris_bus::BusError),
 }
 
 impl CoreError {
     /// True for internal faults (corruption, a panicked core thread), false for environment
     /// failures and invalid input.
     pub fn is_internal(&self) -> bool {
-        matches!(self, Self::Corrupt { .. } | Self::ThreadPanicked)
+        matches!(
+            self,
+            Self::Corrupt { .. } | Self::ThreadPanicked | Self::Encode(_)
+        )
     }
 
     pub(crate) fn corrupt(what: &'static str, detail: impl Into<String>) -> Self {

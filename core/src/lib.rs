@@ -12,11 +12,14 @@
 //! - [`embedded`]: the core thread: group commit, ack cancellation, ordered login drains.
 //! - [`sessions`]: Redis sessions (`session:{user}`): a batching, pipelining writer thread fed
 //!   by non-blocking per-shard sinks, and a blocking reader for the core.
+//! - [`service`]: the cluster core (`iris-core` binary): consumes the region's deliver topic,
+//!   stores with group commit, routes to edge inboxes via Redis sessions, answers drains.
 //! - [`error`]: [`CoreError`], classified by cause (environment, invalid input, internal).
 
 pub mod api;
 pub mod embedded;
 pub mod error;
+pub mod service;
 pub mod sessions;
 pub mod store;
 

@@ -227,6 +227,47 @@ impl MessageStore {
         Ok(out)
     }
 
+    /// Like [`MessageStore::scan`], with the sender: up to `limit` of `user`'s stored messages
+    /// with an id greater than `after`, in id order, as [`StoredMsg`]s (the cluster core's drain
+    /// answers carry the sender). Corrupt entries are logged, counted and skipped.
+    pub fn scan_messages(
+        &self,
+        user: &[u8],
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredMsg>, CoreError> {
+        check_user(user)?;
+        let mut out = Vec::new();
+        if limit == 0 || after == u64::MAX {
+            return Ok(out);
+        }
+        let start = inbox_key(user, after + 1);
+        let end = inbox_key(user, u64::MAX);
+        for guard in self.inbox.range(start..=end) {
+            let (key, value) = guard.into_inner()?;
+            let decoded = decode_entry(user.len(), &key, &value).and_then(|(id, _)| {
+                decode_value(&value)
+                    .map(|(sender, payload)| (id, sender, payload))
+                    .map_err(|detail| CoreError::corrupt("inbox value", detail))
+            });
+            match decoded {
+                Ok((id, sender, payload)) => {
+                    out.push(StoredMsg {
+                        id,
+                        recipient: user.to_vec(),
+                        sender: sender.to_vec(),
+                        payload: payload.to_vec(),
+                    });
+                    if out.len() == limit {
+                        break;
+                    }
+                }
+                Err(e) => self.report_corrupt(user, &e),
+            }
+        }
+        Ok(out)
+    }
+
     /// Number of messages stored for `user` (walks the whole inbox range; for tests and tools).
     pub fn count(&self, user: &[u8]) -> Result<usize, CoreError> {
         check_user(user)?;

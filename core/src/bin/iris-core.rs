@@ -1,0 +1,132 @@
+//! `iris-core`: the core node of a regional cluster (see `iris_core::service`).
+//!
+//! `iris-core --brokers H:P --redis redis://H:P --region R --data-dir DIR [--partitions N]
+//! [--group iris-core-R] [--commit-window-ms 2] [--session-timeout-ms 6000]`, or the same keys in a TOML file given with
+//! `--config FILE` (flags win over the file). Prints `iris-core serving region=R partitions=N`
+//! on stdout once subscribed, and exits 0 on SIGTERM or SIGINT after a durable commit of what
+//! it consumed. Logs go to stderr (`RUST_LOG`, default `info`).
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use iris_core::service::{CoreService, ServiceConfig};
+use serde::Deserialize;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "iris-core",
+    about = "Iris core node: stores, routes and drains messages"
+)]
+struct Args {
+    /// TOML file with any of the keys below (brokers, redis, region, data_dir, partitions,
+    /// group, commit_window_ms, session_timeout_ms); flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Kafka bootstrap servers, host:port[,host:port].
+    #[arg(long)]
+    brokers: Option<String>,
+    /// Redis URL of the sessions, redis://host:port.
+    #[arg(long)]
+    redis: Option<String>,
+    /// Region name ([a-z0-9-], not "global").
+    #[arg(long)]
+    region: Option<String>,
+    /// Directory of the message store.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Partitions of the deliver and presence topics when created here [default: 16].
+    #[arg(long)]
+    partitions: Option<u32>,
+    /// Consumer group [default: iris-core-{region}].
+    #[arg(long)]
+    group: Option<String>,
+    /// Group commit window in milliseconds [default: 2].
+    #[arg(long)]
+    commit_window_ms: Option<u64>,
+    /// Kafka group session timeout in milliseconds: failover time of a killed core [default: 6000].
+    #[arg(long)]
+    session_timeout_ms: Option<u64>,
+}
+
+/// The TOML file; every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    brokers: Option<String>,
+    redis: Option<String>,
+    region: Option<String>,
+    data_dir: Option<PathBuf>,
+    partitions: Option<u32>,
+    group: Option<String>,
+    commit_window_ms: Option<u64>,
+    session_timeout_ms: Option<u64>,
+}
+
+fn config(args: Args) -> anyhow::Result<ServiceConfig> {
+    let file = match &args.config {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            toml::from_str::<FileConfig>(&text)
+                .with_context(|| format!("parsing {}", p.display()))?
+        }
+        None => FileConfig::default(),
+    };
+    let Some(brokers) = args.brokers.or(file.brokers) else {
+        bail!("--brokers is required");
+    };
+    let Some(redis) = args.redis.or(file.redis) else {
+        bail!("--redis is required");
+    };
+    let Some(region) = args.region.or(file.region) else {
+        bail!("--region is required");
+    };
+    let Some(data_dir) = args.data_dir.or(file.data_dir) else {
+        bail!("--data-dir is required");
+    };
+    if !iris_bus::topics::is_valid_region(&region) {
+        bail!("invalid region {region:?}: 1-64 bytes of [a-z0-9-], not \"global\"");
+    }
+    let mut cfg = ServiceConfig::new(brokers, redis, region, data_dir);
+    if let Some(p) = args.partitions.or(file.partitions) {
+        if p == 0 {
+            bail!("--partitions must be at least 1");
+        }
+        cfg.partitions = p;
+    }
+    if let Some(g) = args.group.or(file.group) {
+        cfg.group = g;
+    }
+    if let Some(ms) = args.commit_window_ms.or(file.commit_window_ms) {
+        cfg.commit_window = Duration::from_millis(ms);
+    }
+    if let Some(ms) = args.session_timeout_ms.or(file.session_timeout_ms) {
+        cfg.session_timeout = Duration::from_millis(ms);
+    }
+    Ok(cfg)
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cfg = config(Args::parse())?;
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, Arc::clone(&stop)).context("installing signal handler")?;
+    }
+    let (region, partitions) = (cfg.region.clone(), cfg.partitions);
+    let service = CoreService::start(cfg).context("starting iris-core")?;
+    println!("iris-core serving region={region} partitions={partitions}");
+    service
+        .run(&stop)
+        .context("iris-core stopped on an error")?;
+    Ok(())
+}
