@@ -3,9 +3,6 @@
 //! kills it when done. Needs `tansu` on PATH or in ~/.cargo/bin (`scripts/kafka.sh install`).
 
 use std::collections::{HashMap, HashSet};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,6 +12,7 @@ use iris_bus::kafka::{
     KafkaProducer, OutFrame,
 };
 use iris_bus::{decode_counted, encode, BusFrame, Deliver, FrameStats};
+use iris_tests::services::{free_port, wait_for, Tansu};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::DefaultProducerContext;
@@ -29,138 +27,18 @@ fn init_tracing() {
         .try_init();
 }
 
-fn tansu_bin() -> PathBuf {
-    if let Ok(path) = std::env::var("PATH") {
-        for dir in std::env::split_paths(&path) {
-            let p = dir.join("tansu");
-            if p.is_file() {
-                return p;
-            }
-        }
-    }
-    if let Some(home) = std::env::var_os("HOME") {
-        let p = Path::new(&home).join(".cargo/bin/tansu");
-        if p.is_file() {
-            return p;
-        }
-    }
-    panic!("tansu not found: run scripts/kafka.sh install");
+/// The client configuration of this test's broker.
+trait BrokerConfig {
+    fn config(&self, client_id: &str) -> KafkaConfig;
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A tansu broker owned by one test; killed on drop.
-struct Tansu {
-    child: Option<Child>,
-    port: u16,
-    storage: String,
-    dir: tempfile::TempDir,
-}
-
-impl Tansu {
-    /// A broker with memory storage (lost when it stops).
-    fn memory() -> Tansu {
-        Tansu::start(None)
-    }
-
-    /// A broker whose data lives in a sqlite file in its temporary directory (kept across
-    /// restarts).
-    fn sqlite() -> Tansu {
-        Tansu::start(Some("broker.db"))
-    }
-
-    fn start(sqlite_file: Option<&str>) -> Tansu {
-        let dir = tempfile::tempdir().unwrap();
-        let storage = match sqlite_file {
-            // tansu resolves the path against its working directory: start it in `/` and
-            // give an absolute path.
-            Some(f) => format!("sqlite://{}", dir.path().join(f).display()),
-            None => "memory://tansu/".to_owned(),
-        };
-        let mut t = Tansu {
-            child: None,
-            port: free_port(),
-            storage,
-            dir,
-        };
-        t.spawn();
-        t
-    }
-
-    fn spawn(&mut self) {
-        let url = format!("tcp://127.0.0.1:{}", self.port);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("tansu.log"))
-            .unwrap();
-        let child = Command::new(tansu_bin())
-            .current_dir("/")
-            .env_remove("CLUSTER_ID")
-            .env_remove("LISTENER_URL")
-            .env_remove("ADVERTISED_LISTENER_URL")
-            .env_remove("STORAGE_ENGINE")
-            .env("RUST_LOG", "warn")
-            .args(["broker", "--cluster-id", "iris-test"])
-            .args(["--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", &self.storage])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("tansu could not be started: {e}"));
-        self.child = Some(child);
-        let start = Instant::now();
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("tansu exited at startup ({status}): {}", self.log());
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "tansu did not listen within 20 s"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("tansu.log")).unwrap_or_default()
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn restart(&mut self) {
-        self.kill();
-        self.spawn();
-    }
-
-    fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
+impl BrokerConfig for Tansu {
     fn config(&self, client_id: &str) -> KafkaConfig {
         KafkaConfig {
             brokers: self.brokers(),
             client_id: client_id.to_owned(),
             ..KafkaConfig::default()
         }
-    }
-}
-
-impl Drop for Tansu {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
@@ -181,14 +59,6 @@ fn collect(rxs: &[Receiver<InFrame>], want: usize, timeout: Duration) -> Vec<InF
         }
     }
     out
-}
-
-fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Pushes `frame` into `ring`, retrying while it is full (at most 10 s).

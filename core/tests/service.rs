@@ -4,15 +4,15 @@
 //! Needs `tansu` on PATH or in ~/.cargo/bin and `redis-server` on PATH.
 
 use std::io::{BufRead, BufReader};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use iris_bus::kafka::{ensure_topics, KafkaConfig};
 use iris_bus::topics::{deliver, edge_inbox, partition_of};
 use iris_bus::{decode, encode, to_owned, Ack, BusFrame, Deliver, DrainChunk, DrainRequest};
 use iris_core::store::MessageStore;
+use iris_tests::services::{Proc, RedisServer, Tansu};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -22,108 +22,28 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 const REGION: &str = "r1";
 const PARTITIONS: u32 = 4;
 
-fn tansu_bin() -> PathBuf {
-    if let Ok(path) = std::env::var("PATH") {
-        for dir in std::env::split_paths(&path) {
-            let p = dir.join("tansu");
-            if p.is_file() {
-                return p;
-            }
-        }
-    }
-    if let Some(home) = std::env::var_os("HOME") {
-        let p = Path::new(&home).join(".cargo/bin/tansu");
-        if p.is_file() {
-            return p;
-        }
-    }
-    panic!("tansu not found: run scripts/kafka.sh install");
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A child process killed (SIGKILL) on drop.
-struct Proc(Option<Child>);
-
-impl Proc {
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
 /// A broker, a Redis and a data directory for one test.
 struct Env {
-    _tansu: Proc,
-    _redis: Proc,
-    broker_port: u16,
-    redis_port: u16,
+    tansu: Tansu,
+    redis: RedisServer,
     dir: tempfile::TempDir,
 }
 
 impl Env {
     fn start() -> Env {
-        let dir = tempfile::tempdir().unwrap();
-        let broker_port = free_port();
-        let url = format!("tcp://127.0.0.1:{broker_port}");
-        let log = std::fs::File::create(dir.path().join("tansu.log")).unwrap();
-        let tansu = Command::new(tansu_bin())
-            .current_dir("/")
-            .env_remove("CLUSTER_ID")
-            .env_remove("LISTENER_URL")
-            .env_remove("ADVERTISED_LISTENER_URL")
-            .env_remove("STORAGE_ENGINE")
-            .env("RUST_LOG", "warn")
-            .args(["broker", "--cluster-id", "iris"])
-            .args(["--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn tansu");
-        let redis_port = free_port();
-        let redis = Command::new("redis-server")
-            .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn redis-server (apt-get install redis-server)");
-        let env = Env {
-            _tansu: Proc(Some(tansu)),
-            _redis: Proc(Some(redis)),
-            broker_port,
-            redis_port,
-            dir,
-        };
-        wait_for("tansu and redis to listen", Duration::from_secs(20), || {
-            TcpStream::connect(("127.0.0.1", broker_port)).is_ok()
-                && TcpStream::connect(("127.0.0.1", redis_port)).is_ok()
-        });
-        env
+        Env {
+            tansu: Tansu::memory(),
+            redis: RedisServer::start(),
+            dir: tempfile::tempdir().unwrap(),
+        }
     }
 
     fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.broker_port)
+        self.tansu.brokers()
     }
 
     fn redis_url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.redis_port)
+        self.redis.url()
     }
 
     fn data_dir(&self) -> PathBuf {
@@ -317,14 +237,6 @@ impl Edge {
             }
         }
         panic!("no drain chunk for conn {conn} within 30 s");
-    }
-}
-
-fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

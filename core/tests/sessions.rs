@@ -2,134 +2,24 @@
 //! loopback port (no persistence) and stops it on drop.
 
 use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
-use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use iris_core::sessions::{
     session_key, SessionConfig, SessionOp, SessionReader, SessionRecord, SessionWriter,
 };
+use iris_tests::services::RedisServer;
 
-/// Installs `redis-server` once (Debian package) when it is not on PATH.
-fn ensure_redis_server() {
-    static INSTALL: Once = Once::new();
-    INSTALL.call_once(|| {
-        if on_path("redis-server") {
-            return;
-        }
-        let install = || {
-            Command::new("apt-get")
-                .args(["install", "-y", "redis-server"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false)
-        };
-        if !install() {
-            let _ = Command::new("apt-get")
-                .arg("update")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-            let _ = install();
-        }
-    });
-    assert!(
-        on_path("redis-server"),
-        "redis-server not found: run scripts/redis.sh install"
-    );
+/// A connection to this test's server.
+trait Conn {
+    fn conn(&self) -> redis::Connection;
 }
 
-fn on_path(bin: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
-        .unwrap_or(false)
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A `redis-server` child process on its own port.
-struct RedisServer {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl RedisServer {
-    fn start() -> Self {
-        ensure_redis_server();
-        let mut s = Self {
-            port: free_port(),
-            child: None,
-        };
-        s.spawn();
-        s
-    }
-
-    fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn redis-server");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            if let Ok(mut c) = redis::Client::open(self.url()).and_then(|c| c.get_connection()) {
-                if redis::cmd("PING").query::<String>(&mut c).is_ok() {
-                    return;
-                }
-            }
-            assert!(Instant::now() < deadline, "redis-server did not come up");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Kills the process (SIGKILL) and waits for it.
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// Starts a fresh (empty) server on the same port.
-    fn restart(&mut self) {
-        self.kill();
-        self.spawn();
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
+impl Conn for RedisServer {
     fn conn(&self) -> redis::Connection {
         redis::Client::open(self.url())
             .unwrap()
             .get_connection()
             .unwrap()
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 

@@ -10,10 +10,14 @@
 //!   frames with its own decoder ([`decode_server`]), written from `PROTOCOL.md` independently of
 //!   the server's codec, so a wire mistake shared by the server's encoder and decoder still fails.
 //! - [`wire`]: hand-written encoders of every client frame, and [`cbor`] a tiny CBOR map encoder.
+//! - [`services`]: real tansu and `redis-server` processes on free loopback ports, for the
+//!   `iris-bus` and `iris-core` tests.
 //!
 //! Locating the binary: `IRIS_EDGE_BIN`, else `iris-edge` next to the test executable's
 //! directory (`target/debug/deps/..` = `target/debug`). Build it first with
 //! `cargo build -p iris-edge` (`scripts/test.sh` does).
+
+pub mod services;
 
 use std::fmt;
 use std::fs::OpenOptions;
