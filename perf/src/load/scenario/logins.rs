@@ -108,16 +108,15 @@ pub fn run(o: &LoginsOpts, command: Vec<String>) -> anyhow::Result<Report> {
     let oc = o.clone();
     let handles = run.spawn(move |env| worker(env, oc.clone()))?;
     let start = clock::now_ns() + 20_000_000;
-    run.shared.set_phase(RUN, start);
-    let measure = start + clock::secs_to_ns(o.warmup);
-    let end = measure + clock::secs_to_ns(o.duration);
-    run.monitor.sleep_until(measure)?;
-    let l0 = run.shared.totals().logins;
-    let s0 = run.server_now();
-    run.monitor.sleep_until(end)?;
-    let l1 = run.shared.totals().logins;
-    let s1 = run.server_now();
-    let window = (clock::now_ns() - measure) as f64 / 1e9;
+    let w = run.measure_window(RUN, start, o.warmup, o.duration)?;
+    let (l0, l1, s0, s1, window, end) = (
+        w.before.logins,
+        w.after.logins,
+        w.server_before,
+        w.server_after,
+        w.secs,
+        w.end,
+    );
     let loops = o.conns as u64;
     run.monitor
         .wait_until(|s| s.totals().finished >= loops, Some(end + 15_000_000_000))?;

@@ -33,6 +33,20 @@ use super::report::{Report, ServerSample};
 use super::runtime::{self, WorkerEnv, WorkerSpec};
 use super::stats::{self, LatencySummary, Shared};
 
+/// The measured window of a run: the counters and the server sampled at both ends.
+#[derive(Debug, Clone, Copy)]
+pub struct Window {
+    /// When measuring started and ended (ns on the run clock).
+    pub measure: u64,
+    pub end: u64,
+    pub before: stats::Totals,
+    pub after: stats::Totals,
+    pub server_before: Option<(host::ProcMem, f64)>,
+    pub server_after: Option<(host::ProcMem, f64)>,
+    /// Length of the window, seconds.
+    pub secs: f64,
+}
+
 /// A run in progress, on the main thread.
 #[derive(Debug)]
 pub struct Run {
@@ -142,6 +156,36 @@ impl Run {
         let r = runtime::join_workers(handles);
         self.monitor.collect();
         r
+    }
+
+    /// Enters the run phase `phase` at `start`, waits out `warmup_s`, then samples the counters
+    /// and the server around a measured window of `duration_s` seconds.
+    pub fn measure_window(
+        &mut self,
+        phase: u32,
+        start: u64,
+        warmup_s: f64,
+        duration_s: f64,
+    ) -> anyhow::Result<Window> {
+        self.shared.set_phase(phase, start);
+        let measure = start + clock::secs_to_ns(warmup_s);
+        let end = measure + clock::secs_to_ns(duration_s);
+        self.monitor.sleep_until(measure)?;
+        let before = self.shared.totals();
+        let server_before = self.server_now();
+        self.monitor.sleep_until(end)?;
+        let after = self.shared.totals();
+        let server_after = self.server_now();
+        let secs = (clock::now_ns() - measure) as f64 / 1e9;
+        Ok(Window {
+            measure,
+            end,
+            before,
+            after,
+            server_before,
+            server_after,
+            secs,
+        })
     }
 
     /// Samples the server process (memory now, CPU seconds so far).

@@ -451,16 +451,15 @@ pub fn run(o: &PairsOpts, command: Vec<String>) -> anyhow::Result<Report> {
         o.pairs, o.idle
     ));
     let start = clock::now_ns() + 20_000_000;
-    run.shared.set_phase(RUN, start);
-    let measure = start + clock::secs_to_ns(o.warmup);
-    let end = measure + clock::secs_to_ns(o.duration);
-    run.monitor.sleep_until(measure)?;
-    let t0 = run.shared.totals();
-    let s0 = run.server_now();
-    run.monitor.sleep_until(end)?;
-    let t1 = run.shared.totals();
-    let s1 = run.server_now();
-    let window = (clock::now_ns() - measure) as f64 / 1e9;
+    let w = run.measure_window(RUN, start, o.warmup, o.duration)?;
+    let (t0, t1, s0, s1, window, end) = (
+        w.before,
+        w.after,
+        w.server_before,
+        w.server_after,
+        w.secs,
+        w.end,
+    );
     let drain_deadline = end + clock::secs_to_ns(o.drain_timeout);
     let pairs = o.pairs as u64;
     let drained = run.monitor.wait_until(
