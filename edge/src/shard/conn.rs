@@ -477,9 +477,7 @@ impl Conn {
     }
 
     fn error_reply(&self, reason: &str) {
-        let mut f = Vec::with_capacity(reason.len() + 3);
-        frame::encode_error(&mut f, reason);
-        self.c.write_frame(&self.shard, &f);
+        self.c.write_frame(&self.shard, &error_frame(reason));
     }
 
     /// Decodes and handles every complete frame in `inbuf`, then drops the consumed bytes.
