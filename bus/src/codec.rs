@@ -16,7 +16,7 @@ use rkyv::rancor;
 use crate::frame::{ArchivedBusFrame, BusFrame};
 
 /// The version byte that starts every frame this build encodes (and the only one it decodes).
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 
 /// Why a frame could not be encoded or decoded.
 #[derive(Debug, thiserror::Error)]
@@ -244,11 +244,40 @@ mod tests {
         ] {
             v.push(BusFrame::Relay(Relay {
                 recipient: b"bob".to_vec(),
-                sender: b"alice".to_vec(),
                 kind,
-                data: b"m42".to_vec(),
+                frame: b"\x72\x00\x05alice\x01".to_vec(),
             }));
         }
+        v.extend([
+            BusFrame::PrekeyPut(PrekeyPut {
+                user: b"bob".to_vec(),
+                bundle: b"\xa1\x61k\x01".to_vec(),
+            }),
+            BusFrame::PrekeyFetch(PrekeyFetch {
+                user: b"bob".to_vec(),
+                node: 2,
+                shard: 1,
+                conn: 17,
+            }),
+            BusFrame::PrekeyBundle(PrekeyBundle {
+                user: b"bob".to_vec(),
+                node: 2,
+                shard: 1,
+                conn: 17,
+                bundle: Some(b"\xa1\x61k\x01".to_vec()),
+            }),
+            BusFrame::PrekeyBundle(PrekeyBundle {
+                user: b"nobody".to_vec(),
+                node: 2,
+                shard: 1,
+                conn: 18,
+                bundle: None,
+            }),
+            BusFrame::EdgeReset(EdgeReset {
+                node: 4,
+                unix_ms: 1_700_000_000_000,
+            }),
+        ]);
         let routed: Vec<BusFrame> = v
             .iter()
             .cloned()
@@ -272,7 +301,7 @@ mod tests {
     fn every_variant_round_trips() {
         let samples = samples();
         let kinds: std::collections::HashSet<_> = samples.iter().map(BusFrame::kind).collect();
-        assert_eq!(kinds.len(), 7, "every FrameKind is sampled");
+        assert_eq!(kinds.len(), 11, "every FrameKind is sampled");
         for f in &samples {
             round_trip(f);
         }
@@ -294,10 +323,10 @@ mod tests {
         assert!(range.contains(&d.payload.as_slice().as_ptr()));
     }
 
-    /// Pins the wire format of version 1: if this changes (a type in `frame`, the rkyv version
+    /// Pins the wire format of version 2: if this changes (a type in `frame`, the rkyv version
     /// or its features), the version byte must be bumped (see `docs/BUS.md`).
     #[test]
-    fn wire_format_of_version_1_is_pinned() {
+    fn wire_format_of_version_2_is_pinned() {
         let ack = encode(&BusFrame::Ack(Ack {
             user: b"bob".to_vec(),
             id: 7,
@@ -352,7 +381,7 @@ mod tests {
     fn empty_and_unknown_version_are_errors() {
         assert!(matches!(decode(&[]), Err(BusError::Empty)));
         let mut bytes = encode(&BusFrame::Deliver(deliver())).unwrap();
-        for v in [0u8, 2, 0xff] {
+        for v in [0u8, 1, 3, 0xff] {
             bytes[0] = v;
             assert!(matches!(
                 decode(&bytes),
@@ -522,14 +551,13 @@ mod tests {
                         unix_ms,
                     })
                 }),
-            (bytes(40), bytes(40), relay_kind, bytes(40)).prop_map(
-                |(recipient, sender, kind, data)| Routed::Relay(Relay {
+            (bytes(40), relay_kind, bytes(40)).prop_map(|(recipient, kind, frame)| {
+                Routed::Relay(Relay {
                     recipient,
-                    sender,
                     kind,
-                    data,
+                    frame,
                 })
-            ),
+            }),
         ]
     }
 

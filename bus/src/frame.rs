@@ -96,14 +96,55 @@ pub enum RelayKind {
 }
 
 /// A best-effort frame for `recipient` (typing, read receipt): never stored, dropped when the
-/// recipient is offline.
+/// recipient is offline. The core routes it to the edge holding the recipient (edge inbox).
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[rkyv(compare(PartialEq), derive(Debug))]
 pub struct Relay {
     pub recipient: Vec<u8>,
-    pub sender: Vec<u8>,
     pub kind: RelayKind,
-    pub data: Vec<u8>,
+    /// The complete client frame the recipient's client receives (0x72 or 0x75), opaque to the
+    /// bus like a deliver's payload.
+    pub frame: Vec<u8>,
+}
+
+/// Store (replace) `user`'s E2EE prekey bundle (a CBOR map, opaque to the bus). Core-bound.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
+pub struct PrekeyPut {
+    pub user: Vec<u8>,
+    pub bundle: Vec<u8>,
+}
+
+/// Asks the core for `user`'s prekey bundle on behalf of edge `node`, shard `shard`,
+/// connection `conn`; answered with a [`PrekeyBundle`] on that edge's inbox.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
+pub struct PrekeyFetch {
+    pub user: Vec<u8>,
+    pub node: u32,
+    pub shard: u32,
+    pub conn: u64,
+}
+
+/// The core's answer to a [`PrekeyFetch`]: the bundle, or `None` when none is stored.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
+pub struct PrekeyBundle {
+    pub user: Vec<u8>,
+    pub node: u32,
+    pub shard: u32,
+    pub conn: u64,
+    pub bundle: Option<Vec<u8>>,
+}
+
+/// Edge `node` started at `unix_ms`: none of the sessions it announced before are alive (it
+/// restarted, maybe after a crash). Published to every partition of the presence topic, so each
+/// edge's presence cache forgets that node's users in order with the node's earlier events.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
+pub struct EdgeReset {
+    pub node: u32,
+    pub unix_ms: u64,
 }
 
 /// A frame that a [`Route`] may carry to another region: every frame but a route.
@@ -140,6 +181,10 @@ pub enum BusFrame {
     Presence(Presence),
     Relay(Relay),
     Route(Route),
+    PrekeyPut(PrekeyPut),
+    PrekeyFetch(PrekeyFetch),
+    PrekeyBundle(PrekeyBundle),
+    EdgeReset(EdgeReset),
 }
 
 /// The kind of a frame, for metrics and logs.
@@ -152,6 +197,10 @@ pub enum FrameKind {
     Presence,
     Relay,
     Route,
+    PrekeyPut,
+    PrekeyFetch,
+    PrekeyBundle,
+    EdgeReset,
 }
 
 impl FrameKind {
@@ -165,6 +214,10 @@ impl FrameKind {
             FrameKind::Presence => "presence",
             FrameKind::Relay => "relay",
             FrameKind::Route => "route",
+            FrameKind::PrekeyPut => "prekey_put",
+            FrameKind::PrekeyFetch => "prekey_fetch",
+            FrameKind::PrekeyBundle => "prekey_bundle",
+            FrameKind::EdgeReset => "edge_reset",
         }
     }
 }
@@ -183,7 +236,8 @@ impl From<Routed> for BusFrame {
 }
 
 impl BusFrame {
-    /// Wraps this frame for region `region`; `None` for a route (routes do not nest).
+    /// Wraps this frame for region `region`; `None` for a route (routes do not nest) and for the
+    /// frames that never leave a region (prekeys, edge reset).
     pub fn route_to(self, region: impl Into<String>) -> Option<BusFrame> {
         let inner = match self {
             BusFrame::Deliver(f) => Routed::Deliver(f),
@@ -192,7 +246,11 @@ impl BusFrame {
             BusFrame::DrainChunk(f) => Routed::DrainChunk(f),
             BusFrame::Presence(f) => Routed::Presence(f),
             BusFrame::Relay(f) => Routed::Relay(f),
-            BusFrame::Route(_) => return None,
+            BusFrame::Route(_)
+            | BusFrame::PrekeyPut(_)
+            | BusFrame::PrekeyFetch(_)
+            | BusFrame::PrekeyBundle(_)
+            | BusFrame::EdgeReset(_) => return None,
         };
         Some(BusFrame::Route(Route {
             region: region.into(),
@@ -209,11 +267,15 @@ impl BusFrame {
             BusFrame::Presence(_) => FrameKind::Presence,
             BusFrame::Relay(_) => FrameKind::Relay,
             BusFrame::Route(_) => FrameKind::Route,
+            BusFrame::PrekeyPut(_) => FrameKind::PrekeyPut,
+            BusFrame::PrekeyFetch(_) => FrameKind::PrekeyFetch,
+            BusFrame::PrekeyBundle(_) => FrameKind::PrekeyBundle,
+            BusFrame::EdgeReset(_) => FrameKind::EdgeReset,
         }
     }
 
     /// The user this frame is keyed (partitioned) by: the recipient of a deliver or relay, the
-    /// user of the others, the inner frame's user for a route.
+    /// user of the others, the inner frame's user for a route, empty for an edge reset.
     pub fn key_user(&self) -> &[u8] {
         match self {
             BusFrame::Deliver(f) => &f.recipient,
@@ -223,6 +285,10 @@ impl BusFrame {
             BusFrame::Presence(f) => &f.user,
             BusFrame::Relay(f) => &f.recipient,
             BusFrame::Route(r) => r.inner.key_user(),
+            BusFrame::PrekeyPut(f) => &f.user,
+            BusFrame::PrekeyFetch(f) => &f.user,
+            BusFrame::PrekeyBundle(f) => &f.user,
+            BusFrame::EdgeReset(_) => &[],
         }
     }
 }
@@ -250,6 +316,10 @@ impl ArchivedBusFrame {
             ArchivedBusFrame::Presence(_) => FrameKind::Presence,
             ArchivedBusFrame::Relay(_) => FrameKind::Relay,
             ArchivedBusFrame::Route(_) => FrameKind::Route,
+            ArchivedBusFrame::PrekeyPut(_) => FrameKind::PrekeyPut,
+            ArchivedBusFrame::PrekeyFetch(_) => FrameKind::PrekeyFetch,
+            ArchivedBusFrame::PrekeyBundle(_) => FrameKind::PrekeyBundle,
+            ArchivedBusFrame::EdgeReset(_) => FrameKind::EdgeReset,
         }
     }
 
@@ -263,6 +333,10 @@ impl ArchivedBusFrame {
             ArchivedBusFrame::Presence(f) => &f.user,
             ArchivedBusFrame::Relay(f) => &f.recipient,
             ArchivedBusFrame::Route(r) => r.inner.key_user(),
+            ArchivedBusFrame::PrekeyPut(f) => &f.user,
+            ArchivedBusFrame::PrekeyFetch(f) => &f.user,
+            ArchivedBusFrame::PrekeyBundle(f) => &f.user,
+            ArchivedBusFrame::EdgeReset(_) => &[],
         }
     }
 }

@@ -1,7 +1,7 @@
 //! `iris-bus`: what crosses node boundaries in an Iris cluster.
 //!
 //! This crate holds the bus frames ([`frame`]: deliver, ack, login drain request and chunk,
-//! presence, relay of typing and receipts, cross-region route), archived with rkyv and read in
+//! presence, relay of typing and receipts, prekeys, edge reset, cross-region route), archived with rkyv and read in
 //! place from any byte buffer after validation ([`codec`]: every encoded frame starts with a
 //! version byte, [`VERSION`]), and the topic layout with the user partitioning ([`topics`]).
 //! `docs/BUS.md` documents the wire rules and the layout.
@@ -25,7 +25,8 @@ pub use codec::{
 };
 pub use frame::{
     Ack, ArchivedAck, ArchivedBusFrame, ArchivedDeliver, ArchivedDrainChunk, ArchivedDrainRequest,
-    ArchivedDrained, ArchivedPresence, ArchivedRelay, ArchivedRelayKind, ArchivedRoute,
-    ArchivedRouted, BusFrame, Deliver, DrainChunk, DrainRequest, Drained, FrameKind, Presence,
-    Relay, RelayKind, Route, Routed,
+    ArchivedDrained, ArchivedEdgeReset, ArchivedPrekeyBundle, ArchivedPrekeyFetch,
+    ArchivedPrekeyPut, ArchivedPresence, ArchivedRelay, ArchivedRelayKind, ArchivedRoute,
+    ArchivedRouted, BusFrame, Deliver, DrainChunk, DrainRequest, Drained, EdgeReset, FrameKind,
+    PrekeyBundle, PrekeyFetch, PrekeyPut, Presence, Relay, RelayKind, Route, Routed,
 };
