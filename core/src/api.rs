@@ -43,6 +43,17 @@ pub enum CoreRequest {
     PutPrekeys { user: Vec<u8>, bundle: Vec<u8> },
     /// Fetch `user`'s prekey bundle; answered with [`CoreReply::Prekeys`] to `conn`.
     FetchPrekeys { user: Vec<u8>, conn: ConnId },
+    /// `user`'s first session on this edge began, on shard `shard` (sent by the user's presence
+    /// owner). The embedded core needs nothing (presence is in the shards); the cluster link
+    /// writes the session to Redis and announces it on the presence topic.
+    Online { user: Vec<u8>, shard: usize },
+    /// `user`'s last session on this edge ended at `last_seen` (Unix seconds); see
+    /// [`CoreRequest::Online`].
+    Offline { user: Vec<u8>, last_seen: u64 },
+    /// A best-effort frame (typing 0x72, read receipt 0x75) for `recipient`, who has no session
+    /// on this edge. The embedded core drops it (one box: not connected means offline); the
+    /// cluster link hands it to the core, which relays it to the edge holding `recipient`.
+    Relay { recipient: Vec<u8>, frame: Vec<u8> },
 }
 
 /// What the core sends back to a shard.
@@ -62,6 +73,26 @@ pub enum CoreReply {
         user: Vec<u8>,
         bundle: Option<Vec<u8>>,
     },
+    /// Cluster only: the core stored message `id` for `recipient` and routed it to this edge,
+    /// where `recipient` has (or had) a session. Sent to the recipient's presence owner shard.
+    Deliver {
+        recipient: Vec<u8>,
+        id: u64,
+        payload: Vec<u8>,
+    },
+    /// Cluster only: a best-effort frame relayed from another edge for `recipient`.
+    Relay { recipient: Vec<u8>, frame: Vec<u8> },
+    /// Cluster only: another edge `node` announced that `user` went online or offline at
+    /// `unix_ms`. Sent to the user's presence owner shard.
+    Presence {
+        user: Vec<u8>,
+        node: u32,
+        online: bool,
+        unix_ms: u64,
+    },
+    /// Cluster only: edge `node` (re)started at `unix_ms`; none of its earlier sessions are
+    /// alive. Sent to every shard.
+    EdgeReset { node: u32, unix_ms: u64 },
 }
 
 /// The shard's end of its link to the core.

@@ -532,6 +532,11 @@ impl Core {
                 conn,
                 kind: ReadKind::Prekeys,
             }),
+            // One box: presence lives in the shards, and a relay for a user not connected here
+            // has nowhere else to go.
+            CoreRequest::Online { .. }
+            | CoreRequest::Offline { .. }
+            | CoreRequest::Relay { .. } => {}
         }
     }
 

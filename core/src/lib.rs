@@ -4,14 +4,17 @@
 //! is a dedicated OS thread that owns the [`store::MessageStore`] (an fjall LSM on local disk)
 //! and talks to every edge shard over a pair of bounded crossbeam queues per shard
 //! ([`api::ShardLink`]). Shards never wait on it: they push [`api::CoreRequest`]s and poll
-//! [`api::CoreReply`]s. The regional cluster (Kafka bus, Redis sessions, ScyllaDB) will put the
-//! same requests on the bus instead.
+//! [`api::CoreReply`]s. In the regional cluster the edge starts [`remote::RemoteCore`] instead:
+//! the same links, with the requests turned into bus frames on Kafka and the replies read from
+//! the edge's inbox, sessions written to Redis.
 //!
 //! - [`api`]: the request and reply types that cross the shard/core boundary.
 //! - [`store`]: the durable message store (inbox per user, prekey bundles).
 //! - [`embedded`]: the core thread: group commit, ack cancellation, ordered login drains.
 //! - [`sessions`]: Redis sessions (`session:{user}`): a batching, pipelining writer thread fed
 //!   by non-blocking per-shard sinks, and a blocking reader for the core.
+//! - [`remote`]: the edge's cluster link: shard requests to Kafka frames and Redis sessions,
+//!   the edge inbox and presence topic back to the owning shards.
 //! - [`service`]: the cluster core (`iris-core` binary): consumes the region's deliver topic,
 //!   stores with group commit, routes to edge inboxes via Redis sessions, answers drains.
 //! - [`error`]: [`CoreError`], classified by cause (environment, invalid input, internal).
@@ -19,6 +22,7 @@
 pub mod api;
 pub mod embedded;
 pub mod error;
+pub mod remote;
 pub mod service;
 pub mod sessions;
 pub mod store;

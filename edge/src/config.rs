@@ -57,6 +57,63 @@ pub struct EdgeConfig {
     pub login_timeout_ms: u64,
     /// Optional JWT authentication of LOGIN `user:token`.
     pub auth: AuthConfig,
+    /// Where messages go beyond this box: the embedded core (default) or a regional cluster.
+    pub cluster: ClusterConfig,
+}
+
+/// Which core the edge talks to.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BusKind {
+    /// The in-process core with its embedded store under `data_dir` (one box, no services).
+    #[default]
+    Embedded,
+    /// A regional cluster: Kafka bus, `iris-core` nodes, Redis sessions.
+    Kafka,
+}
+
+/// Cluster mode (`bus = "kafka"`): the edge publishes to Kafka and reads its inbox.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// `embedded` or `kafka` ("embedded").
+    pub bus: BusKind,
+    /// Kafka bootstrap servers, `host:port[,host:port]` ("127.0.0.1:19092").
+    pub brokers: String,
+    /// Redis URL of the session store ("redis://127.0.0.1:6379").
+    pub redis_url: String,
+    /// Region name, `[a-z0-9-]`, not `global` ("local").
+    pub region: String,
+    /// This edge's node id in the region, 0 to 255; names its inbox topic and is part of every
+    /// message id it mints (1).
+    pub node_id: u32,
+    /// Partitions of the deliver and presence topics if this edge creates them (16).
+    pub partitions: u32,
+    /// Producer `linger.ms`: the longest a message waits to fill a batch (1).
+    pub linger_ms: u32,
+    /// Producer compression: `none`, `lz4` or `zstd` ("lz4").
+    pub compression: String,
+    /// Frames the producer ring holds before the edge stops reading clients (65536).
+    pub producer_ring_capacity: usize,
+    /// CPU to pin the Kafka producer thread to; -1 leaves it unpinned (-1).
+    pub producer_cpu: i64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            bus: BusKind::Embedded,
+            brokers: "127.0.0.1:19092".to_owned(),
+            redis_url: "redis://127.0.0.1:6379".to_owned(),
+            region: "local".to_owned(),
+            node_id: 1,
+            partitions: 16,
+            linger_ms: 1,
+            compression: "lz4".to_owned(),
+            producer_ring_capacity: 65_536,
+            producer_cpu: -1,
+        }
+    }
 }
 
 /// LOGIN authentication (PROTOCOL.md "Auth"): off unless `enabled`.
@@ -106,6 +163,7 @@ impl Default for EdgeConfig {
             drain_timeout_ms: 2_000,
             login_timeout_ms: 10_000,
             auth: AuthConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -140,8 +198,12 @@ impl EdgeConfig {
     /// Checks the values that parse but cannot work.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
-        if self.shards > 1024 {
-            return bad(format!("shards = {} exceeds 1024", self.shards));
+        if self.shards > crate::idgen::MAX_SHARDS {
+            return bad(format!(
+                "shards = {} exceeds {} (message ids carry the shard in 6 bits)",
+                self.shards,
+                crate::idgen::MAX_SHARDS
+            ));
         }
         if self.max_input_bytes < (1 << 20) + 16 {
             return bad(format!(
@@ -165,6 +227,42 @@ impl EdgeConfig {
         }
         if self.auth.enabled && self.auth.secret.len() < 32 {
             return bad("auth.secret must be at least 32 bytes when auth.enabled".to_owned());
+        }
+        let c = &self.cluster;
+        if c.node_id > crate::idgen::MAX_NODE {
+            return bad(format!(
+                "cluster.node_id = {} exceeds {} (message ids carry the node in 8 bits)",
+                c.node_id,
+                crate::idgen::MAX_NODE
+            ));
+        }
+        if c.bus == BusKind::Kafka {
+            if !iris_bus::topics::is_valid_region(&c.region) {
+                return bad(format!(
+                    "cluster.region = {:?}: 1 to 64 of [a-z0-9-], not \"global\"",
+                    c.region
+                ));
+            }
+            if c.brokers.trim().is_empty() {
+                return bad("cluster.brokers must name at least one broker".to_owned());
+            }
+            if !c.redis_url.starts_with("redis://") && !c.redis_url.starts_with("rediss://") {
+                return bad(format!(
+                    "cluster.redis_url = {:?} must start with redis://",
+                    c.redis_url
+                ));
+            }
+            if !["none", "lz4", "zstd"].contains(&c.compression.as_str()) {
+                return bad(format!(
+                    "cluster.compression = {:?}: none, lz4 or zstd",
+                    c.compression
+                ));
+            }
+            if c.partitions == 0 || c.producer_ring_capacity == 0 {
+                return bad(
+                    "cluster.partitions and cluster.producer_ring_capacity must be > 0".to_owned(),
+                );
+            }
         }
         Ok(())
     }
@@ -203,6 +301,28 @@ mod tests {
         assert_eq!(c.shards, 3);
         assert_eq!(c.auth.issuer, "x");
         assert_eq!(c.max_output_bytes, EdgeConfig::default().max_output_bytes);
+    }
+
+    #[test]
+    fn cluster_section_parses_and_validates() {
+        let c: EdgeConfig = toml::from_str(
+            "[cluster]\nbus = \"kafka\"\nbrokers = \"127.0.0.1:9\"\nregion = \"eu-west\"\nnode_id = 7\n",
+        )
+        .unwrap();
+        assert_eq!(c.cluster.bus, BusKind::Kafka);
+        assert_eq!(c.cluster.node_id, 7);
+        c.validate().unwrap();
+        let mut bad = c.clone();
+        bad.cluster.region = "EU".into();
+        assert!(bad.validate().is_err());
+        let mut bad = c.clone();
+        bad.cluster.node_id = 256;
+        assert!(bad.validate().is_err());
+        let mut bad = c;
+        bad.cluster.compression = "gzip".into();
+        assert!(bad.validate().is_err());
+        assert!(toml::from_str::<EdgeConfig>("[cluster]\nbus = \"zmq\"\n").is_err());
+        assert!(toml::from_str::<EdgeConfig>("[cluster]\nnodeid = 1\n").is_err());
     }
 
     #[test]

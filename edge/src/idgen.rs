@@ -1,42 +1,56 @@
-//! Server message ids: unique, increasing per shard, fixed-length on the wire.
+//! Server message ids: unique in a region, increasing per shard, fixed-length on the wire.
 //!
-//! An id is `(microseconds << 10) | shard`: the shard's own clock reading, kept strictly
-//! increasing (a burst runs ahead of the clock, never backwards), with the shard number in the
-//! low 10 bits so two shards never mint the same id. A recipient's messages are stored and
-//! drained in id order, so one sender's messages (always minted by the sender's shard) keep
-//! their send order. At startup the generator is seeded with the highest id the store has seen,
-//! so a restart with a clock that stepped back still never reuses an id.
+//! An id is `(µs since 2024-01-01 UTC) << 14 | node << 6 | shard`: the shard's own clock
+//! reading (50 bits: until 2059), kept strictly increasing (a burst runs ahead of the clock,
+//! never backwards), then the edge's node id (8 bits, 0 in the one-box deployment) and the
+//! shard number (6 bits), so no two shards of a region ever mint the same id. A recipient's
+//! messages are stored and drained in id order, so one sender's messages (always minted by the
+//! sender's shard) keep their send order. At startup the embedded generator is seeded with the
+//! highest id the store has seen, so a restart with a clock that stepped back still never
+//! reuses an id; in a cluster the node's clock must not step back across a restart by more than
+//! the time the restart takes.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Bits of the id that carry the shard number.
-pub const SHARD_BITS: u32 = 10;
+pub const SHARD_BITS: u32 = 6;
+/// Bits of the id that carry the node id.
+pub const NODE_BITS: u32 = 8;
+/// Shards an edge may run (ids carry the shard in [`SHARD_BITS`]).
+pub const MAX_SHARDS: usize = 1 << SHARD_BITS;
+/// The largest node id.
+pub const MAX_NODE: u32 = (1 << NODE_BITS) - 1;
+/// The id clock's epoch: 2024-01-01T00:00:00Z in Unix microseconds.
+pub const EPOCH_MICROS: u64 = 1_704_067_200_000_000;
+const LOW_BITS: u32 = SHARD_BITS + NODE_BITS;
 
 /// One shard's id generator (not shared: each shard owns its own).
 #[derive(Debug)]
 pub struct IdGen {
-    shard: u64,
+    tag: u64,
     last_us: u64,
 }
 
 impl IdGen {
     /// `floor` is the highest id ever stored (from the store), or 0.
-    pub fn new(shard: usize, floor: u64) -> Self {
+    pub fn new(node: u32, shard: usize, floor: u64) -> Self {
+        let node = u64::from(node) & u64::from(MAX_NODE);
+        let shard = shard as u64 & (MAX_SHARDS as u64 - 1);
         Self {
-            shard: shard as u64 & ((1 << SHARD_BITS) - 1),
-            last_us: floor >> SHARD_BITS,
+            tag: (node << SHARD_BITS) | shard,
+            last_us: floor >> LOW_BITS,
         }
     }
 
     /// The next id of this shard.
     pub fn next_id(&mut self) -> u64 {
-        let now = now_micros();
+        let now = now_micros().saturating_sub(EPOCH_MICROS);
         self.last_us = if now > self.last_us {
             now
         } else {
             self.last_us + 1
         };
-        (self.last_us << SHARD_BITS) | self.shard
+        (self.last_us << LOW_BITS) | self.tag
     }
 }
 
@@ -53,21 +67,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn strictly_increasing_and_shard_tagged() {
-        let mut g = IdGen::new(3, 0);
+    fn strictly_increasing_and_tagged() {
+        let mut g = IdGen::new(5, 3, 0);
         let mut last = 0;
         for _ in 0..10_000 {
             let id = g.next_id();
             assert!(id > last);
-            assert_eq!(id & 1023, 3);
+            assert_eq!(id & 63, 3);
+            assert_eq!((id >> 6) & 255, 5);
             last = id;
         }
     }
 
     #[test]
+    fn two_nodes_never_collide() {
+        let mut a = IdGen::new(1, 0, 0);
+        let mut b = IdGen::new(2, 0, 0);
+        let ids: std::collections::HashSet<u64> =
+            (0..1000).flat_map(|_| [a.next_id(), b.next_id()]).collect();
+        assert_eq!(ids.len(), 2000);
+    }
+
+    #[test]
     fn floor_in_the_future_is_respected() {
-        let floor = (now_micros() + 10_000_000) << SHARD_BITS;
-        let mut g = IdGen::new(0, floor);
+        let floor = ((now_micros() - EPOCH_MICROS) + 10_000_000) << LOW_BITS;
+        let mut g = IdGen::new(0, 0, floor);
         assert!(g.next_id() > floor);
+    }
+
+    #[test]
+    fn clock_fits_until_2059() {
+        // 2059-01-01 in Unix microseconds, minus the epoch, still fits in 64 - 14 bits.
+        let y2059 = 2_808_691_200_000_000u64;
+        assert!((y2059 - EPOCH_MICROS) < 1 << (64 - LOW_BITS));
     }
 }

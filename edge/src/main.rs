@@ -1,4 +1,6 @@
 //! `iris-edge` binary: flags and config file, host checks, then the shards until SIGTERM/SIGINT.
+//! `--bus kafka` (with `--brokers`, `--redis`, `--region`, `--node-id`) joins a regional cluster
+//! instead of running the embedded core.
 //!
 //! Prints one line to standard output once serving, for scripts and tests:
 //! `iris-edge listening client=ADDR admin=ADDR shards=N`. Logs go to standard error
@@ -11,7 +13,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Parser;
-use iris_edge::config::EdgeConfig;
+use iris_edge::config::{BusKind, EdgeConfig};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -35,6 +37,24 @@ struct Cli {
     /// Admin HTTP address for /metrics and /health [default: 127.0.0.1:9085].
     #[arg(long)]
     admin: Option<SocketAddr>,
+    /// Core to use: `embedded` (one box) or `kafka` (a regional cluster) [default: embedded].
+    #[arg(long, value_parser = ["embedded", "kafka"])]
+    bus: Option<String>,
+    /// Cluster: Kafka bootstrap servers, host:port[,host:port].
+    #[arg(long)]
+    brokers: Option<String>,
+    /// Cluster: Redis URL of the sessions, redis://host:port.
+    #[arg(long)]
+    redis: Option<String>,
+    /// Cluster: region name ([a-z0-9-], not "global").
+    #[arg(long)]
+    region: Option<String>,
+    /// Cluster: this edge's node id in the region (0-255).
+    #[arg(long)]
+    node_id: Option<u32>,
+    /// Cluster: partitions of the deliver and presence topics if this edge creates them.
+    #[arg(long)]
+    partitions: Option<u32>,
     /// Validate the configuration, print it, and exit.
     #[arg(long)]
     check: bool,
@@ -64,6 +84,28 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(v) = cli.admin {
         cfg.admin = v;
+    }
+    if let Some(v) = cli.bus {
+        cfg.cluster.bus = if v == "kafka" {
+            BusKind::Kafka
+        } else {
+            BusKind::Embedded
+        };
+    }
+    if let Some(v) = cli.brokers {
+        cfg.cluster.brokers = v;
+    }
+    if let Some(v) = cli.redis {
+        cfg.cluster.redis_url = v;
+    }
+    if let Some(v) = cli.region {
+        cfg.cluster.region = v;
+    }
+    if let Some(v) = cli.node_id {
+        cfg.cluster.node_id = v;
+    }
+    if let Some(v) = cli.partitions {
+        cfg.cluster.partitions = v;
     }
     cfg.validate()?;
     if cli.check {

@@ -70,6 +70,10 @@ counters! {
     core_backlog: "gauge",
     /// Accept errors (for example the open-file limit).
     accept_errors_total: "counter",
+    /// Cluster: messages the core routed to this edge's inbox.
+    bus_delivers_in_total: "counter",
+    /// Cluster: routed copies of messages this edge had already delivered live, dropped.
+    bus_duplicates_suppressed_total: "counter",
 }
 
 impl ShardMetrics {

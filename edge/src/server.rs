@@ -1,7 +1,8 @@
 //! Starting and stopping a whole edge: the in-process core, one listener socket and one pinned
 //! glommio executor per shard, the shard mesh, and the admin endpoint.
 //!
-//! Startup order: open the store (the core thread), bind every shard's `SO_REUSEPORT` socket on
+//! Startup order: start the core (the embedded store's thread, or in cluster mode the bus link
+//! to Kafka and Redis, [`iris_core::remote`]), bind every shard's `SO_REUSEPORT` socket on
 //! the main thread (so `--listen 127.0.0.1:0` resolves to one port shared by all shards), start
 //! the admin endpoint, announce the bound addresses, start the shards. Shutdown (the `shutdown`
 //! flag, set by SIGTERM/SIGINT): shards stop accepting, flush their connections' queued output
@@ -17,12 +18,14 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::{LocalExecutorBuilder, Placement};
+use iris_bus::kafka::KafkaConfig;
 use iris_core::embedded::{CoreStats, EmbeddedConfig, EmbeddedCore};
+use iris_core::remote::{RemoteConfig, RemoteCore, RemoteSnapshot};
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{info, warn};
 
 use crate::admin;
-use crate::config::EdgeConfig;
+use crate::config::{BusKind, EdgeConfig};
 use crate::metrics::ShardMetrics;
 use crate::shard::{self, ShardStart};
 
@@ -88,18 +91,11 @@ pub fn run(
     let nshards = cfg.resolved_shards(cpus.len());
     crate::hostcheck::startup(&cfg, nshards)?;
 
-    std::fs::create_dir_all(&cfg.data_dir)
-        .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
-    let core_cfg = EmbeddedConfig {
-        data_dir: cfg.data_dir.join("store"),
-        commit_window_ms: cfg.commit_window_ms,
-        queue_capacity: cfg.core_queue_capacity,
-        drain_chunk: cfg.drain_chunk,
-        drain_chunk_bytes: cfg.drain_chunk_bytes,
+    let (core, links) = start_core(&cfg, nshards)?;
+    let id_floor = match &core {
+        Core::Embedded(c) => c.id_floor(),
+        Core::Remote(_) => 0,
     };
-    let (core, links) = EmbeddedCore::start(core_cfg, nshards)
-        .with_context(|| format!("cannot open the store under {}", cfg.data_dir.display()))?;
-    let id_floor = core.id_floor();
 
     // All shard sockets bind the same port: the first one resolves port 0.
     let first =
@@ -119,8 +115,16 @@ pub fn run(
     let metrics: Vec<Arc<ShardMetrics>> = (0..nshards)
         .map(|_| Arc::new(ShardMetrics::default()))
         .collect();
-    let core_metrics = core.metrics();
-    let extra: admin::ExtraMetrics = Arc::new(move || core_lines(&core_metrics.snapshot()));
+    let extra: admin::ExtraMetrics = match &core {
+        Core::Embedded(c) => {
+            let m = c.metrics();
+            Arc::new(move || core_lines(&m.snapshot()))
+        }
+        Core::Remote(c) => {
+            let m = c.metrics();
+            Arc::new(move || remote_lines(&m.snapshot()))
+        }
+    };
     let admin_addr = admin::start(cfg.admin, metrics.clone(), extra, shutdown.clone())
         .with_context(|| format!("cannot bind admin endpoint {}", cfg.admin))?;
 
@@ -176,12 +180,176 @@ pub fn run(
             failed = true;
         }
     }
-    let stats = core.shutdown();
-    info!(?stats, "store flushed; iris-edge stopped");
+    match core {
+        Core::Embedded(c) => {
+            let stats = c.shutdown();
+            info!(?stats, "store flushed; iris-edge stopped");
+        }
+        Core::Remote(c) => match c.shutdown() {
+            Ok(stats) => info!(
+                produced = stats.produced_ok,
+                "bus flushed; iris-edge stopped"
+            ),
+            Err(e) => warn!(error = %e, "cluster link did not stop cleanly"),
+        },
+    }
     if failed {
         bail!("a shard failed");
     }
     Ok(())
+}
+
+/// The core behind the shards' links.
+enum Core {
+    /// One box: the in-process core and its store.
+    Embedded(EmbeddedCore),
+    /// Cluster: the bus bridge to Kafka and Redis.
+    Remote(RemoteCore),
+}
+
+/// Starts the core the configuration asks for and returns one link per shard.
+fn start_core(
+    cfg: &EdgeConfig,
+    nshards: usize,
+) -> anyhow::Result<(Core, Vec<iris_core::api::ShardLink>)> {
+    match cfg.cluster.bus {
+        BusKind::Embedded => {
+            std::fs::create_dir_all(&cfg.data_dir)
+                .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
+            let core_cfg = EmbeddedConfig {
+                data_dir: cfg.data_dir.join("store"),
+                commit_window_ms: cfg.commit_window_ms,
+                queue_capacity: cfg.core_queue_capacity,
+                drain_chunk: cfg.drain_chunk,
+                drain_chunk_bytes: cfg.drain_chunk_bytes,
+            };
+            let (core, links) = EmbeddedCore::start(core_cfg, nshards).with_context(|| {
+                format!("cannot open the store under {}", cfg.data_dir.display())
+            })?;
+            Ok((Core::Embedded(core), links))
+        }
+        BusKind::Kafka => {
+            let c = &cfg.cluster;
+            let remote = RemoteConfig {
+                brokers: c.brokers.clone(),
+                redis_url: c.redis_url.clone(),
+                region: c.region.clone(),
+                node: c.node_id,
+                partitions: c.partitions,
+                queue_capacity: cfg.core_queue_capacity,
+                kafka: KafkaConfig {
+                    linger_ms: c.linger_ms,
+                    compression: c.compression.clone(),
+                    ring_capacity: c.producer_ring_capacity,
+                    producer_cpu: usize::try_from(c.producer_cpu).ok(),
+                    ..KafkaConfig::default()
+                },
+            };
+            let (core, links) = RemoteCore::start(remote, nshards).with_context(|| {
+                format!(
+                    "cannot join region {} (brokers {}, redis {})",
+                    c.region, c.brokers, c.redis_url
+                )
+            })?;
+            Ok((Core::Remote(core), links))
+        }
+    }
+}
+
+/// The cluster link's counters as Prometheus lines.
+fn remote_lines(s: &RemoteSnapshot) -> Vec<(&'static str, &'static str, &'static str, u64)> {
+    vec![
+        (
+            "iris_bus_frames_out_total",
+            "counter",
+            "Frames handed to the Kafka producer.",
+            s.frames_out,
+        ),
+        (
+            "iris_bus_frames_in_total",
+            "counter",
+            "Records consumed from the edge inbox and presence topics.",
+            s.frames_in,
+        ),
+        (
+            "iris_bus_bad_frames_total",
+            "counter",
+            "Consumed records skipped: invalid or of an unknown version.",
+            s.frames.invalid + s.frames.unknown_version,
+        ),
+        (
+            "iris_bus_unknown_version_frames_total",
+            "counter",
+            "Consumed records skipped for an unknown version byte.",
+            s.frames.unknown_version,
+        ),
+        (
+            "iris_bus_ignored_frames_total",
+            "counter",
+            "Consumed frames not meant for this edge.",
+            s.ignored,
+        ),
+        (
+            "iris_bus_producer_ring_full_total",
+            "counter",
+            "Times the producer ring was full (broker slow or down): clients stop being read.",
+            s.ring_full,
+        ),
+        (
+            "iris_bus_produced_total",
+            "counter",
+            "Frames the broker acknowledged.",
+            s.producer.produced_ok,
+        ),
+        (
+            "iris_bus_delivery_errors_total",
+            "counter",
+            "Produce attempts that failed and were retried.",
+            s.producer.delivery_errors,
+        ),
+        (
+            "iris_bus_producer_queue_full_total",
+            "counter",
+            "Times librdkafka's queue was full (QueueFull backpressure).",
+            s.producer.queue_full_events,
+        ),
+        (
+            "iris_bus_producer_in_flight",
+            "gauge",
+            "Frames handed to librdkafka and not yet acknowledged.",
+            s.producer.in_flight,
+        ),
+        (
+            "iris_bus_replies_deferred_total",
+            "counter",
+            "Inbound frames that waited for room in a shard's queue.",
+            s.replies_deferred,
+        ),
+        (
+            "iris_sessions_ops_total",
+            "counter",
+            "Session changes handed to the Redis writer.",
+            s.sessions.ops_in,
+        ),
+        (
+            "iris_sessions_errors_total",
+            "counter",
+            "Failed Redis session writes (retried).",
+            s.sessions.errors,
+        ),
+        (
+            "iris_sessions_pending_users",
+            "gauge",
+            "Users whose session write waits for Redis.",
+            s.sessions.pending_users,
+        ),
+        (
+            "iris_sessions_deferred_total",
+            "counter",
+            "Session changes that waited for room in the writer's queue.",
+            s.session_deferred,
+        ),
+    ]
 }
 
 /// The core's counters as Prometheus lines.

@@ -107,6 +107,7 @@ impl KafkaConsumer {
             .set("auto.offset.reset", "earliest")
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "false")
+            .set("fetch.wait.max.ms", cfg.fetch_wait_max_ms.to_string())
             .create_with_context(Ctx {
                 shared: Arc::clone(&shared),
             })

@@ -64,6 +64,10 @@ pub struct KafkaConfig {
     pub replication_factor: i32,
     /// CPU the producer thread is pinned to (`None`: not pinned).
     pub producer_cpu: Option<usize>,
+    /// Consumer `fetch.wait.max.ms`: the longest a fetch waits at the broker for data. A broker
+    /// that answers a waiting fetch only at this deadline (tansu does) adds up to this much
+    /// latency to every consumed frame; Kafka answers as soon as data arrives.
+    pub fetch_wait_max_ms: u32,
 }
 
 impl Default for KafkaConfig {
@@ -80,6 +84,7 @@ impl Default for KafkaConfig {
             queue_max_kbytes: 64 * 1024,
             replication_factor: 1,
             producer_cpu: None,
+            fetch_wait_max_ms: 5,
         }
     }
 }
@@ -221,6 +226,51 @@ pub fn ensure_topics_within(
         }
     }
     Ok(())
+}
+
+/// The partition count of `topic`, asking the broker until it lists the topic with at least one
+/// partition (a topic just created may take a moment to show), at most `max_wait`.
+///
+/// Producers that choose partitions themselves ([`crate::topics::partition_of`]) must use the
+/// topic's real count, not the configured one: an existing topic keeps the count it was created
+/// with.
+pub fn topic_partitions(
+    cfg: &KafkaConfig,
+    topic: &str,
+    max_wait: Duration,
+) -> Result<u32, TransportError> {
+    let admin: AdminClient<DefaultClientContext> = cfg
+        .base_client_config()
+        .create()
+        .map_err(TransportError::Config)?;
+    let start = Instant::now();
+    loop {
+        let last_error = match admin
+            .inner()
+            .fetch_metadata(Some(topic), Duration::from_secs(2))
+        {
+            Ok(m) => {
+                let n = m
+                    .topics()
+                    .iter()
+                    .find(|t| t.name() == topic && t.error().is_none())
+                    .map_or(0, |t| t.partitions().len());
+                if n > 0 {
+                    return Ok(n as u32);
+                }
+                rdkafka::error::KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownTopicOrPartition)
+            }
+            Err(e) => e,
+        };
+        if start.elapsed() >= max_wait {
+            return Err(TransportError::BrokerUnreachable {
+                brokers: cfg.brokers.clone(),
+                waited_ms: start.elapsed().as_millis() as u64,
+                source: last_error,
+            });
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Wakes the thread blocked in [`block_on`].

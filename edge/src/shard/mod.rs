@@ -33,7 +33,7 @@ use glommio::net::TcpListener;
 use iris_core::api::{ConnId, CoreReply, CoreRequest, ShardLink};
 use tracing::{debug, info, warn};
 
-use crate::config::EdgeConfig;
+use crate::config::{BusKind, EdgeConfig};
 use crate::idgen::IdGen;
 use crate::metrics::ShardMetrics;
 use crate::protocol::{frame, Limits};
@@ -90,6 +90,48 @@ const CORE_BACKLOG_HIGH: usize = 16_384;
 /// Messages waiting for one peer's ring beyond which connections stop reading.
 const OUTBOX_HIGH: usize = 65_536;
 
+/// How long a routed id is remembered (longer than the core's routing takes under load).
+const RECENT_ROUTED_TTL: Duration = Duration::from_secs(30);
+/// The most routed ids remembered per shard (about 8 MiB at most).
+const RECENT_ROUTED_MAX: usize = 262_144;
+
+/// Ids of recently routed messages, forgotten after [`RECENT_ROUTED_TTL`] or beyond
+/// [`RECENT_ROUTED_MAX`]. A copy arriving later than that is written again (at-least-once).
+#[derive(Debug, Default)]
+struct RecentIds {
+    set: std::collections::HashSet<u64>,
+    order: VecDeque<(u64, std::time::Instant)>,
+}
+
+impl RecentIds {
+    fn prune(&mut self, now: std::time::Instant) {
+        while let Some(&(id, at)) = self.order.front() {
+            if self.order.len() > RECENT_ROUTED_MAX || now.duration_since(at) > RECENT_ROUTED_TTL {
+                self.order.pop_front();
+                self.set.remove(&id);
+            } else {
+                break;
+            }
+        }
+        if self.order.is_empty() && self.set.capacity() > 1024 {
+            *self = Self::default();
+        }
+    }
+
+    fn insert(&mut self, id: u64) {
+        let now = std::time::Instant::now();
+        self.prune(now);
+        if self.set.insert(id) {
+            self.order.push_back((id, now));
+        }
+    }
+
+    fn contains(&mut self, id: u64) -> bool {
+        self.prune(std::time::Instant::now());
+        self.set.contains(&id)
+    }
+}
+
 /// A batch of ring messages: one ring slot carries many messages.
 pub type Batch = Vec<ShardMsg>;
 
@@ -141,6 +183,11 @@ pub struct Shard {
     next_conn: Cell<ConnId>,
     pub presence: RefCell<Presence>,
     pub idgen: RefCell<IdGen>,
+    /// Cluster mode: the core is reached over the bus (relays and session changes go to it).
+    pub cluster: bool,
+    /// Cluster mode: ids of messages this owner routed to local sessions, so the core's routed
+    /// copy of the same message is not written again.
+    recent_routed: RefCell<RecentIds>,
     outbox: Vec<RefCell<Batch>>,
     outbox_notify: Vec<LocalNotify>,
     core: ShardLink,
@@ -163,15 +210,21 @@ impl Shard {
         core: ShardLink,
         id_floor: u64,
     ) -> Self {
+        let cluster = cfg.cluster.bus == BusKind::Kafka;
+        let node = if cluster { cfg.cluster.node_id } else { 0 };
         Self {
             id,
             nshards,
             limits: Limits::default(),
             metrics,
             conns: RefCell::new(HashMap::new()),
-            next_conn: Cell::new(1),
+            // Not 1: a reply addressed to a connection of a previous run (a drain chunk still in
+            // the edge's inbox after a restart) must not find a new connection with its number.
+            next_conn: Cell::new(crate::idgen::now_micros().max(1)),
             presence: RefCell::new(Presence::default()),
-            idgen: RefCell::new(IdGen::new(id, id_floor)),
+            idgen: RefCell::new(IdGen::new(node, id, id_floor)),
+            cluster,
+            recent_routed: RefCell::new(RecentIds::default()),
             outbox: (0..nshards).map(|_| RefCell::new(Vec::new())).collect(),
             outbox_notify: (0..nshards).map(|_| LocalNotify::default()).collect(),
             core,
@@ -242,40 +295,7 @@ impl Shard {
     /// Handles one ring message (or a local one).
     pub fn handle_mesh(self: &Rc<Self>, m: ShardMsg) {
         match m {
-            ShardMsg::Route { to, d } => {
-                let sessions = self.presence.borrow().sessions(&to);
-                match sessions.as_slice() {
-                    [] => {
-                        if d.id.is_some() {
-                            ShardMetrics::inc(&self.metrics.messages_live_offline_total);
-                        }
-                    }
-                    [(shard, conn)] => self.send_shard(
-                        *shard,
-                        ShardMsg::Deliver {
-                            conn: *conn,
-                            user: to,
-                            d,
-                        },
-                    ),
-                    many => {
-                        for &(shard, conn) in many {
-                            let d = Delivery {
-                                id: d.id,
-                                frame: d.frame.clone(),
-                            };
-                            self.send_shard(
-                                shard,
-                                ShardMsg::Deliver {
-                                    conn,
-                                    user: to.clone(),
-                                    d,
-                                },
-                            );
-                        }
-                    }
-                }
-            }
+            ShardMsg::Route { to, d } => self.route_owned(to, d, false),
             ShardMsg::Deliver { conn, user, d } => {
                 let c = self.conns.borrow().get(&conn).cloned();
                 if let Some(c) = c {
@@ -283,7 +303,19 @@ impl Shard {
                 }
             }
             ShardMsg::Register { user, shard, conn } => {
-                self.presence.borrow_mut().register(&user, shard, conn);
+                let first = {
+                    let mut p = self.presence.borrow_mut();
+                    let first = !p.is_local(&user);
+                    p.register(&user, shard, conn);
+                    first
+                };
+                if first && self.cluster {
+                    // Before `Registered`: the session is announced ahead of the login drain.
+                    self.push_core(CoreRequest::Online {
+                        user: user.clone(),
+                        shard,
+                    });
+                }
                 self.send_shard(shard, ShardMsg::Registered { user, conn });
             }
             ShardMsg::Registered { user, conn } => {
@@ -294,9 +326,18 @@ impl Shard {
             }
             ShardMsg::Unregister { user, shard, conn } => {
                 let now = crate::idgen::now_micros() / 1_000_000;
-                self.presence
-                    .borrow_mut()
-                    .unregister(&user, shard, conn, now);
+                let last = {
+                    let mut p = self.presence.borrow_mut();
+                    let was = p.is_local(&user);
+                    p.unregister(&user, shard, conn, now);
+                    was && !p.is_local(&user)
+                };
+                if last && self.cluster {
+                    self.push_core(CoreRequest::Offline {
+                        user,
+                        last_seen: now,
+                    });
+                }
             }
             ShardMsg::StatusQuery { user, shard, conn } => {
                 let (online, last_seen) = self.presence.borrow().status(&user);
@@ -308,6 +349,60 @@ impl Shard {
                 let c = self.conns.borrow().get(&conn).cloned();
                 if let Some(c) = c {
                     c.write_frame(self, &frame);
+                }
+            }
+        }
+    }
+
+    /// The owner's half of routing: hands `d` to every session of `to` on this edge. `from_bus`
+    /// marks a delivery the cluster core routed here; a message this owner already routed live
+    /// (the local fast path) is not written twice.
+    fn route_owned(self: &Rc<Self>, to: Vec<u8>, d: Delivery, from_bus: bool) {
+        if let (true, Some(id)) = (self.cluster, d.id) {
+            let mut recent = self.recent_routed.borrow_mut();
+            if from_bus && recent.contains(id) {
+                ShardMetrics::inc(&self.metrics.bus_duplicates_suppressed_total);
+                return;
+            }
+            if self.presence.borrow().is_local(&to) {
+                recent.insert(id);
+            }
+        }
+        let sessions = self.presence.borrow().sessions(&to);
+        match sessions.as_slice() {
+            [] => {
+                if d.id.is_some() {
+                    ShardMetrics::inc(&self.metrics.messages_live_offline_total);
+                } else if self.cluster && !from_bus {
+                    // Not connected here: the core relays it to the edge that holds `to`.
+                    self.push_core(CoreRequest::Relay {
+                        recipient: to,
+                        frame: d.frame,
+                    });
+                }
+            }
+            [(shard, conn)] => self.send_shard(
+                *shard,
+                ShardMsg::Deliver {
+                    conn: *conn,
+                    user: to,
+                    d,
+                },
+            ),
+            many => {
+                for &(shard, conn) in many {
+                    let d = Delivery {
+                        id: d.id,
+                        frame: d.frame.clone(),
+                    };
+                    self.send_shard(
+                        shard,
+                        ShardMsg::Deliver {
+                            conn,
+                            user: to.clone(),
+                            d,
+                        },
+                    );
                 }
             }
         }
@@ -336,6 +431,38 @@ impl Shard {
                     frame::encode_prekey_response(&mut f, body);
                     c.write_frame(self, &f);
                 }
+            }
+            CoreReply::Deliver {
+                recipient,
+                id,
+                payload,
+            } => {
+                ShardMetrics::inc(&self.metrics.bus_delivers_in_total);
+                let mut f = Vec::with_capacity(payload.len() + 23);
+                frame::encode_reliable(&mut f, crate::protocol::MsgId(id), &payload);
+                self.route_owned(
+                    recipient,
+                    Delivery {
+                        id: Some(id),
+                        frame: f,
+                    },
+                    true,
+                );
+            }
+            CoreReply::Relay { recipient, frame } => {
+                self.route_owned(recipient, Delivery { id: None, frame }, true)
+            }
+            CoreReply::Presence {
+                user,
+                node,
+                online,
+                unix_ms,
+            } => self
+                .presence
+                .borrow_mut()
+                .remote_event(&user, node, online, unix_ms),
+            CoreReply::EdgeReset { node, unix_ms } => {
+                self.presence.borrow_mut().reset_node(node, unix_ms)
             }
         }
     }

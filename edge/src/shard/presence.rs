@@ -1,9 +1,16 @@
 //! A shard's slice of presence: the users whose name hashes to this shard.
 //!
-//! For each such user: the sessions that are logged in (shard, connection), and the Unix second
-//! of the last disconnect. A user is online while any session lives (no expiry while connected)
-//! and offline with its last-seen time after the last one ends. Only the owning shard touches
-//! its slice; other shards reach it over the rings.
+//! For each such user: the sessions that are logged in on this edge (shard, connection), and the
+//! Unix second of the last disconnect. A user is online while any session lives (no expiry while
+//! connected) and offline with its last-seen time after the last one ends. Only the owning shard
+//! touches its slice; other shards reach it over the rings.
+//!
+//! In a cluster the slice also caches what the other edges of the region announced on the
+//! presence topic ([`Presence::remote_event`]): the nodes where the user is online, and the
+//! last-seen second of the last logout there. Events reach the cache a few milliseconds to a
+//! few seconds after they happen (the design accepts 1–5 s of staleness). When a node restarts
+//! ([`Presence::reset_node`]) every user it had announced is taken offline, and events that node
+//! stamped before its restart are ignored if they arrive late.
 
 use std::collections::HashMap;
 
@@ -15,10 +22,22 @@ struct Entry {
     last_seen: u64,
 }
 
+/// What the other edges announced about one user.
+#[derive(Debug, Default)]
+struct Remote {
+    /// Nodes where the user is online.
+    nodes: Vec<u32>,
+    /// Unix seconds of the last logout announced by another node.
+    last_seen: u64,
+}
+
 /// Presence of the users owned by one shard.
 #[derive(Debug, Default)]
 pub struct Presence {
     users: HashMap<Box<[u8]>, Entry>,
+    remote: HashMap<Box<[u8]>, Remote>,
+    /// Per node: the Unix ms of its last restart; its events stamped earlier are stale.
+    resets: HashMap<u32, u64>,
 }
 
 impl Presence {
@@ -49,12 +68,64 @@ impl Presence {
             .unwrap_or_default()
     }
 
-    /// `(online, last_seen)`: last_seen is 0 while online or never seen.
+    /// True when `user` has at least one session on this edge.
+    pub fn is_local(&self, user: &[u8]) -> bool {
+        self.users.get(user).is_some_and(|e| !e.sessions.is_empty())
+    }
+
+    /// `(online, last_seen)`: online when a session lives here or another edge announced one;
+    /// last_seen is 0 while online or never seen, else the latest logout known.
     pub fn status(&self, user: &[u8]) -> (bool, u64) {
-        match self.users.get(user) {
-            Some(e) if !e.sessions.is_empty() => (true, 0),
-            Some(e) => (false, e.last_seen),
-            None => (false, 0),
+        let local = self.users.get(user);
+        let remote = self.remote.get(user);
+        if local.is_some_and(|e| !e.sessions.is_empty())
+            || remote.is_some_and(|r| !r.nodes.is_empty())
+        {
+            return (true, 0);
+        }
+        let seen = local.map_or(0, |e| e.last_seen);
+        (false, seen.max(remote.map_or(0, |r| r.last_seen)))
+    }
+
+    /// Another edge, `node`, announced that `user` went online or offline at `unix_ms`.
+    pub fn remote_event(&mut self, user: &[u8], node: u32, online: bool, unix_ms: u64) {
+        if self.resets.get(&node).is_some_and(|&r| unix_ms < r) {
+            return; // from before that node restarted
+        }
+        if online {
+            let r = self.remote.entry(user.into()).or_default();
+            if !r.nodes.contains(&node) {
+                r.nodes.push(node);
+            }
+        } else if let Some(r) = self.remote.get_mut(user) {
+            r.nodes.retain(|&n| n != node);
+            r.last_seen = r.last_seen.max(unix_ms / 1000);
+        } else {
+            self.remote.insert(
+                user.into(),
+                Remote {
+                    nodes: Vec::new(),
+                    last_seen: unix_ms / 1000,
+                },
+            );
+        }
+    }
+
+    /// Edge `node` restarted at `unix_ms`: none of its earlier sessions live. Its users go
+    /// offline, last seen at the restart (the crash time is not known).
+    pub fn reset_node(&mut self, node: u32, unix_ms: u64) {
+        let r = self.resets.entry(node).or_default();
+        if *r >= unix_ms {
+            return;
+        }
+        *r = unix_ms;
+        for e in self.remote.values_mut() {
+            if let Some(i) = e.nodes.iter().position(|&n| n == node) {
+                e.nodes.swap_remove(i);
+                if e.nodes.is_empty() {
+                    e.last_seen = e.last_seen.max(unix_ms / 1000);
+                }
+            }
         }
     }
 }
@@ -77,5 +148,40 @@ mod tests {
         assert!(p.sessions(b"a").is_empty());
         p.register(b"a", 1, 9);
         assert_eq!(p.sessions(b"a"), vec![(1, 9)]);
+    }
+
+    #[test]
+    fn remote_events_and_local_sessions_combine() {
+        let mut p = Presence::default();
+        p.remote_event(b"b", 2, true, 1_000_000);
+        assert_eq!(p.status(b"b"), (true, 0));
+        assert!(!p.is_local(b"b"));
+        p.register(b"b", 0, 1);
+        p.remote_event(b"b", 2, false, 5_000_000);
+        assert_eq!(p.status(b"b"), (true, 0), "still connected here");
+        p.unregister(b"b", 0, 1, 4_000);
+        assert_eq!(p.status(b"b"), (false, 5_000), "the latest logout wins");
+        p.remote_event(b"c", 3, false, 7_000_000);
+        assert_eq!(p.status(b"c"), (false, 7_000));
+    }
+
+    #[test]
+    fn a_node_reset_takes_its_users_offline_and_ignores_stale_events() {
+        let mut p = Presence::default();
+        p.remote_event(b"a", 4, true, 1_000);
+        p.remote_event(b"a", 5, true, 1_000);
+        p.remote_event(b"z", 4, true, 1_000);
+        p.reset_node(4, 60_000);
+        assert_eq!(p.status(b"z"), (false, 60));
+        assert_eq!(p.status(b"a"), (true, 0), "still on node 5");
+        // A late event the node sent before it restarted changes nothing.
+        p.remote_event(b"z", 4, true, 59_000);
+        assert_eq!(p.status(b"z"), (false, 60));
+        // Events after the restart count again.
+        p.remote_event(b"z", 4, true, 61_000);
+        assert_eq!(p.status(b"z"), (true, 0));
+        // A repeated (older or equal) reset is ignored.
+        p.reset_node(4, 60_000);
+        assert_eq!(p.status(b"z"), (true, 0));
     }
 }

@@ -1,0 +1,792 @@
+//! The edge's link to a regional cluster: the same [`ShardLink`] seam as [`crate::embedded`],
+//! with Kafka and Redis behind it instead of an in-process store.
+//!
+//! An edge in cluster mode (`iris-edge --bus kafka`) starts a [`RemoteCore`] where the one-box
+//! edge starts an [`crate::embedded::EmbeddedCore`]. Its shards do not know the difference: they
+//! push [`CoreRequest`]s and take [`CoreReply`]s exactly as before. Behind the links:
+//!
+//! - the **bridge thread** (`iris-bus-bridge`) turns each request into a bus frame
+//!   ([`iris_bus::BusFrame`]) on the producer ring, keyed and partitioned by user
+//!   ([`topics::partition_of`] over the deliver topic's real partition count): `Store` →
+//!   `Deliver`, `Ack` → `Ack`, `Drain` → `DrainRequest`, prekeys → `PrekeyPut`/`PrekeyFetch`,
+//!   `Relay` → `Relay`, all on `iris.{region}.deliver`; `Online`/`Offline` → a session write
+//!   (Redis, [`SessionWriter`], batched and pipelined on its own thread) and a `Presence` frame
+//!   on `iris.{region}.presence`. Before a `DrainRequest` the bridge takes in every request
+//!   already queued by any shard, so a message accepted before the login's drain is produced
+//!   before it (the same rule as the embedded core).
+//! - the **producer thread** ([`KafkaProducer`], acks=all, idempotent, lz4, linger) ships the
+//!   frames; a full ring holds the bridge, which stops taking requests, which fills the shards'
+//!   queues, which stops the shards reading their sockets: backpressure all the way to the
+//!   clients, with bounded memory and nothing accepted dropped.
+//! - the **consumer thread** ([`KafkaConsumer`], group `iris-edge-{region}-{node}`) reads this
+//!   edge's inbox `iris.{region}.edge.{node}` and the region's presence topic; the bridge
+//!   validates each record in place ([`decode_counted`]: a bad or unknown-version frame is
+//!   counted, logged once and skipped) and hands it to the shard that owns it: a routed
+//!   `Deliver` or `Relay` and a `Presence` to the user's presence owner, a `DrainChunk` or
+//!   `PrekeyBundle` to the shard named in it, an `EdgeReset` to every shard.
+//!
+//! At startup the link creates the missing topics, learns the deliver and presence topics' real
+//! partition counts, and announces an `EdgeReset` for its node (the sessions a previous run of
+//! this node announced are gone).
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam::channel::{self, Receiver, Select, Sender, TryRecvError, TrySendError};
+use iris_bus::kafka::{
+    ensure_topics, topic_partitions, InFrame, KafkaConfig, KafkaConsumer, KafkaProducer, OutFrame,
+    ProducerRing, ProducerStats,
+};
+use iris_bus::{
+    decode_counted, encode, topics, Ack, ArchivedBusFrame, BusFrame, Deliver, DrainRequest,
+    EdgeReset, FrameCounts, FrameStats, PrekeyFetch, PrekeyPut, Presence, Relay, RelayKind,
+};
+use tracing::{debug, info, warn};
+
+use crate::api::{CoreReply, CoreRequest, ShardLink};
+use crate::error::CoreError;
+use crate::sessions::{
+    SessionConfig, SessionMetricsSnapshot, SessionOp, SessionSink, SessionWriter,
+};
+
+/// Requests the bridge takes from one shard before looking at the next.
+const TAKE_BUDGET: usize = 512;
+/// Inbound records the bridge handles before looking at the shards again.
+const INBOUND_BUDGET: usize = 1024;
+/// Replies held for shards whose queue is full, beyond which the bridge stops taking records
+/// from the consumer (which then stops fetching).
+const DEFERRED_HIGH: usize = 16_384;
+
+/// What the cluster link needs.
+#[derive(Debug, Clone)]
+pub struct RemoteConfig {
+    /// Kafka bootstrap servers, `host:port[,...]`.
+    pub brokers: String,
+    /// Redis URL of the session store, `redis://host:port`.
+    pub redis_url: String,
+    /// This edge's region ([`topics::is_valid_region`]).
+    pub region: String,
+    /// This edge's node id in the region (names its inbox topic).
+    pub node: u32,
+    /// Partitions of the deliver and presence topics when this edge creates them.
+    pub partitions: u32,
+    /// Capacity of each shard's request and reply queue.
+    pub queue_capacity: usize,
+    /// Producer settings (brokers and client id are taken from the fields above).
+    pub kafka: KafkaConfig,
+}
+
+/// Counters of the link (monotonic).
+#[derive(Debug, Default)]
+pub struct RemoteStats {
+    /// Frames handed to the producer.
+    pub frames_out: AtomicU64,
+    /// Records taken from the consumer (good or bad).
+    pub frames_in: AtomicU64,
+    /// Times the producer ring was full and the bridge held a frame.
+    pub ring_full: AtomicU64,
+    /// Replies that waited for room in a shard's queue.
+    pub replies_deferred: AtomicU64,
+    /// Session writes that waited for room in the session writer's queue.
+    pub session_deferred: AtomicU64,
+    /// Inbound frames for another node or of a kind an edge does not take (ignored).
+    pub ignored: AtomicU64,
+    /// Requests the bus cannot carry (encoding failed): counted and dropped.
+    pub encode_errors: AtomicU64,
+}
+
+/// A point-in-time copy of everything the link counts, for `/metrics`.
+#[derive(Debug, Clone, Default)]
+pub struct RemoteSnapshot {
+    pub frames_out: u64,
+    pub frames_in: u64,
+    pub ring_full: u64,
+    pub replies_deferred: u64,
+    pub session_deferred: u64,
+    pub ignored: u64,
+    pub encode_errors: u64,
+    pub frames: FrameCounts,
+    pub producer: ProducerStats,
+    pub sessions: SessionMetricsSnapshot,
+}
+
+/// Reads the link's counters from any thread.
+#[derive(Clone)]
+pub struct RemoteMetrics {
+    stats: Arc<RemoteStats>,
+    frames: Arc<FrameStats>,
+    producer: Arc<dyn Fn() -> ProducerStats + Send + Sync>,
+    sessions: Arc<dyn Fn() -> SessionMetricsSnapshot + Send + Sync>,
+}
+
+impl std::fmt::Debug for RemoteMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteMetrics").finish_non_exhaustive()
+    }
+}
+
+impl RemoteMetrics {
+    pub fn snapshot(&self) -> RemoteSnapshot {
+        let s = &self.stats;
+        RemoteSnapshot {
+            frames_out: s.frames_out.load(Ordering::Relaxed),
+            frames_in: s.frames_in.load(Ordering::Relaxed),
+            ring_full: s.ring_full.load(Ordering::Relaxed),
+            replies_deferred: s.replies_deferred.load(Ordering::Relaxed),
+            session_deferred: s.session_deferred.load(Ordering::Relaxed),
+            ignored: s.ignored.load(Ordering::Relaxed),
+            encode_errors: s.encode_errors.load(Ordering::Relaxed),
+            frames: self.frames.counts(),
+            producer: (self.producer)(),
+            sessions: (self.sessions)(),
+        }
+    }
+}
+
+/// The running link: bridge, producer, consumer and session writer threads.
+pub struct RemoteCore {
+    stop: Arc<AtomicBool>,
+    bridge: Option<JoinHandle<()>>,
+    producer: Arc<Mutex<Option<KafkaProducer>>>,
+    consumer: Option<KafkaConsumer>,
+    sessions: Option<SessionWriter>,
+    metrics: RemoteMetrics,
+}
+
+impl std::fmt::Debug for RemoteCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteCore").finish_non_exhaustive()
+    }
+}
+
+impl RemoteCore {
+    /// Creates the missing topics, starts the threads and returns one link per shard.
+    ///
+    /// Fails when the region name is invalid, the broker does not answer within 30 s, or a
+    /// client or thread cannot be created. Redis need not be up: session writes wait for it.
+    pub fn start(
+        cfg: RemoteConfig,
+        shards: usize,
+    ) -> Result<(RemoteCore, Vec<ShardLink>), CoreError> {
+        if !topics::is_valid_region(&cfg.region) {
+            return Err(CoreError::InvalidInput(format!(
+                "invalid region name {:?}",
+                cfg.region
+            )));
+        }
+        let shards = shards.max(1);
+        let kafka = KafkaConfig {
+            brokers: cfg.brokers.clone(),
+            client_id: format!("iris-edge-{}-{}", cfg.region, cfg.node),
+            ..cfg.kafka.clone()
+        };
+        let parts = cfg.partitions.max(1) as i32;
+        let deliver_topic = topics::deliver(&cfg.region);
+        let presence_topic = topics::presence(&cfg.region);
+        let inbox_topic = topics::edge_inbox(&cfg.region, cfg.node);
+        ensure_topics(
+            &kafka,
+            &[
+                (deliver_topic.clone(), parts),
+                (presence_topic.clone(), parts),
+                (inbox_topic.clone(), 1),
+            ],
+        )?;
+        let wait = Duration::from_secs(30);
+        let deliver_parts = topic_partitions(&kafka, &deliver_topic, wait)?;
+        let presence_parts = topic_partitions(&kafka, &presence_topic, wait)?;
+
+        let (writer, mut sinks) =
+            SessionWriter::start(SessionConfig::with_url(cfg.redis_url.clone()), 1)?;
+        let sink = sinks.pop().ok_or(CoreError::ThreadPanicked)?;
+        let (producer, mut rings) = KafkaProducer::start(&kafka, 1)?;
+        let ring = rings.pop().ok_or(CoreError::ThreadPanicked)?;
+        let producer = Arc::new(Mutex::new(Some(producer)));
+
+        let cap = cfg.queue_capacity.max(1);
+        let mut links = Vec::with_capacity(shards);
+        let mut requests = Vec::with_capacity(shards);
+        let mut replies = Vec::with_capacity(shards);
+        for _ in 0..shards {
+            let (req_tx, req_rx) = channel::bounded(cap);
+            let (rep_tx, rep_rx) = channel::bounded(cap);
+            links.push(ShardLink {
+                to_core: req_tx,
+                from_core: rep_rx,
+            });
+            requests.push(req_rx);
+            replies.push(rep_tx);
+        }
+
+        let (in_tx, in_rx) = channel::bounded::<InFrame>(4096);
+        let consumer = KafkaConsumer::start(
+            &kafka,
+            &format!("iris-edge-{}-{}", cfg.region, cfg.node),
+            vec![inbox_topic.clone(), presence_topic.clone()],
+            vec![in_tx],
+            |_, _| 0,
+        )?;
+
+        let stats = Arc::new(RemoteStats::default());
+        let frames = Arc::new(FrameStats::new());
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut bridge = Bridge {
+            node: cfg.node,
+            region: cfg.region.clone(),
+            deliver_topic: Arc::from(deliver_topic.as_str()),
+            presence_topic: Arc::from(presence_topic.as_str()),
+            deliver_parts,
+            presence_parts,
+            requests,
+            replies,
+            deferred: (0..shards).map(|_| VecDeque::new()).collect(),
+            deferred_total: 0,
+            inbound: in_rx,
+            ring,
+            held: VecDeque::new(),
+            sink,
+            session_backlog: VecDeque::new(),
+            stats: Arc::clone(&stats),
+            frames: Arc::clone(&frames),
+            stop: Arc::clone(&stop),
+        };
+        // Announce this node's (re)start before any of its sessions.
+        bridge.produce(BusFrame::EdgeReset(EdgeReset {
+            node: cfg.node,
+            unix_ms: unix_ms(),
+        }));
+        let thread = std::thread::Builder::new()
+            .name("iris-bus-bridge".to_owned())
+            .spawn(move || bridge.run())?;
+        info!(
+            region = %cfg.region,
+            node = cfg.node,
+            deliver_partitions = deliver_parts,
+            presence_partitions = presence_parts,
+            inbox = %inbox_topic,
+            "cluster link started"
+        );
+        let p = Arc::clone(&producer);
+        let session_metrics = Arc::clone(writer.metrics());
+        let metrics = RemoteMetrics {
+            stats,
+            frames,
+            producer: Arc::new(move || {
+                p.lock()
+                    .ok()
+                    .and_then(|g| g.as_ref().map(KafkaProducer::stats))
+                    .unwrap_or_default()
+            }),
+            sessions: Arc::new(move || session_metrics.snapshot()),
+        };
+        Ok((
+            RemoteCore {
+                stop,
+                bridge: Some(thread),
+                producer,
+                consumer: Some(consumer),
+                sessions: Some(writer),
+                metrics,
+            },
+            links,
+        ))
+    }
+
+    /// The link's counters, readable from any thread.
+    pub fn metrics(&self) -> RemoteMetrics {
+        self.metrics.clone()
+    }
+
+    /// Call after the shards stopped: hands everything they queued to the producer, flushes it
+    /// (at most 10 s), stops the consumer and writes the pending sessions.
+    pub fn shutdown(mut self) -> Result<ProducerStats, CoreError> {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.bridge.take() {
+            t.join().map_err(|_| CoreError::ThreadPanicked)?;
+        }
+        if let Some(c) = self.consumer.take() {
+            if let Err(e) = c.stop() {
+                warn!(error = %e, "kafka consumer did not stop cleanly");
+            }
+        }
+        let mut stats = ProducerStats::default();
+        let producer = self.producer.lock().ok().and_then(|mut g| g.take());
+        if let Some(p) = producer {
+            match p.flush_and_stop(Duration::from_secs(10)) {
+                Ok(s) => stats = s,
+                Err(e) => warn!(
+                    error = %e,
+                    "kafka producer not flushed at shutdown; unflushed messages were never stored"
+                ),
+            }
+        }
+        if let Some(w) = self.sessions.take() {
+            w.shutdown()?;
+        }
+        Ok(stats)
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The bridge thread's state.
+struct Bridge {
+    node: u32,
+    region: String,
+    deliver_topic: Arc<str>,
+    presence_topic: Arc<str>,
+    deliver_parts: u32,
+    presence_parts: u32,
+    requests: Vec<Receiver<CoreRequest>>,
+    replies: Vec<Sender<CoreReply>>,
+    /// Replies waiting for room in each shard's queue, in order.
+    deferred: Vec<VecDeque<CoreReply>>,
+    deferred_total: usize,
+    inbound: Receiver<InFrame>,
+    ring: ProducerRing,
+    /// Frames the producer ring had no room for, in order.
+    held: VecDeque<OutFrame>,
+    sink: SessionSink,
+    session_backlog: VecDeque<SessionOp>,
+    stats: Arc<RemoteStats>,
+    frames: Arc<FrameStats>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Bridge {
+    fn run(&mut self) {
+        loop {
+            let stopping = self.stop.load(Ordering::Acquire);
+            let mut busy = self.flush_held();
+            busy |= self.flush_sessions();
+            if self.held.is_empty() {
+                for s in 0..self.requests.len() {
+                    busy |= self.take_from(s, TAKE_BUDGET) > 0;
+                    if !self.held.is_empty() {
+                        break;
+                    }
+                }
+            }
+            busy |= self.flush_deferred();
+            if self.deferred_total < DEFERRED_HIGH {
+                busy |= self.take_inbound() > 0;
+            }
+            if stopping && !busy && self.held.is_empty() && self.all_requests_empty() {
+                self.finish();
+                return;
+            }
+            if !busy {
+                self.wait();
+            }
+        }
+    }
+
+    /// At stop: the shards are gone; make sure what they queued reached the producer ring (the
+    /// producer keeps retrying while it runs) and the session writer.
+    fn finish(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !(self.held.is_empty() && self.session_backlog.is_empty())
+            && Instant::now() < deadline
+        {
+            self.flush_held();
+            self.flush_sessions();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if !self.held.is_empty() {
+            warn!(
+                frames = self.held.len(),
+                "producer ring still full at shutdown; these frames were not sent"
+            );
+        }
+    }
+
+    fn all_requests_empty(&self) -> bool {
+        self.requests.iter().all(Receiver::is_empty)
+    }
+
+    /// Sleeps until a shard or the consumer has something, or a short while when frames,
+    /// replies or session writes wait for room.
+    fn wait(&self) {
+        if !self.held.is_empty() || self.deferred_total > 0 || !self.session_backlog.is_empty() {
+            std::thread::sleep(Duration::from_micros(200));
+            return;
+        }
+        let mut sel = Select::new();
+        for rx in &self.requests {
+            sel.recv(rx);
+        }
+        sel.recv(&self.inbound);
+        let _ = sel.ready_timeout(Duration::from_millis(20));
+    }
+
+    /// Takes up to `budget` requests of shard `s`; stops early when the producer ring is full.
+    fn take_from(&mut self, s: usize, budget: usize) -> usize {
+        let mut n = 0;
+        while n < budget {
+            match self.requests[s].try_recv() {
+                Ok(req) => {
+                    n += 1;
+                    self.outbound(s, req);
+                    if !self.held.is_empty() {
+                        break;
+                    }
+                }
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+            }
+        }
+        n
+    }
+
+    /// Turns one shard request into bus frames and session writes.
+    fn outbound(&mut self, shard: usize, req: CoreRequest) {
+        match req {
+            CoreRequest::Store(m) => self.produce(BusFrame::Deliver(Deliver {
+                id: m.id,
+                recipient: m.recipient,
+                sender: m.sender,
+                payload: m.payload,
+                origin: self.region.clone(),
+            })),
+            CoreRequest::Ack { user, id } => self.produce(BusFrame::Ack(Ack { user, id })),
+            CoreRequest::Drain {
+                user,
+                conn,
+                after,
+                limit,
+            } => {
+                // Everything queued by any shard before this drain goes first (see the module
+                // doc); one pass over what is queued right now.
+                for other in 0..self.requests.len() {
+                    let queued = self.requests[other].len();
+                    for _ in 0..queued {
+                        match self.requests[other].try_recv() {
+                            Ok(r) => self.outbound_not_drain(other, r),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                self.produce(BusFrame::DrainRequest(DrainRequest {
+                    user,
+                    node: self.node,
+                    shard: shard as u32,
+                    conn,
+                    after,
+                    limit: u32::try_from(limit).unwrap_or(u32::MAX),
+                }));
+            }
+            CoreRequest::PutPrekeys { user, bundle } => {
+                self.produce(BusFrame::PrekeyPut(PrekeyPut { user, bundle }))
+            }
+            CoreRequest::FetchPrekeys { user, conn } => {
+                self.produce(BusFrame::PrekeyFetch(PrekeyFetch {
+                    user,
+                    node: self.node,
+                    shard: shard as u32,
+                    conn,
+                }))
+            }
+            CoreRequest::Online { user, shard } => {
+                self.session(SessionOp::Online {
+                    user: user.clone(),
+                    node: self.node.to_string(),
+                    shard: u16::try_from(shard).unwrap_or(u16::MAX),
+                    region: self.region.clone(),
+                });
+                self.produce(BusFrame::Presence(Presence {
+                    user,
+                    online: true,
+                    node: self.node,
+                    shard: shard as u32,
+                    unix_ms: unix_ms(),
+                }));
+            }
+            CoreRequest::Offline { user, last_seen } => {
+                self.session(SessionOp::Offline {
+                    user: user.clone(),
+                    last_seen,
+                });
+                self.produce(BusFrame::Presence(Presence {
+                    user,
+                    online: false,
+                    node: self.node,
+                    shard: shard as u32,
+                    unix_ms: last_seen.saturating_mul(1000).max(unix_ms()),
+                }));
+            }
+            CoreRequest::Relay { recipient, frame } => {
+                let kind = match frame.first() {
+                    Some(0x75) => RelayKind::ReadReceipt,
+                    Some(0x72) if frame.last() == Some(&0) => RelayKind::TypingStop,
+                    _ => RelayKind::TypingStart,
+                };
+                self.produce(BusFrame::Relay(Relay {
+                    recipient,
+                    kind,
+                    frame,
+                }));
+            }
+        }
+    }
+
+    /// [`Self::outbound`] for requests taken in ahead of a drain: a drain among them is handled
+    /// like any request, without a nested take-in.
+    fn outbound_not_drain(&mut self, shard: usize, req: CoreRequest) {
+        match req {
+            CoreRequest::Drain {
+                user,
+                conn,
+                after,
+                limit,
+            } => self.produce(BusFrame::DrainRequest(DrainRequest {
+                user,
+                node: self.node,
+                shard: shard as u32,
+                conn,
+                after,
+                limit: u32::try_from(limit).unwrap_or(u32::MAX),
+            })),
+            other => self.outbound(shard, other),
+        }
+    }
+
+    /// Encodes `frame` for its topic and partition and queues it for the producer.
+    fn produce(&mut self, frame: BusFrame) {
+        let (topic, parts) = match &frame {
+            BusFrame::Presence(_) | BusFrame::EdgeReset(_) => {
+                (Arc::clone(&self.presence_topic), self.presence_parts)
+            }
+            _ => (Arc::clone(&self.deliver_topic), self.deliver_parts),
+        };
+        let user = frame.key_user();
+        let partition = topics::partition_of(user, parts) as i32;
+        let key = (!user.is_empty()).then(|| user.to_vec());
+        let payload = match encode(&frame) {
+            Ok(p) => p,
+            Err(e) => {
+                self.stats.encode_errors.fetch_add(1, Ordering::Relaxed);
+                warn!(error = %e, kind = frame.kind().name(), "bus frame not encoded, dropped");
+                return;
+            }
+        };
+        self.stats.frames_out.fetch_add(1, Ordering::Relaxed);
+        let out = OutFrame {
+            topic,
+            partition,
+            key,
+            payload,
+        };
+        if self.held.is_empty() {
+            if let Err(out) = self.ring.try_send(out) {
+                self.stats.ring_full.fetch_add(1, Ordering::Relaxed);
+                debug!("producer ring full, holding frames");
+                self.held.push_back(out);
+            }
+        } else {
+            self.held.push_back(out);
+        }
+    }
+
+    /// Moves held frames to the producer ring, in order, while it has room.
+    fn flush_held(&mut self) -> bool {
+        let mut moved = false;
+        while let Some(out) = self.held.pop_front() {
+            match self.ring.try_send(out) {
+                Ok(()) => moved = true,
+                Err(out) => {
+                    self.held.push_front(out);
+                    break;
+                }
+            }
+        }
+        moved
+    }
+
+    fn session(&mut self, op: SessionOp) {
+        if self.session_backlog.is_empty() {
+            if let Err(op) = self.sink.try_send(op) {
+                self.stats.session_deferred.fetch_add(1, Ordering::Relaxed);
+                self.session_backlog.push_back(op);
+            }
+        } else {
+            self.session_backlog.push_back(op);
+        }
+    }
+
+    fn flush_sessions(&mut self) -> bool {
+        let mut moved = false;
+        while let Some(op) = self.session_backlog.pop_front() {
+            match self.sink.try_send(op) {
+                Ok(()) => moved = true,
+                Err(op) => {
+                    self.session_backlog.push_front(op);
+                    break;
+                }
+            }
+        }
+        moved
+    }
+
+    /// Handles up to [`INBOUND_BUDGET`] consumed records.
+    fn take_inbound(&mut self) -> usize {
+        let mut n = 0;
+        while n < INBOUND_BUDGET && self.deferred_total < DEFERRED_HIGH {
+            let Ok(rec) = self.inbound.try_recv() else {
+                break;
+            };
+            n += 1;
+            self.stats.frames_in.fetch_add(1, Ordering::Relaxed);
+            self.inbound_frame(&rec.payload);
+        }
+        n
+    }
+
+    /// Validates one record in place and hands what it carries to the owning shard.
+    fn inbound_frame(&mut self, payload: &[u8]) {
+        // decode_counted counts a bad frame and logs its first occurrence.
+        let Ok(frame) = decode_counted(&self.frames, payload) else {
+            return;
+        };
+        let shards = self.replies.len();
+        match frame {
+            ArchivedBusFrame::Deliver(d) => {
+                let recipient = d.recipient.as_slice().to_vec();
+                let owner = owner_of(&recipient, shards);
+                self.reply(
+                    owner,
+                    CoreReply::Deliver {
+                        recipient,
+                        id: d.id.to_native(),
+                        payload: d.payload.as_slice().to_vec(),
+                    },
+                );
+            }
+            ArchivedBusFrame::DrainChunk(c) if c.node.to_native() == self.node => {
+                let shard = c.shard.to_native() as usize;
+                if shard >= shards {
+                    self.stats.ignored.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                let msgs = c
+                    .messages
+                    .iter()
+                    .map(|m| (m.id.to_native(), m.payload.as_slice().to_vec()))
+                    .collect();
+                self.reply(
+                    shard,
+                    CoreReply::Drain {
+                        conn: c.conn.to_native(),
+                        user: c.user.as_slice().to_vec(),
+                        msgs,
+                        more: c.more,
+                    },
+                );
+            }
+            ArchivedBusFrame::PrekeyBundle(b) if b.node.to_native() == self.node => {
+                let shard = b.shard.to_native() as usize;
+                if shard >= shards {
+                    self.stats.ignored.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                self.reply(
+                    shard,
+                    CoreReply::Prekeys {
+                        conn: b.conn.to_native(),
+                        user: b.user.as_slice().to_vec(),
+                        bundle: b.bundle.as_ref().map(|v| v.as_slice().to_vec()),
+                    },
+                );
+            }
+            ArchivedBusFrame::Relay(r) => {
+                let recipient = r.recipient.as_slice().to_vec();
+                let owner = owner_of(&recipient, shards);
+                self.reply(
+                    owner,
+                    CoreReply::Relay {
+                        recipient,
+                        frame: r.frame.as_slice().to_vec(),
+                    },
+                );
+            }
+            ArchivedBusFrame::Presence(p) if p.node.to_native() != self.node => {
+                let user = p.user.as_slice().to_vec();
+                let owner = owner_of(&user, shards);
+                self.reply(
+                    owner,
+                    CoreReply::Presence {
+                        user,
+                        node: p.node.to_native(),
+                        online: p.online,
+                        unix_ms: p.unix_ms.to_native(),
+                    },
+                );
+            }
+            ArchivedBusFrame::EdgeReset(r) if r.node.to_native() != self.node => {
+                let node = r.node.to_native();
+                let unix_ms = r.unix_ms.to_native();
+                debug!(node, "edge reset announced");
+                for s in 0..shards {
+                    self.reply(s, CoreReply::EdgeReset { node, unix_ms });
+                }
+            }
+            other => {
+                // Our own presence and reset, another node's chunks, core-bound frames.
+                self.stats.ignored.fetch_add(1, Ordering::Relaxed);
+                debug!(
+                    kind = other.kind().name(),
+                    "bus frame not for this edge, ignored"
+                );
+            }
+        }
+    }
+
+    fn reply(&mut self, shard: usize, r: CoreReply) {
+        if !self.deferred[shard].is_empty() {
+            self.deferred[shard].push_back(r);
+            self.deferred_total += 1;
+            return;
+        }
+        match self.replies[shard].try_send(r) {
+            Ok(()) => {}
+            Err(TrySendError::Full(r)) => {
+                self.stats.replies_deferred.fetch_add(1, Ordering::Relaxed);
+                self.deferred[shard].push_back(r);
+                self.deferred_total += 1;
+            }
+            Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+
+    fn flush_deferred(&mut self) -> bool {
+        let mut moved = false;
+        for s in 0..self.deferred.len() {
+            while let Some(r) = self.deferred[s].pop_front() {
+                match self.replies[s].try_send(r) {
+                    Ok(()) => {
+                        moved = true;
+                        self.deferred_total -= 1;
+                    }
+                    Err(TrySendError::Full(r)) => {
+                        self.deferred[s].push_front(r);
+                        break;
+                    }
+                    Err(TrySendError::Disconnected(_)) => {
+                        self.deferred_total -= 1;
+                    }
+                }
+            }
+        }
+        moved
+    }
+}
+
+/// The shard owning `user`'s presence on an edge of `shards` shards: the one user hash.
+fn owner_of(user: &[u8], shards: usize) -> usize {
+    (topics::user_hash(user) % shards.max(1) as u64) as usize
+}
