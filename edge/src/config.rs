@@ -325,6 +325,16 @@ mod tests {
         assert!(toml::from_str::<EdgeConfig>("[cluster]\nnodeid = 1\n").is_err());
     }
 
+    /// docs/CONFIG.md shows every key with its default: it must parse to exactly the defaults.
+    #[test]
+    fn documented_config_is_the_default() {
+        let doc = include_str!("../../docs/CONFIG.md");
+        let start = doc.find("```toml").expect("a toml block") + "```toml".len();
+        let len = doc[start..].find("```").expect("closed block");
+        let c: EdgeConfig = toml::from_str(&doc[start..start + len]).unwrap();
+        assert_eq!(c, EdgeConfig::default());
+    }
+
     #[test]
     fn short_secret_is_invalid() {
         let mut c = EdgeConfig::default();
