@@ -38,6 +38,8 @@ use rdkafka::ClientContext;
 
 use super::{KafkaConfig, TransportError};
 
+/// The longest the idle producer thread sleeps between looks at rdkafka's events.
+const IDLE_PARK: Duration = Duration::from_millis(100);
 /// A blocked stretch longer than this is logged at WARN even after the first one.
 const LONG_BLOCK: Duration = Duration::from_secs(5);
 /// Frames taken from one ring before moving on to the next.
@@ -81,6 +83,13 @@ impl ProducerRing {
         match self.ring.queue.push(frame) {
             Ok(()) => {
                 self.ring.frames_in.fetch_add(1, Ordering::Relaxed);
+                // Pairs with the worker's SeqCst store of `sleeping` before its last look at the
+                // rings: either it sees this frame, or this load sees it asleep and wakes it.
+                if self.shared.sleeping.load(Ordering::SeqCst) {
+                    if let Some(t) = self.shared.thread.get() {
+                        t.unpark();
+                    }
+                }
                 Ok(())
             }
             Err(frame) => {
@@ -110,6 +119,10 @@ impl ProducerRing {
 #[derive(Debug, Default)]
 struct Shared {
     stop: AtomicBool,
+    /// The worker is parked (idle: empty rings, nothing in flight); a push must unpark it.
+    sleeping: AtomicBool,
+    /// The worker thread, for [`ProducerRing::try_send`] to unpark.
+    thread: std::sync::OnceLock<thread::Thread>,
     closed: AtomicBool,
     /// Milliseconds after `stop` was set that the thread may keep flushing.
     flush_ms: AtomicU64,
@@ -309,6 +322,7 @@ impl KafkaProducer {
                 worker.run();
             })
             .map_err(TransportError::Thread)?;
+        let _ = shared.thread.set(thread.thread().clone());
         let handles = ring_list
             .iter()
             .map(|ring| ProducerRing {
@@ -442,6 +456,14 @@ impl Worker {
             };
             self.producer.poll(wait);
             let in_flight = self.producer.in_flight_count().max(0) as u64;
+            if !progressed
+                && stop_at.is_none()
+                && in_flight == 0
+                && self.pending.is_empty()
+                && self.blocked_since.is_none()
+            {
+                self.park_while_idle();
+            }
             self.shared.in_flight.store(in_flight, Ordering::Relaxed);
             self.shared
                 .pending
@@ -461,6 +483,19 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Nothing to send and nothing in flight: sleep until a ring gets a frame (the pushing shard
+    /// unparks us), a stop, or 100 ms (client events are served then).
+    fn park_while_idle(&self) {
+        self.shared.sleeping.store(true, Ordering::SeqCst);
+        let idle = self.rings.iter().all(|r| r.queue.is_empty())
+            && self.shared.retry.lock().is_ok_and(|r| r.is_empty())
+            && !self.shared.stop.load(Ordering::SeqCst);
+        if idle {
+            thread::park_timeout(IDLE_PARK);
+        }
+        self.shared.sleeping.store(false, Ordering::SeqCst);
     }
 
     /// Puts the frames whose delivery failed first in line (they are older than `pending`).
