@@ -510,6 +510,8 @@ impl Bridge {
             CoreRequest::Offline { user, last_seen } => {
                 self.session(SessionOp::Offline {
                     user: user.clone(),
+                    node: self.node.to_string(),
+                    region: self.region.clone(),
                     last_seen,
                 });
                 self.produce(BusFrame::Presence(Presence {

@@ -6,13 +6,32 @@
 //! (`1`/`0`). The key carries a TTL ([`SessionConfig::ttl_secs`], 24 h by default) that is
 //! refreshed while the user stays connected.
 //!
+//! An edge writes [`SessionOp::Online`] when a user's first session on it begins and
+//! [`SessionOp::Offline`] when the last one ends. A user who moves to another edge logs in there
+//! before the old connection closes, so the old edge's `Offline` may arrive after the new edge's
+//! `Online`. The rule: an `Online` always takes the record; an `Offline` (which carries the
+//! writer's `node` and `region`) marks the record offline (`last_seen`, `online = 0`, TTL
+//! re-armed) only when the stored record is at that same node and region, or when there is no
+//! record or it has no `node` (then it writes an offline record without a location). When another
+//! node or region holds the record, the `Offline` leaves it untouched (no field written, no TTL
+//! re-armed). The check and the write are one Lua script (`EVALSHA`, in the same pipeline as the
+//! other writes, which starts with a `SCRIPT LOAD` of it so a restarted server or a flushed
+//! script cache never makes it fail), so they are atomic against other edges' writes.
+//!
 //! Writes never happen on a shard's hot path. A shard owns a [`SessionSink`] and calls
 //! [`SessionSink::try_send`], which never blocks: it pushes a [`SessionOp`] into a bounded
 //! crossbeam queue (one per producer) or hands the op back when the queue is full. A single
 //! [`SessionWriter`] thread (`iris-sessions`) drains the queues and coalesces the ops per user
 //! (the latest state wins; a refresh folds into a pending write), then writes the coalesced
 //! state every [`SessionConfig::flush_interval_ms`] or every [`SessionConfig::max_batch`] ops as
-//! one pipelined round trip (`HSET` + `EXPIRE` per user). Every
+//! one pipelined round trip (`HSET` + `EXPIRE` per user, or the `Offline` script). Coalescing
+//! gives the same result as writing the ops one by one: an `Offline` that follows a pending
+//! `Online` of the same node and region becomes a plain offline write with that location
+//! (the `Online` would have taken the record, so the script's check would pass), and an
+//! `Offline` from another location than a pending `Online` is dropped (the record it would
+//! find is the `Online`'s). Only two `Offline`s from different locations, with no `Online`
+//! between them, are approximated: the later one wins. (A writer serves one edge, so all its ops
+//! normally share one node and region.) Every
 //! [`SessionConfig::refresh_interval_secs`] it re-arms the TTL (`EXPIRE`) of every user it last
 //! wrote as online, in pipelined batches.
 //!
@@ -133,10 +152,16 @@ pub enum SessionOp {
         /// Region of that node.
         region: String,
     },
-    /// The user disconnected at `last_seen` (unix seconds).
+    /// The user's last session on `node` in `region` ended at `last_seen` (unix seconds). It
+    /// marks the record offline only when the record is at this node and region (or has no
+    /// location, or does not exist); see the module doc.
     Offline {
         /// User id bytes.
         user: Vec<u8>,
+        /// Edge node id of the writer (where the session ended).
+        node: String,
+        /// Region of that node.
+        region: String,
         /// Unix seconds of the logout.
         last_seen: u64,
     },
@@ -163,7 +188,8 @@ pub struct SessionMetrics {
     pub ops_in: AtomicU64,
     /// Ops handed back by `try_send` because the queue was full (or the writer gone).
     pub rejected: AtomicU64,
-    /// Coalesced per-user writes acknowledged by Redis (`HSET`+`EXPIRE` or a lone `EXPIRE`).
+    /// Coalesced per-user writes acknowledged by Redis (`HSET`+`EXPIRE`, a lone `EXPIRE` or
+    /// the conditional `Offline` script, whether or not it changed the record).
     pub writes: AtomicU64,
     /// TTL refreshes of online users acknowledged by Redis (the periodic sweep).
     pub refreshes: AtomicU64,
@@ -328,16 +354,22 @@ enum Pending {
         region: String,
     },
     Offline {
+        /// Node and region of the `Offline`.
+        node: String,
+        region: String,
         last_seen: u64,
-        /// Where the user was, when an `Online` for it was still pending (so the record is
-        /// complete even if that `Online` never reached Redis).
-        was: Option<(String, u16, String)>,
+        /// The shard of a pending `Online` of this same node and region that this `Offline`
+        /// folded in. With it the write is unconditional and complete (`node`, `shard`,
+        /// `region`, offline), exactly what that `Online` followed by this `Offline` would have
+        /// left; without it the write is the conditional [`OFFLINE_SCRIPT`].
+        was_shard: Option<u16>,
     },
     Refresh,
 }
 
-/// Folds `op` into the pending state of its user: the latest state wins, a refresh folds into
-/// any pending write (which re-arms the TTL anyway).
+/// Folds `op` into the pending state of its user so that writing the result gives what writing
+/// the ops one by one would (see the module doc for the one approximation): the latest state
+/// wins, a refresh folds into any pending write (which re-arms the TTL anyway).
 fn coalesce(pending: &mut HashMap<Vec<u8>, Pending>, op: SessionOp) {
     match op {
         SessionOp::Online {
@@ -355,17 +387,48 @@ fn coalesce(pending: &mut HashMap<Vec<u8>, Pending>, op: SessionOp) {
                 },
             );
         }
-        SessionOp::Offline { user, last_seen } => {
-            let was = match pending.remove(&user) {
+        SessionOp::Offline {
+            user,
+            node,
+            region,
+            last_seen,
+        } => {
+            let was_shard = match pending.remove(&user) {
                 Some(Pending::Online {
-                    node,
+                    node: n,
                     shard,
-                    region,
-                }) => Some((node, shard, region)),
-                Some(Pending::Offline { was, .. }) => was,
-                Some(Pending::Refresh) | None => None,
+                    region: r,
+                }) if n == node && r == region => Some(shard),
+                Some(Pending::Offline {
+                    node: n,
+                    region: r,
+                    was_shard,
+                    ..
+                }) if n == node && r == region => was_shard,
+                // After a pending `Online` elsewhere the record is that `Online`'s, which this
+                // `Offline` would leave untouched; likewise after an `Offline` that carries its
+                // `Online`.
+                Some(
+                    p @ (Pending::Online { .. }
+                    | Pending::Offline {
+                        was_shard: Some(_), ..
+                    }),
+                ) => {
+                    pending.insert(user, p);
+                    return;
+                }
+                // An `Offline` elsewhere without a location: the later one wins (approximation).
+                Some(Pending::Offline { .. } | Pending::Refresh) | None => None,
             };
-            pending.insert(user, Pending::Offline { last_seen, was });
+            pending.insert(
+                user,
+                Pending::Offline {
+                    node,
+                    region,
+                    last_seen,
+                    was_shard,
+                },
+            );
         }
         SessionOp::Refresh { user } => {
             pending.entry(user).or_insert(Pending::Refresh);
@@ -373,8 +436,43 @@ fn coalesce(pending: &mut HashMap<Vec<u8>, Pending>, op: SessionOp) {
     }
 }
 
+/// The conditional `Offline` write. `KEYS[1]`: the session key; `ARGV`: the writer's node and
+/// region, `last_seen`, the TTL. Marks the record offline and re-arms its TTL when it is at this
+/// node and region, has no node or does not exist (then it creates an offline record without a
+/// location) and returns 1; leaves a record held by another node or region untouched and
+/// returns 0.
+const OFFLINE_SCRIPT: &str = r"
+local cur = redis.call('HMGET', KEYS[1], 'node', 'region')
+local node, region = cur[1], cur[2] or ''
+if node and node ~= '' and (node ~= ARGV[1] or region ~= ARGV[2]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'last_seen', ARGV[3], 'online', 0)
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+";
+
+/// Whether writing `p` runs [`OFFLINE_SCRIPT`].
+fn needs_script(p: &Pending) -> bool {
+    matches!(
+        p,
+        Pending::Offline {
+            was_shard: None,
+            ..
+        }
+    )
+}
+
 /// Appends the commands for one user's pending write; returns how many commands it added.
-fn push_write(pipe: &mut redis::Pipeline, key: &[u8], p: &Pending, ttl: u64) -> usize {
+/// `script_sha` is the SHA1 of [`OFFLINE_SCRIPT`] once known (`EVALSHA`; the pipeline loads the
+/// script first), else the script goes in full (`EVAL`).
+fn push_write(
+    pipe: &mut redis::Pipeline,
+    key: &[u8],
+    p: &Pending,
+    ttl: u64,
+    script_sha: Option<&str>,
+) -> usize {
     match p {
         Pending::Online {
             node,
@@ -394,17 +492,42 @@ fn push_write(pipe: &mut redis::Pipeline, key: &[u8], p: &Pending, ttl: u64) -> 
                 .arg("online")
                 .arg(1u8);
         }
-        Pending::Offline { last_seen, was } => {
-            let h = pipe.cmd("HSET").arg(key);
-            if let Some((node, shard, region)) = was {
-                h.arg("node")
-                    .arg(node.as_str())
-                    .arg("shard")
-                    .arg(*shard)
-                    .arg("region")
-                    .arg(region.as_str());
+        Pending::Offline {
+            node,
+            region,
+            last_seen,
+            was_shard: Some(shard),
+        } => {
+            pipe.cmd("HSET")
+                .arg(key)
+                .arg("node")
+                .arg(node.as_str())
+                .arg("shard")
+                .arg(*shard)
+                .arg("region")
+                .arg(region.as_str())
+                .arg("last_seen")
+                .arg(*last_seen)
+                .arg("online")
+                .arg(0u8);
+        }
+        Pending::Offline {
+            node,
+            region,
+            last_seen,
+            was_shard: None,
+        } => {
+            match script_sha {
+                Some(sha) => pipe.cmd("EVALSHA").arg(sha),
+                None => pipe.cmd("EVAL").arg(OFFLINE_SCRIPT),
             }
-            h.arg("last_seen").arg(*last_seen).arg("online").arg(0u8);
+            .arg(1u8)
+            .arg(key)
+            .arg(node.as_str())
+            .arg(region.as_str())
+            .arg(*last_seen)
+            .arg(ttl);
+            return 1;
         }
         Pending::Refresh => {
             pipe.cmd("EXPIRE").arg(key).arg(ttl);
@@ -458,6 +581,8 @@ struct WriterState {
     /// Users still to refresh in the current sweep.
     refresh_queue: Vec<Vec<u8>>,
     pipe: redis::Pipeline,
+    /// SHA1 of [`OFFLINE_SCRIPT`], learnt from the reply to its first `SCRIPT LOAD`.
+    script_sha: Option<String>,
 }
 
 impl WriterState {
@@ -481,6 +606,7 @@ impl WriterState {
             next_refresh,
             refresh_queue: Vec::new(),
             pipe: redis::pipe(),
+            script_sha: None,
         }
     }
 
@@ -767,27 +893,58 @@ impl WriterState {
                 }
             }
             self.pipe.clear();
+            let script = chunk.iter().any(|(_, p)| needs_script(p));
+            if script {
+                // Loaded ahead of its `EVALSHA`s in the same round trip, so a restarted server
+                // or a flushed script cache cannot fail them; the reply is the SHA1.
+                self.pipe.cmd("SCRIPT").arg("LOAD").arg(OFFLINE_SCRIPT);
+            }
+            // Index of each user's first reply.
+            let mut first_reply = Vec::with_capacity(chunk.len());
+            let mut replies = usize::from(script);
             let mut key = Vec::new();
             for (user, p) in &chunk {
                 key.clear();
                 key.extend_from_slice(KEY_PREFIX);
                 key.extend_from_slice(user);
-                push_write(&mut self.pipe, &key, p, ttl);
+                first_reply.push(replies);
+                replies += push_write(&mut self.pipe, &key, p, ttl, self.script_sha.as_deref());
             }
             match self.round_trip() {
                 Some(Ok(results)) => {
                     self.count_refused(&results);
+                    if script && self.script_sha.is_none() {
+                        self.script_sha = match results.first() {
+                            Some(Ok(Value::BulkString(sha))) => String::from_utf8(sha.clone()).ok(),
+                            Some(Ok(Value::SimpleString(sha))) => Some(sha.clone()),
+                            _ => None,
+                        };
+                    }
                     let written = chunk.len() as u64;
-                    for (user, p) in chunk {
+                    let mut left = 0u64;
+                    for ((user, p), at) in chunk.into_iter().zip(first_reply) {
                         match p {
                             Pending::Online { .. } => {
                                 self.online.insert(user);
                             }
-                            Pending::Offline { .. } => {
+                            Pending::Offline { was_shard, .. } => {
+                                if was_shard.is_none()
+                                    && matches!(results.get(at), Some(Ok(Value::Int(0))))
+                                {
+                                    left += 1;
+                                }
+                                // Online elsewhere or not at all: either way not this
+                                // writer's to refresh.
                                 self.online.remove(&user);
                             }
                             Pending::Refresh => {}
                         }
+                    }
+                    if left > 0 {
+                        tracing::debug!(
+                            users = left,
+                            "offline writes left sessions held by another node untouched"
+                        );
                     }
                     SessionMetrics::add(&self.metrics.writes, written);
                     chunks += 1;
@@ -929,7 +1086,7 @@ impl SessionReader {
 }
 
 /// Decodes a session hash; an empty hash (missing key) is `None`. Fields a partial record
-/// lacks (an `Offline` written without a known location) read as empty / zero.
+/// lacks (an `Offline` that found no record) read as empty / zero.
 fn parse_record(map: &HashMap<Vec<u8>, Vec<u8>>) -> Result<Option<SessionRecord>, CoreError> {
     if map.is_empty() {
         return Ok(None);
@@ -972,38 +1129,97 @@ mod tests {
         assert_eq!(session_key(b"a:\xff\x00"), b"session:a:\xff\x00".to_vec());
     }
 
+    fn online(u: &[u8], node: &str, shard: u16) -> SessionOp {
+        SessionOp::Online {
+            user: u.to_vec(),
+            node: node.into(),
+            shard,
+            region: "eu".into(),
+        }
+    }
+
+    fn offline(u: &[u8], node: &str, last_seen: u64) -> SessionOp {
+        SessionOp::Offline {
+            user: u.to_vec(),
+            node: node.into(),
+            region: "eu".into(),
+            last_seen,
+        }
+    }
+
     #[test]
     fn coalescing_keeps_latest_and_location() {
         let mut p = HashMap::new();
         let u = b"u".to_vec();
         coalesce(&mut p, SessionOp::Refresh { user: u.clone() });
         assert!(matches!(p[&u], Pending::Refresh));
-        coalesce(
-            &mut p,
-            SessionOp::Online {
-                user: u.clone(),
-                node: "n1".into(),
-                shard: 3,
-                region: "eu".into(),
-            },
-        );
+        coalesce(&mut p, online(&u, "n1", 3));
         coalesce(&mut p, SessionOp::Refresh { user: u.clone() });
         assert!(matches!(p[&u], Pending::Online { shard: 3, .. }));
+        coalesce(&mut p, offline(&u, "n1", 42));
+        match &p[&u] {
+            Pending::Offline {
+                node,
+                last_seen,
+                was_shard,
+                ..
+            } => {
+                assert_eq!((node.as_str(), *last_seen, *was_shard), ("n1", 42, Some(3)));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(
+            !needs_script(&p[&u]),
+            "a folded online makes it unconditional"
+        );
+        // A later offline of the same location keeps the folded location.
+        coalesce(&mut p, offline(&u, "n1", 43));
+        assert!(matches!(
+            p[&u],
+            Pending::Offline {
+                last_seen: 43,
+                was_shard: Some(3),
+                ..
+            }
+        ));
+        assert_eq!(p.len(), 1);
+    }
+
+    #[test]
+    fn coalescing_offline_from_elsewhere() {
+        let mut p = HashMap::new();
+        let u = b"u".to_vec();
+        // A pending online at n2 is what the record would hold: n1's offline changes nothing.
+        coalesce(&mut p, online(&u, "n2", 5));
+        coalesce(&mut p, offline(&u, "n1", 7));
+        assert!(matches!(&p[&u], Pending::Online { node, shard: 5, .. } if node == "n2"));
+        // Same region check: another region with the same node id is elsewhere too.
         coalesce(
             &mut p,
             SessionOp::Offline {
                 user: u.clone(),
-                last_seen: 42,
+                node: "n2".into(),
+                region: "us".into(),
+                last_seen: 8,
             },
         );
-        match &p[&u] {
-            Pending::Offline { last_seen, was } => {
-                assert_eq!(*last_seen, 42);
-                assert_eq!(was.as_ref().map(|w| w.1), Some(3));
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-        assert_eq!(p.len(), 1);
+        assert!(matches!(&p[&u], Pending::Online { node, .. } if node == "n2"));
+        // An offline carrying its online is kept against an offline from elsewhere.
+        coalesce(&mut p, offline(&u, "n2", 9));
+        coalesce(&mut p, offline(&u, "n1", 10));
+        assert!(matches!(
+            &p[&u],
+            Pending::Offline { node, last_seen: 9, was_shard: Some(5), .. } if node == "n2"
+        ));
+        // Without a known location the write is the conditional script.
+        let v = b"v".to_vec();
+        coalesce(&mut p, offline(&v, "n1", 11));
+        assert!(needs_script(&p[&v]));
+        coalesce(&mut p, offline(&v, "n2", 12));
+        assert!(matches!(
+            &p[&v],
+            Pending::Offline { node, last_seen: 12, was_shard: None, .. } if node == "n2"
+        ));
     }
 
     #[test]

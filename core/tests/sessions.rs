@@ -39,6 +39,15 @@ fn online(user: &[u8], node: &str, shard: u16) -> SessionOp {
     }
 }
 
+fn offline(user: &[u8], node: &str, last_seen: u64) -> SessionOp {
+    SessionOp::Offline {
+        user: user.to_vec(),
+        node: node.to_owned(),
+        region: "eu-west".to_owned(),
+        last_seen,
+    }
+}
+
 fn hgetall(c: &mut redis::Connection, user: &[u8]) -> std::collections::HashMap<String, String> {
     redis::cmd("HGETALL")
         .arg(session_key(user))
@@ -102,10 +111,7 @@ fn offline_sets_last_seen() {
     let m = writer.metrics().clone();
     assert!(wait_until(3, || m.snapshot().writes >= 1));
     sinks[1]
-        .try_send(SessionOp::Offline {
-            user: b"bob".to_vec(),
-            last_seen: 1_700_000_000,
-        })
+        .try_send(offline(b"bob", "edge-2", 1_700_000_000))
         .unwrap();
     assert!(wait_until(3, || m.snapshot().writes >= 2));
     let mut c = srv.conn();
@@ -144,10 +150,13 @@ fn coalesces_per_user_latest_wins() {
             1 => SessionOp::Refresh {
                 user: user.into_bytes(),
             },
-            _ => SessionOp::Offline {
-                user: user.into_bytes(),
-                last_seen: u64::from(i),
-            },
+            // From the node of the user's latest online (i - 20), or none yet.
+            _ => offline(
+                user.as_bytes(),
+                &i.checked_sub(20)
+                    .map_or_else(|| "edge-none".to_owned(), |j| format!("edge-{j}")),
+                u64::from(i),
+            ),
         };
         sinks[0].try_send(op).unwrap();
     }
@@ -254,10 +263,12 @@ fn survives_redis_restart_and_writes_latest() {
             let op = if (round + u) % 2 == 0 {
                 online(user.as_bytes(), &format!("edge-{round}"), u)
             } else {
-                SessionOp::Offline {
-                    user: user.clone().into_bytes(),
-                    last_seen: u64::from(round) + 1,
-                }
+                // From the node of the user's online in the round before.
+                let node = match round {
+                    0 => "edge-a".to_owned(),
+                    r => format!("edge-{}", r - 1),
+                };
+                offline(user.as_bytes(), &node, u64::from(round) + 1)
             };
             expected.insert(user, (round + u) % 2 == 0);
             // A queue may be momentarily full; retry (the writer drains it while down).
@@ -374,12 +385,7 @@ fn periodic_refresh_rearms_online_users_only() {
     let (writer, sinks) = SessionWriter::start(c, 1).unwrap();
     sinks[0].try_send(online(b"on", "edge-r", 1)).unwrap();
     sinks[0].try_send(online(b"off", "edge-r", 2)).unwrap();
-    sinks[0]
-        .try_send(SessionOp::Offline {
-            user: b"off".to_vec(),
-            last_seen: 5,
-        })
-        .unwrap();
+    sinks[0].try_send(offline(b"off", "edge-r", 5)).unwrap();
     let m = writer.metrics().clone();
     assert!(wait_until(3, || m.snapshot().pending_users == 0
         && m.snapshot().writes >= 2));
@@ -394,5 +400,203 @@ fn periodic_refresh_rearms_online_users_only() {
     assert!(wait_until(3, || m.snapshot().refreshes >= 1));
     assert!(ttl(&mut conn, b"on") > 86_000);
     assert!(ttl(&mut conn, b"off") <= 100);
+    writer.shutdown().unwrap();
+}
+
+/// Sets the TTL of `user`'s key to `secs`.
+fn expire(c: &mut redis::Connection, user: &[u8], secs: u64) {
+    redis::cmd("EXPIRE")
+        .arg(session_key(user))
+        .arg(secs)
+        .exec(c)
+        .unwrap();
+}
+
+#[test]
+fn stale_offline_from_old_node_keeps_session_on_new_node() {
+    let srv = RedisServer::start();
+    // One writer per edge, as in a deployment.
+    let (w1, s1) = SessionWriter::start(cfg(srv.url()), 1).unwrap();
+    let (w2, s2) = SessionWriter::start(cfg(srv.url()), 1).unwrap();
+    let (m1, m2) = (w1.metrics().clone(), w2.metrics().clone());
+    let user = b"mover";
+    s1[0].try_send(online(user, "1", 4)).unwrap();
+    assert!(wait_until(3, || m1.snapshot().writes >= 1));
+    // The user logs in on node 2 before its connection on node 1 is closed.
+    s2[0].try_send(online(user, "2", 6)).unwrap();
+    assert!(wait_until(3, || m2.snapshot().writes >= 1));
+    let mut c = srv.conn();
+    expire(&mut c, user, 100);
+
+    // Node 1's last session ends: the record is node 2's and stays as it is, TTL included.
+    s1[0].try_send(offline(user, "1", 1_700_000_100)).unwrap();
+    assert!(wait_until(3, || m1.snapshot().writes >= 2));
+    let reader = SessionReader::new(&cfg(srv.url())).unwrap();
+    let at_node2 = SessionRecord {
+        node: "2".into(),
+        shard: 6,
+        region: "eu-west".into(),
+        last_seen: 0,
+        online: true,
+    };
+    assert_eq!(reader.get(user).unwrap(), Some(at_node2.clone()));
+    let t = ttl(&mut c, user);
+    assert!((0..=100).contains(&t), "ttl re-armed: {t}");
+
+    // Same node id in another region is another node.
+    s1[0]
+        .try_send(SessionOp::Offline {
+            user: user.to_vec(),
+            node: "2".into(),
+            region: "us-east".into(),
+            last_seen: 1_700_000_150,
+        })
+        .unwrap();
+    assert!(wait_until(3, || m1.snapshot().writes >= 3));
+    assert_eq!(reader.get(user).unwrap(), Some(at_node2));
+
+    // Node 2's last session ends: now the user is offline, at node 2.
+    s2[0].try_send(offline(user, "2", 1_700_000_200)).unwrap();
+    assert!(wait_until(3, || m2.snapshot().writes >= 2));
+    assert_eq!(
+        reader.get(user).unwrap(),
+        Some(SessionRecord {
+            node: "2".into(),
+            shard: 6,
+            region: "eu-west".into(),
+            last_seen: 1_700_000_200,
+            online: false,
+        })
+    );
+    assert!(ttl(&mut c, user) > 86_000, "ttl re-armed by the offline");
+    assert_eq!(m1.snapshot().errors + m2.snapshot().errors, 0);
+    w1.shutdown().unwrap();
+    w2.shutdown().unwrap();
+}
+
+#[test]
+fn offline_without_record_creates_offline_record() {
+    let srv = RedisServer::start();
+    let (writer, sinks) = SessionWriter::start(cfg(srv.url()), 1).unwrap();
+    let m = writer.metrics().clone();
+    sinks[0]
+        .try_send(offline(b"ghost", "1", 1_700_000_300))
+        .unwrap();
+    assert!(wait_until(3, || m.snapshot().writes >= 1));
+    let reader = SessionReader::new(&cfg(srv.url())).unwrap();
+    let offline_nowhere = |last_seen| SessionRecord {
+        node: String::new(),
+        shard: 0,
+        region: String::new(),
+        last_seen,
+        online: false,
+    };
+    assert_eq!(
+        reader.get(b"ghost").unwrap(),
+        Some(offline_nowhere(1_700_000_300))
+    );
+    let mut c = srv.conn();
+    assert!(ttl(&mut c, b"ghost") > 86_000);
+
+    // A record without a node is anyone's to mark offline.
+    sinks[0]
+        .try_send(offline(b"ghost", "7", 1_700_000_400))
+        .unwrap();
+    assert!(wait_until(3, || m.snapshot().writes >= 2));
+    assert_eq!(
+        reader.get(b"ghost").unwrap(),
+        Some(offline_nowhere(1_700_000_400))
+    );
+    assert_eq!(m.snapshot().errors, 0);
+    writer.shutdown().unwrap();
+}
+
+#[test]
+fn online_then_offline_in_one_batch_ends_offline() {
+    let srv = RedisServer::start();
+    // Another node held "moved" before it logged in and out on node 1.
+    let (w2, s2) = SessionWriter::start(cfg(srv.url()), 1).unwrap();
+    s2[0].try_send(online(b"moved", "2", 2)).unwrap();
+    let m2 = w2.metrics().clone();
+    assert!(wait_until(3, || m2.snapshot().writes >= 1));
+    w2.shutdown().unwrap();
+
+    let c = SessionConfig {
+        flush_interval_ms: 500,
+        ..cfg(srv.url())
+    };
+    let (writer, sinks) = SessionWriter::start(c, 1).unwrap();
+    let m = writer.metrics().clone();
+    for (user, shard) in [(&b"fresh"[..], 3u16), (b"moved", 5)] {
+        sinks[0].try_send(online(user, "1", shard)).unwrap();
+        sinks[0]
+            .try_send(offline(user, "1", 1_700_000_500))
+            .unwrap();
+    }
+    assert!(wait_until(3, || m.snapshot().pending_users == 0
+        && m.snapshot().ops_in == 4));
+    let s = m.snapshot();
+    assert_eq!((s.writes, s.pipelines, s.errors), (2, 1, 0), "{s:?}");
+
+    // As if written one by one: the online takes the record, the offline (of the same node)
+    // then marks it offline.
+    let reader = SessionReader::new(&cfg(srv.url())).unwrap();
+    for (user, shard) in [(&b"fresh"[..], 3u16), (b"moved", 5)] {
+        assert_eq!(
+            reader.get(user).unwrap(),
+            Some(SessionRecord {
+                node: "1".into(),
+                shard,
+                region: "eu-west".into(),
+                last_seen: 1_700_000_500,
+                online: false,
+            }),
+            "{}",
+            String::from_utf8_lossy(user)
+        );
+    }
+    let mut conn = srv.conn();
+    assert!(ttl(&mut conn, b"moved") > 86_000);
+    writer.shutdown().unwrap();
+}
+
+#[test]
+fn conditional_offline_after_redis_restart() {
+    let mut srv = RedisServer::start();
+    let (writer, sinks) = SessionWriter::start(cfg(srv.url()), 1).unwrap();
+    let m = writer.metrics().clone();
+    // The first conditional offline teaches the writer the script's SHA1.
+    sinks[0].try_send(offline(b"erin", "1", 10)).unwrap();
+    assert!(wait_until(3, || m.snapshot().writes >= 1));
+
+    // A fresh server has no scripts: the next pipeline must load it again.
+    srv.restart();
+    let mut c = srv.conn();
+    redis::cmd("HSET")
+        .arg(session_key(b"erin"))
+        .arg("node")
+        .arg("1")
+        .arg("shard")
+        .arg(2)
+        .arg("region")
+        .arg("eu-west")
+        .arg("last_seen")
+        .arg(0)
+        .arg("online")
+        .arg(1)
+        .exec(&mut c)
+        .unwrap();
+    sinks[0].try_send(offline(b"erin", "1", 20)).unwrap();
+    assert!(
+        wait_until(4, || m.snapshot().writes >= 2),
+        "{:?}",
+        m.snapshot()
+    );
+    let h = hgetall(&mut c, b"erin");
+    assert_eq!((h["online"].as_str(), h["last_seen"].as_str()), ("0", "20"));
+    assert_eq!(h["shard"], "2", "location kept");
+    // The old connection died with the server: the writer reconnected (and a `NOSCRIPT` would
+    // have left the record online above).
+    assert!(m.snapshot().reconnects >= 1, "{:?}", m.snapshot());
     writer.shutdown().unwrap();
 }
