@@ -138,8 +138,10 @@ pub struct PrekeyBundle {
 }
 
 /// Edge `node` started at `unix_ms`: none of the sessions it announced before are alive (it
-/// restarted, maybe after a crash). Published to every partition of the presence topic, so each
-/// edge's presence cache forgets that node's users in order with the node's earlier events.
+/// restarted, maybe after a crash). Published once on the presence topic (the partition of the
+/// empty key). Receivers keep each node's latest reset time and compare it with the times in
+/// that node's presence events, so the outcome does not depend on the order in which partitions
+/// are read: logins announced before the reset are dropped, later ones kept.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[rkyv(compare(PartialEq), derive(Debug))]
 pub struct EdgeReset {

@@ -18,8 +18,10 @@
 //!   frames; a full ring holds the bridge, which stops taking requests, which fills the shards'
 //!   queues, which stops the shards reading their sockets: backpressure all the way to the
 //!   clients, with bounded memory and nothing accepted dropped.
-//! - the **consumer thread** ([`KafkaConsumer`], group `iris-edge-{region}-{node}`) reads this
-//!   edge's inbox `iris.{region}.edge.{node}` and the region's presence topic; the bridge
+//! - the **consumer thread** ([`KafkaConsumer::start_assigned`]: fixed partitions, offsets kept
+//!   under group `iris-edge-{region}-{node}`, no rebalancing, so a restarted edge reads at once)
+//!   reads this edge's inbox `iris.{region}.edge.{node}` and every partition of the region's
+//!   presence topic; the bridge
 //!   validates each record in place ([`decode_counted`]: a bad or unknown-version frame is
 //!   counted, logged once and skipped) and hands it to the shard that owns it: a routed
 //!   `Deliver` or `Relay` and a `Presence` to the user's presence owner, a `DrainChunk` or
@@ -222,10 +224,13 @@ impl RemoteCore {
         }
 
         let (in_tx, in_rx) = channel::bounded::<InFrame>(4096);
-        let consumer = KafkaConsumer::start(
+        // Fixed partitions, no group rebalancing: a restarted edge reads at once.
+        let mut assigned = vec![(inbox_topic.clone(), 0)];
+        assigned.extend((0..presence_parts as i32).map(|p| (presence_topic.clone(), p)));
+        let consumer = KafkaConsumer::start_assigned(
             &kafka,
             &format!("iris-edge-{}-{}", cfg.region, cfg.node),
-            vec![inbox_topic.clone(), presence_topic.clone()],
+            &assigned,
             vec![in_tx],
             |_, _| 0,
         )?;

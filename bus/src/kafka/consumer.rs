@@ -127,6 +127,50 @@ impl KafkaConsumer {
         })
     }
 
+    /// Like [`Self::start`], but reads fixed partitions (`(topic, partition)` pairs) with
+    /// `assign()` instead of joining the group's rebalancing: each starts at the offset committed
+    /// under `group_id` (earliest when none). A process that owns its partitions (an edge's inbox,
+    /// every partition of the presence topic) starts reading at once after a restart, instead of
+    /// waiting for the group to expire its previous, killed member (45 s by default).
+    pub fn start_assigned<R>(
+        cfg: &KafkaConfig,
+        group_id: &str,
+        partitions: &[(String, i32)],
+        outputs: Vec<Sender<InFrame>>,
+        route: R,
+    ) -> Result<KafkaConsumer, TransportError>
+    where
+        R: Fn(i32, usize) -> usize + Send + 'static,
+    {
+        let shared = Arc::new(Shared::default());
+        let consumer: BaseConsumer<Ctx> = cfg
+            .base_client_config()
+            .set("group.id", group_id)
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            .set("fetch.wait.max.ms", cfg.fetch_wait_max_ms.to_string())
+            .create_with_context(Ctx {
+                shared: Arc::clone(&shared),
+            })
+            .map_err(TransportError::Config)?;
+        let mut tpl = TopicPartitionList::with_capacity(partitions.len());
+        for (topic, partition) in partitions {
+            tpl.add_partition_offset(topic, *partition, Offset::Stored)
+                .map_err(TransportError::Subscribe)?;
+        }
+        consumer.assign(&tpl).map_err(TransportError::Subscribe)?;
+        let thread_shared = Arc::clone(&shared);
+        let thread = thread::Builder::new()
+            .name("iris-kafka-consumer".to_owned())
+            .spawn(move || run(consumer, thread_shared, outputs, route))
+            .map_err(TransportError::Thread)?;
+        Ok(KafkaConsumer {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
     /// A snapshot of the counters.
     pub fn stats(&self) -> ConsumerStats {
         let s = &self.shared;

@@ -25,8 +25,8 @@ struct Entry {
 /// What the other edges announced about one user.
 #[derive(Debug, Default)]
 struct Remote {
-    /// Nodes where the user is online.
-    nodes: Vec<u32>,
+    /// Nodes where the user is online, with the Unix ms of the login they announced.
+    nodes: Vec<(u32, u64)>,
     /// Unix seconds of the last logout announced by another node.
     last_seen: u64,
 }
@@ -94,11 +94,12 @@ impl Presence {
         }
         if online {
             let r = self.remote.entry(user.into()).or_default();
-            if !r.nodes.contains(&node) {
-                r.nodes.push(node);
+            match r.nodes.iter_mut().find(|(n, _)| *n == node) {
+                Some((_, at)) => *at = (*at).max(unix_ms),
+                None => r.nodes.push((node, unix_ms)),
             }
         } else if let Some(r) = self.remote.get_mut(user) {
-            r.nodes.retain(|&n| n != node);
+            r.nodes.retain(|&(n, _)| n != node);
             r.last_seen = r.last_seen.max(unix_ms / 1000);
         } else {
             self.remote.insert(
@@ -111,8 +112,9 @@ impl Presence {
         }
     }
 
-    /// Edge `node` restarted at `unix_ms`: none of its earlier sessions live. Its users go
-    /// offline, last seen at the restart (the crash time is not known).
+    /// Edge `node` restarted at `unix_ms`: none of the sessions it announced before that live.
+    /// Those users go offline, last seen at the restart (the crash time is not known); logins
+    /// it announced after the restart stay, whichever order the events are read in.
     pub fn reset_node(&mut self, node: u32, unix_ms: u64) {
         let r = self.resets.entry(node).or_default();
         if *r >= unix_ms {
@@ -120,7 +122,11 @@ impl Presence {
         }
         *r = unix_ms;
         for e in self.remote.values_mut() {
-            if let Some(i) = e.nodes.iter().position(|&n| n == node) {
+            if let Some(i) = e
+                .nodes
+                .iter()
+                .position(|&(n, at)| n == node && at < unix_ms)
+            {
                 e.nodes.swap_remove(i);
                 if e.nodes.is_empty() {
                     e.last_seen = e.last_seen.max(unix_ms / 1000);
@@ -183,5 +189,15 @@ mod tests {
         // A repeated (older or equal) reset is ignored.
         p.reset_node(4, 60_000);
         assert_eq!(p.status(b"z"), (true, 0));
+        // A login the node announced after a restart, read before that restart's reset (the
+        // events travel on different partitions), survives the reset.
+        p.remote_event(b"y", 4, true, 90_500);
+        p.reset_node(4, 90_000);
+        assert_eq!(p.status(b"y"), (true, 0));
+        assert_eq!(
+            p.status(b"z"),
+            (false, 90),
+            "logged in before the second restart"
+        );
     }
 }
