@@ -12,11 +12,15 @@
 //! - [`wire`]: hand-written encoders of every client frame, and [`cbor`] a tiny CBOR map encoder.
 //! - [`services`]: real tansu and `redis-server` processes on free loopback ports, for the
 //!   `iris-bus` and `iris-core` tests.
+//! - [`cluster`]: a whole local region per test (tansu, `redis-server`, `iris-core` members and
+//!   `iris-edge` processes in `--bus kafka` mode), with kill -9 and restart of every part.
 //!
 //! Locating the binary: `IRIS_EDGE_BIN`, else `iris-edge` next to the test executable's
 //! directory (`target/debug/deps/..` = `target/debug`). Build it first with
-//! `cargo build -p iris-edge` (`scripts/test.sh` does).
+//! `cargo build -p iris-edge` (`scripts/test.sh` does). `iris-core` likewise ([`core_bin`]:
+//! `IRIS_CORE_BIN`, else next to `iris-edge`).
 
+pub mod cluster;
 pub mod services;
 
 use std::fmt;
@@ -64,6 +68,33 @@ pub fn edge_bin() -> PathBuf {
     panic!(
         "iris-edge binary not found (looked at {candidates:?}; or set IRIS_EDGE_BIN): \
          run `cargo build -p iris-edge` first (scripts/test.sh does)"
+    );
+}
+
+/// The `iris-core` binary the cluster tests start: `IRIS_CORE_BIN`, else `iris-core` in the
+/// same places [`edge_bin`] looks (`target/debug`). Build it with `cargo build -p iris-core`.
+pub fn core_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("IRIS_CORE_BIN") {
+        let p = PathBuf::from(p);
+        assert!(p.is_file(), "IRIS_CORE_BIN={} is not a file", p.display());
+        return p;
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut candidates = Vec::new();
+    if let Some(deps) = exe.parent() {
+        candidates.push(deps.join("iris-core"));
+        if let Some(profile) = deps.parent() {
+            candidates.push(profile.join("iris-core"));
+        }
+    }
+    for c in &candidates {
+        if c.is_file() {
+            return c.clone();
+        }
+    }
+    panic!(
+        "iris-core binary not found (looked at {candidates:?}; or set IRIS_CORE_BIN): \
+         run `cargo build -p iris-core` first (scripts/test.sh does)"
     );
 }
 
@@ -180,6 +211,9 @@ pub struct ServerOpts {
     pub env: Vec<(String, String)>,
     /// Skip the readiness probe (see [`Server::start`]): return as soon as the line is printed.
     pub no_ready_probe: bool,
+    /// Extra command-line arguments, appended after the harness's own (kept across restarts),
+    /// e.g. `--bus kafka --brokers H:P ...` for a cluster edge.
+    pub args: Vec<String>,
 }
 
 impl ServerOpts {
@@ -295,6 +329,7 @@ impl Server {
         if let Some(p) = &self.config_path {
             cmd.arg("--config").arg(p);
         }
+        cmd.args(&self.opts.args);
         for (k, v) in &self.opts.env {
             cmd.env(k, v);
         }
