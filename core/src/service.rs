@@ -1,75 +1,125 @@
 //! The cluster core service: what one `iris-core` process does in a regional cluster.
 //!
-//! [`CoreService`] consumes the region's deliver topic (`topics::deliver(region)`) in the
-//! consumer group `iris-core-{region}` (several processes share its partitions; a partition is
-//! a core shard, `topics::partition_of(user)`), and for each record (validated with
-//! `decode_counted`; a bad frame is counted, its first occurrence logged, and skipped):
+//! **Static partition ownership.** The region's deliver topic (`topics::deliver(region)`) is
+//! split between `members` processes: member `member` owns the partitions `p` with
+//! `p % members == member` ([`owned_partitions`]) of the topic's *actual* partition count (read
+//! from the broker's metadata after the topics are ensured). A partition is a core shard
+//! (`topics::partition_of(user, P)`). The consumer is `assign()`ed those partitions, each from
+//! the offset committed in the group `iris-core-{region}` (rdkafka `Offset::Stored`; no
+//! committed offset: `auto.offset.reset=earliest`). The group only stores offsets: there is no
+//! group membership and no rebalance, because the message store is this process's own fjall
+//! database on local disk, and a partition moved to another process would lose what was stored
+//! here. A killed core's partitions wait in the broker until that member restarts on its data
+//! directory; nothing is lost meanwhile. Failover across processes needs the shared (ScyllaDB)
+//! store.
 //!
-//! - `Deliver`: stored in the [`MessageStore`] (the record of truth until acked), then, if the
-//!   recipient's session (Redis, [`SessionReader::get_many`], one pipelined lookup per commit
-//!   window) says it is online on an edge of this region, the same `Deliver` frame is produced
-//!   to that edge's inbox `topics::edge_inbox(region, node)`. Offline (or no session, or a
-//!   session in another region, or Redis unreachable): it stays stored for the next login.
+//! For each record (validated with `decode_counted`; a bad frame is counted, its first
+//! occurrence logged, and skipped; a frame whose user is empty or too long for the store is
+//! counted as `rejected` and skipped):
+//!
+//! - `Deliver`: stored in the [`MessageStore`] (the record of truth until acked), then routed
+//!   (below) to the recipient's edge(s) after the window's durable commit. Offline: it stays
+//!   stored for the next login.
+//! - `Relay` (typing, read receipt; `frame` is the recipient's complete client frame): routed
+//!   exactly like a stored deliver, after the same window's commit, but never stored; with no
+//!   target it is dropped (`relays_dropped`).
 //! - `Ack`: the message is deleted; an ack inside the same commit window also cancels the
 //!   pending insert (the message is never written, and not routed).
 //! - `DrainRequest`: answered with one `DrainChunk` (messages with `id > after` in id order, at
 //!   most `min(limit, MAX_DRAIN_CHUNK)`, `more` when more are stored) on the requesting edge's
-//!   inbox (`node` of the request).
+//!   inbox (`node` of the request). A request with `after == 0` (a login starts) also records a
+//!   **login hint** user → (node, now).
+//! - `PrekeyPut`: the bundle is stored (replacing the previous one) with the window's batch.
+//! - `PrekeyFetch`: answered with a `PrekeyBundle` (`None` when nothing is stored) on the inbox of
+//!   the request's `node`, like a drain chunk.
 //! - `Presence`: nothing to store (edges consume presence themselves): counted and ignored, as
-//!   are relays, chunks and routes (not core-bound on this topic).
+//!   are chunks, bundles, edge resets and routes (not core-bound on this topic).
+//!
+//! **Routing.** The targets of a deliver or relay are the union of the recipient's Redis
+//! session node (when the session is online in this region; [`SessionReader::get_many`], one
+//! pipelined lookup per commit window) and its login hint's node (when a hint younger than
+//! [`HINT_TTL`] existed when the record was consumed); each distinct node gets the frame once,
+//! the consumed record's bytes unchanged. The hint covers the race of a login: a deliver
+//! consumed after the login's drain request but before the edge's session write reached Redis
+//! is neither in the drain's chunk nor routable by session, yet must reach the user live. A
+//! stale hint (the user left that node) only costs the edge a frame it drops; the message stays
+//! stored until acked. Hints older than [`HINT_TTL`] are pruned at most once a second; at most
+//! [`MAX_HINTS`] are held (further ones are counted as `hints_dropped`).
 //!
 //! **Edge inbox partition.** Everything the core produces to an edge inbox goes to partition 0:
-//! one edge consumes its whole inbox and hands each frame to the shard it names (a chunk carries
-//! `shard`, a deliver is owned by `partition_of(recipient, shards)`), and one partition keeps
-//! the core's frames for that edge in the order the core decided them.
+//! one edge consumes its whole inbox and hands each frame to the shard it names (a chunk or a
+//! bundle carries `shard`, a deliver or relay is owned by `partition_of(recipient, shards)`),
+//! and one partition keeps the core's frames for that edge in the order the core decided them.
 //!
-//! **Ordering.** A user's `Deliver`, `Ack` and `DrainRequest` frames all land on the user's one
-//! partition, and the service handles a partition's records one at a time in offset order. So
-//! when a drain request is handled every earlier deliver and ack of that user has been applied:
-//! the pending window is written to the store (not yet fsynced) before the scan, and the chunk
-//! is produced only after the window's durable commit, like everything else.
+//! **Ordering.** A user's core-bound frames all land on the user's one partition, and the
+//! service handles a partition's records one at a time in offset order. So when a drain request
+//! or a prekey fetch is handled every earlier record of that user has been applied: the pending
+//! window is written to the store (not yet fsynced) before the read, and the answer is produced
+//! only after the window's durable commit, like everything else.
 //!
 //! **Group commit and durability.** Records are applied to an in-memory window; at the end of
 //! the commit window (`commit_window`, 2 ms by default, measured from the first record of the
 //! window) or after `max_batch` records the window is written as one atomic batch and the
-//! journal fsynced. Only then are the window's outputs (routed delivers, drain chunks) handed to
-//! the producer, and only then are the consumed offsets committed. So a crash (kill -9) loses
-//! nothing the store acknowledged: records after the last committed offset are consumed again,
-//! which may store or route a message twice (at-least-once; ids make duplicates detectable),
-//! never lose one. Outputs handed to the producer but not yet acknowledged by the broker at a
-//! crash are lost; the messages they carried stay stored and come with the next drain.
-//! A failed store commit stops the service with an error, offsets uncommitted.
+//! journal fsynced. Only then are the window's outputs (routed delivers and relays, drain
+//! chunks, prekey bundles) handed to the producer, and only then are the consumed offsets
+//! committed. So a crash (kill -9) loses nothing the store acknowledged: records after the last
+//! committed offset are consumed again, which may store or route a message twice
+//! (at-least-once; ids make duplicates detectable), never lose one. Outputs handed to the
+//! producer but not yet acknowledged by the broker at a crash are lost; the messages they
+//! carried stay stored and come with the next drain. A failed store commit stops the service
+//! with an error, offsets uncommitted.
 //!
-//! **Limits.** The embedded store lives on this process's disk: when a partition moves to
-//! another process (rebalance), that process does not see the messages stored here. Fixed
-//! partition ownership (one process per partition set, or the later shared Scylla store) is
-//! required in production; the group handles failover of consumption only.
+//! **Admin endpoint.** With [`ServiceConfig::admin`] set, a plain std thread serves
+//! `GET /metrics` (Prometheus text: every [`ServiceStats`] counter as
+//! `iris_core_<name>_total`, `iris_core_bus_frames_total{outcome=...}`, the producer's
+//! counters, gauges) and `GET /health` (`200 ok`, `503 stopping` once shutdown began).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use iris_bus::kafka::{ensure_topics, KafkaConfig, KafkaProducer, OutFrame, ProducerRing};
 use iris_bus::{
-    decode_counted, encode, to_owned, BusFrame, Deliver, DrainChunk, DrainRequest, Drained,
-    FrameCounts, FrameStats,
+    decode_counted, encode, to_owned, BusFrame, DrainChunk, DrainRequest, Drained, FrameCounts,
+    FrameStats, PrekeyBundle, PrekeyFetch,
 };
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaErrorCode;
 use tracing::{debug, info, warn};
 
 use crate::api::StoredMsg;
 use crate::error::CoreError;
 use crate::sessions::{SessionConfig, SessionReader};
-use crate::store::{Batch, MessageStore};
+use crate::store::{Batch, MessageStore, MAX_SENDER_LEN, MAX_USER_LEN};
 
 /// The most messages one `DrainChunk` carries, whatever the request's `limit` (keeps a chunk
 /// well under the broker's default 1 MB record limit for small messages).
 pub const MAX_DRAIN_CHUNK: usize = 1000;
+
+/// How long a login hint (user → node of its latest `DrainRequest` with `after == 0`) routes
+/// the user's delivers and relays to that node besides its Redis session.
+pub const HINT_TTL: Duration = Duration::from_secs(60);
+
+/// The most login hints held at once (about 60 bytes plus the user id each); hints of logins
+/// beyond it are not recorded (`hints_dropped`) until the next prune frees room.
+pub const MAX_HINTS: usize = 1_000_000;
+
+/// Hints are pruned at most this often (on a flush).
+const HINT_PRUNE_EVERY: Duration = Duration::from_secs(1);
+
+/// How long [`CoreService::start`] waits for the deliver topic's partitions to show in the
+/// broker's metadata.
+const METADATA_WAIT: Duration = Duration::from_secs(30);
 
 /// Everything the service needs to run.
 #[derive(Debug, Clone)]
@@ -82,22 +132,29 @@ pub struct ServiceConfig {
     pub region: String,
     /// Directory of the message store.
     pub data_dir: PathBuf,
-    /// Partitions of the deliver and presence topics when this process creates them.
+    /// Partitions of the deliver and presence topics when this process creates them (an
+    /// existing topic keeps its count, which is the one used).
     pub partitions: u32,
-    /// Consumer group id (`iris-core-{region}` by default).
+    /// Consumer group id (`iris-core-{region}` by default): only stores the committed offsets.
     pub group: String,
     /// Group commit window: records are made durable at most this long after the first one.
     pub commit_window: Duration,
     /// A window is committed early once it holds this many records.
     pub max_batch: usize,
-    /// Kafka `session.timeout.ms`: how long the group waits for a silent (killed) member
-    /// before its partitions move to the others, and before a restarted member gets them back.
-    pub session_timeout: Duration,
+    /// This process's index among the `members`: it owns the deliver partitions `p` with
+    /// `p % members == member`.
+    pub member: u32,
+    /// How many `iris-core` processes share the region's deliver partitions (at least 1).
+    pub members: u32,
+    /// Address of the admin endpoint (`/metrics`, `/health`); `None`: no endpoint. Port 0
+    /// binds a free port ([`CoreService::admin_addr`] tells which).
+    pub admin: Option<SocketAddr>,
 }
 
 impl ServiceConfig {
     /// A configuration with the defaults: 16 partitions, group `iris-core-{region}`, a 2 ms
-    /// commit window, 4096 records per window at most, a 6 s group session timeout.
+    /// commit window, 4096 records per window at most, member 0 of 1 (every partition), no
+    /// admin endpoint.
     pub fn new(
         brokers: impl Into<String>,
         redis_url: impl Into<String>,
@@ -114,43 +171,150 @@ impl ServiceConfig {
             partitions: 16,
             commit_window: Duration::from_millis(2),
             max_batch: 4096,
-            session_timeout: Duration::from_secs(6),
+            member: 0,
+            members: 1,
+            admin: None,
         }
+    }
+
+    /// Checks the region name, `members >= 1`, `member < members`, `partitions >= 1` and
+    /// `max_batch >= 1`.
+    pub fn validate(&self) -> Result<(), CoreError> {
+        if !iris_bus::topics::is_valid_region(&self.region) {
+            return Err(CoreError::InvalidInput(format!(
+                "invalid region name {:?}: 1-64 bytes of [a-z0-9-], not \"global\"",
+                self.region
+            )));
+        }
+        if self.members == 0 {
+            return Err(CoreError::InvalidInput(
+                "members must be at least 1".to_owned(),
+            ));
+        }
+        if self.member >= self.members {
+            return Err(CoreError::InvalidInput(format!(
+                "member {} out of range: members {} (member must be below members)",
+                self.member, self.members
+            )));
+        }
+        if self.partitions == 0 {
+            return Err(CoreError::InvalidInput(
+                "partitions must be at least 1".to_owned(),
+            ));
+        }
+        if self.max_batch == 0 {
+            return Err(CoreError::InvalidInput(
+                "max_batch must be at least 1".to_owned(),
+            ));
+        }
+        Ok(())
     }
 }
 
-/// Counters of the service (monotonic).
-#[derive(Debug, Default)]
-pub struct ServiceStats {
+/// The deliver partitions member `member` of `members` owns in a topic of `partitions`
+/// partitions: every `p` with `p % members == member`, ascending.
+pub fn owned_partitions(partitions: u32, member: u32, members: u32) -> Vec<i32> {
+    let members = members.max(1);
+    (0..partitions)
+        .filter(|p| p % members == member)
+        .map(|p| p as i32)
+        .collect()
+}
+
+/// One counter of [`ServiceStats::counters`]: its name (the metric is `iris_core_{name}_total`),
+/// its description and its value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counter {
+    /// The field name.
+    pub name: &'static str,
+    /// The field's doc comment.
+    pub help: &'static str,
+    /// The value at the snapshot.
+    pub value: u64,
+}
+
+/// Declares [`ServiceStats`] with its monotonic counters and lists them all in
+/// [`ServiceStats::counters`], so `/metrics` cannot miss one.
+macro_rules! service_stats {
+    ($($(#[doc = $doc:literal])+ $name:ident,)+) => {
+        /// Counters of the service (monotonic, except the `hints_held` gauge).
+        #[derive(Debug, Default)]
+        pub struct ServiceStats {
+            $($(#[doc = $doc])+ pub $name: AtomicU64,)+
+            /// Login hints held now (a gauge).
+            pub hints_held: AtomicU64,
+        }
+
+        impl ServiceStats {
+            /// A snapshot of every monotonic counter, in declaration order.
+            pub fn counters(&self) -> Vec<Counter> {
+                vec![$(Counter {
+                    name: stringify!($name),
+                    help: concat!($($doc),+),
+                    value: self.$name.load(Ordering::Relaxed),
+                },)+]
+            }
+        }
+    };
+}
+
+service_stats! {
     /// Records consumed (good or bad).
-    pub records: AtomicU64,
+    records,
     /// Deliver frames handled.
-    pub delivers: AtomicU64,
+    delivers,
     /// Ack frames handled.
-    pub acks: AtomicU64,
+    acks,
     /// Acks that cancelled an insert of the same window.
-    pub cancelled: AtomicU64,
+    cancelled,
     /// Drain requests answered.
-    pub drains: AtomicU64,
+    drains,
+    /// Relay frames handled.
+    relays,
+    /// Prekey bundles stored (PrekeyPut frames).
+    prekey_puts,
+    /// Prekey fetches answered.
+    prekey_fetches,
     /// Presence frames seen (ignored).
-    pub presence: AtomicU64,
+    presence,
     /// Other frames seen on the deliver topic (ignored).
-    pub ignored: AtomicU64,
-    /// Delivers produced to an edge inbox.
-    pub routed: AtomicU64,
-    /// Delivers kept for the next login (recipient offline or unknown).
-    pub offline: AtomicU64,
+    ignored,
+    /// Frames skipped because their user is empty or too long for the store.
+    rejected,
+    /// Deliver frames produced to an edge inbox (one per target node).
+    routed,
+    /// Delivers with no target node, kept for the next login.
+    offline,
+    /// Relay frames produced to an edge inbox (one per target node).
+    relays_routed,
+    /// Relays with no target node, dropped.
+    relays_dropped,
+    /// Delivers and relays produced to a login hint's node that the session did not name.
+    hinted_routes,
+    /// Login hints not recorded because MAX_HINTS were held.
+    hints_dropped,
     /// Durable store commits.
-    pub commits: AtomicU64,
+    commits,
     /// Session lookups that failed (the messages stayed stored, unrouted).
-    pub session_errors: AtomicU64,
+    session_errors,
 }
 
 /// One output decided inside a window, produced after its durable commit.
 enum Output {
-    /// A stored message to route if its recipient is online.
-    Route(Deliver),
-    /// An encoded frame for an edge inbox (drain chunk).
+    /// A stored message (the consumed record, unchanged) to route to the recipient's edge(s).
+    Route {
+        recipient: Vec<u8>,
+        id: u64,
+        record: Vec<u8>,
+        hint: Option<u32>,
+    },
+    /// A relay (the consumed record, unchanged) to route like a deliver; never stored.
+    Relay {
+        recipient: Vec<u8>,
+        record: Vec<u8>,
+        hint: Option<u32>,
+    },
+    /// An encoded answer (drain chunk, prekey bundle) for the inbox of edge `node`.
     Frame {
         node: u32,
         key: Vec<u8>,
@@ -167,6 +331,8 @@ struct Window {
     inserts: BTreeMap<(Vec<u8>, u64), StoredMsg>,
     /// Deletes not yet written.
     deletes: Vec<(Vec<u8>, u64)>,
+    /// Prekey bundles not yet written, by user (the latest wins).
+    prekeys: BTreeMap<Vec<u8>, Vec<u8>>,
     /// Messages acked in this window (not routed even if delivered in it).
     acked: HashSet<(Vec<u8>, u64)>,
     outputs: Vec<Output>,
@@ -174,18 +340,29 @@ struct Window {
     offsets: HashMap<i32, i64>,
 }
 
-/// The running core service: consumer, producer, store and session reader.
+/// The running core service: consumer, producer, store, session reader and admin endpoint.
 pub struct CoreService {
     cfg: ServiceConfig,
     deliver_topic: String,
+    /// Partitions of the deliver topic (from the broker's metadata).
+    partitions: u32,
+    /// The deliver partitions this member owns.
+    assigned: Vec<i32>,
     consumer: BaseConsumer,
-    producer: Option<KafkaProducer>,
+    /// Shared with the admin endpoint (producer counters); taken at shutdown.
+    producer: Arc<Mutex<Option<KafkaProducer>>>,
     ring: ProducerRing,
-    store: MessageStore,
+    store: Arc<MessageStore>,
     sessions: SessionReader,
-    frames: FrameStats,
+    frames: Arc<FrameStats>,
     stats: Arc<ServiceStats>,
     window: Window,
+    /// Login hints: user → (node, when its `after == 0` drain request was handled).
+    hints: HashMap<Vec<u8>, (u32, Instant)>,
+    hints_pruned: Instant,
+    /// Edge inbox topic names, built once per node.
+    inboxes: HashMap<u32, Arc<str>>,
+    admin: Option<Admin>,
     logged_consume_error: bool,
     logged_session_error: bool,
 }
@@ -194,28 +371,27 @@ impl std::fmt::Debug for CoreService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CoreService")
             .field("region", &self.cfg.region)
-            .field("group", &self.cfg.group)
+            .field("member", &self.cfg.member)
+            .field("members", &self.cfg.members)
+            .field("assigned", &self.assigned)
             .finish_non_exhaustive()
     }
 }
 
 impl CoreService {
-    /// Creates the missing topics (deliver and presence, `partitions` each), opens the store,
-    /// starts the producer and subscribes the consumer. Consumption starts with [`Self::run`].
+    /// Validates `cfg`, creates the missing topics (deliver and presence, `partitions` each),
+    /// opens the store, starts the producer, reads the deliver topic's partition count and
+    /// assigns this member's partitions (from the group's committed offsets), then starts the
+    /// admin endpoint if configured. Consumption starts with [`Self::run`].
     pub fn start(cfg: ServiceConfig) -> Result<Self, CoreError> {
-        if !iris_bus::topics::is_valid_region(&cfg.region) {
-            return Err(CoreError::InvalidInput(format!(
-                "invalid region name {:?}",
-                cfg.region
-            )));
-        }
+        cfg.validate()?;
         let kafka = KafkaConfig {
             brokers: cfg.brokers.clone(),
-            client_id: format!("iris-core-{}", cfg.region),
+            client_id: format!("iris-core-{}-{}", cfg.region, cfg.member),
             linger_ms: 1,
             ..KafkaConfig::default()
         };
-        let parts = cfg.partitions.max(1) as i32;
+        let parts = cfg.partitions as i32;
         let deliver_topic = iris_bus::topics::deliver(&cfg.region);
         ensure_topics(
             &kafka,
@@ -224,40 +400,78 @@ impl CoreService {
                 (iris_bus::topics::presence(&cfg.region), parts),
             ],
         )?;
-        let store = MessageStore::open(&cfg.data_dir)?;
+        let store = Arc::new(MessageStore::open(&cfg.data_dir)?);
         let sessions = SessionReader::new(&SessionConfig::with_url(cfg.redis_url.clone()))?;
         let (producer, mut rings) = KafkaProducer::start(&kafka, 1)?;
         let ring = rings.pop().ok_or(CoreError::ThreadPanicked)?;
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &cfg.brokers)
-            .set("client.id", format!("iris-core-{}", cfg.region))
+            .set("client.id", &kafka.client_id)
             .set("group.id", &cfg.group)
             .set("auto.offset.reset", "earliest")
             .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "false")
-            .set(
-                "session.timeout.ms",
-                cfg.session_timeout.as_millis().max(1).to_string(),
-            )
-            .set(
-                "heartbeat.interval.ms",
-                (cfg.session_timeout.as_millis() / 3).max(1).to_string(),
-            )
             .set("log_level", "3")
             .create()?;
-        consumer.subscribe(&[deliver_topic.as_str()])?;
-        info!(region = %cfg.region, group = %cfg.group, topic = %deliver_topic, "iris-core subscribed");
+        let partitions = topic_partitions(&consumer, &deliver_topic)?;
+        let assigned = owned_partitions(partitions, cfg.member, cfg.members);
+        if assigned.is_empty() {
+            warn!(
+                partitions,
+                member = cfg.member,
+                members = cfg.members,
+                "no deliver partition falls to this member, it consumes nothing"
+            );
+        }
+        let mut tpl = TopicPartitionList::with_capacity(assigned.len());
+        for &p in &assigned {
+            tpl.add_partition_offset(&deliver_topic, p, Offset::Stored)?;
+        }
+        consumer.assign(&tpl)?;
+        info!(
+            region = %cfg.region,
+            member = cfg.member,
+            members = cfg.members,
+            partitions,
+            assigned = ?assigned,
+            topic = %deliver_topic,
+            "iris-core assigned its deliver partitions"
+        );
+        let stats = Arc::new(ServiceStats::default());
+        let frames = Arc::new(FrameStats::new());
+        let producer = Arc::new(Mutex::new(Some(producer)));
+        let admin = match cfg.admin {
+            Some(addr) => Some(Admin::start(
+                addr,
+                AdminView {
+                    stats: Arc::clone(&stats),
+                    frames: Arc::clone(&frames),
+                    producer: Arc::clone(&producer),
+                    store: Arc::clone(&store),
+                    partitions,
+                    assigned: assigned.len(),
+                },
+            )?),
+            None => None,
+        };
         Ok(CoreService {
             cfg,
             deliver_topic,
+            partitions,
+            assigned,
             consumer,
-            producer: Some(producer),
+            producer,
             ring,
             store,
             sessions,
-            frames: FrameStats::new(),
-            stats: Arc::new(ServiceStats::default()),
+            frames,
+            stats,
             window: Window::default(),
+            hints: HashMap::new(),
+            hints_pruned: Instant::now(),
+            inboxes: HashMap::new(),
+            admin,
             logged_consume_error: false,
             logged_session_error: false,
         })
@@ -273,9 +487,83 @@ impl CoreService {
         self.frames.counts()
     }
 
+    /// Partitions of the deliver topic, as the broker reported them at start.
+    pub fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
+    /// The deliver partitions this member consumes, ascending.
+    pub fn assigned(&self) -> &[i32] {
+        &self.assigned
+    }
+
+    /// The bound address of the admin endpoint (the real port when 0 was asked).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|a| a.addr)
+    }
+
+    /// The line `iris-core` prints on stdout once started:
+    /// `iris-core ready region=R member=I/N partitions=P assigned=a,b,c[ admin=ADDR]`.
+    pub fn ready_line(&self) -> String {
+        let assigned: Vec<String> = self.assigned.iter().map(i32::to_string).collect();
+        let mut line = format!(
+            "iris-core ready region={} member={}/{} partitions={} assigned={}",
+            self.cfg.region,
+            self.cfg.member,
+            self.cfg.members,
+            self.partitions,
+            assigned.join(",")
+        );
+        if let Some(addr) = self.admin_addr() {
+            let _ = write!(line, " admin={addr}");
+        }
+        line
+    }
+
     /// Consumes until `stop` is set, then commits the last window durably, produces its
     /// outputs, commits its offsets synchronously and flushes the producer (at most 5 s).
+    /// The admin endpoint answers `/health` with 503 from then on and stops when this returns.
     pub fn run(mut self, stop: &AtomicBool) -> Result<(), CoreError> {
+        let result = self
+            .consume(stop)
+            .and_then(|()| self.flush(CommitMode::Sync));
+        if let Some(a) = &self.admin {
+            a.stopping.store(true, Ordering::Release);
+        }
+        let producer = self
+            .producer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let (Some(p), Ok(())) = (producer, &result) {
+            match p.flush_and_stop(Duration::from_secs(5)) {
+                Ok(s) => debug!(produced = s.produced_ok, "kafka producer flushed"),
+                Err(e) => {
+                    warn!(error = %e, "kafka producer not flushed at shutdown; the messages stay stored")
+                }
+            }
+        }
+        if let Some(a) = self.admin.take() {
+            a.stop();
+        }
+        result?;
+        let s = &self.stats;
+        let f = self.frames.counts();
+        info!(
+            records = s.records.load(Ordering::Relaxed),
+            delivers = s.delivers.load(Ordering::Relaxed),
+            acks = s.acks.load(Ordering::Relaxed),
+            drains = s.drains.load(Ordering::Relaxed),
+            routed = s.routed.load(Ordering::Relaxed),
+            relays = s.relays.load(Ordering::Relaxed),
+            bad_frames = f.invalid + f.unknown_version,
+            "iris-core stopped"
+        );
+        Ok(())
+    }
+
+    /// The consume loop of [`Self::run`], up to `stop`.
+    fn consume(&mut self, stop: &AtomicBool) -> Result<(), CoreError> {
         while !stop.load(Ordering::Acquire) {
             let timeout = match self.window.started {
                 Some(t) => self.cfg.commit_window.saturating_sub(t.elapsed()),
@@ -297,7 +585,7 @@ impl CoreService {
                     let payload = msg.payload().unwrap_or_default().to_vec();
                     drop(msg);
                     self.window.started.get_or_insert_with(Instant::now);
-                    self.handle(&payload)?;
+                    self.handle(payload)?;
                     self.window.records += 1;
                     self.window.offsets.insert(partition, offset + 1);
                 }
@@ -310,34 +598,14 @@ impl CoreService {
                 self.flush(CommitMode::Async)?;
             }
         }
-        self.flush(CommitMode::Sync)?;
-        if let Some(p) = self.producer.take() {
-            match p.flush_and_stop(Duration::from_secs(5)) {
-                Ok(s) => debug!(produced = s.produced_ok, "kafka producer flushed"),
-                Err(e) => {
-                    warn!(error = %e, "kafka producer not flushed at shutdown; the messages stay stored")
-                }
-            }
-        }
-        let s = &self.stats;
-        let f = self.frames.counts();
-        info!(
-            records = s.records.load(Ordering::Relaxed),
-            delivers = s.delivers.load(Ordering::Relaxed),
-            acks = s.acks.load(Ordering::Relaxed),
-            drains = s.drains.load(Ordering::Relaxed),
-            routed = s.routed.load(Ordering::Relaxed),
-            bad_frames = f.invalid + f.unknown_version,
-            "iris-core stopped"
-        );
         Ok(())
     }
 
-    /// Applies one record to the window.
-    fn handle(&mut self, payload: &[u8]) -> Result<(), CoreError> {
+    /// Applies one record (its raw bytes) to the window.
+    fn handle(&mut self, record: Vec<u8>) -> Result<(), CoreError> {
         self.stats.records.fetch_add(1, Ordering::Relaxed);
         // decode_counted counts the failure and logs its first occurrence.
-        let Ok(archived) = decode_counted(&self.frames, payload) else {
+        let Ok(archived) = decode_counted(&self.frames, &record) else {
             return Ok(());
         };
         let frame = match to_owned(archived) {
@@ -347,21 +615,61 @@ impl CoreService {
                 return Ok(());
             }
         };
+        let core_bound = !matches!(
+            frame,
+            BusFrame::Presence(_)
+                | BusFrame::DrainChunk(_)
+                | BusFrame::PrekeyBundle(_)
+                | BusFrame::EdgeReset(_)
+                | BusFrame::Route(_)
+        );
+        if core_bound && !storable_user(frame.key_user()) {
+            self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            debug!(
+                kind = frame.kind().name(),
+                user_len = frame.key_user().len(),
+                "frame with an empty or oversized user, skipped"
+            );
+            return Ok(());
+        }
         match frame {
             BusFrame::Deliver(d) => {
+                if d.sender.len() > MAX_SENDER_LEN {
+                    self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                    debug!(
+                        sender_len = d.sender.len(),
+                        "deliver with an oversized sender, skipped"
+                    );
+                    return Ok(());
+                }
                 self.stats.delivers.fetch_add(1, Ordering::Relaxed);
                 let key = (d.recipient.clone(), d.id);
                 self.window.acked.remove(&key);
+                let hint = self.hint(&d.recipient);
+                self.window.outputs.push(Output::Route {
+                    recipient: d.recipient.clone(),
+                    id: d.id,
+                    record,
+                    hint,
+                });
                 self.window.inserts.insert(
                     key,
                     StoredMsg {
                         id: d.id,
-                        recipient: d.recipient.clone(),
-                        sender: d.sender.clone(),
-                        payload: d.payload.clone(),
+                        recipient: d.recipient,
+                        sender: d.sender,
+                        payload: d.payload,
                     },
                 );
-                self.window.outputs.push(Output::Route(d));
+            }
+            BusFrame::Relay(r) => {
+                self.stats.relays.fetch_add(1, Ordering::Relaxed);
+                let hint = self.hint(&r.recipient);
+                self.window.outputs.push(Output::Relay {
+                    recipient: r.recipient,
+                    record,
+                    hint,
+                });
             }
             BusFrame::Ack(a) => {
                 self.stats.acks.fetch_add(1, Ordering::Relaxed);
@@ -373,7 +681,17 @@ impl CoreService {
                 self.window.deletes.push(key.clone());
                 self.window.acked.insert(key);
             }
-            BusFrame::DrainRequest(r) => self.drain(r)?,
+            BusFrame::DrainRequest(r) => {
+                if r.after == 0 {
+                    self.record_hint(&r.user, r.node);
+                }
+                self.drain(r)?;
+            }
+            BusFrame::PrekeyPut(p) => {
+                self.stats.prekey_puts.fetch_add(1, Ordering::Relaxed);
+                self.window.prekeys.insert(p.user, p.bundle);
+            }
+            BusFrame::PrekeyFetch(f) => self.prekey_fetch(f)?,
             BusFrame::Presence(_) => {
                 self.stats.presence.fetch_add(1, Ordering::Relaxed);
             }
@@ -388,16 +706,59 @@ impl CoreService {
         Ok(())
     }
 
-    /// Writes the pending window (not fsynced), so a scan sees every earlier record.
+    /// The node of `user`'s login hint, if it is younger than [`HINT_TTL`].
+    fn hint(&self, user: &[u8]) -> Option<u32> {
+        match self.hints.get(user) {
+            Some(&(node, at)) if at.elapsed() < HINT_TTL => Some(node),
+            _ => None,
+        }
+    }
+
+    /// Remembers that `user` started a login on edge `node` now.
+    fn record_hint(&mut self, user: &[u8], node: u32) {
+        let now = Instant::now();
+        if let Some(h) = self.hints.get_mut(user) {
+            *h = (node, now);
+            return;
+        }
+        if self.hints.len() >= MAX_HINTS {
+            self.stats.hints_dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.hints.insert(user.to_vec(), (node, now));
+        self.stats
+            .hints_held
+            .store(self.hints.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Drops the hints older than [`HINT_TTL`], at most once per [`HINT_PRUNE_EVERY`].
+    fn prune_hints(&mut self) {
+        if self.hints_pruned.elapsed() < HINT_PRUNE_EVERY {
+            return;
+        }
+        self.hints_pruned = Instant::now();
+        if !self.hints.is_empty() {
+            self.hints.retain(|_, (_, at)| at.elapsed() < HINT_TTL);
+        }
+        self.stats
+            .hints_held
+            .store(self.hints.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Writes the pending window (not fsynced), so a read sees every earlier record.
     fn write_pending(&mut self) -> Result<(), CoreError> {
         let inserts: Vec<StoredMsg> = std::mem::take(&mut self.window.inserts)
             .into_values()
             .collect();
         let deletes = std::mem::take(&mut self.window.deletes);
+        let prekeys: Vec<(Vec<u8>, Vec<u8>)> = std::mem::take(&mut self.window.prekeys)
+            .into_iter()
+            .collect();
         self.store.write(
             &Batch {
                 inserts: &inserts,
                 deletes: &deletes,
+                prekeys: &prekeys,
                 ..Batch::default()
             },
             false,
@@ -438,8 +799,35 @@ impl CoreService {
         Ok(())
     }
 
+    fn prekey_fetch(&mut self, f: PrekeyFetch) -> Result<(), CoreError> {
+        self.stats.prekey_fetches.fetch_add(1, Ordering::Relaxed);
+        // A put of this window (same user, same partition, earlier offset) must be seen.
+        self.write_pending()?;
+        let bundle = self.store.get_prekeys(&f.user)?;
+        debug!(
+            node = f.node,
+            found = bundle.is_some(),
+            "prekey fetch answered"
+        );
+        let answer = BusFrame::PrekeyBundle(PrekeyBundle {
+            user: f.user.clone(),
+            node: f.node,
+            shard: f.shard,
+            conn: f.conn,
+            bundle,
+        });
+        let payload = encode(&answer).map_err(CoreError::Encode)?;
+        self.window.outputs.push(Output::Frame {
+            node: f.node,
+            key: f.user,
+            payload,
+        });
+        Ok(())
+    }
+
     /// Commits the window durably, then produces its outputs, then commits its offsets.
     fn flush(&mut self, mode: CommitMode) -> Result<(), CoreError> {
+        self.prune_hints();
         if self.window.started.is_none() && self.window.offsets.is_empty() {
             return Ok(());
         }
@@ -454,7 +842,7 @@ impl CoreService {
                 tpl.add_partition_offset(&self.deliver_topic, *partition, Offset::Offset(*next))?;
             }
             if let Err(e) = self.consumer.commit(&tpl, mode) {
-                // The records come again (at-least-once); after a rebalance this is expected.
+                // The records come again after a restart (at-least-once).
                 debug!(error = %e, "kafka offset commit refused, records may come again");
                 if matches!(mode, CommitMode::Sync) {
                     warn!(error = %e, "final offset commit refused, records will come again");
@@ -464,23 +852,28 @@ impl CoreService {
         Ok(())
     }
 
-    fn produce_outputs(&mut self, outputs: Vec<Output>, acked: &HashSet<(Vec<u8>, u64)>) {
-        if outputs.is_empty() {
-            return;
-        }
-        // One pipelined session lookup for every recipient to route.
+    /// The nodes of this region holding the online sessions of the recipients of `outputs`
+    /// (one pipelined Redis lookup); empty when Redis fails.
+    fn session_nodes(
+        &mut self,
+        outputs: &[Output],
+        acked: &HashSet<(Vec<u8>, u64)>,
+    ) -> HashMap<Vec<u8>, u32> {
         let mut users: Vec<&[u8]> = outputs
             .iter()
             .filter_map(|o| match o {
-                Output::Route(d) if !acked.contains(&(d.recipient.clone(), d.id)) => {
-                    Some(d.recipient.as_slice())
+                Output::Route { recipient, id, .. }
+                    if !acked.contains(&(recipient.clone(), *id)) =>
+                {
+                    Some(recipient.as_slice())
                 }
+                Output::Relay { recipient, .. } => Some(recipient.as_slice()),
                 _ => None,
             })
             .collect();
         users.sort_unstable();
         users.dedup();
-        let mut nodes: HashMap<Vec<u8>, u32> = HashMap::new();
+        let mut nodes = HashMap::new();
         match self.sessions.get_many(&users) {
             Ok(records) => {
                 for (u, rec) in users.iter().zip(records) {
@@ -508,37 +901,102 @@ impl CoreService {
                 }
             }
         }
+        nodes
+    }
+
+    fn produce_outputs(&mut self, outputs: Vec<Output>, acked: &HashSet<(Vec<u8>, u64)>) {
+        if outputs.is_empty() {
+            return;
+        }
+        let sessions = self.session_nodes(&outputs, acked);
         for o in outputs {
-            let (node, key, payload) = match o {
-                Output::Route(d) => {
-                    if acked.contains(&(d.recipient.clone(), d.id)) {
+            match o {
+                Output::Route {
+                    recipient,
+                    id,
+                    record,
+                    hint,
+                } => {
+                    let key = (recipient, id);
+                    if acked.contains(&key) {
                         continue;
                     }
-                    let Some(&node) = nodes.get(&d.recipient) else {
+                    let recipient = key.0;
+                    let targets = self.targets(sessions.get(&recipient).copied(), hint);
+                    if targets.is_empty() {
                         self.stats.offline.fetch_add(1, Ordering::Relaxed);
                         continue;
-                    };
-                    let key = d.recipient.clone();
-                    match encode(&BusFrame::Deliver(d)) {
-                        Ok(p) => {
-                            self.stats.routed.fetch_add(1, Ordering::Relaxed);
-                            (node, key, p)
-                        }
-                        Err(e) => {
-                            warn!(error = %e, "deliver not encoded, kept for the next login");
-                            continue;
-                        }
                     }
+                    self.stats
+                        .routed
+                        .fetch_add(targets.len() as u64, Ordering::Relaxed);
+                    self.send_to(&targets, &recipient, record);
                 }
-                Output::Frame { node, key, payload } => (node, key, payload),
-            };
+                Output::Relay {
+                    recipient,
+                    record,
+                    hint,
+                } => {
+                    let targets = self.targets(sessions.get(&recipient).copied(), hint);
+                    if targets.is_empty() {
+                        self.stats.relays_dropped.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    self.stats
+                        .relays_routed
+                        .fetch_add(targets.len() as u64, Ordering::Relaxed);
+                    self.send_to(&targets, &recipient, record);
+                }
+                Output::Frame { node, key, payload } => {
+                    self.send_to(&[node], &key, payload);
+                }
+            }
+        }
+    }
+
+    /// The distinct target nodes of a deliver or relay: the session's node and the hint's.
+    fn targets(&self, session: Option<u32>, hint: Option<u32>) -> Vec<u32> {
+        let mut t: Vec<u32> = session.into_iter().collect();
+        if let Some(h) = hint {
+            if session != Some(h) {
+                self.stats.hinted_routes.fetch_add(1, Ordering::Relaxed);
+                t.push(h);
+            }
+        }
+        t
+    }
+
+    /// Produces `payload` once to the inbox (partition 0) of each node of `nodes`.
+    fn send_to(&mut self, nodes: &[u32], key: &[u8], payload: Vec<u8>) {
+        let Some((&last, rest)) = nodes.split_last() else {
+            return;
+        };
+        for &node in rest {
+            let topic = self.inbox(node);
             self.send(OutFrame {
-                topic: Arc::from(iris_bus::topics::edge_inbox(&self.cfg.region, node)),
+                topic,
                 partition: 0,
-                key: Some(key),
-                payload,
+                key: Some(key.to_vec()),
+                payload: payload.clone(),
             });
         }
+        let topic = self.inbox(last);
+        self.send(OutFrame {
+            topic,
+            partition: 0,
+            key: Some(key.to_vec()),
+            payload,
+        });
+    }
+
+    /// The inbox topic of edge `node`.
+    fn inbox(&mut self, node: u32) -> Arc<str> {
+        let region = &self.cfg.region;
+        Arc::clone(
+            self.inboxes
+                .entry(node)
+                .or_insert_with(|| Arc::from(iris_bus::topics::edge_inbox(region, node))),
+        )
     }
 
     /// Hands `frame` to the producer, waiting while its ring is full (broker slow or down):
@@ -558,5 +1016,341 @@ impl CoreService {
                 }
             }
         }
+    }
+}
+
+/// Whether `user` can key a store record: not empty, not longer than [`MAX_USER_LEN`].
+fn storable_user(user: &[u8]) -> bool {
+    !user.is_empty() && user.len() <= MAX_USER_LEN
+}
+
+/// The partition count of `topic` per the broker's metadata, waiting up to [`METADATA_WAIT`]
+/// for the topic (just created, maybe) to show with its partitions.
+fn topic_partitions(consumer: &BaseConsumer, topic: &str) -> Result<u32, CoreError> {
+    let start = Instant::now();
+    loop {
+        match consumer.fetch_metadata(Some(topic), Duration::from_secs(2)) {
+            Ok(md) => {
+                if let Some(t) = md
+                    .topics()
+                    .iter()
+                    .find(|t| t.name() == topic && t.error().is_none())
+                {
+                    if !t.partitions().is_empty() {
+                        return Ok(t.partitions().len() as u32);
+                    }
+                }
+                if start.elapsed() >= METADATA_WAIT {
+                    return Err(CoreError::Kafka(KafkaError::MetadataFetch(
+                        RDKafkaErrorCode::UnknownTopicOrPartition,
+                    )));
+                }
+                debug!(topic, "deliver topic not in the metadata yet, retrying");
+            }
+            Err(e) if start.elapsed() >= METADATA_WAIT => return Err(e.into()),
+            Err(e) => debug!(error = %e, topic, "kafka metadata not answered yet, retrying"),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// What the admin endpoint reads at scrape time.
+struct AdminView {
+    stats: Arc<ServiceStats>,
+    frames: Arc<FrameStats>,
+    producer: Arc<Mutex<Option<KafkaProducer>>>,
+    store: Arc<MessageStore>,
+    partitions: u32,
+    assigned: usize,
+}
+
+/// The admin endpoint's thread.
+struct Admin {
+    addr: SocketAddr,
+    stopping: Arc<AtomicBool>,
+    closed: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Admin {
+    /// Binds `addr` (so the caller learns the real port) and serves it on a thread.
+    fn start(addr: SocketAddr, view: AdminView) -> Result<Admin, CoreError> {
+        let listener = TcpListener::bind(addr)?;
+        let addr = listener.local_addr()?;
+        // Non-blocking accept, polled, so the thread sees `closed` and ends.
+        listener.set_nonblocking(true)?;
+        let stopping = Arc::new(AtomicBool::new(false));
+        let closed = Arc::new(AtomicBool::new(false));
+        let (stop_flag, closed_flag) = (Arc::clone(&stopping), Arc::clone(&closed));
+        let thread = std::thread::Builder::new()
+            .name("iris-core-admin".to_owned())
+            .spawn(move || {
+                while !closed_flag.load(Ordering::Acquire) {
+                    match listener.accept() {
+                        Ok((s, _)) => {
+                            if let Err(e) = serve(s, &view, &stop_flag) {
+                                debug!(error = %e, "admin request failed");
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        Err(e) => {
+                            debug!(error = %e, "admin accept failed");
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                    }
+                }
+            })?;
+        info!(addr = %addr, "iris-core admin endpoint serving /metrics and /health");
+        Ok(Admin {
+            addr,
+            stopping,
+            closed,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the thread and waits for it.
+    fn stop(mut self) {
+        self.closed.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Admin {
+    fn drop(&mut self) {
+        self.closed.store(true, Ordering::Release);
+    }
+}
+
+/// Answers one HTTP request (`GET /metrics`, `GET /health`; anything else is 404).
+fn serve(mut s: TcpStream, view: &AdminView, stopping: &AtomicBool) -> std::io::Result<()> {
+    s.set_nonblocking(false)?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let mut buf = [0u8; 2048];
+    let mut n = 0;
+    while n < buf.len() {
+        let r = s.read(&mut buf[n..])?;
+        if r == 0 {
+            break;
+        }
+        n += r;
+        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n")
+            || buf[..n].windows(2).any(|w| w == b"\n\n")
+        {
+            break;
+        }
+    }
+    let req = String::from_utf8_lossy(&buf[..n]);
+    let mut words = req.split_whitespace();
+    let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or("/"));
+    let (status, ctype, body) = match (method, path) {
+        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", render_metrics(view)),
+        ("GET", "/health") if stopping.load(Ordering::Acquire) => (
+            "503 Service Unavailable",
+            "text/plain",
+            "stopping\n".to_owned(),
+        ),
+        ("GET", "/health") => ("200 OK", "text/plain", "ok\n".to_owned()),
+        ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_owned()),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "method not allowed\n".to_owned(),
+        ),
+    };
+    write!(
+        s,
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    s.flush()
+}
+
+/// Appends one metric family with a single unlabelled sample.
+fn metric(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    let _ = writeln!(out, "{name} {value}");
+}
+
+/// The Prometheus text of `/metrics`.
+fn render_metrics(view: &AdminView) -> String {
+    let mut out = String::with_capacity(4096);
+    for c in view.stats.counters() {
+        metric(
+            &mut out,
+            &format!("iris_core_{}_total", c.name),
+            "counter",
+            c.help.trim(),
+            c.value,
+        );
+    }
+    let f = view.frames.counts();
+    out.push_str(
+        "# HELP iris_core_bus_frames_total Consumed records by bus frame decode outcome.\n",
+    );
+    out.push_str("# TYPE iris_core_bus_frames_total counter\n");
+    for (outcome, v) in [
+        ("ok", f.ok),
+        ("invalid", f.invalid),
+        ("unknown_version", f.unknown_version),
+    ] {
+        let _ = writeln!(
+            out,
+            "iris_core_bus_frames_total{{outcome=\"{outcome}\"}} {v}"
+        );
+    }
+    metric(
+        &mut out,
+        "iris_core_login_hints",
+        "gauge",
+        "Login hints held now.",
+        view.stats.hints_held.load(Ordering::Relaxed),
+    );
+    metric(
+        &mut out,
+        "iris_core_partitions",
+        "gauge",
+        "Partitions of the deliver topic.",
+        u64::from(view.partitions),
+    );
+    metric(
+        &mut out,
+        "iris_core_assigned_partitions",
+        "gauge",
+        "Deliver partitions this member consumes.",
+        view.assigned as u64,
+    );
+    metric(
+        &mut out,
+        "iris_core_store_corrupt_skipped_total",
+        "counter",
+        "Corrupt stored values skipped by reads.",
+        view.store.corrupt_skipped(),
+    );
+    let producer = view
+        .producer
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .map(KafkaProducer::stats);
+    if let Some(p) = producer {
+        for (name, kind, help, v) in [
+            (
+                "frames_in_total",
+                "counter",
+                "Frames handed to the producer.",
+                p.frames_in,
+            ),
+            (
+                "produced_ok_total",
+                "counter",
+                "Frames acknowledged by the broker.",
+                p.produced_ok,
+            ),
+            (
+                "delivery_errors_total",
+                "counter",
+                "Failed deliveries (retried unless rejected).",
+                p.delivery_errors,
+            ),
+            (
+                "rejected_total",
+                "counter",
+                "Frames dropped because they can never be produced.",
+                p.rejected,
+            ),
+            (
+                "queue_full_events_total",
+                "counter",
+                "Stretches with the client queue full.",
+                p.queue_full_events,
+            ),
+            (
+                "ring_full_total",
+                "counter",
+                "Sends refused because the producer ring was full.",
+                p.ring_full,
+            ),
+            (
+                "client_errors_total",
+                "counter",
+                "Client-level errors reported by the Kafka client.",
+                p.client_errors,
+            ),
+            (
+                "in_flight",
+                "gauge",
+                "Frames handed to the Kafka client and not yet acknowledged.",
+                p.in_flight,
+            ),
+            (
+                "pending",
+                "gauge",
+                "Frames held by the producer thread for a (re)send.",
+                p.pending,
+            ),
+        ] {
+            metric(
+                &mut out,
+                &format!("iris_core_producer_{name}"),
+                kind,
+                help,
+                v,
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn members_split_the_partitions() {
+        assert_eq!(owned_partitions(4, 0, 2), vec![0, 2]);
+        assert_eq!(owned_partitions(4, 1, 2), vec![1, 3]);
+        assert_eq!(owned_partitions(5, 0, 1), vec![0, 1, 2, 3, 4]);
+        assert_eq!(owned_partitions(3, 5, 8), Vec::<i32>::new());
+        let mut all: Vec<i32> = (0..3).flat_map(|m| owned_partitions(16, m, 3)).collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..16).collect::<Vec<_>>(), "every partition once");
+    }
+
+    #[test]
+    fn config_validation() {
+        let mut cfg = ServiceConfig::new("b:1", "redis://r:1", "eu-west", "/d");
+        assert!(cfg.validate().is_ok());
+        assert_eq!((cfg.member, cfg.members, cfg.admin), (0, 1, None));
+        cfg.members = 0;
+        assert!(matches!(cfg.validate(), Err(CoreError::InvalidInput(_))));
+        cfg.members = 2;
+        cfg.member = 2;
+        assert!(matches!(cfg.validate(), Err(CoreError::InvalidInput(_))));
+        cfg.member = 1;
+        assert!(cfg.validate().is_ok());
+        cfg.region = "global".to_owned();
+        assert!(matches!(cfg.validate(), Err(CoreError::InvalidInput(_))));
+    }
+
+    #[test]
+    fn every_counter_is_listed_once_with_help() {
+        let stats = ServiceStats::default();
+        stats.hinted_routes.fetch_add(3, Ordering::Relaxed);
+        let counters = stats.counters();
+        assert_eq!(counters.len(), 19);
+        let mut names: Vec<&str> = counters.iter().map(|c| c.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), counters.len());
+        assert!(counters.iter().all(|c| !c.help.trim().is_empty()));
+        let hinted = counters.iter().find(|c| c.name == "hinted_routes").unwrap();
+        assert_eq!(hinted.value, 3);
     }
 }

@@ -31,20 +31,39 @@
 //! `Offline` from another location than a pending `Online` is dropped (the record it would
 //! find is the `Online`'s). Only two `Offline`s from different locations, with no `Online`
 //! between them, are approximated: the later one wins. (A writer serves one edge, so all its ops
-//! normally share one node and region.) Every
-//! [`SessionConfig::refresh_interval_secs`] it re-arms the TTL (`EXPIRE`) of every user it last
-//! wrote as online, in pipelined batches.
+//! normally share one node and region.)
+//!
+//! The writer remembers the location of every user it last wrote as online (compactly: the
+//! user's name, its shard and an index into a small table of interned node and region names;
+//! in practice one entry). Every [`SessionConfig::refresh_interval_secs`] it re-arms the TTL
+//! (`EXPIRE`) of each of those users, in pipelined batches; an `EXPIRE` that finds no key (Redis
+//! lost it: a restart without persistence, a failover, a `DEL`, an expiry) queues a full
+//! rewrite of that user's online record.
 //!
 //! When Redis is down the writer keeps the coalesced state in memory (one entry per distinct
 //! user), reconnects with a backoff of 10 ms doubling to 1 s, counts the errors, logs the first
-//! failure and the recovery once each, and writes everything when Redis is back.
+//! failure and the recovery once each, and writes everything when Redis is back. A connection
+//! that sees no round trip for a second is checked with a `PING`, so a restarted server is
+//! noticed even while no ops come. Because a server that went away may have come back empty
+//! (no persistence) or be a replica that lacks recent writes, every reconnect after a
+//! connection error also queues a full rewrite (`HSET` of all fields + `EXPIRE`, as for an
+//! `Online`) of every user the writer knows as online, at the location it knows. This resync
+//! goes through the same bounded pipelines as the other writes, at most a few per loop turn
+//! with the queues drained between them, after the pending writes, so even hundreds of
+//! thousands of users never starve the producers. It never overrides newer state: a user with a
+//! pending `Online` or `Offline` is skipped (that write follows), and each user's location is
+//! read when its batch is built, so one who went offline meanwhile is not resurrected and one
+//! who moved shard is written at the new shard. (Like any `Online`, a resync takes the record:
+//! a user who is moving to another edge and whose `Offline` here is not written yet may briefly
+//! point back here until that `Offline` is written.)
+//!
 //! [`SessionMetrics`] exposes the counters.
 //!
 //! [`SessionReader`] is the lookup side for the core (a plain thread where blocking is fine):
 //! [`SessionReader::get`] and the pipelined [`SessionReader::get_many`]; it reconnects after a
 //! connection error.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -63,8 +82,12 @@ const BACKOFF_MIN: Duration = Duration::from_millis(10);
 /// Largest reconnect backoff.
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Pipelines written per loop turn before the writer goes back to draining its queues (bounds
-/// how long the queues go unread while a backlog is written after an outage).
+/// how long the queues go unread while a backlog or a resync is written after an outage).
 const CHUNKS_PER_TURN: usize = 8;
+/// Idle time after which the writer checks its connection with a `PING` (and, when the
+/// connection was lost, tries to reconnect), so that a restarted Redis is noticed and resynced
+/// even when no ops come.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
 
 /// The Redis key of `user`'s session: `b"session:"` followed by the user's bytes.
 pub fn session_key(user: &[u8]) -> Vec<u8> {
@@ -191,8 +214,13 @@ pub struct SessionMetrics {
     /// Coalesced per-user writes acknowledged by Redis (`HSET`+`EXPIRE`, a lone `EXPIRE` or
     /// the conditional `Offline` script, whether or not it changed the record).
     pub writes: AtomicU64,
-    /// TTL refreshes of online users acknowledged by Redis (the periodic sweep).
+    /// TTL refreshes of online users acknowledged by Redis (the periodic sweep), including
+    /// those that found the key missing (which then count in `resynced` once rewritten).
     pub refreshes: AtomicU64,
+    /// Full rewrites of an online user's record acknowledged by Redis that the writer made on
+    /// its own (not counted in `writes`): after a reconnect following a connection error (the
+    /// server may have lost its data) and for keys the refresh sweep found missing.
+    pub resynced: AtomicU64,
     /// Round trips (pipelines) that succeeded.
     pub pipelines: AtomicU64,
     /// Failed connects, failed round trips and commands Redis refused.
@@ -214,6 +242,8 @@ pub struct SessionMetricsSnapshot {
     pub writes: u64,
     /// See [`SessionMetrics::refreshes`].
     pub refreshes: u64,
+    /// See [`SessionMetrics::resynced`].
+    pub resynced: u64,
     /// See [`SessionMetrics::pipelines`].
     pub pipelines: u64,
     /// See [`SessionMetrics::errors`].
@@ -233,6 +263,7 @@ impl SessionMetrics {
             rejected: r(&self.rejected),
             writes: r(&self.writes),
             refreshes: r(&self.refreshes),
+            resynced: r(&self.resynced),
             pipelines: r(&self.pipelines),
             errors: r(&self.errors),
             reconnects: r(&self.reconnects),
@@ -478,39 +509,13 @@ fn push_write(
             node,
             shard,
             region,
-        } => {
-            pipe.cmd("HSET")
-                .arg(key)
-                .arg("node")
-                .arg(node.as_str())
-                .arg("shard")
-                .arg(*shard)
-                .arg("region")
-                .arg(region.as_str())
-                .arg("last_seen")
-                .arg(0u64)
-                .arg("online")
-                .arg(1u8);
-        }
+        } => push_record(pipe, key, node, *shard, region, None, ttl),
         Pending::Offline {
             node,
             region,
             last_seen,
             was_shard: Some(shard),
-        } => {
-            pipe.cmd("HSET")
-                .arg(key)
-                .arg("node")
-                .arg(node.as_str())
-                .arg("shard")
-                .arg(*shard)
-                .arg("region")
-                .arg(region.as_str())
-                .arg("last_seen")
-                .arg(*last_seen)
-                .arg("online")
-                .arg(0u8);
-        }
+        } => push_record(pipe, key, node, *shard, region, Some(*last_seen), ttl),
         Pending::Offline {
             node,
             region,
@@ -527,13 +532,38 @@ fn push_write(
             .arg(region.as_str())
             .arg(*last_seen)
             .arg(ttl);
-            return 1;
+            1
         }
         Pending::Refresh => {
             pipe.cmd("EXPIRE").arg(key).arg(ttl);
-            return 1;
+            1
         }
     }
+}
+
+/// Appends the unconditional write of a complete record (`HSET` of every field, then `EXPIRE`):
+/// online, or offline since `offline_since` (unix seconds). Returns the command count, 2.
+fn push_record(
+    pipe: &mut redis::Pipeline,
+    key: &[u8],
+    node: &str,
+    shard: u16,
+    region: &str,
+    offline_since: Option<u64>,
+    ttl: u64,
+) -> usize {
+    pipe.cmd("HSET")
+        .arg(key)
+        .arg("node")
+        .arg(node)
+        .arg("shard")
+        .arg(shard)
+        .arg("region")
+        .arg(region)
+        .arg("last_seen")
+        .arg(offline_since.unwrap_or(0))
+        .arg("online")
+        .arg(u8::from(offline_since.is_none()));
     pipe.cmd("EXPIRE").arg(key).arg(ttl);
     2
 }
@@ -553,6 +583,140 @@ fn connect(
     conn.set_read_timeout(Some(io_timeout))?;
     conn.set_write_timeout(Some(io_timeout))?;
     Ok(conn)
+}
+
+/// Where an online user is: its shard and an index into [`Places`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Loc {
+    place: u32,
+    shard: u16,
+}
+
+/// One interned node and region, with how many online users are there.
+#[derive(Debug)]
+struct Place {
+    node: String,
+    region: String,
+    users: usize,
+}
+
+/// The interned (node, region) pairs of the online users. A writer serves one edge, so there is
+/// normally a single entry; a pair no user is at any more is freed and its slot reused, so the
+/// table never outgrows the distinct locations in use.
+#[derive(Debug, Default)]
+struct Places {
+    slots: Vec<Place>,
+    ids: HashMap<(String, String), u32>,
+    free: Vec<u32>,
+    /// The last interned id: the lookup of the usual (only) pair without building a key.
+    last: Option<u32>,
+}
+
+impl Places {
+    /// The id of (`node`, `region`), interned if new, with one more user counted there.
+    fn acquire(&mut self, node: &str, region: &str) -> u32 {
+        let id = match self.last {
+            Some(id)
+                if self.slots[id as usize].node == node
+                    && self.slots[id as usize].region == region =>
+            {
+                id
+            }
+            _ => self.lookup_or_insert(node, region),
+        };
+        self.slots[id as usize].users += 1;
+        self.last = Some(id);
+        id
+    }
+
+    fn lookup_or_insert(&mut self, node: &str, region: &str) -> u32 {
+        let key = (node.to_owned(), region.to_owned());
+        if let Some(&id) = self.ids.get(&key) {
+            return id;
+        }
+        let place = Place {
+            node: key.0.clone(),
+            region: key.1.clone(),
+            users: 0,
+        };
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.slots[id as usize] = place;
+                id
+            }
+            None => {
+                // More than 4 billion distinct locations in use is not a real configuration.
+                let id = u32::try_from(self.slots.len()).unwrap_or(u32::MAX);
+                self.slots.push(place);
+                id
+            }
+        };
+        self.ids.insert(key, id);
+        id
+    }
+
+    /// One user fewer at `id`; the slot is freed when none is left.
+    fn release(&mut self, id: u32) {
+        let slot = &mut self.slots[id as usize];
+        slot.users = slot.users.saturating_sub(1);
+        if slot.users == 0 {
+            let key = (
+                std::mem::take(&mut slot.node),
+                std::mem::take(&mut slot.region),
+            );
+            self.ids.remove(&key);
+            self.free.push(id);
+            if self.last == Some(id) {
+                self.last = None;
+            }
+        }
+    }
+
+    fn get(&self, id: u32) -> (&str, &str) {
+        let p = &self.slots[id as usize];
+        (&p.node, &p.region)
+    }
+}
+
+/// The users the writer last wrote as online, with their location (for the refresh sweep and
+/// the resync after a reconnect).
+#[derive(Debug, Default)]
+struct OnlineUsers {
+    users: HashMap<Vec<u8>, Loc>,
+    places: Places,
+}
+
+impl OnlineUsers {
+    fn set_online(&mut self, user: Vec<u8>, node: &str, shard: u16, region: &str) {
+        let loc = Loc {
+            place: self.places.acquire(node, region),
+            shard,
+        };
+        if let Some(old) = self.users.insert(user, loc) {
+            self.places.release(old.place);
+        }
+    }
+
+    fn set_offline(&mut self, user: &[u8]) {
+        if let Some(old) = self.users.remove(user) {
+            self.places.release(old.place);
+        }
+    }
+
+    /// `user`'s node, shard and region when it is online.
+    fn get(&self, user: &[u8]) -> Option<(&str, u16, &str)> {
+        let loc = self.users.get(user)?;
+        let (node, region) = self.places.get(loc.place);
+        Some((node, loc.shard, region))
+    }
+
+    fn names(&self) -> Vec<Vec<u8>> {
+        self.users.keys().cloned().collect()
+    }
+
+    fn len(&self) -> usize {
+        self.users.len()
+    }
 }
 
 /// Everything the writer thread owns.
@@ -575,11 +739,16 @@ struct WriterState {
     first_pending: Option<Instant>,
     /// Ops received since the last completed flush.
     ops_since_flush: usize,
-    /// Users whose last write was `online`.
-    online: HashSet<Vec<u8>>,
+    /// Users whose last write was `online`, with their location.
+    online: OnlineUsers,
     next_refresh: Instant,
     /// Users still to refresh in the current sweep.
     refresh_queue: Vec<Vec<u8>>,
+    /// Online users whose record is to be rewritten in full (after a reconnect, or when the
+    /// refresh sweep found the key missing); taken from the end, batch by batch.
+    resync_queue: Vec<Vec<u8>>,
+    /// Last time Redis answered (for the idle connection check).
+    last_io: Instant,
     pipe: redis::Pipeline,
     /// SHA1 of [`OFFLINE_SCRIPT`], learnt from the reply to its first `SCRIPT LOAD`.
     script_sha: Option<String>,
@@ -602,9 +771,11 @@ impl WriterState {
             pending: HashMap::new(),
             first_pending: None,
             ops_since_flush: 0,
-            online: HashSet::new(),
+            online: OnlineUsers::default(),
             next_refresh,
             refresh_queue: Vec::new(),
+            resync_queue: Vec::new(),
+            last_io: now,
             pipe: redis::pipe(),
             script_sha: None,
         }
@@ -656,18 +827,27 @@ impl WriterState {
                 self.flush(usize::MAX);
                 continue;
             }
+            let mut used = 0;
             if self.flush_due(now) {
-                self.flush(CHUNKS_PER_TURN);
+                used = self.flush(CHUNKS_PER_TURN);
             }
             if now >= self.next_refresh {
                 self.next_refresh =
                     now + Duration::from_secs(self.cfg.refresh_interval_secs.max(1));
                 if self.refresh_queue.is_empty() {
-                    self.refresh_queue = self.online.iter().cloned().collect();
+                    self.refresh_queue = self.online.names();
                 }
             }
             if !self.refresh_queue.is_empty() && self.may_attempt(now) {
                 self.refresh_chunk();
+                used += 1;
+            }
+            if !self.resync_queue.is_empty() && self.may_attempt(now) {
+                // After the pending writes (newer), in what is left of this turn's pipelines.
+                self.resync_chunks(CHUNKS_PER_TURN.saturating_sub(used).max(1));
+            }
+            if self.connected_once && now >= self.last_io + IDLE_CHECK && self.may_attempt(now) {
+                self.check_idle_conn();
             }
         }
 
@@ -707,12 +887,19 @@ impl WriterState {
             }
             d = d.min(due);
         }
-        if !self.refresh_queue.is_empty() {
+        if !self.refresh_queue.is_empty() || !self.resync_queue.is_empty() {
             d = d.min(if self.conn.is_none() {
                 self.next_attempt
             } else {
                 now
             });
+        }
+        if self.connected_once {
+            let mut check = self.last_io + IDLE_CHECK;
+            if self.conn.is_none() {
+                check = check.max(self.next_attempt);
+            }
+            d = d.min(check);
         }
         d
     }
@@ -799,6 +986,7 @@ impl WriterState {
             Ok(c) => {
                 if self.connected_once {
                     SessionMetrics::add(&self.metrics.reconnects, 1);
+                    self.queue_resync();
                 }
                 self.connected_once = true;
                 self.conn = Some(c);
@@ -830,9 +1018,44 @@ impl WriterState {
         self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
     }
 
-    /// A round trip succeeded: reset the backoff and log the recovery once.
+    /// After a reconnect: the server may have lost every session (restart without persistence,
+    /// failover to a replica behind), so every online user is to be rewritten in full. Replaces
+    /// a resync still in progress (it starts over with everyone).
+    fn queue_resync(&mut self) {
+        self.resync_queue = self.online.names();
+        if !self.resync_queue.is_empty() {
+            tracing::debug!(
+                users = self.resync_queue.len(),
+                "reconnected to redis, rewriting online sessions"
+            );
+        }
+    }
+
+    /// Nothing was written for a while: checks the connection with a `PING`, or reconnects
+    /// (which queues the resync) when it was lost.
+    fn check_idle_conn(&mut self) {
+        if !self.ensure_conn() {
+            return;
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        match redis::cmd("PING").query::<Value>(conn) {
+            Err(e) if is_connection_error(&e) => self.on_failure(&e, "ping"),
+            // Any answer (even an error such as `LOADING`) shows the connection works.
+            _ => self.on_alive(),
+        }
+    }
+
+    /// A round trip succeeded: count it, reset the backoff and log the recovery once.
     fn on_success(&mut self) {
         SessionMetrics::add(&self.metrics.pipelines, 1);
+        self.on_alive();
+    }
+
+    /// Redis answered: reset the backoff and log the recovery once.
+    fn on_alive(&mut self) {
+        self.last_io = Instant::now();
         self.backoff = BACKOFF_MIN;
         if self.failing {
             self.failing = false;
@@ -876,8 +1099,9 @@ impl WriterState {
     }
 
     /// Writes pending users in pipelines of up to `max_batch` users, at most `max_chunks`
-    /// pipelines. Stops at the first failure (the chunk goes back to pending).
-    fn flush(&mut self, max_chunks: usize) {
+    /// pipelines. Stops at the first failure (the chunk goes back to pending). Returns the
+    /// pipelines written.
+    fn flush(&mut self, max_chunks: usize) -> usize {
         let ttl = self.cfg.ttl_secs;
         let batch = self.max_batch();
         let mut chunks = 0usize;
@@ -924,8 +1148,12 @@ impl WriterState {
                     let mut left = 0u64;
                     for ((user, p), at) in chunk.into_iter().zip(first_reply) {
                         match p {
-                            Pending::Online { .. } => {
-                                self.online.insert(user);
+                            Pending::Online {
+                                node,
+                                shard,
+                                region,
+                            } => {
+                                self.online.set_online(user, &node, shard, &region);
                             }
                             Pending::Offline { was_shard, .. } => {
                                 if was_shard.is_none()
@@ -935,7 +1163,7 @@ impl WriterState {
                                 }
                                 // Online elsewhere or not at all: either way not this
                                 // writer's to refresh.
-                                self.online.remove(&user);
+                                self.online.set_offline(&user);
                             }
                             Pending::Refresh => {}
                         }
@@ -969,6 +1197,7 @@ impl WriterState {
             self.ops_since_flush = self.ops_since_flush.min(self.pending.len());
         }
         self.update_pending_gauge();
+        chunks
     }
 
     /// Re-arms the TTL of one batch of the current refresh sweep.
@@ -990,11 +1219,86 @@ impl WriterState {
         match self.round_trip() {
             Some(Ok(results)) => {
                 self.count_refused(&results);
-                self.refresh_queue.truncate(start);
+                // `EXPIRE` answers 0 when there is no key: Redis lost this online user's record.
+                let before = self.resync_queue.len();
+                for (user, r) in self.refresh_queue.drain(start..).zip(&results) {
+                    if matches!(r, Ok(Value::Int(0))) {
+                        self.resync_queue.push(user);
+                    }
+                }
+                let missing = self.resync_queue.len() - before;
+                if missing > 0 {
+                    tracing::debug!(
+                        users = missing,
+                        "refresh found sessions missing in redis, rewriting them"
+                    );
+                }
                 SessionMetrics::add(&self.metrics.refreshes, n as u64);
             }
             Some(Err(e)) => self.on_failure(&e, "refresh"),
             None => {}
+        }
+    }
+
+    /// Rewrites, in full, up to `max_chunks` batches of the users in the resync queue that are
+    /// still online here and have no newer write pending. Stops at the first failure (the batch
+    /// stays queued; the reconnect queues everyone anyway).
+    fn resync_chunks(&mut self, max_chunks: usize) {
+        let ttl = self.cfg.ttl_secs;
+        let batch = self.max_batch();
+        let mut chunks = 0usize;
+        let mut key = Vec::new();
+        while !self.resync_queue.is_empty() && chunks < max_chunks {
+            if !self.ensure_conn() {
+                break;
+            }
+            let n = self.resync_queue.len().min(batch);
+            let start = self.resync_queue.len() - n;
+            self.pipe.clear();
+            let mut users = 0u64;
+            for user in &self.resync_queue[start..] {
+                // A pending `Online` or `Offline` is newer and is written anyway (a pending
+                // refresh is only an `EXPIRE`, which a lost key needs this write for).
+                if matches!(
+                    self.pending.get(user),
+                    Some(Pending::Online { .. } | Pending::Offline { .. })
+                ) {
+                    continue;
+                }
+                // Written offline since it was queued: nothing to restore.
+                let Some((node, shard, region)) = self.online.get(user) else {
+                    continue;
+                };
+                key.clear();
+                key.extend_from_slice(KEY_PREFIX);
+                key.extend_from_slice(user);
+                push_record(&mut self.pipe, &key, node, shard, region, None, ttl);
+                users += 1;
+            }
+            if users == 0 {
+                self.resync_queue.truncate(start);
+                continue;
+            }
+            match self.round_trip() {
+                Some(Ok(results)) => {
+                    self.count_refused(&results);
+                    self.resync_queue.truncate(start);
+                    SessionMetrics::add(&self.metrics.resynced, users);
+                    chunks += 1;
+                }
+                Some(Err(e)) => {
+                    self.on_failure(&e, "resync");
+                    break;
+                }
+                None => break,
+            }
+        }
+        if self.resync_queue.is_empty() && chunks > 0 {
+            tracing::debug!(
+                resynced = self.metrics.resynced.load(Ordering::Relaxed),
+                online = self.online.len(),
+                "session resync done"
+            );
         }
     }
 }
@@ -1220,6 +1524,58 @@ mod tests {
             &p[&v],
             Pending::Offline { node, last_seen: 12, was_shard: None, .. } if node == "n2"
         ));
+    }
+
+    #[test]
+    fn online_users_intern_locations() {
+        let mut o = OnlineUsers::default();
+        for i in 0..100u16 {
+            o.set_online(format!("u{i}").into_bytes(), "edge-1", i, "eu");
+        }
+        assert_eq!(o.places.slots.len(), 1, "one location interned once");
+        assert_eq!(o.get(b"u7"), Some(("edge-1", 7, "eu")));
+        // Moving a user (same name again) replaces its location.
+        o.set_online(b"u7".to_vec(), "edge-2", 9, "eu");
+        assert_eq!(o.get(b"u7"), Some(("edge-2", 9, "eu")));
+        assert_eq!(o.len(), 100);
+        assert_eq!(o.places.slots[0].users, 99);
+        // The same node in another region is another location.
+        o.set_online(b"u8".to_vec(), "edge-2", 1, "us");
+        assert_eq!(o.get(b"u8"), Some(("edge-2", 1, "us")));
+        assert_eq!(o.places.ids.len(), 3);
+        // A location nobody is at any more is freed and its slot reused.
+        o.set_offline(b"u7");
+        o.set_offline(b"u7");
+        assert_eq!(o.get(b"u7"), None);
+        assert_eq!(o.places.ids.len(), 2);
+        o.set_online(b"u7".to_vec(), "edge-3", 2, "eu");
+        assert_eq!(o.places.slots.len(), 3, "freed slot reused");
+        assert_eq!(o.get(b"u7"), Some(("edge-3", 2, "eu")));
+        assert_eq!(o.get(b"u8"), Some(("edge-2", 1, "us")));
+        assert_eq!(o.get(b"u1"), Some(("edge-1", 1, "eu")));
+        for i in 0..100u16 {
+            o.set_offline(format!("u{i}").as_bytes());
+        }
+        assert_eq!(o.len(), 0);
+        assert!(o.places.ids.is_empty());
+        assert!(o.places.slots.iter().all(|p| p.users == 0));
+    }
+
+    #[test]
+    fn full_record_write_commands() {
+        let mut pipe = redis::pipe();
+        assert_eq!(push_record(&mut pipe, b"k", "n", 3, "r", None, 60), 2);
+        assert_eq!(push_record(&mut pipe, b"k", "n", 3, "r", Some(0), 60), 2);
+        let cmds: Vec<Vec<u8>> = pipe.cmd_iter().map(|c| c.get_packed_command()).collect();
+        let text = |c: &[u8]| String::from_utf8_lossy(c).replace("\r\n", " ");
+        assert!(text(&cmds[0]).contains("online $1 1"), "{}", text(&cmds[0]));
+        assert!(
+            text(&cmds[1]).starts_with("*3 $6 EXPIRE"),
+            "{}",
+            text(&cmds[1])
+        );
+        // An offline record is offline even with a zero `last_seen`.
+        assert!(text(&cmds[2]).contains("online $1 0"), "{}", text(&cmds[2]));
     }
 
     #[test]

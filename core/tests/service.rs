@@ -1,16 +1,22 @@
 //! The `iris-core` binary against a real broker and a real Redis: each test starts its own tansu
 //! (memory storage) and `redis-server` on free loopback ports, runs the real `iris-core`
-//! process, plays the edges with plain rdkafka clients and kills everything when done.
+//! process(es) with an admin endpoint on `127.0.0.1:0`, plays the edges with plain rdkafka
+//! clients, reads `/metrics`, and kills everything when done. Tests run in parallel.
 //! Needs `tansu` on PATH or in ~/.cargo/bin and `redis-server` on PATH.
 
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::cell::RefCell;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use iris_bus::kafka::{ensure_topics, KafkaConfig};
 use iris_bus::topics::{deliver, edge_inbox, partition_of};
-use iris_bus::{decode, encode, to_owned, Ack, BusFrame, Deliver, DrainChunk, DrainRequest};
+use iris_bus::{
+    decode, encode, to_owned, Ack, BusFrame, Deliver, DrainChunk, DrainRequest, PrekeyBundle,
+    PrekeyFetch, PrekeyPut, Relay, RelayKind,
+};
 use iris_core::store::MessageStore;
 use iris_tests::services::{Proc, RedisServer, Tansu};
 use rdkafka::config::ClientConfig;
@@ -50,13 +56,22 @@ impl Env {
         self.dir.path().join("store")
     }
 
-    /// Starts `iris-core` and waits for its "serving" line.
+    /// Starts the only member (0/1) on the default data directory.
     fn core(&self) -> Core {
+        self.member(0, 1, &self.data_dir())
+    }
+
+    /// Starts member `member` of `members` on `data_dir`, with an admin endpoint on a free
+    /// port, and waits for its ready line.
+    fn member(&self, member: u32, members: u32, data_dir: &Path) -> Core {
         let mut child = Command::new(env!("CARGO_BIN_EXE_iris-core"))
             .args(["--brokers", &self.brokers(), "--redis", &self.redis_url()])
             .args(["--region", REGION, "--partitions", &PARTITIONS.to_string()])
+            .args(["--member", &member.to_string()])
+            .args(["--members", &members.to_string()])
+            .args(["--admin", "127.0.0.1:0"])
             .arg("--data-dir")
-            .arg(self.data_dir())
+            .arg(data_dir)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -72,12 +87,26 @@ impl Env {
         });
         let line = rx
             .recv_timeout(Duration::from_secs(30))
-            .expect("iris-core did not print its serving line within 30 s");
-        assert_eq!(
-            line.trim(),
-            format!("iris-core serving region={REGION} partitions={PARTITIONS}")
+            .expect("iris-core did not print its ready line within 30 s");
+        let line = line.trim().to_owned();
+        let assigned: Vec<String> = (0..PARTITIONS)
+            .filter(|p| p % members == member)
+            .map(|p| p.to_string())
+            .collect();
+        let want = format!(
+            "iris-core ready region={REGION} member={member}/{members} partitions={PARTITIONS} \
+             assigned={} admin=127.0.0.1:",
+            assigned.join(",")
         );
-        Core(Proc(Some(child)))
+        let port = line
+            .strip_prefix(&want)
+            .unwrap_or_else(|| panic!("ready line {line:?}, expected {want:?}PORT"));
+        let port: u16 = port.parse().expect("admin port");
+        assert_ne!(port, 0, "the real admin port is printed");
+        Core {
+            proc: Proc(Some(child)),
+            admin: format!("127.0.0.1:{port}"),
+        }
     }
 
     fn kafka(&self) -> KafkaConfig {
@@ -103,7 +132,10 @@ impl Env {
         tpl.add_partition_offset(&topic, 0, Offset::Beginning)
             .unwrap();
         consumer.assign(&tpl).unwrap();
-        Edge { consumer }
+        Edge {
+            consumer,
+            seen: RefCell::new(Vec::new()),
+        }
     }
 
     fn producer(&self) -> Sender {
@@ -140,13 +172,16 @@ impl Env {
     }
 }
 
-/// A running `iris-core`.
-struct Core(Proc);
+/// A running `iris-core` and its admin address.
+struct Core {
+    proc: Proc,
+    admin: String,
+}
 
 impl Core {
     /// SIGTERM, then the exit status (at most 15 s).
     fn terminate(mut self) -> std::process::ExitStatus {
-        let mut child = self.0 .0.take().unwrap();
+        let mut child = self.proc.0.take().unwrap();
         let ok = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
             .status()
@@ -167,8 +202,60 @@ impl Core {
     }
 
     fn kill9(&mut self) {
-        self.0.kill9();
+        self.proc.kill9();
     }
+
+    /// `GET path` on the admin endpoint: (status code, body).
+    fn get(&self, path: &str) -> (u16, String) {
+        let mut s = TcpStream::connect(&self.admin).expect("connect to the admin endpoint");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        let status = resp
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("no status in {resp:?}"));
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    /// The value of the unlabelled (or fully labelled) sample `name` in `/metrics`.
+    fn metric(&self, name: &str) -> u64 {
+        let (status, body) = self.get("/metrics");
+        assert_eq!(status, 200);
+        sample(&body, name).unwrap_or_else(|| panic!("no sample {name} in:\n{body}"))
+    }
+
+    /// Waits until `metric(name) == want` (at most 30 s).
+    fn wait_metric(&self, name: &str, want: u64) {
+        let mut last = u64::MAX;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            last = self.metric(name);
+            if last == want {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("{name} is {last}, expected {want}");
+    }
+}
+
+/// The value of sample `name` (the text before the value, labels included) in a Prometheus
+/// text body.
+fn sample(body: &str, name: &str) -> Option<u64> {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// Produces frames to the deliver topic, as an edge does.
@@ -207,6 +294,8 @@ impl Sender {
 /// Reads an edge inbox.
 struct Edge {
     consumer: BaseConsumer,
+    /// Frames read by [`Edge::until`] that did not match yet, in arrival order.
+    seen: RefCell<Vec<BusFrame>>,
 }
 
 impl Edge {
@@ -224,19 +313,51 @@ impl Edge {
         out
     }
 
-    /// The first drain chunk for connection `conn` (other frames skipped).
-    fn chunk(&self, conn: u64) -> DrainChunk {
+    /// The first frame, among the ones not matched yet and then the new ones, that `pick`
+    /// accepts (at most 30 s); returns it with the unmatched frames that arrived before it.
+    /// Frames it does not accept stay for later calls.
+    fn until<T>(
+        &self,
+        what: &str,
+        mut pick: impl FnMut(&BusFrame) -> Option<T>,
+    ) -> (T, Vec<BusFrame>) {
+        let mut seen = self.seen.borrow_mut();
+        if let Some((i, t)) = seen
+            .iter()
+            .enumerate()
+            .find_map(|(i, f)| Some((i, pick(f)?)))
+        {
+            seen.remove(i);
+            return (t, seen[..i].to_vec());
+        }
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             for f in self.frames(1, Duration::from_millis(200)) {
-                if let BusFrame::DrainChunk(c) = f {
-                    if c.conn == conn {
-                        return c;
-                    }
+                if let Some(t) = pick(&f) {
+                    return (t, seen.clone());
                 }
+                seen.push(f);
             }
         }
-        panic!("no drain chunk for conn {conn} within 30 s");
+        panic!("no {what} within 30 s; frames seen: {seen:?}");
+    }
+
+    /// The first drain chunk for connection `conn` (other frames skipped).
+    fn chunk(&self, conn: u64) -> DrainChunk {
+        self.until(&format!("drain chunk for conn {conn}"), |f| match f {
+            BusFrame::DrainChunk(c) if c.conn == conn => Some(c.clone()),
+            _ => None,
+        })
+        .0
+    }
+
+    /// The first prekey bundle for connection `conn` (other frames skipped).
+    fn bundle(&self, conn: u64) -> PrekeyBundle {
+        self.until(&format!("prekey bundle for conn {conn}"), |f| match f {
+            BusFrame::PrekeyBundle(b) if b.conn == conn => Some(b.clone()),
+            _ => None,
+        })
+        .0
     }
 }
 
@@ -250,19 +371,41 @@ fn msg(id: u64, to: &[u8]) -> Deliver {
     }
 }
 
-fn drain(user: &[u8], node: u32, conn: u64, limit: u32) -> BusFrame {
+fn drain_after(user: &[u8], node: u32, conn: u64, after: u64, limit: u32) -> BusFrame {
     BusFrame::DrainRequest(DrainRequest {
         user: user.to_vec(),
         node,
         shard: 1,
         conn,
-        after: 0,
+        after,
         limit,
     })
 }
 
+fn drain(user: &[u8], node: u32, conn: u64, limit: u32) -> BusFrame {
+    drain_after(user, node, conn, 0, limit)
+}
+
+fn relay(to: &[u8], kind: RelayKind, frame: &[u8]) -> Relay {
+    Relay {
+        recipient: to.to_vec(),
+        kind,
+        frame: frame.to_vec(),
+    }
+}
+
 fn ids(chunk: &DrainChunk) -> Vec<u64> {
     chunk.messages.iter().map(|m| m.id).collect()
+}
+
+fn delivers(frames: &[BusFrame]) -> Vec<Deliver> {
+    frames
+        .iter()
+        .filter_map(|f| match f {
+            BusFrame::Deliver(d) => Some(d.clone()),
+            _ => None,
+        })
+        .collect()
 }
 
 #[test]
@@ -278,14 +421,9 @@ fn deliver_to_online_user_is_routed_to_its_edge_and_sigterm_exits_0() {
     }
     tx.flush();
     let got = edge.frames(5, Duration::from_secs(30));
-    let got: Vec<Deliver> = got
-        .into_iter()
-        .filter_map(|f| match f {
-            BusFrame::Deliver(d) => Some(d),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(got, sent, "routed delivers, in order and equal");
+    assert_eq!(delivers(&got), sent, "routed delivers, in order and equal");
+    core.wait_metric("iris_core_routed_total", 5);
+    assert_eq!(core.metric("iris_core_hinted_routes_total"), 0);
     assert!(core.terminate().success(), "exit 0 on SIGTERM");
 }
 
@@ -311,7 +449,7 @@ fn offline_message_is_kept_and_drained_in_order() {
     let part = edge.chunk(2);
     assert_eq!(ids(&part), (1..=40).collect::<Vec<_>>());
     assert!(part.more);
-    // Nothing was routed: carol has no session.
+    // Nothing was routed: carol has no session, and her delivers came before her login hint.
     let rest = edge.frames(1, Duration::from_millis(500));
     assert!(
         rest.iter().all(|f| !matches!(f, BusFrame::Deliver(_))),
@@ -374,28 +512,374 @@ fn kill_9_loses_nothing_stored() {
 }
 
 #[test]
+fn restart_resumes_after_the_committed_offsets() {
+    let env = Env::start();
+    let edge = env.edge(5);
+    let core = env.core();
+    let tx = env.producer();
+    for i in 1..=20 {
+        tx.frame(&BusFrame::Deliver(msg(i, b"erin")));
+    }
+    tx.frame(&drain(b"erin", 5, 1, 1000));
+    tx.flush();
+    assert_eq!(ids(&edge.chunk(1)), (1..=20).collect::<Vec<_>>());
+    core.wait_metric("iris_core_records_total", 21);
+    assert!(core.terminate().success());
+    // The restarted member starts at the committed offsets of its partitions: it consumes
+    // only the new request, and still answers from what the first run stored.
+    let core = env.core();
+    tx.frame(&drain(b"erin", 5, 2, 1000));
+    tx.flush();
+    assert_eq!(ids(&edge.chunk(2)), (1..=20).collect::<Vec<_>>());
+    core.wait_metric("iris_core_records_total", 1);
+    assert_eq!(core.metric("iris_core_delivers_total"), 0);
+}
+
+#[test]
 fn corrupted_records_are_skipped() {
     let env = Env::start();
     let edge = env.edge(6);
     env.online(b"frank", 6);
-    let _core = env.core();
+    let core = env.core();
     let tx = env.producer();
-    tx.raw(b"frank", b"\x01garbage that is no archive");
+    tx.raw(b"frank", b"\x02garbage that is no archive");
     tx.raw(b"frank", b"\x63unknown version");
     tx.raw(b"frank", b"");
     let good = msg(1, b"frank");
     tx.frame(&BusFrame::Deliver(good.clone()));
     tx.frame(&drain(b"frank", 6, 9, 10));
     tx.flush();
-    let chunk = edge.chunk(9);
+    let (chunk, before) = edge.until("drain chunk for conn 9", |f| match f {
+        BusFrame::DrainChunk(c) if c.conn == 9 => Some(c.clone()),
+        _ => None,
+    });
     assert_eq!(ids(&chunk), vec![1]);
-    // The deliver was routed too (frank is online): read the inbox again from the start.
-    let mut routed = Vec::new();
-    let edge2 = env.edge(6);
-    for f in edge2.frames(2, Duration::from_secs(10)) {
-        if let BusFrame::Deliver(d) = f {
-            routed.push(d);
+    // The deliver was routed too (frank is online), in the same window's outputs, before the
+    // chunk.
+    assert_eq!(delivers(&before), vec![good]);
+    let frames = |outcome: &str| {
+        core.metric(&format!(
+            "iris_core_bus_frames_total{{outcome=\"{outcome}\"}}"
+        ))
+    };
+    assert_eq!(frames("ok"), 2);
+    assert_eq!(frames("invalid"), 2);
+    assert_eq!(frames("unknown_version"), 1);
+    assert_eq!(core.metric("iris_core_records_total"), 5);
+}
+
+#[test]
+fn relay_is_routed_to_the_online_edge_and_dropped_offline() {
+    let env = Env::start();
+    let edge = env.edge(7);
+    env.online(b"bob", 7);
+    let core = env.core();
+    let tx = env.producer();
+    let typing = relay(b"bob", RelayKind::TypingStart, b"\x72\x00\x05alice");
+    let receipt = relay(
+        b"bob",
+        RelayKind::ReadReceipt,
+        b"\x75\x00\x05alice0000000000000001",
+    );
+    tx.frame(&BusFrame::Relay(relay(
+        b"nobody",
+        RelayKind::TypingStop,
+        b"\x72\x00\x01x",
+    )));
+    tx.frame(&BusFrame::Relay(typing.clone()));
+    tx.frame(&BusFrame::Relay(receipt.clone()));
+    tx.frame(&drain_after(b"bob", 7, 3, 0, 10));
+    tx.flush();
+    let (chunk, before) = edge.until("drain chunk for conn 3", |f| match f {
+        BusFrame::DrainChunk(c) if c.conn == 3 => Some(c.clone()),
+        _ => None,
+    });
+    let relays: Vec<Relay> = before
+        .into_iter()
+        .filter_map(|f| match f {
+            BusFrame::Relay(r) => Some(r),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        relays,
+        vec![typing, receipt],
+        "routed in order, bytes unchanged"
+    );
+    assert!(
+        chunk.messages.is_empty(),
+        "relays are never stored: {chunk:?}"
+    );
+    core.wait_metric("iris_core_relays_total", 3);
+    assert_eq!(core.metric("iris_core_relays_routed_total"), 2);
+    assert_eq!(core.metric("iris_core_relays_dropped_total"), 1);
+    assert_eq!(core.metric("iris_core_delivers_total"), 0);
+    let store_dir = env.data_dir();
+    assert!(core.terminate().success());
+    let store = MessageStore::open(store_dir).unwrap();
+    assert_eq!(store.count(b"bob").unwrap(), 0);
+    assert_eq!(store.count(b"nobody").unwrap(), 0);
+}
+
+#[test]
+fn prekey_put_then_fetch_answers_the_bundle_and_unknown_user_none() {
+    let env = Env::start();
+    let edge = env.edge(3);
+    let core = env.core();
+    let tx = env.producer();
+    let put = |bundle: &[u8]| {
+        BusFrame::PrekeyPut(PrekeyPut {
+            user: b"alice".to_vec(),
+            bundle: bundle.to_vec(),
+        })
+    };
+    let fetch = |user: &[u8], conn: u64| {
+        BusFrame::PrekeyFetch(PrekeyFetch {
+            user: user.to_vec(),
+            node: 3,
+            shard: 2,
+            conn,
+        })
+    };
+    // Back to back: each fetch sees the put consumed before it, even in the same window.
+    tx.frame(&put(b"\xa1\x01\x02"));
+    tx.frame(&fetch(b"alice", 11));
+    tx.frame(&fetch(b"zed", 12));
+    tx.frame(&put(b"\xa1\x01\x03"));
+    tx.frame(&fetch(b"alice", 13));
+    tx.flush();
+    let first = edge.bundle(11);
+    assert_eq!(
+        first,
+        PrekeyBundle {
+            user: b"alice".to_vec(),
+            node: 3,
+            shard: 2,
+            conn: 11,
+            bundle: Some(b"\xa1\x01\x02".to_vec()),
+        }
+    );
+    let unknown = edge.bundle(12);
+    assert_eq!(unknown.user, b"zed");
+    assert_eq!(unknown.bundle, None);
+    assert_eq!(edge.bundle(13).bundle, Some(b"\xa1\x01\x03".to_vec()));
+    core.wait_metric("iris_core_prekey_fetches_total", 3);
+    assert_eq!(core.metric("iris_core_prekey_puts_total"), 2);
+    // Durable: a restarted member answers with the latest bundle.
+    assert!(core.terminate().success());
+    let _core = env.core();
+    tx.frame(&fetch(b"alice", 14));
+    tx.flush();
+    assert_eq!(edge.bundle(14).bundle, Some(b"\xa1\x01\x03".to_vec()));
+}
+
+#[test]
+fn login_hint_routes_delivers_and_relays_before_the_session_exists() {
+    let env = Env::start();
+    let edge5 = env.edge(5);
+    let edge6 = env.edge(6);
+    let edge7 = env.edge(7);
+    let core = env.core();
+    let tx = env.producer();
+    // hank: no session in Redis; his login on node 5 has sent its first drain request.
+    tx.frame(&drain(b"hank", 5, 1, 100));
+    let live = msg(1, b"hank");
+    tx.frame(&BusFrame::Deliver(live.clone()));
+    let typing = relay(b"hank", RelayKind::TypingStart, b"\x72\x00\x05alice");
+    tx.frame(&BusFrame::Relay(typing.clone()));
+    // ivan: only a follow-up drain request (after != 0) from node 6: no hint.
+    tx.frame(&drain_after(b"ivan", 6, 2, 7, 100));
+    tx.frame(&BusFrame::Deliver(msg(2, b"ivan")));
+    // gina: session on node 7 and a hint for node 5: both get the deliver, once each.
+    env.online(b"gina", 7);
+    tx.frame(&drain(b"gina", 5, 3, 100));
+    let both = msg(3, b"gina");
+    tx.frame(&BusFrame::Deliver(both.clone()));
+    // kim: session and hint on the same node 7: one copy.
+    env.online(b"kim", 7);
+    tx.frame(&drain(b"kim", 7, 4, 100));
+    let once = msg(4, b"kim");
+    tx.frame(&BusFrame::Deliver(once.clone()));
+    tx.flush();
+
+    core.wait_metric("iris_core_records_total", 9);
+    core.wait_metric("iris_core_routed_total", 4);
+    assert_eq!(core.metric("iris_core_relays_routed_total"), 1);
+    assert_eq!(core.metric("iris_core_offline_total"), 1, "ivan's deliver");
+    // hank's deliver and relay, and gina's copy for node 5.
+    assert_eq!(core.metric("iris_core_hinted_routes_total"), 3);
+    assert_eq!(core.metric("iris_core_login_hints"), 3);
+
+    let mut on5 = edge5.frames(5, Duration::from_secs(30));
+    on5.extend(edge5.frames(1, Duration::from_millis(500)));
+    assert_eq!(on5.len(), 5, "two chunks, two delivers, one relay: {on5:?}");
+    let hank_chunk = on5
+        .iter()
+        .position(|f| matches!(f, BusFrame::DrainChunk(c) if c.conn == 1 && c.messages.is_empty()))
+        .expect("hank's chunk");
+    let hank_live = on5
+        .iter()
+        .position(|f| f == &BusFrame::Deliver(live.clone()))
+        .expect("hank's deliver");
+    assert!(
+        hank_chunk < hank_live,
+        "drain answer before the live deliver: {on5:?}"
+    );
+    assert!(on5.contains(&BusFrame::Relay(typing)), "{on5:?}");
+    let mut got = delivers(&on5);
+    got.sort_by_key(|d| d.id);
+    assert_eq!(got, vec![live, both.clone()]);
+
+    let mut on6 = edge6.frames(1, Duration::from_secs(30));
+    on6.extend(edge6.frames(1, Duration::from_millis(500)));
+    assert_eq!(on6.len(), 1, "only ivan's chunk: {on6:?}");
+    assert!(matches!(&on6[0], BusFrame::DrainChunk(c) if c.conn == 2));
+
+    let mut on7 = edge7.frames(3, Duration::from_secs(30));
+    on7.extend(edge7.frames(1, Duration::from_millis(500)));
+    let mut got = delivers(&on7);
+    got.sort_by_key(|d| d.id);
+    assert_eq!(got, vec![both, once], "{on7:?}");
+    assert_eq!(on7.len(), 3, "two delivers and kim's chunk: {on7:?}");
+}
+
+#[test]
+fn two_members_each_handle_only_their_partitions() {
+    // Users on each of the 4 partitions: bob 0, erin 1, carol 2, alice 3.
+    let users: [&[u8]; 4] = [b"bob", b"erin", b"carol", b"alice"];
+    for (p, u) in users.iter().enumerate() {
+        assert_eq!(partition_of(u, PARTITIONS), p as u32);
+    }
+    let env = Env::start();
+    let edge = env.edge(8);
+    let dirs = [env.dir.path().join("m0"), env.dir.path().join("m1")];
+    let m0 = env.member(0, 2, &dirs[0]);
+    let m1 = env.member(1, 2, &dirs[1]);
+    let tx = env.producer();
+    for (p, u) in users.iter().enumerate() {
+        for i in 1..=3 {
+            tx.frame(&BusFrame::Deliver(msg(10 * p as u64 + i, u)));
+        }
+        tx.frame(&drain(u, 8, p as u64, 100));
+    }
+    tx.flush();
+    for (p, u) in users.iter().enumerate() {
+        let c = edge.chunk(p as u64);
+        assert_eq!(c.user, *u);
+        assert_eq!(
+            ids(&c),
+            (1..=3).map(|i| 10 * p as u64 + i).collect::<Vec<_>>()
+        );
+    }
+    for m in [&m0, &m1] {
+        m.wait_metric("iris_core_records_total", 8);
+        assert_eq!(m.metric("iris_core_delivers_total"), 6);
+        assert_eq!(m.metric("iris_core_drains_total"), 2);
+        assert_eq!(m.metric("iris_core_assigned_partitions"), 2);
+        assert_eq!(m.metric("iris_core_partitions"), 4);
+    }
+    assert!(m0.terminate().success());
+    assert!(m1.terminate().success());
+    for (m, dir) in dirs.iter().enumerate() {
+        let store = MessageStore::open(dir).unwrap();
+        for (p, u) in users.iter().enumerate() {
+            let want = if p % 2 == m { 3 } else { 0 };
+            assert_eq!(
+                store.count(u).unwrap(),
+                want,
+                "member {m} store, user {} (partition {p})",
+                String::from_utf8_lossy(u)
+            );
         }
     }
-    assert_eq!(routed, vec![good]);
+}
+
+#[test]
+fn admin_serves_metrics_and_health() {
+    let env = Env::start();
+    let core = env.core();
+    assert_eq!(core.get("/health"), (200, "ok\n".to_owned()));
+    assert_eq!(core.get("/nope").0, 404);
+    let tx = env.producer();
+    tx.frame(&BusFrame::Deliver(msg(1, b"mia")));
+    tx.flush();
+    core.wait_metric("iris_core_delivers_total", 1);
+    let (status, body) = core.get("/metrics");
+    assert_eq!(status, 200);
+    for name in [
+        "records",
+        "delivers",
+        "acks",
+        "cancelled",
+        "drains",
+        "relays",
+        "prekey_puts",
+        "prekey_fetches",
+        "presence",
+        "ignored",
+        "rejected",
+        "routed",
+        "offline",
+        "relays_routed",
+        "relays_dropped",
+        "hinted_routes",
+        "hints_dropped",
+        "commits",
+        "session_errors",
+    ] {
+        let metric = format!("iris_core_{name}_total");
+        assert!(
+            sample(&body, &metric).is_some(),
+            "{metric} missing:\n{body}"
+        );
+        assert!(
+            body.contains(&format!("# TYPE {metric} counter\n")),
+            "{metric} has no TYPE line"
+        );
+    }
+    assert_eq!(sample(&body, "iris_core_offline_total"), Some(1));
+    assert!(sample(&body, "iris_core_commits_total").unwrap() >= 1);
+    assert_eq!(
+        sample(&body, "iris_core_bus_frames_total{outcome=\"ok\"}"),
+        Some(1)
+    );
+    for name in [
+        "iris_core_login_hints",
+        "iris_core_partitions",
+        "iris_core_assigned_partitions",
+        "iris_core_store_corrupt_skipped_total",
+        "iris_core_producer_frames_in_total",
+        "iris_core_producer_produced_ok_total",
+        "iris_core_producer_in_flight",
+    ] {
+        assert!(sample(&body, name).is_some(), "{name} missing:\n{body}");
+    }
+    assert!(core.terminate().success());
+}
+
+#[test]
+fn invalid_member_flags_are_refused() {
+    for (member, members, why) in [("2", "2", "below --members"), ("0", "0", "at least 1")] {
+        let out = Command::new(env!("CARGO_BIN_EXE_iris-core"))
+            .args([
+                "--brokers",
+                "127.0.0.1:1",
+                "--redis",
+                "redis://127.0.0.1:1/",
+            ])
+            .args([
+                "--region",
+                REGION,
+                "--data-dir",
+                "/nonexistent/iris-core-test",
+            ])
+            .args(["--member", member, "--members", members])
+            .env("RUST_LOG", "off")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "member {member}/{members} accepted");
+        assert!(out.stdout.is_empty(), "no ready line");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(why), "stderr {err:?} lacks {why:?}");
+    }
 }

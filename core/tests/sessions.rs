@@ -600,3 +600,243 @@ fn conditional_offline_after_redis_restart() {
     assert!(m.snapshot().reconnects >= 1, "{:?}", m.snapshot());
     writer.shutdown().unwrap();
 }
+
+/// Queues `op`, retrying while the queue is full (the writer drains it).
+fn send(sink: &iris_core::sessions::SessionSink, mut op: SessionOp) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while let Err(back) = sink.try_send(op) {
+        assert!(Instant::now() < deadline, "queue stayed full");
+        op = back;
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The users that are not exactly `want` (with `None` for no record), in one pipelined lookup.
+fn mismatches(
+    reader: &SessionReader,
+    want: &[(Vec<u8>, Option<SessionRecord>)],
+) -> Vec<(String, Option<SessionRecord>)> {
+    let users: Vec<&[u8]> = want.iter().map(|(u, _)| u.as_slice()).collect();
+    let Ok(got) = reader.get_many(&users) else {
+        return vec![("<redis unreachable>".to_owned(), None)];
+    };
+    want.iter()
+        .zip(got)
+        .filter(|((_, w), g)| w != g)
+        .map(|((u, _), g)| (String::from_utf8_lossy(u).into_owned(), g))
+        .collect()
+}
+
+fn online_record(node: &str, shard: u16, region: &str) -> Option<SessionRecord> {
+    Some(SessionRecord {
+        node: node.to_owned(),
+        shard,
+        region: region.to_owned(),
+        last_seen: 0,
+        online: true,
+    })
+}
+
+fn dbsize(c: &mut redis::Connection) -> u64 {
+    redis::cmd("DBSIZE").query(c).unwrap()
+}
+
+#[test]
+fn resyncs_online_sessions_after_redis_restarts_empty() {
+    const N: u16 = 5_000;
+    let mut srv = RedisServer::start();
+    let c = SessionConfig {
+        // Many bounded pipelines (over several loop turns) for the resync; no refresh sweep
+        // during the test.
+        max_batch: 128,
+        refresh_interval_secs: 3600,
+        // A loaded test machine must not turn a slow round trip into a reconnect (which
+        // starts the resync over).
+        io_timeout_ms: 5000,
+        ..cfg(srv.url())
+    };
+    let (writer, sinks) = SessionWriter::start(c, 2).unwrap();
+    let m = writer.metrics().clone();
+    let mut want = Vec::new();
+    for u in 0..N {
+        let user = format!("u{u}").into_bytes();
+        // A few users at another location (one writer normally serves one node and region).
+        let (node, region) = if u % 1000 == 0 {
+            ("edge-x", "us-east")
+        } else {
+            ("edge-r", "eu-west")
+        };
+        let shard = u % 16;
+        send(
+            &sinks[usize::from(u % 2)],
+            SessionOp::Online {
+                user: user.clone(),
+                node: node.to_owned(),
+                shard,
+                region: region.to_owned(),
+            },
+        );
+        want.push((user, online_record(node, shard, region)));
+    }
+    // A user who moved shard: the latest location is the one restored. (One queue: the order
+    // between two producers' queues is not defined.)
+    send(&sinks[0], online(b"mover", "edge-r", 1));
+    send(&sinks[0], online(b"mover", "edge-r", 2));
+    want.push((b"mover".to_vec(), online_record("edge-r", 2, "eu-west")));
+    // A user who logged out before the restart: not resurrected.
+    send(&sinks[0], online(b"gone", "edge-r", 3));
+    let total = u64::from(N) + 3;
+    assert!(wait_until(10, || m.snapshot().ops_in == total
+        && m.snapshot().pending_users == 0));
+    send(&sinks[0], offline(b"gone", "edge-r", 1_700_000_000));
+    assert!(wait_until(10, || m.snapshot().ops_in == total + 1
+        && m.snapshot().pending_users == 0));
+    let mut conn = srv.conn();
+    assert_eq!(dbsize(&mut conn), u64::from(N) + 2);
+    let before = m.snapshot();
+    assert_eq!((before.reconnects, before.resynced), (0, 0), "{before:?}");
+
+    // All data gone; no op comes: the writer must notice on its own and rewrite everyone.
+    srv.restart();
+    assert!(
+        wait_until(8, || m.snapshot().resynced > u64::from(N)),
+        "not resynced: {:?}",
+        m.snapshot()
+    );
+    let reader = SessionReader::new(&cfg(srv.url())).unwrap();
+    let mut left = Vec::new();
+    let back = wait_until(2, || {
+        left = mismatches(&reader, &want);
+        left.is_empty()
+    });
+    assert!(
+        back,
+        "{} users not restored, e.g. {:?}; {:?}",
+        left.len(),
+        left.first(),
+        m.snapshot()
+    );
+    assert_eq!(
+        reader.get(b"gone").unwrap(),
+        None,
+        "offline user resurrected"
+    );
+    let mut conn = srv.conn();
+    assert_eq!(dbsize(&mut conn), u64::from(N) + 1);
+    for u in [&b"u0"[..], b"u4999", b"mover"] {
+        assert!(ttl(&mut conn, u) > 86_000, "{u:?}");
+    }
+    let s = m.snapshot();
+    assert!(s.reconnects >= 1, "{s:?}");
+    assert!(s.resynced > u64::from(N), "{s:?}");
+    assert_eq!(
+        s.writes, before.writes,
+        "a resync is not an op's write: {s:?}"
+    );
+    assert_eq!(s.pending_users, 0);
+    writer.shutdown().unwrap();
+}
+
+#[test]
+fn resync_after_restart_yields_to_ops_sent_while_down() {
+    let mut srv = RedisServer::start();
+    let c = SessionConfig {
+        io_timeout_ms: 5000,
+        ..cfg(srv.url())
+    };
+    let (writer, sinks) = SessionWriter::start(c, 1).unwrap();
+    let m = writer.metrics().clone();
+    for (u, shard) in [(&b"stays"[..], 1u16), (b"leaves", 2), (b"moves", 3)] {
+        send(&sinks[0], online(u, "edge-r", shard));
+    }
+    assert!(wait_until(3, || m.snapshot().writes >= 3
+        && m.snapshot().pending_users == 0));
+
+    srv.kill();
+    // While Redis is down: one user logs out, one moves shard, one logs in.
+    send(&sinks[0], offline(b"leaves", "edge-r", 1_700_000_600));
+    send(&sinks[0], online(b"moves", "edge-r", 7));
+    send(&sinks[0], online(b"joins", "edge-r", 8));
+    assert!(wait_until(3, || m.snapshot().pending_users == 3));
+
+    // Back empty: the pending ops win over the resync of what was written before.
+    srv.restart();
+    let reader = SessionReader::new(&cfg(srv.url())).unwrap();
+    let want = vec![
+        (b"stays".to_vec(), online_record("edge-r", 1, "eu-west")),
+        (b"moves".to_vec(), online_record("edge-r", 7, "eu-west")),
+        (b"joins".to_vec(), online_record("edge-r", 8, "eu-west")),
+        // The conditional offline found no record: offline, without a location.
+        (
+            b"leaves".to_vec(),
+            Some(SessionRecord {
+                node: String::new(),
+                shard: 0,
+                region: String::new(),
+                last_seen: 1_700_000_600,
+                online: false,
+            }),
+        ),
+    ];
+    let mut left = Vec::new();
+    let ok = wait_until(5, || {
+        left = mismatches(&reader, &want);
+        left.is_empty() && m.snapshot().pending_users == 0 && m.snapshot().resynced >= 1
+    });
+    assert!(ok, "{left:?}; {:?}", m.snapshot());
+    // Stable: nothing rewrites them afterwards.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(mismatches(&reader, &want), Vec::new());
+    assert!(m.snapshot().reconnects >= 1);
+    writer.shutdown().unwrap();
+}
+
+#[test]
+fn refresh_rewrites_session_deleted_behind_the_writer() {
+    let srv = RedisServer::start();
+    let c = SessionConfig {
+        refresh_interval_secs: 1,
+        ..cfg(srv.url())
+    };
+    let (writer, sinks) = SessionWriter::start(c, 1).unwrap();
+    let m = writer.metrics().clone();
+    send(&sinks[0], online(b"kept", "edge-d", 1));
+    send(&sinks[0], online(b"deleted", "edge-d", 4));
+    send(&sinks[0], online(b"off", "edge-d", 2));
+    assert!(wait_until(3, || m.snapshot().ops_in == 3
+        && m.snapshot().pending_users == 0));
+    // Written after its online (not folded into it): the writer must forget the user.
+    send(&sinks[0], offline(b"off", "edge-d", 1_700_000_700));
+    assert!(wait_until(3, || m.snapshot().ops_in == 4
+        && m.snapshot().pending_users == 0));
+    let mut conn = srv.conn();
+    let deleted: u64 = redis::cmd("DEL")
+        .arg(session_key(b"deleted"))
+        .arg(session_key(b"off"))
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(deleted, 2);
+    let refreshes = m.snapshot().refreshes;
+
+    let reader = SessionReader::new(&cfg(srv.url())).unwrap();
+    let want = vec![
+        (b"kept".to_vec(), online_record("edge-d", 1, "eu-west")),
+        (b"deleted".to_vec(), online_record("edge-d", 4, "eu-west")),
+        // Offline: not the writer's to restore.
+        (b"off".to_vec(), None),
+    ];
+    let mut left = Vec::new();
+    let ok = wait_until(5, || {
+        left = mismatches(&reader, &want);
+        left.is_empty()
+    });
+    assert!(ok, "{left:?}; {:?}", m.snapshot());
+    assert!(ttl(&mut conn, b"deleted") > 86_000);
+    // Another sweep later, still only the online users exist.
+    assert!(wait_until(3, || m.snapshot().refreshes >= refreshes + 4));
+    assert_eq!(mismatches(&reader, &want), Vec::new());
+    let s = m.snapshot();
+    assert_eq!(s.resynced, 1, "only the missing key is rewritten: {s:?}");
+    assert_eq!((s.reconnects, s.errors), (0, 0), "{s:?}");
+    writer.shutdown().unwrap();
+}

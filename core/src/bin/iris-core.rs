@@ -1,11 +1,19 @@
 //! `iris-core`: the core node of a regional cluster (see `iris_core::service`).
 //!
-//! `iris-core --brokers H:P --redis redis://H:P --region R --data-dir DIR [--partitions N]
-//! [--group iris-core-R] [--commit-window-ms 2] [--session-timeout-ms 6000]`, or the same keys in a TOML file given with
-//! `--config FILE` (flags win over the file). Prints `iris-core serving region=R partitions=N`
-//! on stdout once subscribed, and exits 0 on SIGTERM or SIGINT after a durable commit of what
-//! it consumed. Logs go to stderr (`RUST_LOG`, default `info`).
+//! `iris-core --brokers H:P --redis redis://H:P --region R --data-dir DIR [--partitions 16]
+//! [--group iris-core-R] [--commit-window-ms 2] [--member 0 --members 1] [--admin ADDR]`, or the
+//! same keys in a TOML file given with `--config FILE` (flags win over the file). Member `I` of
+//! `N` consumes the deliver partitions `p` with `p % N == I`; each member keeps its own
+//! `--data-dir` and must be restarted on it (a killed member's partitions wait for it).
+//!
+//! Once its partitions are assigned it prints exactly one line on stdout and flushes it:
+//! `iris-core ready region=R member=I/N partitions=P assigned=a,b,c` (followed by
+//! ` admin=ADDR`, the bound address, when `--admin` is given). It exits 0 on SIGTERM or SIGINT
+//! after a durable commit of what it consumed; 2 on invalid flags (clap) and 1 on any other
+//! startup or run error. Logs go to stderr (`RUST_LOG`, default `info`).
 
+use std::io::Write;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -23,7 +31,7 @@ use serde::Deserialize;
 )]
 struct Args {
     /// TOML file with any of the keys below (brokers, redis, region, data_dir, partitions,
-    /// group, commit_window_ms, session_timeout_ms); flags override it.
+    /// group, commit_window_ms, member, members, admin); flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Kafka bootstrap servers, host:port[,host:port].
@@ -35,21 +43,30 @@ struct Args {
     /// Region name ([a-z0-9-], not "global").
     #[arg(long)]
     region: Option<String>,
-    /// Directory of the message store.
+    /// Directory of the message store (this member's own).
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Partitions of the deliver and presence topics when created here [default: 16].
+    /// Partitions of the deliver and presence topics when created here; an existing topic
+    /// keeps its count [default: 16].
     #[arg(long)]
     partitions: Option<u32>,
-    /// Consumer group [default: iris-core-{region}].
+    /// Consumer group that stores the committed offsets [default: iris-core-{region}].
     #[arg(long)]
     group: Option<String>,
     /// Group commit window in milliseconds [default: 2].
     #[arg(long)]
     commit_window_ms: Option<u64>,
-    /// Kafka group session timeout in milliseconds: failover time of a killed core [default: 6000].
+    /// This process's index among the members: it consumes the deliver partitions p with
+    /// p % members == member [default: 0].
     #[arg(long)]
-    session_timeout_ms: Option<u64>,
+    member: Option<u32>,
+    /// How many iris-core processes share the region's deliver partitions [default: 1].
+    #[arg(long)]
+    members: Option<u32>,
+    /// Admin endpoint address (GET /metrics, GET /health), e.g. 127.0.0.1:9101; port 0 picks
+    /// a free port [default: none].
+    #[arg(long)]
+    admin: Option<SocketAddr>,
 }
 
 /// The TOML file; every key optional.
@@ -63,7 +80,9 @@ struct FileConfig {
     partitions: Option<u32>,
     group: Option<String>,
     commit_window_ms: Option<u64>,
-    session_timeout_ms: Option<u64>,
+    member: Option<u32>,
+    members: Option<u32>,
+    admin: Option<SocketAddr>,
 }
 
 fn config(args: Args) -> anyhow::Result<ServiceConfig> {
@@ -104,9 +123,19 @@ fn config(args: Args) -> anyhow::Result<ServiceConfig> {
     if let Some(ms) = args.commit_window_ms.or(file.commit_window_ms) {
         cfg.commit_window = Duration::from_millis(ms);
     }
-    if let Some(ms) = args.session_timeout_ms.or(file.session_timeout_ms) {
-        cfg.session_timeout = Duration::from_millis(ms);
+    cfg.member = args.member.or(file.member).unwrap_or(0);
+    cfg.members = args.members.or(file.members).unwrap_or(1);
+    if cfg.members == 0 {
+        bail!("--members must be at least 1");
     }
+    if cfg.member >= cfg.members {
+        bail!(
+            "--member {} out of range: it must be below --members {}",
+            cfg.member,
+            cfg.members
+        );
+    }
+    cfg.admin = args.admin.or(file.admin);
     Ok(cfg)
 }
 
@@ -122,9 +151,12 @@ fn main() -> anyhow::Result<()> {
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, Arc::clone(&stop)).context("installing signal handler")?;
     }
-    let (region, partitions) = (cfg.region.clone(), cfg.partitions);
     let service = CoreService::start(cfg).context("starting iris-core")?;
-    println!("iris-core serving region={region} partitions={partitions}");
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{}", service.ready_line()).context("writing the ready line")?;
+        out.flush().context("flushing the ready line")?;
+    }
     service
         .run(&stop)
         .context("iris-core stopped on an error")?;
