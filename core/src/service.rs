@@ -412,6 +412,9 @@ impl CoreService {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "false")
+            // tansu answers a waiting fetch only at this deadline (librdkafka's default is
+            // 500 ms): keep it short so a frame waits at most this long in the broker.
+            .set("fetch.wait.max.ms", kafka.fetch_wait_max_ms.to_string())
             .set("log_level", "3")
             .create()?;
         let partitions = topic_partitions(&consumer, &deliver_topic)?;
