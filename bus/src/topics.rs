@@ -2,12 +2,12 @@
 //!
 //! Topic names (documented with what each carries in `docs/BUS.md`):
 //!
-//! | topic                        | carries                                  | partitioned by  |
-//! |------------------------------|------------------------------------------|-----------------|
-//! | `iris.{region}.deliver`      | deliver, ack, drain request → core       | user shard      |
-//! | `iris.{region}.edge.{node}`  | deliver, drain chunk, relay → one edge    | user shard      |
-//! | `iris.{region}.presence`     | presence → every edge                    | user shard      |
-//! | `iris.global.route.{region}` | route (another region's frames) inbound  | user shard      |
+//! | topic                        | carries                                            | partitioned by |
+//! |------------------------------|----------------------------------------------------|----------------|
+//! | `iris.{region}.deliver`      | deliver, ack, drain request, relay, prekey put and fetch → core | user shard |
+//! | `iris.{region}.edge.{node}`  | deliver, drain chunk, relay, prekey bundle → one edge | one partition (0) |
+//! | `iris.{region}.presence`     | presence, edge reset → every edge                  | user shard     |
+//! | `iris.global.route.{region}` | route (another region's frames) inbound            | user shard     |
 //!
 //! "User shard" is [`partition_of`]: [`user_hash`] (64-bit FNV-1a of the user id bytes, the same
 //! function as `iris_edge::shard::owner_of`) modulo the topic's partition count. The bus chooses

@@ -15,8 +15,10 @@
 //!   by non-blocking per-shard sinks, and a blocking reader for the core.
 //! - [`remote`]: the edge's cluster link: shard requests to Kafka frames and Redis sessions,
 //!   the edge inbox and presence topic back to the owning shards.
-//! - [`service`]: the cluster core (`iris-core` binary): consumes the region's deliver topic,
-//!   stores with group commit, routes to edge inboxes via Redis sessions, answers drains.
+//! - [`service`]: the cluster core (`iris-core` binary): consumes its statically owned
+//!   partitions of the region's deliver topic, stores with group commit, routes messages and
+//!   relays to edge inboxes via Redis sessions and login hints, answers drains and prekey
+//!   fetches.
 //! - [`error`]: [`CoreError`], classified by cause (environment, invalid input, internal).
 
 pub mod api;
