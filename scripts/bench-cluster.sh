@@ -59,7 +59,7 @@ cleanup() {
   for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
   KAFKA_DATA=$WORK/kafka scripts/kafka.sh stop >/dev/null 2>&1 || true
   REDIS_DATA=$WORK/redis REDIS_PORT=$REDIS_PORT scripts/redis.sh stop >/dev/null 2>&1 || true
-  rm -rf "$WORK"
+  if [ -n "${KEEP_WORK:-}" ]; then echo "logs kept in $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 

@@ -569,7 +569,13 @@ impl CoreService {
     fn consume(&mut self, stop: &AtomicBool) -> Result<(), CoreError> {
         while !stop.load(Ordering::Acquire) {
             let timeout = match self.window.started {
-                Some(t) => self.cfg.commit_window.saturating_sub(t.elapsed()),
+                // Whole milliseconds, at least one: rdkafka-rs hands librdkafka whole
+                // milliseconds and loops until its deadline, so a sub-millisecond rest would be
+                // spent spinning.
+                Some(t) => {
+                    let rest = self.cfg.commit_window.saturating_sub(t.elapsed());
+                    Duration::from_millis(rest.as_micros().div_ceil(1000).max(1) as u64)
+                }
                 None => Duration::from_millis(100),
             };
             match self.consumer.poll(timeout) {

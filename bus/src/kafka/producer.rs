@@ -454,7 +454,11 @@ impl Worker {
             } else {
                 Duration::from_millis(1)
             };
-            self.producer.poll(wait);
+            // One non-blocking pass over rdkafka's events (delivery reports). rdkafka-rs turns
+            // a poll timeout into whole milliseconds for librdkafka and loops until the
+            // deadline, so `poll(1 ms)` spins for the whole millisecond: the thread waits in
+            // `park_timeout` instead, where a push to a ring wakes it at once.
+            self.producer.poll(Duration::ZERO);
             let in_flight = self.producer.in_flight_count().max(0) as u64;
             if !progressed
                 && stop_at.is_none()
@@ -462,7 +466,12 @@ impl Worker {
                 && self.pending.is_empty()
                 && self.blocked_since.is_none()
             {
-                self.park_while_idle();
+                self.park_while_idle(IDLE_PARK);
+            } else if self.blocked_since.is_some() {
+                // rdkafka's queue is full: the rings wait anyway; a stop unparks.
+                thread::park_timeout(wait);
+            } else if !wait.is_zero() {
+                self.park_while_idle(wait);
             }
             self.shared.in_flight.store(in_flight, Ordering::Relaxed);
             self.shared
@@ -485,15 +494,16 @@ impl Worker {
         }
     }
 
-    /// Nothing to send and nothing in flight: sleep until a ring gets a frame (the pushing shard
-    /// unparks us), a stop, or 100 ms (client events are served then).
-    fn park_while_idle(&self) {
+    /// Nothing to move right now: sleep until a ring gets a frame (the pushing shard unparks
+    /// us), a stop, or `timeout` (then rdkafka's events are served: delivery reports while
+    /// frames are in flight, client events when idle).
+    fn park_while_idle(&self, timeout: Duration) {
         self.shared.sleeping.store(true, Ordering::SeqCst);
         let idle = self.rings.iter().all(|r| r.queue.is_empty())
             && self.shared.retry.lock().is_ok_and(|r| r.is_empty())
             && !self.shared.stop.load(Ordering::SeqCst);
         if idle {
-            thread::park_timeout(IDLE_PARK);
+            thread::park_timeout(timeout);
         }
         self.shared.sleeping.store(false, Ordering::SeqCst);
     }
