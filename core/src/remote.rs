@@ -589,55 +589,29 @@ impl Bridge {
             key,
             payload,
         };
-        if self.held.is_empty() {
-            if let Err(out) = self.ring.try_send(out) {
-                self.stats.ring_full.fetch_add(1, Ordering::Relaxed);
-                debug!("producer ring full, holding frames");
-                self.held.push_back(out);
-            }
-        } else {
-            self.held.push_back(out);
+        let ring = &self.ring;
+        if send_in_order(&mut self.held, out, |f| ring.try_send(f)) {
+            self.stats.ring_full.fetch_add(1, Ordering::Relaxed);
+            debug!("producer ring full, holding frames");
         }
     }
 
     /// Moves held frames to the producer ring, in order, while it has room.
     fn flush_held(&mut self) -> bool {
-        let mut moved = false;
-        while let Some(out) = self.held.pop_front() {
-            match self.ring.try_send(out) {
-                Ok(()) => moved = true,
-                Err(out) => {
-                    self.held.push_front(out);
-                    break;
-                }
-            }
-        }
-        moved
+        let ring = &self.ring;
+        flush_in_order(&mut self.held, |f| ring.try_send(f))
     }
 
     fn session(&mut self, op: SessionOp) {
-        if self.session_backlog.is_empty() {
-            if let Err(op) = self.sink.try_send(op) {
-                self.stats.session_deferred.fetch_add(1, Ordering::Relaxed);
-                self.session_backlog.push_back(op);
-            }
-        } else {
-            self.session_backlog.push_back(op);
+        let sink = &self.sink;
+        if send_in_order(&mut self.session_backlog, op, |o| sink.try_send(o)) {
+            self.stats.session_deferred.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     fn flush_sessions(&mut self) -> bool {
-        let mut moved = false;
-        while let Some(op) = self.session_backlog.pop_front() {
-            match self.sink.try_send(op) {
-                Ok(()) => moved = true,
-                Err(op) => {
-                    self.session_backlog.push_front(op);
-                    break;
-                }
-            }
-        }
-        moved
+        let sink = &self.sink;
+        flush_in_order(&mut self.session_backlog, |o| sink.try_send(o))
     }
 
     /// Handles up to [`INBOUND_BUDGET`] consumed records.
@@ -754,43 +728,69 @@ impl Bridge {
     }
 
     fn reply(&mut self, shard: usize, r: CoreReply) {
-        if !self.deferred[shard].is_empty() {
-            self.deferred[shard].push_back(r);
-            self.deferred_total += 1;
-            return;
+        let before = self.deferred[shard].len();
+        let tx = &self.replies[shard];
+        let newly_full = self.deferred[shard].is_empty();
+        if send_in_order(&mut self.deferred[shard], r, |r| to_shard(tx, r)) && newly_full {
+            self.stats.replies_deferred.fetch_add(1, Ordering::Relaxed);
         }
-        match self.replies[shard].try_send(r) {
-            Ok(()) => {}
-            Err(TrySendError::Full(r)) => {
-                self.stats.replies_deferred.fetch_add(1, Ordering::Relaxed);
-                self.deferred[shard].push_back(r);
-                self.deferred_total += 1;
-            }
-            Err(TrySendError::Disconnected(_)) => {}
-        }
+        self.deferred_total += self.deferred[shard].len() - before;
     }
 
     fn flush_deferred(&mut self) -> bool {
         let mut moved = false;
         for s in 0..self.deferred.len() {
-            while let Some(r) = self.deferred[s].pop_front() {
-                match self.replies[s].try_send(r) {
-                    Ok(()) => {
-                        moved = true;
-                        self.deferred_total -= 1;
-                    }
-                    Err(TrySendError::Full(r)) => {
-                        self.deferred[s].push_front(r);
-                        break;
-                    }
-                    Err(TrySendError::Disconnected(_)) => {
-                        self.deferred_total -= 1;
-                    }
-                }
-            }
+            let before = self.deferred[s].len();
+            let tx = &self.replies[s];
+            moved |= flush_in_order(&mut self.deferred[s], |r| to_shard(tx, r));
+            self.deferred_total -= before - self.deferred[s].len();
         }
         moved
     }
+}
+
+/// Hands a reply to a shard's queue; a shard that is gone (shutdown) drops it.
+fn to_shard(tx: &Sender<CoreReply>, r: CoreReply) -> Result<(), CoreReply> {
+    match tx.try_send(r) {
+        Ok(()) | Err(TrySendError::Disconnected(_)) => Ok(()),
+        Err(TrySendError::Full(r)) => Err(r),
+    }
+}
+
+/// Sends `item` at once when nothing waits before it, else queues it behind the others, so
+/// order is kept. True when it had to wait.
+fn send_in_order<T>(
+    backlog: &mut VecDeque<T>,
+    item: T,
+    mut try_send: impl FnMut(T) -> Result<(), T>,
+) -> bool {
+    if backlog.is_empty() {
+        match try_send(item) {
+            Ok(()) => return false,
+            Err(item) => backlog.push_back(item),
+        }
+    } else {
+        backlog.push_back(item);
+    }
+    true
+}
+
+/// Sends what `backlog` holds, in order, until the receiver is full. True if anything went.
+fn flush_in_order<T>(
+    backlog: &mut VecDeque<T>,
+    mut try_send: impl FnMut(T) -> Result<(), T>,
+) -> bool {
+    let mut moved = false;
+    while let Some(item) = backlog.pop_front() {
+        match try_send(item) {
+            Ok(()) => moved = true,
+            Err(item) => {
+                backlog.push_front(item);
+                break;
+            }
+        }
+    }
+    moved
 }
 
 /// The shard owning `user`'s presence on an edge of `shards` shards: the one user hash.

@@ -100,31 +100,12 @@ impl KafkaConsumer {
     where
         R: Fn(i32, usize) -> usize + Send + 'static,
     {
-        let shared = Arc::new(Shared::default());
-        let consumer: BaseConsumer<Ctx> = cfg
-            .base_client_config()
-            .set("group.id", group_id)
-            .set("auto.offset.reset", "earliest")
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "false")
-            .set("fetch.wait.max.ms", cfg.fetch_wait_max_ms.to_string())
-            .create_with_context(Ctx {
-                shared: Arc::clone(&shared),
-            })
-            .map_err(TransportError::Config)?;
+        let (consumer, shared) = create(cfg, group_id)?;
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer
             .subscribe(&names)
             .map_err(TransportError::Subscribe)?;
-        let thread_shared = Arc::clone(&shared);
-        let thread = thread::Builder::new()
-            .name("iris-kafka-consumer".to_owned())
-            .spawn(move || run(consumer, thread_shared, outputs, route))
-            .map_err(TransportError::Thread)?;
-        Ok(KafkaConsumer {
-            shared,
-            thread: Some(thread),
-        })
+        spawn(consumer, shared, outputs, route)
     }
 
     /// Like [`Self::start`], but reads fixed partitions (`(topic, partition)` pairs) with
@@ -142,33 +123,14 @@ impl KafkaConsumer {
     where
         R: Fn(i32, usize) -> usize + Send + 'static,
     {
-        let shared = Arc::new(Shared::default());
-        let consumer: BaseConsumer<Ctx> = cfg
-            .base_client_config()
-            .set("group.id", group_id)
-            .set("auto.offset.reset", "earliest")
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "false")
-            .set("fetch.wait.max.ms", cfg.fetch_wait_max_ms.to_string())
-            .create_with_context(Ctx {
-                shared: Arc::clone(&shared),
-            })
-            .map_err(TransportError::Config)?;
+        let (consumer, shared) = create(cfg, group_id)?;
         let mut tpl = TopicPartitionList::with_capacity(partitions.len());
         for (topic, partition) in partitions {
             tpl.add_partition_offset(topic, *partition, Offset::Stored)
                 .map_err(TransportError::Subscribe)?;
         }
         consumer.assign(&tpl).map_err(TransportError::Subscribe)?;
-        let thread_shared = Arc::clone(&shared);
-        let thread = thread::Builder::new()
-            .name("iris-kafka-consumer".to_owned())
-            .spawn(move || run(consumer, thread_shared, outputs, route))
-            .map_err(TransportError::Thread)?;
-        Ok(KafkaConsumer {
-            shared,
-            thread: Some(thread),
-        })
+        spawn(consumer, shared, outputs, route)
     }
 
     /// A snapshot of the counters.
@@ -201,6 +163,47 @@ impl Drop for KafkaConsumer {
     fn drop(&mut self) {
         let _ = self.stop_inner();
     }
+}
+
+/// The consumer every mode starts from: offsets kept under `group_id`, committed by hand.
+fn create(
+    cfg: &KafkaConfig,
+    group_id: &str,
+) -> Result<(BaseConsumer<Ctx>, Arc<Shared>), TransportError> {
+    let shared = Arc::new(Shared::default());
+    let consumer: BaseConsumer<Ctx> = cfg
+        .base_client_config()
+        .set("group.id", group_id)
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("fetch.wait.max.ms", cfg.fetch_wait_max_ms.to_string())
+        .create_with_context(Ctx {
+            shared: Arc::clone(&shared),
+        })
+        .map_err(TransportError::Config)?;
+    Ok((consumer, shared))
+}
+
+/// Starts the consumer thread.
+fn spawn<R>(
+    consumer: BaseConsumer<Ctx>,
+    shared: Arc<Shared>,
+    outputs: Vec<Sender<InFrame>>,
+    route: R,
+) -> Result<KafkaConsumer, TransportError>
+where
+    R: Fn(i32, usize) -> usize + Send + 'static,
+{
+    let thread_shared = Arc::clone(&shared);
+    let thread = thread::Builder::new()
+        .name("iris-kafka-consumer".to_owned())
+        .spawn(move || run(consumer, thread_shared, outputs, route))
+        .map_err(TransportError::Thread)?;
+    Ok(KafkaConsumer {
+        shared,
+        thread: Some(thread),
+    })
 }
 
 fn run<R>(consumer: BaseConsumer<Ctx>, shared: Arc<Shared>, outputs: Vec<Sender<InFrame>>, route: R)
