@@ -430,6 +430,10 @@ mod tests {
             .finish();
         let stats = FrameStats::new();
         tracing::subscriber::with_default(subscriber, || {
+            // Other tests hit the same log call sites on other threads with no subscriber; one
+            // of them may have cached "never" for a call site while this subscriber was being
+            // installed. Recompute the cache now that this one is in place.
+            tracing::callsite::rebuild_interest_cache();
             let good = encode(&BusFrame::Deliver(deliver())).unwrap();
             let mut future = good.clone();
             future[0] = 9;
