@@ -12,6 +12,7 @@
 #   --pairs P          sender -> receiver pairs [default: 100]
 #   --rates LIST       open-loop rates, msgs/s, comma-separated [default: 1000,5000,10000,20000]
 #   --cores N          iris-core members [default: 1]
+#   --edge-config FILE an iris-edge TOML file for both edges (e.g. [cluster] linger_ms)
 #   --no-build         use the binaries already in target/release
 #   --no-producer      skip the producer micro-benchmark
 #   --out DIR          results directory [default: perf/results/cluster]
@@ -24,6 +25,7 @@ DURATION=10
 PAIRS=100
 RATES=1000,5000,10000,20000
 CORES=1
+EDGE_CONFIG=""
 BUILD=1
 PRODUCER=1
 OUT=perf/results/cluster
@@ -33,10 +35,11 @@ while [ $# -gt 0 ]; do
     --pairs) PAIRS=$2; shift ;;
     --rates) RATES=$2; shift ;;
     --cores) CORES=$2; shift ;;
+    --edge-config) EDGE_CONFIG=$2; shift ;;
     --no-build) BUILD=0 ;;
     --no-producer) PRODUCER=0 ;;
     --out) OUT=$2; shift ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -96,6 +99,7 @@ say "iris-edge x2"
 for n in 1 2; do
   "$BIN/iris-edge" --bus kafka --brokers "$BROKERS" --redis "$REDIS" --region $REGION \
     --node-id $n --listen 127.0.0.1:0 --admin 127.0.0.1:0 --shards 1 --data-dir "$WORK/edge-$n" \
+    ${EDGE_CONFIG:+--config "$EDGE_CONFIG"} \
     >"$WORK/edge-$n.out" 2>"$WORK/edge-$n.log" &
   PIDS+=($!)
 done
