@@ -97,6 +97,11 @@ pub struct ClusterConfig {
     pub producer_ring_capacity: usize,
     /// CPU to pin the Kafka producer thread to; -1 leaves it unpinned (-1).
     pub producer_cpu: i64,
+    /// Consumer `fetch.wait.max.ms`: the longest a fetch of the inbox and presence waits at the
+    /// broker (5). A broker that answers a waiting fetch only at this deadline (tansu) adds up to
+    /// this much latency; Kafka answers as soon as data arrives, so 500 costs nothing there and
+    /// saves the idle fetches.
+    pub fetch_wait_max_ms: u32,
 }
 
 impl Default for ClusterConfig {
@@ -112,6 +117,7 @@ impl Default for ClusterConfig {
             compression: "lz4".to_owned(),
             producer_ring_capacity: 65_536,
             producer_cpu: -1,
+            fetch_wait_max_ms: 5,
         }
     }
 }
@@ -257,6 +263,9 @@ impl EdgeConfig {
                     "cluster.compression = {:?}: none, lz4 or zstd",
                     c.compression
                 ));
+            }
+            if c.fetch_wait_max_ms == 0 || c.fetch_wait_max_ms > 60_000 {
+                return bad("cluster.fetch_wait_max_ms must be 1 to 60000".to_owned());
             }
             if c.partitions == 0 || c.producer_ring_capacity == 0 {
                 return bad(

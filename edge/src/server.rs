@@ -242,6 +242,7 @@ fn start_core(
                     compression: c.compression.clone(),
                     ring_capacity: c.producer_ring_capacity,
                     producer_cpu: usize::try_from(c.producer_cpu).ok(),
+                    fetch_wait_max_ms: c.fetch_wait_max_ms,
                     ..KafkaConfig::default()
                 },
             };
