@@ -19,11 +19,13 @@
 //!   partitions of the region's deliver topic, stores with group commit, routes messages and
 //!   relays to edge inboxes via Redis sessions and login hints, answers drains and prekey
 //!   fetches.
+//! - [`http`]: the small HTTP responder of the admin endpoints (edge and core).
 //! - [`error`]: [`CoreError`], classified by cause (environment, invalid input, internal).
 
 pub mod api;
 pub mod embedded;
 pub mod error;
+pub mod http;
 pub mod remote;
 pub mod service;
 pub mod sessions;

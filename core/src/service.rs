@@ -76,7 +76,6 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -1135,49 +1134,10 @@ impl Drop for Admin {
     }
 }
 
-/// Answers one HTTP request (`GET /metrics`, `GET /health`; anything else is 404).
-fn serve(mut s: TcpStream, view: &AdminView, stopping: &AtomicBool) -> std::io::Result<()> {
-    s.set_nonblocking(false)?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    s.set_write_timeout(Some(Duration::from_secs(2)))?;
-    let mut buf = [0u8; 2048];
-    let mut n = 0;
-    while n < buf.len() {
-        let r = s.read(&mut buf[n..])?;
-        if r == 0 {
-            break;
-        }
-        n += r;
-        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n")
-            || buf[..n].windows(2).any(|w| w == b"\n\n")
-        {
-            break;
-        }
-    }
-    let req = String::from_utf8_lossy(&buf[..n]);
-    let mut words = req.split_whitespace();
-    let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or("/"));
-    let (status, ctype, body) = match (method, path) {
-        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", render_metrics(view)),
-        ("GET", "/health") if stopping.load(Ordering::Acquire) => (
-            "503 Service Unavailable",
-            "text/plain",
-            "stopping\n".to_owned(),
-        ),
-        ("GET", "/health") => ("200 OK", "text/plain", "ok\n".to_owned()),
-        ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_owned()),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "method not allowed\n".to_owned(),
-        ),
-    };
-    write!(
-        s,
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    s.flush()
+/// Answers one HTTP request (see [`crate::http::answer_admin`]).
+fn serve(s: TcpStream, view: &AdminView, stopping: &AtomicBool) -> std::io::Result<()> {
+    let stopping = stopping.load(Ordering::Acquire).then_some("stopping");
+    crate::http::answer_admin(s, || render_metrics(view), stopping)
 }
 
 /// Appends one metric family with a single unlabelled sample.

@@ -4,7 +4,6 @@
 //! counters (relaxed atomic loads), so a scrape never slows the data path. `/health` answers
 //! `200 ok` while serving and `503 draining` once shutdown has begun.
 
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -48,46 +47,11 @@ pub fn start(
 }
 
 fn serve(
-    mut s: TcpStream,
+    s: TcpStream,
     shards: &[Arc<ShardMetrics>],
     extra: &ExtraMetrics,
     draining: &AtomicBool,
 ) -> std::io::Result<()> {
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    let mut buf = [0u8; 2048];
-    let mut n = 0;
-    while n < buf.len() {
-        let r = s.read(&mut buf[n..])?;
-        if r == 0 {
-            break;
-        }
-        n += r;
-        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n")
-            || buf[..n].windows(2).any(|w| w == b"\n\n")
-        {
-            break;
-        }
-    }
-    let req = String::from_utf8_lossy(&buf[..n]);
-    let path = req.split_whitespace().nth(1).unwrap_or("/");
-    let (status, ctype, body) = match path {
-        "/metrics" => (
-            "200 OK",
-            "text/plain; version=0.0.4",
-            render(shards, &extra()),
-        ),
-        "/health" if draining.load(Ordering::Relaxed) => (
-            "503 Service Unavailable",
-            "text/plain",
-            "draining\n".to_owned(),
-        ),
-        "/health" => ("200 OK", "text/plain", "ok\n".to_owned()),
-        _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
-    };
-    write!(
-        s,
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    s.flush()
+    let stopping = draining.load(Ordering::Relaxed).then_some("draining");
+    iris_core::http::answer_admin(s, || render(shards, &extra()), stopping)
 }
