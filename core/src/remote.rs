@@ -649,11 +649,9 @@ impl Bridge {
                 );
             }
             ArchivedBusFrame::DrainChunk(c) if c.node.to_native() == self.node => {
-                let shard = c.shard.to_native() as usize;
-                if shard >= shards {
-                    self.stats.ignored.fetch_add(1, Ordering::Relaxed);
+                let Some(shard) = self.named_shard(c.shard.to_native()) else {
                     return;
-                }
+                };
                 let msgs = c
                     .messages
                     .iter()
@@ -670,11 +668,9 @@ impl Bridge {
                 );
             }
             ArchivedBusFrame::PrekeyBundle(b) if b.node.to_native() == self.node => {
-                let shard = b.shard.to_native() as usize;
-                if shard >= shards {
-                    self.stats.ignored.fetch_add(1, Ordering::Relaxed);
+                let Some(shard) = self.named_shard(b.shard.to_native()) else {
                     return;
-                }
+                };
                 self.reply(
                     shard,
                     CoreReply::Prekeys {
@@ -724,6 +720,17 @@ impl Bridge {
                     "bus frame not for this edge, ignored"
                 );
             }
+        }
+    }
+
+    /// The shard a chunk or bundle names, if this edge has it (else counted as ignored).
+    fn named_shard(&self, shard: u32) -> Option<usize> {
+        let shard = shard as usize;
+        if shard < self.replies.len() {
+            Some(shard)
+        } else {
+            self.stats.ignored.fetch_add(1, Ordering::Relaxed);
+            None
         }
     }
 
@@ -793,7 +800,8 @@ fn flush_in_order<T>(
     moved
 }
 
-/// The shard owning `user`'s presence on an edge of `shards` shards: the one user hash.
+/// The shard owning `user`'s presence on an edge of `shards` shards: the one user hash, as
+/// `iris_edge::shard::owner_of` computes it.
 fn owner_of(user: &[u8], shards: usize) -> usize {
-    (topics::user_hash(user) % shards.max(1) as u64) as usize
+    topics::partition_of(user, shards as u32) as usize
 }

@@ -135,14 +135,10 @@ impl RecentIds {
 /// A batch of ring messages: one ring slot carries many messages.
 pub type Batch = Vec<ShardMsg>;
 
-/// The shard owning user `u`'s presence: FNV-1a of the name, modulo the shard count.
+/// The shard owning user `u`'s presence: the one user hash of Iris
+/// ([`iris_bus::topics::user_hash`], FNV-1a), modulo the shard count.
 pub fn owner_of(user: &[u8], shards: usize) -> usize {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in user {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    (h % shards.max(1) as u64) as usize
+    iris_bus::topics::partition_of(user, shards as u32) as usize
 }
 
 /// A one-waiter wake-up flag for tasks of one shard.
