@@ -101,6 +101,7 @@ fn main() {
                     partition: (i % partitions as u64) as i32,
                     key: None,
                     payload: payload.clone(),
+                    ticket: 0,
                 };
                 while let Err(f) = ring.try_send(frame) {
                     frame = f;

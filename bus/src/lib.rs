@@ -6,8 +6,9 @@
 //! version byte, [`VERSION`]), and the topic layout with the user partitioning ([`topics`]).
 //! `docs/BUS.md` documents the wire rules and the layout.
 //! [`kafka`]: the Kafka transport on rdkafka (a producer thread fed by one ring per shard, with
-//! `QueueFull` backpressure; a consumer thread handing frames to the owning shard's queue; topic
-//! creation at startup).
+//! `QueueFull` backpressure and per-frame delivery reports; a consumer thread handing frames to
+//! the owning shard's queue; topic creation at startup). [`hops`]: per-hop latency histograms
+//! measured from the accept time every message id carries.
 //!
 //! Not built yet: the one interface that lets the edge use either the in-process core (the
 //! embedded one-box deployment, wired today straight to `iris-core`) or this Kafka transport.
@@ -16,6 +17,7 @@
 
 pub mod codec;
 pub mod frame;
+pub mod hops;
 pub mod kafka;
 pub mod topics;
 

@@ -97,6 +97,7 @@ fn produces_and_consumes_10000_frames_exactly_once_in_order() {
                         partition: (seq % 4) as i32,
                         key: None,
                         payload: format!("{r}:{seq}").into_bytes(),
+                        ticket: 0,
                     };
                     send_retrying(ring, frame);
                 }
@@ -182,6 +183,7 @@ fn consumer_routes_partitions_to_their_outputs() {
                 partition: i % 4,
                 key: Some(vec![i as u8]),
                 payload: vec![i as u8],
+                ticket: 0,
             },
         );
     }
@@ -352,6 +354,7 @@ fn broker_down_fills_the_rings_and_nothing_accepted_is_lost() {
         partition: (seq % 2) as i32,
         key: None,
         payload: seq.to_le_bytes().to_vec(),
+        ticket: seq + 1,
     };
 
     // Up: 100 frames acknowledged.
@@ -394,8 +397,27 @@ fn broker_down_fills_the_rings_and_nothing_accepted_is_lost() {
         Duration::from_secs(30),
         || producer.stats().produced_ok >= accepted,
     );
+    // A frame that can never be produced (no such partition) is reported too, not acked.
+    send_retrying(
+        ring,
+        OutFrame {
+            partition: 99,
+            ticket: u64::MAX,
+            ..frame(0)
+        },
+    );
     let s = producer.flush_and_stop(Duration::from_secs(10)).unwrap();
-    assert_eq!(s.frames_in, accepted);
+    assert_eq!(s.frames_in, accepted + 1);
+    assert_eq!(s.rejected, 1, "{s:?}");
+
+    // Every ticket is reported exactly once: acked for the accepted frames, not for the bad one.
+    let mut done = Vec::new();
+    ring.take_done(&mut done);
+    let mut acked: Vec<u64> = done.iter().filter(|d| d.acked).map(|d| d.ticket).collect();
+    acked.sort_unstable();
+    assert_eq!(acked, (1..=accepted).collect::<Vec<_>>());
+    let refused: Vec<u64> = done.iter().filter(|d| !d.acked).map(|d| d.ticket).collect();
+    assert_eq!(refused, vec![u64::MAX]);
 
     let (txs, rxs): (Vec<_>, Vec<_>) = (0..2).map(|_| bounded::<InFrame>(4096)).unzip();
     let _consumer =

@@ -588,6 +588,7 @@ impl Bridge {
             partition,
             key,
             payload,
+            ticket: 0,
         };
         let ring = &self.ring;
         if send_in_order(&mut self.held, out, |f| ring.try_send(f)) {

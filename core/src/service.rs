@@ -986,6 +986,7 @@ impl CoreService {
                 partition: 0,
                 key: Some(key.to_vec()),
                 payload: payload.clone(),
+                ticket: 0,
             });
         }
         let topic = self.inbox(last);
@@ -994,6 +995,7 @@ impl CoreService {
             partition: 0,
             key: Some(key.to_vec()),
             payload,
+            ticket: 0,
         });
     }
 

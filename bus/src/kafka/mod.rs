@@ -35,7 +35,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::types::RDKafkaErrorCode;
 
 pub use consumer::{route_by_partition, ConsumerStats, InFrame, KafkaConsumer};
-pub use producer::{KafkaProducer, OutFrame, ProducerRing, ProducerStats};
+pub use producer::{Done, KafkaProducer, OutFrame, ProducerRing, ProducerStats, NO_TICKET};
 
 /// Settings shared by the producer, the consumer and the admin client.
 #[derive(Debug, Clone)]

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam::queue::ArrayQueue;
+use crossbeam::queue::{ArrayQueue, SegQueue};
 use crossbeam::utils::CachePadded;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, KafkaResult};
@@ -48,13 +48,31 @@ const RING_BUDGET: usize = 1024;
 const DRAIN_BUDGET: usize = 8 * RING_BUDGET;
 
 /// One record for the producer: the topic, its partition (chosen by the caller with the bus
-/// partition function), an optional key, and the encoded frame.
+/// partition function), an optional key, the encoded frame, and a ticket.
+///
+/// `ticket` is the caller's name for the frame, or [`NO_TICKET`] (0). A frame with a ticket is
+/// reported once through [`ProducerRing::take_done`] when the producer is done with it: the
+/// broker acknowledged it (acks=all), or it can never be produced (counted as `rejected`). A
+/// frame whose delivery failed otherwise is sent again with its ticket and reported only then.
+/// The edge's outbox trims on these reports; the core commits offsets on them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutFrame {
     pub topic: Arc<str>,
     pub partition: i32,
     pub key: Option<Vec<u8>>,
     pub payload: Vec<u8>,
+    pub ticket: u64,
+}
+
+/// The ticket of a frame whose fate nobody waits for.
+pub const NO_TICKET: u64 = 0;
+
+/// What became of a ticketed frame (see [`OutFrame::ticket`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Done {
+    pub ticket: u64,
+    /// True when the broker acknowledged the frame; false when it can never be produced.
+    pub acked: bool,
 }
 
 /// Counters of one ring, each on its own cache line: only its shard writes them.
@@ -113,6 +131,17 @@ impl ProducerRing {
     pub fn capacity(&self) -> usize {
         self.ring.queue.capacity()
     }
+
+    /// Moves the reports of ticketed frames (of every ring of this producer) into `out`, in the
+    /// order the producer made them; returns how many. Never blocks.
+    pub fn take_done(&self, out: &mut Vec<Done>) -> usize {
+        let mut n = 0;
+        while let Some(d) = self.shared.done.pop() {
+            out.push(d);
+            n += 1;
+        }
+        n
+    }
 }
 
 /// State shared by the producer thread, its delivery callback, the rings and the handle.
@@ -138,11 +167,22 @@ struct Shared {
     /// Frames whose delivery failed, to be sent again (filled by the delivery callback, which
     /// runs on the producer thread inside `poll`: the lock is never contended).
     retry: Mutex<Vec<OutFrame>>,
+    /// Reports of ticketed frames, taken by [`ProducerRing::take_done`]. At most one entry per
+    /// ticketed frame handed to a ring, so it is bounded by what the callers keep in flight.
+    done: SegQueue<Done>,
 }
 
 impl Shared {
+    /// Reports the fate of a ticketed frame.
+    fn report(&self, ticket: u64, acked: bool) {
+        if ticket != NO_TICKET {
+            self.done.push(Done { ticket, acked });
+        }
+    }
+
     /// Counts a frame that can never be produced; logs the first at ERROR, the rest at DEBUG.
     fn reject(&self, error: &KafkaError, frame: &OutFrame) {
+        self.report(frame.ticket, false);
         let n = self.rejected.fetch_add(1, Ordering::Relaxed) + 1;
         if !self.logged_rejected.swap(true, Ordering::Relaxed) {
             tracing::error!(
@@ -181,6 +221,10 @@ pub struct ProducerStats {
     pub client_errors: u64,
 }
 
+// Tickets travel through rdkafka as a `usize` opaque value (see `Ctx`): 64-bit targets only.
+#[cfg(not(target_pointer_width = "64"))]
+compile_error!("the Kafka producer carries u64 tickets as usize: build for a 64-bit target");
+
 /// The rdkafka context: counts delivery reports and keeps failed frames for a re-send.
 struct Ctx {
     shared: Arc<Shared>,
@@ -194,12 +238,16 @@ impl ClientContext for Ctx {
 }
 
 impl ProducerContext for Ctx {
-    type DeliveryOpaque = ();
+    /// The frame's ticket ([`OutFrame::ticket`]; a `usize` because rdkafka carries it as a
+    /// pointer-sized opaque value; tickets fit, the producer only builds on 64-bit targets).
+    type DeliveryOpaque = usize;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+    fn delivery(&self, result: &DeliveryResult<'_>, ticket: usize) {
+        let ticket = ticket as u64;
         match result {
             Ok(_) => {
                 self.shared.produced_ok.fetch_add(1, Ordering::Relaxed);
+                self.shared.report(ticket, true);
             }
             Err((error, msg)) => {
                 self.shared.delivery_errors.fetch_add(1, Ordering::Relaxed);
@@ -208,6 +256,7 @@ impl ProducerContext for Ctx {
                     partition: msg.partition(),
                     key: msg.key().map(<[u8]>::to_vec),
                     payload: msg.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                    ticket,
                 };
                 if is_permanent(error) {
                     self.shared.reject(error, &frame);
@@ -519,7 +568,7 @@ impl Worker {
     }
 
     fn send(&self, frame: OutFrame) -> Sent {
-        let mut record = BaseRecord::to(&frame.topic)
+        let mut record = BaseRecord::with_opaque_to(&frame.topic, frame.ticket as usize)
             .partition(frame.partition)
             .payload(&frame.payload);
         if let Some(key) = &frame.key {
