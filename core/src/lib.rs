@@ -19,6 +19,8 @@
 //!   partitions of the region's deliver topic, stores with group commit, routes messages and
 //!   relays to edge inboxes via Redis sessions and login hints, answers drains and prekey
 //!   fetches.
+//! - [`outbox`]: the cluster edge's write-ahead log: every accepted message is on local disk
+//!   until the broker acknowledged it, replayed after a crash, trimmed on the broker's ack.
 //! - [`http`]: the small HTTP responder of the admin endpoints (edge and core).
 //! - [`error`]: [`CoreError`], classified by cause (environment, invalid input, internal).
 
@@ -26,6 +28,7 @@ pub mod api;
 pub mod embedded;
 pub mod error;
 pub mod http;
+pub mod outbox;
 pub mod remote;
 pub mod service;
 pub mod sessions;
