@@ -4,7 +4,11 @@
 //! and a bounded queue of [`CoreReply`]s back. Each queue has exactly one producer and one
 //! consumer (SPSC use of crossbeam channels), so a shard never contends with another shard.
 
+use std::sync::Arc;
+
 use crossbeam::channel::{Receiver, Sender};
+
+use crate::outbox::AcceptGate;
 
 /// A message accepted by an edge, addressed to one recipient.
 ///
@@ -100,4 +104,7 @@ pub enum CoreReply {
 pub struct ShardLink {
     pub to_core: Sender<CoreRequest>,
     pub from_core: Receiver<CoreReply>,
+    /// Shared by every shard: while stalled, shards read no client input (the cluster edge's
+    /// outbox is at its bound or the bus is stalled). The embedded core never stalls it.
+    pub gate: Arc<AcceptGate>,
 }

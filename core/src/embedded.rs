@@ -233,6 +233,7 @@ impl EmbeddedCore {
             links.push(ShardLink {
                 to_core: req_tx,
                 from_core: rep_rx,
+                gate: std::sync::Arc::default(),
             });
             shards.push(Shard {
                 rx: req_rx,

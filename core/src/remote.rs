@@ -38,18 +38,20 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam::channel::{self, Receiver, Select, Sender, TryRecvError, TrySendError};
+use iris_bus::hops::{HopHistogram, HopSnapshot};
 use iris_bus::kafka::{
-    ensure_topics, topic_partitions, InFrame, KafkaConfig, KafkaConsumer, KafkaProducer, OutFrame,
-    ProducerRing, ProducerStats,
+    ensure_topics, topic_partitions, Done, InFrame, KafkaConfig, KafkaConsumer, KafkaProducer,
+    OutFrame, ProducerRing, ProducerStats, NO_TICKET,
 };
 use iris_bus::{
     decode_counted, encode, topics, Ack, ArchivedBusFrame, BusFrame, Deliver, DrainRequest,
     EdgeReset, FrameCounts, FrameStats, PrekeyFetch, PrekeyPut, Presence, Relay, RelayKind,
 };
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::api::{CoreReply, CoreRequest, ShardLink};
 use crate::error::CoreError;
+use crate::outbox::{AcceptGate, Outbox, OutboxConfig, OutboxSnapshot, OutboxStats};
 use crate::sessions::{
     SessionConfig, SessionMetricsSnapshot, SessionOp, SessionSink, SessionWriter,
 };
@@ -79,6 +81,8 @@ pub struct RemoteConfig {
     pub queue_capacity: usize,
     /// Producer settings (brokers and client id are taken from the fields above).
     pub kafka: KafkaConfig,
+    /// The durable outbox (write-ahead log) of accepted messages, under the edge's data dir.
+    pub outbox: OutboxConfig,
 }
 
 /// Counters of the link (monotonic).
@@ -113,6 +117,10 @@ pub struct RemoteSnapshot {
     pub frames: FrameCounts,
     pub producer: ProducerStats,
     pub sessions: SessionMetricsSnapshot,
+    /// The outbox: not-acknowledged records and bytes, age, segments, fsyncs, replays, stalls.
+    pub outbox: OutboxSnapshot,
+    /// Message accepted → broker acknowledged (hop `produce_acked`).
+    pub produce_acked: HopSnapshot,
 }
 
 /// Reads the link's counters from any thread.
@@ -122,6 +130,8 @@ pub struct RemoteMetrics {
     frames: Arc<FrameStats>,
     producer: Arc<dyn Fn() -> ProducerStats + Send + Sync>,
     sessions: Arc<dyn Fn() -> SessionMetricsSnapshot + Send + Sync>,
+    outbox: Arc<OutboxStats>,
+    produce_acked: Arc<HopHistogram>,
 }
 
 impl std::fmt::Debug for RemoteMetrics {
@@ -144,14 +154,31 @@ impl RemoteMetrics {
             frames: self.frames.counts(),
             producer: (self.producer)(),
             sessions: (self.sessions)(),
+            outbox: self.outbox.snapshot(),
+            produce_acked: self.produce_acked.snapshot(),
         }
     }
+
+    /// False once the outbox could not write or fsync: the edge accepts nothing more.
+    pub fn outbox_healthy(&self) -> bool {
+        !self.outbox.failed.load(Ordering::Relaxed)
+    }
+}
+
+/// What [`RemoteCore::shutdown`] left behind.
+#[derive(Debug, Clone, Default)]
+pub struct ShutdownReport {
+    /// The producer's counters at the end.
+    pub producer: ProducerStats,
+    /// Accepted records the broker had not acknowledged: they stay, fsynced, in the outbox and
+    /// are produced by the next start.
+    pub left_in_outbox: u64,
 }
 
 /// The running link: bridge, producer, consumer and session writer threads.
 pub struct RemoteCore {
     stop: Arc<AtomicBool>,
-    bridge: Option<JoinHandle<()>>,
+    bridge: Option<JoinHandle<(Outbox, ProducerRing)>>,
     producer: Arc<Mutex<Option<KafkaProducer>>>,
     consumer: Option<KafkaConsumer>,
     sessions: Option<SessionWriter>,
@@ -180,6 +207,11 @@ impl RemoteCore {
             )));
         }
         let shards = shards.max(1);
+        // The outbox first: what a previous run accepted and the broker may not have goes out
+        // before anything this run accepts.
+        let (outbox, replayed) = Outbox::open(cfg.outbox.clone()).map_err(|e| {
+            CoreError::Io(std::io::Error::other(format!("cannot open the outbox: {e}")))
+        })?;
         let kafka = KafkaConfig {
             brokers: cfg.brokers.clone(),
             client_id: format!("iris-edge-{}-{}", cfg.region, cfg.node),
@@ -209,6 +241,7 @@ impl RemoteCore {
         let producer = Arc::new(Mutex::new(Some(producer)));
 
         let cap = cfg.queue_capacity.max(1);
+        let gate = Arc::new(AcceptGate::default());
         let mut links = Vec::with_capacity(shards);
         let mut requests = Vec::with_capacity(shards);
         let mut replies = Vec::with_capacity(shards);
@@ -218,6 +251,7 @@ impl RemoteCore {
             links.push(ShardLink {
                 to_core: req_tx,
                 from_core: rep_rx,
+                gate: Arc::clone(&gate),
             });
             requests.push(req_rx);
             replies.push(rep_tx);
@@ -238,10 +272,24 @@ impl RemoteCore {
         let stats = Arc::new(RemoteStats::default());
         let frames = Arc::new(FrameStats::new());
         let stop = Arc::new(AtomicBool::new(false));
+        let outbox_stats = outbox.stats();
+        let produce_acked = Arc::new(HopHistogram::default());
+        let deliver_topic_arc: Arc<str> = Arc::from(deliver_topic.as_str());
+        // Replayed records are produced first, in sequence order, tracked like new ones.
+        let held: VecDeque<OutFrame> = replayed
+            .into_iter()
+            .map(|r| OutFrame {
+                topic: Arc::clone(&deliver_topic_arc),
+                partition: topics::partition_of(&r.key, deliver_parts) as i32,
+                key: (!r.key.is_empty()).then_some(r.key),
+                payload: r.frame,
+                ticket: r.seq,
+            })
+            .collect();
         let mut bridge = Bridge {
             node: cfg.node,
             region: cfg.region.clone(),
-            deliver_topic: Arc::from(deliver_topic.as_str()),
+            deliver_topic: deliver_topic_arc,
             presence_topic: Arc::from(presence_topic.as_str()),
             deliver_parts,
             presence_parts,
@@ -252,6 +300,11 @@ impl RemoteCore {
             inbound: in_rx,
             ring,
             held: VecDeque::new(),
+            outbox,
+            done: Vec::new(),
+            gate,
+            produce_acked: Arc::clone(&produce_acked),
+            stalled_since: None,
             sink,
             session_backlog: VecDeque::new(),
             stats: Arc::clone(&stats),
@@ -263,9 +316,13 @@ impl RemoteCore {
             node: cfg.node,
             unix_ms: unix_ms(),
         }));
+        bridge.held.extend(held);
         let thread = std::thread::Builder::new()
             .name("iris-bus-bridge".to_owned())
-            .spawn(move || bridge.run())?;
+            .spawn(move || {
+                bridge.run();
+                (bridge.outbox, bridge.ring)
+            })?;
         info!(
             region = %cfg.region,
             node = cfg.node,
@@ -286,6 +343,8 @@ impl RemoteCore {
                     .unwrap_or_default()
             }),
             sessions: Arc::new(move || session_metrics.snapshot()),
+            outbox: outbox_stats,
+            produce_acked,
         };
         Ok((
             RemoteCore {
@@ -306,32 +365,62 @@ impl RemoteCore {
     }
 
     /// Call after the shards stopped: hands everything they queued to the producer, flushes it
-    /// (at most 10 s), stops the consumer and writes the pending sessions.
-    pub fn shutdown(mut self) -> Result<ProducerStats, CoreError> {
+    /// for at most `flush`, stops the consumer and writes the pending sessions. Whatever the
+    /// broker has not acknowledged by then stays in the outbox, fsynced, for the next start.
+    ///
+    /// Fails when something accepted could be neither produced nor kept: the outbox could not
+    /// write or fsync (or a thread died).
+    pub fn shutdown(mut self, flush: Duration) -> Result<ShutdownReport, CoreError> {
         self.stop.store(true, Ordering::Release);
-        if let Some(t) = self.bridge.take() {
-            t.join().map_err(|_| CoreError::ThreadPanicked)?;
-        }
+        let joined = match self.bridge.take() {
+            Some(t) => Some(t.join().map_err(|_| CoreError::ThreadPanicked)?),
+            None => None,
+        };
         if let Some(c) = self.consumer.take() {
             if let Err(e) = c.stop() {
                 warn!(error = %e, "kafka consumer did not stop cleanly");
             }
         }
-        let mut stats = ProducerStats::default();
+        let mut report = ShutdownReport::default();
         let producer = self.producer.lock().ok().and_then(|mut g| g.take());
         if let Some(p) = producer {
-            match p.flush_and_stop(Duration::from_secs(10)) {
-                Ok(s) => stats = s,
-                Err(e) => warn!(
+            match p.flush_and_stop(flush) {
+                Ok(s) => report.producer = s,
+                Err(e) => info!(
                     error = %e,
-                    "kafka producer not flushed at shutdown; unflushed messages were never stored"
+                    "kafka producer not flushed at shutdown; the outbox keeps what was accepted"
                 ),
+            }
+        }
+        let mut result = Ok(());
+        if let Some((mut outbox, ring)) = joined {
+            let mut done = Vec::new();
+            ring.take_done(&mut done);
+            for d in done {
+                if let Some(id) = outbox.done(d.ticket, d.acked) {
+                    if d.acked && id != 0 {
+                        self.metrics.produce_acked.record_id(id);
+                    }
+                }
+            }
+            match outbox.close() {
+                Ok(left) => {
+                    report.left_in_outbox = left;
+                    info!(
+                        left_in_outbox = left,
+                        "outbox closed; records not acknowledged are produced by the next start"
+                    );
+                }
+                Err(e) => {
+                    error!(error = %e, "outbox not closed cleanly: accepted messages may be lost");
+                    result = Err(CoreError::Io(std::io::Error::other(e.to_string())));
+                }
             }
         }
         if let Some(w) = self.sessions.take() {
             w.shutdown()?;
         }
-        Ok(stats)
+        result.map(|()| report)
     }
 }
 
@@ -356,8 +445,17 @@ struct Bridge {
     deferred_total: usize,
     inbound: Receiver<InFrame>,
     ring: ProducerRing,
-    /// Frames the producer ring had no room for, in order.
+    /// Frames the producer ring had no room for, in order (at startup: the outbox's replay).
     held: VecDeque<OutFrame>,
+    /// Every `Deliver` and `PrekeyPut` until the broker acknowledged it.
+    outbox: Outbox,
+    /// Reports of the producer, taken each pass.
+    done: Vec<Done>,
+    /// Tells the shards to stop reading their clients (outbox bound, age or failure).
+    gate: Arc<AcceptGate>,
+    produce_acked: Arc<HopHistogram>,
+    /// When the current stall began.
+    stalled_since: Option<Instant>,
     sink: SessionSink,
     session_backlog: VecDeque<SessionOp>,
     stats: Arc<RemoteStats>,
@@ -371,7 +469,10 @@ impl Bridge {
             let stopping = self.stop.load(Ordering::Acquire);
             let mut busy = self.flush_held();
             busy |= self.flush_sessions();
-            if self.held.is_empty() {
+            busy |= self.take_done() > 0;
+            // Past the outbox's byte bound the shards' requests wait in their queues (bounded);
+            // the shards have stopped reading through the gate already.
+            if self.held.is_empty() && !self.outbox.over_bytes() {
                 for s in 0..self.requests.len() {
                     busy |= self.take_from(s, TAKE_BUDGET) > 0;
                     if !self.held.is_empty() {
@@ -383,6 +484,7 @@ impl Bridge {
             if self.deferred_total < DEFERRED_HIGH {
                 busy |= self.take_inbound() > 0;
             }
+            self.commit_outbox();
             if stopping && !busy && self.held.is_empty() && self.all_requests_empty() {
                 self.finish();
                 return;
@@ -412,6 +514,49 @@ impl Bridge {
         }
     }
 
+    /// Writes what this pass appended to the outbox (its fsync is the sync thread's), persists
+    /// the watermark now and then and opens or closes the accept gate.
+    fn commit_outbox(&mut self) {
+        // A failure is logged and marked by the outbox; the gate below stops accepting.
+        let _ = self.outbox.write_pending();
+        self.outbox.tick();
+        let stall = self.outbox.must_stall();
+        if self.gate.set(stall) {
+            self.outbox.stats().stalls.fetch_add(1, Ordering::Relaxed);
+            warn!(
+                unacked = self.outbox.unacked(),
+                unacked_bytes = self.outbox.unacked_bytes(),
+                oldest_ms = self.outbox.oldest_age().map_or(0, |a| a.as_millis() as u64),
+                failed = self.outbox.failed(),
+                "bus stalled: the edge stops reading clients"
+            );
+            self.stalled_since = Some(Instant::now());
+        } else if !stall {
+            if let Some(since) = self.stalled_since.take() {
+                info!(
+                    unacked = self.outbox.unacked(),
+                    stalled_ms = since.elapsed().as_millis() as u64,
+                    "bus caught up: the edge reads clients again"
+                );
+            }
+        }
+    }
+
+    /// Applies the producer's reports to the outbox (trim) and the hop histogram.
+    fn take_done(&mut self) -> usize {
+        let mut done = std::mem::take(&mut self.done);
+        let n = self.ring.take_done(&mut done);
+        for d in done.drain(..) {
+            if let Some(id) = self.outbox.done(d.ticket, d.acked) {
+                if d.acked && id != 0 {
+                    self.produce_acked.record_id(id);
+                }
+            }
+        }
+        self.done = done;
+        n
+    }
+
     fn all_requests_empty(&self) -> bool {
         self.requests.iter().all(Receiver::is_empty)
     }
@@ -423,12 +568,19 @@ impl Bridge {
             std::thread::sleep(Duration::from_micros(200));
             return;
         }
+        // Acknowledgements arrive from the producer thread, which cannot wake us: look often
+        // while records wait for one.
+        let timeout = if self.outbox.unacked() > 0 {
+            Duration::from_millis(1)
+        } else {
+            Duration::from_millis(20)
+        };
         let mut sel = Select::new();
         for rx in &self.requests {
             sel.recv(rx);
         }
         sel.recv(&self.inbound);
-        let _ = sel.ready_timeout(Duration::from_millis(20));
+        let _ = sel.ready_timeout(timeout);
     }
 
     /// Takes up to `budget` requests of shard `s`; stops early when the producer ring is full.
@@ -452,13 +604,16 @@ impl Bridge {
     /// Turns one shard request into bus frames and session writes.
     fn outbound(&mut self, shard: usize, req: CoreRequest) {
         match req {
-            CoreRequest::Store(m) => self.produce(BusFrame::Deliver(Deliver {
-                id: m.id,
-                recipient: m.recipient,
-                sender: m.sender,
-                payload: m.payload,
-                origin: self.region.clone(),
-            })),
+            CoreRequest::Store(m) => self.produce_durable(
+                m.id,
+                BusFrame::Deliver(Deliver {
+                    id: m.id,
+                    recipient: m.recipient,
+                    sender: m.sender,
+                    payload: m.payload,
+                    origin: self.region.clone(),
+                }),
+            ),
             CoreRequest::Ack { user, id } => self.produce(BusFrame::Ack(Ack { user, id })),
             CoreRequest::Drain {
                 user,
@@ -487,7 +642,7 @@ impl Bridge {
                 }));
             }
             CoreRequest::PutPrekeys { user, bundle } => {
-                self.produce(BusFrame::PrekeyPut(PrekeyPut { user, bundle }))
+                self.produce_durable(0, BusFrame::PrekeyPut(PrekeyPut { user, bundle }))
             }
             CoreRequest::FetchPrekeys { user, conn } => {
                 self.produce(BusFrame::PrekeyFetch(PrekeyFetch {
@@ -565,6 +720,17 @@ impl Bridge {
 
     /// Encodes `frame` for its topic and partition and queues it for the producer.
     fn produce(&mut self, frame: BusFrame) {
+        self.produce_ticketed(frame, None);
+    }
+
+    /// [`Self::produce`] for what a client sent: the frame goes to the outbox too (its sequence
+    /// number is the producer ticket) and is trimmed there on the broker's ack. Producing does
+    /// not wait for the write.
+    fn produce_durable(&mut self, id: u64, frame: BusFrame) {
+        self.produce_ticketed(frame, Some(id));
+    }
+
+    fn produce_ticketed(&mut self, frame: BusFrame, durable: Option<u64>) {
         let (topic, parts) = match &frame {
             BusFrame::Presence(_) | BusFrame::EdgeReset(_) => {
                 (Arc::clone(&self.presence_topic), self.presence_parts)
@@ -582,13 +748,24 @@ impl Bridge {
                 return;
             }
         };
+        let ticket = match durable {
+            Some(id) => match self.outbox.append(id, user, &payload) {
+                Ok(seq) => seq,
+                // The outbox failed (logged once, the gate stops accepting): produce anyway.
+                Err(e) => {
+                    debug!(error = %e, "frame not written to the outbox");
+                    NO_TICKET
+                }
+            },
+            None => NO_TICKET,
+        };
         self.stats.frames_out.fetch_add(1, Ordering::Relaxed);
         let out = OutFrame {
             topic,
             partition,
             key,
             payload,
-            ticket: 0,
+            ticket,
         };
         let ring = &self.ring;
         if send_in_order(&mut self.held, out, |f| ring.try_send(f)) {

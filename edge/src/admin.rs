@@ -2,7 +2,8 @@
 //!
 //! It runs on its own small OS thread, away from the shards, and only reads the shards'
 //! counters (relaxed atomic loads), so a scrape never slows the data path. `/health` answers
-//! `200 ok` while serving and `503 draining` once shutdown has begun.
+//! `200 ok` while serving, `503 draining` once shutdown has begun, and `503 outbox_failed` when
+//! the cluster edge's outbox cannot write (the edge accepts nothing more).
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,11 +18,33 @@ use crate::metrics::{render, ShardMetrics};
 pub type ExtraMetrics =
     Arc<dyn Fn() -> Vec<(&'static str, &'static str, &'static str, u64)> + Send + Sync>;
 
+/// What the admin endpoint shows besides the shards' counters.
+#[derive(Clone)]
+pub struct Extras {
+    /// Counter and gauge lines.
+    pub lines: ExtraMetrics,
+    /// Appends raw Prometheus text (histograms) to the scrape.
+    pub text: Arc<dyn Fn(&mut String) + Send + Sync>,
+    /// `Some(word)` while the edge cannot accept: `/health` answers `503 word`.
+    pub unhealthy: Arc<dyn Fn() -> Option<&'static str> + Send + Sync>,
+}
+
+impl Extras {
+    /// Only counter and gauge lines; always healthy.
+    pub fn lines(lines: ExtraMetrics) -> Extras {
+        Extras {
+            lines,
+            text: Arc::new(|_| {}),
+            unhealthy: Arc::new(|| None),
+        }
+    }
+}
+
 /// Binds the admin listener (so the caller learns the real port) and serves it on a thread.
 pub fn start(
     addr: SocketAddr,
     shards: Vec<Arc<ShardMetrics>>,
-    extra: ExtraMetrics,
+    extra: Extras,
     draining: Arc<AtomicBool>,
 ) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)?;
@@ -49,9 +72,18 @@ pub fn start(
 fn serve(
     s: TcpStream,
     shards: &[Arc<ShardMetrics>],
-    extra: &ExtraMetrics,
+    extra: &Extras,
     draining: &AtomicBool,
 ) -> std::io::Result<()> {
-    let stopping = draining.load(Ordering::Relaxed).then_some("draining");
-    iris_core::http::answer_admin(s, || render(shards, &extra()), stopping)
+    let stopping = if draining.load(Ordering::Relaxed) {
+        Some("draining")
+    } else {
+        (extra.unhealthy)()
+    };
+    let body = || {
+        let mut out = render(shards, &(extra.lines)());
+        (extra.text)(&mut out);
+        out
+    };
+    iris_core::http::answer_admin(s, body, stopping)
 }

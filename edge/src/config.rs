@@ -18,7 +18,7 @@ pub struct EdgeConfig {
     pub listen: SocketAddr,
     /// Admin HTTP listener for `/metrics` and `/health` (`127.0.0.1:9085`).
     pub admin: SocketAddr,
-    /// Where the embedded store keeps its files (`./data`).
+    /// Where the embedded store keeps its files, and in cluster mode the outbox (`./data`).
     pub data_dir: PathBuf,
     /// Number of shards; 0 means one per CPU this process may run on (0).
     pub shards: usize,
@@ -102,6 +102,19 @@ pub struct ClusterConfig {
     /// this much latency; Kafka answers as soon as data arrives, so 500 costs nothing there and
     /// saves the idle fetches.
     pub fetch_wait_max_ms: u32,
+    /// Outbox (`{data_dir}/outbox`, every accepted message until the broker acknowledged it):
+    /// longest time between a write and its fsync (2). A kill -9 of the edge loses nothing
+    /// written; a machine crash at most this window.
+    pub outbox_commit_ms: u64,
+    /// Outbox segment size: a segment rolls at this size and is deleted once all of it is
+    /// acknowledged (67108864 = 64 MiB).
+    pub outbox_segment_bytes: u64,
+    /// Not-acknowledged outbox bytes at which the edge stops reading clients
+    /// (268435456 = 256 MiB).
+    pub outbox_max_bytes: u64,
+    /// Age of the oldest not-acknowledged message at which the edge stops reading clients and
+    /// tells them RATE_LIMITED (5000).
+    pub bus_stall_ms: u64,
 }
 
 impl Default for ClusterConfig {
@@ -118,6 +131,10 @@ impl Default for ClusterConfig {
             producer_ring_capacity: 65_536,
             producer_cpu: -1,
             fetch_wait_max_ms: 5,
+            outbox_commit_ms: 2,
+            outbox_segment_bytes: 64 << 20,
+            outbox_max_bytes: 256 << 20,
+            bus_stall_ms: 5_000,
         }
     }
 }
@@ -266,6 +283,19 @@ impl EdgeConfig {
             }
             if c.fetch_wait_max_ms == 0 || c.fetch_wait_max_ms > 60_000 {
                 return bad("cluster.fetch_wait_max_ms must be 1 to 60000".to_owned());
+            }
+            if c.outbox_commit_ms == 0 || c.outbox_commit_ms > 1_000 {
+                return bad("cluster.outbox_commit_ms must be 1 to 1000".to_owned());
+            }
+            if c.outbox_segment_bytes < 64 << 10 || c.outbox_max_bytes < 1 << 20 {
+                return bad(
+                    "cluster.outbox_segment_bytes must be at least 65536 and \
+                     cluster.outbox_max_bytes at least 1048576"
+                        .to_owned(),
+                );
+            }
+            if c.bus_stall_ms < 100 {
+                return bad("cluster.bus_stall_ms must be at least 100".to_owned());
             }
             if c.partitions == 0 || c.producer_ring_capacity == 0 {
                 return bad(

@@ -74,6 +74,8 @@ counters! {
     bus_delivers_in_total: "counter",
     /// Cluster: routed copies of messages this edge had already delivered live, dropped.
     bus_duplicates_suppressed_total: "counter",
+    /// Cluster: connections told 0xFF RATE_LIMITED because the bus stalled (once per stall).
+    rate_limited_total: "counter",
 }
 
 impl ShardMetrics {

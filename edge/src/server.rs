@@ -9,6 +9,7 @@
 //! for up to `drain_timeout_ms`, hand everything pending to the core and exit; then the core
 //! commits everything it holds durably and the process exits 0.
 
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,6 +21,7 @@ use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::{LocalExecutorBuilder, Placement};
 use iris_bus::kafka::KafkaConfig;
 use iris_core::embedded::{CoreStats, EmbeddedConfig, EmbeddedCore};
+use iris_core::outbox::OutboxConfig;
 use iris_core::remote::{RemoteConfig, RemoteCore, RemoteSnapshot};
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{info, warn};
@@ -115,14 +117,34 @@ pub fn run(
     let metrics: Vec<Arc<ShardMetrics>> = (0..nshards)
         .map(|_| Arc::new(ShardMetrics::default()))
         .collect();
-    let extra: admin::ExtraMetrics = match &core {
+    let extra = match &core {
         Core::Embedded(c) => {
             let m = c.metrics();
-            Arc::new(move || core_lines(&m.snapshot()))
+            admin::Extras::lines(Arc::new(move || core_lines(&m.snapshot())))
         }
         Core::Remote(c) => {
-            let m = c.metrics();
-            Arc::new(move || remote_lines(&m.snapshot()))
+            let (m, h, u) = (c.metrics(), c.metrics(), c.metrics());
+            admin::Extras {
+                lines: Arc::new(move || remote_lines(&m.snapshot())),
+                text: Arc::new(move |out| {
+                    let s = h.snapshot();
+                    let _ = writeln!(
+                        out,
+                        "# HELP iris_edge_outbox_oldest_age_seconds Age of the oldest outbox \
+                         record not yet acknowledged by the broker (0: none).\n\
+                         # TYPE iris_edge_outbox_oldest_age_seconds gauge\n\
+                         iris_edge_outbox_oldest_age_seconds {}",
+                        s.outbox.oldest_age_micros as f64 / 1e6
+                    );
+                    out.push_str(
+                        "# HELP iris_edge_hop_seconds Age of a message (from its accept time) \
+                         at each hop of the edge.\n# TYPE iris_edge_hop_seconds histogram\n",
+                    );
+                    s.produce_acked
+                        .render(out, "iris_edge_hop_seconds", "produce_acked");
+                }),
+                unhealthy: Arc::new(move || (!u.outbox_healthy()).then_some("outbox_failed")),
+            }
         }
     };
     let admin_addr = admin::start(cfg.admin, metrics.clone(), extra, shutdown.clone())
@@ -185,12 +207,17 @@ pub fn run(
             let stats = c.shutdown();
             info!(?stats, "store flushed; iris-edge stopped");
         }
-        Core::Remote(c) => match c.shutdown() {
-            Ok(stats) => info!(
-                produced = stats.produced_ok,
+        Core::Remote(c) => match c.shutdown(Duration::from_millis(cfg.drain_timeout_ms)) {
+            Ok(r) => info!(
+                produced = r.producer.produced_ok,
+                left_in_outbox = r.left_in_outbox,
                 "bus flushed; iris-edge stopped"
             ),
-            Err(e) => warn!(error = %e, "cluster link did not stop cleanly"),
+            Err(e) => {
+                // Something accepted was neither acknowledged nor kept: not a clean exit.
+                tracing::error!(error = %e, "cluster link did not stop cleanly");
+                bail!("accepted messages may be lost: {e}");
+            }
         },
     }
     if failed {
@@ -244,6 +271,13 @@ fn start_core(
                     producer_cpu: usize::try_from(c.producer_cpu).ok(),
                     fetch_wait_max_ms: c.fetch_wait_max_ms,
                     ..KafkaConfig::default()
+                },
+                outbox: OutboxConfig {
+                    dir: cfg.data_dir.join("outbox"),
+                    commit_ms: c.outbox_commit_ms,
+                    segment_bytes: c.outbox_segment_bytes,
+                    max_bytes: c.outbox_max_bytes,
+                    stall_ms: c.bus_stall_ms,
                 },
             };
             let (core, links) = RemoteCore::start(remote, nshards).with_context(|| {
@@ -325,6 +359,54 @@ fn remote_lines(s: &RemoteSnapshot) -> Vec<(&'static str, &'static str, &'static
             "counter",
             "Inbound frames that waited for room in a shard's queue.",
             s.replies_deferred,
+        ),
+        (
+            "iris_edge_outbox_records",
+            "gauge",
+            "Accepted messages in the outbox not yet acknowledged by the broker.",
+            s.outbox.records,
+        ),
+        (
+            "iris_edge_outbox_bytes",
+            "gauge",
+            "Bytes of the outbox records not yet acknowledged.",
+            s.outbox.bytes,
+        ),
+        (
+            "iris_edge_outbox_segments",
+            "gauge",
+            "Outbox segment files on disk.",
+            s.outbox.segments,
+        ),
+        (
+            "iris_edge_outbox_fsyncs_total",
+            "counter",
+            "Outbox group commits (fsync).",
+            s.outbox.fsyncs,
+        ),
+        (
+            "iris_edge_outbox_replayed_total",
+            "counter",
+            "Outbox records produced again at startup (the broker may not have had them).",
+            s.outbox.replayed,
+        ),
+        (
+            "iris_edge_outbox_stalls_total",
+            "counter",
+            "Times the edge stopped reading clients: outbox bound or bus_stall_ms reached.",
+            s.outbox.stalls,
+        ),
+        (
+            "iris_edge_outbox_rejected_total",
+            "counter",
+            "Outbox records the producer reported as never producible (dropped).",
+            s.outbox.rejected,
+        ),
+        (
+            "iris_edge_outbox_failed",
+            "gauge",
+            "1 once an outbox write or fsync failed: the edge accepts nothing more.",
+            u64::from(s.outbox.failed),
         ),
         (
             "iris_sessions_ops_total",

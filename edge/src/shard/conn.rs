@@ -12,6 +12,13 @@
 //! while the output queue is below `drain_low_water_bytes`). Live messages that arrive during the
 //! drain are held and written after it, skipping any the drain already wrote, so the client sees
 //! its messages in order and a message stored just before login is never missed.
+//!
+//! Backpressure: while the shard is backed up ([`Shard::backpressured`]) or the link's accept
+//! gate is stalled (cluster: the outbox reached `outbox_max_bytes`, or the broker has not
+//! acknowledged for `bus_stall_ms`), the connection reads nothing. During a stall a logged-in
+//! connection with input waiting is told once per stall with `0xFF RATE_LIMITED u32
+//! retry_after_ms`: it is found with a one-byte read, and that byte stays in the input buffer
+//! until reading resumes, so nothing read is ever dropped.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -25,6 +32,7 @@ use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 use glommio::timer::Timer;
 use iris_core::api::{ConnId, CoreRequest, StoredMsg};
+use iris_core::outbox::AcceptGate;
 use tracing::debug;
 
 use super::{owner_of, Delivery, Shard, ShardMsg};
@@ -72,6 +80,13 @@ impl DrainState {
     }
 }
 
+/// How often a connection looks at a stalled accept gate again.
+const STALL_RECHECK: Duration = Duration::from_millis(10);
+/// The `retry_after_ms` of the RATE_LIMITED frame sent when the bus stalls.
+const STALL_RETRY_AFTER_MS: u32 = 1_000;
+/// Opcode of the RATE_LIMITED frame (`0xFF u32 retry_after_ms`).
+const OP_RATE_LIMITED: u8 = 0xFF;
+
 /// How long after a drain ends live copies of drained messages are still recognised and
 /// dropped. A live copy can trail its drained twin when the sender's ring to the owner shard is
 /// slower than the store's round trip; ring latency is far below this.
@@ -93,6 +108,8 @@ struct ConnState {
     drain: Option<Box<DrainState>>,
     /// Ids the last drain wrote, for a while after it ended.
     recent: Option<Box<RecentDrain>>,
+    /// The accept-gate stall this connection was last told about (RATE_LIMITED).
+    told_stall: u64,
 }
 
 /// The part of a connection other tasks of the shard can reach: its output queue and session.
@@ -114,6 +131,7 @@ impl ConnShared {
                 user: None,
                 drain: None,
                 recent: None,
+                told_stall: 0,
             }),
         }
     }
@@ -339,6 +357,8 @@ enum Io {
     Settled,
     LoginTimeout,
     Recheck,
+    /// The accept gate is stalled: nothing to process.
+    Stalled,
 }
 
 struct Timers {
@@ -412,6 +432,10 @@ impl ConnShared {
         if poll_timer(&mut timers.login, cx) {
             return Poll::Ready(Io::LoginTimeout);
         }
+        let gate = shard.accept_gate().load();
+        if AcceptGate::is_stalled(gate) {
+            return self.poll_stalled(cx, shard, stream, inbuf, timers, gate);
+        }
         if shard.backpressured() {
             if timers.backoff.is_none() {
                 timers.backoff = Some(Box::pin(Timer::new(Duration::from_millis(1))));
@@ -432,6 +456,55 @@ impl ConnShared {
             Poll::Ready(Err(e)) => Poll::Ready(Io::Failed(e)),
             Poll::Pending => Poll::Pending,
         }
+    }
+}
+
+impl ConnShared {
+    /// The bus is stalled: read nothing, except one byte of a logged-in connection not yet told
+    /// about this stall, to learn that it has input; that byte is kept (in `inbuf`) and the
+    /// connection is told RATE_LIMITED.
+    fn poll_stalled(
+        &self,
+        cx: &mut Context<'_>,
+        shard: &Rc<Shard>,
+        stream: &mut TcpStream,
+        inbuf: &mut Vec<u8>,
+        timers: &mut Timers,
+        gate: u64,
+    ) -> Poll<Io> {
+        let stall = AcceptGate::epoch(gate);
+        let ask = {
+            let st = self.st.borrow();
+            st.user.is_some() && st.told_stall != stall
+        };
+        if ask {
+            let mut scratch = shard.scratch.borrow_mut();
+            match Pin::new(&mut *stream).poll_read(cx, &mut scratch[..1]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Io::Eof),
+                Poll::Ready(Ok(n)) => {
+                    ShardMetrics::add(&shard.metrics.bytes_in_total, n as u64);
+                    inbuf.extend_from_slice(&scratch[..n]);
+                    ShardMetrics::inc(&shard.metrics.rate_limited_total);
+                    let mut f = [0u8; 5];
+                    f[0] = OP_RATE_LIMITED;
+                    f[1..].copy_from_slice(&STALL_RETRY_AFTER_MS.to_be_bytes());
+                    let mut st = self.st.borrow_mut();
+                    st.told_stall = stall;
+                    self.append(shard, &mut st, &f);
+                    debug!(shard = shard.id, conn = self.id, stall, "told rate limited");
+                    return Poll::Ready(Io::Stalled);
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Io::Failed(e)),
+                Poll::Pending => {}
+            }
+        }
+        if timers.backoff.is_none() {
+            timers.backoff = Some(Box::pin(Timer::new(STALL_RECHECK)));
+        }
+        if poll_timer(&mut timers.backoff, cx) {
+            return Poll::Ready(Io::Stalled);
+        }
+        Poll::Pending
     }
 }
 
@@ -710,6 +783,7 @@ pub async fn run(shard: Rc<Shard>, mut stream: TcpStream, id: ConnId) {
                 .await;
         let step = match ev {
             Io::Data | Io::Recheck => conn.process(&mut inbuf),
+            Io::Stalled => Step::More,
             Io::Settled => {
                 conn.login_settled = true;
                 conn.process(&mut inbuf)

@@ -270,6 +270,12 @@ impl Shard {
         self.core_notify.notify();
     }
 
+    /// The link's accept gate: while it is stalled (cluster: outbox bound or bus stall) the
+    /// connections read nothing (see `conn.rs`).
+    pub fn accept_gate(&self) -> &iris_core::outbox::AcceptGate {
+        &self.core.gate
+    }
+
     /// Requests waiting for room in the core's queue.
     pub fn core_backlog_len(&self) -> usize {
         self.core_backlog.borrow().len()
