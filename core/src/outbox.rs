@@ -287,9 +287,18 @@ fn encode_record(out: &mut Vec<u8>, seq: u64, id: u64, key: &[u8], frame: &[u8])
     out.len() - start
 }
 
-/// Parses the record at the start of `buf`: `(seq, id, key, frame, record length)`, or `None`
-/// when it is incomplete or does not check.
-fn parse_record(buf: &[u8]) -> Option<(u64, u64, &[u8], &[u8], usize)> {
+/// A record read back from a segment.
+struct Parsed<'a> {
+    seq: u64,
+    id: u64,
+    key: &'a [u8],
+    frame: &'a [u8],
+    /// Bytes of the whole record.
+    len: usize,
+}
+
+/// Parses the record at the start of `buf`, or `None` when it is incomplete or does not check.
+fn parse_record(buf: &[u8]) -> Option<Parsed<'_>> {
     let head = buf.get(..HEADER_BYTES)?;
     let body_len = u32::from_le_bytes(head[0..4].try_into().ok()?) as usize;
     if !(BODY_PREFIX..=MAX_BODY).contains(&body_len) {
@@ -307,7 +316,13 @@ fn parse_record(buf: &[u8]) -> Option<(u64, u64, &[u8], &[u8], usize)> {
     let klen = u16::from_le_bytes(body[8..10].try_into().ok()?) as usize;
     let key = body.get(BODY_PREFIX..BODY_PREFIX + klen)?;
     let frame = &body[BODY_PREFIX + klen..];
-    Some((seq, id, key, frame, total))
+    Some(Parsed {
+        seq,
+        id,
+        key,
+        frame,
+        len: total,
+    })
 }
 
 fn read_watermark(dir: &Path) -> Option<u64> {
@@ -361,18 +376,18 @@ impl Outbox {
             let mut last_seq = 0;
             while pos < data.len() {
                 match parse_record(&data[pos..]) {
-                    Some((seq, id, key, frame, n)) if seq > max_seq => {
-                        if seq >= watermark {
+                    Some(r) if r.seq > max_seq => {
+                        if r.seq >= watermark {
                             replay.push(Replayed {
-                                seq,
-                                id,
-                                key: key.to_vec(),
-                                frame: frame.to_vec(),
+                                seq: r.seq,
+                                id: r.id,
+                                key: r.key.to_vec(),
+                                frame: r.frame.to_vec(),
                             });
                         }
-                        max_seq = seq;
-                        last_seq = seq;
-                        pos += n;
+                        max_seq = r.seq;
+                        last_seq = r.seq;
+                        pos += r.len;
                     }
                     _ => break,
                 }

@@ -14,10 +14,23 @@
 //!   on `iris.{region}.presence`. Before a `DrainRequest` the bridge takes in every request
 //!   already queued by any shard, so a message accepted before the login's drain is produced
 //!   before it (the same rule as the embedded core).
+//! - the **outbox** ([`crate::outbox`], `{data_dir}/outbox`): every `Deliver` and `PrekeyPut`
+//!   is appended to the edge's write-ahead log as the bridge produces it, with its sequence
+//!   number as the producer ticket; the log is written each bridge pass and fsynced by its own
+//!   thread at most every `outbox_commit_ms`, and trimmed when the producer reports the broker's
+//!   ack ([`ProducerRing::take_done`], also the `produce_acked` hop). Producing never waits for
+//!   the disk. At startup the records the broker may not have (at or above the persisted trim
+//!   watermark) are produced again before anything new: a kill -9 of the edge loses nothing it
+//!   had handed to the bridge; duplicates are the few records acknowledged just before the
+//!   crash.
 //! - the **producer thread** ([`KafkaProducer`], acks=all, idempotent, lz4, linger) ships the
-//!   frames; a full ring holds the bridge, which stops taking requests, which fills the shards'
-//!   queues, which stops the shards reading their sockets: backpressure all the way to the
-//!   clients, with bounded memory and nothing accepted dropped.
+//!   frames. A full ring does not stop the bridge: it keeps taking requests (their messages go
+//!   to the outbox at once) and holds the frames in order, up to `outbox_max_bytes` of
+//!   not-acknowledged messages. At that bound, or when the oldest is `bus_stall_ms` old, the
+//!   [`AcceptGate`] shared with the shards stalls: they stop reading their clients and tell each
+//!   sending connection once (`0xFF RATE_LIMITED`); at the bound the bridge also stops taking
+//!   requests, so the shards' queues hold the rest. Memory stays bounded, nothing accepted is
+//!   dropped, and reading resumes by itself when the broker acknowledges again.
 //! - the **consumer thread** ([`KafkaConsumer::start_assigned`]: fixed partitions, offsets kept
 //!   under group `iris-edge-{region}-{node}`, no rebalancing, so a restarted edge reads at once)
 //!   reads this edge's inbox `iris.{region}.edge.{node}` and every partition of the region's
@@ -210,7 +223,9 @@ impl RemoteCore {
         // The outbox first: what a previous run accepted and the broker may not have goes out
         // before anything this run accepts.
         let (outbox, replayed) = Outbox::open(cfg.outbox.clone()).map_err(|e| {
-            CoreError::Io(std::io::Error::other(format!("cannot open the outbox: {e}")))
+            CoreError::Io(std::io::Error::other(format!(
+                "cannot open the outbox: {e}"
+            )))
         })?;
         let kafka = KafkaConfig {
             brokers: cfg.brokers.clone(),
@@ -470,14 +485,13 @@ impl Bridge {
             let mut busy = self.flush_held();
             busy |= self.flush_sessions();
             busy |= self.take_done() > 0;
-            // Past the outbox's byte bound the shards' requests wait in their queues (bounded);
-            // the shards have stopped reading through the gate already.
-            if self.held.is_empty() && !self.outbox.over_bytes() {
+            // Requests are taken (and their messages written to the outbox) even while the
+            // producer ring is full, so what a shard read is on disk at once; `held` is bounded
+            // by the outbox's byte bound: past it the shards' requests wait in their queues
+            // and the shards stop reading (the gate).
+            if !self.outbox.over_bytes() {
                 for s in 0..self.requests.len() {
                     busy |= self.take_from(s, TAKE_BUDGET) > 0;
-                    if !self.held.is_empty() {
-                        break;
-                    }
                 }
             }
             busy |= self.flush_deferred();
@@ -583,17 +597,14 @@ impl Bridge {
         let _ = sel.ready_timeout(timeout);
     }
 
-    /// Takes up to `budget` requests of shard `s`; stops early when the producer ring is full.
+    /// Takes up to `budget` requests of shard `s`; stops early at the outbox's byte bound.
     fn take_from(&mut self, s: usize, budget: usize) -> usize {
         let mut n = 0;
-        while n < budget {
+        while n < budget && !self.outbox.over_bytes() {
             match self.requests[s].try_recv() {
                 Ok(req) => {
                     n += 1;
                     self.outbound(s, req);
-                    if !self.held.is_empty() {
-                        break;
-                    }
                 }
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
             }

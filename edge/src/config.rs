@@ -288,11 +288,9 @@ impl EdgeConfig {
                 return bad("cluster.outbox_commit_ms must be 1 to 1000".to_owned());
             }
             if c.outbox_segment_bytes < 64 << 10 || c.outbox_max_bytes < 1 << 20 {
-                return bad(
-                    "cluster.outbox_segment_bytes must be at least 65536 and \
+                return bad("cluster.outbox_segment_bytes must be at least 65536 and \
                      cluster.outbox_max_bytes at least 1048576"
-                        .to_owned(),
-                );
+                    .to_owned());
             }
             if c.bus_stall_ms < 100 {
                 return bad("cluster.bus_stall_ms must be at least 100".to_owned());

@@ -53,6 +53,8 @@ pub struct ClusterOpts {
     pub broker: BrokerStorage,
     /// Extra arguments of every edge.
     pub edge_args: Vec<String>,
+    /// TOML config file of every edge (`--config`), e.g. `[cluster]\nbus_stall_ms = 2000`.
+    pub edge_config: Option<String>,
     /// Extra arguments of every core.
     pub core_args: Vec<String>,
     /// Environment of every edge and core; by default `RUST_LOG` without the edge's host
@@ -70,6 +72,7 @@ impl Default for ClusterOpts {
             shards: 2,
             broker: BrokerStorage::Memory,
             edge_args: Vec::new(),
+            edge_config: None,
             core_args: Vec::new(),
             env: vec![
                 (
@@ -455,6 +458,7 @@ impl Cluster {
                     args.extend(opts.edge_args.iter().cloned());
                     let so = ServerOpts {
                         shards: opts.shards,
+                        config: opts.edge_config.clone(),
                         env: opts.env.clone(),
                         args,
                         ..ServerOpts::default()
@@ -521,6 +525,24 @@ impl Cluster {
     /// with [`BrokerStorage::Sqlite`]).
     pub fn restart_broker(&mut self) {
         self.broker.restart();
+    }
+
+    /// Freezes the broker (SIGSTOP): its sockets stay open and accept bytes, nothing is
+    /// answered, as a hung or GC-paused broker. [`Cluster::cont_broker`] resumes it.
+    pub fn stop_broker(&mut self) {
+        self.signal_broker(libc::SIGSTOP);
+    }
+
+    /// Resumes a broker frozen by [`Cluster::stop_broker`] (SIGCONT).
+    pub fn cont_broker(&mut self) {
+        self.signal_broker(libc::SIGCONT);
+    }
+
+    fn signal_broker(&mut self, sig: i32) {
+        let pid = self.broker.pid().expect("the broker is not running") as libc::pid_t;
+        // SAFETY: kill(2) with the pid of our own child (the broker), which we have not reaped.
+        let rc = unsafe { libc::kill(pid, sig) };
+        assert_eq!(rc, 0, "kill({pid}, {sig}) of the broker failed");
     }
 
     /// Kills Redis and starts a fresh, empty one on the same port.

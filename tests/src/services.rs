@@ -217,6 +217,11 @@ impl Tansu {
         std::fs::read_to_string(self.dir.path().join("tansu.log")).unwrap_or_default()
     }
 
+    /// The broker's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.0.as_ref().map(Child::id)
+    }
+
     /// Kills the broker (SIGKILL) and waits for it.
     pub fn kill(&mut self) {
         self.proc.kill9();

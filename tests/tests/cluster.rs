@@ -16,6 +16,8 @@
 mod common;
 #[path = "cluster/crash.rs"]
 mod crash;
+#[path = "cluster/outbox.rs"]
+mod outbox;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
