@@ -119,6 +119,8 @@ pub struct Replayed {
 /// The outbox's counters and gauges, read by `/metrics` from any thread.
 #[derive(Debug, Default)]
 pub struct OutboxStats {
+    /// Records appended since start (replays not counted).
+    pub appended: AtomicU64,
     /// Records not yet acknowledged.
     pub records: AtomicU64,
     /// Bytes (headers included) of those records.
@@ -142,6 +144,7 @@ pub struct OutboxStats {
 /// A point-in-time copy of [`OutboxStats`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct OutboxSnapshot {
+    pub appended: u64,
     pub records: u64,
     pub bytes: u64,
     /// Age of the oldest not-acknowledged record, µs (0: none).
@@ -158,6 +161,7 @@ impl OutboxStats {
     pub fn snapshot(&self) -> OutboxSnapshot {
         let oldest = self.oldest_unix_micros.load(Ordering::Relaxed);
         OutboxSnapshot {
+            appended: self.appended.load(Ordering::Relaxed),
             records: self.records.load(Ordering::Relaxed),
             bytes: self.bytes.load(Ordering::Relaxed),
             oldest_age_micros: if oldest == 0 {
@@ -260,6 +264,8 @@ pub struct Outbox {
     slots: VecDeque<Slot>,
     unacked_records: u64,
     unacked_bytes: u64,
+    /// The highest sequence number written to a segment.
+    written_seq: u64,
     watermark_written: u64,
     watermark_at: Instant,
     stats: Arc<OutboxStats>,
@@ -459,6 +465,7 @@ impl Outbox {
             slots: VecDeque::new(),
             unacked_records: 0,
             unacked_bytes: 0,
+            written_seq: next_seq - 1,
             watermark_written: watermark,
             watermark_at: Instant::now(),
             stats,
@@ -565,7 +572,8 @@ impl Outbox {
         self.unacked_bytes += bytes as u64;
     }
 
-    /// Writes the appended records to the active segment (one `write`) and rolls it when full.
+    /// Writes the appended records to the active segment (one `write`) and rolls it when full;
+    /// only then are they counted as appended (a kill -9 of the process no longer loses them).
     /// On error the outbox is failed for good (the caller stops accepting).
     pub fn write_pending(&mut self) -> Result<(), OutboxError> {
         if self.pending.is_empty() {
@@ -585,7 +593,10 @@ impl Outbox {
         }
         let seg = self.segments.back_mut().ok_or(OutboxError::Failed)?;
         seg.bytes += self.pending.len() as u64;
+        let written = (self.next_seq - 1) - self.written_seq;
+        self.written_seq = self.next_seq - 1;
         seg.last_seq = self.next_seq - 1;
+        self.stats.appended.fetch_add(written, Ordering::Relaxed);
         self.pending.clear();
         if self.pending.capacity() > 4 << 20 {
             self.pending = Vec::new();

@@ -263,7 +263,9 @@ fn start_core(
                 region: c.region.clone(),
                 node: c.node_id,
                 partitions: c.partitions,
-                queue_capacity: cfg.core_queue_capacity,
+                // Small: a message is in memory only between the socket read and the bridge's
+                // outbox write; a full queue stops the shard reading (Shard::backpressured).
+                queue_capacity: cfg.core_queue_capacity.min(CLUSTER_QUEUE_CAPACITY),
                 kafka: KafkaConfig {
                     linger_ms: c.linger_ms,
                     compression: c.compression.clone(),
@@ -290,6 +292,11 @@ fn start_core(
         }
     }
 }
+
+/// Capacity of each shard's request queue to the cluster link, at most: what a shard has read
+/// and the bridge has not yet written to the outbox (lost by a kill -9) stays below this plus
+/// one socket read per connection.
+const CLUSTER_QUEUE_CAPACITY: usize = 256;
 
 /// The cluster link's counters as Prometheus lines.
 fn remote_lines(s: &RemoteSnapshot) -> Vec<(&'static str, &'static str, &'static str, u64)> {
@@ -359,6 +366,12 @@ fn remote_lines(s: &RemoteSnapshot) -> Vec<(&'static str, &'static str, &'static
             "counter",
             "Inbound frames that waited for room in a shard's queue.",
             s.replies_deferred,
+        ),
+        (
+            "iris_edge_outbox_appended_total",
+            "counter",
+            "Accepted messages written to the outbox (a kill -9 of the edge no longer loses them).",
+            s.outbox.appended,
         ),
         (
             "iris_edge_outbox_records",

@@ -285,6 +285,9 @@ impl Shard {
     /// (TCP backpressure to the senders) instead of letting the shard's queues grow.
     pub fn backpressured(&self) -> bool {
         self.core_backlog_len() >= CORE_BACKLOG_HIGH
+            // Cluster: what was read is only in memory until the bridge writes it to the
+            // outbox, so stop as soon as the link's (small) queue is full.
+            || (self.cluster && (self.core.to_core.is_full() || self.core_backlog_len() > 0))
             || self.outbox.iter().any(|o| o.borrow().len() >= OUTBOX_HIGH)
     }
 
