@@ -67,6 +67,9 @@ pub enum OutboxError {
     /// An earlier write or fsync failed; the outbox accepts nothing more.
     #[error("outbox failed earlier and accepts nothing more")]
     Failed,
+    /// Another process holds the outbox directory (two edges on one data directory).
+    #[error("outbox {0} is locked by another process")]
+    Locked(PathBuf),
 }
 
 fn io_err(path: &Path, source: std::io::Error) -> OutboxError {
@@ -271,6 +274,8 @@ pub struct Outbox {
     stats: Arc<OutboxStats>,
     sync: Arc<SyncShared>,
     syncer: Option<JoinHandle<()>>,
+    /// Held (locked) while the outbox is open.
+    _lock: File,
 }
 
 fn segment_name(first_seq: u64) -> String {
@@ -359,6 +364,19 @@ impl Outbox {
     pub fn open(cfg: OutboxConfig) -> Result<(Outbox, Vec<Replayed>), OutboxError> {
         let dir = cfg.dir.clone();
         std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
+        // One process per outbox: the lock goes with the process (a kill -9 releases it).
+        let lock_path = dir.join("lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| io_err(&lock_path, e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(OutboxError::Locked(dir)),
+            Err(std::fs::TryLockError::Error(e)) => return Err(io_err(&lock_path, e)),
+        }
         let watermark = read_watermark(&dir).unwrap_or(0);
         let mut names: Vec<(u64, PathBuf)> = std::fs::read_dir(&dir)
             .map_err(|e| io_err(&dir, e))?
@@ -471,6 +489,7 @@ impl Outbox {
             stats,
             sync,
             syncer: Some(syncer),
+            _lock: lock,
         };
         for r in &replay {
             let bytes = HEADER_BYTES + BODY_PREFIX + r.key.len() + r.frame.len();
@@ -848,7 +867,7 @@ mod tests {
         ob.write_pending().unwrap();
         assert_eq!(ob.unacked(), 10);
         // A kill -9: no close, nothing but the written bytes survive.
-        std::mem::forget(ob);
+        drop(ob); // as a kill -9: no pending write, no watermark, no fsync
         let (ob, replay) = Outbox::open(cfg(t.path())).unwrap();
         assert_eq!(replay.len(), 10);
         for (i, r) in replay.iter().enumerate() {
@@ -960,7 +979,7 @@ mod tests {
         assert_eq!(read_watermark(&t.path().join("outbox")), Some(13));
         // Acked after the last watermark write: replayed again too.
         ob.done(13, true);
-        std::mem::forget(ob);
+        drop(ob); // as a kill -9: no pending write, no watermark, no fsync
         let (ob, replay) = Outbox::open(cfg(t.path())).unwrap();
         assert_eq!(
             replay.iter().map(|r| r.seq).collect::<Vec<_>>(),
@@ -1036,6 +1055,18 @@ mod tests {
         assert!(ob.must_stall());
         assert!(matches!(ob.append(2, b"u", b"f"), Err(OutboxError::Failed)));
         assert!(ob.stats().snapshot().failed);
+    }
+
+    #[test]
+    fn a_second_open_of_the_same_outbox_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let (ob, _) = Outbox::open(cfg(t.path())).unwrap();
+        assert!(matches!(
+            Outbox::open(cfg(t.path())),
+            Err(OutboxError::Locked(_))
+        ));
+        drop(ob);
+        Outbox::open(cfg(t.path())).unwrap();
     }
 
     #[test]
