@@ -391,11 +391,6 @@ impl RemoteCore {
             Some(t) => Some(t.join().map_err(|_| CoreError::ThreadPanicked)?),
             None => None,
         };
-        if let Some(c) = self.consumer.take() {
-            if let Err(e) = c.stop() {
-                warn!(error = %e, "kafka consumer did not stop cleanly");
-            }
-        }
         let mut report = ShutdownReport::default();
         let producer = self.producer.lock().ok().and_then(|mut g| g.take());
         if let Some(p) = producer {
@@ -430,6 +425,23 @@ impl RemoteCore {
                     error!(error = %e, "outbox not closed cleanly: accepted messages may be lost");
                     result = Err(CoreError::Io(std::io::Error::other(e.to_string())));
                 }
+            }
+        }
+        // The consumer commits its offsets synchronously when it stops, which waits as long as
+        // the broker does not answer: bounded here (uncommitted inbox offsets only mean frames
+        // consumed again, and duplicates of routed messages are dropped).
+        if let Some(c) = self.consumer.take() {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let stopper = std::thread::Builder::new()
+                .name("iris-consumer-stop".to_owned())
+                .spawn(move || {
+                    let _ = tx.send(c.stop());
+                });
+            match stopper.map(|_| rx.recv_timeout(flush.max(Duration::from_secs(1)))) {
+                Ok(Ok(Ok(_))) => {}
+                Ok(Ok(Err(e))) => warn!(error = %e, "kafka consumer did not stop cleanly"),
+                Ok(Err(_)) => warn!("kafka consumer did not stop in time (broker not answering)"),
+                Err(e) => warn!(error = %e, "kafka consumer not stopped"),
             }
         }
         if let Some(w) = self.sessions.take() {
