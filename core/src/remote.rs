@@ -500,10 +500,10 @@ impl Bridge {
             // Requests are taken (and their messages written to the outbox) even while the
             // producer ring is full, so what a shard read is on disk at once; `held` is bounded
             // by the outbox's byte bound: past it the shards' requests wait in their queues
-            // and the shards stop reading (the gate).
-            if !self.outbox.over_bytes() {
+            // and the shards stop reading (the gate). At stop the shards are gone: take all.
+            if stopping || !self.outbox.over_bytes() {
                 for s in 0..self.requests.len() {
-                    busy |= self.take_from(s, TAKE_BUDGET) > 0;
+                    busy |= self.take_from(s, TAKE_BUDGET, !stopping) > 0;
                 }
             }
             busy |= self.flush_deferred();
@@ -511,7 +511,9 @@ impl Bridge {
                 busy |= self.take_inbound() > 0;
             }
             self.commit_outbox();
-            if stopping && !busy && self.held.is_empty() && self.all_requests_empty() {
+            // Held frames need not wait for a stalled broker: the messages among them are in
+            // the outbox; `finish` gives the others a short while.
+            if stopping && !busy && self.all_requests_empty() {
                 self.finish();
                 return;
             }
@@ -521,10 +523,11 @@ impl Bridge {
         }
     }
 
-    /// At stop: the shards are gone; make sure what they queued reached the producer ring (the
-    /// producer keeps retrying while it runs) and the session writer.
+    /// At stop: the shards are gone; give what they queued a short while to reach the producer
+    /// ring (the producer keeps retrying while it runs) and the session writer. Messages that
+    /// do not are in the outbox.
     fn finish(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + Duration::from_secs(2);
         while !(self.held.is_empty() && self.session_backlog.is_empty())
             && Instant::now() < deadline
         {
@@ -535,7 +538,7 @@ impl Bridge {
         if !self.held.is_empty() {
             warn!(
                 frames = self.held.len(),
-                "producer ring still full at shutdown; these frames were not sent"
+                "producer ring still full at shutdown; these frames were not sent (the messages among them stay in the outbox)"
             );
         }
     }
@@ -609,10 +612,11 @@ impl Bridge {
         let _ = sel.ready_timeout(timeout);
     }
 
-    /// Takes up to `budget` requests of shard `s`; stops early at the outbox's byte bound.
-    fn take_from(&mut self, s: usize, budget: usize) -> usize {
+    /// Takes up to `budget` requests of shard `s`; stops early at the outbox's byte bound when
+    /// `bounded`.
+    fn take_from(&mut self, s: usize, budget: usize, bounded: bool) -> usize {
         let mut n = 0;
-        while n < budget && !self.outbox.over_bytes() {
+        while n < budget && !(bounded && self.outbox.over_bytes()) {
             match self.requests[s].try_recv() {
                 Ok(req) => {
                     n += 1;
