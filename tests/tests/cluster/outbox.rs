@@ -425,3 +425,67 @@ fn sigterm_with_the_broker_stalled_keeps_the_outbox_and_the_next_start_delivers(
     println!("outbox SIGTERM with stalled broker: exit 0 after {took:?}, {N} kept and delivered, {dups} duplicates");
     c.assert_running();
 }
+
+/// The outbox's byte bound: with the broker hung and a 1 MiB `outbox_max_bytes` (the stall age
+/// far away), the sender's edge stops reading once 1 MiB waits for the broker, tells the
+/// sender RATE_LIMITED, and reads the rest once the broker is back; nothing is lost.
+#[test]
+fn the_outbox_byte_bound_stops_reading_and_loses_nothing() {
+    const N: usize = 4_000;
+    const LEN: usize = 1_000;
+    let opts = ClusterOpts {
+        edge_config: Some(
+            "[cluster]\noutbox_max_bytes = 1048576\nbus_stall_ms = 600000\n".to_owned(),
+        ),
+        ..ClusterOpts::default()
+    };
+    let mut c = Cluster::start(opts);
+    assert!(c.wait_startup_presence());
+    let a = unique("ba");
+    let b = unique("bb");
+    let mut ca = c.login(SENDER_EDGE, &a);
+    c.stop_broker();
+    let writer = {
+        let mut s = ca.stream().try_clone().expect("clone stream");
+        let b = b.clone();
+        std::thread::spawn(move || {
+            // Blocks while the edge does not read; finishes once it reads again.
+            s.write_all(&sends(&b, 0..N, LEN)).expect("write");
+        })
+    };
+    let told = match ca.next_raw(Instant::now() + Duration::from_secs(20)) {
+        Ok((Frame::RateLimited(ms), _)) => ms,
+        Ok((other, _)) => panic!("sender got {other:?}"),
+        Err(e) => panic!("no RATE_LIMITED at the byte bound: {e:?}"),
+    };
+    let bytes = c.edge_metric(SENDER_EDGE, "iris_edge_outbox_bytes");
+    let accepted_1 = c.edge_metric(SENDER_EDGE, "iris_edge_messages_accepted_total");
+    assert!(bytes >= 1 << 20, "stalled at {bytes} outbox bytes");
+    std::thread::sleep(Duration::from_secs(1));
+    let accepted_2 = c.edge_metric(SENDER_EDGE, "iris_edge_messages_accepted_total");
+    assert_eq!(
+        accepted_1, accepted_2,
+        "the edge kept reading past its bound"
+    );
+    assert!(
+        (accepted_2 as usize) < N,
+        "everything was read: the bound did not hold"
+    );
+    c.cont_broker();
+    writer.join().expect("writer");
+    let mut cb = c.login(RECIPIENT_EDGE, &b);
+    let got = collect_numbers(
+        &mut cb,
+        N,
+        LEN,
+        Duration::from_secs(1),
+        Duration::from_secs(90),
+    );
+    let (set, dups) = distinct_and_dups(&got);
+    assert_eq!(set.len(), N, "first missing: {:?}", missing_below(&set, N));
+    println!(
+        "outbox byte bound: stalled at {bytes} B ({accepted_2} of {N} read), told \
+         RATE_LIMITED({told} ms), all {N} delivered after the broker resumed, {dups} duplicates"
+    );
+    c.assert_running();
+}
