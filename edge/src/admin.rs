@@ -87,3 +87,44 @@ fn serve(
     };
     iris_core::http::answer_admin(s, body, stopping)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    fn get(addr: SocketAddr, path: &str) -> String {
+        let mut s = TcpStream::connect(addr).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn health_says_503_when_the_edge_cannot_accept_and_text_is_appended() {
+        let failed = Arc::new(AtomicBool::new(false));
+        let f = Arc::clone(&failed);
+        let extras = Extras {
+            lines: Arc::new(|| vec![("iris_x_total", "counter", "x", 3)]),
+            text: Arc::new(|out| out.push_str("iris_hist_count{hop=\"a\"} 7\n")),
+            unhealthy: Arc::new(move || f.load(Ordering::Relaxed).then_some("outbox_failed")),
+        };
+        let addr = start(
+            "127.0.0.1:0".parse().unwrap(),
+            vec![Arc::new(ShardMetrics::default())],
+            extras,
+            Arc::new(AtomicBool::new(false)),
+        )
+        .unwrap();
+        assert!(get(addr, "/health").starts_with("HTTP/1.1 200"));
+        let m = get(addr, "/metrics");
+        assert!(m.contains("iris_x_total 3\n") && m.contains("iris_hist_count{hop=\"a\"} 7\n"));
+        failed.store(true, Ordering::Relaxed);
+        let h = get(addr, "/health");
+        assert!(
+            h.starts_with("HTTP/1.1 503") && h.ends_with("outbox_failed\n"),
+            "{h}"
+        );
+    }
+}
