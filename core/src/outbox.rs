@@ -250,6 +250,9 @@ struct SyncShared {
     /// Files with writes since their last fsync (the active segment is always last).
     files: Mutex<Vec<(PathBuf, File)>>,
     dirty: AtomicBool,
+    /// A segment was created: its directory entry needs an fsync of the directory.
+    dir: PathBuf,
+    dir_dirty: AtomicBool,
     stop: AtomicBool,
 }
 
@@ -451,7 +454,10 @@ impl Outbox {
         if let Ok(d) = File::open(&dir) {
             let _ = d.sync_all();
         }
-        let sync = Arc::new(SyncShared::default());
+        let sync = Arc::new(SyncShared {
+            dir: dir.clone(),
+            ..SyncShared::default()
+        });
         let clone = active.try_clone().map_err(|e| io_err(&path, e))?;
         sync.files
             .lock()
@@ -652,6 +658,7 @@ impl Outbox {
         if let Ok(mut files) = self.sync.files.lock() {
             files.push((path.clone(), clone));
         }
+        self.sync.dir_dirty.store(true, Ordering::Release);
         self.active = file;
         self.segments.push_back(Segment {
             path,
@@ -793,6 +800,16 @@ impl Drop for Outbox {
 fn sync_loop(sync: &SyncShared, stats: &OutboxStats, every: Duration) {
     loop {
         let stop = sync.stop.load(Ordering::Acquire);
+        if sync.dir_dirty.swap(false, Ordering::AcqRel) {
+            // New segments' names, before their first records count as synced.
+            if let Err(e) = File::open(&sync.dir).and_then(|d| d.sync_all()) {
+                if !stats.failed.swap(true, Ordering::Relaxed) {
+                    error!(path = %sync.dir.display(), error = %e,
+                        "outbox directory fsync failed: the edge stops accepting messages");
+                }
+                return;
+            }
+        }
         if sync.dirty.swap(false, Ordering::AcqRel) {
             let files: Vec<(PathBuf, File)> = match sync.files.lock() {
                 Ok(f) => f
