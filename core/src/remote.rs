@@ -320,6 +320,8 @@ impl RemoteCore {
             gate,
             produce_acked: Arc::clone(&produce_acked),
             stalled_since: None,
+            held_since: None,
+            stall: Duration::from_millis(cfg.outbox.stall_ms),
             sink,
             session_backlog: VecDeque::new(),
             stats: Arc::clone(&stats),
@@ -483,6 +485,10 @@ struct Bridge {
     produce_acked: Arc<HopHistogram>,
     /// When the current stall began.
     stalled_since: Option<Instant>,
+    /// Since when `held` is not empty (the broker takes no frames at all: acks and other
+    /// frames that are not in the outbox stall the gate too after `stall`).
+    held_since: Option<Instant>,
+    stall: Duration,
     sink: SessionSink,
     session_backlog: VecDeque<SessionOp>,
     stats: Arc<RemoteStats>,
@@ -549,7 +555,13 @@ impl Bridge {
         // A failure is logged and marked by the outbox; the gate below stops accepting.
         let _ = self.outbox.write_pending();
         self.outbox.tick();
-        let stall = self.outbox.must_stall();
+        if self.held.is_empty() {
+            self.held_since = None;
+        } else if self.held_since.is_none() {
+            self.held_since = Some(Instant::now());
+        }
+        let stall =
+            self.outbox.must_stall() || self.held_since.is_some_and(|t| t.elapsed() >= self.stall);
         if self.gate.set(stall) {
             self.outbox.stats().stalls.fetch_add(1, Ordering::Relaxed);
             warn!(
