@@ -485,8 +485,8 @@ struct Bridge {
     produce_acked: Arc<HopHistogram>,
     /// When the current stall began.
     stalled_since: Option<Instant>,
-    /// Since when `held` is not empty (the broker takes no frames at all: acks and other
-    /// frames that are not in the outbox stall the gate too after `stall`).
+    /// Since when `held` is not empty without progress (the broker takes no frames at all:
+    /// acks and other frames that are not in the outbox stall the gate too after `stall`).
     held_since: Option<Instant>,
     stall: Duration,
     sink: SessionSink,
@@ -500,7 +500,8 @@ impl Bridge {
     fn run(&mut self) {
         loop {
             let stopping = self.stop.load(Ordering::Acquire);
-            let mut busy = self.flush_held();
+            let moved = self.flush_held();
+            let mut busy = moved;
             busy |= self.flush_sessions();
             busy |= self.take_done() > 0;
             // Requests are taken (and their messages written to the outbox) even while the
@@ -516,7 +517,7 @@ impl Bridge {
             if self.deferred_total < DEFERRED_HIGH {
                 busy |= self.take_inbound() > 0;
             }
-            self.commit_outbox();
+            self.commit_outbox(moved);
             // Held frames need not wait for a stalled broker: the messages among them are in
             // the outbox; `finish` gives the others a short while.
             if stopping && !busy && self.all_requests_empty() {
@@ -550,14 +551,15 @@ impl Bridge {
     }
 
     /// Writes what this pass appended to the outbox (its fsync is the sync thread's), persists
-    /// the watermark now and then and opens or closes the accept gate.
-    fn commit_outbox(&mut self) {
+    /// the watermark now and then and opens or closes the accept gate. `moved`: held frames went
+    /// to the producer ring in this pass.
+    fn commit_outbox(&mut self, moved: bool) {
         // A failure is logged and marked by the outbox; the gate below stops accepting.
         let _ = self.outbox.write_pending();
         self.outbox.tick();
         if self.held.is_empty() {
             self.held_since = None;
-        } else if self.held_since.is_none() {
+        } else if moved || self.held_since.is_none() {
             self.held_since = Some(Instant::now());
         }
         let stall =
