@@ -373,6 +373,29 @@ mod tests {
     }
 
     #[test]
+    fn outbox_keys_parse_and_validate() {
+        let c: EdgeConfig = toml::from_str(
+            "[cluster]\nbus = \"kafka\"\noutbox_commit_ms = 5\noutbox_max_bytes = 1048576\n\
+             bus_stall_ms = 2000\noutbox_segment_bytes = 65536\n",
+        )
+        .unwrap();
+        assert_eq!(c.cluster.outbox_commit_ms, 5);
+        assert_eq!(c.cluster.bus_stall_ms, 2000);
+        c.validate().unwrap();
+        for bad in [
+            "outbox_commit_ms = 0",
+            "outbox_commit_ms = 1001",
+            "outbox_segment_bytes = 4096",
+            "outbox_max_bytes = 1000",
+            "bus_stall_ms = 10",
+        ] {
+            let c: EdgeConfig =
+                toml::from_str(&format!("[cluster]\nbus = \"kafka\"\n{bad}\n")).unwrap();
+            assert!(c.validate().is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
     fn short_secret_is_invalid() {
         let mut c = EdgeConfig::default();
         c.auth.enabled = true;
