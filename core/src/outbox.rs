@@ -1074,6 +1074,37 @@ mod tests {
         assert!(ob.stats().snapshot().failed);
     }
 
+    /// Garbage after valid records, and records cut at every byte, never panic the recovery:
+    /// the valid prefix comes back and the rest is truncated.
+    #[test]
+    fn recovery_survives_garbage_and_every_cut() {
+        let mut rec = Vec::new();
+        for i in 0..3 {
+            encode_record(&mut rec, i + 1, i, b"key", &frame(i));
+        }
+        let one = rec.len() / 3;
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for cut in (0..rec.len()).step_by(7).chain([rec.len()]) {
+            let t = tempfile::tempdir().unwrap();
+            let dir = t.path().join("outbox");
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut data = rec[..cut].to_vec();
+            // Pseudo-random garbage after the cut.
+            for _ in 0..(cut % 50) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                data.push(x as u8);
+            }
+            std::fs::write(dir.join(segment_name(1)), &data).unwrap();
+            let (mut ob, replay) = Outbox::open(cfg(t.path())).unwrap();
+            assert_eq!(replay.len(), cut / one, "cut at {cut}");
+            let seq = ob.append(9, b"k", b"f").unwrap();
+            assert!(seq > replay.len() as u64);
+            ob.write_pending().unwrap();
+        }
+    }
+
     #[test]
     fn a_second_open_of_the_same_outbox_is_refused() {
         let t = tempfile::tempdir().unwrap();
