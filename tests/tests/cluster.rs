@@ -14,6 +14,8 @@
 
 #[path = "cluster/common.rs"]
 mod common;
+#[path = "cluster/core_path.rs"]
+mod core_path;
 #[path = "cluster/crash.rs"]
 mod crash;
 
