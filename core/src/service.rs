@@ -13,38 +13,53 @@
 //! directory; nothing is lost meanwhile. Failover across processes needs the shared (ScyllaDB)
 //! store.
 //!
+//! Besides its deliver partitions, the consumer is assigned the same-numbered partitions of the
+//! region's presence topic (every presence partition when the counts differ), from their end at
+//! each start and never committed: they feed the presence cache (below) with the events seen
+//! since this process started.
+//!
 //! For each record (validated with `decode_counted`; a bad frame is counted, its first
 //! occurrence logged, and skipped; a frame whose user is empty or too long for the store is
 //! counted as `rejected` and skipped):
 //!
-//! - `Deliver`: stored in the [`MessageStore`] (the record of truth until acked), then routed
-//!   (below) to the recipient's edge(s) after the window's durable commit. Offline: it stays
-//!   stored for the next login.
+//! - `Deliver`: stored in the [`MessageStore`] (the record of truth until acked), and routed
+//!   (below) to the recipient's edge(s) when its window closes. Offline: it stays stored for
+//!   the next login.
 //! - `Relay` (typing, read receipt; `frame` is the recipient's complete client frame): routed
-//!   exactly like a stored deliver, after the same window's commit, but never stored; with no
-//!   target it is dropped (`relays_dropped`).
-//! - `Ack`: the message is deleted; an ack inside the same commit window also cancels the
-//!   pending insert (the message is never written, and not routed).
+//!   exactly like a deliver, but never stored; with no target it is dropped (`relays_dropped`).
+//! - `Ack`: the message is deleted; an ack inside the same window also cancels the pending
+//!   insert and its route.
 //! - `DrainRequest`: answered with one `DrainChunk` (messages with `id > after` in id order, at
-//!   most `min(limit, MAX_DRAIN_CHUNK)`, `more` when more are stored) on the requesting edge's
+//!   most `min(limit, MAX_DRAIN_CHUNK)` and at most [`MAX_DRAIN_CHUNK_BYTES`] of payload and
+//!   sender, one larger message alone; `more` when more are stored) on the requesting edge's
 //!   inbox (`node` of the request). A request with `after == 0` (a login starts) also records a
 //!   **login hint** user → (node, now).
 //! - `PrekeyPut`: the bundle is stored (replacing the previous one) with the window's batch.
 //! - `PrekeyFetch`: answered with a `PrekeyBundle` (`None` when nothing is stored) on the inbox of
 //!   the request's `node`, like a drain chunk.
-//! - `Presence`: nothing to store (edges consume presence themselves): counted and ignored, as
-//!   are chunks, bundles, edge resets and routes (not core-bound on this topic).
+//! - `Presence` (presence topic): the presence cache adds (node, login ms) for an online event
+//!   and removes the node for an offline one (unless its login is newer); an event stamped
+//!   before its node's last `EdgeReset` is stale and ignored. A user whose last node goes
+//!   offline leaves the cache (Redis is asked again). `EdgeReset` (presence topic): the node
+//!   leaves every cached user, and the login hints naming it are dropped.
+//! - Anything else (presence on the deliver topic, chunks, bundles, routes): counted, ignored.
 //!
-//! **Routing.** The targets of a deliver or relay are the union of the recipient's Redis
-//! session node (when the session is online in this region; [`SessionReader::get_many`], one
-//! pipelined lookup per commit window) and its login hint's node (when a hint younger than
-//! [`HINT_TTL`] existed when the record was consumed); each distinct node gets the frame once,
-//! the consumed record's bytes unchanged. The hint covers the race of a login: a deliver
-//! consumed after the login's drain request but before the edge's session write reached Redis
-//! is neither in the drain's chunk nor routable by session, yet must reach the user live. A
-//! stale hint (the user left that node) only costs the edge a frame it drops; the message stays
-//! stored until acked. Hints older than [`HINT_TTL`] are pruned at most once a second; at most
-//! [`MAX_HINTS`] are held (further ones are counted as `hints_dropped`).
+//! **Routing.** The targets of a deliver or relay are the recipient's nodes in the presence
+//! cache when it has an entry (a set: every device of the user), else the nodes of its Redis
+//! session ([`online_nodes`](crate::sessions::SessionRecord::online_nodes) in this region; [`SessionReader::get_many`], one
+//! pipelined lookup per window for the uncached recipients only), plus its login hint's node
+//! (when a hint younger than [`HINT_TTL`] existed when the record was consumed); each distinct
+//! node gets the frame once, the consumed record's bytes unchanged. The hint covers the race of
+//! a login: a deliver consumed after the login's drain request but before the edge's session
+//! write reached Redis (or its presence event reached the core) is neither in the drain's chunk
+//! nor routable by session, yet must reach the user live. A stale hint only costs the edge a
+//! frame it drops; the message stays stored until acked. Hints older than [`HINT_TTL`] are
+//! pruned at most once a second; at most [`MAX_HINTS`] are held.
+//!
+//! **Redis failures.** A failed lookup holds the routes and relays that needed it (at most
+//! [`MAX_RETRY`] / [`MAX_RETRY_BYTES`], oldest dropped and counted: their messages stay stored)
+//! and retries the lookup every [`RETRY_EVERY`]; until one works, windows do not ask Redis
+//! (cached recipients are routed at once). Then every held route is routed, in order.
 //!
 //! **Edge inbox partition.** Everything the core produces to an edge inbox goes to partition 0:
 //! one edge consumes its whole inbox and hands each frame to the shard it names (a chunk or a
@@ -54,20 +69,26 @@
 //! **Ordering.** A user's core-bound frames all land on the user's one partition, and the
 //! service handles a partition's records one at a time in offset order. So when a drain request
 //! or a prekey fetch is handled every earlier record of that user has been applied: the pending
-//! window is written to the store (not yet fsynced) before the read, and the answer is produced
-//! only after the window's durable commit, like everything else.
+//! window is written to the store (not yet fsynced) before the read.
 //!
-//! **Group commit and durability.** Records are applied to an in-memory window; at the end of
-//! the commit window (`commit_window`, 2 ms by default, measured from the first record of the
-//! window) or after `max_batch` records the window is written as one atomic batch and the
-//! journal fsynced. Only then are the window's outputs (routed delivers and relays, drain
-//! chunks, prekey bundles) handed to the producer, and only then are the consumed offsets
-//! committed. So a crash (kill -9) loses nothing the store acknowledged: records after the last
-//! committed offset are consumed again, which may store or route a message twice
-//! (at-least-once; ids make duplicates detectable), never lose one. Outputs handed to the
-//! producer but not yet acknowledged by the broker at a crash are lost; the messages they
-//! carried stay stored and come with the next drain. A failed store commit stops the service
-//! with an error, offsets uncommitted.
+//! **Pipelined windows: route before the fsync, commit after everything is safe.** Records are
+//! applied to an in-memory window; at the end of the commit window (`commit_window`, 2 ms by
+//! default, from the window's first record) or after `max_batch` records the window closes: its
+//! batch is written (one atomic batch) and the fsync thread is asked to make it durable, and its
+//! outputs (routed delivers and relays, drain chunks, prekey bundles) are handed to the producer
+//! at once, each with a ticket ([`OutFrame::ticket`]): a live copy does not wait for the fsync;
+//! its durability comes from the broker (and the sender edge's outbox). The window's offsets
+//! are committed only once its fsync is done and every one of its tickets was reported done
+//! ([`ProducerRing::take_done`]), strictly in window order, while the following windows keep
+//! being consumed (consumption pauses beyond 1024 windows or
+//! 200,000 outputs waiting). So a crash (kill -9) consumes again every record
+//! whose routed copy might not have reached the broker and routes it again, without a login:
+//! at-least-once (ids make duplicates detectable), nothing lost. A frame the producer can never
+//! produce is counted (`outputs_failed`) and does not hold its window. A failed write or fsync
+//! stops the service with an error, offsets uncommitted.
+//!
+//! **Lost topics.** A [`TopicKeeper`] re-creates the deliver and presence topics when the
+//! broker lost them (every 2 s, and at once after a consume error).
 //!
 //! **Admin endpoint.** With [`ServiceConfig::admin`] set, a plain std thread serves
 //! `GET /metrics` (Prometheus text: every [`ServiceStats`] counter as
@@ -762,7 +783,7 @@ impl CoreService {
     }
 
     /// Consumes until `stop` is set, then closes the last window and waits (at most
-    /// [`SHUTDOWN_WAIT`]) for every closed window's fsync and acks, committing their offsets
+    /// 5 s) for every closed window's fsync and acks, committing their offsets
     /// synchronously, and flushes the producer (at most 5 s). Windows still waiting then keep
     /// their offsets uncommitted: their records come again at the next start. The admin
     /// endpoint answers `/health` with 503 from then on and stops when this returns.

@@ -68,7 +68,11 @@ fn message_of_the_largest_send_size_is_routed_live_and_drained() {
     // Live, edge 1 → core → edge 2.
     let big = numbered(1, MAX_SEND);
     ca.send(&b, &big);
-    let (_, p) = recv_one(&mut cb, Duration::from_secs(30), "the largest message, live");
+    let (_, p) = recv_one(
+        &mut cb,
+        Duration::from_secs(30),
+        "the largest message, live",
+    );
     assert!(p == big, "live payload intact ({} bytes)", p.len());
     // Stored, then drained on edge 2 with smaller ones around it.
     ca.send(&d, &numbered(2, 100));
@@ -77,10 +81,7 @@ fn message_of_the_largest_send_size_is_routed_live_and_drained() {
     wait_delivers(&mut c, 4);
     let mut cd = c.login(1, &d);
     let got = cd.recv_msgs(3, true);
-    let sizes: Vec<(usize, usize)> = got
-        .iter()
-        .map(|(_, p)| (number_of(p), p.len()))
-        .collect();
+    let sizes: Vec<(usize, usize)> = got.iter().map(|(_, p)| (number_of(p), p.len())).collect();
     assert_eq!(sizes, vec![(2, 100), (3, MAX_SEND), (4, 100)]);
     assert!(got[1].1 == numbered(3, MAX_SEND), "drained payload intact");
     cd.expect_silence(Duration::from_secs(1));
@@ -103,9 +104,11 @@ fn redis_killed_under_load_online_recipient_keeps_getting_messages_live() {
     let r = Receiver::start(cb, Arc::clone(&got), all, Duration::from_secs(120));
     let t0 = Instant::now();
     let mut s = Sender::start(ca, &b, 0..N, BATCH, PAUSE);
-    eventually("live messages before the kill", Duration::from_secs(30), || {
-        r.count() >= 300
-    });
+    eventually(
+        "live messages before the kill",
+        Duration::from_secs(30),
+        || r.count() >= 300,
+    );
     c.redis.kill();
     let t_kill = Instant::now();
     let sent_at_kill = s.mark();
