@@ -973,6 +973,15 @@ fn routed_copies_not_acked_at_a_kill_are_routed_again_after_restart() {
         core.metric("iris_core_commits_total") >= 1,
         "the windows were fsynced"
     );
+    // The routed hop is measured at the broker's ack, the consumed hop at consumption.
+    assert_eq!(
+        core.metric(r#"iris_core_hop_seconds_count{hop="routed"}"#),
+        0
+    );
+    assert_eq!(
+        core.metric(r#"iris_core_hop_seconds_count{hop="consumed"}"#),
+        20
+    );
     core.kill9();
     {
         let store = MessageStore::open(env.data_dir()).unwrap();
@@ -990,6 +999,7 @@ fn routed_copies_not_acked_at_a_kill_are_routed_again_after_restart() {
     );
     core.wait_metric("iris_core_delivers_total", 20);
     core.wait_metric("iris_core_producer_produced_ok_total", 20);
+    core.wait_metric(r#"iris_core_hop_seconds_count{hop="routed"}"#, 20);
 }
 
 #[test]
