@@ -47,7 +47,9 @@
 //! **Routing.** The targets of a deliver or relay are the recipient's nodes in the presence
 //! cache when it has an entry (a set: every device of the user), else the nodes of its Redis
 //! session ([`online_nodes`](crate::sessions::SessionRecord::online_nodes) in this region; [`SessionReader::get_many`], one
-//! pipelined lookup per window for the uncached recipients only), plus its login hint's node
+//! pipelined lookup per window for the uncached recipients only; a newly cached user's Redis
+//! nodes are merged into its entry at its first lookup, once, so a device that logged in before
+//! this process started is not missed), plus its login hint's node
 //! (when a hint younger than [`HINT_TTL`] existed when the record was consumed); each distinct
 //! node gets the frame once, the consumed record's bytes unchanged. The hint covers the race of
 //! a login: a deliver consumed after the login's drain request but before the edge's session
@@ -517,6 +519,14 @@ impl Drop for Syncer {
     }
 }
 
+/// One user of the presence cache.
+struct CacheEntry {
+    /// Nodes where the user is online, with the login's unix ms (0: known from Redis).
+    nodes: Vec<(u32, u64)>,
+    /// Whether its Redis session was merged in (sessions older than this process).
+    merged: bool,
+}
+
 /// Per-hop latency histograms of the core (`iris_core_hop_seconds{hop=...}`).
 #[derive(Debug, Default)]
 pub struct CoreHops {
@@ -562,7 +572,7 @@ pub struct CoreService {
     hints_pruned: Instant,
     /// Presence cache: user → nodes where it is online (node, login unix ms), from the
     /// presence events seen since this process started.
-    online: HashMap<Vec<u8>, Vec<(u32, u64)>>,
+    online: HashMap<Vec<u8>, CacheEntry>,
     /// Latest `EdgeReset` per node (unix ms): older events of that node are stale.
     resets: HashMap<u32, u64>,
     /// Routes and relays whose session lookup failed, oldest first, retried every
@@ -942,20 +952,26 @@ impl CoreService {
                 }
                 let user = p.user.as_slice();
                 if p.online {
-                    if let Some(nodes) = self.online.get_mut(user) {
-                        match nodes.iter_mut().find(|(n, _)| *n == node) {
+                    if let Some(entry) = self.online.get_mut(user) {
+                        match entry.nodes.iter_mut().find(|(n, _)| *n == node) {
                             Some(e) => e.1 = e.1.max(unix_ms),
-                            None => nodes.push((node, unix_ms)),
+                            None => entry.nodes.push((node, unix_ms)),
                         }
                     } else if self.online.len() < MAX_CACHED_USERS {
-                        self.online.insert(user.to_vec(), vec![(node, unix_ms)]);
+                        self.online.insert(
+                            user.to_vec(),
+                            CacheEntry {
+                                nodes: vec![(node, unix_ms)],
+                                merged: false,
+                            },
+                        );
                     } else {
                         self.stats.cache_full.fetch_add(1, Ordering::Relaxed);
                     }
-                } else if let Some(nodes) = self.online.get_mut(user) {
+                } else if let Some(entry) = self.online.get_mut(user) {
                     // A logout older than the login it would undo is stale.
-                    nodes.retain(|&(n, at)| n != node || at > unix_ms);
-                    if nodes.is_empty() {
+                    entry.nodes.retain(|&(n, at)| n != node || at > unix_ms);
+                    if entry.nodes.is_empty() {
                         // Unknown again: the next route asks Redis, which may know a session
                         // older than this process.
                         self.online.remove(user);
@@ -971,9 +987,9 @@ impl CoreService {
                 self.stats.edge_resets.fetch_add(1, Ordering::Relaxed);
                 let last = self.resets.entry(node).or_insert(0);
                 *last = (*last).max(unix_ms);
-                self.online.retain(|_, nodes| {
-                    nodes.retain(|&(n, at)| n != node || at > unix_ms);
-                    !nodes.is_empty()
+                self.online.retain(|_, entry| {
+                    entry.nodes.retain(|&(n, at)| n != node || at > unix_ms);
+                    !entry.nodes.is_empty()
                 });
                 // A hint recorded after the reset (a login on the restarted node whose drain
                 // request was consumed before this late reset) stays.
@@ -1461,8 +1477,9 @@ impl CoreService {
     }
 
     /// The distinct target nodes of a deliver or relay to `recipient`: the nodes of its
-    /// presence-cache entry when it has one, else its Redis session's (`sessions`; `None`
-    /// when the lookup failed: no answer), plus the login hint's node.
+    /// presence-cache entry when it has one (merged with its Redis session's once, by
+    /// [`Self::session_nodes`]), else its Redis session's (`sessions`; `None` when the lookup
+    /// failed: no answer), plus the login hint's node.
     fn targets(
         &self,
         recipient: &[u8],
@@ -1470,9 +1487,9 @@ impl CoreService {
         sessions: Option<&HashMap<Vec<u8>, Vec<u32>>>,
     ) -> Option<Vec<u32>> {
         let mut t: Vec<u32> = match self.online.get(recipient) {
-            Some(nodes) => {
+            Some(entry) => {
                 self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
-                nodes.iter().map(|&(n, _)| n).collect()
+                entry.nodes.iter().map(|&(n, _)| n).collect()
             }
             None => sessions?.get(recipient).cloned().unwrap_or_default(),
         };
@@ -1487,12 +1504,14 @@ impl CoreService {
 
     /// The nodes of this region holding online sessions of the recipients of `outputs` that
     /// are not in the presence cache (one pipelined Redis lookup, none when every recipient is
-    /// cached); `None` when the lookup fails (then Redis is marked down until a retry works).
+    /// cached and merged); `None` when the lookup fails (then Redis is marked down until a
+    /// retry works). The lookup also covers the cached users not merged yet: their sessions
+    /// from before this process started (another device) join their entry, once.
     fn session_nodes(&mut self, outputs: &[Output]) -> Option<HashMap<Vec<u8>, Vec<u32>>> {
         let mut users: Vec<&[u8]> = outputs
             .iter()
             .filter_map(Output::recipient)
-            .filter(|u| !self.online.contains_key(*u))
+            .filter(|u| !self.online.get(*u).is_some_and(|e| e.merged))
             .collect();
         users.sort_unstable();
         users.dedup();
@@ -1509,9 +1528,18 @@ impl CoreService {
                 }
                 self.redis_down_since = None;
                 for (u, rec) in users.iter().zip(records) {
-                    let Some(rec) = rec else { continue };
-                    let online = rec.online_nodes(&self.cfg.region);
-                    if !online.is_empty() {
+                    let online = rec
+                        .map(|r| r.online_nodes(&self.cfg.region))
+                        .unwrap_or_default();
+                    if let Some(entry) = self.online.get_mut(*u) {
+                        // Login time unknown (0): any logout or reset of that node removes it.
+                        for n in online {
+                            if !entry.nodes.iter().any(|&(m, _)| m == n) {
+                                entry.nodes.push((n, 0));
+                            }
+                        }
+                        entry.merged = true;
+                    } else if !online.is_empty() {
                         nodes.insert(u.to_vec(), online);
                     }
                 }

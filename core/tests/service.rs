@@ -1070,16 +1070,33 @@ fn presence_cache_routes_to_every_online_node_and_drops_a_reset_node() {
     let e8 = env.edge(8);
     let core = env.core();
     let tx = env.producer();
-    // hana has no Redis session at all: only the presence events make her routable.
+    // hana has no Redis session at all: only the presence events make her routable. kim has
+    // a session on node 7 from before this core started and logs in on node 8 after.
+    env.online(b"kim", 7);
     publish_presence(
         &core,
         &tx,
         &[
             presence_event(b"hana", 7, true, 1_000),
             presence_event(b"hana", 8, true, 1_000),
+            presence_event(b"kim", 8, true, 1_000),
         ],
     );
-    assert_eq!(core.metric("iris_core_cached_users"), 1);
+    assert_eq!(core.metric("iris_core_cached_users"), 2);
+    // kim's older session (Redis) joins the cached one: both devices get the message.
+    tx.frame(&BusFrame::Deliver(msg(100, b"kim")));
+    tx.flush();
+    for (edge, what) in [
+        (&e7, "kim on node 7 (Redis)"),
+        (&e8, "kim on node 8 (cache)"),
+    ] {
+        let got: Vec<u64> = delivers(&edge.frames(1, Duration::from_secs(30)))
+            .iter()
+            .map(|d| d.id)
+            .collect();
+        assert_eq!(got, vec![100], "{what}");
+    }
+    core.wait_metric("iris_core_routed_total", 2);
     // Redis is not needed for a cached user.
     env.redis.kill();
     for i in 1..=5 {
@@ -1096,8 +1113,13 @@ fn presence_cache_routes_to_every_online_node_and_drops_a_reset_node() {
         .map(|d| d.id)
         .collect();
     assert_eq!((got7, got8), (want.clone(), want), "both devices live");
-    core.wait_metric("iris_core_routed_total", 10);
-    assert_eq!(core.metric("iris_core_session_lookups_total"), 0);
+    core.wait_metric("iris_core_routed_total", 12);
+    assert!(core.metric("iris_core_cache_hits_total") >= 6);
+    assert_eq!(
+        core.metric("iris_core_retry_held"),
+        0,
+        "cached routes are never held"
+    );
     // Node 7 restarts: its sessions are gone.
     tx.presence(&BusFrame::EdgeReset(EdgeReset {
         node: 7,
@@ -1124,7 +1146,7 @@ fn presence_cache_routes_to_every_online_node_and_drops_a_reset_node() {
     // hana logs out of node 8: unknown to the cache again, so the core asks Redis, which is
     // down: the route is held for a retry, nothing is sent.
     tx.presence(&presence_event(b"hana", 8, false, 3_000));
-    core.wait_metric("iris_core_cached_users", 0);
+    core.wait_metric("iris_core_cached_users", 1); // kim still
     tx.frame(&BusFrame::Deliver(msg(9, b"hana")));
     tx.flush();
     core.wait_metric("iris_core_retry_held", 1);
