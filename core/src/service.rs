@@ -13,38 +13,55 @@
 //! directory; nothing is lost meanwhile. Failover across processes needs the shared (ScyllaDB)
 //! store.
 //!
+//! Besides its deliver partitions, the consumer is assigned the same-numbered partitions of the
+//! region's presence topic (every presence partition when the counts differ), from their end at
+//! each start and never committed: they feed the presence cache (below) with the events seen
+//! since this process started.
+//!
 //! For each record (validated with `decode_counted`; a bad frame is counted, its first
 //! occurrence logged, and skipped; a frame whose user is empty or too long for the store is
 //! counted as `rejected` and skipped):
 //!
-//! - `Deliver`: stored in the [`MessageStore`] (the record of truth until acked), then routed
-//!   (below) to the recipient's edge(s) after the window's durable commit. Offline: it stays
-//!   stored for the next login.
+//! - `Deliver`: stored in the [`MessageStore`] (the record of truth until acked), and routed
+//!   (below) to the recipient's edge(s) when its window closes. Offline: it stays stored for
+//!   the next login.
 //! - `Relay` (typing, read receipt; `frame` is the recipient's complete client frame): routed
-//!   exactly like a stored deliver, after the same window's commit, but never stored; with no
-//!   target it is dropped (`relays_dropped`).
-//! - `Ack`: the message is deleted; an ack inside the same commit window also cancels the
-//!   pending insert (the message is never written, and not routed).
+//!   exactly like a deliver, but never stored; with no target it is dropped (`relays_dropped`).
+//! - `Ack`: the message is deleted; an ack inside the same window also cancels the pending
+//!   insert and its route.
 //! - `DrainRequest`: answered with one `DrainChunk` (messages with `id > after` in id order, at
-//!   most `min(limit, MAX_DRAIN_CHUNK)`, `more` when more are stored) on the requesting edge's
+//!   most `min(limit, MAX_DRAIN_CHUNK)` and at most [`MAX_DRAIN_CHUNK_BYTES`] of payload and
+//!   sender, one larger message alone; `more` when more are stored) on the requesting edge's
 //!   inbox (`node` of the request). A request with `after == 0` (a login starts) also records a
 //!   **login hint** user → (node, now).
 //! - `PrekeyPut`: the bundle is stored (replacing the previous one) with the window's batch.
 //! - `PrekeyFetch`: answered with a `PrekeyBundle` (`None` when nothing is stored) on the inbox of
 //!   the request's `node`, like a drain chunk.
-//! - `Presence`: nothing to store (edges consume presence themselves): counted and ignored, as
-//!   are chunks, bundles, edge resets and routes (not core-bound on this topic).
+//! - `Presence` (presence topic): the presence cache adds (node, login ms) for an online event
+//!   and removes the node for an offline one (unless its login is newer); an event stamped
+//!   before its node's last `EdgeReset` is stale and ignored. A user whose last node goes
+//!   offline leaves the cache (Redis is asked again). `EdgeReset` (presence topic): the node
+//!   leaves every cached user, and the login hints naming it are dropped.
+//! - Anything else (presence on the deliver topic, chunks, bundles, routes): counted, ignored.
 //!
-//! **Routing.** The targets of a deliver or relay are the union of the recipient's Redis
-//! session node (when the session is online in this region; [`SessionReader::get_many`], one
-//! pipelined lookup per commit window) and its login hint's node (when a hint younger than
-//! [`HINT_TTL`] existed when the record was consumed); each distinct node gets the frame once,
-//! the consumed record's bytes unchanged. The hint covers the race of a login: a deliver
-//! consumed after the login's drain request but before the edge's session write reached Redis
-//! is neither in the drain's chunk nor routable by session, yet must reach the user live. A
-//! stale hint (the user left that node) only costs the edge a frame it drops; the message stays
-//! stored until acked. Hints older than [`HINT_TTL`] are pruned at most once a second; at most
-//! [`MAX_HINTS`] are held (further ones are counted as `hints_dropped`).
+//! **Routing.** The targets of a deliver or relay are the recipient's nodes in the presence
+//! cache when it has an entry (a set: every device of the user), else the nodes of its Redis
+//! session ([`online_nodes`](crate::sessions::SessionRecord::online_nodes) in this region; [`SessionReader::get_many`], one
+//! pipelined lookup per window for the uncached recipients only; a newly cached user's Redis
+//! nodes are merged into its entry at its first lookup, once, so a device that logged in before
+//! this process started is not missed), plus its login hint's node
+//! (when a hint younger than [`HINT_TTL`] existed when the record was consumed); each distinct
+//! node gets the frame once, the consumed record's bytes unchanged. The hint covers the race of
+//! a login: a deliver consumed after the login's drain request but before the edge's session
+//! write reached Redis (or its presence event reached the core) is neither in the drain's chunk
+//! nor routable by session, yet must reach the user live. A stale hint only costs the edge a
+//! frame it drops; the message stays stored until acked. Hints older than [`HINT_TTL`] are
+//! pruned at most once a second; at most [`MAX_HINTS`] are held.
+//!
+//! **Redis failures.** A failed lookup holds the routes and relays that needed it (at most
+//! [`MAX_RETRY`] / [`MAX_RETRY_BYTES`], oldest dropped and counted: their messages stay stored)
+//! and retries the lookup every [`RETRY_EVERY`]; until one works, windows do not ask Redis
+//! (cached recipients are routed at once). Then every held route is routed, in order.
 //!
 //! **Edge inbox partition.** Everything the core produces to an edge inbox goes to partition 0:
 //! one edge consumes its whole inbox and hands each frame to the shard it names (a chunk or a
@@ -54,27 +71,33 @@
 //! **Ordering.** A user's core-bound frames all land on the user's one partition, and the
 //! service handles a partition's records one at a time in offset order. So when a drain request
 //! or a prekey fetch is handled every earlier record of that user has been applied: the pending
-//! window is written to the store (not yet fsynced) before the read, and the answer is produced
-//! only after the window's durable commit, like everything else.
+//! window is written to the store (not yet fsynced) before the read.
 //!
-//! **Group commit and durability.** Records are applied to an in-memory window; at the end of
-//! the commit window (`commit_window`, 2 ms by default, measured from the first record of the
-//! window) or after `max_batch` records the window is written as one atomic batch and the
-//! journal fsynced. Only then are the window's outputs (routed delivers and relays, drain
-//! chunks, prekey bundles) handed to the producer, and only then are the consumed offsets
-//! committed. So a crash (kill -9) loses nothing the store acknowledged: records after the last
-//! committed offset are consumed again, which may store or route a message twice
-//! (at-least-once; ids make duplicates detectable), never lose one. Outputs handed to the
-//! producer but not yet acknowledged by the broker at a crash are lost; the messages they
-//! carried stay stored and come with the next drain. A failed store commit stops the service
-//! with an error, offsets uncommitted.
+//! **Pipelined windows: route before the fsync, commit after everything is safe.** Records are
+//! applied to an in-memory window; at the end of the commit window (`commit_window`, 2 ms by
+//! default, from the window's first record) or after `max_batch` records the window closes: its
+//! batch is written (one atomic batch) and the fsync thread is asked to make it durable, and its
+//! outputs (routed delivers and relays, drain chunks, prekey bundles) are handed to the producer
+//! at once, each with a ticket ([`OutFrame::ticket`]): a live copy does not wait for the fsync;
+//! its durability comes from the broker (and the sender edge's outbox). The window's offsets
+//! are committed only once its fsync is done and every one of its tickets was reported done
+//! ([`ProducerRing::take_done`]), strictly in window order, while the following windows keep
+//! being consumed (consumption pauses beyond 1024 windows or
+//! 200,000 outputs waiting). So a crash (kill -9) consumes again every record
+//! whose routed copy might not have reached the broker and routes it again, without a login:
+//! at-least-once (ids make duplicates detectable), nothing lost. A frame the producer can never
+//! produce is counted (`outputs_failed`) and does not hold its window. A failed write or fsync
+//! stops the service with an error, offsets uncommitted.
+//!
+//! **Lost topics.** A [`TopicKeeper`] re-creates the deliver and presence topics when the
+//! broker lost them (every 2 s, and at once after a consume error).
 //!
 //! **Admin endpoint.** With [`ServiceConfig::admin`] set, a plain std thread serves
 //! `GET /metrics` (Prometheus text: every [`ServiceStats`] counter as
 //! `iris_core_<name>_total`, `iris_core_bus_frames_total{outcome=...}`, the producer's
 //! counters, gauges) and `GET /health` (`200 ok`, `503 stopping` once shutdown began).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -83,10 +106,13 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use iris_bus::kafka::{ensure_topics, KafkaConfig, KafkaProducer, OutFrame, ProducerRing};
+use iris_bus::hops::HopHistogram;
+use iris_bus::kafka::{
+    ensure_topics, Done, KafkaConfig, KafkaProducer, OutFrame, ProducerRing, TopicKeeper,
+};
 use iris_bus::{
-    decode_counted, encode, to_owned, BusFrame, DrainChunk, DrainRequest, Drained, FrameCounts,
-    FrameStats, PrekeyBundle, PrekeyFetch,
+    decode_counted, encode, to_owned, ArchivedBusFrame, BusFrame, DrainChunk, DrainRequest,
+    Drained, FrameCounts, FrameStats, PrekeyBundle, PrekeyFetch,
 };
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -101,9 +127,43 @@ use crate::error::CoreError;
 use crate::sessions::{SessionConfig, SessionReader};
 use crate::store::{Batch, MessageStore, MAX_SENDER_LEN, MAX_USER_LEN};
 
-/// The most messages one `DrainChunk` carries, whatever the request's `limit` (keeps a chunk
-/// well under the broker's default 1 MB record limit for small messages).
+/// The most messages one `DrainChunk` carries, whatever the request's `limit`.
 pub const MAX_DRAIN_CHUNK: usize = 1000;
+
+/// The most payload and sender bytes one `DrainChunk` carries (a single larger message still
+/// goes alone): keeps a chunk well under the broker's default 1 MB record limit.
+pub const MAX_DRAIN_CHUNK_BYTES: usize = 512 * 1024;
+
+/// Messages read from the store at a time while a drain chunk is filled.
+const DRAIN_PAGE: usize = 64;
+
+/// The most routes and relays held for a session lookup retry while Redis fails (the oldest
+/// are dropped beyond it, counted as `retry_dropped`; their messages stay stored).
+pub const MAX_RETRY: usize = 100_000;
+
+/// The same bound in bytes (records and recipients held).
+pub const MAX_RETRY_BYTES: usize = 64 << 20;
+
+/// How often the held routes' session lookup is retried while Redis fails.
+pub const RETRY_EVERY: Duration = Duration::from_millis(200);
+
+/// The most users the presence cache holds (further logins are looked up in Redis).
+pub const MAX_CACHED_USERS: usize = 1_000_000;
+
+/// Closed windows waiting for their acks beyond which consumption pauses.
+const MAX_INFLIGHT_WINDOWS: usize = 1024;
+
+/// Ticketed outputs waiting for their acks beyond which consumption pauses.
+const MAX_INFLIGHT_OUTPUTS: usize = 200_000;
+
+/// How often the producer's reports are looked at while closed windows wait for them.
+const ACK_POLL: Duration = Duration::from_millis(1);
+
+/// How long a stopping service waits for its closed windows' acks.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+
+/// How often the topic keeper checks that the region's topics exist.
+const KEEPER_EVERY: Duration = Duration::from_secs(2);
 
 /// How long a login hint (user → node of its latest `DrainRequest` with `after == 0`) routes
 /// the user's delivers and relays to that node besides its Redis session.
@@ -148,12 +208,15 @@ pub struct ServiceConfig {
     /// Address of the admin endpoint (`/metrics`, `/health`); `None`: no endpoint. Port 0
     /// binds a free port ([`CoreService::admin_addr`] tells which).
     pub admin: Option<SocketAddr>,
+    /// Consumer `fetch.wait.max.ms`: the longest a fetch waits at the broker (tansu answers
+    /// only at this deadline, so it bounds the consume hop there; 500 suits a real Kafka).
+    pub fetch_wait_max_ms: u32,
 }
 
 impl ServiceConfig {
     /// A configuration with the defaults: 16 partitions, group `iris-core-{region}`, a 2 ms
     /// commit window, 4096 records per window at most, member 0 of 1 (every partition), no
-    /// admin endpoint.
+    /// admin endpoint, a 5 ms fetch wait.
     pub fn new(
         brokers: impl Into<String>,
         redis_url: impl Into<String>,
@@ -173,6 +236,7 @@ impl ServiceConfig {
             member: 0,
             members: 1,
             admin: None,
+            fetch_wait_max_ms: 5,
         }
     }
 
@@ -236,12 +300,17 @@ pub struct Counter {
 /// [`ServiceStats::counters`], so `/metrics` cannot miss one.
 macro_rules! service_stats {
     ($($(#[doc = $doc:literal])+ $name:ident,)+) => {
-        /// Counters of the service (monotonic, except the `hints_held` gauge).
+        /// Counters of the service (monotonic, except the gauges `hints_held`, `cached_users`,
+        /// `retry_held`).
         #[derive(Debug, Default)]
         pub struct ServiceStats {
             $($(#[doc = $doc])+ pub $name: AtomicU64,)+
             /// Login hints held now (a gauge).
             pub hints_held: AtomicU64,
+            /// Users in the presence cache now (a gauge).
+            pub cached_users: AtomicU64,
+            /// Routes and relays held for a lookup retry now (a gauge).
+            pub retry_held: AtomicU64,
         }
 
         impl ServiceStats {
@@ -294,11 +363,28 @@ service_stats! {
     hints_dropped,
     /// Durable store commits.
     commits,
-    /// Session lookups that failed (the messages stayed stored, unrouted).
+    /// Session lookups that failed (their routes wait for a retry).
     session_errors,
+    /// Pipelined Redis session lookups made (one per window with uncached recipients, one per
+    /// retry).
+    session_lookups,
+    /// Routes and relays whose targets came from the presence cache.
+    cache_hits,
+    /// Online presence events not cached because MAX_CACHED_USERS were held.
+    cache_full,
+    /// Edge resets seen on the presence topic.
+    edge_resets,
+    /// Times a route or relay was held for a session lookup retry.
+    retry_queued,
+    /// Held routes and relays routed after a lookup retry worked.
+    retry_routed,
+    /// Held routes and relays dropped beyond MAX_RETRY or MAX_RETRY_BYTES (messages stay stored).
+    retry_dropped,
+    /// Outputs the producer reported as never producible (their window still commits).
+    outputs_failed,
 }
 
-/// One output decided inside a window, produced after its durable commit.
+/// One output decided inside a window, handed to the producer when the window closes.
 enum Output {
     /// A stored message (the consumed record, unchanged) to route to the recipient's edge(s).
     Route {
@@ -321,7 +407,38 @@ enum Output {
     },
 }
 
-/// The records applied since the last durable commit.
+impl Output {
+    /// The login hint's node of a route or relay.
+    fn hint(&self) -> Option<u32> {
+        match self {
+            Output::Route { hint, .. } | Output::Relay { hint, .. } => *hint,
+            Output::Frame { .. } => None,
+        }
+    }
+
+    /// The recipient of a route or relay.
+    fn recipient(&self) -> Option<&[u8]> {
+        match self {
+            Output::Route { recipient, .. } | Output::Relay { recipient, .. } => Some(recipient),
+            Output::Frame { .. } => None,
+        }
+    }
+
+    /// Bytes held by a route or relay kept for a retry (about).
+    fn held_bytes(&self) -> usize {
+        match self {
+            Output::Route {
+                recipient, record, ..
+            }
+            | Output::Relay {
+                recipient, record, ..
+            } => recipient.len() + record.len() + 64,
+            Output::Frame { key, payload, .. } => key.len() + payload.len() + 64,
+        }
+    }
+}
+
+/// The records applied since the last window closed.
 #[derive(Default)]
 struct Window {
     started: Option<Instant>,
@@ -339,10 +456,91 @@ struct Window {
     offsets: HashMap<i32, i64>,
 }
 
+/// A closed window whose offsets wait for its fsync and for every one of its ticketed outputs.
+struct Inflight {
+    seq: u64,
+    offsets: HashMap<i32, i64>,
+    /// Ticketed outputs not yet reported done by the producer.
+    waiting: usize,
+}
+
+/// Window sequence number of the outputs that belong to no window (retried routes).
+const NO_WINDOW: u64 = 0;
+
+/// The fsync thread: the consume thread writes a window (not synced), asks for its fsync with
+/// the window's sequence number and goes on; the thread fsyncs (one fsync covers every window
+/// asked for meanwhile) and answers the highest sequence number made durable.
+struct Syncer {
+    ask: Option<crossbeam::channel::Sender<u64>>,
+    done: crossbeam::channel::Receiver<Result<u64, CoreError>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Syncer {
+    fn start(store: Arc<MessageStore>) -> Result<Syncer, CoreError> {
+        let (ask, asked) = crossbeam::channel::unbounded::<u64>();
+        let (answer, done) = crossbeam::channel::unbounded();
+        let thread = std::thread::Builder::new()
+            .name("iris-core-fsync".to_owned())
+            .spawn(move || {
+                while let Ok(mut seq) = asked.recv() {
+                    while let Ok(s) = asked.try_recv() {
+                        seq = seq.max(s);
+                    }
+                    let r = store.write(&Batch::default(), true).map(|()| seq);
+                    let failed = r.is_err();
+                    if answer.send(r).is_err() || failed {
+                        return;
+                    }
+                }
+            })?;
+        Ok(Syncer {
+            ask: Some(ask),
+            done,
+            thread: Some(thread),
+        })
+    }
+
+    /// Asks for the fsync of everything written so far, as window `seq`.
+    fn ask(&self, seq: u64) -> Result<(), CoreError> {
+        match &self.ask {
+            Some(a) if a.send(seq).is_ok() => Ok(()),
+            _ => Err(CoreError::ThreadPanicked),
+        }
+    }
+}
+
+impl Drop for Syncer {
+    fn drop(&mut self) {
+        self.ask = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One user of the presence cache.
+struct CacheEntry {
+    /// Nodes where the user is online, with the login's unix ms (0: known from Redis).
+    nodes: Vec<(u32, u64)>,
+    /// Whether its Redis session was merged in (sessions older than this process).
+    merged: bool,
+}
+
+/// Per-hop latency histograms of the core (`iris_core_hop_seconds{hop=...}`).
+#[derive(Debug, Default)]
+pub struct CoreHops {
+    /// Accepted by the edge → consumed by the core (delivers).
+    pub consumed: HopHistogram,
+    /// Accepted by the edge → routed copy acknowledged by the broker (per copy).
+    pub routed: HopHistogram,
+}
+
 /// The running core service: consumer, producer, store, session reader and admin endpoint.
 pub struct CoreService {
     cfg: ServiceConfig,
     deliver_topic: String,
+    presence_topic: String,
     /// Partitions of the deliver topic (from the broker's metadata).
     partitions: u32,
     /// The deliver partitions this member owns.
@@ -355,13 +553,40 @@ pub struct CoreService {
     sessions: SessionReader,
     frames: Arc<FrameStats>,
     stats: Arc<ServiceStats>,
+    hops: Arc<CoreHops>,
     window: Window,
-    /// Login hints: user → (node, when its `after == 0` drain request was handled).
-    hints: HashMap<Vec<u8>, (u32, Instant)>,
+    /// Closed windows, oldest first, waiting to have their offsets committed.
+    inflight: VecDeque<Inflight>,
+    next_seq: u64,
+    /// The highest window sequence number made durable by the fsync thread.
+    synced: u64,
+    syncer: Syncer,
+    /// Ticketed outputs not yet reported: ticket → (window seq or [`NO_WINDOW`], message id or
+    /// 0).
+    tickets: HashMap<u64, (u64, u64)>,
+    next_ticket: u64,
+    done: Vec<Done>,
+    /// Login hints: user → (node, when its `after == 0` drain request was handled, the same
+    /// in unix ms).
+    hints: HashMap<Vec<u8>, (u32, Instant, u64)>,
     hints_pruned: Instant,
+    /// Presence cache: user → nodes where it is online (node, login unix ms), from the
+    /// presence events seen since this process started.
+    online: HashMap<Vec<u8>, CacheEntry>,
+    /// Latest `EdgeReset` per node (unix ms): older events of that node are stale.
+    resets: HashMap<u32, u64>,
+    /// Routes and relays whose session lookup failed, oldest first, retried every
+    /// [`RETRY_EVERY`].
+    retry: VecDeque<Output>,
+    retry_bytes: usize,
+    /// When the last lookup failed (`None`: Redis answers); while set, windows do not ask Redis
+    /// and their uncached routes wait in `retry`.
+    redis_down_since: Option<Instant>,
+    retried: Instant,
     /// Edge inbox topic names, built once per node.
     inboxes: HashMap<u32, Arc<str>>,
     admin: Option<Admin>,
+    keeper: Option<TopicKeeper>,
     logged_consume_error: bool,
     logged_session_error: bool,
 }
@@ -379,26 +604,27 @@ impl std::fmt::Debug for CoreService {
 
 impl CoreService {
     /// Validates `cfg`, creates the missing topics (deliver and presence, `partitions` each),
-    /// opens the store, starts the producer, reads the deliver topic's partition count and
-    /// assigns this member's partitions (from the group's committed offsets), then starts the
-    /// admin endpoint if configured. Consumption starts with [`Self::run`].
+    /// opens the store, starts the producer, the fsync thread and the topic keeper, reads the
+    /// topics' partition counts and assigns this member's deliver partitions (from the group's
+    /// committed offsets) and presence partitions (from their end), then starts the admin
+    /// endpoint if configured. Consumption starts with [`Self::run`].
     pub fn start(cfg: ServiceConfig) -> Result<Self, CoreError> {
         cfg.validate()?;
         let kafka = KafkaConfig {
             brokers: cfg.brokers.clone(),
             client_id: format!("iris-core-{}-{}", cfg.region, cfg.member),
             linger_ms: 1,
+            fetch_wait_max_ms: cfg.fetch_wait_max_ms,
             ..KafkaConfig::default()
         };
         let parts = cfg.partitions as i32;
         let deliver_topic = iris_bus::topics::deliver(&cfg.region);
-        ensure_topics(
-            &kafka,
-            &[
-                (deliver_topic.clone(), parts),
-                (iris_bus::topics::presence(&cfg.region), parts),
-            ],
-        )?;
+        let presence_topic = iris_bus::topics::presence(&cfg.region);
+        let topics = vec![
+            (deliver_topic.clone(), parts),
+            (presence_topic.clone(), parts),
+        ];
+        ensure_topics(&kafka, &topics)?;
         let store = Arc::new(MessageStore::open(&cfg.data_dir)?);
         let sessions = SessionReader::new(&SessionConfig::with_url(cfg.redis_url.clone()))?;
         let (producer, mut rings) = KafkaProducer::start(&kafka, 1)?;
@@ -414,9 +640,11 @@ impl CoreService {
             // tansu answers a waiting fetch only at this deadline (librdkafka's default is
             // 500 ms): keep it short so a frame waits at most this long in the broker.
             .set("fetch.wait.max.ms", kafka.fetch_wait_max_ms.to_string())
+            .set("socket.nagle.disable", "true")
             .set("log_level", "3")
             .create()?;
         let partitions = topic_partitions(&consumer, &deliver_topic)?;
+        let presence_partitions = topic_partitions(&consumer, &presence_topic)?;
         let assigned = owned_partitions(partitions, cfg.member, cfg.members);
         if assigned.is_empty() {
             warn!(
@@ -426,9 +654,20 @@ impl CoreService {
                 "no deliver partition falls to this member, it consumes nothing"
             );
         }
-        let mut tpl = TopicPartitionList::with_capacity(assigned.len());
+        // A user's presence events share its deliver partition's number when both topics have
+        // the same count; otherwise every presence partition may hold this member's users.
+        let presence_assigned: Vec<i32> = if presence_partitions == partitions {
+            assigned.clone()
+        } else {
+            (0..presence_partitions as i32).collect()
+        };
+        let mut tpl = TopicPartitionList::with_capacity(assigned.len() + presence_assigned.len());
         for &p in &assigned {
             tpl.add_partition_offset(&deliver_topic, p, Offset::Stored)?;
+        }
+        for &p in &presence_assigned {
+            // Never committed: the cache covers the events seen since this start.
+            tpl.add_partition_offset(&presence_topic, p, Offset::End)?;
         }
         consumer.assign(&tpl)?;
         info!(
@@ -437,10 +676,20 @@ impl CoreService {
             members = cfg.members,
             partitions,
             assigned = ?assigned,
+            presence_partitions = ?presence_assigned,
             topic = %deliver_topic,
             "iris-core assigned its deliver partitions"
         );
+        let keeper = match TopicKeeper::start(&kafka, topics, KEEPER_EVERY) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                warn!(error = %e, "topic keeper not started, lost topics are not re-created");
+                None
+            }
+        };
+        let syncer = Syncer::start(Arc::clone(&store))?;
         let stats = Arc::new(ServiceStats::default());
+        let hops = Arc::new(CoreHops::default());
         let frames = Arc::new(FrameStats::new());
         let producer = Arc::new(Mutex::new(Some(producer)));
         let admin = match cfg.admin {
@@ -448,6 +697,7 @@ impl CoreService {
                 addr,
                 AdminView {
                     stats: Arc::clone(&stats),
+                    hops: Arc::clone(&hops),
                     frames: Arc::clone(&frames),
                     producer: Arc::clone(&producer),
                     store: Arc::clone(&store),
@@ -460,6 +710,7 @@ impl CoreService {
         Ok(CoreService {
             cfg,
             deliver_topic,
+            presence_topic,
             partitions,
             assigned,
             consumer,
@@ -469,11 +720,26 @@ impl CoreService {
             sessions,
             frames,
             stats,
+            hops,
             window: Window::default(),
+            inflight: VecDeque::new(),
+            next_seq: 1,
+            synced: 0,
+            syncer,
+            tickets: HashMap::new(),
+            next_ticket: 1,
+            done: Vec::new(),
             hints: HashMap::new(),
             hints_pruned: Instant::now(),
+            online: HashMap::new(),
+            resets: HashMap::new(),
+            retry: VecDeque::new(),
+            retry_bytes: 0,
+            redis_down_since: None,
+            retried: Instant::now(),
             inboxes: HashMap::new(),
             admin,
+            keeper,
             logged_consume_error: false,
             logged_session_error: false,
         })
@@ -482,6 +748,11 @@ impl CoreService {
     /// The service's counters.
     pub fn stats(&self) -> &Arc<ServiceStats> {
         &self.stats
+    }
+
+    /// The service's per-hop latency histograms.
+    pub fn hops(&self) -> &Arc<CoreHops> {
+        &self.hops
     }
 
     /// Decode outcomes of the consumed records (bad frames are `invalid`/`unknown_version`).
@@ -522,13 +793,13 @@ impl CoreService {
         line
     }
 
-    /// Consumes until `stop` is set, then commits the last window durably, produces its
-    /// outputs, commits its offsets synchronously and flushes the producer (at most 5 s).
-    /// The admin endpoint answers `/health` with 503 from then on and stops when this returns.
+    /// Consumes until `stop` is set, then closes the last window and waits (at most
+    /// 5 s) for every closed window's fsync and acks, committing their offsets
+    /// synchronously, and flushes the producer (at most 5 s). Windows still waiting then keep
+    /// their offsets uncommitted: their records come again at the next start. The admin
+    /// endpoint answers `/health` with 503 from then on and stops when this returns.
     pub fn run(mut self, stop: &AtomicBool) -> Result<(), CoreError> {
-        let result = self
-            .consume(stop)
-            .and_then(|()| self.flush(CommitMode::Sync));
+        let result = self.consume(stop).and_then(|()| self.finish());
         if let Some(a) = &self.admin {
             a.stopping.store(true, Ordering::Release);
         }
@@ -544,6 +815,9 @@ impl CoreService {
                     warn!(error = %e, "kafka producer not flushed at shutdown; the messages stay stored")
                 }
             }
+        }
+        if let Some(k) = self.keeper.take() {
+            k.stop();
         }
         if let Some(a) = self.admin.take() {
             a.stop();
@@ -564,49 +838,175 @@ impl CoreService {
         Ok(())
     }
 
+    /// Closes the last window and waits for the closed windows to be committed.
+    fn finish(&mut self) -> Result<(), CoreError> {
+        self.close_window()?;
+        let deadline = Instant::now() + SHUTDOWN_WAIT;
+        loop {
+            self.progress(CommitMode::Sync)?;
+            if self.inflight.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                warn!(
+                    windows = self.inflight.len(),
+                    outputs = self.tickets.len(),
+                    "windows not acknowledged at shutdown; their records come again at the next start"
+                );
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// The consume loop of [`Self::run`], up to `stop`.
     fn consume(&mut self, stop: &AtomicBool) -> Result<(), CoreError> {
         while !stop.load(Ordering::Acquire) {
-            let timeout = match self.window.started {
-                // Whole milliseconds, at least one: rdkafka-rs hands librdkafka whole
-                // milliseconds and loops until its deadline, so a sub-millisecond rest would be
-                // spent spinning.
+            // Whole milliseconds, at least one: rdkafka-rs hands librdkafka whole milliseconds
+            // and loops until its deadline, so a sub-millisecond rest would be spent spinning.
+            let mut timeout = match self.window.started {
                 Some(t) => {
                     let rest = self.cfg.commit_window.saturating_sub(t.elapsed());
                     Duration::from_millis(rest.as_micros().div_ceil(1000).max(1) as u64)
                 }
                 None => Duration::from_millis(100),
             };
-            match self.consumer.poll(timeout) {
-                None => {}
-                Some(Err(e)) => {
-                    if !self.logged_consume_error {
-                        self.logged_consume_error = true;
-                        warn!(error = %e, "kafka consume error (logged once)");
-                    } else {
-                        debug!(error = %e, "kafka consume error");
-                    }
-                }
-                Some(Ok(msg)) => {
-                    let (partition, offset) = (msg.partition(), msg.offset());
-                    // Copied out: the record borrows the consumer, the handler needs `self`.
-                    let payload = msg.payload().unwrap_or_default().to_vec();
-                    drop(msg);
-                    self.window.started.get_or_insert_with(Instant::now);
-                    self.handle(payload)?;
-                    self.window.records += 1;
-                    self.window.offsets.insert(partition, offset + 1);
-                }
+            if !self.inflight.is_empty() {
+                // Acks are polled, not signalled: look again soon.
+                timeout = timeout.min(ACK_POLL);
+            }
+            if !self.retry.is_empty() {
+                timeout = timeout.min(RETRY_EVERY);
+            }
+            let full = self.inflight.len() >= MAX_INFLIGHT_WINDOWS
+                || self.tickets.len() >= MAX_INFLIGHT_OUTPUTS;
+            if full {
+                // Backpressure: the broker is not acknowledging; stop consuming until it does.
+                std::thread::sleep(ACK_POLL);
+            } else {
+                self.poll_one(timeout)?;
             }
             let due = self
                 .window
                 .started
                 .is_some_and(|t| t.elapsed() >= self.cfg.commit_window);
             if due || self.window.records >= self.cfg.max_batch {
-                self.flush(CommitMode::Async)?;
+                self.close_window()?;
+            }
+            if !self.retry.is_empty() && self.retried.elapsed() >= RETRY_EVERY {
+                self.retry_routes();
+            }
+            self.progress(CommitMode::Async)?;
+        }
+        Ok(())
+    }
+
+    /// Polls one record (at most `timeout`) and applies it.
+    fn poll_one(&mut self, timeout: Duration) -> Result<(), CoreError> {
+        match self.consumer.poll(timeout) {
+            None => {}
+            Some(Err(e)) => {
+                if !self.logged_consume_error {
+                    self.logged_consume_error = true;
+                    warn!(error = %e, "kafka consume error (logged once)");
+                } else {
+                    debug!(error = %e, "kafka consume error");
+                }
+                if let Some(k) = &self.keeper {
+                    k.poke();
+                }
+            }
+            Some(Ok(msg)) => {
+                let (partition, offset) = (msg.partition(), msg.offset());
+                let presence = msg.topic() == self.presence_topic;
+                // Copied out: the record borrows the consumer, the handler needs `self`.
+                let payload = msg.payload().unwrap_or_default().to_vec();
+                drop(msg);
+                if presence {
+                    self.stats.records.fetch_add(1, Ordering::Relaxed);
+                    self.handle_presence(&payload);
+                } else {
+                    self.window.started.get_or_insert_with(Instant::now);
+                    self.handle(payload)?;
+                    self.window.records += 1;
+                    self.window.offsets.insert(partition, offset + 1);
+                }
             }
         }
         Ok(())
+    }
+
+    /// Applies one record of the presence topic to the presence cache.
+    fn handle_presence(&mut self, record: &[u8]) {
+        let Ok(frame) = decode_counted(&self.frames, record) else {
+            return;
+        };
+        match frame {
+            ArchivedBusFrame::Presence(p) => {
+                self.stats.presence.fetch_add(1, Ordering::Relaxed);
+                let node = p.node.to_native();
+                let unix_ms = p.unix_ms.to_native();
+                if self.resets.get(&node).is_some_and(|&r| unix_ms < r) {
+                    // Stamped before that node restarted: stale.
+                    return;
+                }
+                let user = p.user.as_slice();
+                if p.online {
+                    if let Some(entry) = self.online.get_mut(user) {
+                        match entry.nodes.iter_mut().find(|(n, _)| *n == node) {
+                            Some(e) => e.1 = e.1.max(unix_ms),
+                            None => entry.nodes.push((node, unix_ms)),
+                        }
+                    } else if self.online.len() < MAX_CACHED_USERS {
+                        self.online.insert(
+                            user.to_vec(),
+                            CacheEntry {
+                                nodes: vec![(node, unix_ms)],
+                                merged: false,
+                            },
+                        );
+                    } else {
+                        self.stats.cache_full.fetch_add(1, Ordering::Relaxed);
+                    }
+                } else if let Some(entry) = self.online.get_mut(user) {
+                    // A logout older than the login it would undo is stale.
+                    entry.nodes.retain(|&(n, at)| n != node || at > unix_ms);
+                    if entry.nodes.is_empty() {
+                        // Unknown again: the next route asks Redis, which may know a session
+                        // older than this process.
+                        self.online.remove(user);
+                    }
+                }
+                self.stats
+                    .cached_users
+                    .store(self.online.len() as u64, Ordering::Relaxed);
+            }
+            ArchivedBusFrame::EdgeReset(r) => {
+                let node = r.node.to_native();
+                let unix_ms = r.unix_ms.to_native();
+                self.stats.edge_resets.fetch_add(1, Ordering::Relaxed);
+                let last = self.resets.entry(node).or_insert(0);
+                *last = (*last).max(unix_ms);
+                self.online.retain(|_, entry| {
+                    entry.nodes.retain(|&(n, at)| n != node || at > unix_ms);
+                    !entry.nodes.is_empty()
+                });
+                // A hint recorded after the reset (a login on the restarted node whose drain
+                // request was consumed before this late reset) stays.
+                self.hints
+                    .retain(|_, (n, _, at_ms)| *n != node || *at_ms > unix_ms);
+                self.stats
+                    .cached_users
+                    .store(self.online.len() as u64, Ordering::Relaxed);
+                self.stats
+                    .hints_held
+                    .store(self.hints.len() as u64, Ordering::Relaxed);
+                debug!(node, unix_ms, "edge reset: its sessions and hints dropped");
+            }
+            _ => {
+                self.stats.ignored.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Applies one record (its raw bytes) to the window.
@@ -651,6 +1051,7 @@ impl CoreService {
                     return Ok(());
                 }
                 self.stats.delivers.fetch_add(1, Ordering::Relaxed);
+                self.hops.consumed.record_id(d.id);
                 let key = (d.recipient.clone(), d.id);
                 self.window.acked.remove(&key);
                 let hint = self.hint(&d.recipient);
@@ -717,7 +1118,7 @@ impl CoreService {
     /// The node of `user`'s login hint, if it is younger than [`HINT_TTL`].
     fn hint(&self, user: &[u8]) -> Option<u32> {
         match self.hints.get(user) {
-            Some(&(node, at)) if at.elapsed() < HINT_TTL => Some(node),
+            Some(&(node, at, _)) if at.elapsed() < HINT_TTL => Some(node),
             _ => None,
         }
     }
@@ -726,14 +1127,14 @@ impl CoreService {
     fn record_hint(&mut self, user: &[u8], node: u32) {
         let now = Instant::now();
         if let Some(h) = self.hints.get_mut(user) {
-            *h = (node, now);
+            *h = (node, now, unix_ms());
             return;
         }
         if self.hints.len() >= MAX_HINTS {
             self.stats.hints_dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        self.hints.insert(user.to_vec(), (node, now));
+        self.hints.insert(user.to_vec(), (node, now, unix_ms()));
         self.stats
             .hints_held
             .store(self.hints.len() as u64, Ordering::Relaxed);
@@ -746,7 +1147,7 @@ impl CoreService {
         }
         self.hints_pruned = Instant::now();
         if !self.hints.is_empty() {
-            self.hints.retain(|_, (_, at)| at.elapsed() < HINT_TTL);
+            self.hints.retain(|_, (_, at, _)| at.elapsed() < HINT_TTL);
         }
         self.stats
             .hints_held
@@ -776,12 +1177,8 @@ impl CoreService {
     fn drain(&mut self, r: DrainRequest) -> Result<(), CoreError> {
         self.stats.drains.fetch_add(1, Ordering::Relaxed);
         self.write_pending()?;
-        let limit = (r.limit as usize).min(MAX_DRAIN_CHUNK);
-        let mut msgs = self
-            .store
-            .scan_messages(&r.user, r.after, limit.saturating_add(1))?;
-        let more = msgs.len() > limit;
-        msgs.truncate(limit);
+        let limit = (r.limit as usize).clamp(1, MAX_DRAIN_CHUNK);
+        let (msgs, more) = self.drain_page(&r.user, r.after, limit)?;
         debug!(node = r.node, messages = msgs.len(), more, "drain answered");
         let chunk = BusFrame::DrainChunk(DrainChunk {
             user: r.user.clone(),
@@ -805,6 +1202,36 @@ impl CoreService {
             payload,
         });
         Ok(())
+    }
+
+    /// `user`'s stored messages after `after` for one chunk: at most `limit`, and at most
+    /// [`MAX_DRAIN_CHUNK_BYTES`] of payload and sender (but at least one message), read in
+    /// pages of [`DRAIN_PAGE`]; and whether more are stored after the last one.
+    fn drain_page(
+        &self,
+        user: &[u8],
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<StoredMsg>, bool), CoreError> {
+        let mut out: Vec<StoredMsg> = Vec::new();
+        let mut bytes = 0usize;
+        let mut cursor = after;
+        loop {
+            let page = self.store.scan_messages(user, cursor, DRAIN_PAGE)?;
+            let short = page.len() < DRAIN_PAGE;
+            for m in page {
+                let size = m.payload.len() + m.sender.len();
+                if out.len() >= limit || (!out.is_empty() && bytes + size > MAX_DRAIN_CHUNK_BYTES) {
+                    return Ok((out, true));
+                }
+                cursor = m.id;
+                bytes += size;
+                out.push(m);
+            }
+            if short {
+                return Ok((out, false));
+            }
+        }
     }
 
     fn prekey_fetch(&mut self, f: PrekeyFetch) -> Result<(), CoreError> {
@@ -833,170 +1260,331 @@ impl CoreService {
         Ok(())
     }
 
-    /// Commits the window durably, then produces its outputs, then commits its offsets.
-    fn flush(&mut self, mode: CommitMode) -> Result<(), CoreError> {
+    /// Closes the window: writes it (not fsynced) and asks the fsync thread to make it durable,
+    /// hands its outputs to the producer with tickets, and queues its offsets until both are
+    /// done ([`Self::progress`]).
+    fn close_window(&mut self) -> Result<(), CoreError> {
         self.prune_hints();
         if self.window.started.is_none() && self.window.offsets.is_empty() {
             return Ok(());
         }
         self.write_pending()?;
-        self.store.write(&Batch::default(), true)?;
-        self.stats.commits.fetch_add(1, Ordering::Relaxed);
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.syncer.ask(seq)?;
         let window = std::mem::take(&mut self.window);
-        self.produce_outputs(window.outputs, &window.acked);
-        if !window.offsets.is_empty() {
-            let mut tpl = TopicPartitionList::with_capacity(window.offsets.len());
-            for (partition, next) in &window.offsets {
-                tpl.add_partition_offset(&self.deliver_topic, *partition, Offset::Offset(*next))?;
-            }
-            if let Err(e) = self.consumer.commit(&tpl, mode) {
-                // The records come again after a restart (at-least-once).
-                debug!(error = %e, "kafka offset commit refused, records may come again");
-                if matches!(mode, CommitMode::Sync) {
-                    warn!(error = %e, "final offset commit refused, records will come again");
+        let waiting = self.produce_outputs(window.outputs, &window.acked, seq);
+        self.inflight.push_back(Inflight {
+            seq,
+            offsets: window.offsets,
+            waiting,
+        });
+        Ok(())
+    }
+
+    /// Takes the fsync answers and the producer's reports, then commits (with `mode`) the
+    /// offsets of the oldest closed windows that are both durable and fully acknowledged,
+    /// strictly in window order.
+    fn progress(&mut self, mode: CommitMode) -> Result<(), CoreError> {
+        while let Ok(r) = self.syncer.done.try_recv() {
+            // A failed fsync stops the service, offsets uncommitted.
+            self.synced = self.synced.max(r?);
+            self.stats.commits.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut done = std::mem::take(&mut self.done);
+        self.ring.take_done(&mut done);
+        for d in done.drain(..) {
+            let Some((seq, id)) = self.tickets.remove(&d.ticket) else {
+                continue;
+            };
+            if d.acked {
+                if id != 0 {
+                    self.hops.routed.record_id(id);
                 }
+            } else {
+                self.stats.outputs_failed.fetch_add(1, Ordering::Relaxed);
+            }
+            if seq == NO_WINDOW {
+                continue;
+            }
+            if let Some(front) = self.inflight.front().map(|w| w.seq) {
+                if let Some(w) = seq
+                    .checked_sub(front)
+                    .and_then(|i| self.inflight.get_mut(i as usize))
+                {
+                    w.waiting = w.waiting.saturating_sub(1);
+                }
+            }
+        }
+        self.done = done;
+        let mut offsets: HashMap<i32, i64> = HashMap::new();
+        while self
+            .inflight
+            .front()
+            .is_some_and(|w| w.seq <= self.synced && w.waiting == 0)
+        {
+            if let Some(w) = self.inflight.pop_front() {
+                offsets.extend(w.offsets);
+            }
+        }
+        if offsets.is_empty() {
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::with_capacity(offsets.len());
+        for (partition, next) in &offsets {
+            tpl.add_partition_offset(&self.deliver_topic, *partition, Offset::Offset(*next))?;
+        }
+        if let Err(e) = self.consumer.commit(&tpl, mode) {
+            // The records come again after a restart (at-least-once).
+            debug!(error = %e, "kafka offset commit refused, records may come again");
+            if matches!(mode, CommitMode::Sync) {
+                warn!(error = %e, "final offset commit refused, records will come again");
             }
         }
         Ok(())
     }
 
-    /// The nodes of this region holding the online sessions of the recipients of `outputs`
-    /// (one pipelined Redis lookup); empty when Redis fails.
-    fn session_nodes(
+    /// Routes a closed window's outputs; returns how many ticketed frames it produced for
+    /// window `seq`. Routes and relays whose recipient is not in the presence cache while Redis
+    /// fails wait in the retry queue instead.
+    fn produce_outputs(
         &mut self,
-        outputs: &[Output],
+        outputs: Vec<Output>,
         acked: &HashSet<(Vec<u8>, u64)>,
-    ) -> HashMap<Vec<u8>, u32> {
-        let mut users: Vec<&[u8]> = outputs
-            .iter()
-            .filter_map(|o| match o {
-                Output::Route { recipient, id, .. }
-                    if !acked.contains(&(recipient.clone(), *id)) =>
-                {
-                    Some(recipient.as_slice())
-                }
-                Output::Relay { recipient, .. } => Some(recipient.as_slice()),
-                _ => None,
+        seq: u64,
+    ) -> usize {
+        if outputs.is_empty() {
+            return 0;
+        }
+        let outputs: Vec<Output> = outputs
+            .into_iter()
+            .filter(|o| match o {
+                Output::Route { recipient, id, .. } => !acked.contains(&(recipient.clone(), *id)),
+                _ => true,
             })
             .collect();
-        users.sort_unstable();
-        users.dedup();
-        let mut nodes = HashMap::new();
-        match self.sessions.get_many(&users) {
-            Ok(records) => {
-                for (u, rec) in users.iter().zip(records) {
-                    let Some(rec) = rec else { continue };
-                    if !rec.online || rec.region != self.cfg.region {
-                        continue;
-                    }
-                    match rec.node.parse::<u32>() {
-                        Ok(n) => {
-                            nodes.insert(u.to_vec(), n);
-                        }
-                        Err(_) => {
-                            debug!(node = %rec.node, "session node is not a node id, kept offline")
-                        }
-                    }
-                }
-            }
-            Err(e) => {
-                self.stats.session_errors.fetch_add(1, Ordering::Relaxed);
-                if !self.logged_session_error {
-                    self.logged_session_error = true;
-                    warn!(error = %e, "session lookup failed, messages kept for the next login (logged once)");
-                } else {
-                    debug!(error = %e, "session lookup failed");
-                }
-            }
-        }
-        nodes
-    }
-
-    fn produce_outputs(&mut self, outputs: Vec<Output>, acked: &HashSet<(Vec<u8>, u64)>) {
-        if outputs.is_empty() {
-            return;
-        }
-        let sessions = self.session_nodes(&outputs, acked);
+        let sessions = if self.redis_down_since.is_some() {
+            // Redis failed lately: only the retry loop asks it (every RETRY_EVERY).
+            None
+        } else {
+            self.session_nodes(&outputs)
+        };
+        let mut sent = 0;
         for o in outputs {
-            match o {
-                Output::Route {
-                    recipient,
-                    id,
-                    record,
-                    hint,
-                } => {
-                    let key = (recipient, id);
-                    if acked.contains(&key) {
-                        continue;
+            sent += self.route(o, sessions.as_ref(), seq);
+        }
+        sent
+    }
+
+    /// Routes one output (tickets for window `seq`); returns the frames produced. A route or
+    /// relay with no cached entry and no Redis answer (`sessions` is `None`) is kept for a
+    /// retry.
+    fn route(
+        &mut self,
+        o: Output,
+        sessions: Option<&HashMap<Vec<u8>, Vec<u32>>>,
+        seq: u64,
+    ) -> usize {
+        match o {
+            Output::Frame { node, key, payload } => {
+                self.send_to(&[node], &key, payload, seq, 0);
+                1
+            }
+            Output::Route { .. } | Output::Relay { .. } => {
+                let recipient = o.recipient().unwrap_or_default();
+                let Some(targets) = self.targets(recipient, o.hint(), sessions) else {
+                    self.keep_for_retry(o);
+                    return 0;
+                };
+                match o {
+                    Output::Route {
+                        recipient,
+                        id,
+                        record,
+                        ..
+                    } => {
+                        if targets.is_empty() {
+                            self.stats.offline.fetch_add(1, Ordering::Relaxed);
+                            return 0;
+                        }
+                        self.stats
+                            .routed
+                            .fetch_add(targets.len() as u64, Ordering::Relaxed);
+                        self.send_to(&targets, &recipient, record, seq, id);
                     }
-                    let recipient = key.0;
-                    let targets = self.targets(sessions.get(&recipient).copied(), hint);
-                    if targets.is_empty() {
-                        self.stats.offline.fetch_add(1, Ordering::Relaxed);
-                        continue;
+                    Output::Relay {
+                        recipient, record, ..
+                    } => {
+                        if targets.is_empty() {
+                            self.stats.relays_dropped.fetch_add(1, Ordering::Relaxed);
+                            return 0;
+                        }
+                        self.stats
+                            .relays_routed
+                            .fetch_add(targets.len() as u64, Ordering::Relaxed);
+                        self.send_to(&targets, &recipient, record, seq, 0);
                     }
-                    self.stats
-                        .routed
-                        .fetch_add(targets.len() as u64, Ordering::Relaxed);
-                    self.send_to(&targets, &recipient, record);
+                    Output::Frame { .. } => return 0,
                 }
-                Output::Relay {
-                    recipient,
-                    record,
-                    hint,
-                } => {
-                    let targets = self.targets(sessions.get(&recipient).copied(), hint);
-                    if targets.is_empty() {
-                        self.stats.relays_dropped.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
-                    self.stats
-                        .relays_routed
-                        .fetch_add(targets.len() as u64, Ordering::Relaxed);
-                    self.send_to(&targets, &recipient, record);
-                }
-                Output::Frame { node, key, payload } => {
-                    self.send_to(&[node], &key, payload);
-                }
+                targets.len()
             }
         }
     }
 
-    /// The distinct target nodes of a deliver or relay: the session's node and the hint's.
-    fn targets(&self, session: Option<u32>, hint: Option<u32>) -> Vec<u32> {
-        let mut t: Vec<u32> = session.into_iter().collect();
+    /// Keeps a route or relay for the next lookup retry; the oldest is dropped (counted) beyond
+    /// [`MAX_RETRY`] entries or [`MAX_RETRY_BYTES`] (a dropped route's message stays stored).
+    fn keep_for_retry(&mut self, o: Output) {
+        self.stats.retry_queued.fetch_add(1, Ordering::Relaxed);
+        self.retry_bytes += o.held_bytes();
+        self.retry.push_back(o);
+        while self.retry.len() > MAX_RETRY || self.retry_bytes > MAX_RETRY_BYTES {
+            let Some(old) = self.retry.pop_front() else {
+                break;
+            };
+            self.retry_bytes = self.retry_bytes.saturating_sub(old.held_bytes());
+            self.stats.retry_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        self.stats
+            .retry_held
+            .store(self.retry.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Looks the sessions of the retry queue up again; when Redis answers, routes them all
+    /// (outside any window: their messages are stored already).
+    fn retry_routes(&mut self) {
+        self.retried = Instant::now();
+        let pending: Vec<Output> = self.retry.drain(..).collect();
+        self.retry_bytes = 0;
+        // Lookups of this call count as the retry's, not a window's.
+        self.redis_down_since = None;
+        let sessions = self.session_nodes(&pending);
+        if sessions.is_some() {
+            self.stats
+                .retry_routed
+                .fetch_add(pending.len() as u64, Ordering::Relaxed);
+            debug!(
+                routes = pending.len(),
+                "session lookup works again, routes retried"
+            );
+        }
+        for o in pending {
+            // With `sessions` None this puts the uncached ones back in the queue, in order.
+            self.route(o, sessions.as_ref(), NO_WINDOW);
+        }
+        self.stats
+            .retry_held
+            .store(self.retry.len() as u64, Ordering::Relaxed);
+    }
+
+    /// The distinct target nodes of a deliver or relay to `recipient`: the nodes of its
+    /// presence-cache entry when it has one (merged with its Redis session's once, by
+    /// [`Self::session_nodes`]), else its Redis session's (`sessions`; `None` when the lookup
+    /// failed: no answer), plus the login hint's node.
+    fn targets(
+        &self,
+        recipient: &[u8],
+        hint: Option<u32>,
+        sessions: Option<&HashMap<Vec<u8>, Vec<u32>>>,
+    ) -> Option<Vec<u32>> {
+        let mut t: Vec<u32> = match self.online.get(recipient) {
+            Some(entry) => {
+                self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+                entry.nodes.iter().map(|&(n, _)| n).collect()
+            }
+            None => sessions?.get(recipient).cloned().unwrap_or_default(),
+        };
         if let Some(h) = hint {
-            if session != Some(h) {
+            if !t.contains(&h) {
                 self.stats.hinted_routes.fetch_add(1, Ordering::Relaxed);
                 t.push(h);
             }
         }
-        t
+        Some(t)
     }
 
-    /// Produces `payload` once to the inbox (partition 0) of each node of `nodes`.
-    fn send_to(&mut self, nodes: &[u32], key: &[u8], payload: Vec<u8>) {
+    /// The nodes of this region holding online sessions of the recipients of `outputs` that
+    /// are not in the presence cache (one pipelined Redis lookup, none when every recipient is
+    /// cached and merged); `None` when the lookup fails (then Redis is marked down until a
+    /// retry works). The lookup also covers the cached users not merged yet: their sessions
+    /// from before this process started (another device) join their entry, once.
+    fn session_nodes(&mut self, outputs: &[Output]) -> Option<HashMap<Vec<u8>, Vec<u32>>> {
+        let mut users: Vec<&[u8]> = outputs
+            .iter()
+            .filter_map(Output::recipient)
+            .filter(|u| !self.online.get(*u).is_some_and(|e| e.merged))
+            .collect();
+        users.sort_unstable();
+        users.dedup();
+        let mut nodes = HashMap::new();
+        if users.is_empty() {
+            return Some(nodes);
+        }
+        self.stats.session_lookups.fetch_add(1, Ordering::Relaxed);
+        match self.sessions.get_many(&users) {
+            Ok(records) => {
+                if self.logged_session_error {
+                    self.logged_session_error = false;
+                    info!("session lookup works again");
+                }
+                self.redis_down_since = None;
+                for (u, rec) in users.iter().zip(records) {
+                    let online = rec
+                        .map(|r| r.online_nodes(&self.cfg.region))
+                        .unwrap_or_default();
+                    if let Some(entry) = self.online.get_mut(*u) {
+                        // Login time unknown (0): any logout or reset of that node removes it.
+                        for n in online {
+                            if !entry.nodes.iter().any(|&(m, _)| m == n) {
+                                entry.nodes.push((n, 0));
+                            }
+                        }
+                        entry.merged = true;
+                    } else if !online.is_empty() {
+                        nodes.insert(u.to_vec(), online);
+                    }
+                }
+                Some(nodes)
+            }
+            Err(e) => {
+                self.stats.session_errors.fetch_add(1, Ordering::Relaxed);
+                self.redis_down_since.get_or_insert_with(Instant::now);
+                if !self.logged_session_error {
+                    self.logged_session_error = true;
+                    warn!(error = %e, "session lookup failed, routes kept and retried");
+                } else {
+                    debug!(error = %e, "session lookup failed");
+                }
+                None
+            }
+        }
+    }
+
+    /// Produces `payload` once to the inbox (partition 0) of each node of `nodes`, each copy
+    /// ticketed for window `seq` (message `id`, 0 for none).
+    fn send_to(&mut self, nodes: &[u32], key: &[u8], payload: Vec<u8>, seq: u64, id: u64) {
         let Some((&last, rest)) = nodes.split_last() else {
             return;
         };
         for &node in rest {
-            let topic = self.inbox(node);
-            self.send(OutFrame {
-                topic,
-                partition: 0,
-                key: Some(key.to_vec()),
-                payload: payload.clone(),
-                ticket: 0,
-            });
+            let frame = self.frame(node, key, payload.clone(), seq, id);
+            self.send(frame);
         }
-        let topic = self.inbox(last);
-        self.send(OutFrame {
-            topic,
+        let frame = self.frame(last, key, payload, seq, id);
+        self.send(frame);
+    }
+
+    /// A ticketed frame for the inbox of `node`.
+    fn frame(&mut self, node: u32, key: &[u8], payload: Vec<u8>, seq: u64, id: u64) -> OutFrame {
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        self.tickets.insert(ticket, (seq, id));
+        OutFrame {
+            topic: self.inbox(node),
             partition: 0,
             key: Some(key.to_vec()),
             payload,
-            ticket: 0,
-        });
+            ticket,
+        }
     }
 
     /// The inbox topic of edge `node`.
@@ -1027,6 +1615,11 @@ impl CoreService {
             }
         }
     }
+}
+
+/// Milliseconds since the Unix epoch, by this host's clock.
+fn unix_ms() -> u64 {
+    iris_bus::hops::unix_micros() / 1000
 }
 
 /// Whether `user` can key a store record: not empty, not longer than [`MAX_USER_LEN`].
@@ -1067,6 +1660,7 @@ fn topic_partitions(consumer: &BaseConsumer, topic: &str) -> Result<u32, CoreErr
 /// What the admin endpoint reads at scrape time.
 struct AdminView {
     stats: Arc<ServiceStats>,
+    hops: Arc<CoreHops>,
     frames: Arc<FrameStats>,
     producer: Arc<Mutex<Option<KafkaProducer>>>,
     store: Arc<MessageStore>,
@@ -1183,6 +1777,32 @@ fn render_metrics(view: &AdminView) -> String {
         "Login hints held now.",
         view.stats.hints_held.load(Ordering::Relaxed),
     );
+    metric(
+        &mut out,
+        "iris_core_cached_users",
+        "gauge",
+        "Users in the presence cache now.",
+        view.stats.cached_users.load(Ordering::Relaxed),
+    );
+    metric(
+        &mut out,
+        "iris_core_retry_held",
+        "gauge",
+        "Routes and relays held for a session lookup retry now.",
+        view.stats.retry_held.load(Ordering::Relaxed),
+    );
+    out.push_str(
+        "# HELP iris_core_hop_seconds Age of a message (from its accept time) at each core hop.\n",
+    );
+    out.push_str("# TYPE iris_core_hop_seconds histogram\n");
+    view.hops
+        .consumed
+        .snapshot()
+        .render(&mut out, "iris_core_hop_seconds", "consumed");
+    view.hops
+        .routed
+        .snapshot()
+        .render(&mut out, "iris_core_hop_seconds", "routed");
     metric(
         &mut out,
         "iris_core_partitions",
@@ -1315,7 +1935,7 @@ mod tests {
         let stats = ServiceStats::default();
         stats.hinted_routes.fetch_add(3, Ordering::Relaxed);
         let counters = stats.counters();
-        assert_eq!(counters.len(), 19);
+        assert_eq!(counters.len(), 27);
         let mut names: Vec<&str> = counters.iter().map(|c| c.name).collect();
         names.sort_unstable();
         names.dedup();

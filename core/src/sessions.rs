@@ -161,6 +161,16 @@ pub struct SessionRecord {
     pub online: bool,
 }
 
+impl SessionRecord {
+    /// The nodes of `region` where the user is online (this record holds at most one).
+    pub fn online_nodes(&self, region: &str) -> Vec<u32> {
+        if !self.online || self.region != region {
+            return Vec::new();
+        }
+        self.node.parse().map(|n| vec![n]).unwrap_or_default()
+    }
+}
+
 /// A session change sent by a shard.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionOp {

@@ -12,10 +12,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use iris_bus::kafka::{ensure_topics, KafkaConfig};
-use iris_bus::topics::{deliver, edge_inbox, partition_of};
+use iris_bus::topics::{deliver, edge_inbox, partition_of, presence};
 use iris_bus::{
-    decode, encode, to_owned, Ack, BusFrame, Deliver, DrainChunk, DrainRequest, PrekeyBundle,
-    PrekeyFetch, PrekeyPut, Relay, RelayKind,
+    decode, encode, to_owned, Ack, BusFrame, Deliver, DrainChunk, DrainRequest, EdgeReset,
+    PrekeyBundle, PrekeyFetch, PrekeyPut, Presence, Relay, RelayKind,
 };
 use iris_core::store::MessageStore;
 use iris_tests::services::{Proc, RedisServer, Tansu};
@@ -72,7 +72,10 @@ impl Env {
             .args(["--admin", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(data_dir)
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("IRIS_CORE_LOG").unwrap_or_else(|_| "warn".to_owned()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -265,9 +268,13 @@ struct Sender {
 
 impl Sender {
     fn raw(&self, user: &[u8], payload: &[u8]) {
-        let topic = deliver(REGION);
-        let mut record = BaseRecord::to(&topic)
-            .partition(partition_of(user, PARTITIONS) as i32)
+        let p = partition_of(user, PARTITIONS) as i32;
+        self.raw_to(&deliver(REGION), p, user, payload);
+    }
+
+    fn raw_to(&self, topic: &str, partition: i32, user: &[u8], payload: &[u8]) {
+        let mut record = BaseRecord::to(topic)
+            .partition(partition)
             .key(user)
             .payload(payload);
         loop {
@@ -284,6 +291,26 @@ impl Sender {
 
     fn frame(&self, frame: &BusFrame) {
         self.raw(frame.key_user(), &encode(frame).unwrap());
+    }
+
+    /// Publishes `frame` on the presence topic as an edge does: a presence on its user's
+    /// partition, an edge reset on every partition.
+    fn presence(&self, frame: &BusFrame) {
+        let topic = presence(REGION);
+        let payload = encode(frame).unwrap();
+        match frame {
+            BusFrame::EdgeReset(_) => {
+                for p in 0..PARTITIONS as i32 {
+                    self.raw_to(&topic, p, b"", &payload);
+                }
+            }
+            _ => {
+                let user = frame.key_user();
+                let p = partition_of(user, PARTITIONS) as i32;
+                self.raw_to(&topic, p, user, &payload);
+            }
+        }
+        self.flush();
     }
 
     fn flush(&self) {
@@ -497,7 +524,7 @@ fn kill_9_loses_nothing_stored() {
     }
     tx.frame(&drain(b"erin", 5, 1, 1000));
     tx.flush();
-    // The chunk is produced only after the durable commit: everything before it was consumed.
+    // The chunk is produced after its window was written: everything before it was consumed.
     assert_eq!(ids(&edge.chunk(1)), (1..=50).collect::<Vec<_>>());
     std::thread::sleep(Duration::from_millis(300));
     core.kill9();
@@ -882,4 +909,423 @@ fn invalid_member_flags_are_refused() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(why), "stderr {err:?} lacks {why:?}");
     }
+}
+
+/// A presence event of `user` on `node` stamped `unix_ms`.
+fn presence_event(user: &[u8], node: u32, online: bool, unix_ms: u64) -> BusFrame {
+    BusFrame::Presence(Presence {
+        user: user.to_vec(),
+        online,
+        node,
+        shard: 0,
+        unix_ms,
+    })
+}
+
+/// The delivers among the frames that arrive within `d`.
+fn delivers_within(edge: &Edge, d: Duration) -> Vec<u64> {
+    delivers(&edge.frames(usize::MAX, d))
+        .iter()
+        .map(|d| d.id)
+        .collect()
+}
+
+/// Publishes `events` until the core has consumed them all: the core reads the presence topic
+/// from its end as of its start, which it resolves asynchronously, so earlier events may be
+/// skipped. Publishes the batch again until one is counted, then once more and waits for that
+/// whole batch.
+fn publish_presence(core: &Core, tx: &Sender, events: &[BusFrame]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        for e in events {
+            tx.presence(e);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        if core.metric("iris_core_presence_total") > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no presence event consumed");
+    }
+    let before = core.metric("iris_core_presence_total");
+    for e in events {
+        tx.presence(e);
+    }
+    core.wait_metric("iris_core_presence_total", before + events.len() as u64);
+}
+
+#[test]
+fn routed_copies_not_acked_at_a_kill_are_routed_again_after_restart() {
+    let env = Env::start();
+    // Node 9's inbox does not exist yet: the producer keeps retrying the routed copies, so
+    // none is acknowledged by the broker.
+    env.online(b"finn", 9);
+    let mut core = env.core();
+    let tx = env.producer();
+    let sent: Vec<Deliver> = (1..=20).map(|i| msg(i, b"finn")).collect();
+    for d in &sent {
+        tx.frame(&BusFrame::Deliver(d.clone()));
+    }
+    tx.flush();
+    core.wait_metric("iris_core_routed_total", 20);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(core.metric("iris_core_producer_produced_ok_total"), 0);
+    assert!(
+        core.metric("iris_core_commits_total") >= 1,
+        "the windows were fsynced"
+    );
+    // The routed hop is measured at the broker's ack, the consumed hop at consumption.
+    assert_eq!(
+        core.metric(r#"iris_core_hop_seconds_count{hop="routed"}"#),
+        0
+    );
+    assert_eq!(
+        core.metric(r#"iris_core_hop_seconds_count{hop="consumed"}"#),
+        20
+    );
+    core.kill9();
+    {
+        let store = MessageStore::open(env.data_dir()).unwrap();
+        assert_eq!(store.count(b"finn").unwrap(), 20, "stored before the kill");
+    }
+    // The inbox appears; the restarted core consumes the records again (their offsets were
+    // not committed: their routed copies were never acknowledged) and routes them.
+    let edge = env.edge(9);
+    let core = env.core();
+    let got = edge.frames(20, Duration::from_secs(30));
+    assert_eq!(
+        delivers(&got),
+        sent,
+        "every routed copy, in order, without a login"
+    );
+    core.wait_metric("iris_core_delivers_total", 20);
+    core.wait_metric("iris_core_producer_produced_ok_total", 20);
+    core.wait_metric(r#"iris_core_hop_seconds_count{hop="routed"}"#, 20);
+}
+
+#[test]
+fn drain_chunks_are_capped_by_bytes_and_a_large_message_goes_alone() {
+    let env = Env::start();
+    let edge = env.edge(3);
+    let _core = env.core();
+    let tx = env.producer();
+    let big = |id: u64, len: usize| Deliver {
+        payload: vec![(id % 251) as u8; len],
+        ..msg(id, b"gwen")
+    };
+    for i in 1..=20 {
+        tx.frame(&BusFrame::Deliver(big(i, 100_000)));
+    }
+    tx.frame(&BusFrame::Deliver(big(21, 900_000)));
+    for i in 22..=24 {
+        tx.frame(&BusFrame::Deliver(msg(i, b"gwen")));
+    }
+    tx.flush();
+    let mut chunks: Vec<Vec<u64>> = Vec::new();
+    let mut after = 0;
+    for conn in 1.. {
+        tx.frame(&drain_after(b"gwen", 3, conn, after, 1000));
+        tx.flush();
+        let c = edge.chunk(conn);
+        let bytes: usize = c
+            .messages
+            .iter()
+            .map(|m| m.payload.len() + m.sender.len())
+            .sum();
+        assert!(
+            c.messages.len() == 1 || bytes <= 512 * 1024,
+            "chunk of {bytes} bytes"
+        );
+        for m in &c.messages {
+            let want = if m.id <= 21 {
+                big(m.id, if m.id == 21 { 900_000 } else { 100_000 }).payload
+            } else {
+                format!("hello {}", m.id).into_bytes()
+            };
+            assert!(m.payload == want, "payload of {}", m.id);
+        }
+        chunks.push(ids(&c));
+        after = *ids(&c).last().expect("a chunk with more has messages");
+        if !c.more {
+            break;
+        }
+        assert!(conn < 50, "too many chunks: {chunks:?}");
+    }
+    assert_eq!(
+        chunks,
+        vec![
+            (1..=5).collect::<Vec<_>>(),
+            (6..=10).collect(),
+            (11..=15).collect(),
+            (16..=20).collect(),
+            vec![21],
+            (22..=24).collect(),
+        ]
+    );
+}
+
+#[test]
+fn presence_cache_routes_to_every_online_node_and_drops_a_reset_node() {
+    let mut env = Env::start();
+    let e7 = env.edge(7);
+    let e8 = env.edge(8);
+    let core = env.core();
+    let tx = env.producer();
+    // hana has no Redis session at all: only the presence events make her routable. kim has
+    // a session on node 7 from before this core started and logs in on node 8 after.
+    env.online(b"kim", 7);
+    publish_presence(
+        &core,
+        &tx,
+        &[
+            presence_event(b"hana", 7, true, 1_000),
+            presence_event(b"hana", 8, true, 1_000),
+            presence_event(b"kim", 8, true, 1_000),
+        ],
+    );
+    assert_eq!(core.metric("iris_core_cached_users"), 2);
+    // kim's older session (Redis) joins the cached one: both devices get the message.
+    tx.frame(&BusFrame::Deliver(msg(100, b"kim")));
+    tx.flush();
+    for (edge, what) in [
+        (&e7, "kim on node 7 (Redis)"),
+        (&e8, "kim on node 8 (cache)"),
+    ] {
+        let got: Vec<u64> = delivers(&edge.frames(1, Duration::from_secs(30)))
+            .iter()
+            .map(|d| d.id)
+            .collect();
+        assert_eq!(got, vec![100], "{what}");
+    }
+    core.wait_metric("iris_core_routed_total", 2);
+    // Redis is not needed for a cached user.
+    env.redis.kill();
+    for i in 1..=5 {
+        tx.frame(&BusFrame::Deliver(msg(i, b"hana")));
+    }
+    tx.flush();
+    let want: Vec<u64> = (1..=5).collect();
+    let got7: Vec<u64> = delivers(&e7.frames(5, Duration::from_secs(30)))
+        .iter()
+        .map(|d| d.id)
+        .collect();
+    let got8: Vec<u64> = delivers(&e8.frames(5, Duration::from_secs(30)))
+        .iter()
+        .map(|d| d.id)
+        .collect();
+    assert_eq!((got7, got8), (want.clone(), want), "both devices live");
+    core.wait_metric("iris_core_routed_total", 12);
+    assert!(core.metric("iris_core_cache_hits_total") >= 6);
+    assert_eq!(
+        core.metric("iris_core_retry_held"),
+        0,
+        "cached routes are never held"
+    );
+    // Node 7 restarts: its sessions are gone.
+    tx.presence(&BusFrame::EdgeReset(EdgeReset {
+        node: 7,
+        unix_ms: 2_000,
+    }));
+    core.wait_metric("iris_core_edge_resets_total", u64::from(PARTITIONS));
+    // A late login event node 7 stamped before its restart is stale.
+    let before = core.metric("iris_core_presence_total");
+    tx.presence(&presence_event(b"hana", 7, true, 1_500));
+    core.wait_metric("iris_core_presence_total", before + 1);
+    for i in 6..=8 {
+        tx.frame(&BusFrame::Deliver(msg(i, b"hana")));
+    }
+    tx.flush();
+    let got8: Vec<u64> = delivers(&e8.frames(3, Duration::from_secs(30)))
+        .iter()
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(got8, vec![6, 7, 8]);
+    assert_eq!(
+        delivers_within(&e7, Duration::from_secs(1)),
+        Vec::<u64>::new()
+    );
+    // hana logs out of node 8: unknown to the cache again, so the core asks Redis, which is
+    // down: the route is held for a retry, nothing is sent.
+    tx.presence(&presence_event(b"hana", 8, false, 3_000));
+    core.wait_metric("iris_core_cached_users", 1); // kim still
+    tx.frame(&BusFrame::Deliver(msg(9, b"hana")));
+    tx.flush();
+    core.wait_metric("iris_core_retry_held", 1);
+    assert_eq!(
+        delivers_within(&e8, Duration::from_millis(500)),
+        Vec::<u64>::new()
+    );
+    assert!(core.metric("iris_core_session_errors_total") >= 1);
+}
+
+#[test]
+fn routes_held_while_redis_is_down_are_routed_when_it_returns() {
+    let mut env = Env::start();
+    let edge = env.edge(5);
+    env.online(b"ivan", 5);
+    let core = env.core();
+    let tx = env.producer();
+    tx.frame(&BusFrame::Deliver(msg(1, b"ivan")));
+    tx.flush();
+    assert_eq!(
+        delivers(&edge.frames(1, Duration::from_secs(30)))[0].id,
+        1,
+        "routed by the Redis session"
+    );
+    env.redis.kill();
+    for i in 2..=11 {
+        tx.frame(&BusFrame::Deliver(msg(i, b"ivan")));
+    }
+    tx.flush();
+    core.wait_metric("iris_core_retry_held", 10);
+    assert_eq!(
+        delivers_within(&edge, Duration::from_millis(500)),
+        Vec::<u64>::new()
+    );
+    // Redis comes back (empty: it keeps nothing on disk); the edge writes the session again.
+    env.redis.restart();
+    env.online(b"ivan", 5);
+    let got: Vec<u64> = delivers(&edge.frames(10, Duration::from_secs(30)))
+        .iter()
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(
+        got,
+        (2..=11).collect::<Vec<_>>(),
+        "held routes, in order, no login"
+    );
+    core.wait_metric("iris_core_retry_held", 0);
+    assert_eq!(core.metric("iris_core_retry_routed_total"), 10);
+    assert_eq!(core.metric("iris_core_offline_total"), 0);
+}
+
+#[test]
+fn topics_lost_by_a_memory_broker_restart_are_recreated_by_the_keeper() {
+    let mut env = Env::start();
+    let edge = env.edge(6);
+    env.online(b"jack", 6);
+    let core = env.core();
+    let tx = env.producer();
+    for i in 1..=3 {
+        tx.frame(&BusFrame::Deliver(msg(i, b"jack")));
+    }
+    tx.flush();
+    assert_eq!(delivers(&edge.frames(3, Duration::from_secs(30))).len(), 3);
+    core.wait_metric("iris_core_records_total", 3);
+    drop(edge);
+    drop(tx);
+    // Memory storage: every topic, record and committed offset is gone.
+    env.tansu.restart();
+    // The core's keeper re-creates the deliver and presence topics by itself.
+    let admin: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", env.brokers())
+        .set("log_level", "3")
+        .create()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let parts = |topic: &str| {
+            admin
+                .fetch_metadata(Some(topic), Duration::from_secs(2))
+                .ok()
+                .and_then(|md| {
+                    md.topics()
+                        .iter()
+                        .find(|t| t.name() == topic && t.error().is_none())
+                        .map(|t| t.partitions().len())
+                })
+                .unwrap_or(0)
+        };
+        if parts(&deliver(REGION)) == PARTITIONS as usize
+            && parts(&presence(REGION)) == PARTITIONS as usize
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "topics not re-created within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // (Consumption after this is the ignored test below.)
+    drop(core);
+}
+
+#[test]
+#[ignore = "librdkafka 2.12.1 (rdkafka-sys 4.10) segfaults in rd_kafka_metadata_update_op: tansu answers the fetch of a lost partition with KIP-951 leader tags (a zero topic id), and librdkafka looks the topic up by its NULL name; run with --ignored to reproduce"]
+fn topics_lost_by_a_memory_broker_restart_are_recreated_and_consumption_resumes() {
+    let mut env = Env::start();
+    let edge = env.edge(6);
+    env.online(b"jack", 6);
+    let mut core = env.core();
+    let tx = env.producer();
+    for i in 1..=3 {
+        tx.frame(&BusFrame::Deliver(msg(i, b"jack")));
+    }
+    tx.flush();
+    assert_eq!(delivers(&edge.frames(3, Duration::from_secs(30))).len(), 3);
+    core.wait_metric("iris_core_records_total", 3);
+    drop(edge);
+    drop(tx);
+    // Memory storage: every topic, record and committed offset is gone.
+    env.tansu.restart();
+    // The core's keeper re-creates the deliver and presence topics by itself.
+    let admin: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", env.brokers())
+        .set("log_level", "3")
+        .create()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let parts = |topic: &str| {
+            admin
+                .fetch_metadata(Some(topic), Duration::from_secs(2))
+                .ok()
+                .and_then(|md| {
+                    md.topics()
+                        .iter()
+                        .find(|t| t.name() == topic && t.error().is_none())
+                        .map(|t| t.partitions().len())
+                })
+                .unwrap_or(0)
+        };
+        if parts(&deliver(REGION)) == PARTITIONS as usize
+            && parts(&presence(REGION)) == PARTITIONS as usize
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "topics not re-created within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The edge re-creates its inbox (its own keeper does it in a region).
+    let edge = env.edge(6);
+    let tx = env.producer();
+    let sent: Vec<Deliver> = (4..=6).map(|i| msg(i, b"jack")).collect();
+    for d in &sent {
+        tx.frame(&BusFrame::Deliver(d.clone()));
+    }
+    tx.flush();
+    // The core's position lies beyond the new log's end: it restarts from its beginning.
+    let got = edge.frames(3, Duration::from_secs(30));
+    if delivers(&got) != sent {
+        let status = core.proc.0.as_mut().unwrap().try_wait().unwrap();
+        assert!(status.is_none(), "iris-core exited: {status:?}");
+        let (_, body) = core.get("/metrics");
+        let interesting: Vec<&str> = body
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| {
+                ["records", "producer", "routed", "delivers"]
+                    .iter()
+                    .any(|k| l.contains(k))
+            })
+            .collect();
+        panic!(
+            "consumption did not resume: got {got:?}\n{}",
+            interesting.join("\n")
+        );
+    }
+    core.wait_metric("iris_core_records_total", 6);
 }

@@ -14,6 +14,8 @@
 
 #[path = "cluster/common.rs"]
 mod common;
+#[path = "cluster/core_path.rs"]
+mod core_path;
 #[path = "cluster/crash.rs"]
 mod crash;
 #[path = "cluster/outbox.rs"]
@@ -579,8 +581,9 @@ fn corrupted_records_on_every_topic_are_skipped() {
             e + 1
         );
     }
-    // The cores read the deliver partitions (each its own).
-    let want_core = per_topic * p as u64;
+    // The cores read the deliver partitions and the same-numbered presence partitions (each its
+    // own).
+    let want_core = per_topic * 2 * p as u64;
     let core_bad = |c: &mut Cluster| {
         c.core_metric("iris_core_bus_frames_total{outcome=\"invalid\"}")
             + c.core_metric("iris_core_bus_frames_total{outcome=\"unknown_version\"}")
@@ -593,7 +596,7 @@ fn corrupted_records_on_every_topic_are_skipped() {
     assert_eq!(core_bad(&mut c), want_core);
     assert_eq!(
         c.core_metric("iris_core_bus_frames_total{outcome=\"unknown_version\"}"),
-        unknown_per_topic * p as u64
+        unknown_per_topic * 2 * p as u64
     );
     c.assert_running();
     // Everything still works: a message each way, and presence.

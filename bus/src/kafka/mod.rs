@@ -14,12 +14,14 @@
 //!   each record into an [`InFrame`] and hands it to the owning shard's channel with a
 //!   blocking send (the backpressure towards the broker), then commits offsets
 //!   (at-least-once).
-//! - [`ensure_topics`] creates the missing topics at startup.
+//! - [`ensure_topics`] creates the missing topics at startup; a [`TopicKeeper`] thread
+//!   re-creates them later when the broker lost them (a memory-storage broker restarted).
 //!
 //! [`InFrame`] payloads are raw bytes: validate them with [`crate::decode_counted`], which
 //! counts and skips bad frames.
 
 mod consumer;
+mod keeper;
 mod producer;
 
 use std::collections::HashSet;
@@ -35,6 +37,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::types::RDKafkaErrorCode;
 
 pub use consumer::{route_by_partition, ConsumerStats, InFrame, KafkaConsumer};
+pub use keeper::{KeeperStats, TopicKeeper};
 pub use producer::{Done, KafkaProducer, OutFrame, ProducerRing, ProducerStats, NO_TICKET};
 
 /// Settings shared by the producer, the consumer and the admin client.

@@ -1,7 +1,8 @@
 //! `iris-core`: the core node of a regional cluster (see `iris_core::service`).
 //!
 //! `iris-core --brokers H:P --redis redis://H:P --region R --data-dir DIR [--partitions 16]
-//! [--group iris-core-R] [--commit-window-ms 2] [--member 0 --members 1] [--admin ADDR]`, or the
+//! [--group iris-core-R] [--commit-window-ms 2] [--member 0 --members 1] [--admin ADDR]
+//! [--fetch-wait-max-ms 5]`, or the
 //! same keys in a TOML file given with `--config FILE` (flags win over the file). Member `I` of
 //! `N` consumes the deliver partitions `p` with `p % N == I`; each member keeps its own
 //! `--data-dir` and must be restarted on it (a killed member's partitions wait for it).
@@ -31,7 +32,7 @@ use serde::Deserialize;
 )]
 struct Args {
     /// TOML file with any of the keys below (brokers, redis, region, data_dir, partitions,
-    /// group, commit_window_ms, member, members, admin); flags override it.
+    /// group, commit_window_ms, member, members, admin, fetch_wait_max_ms); flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Kafka bootstrap servers, host:port[,host:port].
@@ -67,6 +68,11 @@ struct Args {
     /// a free port [default: none].
     #[arg(long)]
     admin: Option<SocketAddr>,
+    /// Consumer fetch.wait.max.ms: the longest a fetch waits at the broker; tansu answers only
+    /// at this deadline (5 suits it), a real Kafka as soon as data arrives (500 suits it)
+    /// [default: 5].
+    #[arg(long)]
+    fetch_wait_max_ms: Option<u32>,
 }
 
 /// The TOML file; every key optional.
@@ -83,6 +89,7 @@ struct FileConfig {
     member: Option<u32>,
     members: Option<u32>,
     admin: Option<SocketAddr>,
+    fetch_wait_max_ms: Option<u32>,
 }
 
 fn config(args: Args) -> anyhow::Result<ServiceConfig> {
@@ -136,6 +143,12 @@ fn config(args: Args) -> anyhow::Result<ServiceConfig> {
         );
     }
     cfg.admin = args.admin.or(file.admin);
+    if let Some(ms) = args.fetch_wait_max_ms.or(file.fetch_wait_max_ms) {
+        if ms == 0 {
+            bail!("--fetch-wait-max-ms must be at least 1");
+        }
+        cfg.fetch_wait_max_ms = ms;
+    }
     Ok(cfg)
 }
 

@@ -1,0 +1,181 @@
+//! The topic keeper: a thread that keeps a list of topics in existence.
+//!
+//! Topics are created at process start ([`super::ensure_topics`]); a broker that loses them
+//! later (tansu with memory storage restarted, an operator's mistake) would leave the region
+//! stuck: producers retry forever against a topic that is gone, consumers of fixed partitions
+//! wait for it. A [`TopicKeeper`] checks the broker's metadata for its `(topic, partitions)`
+//! list every [`TopicKeeper::start`] `every` (2 s in the services), and at once when
+//! [`TopicKeeper::poke`]d, and re-creates the missing ones with [`super::ensure_topics_within`].
+//!
+//! Consumers of a re-created topic need nothing more: their position (or the committed offset)
+//! lies beyond the new, empty log's end, the broker answers `OFFSET_OUT_OF_RANGE`, and
+//! `auto.offset.reset=earliest` (set by every consumer of this transport and by the core)
+//! restarts them at the new log's beginning.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use rdkafka::admin::AdminClient;
+use rdkafka::client::DefaultClientContext;
+
+use super::{ensure_topics_within, KafkaConfig, TransportError};
+
+/// How long one metadata request or one re-creation may take.
+const REQUEST_WAIT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Default)]
+struct Shared {
+    stop: AtomicBool,
+    /// Set by [`TopicKeeper::poke`]; the condvar wakes the thread.
+    poked: Mutex<bool>,
+    wake: Condvar,
+    checks: AtomicU64,
+    recreated: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// A snapshot of the keeper's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeeperStats {
+    /// Metadata checks answered by the broker.
+    pub checks: u64,
+    /// Topics found missing and re-created.
+    pub recreated: u64,
+    /// Checks or re-creations that failed (broker unreachable; retried at the next check).
+    pub errors: u64,
+}
+
+/// The handle of a keeper thread; dropping it stops the thread.
+#[derive(Debug)]
+pub struct TopicKeeper {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TopicKeeper {
+    /// Starts a thread that checks `topics` (name, partitions when created) every `every` and
+    /// re-creates the missing ones.
+    pub fn start(
+        cfg: &KafkaConfig,
+        topics: Vec<(String, i32)>,
+        every: Duration,
+    ) -> Result<TopicKeeper, TransportError> {
+        let admin: AdminClient<DefaultClientContext> = cfg
+            .base_client_config()
+            .create()
+            .map_err(TransportError::Config)?;
+        let shared = Arc::new(Shared::default());
+        let cfg = cfg.clone();
+        let s = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("iris-topic-keeper".to_owned())
+            .spawn(move || keep(&cfg, &admin, &topics, every, &s))
+            .map_err(TransportError::Thread)?;
+        Ok(TopicKeeper {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Asks for a check now (e.g. after an "unknown topic" error).
+    pub fn poke(&self) {
+        let mut p = self.shared.poked.lock().unwrap_or_else(|e| e.into_inner());
+        *p = true;
+        self.shared.wake.notify_one();
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> KeeperStats {
+        let s = &self.shared;
+        KeeperStats {
+            checks: s.checks.load(Ordering::Relaxed),
+            recreated: s.recreated.load(Ordering::Relaxed),
+            errors: s.errors.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stops the thread and waits for it (at most one request's time).
+    pub fn stop(mut self) {
+        self.halt();
+    }
+
+    fn halt(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        self.poke();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for TopicKeeper {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+/// The keeper thread: check, re-create, wait for `every` or a poke.
+fn keep(
+    cfg: &KafkaConfig,
+    admin: &AdminClient<DefaultClientContext>,
+    topics: &[(String, i32)],
+    every: Duration,
+    s: &Shared,
+) {
+    while !s.stop.load(Ordering::Acquire) {
+        check(cfg, admin, topics, s);
+        let mut poked = s.poked.lock().unwrap_or_else(|e| e.into_inner());
+        if !*poked && !s.stop.load(Ordering::Acquire) {
+            poked = s
+                .wake
+                .wait_timeout(poked, every)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        *poked = false;
+    }
+}
+
+/// One check: the topics of `topics` missing from the broker's metadata are re-created.
+fn check(
+    cfg: &KafkaConfig,
+    admin: &AdminClient<DefaultClientContext>,
+    topics: &[(String, i32)],
+    s: &Shared,
+) {
+    let md = match admin.inner().fetch_metadata(None, REQUEST_WAIT) {
+        Ok(md) => md,
+        Err(e) => {
+            s.errors.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(error = %e, "topic keeper: metadata not answered");
+            return;
+        }
+    };
+    s.checks.fetch_add(1, Ordering::Relaxed);
+    let missing: Vec<(String, i32)> = topics
+        .iter()
+        .filter(|(name, _)| {
+            !md.topics()
+                .iter()
+                .any(|t| t.name() == name && t.error().is_none() && !t.partitions().is_empty())
+        })
+        .cloned()
+        .collect();
+    if missing.is_empty() {
+        return;
+    }
+    match ensure_topics_within(cfg, &missing, REQUEST_WAIT) {
+        Ok(()) => {
+            s.recreated
+                .fetch_add(missing.len() as u64, Ordering::Relaxed);
+            let names: Vec<&str> = missing.iter().map(|(n, _)| n.as_str()).collect();
+            tracing::warn!(topics = ?names, "kafka topics were missing, re-created");
+        }
+        Err(e) => {
+            s.errors.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(error = %e, "topic keeper: re-creation failed, retried at the next check");
+        }
+    }
+}
