@@ -92,14 +92,16 @@ const OUTBOX_HIGH: usize = 65_536;
 
 /// How long a routed id is remembered (longer than the core's routing takes under load).
 const RECENT_ROUTED_TTL: Duration = Duration::from_secs(30);
-/// The most routed ids remembered per shard (about 8 MiB at most).
+/// The most routed ids remembered per shard (about 10 MiB at most).
 const RECENT_ROUTED_MAX: usize = 262_144;
 
-/// Ids of recently routed messages, forgotten after [`RECENT_ROUTED_TTL`] or beyond
-/// [`RECENT_ROUTED_MAX`]. A copy arriving later than that is written again (at-least-once).
+/// Ids of recently routed messages, each with the presence generation at the time
+/// ([`Presence::generation`]), forgotten after [`RECENT_ROUTED_TTL`] or beyond
+/// [`RECENT_ROUTED_MAX`]. A later copy of the message goes only to the sessions registered
+/// since; a copy arriving after the id is forgotten is written again (at-least-once).
 #[derive(Debug, Default)]
 struct RecentIds {
-    set: std::collections::HashSet<u64>,
+    map: HashMap<u64, u64>,
     order: VecDeque<(u64, std::time::Instant)>,
 }
 
@@ -108,28 +110,50 @@ impl RecentIds {
         while let Some(&(id, at)) = self.order.front() {
             if self.order.len() > RECENT_ROUTED_MAX || now.duration_since(at) > RECENT_ROUTED_TTL {
                 self.order.pop_front();
-                self.set.remove(&id);
+                self.map.remove(&id);
             } else {
                 break;
             }
         }
-        if self.order.is_empty() && self.set.capacity() > 1024 {
+        if self.order.is_empty() && self.map.capacity() > 1024 {
             *self = Self::default();
         }
     }
 
-    fn insert(&mut self, id: u64) {
+    /// Remembers that `id` was routed when the presence generation was `generation`.
+    fn insert(&mut self, id: u64, generation: u64) {
         let now = std::time::Instant::now();
         self.prune(now);
-        if self.set.insert(id) {
+        if self.map.insert(id, generation).is_none() {
             self.order.push_back((id, now));
         }
     }
 
-    fn contains(&mut self, id: u64) -> bool {
+    /// The presence generation at which `id` was routed, if it is remembered.
+    fn get(&mut self, id: u64) -> Option<u64> {
         self.prune(std::time::Instant::now());
-        self.set.contains(&id)
+        self.map.get(&id).copied()
     }
+}
+
+/// Where a delivery handed to the owner shard comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// Accepted on this edge (the local fast path).
+    Local,
+    /// The core's routed copy, from this edge's inbox.
+    Core,
+    /// The sender's edge's live copy, produced straight to this edge's inbox.
+    Direct,
+}
+
+/// The payload inside a RELIABLE_MSG frame (`0x10 | u16 idlen | id | u32 mlen | payload`).
+fn reliable_payload(frame: &[u8]) -> Option<&[u8]> {
+    let idlen = usize::from(u16::from_be_bytes([*frame.get(1)?, *frame.get(2)?]));
+    let at = 3 + idlen;
+    let len = frame.get(at..at + 4)?;
+    let mlen = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+    frame.get(at + 4..at + 4 + mlen)
 }
 
 /// A batch of ring messages: one ring slot carries many messages.
@@ -181,8 +205,9 @@ pub struct Shard {
     pub idgen: RefCell<IdGen>,
     /// Cluster mode: the core is reached over the bus (relays and session changes go to it).
     pub cluster: bool,
-    /// Cluster mode: ids of messages this owner routed to local sessions, so the core's routed
-    /// copy of the same message is not written again.
+    /// Cluster mode: ids of messages this owner routed to local sessions, so another copy of
+    /// the same message (the core's routed copy, or the sender edge's direct one) is not written
+    /// again.
     recent_routed: RefCell<RecentIds>,
     outbox: Vec<RefCell<Batch>>,
     outbox_notify: Vec<LocalNotify>,
@@ -291,11 +316,17 @@ impl Shard {
     /// Handles one ring message (or a local one).
     pub fn handle_mesh(self: &Rc<Self>, m: ShardMsg) {
         match m {
-            ShardMsg::Route { to, d } => self.route_owned(to, d, false),
+            ShardMsg::Route { to, d } => self.route_owned(to, d, Via::Local),
             ShardMsg::Deliver { conn, user, d } => {
                 let c = self.conns.borrow().get(&conn).cloned();
                 if let Some(c) = c {
+                    let id = d.id;
+                    let live = &self.metrics.messages_delivered_live_total;
+                    let before = live.load(Ordering::Relaxed);
                     c.deliver(self, &user, d);
+                    if let Some(id) = id.filter(|_| live.load(Ordering::Relaxed) != before) {
+                        self.metrics.hops.written.record_id(id);
+                    }
                 }
             }
             ShardMsg::Register { user, shard, conn } => {
@@ -350,33 +381,61 @@ impl Shard {
         }
     }
 
-    /// The owner's half of routing: hands `d` to every session of `to` on this edge. `from_bus`
-    /// marks a delivery the cluster core routed here; a message this owner already routed live
-    /// (the local fast path) is not written twice.
-    fn route_owned(self: &Rc<Self>, to: Vec<u8>, d: Delivery, from_bus: bool) {
-        if let (true, Some(id)) = (self.cluster, d.id) {
-            let mut recent = self.recent_routed.borrow_mut();
-            if from_bus && recent.contains(id) {
-                ShardMetrics::inc(&self.metrics.bus_duplicates_suppressed_total);
-                return;
-            }
-            if self.presence.borrow().is_local(&to) {
-                recent.insert(id);
+    /// The owner's half of routing: hands `d` to every session of `to` on this edge.
+    ///
+    /// In a cluster, a delivery accepted here (`Via::Local`) also goes straight to every other
+    /// edge the presence topic shows holding `to` ([`CoreRequest::Forward`] for a message,
+    /// [`CoreRequest::ForwardRelay`] for a relay), one broker hop, while the stored copy goes
+    /// to the core. A message reaches an edge up to twice (the direct copy and the core's, in
+    /// either order, or the local fast path and the core's): the owner remembers each id it
+    /// routed with the presence generation of that moment, and a later copy is written only to
+    /// sessions registered since (none, usually: the copy is dropped and counted).
+    fn route_owned(self: &Rc<Self>, to: Vec<u8>, d: Delivery, via: Via) {
+        let from_bus = via != Via::Local;
+        let mut forwarded = false;
+        if self.cluster && !from_bus {
+            let nodes = self.presence.borrow().remote_nodes(&to);
+            forwarded = !nodes.is_empty();
+            for node in nodes {
+                self.forward(node, &to, &d);
             }
         }
-        let sessions = self.presence.borrow().sessions(&to);
-        match sessions.as_slice() {
-            [] => {
-                if d.id.is_some() {
-                    ShardMetrics::inc(&self.metrics.messages_live_offline_total);
-                } else if self.cluster && !from_bus {
-                    // Not connected here: the core relays it to the edge that holds `to`.
-                    self.push_core(CoreRequest::Relay {
-                        recipient: to,
-                        frame: d.frame,
-                    });
+        // Sessions registered after this presence generation get the delivery (0: all).
+        let mut after = 0;
+        let mut remember = None;
+        if let (true, Some(id)) = (self.cluster, d.id) {
+            let generation = self.presence.borrow().generation();
+            let mut recent = self.recent_routed.borrow_mut();
+            if let Some(seen) = recent.get(id) {
+                if generation == seen {
+                    // No session registered since the first copy: nothing left to write.
+                    ShardMetrics::inc(&self.metrics.bus_duplicates_suppressed_total);
+                    return;
                 }
+                after = seen;
             }
+            remember = Some((id, generation));
+        }
+        let sessions = self.presence.borrow().sessions_after(&to, after);
+        if sessions.is_empty() {
+            if after > 0 {
+                ShardMetrics::inc(&self.metrics.bus_duplicates_suppressed_total);
+            } else if d.id.is_some() {
+                ShardMetrics::inc(&self.metrics.messages_live_offline_total);
+            } else if self.cluster && !from_bus && !forwarded {
+                // Not connected here and no other edge known: the core relays it to the edge
+                // that holds `to`, if any.
+                self.push_core(CoreRequest::Relay {
+                    recipient: to,
+                    frame: d.frame,
+                });
+            }
+            return;
+        }
+        if let Some((id, generation)) = remember {
+            self.recent_routed.borrow_mut().insert(id, generation);
+        }
+        match sessions.as_slice() {
             [(shard, conn)] => self.send_shard(
                 *shard,
                 ShardMsg::Deliver {
@@ -402,6 +461,30 @@ impl Shard {
                 }
             }
         }
+    }
+
+    /// Sends the live copy of `d` for `to` straight to edge `node`'s inbox.
+    fn forward(&self, node: u32, to: &[u8], d: &Delivery) {
+        let req = match d.id {
+            Some(id) => {
+                let Some(payload) = reliable_payload(&d.frame) else {
+                    return;
+                };
+                CoreRequest::Forward {
+                    node,
+                    recipient: to.to_vec(),
+                    id,
+                    payload: payload.to_vec(),
+                }
+            }
+            None => CoreRequest::ForwardRelay {
+                node,
+                recipient: to.to_vec(),
+                frame: d.frame.clone(),
+            },
+        };
+        ShardMetrics::inc(&self.metrics.bus_forwards_out_total);
+        self.push_core(req);
     }
 
     fn handle_core(self: &Rc<Self>, r: CoreReply) {
@@ -432,8 +515,17 @@ impl Shard {
                 recipient,
                 id,
                 payload,
+                direct,
             } => {
-                ShardMetrics::inc(&self.metrics.bus_delivers_in_total);
+                let via = if direct {
+                    self.metrics.hops.inbox_direct.record_id(id);
+                    ShardMetrics::inc(&self.metrics.bus_direct_in_total);
+                    Via::Direct
+                } else {
+                    self.metrics.hops.inbox_core.record_id(id);
+                    ShardMetrics::inc(&self.metrics.bus_delivers_in_total);
+                    Via::Core
+                };
                 let mut f = Vec::with_capacity(payload.len() + 23);
                 frame::encode_reliable(&mut f, crate::protocol::MsgId(id), &payload);
                 self.route_owned(
@@ -442,11 +534,11 @@ impl Shard {
                         id: Some(id),
                         frame: f,
                     },
-                    true,
+                    via,
                 );
             }
             CoreReply::Relay { recipient, frame } => {
-                self.route_owned(recipient, Delivery { id: None, frame }, true)
+                self.route_owned(recipient, Delivery { id: None, frame }, Via::Core)
             }
             CoreReply::Presence {
                 user,
