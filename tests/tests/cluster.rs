@@ -16,6 +16,8 @@
 mod common;
 #[path = "cluster/crash.rs"]
 mod crash;
+#[path = "cluster/live.rs"]
+mod live;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
