@@ -219,12 +219,12 @@ fn two_devices_on_two_edges_both_get_every_message_live() {
     // its device, and dropped every copy the core routed to it (the core routes a copy unless
     // it consumed the recipient's ack in the same window; it arrives before or after the direct
     // or local one).
-    for i in 0..2 {
+    for (i, before) in before.iter().enumerate() {
         assert!(c.edge_metric(i, FORWARDS) >= N as u64);
         let mut last = [0; 3];
         let settled = iris_tests::wait_until(Duration::from_secs(10), || {
             let now = snapshot(&c, i);
-            last = [0, 1, 2].map(|k| now[k] - before[i][k]);
+            last = [0, 1, 2].map(|k| now[k] - before[k]);
             last[0] == last[1]
         });
         assert!(
