@@ -60,11 +60,15 @@ pub enum CoreRequest {
     /// edge's inbox (one broker hop) while the stored copy goes to the core as
     /// [`CoreRequest::Store`] (the fallback; the receiving edge writes whichever copy comes first
     /// and drops the other by id). `payload` is what the recipient receives inside its
-    /// RELIABLE_MSG frame. Best effort: never stored. The embedded core ignores it.
+    /// RELIABLE_MSG frame. `prev` is the id of the message the same sending shard (the low
+    /// bits of the ids) sent to `recipient` before this one (0: none known), so the receiving
+    /// edge keeps the sender's order when the two paths race. Best effort: never stored. The
+    /// embedded core ignores it.
     Forward {
         node: u32,
         recipient: Vec<u8>,
         id: u64,
+        prev: u64,
         payload: Vec<u8>,
     },
     /// Cluster only: a best-effort frame (typing 0x72, read receipt 0x75) for `recipient`, whom
@@ -97,12 +101,14 @@ pub enum CoreReply {
     /// Cluster only: message `id` for `recipient`, taken from this edge's inbox, where
     /// `recipient` has (or had) a session. Sent to the recipient's presence owner shard.
     /// `direct` tells the copy the sender's edge produced straight to this inbox
-    /// ([`CoreRequest::Forward`]) from the one the core stored and routed.
+    /// ([`CoreRequest::Forward`], which also names the sender's previous message in `prev`)
+    /// from the one the core stored and routed (`prev` 0).
     Deliver {
         recipient: Vec<u8>,
         id: u64,
         payload: Vec<u8>,
         direct: bool,
+        prev: u64,
     },
     /// Cluster only: a best-effort frame relayed from another edge for `recipient`.
     Relay { recipient: Vec<u8>, frame: Vec<u8> },

@@ -543,21 +543,23 @@ impl Bridge {
                     frame,
                 }));
             }
-            // The live copy straight to the recipient's edge; an empty sender marks it direct
-            // (the core's copies always carry the sender).
+            // The live copy straight to the recipient's edge. An empty origin marks it direct
+            // (the core's copies always carry the accepting region); its sender field carries
+            // the sender's previous message id (8 bytes, big-endian), see docs/BUS.md.
             CoreRequest::Forward {
                 node,
                 recipient,
                 id,
+                prev,
                 payload,
             } => self.produce_inbox(
                 node,
                 BusFrame::Deliver(Deliver {
                     id,
                     recipient,
-                    sender: Vec::new(),
+                    sender: prev.to_be_bytes().to_vec(),
                     payload,
-                    origin: self.region.clone(),
+                    origin: String::new(),
                 }),
             ),
             CoreRequest::ForwardRelay {
@@ -673,14 +675,21 @@ impl Bridge {
             ArchivedBusFrame::Deliver(d) => {
                 let recipient = d.recipient.as_slice().to_vec();
                 let owner = owner_of(&recipient, shards);
+                // A sender edge's direct copy ([`CoreRequest::Forward`]) has no origin, and the
+                // previous message's id where the sender is.
+                let direct = d.origin.is_empty();
+                let prev = match <[u8; 8]>::try_from(d.sender.as_slice()) {
+                    Ok(b) if direct => u64::from_be_bytes(b),
+                    _ => 0,
+                };
                 self.reply(
                     owner,
                     CoreReply::Deliver {
                         recipient,
                         id: d.id.to_native(),
                         payload: d.payload.as_slice().to_vec(),
-                        // A sender edge's direct copy ([`CoreRequest::Forward`]) has no sender.
-                        direct: d.sender.is_empty(),
+                        direct,
+                        prev,
                     },
                 );
             }
