@@ -3,8 +3,10 @@
 #
 # Starts a local region on loopback from release binaries (tansu with memory storage, Redis,
 # one or two iris-core members, two iris-edge nodes) and drives it with iris-load: every pair's
-# receiver logs in on edge 1 and its sender on edge 2, so every message crosses the broker twice
-# (edge 2 -> deliver topic -> iris-core -> edge 1's inbox -> edge 1). Then the Kafka producer
+# receiver logs in on edge 1 and its sender on edge 2, so every message crosses the broker: its
+# live copy once (edge 2 -> edge 1's inbox -> edge 1, the direct path) and its stored copy twice
+# (edge 2 -> deliver topic -> iris-core -> edge 1's inbox, dropped there as a duplicate unless it
+# comes first). Then the Kafka producer
 # micro-benchmark (frames/s per producer thread). Results: perf/results/cluster/*.json, and per
 # rate the CPU of each process (cluster-RATE.cpu.txt: % of one core over the run, from
 # /proc/PID/stat) and the per-hop latency histograms of the run (cluster-RATE.hops.txt: the
@@ -18,6 +20,7 @@
 #   --cores N          iris-core members [default: 1]
 #   --edge-config FILE an iris-edge TOML file for both edges (e.g. [cluster] linger_ms)
 #   --no-build         use the binaries already in target/release
+#   --bin-dir DIR      use the binaries in DIR (implies --no-build; for A/B runs of two builds)
 #   --no-producer      skip the producer micro-benchmark
 #   --out DIR          results directory [default: perf/results/cluster]
 # Needs tansu (scripts/kafka.sh install) and redis-server (scripts/redis.sh install).
@@ -33,6 +36,7 @@ EDGE_CONFIG=""
 BUILD=1
 PRODUCER=1
 OUT=perf/results/cluster
+BIN_DIR=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --duration) DURATION=$2; shift ;;
@@ -41,9 +45,10 @@ while [ $# -gt 0 ]; do
     --cores) CORES=$2; shift ;;
     --edge-config) EDGE_CONFIG=$2; shift ;;
     --no-build) BUILD=0 ;;
+    --bin-dir) BIN_DIR=$2; BUILD=0; shift ;;
     --no-producer) PRODUCER=0 ;;
     --out) OUT=$2; shift ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -56,7 +61,7 @@ if [ "$BUILD" = 1 ]; then
   say "building release binaries"
   cargo build --release -p iris-edge -p iris-core -p iris-perf
 fi
-BIN=$ROOT/target/release
+BIN=${BIN_DIR:-$ROOT/target/release}
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
 PIDS=()
