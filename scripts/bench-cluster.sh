@@ -3,9 +3,15 @@
 #
 # Starts a local region on loopback from release binaries (tansu with memory storage, Redis,
 # one or two iris-core members, two iris-edge nodes) and drives it with iris-load: every pair's
-# receiver logs in on edge 1 and its sender on edge 2, so every message crosses the broker twice
-# (edge 2 -> deliver topic -> iris-core -> edge 1's inbox -> edge 1). Then the Kafka producer
-# micro-benchmark (frames/s per producer thread). Results: perf/results/cluster/*.json.
+# receiver logs in on edge 1 and its sender on edge 2, so every message crosses the broker: its
+# live copy once (edge 2 -> edge 1's inbox -> edge 1, the direct path) and its stored copy twice
+# (edge 2 -> deliver topic -> iris-core -> edge 1's inbox, dropped there as a duplicate unless it
+# comes first). Then the Kafka producer
+# micro-benchmark (frames/s per producer thread). Results: perf/results/cluster/*.json, and per
+# rate the CPU of each process (cluster-RATE.cpu.txt: % of one core over the run, from
+# /proc/PID/stat) and the per-hop latency histograms of the run (cluster-RATE.hops.txt: the
+# iris_edge_hop_seconds / iris_core_hop_seconds buckets of every edge and core summed, minus
+# those before the run, as count, mean and the bucket bounds of p50/p99/p99.9).
 #
 # Usage: scripts/bench-cluster.sh [options]
 #   --duration S       measured seconds of each run [default: 10]
@@ -14,6 +20,7 @@
 #   --cores N          iris-core members [default: 1]
 #   --edge-config FILE an iris-edge TOML file for both edges (e.g. [cluster] linger_ms)
 #   --no-build         use the binaries already in target/release
+#   --bin-dir DIR      use the binaries in DIR (implies --no-build; for A/B runs of two builds)
 #   --no-producer      skip the producer micro-benchmark
 #   --out DIR          results directory [default: perf/results/cluster]
 # Needs tansu (scripts/kafka.sh install) and redis-server (scripts/redis.sh install).
@@ -29,6 +36,7 @@ EDGE_CONFIG=""
 BUILD=1
 PRODUCER=1
 OUT=perf/results/cluster
+BIN_DIR=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --duration) DURATION=$2; shift ;;
@@ -37,9 +45,10 @@ while [ $# -gt 0 ]; do
     --cores) CORES=$2; shift ;;
     --edge-config) EDGE_CONFIG=$2; shift ;;
     --no-build) BUILD=0 ;;
+    --bin-dir) BIN_DIR=$2; BUILD=0; shift ;;
     --no-producer) PRODUCER=0 ;;
     --out) OUT=$2; shift ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -52,7 +61,7 @@ if [ "$BUILD" = 1 ]; then
   say "building release binaries"
   cargo build --release -p iris-edge -p iris-core -p iris-perf
 fi
-BIN=$ROOT/target/release
+BIN=${BIN_DIR:-$ROOT/target/release}
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
 PIDS=()
@@ -89,7 +98,7 @@ wait_line() {
 say "iris-core x$CORES"
 for ((i = 0; i < CORES; i++)); do
   "$BIN/iris-core" --brokers "$BROKERS" --redis "$REDIS" --region $REGION \
-    --data-dir "$WORK/core-$i" --member "$i" --members "$CORES" \
+    --data-dir "$WORK/core-$i" --member "$i" --members "$CORES" --admin 127.0.0.1:0 \
     >"$WORK/core-$i.out" 2>"$WORK/core-$i.log" &
   PIDS+=($!)
 done
@@ -108,12 +117,87 @@ E1=$(sed -n 's/.*client=\([^ ]*\).*/\1/p' "$WORK/edge-1.out")
 E2=$(sed -n 's/.*client=\([^ ]*\).*/\1/p' "$WORK/edge-2.out")
 echo "edge 1 $E1, edge 2 $E2, broker $BROKERS, redis $REDIS"
 
+# Processes to watch (name pid) and admin endpoints to scrape.
+WATCH=()
+for ((i = 0; i < CORES; i++)); do WATCH+=("iris-core-$i" "${PIDS[$i]}"); done
+WATCH+=("iris-edge-1" "${PIDS[$CORES]}" "iris-edge-2" "${PIDS[$((CORES + 1))]}")
+WATCH+=("tansu" "$(cat "$WORK/kafka/tansu.pid" 2>/dev/null || echo 0)")
+WATCH+=("redis" "$(cat "$WORK/redis/redis.pid" 2>/dev/null || echo 0)")
+ADMINS=()
+for ((i = 0; i < CORES; i++)); do ADMINS+=("$(sed -n 's/.*admin=\([^ ]*\).*/\1/p' "$WORK/core-$i.out")"); done
+for n in 1 2; do ADMINS+=("$(sed -n 's/.*admin=\([^ ]*\).*/\1/p' "$WORK/edge-$n.out")"); done
+
+# cpu_ticks: "name ticks" (utime + stime) of every watched process.
+cpu_ticks() {
+  local i
+  for ((i = 0; i < ${#WATCH[@]}; i += 2)); do
+    echo "${WATCH[$i]} $(awk '{print $14 + $15}' "/proc/${WATCH[$((i + 1))]}/stat" 2>/dev/null || echo 0)"
+  done
+}
+# hop_lines: every hop histogram line of every admin endpoint.
+hop_lines() {
+  local a
+  for a in "${ADMINS[@]}"; do
+    [ -n "$a" ] && curl -s "http://$a/metrics" | grep -E '^iris_(edge|core)_hop_seconds_(bucket|sum|count)' || true
+  done
+}
+# hop_report BEFORE AFTER: per series, the run's count, mean and p50/p99/p99.9 bucket bounds.
+hop_report() {
+  python3 - "$1" "$2" <<'PY'
+import re, sys, collections
+def load(path):
+    acc = collections.defaultdict(float)
+    for line in open(path):
+        key, val = line.rsplit(' ', 1)
+        acc[key] += float(val)
+    return acc
+before, after = load(sys.argv[1]), load(sys.argv[2])
+series = collections.defaultdict(dict)
+for key, v in after.items():
+    d = v - before.get(key, 0.0)
+    m = re.match(r'(\w+)_(bucket|sum|count)\{hop="([^"]+)"(?:,le="([^"]+)")?\}', key)
+    if not m:
+        continue
+    name, kind, hop, le = m.groups()
+    s = series[(name, hop)]
+    if kind == 'bucket':
+        s.setdefault('b', []).append((float('inf') if le == '+Inf' else float(le), d))
+    else:
+        s[kind] = d
+for (name, hop), s in sorted(series.items()):
+    n = s.get('count', 0)
+    if n <= 0:
+        continue
+    b = sorted(s.get('b', []))
+    def q(p):
+        for le, c in b:
+            if c >= p * n:
+                return '+Inf' if le == float('inf') else '%g ms' % (le * 1000)
+        return '?'
+    print('%-22s %-14s count %8d  mean %8.2f ms  p50 <= %-9s p99 <= %-9s p99.9 <= %s' % (
+        name, hop, n, 1000 * s.get('sum', 0) / n, q(0.5), q(0.99), q(0.999)))
+PY
+}
+
 # Pair i: receiver on target 2i (edge 1), sender on target 2i+1 (edge 2).
+HZ=$(getconf CLK_TCK)
 for rate in ${RATES//,/ }; do
   say "cross-edge open loop at $rate msgs/s, $PAIRS pairs"
+  cpu_ticks | sort >"$WORK/cpu.before"
+  hop_lines >"$WORK/hops.before"
+  t0=$(date +%s.%N)
   "$BIN/iris-load" pairs --target "$E1" --target "$E2" --pairs "$PAIRS" --rate "$rate" \
     --size 64 --duration "$DURATION" --warmup 3 --drain-timeout 15 \
     --label "cluster-$rate" --json "$OUT/cluster-$rate.json"
+  t1=$(date +%s.%N)
+  cpu_ticks | sort >"$WORK/cpu.after"
+  hop_lines >"$WORK/hops.after"
+  echo "CPU over the run ($(echo "$t1 - $t0" | bc) s, warm-up and drain included), % of one core:"
+  join "$WORK/cpu.before" "$WORK/cpu.after" |
+    awk -v hz="$HZ" -v secs="$(echo "$t1 - $t0" | bc)" \
+      '{printf "  %-12s %6.1f %%\n", $1, 100 * ($3 - $2) / hz / secs}' | tee "$OUT/cluster-$rate.cpu.txt"
+  echo "per hop, this run:"
+  hop_report "$WORK/hops.before" "$WORK/hops.after" | tee "$OUT/cluster-$rate.hops.txt"
 done
 say "cross-edge closed loop (saturation), $PAIRS pairs x 64 in flight"
 "$BIN/iris-load" pairs --target "$E1" --target "$E2" --pairs "$PAIRS" --max --window 64 \
@@ -122,7 +206,7 @@ say "cross-edge closed loop (saturation), $PAIRS pairs x 64 in flight"
 
 for n in 1 2; do
   a=$(sed -n 's/.*admin=\([^ ]*\).*/\1/p' "$WORK/edge-$n.out")
-  curl -s "http://$a/metrics" | grep -E '^iris_(bus|sessions)_[a-z_]+ ' >"$OUT/edge-$n.metrics.txt" || true
+  curl -s "http://$a/metrics" | grep -E '^iris_(bus|sessions)_[a-z_]+ |^iris_edge_(bus|messages)_[a-z_]+ ' >"$OUT/edge-$n.metrics.txt" || true
 done
 
 if [ "$PRODUCER" = 1 ]; then

@@ -58,6 +58,31 @@ pub enum CoreRequest {
     /// on this edge. The embedded core drops it (one box: not connected means offline); the
     /// cluster link hands it to the core, which relays it to the edge holding `recipient`.
     Relay { recipient: Vec<u8>, frame: Vec<u8> },
+    /// Cluster only: the live copy of message `id` for `recipient`, whom the presence topic shows
+    /// connected to edge `node` of this region (sent by the recipient's presence owner shard on
+    /// the sender's edge, once per such node). The cluster link produces it straight to that
+    /// edge's inbox (one broker hop) while the stored copy goes to the core as
+    /// [`CoreRequest::Store`] (the fallback; the receiving edge writes whichever copy comes first
+    /// and drops the other by id). `payload` is what the recipient receives inside its
+    /// RELIABLE_MSG frame. `prev` is the id of the message the same sending shard (the low
+    /// bits of the ids) sent to `recipient` before this one (0: none known), so the receiving
+    /// edge keeps the sender's order when the two paths race. Best effort: never stored. The
+    /// embedded core ignores it.
+    Forward {
+        node: u32,
+        recipient: Vec<u8>,
+        id: u64,
+        prev: u64,
+        payload: Vec<u8>,
+    },
+    /// Cluster only: a best-effort frame (typing 0x72, read receipt 0x75) for `recipient`, whom
+    /// the presence topic shows connected to edge `node`: produced straight to that edge's inbox
+    /// instead of through the core. The embedded core ignores it.
+    ForwardRelay {
+        node: u32,
+        recipient: Vec<u8>,
+        frame: Vec<u8>,
+    },
 }
 
 /// What the core sends back to a shard.
@@ -77,12 +102,17 @@ pub enum CoreReply {
         user: Vec<u8>,
         bundle: Option<Vec<u8>>,
     },
-    /// Cluster only: the core stored message `id` for `recipient` and routed it to this edge,
-    /// where `recipient` has (or had) a session. Sent to the recipient's presence owner shard.
+    /// Cluster only: message `id` for `recipient`, taken from this edge's inbox, where
+    /// `recipient` has (or had) a session. Sent to the recipient's presence owner shard.
+    /// `direct` tells the copy the sender's edge produced straight to this inbox
+    /// ([`CoreRequest::Forward`], which also names the sender's previous message in `prev`)
+    /// from the one the core stored and routed (`prev` 0).
     Deliver {
         recipient: Vec<u8>,
         id: u64,
         payload: Vec<u8>,
+        direct: bool,
+        prev: u64,
     },
     /// Cluster only: a best-effort frame relayed from another edge for `recipient`.
     Relay { recipient: Vec<u8>, frame: Vec<u8> },

@@ -533,11 +533,13 @@ impl Core {
                 conn,
                 kind: ReadKind::Prekeys,
             }),
-            // One box: presence lives in the shards, and a relay for a user not connected here
-            // has nowhere else to go.
+            // One box: presence lives in the shards, and a relay or forward for a user not
+            // connected here has nowhere else to go.
             CoreRequest::Online { .. }
             | CoreRequest::Offline { .. }
-            | CoreRequest::Relay { .. } => {}
+            | CoreRequest::Relay { .. }
+            | CoreRequest::Forward { .. }
+            | CoreRequest::ForwardRelay { .. } => {}
         }
     }
 

@@ -301,8 +301,11 @@ impl RemoteCore {
                 ticket: r.seq,
             })
             .collect();
+        // This run of the node: its session writes carry it, and it is the reset's time.
+        let run = unix_ms();
         let mut bridge = Bridge {
             node: cfg.node,
+            run,
             region: cfg.region.clone(),
             deliver_topic: deliver_topic_arc,
             presence_topic: Arc::from(presence_topic.as_str()),
@@ -331,7 +334,7 @@ impl RemoteCore {
         // Announce this node's (re)start before any of its sessions.
         bridge.produce(BusFrame::EdgeReset(EdgeReset {
             node: cfg.node,
-            unix_ms: unix_ms(),
+            unix_ms: run,
         }));
         bridge.held.extend(held);
         let thread = std::thread::Builder::new()
@@ -462,6 +465,8 @@ fn unix_ms() -> u64 {
 /// The bridge thread's state.
 struct Bridge {
     node: u32,
+    /// This run of the node (its start, Unix ms; the `EdgeReset` it announced).
+    run: u64,
     region: String,
     deliver_topic: Arc<str>,
     presence_topic: Arc<str>,
@@ -694,18 +699,21 @@ impl Bridge {
                 }))
             }
             CoreRequest::Online { user, shard } => {
+                let now = unix_ms();
                 self.session(SessionOp::Online {
                     user: user.clone(),
                     node: self.node.to_string(),
                     shard: u16::try_from(shard).unwrap_or(u16::MAX),
                     region: self.region.clone(),
+                    run: self.run,
+                    login_ms: now,
                 });
                 self.produce(BusFrame::Presence(Presence {
                     user,
                     online: true,
                     node: self.node,
                     shard: shard as u32,
-                    unix_ms: unix_ms(),
+                    unix_ms: now,
                 }));
             }
             CoreRequest::Offline { user, last_seen } => {
@@ -713,6 +721,7 @@ impl Bridge {
                     user: user.clone(),
                     node: self.node.to_string(),
                     region: self.region.clone(),
+                    run: self.run,
                     last_seen,
                 });
                 self.produce(BusFrame::Presence(Presence {
@@ -724,17 +733,43 @@ impl Bridge {
                 }));
             }
             CoreRequest::Relay { recipient, frame } => {
-                let kind = match frame.first() {
-                    Some(0x75) => RelayKind::ReadReceipt,
-                    Some(0x72) if frame.last() == Some(&0) => RelayKind::TypingStop,
-                    _ => RelayKind::TypingStart,
-                };
                 self.produce(BusFrame::Relay(Relay {
                     recipient,
-                    kind,
+                    kind: relay_kind(&frame),
                     frame,
                 }));
             }
+            // The live copy straight to the recipient's edge. An empty origin marks it direct
+            // (the core's copies always carry the accepting region); its sender field carries
+            // the sender's previous message id (8 bytes, big-endian), see docs/BUS.md.
+            CoreRequest::Forward {
+                node,
+                recipient,
+                id,
+                prev,
+                payload,
+            } => self.produce_inbox(
+                node,
+                BusFrame::Deliver(Deliver {
+                    id,
+                    recipient,
+                    sender: prev.to_be_bytes().to_vec(),
+                    payload,
+                    origin: String::new(),
+                }),
+            ),
+            CoreRequest::ForwardRelay {
+                node,
+                recipient,
+                frame,
+            } => self.produce_inbox(
+                node,
+                BusFrame::Relay(Relay {
+                    recipient,
+                    kind: relay_kind(&frame),
+                    frame,
+                }),
+            ),
         }
     }
 
@@ -858,12 +893,21 @@ impl Bridge {
             ArchivedBusFrame::Deliver(d) => {
                 let recipient = d.recipient.as_slice().to_vec();
                 let owner = owner_of(&recipient, shards);
+                // A sender edge's direct copy ([`CoreRequest::Forward`]) has no origin, and the
+                // previous message's id where the sender is.
+                let direct = d.origin.is_empty();
+                let prev = match <[u8; 8]>::try_from(d.sender.as_slice()) {
+                    Ok(b) if direct => u64::from_be_bytes(b),
+                    _ => 0,
+                };
                 self.reply(
                     owner,
                     CoreReply::Deliver {
                         recipient,
                         id: d.id.to_native(),
                         payload: d.payload.as_slice().to_vec(),
+                        direct,
+                        prev,
                     },
                 );
             }
@@ -923,7 +967,21 @@ impl Bridge {
                     },
                 );
             }
-            ArchivedBusFrame::EdgeReset(r) if r.node.to_native() != self.node => {
+            ArchivedBusFrame::EdgeReset(r) if r.node.to_native() == self.node => {
+                // This node's own announcement, back from the presence topic: the session store
+                // learns the run, so session fields of earlier runs are ignored (an earlier
+                // run's reset read late changes nothing).
+                self.stats.ignored.fetch_add(1, Ordering::Relaxed);
+                let run = r.unix_ms.to_native();
+                if run == self.run {
+                    self.session(SessionOp::Announce {
+                        node: self.node.to_string(),
+                        region: self.region.clone(),
+                        run,
+                    });
+                }
+            }
+            ArchivedBusFrame::EdgeReset(r) => {
                 let node = r.node.to_native();
                 let unix_ms = r.unix_ms.to_native();
                 debug!(node, "edge reset announced");
@@ -939,6 +997,33 @@ impl Bridge {
                     "bus frame not for this edge, ignored"
                 );
             }
+        }
+    }
+
+    /// Encodes `frame` for partition 0 of edge `node`'s inbox and queues it for the producer
+    /// (a live copy: no ticket, the stored copy is the core's).
+    fn produce_inbox(&mut self, node: u32, frame: BusFrame) {
+        let payload = match encode(&frame) {
+            Ok(p) => p,
+            Err(e) => {
+                self.stats.encode_errors.fetch_add(1, Ordering::Relaxed);
+                warn!(error = %e, kind = frame.kind().name(), "bus frame not encoded, dropped");
+                return;
+            }
+        };
+        let user = frame.key_user();
+        self.stats.frames_out.fetch_add(1, Ordering::Relaxed);
+        let out = OutFrame {
+            topic: Arc::from(topics::edge_inbox(&self.region, node).as_str()),
+            partition: 0,
+            key: (!user.is_empty()).then(|| user.to_vec()),
+            payload,
+            ticket: 0,
+        };
+        let ring = &self.ring;
+        if send_in_order(&mut self.held, out, |f| ring.try_send(f)) {
+            self.stats.ring_full.fetch_add(1, Ordering::Relaxed);
+            debug!("producer ring full, holding frames");
         }
     }
 
@@ -972,6 +1057,15 @@ impl Bridge {
             self.deferred_total -= before - self.deferred[s].len();
         }
         moved
+    }
+}
+
+/// The kind of a relayed client frame (0x75 read receipt, 0x72 typing with its on/off byte last).
+fn relay_kind(frame: &[u8]) -> RelayKind {
+    match frame.first() {
+        Some(0x75) => RelayKind::ReadReceipt,
+        Some(0x72) if frame.last() == Some(&0) => RelayKind::TypingStop,
+        _ => RelayKind::TypingStart,
     }
 }
 

@@ -1,67 +1,77 @@
-//! Sessions in Redis: where each logged-in user is connected.
+//! Sessions in Redis: on which edges of a region each user is connected.
 //!
 //! Every user with a session has a Redis hash at `session:{user}` (the user's bytes appended
-//! verbatim to `b"session:"`, so names may hold `:` or non-UTF-8 bytes) with the fields
-//! `node`, `shard`, `region`, `last_seen` (unix seconds; `0` while online) and `online`
-//! (`1`/`0`). The key carries a TTL ([`SessionConfig::ttl_secs`], 24 h by default) that is
-//! refreshed while the user stays connected.
+//! verbatim to `b"session:"`, so names may hold `:` or non-UTF-8 bytes) with **one field per edge
+//! node holding the user**, `@{region}/{node}` = `{run}/{shard}/{login_ms}` (the run of that
+//! edge process, the shard, the Unix ms of the login), and `last_seen` (Unix seconds of the
+//! latest logout; absent if none). A user is online while it has a live node field; a user
+//! logged in on two edges (two devices) has two fields and gets live messages on both
+//! ([`SessionRecord::online_nodes`]). The key carries a TTL ([`SessionConfig::ttl_secs`], 24 h
+//! by default) that is refreshed while the user stays connected.
 //!
-//! An edge writes [`SessionOp::Online`] when a user's first session on it begins and
-//! [`SessionOp::Offline`] when the last one ends. A user who moves to another edge logs in there
-//! before the old connection closes, so the old edge's `Offline` may arrive after the new edge's
-//! `Online`. The rule: an `Online` always takes the record; an `Offline` (which carries the
-//! writer's `node` and `region`) marks the record offline (`last_seen`, `online = 0`, TTL
-//! re-armed) only when the stored record is at that same node and region, or when there is no
-//! record or it has no `node` (then it writes an offline record without a location). When another
-//! node or region holds the record, the `Offline` leaves it untouched (no field written, no TTL
-//! re-armed). The check and the write are one Lua script (`EVALSHA`, in the same pipeline as the
-//! other writes, which starts with a `SCRIPT LOAD` of it so a restarted server or a flushed
-//! script cache never makes it fail), so they are atomic against other edges' writes.
+//! **Runs and exact ownership.** Each edge process has a run id (its start, Unix ms, which is
+//! also the time of the `EdgeReset` it announces), carried by every write it makes. The region's
+//! run table, the hash `session-runs` (field `{region}/{node}` = the newest run of that node),
+//! is raised by every `Online` write and by [`SessionOp::Announce`] (sent when the edge reads its
+//! own reset back from the presence topic). Every write only touches the field of its own node,
+//! and only when its run is not older than what is there:
+//! - [`SessionOp::Online`] sets its node's field (unless that node already runs a newer run);
+//! - [`SessionOp::Offline`] deletes its node's field if the field's run is not newer than its
+//!   own, and raises `last_seen`;
+//! - the resync after a Redis reconnect (and of keys the refresh sweep found missing) is an
+//!   `Online` of the writer's own node and run.
+//!
+//! So a user who hopped from edge A to edge B is never pointed back at A by A's late writes: A
+//! only ever writes A's field, B's field stays. A field left by a dead run (the edge was killed)
+//! is ignored by readers once the run table holds a newer run of that node, and deleted by the
+//! next `Online` write to the same key. Each check and write is one Lua script (`EVALSHA`, in
+//! the same pipeline as the other writes, which starts with a `SCRIPT LOAD` of the scripts it
+//! uses, so a restarted server or a flushed script cache never makes it fail), atomic against
+//! other edges' writes. (The `Online` script reads the run table, a second key: under Redis
+//! Cluster both keys would need one hash slot.)
+//!
+//! Records of the earlier one-node layout (`node`, `shard`, `region`, `online` fields, written
+//! by edges before this version) are still read, as one session of an unknown run; an `Online`
+//! write replaces them and an `Offline` of that node removes them.
 //!
 //! Writes never happen on a shard's hot path. A shard owns a [`SessionSink`] and calls
 //! [`SessionSink::try_send`], which never blocks: it pushes a [`SessionOp`] into a bounded
 //! crossbeam queue (one per producer) or hands the op back when the queue is full. A single
 //! [`SessionWriter`] thread (`iris-sessions`) drains the queues and coalesces the ops per user
-//! (the latest state wins; a refresh folds into a pending write), then writes the coalesced
-//! state every [`SessionConfig::flush_interval_ms`] or every [`SessionConfig::max_batch`] ops as
-//! one pipelined round trip (`HSET` + `EXPIRE` per user, or the `Offline` script). Coalescing
-//! gives the same result as writing the ops one by one: an `Offline` that follows a pending
-//! `Online` of the same node and region becomes a plain offline write with that location
-//! (the `Online` would have taken the record, so the script's check would pass), and an
-//! `Offline` from another location than a pending `Online` is dropped (the record it would
-//! find is the `Online`'s). Only two `Offline`s from different locations, with no `Online`
-//! between them, are approximated: the later one wins. (A writer serves one edge, so all its ops
-//! normally share one node and region.)
+//! and node (the latest state wins; writes of an older run than one pending are dropped, as the
+//! scripts would ignore them), then writes the coalesced state every
+//! [`SessionConfig::flush_interval_ms`] or every [`SessionConfig::max_batch`] ops as one
+//! pipelined round trip. Since every op touches only its own node's field, coalescing gives
+//! exactly the result of writing the ops one by one.
 //!
 //! The writer remembers the location of every user it last wrote as online (compactly: the
-//! user's name, its shard and an index into a small table of interned node and region names;
-//! in practice one entry). Every [`SessionConfig::refresh_interval_secs`] it re-arms the TTL
-//! (`EXPIRE`) of each of those users, in pipelined batches; an `EXPIRE` that finds no key (Redis
-//! lost it: a restart without persistence, a failover, a `DEL`, an expiry) queues a full
-//! rewrite of that user's online record.
+//! user's name, its shard, login time and an index into a small table of interned node, region
+//! and run; in practice one entry). Every [`SessionConfig::refresh_interval_secs`] it re-arms
+//! the TTL (`EXPIRE`) of each of those users, in pipelined batches; an `EXPIRE` that finds no
+//! key (Redis lost it: a restart without persistence, a failover, a `DEL`, an expiry) queues a
+//! rewrite of that user's field. (A writer serving several nodes, which only tests do, tracks
+//! one location per user: the last written.)
 //!
 //! When Redis is down the writer keeps the coalesced state in memory (one entry per distinct
-//! user), reconnects with a backoff of 10 ms doubling to 1 s, counts the errors, logs the first
-//! failure and the recovery once each, and writes everything when Redis is back. A connection
-//! that sees no round trip for a second is checked with a `PING`, so a restarted server is
-//! noticed even while no ops come. Because a server that went away may have come back empty
-//! (no persistence) or be a replica that lacks recent writes, every reconnect after a
-//! connection error also queues a full rewrite (`HSET` of all fields + `EXPIRE`, as for an
-//! `Online`) of every user the writer knows as online, at the location it knows. This resync
-//! goes through the same bounded pipelines as the other writes, at most a few per loop turn
-//! with the queues drained between them, after the pending writes, so even hundreds of
-//! thousands of users never starve the producers. It never overrides newer state: a user with a
-//! pending `Online` or `Offline` is skipped (that write follows), and each user's location is
-//! read when its batch is built, so one who went offline meanwhile is not resurrected and one
-//! who moved shard is written at the new shard. (Like any `Online`, a resync takes the record:
-//! a user who is moving to another edge and whose `Offline` here is not written yet may briefly
-//! point back here until that `Offline` is written.)
+//! user and node), reconnects with a backoff of 10 ms doubling to 1 s, counts the errors, logs
+//! the first failure and the recovery once each, and writes everything when Redis is back. A
+//! connection that sees no round trip for a second is checked with a `PING`, so a restarted
+//! server is noticed even while no ops come. Because a server that went away may have come back
+//! empty (no persistence) or be a replica that lacks recent writes, every reconnect after a
+//! connection error also queues a rewrite of the field of every user the writer knows as online
+//! (the `Online` script, with its own run). This resync goes through the same bounded pipelines
+//! as the other writes, at most a few per loop turn with the queues drained between them, after
+//! the pending writes, so even hundreds of thousands of users never starve the producers. It
+//! never overrides newer state: a user with a pending write at that node is skipped (that write
+//! follows), and each user's location is read when its batch is built, so one who went offline
+//! meanwhile is not resurrected.
 //!
 //! [`SessionMetrics`] exposes the counters.
 //!
 //! [`SessionReader`] is the lookup side for the core (a plain thread where blocking is fine):
-//! [`SessionReader::get`] and the pipelined [`SessionReader::get_many`]; it reconnects after a
-//! connection error.
+//! [`SessionReader::get`] and the pipelined [`SessionReader::get_many`], which also re-reads the
+//! run table at most once a second (in the same round trip) to leave out fields of dead runs;
+//! it reconnects after a connection error.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -146,35 +156,59 @@ impl SessionConfig {
     }
 }
 
-/// A user's session as stored in Redis.
+/// One live session of a user: the edge node holding it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SessionRecord {
-    /// Edge node that holds (or last held) the user's connection.
-    pub node: String,
-    /// Shard on that node.
-    pub shard: u16,
-    /// Region of that node.
+pub struct NodeSession {
+    /// Region of the node.
     pub region: String,
-    /// Unix seconds of the logout; 0 while online.
+    /// Edge node id.
+    pub node: String,
+    /// The run of the edge process that wrote it (its start, Unix ms; 0 for a record of the
+    /// earlier one-node layout).
+    pub run: u64,
+    /// Shard on that node (of the user's first session there).
+    pub shard: u16,
+    /// Unix ms of the login (0 for a record of the earlier layout).
+    pub login_ms: u64,
+}
+
+/// A user's sessions as stored in Redis, without the fields of dead runs.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SessionRecord {
+    /// Every node holding a live session of the user, oldest login first.
+    pub sessions: Vec<NodeSession>,
+    /// Unix seconds of the latest logout (0: none recorded).
     pub last_seen: u64,
-    /// Whether the user is connected.
+    /// Whether the user is connected anywhere (`sessions` is not empty).
     pub online: bool,
+    /// The node of the latest login (empty when offline): for single-node readers.
+    pub node: String,
+    /// The shard of the latest login.
+    pub shard: u16,
+    /// The region of the latest login (empty when offline).
+    pub region: String,
 }
 
 impl SessionRecord {
-    /// The nodes of `region` where the user is online (this record holds at most one).
+    /// The numeric ids of the nodes of `region` holding a live session of the user, each once,
+    /// in login order (a node name that is not a number is left out).
     pub fn online_nodes(&self, region: &str) -> Vec<u32> {
-        if !self.online || self.region != region {
-            return Vec::new();
+        let mut nodes: Vec<u32> = Vec::with_capacity(self.sessions.len());
+        for s in self.sessions.iter().filter(|s| s.region == region) {
+            if let Ok(n) = s.node.parse::<u32>() {
+                if !nodes.contains(&n) {
+                    nodes.push(n);
+                }
+            }
         }
-        self.node.parse().map(|n| vec![n]).unwrap_or_default()
+        nodes
     }
 }
 
-/// A session change sent by a shard.
+/// A session change sent by an edge.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionOp {
-    /// The user logged in on `node`/`shard` in `region`.
+    /// The user's first session on `node` (run `run`) in `region` began, at `login_ms`.
     Online {
         /// User id bytes.
         user: Vec<u8>,
@@ -184,10 +218,13 @@ pub enum SessionOp {
         shard: u16,
         /// Region of that node.
         region: String,
+        /// The edge process's run id (start time, Unix ms).
+        run: u64,
+        /// Unix ms of the login.
+        login_ms: u64,
     },
-    /// The user's last session on `node` in `region` ended at `last_seen` (unix seconds). It
-    /// marks the record offline only when the record is at this node and region (or has no
-    /// location, or does not exist); see the module doc.
+    /// The user's last session on `node` (run `run`) in `region` ended at `last_seen` (Unix
+    /// seconds): removes that node's field unless a newer run wrote it; see the module doc.
     Offline {
         /// User id bytes.
         user: Vec<u8>,
@@ -195,6 +232,8 @@ pub enum SessionOp {
         node: String,
         /// Region of that node.
         region: String,
+        /// The edge process's run id.
+        run: u64,
         /// Unix seconds of the logout.
         last_seen: u64,
     },
@@ -203,13 +242,24 @@ pub enum SessionOp {
         /// User id bytes.
         user: Vec<u8>,
     },
+    /// Edge `node` of `region` runs run `run` (raises the run table): session fields of its
+    /// earlier runs are dead.
+    Announce {
+        /// Edge node id.
+        node: String,
+        /// Region of that node.
+        region: String,
+        /// The run id.
+        run: u64,
+    },
 }
 
 impl SessionOp {
-    /// The user this op is about.
+    /// The user this op is about (empty for an [`SessionOp::Announce`]).
     pub fn user(&self) -> &[u8] {
         match self {
             Self::Online { user, .. } | Self::Offline { user, .. } | Self::Refresh { user } => user,
+            Self::Announce { .. } => &[],
         }
     }
 }
@@ -386,196 +436,255 @@ impl Drop for SessionWriter {
     }
 }
 
-/// The coalesced write waiting for one user.
-#[derive(Debug)]
-enum Pending {
-    Online {
-        node: String,
-        shard: u16,
-        region: String,
-    },
-    Offline {
-        /// Node and region of the `Offline`.
-        node: String,
-        region: String,
-        last_seen: u64,
-        /// The shard of a pending `Online` of this same node and region that this `Offline`
-        /// folded in. With it the write is unconditional and complete (`node`, `shard`,
-        /// `region`, offline), exactly what that `Online` followed by this `Offline` would have
-        /// left; without it the write is the conditional [`OFFLINE_SCRIPT`].
-        was_shard: Option<u16>,
-    },
-    Refresh,
+/// The Redis key of the run table: `{region}/{node}` → the newest run of that node.
+pub const RUNS_KEY: &[u8] = b"session-runs";
+
+/// The hash field of `node`'s session in `region`, `@{region}/{node}`.
+pub fn node_field(region: &str, node: &str) -> String {
+    format!("@{region}/{node}")
 }
 
-/// Folds `op` into the pending state of its user so that writing the result gives what writing
-/// the ops one by one would (see the module doc for the one approximation): the latest state
-/// wins, a refresh folds into any pending write (which re-arms the TTL anyway).
-fn coalesce(pending: &mut HashMap<Vec<u8>, Pending>, op: SessionOp) {
-    match op {
+/// What a pending write is about: one user at one node, a user's TTL, or a node's run.
+type PendingKey = (Vec<u8>, String, String);
+
+/// The coalesced write waiting for one user at one node (key: user, node, region), for one
+/// user's TTL (key: user, "", "") or for one node's run (key: "", node, region).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pending {
+    Online { shard: u16, run: u64, login_ms: u64 },
+    Offline { run: u64, last_seen: u64 },
+    Refresh,
+    Announce { run: u64 },
+}
+
+impl Pending {
+    fn run(&self) -> u64 {
+        match *self {
+            Pending::Online { run, .. }
+            | Pending::Offline { run, .. }
+            | Pending::Announce { run } => run,
+            Pending::Refresh => 0,
+        }
+    }
+}
+
+/// Folds `op` into the pending writes so that writing the result gives what writing the ops
+/// one by one would: per user and node the latest state wins, except that a write of an older
+/// run than the pending one is dropped (the scripts would ignore it); an `Offline` after an
+/// `Offline` keeps the later logout time; a refresh is an `EXPIRE` of its own.
+fn coalesce(pending: &mut HashMap<PendingKey, Pending>, op: SessionOp) {
+    let (key, new) = match op {
         SessionOp::Online {
             user,
             node,
             shard,
             region,
-        } => {
-            pending.insert(
-                user,
-                Pending::Online {
-                    node,
-                    shard,
-                    region,
-                },
-            );
-        }
+            run,
+            login_ms,
+        } => (
+            (user, node, region),
+            Pending::Online {
+                shard,
+                run,
+                login_ms,
+            },
+        ),
         SessionOp::Offline {
             user,
             node,
             region,
+            run,
             last_seen,
-        } => {
-            let was_shard = match pending.remove(&user) {
-                Some(Pending::Online {
-                    node: n,
-                    shard,
-                    region: r,
-                }) if n == node && r == region => Some(shard),
-                Some(Pending::Offline {
-                    node: n,
-                    region: r,
-                    was_shard,
-                    ..
-                }) if n == node && r == region => was_shard,
-                // After a pending `Online` elsewhere the record is that `Online`'s, which this
-                // `Offline` would leave untouched; likewise after an `Offline` that carries its
-                // `Online`.
-                Some(
-                    p @ (Pending::Online { .. }
-                    | Pending::Offline {
-                        was_shard: Some(_), ..
-                    }),
-                ) => {
-                    pending.insert(user, p);
-                    return;
-                }
-                // An `Offline` elsewhere without a location: the later one wins (approximation).
-                Some(Pending::Offline { .. } | Pending::Refresh) | None => None,
-            };
-            pending.insert(
-                user,
-                Pending::Offline {
-                    node,
-                    region,
-                    last_seen,
-                    was_shard,
-                },
-            );
-        }
+        } => ((user, node, region), Pending::Offline { run, last_seen }),
         SessionOp::Refresh { user } => {
-            pending.entry(user).or_insert(Pending::Refresh);
+            pending
+                .entry((user, String::new(), String::new()))
+                .or_insert(Pending::Refresh);
+            return;
+        }
+        SessionOp::Announce { node, region, run } => {
+            ((Vec::new(), node, region), Pending::Announce { run })
+        }
+    };
+    match pending.get_mut(&key) {
+        None => {
+            pending.insert(key, new);
+        }
+        Some(old) if new.run() < old.run() => {}
+        Some(old) => {
+            *old = match (*old, new) {
+                (Pending::Offline { last_seen: a, .. }, Pending::Offline { run, last_seen: b }) => {
+                    Pending::Offline {
+                        run,
+                        last_seen: a.max(b),
+                    }
+                }
+                (_, new) => new,
+            };
         }
     }
 }
 
-/// The conditional `Offline` write. `KEYS[1]`: the session key; `ARGV`: the writer's node and
-/// region, `last_seen`, the TTL. Marks the record offline and re-arms its TTL when it is at this
-/// node and region, has no node or does not exist (then it creates an offline record without a
-/// location) and returns 1; leaves a record held by another node or region untouched and
-/// returns 0.
-const OFFLINE_SCRIPT: &str = r"
-local cur = redis.call('HMGET', KEYS[1], 'node', 'region')
-local node, region = cur[1], cur[2] or ''
-if node and node ~= '' and (node ~= ARGV[1] or region ~= ARGV[2]) then
-  return 0
+/// The `Online` write. `KEYS[1]`: the session key, `KEYS[2]`: the run table; `ARGV`: the
+/// place (`{region}/{node}`), the run, the field value, the TTL. Returns 0 and writes nothing
+/// when that node already runs a newer run (in the table or in the field); else raises the
+/// table to this run, deletes the key's fields of dead runs and the fields of the earlier
+/// one-node layout, sets the field, re-arms the TTL and returns 1.
+const ONLINE_SCRIPT: &str = r"
+local run = tonumber(ARGV[2])
+local known = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0') or 0
+if known > run then return 0 end
+if known < run then redis.call('HSET', KEYS[2], ARGV[1], ARGV[2]) end
+local field = '@' .. ARGV[1]
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  local f = all[i]
+  if string.sub(f, 1, 1) == '@' then
+    local r = tonumber(string.match(all[i + 1], '^(%d+)')) or 0
+    if f == field then
+      if r > run then return 0 end
+    else
+      local k = tonumber(redis.call('HGET', KEYS[2], string.sub(f, 2)) or '0') or 0
+      if r < k then redis.call('HDEL', KEYS[1], f) end
+    end
+  end
 end
-redis.call('HSET', KEYS[1], 'last_seen', ARGV[3], 'online', 0)
+redis.call('HDEL', KEYS[1], 'node', 'shard', 'region', 'online')
+redis.call('HSET', KEYS[1], field, ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 return 1
 ";
 
-/// Whether writing `p` runs [`OFFLINE_SCRIPT`].
-fn needs_script(p: &Pending) -> bool {
-    matches!(
-        p,
-        Pending::Offline {
-            was_shard: None,
-            ..
-        }
-    )
+/// The `Offline` write. `KEYS[1]`: the session key; `ARGV`: the place, the run, `last_seen`,
+/// the TTL, the node, the region. Deletes the node's field when its run is not newer than this
+/// one (and a record of the earlier layout at this node and region), raises `last_seen`,
+/// re-arms the TTL; returns 1 when a session was removed, else 0.
+const OFFLINE_SCRIPT: &str = r"
+local field = '@' .. ARGV[1]
+local cur = redis.call('HGET', KEYS[1], field)
+local done = 0
+if cur then
+  local r = tonumber(string.match(cur, '^(%d+)')) or 0
+  if r <= tonumber(ARGV[2]) then
+    redis.call('HDEL', KEYS[1], field)
+    done = 1
+  end
+end
+local old = redis.call('HMGET', KEYS[1], 'node', 'region')
+if old[1] == ARGV[5] and (old[2] or '') == ARGV[6] then
+  redis.call('HDEL', KEYS[1], 'node', 'shard', 'region', 'online')
+  done = 1
+end
+local seen = tonumber(redis.call('HGET', KEYS[1], 'last_seen') or '0') or 0
+if tonumber(ARGV[3]) > seen then redis.call('HSET', KEYS[1], 'last_seen', ARGV[3]) end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return done
+";
+
+/// Raises a node's run in the run table. `KEYS[1]`: the run table; `ARGV`: the place, the run.
+/// Returns 1 when it was raised.
+const ANNOUNCE_SCRIPT: &str = r"
+local known = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0') or 0
+if known < tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  return 1
+end
+return 0
+";
+
+/// The writer's scripts, indexed by [`Script`].
+const SCRIPTS: [&str; 3] = [ONLINE_SCRIPT, OFFLINE_SCRIPT, ANNOUNCE_SCRIPT];
+
+/// Which script a write runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Script {
+    Online = 0,
+    Offline = 1,
+    Announce = 2,
 }
 
-/// Appends the commands for one user's pending write; returns how many commands it added.
-/// `script_sha` is the SHA1 of [`OFFLINE_SCRIPT`] once known (`EVALSHA`; the pipeline loads the
-/// script first), else the script goes in full (`EVAL`).
-fn push_write(
-    pipe: &mut redis::Pipeline,
-    key: &[u8],
-    p: &Pending,
-    ttl: u64,
-    script_sha: Option<&str>,
-) -> usize {
+/// The script `p` runs, if any (a refresh is a plain `EXPIRE`).
+fn script_of(p: &Pending) -> Option<Script> {
     match p {
-        Pending::Online {
-            node,
-            shard,
-            region,
-        } => push_record(pipe, key, node, *shard, region, None, ttl),
-        Pending::Offline {
-            node,
-            region,
-            last_seen,
-            was_shard: Some(shard),
-        } => push_record(pipe, key, node, *shard, region, Some(*last_seen), ttl),
-        Pending::Offline {
-            node,
-            region,
-            last_seen,
-            was_shard: None,
-        } => {
-            match script_sha {
-                Some(sha) => pipe.cmd("EVALSHA").arg(sha),
-                None => pipe.cmd("EVAL").arg(OFFLINE_SCRIPT),
-            }
-            .arg(1u8)
-            .arg(key)
-            .arg(node.as_str())
-            .arg(region.as_str())
-            .arg(*last_seen)
-            .arg(ttl);
-            1
-        }
-        Pending::Refresh => {
-            pipe.cmd("EXPIRE").arg(key).arg(ttl);
-            1
-        }
+        Pending::Online { .. } => Some(Script::Online),
+        Pending::Offline { .. } => Some(Script::Offline),
+        Pending::Announce { .. } => Some(Script::Announce),
+        Pending::Refresh => None,
     }
 }
 
-/// Appends the unconditional write of a complete record (`HSET` of every field, then `EXPIRE`):
-/// online, or offline since `offline_since` (unix seconds). Returns the command count, 2.
-fn push_record(
+/// Starts the call of `script`: `EVALSHA` once its SHA1 is known (the pipeline loads it first),
+/// else `EVAL` with the whole text.
+fn eval<'a>(
+    pipe: &'a mut redis::Pipeline,
+    script: Script,
+    shas: &[Option<String>; 3],
+) -> &'a mut redis::Pipeline {
+    match &shas[script as usize] {
+        Some(sha) => pipe.cmd("EVALSHA").arg(sha.as_str()),
+        None => pipe.cmd("EVAL").arg(SCRIPTS[script as usize]),
+    }
+}
+
+/// Appends the `Online` write of `user`'s field at (`node`, `region`).
+#[allow(clippy::too_many_arguments)]
+fn push_online(
     pipe: &mut redis::Pipeline,
-    key: &[u8],
+    shas: &[Option<String>; 3],
+    user: &[u8],
     node: &str,
-    shard: u16,
     region: &str,
-    offline_since: Option<u64>,
+    shard: u16,
+    run: u64,
+    login_ms: u64,
     ttl: u64,
-) -> usize {
-    pipe.cmd("HSET")
-        .arg(key)
-        .arg("node")
-        .arg(node)
-        .arg("shard")
-        .arg(shard)
-        .arg("region")
-        .arg(region)
-        .arg("last_seen")
-        .arg(offline_since.unwrap_or(0))
-        .arg("online")
-        .arg(u8::from(offline_since.is_none()));
-    pipe.cmd("EXPIRE").arg(key).arg(ttl);
-    2
+) {
+    eval(pipe, Script::Online, shas)
+        .arg(2u8)
+        .arg(session_key(user))
+        .arg(RUNS_KEY)
+        .arg(format!("{region}/{node}"))
+        .arg(run)
+        .arg(format!("{run}/{shard}/{login_ms}"))
+        .arg(ttl);
+}
+
+/// Appends the command of one pending write (one command each).
+fn push_write(
+    pipe: &mut redis::Pipeline,
+    (user, node, region): &PendingKey,
+    p: &Pending,
+    ttl: u64,
+    shas: &[Option<String>; 3],
+) {
+    match *p {
+        Pending::Online {
+            shard,
+            run,
+            login_ms,
+        } => push_online(pipe, shas, user, node, region, shard, run, login_ms, ttl),
+        Pending::Offline { run, last_seen } => {
+            eval(pipe, Script::Offline, shas)
+                .arg(1u8)
+                .arg(session_key(user))
+                .arg(format!("{region}/{node}"))
+                .arg(run)
+                .arg(last_seen)
+                .arg(ttl)
+                .arg(node.as_str())
+                .arg(region.as_str());
+        }
+        Pending::Refresh => {
+            pipe.cmd("EXPIRE").arg(session_key(user)).arg(ttl);
+        }
+        Pending::Announce { run } => {
+            eval(pipe, Script::Announce, shas)
+                .arg(1u8)
+                .arg(RUNS_KEY)
+                .arg(format!("{region}/{node}"))
+                .arg(run);
+        }
+    }
 }
 
 /// True for errors after which the connection cannot be trusted (I/O, timeouts, a dropped or
@@ -595,58 +704,61 @@ fn connect(
     Ok(conn)
 }
 
-/// Where an online user is: its shard and an index into [`Places`].
+/// Where an online user is: its shard, login time and an index into [`Places`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Loc {
     place: u32,
     shard: u16,
+    login_ms: u64,
 }
 
-/// One interned node and region, with how many online users are there.
+/// One interned node, region and run, with how many online users are there.
 #[derive(Debug)]
 struct Place {
     node: String,
     region: String,
+    run: u64,
     users: usize,
 }
 
-/// The interned (node, region) pairs of the online users. A writer serves one edge, so there is
-/// normally a single entry; a pair no user is at any more is freed and its slot reused, so the
-/// table never outgrows the distinct locations in use.
+/// The interned (node, region, run) triples of the online users. A writer serves one edge run,
+/// so there is normally a single entry; a triple no user is at any more is freed and its slot
+/// reused, so the table never outgrows the distinct locations in use.
 #[derive(Debug, Default)]
 struct Places {
     slots: Vec<Place>,
-    ids: HashMap<(String, String), u32>,
+    ids: HashMap<(String, String, u64), u32>,
     free: Vec<u32>,
-    /// The last interned id: the lookup of the usual (only) pair without building a key.
+    /// The last interned id: the lookup of the usual (only) triple without building a key.
     last: Option<u32>,
 }
 
 impl Places {
-    /// The id of (`node`, `region`), interned if new, with one more user counted there.
-    fn acquire(&mut self, node: &str, region: &str) -> u32 {
+    /// The id of (`node`, `region`, `run`), interned if new, with one more user counted there.
+    fn acquire(&mut self, node: &str, region: &str, run: u64) -> u32 {
         let id = match self.last {
-            Some(id)
-                if self.slots[id as usize].node == node
-                    && self.slots[id as usize].region == region =>
-            {
-                id
-            }
-            _ => self.lookup_or_insert(node, region),
+            Some(id) if self.is(id, node, region, run) => id,
+            _ => self.lookup_or_insert(node, region, run),
         };
         self.slots[id as usize].users += 1;
         self.last = Some(id);
         id
     }
 
-    fn lookup_or_insert(&mut self, node: &str, region: &str) -> u32 {
-        let key = (node.to_owned(), region.to_owned());
+    fn is(&self, id: u32, node: &str, region: &str, run: u64) -> bool {
+        let p = &self.slots[id as usize];
+        p.node == node && p.region == region && p.run == run
+    }
+
+    fn lookup_or_insert(&mut self, node: &str, region: &str, run: u64) -> u32 {
+        let key = (node.to_owned(), region.to_owned(), run);
         if let Some(&id) = self.ids.get(&key) {
             return id;
         }
         let place = Place {
             node: key.0.clone(),
             region: key.1.clone(),
+            run,
             users: 0,
         };
         let id = match self.free.pop() {
@@ -673,6 +785,7 @@ impl Places {
             let key = (
                 std::mem::take(&mut slot.node),
                 std::mem::take(&mut slot.region),
+                slot.run,
             );
             self.ids.remove(&key);
             self.free.push(id);
@@ -682,10 +795,19 @@ impl Places {
         }
     }
 
-    fn get(&self, id: u32) -> (&str, &str) {
-        let p = &self.slots[id as usize];
-        (&p.node, &p.region)
+    fn get(&self, id: u32) -> &Place {
+        &self.slots[id as usize]
     }
+}
+
+/// Where the writer last wrote a user online.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct OnlineAt<'a> {
+    node: &'a str,
+    region: &'a str,
+    run: u64,
+    shard: u16,
+    login_ms: u64,
 }
 
 /// The users the writer last wrote as online, with their location (for the refresh sweep and
@@ -697,27 +819,41 @@ struct OnlineUsers {
 }
 
 impl OnlineUsers {
-    fn set_online(&mut self, user: Vec<u8>, node: &str, shard: u16, region: &str) {
+    fn set_online(&mut self, user: Vec<u8>, at: OnlineAt<'_>) {
         let loc = Loc {
-            place: self.places.acquire(node, region),
-            shard,
+            place: self.places.acquire(at.node, at.region, at.run),
+            shard: at.shard,
+            login_ms: at.login_ms,
         };
         if let Some(old) = self.users.insert(user, loc) {
             self.places.release(old.place);
         }
     }
 
-    fn set_offline(&mut self, user: &[u8]) {
-        if let Some(old) = self.users.remove(user) {
-            self.places.release(old.place);
+    /// `user` is no longer online at (`node`, `region`) (a location written since stays).
+    fn set_offline(&mut self, user: &[u8], node: &str, region: &str) {
+        let here = self.users.get(user).is_some_and(|l| {
+            let p = self.places.get(l.place);
+            p.node == node && p.region == region
+        });
+        if here {
+            if let Some(old) = self.users.remove(user) {
+                self.places.release(old.place);
+            }
         }
     }
 
-    /// `user`'s node, shard and region when it is online.
-    fn get(&self, user: &[u8]) -> Option<(&str, u16, &str)> {
+    /// Where `user` is online.
+    fn get(&self, user: &[u8]) -> Option<OnlineAt<'_>> {
         let loc = self.users.get(user)?;
-        let (node, region) = self.places.get(loc.place);
-        Some((node, loc.shard, region))
+        let p = self.places.get(loc.place);
+        Some(OnlineAt {
+            node: &p.node,
+            region: &p.region,
+            run: p.run,
+            shard: loc.shard,
+            login_ms: loc.login_ms,
+        })
     }
 
     fn names(&self) -> Vec<Vec<u8>> {
@@ -744,7 +880,8 @@ struct WriterState {
     failing: bool,
     /// Errors counted since the outage began (for the recovery log).
     outage_errors: u64,
-    pending: HashMap<Vec<u8>, Pending>,
+    /// Coalesced writes, per user and node (see [`Pending`]).
+    pending: HashMap<PendingKey, Pending>,
     /// When the oldest pending op arrived.
     first_pending: Option<Instant>,
     /// Ops received since the last completed flush.
@@ -761,7 +898,7 @@ struct WriterState {
     last_io: Instant,
     pipe: redis::Pipeline,
     /// SHA1 of [`OFFLINE_SCRIPT`], learnt from the reply to its first `SCRIPT LOAD`.
-    script_sha: Option<String>,
+    script_sha: [Option<String>; 3],
 }
 
 impl WriterState {
@@ -787,7 +924,7 @@ impl WriterState {
             resync_queue: Vec::new(),
             last_io: now,
             pipe: redis::pipe(),
-            script_sha: None,
+            script_sha: [None, None, None],
         }
     }
 
@@ -1108,7 +1245,7 @@ impl WriterState {
         refused
     }
 
-    /// Writes pending users in pipelines of up to `max_batch` users, at most `max_chunks`
+    /// Writes pending users in pipelines of up to `max_batch` writes, at most `max_chunks`
     /// pipelines. Stops at the first failure (the chunk goes back to pending). Returns the
     /// pipelines written.
     fn flush(&mut self, max_chunks: usize) -> usize {
@@ -1119,69 +1256,90 @@ impl WriterState {
             if !self.ensure_conn() {
                 break;
             }
-            let keys: Vec<Vec<u8>> = self.pending.keys().take(batch).cloned().collect();
-            let mut chunk: Vec<(Vec<u8>, Pending)> = Vec::with_capacity(keys.len());
+            let keys: Vec<PendingKey> = self.pending.keys().take(batch).cloned().collect();
+            let mut chunk: Vec<(PendingKey, Pending)> = Vec::with_capacity(keys.len());
             for k in keys {
                 if let Some(p) = self.pending.remove(&k) {
                     chunk.push((k, p));
                 }
             }
             self.pipe.clear();
-            let script = chunk.iter().any(|(_, p)| needs_script(p));
-            if script {
-                // Loaded ahead of its `EVALSHA`s in the same round trip, so a restarted server
-                // or a flushed script cache cannot fail them; the reply is the SHA1.
-                self.pipe.cmd("SCRIPT").arg("LOAD").arg(OFFLINE_SCRIPT);
+            // Each script used is loaded ahead of its `EVALSHA`s in the same round trip, so a
+            // restarted server or a flushed script cache cannot fail them; the reply is its SHA1.
+            let mut loaded: Vec<Script> = Vec::new();
+            for (_, p) in &chunk {
+                if let Some(sc) = script_of(p) {
+                    if !loaded.contains(&sc) {
+                        loaded.push(sc);
+                        self.pipe
+                            .cmd("SCRIPT")
+                            .arg("LOAD")
+                            .arg(SCRIPTS[sc as usize]);
+                    }
+                }
             }
-            // Index of each user's first reply.
-            let mut first_reply = Vec::with_capacity(chunk.len());
-            let mut replies = usize::from(script);
-            let mut key = Vec::new();
-            for (user, p) in &chunk {
-                key.clear();
-                key.extend_from_slice(KEY_PREFIX);
-                key.extend_from_slice(user);
-                first_reply.push(replies);
-                replies += push_write(&mut self.pipe, &key, p, ttl, self.script_sha.as_deref());
+            for (key, p) in &chunk {
+                push_write(&mut self.pipe, key, p, ttl, &self.script_sha);
             }
             match self.round_trip() {
                 Some(Ok(results)) => {
                     self.count_refused(&results);
-                    if script && self.script_sha.is_none() {
-                        self.script_sha = match results.first() {
-                            Some(Ok(Value::BulkString(sha))) => String::from_utf8(sha.clone()).ok(),
-                            Some(Ok(Value::SimpleString(sha))) => Some(sha.clone()),
+                    for (sc, r) in loaded.iter().zip(&results) {
+                        let sha = match r {
+                            Ok(Value::BulkString(sha)) => String::from_utf8(sha.clone()).ok(),
+                            Ok(Value::SimpleString(sha)) => Some(sha.clone()),
                             _ => None,
                         };
-                    }
-                    let written = chunk.len() as u64;
-                    let mut left = 0u64;
-                    for ((user, p), at) in chunk.into_iter().zip(first_reply) {
-                        match p {
-                            Pending::Online {
-                                node,
-                                shard,
-                                region,
-                            } => {
-                                self.online.set_online(user, &node, shard, &region);
-                            }
-                            Pending::Offline { was_shard, .. } => {
-                                if was_shard.is_none()
-                                    && matches!(results.get(at), Some(Ok(Value::Int(0))))
-                                {
-                                    left += 1;
-                                }
-                                // Online elsewhere or not at all: either way not this
-                                // writer's to refresh.
-                                self.online.set_offline(&user);
-                            }
-                            Pending::Refresh => {}
+                        if sha.is_some() {
+                            self.script_sha[*sc as usize] = sha;
                         }
                     }
-                    if left > 0 {
+                    let written = chunk.len() as u64;
+                    let (mut stale, mut kept) = (0u64, 0u64);
+                    for (((user, node, region), p), r) in
+                        chunk.into_iter().zip(&results[loaded.len()..])
+                    {
+                        let done = !matches!(r, Ok(Value::Int(0)));
+                        match p {
+                            Pending::Online {
+                                shard,
+                                run,
+                                login_ms,
+                            } => {
+                                if done {
+                                    let at = OnlineAt {
+                                        node: &node,
+                                        region: &region,
+                                        run,
+                                        shard,
+                                        login_ms,
+                                    };
+                                    self.online.set_online(user, at);
+                                } else {
+                                    // This node already runs a newer run: this one is dead.
+                                    stale += 1;
+                                    self.online.set_offline(&user, &node, &region);
+                                }
+                            }
+                            Pending::Offline { .. } => {
+                                if !done {
+                                    kept += 1;
+                                }
+                                self.online.set_offline(&user, &node, &region);
+                            }
+                            Pending::Refresh | Pending::Announce { .. } => {}
+                        }
+                    }
+                    if stale > 0 {
                         tracing::debug!(
-                            users = left,
-                            "offline writes left sessions held by another node untouched"
+                            users = stale,
+                            "online writes of a run older than the node's newest, ignored"
+                        );
+                    }
+                    if kept > 0 {
+                        tracing::debug!(
+                            users = kept,
+                            "offline writes found no session of this node and run"
                         );
                     }
                     SessionMetrics::add(&self.metrics.writes, written);
@@ -1250,14 +1408,14 @@ impl WriterState {
         }
     }
 
-    /// Rewrites, in full, up to `max_chunks` batches of the users in the resync queue that are
-    /// still online here and have no newer write pending. Stops at the first failure (the batch
-    /// stays queued; the reconnect queues everyone anyway).
+    /// Rewrites, with the `Online` script of its own node and run, up to `max_chunks` batches
+    /// of the users in the resync queue that are still online here and have no newer write
+    /// pending. Stops at the first failure (the batch stays queued; the reconnect queues
+    /// everyone anyway).
     fn resync_chunks(&mut self, max_chunks: usize) {
         let ttl = self.cfg.ttl_secs;
         let batch = self.max_batch();
         let mut chunks = 0usize;
-        let mut key = Vec::new();
         while !self.resync_queue.is_empty() && chunks < max_chunks {
             if !self.ensure_conn() {
                 break;
@@ -1265,24 +1423,34 @@ impl WriterState {
             let n = self.resync_queue.len().min(batch);
             let start = self.resync_queue.len() - n;
             self.pipe.clear();
+            // Loaded first, as in `flush`.
+            self.pipe
+                .cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(SCRIPTS[Script::Online as usize]);
             let mut users = 0u64;
             for user in &self.resync_queue[start..] {
-                // A pending `Online` or `Offline` is newer and is written anyway (a pending
-                // refresh is only an `EXPIRE`, which a lost key needs this write for).
-                if matches!(
-                    self.pending.get(user),
-                    Some(Pending::Online { .. } | Pending::Offline { .. })
-                ) {
-                    continue;
-                }
                 // Written offline since it was queued: nothing to restore.
-                let Some((node, shard, region)) = self.online.get(user) else {
+                let Some(at) = self.online.get(user) else {
                     continue;
                 };
-                key.clear();
-                key.extend_from_slice(KEY_PREFIX);
-                key.extend_from_slice(user);
-                push_record(&mut self.pipe, &key, node, shard, region, None, ttl);
+                // A pending write of this node is newer and is written anyway (a pending
+                // refresh is only an `EXPIRE`, which a lost key needs this write for).
+                let key = (user.clone(), at.node.to_owned(), at.region.to_owned());
+                if self.pending.contains_key(&key) {
+                    continue;
+                }
+                push_online(
+                    &mut self.pipe,
+                    &self.script_sha,
+                    user,
+                    at.node,
+                    at.region,
+                    at.shard,
+                    at.run,
+                    at.login_ms,
+                    ttl,
+                );
                 users += 1;
             }
             if users == 0 {
@@ -1292,6 +1460,10 @@ impl WriterState {
             match self.round_trip() {
                 Some(Ok(results)) => {
                     self.count_refused(&results);
+                    if let Some(Ok(Value::BulkString(sha))) = results.first() {
+                        self.script_sha[Script::Online as usize] =
+                            String::from_utf8(sha.clone()).ok();
+                    }
                     self.resync_queue.truncate(start);
                     SessionMetrics::add(&self.metrics.resynced, users);
                     chunks += 1;
@@ -1313,10 +1485,21 @@ impl WriterState {
     }
 }
 
+/// How long the reader trusts its copy of the run table.
+const RUNS_MAX_AGE: Duration = Duration::from_secs(1);
+
+/// The reader's copy of the run table: `{region}/{node}` → newest run.
+#[derive(Debug, Default)]
+struct RunTable {
+    runs: HashMap<Vec<u8>, u64>,
+    fetched: Option<Instant>,
+}
+
 /// Looks sessions up (blocking; for the core's own threads, never a shard).
 pub struct SessionReader {
     client: Client,
     conn: Mutex<Option<Connection>>,
+    runs: Mutex<RunTable>,
     connect_timeout: Duration,
     io_timeout: Duration,
 }
@@ -1335,18 +1518,21 @@ impl SessionReader {
         Ok(Self {
             client: Client::open(cfg.url.as_str())?,
             conn: Mutex::new(None),
+            runs: Mutex::new(RunTable::default()),
             connect_timeout: Duration::from_millis(cfg.connect_timeout_ms.max(1)),
             io_timeout: Duration::from_millis(cfg.io_timeout_ms.max(1)),
         })
     }
 
-    /// `user`'s session, or `None` when there is none (never written or expired).
+    /// `user`'s sessions, or `None` when there is no record (never written or expired).
     pub fn get(&self, user: &[u8]) -> Result<Option<SessionRecord>, CoreError> {
         let mut v = self.get_many(&[user])?;
         Ok(v.pop().flatten())
     }
 
-    /// The sessions of `users`, in order, in one pipelined round trip.
+    /// The sessions of `users`, in order, in one pipelined round trip, without the fields of
+    /// runs the run table shows dead (the table is re-read in the same round trip when the
+    /// reader's copy is older than a second).
     pub fn get_many<U: AsRef<[u8]>>(
         &self,
         users: &[U],
@@ -1354,18 +1540,31 @@ impl SessionReader {
         if users.is_empty() {
             return Ok(Vec::new());
         }
+        let mut table = self.runs.lock().unwrap_or_else(|p| p.into_inner());
+        let reread = table.fetched.is_none_or(|t| t.elapsed() >= RUNS_MAX_AGE);
         let mut pipe = redis::pipe();
         for u in users {
             pipe.cmd("HGETALL").arg(session_key(u.as_ref()));
         }
-        let maps: Vec<HashMap<Vec<u8>, Vec<u8>>> = self.query(&pipe)?;
-        if maps.len() != users.len() {
+        if reread {
+            pipe.cmd("HGETALL").arg(RUNS_KEY);
+        }
+        let mut maps: Vec<HashMap<Vec<u8>, Vec<u8>>> = self.query(&pipe)?;
+        if maps.len() != users.len() + usize::from(reread) {
             return Err(CoreError::corrupt(
                 "session reply",
                 format!("{} replies for {} users", maps.len(), users.len()),
             ));
         }
-        maps.iter().map(parse_record).collect()
+        if reread {
+            let runs = maps.pop().unwrap_or_default();
+            table.runs = runs
+                .into_iter()
+                .filter_map(|(place, run)| Some((place, parse_u64(&run)?)))
+                .collect();
+            table.fetched = Some(Instant::now());
+        }
+        Ok(maps.iter().map(|m| parse_record(m, &table.runs)).collect())
     }
 
     /// Runs `pipe`, reconnecting and retrying once after a connection error.
@@ -1399,39 +1598,94 @@ impl SessionReader {
     }
 }
 
-/// Decodes a session hash; an empty hash (missing key) is `None`. Fields a partial record
-/// lacks (an `Offline` that found no record) read as empty / zero.
-fn parse_record(map: &HashMap<Vec<u8>, Vec<u8>>) -> Result<Option<SessionRecord>, CoreError> {
+/// A decimal `u64` (`None` when the bytes are not one).
+fn parse_u64(v: &[u8]) -> Option<u64> {
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+/// Decodes a session hash; an empty hash (missing key) is `None`. A node field whose run is
+/// older than `runs` holds for its node is left out (dead run); a malformed field is left out
+/// too (and logged at debug). A record of the earlier one-node layout (`node`, `shard`,
+/// `region`, `online`) reads as one session of run 0 when it is online.
+fn parse_record(
+    map: &HashMap<Vec<u8>, Vec<u8>>,
+    runs: &HashMap<Vec<u8>, u64>,
+) -> Option<SessionRecord> {
     if map.is_empty() {
-        return Ok(None);
+        return None;
     }
-    let text = |field: &str| -> Result<String, CoreError> {
-        match map.get(field.as_bytes()) {
-            None => Ok(String::new()),
-            Some(v) => String::from_utf8(v.clone())
-                .map_err(|_| CoreError::corrupt("session record", format!("{field} not utf-8"))),
-        }
+    let mut rec = SessionRecord {
+        last_seen: map
+            .get(&b"last_seen"[..])
+            .and_then(|v| parse_u64(v))
+            .unwrap_or(0),
+        ..SessionRecord::default()
     };
-    let num = |field: &str| -> Result<u64, CoreError> {
-        match map.get(field.as_bytes()) {
-            None => Ok(0),
-            Some(v) => std::str::from_utf8(v)
-                .ok()
-                .and_then(|s| s.parse::<u64>().ok())
-                .ok_or_else(|| {
-                    CoreError::corrupt("session record", format!("{field} not a number"))
-                }),
+    for (field, value) in map {
+        let Some(place) = field.strip_prefix(b"@") else {
+            continue;
+        };
+        match parse_node_field(place, value) {
+            Some(s) => {
+                if runs.get(place).is_some_and(|&newest| s.run < newest) {
+                    continue; // a dead run of that node
+                }
+                rec.sessions.push(s);
+            }
+            None => tracing::debug!(
+                field = %String::from_utf8_lossy(field),
+                "malformed session field, ignored"
+            ),
         }
-    };
-    let shard = u16::try_from(num("shard")?)
-        .map_err(|_| CoreError::corrupt("session record", "shard out of range"))?;
-    Ok(Some(SessionRecord {
-        node: text("node")?,
+    }
+    let text = |f: &[u8]| map.get(f).and_then(|v| String::from_utf8(v.clone()).ok());
+    if map
+        .get(&b"online"[..])
+        .is_some_and(|v| v.as_slice() == b"1")
+    {
+        if let (Some(node), Some(region)) = (text(b"node"), text(b"region")) {
+            let shard = map
+                .get(&b"shard"[..])
+                .and_then(|v| parse_u64(v))
+                .unwrap_or(0);
+            rec.sessions.push(NodeSession {
+                region,
+                node,
+                run: 0,
+                shard: u16::try_from(shard).unwrap_or(u16::MAX),
+                login_ms: 0,
+            });
+        }
+    }
+    rec.sessions
+        .sort_by(|a, b| (a.login_ms, &a.region, &a.node).cmp(&(b.login_ms, &b.region, &b.node)));
+    if let Some(latest) = rec.sessions.last() {
+        rec.online = true;
+        rec.node = latest.node.clone();
+        rec.shard = latest.shard;
+        rec.region = latest.region.clone();
+    }
+    Some(rec)
+}
+
+/// One node field: `{region}/{node}` = `{run}/{shard}/{login_ms}`.
+fn parse_node_field(place: &[u8], value: &[u8]) -> Option<NodeSession> {
+    let place = std::str::from_utf8(place).ok()?;
+    let (region, node) = place.split_once('/')?;
+    let mut parts = std::str::from_utf8(value).ok()?.split('/');
+    let run = parts.next()?.parse().ok()?;
+    let shard = parts.next()?.parse().ok()?;
+    let login_ms = parts.next()?.parse().ok()?;
+    if parts.next().is_some() || region.is_empty() || node.is_empty() {
+        return None;
+    }
+    Some(NodeSession {
+        region: region.to_owned(),
+        node: node.to_owned(),
+        run,
         shard,
-        region: text("region")?,
-        last_seen: num("last_seen")?,
-        online: num("online")? != 0,
-    }))
+        login_ms,
+    })
 }
 
 #[cfg(test)]
@@ -1441,130 +1695,128 @@ mod tests {
     #[test]
     fn key_is_binary_safe() {
         assert_eq!(session_key(b"a:\xff\x00"), b"session:a:\xff\x00".to_vec());
+        assert_eq!(node_field("eu", "7"), "@eu/7");
     }
 
-    fn online(u: &[u8], node: &str, shard: u16) -> SessionOp {
+    fn online(u: &[u8], node: &str, run: u64, shard: u16) -> SessionOp {
         SessionOp::Online {
             user: u.to_vec(),
             node: node.into(),
             shard,
             region: "eu".into(),
+            run,
+            login_ms: run + 1,
         }
     }
 
-    fn offline(u: &[u8], node: &str, last_seen: u64) -> SessionOp {
+    fn offline(u: &[u8], node: &str, run: u64, last_seen: u64) -> SessionOp {
         SessionOp::Offline {
             user: u.to_vec(),
             node: node.into(),
             region: "eu".into(),
+            run,
             last_seen,
         }
     }
 
-    #[test]
-    fn coalescing_keeps_latest_and_location() {
-        let mut p = HashMap::new();
-        let u = b"u".to_vec();
-        coalesce(&mut p, SessionOp::Refresh { user: u.clone() });
-        assert!(matches!(p[&u], Pending::Refresh));
-        coalesce(&mut p, online(&u, "n1", 3));
-        coalesce(&mut p, SessionOp::Refresh { user: u.clone() });
-        assert!(matches!(p[&u], Pending::Online { shard: 3, .. }));
-        coalesce(&mut p, offline(&u, "n1", 42));
-        match &p[&u] {
-            Pending::Offline {
-                node,
-                last_seen,
-                was_shard,
-                ..
-            } => {
-                assert_eq!((node.as_str(), *last_seen, *was_shard), ("n1", 42, Some(3)));
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-        assert!(
-            !needs_script(&p[&u]),
-            "a folded online makes it unconditional"
-        );
-        // A later offline of the same location keeps the folded location.
-        coalesce(&mut p, offline(&u, "n1", 43));
-        assert!(matches!(
-            p[&u],
-            Pending::Offline {
-                last_seen: 43,
-                was_shard: Some(3),
-                ..
-            }
-        ));
-        assert_eq!(p.len(), 1);
+    fn key(u: &[u8], node: &str) -> PendingKey {
+        (u.to_vec(), node.to_owned(), "eu".to_owned())
     }
 
     #[test]
-    fn coalescing_offline_from_elsewhere() {
+    fn coalescing_keeps_the_latest_per_user_and_node() {
         let mut p = HashMap::new();
         let u = b"u".to_vec();
-        // A pending online at n2 is what the record would hold: n1's offline changes nothing.
-        coalesce(&mut p, online(&u, "n2", 5));
-        coalesce(&mut p, offline(&u, "n1", 7));
-        assert!(matches!(&p[&u], Pending::Online { node, shard: 5, .. } if node == "n2"));
-        // Same region check: another region with the same node id is elsewhere too.
-        coalesce(
-            &mut p,
-            SessionOp::Offline {
-                user: u.clone(),
-                node: "n2".into(),
-                region: "us".into(),
-                last_seen: 8,
+        coalesce(&mut p, SessionOp::Refresh { user: u.clone() });
+        coalesce(&mut p, online(&u, "1", 100, 3));
+        coalesce(&mut p, online(&u, "2", 200, 5));
+        assert_eq!(p.len(), 3, "a refresh and one write per node");
+        coalesce(&mut p, offline(&u, "1", 100, 42));
+        coalesce(&mut p, offline(&u, "1", 100, 41));
+        assert_eq!(
+            p[&key(&u, "1")],
+            Pending::Offline {
+                run: 100,
+                last_seen: 42
             },
+            "the later logout time is kept"
         );
-        assert!(matches!(&p[&u], Pending::Online { node, .. } if node == "n2"));
-        // An offline carrying its online is kept against an offline from elsewhere.
-        coalesce(&mut p, offline(&u, "n2", 9));
-        coalesce(&mut p, offline(&u, "n1", 10));
-        assert!(matches!(
-            &p[&u],
-            Pending::Offline { node, last_seen: 9, was_shard: Some(5), .. } if node == "n2"
-        ));
-        // Without a known location the write is the conditional script.
-        let v = b"v".to_vec();
-        coalesce(&mut p, offline(&v, "n1", 11));
-        assert!(needs_script(&p[&v]));
-        coalesce(&mut p, offline(&v, "n2", 12));
-        assert!(matches!(
-            &p[&v],
-            Pending::Offline { node, last_seen: 12, was_shard: None, .. } if node == "n2"
-        ));
+        assert!(matches!(p[&key(&u, "2")], Pending::Online { shard: 5, .. }));
+        coalesce(&mut p, online(&u, "1", 100, 4));
+        assert!(matches!(p[&key(&u, "1")], Pending::Online { shard: 4, .. }));
+        // A write of an older run of the node than the pending one is what the scripts ignore.
+        coalesce(&mut p, offline(&u, "2", 150, 9));
+        assert!(matches!(p[&key(&u, "2")], Pending::Online { run: 200, .. }));
+        coalesce(&mut p, online(&u, "2", 300, 6));
+        assert!(matches!(p[&key(&u, "2")], Pending::Online { run: 300, .. }));
+        // Announcements keep the newest run.
+        for run in [5, 9, 7] {
+            coalesce(
+                &mut p,
+                SessionOp::Announce {
+                    node: "1".into(),
+                    region: "eu".into(),
+                    run,
+                },
+            );
+        }
+        assert_eq!(p[&key(b"", "1")], Pending::Announce { run: 9 });
+        assert!(SessionOp::Announce {
+            node: "1".into(),
+            region: "eu".into(),
+            run: 1
+        }
+        .user()
+        .is_empty());
+    }
+
+    fn at<'a>(node: &'a str, region: &'a str, run: u64, shard: u16) -> OnlineAt<'a> {
+        OnlineAt {
+            node,
+            region,
+            run,
+            shard,
+            login_ms: 7,
+        }
     }
 
     #[test]
     fn online_users_intern_locations() {
         let mut o = OnlineUsers::default();
         for i in 0..100u16 {
-            o.set_online(format!("u{i}").into_bytes(), "edge-1", i, "eu");
+            o.set_online(format!("u{i}").into_bytes(), at("edge-1", "eu", 5, i));
         }
         assert_eq!(o.places.slots.len(), 1, "one location interned once");
-        assert_eq!(o.get(b"u7"), Some(("edge-1", 7, "eu")));
+        assert_eq!(o.get(b"u7"), Some(at("edge-1", "eu", 5, 7)));
         // Moving a user (same name again) replaces its location.
-        o.set_online(b"u7".to_vec(), "edge-2", 9, "eu");
-        assert_eq!(o.get(b"u7"), Some(("edge-2", 9, "eu")));
+        o.set_online(b"u7".to_vec(), at("edge-2", "eu", 5, 9));
+        assert_eq!(o.get(b"u7"), Some(at("edge-2", "eu", 5, 9)));
         assert_eq!(o.len(), 100);
         assert_eq!(o.places.slots[0].users, 99);
-        // The same node in another region is another location.
-        o.set_online(b"u8".to_vec(), "edge-2", 1, "us");
-        assert_eq!(o.get(b"u8"), Some(("edge-2", 1, "us")));
-        assert_eq!(o.places.ids.len(), 3);
+        // The same node in another region, or another run, is another location.
+        o.set_online(b"u8".to_vec(), at("edge-2", "us", 5, 1));
+        o.set_online(b"u9".to_vec(), at("edge-1", "eu", 6, 1));
+        assert_eq!(o.get(b"u8"), Some(at("edge-2", "us", 5, 1)));
+        assert_eq!(o.places.ids.len(), 4);
+        // An offline of another location leaves the user where it was written last.
+        o.set_offline(b"u7", "edge-1", "eu");
+        assert_eq!(o.get(b"u7"), Some(at("edge-2", "eu", 5, 9)));
         // A location nobody is at any more is freed and its slot reused.
-        o.set_offline(b"u7");
-        o.set_offline(b"u7");
+        o.set_offline(b"u7", "edge-2", "eu");
+        o.set_offline(b"u7", "edge-2", "eu");
         assert_eq!(o.get(b"u7"), None);
-        assert_eq!(o.places.ids.len(), 2);
-        o.set_online(b"u7".to_vec(), "edge-3", 2, "eu");
-        assert_eq!(o.places.slots.len(), 3, "freed slot reused");
-        assert_eq!(o.get(b"u7"), Some(("edge-3", 2, "eu")));
-        assert_eq!(o.get(b"u8"), Some(("edge-2", 1, "us")));
-        assert_eq!(o.get(b"u1"), Some(("edge-1", 1, "eu")));
+        assert_eq!(o.places.ids.len(), 3);
+        o.set_online(b"u7".to_vec(), at("edge-3", "eu", 5, 2));
+        assert_eq!(o.places.slots.len(), 4, "freed slot reused");
+        assert_eq!(o.get(b"u7"), Some(at("edge-3", "eu", 5, 2)));
+        assert_eq!(o.get(b"u1"), Some(at("edge-1", "eu", 5, 1)));
         for i in 0..100u16 {
-            o.set_offline(format!("u{i}").as_bytes());
+            let u = format!("u{i}");
+            let (node, region) = o
+                .get(u.as_bytes())
+                .map(|a| (a.node.to_owned(), a.region.to_owned()))
+                .unwrap();
+            o.set_offline(u.as_bytes(), &node, &region);
         }
         assert_eq!(o.len(), 0);
         assert!(o.places.ids.is_empty());
@@ -1572,31 +1824,117 @@ mod tests {
     }
 
     #[test]
-    fn full_record_write_commands() {
+    fn write_commands() {
         let mut pipe = redis::pipe();
-        assert_eq!(push_record(&mut pipe, b"k", "n", 3, "r", None, 60), 2);
-        assert_eq!(push_record(&mut pipe, b"k", "n", 3, "r", Some(0), 60), 2);
-        let cmds: Vec<Vec<u8>> = pipe.cmd_iter().map(|c| c.get_packed_command()).collect();
-        let text = |c: &[u8]| String::from_utf8_lossy(c).replace("\r\n", " ");
-        assert!(text(&cmds[0]).contains("online $1 1"), "{}", text(&cmds[0]));
+        let shas = [Some("abc".to_owned()), None, None];
+        let p = Pending::Online {
+            shard: 3,
+            run: 1_700_000_000_000,
+            login_ms: 1_700_000_000_005,
+        };
+        push_write(&mut pipe, &key(b"u", "4"), &p, 60, &shas);
+        let p = Pending::Offline {
+            run: 1_700_000_000_000,
+            last_seen: 9,
+        };
+        push_write(&mut pipe, &key(b"u", "4"), &p, 60, &shas);
+        push_write(&mut pipe, &key(b"u", ""), &Pending::Refresh, 60, &shas);
+        let cmds: Vec<String> = pipe
+            .cmd_iter()
+            .map(|c| String::from_utf8_lossy(&c.get_packed_command()).replace("\r\n", " "))
+            .collect();
+        assert_eq!(cmds.len(), 3);
+        assert!(cmds[0].contains("EVALSHA $3 abc $1 2 $9 session:u $12 session-runs $4 eu/4 $13 1700000000000 $29 1700000000000/3/1700000000005 $2 60"), "{}", cmds[0]);
+        assert!(cmds[1].contains("EVAL $"), "{}", cmds[1]);
         assert!(
-            text(&cmds[1]).starts_with("*3 $6 EXPIRE"),
+            cmds[1].ends_with("$1 1 $9 session:u $4 eu/4 $13 1700000000000 $1 9 $2 60 $1 4 $2 eu "),
             "{}",
-            text(&cmds[1])
+            cmds[1]
         );
-        // An offline record is offline even with a zero `last_seen`.
-        assert!(text(&cmds[2]).contains("online $1 0"), "{}", text(&cmds[2]));
+        assert!(
+            cmds[2].starts_with("*3 $6 EXPIRE $9 session:u $2 60"),
+            "{}",
+            cmds[2]
+        );
+    }
+
+    fn map(fields: &[(&str, &str)]) -> HashMap<Vec<u8>, Vec<u8>> {
+        fields
+            .iter()
+            .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+            .collect()
     }
 
     #[test]
-    fn parse_partial_and_bad_records() {
-        let mut m = HashMap::new();
-        assert_eq!(parse_record(&m).unwrap(), None);
-        m.insert(b"last_seen".to_vec(), b"7".to_vec());
-        m.insert(b"online".to_vec(), b"0".to_vec());
-        let r = parse_record(&m).unwrap().unwrap();
-        assert_eq!((r.last_seen, r.online, r.shard), (7, false, 0));
-        m.insert(b"shard".to_vec(), b"70000".to_vec());
-        assert!(parse_record(&m).is_err());
+    fn records_hold_every_live_node() {
+        let none = HashMap::new();
+        assert_eq!(parse_record(&HashMap::new(), &none), None);
+        let m = map(&[
+            ("@eu/2", "100/1/5000"),
+            ("@eu/1", "90/0/4000"),
+            ("@us/3", "80/2/6000"),
+            ("last_seen", "12"),
+        ]);
+        let r = parse_record(&m, &none).unwrap();
+        assert!(r.online);
+        assert_eq!(r.last_seen, 12);
+        assert_eq!(r.sessions.len(), 3);
+        assert_eq!(r.online_nodes("eu"), vec![1, 2], "in login order");
+        assert_eq!(r.online_nodes("us"), vec![3]);
+        assert!(r.online_nodes("ap").is_empty());
+        assert_eq!(
+            (r.node.as_str(), r.shard, r.region.as_str()),
+            ("3", 2, "us")
+        );
+        // Node 2 restarted (run 150): its field of run 100 is dead.
+        let runs: HashMap<Vec<u8>, u64> = [(b"eu/2".to_vec(), 150), (b"eu/1".to_vec(), 90)]
+            .into_iter()
+            .collect();
+        let r = parse_record(&m, &runs).unwrap();
+        assert_eq!(r.online_nodes("eu"), vec![1]);
+        // Only a logout left: offline.
+        let r = parse_record(&map(&[("last_seen", "33")]), &none).unwrap();
+        assert!(!r.online && r.sessions.is_empty() && r.node.is_empty());
+        assert_eq!(r.last_seen, 33);
+    }
+
+    #[test]
+    fn malformed_and_old_layout_records() {
+        let none = HashMap::new();
+        let m = map(&[
+            ("@eu/1", "x/0/1"),
+            ("@eu", "1/0/1"),
+            ("@eu/2", "1/0/1/9"),
+            ("@eu/3", "1/70000/1"),
+            ("@eu/4", "1/0/1"),
+            ("last_seen", "nope"),
+        ]);
+        let r = parse_record(&m, &none).unwrap();
+        assert_eq!(r.online_nodes("eu"), vec![4]);
+        assert_eq!(r.last_seen, 0);
+        // The earlier one-node layout.
+        let old = map(&[
+            ("node", "7"),
+            ("shard", "1"),
+            ("region", "eu"),
+            ("online", "1"),
+            ("last_seen", "0"),
+        ]);
+        let r = parse_record(&old, &none).unwrap();
+        assert_eq!(r.online_nodes("eu"), vec![7]);
+        assert_eq!(r.sessions[0].run, 0);
+        let old_off = map(&[
+            ("node", "7"),
+            ("region", "eu"),
+            ("online", "0"),
+            ("last_seen", "5"),
+        ]);
+        let r = parse_record(&old_off, &none).unwrap();
+        assert!(!r.online);
+        assert_eq!(r.last_seen, 5);
+        // A non-numeric node name is a session but not a node id.
+        let r = parse_record(&map(&[("@eu/edge-a", "1/0/1")]), &none).unwrap();
+        assert!(r.online);
+        assert!(r.online_nodes("eu").is_empty());
     }
 }

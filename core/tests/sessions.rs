@@ -1,13 +1,23 @@
 //! Session store against a real `redis-server`: each test starts its own server on a free
 //! loopback port (no persistence) and stops it on drop.
+//!
+//! A record holds one field per edge node holding the user (several devices, several nodes),
+//! each write touches only its own node's field, and fields of dead runs are ignored and
+//! pruned; see `core/src/sessions.rs`.
 
+use std::collections::HashMap;
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 use iris_core::sessions::{
-    session_key, SessionConfig, SessionOp, SessionReader, SessionRecord, SessionWriter,
+    node_field, session_key, SessionConfig, SessionOp, SessionReader, SessionRecord, SessionWriter,
+    RUNS_KEY,
 };
 use iris_tests::services::RedisServer;
+
+/// The run of the edge process in most tests.
+const RUN: u64 = 1_700_000_000_000;
+const REGION: &str = "eu-west";
 
 /// A connection to this test's server.
 trait Conn {
@@ -30,25 +40,36 @@ fn cfg(url: String) -> SessionConfig {
     }
 }
 
-fn online(user: &[u8], node: &str, shard: u16) -> SessionOp {
+fn online_run(user: &[u8], node: &str, shard: u16, run: u64) -> SessionOp {
     SessionOp::Online {
         user: user.to_vec(),
         node: node.to_owned(),
         shard,
-        region: "eu-west".to_owned(),
+        region: REGION.to_owned(),
+        run,
+        login_ms: run + 1 + u64::from(shard),
     }
 }
 
-fn offline(user: &[u8], node: &str, last_seen: u64) -> SessionOp {
+fn online(user: &[u8], node: &str, shard: u16) -> SessionOp {
+    online_run(user, node, shard, RUN)
+}
+
+fn offline_run(user: &[u8], node: &str, last_seen: u64, run: u64) -> SessionOp {
     SessionOp::Offline {
         user: user.to_vec(),
         node: node.to_owned(),
-        region: "eu-west".to_owned(),
+        region: REGION.to_owned(),
+        run,
         last_seen,
     }
 }
 
-fn hgetall(c: &mut redis::Connection, user: &[u8]) -> std::collections::HashMap<String, String> {
+fn offline(user: &[u8], node: &str, last_seen: u64) -> SessionOp {
+    offline_run(user, node, last_seen, RUN)
+}
+
+fn hgetall(c: &mut redis::Connection, user: &[u8]) -> HashMap<String, String> {
     redis::cmd("HGETALL")
         .arg(session_key(user))
         .query(c)
@@ -71,22 +92,95 @@ fn wait_until(secs: u64, mut f: impl FnMut() -> bool) -> bool {
     f()
 }
 
+/// Where a record says the user is: (node, shard, region) of each live session, sorted.
+type Places = Vec<(String, u16, String)>;
+
+fn places(rec: &SessionRecord) -> Places {
+    let mut p: Places = rec
+        .sessions
+        .iter()
+        .map(|s| (s.node.clone(), s.shard, s.region.clone()))
+        .collect();
+    p.sort();
+    p
+}
+
+fn at(list: &[(&str, u16)]) -> Places {
+    let mut p: Places = list
+        .iter()
+        .map(|&(n, s)| (n.to_owned(), s, REGION.to_owned()))
+        .collect();
+    p.sort();
+    p
+}
+
+/// What the tests compare: the live places and the last logout (`None`: no record).
+type View = Option<(Places, u64)>;
+
+fn view(rec: Option<SessionRecord>) -> View {
+    rec.map(|r| {
+        assert_eq!(r.online, !r.sessions.is_empty(), "{r:?}");
+        (places(&r), r.last_seen)
+    })
+}
+
+fn online_view(list: &[(&str, u16)]) -> View {
+    Some((at(list), 0))
+}
+
+/// Queues `op`, retrying while the queue is full (the writer drains it).
+fn send(sink: &iris_core::sessions::SessionSink, mut op: SessionOp) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while let Err(back) = sink.try_send(op) {
+        assert!(Instant::now() < deadline, "queue stayed full");
+        op = back;
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The users whose view is not exactly `want`, in one pipelined lookup.
+fn mismatches(reader: &SessionReader, want: &[(Vec<u8>, View)]) -> Vec<(String, View)> {
+    let users: Vec<&[u8]> = want.iter().map(|(u, _)| u.as_slice()).collect();
+    let Ok(got) = reader.get_many(&users) else {
+        return vec![("<redis unreachable>".to_owned(), None)];
+    };
+    want.iter()
+        .zip(got)
+        .map(|((u, w), g)| (u, w, view(g)))
+        .filter(|(_, w, g)| w != &g)
+        .map(|(u, _, g)| (String::from_utf8_lossy(u).into_owned(), g))
+        .collect()
+}
+
+fn dbsize(c: &mut redis::Connection) -> u64 {
+    redis::cmd("DBSIZE").query(c).unwrap()
+}
+
 #[test]
-fn online_writes_hash_and_ttl() {
+fn online_writes_the_node_field_the_run_and_ttl() {
     let srv = RedisServer::start();
     let (writer, sinks) = SessionWriter::start(cfg(srv.url()), 1).unwrap();
-    sinks[0].try_send(online(b"alice", "edge-1", 3)).unwrap();
+    sinks[0].try_send(online(b"alice", "1", 3)).unwrap();
     let m = writer.metrics().clone();
     assert!(wait_until(3, || m.snapshot().writes >= 1));
     let mut c = srv.conn();
     let h = hgetall(&mut c, b"alice");
-    assert_eq!(h["node"], "edge-1");
-    assert_eq!(h["shard"], "3");
-    assert_eq!(h["region"], "eu-west");
-    assert_eq!(h["last_seen"], "0");
-    assert_eq!(h["online"], "1");
+    assert_eq!(h.len(), 1, "{h:?}");
+    assert_eq!(h[&node_field(REGION, "1")], format!("{RUN}/3/{}", RUN + 4));
+    let runs: HashMap<String, u64> = redis::cmd("HGETALL").arg(RUNS_KEY).query(&mut c).unwrap();
+    assert_eq!(
+        runs[&format!("{REGION}/1")],
+        RUN,
+        "the run table learnt the run"
+    );
     let t = ttl(&mut c, b"alice");
     assert!((86_390..=86_400).contains(&t), "ttl {t}");
+    let reader = SessionReader::new(&cfg(srv.url())).unwrap();
+    let rec = reader.get(b"alice").unwrap().unwrap();
+    assert_eq!(rec.online_nodes(REGION), vec![1]);
+    assert_eq!(rec.sessions[0].run, RUN);
+    assert_eq!(rec.sessions[0].login_ms, RUN + 4);
+    assert_eq!((rec.node.as_str(), rec.shard, rec.online), ("1", 3, true));
 
     // A refresh re-arms the TTL.
     redis::cmd("EXPIRE")
@@ -104,60 +198,83 @@ fn online_writes_hash_and_ttl() {
 }
 
 #[test]
-fn offline_sets_last_seen() {
+fn offline_removes_the_node_and_sets_last_seen() {
     let srv = RedisServer::start();
     let (writer, sinks) = SessionWriter::start(cfg(srv.url()), 2).unwrap();
-    sinks[0].try_send(online(b"bob", "edge-2", 1)).unwrap();
+    sinks[0].try_send(online(b"bob", "2", 1)).unwrap();
     let m = writer.metrics().clone();
     assert!(wait_until(3, || m.snapshot().writes >= 1));
     sinks[1]
-        .try_send(offline(b"bob", "edge-2", 1_700_000_000))
+        .try_send(offline(b"bob", "2", 1_700_000_000))
         .unwrap();
     assert!(wait_until(3, || m.snapshot().writes >= 2));
     let mut c = srv.conn();
     let h = hgetall(&mut c, b"bob");
-    assert_eq!(h["online"], "0");
+    assert_eq!(h.len(), 1, "only last_seen is left: {h:?}");
     assert_eq!(h["last_seen"], "1700000000");
-    assert_eq!(h["node"], "edge-2", "location kept");
     assert!(ttl(&mut c, b"bob") > 86_000);
 
     let reader = SessionReader::new(&cfg(srv.url())).unwrap();
-    assert_eq!(
-        reader.get(b"bob").unwrap(),
-        Some(SessionRecord {
-            node: "edge-2".into(),
-            shard: 1,
-            region: "eu-west".into(),
-            last_seen: 1_700_000_000,
-            online: false,
-        })
-    );
+    let rec = reader.get(b"bob").unwrap().unwrap();
+    assert!(!rec.online);
+    assert!(rec.online_nodes(REGION).is_empty());
+    assert_eq!(view(Some(rec)), Some((vec![], 1_700_000_000)));
+    // An earlier logout time never lowers it.
+    sinks[0]
+        .try_send(offline(b"bob", "2", 1_600_000_000))
+        .unwrap();
+    assert!(wait_until(3, || m.snapshot().writes >= 3));
+    assert_eq!(hgetall(&mut c, b"bob")["last_seen"], "1700000000");
     writer.shutdown().unwrap();
 }
 
 #[test]
-fn coalesces_per_user_latest_wins() {
+fn two_devices_on_two_edges_are_both_online() {
+    let srv = RedisServer::start();
+    // One writer per edge, as in a deployment.
+    let (w1, s1) = SessionWriter::start(cfg(srv.url()), 1).unwrap();
+    let (w2, s2) = SessionWriter::start(cfg(srv.url()), 1).unwrap();
+    let (m1, m2) = (w1.metrics().clone(), w2.metrics().clone());
+    s1[0].try_send(online(b"duo", "1", 0)).unwrap();
+    s2[0].try_send(online_run(b"duo", "2", 1, RUN + 5)).unwrap();
+    assert!(wait_until(3, || m1.snapshot().writes >= 1 && m2.snapshot().writes >= 1));
+    let reader = SessionReader::new(&cfg(srv.url())).unwrap();
+    let rec = reader.get(b"duo").unwrap().unwrap();
+    assert_eq!(rec.online_nodes(REGION), vec![1, 2], "login order");
+    assert!(rec.online_nodes("us-east").is_empty());
+    assert_eq!(rec.node, "2", "the latest login");
+    // The first device logs out: the second stays online.
+    s1[0].try_send(offline(b"duo", "1", 1_700_000_010)).unwrap();
+    assert!(wait_until(3, || m1.snapshot().writes >= 2));
+    let rec = reader.get(b"duo").unwrap().unwrap();
+    assert_eq!(rec.online_nodes(REGION), vec![2]);
+    assert_eq!(rec.last_seen, 1_700_000_010);
+    assert!(rec.online);
+    w1.shutdown().unwrap();
+    w2.shutdown().unwrap();
+}
+
+#[test]
+fn coalesces_per_user_and_node_latest_wins() {
     let srv = RedisServer::start();
     let c = SessionConfig {
         flush_interval_ms: 100,
         ..cfg(srv.url())
     };
     let (writer, sinks) = SessionWriter::start(c, 1).unwrap();
+    let mut last: HashMap<String, (u32, u32)> = HashMap::new();
     for i in 0..1000u32 {
         let user = format!("user{}", i % 10);
         let op = match i % 3 {
-            0 => online(user.as_bytes(), &format!("edge-{i}"), (i % 7) as u16),
+            0 => online(user.as_bytes(), "7", (i % 7) as u16),
             1 => SessionOp::Refresh {
-                user: user.into_bytes(),
+                user: user.clone().into_bytes(),
             },
-            // From the node of the user's latest online (i - 20), or none yet.
-            _ => offline(
-                user.as_bytes(),
-                &i.checked_sub(20)
-                    .map_or_else(|| "edge-none".to_owned(), |j| format!("edge-{j}")),
-                u64::from(i),
-            ),
+            _ => offline(user.as_bytes(), "7", u64::from(i)),
         };
+        if i % 3 != 1 {
+            last.insert(user, (i, i % 3));
+        }
         sinks[0].try_send(op).unwrap();
     }
     let m = writer.metrics().clone();
@@ -166,7 +283,7 @@ fn coalesces_per_user_latest_wins() {
     writer.shutdown().unwrap();
     let s = m.snapshot();
     assert_eq!(s.ops_in, 1000);
-    assert!(s.writes >= 10 && s.writes <= 30, "writes {}", s.writes);
+    assert!(s.writes >= 10 && s.writes <= 40, "writes {}", s.writes);
     assert!(s.pipelines <= 3, "pipelines {}", s.pipelines);
     assert_eq!(s.errors, 0);
 
@@ -176,24 +293,14 @@ fn coalesces_per_user_latest_wins() {
         .query(&mut conn)
         .unwrap();
     assert_eq!(keys.len(), 10);
-    // Latest op per user: i in 990..1000 → user i%10; expected state from that last i.
     let reader = SessionReader::new(&cfg(srv.url())).unwrap();
-    for i in 990..1000u32 {
-        let user = format!("user{}", i % 10);
+    for (user, (i, kind)) in last {
         let rec = reader.get(user.as_bytes()).unwrap().unwrap();
-        match i % 3 {
-            0 | 1 => {
-                // A refresh folds into the state before: the user's previous op (i - 10,
-                // and (i - 10) % 3 == 0 when i % 3 == 1) was an Online.
-                let j = if i % 3 == 0 { i } else { i - 10 };
-                assert!(rec.online, "{user}");
-                assert_eq!(rec.node, format!("edge-{j}"));
-                assert_eq!(rec.last_seen, 0);
-            }
-            _ => {
-                assert!(!rec.online, "{user}");
-                assert_eq!(rec.last_seen, u64::from(i));
-            }
+        if kind == 0 {
+            assert_eq!(places(&rec), at(&[("7", (i % 7) as u16)]), "{user}");
+        } else {
+            assert!(!rec.online, "{user}");
+            assert_eq!(rec.last_seen, u64::from(i), "{user}");
         }
     }
 }
@@ -215,7 +322,7 @@ fn try_send_never_blocks_when_full() {
     let start = Instant::now();
     let mut rejected = None;
     for i in 0..10_000u32 {
-        let op = online(format!("u{i}").as_bytes(), "edge", 0);
+        let op = online(format!("u{i}").as_bytes(), "1", 0);
         if let Err(back) = sinks[0].try_send(op.clone()) {
             assert_eq!(back, op, "the op comes back");
             rejected = Some(i);
@@ -249,39 +356,25 @@ fn survives_redis_restart_and_writes_latest() {
     let m = writer.metrics().clone();
     for u in 0..20u16 {
         sinks[usize::from(u % 2)]
-            .try_send(online(format!("u{u}").as_bytes(), "edge-a", u))
+            .try_send(online(format!("u{u}").as_bytes(), "1", u))
             .unwrap();
     }
     assert!(wait_until(3, || m.snapshot().writes >= 20));
 
     srv.kill();
     // Ops keep coming while Redis is down: the latest state per user must survive.
-    let mut expected = std::collections::HashMap::new();
+    let mut expected = HashMap::new();
     for round in 0..50u16 {
         for u in 0..20u16 {
             let user = format!("u{u}");
-            let op = if (round + u) % 2 == 0 {
-                online(user.as_bytes(), &format!("edge-{round}"), u)
+            let on = (round + u) % 2 == 0;
+            let op = if on {
+                online(user.as_bytes(), "1", round)
             } else {
-                // From the node of the user's online in the round before.
-                let node = match round {
-                    0 => "edge-a".to_owned(),
-                    r => format!("edge-{}", r - 1),
-                };
-                offline(user.as_bytes(), &node, u64::from(round) + 1)
+                offline(user.as_bytes(), "1", u64::from(round) + 1)
             };
-            expected.insert(user, (round + u) % 2 == 0);
-            // A queue may be momentarily full; retry (the writer drains it while down).
-            let mut op = op;
-            loop {
-                match sinks[usize::from(u % 2)].try_send(op) {
-                    Ok(()) => break,
-                    Err(back) => {
-                        op = back;
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                }
-            }
+            expected.insert(user, (on, round));
+            send(&sinks[usize::from(u % 2)], op);
         }
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -302,15 +395,12 @@ fn survives_redis_restart_and_writes_latest() {
     let recs = reader.get_many(&users).unwrap();
     for (user, rec) in users.iter().zip(recs) {
         let rec = rec.unwrap_or_else(|| panic!("{user} missing after restart"));
-        let want_online = expected[user];
-        assert_eq!(rec.online, want_online, "{user}");
-        let u: u16 = user[1..].parse().unwrap();
-        if want_online {
-            assert_eq!(rec.node, "edge-49");
-            assert_eq!(rec.last_seen, 0);
+        let (on, round) = expected[user];
+        assert_eq!(rec.online, on, "{user}");
+        if on {
+            assert_eq!(places(&rec), at(&[("1", round)]), "{user}");
         } else {
-            assert_eq!(rec.last_seen, 50);
-            assert_eq!(rec.shard, u, "location kept from the pending online");
+            assert_eq!(rec.last_seen, 50, "{user}");
         }
     }
     writer.shutdown().unwrap();
@@ -320,8 +410,8 @@ fn survives_redis_restart_and_writes_latest() {
 fn reader_get_many_and_missing() {
     let mut srv = RedisServer::start();
     let (writer, sinks) = SessionWriter::start(cfg(srv.url()), 1).unwrap();
-    sinks[0].try_send(online(b"carol", "edge-9", 9)).unwrap();
-    sinks[0].try_send(online(b"dave", "edge-8", 8)).unwrap();
+    sinks[0].try_send(online(b"carol", "9", 9)).unwrap();
+    sinks[0].try_send(online(b"dave", "8", 8)).unwrap();
     let m = writer.metrics().clone();
     assert!(wait_until(3, || m.snapshot().writes >= 2));
     writer.shutdown().unwrap();
@@ -332,7 +422,7 @@ fn reader_get_many_and_missing() {
         .get_many(&[&b"carol"[..], b"nobody", b"dave"])
         .unwrap();
     assert_eq!(got.len(), 3);
-    assert_eq!(got[0].as_ref().unwrap().node, "edge-9");
+    assert_eq!(got[0].as_ref().unwrap().online_nodes(REGION), vec![9]);
     assert_eq!(got[1], None);
     assert_eq!(got[2].as_ref().unwrap().shard, 8);
     assert!(got[2].as_ref().unwrap().online);
@@ -352,7 +442,7 @@ fn binary_user_names() {
     let (writer, sinks) = SessionWriter::start(cfg(srv.url()), 1).unwrap();
     let users: [&[u8]; 3] = [b"a:b:c", b"\xff\xfe\x00:x", b"session:nested"];
     for (i, u) in users.iter().enumerate() {
-        sinks[0].try_send(online(u, "edge-b", i as u16)).unwrap();
+        sinks[0].try_send(online(u, "3", i as u16)).unwrap();
     }
     let m = writer.metrics().clone();
     assert!(wait_until(3, || m.snapshot().writes >= 3));
@@ -383,19 +473,15 @@ fn periodic_refresh_rearms_online_users_only() {
         ..cfg(srv.url())
     };
     let (writer, sinks) = SessionWriter::start(c, 1).unwrap();
-    sinks[0].try_send(online(b"on", "edge-r", 1)).unwrap();
-    sinks[0].try_send(online(b"off", "edge-r", 2)).unwrap();
-    sinks[0].try_send(offline(b"off", "edge-r", 5)).unwrap();
+    sinks[0].try_send(online(b"on", "4", 1)).unwrap();
+    sinks[0].try_send(online(b"off", "4", 2)).unwrap();
+    sinks[0].try_send(offline(b"off", "4", 5)).unwrap();
     let m = writer.metrics().clone();
     assert!(wait_until(3, || m.snapshot().pending_users == 0
         && m.snapshot().writes >= 2));
     let mut conn = srv.conn();
     for u in [&b"on"[..], b"off"] {
-        redis::cmd("EXPIRE")
-            .arg(session_key(u))
-            .arg(100)
-            .exec(&mut conn)
-            .unwrap();
+        expire(&mut conn, u, 100);
     }
     assert!(wait_until(3, || m.snapshot().refreshes >= 1));
     assert!(ttl(&mut conn, b"on") > 86_000);
@@ -413,9 +499,8 @@ fn expire(c: &mut redis::Connection, user: &[u8], secs: u64) {
 }
 
 #[test]
-fn stale_offline_from_old_node_keeps_session_on_new_node() {
+fn late_offline_from_the_old_node_leaves_the_new_node() {
     let srv = RedisServer::start();
-    // One writer per edge, as in a deployment.
     let (w1, s1) = SessionWriter::start(cfg(srv.url()), 1).unwrap();
     let (w2, s2) = SessionWriter::start(cfg(srv.url()), 1).unwrap();
     let (m1, m2) = (w1.metrics().clone(), w2.metrics().clone());
@@ -425,23 +510,19 @@ fn stale_offline_from_old_node_keeps_session_on_new_node() {
     // The user logs in on node 2 before its connection on node 1 is closed.
     s2[0].try_send(online(user, "2", 6)).unwrap();
     assert!(wait_until(3, || m2.snapshot().writes >= 1));
-    let mut c = srv.conn();
-    expire(&mut c, user, 100);
+    let reader = SessionReader::new(&cfg(srv.url())).unwrap();
+    assert_eq!(
+        view(reader.get(user).unwrap()),
+        online_view(&[("1", 4), ("2", 6)])
+    );
 
-    // Node 1's last session ends: the record is node 2's and stays as it is, TTL included.
+    // Node 1's last session ends: node 2's session is untouched.
     s1[0].try_send(offline(user, "1", 1_700_000_100)).unwrap();
     assert!(wait_until(3, || m1.snapshot().writes >= 2));
-    let reader = SessionReader::new(&cfg(srv.url())).unwrap();
-    let at_node2 = SessionRecord {
-        node: "2".into(),
-        shard: 6,
-        region: "eu-west".into(),
-        last_seen: 0,
-        online: true,
-    };
-    assert_eq!(reader.get(user).unwrap(), Some(at_node2.clone()));
-    let t = ttl(&mut c, user);
-    assert!((0..=100).contains(&t), "ttl re-armed: {t}");
+    assert_eq!(
+        view(reader.get(user).unwrap()),
+        Some((at(&[("2", 6)]), 1_700_000_100))
+    );
 
     // Same node id in another region is another node.
     s1[0]
@@ -449,29 +530,97 @@ fn stale_offline_from_old_node_keeps_session_on_new_node() {
             user: user.to_vec(),
             node: "2".into(),
             region: "us-east".into(),
+            run: RUN,
             last_seen: 1_700_000_150,
         })
         .unwrap();
     assert!(wait_until(3, || m1.snapshot().writes >= 3));
-    assert_eq!(reader.get(user).unwrap(), Some(at_node2));
+    assert_eq!(
+        reader.get(user).unwrap().unwrap().online_nodes(REGION),
+        vec![2]
+    );
 
-    // Node 2's last session ends: now the user is offline, at node 2.
+    // Node 2's last session ends: now the user is offline.
     s2[0].try_send(offline(user, "2", 1_700_000_200)).unwrap();
     assert!(wait_until(3, || m2.snapshot().writes >= 2));
     assert_eq!(
-        reader.get(user).unwrap(),
-        Some(SessionRecord {
-            node: "2".into(),
-            shard: 6,
-            region: "eu-west".into(),
-            last_seen: 1_700_000_200,
-            online: false,
-        })
+        view(reader.get(user).unwrap()),
+        Some((vec![], 1_700_000_200))
     );
+    let mut c = srv.conn();
     assert!(ttl(&mut c, user) > 86_000, "ttl re-armed by the offline");
     assert_eq!(m1.snapshot().errors + m2.snapshot().errors, 0);
     w1.shutdown().unwrap();
     w2.shutdown().unwrap();
+}
+
+#[test]
+fn fields_of_a_dead_run_are_ignored_refused_and_pruned() {
+    let srv = RedisServer::start();
+    let (old, so) = SessionWriter::start(cfg(srv.url()), 1).unwrap();
+    let mo = old.metrics().clone();
+    // Run RUN of node 1 announces two users, then is killed (its writer stays, as a process
+    // that is slow to die would).
+    so[0].try_send(online(b"left", "1", 1)).unwrap();
+    so[0].try_send(online(b"back", "1", 2)).unwrap();
+    assert!(wait_until(3, || mo.snapshot().writes >= 2));
+    let reader = SessionReader::new(&cfg(srv.url())).unwrap();
+    assert_eq!(
+        reader.get(b"left").unwrap().unwrap().online_nodes(REGION),
+        vec![1]
+    );
+
+    // Node 1 restarts as run RUN + 1000 and announces it (its reset, read back).
+    let (new, sn) = SessionWriter::start(cfg(srv.url()), 1).unwrap();
+    let mn = new.metrics().clone();
+    sn[0]
+        .try_send(SessionOp::Announce {
+            node: "1".into(),
+            region: REGION.into(),
+            run: RUN + 1000,
+        })
+        .unwrap();
+    assert!(wait_until(3, || mn.snapshot().writes >= 1));
+    // Readers leave the dead run out (once their run table is older than a second).
+    let fresh = SessionReader::new(&cfg(srv.url())).unwrap();
+    let left = fresh.get(b"left").unwrap().unwrap();
+    assert!(!left.online, "{left:?}");
+    assert!(wait_until(3, || reader
+        .get(b"left")
+        .unwrap()
+        .is_some_and(|r| !r.online)));
+
+    // "back" logs in again on the new run: its field is the new run's.
+    sn[0]
+        .try_send(online_run(b"back", "1", 5, RUN + 1000))
+        .unwrap();
+    assert!(wait_until(3, || mn.snapshot().writes >= 2));
+    let rec = fresh.get(b"back").unwrap().unwrap();
+    assert_eq!(places(&rec), at(&[("1", 5)]));
+    assert_eq!(rec.sessions[0].run, RUN + 1000);
+    // The dead run's late writes change nothing: its offline does not remove the new run's
+    // session, its online does not take it back.
+    so[0]
+        .try_send(offline(b"back", "1", 1_700_000_300))
+        .unwrap();
+    so[0].try_send(online(b"left", "1", 1)).unwrap();
+    assert!(wait_until(3, || mo.snapshot().writes >= 4));
+    let rec = fresh.get(b"back").unwrap().unwrap();
+    assert_eq!(places(&rec), at(&[("1", 5)]));
+    assert_eq!(rec.sessions[0].run, RUN + 1000);
+    assert!(!fresh.get(b"left").unwrap().unwrap().online);
+    // The next online write to "left" (another node) prunes the dead field from the key.
+    let (w2, s2) = SessionWriter::start(cfg(srv.url()), 1).unwrap();
+    s2[0].try_send(online(b"left", "2", 3)).unwrap();
+    let m2 = w2.metrics().clone();
+    assert!(wait_until(3, || m2.snapshot().writes >= 1));
+    let mut c = srv.conn();
+    let h = hgetall(&mut c, b"left");
+    assert!(!h.contains_key(&node_field(REGION, "1")), "{h:?}");
+    assert_eq!(view(fresh.get(b"left").unwrap()), online_view(&[("2", 3)]));
+    for w in [old, new, w2] {
+        w.shutdown().unwrap();
+    }
 }
 
 #[test]
@@ -484,28 +633,19 @@ fn offline_without_record_creates_offline_record() {
         .unwrap();
     assert!(wait_until(3, || m.snapshot().writes >= 1));
     let reader = SessionReader::new(&cfg(srv.url())).unwrap();
-    let offline_nowhere = |last_seen| SessionRecord {
-        node: String::new(),
-        shard: 0,
-        region: String::new(),
-        last_seen,
-        online: false,
-    };
     assert_eq!(
-        reader.get(b"ghost").unwrap(),
-        Some(offline_nowhere(1_700_000_300))
+        view(reader.get(b"ghost").unwrap()),
+        Some((vec![], 1_700_000_300))
     );
     let mut c = srv.conn();
     assert!(ttl(&mut c, b"ghost") > 86_000);
-
-    // A record without a node is anyone's to mark offline.
     sinks[0]
         .try_send(offline(b"ghost", "7", 1_700_000_400))
         .unwrap();
     assert!(wait_until(3, || m.snapshot().writes >= 2));
     assert_eq!(
-        reader.get(b"ghost").unwrap(),
-        Some(offline_nowhere(1_700_000_400))
+        view(reader.get(b"ghost").unwrap()),
+        Some((vec![], 1_700_000_400))
     );
     assert_eq!(m.snapshot().errors, 0);
     writer.shutdown().unwrap();
@@ -514,7 +654,7 @@ fn offline_without_record_creates_offline_record() {
 #[test]
 fn online_then_offline_in_one_batch_ends_offline() {
     let srv = RedisServer::start();
-    // Another node held "moved" before it logged in and out on node 1.
+    // Another node holds "moved" before it logs in and out on node 1.
     let (w2, s2) = SessionWriter::start(cfg(srv.url()), 1).unwrap();
     s2[0].try_send(online(b"moved", "2", 2)).unwrap();
     let m2 = w2.metrics().clone();
@@ -538,107 +678,80 @@ fn online_then_offline_in_one_batch_ends_offline() {
     let s = m.snapshot();
     assert_eq!((s.writes, s.pipelines, s.errors), (2, 1, 0), "{s:?}");
 
-    // As if written one by one: the online takes the record, the offline (of the same node)
-    // then marks it offline.
     let reader = SessionReader::new(&cfg(srv.url())).unwrap();
-    for (user, shard) in [(&b"fresh"[..], 3u16), (b"moved", 5)] {
-        assert_eq!(
-            reader.get(user).unwrap(),
-            Some(SessionRecord {
-                node: "1".into(),
-                shard,
-                region: "eu-west".into(),
-                last_seen: 1_700_000_500,
-                online: false,
-            }),
-            "{}",
-            String::from_utf8_lossy(user)
-        );
-    }
+    assert_eq!(
+        view(reader.get(b"fresh").unwrap()),
+        Some((vec![], 1_700_000_500))
+    );
+    assert_eq!(
+        view(reader.get(b"moved").unwrap()),
+        Some((at(&[("2", 2)]), 1_700_000_500)),
+        "node 2's session is not node 1's to end"
+    );
     let mut conn = srv.conn();
     assert!(ttl(&mut conn, b"moved") > 86_000);
     writer.shutdown().unwrap();
 }
 
 #[test]
-fn conditional_offline_after_redis_restart() {
+fn scripts_reload_after_redis_restart_and_old_records_are_replaced() {
     let mut srv = RedisServer::start();
     let (writer, sinks) = SessionWriter::start(cfg(srv.url()), 1).unwrap();
     let m = writer.metrics().clone();
-    // The first conditional offline teaches the writer the script's SHA1.
+    // The first writes teach the writer the scripts' SHA1s.
+    sinks[0].try_send(online(b"erin", "1", 1)).unwrap();
     sinks[0].try_send(offline(b"erin", "1", 10)).unwrap();
-    assert!(wait_until(3, || m.snapshot().writes >= 1));
+    assert!(wait_until(3, || m.snapshot().writes >= 1
+        && m.snapshot().pending_users == 0));
 
-    // A fresh server has no scripts: the next pipeline must load it again.
+    // A fresh server has no scripts: the next pipeline must load them again. It holds a record
+    // of the earlier one-node layout, written by an edge of the previous version.
     srv.restart();
     let mut c = srv.conn();
-    redis::cmd("HSET")
-        .arg(session_key(b"erin"))
-        .arg("node")
-        .arg("1")
-        .arg("shard")
-        .arg(2)
-        .arg("region")
-        .arg("eu-west")
-        .arg("last_seen")
-        .arg(0)
-        .arg("online")
-        .arg(1)
-        .exec(&mut c)
-        .unwrap();
+    for (user, node) in [(&b"erin"[..], "1"), (b"fay", "1")] {
+        redis::cmd("HSET")
+            .arg(session_key(user))
+            .arg("node")
+            .arg(node)
+            .arg("shard")
+            .arg(2)
+            .arg("region")
+            .arg(REGION)
+            .arg("last_seen")
+            .arg(0)
+            .arg("online")
+            .arg(1)
+            .exec(&mut c)
+            .unwrap();
+    }
+    let reader = SessionReader::new(&cfg(srv.url())).unwrap();
+    assert_eq!(
+        reader.get(b"erin").unwrap().unwrap().online_nodes(REGION),
+        vec![1]
+    );
+    let writes = m.snapshot().writes;
+    // An offline of that node ends the old record; an online replaces it.
     sinks[0].try_send(offline(b"erin", "1", 20)).unwrap();
+    sinks[0].try_send(online(b"fay", "3", 4)).unwrap();
     assert!(
-        wait_until(4, || m.snapshot().writes >= 2),
+        wait_until(4, || m.snapshot().writes >= writes + 2),
         "{:?}",
         m.snapshot()
     );
     let h = hgetall(&mut c, b"erin");
-    assert_eq!((h["online"].as_str(), h["last_seen"].as_str()), ("0", "20"));
-    assert_eq!(h["shard"], "2", "location kept");
+    assert_eq!(h.len(), 1, "{h:?}");
+    assert_eq!(h["last_seen"], "20");
+    assert_eq!(view(reader.get(b"fay").unwrap()), online_view(&[("3", 4)]));
     // The old connection died with the server: the writer reconnected (and a `NOSCRIPT` would
-    // have left the record online above).
+    // have left the records as they were).
     assert!(m.snapshot().reconnects >= 1, "{:?}", m.snapshot());
+    assert_eq!(
+        m.snapshot().errors,
+        1,
+        "only the failed round trip: {:?}",
+        m.snapshot()
+    );
     writer.shutdown().unwrap();
-}
-
-/// Queues `op`, retrying while the queue is full (the writer drains it).
-fn send(sink: &iris_core::sessions::SessionSink, mut op: SessionOp) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while let Err(back) = sink.try_send(op) {
-        assert!(Instant::now() < deadline, "queue stayed full");
-        op = back;
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
-/// The users that are not exactly `want` (with `None` for no record), in one pipelined lookup.
-fn mismatches(
-    reader: &SessionReader,
-    want: &[(Vec<u8>, Option<SessionRecord>)],
-) -> Vec<(String, Option<SessionRecord>)> {
-    let users: Vec<&[u8]> = want.iter().map(|(u, _)| u.as_slice()).collect();
-    let Ok(got) = reader.get_many(&users) else {
-        return vec![("<redis unreachable>".to_owned(), None)];
-    };
-    want.iter()
-        .zip(got)
-        .filter(|((_, w), g)| w != g)
-        .map(|((u, _), g)| (String::from_utf8_lossy(u).into_owned(), g))
-        .collect()
-}
-
-fn online_record(node: &str, shard: u16, region: &str) -> Option<SessionRecord> {
-    Some(SessionRecord {
-        node: node.to_owned(),
-        shard,
-        region: region.to_owned(),
-        last_seen: 0,
-        online: true,
-    })
-}
-
-fn dbsize(c: &mut redis::Connection) -> u64 {
-    redis::cmd("DBSIZE").query(c).unwrap()
 }
 
 #[test]
@@ -660,39 +773,26 @@ fn resyncs_online_sessions_after_redis_restarts_empty() {
     let mut want = Vec::new();
     for u in 0..N {
         let user = format!("u{u}").into_bytes();
-        // A few users at another location (one writer normally serves one node and region).
-        let (node, region) = if u % 1000 == 0 {
-            ("edge-x", "us-east")
-        } else {
-            ("edge-r", "eu-west")
-        };
         let shard = u % 16;
-        send(
-            &sinks[usize::from(u % 2)],
-            SessionOp::Online {
-                user: user.clone(),
-                node: node.to_owned(),
-                shard,
-                region: region.to_owned(),
-            },
-        );
-        want.push((user, online_record(node, shard, region)));
+        send(&sinks[usize::from(u % 2)], online(&user, "5", shard));
+        want.push((user, online_view(&[("5", shard)])));
     }
     // A user who moved shard: the latest location is the one restored. (One queue: the order
     // between two producers' queues is not defined.)
-    send(&sinks[0], online(b"mover", "edge-r", 1));
-    send(&sinks[0], online(b"mover", "edge-r", 2));
-    want.push((b"mover".to_vec(), online_record("edge-r", 2, "eu-west")));
+    send(&sinks[0], online(b"mover", "5", 1));
+    send(&sinks[0], online(b"mover", "5", 2));
+    want.push((b"mover".to_vec(), online_view(&[("5", 2)])));
     // A user who logged out before the restart: not resurrected.
-    send(&sinks[0], online(b"gone", "edge-r", 3));
+    send(&sinks[0], online(b"gone", "5", 3));
     let total = u64::from(N) + 3;
     assert!(wait_until(10, || m.snapshot().ops_in == total
         && m.snapshot().pending_users == 0));
-    send(&sinks[0], offline(b"gone", "edge-r", 1_700_000_000));
+    send(&sinks[0], offline(b"gone", "5", 1_700_000_000));
     assert!(wait_until(10, || m.snapshot().ops_in == total + 1
         && m.snapshot().pending_users == 0));
     let mut conn = srv.conn();
-    assert_eq!(dbsize(&mut conn), u64::from(N) + 2);
+    // Every user's key and the run table.
+    assert_eq!(dbsize(&mut conn), u64::from(N) + 3);
     let before = m.snapshot();
     assert_eq!((before.reconnects, before.resynced), (0, 0), "{before:?}");
 
@@ -722,7 +822,7 @@ fn resyncs_online_sessions_after_redis_restarts_empty() {
         "offline user resurrected"
     );
     let mut conn = srv.conn();
-    assert_eq!(dbsize(&mut conn), u64::from(N) + 1);
+    assert_eq!(dbsize(&mut conn), u64::from(N) + 2);
     for u in [&b"u0"[..], b"u4999", b"mover"] {
         assert!(ttl(&mut conn, u) > 86_000, "{u:?}");
     }
@@ -747,36 +847,27 @@ fn resync_after_restart_yields_to_ops_sent_while_down() {
     let (writer, sinks) = SessionWriter::start(c, 1).unwrap();
     let m = writer.metrics().clone();
     for (u, shard) in [(&b"stays"[..], 1u16), (b"leaves", 2), (b"moves", 3)] {
-        send(&sinks[0], online(u, "edge-r", shard));
+        send(&sinks[0], online(u, "6", shard));
     }
     assert!(wait_until(3, || m.snapshot().writes >= 3
         && m.snapshot().pending_users == 0));
 
     srv.kill();
     // While Redis is down: one user logs out, one moves shard, one logs in.
-    send(&sinks[0], offline(b"leaves", "edge-r", 1_700_000_600));
-    send(&sinks[0], online(b"moves", "edge-r", 7));
-    send(&sinks[0], online(b"joins", "edge-r", 8));
+    send(&sinks[0], offline(b"leaves", "6", 1_700_000_600));
+    send(&sinks[0], online(b"moves", "6", 7));
+    send(&sinks[0], online(b"joins", "6", 8));
     assert!(wait_until(3, || m.snapshot().pending_users == 3));
 
     // Back empty: the pending ops win over the resync of what was written before.
     srv.restart();
     let reader = SessionReader::new(&cfg(srv.url())).unwrap();
     let want = vec![
-        (b"stays".to_vec(), online_record("edge-r", 1, "eu-west")),
-        (b"moves".to_vec(), online_record("edge-r", 7, "eu-west")),
-        (b"joins".to_vec(), online_record("edge-r", 8, "eu-west")),
-        // The conditional offline found no record: offline, without a location.
-        (
-            b"leaves".to_vec(),
-            Some(SessionRecord {
-                node: String::new(),
-                shard: 0,
-                region: String::new(),
-                last_seen: 1_700_000_600,
-                online: false,
-            }),
-        ),
+        (b"stays".to_vec(), online_view(&[("6", 1)])),
+        (b"moves".to_vec(), online_view(&[("6", 7)])),
+        (b"joins".to_vec(), online_view(&[("6", 8)])),
+        // The offline found no record: offline, the logout time kept.
+        (b"leaves".to_vec(), Some((vec![], 1_700_000_600))),
     ];
     let mut left = Vec::new();
     let ok = wait_until(5, || {
@@ -800,13 +891,13 @@ fn refresh_rewrites_session_deleted_behind_the_writer() {
     };
     let (writer, sinks) = SessionWriter::start(c, 1).unwrap();
     let m = writer.metrics().clone();
-    send(&sinks[0], online(b"kept", "edge-d", 1));
-    send(&sinks[0], online(b"deleted", "edge-d", 4));
-    send(&sinks[0], online(b"off", "edge-d", 2));
+    send(&sinks[0], online(b"kept", "8", 1));
+    send(&sinks[0], online(b"deleted", "8", 4));
+    send(&sinks[0], online(b"off", "8", 2));
     assert!(wait_until(3, || m.snapshot().ops_in == 3
         && m.snapshot().pending_users == 0));
     // Written after its online (not folded into it): the writer must forget the user.
-    send(&sinks[0], offline(b"off", "edge-d", 1_700_000_700));
+    send(&sinks[0], offline(b"off", "8", 1_700_000_700));
     assert!(wait_until(3, || m.snapshot().ops_in == 4
         && m.snapshot().pending_users == 0));
     let mut conn = srv.conn();
@@ -820,8 +911,8 @@ fn refresh_rewrites_session_deleted_behind_the_writer() {
 
     let reader = SessionReader::new(&cfg(srv.url())).unwrap();
     let want = vec![
-        (b"kept".to_vec(), online_record("edge-d", 1, "eu-west")),
-        (b"deleted".to_vec(), online_record("edge-d", 4, "eu-west")),
+        (b"kept".to_vec(), online_view(&[("8", 1)])),
+        (b"deleted".to_vec(), online_view(&[("8", 4)])),
         // Offline: not the writer's to restore.
         (b"off".to_vec(), None),
     ];
@@ -839,4 +930,101 @@ fn refresh_rewrites_session_deleted_behind_the_writer() {
     assert_eq!(s.resynced, 1, "only the missing key is rewritten: {s:?}");
     assert_eq!((s.reconnects, s.errors), (0, 0), "{s:?}");
     writer.shutdown().unwrap();
+}
+
+/// Users hop between two edges again and again (login on the new edge first, then the old
+/// connection closes), each edge's writer writing at its own pace, with Redis restarted empty
+/// in the middle (both writers resync): at the end every record points exactly where its user
+/// is, nowhere else.
+#[test]
+fn users_hopping_between_edges_end_where_they_are() {
+    const USERS: usize = 200;
+    const HOPS: usize = 30;
+    let mut srv = RedisServer::start();
+    let c = |flush| SessionConfig {
+        flush_interval_ms: flush,
+        io_timeout_ms: 5000,
+        ..cfg(srv.url())
+    };
+    // Different flush intervals: the two edges' writes interleave in every order.
+    let (w1, s1) = SessionWriter::start(c(1), 1).unwrap();
+    let (w2, s2) = SessionWriter::start(c(7), 1).unwrap();
+    let (m1, m2) = (w1.metrics().clone(), w2.metrics().clone());
+    let sinks = [&s1[0], &s2[0]];
+    let nodes = ["1", "2"];
+    // Edge 2 restarted once before: its run is newer than edge 1's.
+    let runs = [RUN, RUN + 77];
+    let mut on = vec![0usize; USERS];
+    for (u, at) in on.iter_mut().enumerate() {
+        let user = format!("h{u}");
+        *at = u % 2;
+        send(
+            sinks[*at],
+            online_run(user.as_bytes(), nodes[*at], 0, runs[*at]),
+        );
+    }
+    for hop in 0..HOPS {
+        for (u, at) in on.iter_mut().enumerate() {
+            if (u + hop) % 3 == 0 {
+                continue; // this one stays put this round
+            }
+            let user = format!("h{u}");
+            let (from, to) = (*at, 1 - *at);
+            let shard = (hop % 4) as u16;
+            send(
+                sinks[to],
+                online_run(user.as_bytes(), nodes[to], shard, runs[to]),
+            );
+            send(
+                sinks[from],
+                offline_run(
+                    user.as_bytes(),
+                    nodes[from],
+                    1_700_000_000 + hop as u64,
+                    runs[from],
+                ),
+            );
+            *at = to;
+        }
+        if hop == HOPS / 2 {
+            srv.restart();
+        }
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    let reader = SessionReader::new(&cfg(srv.url())).unwrap();
+    let users: Vec<Vec<u8>> = (0..USERS).map(|u| format!("h{u}").into_bytes()).collect();
+    let exact = |recs: &[Option<SessionRecord>]| -> Vec<(usize, usize, Option<SessionRecord>)> {
+        recs.iter()
+            .zip(&on)
+            .enumerate()
+            .filter(|(_, (r, &at))| {
+                !r.as_ref().is_some_and(|r| {
+                    r.online_nodes(REGION) == vec![nodes[at].parse::<u32>().unwrap()]
+                })
+            })
+            .map(|(u, (r, &at))| (u, at, r.clone()))
+            .collect()
+    };
+    let mut wrong = Vec::new();
+    let ok = wait_until(10, || {
+        let idle = m1.snapshot().pending_users == 0 && m2.snapshot().pending_users == 0;
+        wrong = match reader.get_many(&users) {
+            Ok(recs) => exact(&recs),
+            Err(e) => vec![(0, 0, None)]
+                .into_iter()
+                .inspect(|_| eprintln!("{e}"))
+                .collect(),
+        };
+        idle && wrong.is_empty()
+    });
+    wrong.truncate(3);
+    assert!(
+        ok,
+        "records not pointing exactly where the user is, e.g. {wrong:?}; {:?} {:?}",
+        m1.snapshot(),
+        m2.snapshot()
+    );
+    assert!(m1.snapshot().reconnects >= 1 && m2.snapshot().reconnects >= 1);
+    w1.shutdown().unwrap();
+    w2.shutdown().unwrap();
 }

@@ -3,11 +3,14 @@
 //! Each shard owns one [`ShardMetrics`] and is its only writer (relaxed atomic adds on its own
 //! cache lines, so no shard ever contends with another). The admin thread reads every shard's
 //! counters and sums them when `/metrics` is scraped; per-shard values are exported too, with a
-//! `shard` label, so an imbalance between shards is visible.
+//! `shard` label, so an imbalance between shards is visible. Per-hop latency histograms
+//! ([`EdgeHops`], `iris_edge_hop_seconds{hop="..."}`) are summed the same way.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+use iris_bus::hops::{HopHistogram, HopSnapshot};
 
 macro_rules! counters {
     ($( $(#[doc = $doc:literal])* $name:ident : $kind:literal ),* $(,)?) => {
@@ -16,6 +19,8 @@ macro_rules! counters {
         #[repr(align(128))]
         pub struct ShardMetrics {
             $( $(#[doc = $doc])* pub $name: AtomicU64, )*
+            /// Per-hop latency histograms.
+            pub hops: EdgeHops,
         }
 
         impl ShardMetrics {
@@ -72,7 +77,12 @@ counters! {
     accept_errors_total: "counter",
     /// Cluster: messages the core routed to this edge's inbox.
     bus_delivers_in_total: "counter",
-    /// Cluster: routed copies of messages this edge had already delivered live, dropped.
+    /// Cluster: live copies other edges produced straight to this edge's inbox.
+    bus_direct_in_total: "counter",
+    /// Cluster: live copies (messages and relays) sent straight to other edges' inboxes.
+    bus_forwards_out_total: "counter",
+    /// Cluster: second copies of messages this edge had already delivered live (the core's
+    /// routed copy or a sender edge's direct copy), dropped.
     bus_duplicates_suppressed_total: "counter",
     /// Cluster: connections told 0xFF RATE_LIMITED because the bus stalled (once per stall).
     rate_limited_total: "counter",
@@ -93,6 +103,32 @@ impl ShardMetrics {
     }
 }
 
+/// Latency of messages from their acceptance (the time their id carries) to a point on this
+/// edge, per shard.
+#[derive(Debug, Default)]
+pub struct EdgeHops {
+    /// Cluster: a message's live copy, produced straight to this edge's inbox by the sender's
+    /// edge, taken from the inbox (every copy, duplicate or not).
+    pub inbox_direct: HopHistogram,
+    /// Cluster: the core's routed copy of a message taken from this edge's inbox (every copy,
+    /// duplicate or not).
+    pub inbox_core: HopHistogram,
+    /// A message written by the live path to a recipient's connection (the first copy, once
+    /// per session; drains are not counted).
+    pub written: HopHistogram,
+}
+
+impl EdgeHops {
+    /// `(hop label, histogram)` of every hop.
+    pub fn each(&self) -> [(&'static str, &HopHistogram); 3] {
+        [
+            ("inbox_direct", &self.inbox_direct),
+            ("inbox_core", &self.inbox_core),
+            ("written", &self.written),
+        ]
+    }
+}
+
 /// Renders every shard's metrics plus extra `(name, kind, help, value)` lines as Prometheus text.
 pub fn render(shards: &[Arc<ShardMetrics>], extra: &[(&str, &str, &str, u64)]) -> String {
     let mut out = String::with_capacity(8192);
@@ -106,6 +142,20 @@ pub fn render(shards: &[Arc<ShardMetrics>], extra: &[(&str, &str, &str, u64)]) -
             for (shard, s) in snaps.iter().enumerate() {
                 let _ = writeln!(out, "iris_edge_{name}{{shard=\"{shard}\"}} {}", s[i].3);
             }
+        }
+    }
+    if let Some(first) = shards.first() {
+        let _ = writeln!(
+            out,
+            "# HELP iris_edge_hop_seconds Time from a message's acceptance to this hop."
+        );
+        let _ = writeln!(out, "# TYPE iris_edge_hop_seconds histogram");
+        for (i, (hop, _)) in first.hops.each().iter().enumerate() {
+            let mut sum = HopSnapshot::default();
+            for s in shards {
+                sum.add(&s.hops.each()[i].1.snapshot());
+            }
+            sum.render(&mut out, "iris_edge_hop_seconds", hop);
         }
     }
     for (name, kind, help, value) in extra {
@@ -130,5 +180,22 @@ mod tests {
         assert!(text.contains("iris_edge_acks_total 5\n"));
         assert!(text.contains("iris_edge_acks_total{shard=\"1\"} 3\n"));
         assert!(text.contains("iris_core_stored_total 7\n"));
+    }
+
+    #[test]
+    fn hop_histograms_are_summed_over_shards() {
+        let a = Arc::new(ShardMetrics::default());
+        let b = Arc::new(ShardMetrics::default());
+        a.hops.inbox_direct.record_micros(800);
+        b.hops.inbox_direct.record_micros(4_000);
+        b.hops.written.record_micros(100);
+        let text = render(&[a, b], &[]);
+        assert!(text.contains("# TYPE iris_edge_hop_seconds histogram\n"));
+        assert!(text.contains("iris_edge_hop_seconds_count{hop=\"inbox_direct\"} 2\n"));
+        assert!(
+            text.contains("iris_edge_hop_seconds_bucket{hop=\"inbox_direct\",le=\"0.001\"} 1\n")
+        );
+        assert!(text.contains("iris_edge_hop_seconds_count{hop=\"inbox_core\"} 0\n"));
+        assert!(text.contains("iris_edge_hop_seconds_count{hop=\"written\"} 1\n"));
     }
 }

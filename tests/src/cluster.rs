@@ -591,6 +591,68 @@ impl Drop for Cluster {
     }
 }
 
+/// `HGETALL key` on the Redis server at `127.0.0.1:port` (a minimal RESP client, so the
+/// harness needs no Redis library): the field-value pairs, empty for a missing key.
+pub fn redis_hgetall(port: u16, key: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect redis");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut cmd = b"*2\r\n$7\r\nHGETALL\r\n".to_vec();
+    cmd.extend_from_slice(format!("${}\r\n", key.len()).as_bytes());
+    cmd.extend_from_slice(key);
+    cmd.extend_from_slice(b"\r\n");
+    s.write_all(&cmd).expect("write to redis");
+    let mut r = BufReader::new(s);
+    let mut line = Vec::new();
+    let read_line = |r: &mut BufReader<std::net::TcpStream>, line: &mut Vec<u8>| {
+        line.clear();
+        r.read_until(b'\n', line).expect("read from redis");
+        assert!(line.ends_with(b"\r\n"), "redis reply line {line:?}");
+        line.truncate(line.len() - 2);
+    };
+    read_line(&mut r, &mut line);
+    let n: usize = match line.first() {
+        // RESP2 array or RESP3 map of `n` pairs.
+        Some(b'*') => std::str::from_utf8(&line[1..]).unwrap().parse().unwrap(),
+        Some(b'%') => {
+            2 * std::str::from_utf8(&line[1..])
+                .unwrap()
+                .parse::<usize>()
+                .unwrap()
+        }
+        _ => panic!(
+            "unexpected redis reply {:?}",
+            String::from_utf8_lossy(&line)
+        ),
+    };
+    let mut items = Vec::with_capacity(n);
+    for _ in 0..n {
+        read_line(&mut r, &mut line);
+        assert_eq!(line.first(), Some(&b'$'), "bulk string expected");
+        let len: usize = std::str::from_utf8(&line[1..]).unwrap().parse().unwrap();
+        let mut v = vec![0; len + 2];
+        r.read_exact(&mut v).expect("read bulk string");
+        v.truncate(len);
+        items.push(v);
+    }
+    let mut pairs = Vec::with_capacity(n / 2);
+    let mut it = items.into_iter();
+    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+        pairs.push((k, v));
+    }
+    pairs
+}
+
+/// Sends signal `sig` (a name for kill(1): `STOP`, `CONT`, ...) to process `pid`.
+pub fn signal_pid(pid: u32, sig: &str) {
+    let st = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(st.success(), "kill -{sig} {pid}: {st}");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,6 +20,8 @@ mod core_path;
 mod crash;
 #[path = "cluster/outbox.rs"]
 mod outbox;
+#[path = "cluster/live.rs"]
+mod live;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};

@@ -92,14 +92,16 @@ const OUTBOX_HIGH: usize = 65_536;
 
 /// How long a routed id is remembered (longer than the core's routing takes under load).
 const RECENT_ROUTED_TTL: Duration = Duration::from_secs(30);
-/// The most routed ids remembered per shard (about 8 MiB at most).
+/// The most routed ids remembered per shard (about 10 MiB at most).
 const RECENT_ROUTED_MAX: usize = 262_144;
 
-/// Ids of recently routed messages, forgotten after [`RECENT_ROUTED_TTL`] or beyond
-/// [`RECENT_ROUTED_MAX`]. A copy arriving later than that is written again (at-least-once).
+/// Ids of recently routed messages, each with the presence generation at the time
+/// ([`Presence::generation`]), forgotten after [`RECENT_ROUTED_TTL`] or beyond
+/// [`RECENT_ROUTED_MAX`]. A later copy of the message goes only to the sessions registered
+/// since; a copy arriving after the id is forgotten is written again (at-least-once).
 #[derive(Debug, Default)]
 struct RecentIds {
-    set: std::collections::HashSet<u64>,
+    map: HashMap<u64, u64>,
     order: VecDeque<(u64, std::time::Instant)>,
 }
 
@@ -108,28 +110,275 @@ impl RecentIds {
         while let Some(&(id, at)) = self.order.front() {
             if self.order.len() > RECENT_ROUTED_MAX || now.duration_since(at) > RECENT_ROUTED_TTL {
                 self.order.pop_front();
-                self.set.remove(&id);
+                self.map.remove(&id);
             } else {
                 break;
             }
         }
-        if self.order.is_empty() && self.set.capacity() > 1024 {
+        if self.order.is_empty() && self.map.capacity() > 1024 {
             *self = Self::default();
         }
     }
 
-    fn insert(&mut self, id: u64) {
+    /// Remembers that `id` was routed when the presence generation was `generation`.
+    fn insert(&mut self, id: u64, generation: u64) {
         let now = std::time::Instant::now();
         self.prune(now);
-        if self.set.insert(id) {
+        if self.map.insert(id, generation).is_none() {
             self.order.push_back((id, now));
         }
     }
 
-    fn contains(&mut self, id: u64) -> bool {
-        self.prune(std::time::Instant::now());
-        self.set.contains(&id)
+    /// Whether `id` was routed (written to a session here), as far as it is remembered.
+    fn contains(&self, id: u64) -> bool {
+        self.map.contains_key(&id)
     }
+
+    /// The presence generation at which `id` was routed, if it is remembered.
+    fn get(&mut self, id: u64) -> Option<u64> {
+        self.prune(std::time::Instant::now());
+        self.map.get(&id).copied()
+    }
+}
+
+/// Longest a direct copy waits for the core's stream to catch up ([`OrderGate`]).
+const DIRECT_HOLD_MAX: Duration = Duration::from_secs(2);
+/// A stream ([`OrderGate`]) is forgotten after this long without a message.
+const STREAM_IDLE: Duration = Duration::from_secs(30);
+/// Direct copies held by one shard beyond which all are released (order is given up before
+/// memory).
+const HELD_MAX: usize = 65_536;
+/// The low bits of a message id that name the accepting node and shard (see `idgen`): ids with
+/// the same low bits come from one shard, in increasing order.
+const ORIGIN_MASK: u64 = (1 << 14) - 1;
+
+/// A message whose id is older than this is taken as written when a later one names it as its
+/// predecessor (well inside [`RECENT_ROUTED_TTL`], the memory of what was written).
+const PREV_HORIZON_MICROS: u64 = 15_000_000;
+
+/// One sending shard's messages to one recipient, as seen by the recipient's owner.
+#[derive(Debug)]
+struct Stream {
+    /// The highest id of a core copy seen: the core's stream has passed every earlier message
+    /// of this sending shard to this recipient.
+    core_max: u64,
+    /// Direct copies waiting for their predecessor, in arrival (= id) order, with it.
+    held: VecDeque<(u64, Delivery)>,
+    held_since: Option<std::time::Instant>,
+    last: std::time::Instant,
+}
+
+/// Keeps one sender's messages in order across the two bus paths.
+///
+/// Each path is in order (one inbox partition, one deliver partition), but a message can be on
+/// one path only: sent before the sender's edge knew where the recipient is (core only), or its
+/// direct copy lost (the broker restarted). So every direct copy names its predecessor, the
+/// message the same sending shard sent to the same recipient before it (`prev`), and is written
+/// only once that one was written here, or the core's copies passed it, or it is older than
+/// [`PREV_HORIZON_MICROS`]; else it waits (and the direct copies behind it) for at most
+/// [`DIRECT_HOLD_MAX`] (the core may never route a copy: stopped, or no session known). A new
+/// session of the recipient on this edge releases what waits. Streams are per recipient and
+/// sending shard (the low bits of the ids).
+#[derive(Debug, Default)]
+struct OrderGate {
+    users: HashMap<Box<[u8]>, Vec<(u64, Stream)>>,
+    held: usize,
+    /// When the oldest held copy's wait is over (no scan before).
+    next_expiry: Option<std::time::Instant>,
+    next_prune: Option<std::time::Instant>,
+}
+
+/// Whether a direct copy whose predecessor is `prev` may be written.
+fn prev_done(prev: u64, core_max: u64, written: &impl Fn(u64) -> bool) -> bool {
+    prev == 0
+        || prev <= core_max
+        || written(prev)
+        || iris_bus::hops::id_age_micros(prev) > PREV_HORIZON_MICROS
+}
+
+impl OrderGate {
+    fn stream(&mut self, to: &[u8], id: u64, now: std::time::Instant) -> &mut Stream {
+        let streams = self.users.entry(to.into()).or_default();
+        let origin = id & ORIGIN_MASK;
+        let i = match streams.iter().position(|(o, _)| *o == origin) {
+            Some(i) => i,
+            None => {
+                streams.push((
+                    origin,
+                    Stream {
+                        core_max: 0,
+                        held: VecDeque::new(),
+                        held_since: None,
+                        last: now,
+                    },
+                ));
+                streams.len() - 1
+            }
+        };
+        let s = &mut streams[i].1;
+        s.last = now;
+        s
+    }
+
+    /// A direct copy whose predecessor is `prev`: back when it may be written now, else held.
+    fn on_direct(
+        &mut self,
+        to: &[u8],
+        d: Delivery,
+        prev: u64,
+        now: std::time::Instant,
+        written: impl Fn(u64) -> bool,
+    ) -> Option<Delivery> {
+        let id = d.id?;
+        let overflow = self.held >= HELD_MAX;
+        let s = self.stream(to, id, now);
+        if overflow || (s.held.is_empty() && prev_done(prev, s.core_max, &written)) {
+            return Some(d);
+        }
+        s.held.push_back((prev, d));
+        let since = *s.held_since.get_or_insert(now);
+        self.held += 1;
+        let due = since + DIRECT_HOLD_MAX;
+        self.next_expiry = Some(self.next_expiry.map_or(due, |t| t.min(due)));
+        None
+    }
+
+    /// A core copy with id `id` for `to`.
+    fn on_core(&mut self, to: &[u8], id: u64, now: std::time::Instant) {
+        let s = self.stream(to, id, now);
+        s.core_max = s.core_max.max(id);
+    }
+
+    /// Whether anything waits for `to`.
+    fn holds(&self, to: &[u8]) -> bool {
+        self.held > 0
+            && self
+                .users
+                .get(to)
+                .is_some_and(|v| v.iter().any(|(_, s)| !s.held.is_empty()))
+    }
+
+    /// The next held copy for `to` whose predecessor is done.
+    fn next_ready(
+        &mut self,
+        to: &[u8],
+        now: std::time::Instant,
+        written: impl Fn(u64) -> bool,
+    ) -> Option<Delivery> {
+        let streams = self.users.get_mut(to)?;
+        for (_, s) in streams.iter_mut() {
+            let Some(&(prev, _)) = s.held.front() else {
+                continue;
+            };
+            if prev_done(prev, s.core_max, &written) {
+                let (_, d) = s.held.pop_front()?;
+                self.held -= 1;
+                s.held_since = (!s.held.is_empty()).then_some(now);
+                return Some(d);
+            }
+        }
+        None
+    }
+
+    /// Every held copy of `to`, in order per stream (a new session of `to`).
+    fn reset_user(&mut self, to: &[u8]) -> Vec<Delivery> {
+        let Some(streams) = self.users.get_mut(to) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (_, s) in streams.iter_mut() {
+            s.held_since = None;
+            out.extend(s.held.drain(..).map(|(_, d)| d));
+        }
+        self.held -= out.len();
+        out
+    }
+
+    /// Held copies whose wait is over, per recipient; forgets idle streams now and then.
+    fn expired(&mut self, now: std::time::Instant) -> Vec<(Vec<u8>, Vec<Delivery>)> {
+        let mut out = Vec::new();
+        if self.held > 0 && self.next_expiry.is_some_and(|t| now >= t) {
+            let mut next: Option<std::time::Instant> = None;
+            for (user, streams) in &mut self.users {
+                for (_, s) in streams.iter_mut() {
+                    let Some(since) = s.held_since else { continue };
+                    if now.duration_since(since) >= DIRECT_HOLD_MAX {
+                        s.held_since = None;
+                        let held: Vec<Delivery> = s.held.drain(..).map(|(_, d)| d).collect();
+                        self.held -= held.len();
+                        out.push((user.to_vec(), held));
+                    } else {
+                        let due = since + DIRECT_HOLD_MAX;
+                        next = Some(next.map_or(due, |t| t.min(due)));
+                    }
+                }
+            }
+            self.next_expiry = next;
+        }
+        if self.next_prune.is_none_or(|t| now >= t) {
+            self.next_prune = Some(now + STREAM_IDLE);
+            self.users.retain(|_, streams| {
+                streams.retain(|(_, s)| {
+                    !s.held.is_empty() || now.duration_since(s.last) < STREAM_IDLE
+                });
+                !streams.is_empty()
+            });
+            if self.users.is_empty() && self.users.capacity() > 1024 {
+                self.users = HashMap::new();
+            }
+        }
+        out
+    }
+}
+
+/// On the sender's edge: per recipient and sending shard, the id of the last message sent
+/// (the `prev` of the next direct copy), forgotten once older than [`PREV_HORIZON_MICROS`].
+#[derive(Debug, Default)]
+struct LastSent {
+    last: HashMap<(Box<[u8]>, u64), u64>,
+    next_prune: Option<std::time::Instant>,
+}
+
+impl LastSent {
+    /// Records `id` as the last message to `to` of its sending shard; returns the one before.
+    fn swap(&mut self, to: &[u8], id: u64) -> u64 {
+        let now = std::time::Instant::now();
+        if self.next_prune.is_none_or(|t| now >= t) {
+            self.next_prune = Some(now + STREAM_IDLE);
+            self.last
+                .retain(|_, &mut id| iris_bus::hops::id_age_micros(id) <= PREV_HORIZON_MICROS);
+            if self.last.is_empty() && self.last.capacity() > 1024 {
+                self.last = HashMap::new();
+            }
+        }
+        match self.last.get_mut(&(Box::from(to), id & ORIGIN_MASK)) {
+            Some(last) => std::mem::replace(last, id),
+            None => {
+                self.last.insert((to.into(), id & ORIGIN_MASK), id);
+                0
+            }
+        }
+    }
+}
+
+/// Where a delivery handed to the owner shard comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// Accepted on this edge (the local fast path).
+    Local,
+    /// The core's routed copy, from this edge's inbox.
+    Core,
+    /// The sender's edge's live copy, produced straight to this edge's inbox.
+    Direct,
+}
+
+/// The payload inside a RELIABLE_MSG frame (`0x10 | u16 idlen | id | u32 mlen | payload`).
+fn reliable_payload(frame: &[u8]) -> Option<&[u8]> {
+    let idlen = usize::from(u16::from_be_bytes([*frame.get(1)?, *frame.get(2)?]));
+    let at = 3 + idlen;
+    let len = frame.get(at..at + 4)?;
+    let mlen = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+    frame.get(at + 4..at + 4 + mlen)
 }
 
 /// A batch of ring messages: one ring slot carries many messages.
@@ -181,9 +430,15 @@ pub struct Shard {
     pub idgen: RefCell<IdGen>,
     /// Cluster mode: the core is reached over the bus (relays and session changes go to it).
     pub cluster: bool,
-    /// Cluster mode: ids of messages this owner routed to local sessions, so the core's routed
-    /// copy of the same message is not written again.
+    /// Cluster mode: ids of messages this owner routed to local sessions, so another copy of
+    /// the same message (the core's routed copy, or the sender edge's direct one) is not written
+    /// again.
     recent_routed: RefCell<RecentIds>,
+    /// Cluster mode: per recipient and sending shard, direct copies held until their
+    /// predecessor is written, so one sender's messages keep their order.
+    gate: RefCell<OrderGate>,
+    /// Cluster mode: the last message sent to each recipient per sending shard.
+    last_sent: RefCell<LastSent>,
     outbox: Vec<RefCell<Batch>>,
     outbox_notify: Vec<LocalNotify>,
     core: ShardLink,
@@ -221,6 +476,8 @@ impl Shard {
             idgen: RefCell::new(IdGen::new(node, id, id_floor)),
             cluster,
             recent_routed: RefCell::new(RecentIds::default()),
+            gate: RefCell::new(OrderGate::default()),
+            last_sent: RefCell::new(LastSent::default()),
             outbox: (0..nshards).map(|_| RefCell::new(Vec::new())).collect(),
             outbox_notify: (0..nshards).map(|_| LocalNotify::default()).collect(),
             core,
@@ -300,11 +557,17 @@ impl Shard {
     /// Handles one ring message (or a local one).
     pub fn handle_mesh(self: &Rc<Self>, m: ShardMsg) {
         match m {
-            ShardMsg::Route { to, d } => self.route_owned(to, d, false),
+            ShardMsg::Route { to, d } => self.route_owned(to, d, Via::Local),
             ShardMsg::Deliver { conn, user, d } => {
                 let c = self.conns.borrow().get(&conn).cloned();
                 if let Some(c) = c {
+                    let id = d.id;
+                    let live = &self.metrics.messages_delivered_live_total;
+                    let before = live.load(Ordering::Relaxed);
                     c.deliver(self, &user, d);
+                    if let Some(id) = id.filter(|_| live.load(Ordering::Relaxed) != before) {
+                        self.metrics.hops.written.record_id(id);
+                    }
                 }
             }
             ShardMsg::Register { user, shard, conn } => {
@@ -320,6 +583,14 @@ impl Shard {
                         user: user.clone(),
                         shard,
                     });
+                }
+                if self.cluster {
+                    // A new session: the streams to `user` start over (its senders' edges may
+                    // start sending direct copies only now).
+                    let held = self.gate.borrow_mut().reset_user(&user);
+                    for d in held {
+                        self.route_owned(user.clone(), d, Via::Direct);
+                    }
                 }
                 self.send_shard(shard, ShardMsg::Registered { user, conn });
             }
@@ -359,33 +630,65 @@ impl Shard {
         }
     }
 
-    /// The owner's half of routing: hands `d` to every session of `to` on this edge. `from_bus`
-    /// marks a delivery the cluster core routed here; a message this owner already routed live
-    /// (the local fast path) is not written twice.
-    fn route_owned(self: &Rc<Self>, to: Vec<u8>, d: Delivery, from_bus: bool) {
-        if let (true, Some(id)) = (self.cluster, d.id) {
-            let mut recent = self.recent_routed.borrow_mut();
-            if from_bus && recent.contains(id) {
-                ShardMetrics::inc(&self.metrics.bus_duplicates_suppressed_total);
-                return;
-            }
-            if self.presence.borrow().is_local(&to) {
-                recent.insert(id);
+    /// The owner's half of routing: hands `d` to every session of `to` on this edge.
+    ///
+    /// In a cluster, a delivery accepted here (`Via::Local`) also goes straight to every other
+    /// edge the presence topic shows holding `to` ([`CoreRequest::Forward`] for a message,
+    /// [`CoreRequest::ForwardRelay`] for a relay), one broker hop, while the stored copy goes
+    /// to the core. A message reaches an edge up to twice (the direct copy and the core's, in
+    /// either order, or the local fast path and the core's): the owner remembers each id it
+    /// routed with the presence generation of that moment, and a later copy is written only to
+    /// sessions registered since (none, usually: the copy is dropped and counted).
+    fn route_owned(self: &Rc<Self>, to: Vec<u8>, d: Delivery, via: Via) {
+        let from_bus = via != Via::Local;
+        let mut forwarded = false;
+        if self.cluster && !from_bus {
+            // The predecessor of a message's direct copies: the last one the same sending shard
+            // sent to `to`, whichever way it went.
+            let prev =
+                d.id.map_or(0, |id| self.last_sent.borrow_mut().swap(&to, id));
+            let nodes = self.presence.borrow().remote_nodes(&to);
+            forwarded = !nodes.is_empty();
+            for node in nodes {
+                self.forward(node, &to, &d, prev);
             }
         }
-        let sessions = self.presence.borrow().sessions(&to);
-        match sessions.as_slice() {
-            [] => {
-                if d.id.is_some() {
-                    ShardMetrics::inc(&self.metrics.messages_live_offline_total);
-                } else if self.cluster && !from_bus {
-                    // Not connected here: the core relays it to the edge that holds `to`.
-                    self.push_core(CoreRequest::Relay {
-                        recipient: to,
-                        frame: d.frame,
-                    });
+        // Sessions registered after this presence generation get the delivery (0: all).
+        let mut after = 0;
+        let mut remember = None;
+        if let (true, Some(id)) = (self.cluster, d.id) {
+            let generation = self.presence.borrow().generation();
+            let mut recent = self.recent_routed.borrow_mut();
+            if let Some(seen) = recent.get(id) {
+                if generation == seen {
+                    // No session registered since the first copy: nothing left to write.
+                    ShardMetrics::inc(&self.metrics.bus_duplicates_suppressed_total);
+                    return;
                 }
+                after = seen;
             }
+            remember = Some((id, generation));
+        }
+        let sessions = self.presence.borrow().sessions_after(&to, after);
+        if sessions.is_empty() {
+            if after > 0 {
+                ShardMetrics::inc(&self.metrics.bus_duplicates_suppressed_total);
+            } else if d.id.is_some() {
+                ShardMetrics::inc(&self.metrics.messages_live_offline_total);
+            } else if self.cluster && !from_bus && !forwarded {
+                // Not connected here and no other edge known: the core relays it to the edge
+                // that holds `to`, if any.
+                self.push_core(CoreRequest::Relay {
+                    recipient: to,
+                    frame: d.frame,
+                });
+            }
+            return;
+        }
+        if let Some((id, generation)) = remember {
+            self.recent_routed.borrow_mut().insert(id, generation);
+        }
+        match sessions.as_slice() {
             [(shard, conn)] => self.send_shard(
                 *shard,
                 ShardMsg::Deliver {
@@ -411,6 +714,48 @@ impl Shard {
                 }
             }
         }
+    }
+
+    /// Writes the held direct copies for `to` whose predecessor is done now, in order.
+    fn release_ready(self: &Rc<Self>, to: &[u8]) {
+        while self.gate.borrow().holds(to) {
+            let next = {
+                let recent = self.recent_routed.borrow();
+                self.gate
+                    .borrow_mut()
+                    .next_ready(to, std::time::Instant::now(), |p| recent.contains(p))
+            };
+            match next {
+                Some(d) => self.route_owned(to.to_vec(), d, Via::Direct),
+                None => break,
+            }
+        }
+    }
+
+    /// Sends the live copy of `d` for `to` straight to edge `node`'s inbox; `prev` is the
+    /// previous message of its sending shard to `to` (see [`OrderGate`]).
+    fn forward(&self, node: u32, to: &[u8], d: &Delivery, prev: u64) {
+        let req = match d.id {
+            Some(id) => {
+                let Some(payload) = reliable_payload(&d.frame) else {
+                    return;
+                };
+                CoreRequest::Forward {
+                    node,
+                    recipient: to.to_vec(),
+                    id,
+                    prev,
+                    payload: payload.to_vec(),
+                }
+            }
+            None => CoreRequest::ForwardRelay {
+                node,
+                recipient: to.to_vec(),
+                frame: d.frame.clone(),
+            },
+        };
+        ShardMetrics::inc(&self.metrics.bus_forwards_out_total);
+        self.push_core(req);
     }
 
     fn handle_core(self: &Rc<Self>, r: CoreReply) {
@@ -441,21 +786,43 @@ impl Shard {
                 recipient,
                 id,
                 payload,
+                direct,
+                prev,
             } => {
-                ShardMetrics::inc(&self.metrics.bus_delivers_in_total);
+                let via = if direct {
+                    self.metrics.hops.inbox_direct.record_id(id);
+                    ShardMetrics::inc(&self.metrics.bus_direct_in_total);
+                    Via::Direct
+                } else {
+                    self.metrics.hops.inbox_core.record_id(id);
+                    ShardMetrics::inc(&self.metrics.bus_delivers_in_total);
+                    Via::Core
+                };
                 let mut f = Vec::with_capacity(payload.len() + 23);
                 frame::encode_reliable(&mut f, crate::protocol::MsgId(id), &payload);
-                self.route_owned(
-                    recipient,
-                    Delivery {
-                        id: Some(id),
-                        frame: f,
-                    },
-                    true,
-                );
+                let d = Delivery {
+                    id: Some(id),
+                    frame: f,
+                };
+                let now = std::time::Instant::now();
+                if via == Via::Direct {
+                    let d = {
+                        let recent = self.recent_routed.borrow();
+                        self.gate
+                            .borrow_mut()
+                            .on_direct(&recipient, d, prev, now, |p| recent.contains(p))
+                    };
+                    if let Some(d) = d {
+                        self.route_owned(recipient.clone(), d, via);
+                    }
+                } else {
+                    self.gate.borrow_mut().on_core(&recipient, id, now);
+                    self.route_owned(recipient.clone(), d, via);
+                }
+                self.release_ready(&recipient);
             }
             CoreReply::Relay { recipient, frame } => {
-                self.route_owned(recipient, Delivery { id: None, frame }, true)
+                self.route_owned(recipient, Delivery { id: None, frame }, Via::Core)
             }
             CoreReply::Presence {
                 user,
@@ -496,6 +863,15 @@ impl Shard {
                     }
                 }
                 ShardMetrics::set(&self.metrics.core_backlog, backlog.len() as u64);
+            }
+            if self.cluster {
+                let expired = self.gate.borrow_mut().expired(std::time::Instant::now());
+                for (user, held) in expired {
+                    busy = true;
+                    for d in held {
+                        self.route_owned(user.clone(), d, Via::Direct);
+                    }
+                }
             }
             let mut n = 0;
             while let Ok(r) = self.core.from_core.try_recv() {
@@ -681,7 +1057,103 @@ impl std::fmt::Debug for Shard {
 
 #[cfg(test)]
 mod tests {
-    use super::owner_of;
+    use super::*;
+
+    fn msg(id: u64) -> Delivery {
+        Delivery {
+            id: Some(id),
+            frame: Vec::new(),
+        }
+    }
+
+    fn ids(v: &[Delivery]) -> Vec<u64> {
+        v.iter().filter_map(|d| d.id).collect()
+    }
+
+    /// Recent ids of one sending shard (origin 5): its clock `n` µs after a recent time.
+    fn id(n: u64) -> u64 {
+        static BASE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        let base = *BASE.get_or_init(|| {
+            iris_bus::hops::unix_micros() - iris_bus::hops::ID_EPOCH_MICROS - 1_000_000
+        });
+        ((base + n) << 14) | 5
+    }
+
+    fn none(_: u64) -> bool {
+        false
+    }
+
+    #[test]
+    fn direct_copies_wait_for_their_predecessor() {
+        let mut g = OrderGate::default();
+        let t = std::time::Instant::now();
+        // 1 and 2 went through the core only; 3 and 4 also directly, and come first.
+        assert!(g.on_direct(b"u", msg(id(3)), id(2), t, none).is_none());
+        assert!(
+            g.on_direct(b"u", msg(id(4)), id(3), t, none).is_none(),
+            "behind 3"
+        );
+        assert_eq!(g.held, 2);
+        assert!(g.holds(b"u") && !g.holds(b"x"));
+        // Another sending shard's stream is not held back by these.
+        let other = id(9) + 1;
+        assert!(g.on_direct(b"u", msg(other), 0, t, none).is_some());
+        g.on_core(b"u", id(1), t);
+        assert!(g.next_ready(b"u", t, none).is_none());
+        // The core passes 2: 3 may go, then 4 (its predecessor 3 is written by then).
+        g.on_core(b"u", id(2), t);
+        assert_eq!(g.next_ready(b"u", t, none).and_then(|d| d.id), Some(id(3)));
+        assert!(g.next_ready(b"u", t, none).is_none(), "3 not written yet");
+        let written = |p: u64| p == id(3);
+        assert_eq!(
+            g.next_ready(b"u", t, written).and_then(|d| d.id),
+            Some(id(4))
+        );
+        assert_eq!(g.held, 0);
+        // A lost direct copy (5): 6 waits until 5 is written (its core copy).
+        assert!(g.on_direct(b"u", msg(id(6)), id(5), t, written).is_none());
+        assert_eq!(
+            g.next_ready(b"u", t, |p| p == id(5)).and_then(|d| d.id),
+            Some(id(6))
+        );
+        // A predecessor older than the horizon counts as written.
+        let old = ((iris_bus::hops::unix_micros() - iris_bus::hops::ID_EPOCH_MICROS - 60_000_000)
+            << 14)
+            | 5;
+        assert!(g.on_direct(b"v", msg(id(7)), old, t, none).is_some());
+    }
+
+    #[test]
+    fn held_copies_are_released_by_time_or_a_new_session() {
+        let mut g = OrderGate::default();
+        let t = std::time::Instant::now();
+        assert!(g.on_direct(b"u", msg(id(3)), id(2), t, none).is_none());
+        let later = t + Duration::from_millis(500);
+        assert!(g.on_direct(b"x", msg(id(8)), id(7), later, none).is_none());
+        assert!(g.expired(t + Duration::from_millis(1500)).is_empty());
+        let out = g.expired(t + DIRECT_HOLD_MAX);
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            (out[0].0.as_slice(), ids(&out[0].1)),
+            (&b"u"[..], vec![id(3)])
+        );
+        assert_eq!(ids(&g.reset_user(b"x")), vec![id(8)]);
+        assert_eq!(g.held, 0);
+        assert!(g.expired(t + Duration::from_secs(5)).is_empty());
+        // Idle streams are forgotten.
+        let _ = g.expired(t + STREAM_IDLE * 3);
+        assert!(g.users.is_empty());
+    }
+
+    #[test]
+    fn the_sender_names_each_message_predecessor() {
+        let mut l = LastSent::default();
+        assert_eq!(l.swap(b"u", id(1)), 0);
+        assert_eq!(l.swap(b"u", id(2)), id(1));
+        assert_eq!(l.swap(b"v", id(3)), 0, "per recipient");
+        assert_eq!(l.swap(b"u", id(4) + 1), 0, "per sending shard");
+        assert_eq!(l.swap(b"u", id(5)), id(2));
+    }
 
     #[test]
     fn owner_hash_matches_the_bus_partitioner() {

@@ -10,7 +10,14 @@
 //! last-seen second of the last logout there. Events reach the cache a few milliseconds to a
 //! few seconds after they happen (the design accepts 1–5 s of staleness). When a node restarts
 //! ([`Presence::reset_node`]) every user it had announced is taken offline, and events that node
-//! stamped before its restart are ignored if they arrive late.
+//! stamped before its restart are ignored if they arrive late. The sender's edge reads the
+//! cached nodes ([`Presence::remote_nodes`]) to send a message's live copy straight to the edges
+//! holding its recipient.
+//!
+//! Every registration gets a generation number, increasing per shard
+//! ([`Presence::generation`]): the owner remembers, with each message id it routed, the
+//! generation at that moment, so a second copy of the message (from the other bus path) is
+//! written only to sessions that registered since ([`Presence::sessions_after`]).
 
 use std::collections::HashMap;
 
@@ -18,7 +25,8 @@ use iris_core::api::ConnId;
 
 #[derive(Debug, Default)]
 struct Entry {
-    sessions: Vec<(usize, ConnId)>,
+    /// (shard, connection, generation of the registration).
+    sessions: Vec<(usize, ConnId, u64)>,
     last_seen: u64,
 }
 
@@ -38,21 +46,30 @@ pub struct Presence {
     remote: HashMap<Box<[u8]>, Remote>,
     /// Per node: the Unix ms of its last restart; its events stamped earlier are stale.
     resets: HashMap<u32, u64>,
+    /// The generation of the latest registration (0: none yet).
+    generation: u64,
 }
 
 impl Presence {
     /// Records a session of `user` on (`shard`, `conn`).
     pub fn register(&mut self, user: &[u8], shard: usize, conn: ConnId) {
         let e = self.users.entry(user.into()).or_default();
-        if !e.sessions.contains(&(shard, conn)) {
-            e.sessions.push((shard, conn));
+        if !e.sessions.iter().any(|&(s, c, _)| (s, c) == (shard, conn)) {
+            self.generation += 1;
+            e.sessions.push((shard, conn, self.generation));
         }
+    }
+
+    /// The generation of the latest registration on this shard: a session registered later has
+    /// a greater one.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Ends a session; the last one to end sets last-seen to `now_secs`.
     pub fn unregister(&mut self, user: &[u8], shard: usize, conn: ConnId, now_secs: u64) {
         if let Some(e) = self.users.get_mut(user) {
-            e.sessions.retain(|&s| s != (shard, conn));
+            e.sessions.retain(|&(s, c, _)| (s, c) != (shard, conn));
             if e.sessions.is_empty() {
                 e.last_seen = now_secs;
                 e.sessions = Vec::new();
@@ -62,10 +79,26 @@ impl Presence {
 
     /// Where `user` is logged in.
     pub fn sessions(&self, user: &[u8]) -> Vec<(usize, ConnId)> {
-        self.users
+        self.sessions_after(user, 0)
+    }
+
+    /// Where `user` is logged in with a registration newer than generation `after`.
+    pub fn sessions_after(&self, user: &[u8], after: u64) -> Vec<(usize, ConnId)> {
+        self.users.get(user).map_or_else(Vec::new, |e| {
+            e.sessions
+                .iter()
+                .filter(|&&(_, _, g)| g > after)
+                .map(|&(s, c, _)| (s, c))
+                .collect()
+        })
+    }
+
+    /// The other edges of the region where `user` is online, as announced on the presence
+    /// topic (empty when none is known).
+    pub fn remote_nodes(&self, user: &[u8]) -> Vec<u32> {
+        self.remote
             .get(user)
-            .map(|e| e.sessions.clone())
-            .unwrap_or_default()
+            .map_or_else(Vec::new, |r| r.nodes.iter().map(|&(n, _)| n).collect())
     }
 
     /// True when `user` has at least one session on this edge.
@@ -154,6 +187,45 @@ mod tests {
         assert!(p.sessions(b"a").is_empty());
         p.register(b"a", 1, 9);
         assert_eq!(p.sessions(b"a"), vec![(1, 9)]);
+    }
+
+    #[test]
+    fn generations_tell_sessions_registered_later() {
+        let mut p = Presence::default();
+        assert_eq!(p.generation(), 0);
+        p.register(b"a", 0, 1);
+        p.register(b"b", 1, 2);
+        let g = p.generation();
+        assert_eq!(g, 2);
+        p.register(b"a", 0, 1); // the same session again: no new generation
+        assert_eq!(p.generation(), g);
+        assert!(p.sessions_after(b"a", g).is_empty());
+        p.register(b"a", 1, 3);
+        assert_eq!(p.sessions_after(b"a", g), vec![(1, 3)]);
+        assert_eq!(p.sessions_after(b"a", 0), vec![(0, 1), (1, 3)]);
+        p.unregister(b"a", 1, 3, 10);
+        assert!(p.sessions_after(b"a", g).is_empty());
+    }
+
+    #[test]
+    fn remote_nodes_follow_the_announcements() {
+        let mut p = Presence::default();
+        assert!(p.remote_nodes(b"u").is_empty());
+        p.remote_event(b"u", 2, true, 1_000);
+        p.remote_event(b"u", 3, true, 1_000);
+        p.remote_event(b"u", 2, true, 2_000);
+        let mut n = p.remote_nodes(b"u");
+        n.sort_unstable();
+        assert_eq!(n, vec![2, 3]);
+        p.remote_event(b"u", 2, false, 3_000);
+        assert_eq!(p.remote_nodes(b"u"), vec![3]);
+        p.reset_node(3, 5_000);
+        assert!(p.remote_nodes(b"u").is_empty());
+        p.register(b"u", 0, 1);
+        assert!(
+            p.remote_nodes(b"u").is_empty(),
+            "local sessions are not remote"
+        );
     }
 
     #[test]
