@@ -17,10 +17,12 @@
 //!   loses at most that window, like the embedded store's group commit). A segment rolls at
 //!   `segment_bytes` and is deleted once every record in it was acknowledged.
 //! - **Watermark**: `{dir}/trim` holds the lowest sequence number not yet known acknowledged
-//!   (every lower one is at the broker). It is rewritten (temp file + rename, no fsync) at most
-//!   every [`WATERMARK_EVERY`], so a restart replays only records at or above it: duplicates
-//!   after a crash are the records acknowledged in the last [`WATERMARK_EVERY`] plus those
-//!   acknowledged out of order behind an older unacknowledged one (other partitions).
+//!   (every lower one is at the broker). It is rewritten (temp file + rename, no fsync) every
+//!   [`WATERMARK_EVERY`], or after [`WATERMARK_MIN_GAP`] once it moved by [`WATERMARK_BURST`]
+//!   records, so a restart replays only records at or above it: duplicates after a crash are
+//!   the records acknowledged since the last rewrite (fewer than [`WATERMARK_BURST`] plus what
+//!   was acknowledged in the last [`WATERMARK_MIN_GAP`]) plus those acknowledged out of order
+//!   behind an older unacknowledged one (other partitions).
 //! - **Recovery** ([`Outbox::open`]): every segment is scanned; a record whose length or crc does
 //!   not check (a torn tail after a crash) ends the scan of its segment, which is truncated there.
 //!   Records at or above the watermark come back as [`Replayed`] and are tracked like new ones;
@@ -47,8 +49,12 @@ pub const HEADER_BYTES: usize = 16;
 const BODY_PREFIX: usize = 10;
 /// A record body larger than this is corrupt (bus frames are far smaller).
 const MAX_BODY: usize = 64 << 20;
-/// How often the trim watermark is persisted (at most).
+/// How often the trim watermark is persisted when it moves little.
 pub const WATERMARK_EVERY: Duration = Duration::from_millis(50);
+/// A watermark that moved by this many records is persisted sooner (acks come in bursts)...
+pub const WATERMARK_BURST: u64 = 1024;
+/// ...but not more often than this.
+pub const WATERMARK_MIN_GAP: Duration = Duration::from_millis(5);
 const TRIM_FILE: &str = "trim";
 
 /// Errors of the outbox.
@@ -728,10 +734,12 @@ impl Outbox {
         }
     }
 
-    /// Housekeeping for each bridge pass: persists the watermark at most every
-    /// [`WATERMARK_EVERY`] and publishes the gauges.
+    /// Housekeeping for each bridge pass: persists the watermark (see the module doc) and
+    /// publishes the gauges.
     pub fn tick(&mut self) {
-        if self.watermark_at.elapsed() >= WATERMARK_EVERY {
+        let since = self.watermark_at.elapsed();
+        let moved = self.watermark().saturating_sub(self.watermark_written);
+        if since >= WATERMARK_EVERY || (since >= WATERMARK_MIN_GAP && moved >= WATERMARK_BURST) {
             self.persist_watermark();
         }
         self.publish();
@@ -1012,6 +1020,29 @@ mod tests {
         let (ob, replay) = Outbox::open(cfg(t.path())).unwrap();
         assert!(replay.is_empty());
         assert_eq!(ob.watermark(), 21);
+    }
+
+    #[test]
+    fn a_burst_of_acks_moves_the_watermark_sooner() {
+        let t = tempfile::tempdir().unwrap();
+        let (mut ob, _) = Outbox::open(cfg(t.path())).unwrap();
+        let n = WATERMARK_BURST + 10;
+        for i in 0..n {
+            ob.append(i, b"u", b"f").unwrap();
+        }
+        ob.write_pending().unwrap();
+        ob.tick();
+        std::thread::sleep(WATERMARK_MIN_GAP);
+        for s in 1..=10 {
+            ob.done(s, true);
+        }
+        for s in 11..=n {
+            ob.done(s, true);
+        }
+        std::thread::sleep(WATERMARK_MIN_GAP);
+        ob.tick();
+        // Without waiting for WATERMARK_EVERY.
+        assert_eq!(read_watermark(&t.path().join("outbox")), Some(n + 1));
     }
 
     #[test]
