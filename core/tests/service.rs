@@ -911,6 +911,31 @@ fn invalid_member_flags_are_refused() {
     }
 }
 
+#[test]
+fn zero_fetch_wait_is_refused() {
+    let out = Command::new(env!("CARGO_BIN_EXE_iris-core"))
+        .args([
+            "--brokers",
+            "127.0.0.1:1",
+            "--redis",
+            "redis://127.0.0.1:1/",
+        ])
+        .args([
+            "--region",
+            REGION,
+            "--data-dir",
+            "/nonexistent/iris-core-test",
+        ])
+        .args(["--fetch-wait-max-ms", "0"])
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "--fetch-wait-max-ms 0 accepted");
+    assert!(out.stdout.is_empty(), "no ready line");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("at least 1"), "stderr {err:?}");
+}
+
 /// A presence event of `user` on `node` stamped `unix_ms`.
 fn presence_event(user: &[u8], node: u32, online: bool, unix_ms: u64) -> BusFrame {
     BusFrame::Presence(Presence {
