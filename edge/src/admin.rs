@@ -12,19 +12,27 @@ use std::time::Duration;
 
 use tracing::{debug, warn};
 
+use iris_bus::hops::HopSnapshot;
+
 use crate::metrics::{render, ShardMetrics};
 
 /// Extra metric lines from outside the shards (the core), read at scrape time.
 pub type ExtraMetrics =
     Arc<dyn Fn() -> Vec<(&'static str, &'static str, &'static str, u64)> + Send + Sync>;
 
+/// Hop histograms from outside the shards (the cluster link), read at scrape time.
+pub type ExtraHops = Arc<dyn Fn() -> Vec<(&'static str, HopSnapshot)> + Send + Sync>;
+
 /// What the admin endpoint shows besides the shards' counters.
 #[derive(Clone)]
 pub struct Extras {
     /// Counter and gauge lines.
     pub lines: ExtraMetrics,
-    /// Appends raw Prometheus text (histograms) to the scrape.
+    /// Appends raw Prometheus text (gauges with fractional values) to the scrape.
     pub text: Arc<dyn Fn(&mut String) + Send + Sync>,
+    /// Hops measured outside the shards, rendered in the `iris_edge_hop_seconds` family with
+    /// the shards' hops (one family, one HELP/TYPE header).
+    pub hops: ExtraHops,
     /// `Some(word)` while the edge cannot accept: `/health` answers `503 word`.
     pub unhealthy: Arc<dyn Fn() -> Option<&'static str> + Send + Sync>,
 }
@@ -35,6 +43,7 @@ impl Extras {
         Extras {
             lines,
             text: Arc::new(|_| {}),
+            hops: Arc::new(Vec::new),
             unhealthy: Arc::new(|| None),
         }
     }
@@ -81,7 +90,7 @@ fn serve(
         (extra.unhealthy)()
     };
     let body = || {
-        let mut out = render(shards, &(extra.lines)());
+        let mut out = render(shards, &(extra.lines)(), &(extra.hops)());
         (extra.text)(&mut out);
         out
     };
@@ -108,6 +117,11 @@ mod tests {
         let extras = Extras {
             lines: Arc::new(|| vec![("iris_x_total", "counter", "x", 3)]),
             text: Arc::new(|out| out.push_str("iris_hist_count{hop=\"a\"} 7\n")),
+            hops: Arc::new(|| {
+                let h = iris_bus::hops::HopHistogram::default();
+                h.record_micros(700);
+                vec![("produce_acked", h.snapshot())]
+            }),
             unhealthy: Arc::new(move || f.load(Ordering::Relaxed).then_some("outbox_failed")),
         };
         let addr = start(
@@ -120,6 +134,12 @@ mod tests {
         assert!(get(addr, "/health").starts_with("HTTP/1.1 200"));
         let m = get(addr, "/metrics");
         assert!(m.contains("iris_x_total 3\n") && m.contains("iris_hist_count{hop=\"a\"} 7\n"));
+        // One family for the shards' hops and the link's, with one header.
+        assert_eq!(
+            m.matches("# TYPE iris_edge_hop_seconds histogram").count(),
+            1
+        );
+        assert!(m.contains("iris_edge_hop_seconds_count{hop=\"produce_acked\"} 1\n"));
         failed.store(true, Ordering::Relaxed);
         let h = get(addr, "/health");
         assert!(

@@ -67,6 +67,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_bus_reads_the_accept_time_with_this_layout() {
+        // Hop latencies (`iris_bus::hops`) are computed from ids by the same epoch and layout.
+        assert_eq!(EPOCH_MICROS, iris_bus::hops::ID_EPOCH_MICROS);
+        assert_eq!(LOW_BITS, iris_bus::hops::ID_LOW_BITS);
+        let id = IdGen::new(3, 1, 0).next_id();
+        assert!(iris_bus::hops::id_age_micros(id) < 5_000_000);
+    }
+
+    #[test]
     fn strictly_increasing_and_tagged() {
         let mut g = IdGen::new(5, 3, 0);
         let mut last = 0;

@@ -130,7 +130,12 @@ impl EdgeHops {
 }
 
 /// Renders every shard's metrics plus extra `(name, kind, help, value)` lines as Prometheus text.
-pub fn render(shards: &[Arc<ShardMetrics>], extra: &[(&str, &str, &str, u64)]) -> String {
+/// `hops` are hop histograms measured outside the shards, rendered in the same family.
+pub fn render(
+    shards: &[Arc<ShardMetrics>],
+    extra: &[(&str, &str, &str, u64)],
+    hops: &[(&str, HopSnapshot)],
+) -> String {
     let mut out = String::with_capacity(8192);
     let snaps: Vec<_> = shards.iter().map(|s| s.snapshot()).collect();
     if let Some(first) = snaps.first() {
@@ -157,6 +162,9 @@ pub fn render(shards: &[Arc<ShardMetrics>], extra: &[(&str, &str, &str, u64)]) -
             }
             sum.render(&mut out, "iris_edge_hop_seconds", hop);
         }
+        for (hop, snap) in hops {
+            snap.render(&mut out, "iris_edge_hop_seconds", hop);
+        }
     }
     for (name, kind, help, value) in extra {
         let _ = writeln!(out, "# HELP {name} {help}");
@@ -176,7 +184,11 @@ mod tests {
         let b = Arc::new(ShardMetrics::default());
         ShardMetrics::add(&a.acks_total, 2);
         ShardMetrics::add(&b.acks_total, 3);
-        let text = render(&[a, b], &[("iris_core_stored_total", "counter", "x", 7)]);
+        let text = render(
+            &[a, b],
+            &[("iris_core_stored_total", "counter", "x", 7)],
+            &[],
+        );
         assert!(text.contains("iris_edge_acks_total 5\n"));
         assert!(text.contains("iris_edge_acks_total{shard=\"1\"} 3\n"));
         assert!(text.contains("iris_core_stored_total 7\n"));
@@ -189,7 +201,7 @@ mod tests {
         a.hops.inbox_direct.record_micros(800);
         b.hops.inbox_direct.record_micros(4_000);
         b.hops.written.record_micros(100);
-        let text = render(&[a, b], &[]);
+        let text = render(&[a, b], &[], &[]);
         assert!(text.contains("# TYPE iris_edge_hop_seconds histogram\n"));
         assert!(text.contains("iris_edge_hop_seconds_count{hop=\"inbox_direct\"} 2\n"));
         assert!(

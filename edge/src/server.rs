@@ -123,7 +123,7 @@ pub fn run(
             admin::Extras::lines(Arc::new(move || core_lines(&m.snapshot())))
         }
         Core::Remote(c) => {
-            let (m, h, u) = (c.metrics(), c.metrics(), c.metrics());
+            let (m, h, a, u) = (c.metrics(), c.metrics(), c.metrics(), c.metrics());
             admin::Extras {
                 lines: Arc::new(move || remote_lines(&m.snapshot())),
                 text: Arc::new(move |out| {
@@ -136,13 +136,8 @@ pub fn run(
                          iris_edge_outbox_oldest_age_seconds {}",
                         s.outbox.oldest_age_micros as f64 / 1e6
                     );
-                    out.push_str(
-                        "# HELP iris_edge_hop_seconds Age of a message (from its accept time) \
-                         at each hop of the edge.\n# TYPE iris_edge_hop_seconds histogram\n",
-                    );
-                    s.produce_acked
-                        .render(out, "iris_edge_hop_seconds", "produce_acked");
                 }),
+                hops: Arc::new(move || vec![("produce_acked", a.snapshot().produce_acked)]),
                 unhealthy: Arc::new(move || (!u.outbox_healthy()).then_some("outbox_failed")),
             }
         }

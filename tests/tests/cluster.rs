@@ -18,10 +18,10 @@ mod common;
 mod core_path;
 #[path = "cluster/crash.rs"]
 mod crash;
-#[path = "cluster/outbox.rs"]
-mod outbox;
 #[path = "cluster/live.rs"]
 mod live;
+#[path = "cluster/outbox.rs"]
+mod outbox;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
