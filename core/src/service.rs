@@ -60,8 +60,11 @@
 //!
 //! **Redis failures.** A failed lookup holds the routes and relays that needed it (at most
 //! [`MAX_RETRY`] / [`MAX_RETRY_BYTES`], oldest dropped and counted: their messages stay stored)
-//! and retries the lookup every [`RETRY_EVERY`]; until one works, windows do not ask Redis
-//! (cached recipients are routed at once). Then every held route is routed, in order.
+//! and retries the lookup every [`RETRY_EVERY`] on a lookup thread, so a hung Redis never stalls
+//! consumption; until one works, windows do not ask Redis (cached recipients are routed at once,
+//! uncached ones join the held routes, keeping their order). Then every held route the answer
+//! covers is routed, in order; during [`RESYNC_GRACE`] after the outage a route whose recipient
+//! has no session yet stays held (an empty, restarted Redis is refilled by the edges' resync).
 //!
 //! **Edge inbox partition.** Everything the core produces to an edge inbox goes to partition 0:
 //! one edge consumes its whole inbox and hands each frame to the shard it names (a chunk or a
