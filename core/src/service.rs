@@ -309,7 +309,7 @@ pub struct Counter {
 macro_rules! service_stats {
     ($($(#[doc = $doc:literal])+ $name:ident,)+) => {
         /// Counters of the service (monotonic, except the gauges `hints_held`, `cached_users`,
-        /// `retry_held`).
+        /// `retry_held`, `windows_waiting`, `outputs_waiting`).
         #[derive(Debug, Default)]
         pub struct ServiceStats {
             $($(#[doc = $doc])+ pub $name: AtomicU64,)+
@@ -319,6 +319,11 @@ macro_rules! service_stats {
             pub cached_users: AtomicU64,
             /// Routes and relays held for a lookup retry now (a gauge).
             pub retry_held: AtomicU64,
+            /// Closed windows waiting for their fsync or acks before their offsets are
+            /// committed (a gauge).
+            pub windows_waiting: AtomicU64,
+            /// Ticketed outputs not yet reported by the producer (a gauge).
+            pub outputs_waiting: AtomicU64,
         }
 
         impl ServiceStats {
@@ -1380,6 +1385,12 @@ impl CoreService {
             }
         }
         self.done = done;
+        self.stats
+            .outputs_waiting
+            .store(self.tickets.len() as u64, Ordering::Relaxed);
+        self.stats
+            .windows_waiting
+            .store(self.inflight.len() as u64, Ordering::Relaxed);
         let mut offsets: HashMap<i32, i64> = HashMap::new();
         while self
             .inflight
@@ -1912,6 +1923,20 @@ fn render_metrics(view: &AdminView) -> String {
         "gauge",
         "Routes and relays held for a session lookup retry now.",
         view.stats.retry_held.load(Ordering::Relaxed),
+    );
+    metric(
+        &mut out,
+        "iris_core_windows_waiting",
+        "gauge",
+        "Closed windows waiting for their fsync or broker acks before their offsets commit.",
+        view.stats.windows_waiting.load(Ordering::Relaxed),
+    );
+    metric(
+        &mut out,
+        "iris_core_outputs_waiting",
+        "gauge",
+        "Routed copies and answers handed to the producer and not yet acknowledged.",
+        view.stats.outputs_waiting.load(Ordering::Relaxed),
     );
     out.push_str(
         "# HELP iris_core_hop_seconds Age of a message (from its accept time) at each core hop.\n",
