@@ -60,8 +60,11 @@
 //!
 //! **Redis failures.** A failed lookup holds the routes and relays that needed it (at most
 //! [`MAX_RETRY`] / [`MAX_RETRY_BYTES`], oldest dropped and counted: their messages stay stored)
-//! and retries the lookup every [`RETRY_EVERY`]; until one works, windows do not ask Redis
-//! (cached recipients are routed at once). Then every held route is routed, in order.
+//! and retries the lookup every [`RETRY_EVERY`] on a lookup thread, so a hung Redis never stalls
+//! consumption; until one works, windows do not ask Redis (cached recipients are routed at once,
+//! uncached ones join the held routes, keeping their order). Then every held route the answer
+//! covers is routed, in order; during [`RESYNC_GRACE`] after the outage a route whose recipient
+//! has no session yet stays held (an empty, restarted Redis is refilled by the edges' resync).
 //!
 //! **Edge inbox partition.** Everything the core produces to an edge inbox goes to partition 0:
 //! one edge consumes its whole inbox and hands each frame to the shard it names (a chunk or a
@@ -124,7 +127,7 @@ use tracing::{debug, info, warn};
 
 use crate::api::StoredMsg;
 use crate::error::CoreError;
-use crate::sessions::{SessionConfig, SessionReader};
+use crate::sessions::{SessionConfig, SessionReader, SessionRecord};
 use crate::store::{Batch, MessageStore, MAX_SENDER_LEN, MAX_USER_LEN};
 
 /// The most messages one `DrainChunk` carries, whatever the request's `limit`.
@@ -146,6 +149,11 @@ pub const MAX_RETRY_BYTES: usize = 64 << 20;
 
 /// How often the held routes' session lookup is retried while Redis fails.
 pub const RETRY_EVERY: Duration = Duration::from_millis(200);
+
+/// After a Redis outage, how long a held route whose recipient has no session (and no cache
+/// entry or hint) stays held, re-looked up, before it counts as offline: a Redis that restarted
+/// empty is refilled by the edges' session resync.
+pub const RESYNC_GRACE: Duration = Duration::from_secs(5);
 
 /// The most users the presence cache holds (further logins are looked up in Redis).
 pub const MAX_CACHED_USERS: usize = 1_000_000;
@@ -301,7 +309,7 @@ pub struct Counter {
 macro_rules! service_stats {
     ($($(#[doc = $doc:literal])+ $name:ident,)+) => {
         /// Counters of the service (monotonic, except the gauges `hints_held`, `cached_users`,
-        /// `retry_held`).
+        /// `retry_held`, `windows_waiting`, `outputs_waiting`).
         #[derive(Debug, Default)]
         pub struct ServiceStats {
             $($(#[doc = $doc])+ pub $name: AtomicU64,)+
@@ -311,6 +319,11 @@ macro_rules! service_stats {
             pub cached_users: AtomicU64,
             /// Routes and relays held for a lookup retry now (a gauge).
             pub retry_held: AtomicU64,
+            /// Closed windows waiting for their fsync or acks before their offsets are
+            /// committed (a gauge).
+            pub windows_waiting: AtomicU64,
+            /// Ticketed outputs not yet reported by the producer (a gauge).
+            pub outputs_waiting: AtomicU64,
         }
 
         impl ServiceStats {
@@ -519,6 +532,53 @@ impl Drop for Syncer {
     }
 }
 
+/// What the retry lookup thread answers: the users asked and their sessions.
+type LookupAnswer = (Vec<Vec<u8>>, Result<Vec<Option<SessionRecord>>, CoreError>);
+
+/// The thread that retries session lookups while Redis fails, so a hung Redis (not answering
+/// until its timeout) never stalls the consume loop: the loop asks for the held routes'
+/// users, goes on, and routes them when the answer comes.
+struct Lookups {
+    ask: Option<crossbeam::channel::Sender<Vec<Vec<u8>>>>,
+    answers: crossbeam::channel::Receiver<LookupAnswer>,
+    thread: Option<JoinHandle<()>>,
+    /// A lookup was asked and not answered yet.
+    asked: bool,
+}
+
+impl Lookups {
+    fn start(cfg: &SessionConfig) -> Result<Lookups, CoreError> {
+        let reader = SessionReader::new(cfg)?;
+        let (ask, asked) = crossbeam::channel::unbounded::<Vec<Vec<u8>>>();
+        let (answer, answers) = crossbeam::channel::unbounded();
+        let thread = std::thread::Builder::new()
+            .name("iris-core-lookup".to_owned())
+            .spawn(move || {
+                while let Ok(users) = asked.recv() {
+                    let r = reader.get_many(&users);
+                    if answer.send((users, r)).is_err() {
+                        return;
+                    }
+                }
+            })?;
+        Ok(Lookups {
+            ask: Some(ask),
+            answers,
+            thread: Some(thread),
+            asked: false,
+        })
+    }
+}
+
+impl Drop for Lookups {
+    fn drop(&mut self) {
+        self.ask = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// One user of the presence cache.
 struct CacheEntry {
     /// Nodes where the user is online, with the login's unix ms (0: known from Redis).
@@ -583,6 +643,9 @@ pub struct CoreService {
     /// and their uncached routes wait in `retry`.
     redis_down_since: Option<Instant>,
     retried: Instant,
+    /// When the first lookup after an outage worked (`None`: no outage being recovered).
+    outage_ended: Option<Instant>,
+    lookups: Lookups,
     /// Edge inbox topic names, built once per node.
     inboxes: HashMap<u32, Arc<str>>,
     admin: Option<Admin>,
@@ -626,7 +689,9 @@ impl CoreService {
         ];
         ensure_topics(&kafka, &topics)?;
         let store = Arc::new(MessageStore::open(&cfg.data_dir)?);
-        let sessions = SessionReader::new(&SessionConfig::with_url(cfg.redis_url.clone()))?;
+        let session_cfg = SessionConfig::with_url(cfg.redis_url.clone());
+        let sessions = SessionReader::new(&session_cfg)?;
+        let lookups = Lookups::start(&session_cfg)?;
         let (producer, mut rings) = KafkaProducer::start(&kafka, 1)?;
         let ring = rings.pop().ok_or(CoreError::ThreadPanicked)?;
         let consumer: BaseConsumer = ClientConfig::new()
@@ -737,6 +802,8 @@ impl CoreService {
             retry_bytes: 0,
             redis_down_since: None,
             retried: Instant::now(),
+            outage_ended: None,
+            lookups,
             inboxes: HashMap::new(),
             admin,
             keeper,
@@ -875,7 +942,10 @@ impl CoreService {
                 // Acks are polled, not signalled: look again soon.
                 timeout = timeout.min(ACK_POLL);
             }
-            if !self.retry.is_empty() {
+            if self.lookups.asked {
+                // Take the retry lookup's answer soon after it comes.
+                timeout = timeout.min(ACK_POLL * 5);
+            } else if !self.retry.is_empty() {
                 timeout = timeout.min(RETRY_EVERY);
             }
             let full = self.inflight.len() >= MAX_INFLIGHT_WINDOWS
@@ -893,9 +963,7 @@ impl CoreService {
             if due || self.window.records >= self.cfg.max_batch {
                 self.close_window()?;
             }
-            if !self.retry.is_empty() && self.retried.elapsed() >= RETRY_EVERY {
-                self.retry_routes();
-            }
+            self.retry_routes();
             self.progress(CommitMode::Async)?;
         }
         Ok(())
@@ -1317,6 +1385,12 @@ impl CoreService {
             }
         }
         self.done = done;
+        self.stats
+            .outputs_waiting
+            .store(self.tickets.len() as u64, Ordering::Relaxed);
+        self.stats
+            .windows_waiting
+            .store(self.inflight.len() as u64, Ordering::Relaxed);
         let mut offsets: HashMap<i32, i64> = HashMap::new();
         while self
             .inflight
@@ -1449,31 +1523,82 @@ impl CoreService {
             .store(self.retry.len() as u64, Ordering::Relaxed);
     }
 
-    /// Looks the sessions of the retry queue up again; when Redis answers, routes them all
-    /// (outside any window: their messages are stored already).
+    /// Asks the lookup thread for the held routes' users every [`RETRY_EVERY`] (one lookup at a
+    /// time); when an answer works, routes every held route whose user it covers (outside any
+    /// window: their messages are stored already) and marks Redis up again. Never blocks.
     fn retry_routes(&mut self) {
-        self.retried = Instant::now();
-        let pending: Vec<Output> = self.retry.drain(..).collect();
-        self.retry_bytes = 0;
-        // Lookups of this call count as the retry's, not a window's.
-        self.redis_down_since = None;
-        let sessions = self.session_nodes(&pending);
-        if sessions.is_some() {
+        while let Ok((users, result)) = self.lookups.answers.try_recv() {
+            self.lookups.asked = false;
+            match result {
+                Ok(records) => {
+                    let refs: Vec<&[u8]> = users.iter().map(Vec::as_slice).collect();
+                    let sessions = self.apply_lookup(&refs, records);
+                    let asked: HashSet<&[u8]> = refs.iter().copied().collect();
+                    let pending: Vec<Output> = self.retry.drain(..).collect();
+                    self.retry_bytes = 0;
+                    // A Redis that comes back empty is refilled by the edges' resync: a user
+                    // without a session just after the outage may get one in a moment.
+                    let grace =
+                        self.outage_ended.get_or_insert_with(Instant::now).elapsed() < RESYNC_GRACE;
+                    let mut routed = 0u64;
+                    for o in pending {
+                        let covered = o
+                            .recipient()
+                            .is_some_and(|u| asked.contains(u) || self.online.contains_key(u));
+                        let unknown = grace
+                            && o.hint().is_none()
+                            && o.recipient().is_some_and(|u| {
+                                !self.online.contains_key(u) && !sessions.contains_key(u)
+                            });
+                        if covered && !unknown {
+                            routed += 1;
+                            self.route(o, Some(&sessions), NO_WINDOW);
+                        } else {
+                            // Held after the lookup was asked (the next one covers it), or no
+                            // session yet during the grace.
+                            self.retry_bytes += o.held_bytes();
+                            self.retry.push_back(o);
+                        }
+                    }
+                    self.stats.retry_routed.fetch_add(routed, Ordering::Relaxed);
+                    if self.retry.is_empty() {
+                        self.outage_ended = None;
+                    } else {
+                        // Routes held after the ask, or without a session during the grace:
+                        // windows keep holding (their order stays) until a later lookup
+                        // covers them.
+                        self.redis_down_since.get_or_insert_with(Instant::now);
+                    }
+                    debug!(
+                        routes = routed,
+                        "session lookup works again, held routes routed"
+                    );
+                }
+                Err(e) => {
+                    self.stats.session_errors.fetch_add(1, Ordering::Relaxed);
+                    debug!(error = %e, "session lookup retry failed");
+                }
+            }
             self.stats
-                .retry_routed
-                .fetch_add(pending.len() as u64, Ordering::Relaxed);
-            debug!(
-                routes = pending.len(),
-                "session lookup works again, routes retried"
-            );
+                .retry_held
+                .store(self.retry.len() as u64, Ordering::Relaxed);
         }
-        for o in pending {
-            // With `sessions` None this puts the uncached ones back in the queue, in order.
-            self.route(o, sessions.as_ref(), NO_WINDOW);
+        if self.retry.is_empty() || self.lookups.asked || self.retried.elapsed() < RETRY_EVERY {
+            return;
         }
-        self.stats
-            .retry_held
-            .store(self.retry.len() as u64, Ordering::Relaxed);
+        self.retried = Instant::now();
+        let mut users: Vec<Vec<u8>> = self
+            .retry
+            .iter()
+            .filter_map(Output::recipient)
+            .map(<[u8]>::to_vec)
+            .collect();
+        users.sort_unstable();
+        users.dedup();
+        self.stats.session_lookups.fetch_add(1, Ordering::Relaxed);
+        if let Some(ask) = &self.lookups.ask {
+            self.lookups.asked = ask.send(users).is_ok();
+        }
     }
 
     /// The distinct target nodes of a deliver or relay to `recipient`: the nodes of its
@@ -1515,36 +1640,12 @@ impl CoreService {
             .collect();
         users.sort_unstable();
         users.dedup();
-        let mut nodes = HashMap::new();
         if users.is_empty() {
-            return Some(nodes);
+            return Some(HashMap::new());
         }
         self.stats.session_lookups.fetch_add(1, Ordering::Relaxed);
         match self.sessions.get_many(&users) {
-            Ok(records) => {
-                if self.logged_session_error {
-                    self.logged_session_error = false;
-                    info!("session lookup works again");
-                }
-                self.redis_down_since = None;
-                for (u, rec) in users.iter().zip(records) {
-                    let online = rec
-                        .map(|r| r.online_nodes(&self.cfg.region))
-                        .unwrap_or_default();
-                    if let Some(entry) = self.online.get_mut(*u) {
-                        // Login time unknown (0): any logout or reset of that node removes it.
-                        for n in online {
-                            if !entry.nodes.iter().any(|&(m, _)| m == n) {
-                                entry.nodes.push((n, 0));
-                            }
-                        }
-                        entry.merged = true;
-                    } else if !online.is_empty() {
-                        nodes.insert(u.to_vec(), online);
-                    }
-                }
-                Some(nodes)
-            }
+            Ok(records) => Some(self.apply_lookup(&users, records)),
             Err(e) => {
                 self.stats.session_errors.fetch_add(1, Ordering::Relaxed);
                 self.redis_down_since.get_or_insert_with(Instant::now);
@@ -1557,6 +1658,38 @@ impl CoreService {
                 None
             }
         }
+    }
+
+    /// Takes a working lookup's answer: Redis is up again; the nodes of cached users join their
+    /// entry (once); returns the nodes of the uncached users with an online session here.
+    fn apply_lookup(
+        &mut self,
+        users: &[&[u8]],
+        records: Vec<Option<SessionRecord>>,
+    ) -> HashMap<Vec<u8>, Vec<u32>> {
+        if self.logged_session_error {
+            self.logged_session_error = false;
+            info!("session lookup works again");
+        }
+        self.redis_down_since = None;
+        let mut nodes = HashMap::new();
+        for (u, rec) in users.iter().zip(records) {
+            let online = rec
+                .map(|r| r.online_nodes(&self.cfg.region))
+                .unwrap_or_default();
+            if let Some(entry) = self.online.get_mut(*u) {
+                // Login time unknown (0): any logout or reset of that node removes it.
+                for n in online {
+                    if !entry.nodes.iter().any(|&(m, _)| m == n) {
+                        entry.nodes.push((n, 0));
+                    }
+                }
+                entry.merged = true;
+            } else if !online.is_empty() {
+                nodes.insert(u.to_vec(), online);
+            }
+        }
+        nodes
     }
 
     /// Produces `payload` once to the inbox (partition 0) of each node of `nodes`, each copy
@@ -1790,6 +1923,20 @@ fn render_metrics(view: &AdminView) -> String {
         "gauge",
         "Routes and relays held for a session lookup retry now.",
         view.stats.retry_held.load(Ordering::Relaxed),
+    );
+    metric(
+        &mut out,
+        "iris_core_windows_waiting",
+        "gauge",
+        "Closed windows waiting for their fsync or broker acks before their offsets commit.",
+        view.stats.windows_waiting.load(Ordering::Relaxed),
+    );
+    metric(
+        &mut out,
+        "iris_core_outputs_waiting",
+        "gauge",
+        "Routed copies and answers handed to the producer and not yet acknowledged.",
+        view.stats.outputs_waiting.load(Ordering::Relaxed),
     );
     out.push_str(
         "# HELP iris_core_hop_seconds Age of a message (from its accept time) at each core hop.\n",
