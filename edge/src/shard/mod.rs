@@ -142,7 +142,7 @@ impl RecentIds {
 }
 
 /// Longest a direct copy waits for the core's stream to catch up ([`OrderGate`]).
-const DIRECT_HOLD_MAX: Duration = Duration::from_secs(2);
+const DIRECT_HOLD_MAX: Duration = Duration::from_secs(15);
 /// A stream ([`OrderGate`]) is forgotten after this long without a message.
 const STREAM_IDLE: Duration = Duration::from_secs(30);
 /// Direct copies held by one shard beyond which all are released (order is given up before

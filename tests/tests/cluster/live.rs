@@ -154,8 +154,8 @@ fn two_devices_on_two_edges_both_get_every_message_live() {
     let s1 = unique("ms1");
     let mut c0 = c.login(0, &s0);
     let mut c1 = c.login(1, &s1);
-    wait_direct(&c, 0, &mut c0, &b, &mut [&mut b0, &mut b1]);
-    wait_direct(&c, 1, &mut c1, &b, &mut [&mut b0, &mut b1]);
+    let probes = wait_direct(&c, 0, &mut c0, &b, &mut [&mut b0, &mut b1])
+        + wait_direct(&c, 1, &mut c1, &b, &mut [&mut b0, &mut b1]);
     let snapshot = |c: &Cluster, i: usize| {
         [
             c.edge_metric(i, SUPPRESSED),
@@ -223,16 +223,17 @@ fn two_devices_on_two_edges_both_get_every_message_live() {
         }
     }
     // Each edge forwarded its sender's messages to the other edge, wrote each message once to
-    // its device, and dropped every copy the core routed to it (the core routes a copy unless
-    // it consumed the recipient's ack in the same window; it arrives before or after the direct
-    // or local one).
+    // its device, and dropped every second copy: one per copy the core routed to it (the core
+    // routes a copy unless it consumed the recipient's ack in the same window; it arrives before
+    // or after the direct or local one).
     for (i, before) in before.iter().enumerate() {
         assert!(c.edge_metric(i, FORWARDS) >= N as u64);
         let mut last = [0; 3];
         let settled = iris_tests::wait_until(Duration::from_secs(10), || {
             let now = snapshot(&c, i);
             last = [0, 1, 2].map(|k| now[k] - before[k]);
-            last[0] == last[1]
+            // A probe's second copy may still have been on its way at the snapshot.
+            last[0] >= last[1] && last[0] <= last[1] + probes
         });
         assert!(
             settled,
