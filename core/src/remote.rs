@@ -42,7 +42,9 @@
 //!
 //! At startup the link creates the missing topics, learns the deliver and presence topics' real
 //! partition counts, and announces an `EdgeReset` for its node (the sessions a previous run of
-//! this node announced are gone).
+//! this node announced are gone). A [`TopicKeeper`] thread checks every 2 s that the node's
+//! topics still exist and re-creates them if the broker lost them (a restart with memory
+//! storage).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -54,7 +56,7 @@ use crossbeam::channel::{self, Receiver, Select, Sender, TryRecvError, TrySendEr
 use iris_bus::hops::{HopHistogram, HopSnapshot};
 use iris_bus::kafka::{
     ensure_topics, topic_partitions, Done, InFrame, KafkaConfig, KafkaConsumer, KafkaProducer,
-    OutFrame, ProducerRing, ProducerStats, NO_TICKET,
+    OutFrame, ProducerRing, ProducerStats, TopicKeeper, NO_TICKET,
 };
 use iris_bus::{
     decode_counted, encode, topics, Ack, ArchivedBusFrame, BusFrame, Deliver, DrainRequest,
@@ -68,6 +70,9 @@ use crate::outbox::{AcceptGate, Outbox, OutboxConfig, OutboxSnapshot, OutboxStat
 use crate::sessions::{
     SessionConfig, SessionMetricsSnapshot, SessionOp, SessionSink, SessionWriter,
 };
+
+/// How often the topic keeper checks that this edge's topics still exist.
+const KEEPER_EVERY: Duration = Duration::from_secs(2);
 
 /// Requests the bridge takes from one shard before looking at the next.
 const TAKE_BUDGET: usize = 512;
@@ -195,6 +200,8 @@ pub struct RemoteCore {
     producer: Arc<Mutex<Option<KafkaProducer>>>,
     consumer: Option<KafkaConsumer>,
     sessions: Option<SessionWriter>,
+    /// Re-creates this edge's topics when the broker lost them (a restart with memory storage).
+    keeper: Option<TopicKeeper>,
     metrics: RemoteMetrics,
 }
 
@@ -236,14 +243,13 @@ impl RemoteCore {
         let deliver_topic = topics::deliver(&cfg.region);
         let presence_topic = topics::presence(&cfg.region);
         let inbox_topic = topics::edge_inbox(&cfg.region, cfg.node);
-        ensure_topics(
-            &kafka,
-            &[
-                (deliver_topic.clone(), parts),
-                (presence_topic.clone(), parts),
-                (inbox_topic.clone(), 1),
-            ],
-        )?;
+        let own_topics = vec![
+            (deliver_topic.clone(), parts),
+            (presence_topic.clone(), parts),
+            (inbox_topic.clone(), 1),
+        ];
+        ensure_topics(&kafka, &own_topics)?;
+        let keeper = TopicKeeper::start(&kafka, own_topics, KEEPER_EVERY)?;
         let wait = Duration::from_secs(30);
         let deliver_parts = topic_partitions(&kafka, &deliver_topic, wait)?;
         let presence_parts = topic_partitions(&kafka, &presence_topic, wait)?;
@@ -368,6 +374,7 @@ impl RemoteCore {
         };
         Ok((
             RemoteCore {
+                keeper: Some(keeper),
                 stop,
                 bridge: Some(thread),
                 producer,
@@ -392,6 +399,9 @@ impl RemoteCore {
     /// write or fsync (or a thread died).
     pub fn shutdown(mut self, flush: Duration) -> Result<ShutdownReport, CoreError> {
         self.stop.store(true, Ordering::Release);
+        if let Some(k) = self.keeper.take() {
+            k.stop();
+        }
         let joined = match self.bridge.take() {
             Some(t) => Some(t.join().map_err(|_| CoreError::ThreadPanicked)?),
             None => None,
