@@ -22,6 +22,7 @@
 #   --no-build         use the binaries already in target/release
 #   --bin-dir DIR      use the binaries in DIR (implies --no-build; for A/B runs of two builds)
 #   --no-producer      skip the producer micro-benchmark
+#   --no-saturation    skip the closed-loop saturation run (e.g. with thousands of pairs)
 #   --out DIR          results directory [default: perf/results/cluster]
 # Needs tansu (scripts/kafka.sh install) and redis-server (scripts/redis.sh install).
 set -euo pipefail
@@ -35,6 +36,7 @@ CORES=1
 EDGE_CONFIG=""
 BUILD=1
 PRODUCER=1
+SATURATION=1
 OUT=perf/results/cluster
 BIN_DIR=""
 while [ $# -gt 0 ]; do
@@ -47,8 +49,9 @@ while [ $# -gt 0 ]; do
     --no-build) BUILD=0 ;;
     --bin-dir) BIN_DIR=$2; BUILD=0; shift ;;
     --no-producer) PRODUCER=0 ;;
+    --no-saturation) SATURATION=0 ;;
     --out) OUT=$2; shift ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -199,10 +202,12 @@ for rate in ${RATES//,/ }; do
   echo "per hop, this run:"
   hop_report "$WORK/hops.before" "$WORK/hops.after" | tee "$OUT/cluster-$rate.hops.txt"
 done
-say "cross-edge closed loop (saturation), $PAIRS pairs x 64 in flight"
-"$BIN/iris-load" pairs --target "$E1" --target "$E2" --pairs "$PAIRS" --max --window 64 \
-  --size 64 --duration "$DURATION" --warmup 3 --drain-timeout 15 \
-  --label cluster-saturation --json "$OUT/cluster-saturation.json"
+if [ "$SATURATION" = 1 ]; then
+  say "cross-edge closed loop (saturation), $PAIRS pairs x 64 in flight"
+  "$BIN/iris-load" pairs --target "$E1" --target "$E2" --pairs "$PAIRS" --max --window 64 \
+    --size 64 --duration "$DURATION" --warmup 3 --drain-timeout 15 \
+    --label cluster-saturation --json "$OUT/cluster-saturation.json"
+fi
 
 for n in 1 2; do
   a=$(sed -n 's/.*admin=\([^ ]*\).*/\1/p' "$WORK/edge-$n.out")
