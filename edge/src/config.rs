@@ -115,6 +115,10 @@ pub struct ClusterConfig {
     /// Age of the oldest not-acknowledged message at which the edge stops reading clients and
     /// tells them RATE_LIMITED (5000).
     pub bus_stall_ms: u64,
+    /// Send the live copy of a message straight to the inbox of every other edge the presence
+    /// topic shows holding the recipient (one broker hop), besides the stored copy to the core
+    /// (true). Off: only the core routes live copies (two hops, one produce fewer per message).
+    pub direct_live: bool,
 }
 
 impl Default for ClusterConfig {
@@ -133,6 +137,7 @@ impl Default for ClusterConfig {
             fetch_wait_max_ms: 5,
             outbox_commit_ms: 2,
             outbox_segment_bytes: 64 << 20,
+            direct_live: true,
             outbox_max_bytes: 256 << 20,
             bus_stall_ms: 5_000,
         }

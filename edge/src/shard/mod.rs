@@ -430,6 +430,8 @@ pub struct Shard {
     pub idgen: RefCell<IdGen>,
     /// Cluster mode: the core is reached over the bus (relays and session changes go to it).
     pub cluster: bool,
+    /// Cluster mode with `[cluster] direct_live`: live copies go straight to other edges.
+    direct_live: bool,
     /// Cluster mode: ids of messages this owner routed to local sessions, so another copy of
     /// the same message (the core's routed copy, or the sender edge's direct one) is not written
     /// again.
@@ -475,6 +477,7 @@ impl Shard {
             presence: RefCell::new(Presence::default()),
             idgen: RefCell::new(IdGen::new(node, id, id_floor)),
             cluster,
+            direct_live: cluster && cfg.cluster.direct_live,
             recent_routed: RefCell::new(RecentIds::default()),
             gate: RefCell::new(OrderGate::default()),
             last_sent: RefCell::new(LastSent::default()),
@@ -642,7 +645,7 @@ impl Shard {
     fn route_owned(self: &Rc<Self>, to: Vec<u8>, d: Delivery, via: Via) {
         let from_bus = via != Via::Local;
         let mut forwarded = false;
-        if self.cluster && !from_bus {
+        if self.direct_live && !from_bus {
             // The predecessor of a message's direct copies: the last one the same sending shard
             // sent to `to`, whichever way it went.
             let prev =

@@ -329,3 +329,55 @@ fn a_user_hopping_between_edges_under_load_gets_everything() {
          {extra} duplicates (redelivered after a hop)"
     );
 }
+
+/// With `[cluster] direct_live = false` nothing goes straight to another edge: every live copy is
+/// the core's (two broker hops), and every message still arrives live, in order, exactly once.
+#[test]
+fn with_direct_live_off_only_the_core_routes_live_copies() {
+    const N: usize = 300;
+    let opts = iris_tests::cluster::ClusterOpts {
+        edge_config: Some("[cluster]\ndirect_live = false\n".to_owned()),
+        ..iris_tests::cluster::ClusterOpts::default()
+    };
+    let c = Cluster::start(opts);
+    assert!(c.wait_startup_presence());
+    let a = unique("oa");
+    let b = unique("ob");
+    let mut cb = c.login(1, &b);
+    let mut ca = c.login(0, &a);
+    // Until edge 1 has seen b's presence the test proves nothing: wait for it to be visible.
+    eventually(
+        "b online as seen from edge 1",
+        Duration::from_secs(10),
+        || ca.status(&b).0 == 1,
+    );
+    for i in 0..N {
+        ca.send(&b, &numbered(i, 64));
+    }
+    let mut got = Vec::with_capacity(N);
+    while got.len() < N {
+        let (_, p) = recv_one(
+            &mut cb,
+            Duration::from_secs(20),
+            "a message routed by the core",
+        );
+        got.push(number_of(&p));
+    }
+    let want: Vec<usize> = (0..N).collect();
+    assert!(
+        got == want,
+        "{}",
+        describe_sequence_diff(&got, &want).unwrap_or_default()
+    );
+    assert!(
+        cb.recv_within(Duration::from_millis(300)).is_none(),
+        "a copy written twice"
+    );
+    assert_eq!(
+        c.edge_metric(0, FORWARDS),
+        0,
+        "edge 1 forwarded with direct_live off"
+    );
+    assert_eq!(c.edge_metric(1, DIRECT_IN), 0);
+    assert!(c.edge_metric(1, CORE_IN) >= N as u64);
+}
