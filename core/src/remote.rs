@@ -312,6 +312,7 @@ impl RemoteCore {
         let mut bridge = Bridge {
             node: cfg.node,
             run,
+            inboxes: std::collections::HashMap::new(),
             region: cfg.region.clone(),
             deliver_topic: deliver_topic_arc,
             presence_topic: Arc::from(presence_topic.as_str()),
@@ -480,6 +481,8 @@ struct Bridge {
     region: String,
     deliver_topic: Arc<str>,
     presence_topic: Arc<str>,
+    /// Inbox topic names of the other edges, by node (direct copies).
+    inboxes: std::collections::HashMap<u32, Arc<str>>,
     deliver_parts: u32,
     presence_parts: u32,
     requests: Vec<Receiver<CoreRequest>>,
@@ -826,13 +829,8 @@ impl Bridge {
         let user = frame.key_user();
         let partition = topics::partition_of(user, parts) as i32;
         let key = (!user.is_empty()).then(|| user.to_vec());
-        let payload = match encode(&frame) {
-            Ok(p) => p,
-            Err(e) => {
-                self.stats.encode_errors.fetch_add(1, Ordering::Relaxed);
-                warn!(error = %e, kind = frame.kind().name(), "bus frame not encoded, dropped");
-                return;
-            }
+        let Some(payload) = self.encode_counted(&frame) else {
+            return;
         };
         let ticket = match durable {
             Some(id) => match self.outbox.append(id, user, &payload) {
@@ -1010,21 +1008,34 @@ impl Bridge {
         }
     }
 
-    /// Encodes `frame` for partition 0 of edge `node`'s inbox and queues it for the producer
-    /// (a live copy: no ticket, the stored copy is the core's).
-    fn produce_inbox(&mut self, node: u32, frame: BusFrame) {
-        let payload = match encode(&frame) {
-            Ok(p) => p,
+    /// Encodes `frame`; a frame the bus cannot carry is counted, logged and dropped (`None`).
+    fn encode_counted(&self, frame: &BusFrame) -> Option<Vec<u8>> {
+        match encode(frame) {
+            Ok(p) => Some(p),
             Err(e) => {
                 self.stats.encode_errors.fetch_add(1, Ordering::Relaxed);
                 warn!(error = %e, kind = frame.kind().name(), "bus frame not encoded, dropped");
-                return;
+                None
             }
+        }
+    }
+
+    /// Encodes `frame` for partition 0 of edge `node`'s inbox and queues it for the producer
+    /// (a live copy: no ticket, the stored copy is the core's).
+    fn produce_inbox(&mut self, node: u32, frame: BusFrame) {
+        let Some(payload) = self.encode_counted(&frame) else {
+            return;
         };
         let user = frame.key_user();
         self.stats.frames_out.fetch_add(1, Ordering::Relaxed);
+        let region = &self.region;
+        let topic = Arc::clone(
+            self.inboxes
+                .entry(node)
+                .or_insert_with(|| Arc::from(topics::edge_inbox(region, node).as_str())),
+        );
         let out = OutFrame {
-            topic: Arc::from(topics::edge_inbox(&self.region, node).as_str()),
+            topic,
             partition: 0,
             key: (!user.is_empty()).then(|| user.to_vec()),
             payload,
