@@ -884,36 +884,10 @@ fn admin_serves_metrics_and_health() {
     assert!(core.terminate().success());
 }
 
-#[test]
-fn invalid_member_flags_are_refused() {
-    for (member, members, why) in [("2", "2", "below --members"), ("0", "0", "at least 1")] {
-        let out = Command::new(env!("CARGO_BIN_EXE_iris-core"))
-            .args([
-                "--brokers",
-                "127.0.0.1:1",
-                "--redis",
-                "redis://127.0.0.1:1/",
-            ])
-            .args([
-                "--region",
-                REGION,
-                "--data-dir",
-                "/nonexistent/iris-core-test",
-            ])
-            .args(["--member", member, "--members", members])
-            .env("RUST_LOG", "off")
-            .output()
-            .unwrap();
-        assert!(!out.status.success(), "member {member}/{members} accepted");
-        assert!(out.stdout.is_empty(), "no ready line");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains(why), "stderr {err:?} lacks {why:?}");
-    }
-}
-
-#[test]
-fn zero_fetch_wait_is_refused() {
-    let out = Command::new(env!("CARGO_BIN_EXE_iris-core"))
+/// Runs `iris-core` with unreachable services and `extra` flags; a refused flag makes it exit
+/// before anything is started.
+fn core_with_flags(extra: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_iris-core"))
         .args([
             "--brokers",
             "127.0.0.1:1",
@@ -926,10 +900,26 @@ fn zero_fetch_wait_is_refused() {
             "--data-dir",
             "/nonexistent/iris-core-test",
         ])
-        .args(["--fetch-wait-max-ms", "0"])
+        .args(extra)
         .env("RUST_LOG", "off")
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn invalid_member_flags_are_refused() {
+    for (member, members, why) in [("2", "2", "below --members"), ("0", "0", "at least 1")] {
+        let out = core_with_flags(&["--member", member, "--members", members]);
+        assert!(!out.status.success(), "member {member}/{members} accepted");
+        assert!(out.stdout.is_empty(), "no ready line");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(why), "stderr {err:?} lacks {why:?}");
+    }
+}
+
+#[test]
+fn zero_fetch_wait_is_refused() {
+    let out = core_with_flags(&["--fetch-wait-max-ms", "0"]);
     assert!(!out.status.success(), "--fetch-wait-max-ms 0 accepted");
     assert!(out.stdout.is_empty(), "no ready line");
     let err = String::from_utf8_lossy(&out.stderr);

@@ -84,8 +84,6 @@ impl DrainState {
 const STALL_RECHECK: Duration = Duration::from_millis(10);
 /// The `retry_after_ms` of the RATE_LIMITED frame sent when the bus stalls.
 const STALL_RETRY_AFTER_MS: u32 = 1_000;
-/// Opcode of the RATE_LIMITED frame (`0xFF u32 retry_after_ms`).
-const OP_RATE_LIMITED: u8 = 0xFF;
 
 /// How long after a drain ends live copies of drained messages are still recognised and
 /// dropped. A live copy can trail its drained twin when the sender's ring to the owner shard is
@@ -485,9 +483,8 @@ impl ConnShared {
                     ShardMetrics::add(&shard.metrics.bytes_in_total, n as u64);
                     inbuf.extend_from_slice(&scratch[..n]);
                     ShardMetrics::inc(&shard.metrics.rate_limited_total);
-                    let mut f = [0u8; 5];
-                    f[0] = OP_RATE_LIMITED;
-                    f[1..].copy_from_slice(&STALL_RETRY_AFTER_MS.to_be_bytes());
+                    let mut f = Vec::with_capacity(5);
+                    crate::protocol::frame::encode_rate_limited(&mut f, STALL_RETRY_AFTER_MS);
                     let mut st = self.st.borrow_mut();
                     st.told_stall = stall;
                     self.append(shard, &mut st, &f);

@@ -333,9 +333,11 @@ impl OrderGate {
 
 /// On the sender's edge: per recipient and sending shard, the id of the last message sent
 /// (the `prev` of the next direct copy), forgotten once older than [`PREV_HORIZON_MICROS`].
+/// Keyed by recipient so the lookup made for every message borrows the name (no allocation);
+/// a recipient has one entry per sending shard (origin) that wrote to it lately.
 #[derive(Debug, Default)]
 struct LastSent {
-    last: HashMap<(Box<[u8]>, u64), u64>,
+    last: HashMap<Box<[u8]>, Vec<(u64, u64)>>,
     next_prune: Option<std::time::Instant>,
 }
 
@@ -345,16 +347,23 @@ impl LastSent {
         let now = std::time::Instant::now();
         if self.next_prune.is_none_or(|t| now >= t) {
             self.next_prune = Some(now + STREAM_IDLE);
-            self.last
-                .retain(|_, &mut id| iris_bus::hops::id_age_micros(id) <= PREV_HORIZON_MICROS);
+            self.last.retain(|_, sent| {
+                sent.retain(|&(_, id)| iris_bus::hops::id_age_micros(id) <= PREV_HORIZON_MICROS);
+                !sent.is_empty()
+            });
             if self.last.is_empty() && self.last.capacity() > 1024 {
                 self.last = HashMap::new();
             }
         }
-        match self.last.get_mut(&(Box::from(to), id & ORIGIN_MASK)) {
-            Some(last) => std::mem::replace(last, id),
+        let origin = id & ORIGIN_MASK;
+        let Some(sent) = self.last.get_mut(to) else {
+            self.last.insert(to.into(), vec![(origin, id)]);
+            return 0;
+        };
+        match sent.iter_mut().find(|(o, _)| *o == origin) {
+            Some((_, last)) => std::mem::replace(last, id),
             None => {
-                self.last.insert((to.into(), id & ORIGIN_MASK), id);
+                sent.push((origin, id));
                 0
             }
         }
