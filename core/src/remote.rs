@@ -879,6 +879,11 @@ impl Bridge {
             payload,
             ticket,
         };
+        self.queue_out(out);
+    }
+
+    /// Hands `out` to the producer ring, or holds it (in order) while the ring is full.
+    fn queue_out(&mut self, out: OutFrame) {
         let ring = &self.ring;
         if send_in_order(&mut self.held, out, |f| ring.try_send(f)) {
             self.stats.ring_full.fetch_add(1, Ordering::Relaxed);
@@ -1069,11 +1074,7 @@ impl Bridge {
             payload,
             ticket: 0,
         };
-        let ring = &self.ring;
-        if send_in_order(&mut self.held, out, |f| ring.try_send(f)) {
-            self.stats.ring_full.fetch_add(1, Ordering::Relaxed);
-            debug!("producer ring full, holding frames");
-        }
+        self.queue_out(out);
     }
 
     /// The shard a chunk or bundle names, if this edge has it (else counted as ignored).
