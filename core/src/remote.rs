@@ -31,11 +31,10 @@
 //!   sending connection once (`0xFF RATE_LIMITED`); at the bound the bridge also stops taking
 //!   requests, so the shards' queues hold the rest. Memory stays bounded, nothing accepted is
 //!   dropped, and reading resumes by itself when the broker acknowledges again.
-//! - two **consumer threads** ([`KafkaConsumer::start_assigned`]: fixed partitions, offsets
-//!   kept under group `iris-edge-{region}-{node}`, no rebalancing, so a restarted edge reads at
-//!   once) read this edge's inbox `iris.{region}.edge.{node}` (fetch wait
-//!   `fetch_wait_max_ms`, 5 ms: live messages) and every partition of the region's presence
-//!   topic (`presence_fetch_wait_max_ms`, 100 ms: presence may be seconds stale); the bridge
+//! - the **consumer thread** ([`KafkaConsumer::start_assigned`]: fixed partitions, offsets kept
+//!   under group `iris-edge-{region}-{node}`, no rebalancing, so a restarted edge reads at once)
+//!   reads this edge's inbox `iris.{region}.edge.{node}` and every partition of the region's
+//!   presence topic; the bridge
 //!   validates each record in place ([`decode_counted`]: a bad or unknown-version frame is
 //!   counted, logged once and skipped) and hands it to the shard that owns it: a routed
 //!   `Deliver` or `Relay` and a `Presence` to the user's presence owner, a `DrainChunk` or
@@ -102,8 +101,6 @@ pub struct RemoteConfig {
     pub kafka: KafkaConfig,
     /// The durable outbox (write-ahead log) of accepted messages, under the edge's data dir.
     pub outbox: OutboxConfig,
-    /// `fetch.wait.max.ms` of the presence topic's own consumer (the inbox's is in `kafka`).
-    pub presence_fetch_wait_max_ms: u32,
 }
 
 /// Counters of the link (monotonic).
@@ -201,8 +198,7 @@ pub struct RemoteCore {
     stop: Arc<AtomicBool>,
     bridge: Option<JoinHandle<(Outbox, ProducerRing)>>,
     producer: Arc<Mutex<Option<KafkaProducer>>>,
-    /// The inbox's consumer and the presence topic's.
-    consumers: Vec<KafkaConsumer>,
+    consumer: Option<KafkaConsumer>,
     sessions: Option<SessionWriter>,
     /// Re-creates this edge's topics when the broker lost them (a restart with memory storage).
     keeper: Option<TopicKeeper>,
@@ -283,30 +279,13 @@ impl RemoteCore {
         }
 
         let (in_tx, in_rx) = channel::bounded::<InFrame>(4096);
-        // Fixed partitions, no group rebalancing: a restarted edge reads at once. The inbox and
-        // the presence topic have consumers of their own, so each fetches at its own wait:
-        // presence may be seconds stale, the inbox carries live messages. Both keep their
-        // offsets in the same group (disjoint partitions).
-        let group = format!("iris-edge-{}-{}", cfg.region, cfg.node);
-        let inbox_consumer = KafkaConsumer::start_assigned(
+        // Fixed partitions, no group rebalancing: a restarted edge reads at once.
+        let mut assigned = vec![(inbox_topic.clone(), 0)];
+        assigned.extend((0..presence_parts as i32).map(|p| (presence_topic.clone(), p)));
+        let consumer = KafkaConsumer::start_assigned(
             &kafka,
-            &group,
-            &[(inbox_topic.clone(), 0)],
-            vec![in_tx.clone()],
-            |_, _| 0,
-        )?;
-        let presence_kafka = KafkaConfig {
-            fetch_wait_max_ms: cfg.presence_fetch_wait_max_ms.max(1),
-            client_id: format!("{}-presence", kafka.client_id),
-            ..kafka.clone()
-        };
-        let presence_assigned: Vec<(String, i32)> = (0..presence_parts as i32)
-            .map(|p| (presence_topic.clone(), p))
-            .collect();
-        let presence_consumer = KafkaConsumer::start_assigned(
-            &presence_kafka,
-            &group,
-            &presence_assigned,
+            &format!("iris-edge-{}-{}", cfg.region, cfg.node),
+            &assigned,
             vec![in_tx],
             |_, _| 0,
         )?;
@@ -400,7 +379,7 @@ impl RemoteCore {
                 stop,
                 bridge: Some(thread),
                 producer,
-                consumers: vec![inbox_consumer, presence_consumer],
+                consumer: Some(consumer),
                 sessions: Some(writer),
                 metrics,
             },
@@ -467,22 +446,15 @@ impl RemoteCore {
         // The consumer commits its offsets synchronously when it stops, which waits as long as
         // the broker does not answer: bounded here (uncommitted inbox offsets only mean frames
         // consumed again, and duplicates of routed messages are dropped).
-        let consumers = std::mem::take(&mut self.consumers);
-        if !consumers.is_empty() {
+        if let Some(c) = self.consumer.take() {
             let (tx, rx) = std::sync::mpsc::channel();
             let stopper = std::thread::Builder::new()
                 .name("iris-consumer-stop".to_owned())
                 .spawn(move || {
-                    let mut result = Ok(());
-                    for c in consumers {
-                        if let Err(e) = c.stop() {
-                            result = Err(e);
-                        }
-                    }
-                    let _ = tx.send(result);
+                    let _ = tx.send(c.stop());
                 });
             match stopper.map(|_| rx.recv_timeout(flush.max(Duration::from_secs(1)))) {
-                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Ok(_))) => {}
                 Ok(Ok(Err(e))) => warn!(error = %e, "kafka consumer did not stop cleanly"),
                 Ok(Err(_)) => warn!("kafka consumer did not stop in time (broker not answering)"),
                 Err(e) => warn!(error = %e, "kafka consumer not stopped"),

@@ -97,14 +97,11 @@ pub struct ClusterConfig {
     pub producer_ring_capacity: usize,
     /// CPU to pin the Kafka producer thread to; -1 leaves it unpinned (-1).
     pub producer_cpu: i64,
-    /// Consumer `fetch.wait.max.ms`: the longest a fetch of the edge's inbox waits at the
+    /// Consumer `fetch.wait.max.ms`: the longest a fetch of the inbox and presence waits at the
     /// broker (5). A broker that answers a waiting fetch only at this deadline (tansu) adds up to
     /// this much latency; Kafka answers as soon as data arrives, so 500 costs nothing there and
     /// saves the idle fetches.
     pub fetch_wait_max_ms: u32,
-    /// The same for the presence topic, read by a consumer of its own (100): presence may be
-    /// 1–5 s stale, and a longer wait saves the broker most of the fetches of its partitions.
-    pub presence_fetch_wait_max_ms: u32,
     /// Outbox (`{data_dir}/outbox`, every accepted message until the broker acknowledged it):
     /// longest time between a write and its fsync (2). A kill -9 of the edge loses nothing
     /// written; a machine crash at most this window.
@@ -138,7 +135,6 @@ impl Default for ClusterConfig {
             producer_ring_capacity: 65_536,
             producer_cpu: -1,
             fetch_wait_max_ms: 5,
-            presence_fetch_wait_max_ms: 100,
             outbox_commit_ms: 2,
             outbox_segment_bytes: 64 << 20,
             direct_live: true,
@@ -292,9 +288,6 @@ impl EdgeConfig {
             }
             if c.fetch_wait_max_ms == 0 || c.fetch_wait_max_ms > 60_000 {
                 return bad("cluster.fetch_wait_max_ms must be 1 to 60000".to_owned());
-            }
-            if c.presence_fetch_wait_max_ms == 0 || c.presence_fetch_wait_max_ms > 60_000 {
-                return bad("cluster.presence_fetch_wait_max_ms must be 1 to 60000".to_owned());
             }
             if c.outbox_commit_ms == 0 || c.outbox_commit_ms > 1_000 {
                 return bad("cluster.outbox_commit_ms must be 1 to 1000".to_owned());

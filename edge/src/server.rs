@@ -269,7 +269,6 @@ fn start_core(
                     fetch_wait_max_ms: c.fetch_wait_max_ms,
                     ..KafkaConfig::default()
                 },
-                presence_fetch_wait_max_ms: c.presence_fetch_wait_max_ms,
                 outbox: OutboxConfig {
                     dir: cfg.data_dir.join("outbox"),
                     commit_ms: c.outbox_commit_ms,
