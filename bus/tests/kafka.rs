@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crossbeam::channel::{bounded, Receiver};
 use iris_bus::kafka::{
     ensure_topics, ensure_topics_within, route_by_partition, InFrame, KafkaConfig, KafkaConsumer,
-    KafkaProducer, OutFrame,
+    KafkaProducer, OutFrame, TopicKeeper,
 };
 use iris_bus::{decode_counted, encode, BusFrame, Deliver, FrameStats};
 use iris_tests::services::{free_port, wait_for, Tansu};
@@ -238,6 +238,39 @@ fn ensure_topics_is_idempotent() {
     ensure_topics(&cfg, &[a.clone(), b.clone()]).unwrap();
     assert_eq!(partitions_of(&cfg, &a.0), 3);
     assert_eq!(partitions_of(&cfg, &b.0), 2);
+}
+
+/// A memory broker restarted loses every topic; the keeper (checking every 200 ms) re-creates
+/// them with their partition counts, and counts it. No consumer runs here: librdkafka 2.12.1
+/// consumers of a lost partition can crash (see the core's service tests).
+#[test]
+fn keeper_recreates_topics_lost_by_a_memory_broker_restart() {
+    init_tracing();
+    let mut broker = Tansu::memory();
+    let cfg = broker.config("t-keeper");
+    let topics = vec![
+        ("iris.test.kept.a".to_owned(), 3),
+        ("iris.test.kept.b".to_owned(), 2),
+    ];
+    ensure_topics(&cfg, &topics).unwrap();
+    let keeper = TopicKeeper::start(&cfg, topics.clone(), Duration::from_millis(200)).unwrap();
+    wait_for("a first check", Duration::from_secs(20), || {
+        keeper.stats().checks >= 1
+    });
+    assert_eq!(keeper.stats().recreated, 0, "nothing was missing yet");
+    broker.restart();
+    wait_for("both topics re-created", Duration::from_secs(30), || {
+        keeper.stats().recreated >= 2
+    });
+    assert_eq!(partitions_of(&cfg, &topics[0].0), 3);
+    assert_eq!(partitions_of(&cfg, &topics[1].0), 2);
+    // Nothing more to do once they exist.
+    let before = keeper.stats();
+    wait_for("two more checks", Duration::from_secs(20), || {
+        keeper.stats().checks >= before.checks + 2
+    });
+    assert_eq!(keeper.stats().recreated, before.recreated);
+    keeper.stop();
 }
 
 #[test]

@@ -289,6 +289,8 @@ impl RemoteCore {
             vec![in_tx],
             |_, _| 0,
         )?;
+        // A re-created inbox or presence topic is read again from its beginning.
+        consumer.watch_recreations(keeper.recreations());
 
         let stats = Arc::new(RemoteStats::default());
         let frames = Arc::new(FrameStats::new());

@@ -111,7 +111,8 @@ use std::time::{Duration, Instant};
 
 use iris_bus::hops::HopHistogram;
 use iris_bus::kafka::{
-    ensure_topics, Done, KafkaConfig, KafkaProducer, OutFrame, ProducerRing, TopicKeeper,
+    ensure_topics, Done, KafkaConfig, KafkaProducer, OutFrame, ProducerRing, RecreationCursor,
+    TopicKeeper,
 };
 use iris_bus::{
     decode_counted, encode, to_owned, ArchivedBusFrame, BusFrame, DrainChunk, DrainRequest,
@@ -650,6 +651,10 @@ pub struct CoreService {
     inboxes: HashMap<u32, Arc<str>>,
     admin: Option<Admin>,
     keeper: Option<TopicKeeper>,
+    /// Which of the deliver and presence topics the keeper re-created since last looked.
+    recreations: Option<RecreationCursor>,
+    /// Re-created topics whose partitions are still to be sought to their beginning.
+    rewind: Vec<String>,
     logged_consume_error: bool,
     logged_session_error: bool,
 }
@@ -772,6 +777,9 @@ impl CoreService {
             )?),
             None => None,
         };
+        let recreations = keeper
+            .as_ref()
+            .map(|k| RecreationCursor::new(k.recreations(), &[&deliver_topic, &presence_topic]));
         Ok(CoreService {
             cfg,
             deliver_topic,
@@ -806,6 +814,8 @@ impl CoreService {
             lookups,
             inboxes: HashMap::new(),
             admin,
+            recreations,
+            rewind: Vec::new(),
             keeper,
             logged_consume_error: false,
             logged_session_error: false,
@@ -929,6 +939,7 @@ impl CoreService {
     /// The consume loop of [`Self::run`], up to `stop`.
     fn consume(&mut self, stop: &AtomicBool) -> Result<(), CoreError> {
         while !stop.load(Ordering::Acquire) {
+            self.rewind_recreated();
             // Whole milliseconds, at least one: rdkafka-rs hands librdkafka whole milliseconds
             // and loops until its deadline, so a sub-millisecond rest would be spent spinning.
             let mut timeout = match self.window.started {
@@ -967,6 +978,50 @@ impl CoreService {
             self.progress(CommitMode::Async)?;
         }
         Ok(())
+    }
+
+    /// Seeks the partitions of a topic the keeper re-created to the new log's beginning: the old
+    /// positions would skip the records written again up to them. Offsets of the lost log not
+    /// yet committed are dropped (committing them would skip records of the new log at the next
+    /// start). A failed seek is retried at the next poll.
+    fn rewind_recreated(&mut self) {
+        if let Some(c) = &mut self.recreations {
+            for t in c.take() {
+                if !self.rewind.contains(&t) {
+                    self.rewind.push(t);
+                }
+            }
+        }
+        if self.rewind.is_empty() {
+            return;
+        }
+        if self.rewind.contains(&self.deliver_topic) {
+            self.window.offsets.clear();
+            for w in &mut self.inflight {
+                w.offsets.clear();
+            }
+        }
+        let Ok(tpl) = self.consumer.assignment() else {
+            return;
+        };
+        let consumer = &self.consumer;
+        self.rewind.retain(|topic| {
+            let mut pending = false;
+            for e in tpl.elements_for_topic(topic) {
+                match consumer.seek(topic, e.partition(), Offset::Beginning, Duration::from_secs(1)) {
+                    Ok(()) => info!(
+                        topic = %topic,
+                        partition = e.partition(),
+                        "topic was re-created, reading it again from its beginning"
+                    ),
+                    Err(err) => {
+                        pending = true;
+                        debug!(topic = %topic, partition = e.partition(), error = %err, "seek of a re-created topic failed, retried");
+                    }
+                }
+            }
+            pending
+        });
     }
 
     /// Polls one record (at most `timeout`) and applies it.

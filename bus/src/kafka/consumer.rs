@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -23,7 +23,7 @@ use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientContext;
 
-use super::{KafkaConfig, TransportError};
+use super::{KafkaConfig, RecreationCursor, Recreations, TransportError};
 
 /// Offsets are committed at most this often while frames flow.
 const COMMIT_EVERY: Duration = Duration::from_millis(100);
@@ -50,6 +50,10 @@ struct Shared {
     commit_errors: AtomicU64,
     errors: AtomicU64,
     logged_error: AtomicBool,
+    /// Partitions sought back to the beginning because their topic was re-created.
+    rewinds: AtomicU64,
+    /// Set once by [`KafkaConsumer::watch_recreations`].
+    recreations: OnceLock<Recreations>,
 }
 
 /// A snapshot of the consumer's counters.
@@ -63,6 +67,8 @@ pub struct ConsumerStats {
     pub commit_errors: u64,
     /// Consume and client errors (broker down, transport failures).
     pub errors: u64,
+    /// Partitions sought back to their beginning because a keeper re-created their topic.
+    pub rewinds: u64,
 }
 
 struct Ctx {
@@ -141,7 +147,16 @@ impl KafkaConsumer {
             commits: s.commits.load(Ordering::Relaxed),
             commit_errors: s.commit_errors.load(Ordering::Relaxed),
             errors: s.errors.load(Ordering::Relaxed),
+            rewinds: s.rewinds.load(Ordering::Relaxed),
         }
+    }
+
+    /// Watches `recreations` (from the [`super::TopicKeeper`] of the topics read): when one of
+    /// the consumed topics is re-created, its partitions are sought to the new log's beginning
+    /// (its old positions would skip the records written again up to them). Set once; later
+    /// calls are ignored.
+    pub fn watch_recreations(&self, recreations: Recreations) {
+        let _ = self.shared.recreations.set(recreations);
     }
 
     /// Stops the thread after its current record, commits what was handed over, and waits.
@@ -219,7 +234,29 @@ where
     let mut uncommitted: HashMap<(Arc<str>, i32), i64> = HashMap::new();
     let mut topic_names: HashMap<String, Arc<str>> = HashMap::new();
     let mut last_commit = Instant::now();
+    let mut cursor: Option<RecreationCursor> = None;
+    // Re-created topics whose partitions are still to be sought (a seek can fail while the
+    // partition is being fetched again: retried at the next poll).
+    let mut rewind: Vec<String> = Vec::new();
     'poll: while !shared.stop.load(Ordering::Acquire) {
+        if cursor.is_none() {
+            if let Some(w) = shared.recreations.get() {
+                let topics = assigned_topics(&consumer);
+                let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+                cursor = Some(RecreationCursor::new(w.clone(), &names));
+            }
+        }
+        if let Some(c) = &mut cursor {
+            for t in c.take() {
+                if !rewind.contains(&t) {
+                    rewind.push(t);
+                }
+            }
+        }
+        if !rewind.is_empty() {
+            uncommitted.retain(|(t, _), _| !rewind.iter().any(|r| **r == **t));
+            rewind.retain(|t| !rewind_topic(&consumer, &shared, t));
+        }
         match consumer.poll(Duration::from_millis(100)) {
             None => {}
             Some(Err(e)) => {
@@ -279,6 +316,55 @@ where
     if !uncommitted.is_empty() {
         commit(&consumer, &shared, &mut uncommitted, CommitMode::Sync);
     }
+}
+
+/// The topics of the consumer's current assignment.
+fn assigned_topics(consumer: &BaseConsumer<Ctx>) -> Vec<String> {
+    let mut topics: Vec<String> = consumer
+        .assignment()
+        .map(|tpl| {
+            tpl.elements()
+                .iter()
+                .map(|e| e.topic().to_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    if let Ok(sub) = consumer.subscription() {
+        topics.extend(sub.elements().iter().map(|e| e.topic().to_owned()));
+    }
+    topics.sort();
+    topics.dedup();
+    topics
+}
+
+/// Seeks every assigned partition of `topic` to its beginning; `true` when all were sought.
+fn rewind_topic(consumer: &BaseConsumer<Ctx>, shared: &Shared, topic: &str) -> bool {
+    let Ok(tpl) = consumer.assignment() else {
+        return false;
+    };
+    let mut all = true;
+    for e in tpl.elements_for_topic(topic) {
+        match consumer.seek(
+            topic,
+            e.partition(),
+            Offset::Beginning,
+            Duration::from_secs(1),
+        ) {
+            Ok(()) => {
+                shared.rewinds.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    topic,
+                    partition = e.partition(),
+                    "topic was re-created, reading it again from its beginning"
+                );
+            }
+            Err(err) => {
+                all = false;
+                tracing::debug!(topic, partition = e.partition(), error = %err, "seek of a re-created topic failed, retried");
+            }
+        }
+    }
+    all
 }
 
 fn commit(

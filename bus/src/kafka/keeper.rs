@@ -7,11 +7,17 @@
 //! list every [`TopicKeeper::start`] `every` (2 s in the services), and at once when
 //! [`TopicKeeper::poke`]d, and re-creates the missing ones with [`super::ensure_topics_within`].
 //!
-//! Consumers of a re-created topic need nothing more: their position (or the committed offset)
-//! lies beyond the new, empty log's end, the broker answers `OFFSET_OUT_OF_RANGE`, and
-//! `auto.offset.reset=earliest` (set by every consumer of this transport and by the core)
-//! restarts them at the new log's beginning.
+//! A consumer of a re-created topic must start again at the new log's beginning. Its position
+//! (or committed offset) belongs to the lost log: while the new log is shorter the broker answers
+//! `OFFSET_OUT_OF_RANGE` and `auto.offset.reset=earliest` fixes it, but once as many records were
+//! written again the old position looks valid and the records before it would be skipped.
+//! So consumers watch the keeper's [`Recreations`] and seek the partitions of every re-created
+//! topic to the beginning themselves (the bus consumer with [`KafkaConsumer::watch_recreations`],
+//! the core in its poll loop). Records read twice that way are duplicates, filtered by id.
+//!
+//! [`KafkaConsumer::watch_recreations`]: super::KafkaConsumer::watch_recreations
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -34,6 +40,74 @@ struct Shared {
     checks: AtomicU64,
     recreated: AtomicU64,
     errors: AtomicU64,
+    /// Re-creations per topic name.
+    per_topic: Mutex<HashMap<String, u64>>,
+}
+
+/// What a consumer watches to learn that topics it reads were re-created (their logs are new:
+/// positions in them must start again at the beginning). Cheap to clone and to poll.
+#[derive(Debug, Clone)]
+pub struct Recreations {
+    shared: Arc<Shared>,
+}
+
+impl Recreations {
+    /// Re-creations of every topic so far; changes whenever any topic is re-created.
+    pub fn total(&self) -> u64 {
+        self.shared.recreated.load(Ordering::Acquire)
+    }
+
+    /// Re-creations of `topic` so far.
+    pub fn of(&self, topic: &str) -> u64 {
+        let m = self
+            .shared
+            .per_topic
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        m.get(topic).copied().unwrap_or(0)
+    }
+}
+
+/// A consumer's view of [`Recreations`]: which of its topics were re-created since it last
+/// looked.
+#[derive(Debug)]
+pub struct RecreationCursor {
+    watch: Recreations,
+    total: u64,
+    seen: HashMap<String, u64>,
+}
+
+impl RecreationCursor {
+    /// Starts at the current counts: only later re-creations are reported.
+    pub fn new(watch: Recreations, topics: &[&str]) -> RecreationCursor {
+        let seen = topics
+            .iter()
+            .map(|t| ((*t).to_owned(), watch.of(t)))
+            .collect();
+        RecreationCursor {
+            total: watch.total(),
+            watch,
+            seen,
+        }
+    }
+
+    /// The watched topics re-created since the last call (one atomic load when none was).
+    pub fn take(&mut self) -> Vec<String> {
+        let total = self.watch.total();
+        if total == self.total {
+            return Vec::new();
+        }
+        self.total = total;
+        let mut out = Vec::new();
+        for (topic, seen) in &mut self.seen {
+            let now = self.watch.of(topic);
+            if now != *seen {
+                *seen = now;
+                out.push(topic.clone());
+            }
+        }
+        out
+    }
 }
 
 /// A snapshot of the keeper's counters.
@@ -84,6 +158,13 @@ impl TopicKeeper {
         let mut p = self.shared.poked.lock().unwrap_or_else(|e| e.into_inner());
         *p = true;
         self.shared.wake.notify_one();
+    }
+
+    /// The handle consumers watch to learn of re-created topics.
+    pub fn recreations(&self) -> Recreations {
+        Recreations {
+            shared: Arc::clone(&self.shared),
+        }
     }
 
     /// A snapshot of the counters.
@@ -168,8 +249,15 @@ fn check(
     }
     match ensure_topics_within(cfg, &missing, REQUEST_WAIT) {
         Ok(()) => {
+            {
+                let mut m = s.per_topic.lock().unwrap_or_else(|e| e.into_inner());
+                for (name, _) in &missing {
+                    *m.entry(name.clone()).or_default() += 1;
+                }
+            }
+            // After the per-topic counts: a reader that sees the new total finds them.
             s.recreated
-                .fetch_add(missing.len() as u64, Ordering::Relaxed);
+                .fetch_add(missing.len() as u64, Ordering::Release);
             let names: Vec<&str> = missing.iter().map(|(n, _)| n.as_str()).collect();
             tracing::warn!(topics = ?names, "kafka topics were missing, re-created");
         }

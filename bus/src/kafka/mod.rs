@@ -37,7 +37,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::types::RDKafkaErrorCode;
 
 pub use consumer::{route_by_partition, ConsumerStats, InFrame, KafkaConsumer};
-pub use keeper::{KeeperStats, TopicKeeper};
+pub use keeper::{KeeperStats, RecreationCursor, Recreations, TopicKeeper};
 pub use producer::{Done, KafkaProducer, OutFrame, ProducerRing, ProducerStats, NO_TICKET};
 
 /// Settings shared by the producer, the consumer and the admin client.
