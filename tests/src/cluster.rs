@@ -9,6 +9,12 @@
 //! id (and gets new ports), a core its member index and data directory, a sqlite broker its
 //! file, Redis comes back empty (no persistence, as in `scripts/redis.sh start`).
 //!
+//! Several regions ([`Regions`]): one global broker (sqlite tansu, killable, optionally behind
+//! an `iris-delay-proxy`) and one [`Cluster`] per region, each started with the region list
+//! (`--regions`), the global brokers (`--global-brokers`) and optionally a home table
+//! (`--home-table`); [`rendezvous`] and [`user_homed_in`] pick user names homed in a given
+//! region exactly as the bus does (`iris_bus::home`).
+//!
 //! When a test panics, the logs of every process are printed: each edge's stderr (by
 //! [`Server`]'s drop), each core's stderr (by [`CoreNode`]'s drop) and the broker's log (by
 //! [`Cluster`]'s drop).
@@ -57,6 +63,16 @@ pub struct ClusterOpts {
     pub edge_config: Option<String>,
     /// Extra arguments of every core.
     pub core_args: Vec<String>,
+    /// The region name; `None` = a random name unique per test (`t{pid}-{n}`). Must be
+    /// `[a-z0-9-]`, 1–64 characters, not `global`.
+    pub region: Option<String>,
+    /// The region list (`--regions a,b` on every edge and core); empty = single region (the flag
+    /// is not passed).
+    pub regions: Vec<String>,
+    /// The global brokers (`--global-brokers`), passed when set.
+    pub global_brokers: Option<String>,
+    /// The home table file (`--home-table`), passed when set (see [`write_home_table`]).
+    pub home_table: Option<PathBuf>,
     /// Environment of every edge and core; by default `RUST_LOG` without the edge's host
     /// checks and the store's info lines, and `NO_COLOR` (plain logs).
     pub env: Vec<(String, String)>,
@@ -74,6 +90,10 @@ impl Default for ClusterOpts {
             edge_args: Vec::new(),
             edge_config: None,
             core_args: Vec::new(),
+            region: None,
+            regions: Vec::new(),
+            global_brokers: None,
+            home_table: None,
             env: vec![
                 (
                     "RUST_LOG".to_owned(),
@@ -99,6 +119,101 @@ pub fn user_hash(user: &[u8]) -> u64 {
 /// The deliver (and presence) partition of `user` among `partitions`.
 pub fn partition_of(user: &[u8], partitions: u32) -> u32 {
     (user_hash(user) % u64::from(partitions.max(1))) as u32
+}
+
+/// The region flags of every edge and core of a cluster: `--regions a,b` when the list is not
+/// empty, `--global-brokers X` and `--home-table F` when set; nothing for a single region.
+pub fn region_args(opts: &ClusterOpts) -> Vec<String> {
+    let mut args = Vec::new();
+    if !opts.regions.is_empty() {
+        args.push("--regions".to_owned());
+        args.push(opts.regions.join(","));
+    }
+    if let Some(g) = &opts.global_brokers {
+        args.push("--global-brokers".to_owned());
+        args.push(g.clone());
+    }
+    if let Some(f) = &opts.home_table {
+        args.push("--home-table".to_owned());
+        args.push(f.display().to_string());
+    }
+    args
+}
+
+/// The splitmix64 finalizer (`iris_bus::home`'s mix).
+fn mix64(mut x: u64) -> u64 {
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^= x >> 31;
+    x
+}
+
+/// The rendezvous (highest random weight) home of `user` among `regions`, as
+/// `iris_bus::home::rendezvous` (written again here so the harness does not link the bus): per
+/// region `r`, score = mix64(fnv1a64(r) ^ fnv1a64(user)); the highest wins, ties to the name
+/// that sorts first. `None` for an empty list.
+pub fn rendezvous<'a>(user: &[u8], regions: &'a [String]) -> Option<&'a str> {
+    let u = user_hash(user);
+    let mut best: Option<(u64, &'a str)> = None;
+    for r in regions {
+        let score = mix64(user_hash(r.as_bytes()) ^ u);
+        best = match best {
+            Some((s, name)) if s > score || (s == score && name <= r.as_str()) => Some((s, name)),
+            _ => Some((score, r.as_str())),
+        };
+    }
+    best.map(|(_, name)| name)
+}
+
+/// The first name `{prefix}-{k}` (k = 0, 1, ...) that [`rendezvous`] homes in `region` among
+/// `regions`. Make `prefix` unique (e.g. [`crate::unique`]) when users must not repeat.
+///
+/// # Panics
+/// When `region` is not in `regions`.
+pub fn user_homed_in(prefix: &str, region: &str, regions: &[String]) -> String {
+    users_homed_in(prefix, region, regions, 1).remove(0)
+}
+
+/// The first `n` names `{prefix}-{k}` (k = 0, 1, ...) that [`rendezvous`] homes in `region`.
+///
+/// # Panics
+/// When `region` is not in `regions`.
+pub fn users_homed_in(prefix: &str, region: &str, regions: &[String], n: usize) -> Vec<String> {
+    assert!(
+        regions.iter().any(|r| r == region),
+        "{region} is not in {regions:?}"
+    );
+    (0u64..)
+        .map(|k| format!("{prefix}-{k}"))
+        .filter(|u| rendezvous(u.as_bytes(), regions) == Some(region))
+        .take(n)
+        .collect()
+}
+
+/// Writes a home table file (`user region` per line, the format `--home-table` reads) with a
+/// comment line first.
+pub fn write_home_table<U: AsRef<str>, R: AsRef<str>>(path: &Path, entries: &[(U, R)]) {
+    let mut text = String::from("# user region (written by the test harness)\n");
+    for (u, r) in entries {
+        text.push_str(u.as_ref());
+        text.push(' ');
+        text.push_str(r.as_ref());
+        text.push('\n');
+    }
+    std::fs::write(path, text)
+        .unwrap_or_else(|e| panic!("cannot write home table {}: {e}", path.display()));
+}
+
+/// `n` region names unique per test run: `t{pid}-{k}a`, `t{pid}-{k}b`, ... (`k` a per-process
+/// counter), valid region names.
+pub fn region_names(n: usize) -> Vec<String> {
+    assert!((1..=16).contains(&n), "1 to 16 regions, not {n}");
+    let k = unique("r").replace("r-", "");
+    (0..n)
+        .map(|i| format!("t{}-{k}{}", std::process::id(), (b'a' + i as u8) as char))
+        .collect()
 }
 
 /// A running (or stopped) `iris-core` member.
@@ -421,7 +536,9 @@ impl Cluster {
     /// accepts).
     pub fn start(opts: ClusterOpts) -> Cluster {
         assert!(opts.cores >= 1 && opts.edges >= 1, "{opts:?}");
-        let region = format!("t{}-{}", std::process::id(), unique("r").replace("r-", ""));
+        let region = opts.region.clone().unwrap_or_else(|| {
+            format!("t{}-{}", std::process::id(), unique("r").replace("r-", ""))
+        });
         let broker = match opts.broker {
             BrokerStorage::Memory => Tansu::memory(),
             BrokerStorage::Sqlite => Tansu::sqlite(),
@@ -437,6 +554,8 @@ impl Cluster {
             "--partitions".to_owned(),
             opts.partitions.to_string(),
         ];
+        let mut common = common;
+        common.extend(region_args(&opts));
         let cores: Vec<CoreNode> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..opts.cores)
                 .map(|i| {
@@ -521,6 +640,34 @@ impl Cluster {
         self.edges[i].metric(name)
     }
 
+    /// The value of metric `key` (full key, with labels) on core `member`; 0 when the core does
+    /// not list it (yet).
+    pub fn core_metric_of(&self, member: usize, key: &str) -> u64 {
+        metric_value(&self.cores[member].metrics(), key, None).unwrap_or(0)
+    }
+
+    /// The sum of metric `key` (full key, with labels) over every running core; 0 for a core
+    /// that does not list it (yet), unlike [`Cluster::core_metric`].
+    pub fn core_metric_or_zero(&mut self, key: &str) -> u64 {
+        self.cores
+            .iter_mut()
+            .filter_map(|c| {
+                c.is_running()
+                    .then(|| metric_value(&c.metrics(), key, None).unwrap_or(0))
+            })
+            .sum()
+    }
+
+    /// The sum of metric `key` (full key, with labels, e.g.
+    /// `iris_edge_routed_out_total{region="x"}`) over every edge; 0 for an edge that does not
+    /// list it (yet).
+    pub fn edges_metric(&self, key: &str) -> u64 {
+        self.edges
+            .iter()
+            .map(|e| metric_value(&e.metrics(), key, None).unwrap_or(0))
+            .sum()
+    }
+
     /// Kills the broker (SIGKILL) and starts it again on the same port and storage (kept only
     /// with [`BrokerStorage::Sqlite`]).
     pub fn restart_broker(&mut self) {
@@ -591,6 +738,214 @@ impl Drop for Cluster {
     }
 }
 
+/// How to start [`Regions`] beyond the per-region [`ClusterOpts`].
+#[derive(Debug, Clone, Default)]
+pub struct RegionsOpts {
+    /// Options of every region; `region`, `regions` and `global_brokers` are set by
+    /// [`Regions::start_with`], `home_table` is kept unless [`RegionsOpts::home_table`] is not
+    /// empty.
+    pub cluster: ClusterOpts,
+    /// Puts an `iris-delay-proxy` holding every chunk this many ms each way in front of the
+    /// global broker, which then advertises the proxy's address: every region reaches the global
+    /// bus through the same delay (a cross-region frame pays it on the produce and on the
+    /// import's fetch).
+    pub global_delay_ms: Option<u64>,
+    /// Home table entries `(user, region)`; when not empty they are written to a file given to
+    /// every edge and core as `--home-table`, and [`Regions::home_of`] reads them first.
+    pub home_table: Vec<(String, String)>,
+}
+
+/// Several regions on one host: one global broker (sqlite tansu, so it survives `kill -9` and
+/// [`Regions::restart_global`]), optionally behind a delay proxy, and one [`Cluster`] per region
+/// (own broker, Redis, cores, edges), all started with the same region list and global brokers.
+///
+/// Fields drop in order: the regions' processes first, then the proxy and the global broker.
+pub struct Regions {
+    /// The region list, in order (a region's index is its position).
+    pub names: Vec<String>,
+    /// `clusters[i]` is region `names[i]`.
+    pub clusters: Vec<Cluster>,
+    /// The delay proxy in front of the global broker, when asked for.
+    pub proxy: Option<crate::services::DelayProxy>,
+    /// The global broker.
+    pub global: Tansu,
+    /// The home table file, when entries were given.
+    pub home_table: Option<PathBuf>,
+    table: std::collections::HashMap<String, String>,
+    _dir: tempfile::TempDir,
+}
+
+impl fmt::Debug for Regions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Regions")
+            .field("names", &self.names)
+            .field("global", &self.global.brokers())
+            .field("global_brokers", &self.global_brokers())
+            .field("clusters", &self.clusters)
+            .finish()
+    }
+}
+
+impl Regions {
+    /// Starts the global broker, then every region (in parallel) with `opts` (see
+    /// [`Regions::start_with`]). `names` must be valid region names, e.g. [`region_names`].
+    pub fn start(names: &[String], opts: ClusterOpts) -> Regions {
+        Regions::start_with(
+            names,
+            RegionsOpts {
+                cluster: opts,
+                ..RegionsOpts::default()
+            },
+        )
+    }
+
+    /// [`Regions::start`] with a delay proxy and/or a home table.
+    pub fn start_with(names: &[String], opts: RegionsOpts) -> Regions {
+        assert!(!names.is_empty(), "at least one region");
+        let dir = tempfile::Builder::new()
+            .prefix("iris-regions-test-")
+            .tempdir()
+            .expect("tempdir");
+        let (global, proxy) = match opts.global_delay_ms {
+            None => (Tansu::sqlite(), None),
+            Some(ms) => {
+                let proxy_port = crate::services::free_port();
+                let global = Tansu::sqlite_advertising(proxy_port);
+                let proxy = crate::services::DelayProxy::start(proxy_port, &global.brokers(), ms);
+                (global, Some(proxy))
+            }
+        };
+        let global_brokers = match &proxy {
+            Some(p) => p.addr(),
+            None => global.brokers(),
+        };
+        let mut table = std::collections::HashMap::new();
+        let mut home_table = opts.cluster.home_table.clone();
+        if !opts.home_table.is_empty() {
+            let path = dir.path().join("home-table.txt");
+            write_home_table(&path, &opts.home_table);
+            for (u, r) in &opts.home_table {
+                table.insert(u.clone(), r.clone());
+            }
+            home_table = Some(path);
+        }
+        let clusters: Vec<Cluster> = std::thread::scope(|s| {
+            let handles: Vec<_> = names
+                .iter()
+                .map(|name| {
+                    let mut o = opts.cluster.clone();
+                    o.region = Some(name.clone());
+                    o.regions = names.to_vec();
+                    o.global_brokers = Some(global_brokers.clone());
+                    o.home_table = home_table.clone();
+                    s.spawn(move || Cluster::start(o))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        Regions {
+            names: names.to_vec(),
+            clusters,
+            proxy,
+            global,
+            home_table,
+            table,
+            _dir: dir,
+        }
+    }
+
+    /// Region `i` (its name is `names[i]`).
+    pub fn region(&self, i: usize) -> &Cluster {
+        &self.clusters[i]
+    }
+
+    /// Region `i`, mutably (to kill and restart its parts).
+    pub fn region_mut(&mut self, i: usize) -> &mut Cluster {
+        &mut self.clusters[i]
+    }
+
+    /// The index of region `name`.
+    ///
+    /// # Panics
+    /// When there is no such region.
+    pub fn index_of(&self, name: &str) -> usize {
+        self.names
+            .iter()
+            .position(|n| n == name)
+            .unwrap_or_else(|| panic!("no region {name} in {:?}", self.names))
+    }
+
+    /// What every process was given as `--global-brokers` (the proxy when there is one).
+    pub fn global_brokers(&self) -> String {
+        match &self.proxy {
+            Some(p) => p.addr(),
+            None => self.global.brokers(),
+        }
+    }
+
+    /// The home of `user`: the home table's entry, else [`rendezvous`] over the region list.
+    pub fn home_of(&self, user: &str) -> &str {
+        match self.table.get(user) {
+            Some(r) => r,
+            None => rendezvous(user.as_bytes(), &self.names).expect("regions"),
+        }
+    }
+
+    /// The index of the home region of `user`.
+    pub fn home_index(&self, user: &str) -> usize {
+        self.index_of(self.home_of(user))
+    }
+
+    /// A new user name (unique per test run, from `prefix`) homed in region `i`.
+    pub fn user_homed_in(&self, i: usize, prefix: &str) -> String {
+        self.users_homed_in(i, prefix, 1).remove(0)
+    }
+
+    /// `n` new user names (unique per test run, from `prefix`) homed in region `i` by
+    /// rendezvous and not named in the home table.
+    pub fn users_homed_in(&self, i: usize, prefix: &str, n: usize) -> Vec<String> {
+        let p = unique(prefix);
+        let region = &self.names[i];
+        (0u64..)
+            .map(|k| format!("{p}-{k}"))
+            .filter(|u| !self.table.contains_key(u) && self.home_of(u) == region)
+            .take(n)
+            .collect()
+    }
+
+    /// `kill -9` of the global broker (the proxy, if any, keeps running and refuses nothing: its
+    /// upstream connections fail until [`Regions::restart_global`]).
+    pub fn kill9_global(&mut self) {
+        self.global.kill();
+    }
+
+    /// Starts the global broker again on the same port and sqlite file (kills it first if it
+    /// runs).
+    pub fn restart_global(&mut self) {
+        self.global.restart();
+    }
+
+    /// Panics (with the log) unless every edge and core of every region still runs.
+    pub fn assert_running(&mut self) {
+        for c in &mut self.clusters {
+            c.assert_running();
+        }
+    }
+}
+
+impl Drop for Regions {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "---- global broker {} (given as {}), tansu log, last 4000 bytes ----\n{}",
+                self.global.brokers(),
+                self.global_brokers(),
+                tail(&self.global.log(), 4000)
+            );
+        }
+    }
+}
+
 /// `HGETALL key` on the Redis server at `127.0.0.1:port` (a minimal RESP client, so the
 /// harness needs no Redis library): the field-value pairs, empty for a missing key.
 pub fn redis_hgetall(port: u16, key: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
@@ -656,6 +1011,55 @@ pub fn signal_pid(pid: u32, sig: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn region_flags_only_when_set() {
+        assert!(region_args(&ClusterOpts::default()).is_empty());
+        let o = ClusterOpts {
+            regions: vec!["a".into(), "b".into()],
+            global_brokers: Some("127.0.0.1:1".into()),
+            home_table: Some(PathBuf::from("/x/t")),
+            ..ClusterOpts::default()
+        };
+        assert_eq!(
+            region_args(&o),
+            [
+                "--regions",
+                "a,b",
+                "--global-brokers",
+                "127.0.0.1:1",
+                "--home-table",
+                "/x/t"
+            ]
+        );
+    }
+
+    #[test]
+    fn rendezvous_spreads_and_picks_homes() {
+        let regions: Vec<String> = vec!["tokyo".into(), "frankfurt".into(), "ohio".into()];
+        assert_eq!(rendezvous(b"x", &[]), None);
+        let mut counts = [0usize; 3];
+        for i in 0..3000 {
+            let u = format!("u{i}");
+            let h = rendezvous(u.as_bytes(), &regions).unwrap();
+            counts[regions.iter().position(|r| r == h).unwrap()] += 1;
+            // The order of the list does not matter.
+            let mut rev = regions.clone();
+            rev.reverse();
+            assert_eq!(rendezvous(u.as_bytes(), &rev), Some(h));
+        }
+        assert!(counts.iter().all(|&c| c > 800), "{counts:?}");
+        for r in &regions {
+            for u in users_homed_in("p", r, &regions, 5) {
+                assert_eq!(rendezvous(u.as_bytes(), &regions), Some(r.as_str()));
+            }
+        }
+        let names = region_names(2);
+        assert!(names.iter().all(|n| n.len() <= 64
+            && n.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')));
+        assert_ne!(names[0], names[1]);
+    }
 
     #[test]
     fn fnv1a_vectors_match_the_bus() {

@@ -98,6 +98,37 @@ pub fn core_bin() -> PathBuf {
     );
 }
 
+/// The `iris-delay-proxy` binary (perf crate; `cargo build --workspace --bins`), or
+/// `IRIS_DELAY_PROXY_BIN`.
+pub fn delay_proxy_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("IRIS_DELAY_PROXY_BIN") {
+        let p = PathBuf::from(p);
+        assert!(
+            p.is_file(),
+            "IRIS_DELAY_PROXY_BIN={} is not a file",
+            p.display()
+        );
+        return p;
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut candidates = Vec::new();
+    if let Some(deps) = exe.parent() {
+        candidates.push(deps.join("iris-delay-proxy"));
+        if let Some(profile) = deps.parent() {
+            candidates.push(profile.join("iris-delay-proxy"));
+        }
+    }
+    for c in &candidates {
+        if c.is_file() {
+            return c.clone();
+        }
+    }
+    panic!(
+        "iris-delay-proxy binary not found (looked at {candidates:?}; or set \
+         IRIS_DELAY_PROXY_BIN): run `cargo build --workspace --bins` first"
+    );
+}
+
 /// Unix time now, in milliseconds.
 pub fn unix_ms() -> u64 {
     SystemTime::now()

@@ -132,6 +132,7 @@ impl Drop for Proc {
 pub struct Tansu {
     proc: Proc,
     port: u16,
+    advertised: Option<u16>,
     storage: String,
     dir: tempfile::TempDir,
 }
@@ -148,7 +149,18 @@ impl Tansu {
         Tansu::start(Some("broker.db"))
     }
 
+    /// A sqlite broker that advertises `127.0.0.1:advertised_port` instead of its own port:
+    /// clients bootstrap anywhere but then talk to the advertised address, e.g. a
+    /// [`DelayProxy`] listening there and forwarding to [`Tansu::port`].
+    pub fn sqlite_advertising(advertised_port: u16) -> Tansu {
+        Tansu::start_advertising(Some("broker.db"), Some(advertised_port))
+    }
+
     fn start(sqlite_file: Option<&str>) -> Tansu {
+        Tansu::start_advertising(sqlite_file, None)
+    }
+
+    fn start_advertising(sqlite_file: Option<&str>, advertised: Option<u16>) -> Tansu {
         let dir = tempfile::tempdir().unwrap();
         let storage = match sqlite_file {
             // tansu resolves the path against its working directory: start it in `/` and
@@ -159,6 +171,7 @@ impl Tansu {
         let mut t = Tansu {
             proc: Proc(None),
             port: free_port(),
+            advertised,
             storage,
             dir,
         };
@@ -168,6 +181,7 @@ impl Tansu {
 
     fn spawn(&mut self) {
         let url = format!("tcp://127.0.0.1:{}", self.port);
+        let advertised = format!("tcp://127.0.0.1:{}", self.advertised.unwrap_or(self.port));
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -181,7 +195,8 @@ impl Tansu {
             .env_remove("STORAGE_ENGINE")
             .env("RUST_LOG", "warn")
             .args(["broker", "--cluster-id", "iris-test"])
-            .args(["--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--listener-url", &url])
+            .args(["--advertised-listener-url", &advertised])
             .args(["--storage-engine", &self.storage])
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -207,9 +222,16 @@ impl Tansu {
         self.port
     }
 
-    /// `127.0.0.1:PORT`, for `bootstrap.servers`.
+    /// `127.0.0.1:PORT`, for `bootstrap.servers` (the broker's own port; see
+    /// [`Tansu::advertised_brokers`]).
     pub fn brokers(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `127.0.0.1:PORT` of the address the broker advertises (its own unless started with
+    /// [`Tansu::sqlite_advertising`]): what clients should be given.
+    pub fn advertised_brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.advertised.unwrap_or(self.port))
     }
 
     /// Everything the broker wrote so far (all its runs).
@@ -309,6 +331,86 @@ impl RedisServer {
     }
 
     /// Starts a fresh (empty) server on the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+/// An `iris-delay-proxy` (perf crate) owned by one test: forwards a loopback port to an
+/// upstream, holding every chunk `delay_ms` in each direction; killed on drop.
+pub struct DelayProxy {
+    proc: Proc,
+    port: u16,
+    upstream: String,
+    delay_ms: u64,
+}
+
+impl DelayProxy {
+    /// Starts a proxy on `127.0.0.1:port` (`0` = a free port) to `upstream` (`HOST:PORT`) and
+    /// waits for its ready line.
+    pub fn start(port: u16, upstream: &str, delay_ms: u64) -> DelayProxy {
+        let mut p = DelayProxy {
+            proc: Proc(None),
+            port,
+            upstream: upstream.to_owned(),
+            delay_ms,
+        };
+        p.spawn();
+        p
+    }
+
+    fn spawn(&mut self) {
+        use std::io::BufRead as _;
+        let mut child = Command::new(crate::delay_proxy_bin())
+            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .args(["--upstream", &self.upstream])
+            .args(["--delay-ms", &self.delay_ms.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn iris-delay-proxy");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("iris-delay-proxy printed no ready line within 10 s");
+        let addr: std::net::SocketAddr = line
+            .strip_prefix("iris-delay-proxy listening ")
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("iris-delay-proxy ready line {line:?}"));
+        self.port = addr.port();
+        self.proc = Proc(Some(child));
+    }
+
+    /// The proxy's port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `127.0.0.1:PORT` of the proxy.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The delay each way, milliseconds.
+    pub fn delay_ms(&self) -> u64 {
+        self.delay_ms
+    }
+
+    /// Kills the proxy (SIGKILL): every connection through it drops.
+    pub fn kill(&mut self) {
+        self.proc.kill9();
+    }
+
+    /// Kills the proxy and starts it again on the same port.
     pub fn restart(&mut self) {
         self.kill();
         self.spawn();
