@@ -1,0 +1,20 @@
+//! Several regions on one host: every test starts its own global broker (sqlite tansu, so it
+//! can be `kill -9`'d and restarted) and its own regions ([`Regions`]: per region a tansu, a
+//! `redis-server`, `iris-core` members and `iris-edge` processes, all given the region list,
+//! the global brokers and optionally a home table), and talks to the edges as unchanged v1
+//! clients. User names are picked by home region with the same rendezvous hash as the bus
+//! (`Regions::user_homed_in`).
+//!
+//! Needs `tansu`, `redis-server` and the built binaries (`cargo build --workspace --bins`:
+//! `iris-edge`, `iris-core` and the perf crate's `iris-delay-proxy`).
+//!
+//! Modules: `harness` (the regions start, the single-region path still works in each region,
+//! the global broker is reachable through the delay proxy and survives `kill -9`). Cross-region
+//! tests go into further `regions/*.rs` modules; `common` is the cluster tests' helpers (paced
+//! sender, acking receiver with exact loss/duplicate accounting, raw producer).
+
+#[allow(dead_code)]
+#[path = "cluster/common.rs"]
+mod common;
+#[path = "regions/harness.rs"]
+mod harness;
