@@ -16,7 +16,7 @@ use rkyv::rancor;
 use crate::frame::{ArchivedBusFrame, BusFrame};
 
 /// The version byte that starts every frame this build encodes (and the only one it decodes).
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 
 /// Why a frame could not be encoded or decoded.
 #[derive(Debug, thiserror::Error)]
@@ -204,6 +204,16 @@ mod tests {
                 conn: 99,
                 after: 41,
                 limit: 512,
+                region: String::new(),
+            }),
+            BusFrame::DrainRequest(DrainRequest {
+                user: b"bob".to_vec(),
+                node: 3,
+                shard: 1,
+                conn: 99,
+                after: 0,
+                limit: 512,
+                region: "eu-west".into(),
             }),
             BusFrame::DrainChunk(DrainChunk {
                 user: b"bob".to_vec(),
@@ -256,6 +266,7 @@ mod tests {
                 node: 2,
                 shard: 1,
                 conn: 17,
+                region: "eu-west".into(),
             }),
             BusFrame::PrekeyBundle(PrekeyBundle {
                 user: b"bob".to_vec(),
@@ -274,6 +285,11 @@ mod tests {
             BusFrame::EdgeReset(EdgeReset {
                 node: 4,
                 unix_ms: 1_700_000_000_000,
+            }),
+            BusFrame::Stored(Stored {
+                sender: b"alice".to_vec(),
+                id: 0x0102_0304_0506_0708,
+                home: "eu-west".into(),
             }),
         ]);
         let routed: Vec<BusFrame> = v
@@ -299,7 +315,7 @@ mod tests {
     fn every_variant_round_trips() {
         let samples = samples();
         let kinds: std::collections::HashSet<_> = samples.iter().map(BusFrame::kind).collect();
-        assert_eq!(kinds.len(), 11, "every FrameKind is sampled");
+        assert_eq!(kinds.len(), 12, "every FrameKind is sampled");
         for f in &samples {
             round_trip(f);
         }
@@ -321,10 +337,10 @@ mod tests {
         assert!(range.contains(&d.payload.as_slice().as_ptr()));
     }
 
-    /// Pins the wire format of version 2: if this changes (a type in `frame`, the rkyv version
+    /// Pins the wire format of version 3: if this changes (a type in `frame`, the rkyv version
     /// or its features), the version byte must be bumped (see `docs/BUS.md`).
     #[test]
-    fn wire_format_of_version_2_is_pinned() {
+    fn wire_format_of_version_3_is_pinned() {
         let ack = encode(&BusFrame::Ack(Ack {
             user: b"bob".to_vec(),
             id: 7,
@@ -336,10 +352,25 @@ mod tests {
         want.extend_from_slice(&[
             1, 0xfc, 0xff, 0xff, 0xff, 3, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0,
         ]);
-        want.resize(54, 0);
+        want.resize(58, 0);
         assert_eq!(ack, want);
-        // A 64-byte message between short names: 44 bytes of framing.
-        assert_eq!(encode(&BusFrame::Deliver(deliver())).unwrap().len(), 123);
+        // A 64-byte message between short names: 48 bytes of framing.
+        assert_eq!(encode(&BusFrame::Deliver(deliver())).unwrap().len(), 127);
+        let stored = encode(&BusFrame::Stored(Stored {
+            sender: b"al".to_vec(),
+            id: 7,
+            home: "eu".into(),
+        }))
+        .unwrap();
+        let mut want = vec![VERSION, b'a', b'l'];
+        // Root: tag 11 (Stored), sender = relative pointer -3 and length 2, id = 7, home = "eu"
+        // inline (rkyv keeps strings of up to 8 bytes inside the 8-byte string header).
+        want.extend_from_slice(&[
+            11, 0xfd, 0xff, 0xff, 0xff, 2, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0,
+        ]);
+        want.extend_from_slice(&[b'e', b'u', 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
+        want.resize(57, 0);
+        assert_eq!(stored, want);
     }
 
     #[test]
@@ -379,7 +410,7 @@ mod tests {
     fn empty_and_unknown_version_are_errors() {
         assert!(matches!(decode(&[]), Err(BusError::Empty)));
         let mut bytes = encode(&BusFrame::Deliver(deliver())).unwrap();
-        for v in [0u8, 1, 3, 0xff] {
+        for v in [0u8, 1, 2, 4, 0xff] {
             bytes[0] = v;
             assert!(matches!(
                 decode(&bytes),
@@ -440,9 +471,10 @@ mod tests {
                 any::<u32>(),
                 any::<u64>(),
                 any::<u64>(),
-                any::<u32>()
+                any::<u32>(),
+                "[a-z0-9-]{0,16}",
             )
-                .prop_map(|(user, node, shard, conn, after, limit)| {
+                .prop_map(|(user, node, shard, conn, after, limit, region)| {
                     Routed::DrainRequest(DrainRequest {
                         user,
                         node,
@@ -450,6 +482,7 @@ mod tests {
                         conn,
                         after,
                         limit,
+                        region,
                     })
                 }),
             (
@@ -479,22 +512,42 @@ mod tests {
                         more,
                     })
                 }),
+            (bytes(40), bytes(100))
+                .prop_map(|(user, bundle)| { Routed::PrekeyPut(PrekeyPut { user, bundle }) }),
             (
                 bytes(40),
-                any::<bool>(),
                 any::<u32>(),
                 any::<u32>(),
-                any::<u64>()
+                any::<u64>(),
+                "[a-z0-9-]{0,16}",
             )
-                .prop_map(|(user, online, node, shard, unix_ms)| {
-                    Routed::Presence(Presence {
+                .prop_map(|(user, node, shard, conn, region)| {
+                    Routed::PrekeyFetch(PrekeyFetch {
                         user,
-                        online,
                         node,
                         shard,
-                        unix_ms,
+                        conn,
+                        region,
                     })
                 }),
+            (
+                bytes(40),
+                any::<u32>(),
+                any::<u32>(),
+                any::<u64>(),
+                proptest::option::of(bytes(100)),
+            )
+                .prop_map(|(user, node, shard, conn, bundle)| {
+                    Routed::PrekeyBundle(PrekeyBundle {
+                        user,
+                        node,
+                        shard,
+                        conn,
+                        bundle,
+                    })
+                }),
+            (bytes(40), any::<u64>(), "[a-z0-9-]{0,16}")
+                .prop_map(|(sender, id, home)| Routed::Stored(Stored { sender, id, home })),
             (bytes(40), relay_kind, bytes(40)).prop_map(|(recipient, kind, frame)| {
                 Routed::Relay(Relay {
                     recipient,
@@ -508,6 +561,24 @@ mod tests {
     fn arb_frame() -> impl Strategy<Value = BusFrame> {
         prop_oneof![
             3 => arb_routed().prop_map(BusFrame::from),
+            1 => (
+                bytes(40),
+                any::<bool>(),
+                any::<u32>(),
+                any::<u32>(),
+                any::<u64>()
+            )
+                .prop_map(|(user, online, node, shard, unix_ms)| {
+                    BusFrame::Presence(Presence {
+                        user,
+                        online,
+                        node,
+                        shard,
+                        unix_ms,
+                    })
+                }),
+            1 => (any::<u32>(), any::<u64>())
+                .prop_map(|(node, unix_ms)| BusFrame::EdgeReset(EdgeReset { node, unix_ms })),
             1 => ("[a-z0-9-]{0,16}", arb_routed())
                 .prop_map(|(region, inner)| BusFrame::Route(Route { region, inner })),
         ]

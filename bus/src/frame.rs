@@ -49,6 +49,9 @@ pub struct DrainRequest {
     /// Exclusive lower bound of the ids wanted (0: from the first stored message).
     pub after: u64,
     pub limit: u32,
+    /// The region of the edge that asks (the answer crosses back to it); empty = the consumer's
+    /// own region.
+    pub region: String,
 }
 
 /// One stored message inside a [`DrainChunk`].
@@ -124,6 +127,8 @@ pub struct PrekeyFetch {
     pub node: u32,
     pub shard: u32,
     pub conn: u64,
+    /// The region of the edge that asks; empty = the consumer's own region.
+    pub region: String,
 }
 
 /// The core's answer to a [`PrekeyFetch`]: the bundle, or `None` when none is stored.
@@ -149,7 +154,19 @@ pub struct EdgeReset {
     pub unix_ms: u64,
 }
 
-/// A frame that a [`Route`] may carry to another region: every frame but a route.
+/// Message `id` from `sender` is stored in its recipient's home region `home`: sent back to the
+/// sender's (accepting) region, which records the cross-region latency. Keyed by `sender`.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
+pub struct Stored {
+    pub sender: Vec<u8>,
+    pub id: u64,
+    /// The recipient's home region, where the message is stored.
+    pub home: String,
+}
+
+/// A frame that a [`Route`] may carry to another region. Presence and edge resets are not
+/// routable: presence never crosses regions by construction.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[rkyv(compare(PartialEq), derive(Debug))]
 pub enum Routed {
@@ -157,8 +174,11 @@ pub enum Routed {
     Ack(Ack),
     DrainRequest(DrainRequest),
     DrainChunk(DrainChunk),
-    Presence(Presence),
     Relay(Relay),
+    PrekeyPut(PrekeyPut),
+    PrekeyFetch(PrekeyFetch),
+    PrekeyBundle(PrekeyBundle),
+    Stored(Stored),
 }
 
 /// A frame for the home region `region`, published on `iris.global.route.{region}`; the
@@ -187,6 +207,7 @@ pub enum BusFrame {
     PrekeyFetch(PrekeyFetch),
     PrekeyBundle(PrekeyBundle),
     EdgeReset(EdgeReset),
+    Stored(Stored),
 }
 
 /// The kind of a frame, for metrics and logs.
@@ -203,6 +224,7 @@ pub enum FrameKind {
     PrekeyFetch,
     PrekeyBundle,
     EdgeReset,
+    Stored,
 }
 
 impl FrameKind {
@@ -220,6 +242,7 @@ impl FrameKind {
             FrameKind::PrekeyFetch => "prekey_fetch",
             FrameKind::PrekeyBundle => "prekey_bundle",
             FrameKind::EdgeReset => "edge_reset",
+            FrameKind::Stored => "stored",
         }
     }
 }
@@ -231,28 +254,30 @@ impl From<Routed> for BusFrame {
             Routed::Ack(f) => BusFrame::Ack(f),
             Routed::DrainRequest(f) => BusFrame::DrainRequest(f),
             Routed::DrainChunk(f) => BusFrame::DrainChunk(f),
-            Routed::Presence(f) => BusFrame::Presence(f),
             Routed::Relay(f) => BusFrame::Relay(f),
+            Routed::PrekeyPut(f) => BusFrame::PrekeyPut(f),
+            Routed::PrekeyFetch(f) => BusFrame::PrekeyFetch(f),
+            Routed::PrekeyBundle(f) => BusFrame::PrekeyBundle(f),
+            Routed::Stored(f) => BusFrame::Stored(f),
         }
     }
 }
 
 impl BusFrame {
     /// Wraps this frame for region `region`; `None` for a route (routes do not nest) and for the
-    /// frames that never leave a region (prekeys, edge reset).
+    /// frames that never leave a region (presence, edge reset).
     pub fn route_to(self, region: impl Into<String>) -> Option<BusFrame> {
         let inner = match self {
             BusFrame::Deliver(f) => Routed::Deliver(f),
             BusFrame::Ack(f) => Routed::Ack(f),
             BusFrame::DrainRequest(f) => Routed::DrainRequest(f),
             BusFrame::DrainChunk(f) => Routed::DrainChunk(f),
-            BusFrame::Presence(f) => Routed::Presence(f),
             BusFrame::Relay(f) => Routed::Relay(f),
-            BusFrame::Route(_)
-            | BusFrame::PrekeyPut(_)
-            | BusFrame::PrekeyFetch(_)
-            | BusFrame::PrekeyBundle(_)
-            | BusFrame::EdgeReset(_) => return None,
+            BusFrame::PrekeyPut(f) => Routed::PrekeyPut(f),
+            BusFrame::PrekeyFetch(f) => Routed::PrekeyFetch(f),
+            BusFrame::PrekeyBundle(f) => Routed::PrekeyBundle(f),
+            BusFrame::Stored(f) => Routed::Stored(f),
+            BusFrame::Route(_) | BusFrame::Presence(_) | BusFrame::EdgeReset(_) => return None,
         };
         Some(BusFrame::Route(Route {
             region: region.into(),
@@ -273,11 +298,13 @@ impl BusFrame {
             BusFrame::PrekeyFetch(_) => FrameKind::PrekeyFetch,
             BusFrame::PrekeyBundle(_) => FrameKind::PrekeyBundle,
             BusFrame::EdgeReset(_) => FrameKind::EdgeReset,
+            BusFrame::Stored(_) => FrameKind::Stored,
         }
     }
 
     /// The user this frame is keyed (partitioned) by: the recipient of a deliver or relay, the
-    /// user of the others, the inner frame's user for a route, empty for an edge reset.
+    /// user of the others, the sender of a stored notice, the inner frame's user for a route,
+    /// empty for an edge reset.
     pub fn key_user(&self) -> &[u8] {
         match self {
             BusFrame::Deliver(f) => &f.recipient,
@@ -291,6 +318,7 @@ impl BusFrame {
             BusFrame::PrekeyFetch(f) => &f.user,
             BusFrame::PrekeyBundle(f) => &f.user,
             BusFrame::EdgeReset(_) => &[],
+            BusFrame::Stored(f) => &f.sender,
         }
     }
 }
@@ -302,8 +330,11 @@ impl Routed {
             Routed::Ack(f) => &f.user,
             Routed::DrainRequest(f) => &f.user,
             Routed::DrainChunk(f) => &f.user,
-            Routed::Presence(f) => &f.user,
             Routed::Relay(f) => &f.recipient,
+            Routed::PrekeyPut(f) => &f.user,
+            Routed::PrekeyFetch(f) => &f.user,
+            Routed::PrekeyBundle(f) => &f.user,
+            Routed::Stored(f) => &f.sender,
         }
     }
 }
@@ -322,6 +353,7 @@ impl ArchivedBusFrame {
             ArchivedBusFrame::PrekeyFetch(_) => FrameKind::PrekeyFetch,
             ArchivedBusFrame::PrekeyBundle(_) => FrameKind::PrekeyBundle,
             ArchivedBusFrame::EdgeReset(_) => FrameKind::EdgeReset,
+            ArchivedBusFrame::Stored(_) => FrameKind::Stored,
         }
     }
 
@@ -339,6 +371,7 @@ impl ArchivedBusFrame {
             ArchivedBusFrame::PrekeyFetch(f) => &f.user,
             ArchivedBusFrame::PrekeyBundle(f) => &f.user,
             ArchivedBusFrame::EdgeReset(_) => &[],
+            ArchivedBusFrame::Stored(f) => &f.sender,
         }
     }
 }
@@ -350,8 +383,11 @@ impl ArchivedRouted {
             ArchivedRouted::Ack(f) => &f.user,
             ArchivedRouted::DrainRequest(f) => &f.user,
             ArchivedRouted::DrainChunk(f) => &f.user,
-            ArchivedRouted::Presence(f) => &f.user,
             ArchivedRouted::Relay(f) => &f.recipient,
+            ArchivedRouted::PrekeyPut(f) => &f.user,
+            ArchivedRouted::PrekeyFetch(f) => &f.user,
+            ArchivedRouted::PrekeyBundle(f) => &f.user,
+            ArchivedRouted::Stored(f) => &f.sender,
         }
     }
 }
@@ -361,7 +397,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn route_to_wraps_everything_but_a_route() {
+    fn route_to_wraps_every_routable_frame() {
         let ack = BusFrame::Ack(Ack {
             user: b"bob".to_vec(),
             id: 7,
@@ -375,5 +411,37 @@ mod tests {
         assert_eq!(r.region, "eu");
         assert_eq!(BusFrame::from(r.inner.clone()), ack);
         assert!(routed.route_to("us").is_none());
+        let presence = BusFrame::Presence(Presence {
+            user: b"bob".to_vec(),
+            online: true,
+            node: 1,
+            shard: 0,
+            unix_ms: 1,
+        });
+        assert!(presence.route_to("eu").is_none(), "presence never crosses");
+        let reset = BusFrame::EdgeReset(EdgeReset {
+            node: 1,
+            unix_ms: 1,
+        });
+        assert!(reset.route_to("eu").is_none(), "edge resets never cross");
+        let stored = BusFrame::Stored(Stored {
+            sender: b"alice".to_vec(),
+            id: 9,
+            home: "eu".into(),
+        });
+        let routed = stored.clone().route_to("us").unwrap();
+        assert_eq!(routed.key_user(), b"alice");
+        let BusFrame::Route(r) = routed else {
+            unreachable!()
+        };
+        assert_eq!(BusFrame::from(r.inner), stored);
+        let fetch = BusFrame::PrekeyFetch(PrekeyFetch {
+            user: b"bob".to_vec(),
+            node: 1,
+            shard: 0,
+            conn: 3,
+            region: "us".into(),
+        });
+        assert_eq!(fetch.route_to("eu").unwrap().kind(), FrameKind::Route);
     }
 }

@@ -1,8 +1,8 @@
 //! Per-hop latency of a message through the cluster, measured from the moment its edge accepted
 //! it.
 //!
-//! A message id carries the accepting shard's clock (`µs since 2024-01-01 UTC << 14 | node << 6 |
-//! shard`, see `iris_edge::idgen`), so every process a message passes can tell how long ago it
+//! A message id carries the accepting shard's clock (`(µs since 2024-01-01 UTC / 16) << 18 |
+//! region << 14 | node << 6 | shard`, see `iris_edge::idgen`), so every process a message passes can tell how long ago it
 //! was accepted without any field added to the frames: [`id_age_micros`]. Each process keeps one
 //! [`HopHistogram`] per hop it sees (the edge: produce acknowledged, inbox arrival, socket write;
 //! the core: consumed, routed) and renders them as Prometheus histograms
@@ -18,8 +18,26 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The id clock's epoch (2024-01-01T00:00:00Z) in Unix microseconds, as the edge mints ids.
 pub const ID_EPOCH_MICROS: u64 = 1_704_067_200_000_000;
-/// Bits below the id's clock reading (node and shard).
-pub const ID_LOW_BITS: u32 = 14;
+/// Bits below the id's clock reading (region index, node and shard).
+pub const ID_LOW_BITS: u32 = 18;
+/// Microseconds per tick of the id's clock reading.
+pub const ID_TICK_MICROS: u64 = 16;
+/// Position of the 4-bit region index (the accepting region's place in the region list).
+pub const ID_REGION_SHIFT: u32 = 14;
+/// Bits of the region index.
+pub const ID_REGION_BITS: u32 = 4;
+
+/// The index (in the region list) of the region whose edge minted `id`.
+pub fn id_region(id: u64) -> u32 {
+    ((id >> ID_REGION_SHIFT) & ((1 << ID_REGION_BITS) - 1)) as u32
+}
+
+/// When (Unix µs) the message with id `id` was accepted, to the id clock's 16 µs tick.
+pub fn id_accept_micros(id: u64) -> u64 {
+    (id >> ID_LOW_BITS)
+        .saturating_mul(ID_TICK_MICROS)
+        .saturating_add(ID_EPOCH_MICROS)
+}
 
 /// Upper bounds of the buckets, in microseconds (the last bucket is +Inf).
 pub const BUCKETS_MICROS: [u64; 16] = [
@@ -36,8 +54,7 @@ pub fn unix_micros() -> u64 {
 
 /// How long ago (µs) the message with id `id` was accepted, by this process's clock.
 pub fn id_age_micros(id: u64) -> u64 {
-    let accepted = (id >> ID_LOW_BITS).saturating_add(ID_EPOCH_MICROS);
-    unix_micros().saturating_sub(accepted)
+    unix_micros().saturating_sub(id_accept_micros(id))
 }
 
 /// A fixed-bucket latency histogram, written with relaxed atomics from any thread.
@@ -178,11 +195,22 @@ mod tests {
     #[test]
     fn the_age_of_an_id_comes_from_its_clock_bits() {
         let now = unix_micros() - ID_EPOCH_MICROS;
-        let id = ((now - 3_000) << ID_LOW_BITS) | (5 << 6) | 1;
+        let id = (((now - 3_000) / ID_TICK_MICROS) << ID_LOW_BITS) | (15 << 14) | (255 << 6) | 63;
         let age = id_age_micros(id);
         assert!((3_000..1_000_000).contains(&age), "{age}");
         // From the future: 0, not a wrap-around.
-        let future = ((now + 10_000_000) << ID_LOW_BITS) | 1;
+        let future = (((now + 10_000_000) / ID_TICK_MICROS) << ID_LOW_BITS) | 1;
         assert_eq!(id_age_micros(future), 0);
+    }
+
+    #[test]
+    fn the_region_index_sits_above_node_and_shard() {
+        let tick = 123_456_789u64;
+        for region in 0..16u64 {
+            let id = (tick << ID_LOW_BITS) | (region << ID_REGION_SHIFT) | (255 << 6) | 63;
+            assert_eq!(id_region(id), region as u32);
+            assert_eq!(id_accept_micros(id), tick * 16 + ID_EPOCH_MICROS);
+        }
+        assert_eq!(ID_REGION_SHIFT + ID_REGION_BITS, ID_LOW_BITS);
     }
 }

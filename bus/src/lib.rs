@@ -17,6 +17,7 @@
 
 pub mod codec;
 pub mod frame;
+pub mod home;
 pub mod hops;
 pub mod kafka;
 pub mod topics;
@@ -29,6 +30,7 @@ pub use frame::{
     Ack, ArchivedAck, ArchivedBusFrame, ArchivedDeliver, ArchivedDrainChunk, ArchivedDrainRequest,
     ArchivedDrained, ArchivedEdgeReset, ArchivedPrekeyBundle, ArchivedPrekeyFetch,
     ArchivedPrekeyPut, ArchivedPresence, ArchivedRelay, ArchivedRelayKind, ArchivedRoute,
-    ArchivedRouted, BusFrame, Deliver, DrainChunk, DrainRequest, Drained, EdgeReset, FrameKind,
-    PrekeyBundle, PrekeyFetch, PrekeyPut, Presence, Relay, RelayKind, Route, Routed,
+    ArchivedRouted, ArchivedStored, BusFrame, Deliver, DrainChunk, DrainRequest, Drained,
+    EdgeReset, FrameKind, PrekeyBundle, PrekeyFetch, PrekeyPut, Presence, Relay, RelayKind, Route,
+    Routed, Stored,
 };

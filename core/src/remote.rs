@@ -700,6 +700,7 @@ impl Bridge {
                     conn,
                     after,
                     limit: u32::try_from(limit).unwrap_or(u32::MAX),
+                    region: String::new(),
                 }));
             }
             CoreRequest::PutPrekeys { user, bundle } => {
@@ -711,6 +712,7 @@ impl Bridge {
                     node: self.node,
                     shard: shard as u32,
                     conn,
+                    region: String::new(),
                 }))
             }
             CoreRequest::Online { user, shard } => {
@@ -804,6 +806,7 @@ impl Bridge {
                 conn,
                 after,
                 limit: u32::try_from(limit).unwrap_or(u32::MAX),
+                region: String::new(),
             })),
             other => self.outbound(shard, other),
         }

@@ -1153,6 +1153,7 @@ impl CoreService {
                 | BusFrame::PrekeyBundle(_)
                 | BusFrame::EdgeReset(_)
                 | BusFrame::Route(_)
+                | BusFrame::Stored(_)
         );
         if core_bound && !storable_user(frame.key_user()) {
             self.stats.rejected.fetch_add(1, Ordering::Relaxed);

@@ -406,6 +406,7 @@ fn drain_after(user: &[u8], node: u32, conn: u64, after: u64, limit: u32) -> Bus
         conn,
         after,
         limit,
+        region: String::new(),
     })
 }
 
@@ -666,6 +667,7 @@ fn prekey_put_then_fetch_answers_the_bundle_and_unknown_user_none() {
             node: 3,
             shard: 2,
             conn,
+            region: String::new(),
         })
     };
     // Back to back: each fetch sees the put consumed before it, even in the same window.

@@ -5,8 +5,12 @@
 //! never silently falls back to a default. `iris-edge --check` loads, validates and prints the
 //! effective configuration, then exits.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use iris_bus::home::Homes;
 
 use serde::{Deserialize, Serialize};
 
@@ -119,6 +123,48 @@ pub struct ClusterConfig {
     /// topic shows holding the recipient (one broker hop), besides the stored copy to the core
     /// (true). Off: only the core routes live copies (two hops, one produce fewer per message).
     pub direct_live: bool,
+    /// The ordered, append-only region list of a federated deployment; a region's index in it
+    /// is part of every message id. Must contain `region` when not empty; at most 16. Empty:
+    /// a single region, no global bus ([]).
+    pub regions: Vec<String>,
+    /// Kafka bootstrap servers of the global bus (`iris.global.route.{region}` topics);
+    /// required when more than one region is listed ("").
+    pub global_brokers: String,
+    /// Home table file: one `user region` pair per line overriding the rendezvous home of
+    /// those users (see docs/REGIONS.md); empty = none ("").
+    pub home_table_file: String,
+}
+
+impl ClusterConfig {
+    /// This region's index in the region list (0 when the list is empty or, before
+    /// validation, when the region is missing from it): the region bits of minted ids.
+    pub fn region_index(&self) -> u32 {
+        self.regions
+            .iter()
+            .position(|r| *r == self.region)
+            .map_or(0, |i| i as u32)
+    }
+
+    /// Builds the homes of this configuration (region list, own region, home table loaded from
+    /// `home_table_file`), refusing an unknown region anywhere.
+    pub fn homes(&self) -> Result<Arc<Homes>, ConfigError> {
+        let table = if self.home_table_file.is_empty() {
+            HashMap::new()
+        } else {
+            Homes::load_table(Path::new(&self.home_table_file))
+                .map_err(|e| ConfigError::Invalid(format!("cluster.home_table_file: {e}")))?
+        };
+        let homes = Homes::new(&self.region, &self.regions, table)
+            .map_err(|e| ConfigError::Invalid(format!("cluster: {e}")))?;
+        if homes.is_multi() && self.global_brokers.trim().is_empty() {
+            return Err(ConfigError::Invalid(format!(
+                "cluster.global_brokers must name at least one broker when more than one region \
+                 is listed (regions = {:?})",
+                self.regions
+            )));
+        }
+        Ok(Arc::new(homes))
+    }
 }
 
 impl Default for ClusterConfig {
@@ -140,6 +186,9 @@ impl Default for ClusterConfig {
             direct_live: true,
             outbox_max_bytes: 256 << 20,
             bus_stall_ms: 5_000,
+            regions: Vec::new(),
+            global_brokers: String::new(),
+            home_table_file: String::new(),
         }
     }
 }
@@ -306,7 +355,16 @@ impl EdgeConfig {
                 );
             }
         }
+        if c.bus == BusKind::Kafka || !c.regions.is_empty() || !c.home_table_file.is_empty() {
+            c.homes()?;
+        }
         Ok(())
+    }
+
+    /// The homes (region list, own region, home table) for the cluster link: see
+    /// [`ClusterConfig::homes`]. Loads the home table file again.
+    pub fn homes(&self) -> Result<Arc<Homes>, ConfigError> {
+        self.cluster.homes()
     }
 
     /// The shard count after resolving `shards = 0` against the CPUs we may run on.
@@ -398,6 +456,87 @@ mod tests {
                 toml::from_str(&format!("[cluster]\nbus = \"kafka\"\n{bad}\n")).unwrap();
             assert!(c.validate().is_err(), "{bad} accepted");
         }
+    }
+
+    fn kafka(extra: &str) -> EdgeConfig {
+        toml::from_str(&format!(
+            "[cluster]\nbus = \"kafka\"\nregion = \"tokyo\"\n{extra}\n"
+        ))
+        .unwrap()
+    }
+
+    fn invalid(c: &EdgeConfig) -> String {
+        match c.validate() {
+            Err(e) => e.to_string(),
+            Ok(()) => panic!("accepted: {:?}", c.cluster),
+        }
+    }
+
+    #[test]
+    fn region_keys_parse_and_validate() {
+        let c = kafka("regions = [\"tokyo\", \"frankfurt\"]\nglobal_brokers = \"127.0.0.1:9\"\n");
+        c.validate().unwrap();
+        assert_eq!(c.cluster.region_index(), 0);
+        let h = c.homes().unwrap();
+        assert!(h.is_multi());
+        assert_eq!(h.home_of(b"alice"), "frankfurt");
+        let mut f = c.clone();
+        f.cluster.region = "frankfurt".into();
+        f.validate().unwrap();
+        assert_eq!(f.cluster.region_index(), 1);
+        assert_eq!(f.homes().unwrap().own_index(), 1);
+
+        // Single region: no list, no global brokers needed.
+        let single = kafka("");
+        single.validate().unwrap();
+        assert!(!single.homes().unwrap().is_multi());
+        assert_eq!(single.cluster.region_index(), 0);
+
+        let e = invalid(&kafka(
+            "regions = [\"tokyo\", \"mars!\"]\nglobal_brokers = \"127.0.0.1:9\"\n",
+        ));
+        assert!(e.contains("\"mars!\""), "{e}");
+        let e = invalid(&kafka(
+            "regions = [\"paris\", \"frankfurt\"]\nglobal_brokers = \"127.0.0.1:9\"\n",
+        ));
+        assert!(e.contains("own region \"tokyo\""), "{e}");
+        let e = invalid(&kafka("regions = [\"tokyo\", \"frankfurt\"]\n"));
+        assert!(e.contains("cluster.global_brokers"), "{e}");
+        // A region list given in embedded mode is checked too.
+        let mut emb = EdgeConfig::default();
+        emb.cluster.regions = vec!["tokyo".into(), "frankfurt".into()];
+        assert!(invalid(&emb).contains("own region \"local\""));
+    }
+
+    #[test]
+    fn home_table_is_loaded_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let table = dir.path().join("homes.txt");
+        std::fs::write(&table, "# overrides\nalice tokyo\nbob paris\n").unwrap();
+        let regions = "regions = [\"tokyo\", \"frankfurt\"]\nglobal_brokers = \"127.0.0.1:9\"\n";
+        let c = kafka(&format!(
+            "{regions}home_table_file = {:?}\n",
+            table.to_str().unwrap()
+        ));
+        let e = invalid(&c);
+        assert!(e.contains("\"paris\"") && e.contains("bob"), "{e}");
+
+        std::fs::write(&table, "alice tokyo\nbob frankfurt\n").unwrap();
+        c.validate().unwrap();
+        let h = c.homes().unwrap();
+        assert_eq!(
+            h.home_of(b"alice"),
+            "tokyo",
+            "the table overrides rendezvous"
+        );
+        assert_eq!(h.home_of(b"bob"), "frankfurt");
+
+        std::fs::write(&table, "alice tokyo\nbob\n").unwrap();
+        let e = invalid(&c);
+        assert!(e.contains("line 2"), "{e}");
+        std::fs::remove_file(&table).unwrap();
+        let e = invalid(&c);
+        assert!(e.contains("cluster.home_table_file"), "{e}");
     }
 
     #[test]

@@ -484,7 +484,7 @@ impl Shard {
             // the edge's inbox after a restart) must not find a new connection with its number.
             next_conn: Cell::new(crate::idgen::now_micros().max(1)),
             presence: RefCell::new(Presence::default()),
-            idgen: RefCell::new(IdGen::new(node, id, id_floor)),
+            idgen: RefCell::new(IdGen::new(cfg.cluster.region_index(), node, id, id_floor)),
             cluster,
             direct_live: cluster && cfg.cluster.direct_live,
             recent_routed: RefCell::new(RecentIds::default()),
