@@ -4,11 +4,55 @@
 
 use std::time::{Duration, Instant};
 
-use iris_tests::cluster::{region_names, ClusterOpts, Regions};
+use iris_tests::cluster::{
+    region_names, rendezvous, users_homed_in, write_home_table, ClusterOpts, Regions,
+};
 use iris_tests::services::{DelayProxy, Tansu};
 use iris_tests::{describe_sequence_diff, number_of, numbered};
 
 use crate::common::{recv_one, RawProducer, PAYLOAD};
+
+/// The harness's rendezvous is the bus's, and its home table files load as the processes load
+/// them.
+#[test]
+fn harness_homes_match_the_bus() {
+    let lists: Vec<Vec<String>> = vec![
+        vec!["a".into(), "b".into()],
+        vec!["tokyo".into(), "frankfurt".into(), "ohio".into()],
+        region_names(4),
+    ];
+    for regions in &lists {
+        for i in 0..2000 {
+            let u = format!("user-{i}");
+            assert_eq!(
+                rendezvous(u.as_bytes(), regions),
+                iris_bus::home::rendezvous(u.as_bytes(), regions),
+                "{u} over {regions:?}"
+            );
+        }
+        for r in regions {
+            for u in users_homed_in("h", r, regions, 3) {
+                assert_eq!(
+                    iris_bus::home::rendezvous(u.as_bytes(), regions),
+                    Some(r.as_str())
+                );
+            }
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("homes.txt");
+    write_home_table(&path, &[("alice", "tokyo"), ("bob", "ohio")]);
+    let table = iris_bus::home::Homes::load_table(&path).expect("load the harness's table");
+    assert_eq!(table.len(), 2);
+    assert_eq!(
+        table.get(b"alice".as_slice()).map(String::as_str),
+        Some("tokyo")
+    );
+    assert_eq!(
+        table.get(b"bob".as_slice()).map(String::as_str),
+        Some("ohio")
+    );
+}
 
 /// One core and two edges of one shard per region: the smallest region with an edge-to-edge
 /// path (two regions share a 2-CPU machine with the rest of the suite).
