@@ -101,6 +101,11 @@ pub struct RemoteConfig {
     pub kafka: KafkaConfig,
     /// The durable outbox (write-ahead log) of accepted messages, under the edge's data dir.
     pub outbox: OutboxConfig,
+    /// The region list, this region's place in it and the home table.
+    pub homes: Arc<iris_bus::home::Homes>,
+    /// The global bus (cross-region route topics): `Some` exactly when `homes` lists more than
+    /// one region.
+    pub global: Option<KafkaConfig>,
 }
 
 /// Counters of the link (monotonic).

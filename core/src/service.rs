@@ -109,6 +109,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use iris_bus::home::Homes;
 use iris_bus::hops::HopHistogram;
 use iris_bus::kafka::{
     ensure_topics, Done, KafkaConfig, KafkaProducer, OutFrame, ProducerRing, RecreationCursor,
@@ -220,12 +221,18 @@ pub struct ServiceConfig {
     /// Consumer `fetch.wait.max.ms`: the longest a fetch waits at the broker (tansu answers
     /// only at this deadline, so it bounds the consume hop there; 500 suits a real Kafka).
     pub fetch_wait_max_ms: u32,
+    /// The region list, this region's place in it and the home table: which users are homed
+    /// here. Single-region (everyone homed here) by default.
+    pub homes: Arc<Homes>,
+    /// The global bus (cross-region route topics); `Some` exactly when `homes` lists more than
+    /// one region. `None` by default.
+    pub global: Option<KafkaConfig>,
 }
 
 impl ServiceConfig {
     /// A configuration with the defaults: 16 partitions, group `iris-core-{region}`, a 2 ms
     /// commit window, 4096 records per window at most, member 0 of 1 (every partition), no
-    /// admin endpoint, a 5 ms fetch wait.
+    /// admin endpoint, a 5 ms fetch wait, a single region (everyone homed here, no global bus).
     pub fn new(
         brokers: impl Into<String>,
         redis_url: impl Into<String>,
@@ -233,6 +240,7 @@ impl ServiceConfig {
         data_dir: impl Into<PathBuf>,
     ) -> Self {
         let region = region.into();
+        let homes = Arc::new(Homes::single(&region));
         ServiceConfig {
             brokers: brokers.into(),
             redis_url: redis_url.into(),
@@ -246,11 +254,14 @@ impl ServiceConfig {
             members: 1,
             admin: None,
             fetch_wait_max_ms: 5,
+            homes,
+            global: None,
         }
     }
 
-    /// Checks the region name, `members >= 1`, `member < members`, `partitions >= 1` and
-    /// `max_batch >= 1`.
+    /// Checks the region name, `members >= 1`, `member < members`, `partitions >= 1`,
+    /// `max_batch >= 1`, that `homes` is built for this region and that a global bus is given
+    /// exactly when more than one region is listed.
     pub fn validate(&self) -> Result<(), CoreError> {
         if !iris_bus::topics::is_valid_region(&self.region) {
             return Err(CoreError::InvalidInput(format!(
@@ -278,6 +289,32 @@ impl ServiceConfig {
             return Err(CoreError::InvalidInput(
                 "max_batch must be at least 1".to_owned(),
             ));
+        }
+        if self.homes.own() != self.region {
+            return Err(CoreError::InvalidInput(format!(
+                "homes are built for region {:?}, not {:?}",
+                self.homes.own(),
+                self.region
+            )));
+        }
+        match (&self.global, self.homes.is_multi()) {
+            (None, true) => {
+                return Err(CoreError::InvalidInput(format!(
+                    "global brokers are required with more than one region ({:?})",
+                    self.homes.regions()
+                )))
+            }
+            (Some(_), false) => {
+                return Err(CoreError::InvalidInput(
+                    "global brokers are given but only one region is listed".to_owned(),
+                ))
+            }
+            (Some(g), true) if g.brokers.trim().is_empty() => {
+                return Err(CoreError::InvalidInput(
+                    "global brokers must name at least one broker".to_owned(),
+                ))
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -2129,8 +2166,28 @@ mod tests {
         assert!(matches!(cfg.validate(), Err(CoreError::InvalidInput(_))));
         cfg.member = 1;
         assert!(cfg.validate().is_ok());
+        let single = cfg.clone();
         cfg.region = "global".to_owned();
         assert!(matches!(cfg.validate(), Err(CoreError::InvalidInput(_))));
+
+        // Regions: homes of the same region, global brokers exactly when multi-region.
+        let regions = vec!["eu-west".to_owned(), "ap-south".to_owned()];
+        let homes = Homes::new("eu-west", &regions, HashMap::new()).unwrap();
+        let mut multi = single.clone();
+        multi.homes = Arc::new(homes.clone());
+        let e = multi.validate().unwrap_err().to_string();
+        assert!(e.contains("global brokers are required"), "{e}");
+        multi.global = Some(KafkaConfig {
+            brokers: "g:1".into(),
+            ..KafkaConfig::default()
+        });
+        multi.validate().unwrap();
+        let mut wrong = multi.clone();
+        wrong.region = "ap-south".into();
+        assert!(wrong.validate().is_err(), "homes built for another region");
+        let mut lone = single;
+        lone.global = multi.global.clone();
+        assert!(lone.validate().is_err(), "a global bus with one region");
     }
 
     #[test]

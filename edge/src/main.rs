@@ -1,6 +1,7 @@
 //! `iris-edge` binary: flags and config file, host checks, then the shards until SIGTERM/SIGINT.
 //! `--bus kafka` (with `--brokers`, `--redis`, `--region`, `--node-id`) joins a regional cluster
-//! instead of running the embedded core.
+//! instead of running the embedded core; `--regions a,b --global-brokers H:P [--home-table FILE]`
+//! make it one region of a federated deployment.
 //!
 //! Prints one line to standard output once serving, for scripts and tests:
 //! `iris-edge listening client=ADDR admin=ADDR shards=N`. Logs go to standard error
@@ -55,6 +56,17 @@ struct Cli {
     /// Cluster: partitions of the deliver and presence topics if this edge creates them.
     #[arg(long)]
     partitions: Option<u32>,
+    /// Cluster: the ordered region list of a federated deployment, comma separated (must
+    /// contain --region; append only) [default: none, a single region].
+    #[arg(long)]
+    regions: Option<String>,
+    /// Cluster: Kafka bootstrap servers of the global bus; required with more than one region.
+    #[arg(long)]
+    global_brokers: Option<String>,
+    /// Cluster: home table file, `user region` per line, overriding the rendezvous home of
+    /// those users.
+    #[arg(long)]
+    home_table: Option<PathBuf>,
     /// Validate the configuration, print it, and exit.
     #[arg(long)]
     check: bool,
@@ -106,6 +118,20 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(v) = cli.partitions {
         cfg.cluster.partitions = v;
+    }
+    if let Some(v) = cli.regions {
+        cfg.cluster.regions = v
+            .split(',')
+            .map(str::trim)
+            .filter(|r| !r.is_empty())
+            .map(str::to_owned)
+            .collect();
+    }
+    if let Some(v) = cli.global_brokers {
+        cfg.cluster.global_brokers = v;
+    }
+    if let Some(v) = cli.home_table {
+        cfg.cluster.home_table_file = v.to_string_lossy().into_owned();
     }
     cfg.validate()?;
     if cli.check {

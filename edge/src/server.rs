@@ -252,6 +252,19 @@ fn start_core(
         }
         BusKind::Kafka => {
             let c = &cfg.cluster;
+            let homes = cfg.homes().context("invalid region configuration")?;
+            let kafka = KafkaConfig {
+                linger_ms: c.linger_ms,
+                compression: c.compression.clone(),
+                ring_capacity: c.producer_ring_capacity,
+                producer_cpu: usize::try_from(c.producer_cpu).ok(),
+                fetch_wait_max_ms: c.fetch_wait_max_ms,
+                ..KafkaConfig::default()
+            };
+            let global = homes.is_multi().then(|| KafkaConfig {
+                brokers: c.global_brokers.clone(),
+                ..kafka.clone()
+            });
             let remote = RemoteConfig {
                 brokers: c.brokers.clone(),
                 redis_url: c.redis_url.clone(),
@@ -261,14 +274,7 @@ fn start_core(
                 // Small: a message is in memory only between the socket read and the bridge's
                 // outbox write; a full queue stops the shard reading (Shard::backpressured).
                 queue_capacity: cfg.core_queue_capacity.min(CLUSTER_QUEUE_CAPACITY),
-                kafka: KafkaConfig {
-                    linger_ms: c.linger_ms,
-                    compression: c.compression.clone(),
-                    ring_capacity: c.producer_ring_capacity,
-                    producer_cpu: usize::try_from(c.producer_cpu).ok(),
-                    fetch_wait_max_ms: c.fetch_wait_max_ms,
-                    ..KafkaConfig::default()
-                },
+                kafka,
                 outbox: OutboxConfig {
                     dir: cfg.data_dir.join("outbox"),
                     commit_ms: c.outbox_commit_ms,
@@ -276,6 +282,8 @@ fn start_core(
                     max_bytes: c.outbox_max_bytes,
                     stall_ms: c.bus_stall_ms,
                 },
+                homes,
+                global,
             };
             let (core, links) = RemoteCore::start(remote, nshards).with_context(|| {
                 format!(

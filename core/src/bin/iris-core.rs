@@ -2,8 +2,9 @@
 //!
 //! `iris-core --brokers H:P --redis redis://H:P --region R --data-dir DIR [--partitions 16]
 //! [--group iris-core-R] [--commit-window-ms 2] [--member 0 --members 1] [--admin ADDR]
-//! [--fetch-wait-max-ms 5]`, or the
-//! same keys in a TOML file given with `--config FILE` (flags win over the file). Member `I` of
+//! [--fetch-wait-max-ms 5] [--regions a,b --global-brokers H:P [--home-table FILE]] [--check]`,
+//! or the same keys in a TOML file given with `--config FILE` (flags win over the file; the
+//! file keys of the last three are `regions`, `global_brokers`, `home_table_file`). Member `I` of
 //! `N` consumes the deliver partitions `p` with `p % N == I`; each member keeps its own
 //! `--data-dir` and must be restarted on it (a killed member's partitions wait for it).
 //!
@@ -12,18 +13,26 @@
 //! ` admin=ADDR`, the bound address, when `--admin` is given). It exits 0 on SIGTERM or SIGINT
 //! after a durable commit of what it consumed; 2 on invalid flags (clap) and 1 on any other
 //! startup or run error. Logs go to stderr (`RUST_LOG`, default `info`).
+//!
+//! `--check` validates the configuration (the region list, the home table, which it loads, and
+//! every other value), prints the effective configuration as TOML on stdout (a file `--config`
+//! accepts) and exits 0, without connecting to anything; an invalid one exits 1 with the error
+//! on stderr.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use iris_bus::home::Homes;
+use iris_bus::kafka::KafkaConfig;
 use iris_core::service::{CoreService, ServiceConfig};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -32,7 +41,8 @@ use serde::Deserialize;
 )]
 struct Args {
     /// TOML file with any of the keys below (brokers, redis, region, data_dir, partitions,
-    /// group, commit_window_ms, member, members, admin, fetch_wait_max_ms); flags override it.
+    /// group, commit_window_ms, member, members, admin, fetch_wait_max_ms, regions,
+    /// global_brokers, home_table_file); flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Kafka bootstrap servers, host:port[,host:port].
@@ -73,6 +83,19 @@ struct Args {
     /// [default: 5].
     #[arg(long)]
     fetch_wait_max_ms: Option<u32>,
+    /// The ordered region list of a federated deployment, comma separated (must contain
+    /// --region; append only) [default: none, a single region].
+    #[arg(long)]
+    regions: Option<String>,
+    /// Kafka bootstrap servers of the global bus; required with more than one region.
+    #[arg(long)]
+    global_brokers: Option<String>,
+    /// Home table file: `user region` per line, overriding the rendezvous home of those users.
+    #[arg(long)]
+    home_table: Option<PathBuf>,
+    /// Validate the configuration, print it as TOML, and exit.
+    #[arg(long)]
+    check: bool,
 }
 
 /// The TOML file; every key optional.
@@ -90,9 +113,73 @@ struct FileConfig {
     members: Option<u32>,
     admin: Option<SocketAddr>,
     fetch_wait_max_ms: Option<u32>,
+    regions: Option<Vec<String>>,
+    global_brokers: Option<String>,
+    home_table_file: Option<PathBuf>,
 }
 
-fn config(args: Args) -> anyhow::Result<ServiceConfig> {
+/// The effective configuration as `--check` prints it: the file's keys, every one set.
+#[derive(Debug, Serialize)]
+struct Effective {
+    brokers: String,
+    redis: String,
+    region: String,
+    data_dir: PathBuf,
+    partitions: u32,
+    group: String,
+    commit_window_ms: u64,
+    member: u32,
+    members: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    admin: Option<SocketAddr>,
+    fetch_wait_max_ms: u32,
+    regions: Vec<String>,
+    global_brokers: String,
+    home_table_file: PathBuf,
+}
+
+/// `a,b, c` → `["a", "b", "c"]`; empty items are dropped, so "" is the empty list.
+fn split_list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The homes of this configuration (loading the home table) and the global bus's config.
+fn regions(
+    region: &str,
+    regions: &[String],
+    global_brokers: &str,
+    home_table: Option<&Path>,
+    fetch_wait_max_ms: u32,
+) -> anyhow::Result<(Homes, Option<KafkaConfig>)> {
+    let table = match home_table {
+        Some(p) => Homes::load_table(p)?,
+        None => HashMap::new(),
+    };
+    let homes = Homes::new(region, regions, table)?;
+    let global = if homes.is_multi() {
+        if global_brokers.trim().is_empty() {
+            bail!(
+                "--global-brokers is required with more than one region (regions: {})",
+                homes.regions().join(",")
+            );
+        }
+        Some(KafkaConfig {
+            brokers: global_brokers.to_owned(),
+            linger_ms: 1,
+            fetch_wait_max_ms,
+            ..KafkaConfig::default()
+        })
+    } else {
+        None
+    };
+    Ok((homes, global))
+}
+
+fn config(args: Args) -> anyhow::Result<(ServiceConfig, Effective)> {
     let file = match &args.config {
         Some(p) => {
             let text =
@@ -149,7 +236,45 @@ fn config(args: Args) -> anyhow::Result<ServiceConfig> {
         }
         cfg.fetch_wait_max_ms = ms;
     }
-    Ok(cfg)
+    let region_list = match args.regions {
+        Some(s) => split_list(&s),
+        None => file.regions.unwrap_or_default(),
+    };
+    let global_brokers = args
+        .global_brokers
+        .or(file.global_brokers)
+        .unwrap_or_default();
+    let home_table = args
+        .home_table
+        .or(file.home_table_file)
+        .filter(|p| !p.as_os_str().is_empty());
+    let (homes, global) = regions(
+        &cfg.region,
+        &region_list,
+        &global_brokers,
+        home_table.as_deref(),
+        cfg.fetch_wait_max_ms,
+    )?;
+    cfg.homes = Arc::new(homes);
+    cfg.global = global;
+    cfg.validate()?;
+    let effective = Effective {
+        brokers: cfg.brokers.clone(),
+        redis: cfg.redis_url.clone(),
+        region: cfg.region.clone(),
+        data_dir: cfg.data_dir.clone(),
+        partitions: cfg.partitions,
+        group: cfg.group.clone(),
+        commit_window_ms: cfg.commit_window.as_millis() as u64,
+        member: cfg.member,
+        members: cfg.members,
+        admin: cfg.admin,
+        fetch_wait_max_ms: cfg.fetch_wait_max_ms,
+        regions: region_list,
+        global_brokers,
+        home_table_file: home_table.unwrap_or_default(),
+    };
+    Ok((cfg, effective))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -159,7 +284,17 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cfg = config(Args::parse())?;
+    let args = Args::parse();
+    let check = args.check;
+    let (cfg, effective) = config(args)?;
+    if check {
+        let text = toml::to_string(&effective).context("printing the configuration")?;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "# configuration is valid; effective values:")?;
+        write!(out, "{text}")?;
+        out.flush()?;
+        return Ok(());
+    }
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, Arc::clone(&stop)).context("installing signal handler")?;
