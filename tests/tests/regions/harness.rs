@@ -89,6 +89,9 @@ fn two_regions_start_and_each_delivers_between_its_own_users() {
         assert_eq!(r.home_index(a), i);
         assert_eq!(r.home_index(b), i);
         let c = r.region(i);
+        let other_before = r
+            .region(1 - i)
+            .core_metric_of(0, "iris_core_delivers_total");
         let mut ca = c.login(0, a);
         let mut cb = c.login(1, b);
         ca.send(b, &numbered(0, PAYLOAD));
@@ -103,9 +106,13 @@ fn two_regions_start_and_each_delivers_between_its_own_users() {
         let want: Vec<usize> = (1..20).collect();
         assert_eq!(describe_sequence_diff(&got, &want), None, "region {i}");
         cb.expect_silence(Duration::from_millis(300));
-        // The other region saw none of it: its core stored nothing.
+        // The home region's core stored all 20; the other region saw none of it.
+        assert_eq!(c.core_metric_of(0, "iris_core_delivers_total"), 20);
         let other = r.region(1 - i);
-        assert_eq!(other.core_metric_of(0, "iris_core_delivers_total"), 0);
+        assert_eq!(
+            other.core_metric_of(0, "iris_core_delivers_total"),
+            other_before
+        );
     }
     r.assert_running();
     eprintln!(
