@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use iris_tests::cluster::{
-    region_names, rendezvous, users_homed_in, write_home_table, ClusterOpts, Regions,
+    region_names, rendezvous, users_homed_in, write_home_table, ClusterOpts, Regions, RegionsOpts,
 };
 use iris_tests::services::{DelayProxy, Tansu};
 use iris_tests::{describe_sequence_diff, number_of, numbered};
@@ -119,6 +119,50 @@ fn two_regions_start_and_each_delivers_between_its_own_users() {
         "regions timing: started in {started:?}, test {:?}",
         t0.elapsed()
     );
+}
+
+/// A home table moves a user against the rendezvous hash (every process loads the file at
+/// startup and refuses one naming an unknown region), and the regions start with the global
+/// broker behind a delay proxy.
+#[test]
+fn regions_start_behind_a_delayed_global_broker_with_a_home_table() {
+    let names = region_names(2);
+    // A user the hash homes in region 0, pinned to region 1 by the table.
+    let pinned = users_homed_in(&iris_tests::unique("pin"), &names[0], &names, 1).remove(0);
+    let r = Regions::start_with(
+        &names,
+        RegionsOpts {
+            cluster: small(),
+            global_delay_ms: Some(20),
+            home_table: vec![(pinned.clone(), names[1].clone())],
+        },
+    );
+    assert_eq!(r.home_of(&pinned), names[1]);
+    assert_eq!(
+        rendezvous(pinned.as_bytes(), &names),
+        Some(names[0].as_str())
+    );
+    assert!(r.home_table.as_ref().is_some_and(|p| p.is_file()));
+    assert_eq!(
+        r.global_brokers(),
+        r.proxy.as_ref().expect("proxy").addr(),
+        "processes are given the proxy"
+    );
+    // The pinned user is at home in region 1: a message from a region-1 user is stored there.
+    let other = r.user_homed_in(1, "loc");
+    let c = r.region(1);
+    let mut cp = c.login(0, &pinned);
+    let mut co = c.login(1, &other);
+    co.send(&pinned, &numbered(7, PAYLOAD));
+    let (id, p) = recv_one(
+        &mut cp,
+        Duration::from_secs(15),
+        "message to the pinned user",
+    );
+    assert_eq!(p, numbered(7, PAYLOAD));
+    cp.ack(&id);
+    assert_eq!(c.core_metric_of(0, "iris_core_delivers_total"), 1);
+    assert_eq!(r.region(0).core_metric_of(0, "iris_core_delivers_total"), 0);
 }
 
 #[test]
