@@ -54,7 +54,7 @@ while [ $# -gt 0 ]; do
     --bin-dir) BIN_DIR=$2; BUILD=0; shift ;;
     --no-saturation) SATURATION=0 ;;
     --out) OUT=$2; shift ;;
-    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
