@@ -913,8 +913,8 @@ impl Regions {
             .collect()
     }
 
-    /// `kill -9` of the global broker (the proxy, if any, keeps running and refuses nothing: its
-    /// upstream connections fail until [`Regions::restart_global`]).
+    /// `kill -9` of the global broker. A delay proxy in front of it keeps running: it accepts
+    /// connections and closes each at once (upstream refused) until [`Regions::restart_global`].
     pub fn kill9_global(&mut self) {
         self.global.kill();
     }
