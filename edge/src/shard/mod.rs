@@ -148,9 +148,9 @@ const STREAM_IDLE: Duration = Duration::from_secs(30);
 /// Direct copies held by one shard beyond which all are released (order is given up before
 /// memory).
 const HELD_MAX: usize = 65_536;
-/// The low bits of a message id that name the accepting node and shard (see `idgen`): ids with
-/// the same low bits come from one shard, in increasing order.
-const ORIGIN_MASK: u64 = (1 << 14) - 1;
+/// The low bits of a message id that name the accepting region, node and shard (see `idgen`):
+/// ids with the same low bits come from one shard, in increasing order.
+const ORIGIN_MASK: u64 = (1 << iris_bus::hops::ID_LOW_BITS) - 1;
 
 /// A message whose id is older than this is taken as written when a later one names it as its
 /// predecessor (well inside [`RECENT_ROUTED_TTL`], the memory of what was written).
@@ -1082,13 +1082,14 @@ mod tests {
         v.iter().filter_map(|d| d.id).collect()
     }
 
-    /// Recent ids of one sending shard (origin 5): its clock `n` µs after a recent time.
+    /// Recent ids of one sending shard (origin 5): its clock `n` ticks (16 µs) after a recent
+    /// time.
     fn id(n: u64) -> u64 {
         static BASE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
         let base = *BASE.get_or_init(|| {
             iris_bus::hops::unix_micros() - iris_bus::hops::ID_EPOCH_MICROS - 1_000_000
         });
-        ((base + n) << 14) | 5
+        ((base / iris_bus::hops::ID_TICK_MICROS + n) << iris_bus::hops::ID_LOW_BITS) | 5
     }
 
     fn none(_: u64) -> bool {
