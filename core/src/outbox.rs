@@ -125,6 +125,19 @@ pub struct Replayed {
     pub frame: Vec<u8>,
 }
 
+impl Replayed {
+    /// Where this record goes again: the target region of a `Route` frame (the global bus,
+    /// topic `iris.global.route.{region}`), `None` for a regional frame (the deliver topic).
+    /// A frame that does not decode any more is regional too: the deliver topic's consumers
+    /// count and skip it, as they would have the first time.
+    pub fn route_region(&self) -> Option<String> {
+        match iris_bus::decode(&self.frame) {
+            Ok(iris_bus::ArchivedBusFrame::Route(r)) => Some(r.region.as_str().to_owned()),
+            _ => None,
+        }
+    }
+}
+
 /// The outbox's counters and gauges, read by `/metrics` from any thread.
 #[derive(Debug, Default)]
 pub struct OutboxStats {
