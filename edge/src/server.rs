@@ -227,7 +227,7 @@ enum Core {
     /// One box: the in-process core and its store.
     Embedded(EmbeddedCore),
     /// Cluster: the bus bridge to Kafka and Redis.
-    Remote(RemoteCore),
+    Remote(Box<RemoteCore>),
 }
 
 /// Starts the core the configuration asks for and returns one link per shard.
@@ -292,7 +292,7 @@ fn start_core(
                     c.region, c.brokers, c.redis_url
                 )
             })?;
-            Ok((Core::Remote(core), links))
+            Ok((Core::Remote(Box::new(core)), links))
         }
     }
 }
