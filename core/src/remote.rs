@@ -14,6 +14,12 @@
 //!   on `iris.{region}.presence`. Before a `DrainRequest` the bridge takes in every request
 //!   already queued by any shard, so a message accepted before the login's drain is produced
 //!   before it (the same rule as the embedded core).
+//! - **cross-region** (more than one region configured): a request about a user homed in
+//!   another region ([`Homes::home_of`]; the recipient of a message or relay, the user of an
+//!   ack, drain or prekey request) becomes `Route{home, inner}` on `iris.global.route.{home}`
+//!   through a second producer ring on the global brokers (drain requests and prekey fetches
+//!   name this region so the answers come back here). Both rings report to the same outbox
+//!   (tickets are its sequence numbers); each keeps its own held queue, in order.
 //! - the **outbox** ([`crate::outbox`], `{data_dir}/outbox`): every `Deliver` and `PrekeyPut`
 //!   is appended to the edge's write-ahead log as the bridge produces it, with its sequence
 //!   number as the producer ticket; the log is written each bridge pass and fsynced by its own
@@ -22,7 +28,8 @@
 //!   the disk. At startup the records the broker may not have (at or above the persisted trim
 //!   watermark) are produced again before anything new: a kill -9 of the edge loses nothing it
 //!   had handed to the bridge; duplicates are the few records acknowledged just before the
-//!   crash.
+//!   crash. A replayed `Route` goes to the global producer and its route topic (held, never
+//!   dropped, when no global bus is configured).
 //! - the **producer thread** ([`KafkaProducer`], acks=all, idempotent, lz4, linger) ships the
 //!   frames. A full ring does not stop the bridge: it keeps taking requests (their messages go
 //!   to the outbox at once) and holds the frames in order, up to `outbox_max_bytes` of
