@@ -893,6 +893,32 @@ mod tests {
     }
 
     #[test]
+    fn a_replayed_route_names_its_region_and_other_frames_none() {
+        let deliver = iris_bus::Deliver {
+            id: 7,
+            recipient: b"bob".to_vec(),
+            sender: b"alice".to_vec(),
+            payload: b"hi".to_vec(),
+            origin: "ra".to_owned(),
+        };
+        let routed = iris_bus::BusFrame::Route(iris_bus::Route {
+            region: "rb".to_owned(),
+            inner: iris_bus::Routed::Deliver(deliver.clone()),
+        });
+        let t = tempfile::tempdir().unwrap();
+        let (mut ob, _) = Outbox::open(cfg(t.path())).unwrap();
+        let plain = iris_bus::encode(&iris_bus::BusFrame::Deliver(deliver)).unwrap();
+        ob.append(7, b"bob", &iris_bus::encode(&routed).unwrap())
+            .unwrap();
+        ob.append(8, b"bob", &plain).unwrap();
+        ob.append(9, b"bob", b"not a frame").unwrap();
+        ob.close().unwrap();
+        let (_, replay) = Outbox::open(cfg(t.path())).unwrap();
+        let regions: Vec<Option<String>> = replay.iter().map(Replayed::route_region).collect();
+        assert_eq!(regions, vec![Some("rb".to_owned()), None, None]);
+    }
+
+    #[test]
     fn append_write_and_replay_after_restart() {
         let t = tempfile::tempdir().unwrap();
         let (mut ob, replay) = Outbox::open(cfg(t.path())).unwrap();
