@@ -125,6 +125,19 @@ pub struct Replayed {
     pub frame: Vec<u8>,
 }
 
+impl Replayed {
+    /// Where this record goes again: the target region of a `Route` frame (the global bus,
+    /// topic `iris.global.route.{region}`), `None` for a regional frame (the deliver topic).
+    /// A frame that does not decode any more is regional too: the deliver topic's consumers
+    /// count and skip it, as they would have the first time.
+    pub fn route_region(&self) -> Option<String> {
+        match iris_bus::decode(&self.frame) {
+            Ok(iris_bus::ArchivedBusFrame::Route(r)) => Some(r.region.as_str().to_owned()),
+            _ => None,
+        }
+    }
+}
+
 /// The outbox's counters and gauges, read by `/metrics` from any thread.
 #[derive(Debug, Default)]
 pub struct OutboxStats {
@@ -877,6 +890,32 @@ mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    #[test]
+    fn a_replayed_route_names_its_region_and_other_frames_none() {
+        let deliver = iris_bus::Deliver {
+            id: 7,
+            recipient: b"bob".to_vec(),
+            sender: b"alice".to_vec(),
+            payload: b"hi".to_vec(),
+            origin: "ra".to_owned(),
+        };
+        let routed = iris_bus::BusFrame::Route(iris_bus::Route {
+            region: "rb".to_owned(),
+            inner: iris_bus::Routed::Deliver(deliver.clone()),
+        });
+        let t = tempfile::tempdir().unwrap();
+        let (mut ob, _) = Outbox::open(cfg(t.path())).unwrap();
+        let plain = iris_bus::encode(&iris_bus::BusFrame::Deliver(deliver)).unwrap();
+        ob.append(7, b"bob", &iris_bus::encode(&routed).unwrap())
+            .unwrap();
+        ob.append(8, b"bob", &plain).unwrap();
+        ob.append(9, b"bob", b"not a frame").unwrap();
+        ob.close().unwrap();
+        let (_, replay) = Outbox::open(cfg(t.path())).unwrap();
+        let regions: Vec<Option<String>> = replay.iter().map(Replayed::route_region).collect();
+        assert_eq!(regions, vec![Some("rb".to_owned()), None, None]);
     }
 
     #[test]

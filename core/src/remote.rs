@@ -14,6 +14,12 @@
 //!   on `iris.{region}.presence`. Before a `DrainRequest` the bridge takes in every request
 //!   already queued by any shard, so a message accepted before the login's drain is produced
 //!   before it (the same rule as the embedded core).
+//! - **cross-region** (more than one region configured): a request about a user homed in
+//!   another region ([`Homes::home_of`]; the recipient of a message or relay, the user of an
+//!   ack, drain or prekey request) becomes `Route{home, inner}` on `iris.global.route.{home}`
+//!   through a second producer ring on the global brokers (drain requests and prekey fetches
+//!   name this region so the answers come back here). Both rings report to the same outbox
+//!   (tickets are its sequence numbers); each keeps its own held queue, in order.
 //! - the **outbox** ([`crate::outbox`], `{data_dir}/outbox`): every `Deliver` and `PrekeyPut`
 //!   is appended to the edge's write-ahead log as the bridge produces it, with its sequence
 //!   number as the producer ticket; the log is written each bridge pass and fsynced by its own
@@ -22,7 +28,8 @@
 //!   the disk. At startup the records the broker may not have (at or above the persisted trim
 //!   watermark) are produced again before anything new: a kill -9 of the edge loses nothing it
 //!   had handed to the bridge; duplicates are the few records acknowledged just before the
-//!   crash.
+//!   crash. A replayed `Route` goes to the global producer and its route topic (held, never
+//!   dropped, when no global bus is configured).
 //! - the **producer thread** ([`KafkaProducer`], acks=all, idempotent, lz4, linger) ships the
 //!   frames. A full ring does not stop the bridge: it keeps taking requests (their messages go
 //!   to the outbox at once) and holds the frames in order, up to `outbox_max_bytes` of
@@ -53,14 +60,16 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam::channel::{self, Receiver, Select, Sender, TryRecvError, TrySendError};
+use iris_bus::home::Homes;
 use iris_bus::hops::{HopHistogram, HopSnapshot};
 use iris_bus::kafka::{
-    ensure_topics, topic_partitions, Done, InFrame, KafkaConfig, KafkaConsumer, KafkaProducer,
-    OutFrame, ProducerRing, ProducerStats, TopicKeeper, NO_TICKET,
+    ensure_topics, ensure_topics_within, topic_partitions, Done, InFrame, KafkaConfig,
+    KafkaConsumer, KafkaProducer, OutFrame, ProducerRing, ProducerStats, TopicKeeper, NO_TICKET,
 };
 use iris_bus::{
     decode_counted, encode, topics, Ack, ArchivedBusFrame, BusFrame, Deliver, DrainRequest,
-    EdgeReset, FrameCounts, FrameStats, PrekeyFetch, PrekeyPut, Presence, Relay, RelayKind,
+    EdgeReset, FrameCounts, FrameStats, PrekeyFetch, PrekeyPut, Presence, Relay, RelayKind, Route,
+    Routed,
 };
 use tracing::{debug, error, info, warn};
 
@@ -73,6 +82,10 @@ use crate::sessions::{
 
 /// How often the topic keeper checks that this edge's topics still exist.
 const KEEPER_EVERY: Duration = Duration::from_secs(2);
+
+/// How long the start waits for the global brokers before going on without the route topics
+/// (the topic keeper creates them when the global bus answers).
+const GLOBAL_ENSURE_WAIT: Duration = Duration::from_secs(10);
 
 /// Requests the bridge takes from one shard before looking at the next.
 const TAKE_BUDGET: usize = 512;
@@ -127,6 +140,40 @@ pub struct RemoteStats {
     pub encode_errors: AtomicU64,
 }
 
+/// Frames handed to the global producer, per target (home) region, in the order of the
+/// region list.
+#[derive(Debug)]
+pub struct RoutedOut {
+    regions: Vec<String>,
+    counts: Vec<AtomicU64>,
+}
+
+impl RoutedOut {
+    fn new(homes: &Homes) -> RoutedOut {
+        let regions = if homes.is_multi() {
+            homes.regions().to_vec()
+        } else {
+            Vec::new()
+        };
+        let counts = regions.iter().map(|_| AtomicU64::new(0)).collect();
+        RoutedOut { regions, counts }
+    }
+
+    fn add(&self, region: &str) {
+        if let Some(i) = self.regions.iter().position(|r| r == region) {
+            self.counts[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn snapshot(&self) -> Vec<(String, u64)> {
+        self.regions
+            .iter()
+            .zip(&self.counts)
+            .map(|(r, c)| (r.clone(), c.load(Ordering::Relaxed)))
+            .collect()
+    }
+}
+
 /// A point-in-time copy of everything the link counts, for `/metrics`.
 #[derive(Debug, Clone, Default)]
 pub struct RemoteSnapshot {
@@ -138,7 +185,15 @@ pub struct RemoteSnapshot {
     pub ignored: u64,
     pub encode_errors: u64,
     pub frames: FrameCounts,
+    /// Both producers summed (regional and, when configured, global).
     pub producer: ProducerStats,
+    /// The global producer alone (default when single-region).
+    pub global_producer: ProducerStats,
+    /// Frames sent to the global bus per target region (`iris_edge_routed_out_total`); one
+    /// entry per configured region, empty when single-region.
+    pub routed_out: Vec<(String, u64)>,
+    /// Routed outbox records replayed while no global bus is configured: held, never dropped.
+    pub routes_parked: u64,
     pub sessions: SessionMetricsSnapshot,
     /// The outbox: not-acknowledged records and bytes, age, segments, fsyncs, replays, stalls.
     pub outbox: OutboxSnapshot,
@@ -152,6 +207,9 @@ pub struct RemoteMetrics {
     stats: Arc<RemoteStats>,
     frames: Arc<FrameStats>,
     producer: Arc<dyn Fn() -> ProducerStats + Send + Sync>,
+    global_producer: Arc<dyn Fn() -> ProducerStats + Send + Sync>,
+    routed_out: Arc<RoutedOut>,
+    routes_parked: Arc<AtomicU64>,
     sessions: Arc<dyn Fn() -> SessionMetricsSnapshot + Send + Sync>,
     outbox: Arc<OutboxStats>,
     produce_acked: Arc<HopHistogram>,
@@ -166,6 +224,7 @@ impl std::fmt::Debug for RemoteMetrics {
 impl RemoteMetrics {
     pub fn snapshot(&self) -> RemoteSnapshot {
         let s = &self.stats;
+        let global_producer = (self.global_producer)();
         RemoteSnapshot {
             frames_out: s.frames_out.load(Ordering::Relaxed),
             frames_in: s.frames_in.load(Ordering::Relaxed),
@@ -175,7 +234,10 @@ impl RemoteMetrics {
             ignored: s.ignored.load(Ordering::Relaxed),
             encode_errors: s.encode_errors.load(Ordering::Relaxed),
             frames: self.frames.counts(),
-            producer: (self.producer)(),
+            producer: sum_producer(&(self.producer)(), &global_producer),
+            global_producer,
+            routed_out: self.routed_out.snapshot(),
+            routes_parked: self.routes_parked.load(Ordering::Relaxed),
             sessions: (self.sessions)(),
             outbox: self.outbox.snapshot(),
             produce_acked: self.produce_acked.snapshot(),
@@ -186,6 +248,28 @@ impl RemoteMetrics {
     pub fn outbox_healthy(&self) -> bool {
         !self.outbox.failed.load(Ordering::Relaxed)
     }
+}
+
+/// Two producers' counters added up.
+fn sum_producer(a: &ProducerStats, b: &ProducerStats) -> ProducerStats {
+    ProducerStats {
+        frames_in: a.frames_in + b.frames_in,
+        produced_ok: a.produced_ok + b.produced_ok,
+        delivery_errors: a.delivery_errors + b.delivery_errors,
+        rejected: a.rejected + b.rejected,
+        queue_full_events: a.queue_full_events + b.queue_full_events,
+        in_flight: a.in_flight + b.in_flight,
+        pending: a.pending + b.pending,
+        ring_full: a.ring_full + b.ring_full,
+        client_errors: a.client_errors + b.client_errors,
+    }
+}
+
+fn producer_stats(p: &Arc<Mutex<Option<KafkaProducer>>>) -> ProducerStats {
+    p.lock()
+        .ok()
+        .and_then(|g| g.as_ref().map(KafkaProducer::stats))
+        .unwrap_or_default()
 }
 
 /// What [`RemoteCore::shutdown`] left behind.
@@ -201,12 +285,16 @@ pub struct ShutdownReport {
 /// The running link: bridge, producer, consumer and session writer threads.
 pub struct RemoteCore {
     stop: Arc<AtomicBool>,
-    bridge: Option<JoinHandle<(Outbox, ProducerRing)>>,
+    bridge: Option<JoinHandle<(Outbox, ProducerRing, Option<ProducerRing>)>>,
     producer: Arc<Mutex<Option<KafkaProducer>>>,
+    /// The producer on the global brokers (route topics), when multi-region.
+    global_producer: Arc<Mutex<Option<KafkaProducer>>>,
     consumer: Option<KafkaConsumer>,
     sessions: Option<SessionWriter>,
     /// Re-creates this edge's topics when the broker lost them (a restart with memory storage).
     keeper: Option<TopicKeeper>,
+    /// The same for the route topics on the global brokers.
+    global_keeper: Option<TopicKeeper>,
     metrics: RemoteMetrics,
 }
 
@@ -266,6 +354,47 @@ impl RemoteCore {
         let ring = rings.pop().ok_or(CoreError::ThreadPanicked)?;
         let producer = Arc::new(Mutex::new(Some(producer)));
 
+        // The global bus: one producer ring on the global brokers, the route topic of every
+        // region of the list created (by whoever starts first) and kept.
+        let global_parts = cfg.partitions.max(1);
+        let mut global_keeper = None;
+        let mut global_ring = None;
+        let global_producer = Arc::new(Mutex::new(None));
+        match (&cfg.global, cfg.homes.is_multi()) {
+            (Some(g), true) => {
+                let gk = KafkaConfig {
+                    client_id: format!("iris-edge-{}-{}-global", cfg.region, cfg.node),
+                    ..g.clone()
+                };
+                let route_topics: Vec<(String, i32)> = cfg
+                    .homes
+                    .regions()
+                    .iter()
+                    .map(|r| (topics::route(r), global_parts as i32))
+                    .collect();
+                if let Err(e) = ensure_topics_within(&gk, &route_topics, GLOBAL_ENSURE_WAIT) {
+                    // Not fatal: routed frames wait in the producer (and the outbox) and the
+                    // keeper creates the topics once the global brokers answer.
+                    warn!(
+                        error = %e,
+                        brokers = %gk.brokers,
+                        "global bus not reachable at start; route topics are created when it answers"
+                    );
+                }
+                global_keeper = Some(TopicKeeper::start(&gk, route_topics, KEEPER_EVERY)?);
+                let (p, mut rings) = KafkaProducer::start(&gk, 1)?;
+                global_ring = Some(rings.pop().ok_or(CoreError::ThreadPanicked)?);
+                if let Ok(mut slot) = global_producer.lock() {
+                    *slot = Some(p);
+                }
+            }
+            (None, true) => error!(
+                region = %cfg.region,
+                "several regions configured without a global bus: frames for users homed elsewhere are held, not sent"
+            ),
+            _ => {}
+        }
+
         let cap = cfg.queue_capacity.max(1);
         let gate = Arc::new(AcceptGate::default());
         let mut links = Vec::with_capacity(shards);
@@ -303,17 +432,54 @@ impl RemoteCore {
         let outbox_stats = outbox.stats();
         let produce_acked = Arc::new(HopHistogram::default());
         let deliver_topic_arc: Arc<str> = Arc::from(deliver_topic.as_str());
-        // Replayed records are produced first, in sequence order, tracked like new ones.
-        let held: VecDeque<OutFrame> = replayed
-            .into_iter()
-            .map(|r| OutFrame {
-                topic: Arc::clone(&deliver_topic_arc),
-                partition: topics::partition_of(&r.key, deliver_parts) as i32,
-                key: (!r.key.is_empty()).then_some(r.key),
-                payload: r.frame,
-                ticket: r.seq,
-            })
-            .collect();
+        let routed_out = Arc::new(RoutedOut::new(&cfg.homes));
+        let routes_parked = Arc::new(AtomicU64::new(0));
+        let mut route_topics: std::collections::HashMap<String, Arc<str>> =
+            std::collections::HashMap::new();
+        // Replayed records are produced first, in sequence order per ring, tracked like new
+        // ones: a `Route` goes again to the global bus and its region's route topic, the rest to
+        // the deliver topic.
+        let mut held = VecDeque::new();
+        let mut global_held = VecDeque::new();
+        let mut parked = VecDeque::new();
+        for r in replayed {
+            match r.route_region() {
+                Some(region) => {
+                    let topic = Arc::clone(
+                        route_topics
+                            .entry(region.clone())
+                            .or_insert_with(|| Arc::from(topics::route(&region).as_str())),
+                    );
+                    let out = OutFrame {
+                        topic,
+                        partition: topics::partition_of(&r.key, global_parts) as i32,
+                        key: (!r.key.is_empty()).then_some(r.key),
+                        payload: r.frame,
+                        ticket: r.seq,
+                    };
+                    if global_ring.is_some() {
+                        routed_out.add(&region);
+                        global_held.push_back(out);
+                    } else {
+                        parked.push_back(out);
+                    }
+                }
+                None => held.push_back(OutFrame {
+                    topic: Arc::clone(&deliver_topic_arc),
+                    partition: topics::partition_of(&r.key, deliver_parts) as i32,
+                    key: (!r.key.is_empty()).then_some(r.key),
+                    payload: r.frame,
+                    ticket: r.seq,
+                }),
+            }
+        }
+        if !parked.is_empty() {
+            routes_parked.store(parked.len() as u64, Ordering::Relaxed);
+            error!(
+                records = parked.len(),
+                "outbox holds frames for other regions but no global bus is configured: they are kept, not sent (configure global_brokers and restart)"
+            );
+        }
         // This run of the node: its session writes carry it, and it is the reset's time.
         let run = unix_ms();
         let mut bridge = Bridge {
@@ -332,6 +498,16 @@ impl RemoteCore {
             inbound: in_rx,
             ring,
             held: VecDeque::new(),
+            homes: Arc::clone(&cfg.homes),
+            global: global_ring.map(|ring| GlobalOut {
+                ring,
+                held: global_held,
+                topics: route_topics,
+                parts: global_parts,
+            }),
+            parked,
+            routes_parked: Arc::clone(&routes_parked),
+            routed_out: Arc::clone(&routed_out),
             outbox,
             done: Vec::new(),
             gate,
@@ -355,7 +531,7 @@ impl RemoteCore {
             .name("iris-bus-bridge".to_owned())
             .spawn(move || {
                 bridge.run();
-                (bridge.outbox, bridge.ring)
+                (bridge.outbox, bridge.ring, bridge.global.map(|g| g.ring))
             })?;
         info!(
             region = %cfg.region,
@@ -366,16 +542,15 @@ impl RemoteCore {
             "cluster link started"
         );
         let p = Arc::clone(&producer);
+        let gp = Arc::clone(&global_producer);
         let session_metrics = Arc::clone(writer.metrics());
         let metrics = RemoteMetrics {
             stats,
             frames,
-            producer: Arc::new(move || {
-                p.lock()
-                    .ok()
-                    .and_then(|g| g.as_ref().map(KafkaProducer::stats))
-                    .unwrap_or_default()
-            }),
+            producer: Arc::new(move || producer_stats(&p)),
+            global_producer: Arc::new(move || producer_stats(&gp)),
+            routed_out,
+            routes_parked,
             sessions: Arc::new(move || session_metrics.snapshot()),
             outbox: outbox_stats,
             produce_acked,
@@ -383,9 +558,11 @@ impl RemoteCore {
         Ok((
             RemoteCore {
                 keeper: Some(keeper),
+                global_keeper,
                 stop,
                 bridge: Some(thread),
                 producer,
+                global_producer,
                 consumer: Some(consumer),
                 sessions: Some(writer),
                 metrics,
@@ -410,25 +587,34 @@ impl RemoteCore {
         if let Some(k) = self.keeper.take() {
             k.stop();
         }
+        if let Some(k) = self.global_keeper.take() {
+            k.stop();
+        }
         let joined = match self.bridge.take() {
             Some(t) => Some(t.join().map_err(|_| CoreError::ThreadPanicked)?),
             None => None,
         };
         let mut report = ShutdownReport::default();
         let producer = self.producer.lock().ok().and_then(|mut g| g.take());
-        if let Some(p) = producer {
+        let global = self.global_producer.lock().ok().and_then(|mut g| g.take());
+        let mut stats = ProducerStats::default();
+        for p in [producer, global].into_iter().flatten() {
             match p.flush_and_stop(flush) {
-                Ok(s) => report.producer = s,
+                Ok(s) => stats = sum_producer(&stats, &s),
                 Err(e) => info!(
                     error = %e,
                     "kafka producer not flushed at shutdown; the outbox keeps what was accepted"
                 ),
             }
         }
+        report.producer = stats;
         let mut result = Ok(());
-        if let Some((mut outbox, ring)) = joined {
+        if let Some((mut outbox, ring, global_ring)) = joined {
             let mut done = Vec::new();
             ring.take_done(&mut done);
+            if let Some(g) = &global_ring {
+                g.take_done(&mut done);
+            }
             for d in done {
                 if let Some(id) = outbox.done(d.ticket, d.acked) {
                     if d.acked && id != 0 {
@@ -501,6 +687,15 @@ struct Bridge {
     ring: ProducerRing,
     /// Frames the producer ring had no room for, in order (at startup: the outbox's replay).
     held: VecDeque<OutFrame>,
+    /// The region list and the home table: who is homed here.
+    homes: Arc<Homes>,
+    /// The global bus (route topics), when multi-region and configured.
+    global: Option<GlobalOut>,
+    /// Routed frames with no global bus to go to (replayed from the outbox, or multi-region
+    /// without `global_brokers`): kept, in order, never dropped (their outbox records stay).
+    parked: VecDeque<OutFrame>,
+    routes_parked: Arc<AtomicU64>,
+    routed_out: Arc<RoutedOut>,
     /// Every `Deliver` and `PrekeyPut` until the broker acknowledged it.
     outbox: Outbox,
     /// Reports of the producer, taken each pass.
@@ -519,6 +714,15 @@ struct Bridge {
     stats: Arc<RemoteStats>,
     frames: Arc<FrameStats>,
     stop: Arc<AtomicBool>,
+}
+
+/// The bridge's side of the global bus: its own producer ring and held queue (order is kept per
+/// ring), the route topic names and their partition count.
+struct GlobalOut {
+    ring: ProducerRing,
+    held: VecDeque<OutFrame>,
+    topics: std::collections::HashMap<String, Arc<str>>,
+    parts: u32,
 }
 
 impl Bridge {
@@ -560,16 +764,16 @@ impl Bridge {
     /// do not are in the outbox.
     fn finish(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(2);
-        while !(self.held.is_empty() && self.session_backlog.is_empty())
+        while !(self.held_len() == 0 && self.session_backlog.is_empty())
             && Instant::now() < deadline
         {
             self.flush_held();
             self.flush_sessions();
             std::thread::sleep(Duration::from_millis(1));
         }
-        if !self.held.is_empty() {
+        if self.held_len() > 0 {
             warn!(
-                frames = self.held.len(),
+                frames = self.held_len(),
                 "producer ring still full at shutdown; these frames were not sent (the messages among them stay in the outbox)"
             );
         }
@@ -582,7 +786,7 @@ impl Bridge {
         // A failure is logged and marked by the outbox; the gate below stops accepting.
         let _ = self.outbox.write_pending();
         self.outbox.tick();
-        if self.held.is_empty() {
+        if self.held_len() == 0 {
             self.held_since = None;
         } else if moved || self.held_since.is_none() {
             self.held_since = Some(Instant::now());
@@ -613,7 +817,11 @@ impl Bridge {
     /// Applies the producer's reports to the outbox (trim) and the hop histogram.
     fn take_done(&mut self) -> usize {
         let mut done = std::mem::take(&mut self.done);
-        let n = self.ring.take_done(&mut done);
+        let mut n = self.ring.take_done(&mut done);
+        if let Some(g) = &self.global {
+            // Tickets are outbox sequence numbers: unique across both rings.
+            n += g.ring.take_done(&mut done);
+        }
         for d in done.drain(..) {
             if let Some(id) = self.outbox.done(d.ticket, d.acked) {
                 if d.acked && id != 0 {
@@ -625,6 +833,11 @@ impl Bridge {
         n
     }
 
+    /// Frames held for either producer ring.
+    fn held_len(&self) -> usize {
+        self.held.len() + self.global.as_ref().map_or(0, |g| g.held.len())
+    }
+
     fn all_requests_empty(&self) -> bool {
         self.requests.iter().all(Receiver::is_empty)
     }
@@ -632,7 +845,7 @@ impl Bridge {
     /// Sleeps until a shard or the consumer has something, or a short while when frames,
     /// replies or session writes wait for room.
     fn wait(&self) {
-        if !self.held.is_empty() || self.deferred_total > 0 || !self.session_backlog.is_empty() {
+        if self.held_len() > 0 || self.deferred_total > 0 || !self.session_backlog.is_empty() {
             std::thread::sleep(Duration::from_micros(200));
             return;
         }
@@ -670,17 +883,25 @@ impl Bridge {
     /// Turns one shard request into bus frames and session writes.
     fn outbound(&mut self, shard: usize, req: CoreRequest) {
         match req {
-            CoreRequest::Store(m) => self.produce_durable(
-                m.id,
-                BusFrame::Deliver(Deliver {
+            CoreRequest::Store(m) => {
+                let home = self.elsewhere(&m.recipient);
+                let deliver = Deliver {
                     id: m.id,
                     recipient: m.recipient,
                     sender: m.sender,
                     payload: m.payload,
                     origin: self.region.clone(),
-                }),
-            ),
-            CoreRequest::Ack { user, id } => self.produce(BusFrame::Ack(Ack { user, id })),
+                };
+                match home {
+                    Some(home) => self.produce_durable(m.id, route(home, Routed::Deliver(deliver))),
+                    None => self.produce_durable(m.id, BusFrame::Deliver(deliver)),
+                }
+            }
+            // A roaming user acks at its home, where its messages are stored.
+            CoreRequest::Ack { user, id } => match self.elsewhere(&user) {
+                Some(home) => self.produce(route(home, Routed::Ack(Ack { user, id }))),
+                None => self.produce(BusFrame::Ack(Ack { user, id })),
+            },
             CoreRequest::Drain {
                 user,
                 conn,
@@ -698,27 +919,31 @@ impl Bridge {
                         }
                     }
                 }
-                self.produce(BusFrame::DrainRequest(DrainRequest {
-                    user,
-                    node: self.node,
-                    shard: shard as u32,
-                    conn,
-                    after,
-                    limit: u32::try_from(limit).unwrap_or(u32::MAX),
-                    region: String::new(),
-                }));
+                self.drain_request(shard, user, conn, after, limit);
             }
             CoreRequest::PutPrekeys { user, bundle } => {
-                self.produce_durable(0, BusFrame::PrekeyPut(PrekeyPut { user, bundle }))
+                let put = PrekeyPut { user, bundle };
+                match self.elsewhere(&put.user) {
+                    Some(home) => self.produce_durable(0, route(home, Routed::PrekeyPut(put))),
+                    None => self.produce_durable(0, BusFrame::PrekeyPut(put)),
+                }
             }
             CoreRequest::FetchPrekeys { user, conn } => {
-                self.produce(BusFrame::PrekeyFetch(PrekeyFetch {
+                let mut fetch = PrekeyFetch {
                     user,
                     node: self.node,
                     shard: shard as u32,
                     conn,
                     region: String::new(),
-                }))
+                };
+                match self.elsewhere(&fetch.user) {
+                    // The bundle comes back through the global bus to this region's inbox.
+                    Some(home) => {
+                        fetch.region = self.region.clone();
+                        self.produce(route(home, Routed::PrekeyFetch(fetch)));
+                    }
+                    None => self.produce(BusFrame::PrekeyFetch(fetch)),
+                }
             }
             CoreRequest::Online { user, shard } => {
                 let now = unix_ms();
@@ -755,11 +980,16 @@ impl Bridge {
                 }));
             }
             CoreRequest::Relay { recipient, frame } => {
-                self.produce(BusFrame::Relay(Relay {
+                let home = self.elsewhere(&recipient);
+                let relay = Relay {
                     recipient,
                     kind: relay_kind(&frame),
                     frame,
-                }));
+                };
+                match home {
+                    Some(home) => self.produce(route(home, Routed::Relay(relay))),
+                    None => self.produce(BusFrame::Relay(relay)),
+                }
             }
             // The live copy straight to the recipient's edge. An empty origin marks it direct
             // (the core's copies always carry the accepting region); its sender field carries
@@ -804,16 +1034,40 @@ impl Bridge {
                 conn,
                 after,
                 limit,
-            } => self.produce(BusFrame::DrainRequest(DrainRequest {
-                user,
-                node: self.node,
-                shard: shard as u32,
-                conn,
-                after,
-                limit: u32::try_from(limit).unwrap_or(u32::MAX),
-                region: String::new(),
-            })),
+            } => self.drain_request(shard, user, conn, after, limit),
             other => self.outbound(shard, other),
+        }
+    }
+
+    /// The home region of `user` when it is not this one (`None`: homed here, or a
+    /// single-region deployment).
+    fn elsewhere(&self, user: &[u8]) -> Option<String> {
+        if !self.homes.is_multi() {
+            return None;
+        }
+        let home = self.homes.home_of(user);
+        (home != self.region).then(|| home.to_owned())
+    }
+
+    /// A login's drain: to this region's cores, or (a roaming user) to its home through the
+    /// global bus, naming this region so the chunks come back to this edge's inbox.
+    fn drain_request(&mut self, shard: usize, user: Vec<u8>, conn: u64, after: u64, limit: usize) {
+        let home = self.elsewhere(&user);
+        let mut req = DrainRequest {
+            user,
+            node: self.node,
+            shard: shard as u32,
+            conn,
+            after,
+            limit: u32::try_from(limit).unwrap_or(u32::MAX),
+            region: String::new(),
+        };
+        match home {
+            Some(home) => {
+                req.region = self.region.clone();
+                self.produce(route(home, Routed::DrainRequest(req)));
+            }
+            None => self.produce(BusFrame::DrainRequest(req)),
         }
     }
 
@@ -830,8 +1084,17 @@ impl Bridge {
     }
 
     fn produce_ticketed(&mut self, frame: BusFrame, durable: Option<u64>) {
-        let (topic, parts) = match &frame {
-            BusFrame::Presence(_) | BusFrame::EdgeReset(_) => {
+        // A route goes to its region's topic on the global bus; everything else is regional.
+        let global_region = match &frame {
+            BusFrame::Route(r) => Some(r.region.clone()),
+            _ => None,
+        };
+        let (topic, parts) = match (&frame, &global_region) {
+            (_, Some(region)) => {
+                let parts = self.global.as_ref().map_or(self.deliver_parts, |g| g.parts);
+                (self.route_topic(region), parts)
+            }
+            (BusFrame::Presence(_) | BusFrame::EdgeReset(_), None) => {
                 (Arc::clone(&self.presence_topic), self.presence_parts)
             }
             _ => (Arc::clone(&self.deliver_topic), self.deliver_parts),
@@ -861,7 +1124,24 @@ impl Bridge {
             payload,
             ticket,
         };
-        self.queue_out(out);
+        match global_region {
+            Some(region) => self.queue_global(&region, out),
+            None => self.queue_out(out),
+        }
+    }
+
+    /// The name of `region`'s route topic (kept, not rebuilt per frame).
+    fn route_topic(&mut self, region: &str) -> Arc<str> {
+        let map = match &mut self.global {
+            Some(g) => &mut g.topics,
+            None => return Arc::from(topics::route(region).as_str()),
+        };
+        if let Some(t) = map.get(region) {
+            return Arc::clone(t);
+        }
+        let t: Arc<str> = Arc::from(topics::route(region).as_str());
+        map.insert(region.to_owned(), Arc::clone(&t));
+        t
     }
 
     /// Hands `out` to the producer ring, or holds it (in order) while the ring is full.
@@ -873,10 +1153,31 @@ impl Bridge {
         }
     }
 
-    /// Moves held frames to the producer ring, in order, while it has room.
+    /// [`Self::queue_out`] for the global producer ring (its own held queue, its own order);
+    /// without a global bus the frame is parked (kept, never dropped).
+    fn queue_global(&mut self, region: &str, out: OutFrame) {
+        let Some(g) = &mut self.global else {
+            self.parked.push_back(out);
+            self.routes_parked.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        self.routed_out.add(region);
+        let ring = &g.ring;
+        if send_in_order(&mut g.held, out, |f| ring.try_send(f)) {
+            self.stats.ring_full.fetch_add(1, Ordering::Relaxed);
+            debug!("global producer ring full, holding frames");
+        }
+    }
+
+    /// Moves held frames to the producer rings, in order per ring, while they have room.
     fn flush_held(&mut self) -> bool {
         let ring = &self.ring;
-        flush_in_order(&mut self.held, |f| ring.try_send(f))
+        let mut moved = flush_in_order(&mut self.held, |f| ring.try_send(f));
+        if let Some(g) = &mut self.global {
+            let ring = &g.ring;
+            moved |= flush_in_order(&mut g.held, |f| ring.try_send(f));
+        }
+        moved
     }
 
     fn session(&mut self, op: SessionOp) {
@@ -1090,6 +1391,14 @@ impl Bridge {
         }
         moved
     }
+}
+
+/// `inner` wrapped for its home region `home`.
+fn route(home: String, inner: Routed) -> BusFrame {
+    BusFrame::Route(Route {
+        region: home,
+        inner,
+    })
 }
 
 /// The kind of a relayed client frame (0x75 read receipt, 0x72 typing with its on/off byte last).

@@ -136,6 +136,7 @@ pub fn run(
                          iris_edge_outbox_oldest_age_seconds {}",
                         s.outbox.oldest_age_micros as f64 / 1e6
                     );
+                    routed_out_text(out, &s);
                 }),
                 hops: Arc::new(move || vec![("produce_acked", a.snapshot().produce_acked)]),
                 unhealthy: Arc::new(move || (!u.outbox_healthy()).then_some("outbox_failed")),
@@ -226,7 +227,7 @@ enum Core {
     /// One box: the in-process core and its store.
     Embedded(EmbeddedCore),
     /// Cluster: the bus bridge to Kafka and Redis.
-    Remote(RemoteCore),
+    Remote(Box<RemoteCore>),
 }
 
 /// Starts the core the configuration asks for and returns one link per shard.
@@ -291,7 +292,7 @@ fn start_core(
                     c.region, c.brokers, c.redis_url
                 )
             })?;
-            Ok((Core::Remote(core), links))
+            Ok((Core::Remote(Box::new(core)), links))
         }
     }
 }
@@ -363,6 +364,30 @@ fn remote_lines(s: &RemoteSnapshot) -> Vec<(&'static str, &'static str, &'static
             "gauge",
             "Frames handed to librdkafka and not yet acknowledged.",
             s.producer.in_flight,
+        ),
+        (
+            "iris_bus_global_produced_total",
+            "counter",
+            "Frames the global brokers acknowledged (route topics; included in iris_bus_produced_total).",
+            s.global_producer.produced_ok,
+        ),
+        (
+            "iris_bus_global_producer_in_flight",
+            "gauge",
+            "Frames handed to the global producer and not yet acknowledged.",
+            s.global_producer.in_flight,
+        ),
+        (
+            "iris_bus_global_delivery_errors_total",
+            "counter",
+            "Produce attempts to the global brokers that failed and were retried.",
+            s.global_producer.delivery_errors,
+        ),
+        (
+            "iris_edge_routes_parked",
+            "gauge",
+            "Frames for other regions kept because no global bus is configured (never dropped).",
+            s.routes_parked,
         ),
         (
             "iris_bus_replies_deferred_total",
@@ -449,6 +474,22 @@ fn remote_lines(s: &RemoteSnapshot) -> Vec<(&'static str, &'static str, &'static
             s.session_deferred,
         ),
     ]
+}
+
+/// `iris_edge_routed_out_total{region="<home>"}`: frames sent to the global bus per target
+/// region, one series per configured region (none when single-region).
+fn routed_out_text(out: &mut String, s: &RemoteSnapshot) {
+    if s.routed_out.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "# HELP iris_edge_routed_out_total Frames sent to the global bus (route topics) per \
+         target home region.\n# TYPE iris_edge_routed_out_total counter"
+    );
+    for (region, n) in &s.routed_out {
+        let _ = writeln!(out, "iris_edge_routed_out_total{{region=\"{region}\"}} {n}");
+    }
 }
 
 /// The core's counters as Prometheus lines.
