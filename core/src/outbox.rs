@@ -261,6 +261,8 @@ struct Slot {
     id: u64,
     at_micros: u64,
     done: bool,
+    /// A `Route` for the global bus: its age does not stall the edge (see [`Outbox::must_stall`]).
+    routed: bool,
 }
 
 /// What the sync thread shares with the outbox.
@@ -518,7 +520,7 @@ impl Outbox {
         };
         for r in &replay {
             let bytes = HEADER_BYTES + BODY_PREFIX + r.key.len() + r.frame.len();
-            ob.track(r.seq, bytes, r.id, now);
+            ob.track(r.seq, bytes, r.id, now, r.route_region().is_some());
         }
         ob.stats
             .replayed
@@ -568,18 +570,46 @@ impl Outbox {
         ))
     }
 
-    /// True when the edge must stop accepting: the byte bound, the age bound, or a disk error.
+    /// How long ago the oldest not-acknowledged regional record (not a `Route` for the global
+    /// bus) was appended.
+    pub fn oldest_regional_age(&self) -> Option<Duration> {
+        let oldest = self.slots.iter().find(|s| !s.done && !s.routed)?;
+        Some(Duration::from_micros(
+            iris_bus::hops::unix_micros().saturating_sub(oldest.at_micros),
+        ))
+    }
+
+    /// True when the edge must stop accepting: the byte bound, the age bound of the regional
+    /// records, or a disk error. Records routed to the global bus have no age bound: a global
+    /// bus outage keeps them on disk (up to `max_bytes`) while the region's own traffic goes on.
     pub fn must_stall(&self) -> bool {
         self.failed()
             || self.over_bytes()
             || self
-                .oldest_age()
+                .oldest_regional_age()
                 .is_some_and(|a| a >= Duration::from_millis(self.cfg.stall_ms))
     }
 
     /// Appends a record (written by the next [`Outbox::write_pending`]) and returns its sequence
     /// number, the ticket to produce it with.
     pub fn append(&mut self, id: u64, key: &[u8], frame: &[u8]) -> Result<u64, OutboxError> {
+        self.append_as(id, key, frame, false)
+    }
+
+    /// Like [`Self::append`], for a `Route` frame bound for the global bus: its age does not
+    /// stall the edge (a global bus outage must not stop the region's own traffic); its bytes
+    /// count towards `max_bytes` like any record's.
+    pub fn append_routed(&mut self, id: u64, key: &[u8], frame: &[u8]) -> Result<u64, OutboxError> {
+        self.append_as(id, key, frame, true)
+    }
+
+    fn append_as(
+        &mut self,
+        id: u64,
+        key: &[u8],
+        frame: &[u8],
+        routed: bool,
+    ) -> Result<u64, OutboxError> {
         if self.failed() {
             return Err(OutboxError::Failed);
         }
@@ -589,11 +619,11 @@ impl Outbox {
         let seq = self.next_seq;
         self.next_seq += 1;
         let n = encode_record(&mut self.pending, seq, id, key, frame);
-        self.track(seq, n, id, iris_bus::hops::unix_micros());
+        self.track(seq, n, id, iris_bus::hops::unix_micros(), routed);
         Ok(seq)
     }
 
-    fn track(&mut self, seq: u64, bytes: usize, id: u64, at_micros: u64) {
+    fn track(&mut self, seq: u64, bytes: usize, id: u64, at_micros: u64, routed: bool) {
         if self.slots.is_empty() {
             self.base = seq;
         }
@@ -604,6 +634,7 @@ impl Outbox {
                 id: 0,
                 at_micros,
                 done: true,
+                routed: false,
             });
         }
         self.slots.push_back(Slot {
@@ -611,6 +642,7 @@ impl Outbox {
             id,
             at_micros,
             done: false,
+            routed,
         });
         self.unacked_records += 1;
         self.unacked_bytes += bytes as u64;
@@ -1127,6 +1159,43 @@ mod tests {
         assert!(ob.must_stall());
         ob.tick();
         assert!(ob.stats().snapshot().oldest_age_micros >= 50_000);
+    }
+
+    /// A record routed to the global bus does not stall by age (a global outage must not stop
+    /// the region's own traffic), also after a restart replays it; its bytes still count, and a
+    /// regional record still stalls by age behind it.
+    #[test]
+    fn routed_records_do_not_stall_by_age() {
+        let routed = iris_bus::encode(&iris_bus::BusFrame::Route(iris_bus::Route {
+            region: "rb".to_owned(),
+            inner: iris_bus::Routed::Ack(iris_bus::Ack {
+                user: b"bob".to_vec(),
+                id: 1,
+            }),
+        }))
+        .unwrap();
+        let t = tempfile::tempdir().unwrap();
+        let c = OutboxConfig {
+            stall_ms: 50,
+            ..cfg(t.path())
+        };
+        let (mut ob, _) = Outbox::open(c.clone()).unwrap();
+        ob.append_routed(1, b"bob", &routed).unwrap();
+        ob.write_pending().unwrap();
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(ob.oldest_age().unwrap() >= Duration::from_millis(50));
+        assert!(ob.oldest_regional_age().is_none());
+        assert!(!ob.must_stall(), "a routed record stalled by age");
+        ob.close().unwrap();
+        let (mut ob, replay) = Outbox::open(c).unwrap();
+        assert_eq!(replay.len(), 1);
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(!ob.must_stall(), "a replayed routed record stalled by age");
+        let s = ob.append(2, b"u", &frame(2)).unwrap();
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(ob.must_stall(), "a regional record behind it stalls by age");
+        ob.done(s, true);
+        assert!(!ob.must_stall());
     }
 
     #[test]

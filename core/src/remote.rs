@@ -80,6 +80,11 @@ use crate::sessions::{
     SessionConfig, SessionMetricsSnapshot, SessionOp, SessionSink, SessionWriter,
 };
 
+/// Frames for the global bus held in memory (its ring full: the global brokers away or slow)
+/// beyond which the edge stops accepting. Below it, a global bus outage does not stop the
+/// region's own traffic.
+const GLOBAL_HELD_MAX: usize = 65_536;
+
 /// How often the topic keeper checks that this edge's topics still exist.
 const KEEPER_EVERY: Duration = Duration::from_secs(2);
 
@@ -786,13 +791,20 @@ impl Bridge {
         // A failure is logged and marked by the outbox; the gate below stops accepting.
         let _ = self.outbox.write_pending();
         self.outbox.tick();
-        if self.held_len() == 0 {
+        // Only the regional ring's backlog stalls by age: frames for the global bus wait (on
+        // disk in the outbox, in memory here) while it is away, up to GLOBAL_HELD_MAX.
+        if self.held.is_empty() {
             self.held_since = None;
         } else if moved || self.held_since.is_none() {
             self.held_since = Some(Instant::now());
         }
-        let stall =
-            self.outbox.must_stall() || self.held_since.is_some_and(|t| t.elapsed() >= self.stall);
+        let global_full = self
+            .global
+            .as_ref()
+            .is_some_and(|g| g.held.len() >= GLOBAL_HELD_MAX);
+        let stall = self.outbox.must_stall()
+            || global_full
+            || self.held_since.is_some_and(|t| t.elapsed() >= self.stall);
         if self.gate.set(stall) {
             self.outbox.stats().stalls.fetch_add(1, Ordering::Relaxed);
             warn!(
@@ -1106,7 +1118,11 @@ impl Bridge {
             return;
         };
         let ticket = match durable {
-            Some(id) => match self.outbox.append(id, user, &payload) {
+            Some(id) => match if global_region.is_some() {
+                self.outbox.append_routed(id, user, &payload)
+            } else {
+                self.outbox.append(id, user, &payload)
+            } {
                 Ok(seq) => seq,
                 // The outbox failed (logged once, the gate stops accepting): produce anyway.
                 Err(e) => {
