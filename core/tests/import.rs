@@ -93,7 +93,6 @@ impl Env {
             .recv_timeout(Duration::from_secs(60))
             .expect("iris-core did not print its ready line within 60 s");
         let admin = line
-            .trim()
             .split_whitespace()
             .find_map(|w| w.strip_prefix("admin="))
             .unwrap_or_else(|| panic!("no admin address in {line:?}"))
