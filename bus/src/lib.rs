@@ -8,7 +8,9 @@
 //! [`kafka`]: the Kafka transport on rdkafka (a producer thread fed by one ring per shard, with
 //! `QueueFull` backpressure and per-frame delivery reports; a consumer thread handing frames to
 //! the owning shard's queue; topic creation at startup). [`hops`]: per-hop latency histograms
-//! measured from the accept time every message id carries.
+//! measured from the accept time every message id carries, and the id layout's fields.
+//! [`home`]: federated regions: the region list, each user's home region (home table, else
+//! rendezvous hashing) — see `docs/REGIONS.md`.
 //!
 //! Not built yet: the one interface that lets the edge use either the in-process core (the
 //! embedded one-box deployment, wired today straight to `iris-core`) or this Kafka transport.
