@@ -92,6 +92,22 @@
 //! produce is counted (`outputs_failed`) and does not hold its window. A failed write or fsync
 //! stops the service with an error, offsets uncommitted.
 //!
+//! **Regions (home side).** With more than one region ([`ServiceConfig::global`] set) the
+//! service also starts the [`Importer`](crate::import::Importer) (the region's route topic on
+//! the global bus into the regional topics) and a producer on the global brokers, whose reports
+//! feed the same tickets as the regional producer's. Home-aware rules:
+//!
+//! - `Deliver` for a user homed here: as above, unless its `(recipient, id)` is in the acked-ids
+//!   memory (the last [`ACKED_MEMORY`] acks, [`ACKED_TTL`]): then counted as `duplicates` and
+//!   dropped. If the user roams in another region, also `Route{region, Deliver}` on the global
+//!   bus (likewise for relays).
+//! - `Deliver` for a user homed elsewhere (a visitor's live copy, sent by its home): routed to
+//!   its sessions here, never stored; with none, dropped (`visitor_dropped`).
+//! - `DrainRequest` / `PrekeyFetch` whose `region` names another region: the user is recorded as
+//!   a roamer there (in memory, [`ROAMER_TTL`], ended by a local login's drain request; lost at
+//!   a restart until the user's next login) and the answer goes as `Route{region, ..}` on the
+//!   global bus.
+//!
 //! **Lost topics.** A [`TopicKeeper`] re-creates the deliver and presence topics when the
 //! broker lost them (every 2 s, and at once after a consume error).
 //!
