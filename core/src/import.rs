@@ -50,8 +50,8 @@ use std::time::{Duration, Instant};
 use iris_bus::home::Homes;
 use iris_bus::hops::HopHistogram;
 use iris_bus::kafka::{
-    ensure_topics, Done, KafkaConfig, KafkaProducer, OutFrame, ProducerRing, RecreationCursor,
-    TopicKeeper, NO_TICKET,
+    ensure_topics_within, Done, KafkaConfig, KafkaProducer, OutFrame, ProducerRing,
+    RecreationCursor, TopicKeeper, NO_TICKET,
 };
 use iris_bus::{decode_counted, encode, to_owned, BusFrame, FrameStats, Route, Routed, Stored};
 use rdkafka::config::ClientConfig;
@@ -74,6 +74,12 @@ const MAX_PENDING: usize = 100_000;
 
 /// How long a stopping importer waits for its produces' acknowledgements.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+
+/// How long one connection attempt waits for the global brokers.
+const CONNECT_WAIT: Duration = Duration::from_secs(5);
+
+/// How long the importer waits between connection attempts while the global bus is down.
+const CONNECT_RETRY: Duration = Duration::from_secs(1);
 
 /// How often the topic keeper checks the route topic.
 const KEEPER_EVERY: Duration = Duration::from_secs(2);
@@ -155,95 +161,37 @@ pub struct Importer {
 }
 
 impl Importer {
-    /// Ensures the route topics of every region on the global brokers, starts the producers
-    /// and the consumer (assigned this member's route partitions), then the thread.
+    /// Starts the importer thread. The thread connects to the global brokers (ensures the
+    /// route topics of every listed region, assigns this member's route partitions, starts both
+    /// producers), retrying every [`CONNECT_RETRY`] while the global bus cannot be reached:
+    /// a down global bus never keeps the region's core from starting.
     pub fn start(cfg: ImportConfig, stats: Arc<ImportStats>) -> Result<Importer, CoreError> {
-        let own = cfg.homes.own().to_owned();
-        let parts = cfg.partitions.max(1) as i32;
-        let topics: Vec<(String, i32)> = cfg
-            .homes
-            .regions()
-            .iter()
-            .map(|r| (iris_bus::topics::route(r), parts))
-            .collect();
-        ensure_topics(&cfg.global, &topics)?;
-        let topic = iris_bus::topics::route(&own);
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &cfg.global.brokers)
-            .set("client.id", format!("iris-import-{own}-{}", cfg.member))
-            .set("group.id", format!("iris-import-{own}"))
-            .set("auto.offset.reset", "earliest")
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("enable.partition.eof", "false")
-            .set(
-                "fetch.wait.max.ms",
-                cfg.global.fetch_wait_max_ms.to_string(),
-            )
-            .set("socket.nagle.disable", "true")
-            .set("log_level", "3")
-            .create()?;
-        let route_parts = topic_partitions(&consumer, &topic)?;
-        let assigned = owned_partitions(route_parts, cfg.member, cfg.members);
-        let mut tpl = TopicPartitionList::with_capacity(assigned.len());
-        for &p in &assigned {
-            tpl.add_partition_offset(&topic, p, Offset::Stored)?;
-        }
-        consumer.assign(&tpl)?;
-        let (regional, mut rings) = KafkaProducer::start(&cfg.regional, 1)?;
-        let ring = rings.pop().ok_or(CoreError::ThreadPanicked)?;
-        let (global, mut grings) = KafkaProducer::start(&cfg.global, 1)?;
-        let gring = grings.pop().ok_or(CoreError::ThreadPanicked)?;
-        let keeper = match TopicKeeper::start(
-            &cfg.global,
-            vec![(topic.clone(), parts)],
-            KEEPER_EVERY,
-        ) {
-            Ok(k) => Some(k),
-            Err(e) => {
-                warn!(error = %e, "route topic keeper not started, a lost route topic is not re-created");
-                None
-            }
-        };
-        let recreations = keeper
-            .as_ref()
-            .map(|k| RecreationCursor::new(k.recreations(), &[&topic]));
-        info!(
-            region = %own,
-            topic = %topic,
-            partitions = route_parts,
-            assigned = ?assigned,
-            "importer assigned its route partitions"
-        );
         let stop = Arc::new(AtomicBool::new(false));
-        let mut worker = Worker {
-            deliver_topic: Arc::from(iris_bus::topics::deliver(&own)),
-            own,
-            topic,
-            cfg,
-            assigned,
-            consumer,
-            regional: Some(regional),
-            ring,
-            global: Some(global),
-            gring,
-            keeper,
-            recreations,
-            stats: Arc::clone(&stats),
-            queues: HashMap::new(),
-            pending: HashMap::new(),
-            next_ticket: 1,
-            done: Vec::new(),
-            positions: HashMap::new(),
-            inboxes: HashMap::new(),
-            routes: HashMap::new(),
-            committed: HashMap::new(),
-            logged_consume_error: false,
-        };
         let flag = Arc::clone(&stop);
+        let shared = Arc::clone(&stats);
         let thread = std::thread::Builder::new()
             .name("iris-core-import".to_owned())
-            .spawn(move || worker.run(&flag))?;
+            .spawn(move || {
+                let mut logged = false;
+                let mut worker = loop {
+                    if flag.load(Ordering::Acquire) {
+                        return Ok(());
+                    }
+                    match Worker::connect(&cfg, &shared) {
+                        Ok(w) => break w,
+                        Err(e) => {
+                            if !logged {
+                                logged = true;
+                                warn!(error = %e, "importer cannot reach the global bus yet, retrying");
+                            } else {
+                                debug!(error = %e, "importer connect failed, retrying");
+                            }
+                            std::thread::sleep(CONNECT_RETRY);
+                        }
+                    }
+                };
+                worker.run(&flag)
+            })?;
         Ok(Importer {
             stop,
             stats,
@@ -314,6 +262,92 @@ struct Worker {
 }
 
 impl Worker {
+    /// Ensures the route topics on the global brokers, assigns this member's route partitions
+    /// and starts both producers and the route topic's keeper.
+    fn connect(cfg: &ImportConfig, stats: &Arc<ImportStats>) -> Result<Worker, CoreError> {
+        let own = cfg.homes.own().to_owned();
+        let parts = cfg.partitions.max(1) as i32;
+        let topics: Vec<(String, i32)> = cfg
+            .homes
+            .regions()
+            .iter()
+            .map(|r| (iris_bus::topics::route(r), parts))
+            .collect();
+        ensure_topics_within(&cfg.global, &topics, CONNECT_WAIT)?;
+        let topic = iris_bus::topics::route(&own);
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &cfg.global.brokers)
+            .set("client.id", format!("iris-import-{own}-{}", cfg.member))
+            .set("group.id", format!("iris-import-{own}"))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false")
+            .set(
+                "fetch.wait.max.ms",
+                cfg.global.fetch_wait_max_ms.to_string(),
+            )
+            .set("socket.nagle.disable", "true")
+            .set("log_level", "3")
+            .create()?;
+        let route_parts = topic_partitions(&consumer, &topic)?;
+        let assigned = owned_partitions(route_parts, cfg.member, cfg.members);
+        let mut tpl = TopicPartitionList::with_capacity(assigned.len());
+        for &p in &assigned {
+            tpl.add_partition_offset(&topic, p, Offset::Stored)?;
+        }
+        consumer.assign(&tpl)?;
+        let (regional, mut rings) = KafkaProducer::start(&cfg.regional, 1)?;
+        let ring = rings.pop().ok_or(CoreError::ThreadPanicked)?;
+        let (global, mut grings) = KafkaProducer::start(&cfg.global, 1)?;
+        let gring = grings.pop().ok_or(CoreError::ThreadPanicked)?;
+        let keeper = match TopicKeeper::start(
+            &cfg.global,
+            vec![(topic.clone(), parts)],
+            KEEPER_EVERY,
+        ) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                warn!(error = %e, "route topic keeper not started, a lost route topic is not re-created");
+                None
+            }
+        };
+        let recreations = keeper
+            .as_ref()
+            .map(|k| RecreationCursor::new(k.recreations(), &[&topic]));
+        info!(
+            region = %own,
+            topic = %topic,
+            partitions = route_parts,
+            assigned = ?assigned,
+            "importer assigned its route partitions"
+        );
+        Ok(Worker {
+            deliver_topic: Arc::from(iris_bus::topics::deliver(&own)),
+            own,
+            topic,
+            cfg: cfg.clone(),
+            assigned,
+            consumer,
+            regional: Some(regional),
+            ring,
+            global: Some(global),
+            gring,
+            keeper,
+            recreations,
+            stats: Arc::clone(stats),
+            queues: HashMap::new(),
+            pending: HashMap::new(),
+            next_ticket: 1,
+            done: Vec::new(),
+            positions: HashMap::new(),
+            inboxes: HashMap::new(),
+            routes: HashMap::new(),
+            committed: HashMap::new(),
+            logged_consume_error: false,
+        })
+    }
+
     fn run(&mut self, stop: &AtomicBool) -> Result<(), CoreError> {
         let mut committed_at = Instant::now();
         let mut lag_at = Instant::now();

@@ -509,11 +509,9 @@ fn global_offset_waits_for_the_regional_broker_and_a_restart_imports_again() {
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(
-        core.metric("iris_core_import_pending"),
-        1,
-        "waiting for the ack"
-    );
+    let body = core.metrics();
+    let pending = core.metric("iris_core_import_pending");
+    assert_eq!(pending, 1, "waiting for the ack:\n{body}");
     assert_eq!(
         env.import_committed(p),
         Some(1),
@@ -740,4 +738,46 @@ fn import_survives_a_kill_9_under_a_stream_of_2000_routed_messages() {
         N as usize,
         "every message stored once"
     );
+}
+
+#[test]
+fn a_down_global_bus_does_not_stop_the_region_and_import_starts_when_it_returns() {
+    let mut env = Env::start();
+    env.online(b"alice", 1);
+    let edge = env.edge(1);
+    env.global.kill();
+    let core = env.core();
+    // The region works without the global bus.
+    let rx = env.regional_producer();
+    let local = msg(id_now(0, 1), b"alice", HERE);
+    rx.regional(&BusFrame::Deliver(local.clone()));
+    rx.flush();
+    assert_eq!(
+        delivers(&edge.frames(1, Duration::from_secs(30))),
+        vec![local]
+    );
+    // The global bus comes back: the importer connects and imports.
+    env.global.restart();
+    let tx = env.global_producer();
+    let d = msg(id_now(1, 2), b"alice", THERE);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while core.metric(r#"iris_core_imported_total{region="r2"}"#) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "nothing imported after the global bus returned"
+        );
+        // The route topic exists once the importer connected.
+        if ensure_topics(
+            &env.kafka(env.global.brokers()),
+            &[(route(HERE), PARTITIONS as i32)],
+        )
+        .is_ok()
+        {
+            tx.routed(HERE, HERE, BusFrame::Deliver(d.clone()));
+            tx.flush();
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let got = delivers(&edge.frames(1, Duration::from_secs(30)));
+    assert_eq!(got.first(), Some(&d));
 }
