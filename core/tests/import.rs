@@ -211,6 +211,28 @@ impl Core {
         self.proc.kill9();
     }
 
+    /// SIGTERM, then the exit status (at most 20 s).
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let mut child = self.proc.0.take().unwrap();
+        let ok = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -TERM failed");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("iris-core did not exit within 20 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn metrics(&self) -> String {
         let mut s = TcpStream::connect(&self.admin).expect("connect to the admin endpoint");
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -638,7 +660,16 @@ fn visitor_copy_is_routed_live_and_never_stored() {
     );
     tx.flush();
     core.wait_metric("iris_core_visitor_dropped_total", 1);
-    drop(core);
+    // SIGTERM stops the importer too (flush, final commit): exit 0, and both imports are
+    // committed on the global bus.
+    assert!(core.terminate().success(), "SIGTERM exits 0");
+    for user in [&b"bob"[..], b"erin"] {
+        let p = partition_of(user, PARTITIONS) as i32;
+        assert!(
+            env.import_committed(p).is_some_and(|o| o >= 1),
+            "committed at shutdown"
+        );
+    }
     assert_eq!(store_count(&env, b"bob"), 0);
     assert_eq!(store_count(&env, b"erin"), 0);
 }
