@@ -106,9 +106,9 @@ pub struct ImportConfig {
 /// The importer's counters (shared with the admin endpoint).
 #[derive(Debug, Default)]
 pub struct ImportStats {
-    /// Records imported per origin region (the frame's origin when it names one: a deliver's
-    /// `origin`, a drain request's or prekey fetch's `region`, a stored notice's `home`; else
-    /// the region the message id was minted in).
+    /// Records imported per origin region: a deliver's `origin`, a drain request's or prekey
+    /// fetch's `region`, a stored notice's `home`, the user's home for a drain chunk or prekey
+    /// bundle; empty for acks, relays and prekey puts (they do not name their region).
     pub imported: Mutex<BTreeMap<String, u64>>,
     /// Route records naming another region (skipped).
     pub misrouted: AtomicU64,
@@ -475,8 +475,11 @@ impl Worker {
             Routed::DrainRequest(r) => r.region.clone(),
             Routed::PrekeyFetch(f) => f.region.clone(),
             Routed::Stored(s) => s.home.clone(),
-            Routed::Ack(a) => self.region_of_id(a.id),
-            _ => String::new(),
+            // Answers of the user's home.
+            Routed::DrainChunk(c) => self.cfg.homes.home_of(&c.user).to_owned(),
+            Routed::PrekeyBundle(b) => self.cfg.homes.home_of(&b.user).to_owned(),
+            // Acks, relays and prekey puts do not name the region that sent them.
+            Routed::Ack(_) | Routed::Relay(_) | Routed::PrekeyPut(_) => String::new(),
         };
         self.stats.count_imported(&origin);
         let (topic, partition, stored) = match &inner {
@@ -533,12 +536,6 @@ impl Worker {
             .pending
             .store(self.pending.len() as u64, Ordering::Relaxed);
         ticket
-    }
-
-    /// The region an id was minted in, by its region index.
-    fn region_of_id(&self, id: u64) -> String {
-        let i = iris_bus::hops::id_region(id) as usize;
-        self.cfg.homes.regions().get(i).cloned().unwrap_or_default()
     }
 
     fn deliver_partition(&self, inner: &Routed) -> i32 {

@@ -812,3 +812,73 @@ fn a_down_global_bus_does_not_stop_the_region_and_import_starts_when_it_returns(
     let got = delivers(&edge.frames(1, Duration::from_secs(30)));
     assert_eq!(got.first(), Some(&d));
 }
+
+#[test]
+fn answers_for_a_visitor_reach_its_edge_and_a_routed_ack_deletes_at_home() {
+    let env = Env::start();
+    let edge = env.edge(3);
+    let core = env.core();
+    let tx = env.global_producer();
+    // bob (homed in r2) logged in on edge 3 here: his home's drain chunk and prekey bundle
+    // cross back and go to edge 3's inbox.
+    let chunk = DrainChunk {
+        user: b"bob".to_vec(),
+        node: 3,
+        shard: 1,
+        conn: 77,
+        messages: vec![iris_bus::Drained {
+            id: id_now(1, 1),
+            sender: b"erin".to_vec(),
+            payload: b"stored at home".to_vec(),
+        }],
+        more: false,
+    };
+    tx.routed(HERE, HERE, BusFrame::DrainChunk(chunk.clone()));
+    let bundle = iris_bus::PrekeyBundle {
+        user: b"erin".to_vec(),
+        node: 3,
+        shard: 0,
+        conn: 78,
+        bundle: Some(b"erin keys".to_vec()),
+    };
+    tx.routed(HERE, HERE, BusFrame::PrekeyBundle(bundle.clone()));
+    tx.flush();
+    let got = edge.frames(2, Duration::from_secs(30));
+    assert!(got.contains(&BusFrame::DrainChunk(chunk)), "{got:?}");
+    assert!(got.contains(&BusFrame::PrekeyBundle(bundle)), "{got:?}");
+    core.wait_metric(r#"iris_core_imported_total{region="r2"}"#, 2);
+    // alice (homed here) acks from another region: the routed ack deletes the stored message.
+    let rx = env.regional_producer();
+    let id = id_now(0, 5);
+    rx.regional(&BusFrame::Deliver(msg(id, b"alice", HERE)));
+    rx.flush();
+    core.wait_metric("iris_core_delivers_total", 1);
+    tx.routed(
+        HERE,
+        HERE,
+        BusFrame::Ack(Ack {
+            user: b"alice".to_vec(),
+            id,
+        }),
+    );
+    tx.flush();
+    core.wait_metric("iris_core_acks_total", 1);
+    core.wait_metric(r#"iris_core_imported_total{region=""}"#, 1);
+    rx.regional(&drain_req(b"alice", 3, 80, ""));
+    rx.flush();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let answer = loop {
+        assert!(Instant::now() < deadline, "no drain chunk for conn 80");
+        if let Some(c) = edge
+            .frames(1, Duration::from_millis(200))
+            .into_iter()
+            .find_map(|f| match f {
+                BusFrame::DrainChunk(c) if c.conn == 80 => Some(c),
+                _ => None,
+            })
+        {
+            break c;
+        }
+    };
+    assert!(answer.messages.is_empty(), "deleted by the routed ack");
+}
