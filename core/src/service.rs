@@ -693,17 +693,24 @@ struct CacheEntry {
 }
 
 /// The acked-ids memory: the last [`ACKED_MEMORY`] acked `(recipient, id)` keys, each for at
-/// most [`ACKED_TTL`].
+/// most [`ACKED_TTL`]. A key is held as `(id, FNV-1a hash of the recipient)` (16 bytes): ids are
+/// unique across the deployment, the hash only guards against a foreign id reused for another
+/// recipient.
 #[derive(Default)]
 struct AckedMemory {
-    keys: HashSet<(Vec<u8>, u64)>,
-    order: VecDeque<((Vec<u8>, u64), Instant)>,
+    keys: HashSet<(u64, u64)>,
+    order: VecDeque<((u64, u64), Instant)>,
 }
 
 impl AckedMemory {
-    fn insert(&mut self, key: (Vec<u8>, u64)) {
+    fn key(recipient: &[u8], id: u64) -> (u64, u64) {
+        (id, iris_bus::topics::user_hash(recipient))
+    }
+
+    fn insert(&mut self, recipient: &[u8], id: u64) {
         let now = Instant::now();
-        if self.keys.insert(key.clone()) {
+        let key = Self::key(recipient, id);
+        if self.keys.insert(key) {
             self.order.push_back((key, now));
         }
         while let Some((k, at)) = self.order.front() {
@@ -715,8 +722,8 @@ impl AckedMemory {
         }
     }
 
-    fn contains(&self, key: &(Vec<u8>, u64)) -> bool {
-        self.keys.contains(key)
+    fn contains(&self, recipient: &[u8], id: u64) -> bool {
+        self.keys.contains(&Self::key(recipient, id))
     }
 }
 
@@ -1422,7 +1429,7 @@ impl CoreService {
                     return Ok(());
                 }
                 let key = (d.recipient.clone(), d.id);
-                if self.acked.contains(&key) {
+                if self.acked.contains(&key.0, key.1) {
                     self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
                     debug!(
                         id = d.id,
@@ -1476,7 +1483,7 @@ impl CoreService {
                 }
                 // Always delete too: a redelivered message may already be in the store.
                 self.window.deletes.push(key.clone());
-                self.acked.insert(key.clone());
+                self.acked.insert(&key.0, key.1);
                 self.window.acked.insert(key);
             }
             BusFrame::DrainRequest(r) => {
@@ -2610,6 +2617,26 @@ mod tests {
         let mut lone = single;
         lone.global = multi.global.clone();
         assert!(lone.validate().is_err(), "a global bus with one region");
+    }
+
+    #[test]
+    fn acked_memory_remembers_the_latest_keys_only() {
+        let mut m = AckedMemory::default();
+        m.insert(b"alice", 1);
+        assert!(m.contains(b"alice", 1));
+        assert!(!m.contains(b"bob", 1), "another recipient");
+        assert!(!m.contains(b"alice", 2));
+        m.insert(b"alice", 1);
+        assert_eq!(m.order.len(), 1, "a key is held once");
+        for i in 0..ACKED_MEMORY as u64 {
+            m.insert(b"bob", 10 + i);
+        }
+        assert!(
+            !m.contains(b"alice", 1),
+            "the oldest key left beyond ACKED_MEMORY"
+        );
+        assert!(m.contains(b"bob", 10 + ACKED_MEMORY as u64 - 1));
+        assert_eq!(m.keys.len(), ACKED_MEMORY);
     }
 
     #[test]
