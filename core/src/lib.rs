@@ -19,6 +19,9 @@
 //!   partitions of the region's deliver topic, stores with group commit, routes messages and
 //!   relays to edge inboxes via Redis sessions and login hints, answers drains and prekey
 //!   fetches.
+//! - [`import`]: the home region's importer (multi-region): the region's route topic on the
+//!   global bus into the regional deliver topic and edge inboxes, committed only once the
+//!   regional broker has each record.
 //! - [`outbox`]: the cluster edge's write-ahead log: every accepted message is on local disk
 //!   until the broker acknowledged it, replayed after a crash, trimmed on the broker's ack.
 //! - [`http`]: the small HTTP responder of the admin endpoints (edge and core).
@@ -28,6 +31,7 @@ pub mod api;
 pub mod embedded;
 pub mod error;
 pub mod http;
+pub mod import;
 pub mod outbox;
 pub mod remote;
 pub mod service;

@@ -92,6 +92,22 @@
 //! produce is counted (`outputs_failed`) and does not hold its window. A failed write or fsync
 //! stops the service with an error, offsets uncommitted.
 //!
+//! **Regions (home side).** With more than one region ([`ServiceConfig::global`] set) the
+//! service also starts the [`Importer`](crate::import::Importer) (the region's route topic on
+//! the global bus into the regional topics) and a producer on the global brokers, whose reports
+//! feed the same tickets as the regional producer's. Home-aware rules:
+//!
+//! - `Deliver` for a user homed here: as above, unless its `(recipient, id)` is in the acked-ids
+//!   memory (the last [`ACKED_MEMORY`] acks, [`ACKED_TTL`]): then counted as `duplicates` and
+//!   dropped. If the user roams in another region, also `Route{region, Deliver}` on the global
+//!   bus (likewise for relays).
+//! - `Deliver` for a user homed elsewhere (a visitor's live copy, sent by its home): routed to
+//!   its sessions here, never stored; with none, dropped (`visitor_dropped`).
+//! - `DrainRequest` / `PrekeyFetch` whose `region` names another region: the user is recorded as
+//!   a roamer there (in memory, [`ROAMER_TTL`], ended by a local login's drain request; lost at
+//!   a restart until the user's next login) and the answer goes as `Route{region, ..}` on the
+//!   global bus.
+//!
 //! **Lost topics.** A [`TopicKeeper`] re-creates the deliver and presence topics when the
 //! broker lost them (every 2 s, and at once after a consume error).
 //!
@@ -117,7 +133,7 @@ use iris_bus::kafka::{
 };
 use iris_bus::{
     decode_counted, encode, to_owned, ArchivedBusFrame, BusFrame, DrainChunk, DrainRequest,
-    Drained, FrameCounts, FrameStats, PrekeyBundle, PrekeyFetch,
+    Drained, FrameCounts, FrameStats, PrekeyBundle, PrekeyFetch, Route, Routed,
 };
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -129,6 +145,7 @@ use tracing::{debug, info, warn};
 
 use crate::api::StoredMsg;
 use crate::error::CoreError;
+use crate::import::{ImportConfig, ImportStats, Importer};
 use crate::sessions::{SessionConfig, SessionReader, SessionRecord};
 use crate::store::{Batch, MessageStore, MAX_SENDER_LEN, MAX_USER_LEN};
 
@@ -185,6 +202,17 @@ pub const MAX_HINTS: usize = 1_000_000;
 
 /// Hints are pruned at most this often (on a flush).
 const HINT_PRUNE_EVERY: Duration = Duration::from_secs(1);
+
+/// How many acked `(recipient, id)` keys the core remembers to drop a late duplicate deliver
+/// (a copy imported again after a crash, a retried produce) instead of storing it again.
+pub const ACKED_MEMORY: usize = 1_000_000;
+
+/// How long an acked key is remembered (at most [`ACKED_MEMORY`] of them).
+pub const ACKED_TTL: Duration = Duration::from_secs(600);
+
+/// How long a roamer entry (a user homed here whose latest drain request came from another
+/// region) copies the user's delivers to that region.
+pub const ROAMER_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// How long [`CoreService::start`] waits for the deliver topic's partitions to show in the
 /// broker's metadata.
@@ -362,6 +390,8 @@ macro_rules! service_stats {
             pub windows_waiting: AtomicU64,
             /// Ticketed outputs not yet reported by the producer (a gauge).
             pub outputs_waiting: AtomicU64,
+            /// Roamer entries held now (a gauge).
+            pub roamers: AtomicU64,
         }
 
         impl ServiceStats {
@@ -433,6 +463,18 @@ service_stats! {
     retry_dropped,
     /// Outputs the producer reported as never producible (their window still commits).
     outputs_failed,
+    /// Delivers of a message acked recently (the acked-ids memory): not stored again.
+    duplicates,
+    /// Delivers for a user homed elsewhere (a visitor's live copy sent by its home) handled.
+    visitors,
+    /// Visitor copies produced to an edge inbox (one per target node).
+    visitors_routed,
+    /// Visitor copies with no session in this region, dropped (the home keeps them stored).
+    visitor_dropped,
+    /// Delivers and relays copied to a roaming recipient's region (global bus).
+    roamed,
+    /// Drain requests and prekey fetches from another region, answered across the global bus.
+    foreign_answers,
 }
 
 /// One output decided inside a window, handed to the producer when the window closes.
@@ -456,22 +498,42 @@ enum Output {
         key: Vec<u8>,
         payload: Vec<u8>,
     },
+    /// A live copy of a deliver for a user homed elsewhere (the consumed record, unchanged):
+    /// routed like a deliver, never stored; dropped when the user has no session here.
+    Visitor {
+        recipient: Vec<u8>,
+        id: u64,
+        record: Vec<u8>,
+        hint: Option<u32>,
+    },
+    /// An encoded `Route` frame for region `region`'s route topic on the global bus (message
+    /// `id`, 0 for none), keyed by `key`.
+    Global {
+        region: String,
+        key: Vec<u8>,
+        payload: Vec<u8>,
+        id: u64,
+    },
 }
 
 impl Output {
     /// The login hint's node of a route or relay.
     fn hint(&self) -> Option<u32> {
         match self {
-            Output::Route { hint, .. } | Output::Relay { hint, .. } => *hint,
-            Output::Frame { .. } => None,
+            Output::Route { hint, .. }
+            | Output::Relay { hint, .. }
+            | Output::Visitor { hint, .. } => *hint,
+            Output::Frame { .. } | Output::Global { .. } => None,
         }
     }
 
     /// The recipient of a route or relay.
     fn recipient(&self) -> Option<&[u8]> {
         match self {
-            Output::Route { recipient, .. } | Output::Relay { recipient, .. } => Some(recipient),
-            Output::Frame { .. } => None,
+            Output::Route { recipient, .. }
+            | Output::Relay { recipient, .. }
+            | Output::Visitor { recipient, .. } => Some(recipient),
+            Output::Frame { .. } | Output::Global { .. } => None,
         }
     }
 
@@ -483,8 +545,13 @@ impl Output {
             }
             | Output::Relay {
                 recipient, record, ..
+            }
+            | Output::Visitor {
+                recipient, record, ..
             } => recipient.len() + record.len() + 64,
-            Output::Frame { key, payload, .. } => key.len() + payload.len() + 64,
+            Output::Frame { key, payload, .. } | Output::Global { key, payload, .. } => {
+                key.len() + payload.len() + 64
+            }
         }
     }
 }
@@ -625,6 +692,69 @@ struct CacheEntry {
     merged: bool,
 }
 
+/// The acked-ids memory: the last [`ACKED_MEMORY`] acked `(recipient, id)` keys, each for at
+/// most [`ACKED_TTL`]. A key is held as `(id, FNV-1a hash of the recipient)` (16 bytes): ids are
+/// unique across the deployment, the hash only guards against a foreign id reused for another
+/// recipient.
+#[derive(Default)]
+struct AckedMemory {
+    keys: HashSet<(u64, u64)>,
+    order: VecDeque<((u64, u64), Instant)>,
+}
+
+impl AckedMemory {
+    fn key(recipient: &[u8], id: u64) -> (u64, u64) {
+        (id, iris_bus::topics::user_hash(recipient))
+    }
+
+    fn insert(&mut self, recipient: &[u8], id: u64) {
+        let now = Instant::now();
+        let key = Self::key(recipient, id);
+        if self.keys.insert(key) {
+            self.order.push_back((key, now));
+        }
+        while let Some((k, at)) = self.order.front() {
+            if self.order.len() <= ACKED_MEMORY && now.duration_since(*at) < ACKED_TTL {
+                break;
+            }
+            self.keys.remove(k);
+            self.order.pop_front();
+        }
+    }
+
+    fn contains(&self, recipient: &[u8], id: u64) -> bool {
+        self.keys.contains(&Self::key(recipient, id))
+    }
+}
+
+/// Where a user homed here is logged in in another region: its latest foreign drain request.
+struct Roamer {
+    region: String,
+    node: u32,
+    since: Instant,
+}
+
+/// Frames sent to the global bus per target region (`iris_core_routed_out_total{region=..}`).
+#[derive(Debug, Default)]
+pub struct RegionStats {
+    routed_out: Mutex<BTreeMap<String, u64>>,
+}
+
+impl RegionStats {
+    fn count(&self, region: &str) {
+        let mut m = self.routed_out.lock().unwrap_or_else(|p| p.into_inner());
+        *m.entry(region.to_owned()).or_insert(0) += 1;
+    }
+
+    /// Frames sent to the global bus, per target region.
+    pub fn routed_out(&self) -> BTreeMap<String, u64> {
+        self.routed_out
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
 /// Per-hop latency histograms of the core (`iris_core_hop_seconds{hop=...}`).
 #[derive(Debug, Default)]
 pub struct CoreHops {
@@ -694,6 +824,18 @@ pub struct CoreService {
     rewind: Vec<String>,
     logged_consume_error: bool,
     logged_session_error: bool,
+    /// The global bus producer (multi-region): routes to other regions (roamers' copies,
+    /// answers to foreign drain requests and prekey fetches). Its reports feed `tickets` like
+    /// the regional ring's.
+    global: Option<(KafkaProducer, ProducerRing)>,
+    /// Route topic names, built once per region.
+    routes: HashMap<String, Arc<str>>,
+    region_stats: Arc<RegionStats>,
+    /// The importer thread (multi-region).
+    importer: Option<Importer>,
+    /// Users homed here logged in in another region (in memory: lost at a restart).
+    roamers: HashMap<Vec<u8>, Roamer>,
+    acked: AckedMemory,
 }
 
 impl std::fmt::Debug for CoreService {
@@ -795,6 +937,40 @@ impl CoreService {
             }
         };
         let syncer = Syncer::start(Arc::clone(&store))?;
+        let (global, importer) = match &cfg.global {
+            Some(g) => {
+                let gcfg = KafkaConfig {
+                    client_id: format!("iris-core-{}-{}-global", cfg.region, cfg.member),
+                    linger_ms: 1,
+                    ..g.clone()
+                };
+                let (gp, mut grings) = KafkaProducer::start(&gcfg, 1)?;
+                let gring = grings.pop().ok_or(CoreError::ThreadPanicked)?;
+                let importer = Importer::start(
+                    ImportConfig {
+                        homes: Arc::clone(&cfg.homes),
+                        regional: KafkaConfig {
+                            client_id: format!("iris-import-{}-{}", cfg.region, cfg.member),
+                            ..kafka.clone()
+                        },
+                        global: KafkaConfig {
+                            client_id: format!("iris-import-{}-{}-global", cfg.region, cfg.member),
+                            linger_ms: 1,
+                            fetch_wait_max_ms: cfg.fetch_wait_max_ms,
+                            ..g.clone()
+                        },
+                        deliver_partitions: partitions,
+                        partitions: cfg.partitions,
+                        member: cfg.member,
+                        members: cfg.members,
+                    },
+                    Arc::new(ImportStats::default()),
+                )?;
+                (Some((gp, gring)), Some(importer))
+            }
+            None => (None, None),
+        };
+        let region_stats = Arc::new(RegionStats::default());
         let stats = Arc::new(ServiceStats::default());
         let hops = Arc::new(CoreHops::default());
         let frames = Arc::new(FrameStats::new());
@@ -810,6 +986,8 @@ impl CoreService {
                     store: Arc::clone(&store),
                     partitions,
                     assigned: assigned.len(),
+                    regions: Arc::clone(&region_stats),
+                    import: importer.as_ref().map(|i| Arc::clone(i.stats())),
                 },
             )?),
             None => None,
@@ -856,7 +1034,23 @@ impl CoreService {
             keeper,
             logged_consume_error: false,
             logged_session_error: false,
+            global,
+            routes: HashMap::new(),
+            region_stats,
+            importer,
+            roamers: HashMap::new(),
+            acked: AckedMemory::default(),
         })
+    }
+
+    /// The importer's counters (multi-region only).
+    pub fn import_stats(&self) -> Option<&Arc<ImportStats>> {
+        self.importer.as_ref().map(Importer::stats)
+    }
+
+    /// Frames sent to the global bus per target region.
+    pub fn region_stats(&self) -> &Arc<RegionStats> {
+        &self.region_stats
     }
 
     /// The service's counters.
@@ -930,6 +1124,16 @@ impl CoreService {
                 }
             }
         }
+        if let Some((p, _)) = self.global.take() {
+            if let Err(e) = p.flush_and_stop(Duration::from_secs(5)) {
+                warn!(error = %e, "global bus producer not flushed at shutdown; the messages stay stored");
+            }
+        }
+        let imported = match self.importer.take() {
+            Some(i) => i.stop(),
+            None => Ok(()),
+        };
+        let result = result.and(imported);
         if let Some(k) = self.keeper.take() {
             k.stop();
         }
@@ -1211,11 +1415,38 @@ impl CoreService {
                     );
                     return Ok(());
                 }
-                self.stats.delivers.fetch_add(1, Ordering::Relaxed);
                 self.hops.consumed.record_id(d.id);
-                let key = (d.recipient.clone(), d.id);
-                self.window.acked.remove(&key);
                 let hint = self.hint(&d.recipient);
+                if !self.cfg.homes.is_home(&d.recipient) {
+                    // A live copy for a visitor, sent by its home: never stored here.
+                    self.stats.visitors.fetch_add(1, Ordering::Relaxed);
+                    self.window.outputs.push(Output::Visitor {
+                        recipient: d.recipient,
+                        id: d.id,
+                        record,
+                        hint,
+                    });
+                    return Ok(());
+                }
+                let key = (d.recipient.clone(), d.id);
+                if self.acked.contains(&key.0, key.1) {
+                    self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                    debug!(
+                        id = d.id,
+                        "deliver of a message acked lately, not stored again"
+                    );
+                    return Ok(());
+                }
+                self.stats.delivers.fetch_add(1, Ordering::Relaxed);
+                self.window.acked.remove(&key);
+                if let Some(region) = self.roamer(&d.recipient) {
+                    self.route_global(
+                        region,
+                        d.recipient.clone(),
+                        Routed::Deliver(d.clone()),
+                        d.id,
+                    )?;
+                }
                 self.window.outputs.push(Output::Route {
                     recipient: d.recipient.clone(),
                     id: d.id,
@@ -1235,6 +1466,9 @@ impl CoreService {
             BusFrame::Relay(r) => {
                 self.stats.relays.fetch_add(1, Ordering::Relaxed);
                 let hint = self.hint(&r.recipient);
+                if let Some(region) = self.roamer(&r.recipient) {
+                    self.route_global(region, r.recipient.clone(), Routed::Relay(r.clone()), 0)?;
+                }
                 self.window.outputs.push(Output::Relay {
                     recipient: r.recipient,
                     record,
@@ -1249,11 +1483,20 @@ impl CoreService {
                 }
                 // Always delete too: a redelivered message may already be in the store.
                 self.window.deletes.push(key.clone());
+                self.acked.insert(&key.0, key.1);
                 self.window.acked.insert(key);
             }
             BusFrame::DrainRequest(r) => {
-                if r.after == 0 {
+                if self.is_foreign(&r.region) {
+                    self.record_roamer(&r.user, &r.region, r.node);
+                } else if r.after == 0 {
                     self.record_hint(&r.user, r.node);
+                    // Logged in here again: no longer roaming.
+                    if self.roamers.remove(&r.user).is_some() {
+                        self.stats
+                            .roamers
+                            .store(self.roamers.len() as u64, Ordering::Relaxed);
+                    }
                 }
                 self.drain(r)?;
             }
@@ -1273,6 +1516,64 @@ impl CoreService {
                 );
             }
         }
+        Ok(())
+    }
+
+    /// Whether `region` names another region this process can answer across the global bus.
+    fn is_foreign(&self, region: &str) -> bool {
+        !region.is_empty() && region != self.cfg.region && self.global.is_some()
+    }
+
+    /// The region `user` roams in (a roamer entry younger than [`ROAMER_TTL`]).
+    fn roamer(&self, user: &[u8]) -> Option<String> {
+        match self.roamers.get(user) {
+            Some(r) if r.since.elapsed() < ROAMER_TTL => {
+                debug!(region = %r.region, node = r.node, "copy to a roaming user's region");
+                Some(r.region.clone())
+            }
+            _ => None,
+        }
+    }
+
+    /// Remembers that `user` (homed here) logged in on edge `node` of `region`.
+    fn record_roamer(&mut self, user: &[u8], region: &str, node: u32) {
+        debug!(region, node, "roamer recorded");
+        self.roamers.insert(
+            user.to_vec(),
+            Roamer {
+                region: region.to_owned(),
+                node,
+                since: Instant::now(),
+            },
+        );
+        self.stats
+            .roamers
+            .store(self.roamers.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Queues `Route{region, inner}` for the global bus (message `id`, 0 for none), keyed by
+    /// `key`.
+    fn route_global(
+        &mut self,
+        region: String,
+        key: Vec<u8>,
+        inner: Routed,
+        id: u64,
+    ) -> Result<(), CoreError> {
+        if matches!(inner, Routed::Deliver(_) | Routed::Relay(_)) {
+            self.stats.roamed.fetch_add(1, Ordering::Relaxed);
+        }
+        let payload = encode(&BusFrame::Route(Route {
+            region: region.clone(),
+            inner,
+        }))
+        .map_err(CoreError::Encode)?;
+        self.window.outputs.push(Output::Global {
+            region,
+            key,
+            payload,
+            id,
+        });
         Ok(())
     }
 
@@ -1309,6 +1610,12 @@ impl CoreService {
         self.hints_pruned = Instant::now();
         if !self.hints.is_empty() {
             self.hints.retain(|_, (_, at, _)| at.elapsed() < HINT_TTL);
+        }
+        if !self.roamers.is_empty() {
+            self.roamers.retain(|_, r| r.since.elapsed() < ROAMER_TTL);
+            self.stats
+                .roamers
+                .store(self.roamers.len() as u64, Ordering::Relaxed);
         }
         self.stats
             .hints_held
@@ -1356,6 +1663,13 @@ impl CoreService {
                 .collect(),
             more,
         });
+        if self.is_foreign(&r.region) {
+            self.stats.foreign_answers.fetch_add(1, Ordering::Relaxed);
+            let BusFrame::DrainChunk(c) = chunk else {
+                return Ok(());
+            };
+            return self.route_global(r.region, r.user, Routed::DrainChunk(c), 0);
+        }
         let payload = encode(&chunk).map_err(CoreError::Encode)?;
         self.window.outputs.push(Output::Frame {
             node: r.node,
@@ -1405,13 +1719,18 @@ impl CoreService {
             found = bundle.is_some(),
             "prekey fetch answered"
         );
-        let answer = BusFrame::PrekeyBundle(PrekeyBundle {
+        let bundle = PrekeyBundle {
             user: f.user.clone(),
             node: f.node,
             shard: f.shard,
             conn: f.conn,
             bundle,
-        });
+        };
+        if self.is_foreign(&f.region) {
+            self.stats.foreign_answers.fetch_add(1, Ordering::Relaxed);
+            return self.route_global(f.region, f.user, Routed::PrekeyBundle(bundle), 0);
+        }
+        let answer = BusFrame::PrekeyBundle(bundle);
         let payload = encode(&answer).map_err(CoreError::Encode)?;
         self.window.outputs.push(Output::Frame {
             node: f.node,
@@ -1454,6 +1773,9 @@ impl CoreService {
         }
         let mut done = std::mem::take(&mut self.done);
         self.ring.take_done(&mut done);
+        if let Some((_, g)) = &self.global {
+            g.take_done(&mut done);
+        }
         for d in done.drain(..) {
             let Some((seq, id)) = self.tickets.remove(&d.ticket) else {
                 continue;
@@ -1557,7 +1879,13 @@ impl CoreService {
                 self.send_to(&[node], &key, payload, seq, 0);
                 1
             }
-            Output::Route { .. } | Output::Relay { .. } => {
+            Output::Global {
+                region,
+                key,
+                payload,
+                id,
+            } => self.send_global(&region, &key, payload, seq, id),
+            Output::Route { .. } | Output::Relay { .. } | Output::Visitor { .. } => {
                 let recipient = o.recipient().unwrap_or_default();
                 let Some(targets) = self.targets(recipient, o.hint(), sessions) else {
                     self.keep_for_retry(o);
@@ -1591,7 +1919,22 @@ impl CoreService {
                             .fetch_add(targets.len() as u64, Ordering::Relaxed);
                         self.send_to(&targets, &recipient, record, seq, 0);
                     }
-                    Output::Frame { .. } => return 0,
+                    Output::Visitor {
+                        recipient,
+                        id,
+                        record,
+                        ..
+                    } => {
+                        if targets.is_empty() {
+                            self.stats.visitor_dropped.fetch_add(1, Ordering::Relaxed);
+                            return 0;
+                        }
+                        self.stats
+                            .visitors_routed
+                            .fetch_add(targets.len() as u64, Ordering::Relaxed);
+                        self.send_to(&targets, &recipient, record, seq, id);
+                    }
+                    Output::Frame { .. } | Output::Global { .. } => return 0,
                 }
                 targets.len()
             }
@@ -1813,6 +2156,50 @@ impl CoreService {
         }
     }
 
+    /// Produces `payload` (an encoded `Route`) to `region`'s route topic on the global bus,
+    /// on the partition of `key`, ticketed for window `seq`; returns the frames produced (0 in
+    /// a single-region deployment, which has no global bus).
+    fn send_global(
+        &mut self,
+        region: &str,
+        key: &[u8],
+        payload: Vec<u8>,
+        seq: u64,
+        id: u64,
+    ) -> usize {
+        if self.global.is_none() {
+            return 0;
+        }
+        let topic = Arc::clone(
+            self.routes
+                .entry(region.to_owned())
+                .or_insert_with(|| Arc::from(iris_bus::topics::route(region))),
+        );
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        self.tickets.insert(ticket, (seq, id));
+        let mut frame = OutFrame {
+            topic,
+            partition: iris_bus::topics::partition_of(key, self.cfg.partitions) as i32,
+            key: Some(key.to_vec()),
+            payload,
+            ticket,
+        };
+        self.region_stats.count(region);
+        let Some((_, ring)) = &self.global else {
+            return 0;
+        };
+        loop {
+            match ring.try_send(frame) {
+                Ok(()) => return 1,
+                Err(f) => {
+                    frame = f;
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+        }
+    }
+
     /// The inbox topic of edge `node`.
     fn inbox(&mut self, node: u32) -> Arc<str> {
         let region = &self.cfg.region;
@@ -1855,7 +2242,7 @@ fn storable_user(user: &[u8]) -> bool {
 
 /// The partition count of `topic` per the broker's metadata, waiting up to [`METADATA_WAIT`]
 /// for the topic (just created, maybe) to show with its partitions.
-fn topic_partitions(consumer: &BaseConsumer, topic: &str) -> Result<u32, CoreError> {
+pub(crate) fn topic_partitions(consumer: &BaseConsumer, topic: &str) -> Result<u32, CoreError> {
     let start = Instant::now();
     loop {
         match consumer.fetch_metadata(Some(topic), Duration::from_secs(2)) {
@@ -1892,6 +2279,8 @@ struct AdminView {
     store: Arc<MessageStore>,
     partitions: u32,
     assigned: usize,
+    regions: Arc<RegionStats>,
+    import: Option<Arc<ImportStats>>,
 }
 
 /// The admin endpoint's thread.
@@ -2043,6 +2432,46 @@ fn render_metrics(view: &AdminView) -> String {
         .routed
         .snapshot()
         .render(&mut out, "iris_core_hop_seconds", "routed");
+    if let Some(i) = &view.import {
+        i.hop_imported
+            .snapshot()
+            .render(&mut out, "iris_core_hop_seconds", "imported");
+        i.hop_stored_at_home
+            .snapshot()
+            .render(&mut out, "iris_core_hop_seconds", "stored_at_home");
+    }
+    metric(
+        &mut out,
+        "iris_core_roamers",
+        "gauge",
+        "Users homed here logged in in another region (roamer entries) now.",
+        view.stats.roamers.load(Ordering::Relaxed),
+    );
+    out.push_str(
+        "# HELP iris_core_routed_out_total Frames sent to the global bus, per target region.\n",
+    );
+    out.push_str("# TYPE iris_core_routed_out_total counter\n");
+    for (region, v) in view.regions.routed_out() {
+        let _ = writeln!(out, "iris_core_routed_out_total{{region=\"{region}\"}} {v}");
+    }
+    if let Some(i) = &view.import {
+        out.push_str("# HELP iris_core_imported_total Route records imported from the global bus, per origin region.\n");
+        out.push_str("# TYPE iris_core_imported_total counter\n");
+        for (region, v) in i.imported() {
+            let _ = writeln!(out, "iris_core_imported_total{{region=\"{region}\"}} {v}");
+        }
+        for (name, kind, help, v) in [
+            ("import_lag_records", "gauge", "Route records on the global bus not yet imported (high watermark minus position, summed).", i.lag.load(Ordering::Relaxed)),
+            ("import_misrouted_total", "counter", "Route records naming another region, skipped.", i.misrouted.load(Ordering::Relaxed)),
+            ("import_skipped_total", "counter", "Route records that did not decode or carried nothing importable, skipped.", i.skipped.load(Ordering::Relaxed)),
+            ("import_resent_total", "counter", "Regional produces refused and sent again by the importer.", i.resent.load(Ordering::Relaxed)),
+            ("import_pending", "gauge", "Imported records waiting for the regional broker's acknowledgement.", i.pending.load(Ordering::Relaxed)),
+            ("stored_sent_total", "counter", "Stored notices sent back to the origin region.", i.stored_sent.load(Ordering::Relaxed)),
+            ("stored_seen_total", "counter", "Stored notices received for this region's messages.", i.stored_seen.load(Ordering::Relaxed)),
+        ] {
+            metric(&mut out, &format!("iris_core_{name}"), kind, help, v);
+        }
+    }
     metric(
         &mut out,
         "iris_core_partitions",
@@ -2191,11 +2620,31 @@ mod tests {
     }
 
     #[test]
+    fn acked_memory_remembers_the_latest_keys_only() {
+        let mut m = AckedMemory::default();
+        m.insert(b"alice", 1);
+        assert!(m.contains(b"alice", 1));
+        assert!(!m.contains(b"bob", 1), "another recipient");
+        assert!(!m.contains(b"alice", 2));
+        m.insert(b"alice", 1);
+        assert_eq!(m.order.len(), 1, "a key is held once");
+        for i in 0..ACKED_MEMORY as u64 {
+            m.insert(b"bob", 10 + i);
+        }
+        assert!(
+            !m.contains(b"alice", 1),
+            "the oldest key left beyond ACKED_MEMORY"
+        );
+        assert!(m.contains(b"bob", 10 + ACKED_MEMORY as u64 - 1));
+        assert_eq!(m.keys.len(), ACKED_MEMORY);
+    }
+
+    #[test]
     fn every_counter_is_listed_once_with_help() {
         let stats = ServiceStats::default();
         stats.hinted_routes.fetch_add(3, Ordering::Relaxed);
         let counters = stats.counters();
-        assert_eq!(counters.len(), 27);
+        assert_eq!(counters.len(), 33);
         let mut names: Vec<&str> = counters.iter().map(|c| c.name).collect();
         names.sort_unstable();
         names.dedup();
