@@ -253,6 +253,21 @@ fn cross_region_crash_under_load(part: Part) {
         "{part:?}: {extra} duplicates, bound {in_flight} = messages in flight at the crash \
          ({sent_at_recovery} sent at the recovery, {acked_before} acked at home before the crash)"
     );
+    if part != Part::SenderEdge {
+        // The load ran through the outage, and every message crossed on the global bus.
+        assert!(
+            sent_at_recovery > sent_at_crash,
+            "{part:?}: nothing was sent while the part was down"
+        );
+        let routed = r.region(0).edges_metric(&format!(
+            "iris_edge_routed_out_total{{region=\"{}\"}}",
+            r.names[1]
+        ));
+        assert!(
+            routed > N as u64,
+            "{part:?}: region 0's edges routed {routed} frames to region 1 for {N} + 1 messages"
+        );
+    }
     r.assert_running();
     fresh_pair_works(&r, &format!("after the {part:?} restart"));
     eprintln!(
