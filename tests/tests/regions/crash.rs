@@ -66,6 +66,33 @@ fn settle_core_metric(r: &Regions, i: usize, key: &str, still: Duration, timeout
     }
 }
 
+/// [`settle`] for the numbers `must`: waits until `r` holds all of them, or nothing new arrived
+/// for `quiet`, or `timeout` passed; then stops it.
+fn settle_on(
+    r: Receiver,
+    must: &HashSet<usize>,
+    quiet: Duration,
+    timeout: Duration,
+) -> (Client, End) {
+    let deadline = Instant::now() + timeout;
+    let mut last = (r.count(), Instant::now());
+    while !r.is_finished() && Instant::now() < deadline {
+        let have: HashSet<usize> = r.got.lock().unwrap().iter().copied().collect();
+        if must.is_subset(&have) {
+            break;
+        }
+        let c = r.count();
+        if c != last.0 {
+            last = (c, Instant::now());
+        } else if last.1.elapsed() >= quiet {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    r.stop();
+    r.join()
+}
+
 /// A fresh pair exchanges a message each way across the regions (everything works again).
 fn fresh_pair_works(r: &Regions, what: &str) {
     let u = r.user_homed_in(0, "fu");
@@ -160,14 +187,14 @@ fn cross_region_crash_under_load(part: Part) {
         assert_eq!(sent_total, N, "{part:?}: the sender's writes failed");
     }
     let sent_all = t0.elapsed();
-    let (mut cb, end) = settle(rcv, N, Duration::from_secs(10), Duration::from_secs(60));
-    let live_end = t0.elapsed();
-    let live = got.lock().unwrap().clone();
     let mut must: HashSet<usize> = all.clone();
     if let Some((durable, _)) = outbox_at_kill {
         // Written by A before the kill but not yet in the outbox: not promised.
         must.retain(|&k| k < durable || k >= resent_from);
     }
+    let (mut cb, end) = settle_on(rcv, &must, Duration::from_secs(10), Duration::from_secs(60));
+    let live_end = t0.elapsed();
+    let live = got.lock().unwrap().clone();
     let live_missing: Vec<usize> = {
         let seen: HashSet<usize> = live.iter().copied().collect();
         let mut m: Vec<usize> = must.difference(&seen).copied().collect();
