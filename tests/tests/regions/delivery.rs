@@ -50,34 +50,53 @@ pub fn hop_count(r: &Regions, i: usize, hop: &str) -> u64 {
 #[test]
 fn delivery_both_ways_between_two_regions_in_order_exactly_once() {
     const N: usize = 200;
+    /// The second sender's numbers start here.
+    const SECOND: usize = 10_000;
     let names = region_names(2);
     let r = Regions::start(&names, small());
-    let a = r.user_homed_in(0, "da");
+    let a = r.users_homed_in(0, "da", 2);
     let b = r.user_homed_in(1, "db");
-    // Each logged in at home, on different edges of its region.
-    let mut ca = r.region(0).login(0, &a);
+    // Each logged in at home; the two senders of region 0 on different edges.
+    let mut ca = r.region(0).login(0, &a[0]);
+    let mut ca1 = r.region(0).login(1, &a[1]);
     let mut cb = r.region(1).login(1, &b);
     // The first message each way opens the path.
     ca.send(&b, &numbered(0, PAYLOAD));
     let (_, p) = recv_one(&mut cb, CROSS, "first message a (region 0) → b (region 1)");
     assert_eq!(p, numbered(0, PAYLOAD));
-    cb.send(&a, &numbered(0, PAYLOAD));
+    cb.send(&a[0], &numbered(0, PAYLOAD));
     let (_, p) = recv_one(&mut ca, CROSS, "first message b (region 1) → a (region 0)");
     assert_eq!(p, numbered(0, PAYLOAD));
-    // Then both directions at once.
+    // Then both directions at once, two senders towards b.
     ca.send_many(&b, (1..N).map(|k| numbered(k, PAYLOAD)));
-    cb.send_many(&a, (1..N).map(|k| numbered(k, PAYLOAD)));
-    let got_b = recv_numbers(&mut cb, N - 1);
+    ca1.send_many(&b, (SECOND..SECOND + N).map(|k| numbered(k, PAYLOAD)));
+    cb.send_many(&a[0], (1..N).map(|k| numbered(k, PAYLOAD)));
+    let got_b = recv_numbers(&mut cb, 2 * N - 1);
     let got_a = recv_numbers(&mut ca, N - 1);
-    let want: Vec<usize> = (1..N).collect();
-    assert_eq!(describe_sequence_diff(&got_b, &want), None, "a → b");
-    assert_eq!(describe_sequence_diff(&got_a, &want), None, "b → a");
+    let from_a0: Vec<usize> = got_b.iter().copied().filter(|&k| k < SECOND).collect();
+    let from_a1: Vec<usize> = got_b.iter().copied().filter(|&k| k >= SECOND).collect();
+    assert_eq!(
+        describe_sequence_diff(&from_a0, &(1..N).collect::<Vec<_>>()),
+        None,
+        "a0 → b"
+    );
+    assert_eq!(
+        describe_sequence_diff(&from_a1, &(SECOND..SECOND + N).collect::<Vec<_>>()),
+        None,
+        "a1 → b"
+    );
+    assert_eq!(
+        describe_sequence_diff(&got_a, &(1..N).collect::<Vec<_>>()),
+        None,
+        "b → a0"
+    );
     ca.expect_silence(Duration::from_millis(800));
+    ca1.expect_silence(Duration::from_millis(10));
     cb.expect_silence(Duration::from_millis(800));
     // Each message stored once, in its recipient's home region only.
     assert_eq!(
         core_m(&r, 1, "iris_core_delivers_total"),
-        N as u64,
+        2 * N as u64,
         "b's home"
     );
     assert_eq!(
@@ -117,11 +136,13 @@ fn delivery_both_ways_between_two_regions_in_order_exactly_once() {
     }
     let stored_a = hop_count(&r, 0, "stored_at_home");
     assert!(
-        stored_a <= N as u64,
-        "{stored_a} stored_at_home records in region 0 for {N} messages sent from it"
+        stored_a <= 2 * N as u64,
+        "{stored_a} stored_at_home records in region 0 for {} messages sent from it",
+        2 * N
     );
     eprintln!(
-        "regions: {N} each way in order; stored_at_home hop counts {} / {}",
+        "regions: {} to region 1 (two senders) and {N} back, in order; stored_at_home hop counts {} / {}",
+        2 * N,
         stored_a,
         hop_count(&r, 1, "stored_at_home")
     );
