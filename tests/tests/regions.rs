@@ -9,12 +9,27 @@
 //! `iris-edge`, `iris-core` and the perf crate's `iris-delay-proxy`).
 //!
 //! Modules: `harness` (the regions start, the single-region path still works in each region,
-//! the global broker is reachable through the delay proxy and survives `kill -9`). Cross-region
-//! tests go into further `regions/*.rs` modules; `common` is the cluster tests' helpers (paced
-//! sender, acking receiver with exact loss/duplicate accounting, raw producer).
+//! the global broker is reachable through the delay proxy and survives `kill -9`); `delivery`
+//! (both ways in order with exact counts and the origin's `stored_at_home` hop, the home table
+//! over the hash, an offline recipient draining at home with nothing stored in the sender's
+//! region, typing and read receipts, the ack deleting at home); `roaming` (a user logged in
+//! outside its home gets its stored and live messages, acks at home, its prekeys are fetched
+//! across; no presence on the global route topics); `crash` (`kill -9` under cross-region load
+//! of the home core, the global broker, the home broker and the sender's edge); `startup` (an
+//! unknown region refused by `iris-edge` and `iris-core` at startup). `common` is the cluster
+//! tests' helpers (paced sender, acking receiver with exact loss/duplicate accounting, raw
+//! producer).
 
 #[allow(dead_code)]
 #[path = "cluster/common.rs"]
 mod common;
+#[path = "regions/crash.rs"]
+mod crash;
+#[path = "regions/delivery.rs"]
+mod delivery;
 #[path = "regions/harness.rs"]
 mod harness;
+#[path = "regions/roaming.rs"]
+mod roaming;
+#[path = "regions/startup.rs"]
+mod startup;
