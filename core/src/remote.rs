@@ -204,6 +204,9 @@ pub struct RemoteSnapshot {
     pub outbox: OutboxSnapshot,
     /// Message accepted → broker acknowledged (hop `produce_acked`).
     pub produce_acked: HopSnapshot,
+    /// A message minted in another region (its id's region index), accepted there → in this
+    /// edge's inbox (hop `cross_region`): the cross-region end-to-end latency up to this edge.
+    pub cross_region: HopSnapshot,
 }
 
 /// Reads the link's counters from any thread.
@@ -218,6 +221,7 @@ pub struct RemoteMetrics {
     sessions: Arc<dyn Fn() -> SessionMetricsSnapshot + Send + Sync>,
     outbox: Arc<OutboxStats>,
     produce_acked: Arc<HopHistogram>,
+    cross_region: Arc<HopHistogram>,
 }
 
 impl std::fmt::Debug for RemoteMetrics {
@@ -246,6 +250,7 @@ impl RemoteMetrics {
             sessions: (self.sessions)(),
             outbox: self.outbox.snapshot(),
             produce_acked: self.produce_acked.snapshot(),
+            cross_region: self.cross_region.snapshot(),
         }
     }
 
@@ -436,6 +441,7 @@ impl RemoteCore {
         let stop = Arc::new(AtomicBool::new(false));
         let outbox_stats = outbox.stats();
         let produce_acked = Arc::new(HopHistogram::default());
+        let cross_region = Arc::new(HopHistogram::default());
         let deliver_topic_arc: Arc<str> = Arc::from(deliver_topic.as_str());
         let routed_out = Arc::new(RoutedOut::new(&cfg.homes));
         let routes_parked = Arc::new(AtomicU64::new(0));
@@ -517,6 +523,8 @@ impl RemoteCore {
             done: Vec::new(),
             gate,
             produce_acked: Arc::clone(&produce_acked),
+            cross_region: Arc::clone(&cross_region),
+            own_region_index: cfg.homes.own_index(),
             stalled_since: None,
             held_since: None,
             stall: Duration::from_millis(cfg.outbox.stall_ms),
@@ -559,6 +567,7 @@ impl RemoteCore {
             sessions: Arc::new(move || session_metrics.snapshot()),
             outbox: outbox_stats,
             produce_acked,
+            cross_region,
         };
         Ok((
             RemoteCore {
@@ -708,6 +717,10 @@ struct Bridge {
     /// Tells the shards to stop reading their clients (outbox bound, age or failure).
     gate: Arc<AcceptGate>,
     produce_acked: Arc<HopHistogram>,
+    /// Age at arrival of messages minted in another region.
+    cross_region: Arc<HopHistogram>,
+    /// This region's index in the region list (in every id it mints).
+    own_region_index: u32,
     /// When the current stall began.
     stalled_since: Option<Instant>,
     /// Since when `held` is not empty without progress (the broker takes no frames at all:
@@ -1236,6 +1249,10 @@ impl Bridge {
                 // A sender edge's direct copy ([`CoreRequest::Forward`]) has no origin, and the
                 // previous message's id where the sender is.
                 let direct = d.origin.is_empty();
+                let id = d.id.to_native();
+                if iris_bus::hops::id_region(id) != self.own_region_index {
+                    self.cross_region.record_id(id);
+                }
                 let prev = match <[u8; 8]>::try_from(d.sender.as_slice()) {
                     Ok(b) if direct => u64::from_be_bytes(b),
                     _ => 0,

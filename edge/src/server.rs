@@ -138,7 +138,13 @@ pub fn run(
                     );
                     routed_out_text(out, &s);
                 }),
-                hops: Arc::new(move || vec![("produce_acked", a.snapshot().produce_acked)]),
+                hops: Arc::new(move || {
+                    let s = a.snapshot();
+                    vec![
+                        ("produce_acked", s.produce_acked),
+                        ("cross_region", s.cross_region),
+                    ]
+                }),
                 unhealthy: Arc::new(move || (!u.outbox_healthy()).then_some("outbox_failed")),
             }
         }

@@ -140,6 +140,18 @@ fn delivery_both_ways_between_two_regions_in_order_exactly_once() {
         "{stored_a} stored_at_home records in region 0 for {} messages sent from it",
         2 * N
     );
+    // The cross-region end-to-end hop at the receiving edges counts exactly the messages minted
+    // in the other region (every message of this test crossed).
+    let cross = |i: usize| {
+        r.region(i)
+            .edges_metric("iris_edge_hop_seconds_count{hop=\"cross_region\"}")
+    };
+    assert_eq!(
+        cross(1),
+        2 * N as u64,
+        "cross_region hop at region 1's edges"
+    );
+    assert_eq!(cross(0), N as u64, "cross_region hop at region 0's edges");
     eprintln!(
         "regions: {} to region 1 (two senders) and {N} back, in order; stored_at_home hop counts {} / {}",
         2 * N,
