@@ -128,10 +128,13 @@ fn cross_region_crash_under_load(part: Part) {
     let rcv = Receiver::start(cb, Arc::clone(&got), all.clone(), Duration::from_secs(90));
     let t0 = Instant::now();
     let s = LoadSender::start(ca, &b, N);
+    // The crash comes once B got its first messages, and while A still has most of its load to
+    // send: on a busy machine the path may lag the sender, so the trigger is whichever comes
+    // first of BEFORE_CRASH received and a third of the load sent.
     eventually(
         "live messages before the crash",
         Duration::from_secs(30),
-        || rcv.count() >= BEFORE_CRASH,
+        || rcv.count() >= BEFORE_CRASH || (rcv.count() >= 1 && s.mark() >= N / 3),
     );
     let acked_before =
         (r.region(1).core_metric_of(0, "iris_core_acks_total") as usize).saturating_sub(acks0);
