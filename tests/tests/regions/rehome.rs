@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use iris_tests::cluster::{
     region_names, users_homed_in, write_home_table, Cluster, ClusterOpts, Regions, RegionsOpts,
 };
-use iris_tests::{cbor, describe_sequence_diff, numbered, unique, wire, Frame};
+use iris_tests::{cbor, core_bin, describe_sequence_diff, numbered, unique, wire, Frame};
 
 use crate::common::{eventually, PAYLOAD};
 use crate::delivery::{recv_numbers, CROSS};
@@ -193,11 +193,34 @@ fn rehome_moves_stored_messages_to_the_new_home_in_order_exactly_once() {
         Some(Frame::Prekeys(got)) => assert_eq!(got, bundle, "prekeys at the new home"),
         other => panic!("prekeys of {u}: {other:?}"),
     }
-    // Nothing left at the old home: a second rehome moves nothing.
-    let (code, body) = rehome(r.region(0), m, &u);
-    assert_eq!(code, 200, "{body}");
+    // Nothing left at the old home: a second rehome (by the CLI wrapper) moves nothing.
+    let admin = r.region(0).cores[m].admin.expect("admin").to_string();
+    let out = std::process::Command::new(core_bin())
+        .args(["rehome", "--admin", &admin, "--user", &u])
+        .output()
+        .expect("iris-core rehome");
+    let body = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{body} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(moved(&body), 0, "{body}");
     assert!(body.contains("0 prekey bundles"), "{body}");
+    // The new home's core refuses: its table homes U there.
+    let admin = r.region(1).cores[home_core]
+        .admin
+        .expect("admin")
+        .to_string();
+    let out = std::process::Command::new(core_bin())
+        .args(["rehome", "--admin", &admin, "--user", &u])
+        .output()
+        .expect("iris-core rehome");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("still homes"),
+        "{out:?}"
+    );
     r.assert_running();
     eprintln!("rehome: {STORED} moved in {took:?}, {DURING} forwarded, {total} drained in order");
 }
