@@ -325,10 +325,8 @@ fn rehome(admin: SocketAddr, user: &str) -> anyhow::Result<()> {
     let status = head
         .lines()
         .next()
-        .unwrap_or("")
-        .splitn(2, ' ')
-        .nth(1)
-        .unwrap_or("");
+        .and_then(|l| l.split_once(' '))
+        .map_or("", |(_, rest)| rest);
     print!("{body}");
     std::io::stdout().flush()?;
     if !status.starts_with("200") {
