@@ -29,7 +29,9 @@
 //! start (at-least-once; the core stores by `(recipient, id)` and remembers acked ids, so a
 //! copy is stored once).
 //!
-//! After a `Deliver` whose `origin` is another region is acknowledged by the regional broker,
+//! A visitor copy (its `origin` starts with [`crate::service::VISITOR_MARK`]) is imported like
+//! any deliver but counted under its original origin and never reported back.
+//! After any other `Deliver` whose `origin` is another region is acknowledged by the regional broker,
 //! the importer sends `Route{origin, Stored{sender, id, home}}` on its global producer (best
 //! effort: it only feeds the origin's cross-region latency metric).
 //!
@@ -471,7 +473,12 @@ impl Worker {
             return NO_TICKET;
         }
         let origin = match &inner {
-            Routed::Deliver(d) => d.origin.clone(),
+            // A visitor copy (a home's live copy for a user roaming here) carries the mark.
+            Routed::Deliver(d) => d
+                .origin
+                .strip_prefix(crate::service::VISITOR_MARK)
+                .unwrap_or(&d.origin)
+                .to_owned(),
             Routed::DrainRequest(r) => r.region.clone(),
             Routed::PrekeyFetch(f) => f.region.clone(),
             Routed::Stored(s) => s.home.clone(),
@@ -492,8 +499,11 @@ impl Worker {
             Routed::PrekeyBundle(b) => (self.inbox(b.node), 0, None),
             Routed::Deliver(d) => {
                 self.stats.hop_imported.record_id(d.id);
-                let stored = (!d.origin.is_empty() && d.origin != self.own)
-                    .then(|| (d.origin.clone(), d.sender.clone(), d.id));
+                // Only a message stored at home here is reported back; a visitor copy is not.
+                let stored = (!d.origin.is_empty()
+                    && d.origin != self.own
+                    && !d.origin.starts_with(crate::service::VISITOR_MARK))
+                .then(|| (d.origin.clone(), d.sender.clone(), d.id));
                 (
                     Arc::clone(&self.deliver_topic),
                     self.deliver_partition(&inner),

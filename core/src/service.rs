@@ -100,9 +100,13 @@
 //! - `Deliver` for a user homed here: as above, unless its `(recipient, id)` is in the acked-ids
 //!   memory (the last [`ACKED_MEMORY`] acks, [`ACKED_TTL`]): then counted as `duplicates` and
 //!   dropped. If the user roams in another region, also `Route{region, Deliver}` on the global
-//!   bus (likewise for relays).
-//! - `Deliver` for a user homed elsewhere (a visitor's live copy, sent by its home): routed to
-//!   its sessions here, never stored; with none, dropped (`visitor_dropped`).
+//!   bus, its `origin` prefixed with [`VISITOR_MARK`] (a *visitor copy*; likewise for relays).
+//! - `Deliver` for a user homed elsewhere carrying the mark (a visitor's live copy, sent by its
+//!   home): routed to its sessions here, never stored; with none, dropped (`visitor_dropped`).
+//! - `Deliver` for a user homed elsewhere *without* the mark: the user's home moved (the home
+//!   table changed) and an edge or importer with the old table sent it here. Nobody stores it
+//!   yet, so it is forwarded as `Route{home, Deliver}` on the global bus (`forwarded_home`),
+//!   ticketed in its window like every output.
 //! - `DrainRequest` / `PrekeyFetch` whose `region` names another region: the user is recorded as
 //!   a roamer there (in memory, [`ROAMER_TTL`], ended by a local login's drain request; lost at
 //!   a restart until the user's next login) and the answer goes as `Route{region, ..}` on the
@@ -115,12 +119,23 @@
 //! `GET /metrics` (Prometheus text: every [`ServiceStats`] counter as
 //! `iris_core_<name>_total`, `iris_core_bus_frames_total{outcome=...}`, the producer's
 //! counters, gauges) and `GET /health` (`200 ok`, `503 stopping` once shutdown began).
+//!
+//! **Rehome.** `POST /rehome?user=U` on the admin endpoint moves U's stored messages (and
+//! prekeys) to U's new home after the home table changed (docs/REGIONS.md, "Changing a user's
+//! home"). The admin thread hands the request to the consume loop, which answers `409` while
+//! its own table still homes U here, `421` naming the right member when U's partition is not
+//! its own, else moves: in steps of [`REHOME_STEP`] stored messages, in id order, each sent as
+//! `Route{home, Deliver{original id, .., origin: own}}` on the global producer (ticketed) and
+//! deleted from the store only after the global broker acknowledged it; the next step starts
+//! when the previous one is all reported, so the loop never waits on a move. A crash midway
+//! leaves the rest stored: asking again finishes it (the new home stores by (recipient, id)).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -132,8 +147,9 @@ use iris_bus::kafka::{
     TopicKeeper,
 };
 use iris_bus::{
-    decode_counted, encode, to_owned, ArchivedBusFrame, BusFrame, DrainChunk, DrainRequest,
-    Drained, FrameCounts, FrameStats, PrekeyBundle, PrekeyFetch, Route, Routed,
+    decode_counted, encode, to_owned, ArchivedBusFrame, BusFrame, Deliver, DrainChunk,
+    DrainRequest, Drained, FrameCounts, FrameStats, PrekeyBundle, PrekeyFetch, PrekeyPut, Route,
+    Routed,
 };
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -475,6 +491,16 @@ service_stats! {
     roamed,
     /// Drain requests and prekey fetches from another region, answered across the global bus.
     foreign_answers,
+    /// Delivers for a user homed elsewhere that are not a visitor copy (sent by an edge or an
+    /// importer that still had the old home table), forwarded to the home over the global bus.
+    forwarded_home,
+    /// Stored messages moved to a user's new home by `POST /rehome` (deleted here once the
+    /// global broker acknowledged them).
+    rehomed,
+    /// Prekey bundles moved to a user's new home by `POST /rehome`.
+    rehomed_prekeys,
+    /// Rehome copies the global producer reported as never producible (left stored here).
+    rehome_failed,
 }
 
 /// One output decided inside a window, handed to the producer when the window closes.
@@ -584,6 +610,54 @@ struct Inflight {
 
 /// Window sequence number of the outputs that belong to no window (retried routes).
 const NO_WINDOW: u64 = 0;
+
+/// Stored messages a rehome sends per step: the next step starts when the global broker
+/// acknowledged them all, so the consume loop never waits on a move.
+pub const REHOME_STEP: usize = 512;
+
+/// How long the admin endpoint waits for a rehome's answer before answering `504` (the move
+/// goes on; asking again reports the rest).
+const REHOME_ANSWER_WAIT: Duration = Duration::from_secs(120);
+
+/// Admin requests answered on threads of their own at once; more are answered inline.
+const ADMIN_THREADS: u64 = 8;
+
+/// Prefix of the `origin` of a visitor copy (a home's live copy of a message for a user roaming
+/// in another region, [`Deliver::origin`](iris_bus::Deliver) = this mark + the original
+/// origin). Region names never contain it. The roaming region's core routes such a copy live
+/// only; a `Deliver` for a user homed elsewhere *without* the mark was sent by an edge or an
+/// importer with an older home table (the user's home changed) and is forwarded to the home.
+pub const VISITOR_MARK: char = '~';
+
+/// An answer of the admin endpoint: status line and plain-text body.
+type AdminAnswer = (&'static str, String);
+
+/// A `POST /rehome?user=U` handed from the admin thread to the consume loop.
+struct RehomeAsk {
+    user: Vec<u8>,
+    reply: SyncSender<AdminAnswer>,
+}
+
+/// A running rehome: moves `user`'s stored messages (then its prekeys) to `home`, in steps of
+/// [`REHOME_STEP`] messages inside the consume loop.
+struct RehomeJob {
+    user: Vec<u8>,
+    home: String,
+    reply: SyncSender<AdminAnswer>,
+    /// The highest id sent so far (the next step scans after it).
+    after: u64,
+    /// Copies on the global producer not yet reported: ticket → message id (0: the prekeys).
+    in_flight: HashMap<u64, u64>,
+    /// Ids the global broker acknowledged, to delete at the next step (0: the prekeys).
+    acked: Vec<u64>,
+    /// Every stored message was sent (the last scan came back short).
+    scanned: bool,
+    prekeys_sent: bool,
+    moved: u64,
+    prekeys_moved: bool,
+    failed: u64,
+    started: Instant,
+}
 
 /// The fsync thread: the consume thread writes a window (not synced), asks for its fsync with
 /// the window's sequence number and goes on; the thread fsyncs (one fsync covers every window
@@ -836,6 +910,10 @@ pub struct CoreService {
     /// Users homed here logged in in another region (in memory: lost at a restart).
     roamers: HashMap<Vec<u8>, Roamer>,
     acked: AckedMemory,
+    /// Rehome requests from the admin endpoint (`None` once stopping).
+    rehome_asks: Option<Receiver<RehomeAsk>>,
+    /// The rehome being done, at most one at a time.
+    rehome: Option<RehomeJob>,
 }
 
 impl std::fmt::Debug for CoreService {
@@ -975,6 +1053,7 @@ impl CoreService {
         let hops = Arc::new(CoreHops::default());
         let frames = Arc::new(FrameStats::new());
         let producer = Arc::new(Mutex::new(Some(producer)));
+        let (rehome_tx, rehome_asks) = mpsc::channel();
         let admin = match cfg.admin {
             Some(addr) => Some(Admin::start(
                 addr,
@@ -988,6 +1067,7 @@ impl CoreService {
                     assigned: assigned.len(),
                     regions: Arc::clone(&region_stats),
                     import: importer.as_ref().map(|i| Arc::clone(i.stats())),
+                    rehome: Mutex::new(rehome_tx),
                 },
             )?),
             None => None,
@@ -1040,6 +1120,8 @@ impl CoreService {
             importer,
             roamers: HashMap::new(),
             acked: AckedMemory::default(),
+            rehome_asks: Some(rehome_asks),
+            rehome: None,
         })
     }
 
@@ -1111,6 +1193,17 @@ impl CoreService {
         if let Some(a) = &self.admin {
             a.stopping.store(true, Ordering::Release);
         }
+        // A rehome waiting for its answer is told; the messages not yet moved stay stored.
+        if let Some(job) = self.rehome.take() {
+            let _ = job.reply.try_send((
+                "503 Service Unavailable",
+                format!(
+                    "iris-core is stopping: moved {} of the user's messages, the rest stay stored here; ask again after the restart\n",
+                    job.moved
+                ),
+            ));
+        }
+        self.rehome_asks = None;
         let producer = self
             .producer
             .lock()
@@ -1194,6 +1287,10 @@ impl CoreService {
                 // Acks are polled, not signalled: look again soon.
                 timeout = timeout.min(ACK_POLL);
             }
+            if self.rehome.is_some() {
+                // A rehome step waits for the global broker's acks: look again soon.
+                timeout = timeout.min(ACK_POLL);
+            }
             if self.lookups.asked {
                 // Take the retry lookup's answer soon after it comes.
                 timeout = timeout.min(ACK_POLL * 5);
@@ -1217,6 +1314,7 @@ impl CoreService {
             }
             self.retry_routes();
             self.progress(CommitMode::Async)?;
+            self.rehome_step()?;
         }
         Ok(())
     }
@@ -1417,6 +1515,18 @@ impl CoreService {
                 }
                 self.hops.consumed.record_id(d.id);
                 let hint = self.hint(&d.recipient);
+                if !self.cfg.homes.is_home(&d.recipient)
+                    && self.global.is_some()
+                    && !d.origin.starts_with(VISITOR_MARK)
+                {
+                    // Not a visitor copy: a message for a user whose home moved away, sent by an
+                    // edge or importer with the old home table. Stored nowhere yet: forward it.
+                    let home = self.cfg.homes.home_of(&d.recipient).to_owned();
+                    self.stats.forwarded_home.fetch_add(1, Ordering::Relaxed);
+                    debug!(id = d.id, home = %home, "deliver for a user homed elsewhere, forwarded to its home");
+                    let (key, id) = (d.recipient.clone(), d.id);
+                    return self.route_global(home, key, Routed::Deliver(d), id);
+                }
                 if !self.cfg.homes.is_home(&d.recipient) {
                     // A live copy for a visitor, sent by its home: never stored here.
                     self.stats.visitors.fetch_add(1, Ordering::Relaxed);
@@ -1440,12 +1550,12 @@ impl CoreService {
                 self.stats.delivers.fetch_add(1, Ordering::Relaxed);
                 self.window.acked.remove(&key);
                 if let Some(region) = self.roamer(&d.recipient) {
-                    self.route_global(
-                        region,
-                        d.recipient.clone(),
-                        Routed::Deliver(d.clone()),
-                        d.id,
-                    )?;
+                    // Marked as a visitor copy, so the roaming region does not forward it back.
+                    let copy = Deliver {
+                        origin: format!("{VISITOR_MARK}{}", d.origin),
+                        ..d.clone()
+                    };
+                    self.route_global(region, d.recipient.clone(), Routed::Deliver(copy), d.id)?;
                 }
                 self.window.outputs.push(Output::Route {
                     recipient: d.recipient.clone(),
@@ -1560,8 +1670,14 @@ impl CoreService {
         inner: Routed,
         id: u64,
     ) -> Result<(), CoreError> {
-        if matches!(inner, Routed::Deliver(_) | Routed::Relay(_)) {
-            self.stats.roamed.fetch_add(1, Ordering::Relaxed);
+        match &inner {
+            Routed::Deliver(d) if d.origin.starts_with(VISITOR_MARK) => {
+                self.stats.roamed.fetch_add(1, Ordering::Relaxed);
+            }
+            Routed::Relay(_) => {
+                self.stats.roamed.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
         }
         let payload = encode(&BusFrame::Route(Route {
             region: region.clone(),
@@ -1573,6 +1689,190 @@ impl CoreService {
             key,
             payload,
             id,
+        });
+        Ok(())
+    }
+
+    /// One bounded step of the rehome in progress (or starts the next asked one): deletes what
+    /// the global broker acknowledged since the last step, sends the next [`REHOME_STEP`]
+    /// stored messages once the previous ones are all reported (then the prekeys), and answers
+    /// when nothing is left to send or to wait for. Never waits on the broker.
+    fn rehome_step(&mut self) -> Result<(), CoreError> {
+        if self.rehome.is_none() {
+            let Some(asks) = &self.rehome_asks else {
+                return Ok(());
+            };
+            match asks.try_recv() {
+                Ok(ask) => self.start_rehome(ask)?,
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => return Ok(()),
+            }
+        }
+        let Some(mut job) = self.rehome.take() else {
+            return Ok(());
+        };
+        if !job.acked.is_empty() {
+            let acked = std::mem::take(&mut job.acked);
+            let deletes: Vec<(Vec<u8>, u64)> = acked
+                .iter()
+                .filter(|&&id| id != 0)
+                .map(|&id| (job.user.clone(), id))
+                .collect();
+            // Deleted only now that the new home's bus holds them: a crash before this line
+            // leaves them stored, and the next rehome sends them again (the new home stores a
+            // message once per (recipient, id)).
+            self.store.write(
+                &Batch {
+                    deletes: &deletes,
+                    ..Batch::default()
+                },
+                true,
+            )?;
+            job.moved += deletes.len() as u64;
+            self.stats
+                .rehomed
+                .fetch_add(deletes.len() as u64, Ordering::Relaxed);
+            if acked.contains(&0) {
+                self.store.delete_prekeys(&job.user, true)?;
+                job.prekeys_moved = true;
+                self.stats.rehomed_prekeys.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if job.in_flight.is_empty() && !job.scanned {
+            let msgs = self
+                .store
+                .scan_messages(&job.user, job.after, REHOME_STEP)?;
+            job.scanned = msgs.len() < REHOME_STEP;
+            for m in msgs {
+                job.after = m.id;
+                let payload = encode(&BusFrame::Route(Route {
+                    region: job.home.clone(),
+                    inner: Routed::Deliver(Deliver {
+                        id: m.id,
+                        recipient: m.recipient,
+                        sender: m.sender,
+                        payload: m.payload,
+                        origin: self.cfg.region.clone(),
+                    }),
+                }))
+                .map_err(CoreError::Encode)?;
+                let ticket = self.next_ticket;
+                self.next_ticket += 1;
+                job.in_flight.insert(ticket, m.id);
+                self.produce_global(&job.home, &job.user, payload, ticket);
+            }
+        }
+        if job.in_flight.is_empty() && job.scanned && !job.prekeys_sent {
+            job.prekeys_sent = true;
+            if let Some(bundle) = self.store.get_prekeys(&job.user)? {
+                let payload = encode(&BusFrame::Route(Route {
+                    region: job.home.clone(),
+                    inner: Routed::PrekeyPut(PrekeyPut {
+                        user: job.user.clone(),
+                        bundle,
+                    }),
+                }))
+                .map_err(CoreError::Encode)?;
+                let ticket = self.next_ticket;
+                self.next_ticket += 1;
+                job.in_flight.insert(ticket, 0);
+                self.produce_global(&job.home, &job.user, payload, ticket);
+            }
+        }
+        if !(job.scanned && job.prekeys_sent && job.in_flight.is_empty() && job.acked.is_empty()) {
+            self.rehome = Some(job);
+            return Ok(());
+        }
+        let user = String::from_utf8_lossy(&job.user).into_owned();
+        let prekeys = if job.prekeys_moved { 1 } else { 0 };
+        info!(
+            home = %job.home,
+            moved = job.moved,
+            prekeys,
+            failed = job.failed,
+            ms = job.started.elapsed().as_millis() as u64,
+            "rehome finished"
+        );
+        let answer = if job.failed == 0 {
+            (
+                "200 OK",
+                format!(
+                    "moved {} messages and {prekeys} prekey bundles of {user} to {}\n",
+                    job.moved, job.home
+                ),
+            )
+        } else {
+            (
+                "503 Service Unavailable",
+                format!(
+                    "moved {} messages and {prekeys} prekey bundles of {user} to {}; {} copies were not acknowledged by the global bus and stay stored here: ask again\n",
+                    job.moved, job.home, job.failed
+                ),
+            )
+        };
+        let _ = job.reply.try_send(answer);
+        Ok(())
+    }
+
+    /// Checks a rehome request and starts it, or answers it at once: `409` while this core's
+    /// home table still homes the user here (or in a single-region deployment), `421` naming
+    /// the member that owns the user's partition, `400` for an invalid user.
+    fn start_rehome(&mut self, ask: RehomeAsk) -> Result<(), CoreError> {
+        let user = String::from_utf8_lossy(&ask.user).into_owned();
+        let refuse = |status: &'static str, body: String| {
+            let _ = ask.reply.try_send((status, body));
+        };
+        if !storable_user(&ask.user) {
+            refuse(
+                "400 Bad Request",
+                "rehome needs ?user=U, 1 to 65535 bytes, percent-encoded\n".to_owned(),
+            );
+            return Ok(());
+        }
+        if self.global.is_none() {
+            refuse(
+                "409 Conflict",
+                format!("single-region deployment: {user} has no other home to move to\n"),
+            );
+            return Ok(());
+        }
+        let home = self.cfg.homes.home_of(&ask.user).to_owned();
+        if home == self.cfg.region {
+            refuse(
+                "409 Conflict",
+                format!(
+                    "the home table of this core still homes {user} in {home} (this region): edit the home table on every edge and core of every region, restart them, then ask again\n"
+                ),
+            );
+            return Ok(());
+        }
+        let partition = iris_bus::topics::partition_of(&ask.user, self.partitions) as i32;
+        if !self.assigned.contains(&partition) {
+            let owner = partition as u32 % self.cfg.members;
+            refuse(
+                "421 Misdirected Request",
+                format!(
+                    "{user} is on partition {partition} of {}, owned by member {owner} of {} (this is member {}): ask member {owner}'s admin endpoint\n",
+                    self.deliver_topic, self.cfg.members, self.cfg.member
+                ),
+            );
+            return Ok(());
+        }
+        // Messages of the open window are in the store before the scan.
+        self.write_pending()?;
+        info!(home = %home, "rehome started");
+        self.rehome = Some(RehomeJob {
+            user: ask.user,
+            home,
+            reply: ask.reply,
+            after: 0,
+            in_flight: HashMap::new(),
+            acked: Vec::new(),
+            scanned: false,
+            prekeys_sent: false,
+            moved: 0,
+            prekeys_moved: false,
+            failed: 0,
+            started: Instant::now(),
         });
         Ok(())
     }
@@ -1777,6 +2077,17 @@ impl CoreService {
             g.take_done(&mut done);
         }
         for d in done.drain(..) {
+            if let Some(job) = &mut self.rehome {
+                if let Some(id) = job.in_flight.remove(&d.ticket) {
+                    if d.acked {
+                        job.acked.push(id);
+                    } else {
+                        job.failed += 1;
+                        self.stats.rehome_failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    continue;
+                }
+            }
             let Some((seq, id)) = self.tickets.remove(&d.ticket) else {
                 continue;
             };
@@ -2170,14 +2481,24 @@ impl CoreService {
         if self.global.is_none() {
             return 0;
         }
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        self.tickets.insert(ticket, (seq, id));
+        self.produce_global(region, key, payload, ticket)
+    }
+
+    /// Hands `payload` (an encoded `Route`) for `region`'s route topic, partition of `key`, to
+    /// the global producer with `ticket`, waiting while its ring is full; returns the frames
+    /// produced (0 without a global bus).
+    fn produce_global(&mut self, region: &str, key: &[u8], payload: Vec<u8>, ticket: u64) -> usize {
+        if self.global.is_none() {
+            return 0;
+        }
         let topic = Arc::clone(
             self.routes
                 .entry(region.to_owned())
                 .or_insert_with(|| Arc::from(iris_bus::topics::route(region))),
         );
-        let ticket = self.next_ticket;
-        self.next_ticket += 1;
-        self.tickets.insert(ticket, (seq, id));
         let mut frame = OutFrame {
             topic,
             partition: iris_bus::topics::partition_of(key, self.cfg.partitions) as i32,
@@ -2281,6 +2602,8 @@ struct AdminView {
     assigned: usize,
     regions: Arc<RegionStats>,
     import: Option<Arc<ImportStats>>,
+    /// Hands `POST /rehome` requests to the consume loop.
+    rehome: Mutex<Sender<RehomeAsk>>,
 }
 
 /// The admin endpoint's thread.
@@ -2301,13 +2624,33 @@ impl Admin {
         let stopping = Arc::new(AtomicBool::new(false));
         let closed = Arc::new(AtomicBool::new(false));
         let (stop_flag, closed_flag) = (Arc::clone(&stopping), Arc::clone(&closed));
+        let view = Arc::new(view);
+        // Requests being answered on their own threads (a rehome waits for the consume loop;
+        // scrapes go on meanwhile). Beyond ADMIN_THREADS, requests are answered inline.
+        let busy = Arc::new(AtomicU64::new(0));
         let thread = std::thread::Builder::new()
             .name("iris-core-admin".to_owned())
             .spawn(move || {
                 while !closed_flag.load(Ordering::Acquire) {
                     match listener.accept() {
                         Ok((s, _)) => {
-                            if let Err(e) = serve(s, &view, &stop_flag) {
+                            if busy.load(Ordering::Acquire) < ADMIN_THREADS {
+                                busy.fetch_add(1, Ordering::AcqRel);
+                                let (view, stop, busy2) =
+                                    (Arc::clone(&view), Arc::clone(&stop_flag), Arc::clone(&busy));
+                                let spawned = std::thread::Builder::new()
+                                    .name("iris-core-admin-req".to_owned())
+                                    .spawn(move || {
+                                        if let Err(e) = serve(s, &view, &stop) {
+                                            debug!(error = %e, "admin request failed");
+                                        }
+                                        busy2.fetch_sub(1, Ordering::AcqRel);
+                                    });
+                                if let Err(e) = spawned {
+                                    busy.fetch_sub(1, Ordering::AcqRel);
+                                    debug!(error = %e, "admin request thread not started");
+                                }
+                            } else if let Err(e) = serve(s, &view, &stop_flag) {
                                 debug!(error = %e, "admin request failed");
                             }
                         }
@@ -2345,10 +2688,60 @@ impl Drop for Admin {
     }
 }
 
-/// Answers one HTTP request (see [`crate::http::answer_admin`]).
+/// Answers one HTTP request (see [`crate::http::answer_admin_with`]): `GET /metrics`,
+/// `GET /health`, `POST /rehome?user=U`.
 fn serve(s: TcpStream, view: &AdminView, stopping: &AtomicBool) -> std::io::Result<()> {
     let stopping = stopping.load(Ordering::Acquire).then_some("stopping");
-    crate::http::answer_admin(s, || render_metrics(view), stopping)
+    crate::http::answer_admin_with(
+        s,
+        || render_metrics(view),
+        stopping,
+        |target| {
+            let path = target.split('?').next().unwrap_or("");
+            (path == "/rehome").then(|| rehome(view, target, stopping.is_some()))
+        },
+    )
+}
+
+/// `POST /rehome?user=U`: hands the request to the consume loop and waits for its answer (at
+/// most [`REHOME_ANSWER_WAIT`]).
+fn rehome(view: &AdminView, target: &str, stopping: bool) -> AdminAnswer {
+    if stopping {
+        return (
+            "503 Service Unavailable",
+            "iris-core is stopping\n".to_owned(),
+        );
+    }
+    let Some(user) = crate::http::query_param(target, "user") else {
+        return (
+            "400 Bad Request",
+            "rehome needs ?user=U (percent-encoded)\n".to_owned(),
+        );
+    };
+    let (reply, answer) = mpsc::sync_channel(1);
+    let sent = view
+        .rehome
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .send(RehomeAsk { user, reply });
+    if sent.is_err() {
+        return (
+            "503 Service Unavailable",
+            "iris-core is stopping\n".to_owned(),
+        );
+    }
+    match answer.recv_timeout(REHOME_ANSWER_WAIT) {
+        Ok(a) => a,
+        Err(mpsc::RecvTimeoutError::Timeout) => (
+            "504 Gateway Timeout",
+            "the move goes on; ask again to see what is left\n".to_owned(),
+        ),
+        Err(mpsc::RecvTimeoutError::Disconnected) => (
+            "503 Service Unavailable",
+            "iris-core stopped before the move finished; the rest stays stored: ask again\n"
+                .to_owned(),
+        ),
+    }
 }
 
 /// Appends one metric family with a single unlabelled sample.
@@ -2644,7 +3037,7 @@ mod tests {
         let stats = ServiceStats::default();
         stats.hinted_routes.fetch_add(3, Ordering::Relaxed);
         let counters = stats.counters();
-        assert_eq!(counters.len(), 33);
+        assert_eq!(counters.len(), 37);
         let mut names: Vec<&str> = counters.iter().map(|c| c.name).collect();
         names.sort_unstable();
         names.dedup();

@@ -292,6 +292,17 @@ impl MessageStore {
         )
     }
 
+    /// Deletes `user`'s prekey bundle (absent: harmless), fsynced when `durable` (a rehome
+    /// deletes it once the new home's bus acknowledged the copy).
+    pub fn delete_prekeys(&self, user: &[u8], durable: bool) -> Result<(), CoreError> {
+        check_user(user)?;
+        self.prekeys.remove(user)?;
+        if durable {
+            self.db.persist(PersistMode::SyncAll)?;
+        }
+        Ok(())
+    }
+
     /// `user`'s prekey bundle, if one is stored.
     pub fn get_prekeys(&self, user: &[u8]) -> Result<Option<Vec<u8>>, CoreError> {
         check_user(user)?;

@@ -627,7 +627,14 @@ fn foreign_drain_is_answered_across_and_a_roamer_gets_copies() {
         },
         _ => None,
     });
-    assert_eq!(copy, live);
+    // A visitor copy: the original origin behind the mark, so r2 routes it live only.
+    assert_eq!(
+        copy,
+        Deliver {
+            origin: format!("~{HERE}"),
+            ..live
+        }
+    );
     core.wait_metric("iris_core_roamed_total", 1);
     core.wait_metric(r#"iris_core_routed_out_total{region="r2"}"#, 3);
     core.wait_metric("iris_core_delivers_total", 4);
@@ -644,8 +651,8 @@ fn visitor_copy_is_routed_live_and_never_stored() {
     let edge = env.edge(1);
     let core = env.core();
     let tx = env.global_producer();
-    // bob (homed in r2) is logged in here; his home sends a live copy across.
-    let copy = msg(id_now(1, 1), b"bob", THERE);
+    // bob (homed in r2) is logged in here; his home sends a live copy across (marked).
+    let copy = msg(id_now(1, 1), b"bob", &format!("~{THERE}"));
     tx.routed(HERE, HERE, BusFrame::Deliver(copy.clone()));
     tx.flush();
     let got = edge.frames(1, Duration::from_secs(30));
@@ -656,10 +663,11 @@ fn visitor_copy_is_routed_live_and_never_stored() {
     tx.routed(
         HERE,
         HERE,
-        BusFrame::Deliver(msg(id_now(1, 2), b"erin", THERE)),
+        BusFrame::Deliver(msg(id_now(1, 2), b"erin", &format!("~{THERE}"))),
     );
     tx.flush();
     core.wait_metric("iris_core_visitor_dropped_total", 1);
+    assert_eq!(core.metric("iris_core_forwarded_home_total"), 0);
     // SIGTERM stops the importer too (flush, final commit): exit 0, and both imports are
     // committed on the global bus.
     assert!(core.terminate().success(), "SIGTERM exits 0");
@@ -672,6 +680,45 @@ fn visitor_copy_is_routed_live_and_never_stored() {
     }
     assert_eq!(store_count(&env, b"bob"), 0);
     assert_eq!(store_count(&env, b"erin"), 0);
+}
+
+#[test]
+fn a_deliver_for_a_user_homed_elsewhere_without_the_mark_is_forwarded_home() {
+    let env = Env::start();
+    env.online(b"bob", 1);
+    let edge = env.edge(1);
+    let core = env.core();
+    let there = env.there();
+    // An edge of this region with an older home table (bob homed here) stored bob's message
+    // on the regional deliver topic; another region's edge routed one here across.
+    let rx = env.regional_producer();
+    let local = msg(id_now(1, 1), b"bob", HERE);
+    rx.regional(&BusFrame::Deliver(local.clone()));
+    rx.flush();
+    let tx = env.global_producer();
+    let routed = msg(id_now(1, 2), b"bob", THERE);
+    tx.routed(HERE, HERE, BusFrame::Deliver(routed.clone()));
+    tx.flush();
+    // Both forwarded to bob's home (r2) unchanged, neither stored nor routed live here.
+    let mut got = Vec::new();
+    for what in ["first forwarded deliver", "second forwarded deliver"] {
+        let seen = got.clone();
+        got.push(there.first(what, |f| match f {
+            BusFrame::Route(r) => match r.inner {
+                Routed::Deliver(d) if r.region == THERE && !seen.contains(&d) => Some(d),
+                _ => None,
+            },
+            _ => None,
+        }));
+    }
+    got.sort_by_key(|d| d.id);
+    assert_eq!(got, vec![local, routed]);
+    core.wait_metric("iris_core_forwarded_home_total", 2);
+    assert_eq!(core.metric("iris_core_delivers_total"), 0);
+    assert_eq!(core.metric("iris_core_visitors_total"), 0);
+    assert!(delivers(&edge.frames(1, Duration::from_secs(1))).is_empty());
+    drop(core);
+    assert_eq!(store_count(&env, b"bob"), 0);
 }
 
 #[test]

@@ -16,7 +16,9 @@
 //! outside its home gets its stored and live messages, acks at home, its prekeys are fetched
 //! across; no presence on the global route topics); `crash` (`kill -9` under cross-region load
 //! of the home core, the global broker, the home broker and the sender's edge); `startup` (an
-//! unknown region refused by `iris-edge` and `iris-core` at startup). `common` is the cluster
+//! unknown region refused by `iris-edge` and `iris-core` at startup); `rehome` (a user's home
+//! changed by the home table: its stored messages and prekeys moved by `POST /rehome`, messages
+//! of edges still on the old table forwarded, a `kill -9` mid-move). `common` is the cluster
 //! tests' helpers (paced sender, acking receiver with exact loss/duplicate accounting, raw
 //! producer).
 
@@ -29,6 +31,8 @@ mod crash;
 mod delivery;
 #[path = "regions/harness.rs"]
 mod harness;
+#[path = "regions/rehome.rs"]
+mod rehome;
 #[path = "regions/roaming.rs"]
 mod roaming;
 #[path = "regions/startup.rs"]

@@ -14,6 +14,10 @@
 //! after a durable commit of what it consumed; 2 on invalid flags (clap) and 1 on any other
 //! startup or run error. Logs go to stderr (`RUST_LOG`, default `info`).
 //!
+//! `iris-core rehome --admin ADDR --user U` asks the core whose admin endpoint is `ADDR` to move
+//! U's stored messages to U's new home (`POST /rehome?user=U`, docs/REGIONS.md "Changing a
+//! user's home"), prints the answer and exits 0 when it was `200`, 1 otherwise.
+//!
 //! `--check` validates the configuration (the region list, the home table, which it loads, and
 //! every other value), prints the effective configuration as TOML on stdout (a file `--config`
 //! accepts) and exits 0, without connecting to anything; an invalid one exits 1 with the error
@@ -40,6 +44,8 @@ use serde::{Deserialize, Serialize};
     about = "Iris core node: stores, routes and drains messages"
 )]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// TOML file with any of the keys below (brokers, redis, region, data_dir, partitions,
     /// group, commit_window_ms, member, members, admin, fetch_wait_max_ms, regions,
     /// global_brokers, home_table_file); flags override it.
@@ -74,8 +80,8 @@ struct Args {
     /// How many iris-core processes share the region's deliver partitions [default: 1].
     #[arg(long)]
     members: Option<u32>,
-    /// Admin endpoint address (GET /metrics, GET /health), e.g. 127.0.0.1:9101; port 0 picks
-    /// a free port [default: none].
+    /// Admin endpoint address (GET /metrics, GET /health, POST /rehome?user=U), e.g.
+    /// 127.0.0.1:9101; port 0 picks a free port [default: none].
     #[arg(long)]
     admin: Option<SocketAddr>,
     /// Consumer fetch.wait.max.ms: the longest a fetch waits at the broker; tansu answers only
@@ -277,6 +283,58 @@ fn config(args: Args) -> anyhow::Result<(ServiceConfig, Effective)> {
     Ok((cfg, effective))
 }
 
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Moves a user's stored messages and prekeys to its new home: POST /rehome?user=U on the
+    /// admin endpoint of the old home's core member that owns the user's partition, after the
+    /// home table was changed and every process restarted.
+    Rehome {
+        /// Admin endpoint of that core member, host:port.
+        #[arg(long)]
+        admin: SocketAddr,
+        /// The user id.
+        #[arg(long)]
+        user: String,
+    },
+}
+
+/// `POST /rehome?user=U` on `admin`: prints the answer; Ok when it was 200.
+fn rehome(admin: SocketAddr, user: &str) -> anyhow::Result<()> {
+    use std::io::Read;
+    let mut encoded = String::with_capacity(user.len());
+    for b in user.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            encoded.push(b as char);
+        } else {
+            encoded.push_str(&format!("%{b:02X}"));
+        }
+    }
+    let mut s = std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(5))
+        .with_context(|| format!("connecting to {admin}"))?;
+    // The core answers within 120 s (504 if the move goes on).
+    s.set_read_timeout(Some(Duration::from_secs(150)))?;
+    write!(
+        s,
+        "POST /rehome?user={encoded} HTTP/1.1\r\nHost: {admin}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp)
+        .with_context(|| format!("reading the answer of {admin}"))?;
+    let text = String::from_utf8_lossy(&resp);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .lines()
+        .next()
+        .and_then(|l| l.split_once(' '))
+        .map_or("", |(_, rest)| rest);
+    print!("{body}");
+    std::io::stdout().flush()?;
+    if !status.starts_with("200") {
+        bail!("rehome answered {status}");
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -284,7 +342,10 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(Command::Rehome { admin, user }) = args.command.take() {
+        return rehome(admin, &user);
+    }
     let check = args.check;
     let (cfg, effective) = config(args)?;
     if check {
