@@ -22,6 +22,8 @@
 #   --pairs P          sender -> receiver pairs [default: 100]
 #   --rates LIST       open-loop rates, msgs/s, comma-separated [default: 1000,5000]
 #   --delay-ms N       delay proxy in front of the global broker, ms each way [default: 0 = none]
+#   --global-memory    the global tansu on memory storage instead of sqlite (shows what sqlite
+#                      costs; a real global bus is durable)
 #   --edge-config FILE an iris-edge TOML file for both edges
 #   --no-build         use the binaries already in target/release
 #   --bin-dir DIR      use the binaries in DIR (implies --no-build)
@@ -36,6 +38,7 @@ DURATION=10
 PAIRS=100
 RATES=1000,5000
 DELAY_MS=0
+GLOBAL_MEMORY=0
 EDGE_CONFIG=""
 BUILD=1
 SATURATION=1
@@ -49,6 +52,7 @@ while [ $# -gt 0 ]; do
     --pairs) PAIRS=$2; shift ;;
     --rates) RATES=$2; shift ;;
     --delay-ms) DELAY_MS=$2; shift ;;
+    --global-memory) GLOBAL_MEMORY=1 ;;
     --edge-config) EDGE_CONFIG=$2; shift ;;
     --no-build) BUILD=0 ;;
     --bin-dir) BIN_DIR=$2; BUILD=0; shift ;;
@@ -78,6 +82,7 @@ BIN=${BIN_DIR:-$ROOT/target/release}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 WORK=$(mktemp -d)
+if [ "$GLOBAL_MEMORY" = 1 ]; then GLOBAL_STORAGE_URL="memory://tansu/"; else GLOBAL_STORAGE_URL="sqlite://$WORK/global/global.db"; fi
 PIDS=()
 REGIONS=("$REGION_A" "$REGION_B")
 declare -A REDIS_PORT
@@ -139,7 +144,7 @@ mkdir -p "$WORK/global"
   exec "$TANSU" broker --cluster-id iris-global \
     --listener-url "tcp://127.0.0.1:$GPORT" \
     --advertised-listener-url "tcp://127.0.0.1:$ADVERTISED" \
-    --storage-engine "sqlite://$WORK/global/global.db"
+    --storage-engine "$GLOBAL_STORAGE_URL"
 ) </dev/null >"$WORK/global/tansu.log" 2>&1 &
 PIDS+=($!)
 WATCH=("tansu-global" "$!")

@@ -256,6 +256,8 @@ struct Worker {
     done: Vec<Done>,
     /// Next offset to consume per route partition (for the lag).
     positions: HashMap<i32, i64>,
+    /// High watermarks of the owned partitions, asked for off the import loop.
+    lag_watch: LagWatcher,
     inboxes: HashMap<u32, Arc<str>>,
     routes: HashMap<String, Arc<str>>,
     /// Last offset committed per partition.
@@ -324,7 +326,9 @@ impl Worker {
             assigned = ?assigned,
             "importer assigned its route partitions"
         );
+        let lag_watch = LagWatcher::start(&cfg.global, &topic, &assigned)?;
         Ok(Worker {
+            lag_watch,
             deliver_topic: Arc::from(iris_bus::topics::deliver(&own)),
             own,
             topic,
@@ -649,21 +653,87 @@ impl Worker {
         }
     }
 
-    /// Sums (high watermark − next offset) over the owned partitions (one watermark request per
-    /// partition, every [`LAG_EVERY`]).
+    /// Sums (high watermark − next offset) over the owned partitions, every [`LAG_EVERY`], from
+    /// the high watermarks the [`LagWatcher`] thread asked for: the import loop never waits for
+    /// the broker here (a watermark request is answered only at the broker's fetch wait; asked
+    /// from this loop, one per partition stalled imports for seconds).
     fn refresh_lag(&mut self) {
+        let highs = self.lag_watch.highs();
         let mut lag = 0u64;
-        for &p in &self.assigned {
-            if let Ok((_, high)) =
-                self.consumer
-                    .fetch_watermarks(&self.topic, p, Duration::from_millis(500))
-            {
-                if let Some(&pos) = self.positions.get(&p) {
-                    lag += high.saturating_sub(pos).max(0) as u64;
-                }
+        for (p, high) in highs {
+            if let Some(&pos) = self.positions.get(&p) {
+                lag += high.saturating_sub(pos).max(0) as u64;
             }
         }
         self.stats.lag.store(lag, Ordering::Relaxed);
+    }
+}
+
+/// A thread asking the global brokers for the high watermarks of the importer's partitions every
+/// [`LAG_EVERY`] (for `iris_core_import_lag_records`), so that the import loop never waits for
+/// those answers. Stopped on drop.
+struct LagWatcher {
+    stop: Arc<AtomicBool>,
+    highs: Arc<Mutex<HashMap<i32, i64>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LagWatcher {
+    fn start(cfg: &KafkaConfig, topic: &str, assigned: &[i32]) -> Result<LagWatcher, CoreError> {
+        let client: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &cfg.brokers)
+            .set("client.id", "iris-import-lag")
+            .set("log_level", "3")
+            .create()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let highs = Arc::new(Mutex::new(HashMap::new()));
+        let (s, h, topic, assigned) = (
+            Arc::clone(&stop),
+            Arc::clone(&highs),
+            topic.to_owned(),
+            assigned.to_vec(),
+        );
+        let thread = std::thread::Builder::new()
+            .name("iris-import-lag".to_owned())
+            .spawn(move || {
+                while !s.load(Ordering::Acquire) {
+                    for &p in &assigned {
+                        if s.load(Ordering::Acquire) {
+                            return;
+                        }
+                        if let Ok((_, high)) =
+                            client.fetch_watermarks(&topic, p, Duration::from_millis(500))
+                        {
+                            h.lock().unwrap_or_else(|e| e.into_inner()).insert(p, high);
+                        }
+                    }
+                    let until = Instant::now() + LAG_EVERY;
+                    while Instant::now() < until && !s.load(Ordering::Acquire) {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+            })
+            .map_err(|_| CoreError::ThreadPanicked)?;
+        Ok(LagWatcher {
+            stop,
+            highs,
+            thread: Some(thread),
+        })
+    }
+
+    /// The latest high watermark of each partition answered so far.
+    fn highs(&self) -> Vec<(i32, i64)> {
+        let m = self.highs.lock().unwrap_or_else(|e| e.into_inner());
+        m.iter().map(|(&p, &h)| (p, h)).collect()
+    }
+}
+
+impl Drop for LagWatcher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
