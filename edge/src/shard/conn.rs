@@ -33,11 +33,12 @@ use glommio::net::TcpStream;
 use glommio::timer::Timer;
 use iris_core::api::{ConnId, CoreRequest, StoredMsg};
 use iris_core::outbox::AcceptGate;
-use tracing::debug;
+use std::sync::atomic::AtomicBool;
+use tracing::{debug, warn};
 
 use super::{owner_of, Delivery, Shard, ShardMsg};
 use crate::auth;
-use crate::metrics::ShardMetrics;
+use crate::metrics::{first_time, ShardMetrics};
 use crate::protocol::decode::frame_len_hint;
 use crate::protocol::frame::{self, op, ClientFrame};
 use crate::protocol::{decode, Decoded, MsgId, ProtoError};
@@ -521,7 +522,12 @@ struct Conn {
     /// The settle timer of the LOGIN at the head of the buffer has fired.
     login_settled: bool,
     settle_started: bool,
+    /// Unknown opcodes: the start of the current window and how many arrived in it.
+    errors: Option<(Instant, u32)>,
 }
+
+/// Each limit a client can hit is logged once per process, then only counted.
+static LOGGED_ERROR_LIMIT: AtomicBool = AtomicBool::new(false);
 
 impl Conn {
     fn fail(&self, e: &ProtoError) -> Step {
@@ -535,6 +541,37 @@ impl Conn {
         let mut f = Vec::with_capacity(32);
         e.encode_wire(&mut f);
         self.close_with(&f)
+    }
+
+    /// An unknown opcode: `0xFE unknown_opcode`, the connection stays open unless it sent more
+    /// than `unknown_opcode_limit` of them within `unknown_opcode_window_ms`.
+    fn unknown_opcode(&mut self, op: u8) -> Step {
+        let shard = self.shard.clone();
+        ShardMetrics::inc(&shard.metrics.unknown_opcodes_total);
+        let now = Instant::now();
+        let window = Duration::from_millis(shard.cfg.unknown_opcode_window_ms);
+        match self.errors {
+            Some((start, ref mut n)) if now.duration_since(start) < window => *n += 1,
+            _ => self.errors = Some((now, 1)),
+        }
+        let n = self.errors.map_or(0, |(_, n)| n);
+        debug!(shard = shard.id, conn = self.c.id, op, n, "unknown opcode");
+        if n > shard.cfg.unknown_opcode_limit {
+            ShardMetrics::inc(&shard.metrics.error_limit_disconnects_total);
+            if first_time(&LOGGED_ERROR_LIMIT) {
+                warn!(
+                    shard = shard.id,
+                    conn = self.c.id,
+                    limit = shard.cfg.unknown_opcode_limit,
+                    window_ms = shard.cfg.unknown_opcode_window_ms,
+                    "a client sent too many unknown opcodes and was closed (logged once; \
+                     iris_edge_error_limit_disconnects_total counts them)"
+                );
+            }
+            return self.close_with(&error_frame("too_many_errors"));
+        }
+        self.error_reply(ProtoError::UnknownOpcode(op).reason());
+        Step::More
     }
 
     fn close_with(&self, bytes: &[u8]) -> Step {
@@ -580,6 +617,11 @@ impl Conn {
                     if let Err(step) = self.handle(f) {
                         break step;
                     }
+                }
+                Err(ProtoError::UnknownOpcode(op)) => {
+                    // PROTOCOL.md: answer, discard the rest of that read, keep the connection.
+                    pos = inbuf.len();
+                    break self.unknown_opcode(op);
                 }
                 Err(e) => break self.fail(&e),
             }
@@ -765,6 +807,7 @@ pub async fn run(shard: Rc<Shard>, mut stream: TcpStream, id: ConnId) {
         c: c.clone(),
         login_settled: false,
         settle_started: false,
+        errors: None,
     };
     let mut inbuf: Vec<u8> = Vec::new();
     let mut timers = Timers {
