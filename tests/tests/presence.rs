@@ -141,3 +141,52 @@ fn read_receipt_relayed_to_original_sender() {
     b.write(&wire::read_receipt(&id, b"rr-nobody"));
     b.sync();
 }
+
+/// PROTOCOL.md "Visibility after LOGIN_OK": once both sides have read LOGIN_OK, a typing
+/// indicator, a STATUS query and a read receipt see the other user online and reach it live.
+/// On a 2-shard edge the user's presence owner is often not the shard holding its socket; 30
+/// fresh pairs, zero losses.
+#[test]
+fn login_ok_means_reachable_at_once() {
+    let s = Server::with_shards(2);
+    let mut lost = Vec::new();
+    for i in 0..30 {
+        let (na, nb) = (format!("vis-a{i}"), format!("vis-b{i}"));
+        let mut a = s.login(&na);
+        let mut b = s.login(&nb);
+        // Right after both LOGIN_OKs: A types to B and asks B's status; B sends A a receipt.
+        a.write(&wire::typing(nb.as_bytes(), true));
+        a.write(&wire::get_status(nb.as_bytes()));
+        b.write(&wire::read_receipt(b"00000000000000ab", na.as_bytes()));
+        match b.recv_within(Duration::from_secs(1)) {
+            Some(Frame::Typing { sender, on: 1 }) if sender == na.as_bytes() => {}
+            other => lost.push(format!("pair {i}: typing A->B: got {other:?}")),
+        }
+        let mut status = None;
+        let mut receipt = false;
+        while let Some(f) = a.recv_within(Duration::from_secs(1)) {
+            match f {
+                Frame::Status { online, .. } => status = Some(online),
+                Frame::Receipt { reader, .. } if reader == nb.as_bytes() => receipt = true,
+                other => lost.push(format!("pair {i}: A got {other:?}")),
+            }
+            if status.is_some() && receipt {
+                break;
+            }
+        }
+        if status != Some(1) {
+            lost.push(format!(
+                "pair {i}: STATUS of B right after its LOGIN_OK: {status:?}"
+            ));
+        }
+        if !receipt {
+            lost.push(format!("pair {i}: read receipt B->A lost"));
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "{} losses:\n  {}",
+        lost.len(),
+        lost.join("\n  ")
+    );
+}

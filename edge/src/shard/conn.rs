@@ -7,8 +7,10 @@
 //! many frames per write. The output queue is bounded: a client that lets it grow past
 //! `max_output_bytes` is disconnected, and whatever it had not acked stays stored.
 //!
-//! Login: LOGIN_OK is written at once; the session is registered with the user's presence owner,
-//! which answers `Registered`; only then is the store asked for the user's backlog (in chunks,
+//! Login: the session is registered with the user's presence owner, which answers
+//! `Registered`; only then is LOGIN_OK written (so a status query, typing indicator or receipt
+//! sent by anyone who has seen it finds the user online: PROTOCOL.md "Visibility after
+//! LOGIN_OK"; the connection decodes nothing more meanwhile) and the store asked for the backlog (in chunks,
 //! while the output queue is below `drain_low_water_bytes`). Live messages that arrive during the
 //! drain are held and written after it, skipping any the drain already wrote, so the client sees
 //! its messages in order and a message stored just before login is never missed.
@@ -109,6 +111,11 @@ struct ConnState {
     recent: Option<Box<RecentDrain>>,
     /// The accept-gate stall this connection was last told about (RATE_LIMITED).
     told_stall: u64,
+    /// A LOGIN is accepted and its session not yet registered with the user's presence owner:
+    /// LOGIN_OK is held back, and nothing more is read or decoded, until `Registered`.
+    registering: bool,
+    /// Registration done: the task must decode what it buffered meanwhile.
+    resume: bool,
 }
 
 /// The part of a connection other tasks of the shard can reach: its output queue and session.
@@ -131,6 +138,8 @@ impl ConnShared {
                 drain: None,
                 recent: None,
                 told_stall: 0,
+                registering: false,
+                resume: false,
             }),
         }
     }
@@ -227,11 +236,20 @@ impl ConnShared {
         self.append(shard, &mut st, &d.frame);
     }
 
-    /// Presence registered the session: ask the store for the user's backlog.
+    /// Presence registered the session: the user is reachable from every shard now, so
+    /// LOGIN_OK goes out (PROTOCOL.md "Visibility after LOGIN_OK"), then the store is asked for
+    /// the user's backlog.
     pub fn start_drain(&self, shard: &Rc<Shard>, user: &[u8]) {
         let mut st = self.st.borrow_mut();
         if st.user.as_deref() != Some(user) {
             return;
+        }
+        if st.registering {
+            st.registering = false;
+            st.resume = true;
+            let mut ok = Vec::with_capacity(9);
+            frame::encode_login_ok(&mut ok);
+            self.append(shard, &mut st, &ok);
         }
         if let Some(d) = st.drain.as_mut() {
             if !d.requested {
@@ -423,6 +441,14 @@ impl ConnShared {
             if st.close != Close::Open {
                 // Closing: read nothing more, wait for the flush (or the shutdown deadline).
                 return Poll::Pending;
+            }
+            if st.registering {
+                // LOGIN_OK waits for the presence owner; so does everything sent after LOGIN.
+                return Poll::Pending;
+            }
+            if st.resume {
+                st.resume = false;
+                return Poll::Ready(Io::Recheck);
             }
         }
         if poll_timer(&mut timers.settle, cx) {
@@ -617,6 +643,10 @@ impl Conn {
                     if let Err(step) = self.handle(f) {
                         break step;
                     }
+                    if self.c.st.borrow().registering {
+                        // The rest is decoded once the session is registered (after LOGIN_OK).
+                        break Step::More;
+                    }
                 }
                 Err(ProtoError::UnknownOpcode(op)) => {
                     // PROTOCOL.md: answer, discard the rest of that read, keep the connection.
@@ -761,9 +791,8 @@ impl Conn {
             let prev = st.user.replace(user.to_vec());
             st.drain = Some(DrainState::new(user));
             st.recent = None;
-            let mut ok = Vec::with_capacity(9);
-            frame::encode_login_ok(&mut ok);
-            self.c.append(&shard, &mut st, &ok);
+            // LOGIN_OK is written when the owner answers `Registered` (start_drain).
+            st.registering = true;
             prev
         };
         match previous {
