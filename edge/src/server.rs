@@ -150,6 +150,7 @@ pub fn run(
     let mesh = (nshards > 1).then(|| MeshBuilder::full(nshards, cfg.ring_capacity));
     let mut handles = Vec::with_capacity(nshards);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let ring_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
     for (i, (sock, link)) in sockets.into_iter().zip(links).enumerate() {
         let start = ShardStart {
             id: i,
@@ -162,6 +163,7 @@ pub fn run(
             mesh: mesh.clone(),
             shutdown: shutdown.clone(),
             ready: ready_tx.clone(),
+            ring_bytes: ring_bytes.clone(),
         };
         let cpu = cpus[i % cpus.len()];
         let h = LocalExecutorBuilder::new(Placement::Fixed(cpu))

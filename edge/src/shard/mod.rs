@@ -22,7 +22,7 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::Duration;
@@ -89,6 +89,29 @@ pub enum ShardMsg {
 const CORE_BACKLOG_HIGH: usize = 16_384;
 /// Messages waiting for one peer's ring beyond which connections stop reading.
 const OUTBOX_HIGH: usize = 65_536;
+/// Bytes waiting for one peer's ring beyond which this shard's connections stop reading.
+const OUTBOX_BYTES_HIGH: usize = 4 << 20;
+/// Bytes on the rings of the whole edge (shipped, not yet handled by the receiving shard)
+/// beyond which every shard's connections stop reading. Every ring message starts with a
+/// client read (or a reply of the core), so this bounds the chain sender → owner → host end to
+/// end: a host that falls behind stops the senders, not just its own clients.
+const RING_BYTES_HIGH: u64 = 8 << 20;
+/// Requests in the embedded core's queue beyond which a shard's connections stop reading: the
+/// queue's capacity (`core_queue_capacity`, 65,536) holds up to 64 MiB of 1 KB messages; the core takes in far fewer per commit window.
+const CORE_QUEUE_HIGH: usize = 4096;
+
+/// What a ring message costs in memory, as counted against [`RING_BYTES_HIGH`].
+fn ring_cost(m: &ShardMsg) -> usize {
+    64 + match m {
+        ShardMsg::Route { to, d } => to.len() + d.frame.len(),
+        ShardMsg::Deliver { user, d, .. } => user.len() + d.frame.len(),
+        ShardMsg::StatusReply { frame, .. } => frame.len(),
+        ShardMsg::Register { user, .. }
+        | ShardMsg::Registered { user, .. }
+        | ShardMsg::Unregister { user, .. }
+        | ShardMsg::StatusQuery { user, .. } => user.len(),
+    }
+}
 
 /// How long a routed id is remembered (longer than the core's routing takes under load).
 const RECENT_ROUTED_TTL: Duration = Duration::from_secs(30);
@@ -451,6 +474,10 @@ pub struct Shard {
     /// Cluster mode: the last message sent to each recipient per sending shard.
     last_sent: RefCell<LastSent>,
     outbox: Vec<RefCell<Batch>>,
+    /// Bytes ([`ring_cost`]) in each peer's outbox, not yet shipped.
+    outbox_bytes: Vec<Cell<usize>>,
+    /// Bytes on the rings of the whole edge, shared by every shard ([`RING_BYTES_HIGH`]).
+    ring_bytes: Arc<AtomicU64>,
     outbox_notify: Vec<LocalNotify>,
     core: ShardLink,
     core_backlog: RefCell<VecDeque<CoreRequest>>,
@@ -471,6 +498,7 @@ impl Shard {
         metrics: Arc<ShardMetrics>,
         core: ShardLink,
         id_floor: u64,
+        ring_bytes: Arc<AtomicU64>,
     ) -> Self {
         let cluster = cfg.cluster.bus == BusKind::Kafka;
         let node = if cluster { cfg.cluster.node_id } else { 0 };
@@ -491,6 +519,8 @@ impl Shard {
             gate: RefCell::new(OrderGate::default()),
             last_sent: RefCell::new(LastSent::default()),
             outbox: (0..nshards).map(|_| RefCell::new(Vec::new())).collect(),
+            outbox_bytes: (0..nshards).map(|_| Cell::new(0)).collect(),
+            ring_bytes,
             outbox_notify: (0..nshards).map(|_| LocalNotify::default()).collect(),
             core,
             core_backlog: RefCell::new(VecDeque::new()),
@@ -514,6 +544,8 @@ impl Shard {
             self.handle_mesh(m);
         } else {
             let mut ob = self.outbox[to].borrow_mut();
+            let b = &self.outbox_bytes[to];
+            b.set(b.get() + ring_cost(&m));
             ob.push(m);
             if ob.len() == 1 {
                 self.outbox_notify[to].notify();
@@ -554,6 +586,9 @@ impl Shard {
     /// (TCP backpressure to the senders) instead of letting the shard's queues grow.
     pub fn backpressured(&self) -> bool {
         self.core_backlog_len() >= CORE_BACKLOG_HIGH
+            || self.core.to_core.len() >= CORE_QUEUE_HIGH
+            || self.ring_bytes.load(Ordering::Relaxed) >= RING_BYTES_HIGH
+            || self.outbox_bytes.iter().any(|b| b.get() >= OUTBOX_BYTES_HIGH)
             // Cluster: what was read is only in memory until the bridge writes it to the
             // outbox, so stop as soon as the link's (small) queue is full.
             || (self.cluster && (self.core.to_core.is_full() || self.core_backlog_len() > 0))
@@ -931,6 +966,9 @@ impl Shard {
                 self.outbox_notify[peer].wait().await;
                 continue;
             }
+            // The bytes move from this outbox to the rings (handed back by the receiver).
+            let bytes = self.outbox_bytes[peer].replace(0);
+            self.ring_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
             ShardMetrics::inc(&self.metrics.ring_batches_out_total);
             ShardMetrics::add(&self.metrics.ring_items_out_total, batch.len() as u64);
             if senders.send_to(peer, batch).await.is_err() {
@@ -974,6 +1012,8 @@ pub struct ShardStart {
     pub shutdown: Arc<AtomicBool>,
     /// Told this shard's id once it accepts connections.
     pub ready: std::sync::mpsc::Sender<usize>,
+    /// Bytes on the rings of the whole edge, one counter shared by every shard.
+    pub ring_bytes: Arc<AtomicU64>,
 }
 
 /// Runs one shard until shutdown; called inside its glommio executor.
@@ -989,8 +1029,11 @@ pub async fn run(start: ShardStart) {
         mesh,
         shutdown,
         ready,
+        ring_bytes,
     } = start;
-    let shard = Rc::new(Shard::new(id, nshards, cfg, metrics, core, id_floor));
+    let shard = Rc::new(Shard::new(
+        id, nshards, cfg, metrics, core, id_floor, ring_bytes,
+    ));
 
     if let Some(mesh) = mesh {
         match mesh.join().await {
@@ -1003,9 +1046,12 @@ pub async fn run(start: ShardStart) {
                     let s = shard.clone();
                     glommio::spawn_local(async move {
                         while let Some(batch) = rx.recv().await {
+                            let mut bytes = 0;
                             for m in batch {
+                                bytes += ring_cost(&m);
                                 s.handle_mesh(m);
                             }
+                            s.ring_bytes.fetch_sub(bytes as u64, Ordering::Relaxed);
                         }
                         debug!(shard = s.id, peer, "ring reader done");
                     })
