@@ -625,6 +625,10 @@ impl Conn {
             if buf[0] == op::LOGIN && !self.login_settled && self.shard.cfg.login_settle_us > 0 {
                 break Step::Settle;
             }
+            if buf[0] == op::FETCH_PREKEYS && self.shard.replies_full() {
+                // Decoded once replies come back (the connection reads nothing meanwhile).
+                break Step::More;
+            }
             match decode(buf, &self.shard.limits) {
                 Ok(Decoded::Incomplete) => {
                     if frame_len_hint(buf).is_some_and(|n| n > self.shard.cfg.max_input_bytes)
@@ -759,7 +763,7 @@ impl Conn {
             }
             ClientFrame::FetchPrekeys { user } => {
                 self.logged_in_user()?;
-                shard.push_core(CoreRequest::FetchPrekeys {
+                shard.push_core_with_reply(CoreRequest::FetchPrekeys {
                     user: user.to_vec(),
                     conn: self.c.id,
                 });

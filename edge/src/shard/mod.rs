@@ -100,6 +100,13 @@ const RING_BYTES_HIGH: u64 = 8 << 20;
 /// queue's capacity (`core_queue_capacity`, 65,536) holds up to 64 MiB of 1 KB messages; the core takes in far fewer per commit window.
 const CORE_QUEUE_HIGH: usize = 4096;
 
+/// A reply that has not come back after this long is taken as lost (cluster: the bus lost it)
+/// and no longer counts against `max_pending_replies`.
+const REPLY_FORGET: Duration = Duration::from_secs(10);
+
+/// Limits logged once per process, then only counted.
+static LOGGED_REPLIES_FULL: AtomicBool = AtomicBool::new(false);
+
 /// What a ring message costs in memory, as counted against [`RING_BYTES_HIGH`].
 fn ring_cost(m: &ShardMsg) -> usize {
     64 + match m {
@@ -482,6 +489,11 @@ pub struct Shard {
     core: ShardLink,
     core_backlog: RefCell<VecDeque<CoreRequest>>,
     core_notify: LocalNotify,
+    /// When each request with a reply (prekey fetch) was handed to the core, oldest first;
+    /// bounded by `max_pending_replies` ([`Shard::replies_full`]).
+    pending_replies: RefCell<VecDeque<std::time::Instant>>,
+    /// The shard is at `max_pending_replies` (for counting each time it gets there once).
+    replies_were_full: Cell<bool>,
     /// Read buffer shared by all connections of the shard: a connection only holds input between
     /// reads when a frame is incomplete, so an idle connection holds none.
     pub scratch: RefCell<Vec<u8>>,
@@ -525,6 +537,8 @@ impl Shard {
             core,
             core_backlog: RefCell::new(VecDeque::new()),
             core_notify: LocalNotify::default(),
+            pending_replies: RefCell::new(VecDeque::new()),
+            replies_were_full: Cell::new(false),
             scratch: RefCell::new(vec![0; 64 << 10]),
             shutting_down: Cell::new(false),
             conns_empty: LocalNotify::default(),
@@ -571,6 +585,50 @@ impl Shard {
         self.core_notify.notify();
     }
 
+    /// A request with a reply is handed to the core (see [`Shard::replies_full`]).
+    pub fn push_core_with_reply(&self, req: CoreRequest) {
+        let mut p = self.pending_replies.borrow_mut();
+        p.push_back(std::time::Instant::now());
+        ShardMetrics::set(&self.metrics.pending_replies, p.len() as u64);
+        drop(p);
+        self.push_core(req);
+    }
+
+    /// True while `max_pending_replies` requests with a reply wait for the core: the
+    /// connections decode no more of them and read nothing (a 12-byte FETCH_PREKEYS brings back
+    /// up to 8 KiB). A reply lost on the bus is forgotten after [`REPLY_FORGET`].
+    pub fn replies_full(&self) -> bool {
+        let mut p = self.pending_replies.borrow_mut();
+        let now = std::time::Instant::now();
+        while p
+            .front()
+            .is_some_and(|&t| now.duration_since(t) > REPLY_FORGET)
+        {
+            p.pop_front();
+        }
+        let full = p.len() >= self.cfg.max_pending_replies;
+        if full && !self.replies_were_full.replace(true) {
+            ShardMetrics::inc(&self.metrics.reply_backpressure_total);
+            if crate::metrics::first_time(&LOGGED_REPLIES_FULL) {
+                warn!(
+                    shard = self.id,
+                    max_pending_replies = self.cfg.max_pending_replies,
+                    "max_pending_replies reached: connections stop reading until replies come \
+                     back (logged once; iris_edge_reply_backpressure_total counts it)"
+                );
+            }
+        } else if !full {
+            self.replies_were_full.set(false);
+        }
+        full
+    }
+
+    fn reply_arrived(&self) {
+        let mut p = self.pending_replies.borrow_mut();
+        p.pop_front();
+        ShardMetrics::set(&self.metrics.pending_replies, p.len() as u64);
+    }
+
     /// The link's accept gate: while it is stalled (cluster: outbox bound or bus stall) the
     /// connections read nothing (see `conn.rs`).
     pub fn accept_gate(&self) -> &iris_core::outbox::AcceptGate {
@@ -593,6 +651,7 @@ impl Shard {
             // outbox, so stop as soon as the link's (small) queue is full.
             || (self.cluster && (self.core.to_core.is_full() || self.core_backlog_len() > 0))
             || self.outbox.iter().any(|o| o.borrow().len() >= OUTBOX_HIGH)
+            || self.replies_full()
     }
 
     /// Routes a delivery to every session of `to`, wherever it is.
@@ -819,6 +878,7 @@ impl Shard {
                 }
             }
             CoreReply::Prekeys { conn, bundle, .. } => {
+                self.reply_arrived();
                 let c = self.conns.borrow().get(&conn).cloned();
                 if let Some(c) = c {
                     let body = bundle
