@@ -85,3 +85,60 @@ fn prekey_fetch_flood_from_a_silent_client_is_bounded() {
     );
     bystander.check("after the prekey fetch flood");
 }
+
+#[test]
+fn typing_flood_is_rate_limited_and_never_disconnects_its_victim() {
+    const FRAMES: usize = 40_000;
+    let s = Server::start(ServerOpts::shards(2));
+    let mut bystander = Bystander::new(&s);
+    let mut victim = Client::connect_small_rcvbuf(s.client, 8192);
+    victim.login("ty-victim");
+    // A 256-byte sender name: each 12-byte TYPING frame becomes a 260-byte relay.
+    let name = "t".repeat(256);
+    let mut attacker = s.login(&name);
+    attacker.wait_online("ty-victim");
+    let t0 = Instant::now();
+    // 40,000 frames (480 KB): 10.4 MB of relays unlimited, more than the victim's 4 MiB cap
+    // and the kernel's socket buffers together.
+    attacker.write(&wire::typing(b"ty-victim", true).repeat(FRAMES));
+    attacker.sync();
+    std::thread::sleep(Duration::from_millis(300));
+    let elapsed = t0.elapsed();
+    assert_eq!(
+        s.metric("iris_edge_slow_consumer_disconnects_total"),
+        0,
+        "the typing flood made its victim a slow consumer"
+    );
+    let dropped = s.metric("iris_edge_typing_dropped_total");
+    // Now the victim reads: a few relays (the burst plus the rate), then a message.
+    let mut relays = 0usize;
+    while let Some(f) = victim.recv_within(Duration::from_millis(500)) {
+        match f {
+            Frame::Typing { sender, on: 1 } if sender == name.as_bytes() => relays += 1,
+            other => panic!("victim got {other:?}"),
+        }
+    }
+    let allowed = 10 + (elapsed.as_secs_f64() * 10.0).ceil() as usize + 10;
+    eprintln!("typing flood: {FRAMES} frames in {elapsed:?}: {relays} relayed, {dropped} dropped");
+    assert!(
+        relays >= 1 && relays <= allowed,
+        "{relays} relays reached the victim (at most {allowed} allowed at 10/s)"
+    );
+    assert!(
+        dropped as usize + relays == FRAMES,
+        "dropped {dropped} + relayed {relays}"
+    );
+    attacker.send("ty-victim", b"after the flood");
+    assert_eq!(victim.recv_acked(), b"after the flood");
+    // A second later the attacker's bucket has refilled: typing works again.
+    std::thread::sleep(Duration::from_millis(1100));
+    attacker.write(&wire::typing(b"ty-victim", false));
+    assert_eq!(
+        victim.recv(),
+        Frame::Typing {
+            sender: name.as_bytes().to_vec(),
+            on: 0
+        }
+    );
+    bystander.check("after the typing flood");
+}

@@ -551,10 +551,13 @@ struct Conn {
     settle_started: bool,
     /// Unknown opcodes: the start of the current window and how many arrived in it.
     errors: Option<(Instant, u32)>,
+    /// TYPING token bucket: tokens left and when it was last refilled.
+    typing: Option<(f64, Instant)>,
 }
 
 /// Each limit a client can hit is logged once per process, then only counted.
 static LOGGED_ERROR_LIMIT: AtomicBool = AtomicBool::new(false);
+static LOGGED_TYPING_LIMIT: AtomicBool = AtomicBool::new(false);
 
 impl Conn {
     fn fail(&self, e: &ProtoError) -> Step {
@@ -599,6 +602,32 @@ impl Conn {
         }
         self.error_reply(ProtoError::UnknownOpcode(op).reason());
         Step::More
+    }
+
+    /// Token bucket of TYPING relays: `typing_relays_per_sec` per second, as many in a burst.
+    /// A dropped frame is counted (a flood of 4-byte frames would otherwise be relayed as
+    /// frames up to 65 times larger, and make its recipient a slow consumer).
+    fn typing_allowed(&mut self) -> bool {
+        let rate = f64::from(self.shard.cfg.typing_relays_per_sec);
+        let now = Instant::now();
+        let (tokens, at) = self.typing.get_or_insert((rate, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(rate);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            return true;
+        }
+        ShardMetrics::inc(&self.shard.metrics.typing_dropped_total);
+        if first_time(&LOGGED_TYPING_LIMIT) {
+            warn!(
+                shard = self.shard.id,
+                conn = self.c.id,
+                typing_relays_per_sec = self.shard.cfg.typing_relays_per_sec,
+                "typing relays over the limit are dropped (logged once; \
+                 iris_edge_typing_dropped_total counts them)"
+            );
+        }
+        false
     }
 
     fn close_with(&self, bytes: &[u8]) -> Step {
@@ -743,6 +772,9 @@ impl Conn {
             }
             ClientFrame::Typing { target, on } => {
                 let me = self.logged_in_user()?;
+                if !self.typing_allowed() {
+                    return Ok(());
+                }
                 let mut f = Vec::with_capacity(me.len() + 4);
                 frame::encode_typing(&mut f, &me, on);
                 shard.route(target, Delivery { id: None, frame: f });
@@ -857,6 +889,7 @@ pub async fn run(shard: Rc<Shard>, mut stream: TcpStream, id: ConnId) {
         login_settled: false,
         settle_started: false,
         errors: None,
+        typing: None,
     };
     let mut inbuf: Vec<u8> = Vec::new();
     let mut timers = Timers {
