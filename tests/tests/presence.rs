@@ -190,3 +190,39 @@ fn login_ok_means_reachable_at_once() {
         lost.join("\n  ")
     );
 }
+
+/// The presence map keeps no entry for a user without a session, and the last-seen times of
+/// offline users are bounded by `presence_last_seen_max` (the oldest read as never seen).
+#[test]
+fn presence_forgets_users_without_sessions_within_its_bound() {
+    let s =
+        Server::start(iris_tests::ServerOpts::shards(2).config("presence_last_seen_max = 100\n"));
+    let mut q = s.login("pb-watcher");
+    for i in 0..400 {
+        let c = s.login(&format!("pb-{i}"));
+        c.shutdown();
+    }
+    assert!(
+        wait_until(Duration::from_secs(5), || s
+            .metric("iris_edge_presence_users")
+            == 1),
+        "presence entries after 400 logouts: {} (only the watcher is logged in)",
+        s.metric("iris_edge_presence_users")
+    );
+    let seen = s.metric("iris_edge_presence_last_seen_users");
+    assert!(
+        (50..=100).contains(&seen),
+        "last-seen entries {seen}, bound 100"
+    );
+    // The latest logout is remembered, the first is forgotten (never seen).
+    assert!(
+        wait_until(Duration::from_secs(2), || q.status("pb-399").0 == 0),
+        "pb-399 still online"
+    );
+    let (online, last) = q.status("pb-399");
+    assert!(
+        online == 0 && last + 5 >= unix_secs(),
+        "pb-399: {online} {last}"
+    );
+    assert_eq!(q.status("pb-0"), (0, 0));
+}

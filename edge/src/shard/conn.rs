@@ -23,6 +23,7 @@
 //! until reading resumes, so nothing read is ever dropped.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -59,11 +60,15 @@ struct DrainState {
     requested: bool,
     /// The next chunk starts after this id, once the output queue is low.
     next_after: Option<u64>,
-    /// Ids written by the drain so far (ascending).
-    sent: Vec<u64>,
+    /// The last [`DRAIN_SENT_MAX`] ids written by the drain (ascending): a live copy of one of
+    /// them is not written again. A live copy of an older drained message may be (a duplicate,
+    /// never a loss).
+    sent: VecDeque<u64>,
     /// Live messages that arrived during the drain.
     held: Vec<(u64, Vec<u8>)>,
     held_bytes: usize,
+    /// The highest id the drain wrote (0: none yet).
+    cursor: u64,
     /// Held messages overflowed `max_output_bytes` and were dropped (they are stored): the drain
     /// goes on past what would have been its last chunk, so it picks them up in order.
     overflowed: bool,
@@ -75,13 +80,18 @@ impl DrainState {
             user: user.to_vec(),
             requested: false,
             next_after: None,
-            sent: Vec::new(),
+            sent: VecDeque::new(),
             held: Vec::new(),
             held_bytes: 0,
+            cursor: 0,
             overflowed: false,
         })
     }
 }
+
+/// Drained ids a connection remembers to drop live copies of them (64 KiB per draining
+/// connection at most): live copies that trail their drained twins are of the newest messages.
+const DRAIN_SENT_MAX: usize = 8192;
 
 /// How often a connection looks at a stalled accept gate again.
 const STALL_RECHECK: Duration = Duration::from_millis(10);
@@ -285,13 +295,17 @@ impl ConnShared {
         let mut frame_buf = Vec::new();
         ShardMetrics::add(&shard.metrics.messages_drained_total, msgs.len() as u64);
         for (id, payload) in msgs {
-            if drain.sent.last().is_some_and(|&l| id <= l) {
+            if drain.cursor >= id {
                 continue; // a repeated chunk (re-login race): never write an id twice
             }
             frame::encode_reliable(&mut frame_buf, MsgId(id), &payload);
-            drain.sent.push(id);
+            drain.cursor = id;
+            if drain.sent.len() == DRAIN_SENT_MAX {
+                drain.sent.pop_front();
+            }
+            drain.sent.push_back(id);
         }
-        let cursor = drain.sent.last().copied().unwrap_or(0);
+        let cursor = drain.cursor;
         if more || drain.overflowed {
             // Live messages were dropped while held: keep draining until a final chunk arrives
             // with nothing dropped, so they come from the store, in order.
@@ -307,7 +321,7 @@ impl ConnShared {
             }
             if !drain.sent.is_empty() {
                 st.recent = Some(Box::new(RecentDrain {
-                    ids: std::mem::take(&mut drain.sent),
+                    ids: Vec::from(std::mem::take(&mut drain.sent)),
                     until: Instant::now() + RECENT_DRAIN_TTL,
                 }));
             }

@@ -523,7 +523,9 @@ impl Shard {
             // Not 1: a reply addressed to a connection of a previous run (a drain chunk still in
             // the edge's inbox after a restart) must not find a new connection with its number.
             next_conn: Cell::new(crate::idgen::now_micros().max(1)),
-            presence: RefCell::new(Presence::default()),
+            presence: RefCell::new(Presence::new(
+                cfg.presence_last_seen_max.div_ceil(nshards.max(1)),
+            )),
             idgen: RefCell::new(IdGen::new(cfg.cluster.region_index(), node, id, id_floor)),
             cluster,
             direct_live: cluster && cfg.cluster.direct_live,
@@ -681,6 +683,7 @@ impl Shard {
                     let mut p = self.presence.borrow_mut();
                     let first = !p.is_local(&user);
                     p.register(&user, shard, conn);
+                    ShardMetrics::set(&self.metrics.presence_users, p.users_len() as u64);
                     first
                 };
                 if first && self.cluster {
@@ -712,6 +715,11 @@ impl Shard {
                     let mut p = self.presence.borrow_mut();
                     let was = p.is_local(&user);
                     p.unregister(&user, shard, conn, now);
+                    ShardMetrics::set(&self.metrics.presence_users, p.users_len() as u64);
+                    ShardMetrics::set(
+                        &self.metrics.presence_last_seen_users,
+                        p.last_seen_len() as u64,
+                    );
                     was && !p.is_local(&user)
                 };
                 if last && self.cluster {
