@@ -126,6 +126,9 @@ struct ConnState {
     registering: bool,
     /// Registration done: the task must decode what it buffered meanwhile.
     resume: bool,
+    /// The last time a byte was read from or written to the socket (or the shard held the
+    /// connection back): `idle_timeout_ms` counts from here.
+    progress: Instant,
 }
 
 /// The part of a connection other tasks of the shard can reach: its output queue and session.
@@ -150,6 +153,7 @@ impl ConnShared {
                 told_stall: 0,
                 registering: false,
                 resume: false,
+                progress: Instant::now(),
             }),
         }
     }
@@ -388,6 +392,8 @@ enum Io {
     Failed(io::Error),
     Settled,
     LoginTimeout,
+    /// The idle timer fired: see whether the connection made progress.
+    IdleCheck,
     Recheck,
     /// The accept gate is stalled: nothing to process.
     Stalled,
@@ -395,6 +401,7 @@ enum Io {
 
 struct Timers {
     login: Option<Pin<Box<Timer>>>,
+    idle: Option<Pin<Box<Timer>>>,
     settle: Option<Pin<Box<Timer>>>,
     backoff: Option<Pin<Box<Timer>>>,
 }
@@ -433,6 +440,7 @@ impl ConnShared {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Io::Closed),
                     Poll::Ready(Ok(n)) => {
                         st.out_pos += n;
+                        st.progress = Instant::now();
                         ShardMetrics::add(&shard.metrics.bytes_out_total, n as u64);
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Io::Failed(e)),
@@ -452,6 +460,21 @@ impl ConnShared {
             }
             if st.drain.is_some() {
                 self.continue_drain(shard, st);
+            }
+            // A logged-in (or closing) connection holding a partial frame or unsent output must
+            // make progress within idle_timeout_ms.
+            let holds = !inbuf.is_empty() || Self::pending_out(st) > 0;
+            if holds && (st.user.is_some() || st.close != Close::Open) {
+                if timers.idle.is_none() {
+                    let idle = Duration::from_millis(shard.cfg.idle_timeout_ms);
+                    let left = idle.saturating_sub(st.progress.elapsed());
+                    timers.idle = Some(Box::pin(Timer::new(left.max(Duration::from_millis(1)))));
+                }
+                if poll_timer(&mut timers.idle, cx) {
+                    return Poll::Ready(Io::IdleCheck);
+                }
+            } else {
+                timers.idle = None;
             }
             if st.close != Close::Open {
                 // Closing: read nothing more, wait for the flush (or the shutdown deadline).
@@ -572,6 +595,7 @@ struct Conn {
 /// Each limit a client can hit is logged once per process, then only counted.
 static LOGGED_ERROR_LIMIT: AtomicBool = AtomicBool::new(false);
 static LOGGED_TYPING_LIMIT: AtomicBool = AtomicBool::new(false);
+static LOGGED_IDLE_TIMEOUT: AtomicBool = AtomicBool::new(false);
 
 impl Conn {
     fn fail(&self, e: &ProtoError) -> Step {
@@ -616,6 +640,49 @@ impl Conn {
         }
         self.error_reply(ProtoError::UnknownOpcode(op).reason());
         Step::More
+    }
+
+    /// The idle timer fired. Closes a connection that still holds a partial frame (`partial`)
+    /// or unsent output and has read and written nothing for `idle_timeout_ms`, unless the
+    /// shard itself held it back (backpressure, bus stall), which counts as progress.
+    fn idle_check(&self, partial: bool) -> Step {
+        let shard = &self.shard;
+        let idle = Duration::from_millis(shard.cfg.idle_timeout_ms);
+        let mut st = self.c.st.borrow_mut();
+        let unsent = ConnShared::pending_out(&st) > 0;
+        if !(partial || unsent) || st.progress.elapsed() < idle {
+            return Step::More;
+        }
+        if shard.backpressured() || AcceptGate::is_stalled(shard.accept_gate().load()) {
+            st.progress = Instant::now();
+            return Step::More;
+        }
+        ShardMetrics::inc(&shard.metrics.idle_timeouts_total);
+        debug!(
+            shard = shard.id,
+            conn = self.c.id,
+            partial,
+            unsent,
+            "idle timeout"
+        );
+        if first_time(&LOGGED_IDLE_TIMEOUT) {
+            warn!(
+                shard = shard.id,
+                conn = self.c.id,
+                idle_timeout_ms = shard.cfg.idle_timeout_ms,
+                "a connection holding a partial frame or unsent output made no progress and \
+                 was closed (logged once; iris_edge_idle_timeouts_total counts them)"
+            );
+        }
+        if unsent {
+            // Its output does not move: nothing more can be told.
+            st.close = Close::Now;
+            st.out = Vec::new();
+            st.out_pos = 0;
+            return Step::Close;
+        }
+        drop(st);
+        self.close_with(&error_frame("idle_timeout"))
     }
 
     /// Token bucket of TYPING relays: `typing_relays_per_sec` per second, as many in a burst.
@@ -912,13 +979,19 @@ pub async fn run(shard: Rc<Shard>, mut stream: TcpStream, id: ConnId) {
         )))),
         settle: None,
         backoff: None,
+        idle: None,
     };
     loop {
         let ev =
             std::future::poll_fn(|cx| c.poll_io(cx, &shard, &mut stream, &mut inbuf, &mut timers))
                 .await;
         let step = match ev {
-            Io::Data | Io::Recheck => conn.process(&mut inbuf),
+            Io::Data => {
+                c.st.borrow_mut().progress = Instant::now();
+                conn.process(&mut inbuf)
+            }
+            Io::Recheck => conn.process(&mut inbuf),
+            Io::IdleCheck => conn.idle_check(!inbuf.is_empty()),
             Io::Stalled => Step::More,
             Io::Settled => {
                 conn.login_settled = true;
