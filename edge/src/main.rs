@@ -21,7 +21,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// The Iris edge: a thread-per-core v1 chat server.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version, about, args_override_self = true)]
 struct Cli {
     /// TOML configuration file; flags override its values.
     #[arg(long)]
@@ -137,7 +137,15 @@ fn main() -> anyhow::Result<()> {
     if cli.check {
         let shards = cfg.resolved_shards(iris_edge::server::allowed_cpus().len());
         println!("# configuration is valid; effective values ({shards} shards):");
-        print!("{}", toml::to_string(&cfg).context("cannot print config")?);
+        let mut shown = cfg.clone();
+        if !shown.auth.secret.is_empty() {
+            // Never print the JWT secret (it lands in terminals, CI logs and tickets).
+            shown.auth.secret = format!("<redacted: {} bytes>", cfg.auth.secret.len());
+        }
+        print!(
+            "{}",
+            toml::to_string(&shown).context("cannot print config")?
+        );
         return Ok(());
     }
     let shutdown = Arc::new(AtomicBool::new(false));

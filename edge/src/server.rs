@@ -186,6 +186,15 @@ pub fn run(
             bail!("a shard did not start (see the log above)");
         }
     }
+    if !cfg.auth.enabled && !client_addr.ip().is_loopback() {
+        warn!(
+            client = %client_addr,
+            "AUTH IS OFF ON A NON-LOOPBACK LISTENER: anyone who can reach this port can log in \
+             as any user, read, ack and delete that user's messages and replace its prekeys; \
+             set [auth] enabled = true with a secret (see README, running in production), or \
+             listen on 127.0.0.1"
+        );
+    }
     info!(client = %client_addr, admin = %admin_addr, shards = nshards, "iris-edge serving");
     ready(Bound {
         client: client_addr,
