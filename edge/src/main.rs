@@ -5,7 +5,8 @@
 //!
 //! Prints one line to standard output once serving, for scripts and tests:
 //! `iris-edge listening client=ADDR admin=ADDR shards=N`. Logs go to standard error
-//! (`RUST_LOG` filters them, default `info`).
+//! (`RUST_LOG` filters them, default `info`): plain text, with ANSI colours only when standard
+//! error is a terminal, or one JSON object per line with `--log-format json`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -70,17 +71,39 @@ struct Cli {
     /// Validate the configuration, print it, and exit.
     #[arg(long)]
     check: bool,
+    /// Log format on standard error: `text` (colours only on a terminal) or `json` (one
+    /// object per line).
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+/// How log lines are written to standard error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable text; ANSI colours only when standard error is a terminal.
+    Text,
+    /// One JSON object per line (timestamp, level, target, fields), for log shippers.
+    Json,
+}
+
+/// Installs the log subscriber: `RUST_LOG` filters (default `info`).
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder.json().with_ansi(false).init(),
+    }
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    init_logs(cli.log_format);
     let mut cfg = match &cli.config {
         Some(p) => EdgeConfig::load(p)?,
         None => EdgeConfig::default(),
