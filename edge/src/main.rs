@@ -104,6 +104,7 @@ fn init_logs(format: LogFormat) {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logs(cli.log_format);
+    iris_edge::server::install_fatal_panic_hook();
     let mut cfg = match &cli.config {
         Some(p) => EdgeConfig::load(p)?,
         None => EdgeConfig::default(),

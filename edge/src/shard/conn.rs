@@ -89,9 +89,9 @@ impl DrainState {
     }
 }
 
-/// Drained ids a connection remembers to drop live copies of them (64 KiB per draining
+/// Drained ids a connection remembers to drop live copies of them (512 KiB per draining
 /// connection at most): live copies that trail their drained twins are of the newest messages.
-const DRAIN_SENT_MAX: usize = 8192;
+const DRAIN_SENT_MAX: usize = 65_536;
 
 /// How often a connection looks at a stalled accept gate again.
 const STALL_RECHECK: Duration = Duration::from_millis(10);

@@ -972,8 +972,14 @@ impl Shard {
                             break;
                         }
                         Err(TrySendError::Disconnected(_)) => {
-                            warn!(shard = self.id, "core is gone; dropping backlog");
-                            backlog.clear();
+                            // The core thread is dead: what the backlog holds can never be
+                            // stored. Fatal, like any dead thread (see server.rs).
+                            tracing::error!(
+                                shard = self.id,
+                                backlog = backlog.len(),
+                                "the core is gone: the edge stops"
+                            );
+                            std::process::exit(crate::server::DEAD_THREAD_EXIT);
                         }
                     }
                 }
@@ -1082,6 +1088,23 @@ pub struct ShardStart {
     pub ready: std::sync::mpsc::Sender<usize>,
     /// Bytes on the rings of the whole edge, one counter shared by every shard.
     pub ring_bytes: Arc<AtomicU64>,
+    /// Told this shard's id when it returns (the main thread's watchdog, see `server.rs`).
+    pub exited: std::sync::mpsc::Sender<usize>,
+}
+
+/// Tells the watchdog that the shard returned, however it returns.
+struct ExitNotice(std::sync::mpsc::Sender<usize>, usize);
+
+impl Drop for ExitNotice {
+    fn drop(&mut self) {
+        let _ = self.0.send(self.1);
+    }
+}
+
+/// Testing aid: `IRIS_EDGE_FAULT_PANIC_SHARD=N` makes shard `N` panic one second after it starts
+/// serving, to show that a dead shard stops the process (tests/tests/dead_thread.rs).
+fn fault_panic_requested(id: usize) -> bool {
+    std::env::var("IRIS_EDGE_FAULT_PANIC_SHARD").is_ok_and(|v| v.trim() == id.to_string())
 }
 
 /// Runs one shard until shutdown; called inside its glommio executor.
@@ -1098,7 +1121,9 @@ pub async fn run(start: ShardStart) {
         shutdown,
         ready,
         ring_bytes,
+        exited,
     } = start;
+    let _notice = ExitNotice(exited, id);
     let shard = Rc::new(Shard::new(
         id, nshards, cfg, metrics, core, id_floor, ring_bytes,
     ));
@@ -1142,6 +1167,13 @@ pub async fn run(start: ShardStart) {
     info!(shard = id, "shard started");
     let _ = ready.send(id);
     drop(ready);
+    if fault_panic_requested(id) {
+        glommio::spawn_local(async move {
+            glommio::timer::sleep(Duration::from_secs(1)).await;
+            panic!("IRIS_EDGE_FAULT_PANIC_SHARD: shard {id} panics on request");
+        })
+        .detach();
+    }
 
     while !shutdown.load(Ordering::Relaxed) {
         glommio::timer::sleep(Duration::from_millis(20)).await;
