@@ -67,8 +67,10 @@ pub struct EdgeConfig {
     pub unknown_opcode_limit: u32,
     /// The window of `unknown_opcode_limit` (1000).
     pub unknown_opcode_window_ms: u64,
-    /// TYPING frames relayed per connection and second (also the burst); more are dropped (10).
+    /// TYPING frames relayed per connection and second, on average; more are dropped (10).
     pub typing_relays_per_sec: u32,
+    /// TYPING frames a connection may send at once before `typing_relays_per_sec` applies (32).
+    pub typing_relay_burst: u32,
     /// Requests with a reply (prekey fetches) a shard may have outstanding at the core; at the
     /// bound its connections stop reading (1024).
     pub max_pending_replies: usize,
@@ -259,6 +261,7 @@ impl Default for EdgeConfig {
             unknown_opcode_limit: 16,
             unknown_opcode_window_ms: 1_000,
             typing_relays_per_sec: 10,
+            typing_relay_burst: 32,
             max_pending_replies: 1024,
             presence_last_seen_max: 1_000_000,
             auth: AuthConfig::default(),
@@ -318,8 +321,14 @@ impl EdgeConfig {
         if self.unknown_opcode_limit == 0 || self.unknown_opcode_window_ms == 0 {
             return bad("unknown_opcode_limit and unknown_opcode_window_ms must be > 0".to_owned());
         }
-        if self.typing_relays_per_sec == 0 || self.max_pending_replies == 0 {
-            return bad("typing_relays_per_sec and max_pending_replies must be > 0".to_owned());
+        if self.typing_relays_per_sec == 0
+            || self.typing_relay_burst == 0
+            || self.max_pending_replies == 0
+        {
+            return bad(
+                "typing_relays_per_sec, typing_relay_burst and max_pending_replies must be > 0"
+                    .to_owned(),
+            );
         }
         if self.max_output_bytes < 128 << 10 {
             return bad("max_output_bytes must be at least 131072".to_owned());

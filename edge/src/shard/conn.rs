@@ -685,14 +685,16 @@ impl Conn {
         self.close_with(&error_frame("idle_timeout"))
     }
 
-    /// Token bucket of TYPING relays: `typing_relays_per_sec` per second, as many in a burst.
+    /// Token bucket of TYPING relays: `typing_relays_per_sec` per second, `typing_relay_burst`
+    /// at once.
     /// A dropped frame is counted (a flood of 4-byte frames would otherwise be relayed as
     /// frames up to 65 times larger, and make its recipient a slow consumer).
     fn typing_allowed(&mut self) -> bool {
         let rate = f64::from(self.shard.cfg.typing_relays_per_sec);
+        let burst = f64::from(self.shard.cfg.typing_relay_burst);
         let now = Instant::now();
-        let (tokens, at) = self.typing.get_or_insert((rate, now));
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(rate);
+        let (tokens, at) = self.typing.get_or_insert((burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(burst);
         *at = now;
         if *tokens >= 1.0 {
             *tokens -= 1.0;
