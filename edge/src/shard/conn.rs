@@ -799,7 +799,7 @@ impl Conn {
             payload: payload.to_vec(),
         }));
         ShardMetrics::inc(&shard.metrics.messages_accepted_total);
-        shard.route(
+        shard.route_after_store(
             target,
             Delivery {
                 id: Some(id),

@@ -420,6 +420,18 @@ fn reliable_payload(frame: &[u8]) -> Option<&[u8]> {
     frame.get(at + 4..at + 4 + mlen)
 }
 
+/// What waits in a shard's backlog for room in the core's queue, in order.
+#[derive(Debug)]
+enum Backlogged {
+    /// A request for the core.
+    Req(CoreRequest),
+    /// The live copy of a message whose `Store` is ahead of it in the backlog: routed only
+    /// once that `Store` is in the core's queue. A login's drain is served after the core took
+    /// in every request already queued, so a live copy that reached the recipient's owner
+    /// before its session was registered always has its stored twin in that drain.
+    Route(Vec<u8>, Delivery),
+}
+
 /// A batch of ring messages: one ring slot carries many messages.
 pub type Batch = Vec<ShardMsg>;
 
@@ -487,7 +499,7 @@ pub struct Shard {
     ring_bytes: Arc<AtomicU64>,
     outbox_notify: Vec<LocalNotify>,
     core: ShardLink,
-    core_backlog: RefCell<VecDeque<CoreRequest>>,
+    core_backlog: RefCell<VecDeque<Backlogged>>,
     core_notify: LocalNotify,
     /// When each request with a reply (prekey fetch) was handed to the core, oldest first;
     /// bounded by `max_pending_replies` ([`Shard::replies_full`]).
@@ -577,11 +589,11 @@ impl Shard {
             match self.core.to_core.try_send(req) {
                 Ok(()) => return,
                 Err(TrySendError::Full(r)) | Err(TrySendError::Disconnected(r)) => {
-                    backlog.push_back(r)
+                    backlog.push_back(Backlogged::Req(r))
                 }
             }
         } else {
-            backlog.push_back(req);
+            backlog.push_back(Backlogged::Req(req));
         }
         ShardMetrics::set(&self.metrics.core_backlog, backlog.len() as u64);
         self.core_notify.notify();
@@ -654,6 +666,19 @@ impl Shard {
             || (self.cluster && (self.core.to_core.is_full() || self.core_backlog_len() > 0))
             || self.outbox.iter().any(|o| o.borrow().len() >= OUTBOX_HIGH)
             || self.replies_full()
+    }
+
+    /// Routes the live copy of a message just handed to the core ([`Shard::push_core`]): at
+    /// once, unless its `Store` waits in the backlog; then right after it (see [`Backlogged`]).
+    pub fn route_after_store(self: &Rc<Self>, to: &[u8], d: Delivery) {
+        {
+            let mut backlog = self.core_backlog.borrow_mut();
+            if !backlog.is_empty() {
+                backlog.push_back(Backlogged::Route(to.to_vec(), d));
+                return;
+            }
+        }
+        self.route(to, d);
     }
 
     /// Routes a delivery to every session of `to`, wherever it is.
@@ -962,13 +987,22 @@ impl Shard {
         let mut bytes_at_collect = u64::MAX;
         loop {
             let mut busy = false;
+            let mut routes = Vec::new();
             {
                 let mut backlog = self.core_backlog.borrow_mut();
-                while let Some(req) = backlog.pop_front() {
+                while let Some(item) = backlog.pop_front() {
+                    let req = match item {
+                        Backlogged::Req(req) => req,
+                        Backlogged::Route(to, d) => {
+                            // Its Store is in the core's queue now.
+                            routes.push((to, d));
+                            continue;
+                        }
+                    };
                     match self.core.to_core.try_send(req) {
                         Ok(()) => busy = true,
                         Err(TrySendError::Full(r)) => {
-                            backlog.push_front(r);
+                            backlog.push_front(Backlogged::Req(r));
                             break;
                         }
                         Err(TrySendError::Disconnected(_)) => {
@@ -984,6 +1018,10 @@ impl Shard {
                     }
                 }
                 ShardMetrics::set(&self.metrics.core_backlog, backlog.len() as u64);
+            }
+            for (to, d) in routes {
+                busy = true;
+                self.route(&to, d);
             }
             if self.cluster {
                 let expired = self.gate.borrow_mut().expired(std::time::Instant::now());
