@@ -61,6 +61,8 @@ counters! {
     duplicates_suppressed_total: "counter",
     /// ACKs received.
     acks_total: "counter",
+    /// ACKs not passed to the store: their id's time is in the future (never minted).
+    acks_dropped_total: "counter",
     /// Typing and read-receipt relays delivered.
     relays_delivered_total: "counter",
     /// Malformed frames answered with 0xFE and a close.

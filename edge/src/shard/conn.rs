@@ -839,6 +839,11 @@ impl Conn {
             ClientFrame::Ack { id } => {
                 let me = self.logged_in_user()?;
                 ShardMetrics::inc(&shard.metrics.acks_total);
+                if minted_in_the_future(id.0) {
+                    // No edge has minted it: it was never delivered. Not worth a tombstone.
+                    ShardMetrics::inc(&shard.metrics.acks_dropped_total);
+                    return Ok(());
+                }
                 shard.push_core(CoreRequest::Ack { user: me, id: id.0 });
             }
             ClientFrame::GetStatus { target } => {
@@ -943,6 +948,20 @@ fn error_frame(reason: &str) -> Vec<u8> {
     let mut f = Vec::with_capacity(reason.len() + 3);
     frame::encode_error(&mut f, reason);
     f
+}
+
+/// Ids whose time lies more than this beyond now were never minted (by any edge whose clock is
+/// within this of ours).
+const ACK_FUTURE_SLACK_MICROS: u64 = 60_000_000;
+
+/// True for an id no edge can have minted yet: its time (see `idgen.rs`) is more than
+/// [`ACK_FUTURE_SLACK_MICROS`] ahead of this edge's clock. A random 16-hex-digit id is one
+/// with a probability of about nine in ten.
+fn minted_in_the_future(id: u64) -> bool {
+    let micros = (id >> iris_bus::hops::ID_LOW_BITS)
+        .saturating_mul(iris_bus::hops::ID_TICK_MICROS)
+        .saturating_add(iris_bus::hops::ID_EPOCH_MICROS);
+    micros > crate::idgen::now_micros().saturating_add(ACK_FUTURE_SLACK_MICROS)
 }
 
 /// Drops the written head of an output queue once it is at least as long as the unsent tail
@@ -1052,6 +1071,15 @@ mod tests {
 
     /// A client that always leaves a little unread: the queue holds about twice the unsent
     /// bytes, however much passed through it.
+    #[test]
+    fn acks_of_ids_from_the_future_are_recognised() {
+        let mut g = crate::idgen::IdGen::new(0, 0, 1, 0);
+        assert!(!super::minted_in_the_future(g.next_id()));
+        assert!(!super::minted_in_the_future(0x0000_0000_0000_0001));
+        assert!(super::minted_in_the_future(u64::MAX));
+        assert!(super::minted_in_the_future(0x7fff_ffff_ffff_ffff));
+    }
+
     #[test]
     fn a_partly_written_queue_is_compacted() {
         let mut out = Vec::new();
