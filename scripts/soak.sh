@@ -59,6 +59,8 @@ pid, conns, secs = int(pid), int(conns), int(secs)
 host, port = client.rsplit(":", 1); port = int(port)
 T0 = time.time()
 stop = False
+sending = True       # good clients send until this turns false (10 s before they close)
+lost_examples = []
 sent = {}            # recipient -> set of payloads written on a healthy connection
 received = {}        # good user -> set of payloads it read (and acked) while running
 good_dropped = [0]   # good connections the server closed
@@ -161,6 +163,8 @@ async def good(i):
             while not stop:
                 await asyncio.wait([rt], timeout=random.uniform(2, 8))
                 if rt.done(): rt.result()
+                if not sending:
+                    continue
                 to = partner if (seq % 4 or not slow_names) else random.choice(slow_names)
                 payload = b"%s:%d" % (me, seq); seq += 1
                 w.write(frame_send(to, payload)); await w.drain()
@@ -257,7 +261,11 @@ async def verify(name, sem):
                 if op == 0x10:
                     got.add(payload); w.write(frame_ack(mid))
         w.close()
-        return len(want - got)
+        missing = want - got
+        for m in list(missing)[:3]:
+            if len(lost_examples) < 20:
+                lost_examples.append((name.decode(), m.decode(errors="replace")))
+        return len(missing)
 
 async def main():
     global stop
@@ -274,7 +282,12 @@ async def main():
     for i in range(NPK): tasks.append(asyncio.ensure_future(prekey(i)))
     for i in range(NRAND): tasks.append(asyncio.ensure_future(randbytes(i)))
     for i in range(NHALF): tasks.append(asyncio.ensure_future(halfopen(i)))
+    global sending
     await asyncio.sleep(secs)
+    # Quiesce: good clients stop sending and keep reading and acking for 10 s, so what they
+    # wrote last reached the edge before they close.
+    sending = False
+    await asyncio.sleep(10)
     stop = True
     await asyncio.sleep(10)
     for t in tasks: t.cancel()
@@ -288,6 +301,7 @@ async def main():
                "mix": {"good": NGOOD, "slow": NSLOW, "typing": NTYPE, "prekey": NPK,
                        "random": NRAND, "half_open": NHALF},
                "messages_sent": total, "recipients_checked": len(names), "messages_lost": lost,
+               "lost_examples": lost_examples,
                "good_clients_disconnected": good_dropped[0], "client_errors": errors,
                "edge_alive": alive,
                "rss_mib_max": max(s["rss_mib"] for s in samples),

@@ -144,3 +144,23 @@ fn typing_flood_is_rate_limited_and_never_disconnects_its_victim() {
     );
     bystander.check("after the typing flood");
 }
+
+/// Frames behind a FETCH_PREKEYS that waited for `max_pending_replies` are decoded as soon as
+/// replies come back, without the client writing anything more.
+#[test]
+fn frames_behind_held_prekey_fetches_are_not_stuck() {
+    let s = Server::start(ServerOpts::shards(2).config("max_pending_replies = 1\n"));
+    let mut r = s.login("pk-held-r");
+    let mut a = s.login("pk-held-a");
+    let mut bytes = wire::fetch_prekeys(b"nobody").repeat(50);
+    bytes.extend(wire::send(b"pk-held-r", b"behind the fetches"));
+    a.write(&bytes);
+    for i in 0..50 {
+        match a.recv() {
+            Frame::Prekeys(_) => {}
+            other => panic!("reply {i}: {other:?}"),
+        }
+    }
+    assert_eq!(r.recv_acked(), b"behind the fetches");
+    assert!(s.metric("iris_edge_reply_backpressure_total") >= 1);
+}

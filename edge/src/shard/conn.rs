@@ -126,6 +126,9 @@ struct ConnState {
     registering: bool,
     /// Registration done: the task must decode what it buffered meanwhile.
     resume: bool,
+    /// Decoding stopped at a FETCH_PREKEYS because the shard's replies were full: decode the
+    /// rest as soon as the shard is no longer backpressured, without waiting for new bytes.
+    replies_wait: bool,
     /// The last time a byte was read from or written to the socket (or the shard held the
     /// connection back): `idle_timeout_ms` counts from here.
     progress: Instant,
@@ -153,6 +156,7 @@ impl ConnShared {
                 told_stall: 0,
                 registering: false,
                 resume: false,
+                replies_wait: false,
                 progress: Instant::now(),
             }),
         }
@@ -508,6 +512,9 @@ impl ConnShared {
             }
             return Poll::Pending;
         }
+        if std::mem::take(&mut self.st.borrow_mut().replies_wait) {
+            return Poll::Ready(Io::Recheck);
+        }
         let mut scratch = shard.scratch.borrow_mut();
         match Pin::new(&mut *stream).poll_read(cx, &mut scratch[..]) {
             Poll::Ready(Ok(0)) => Poll::Ready(Io::Eof),
@@ -739,6 +746,7 @@ impl Conn {
             }
             if buf[0] == op::FETCH_PREKEYS && self.shard.replies_full() {
                 // Decoded once replies come back (the connection reads nothing meanwhile).
+                self.c.st.borrow_mut().replies_wait = true;
                 break Step::More;
             }
             match decode(buf, &self.shard.limits) {
