@@ -2,7 +2,8 @@
 //!
 //! With auth on, LOGIN is `user:token`. The token's header must say `alg: HS256`, its signature
 //! must verify with the configured secret, `sub` must equal the user, `iss` the configured
-//! issuer, `exp` must be in the future and `nbf` (if present) in the past, both with leeway.
+//! issuer, `exp` must be in the future and `nbf` (if present) in the past, both with leeway and
+//! both JSON numbers (seconds; an `exp` or `nbf` of any other type refuses the token).
 //! Anything else is refused with `AUTH_FAILED`.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -31,6 +32,9 @@ pub enum AuthError {
     Expired,
     #[error("token not valid yet")]
     NotYetValid,
+    /// `exp` or `nbf` is not a JSON number.
+    #[error("claim {0} is not a number")]
+    BadClaimType(&'static str),
 }
 
 /// Splits a LOGIN body at the first `:` into user and optional token.
@@ -92,21 +96,30 @@ pub fn verify(
     if claims.get("iss").and_then(|v| v.as_str()) != Some(cfg.issuer.as_str()) {
         return Err(AuthError::WrongIssuer);
     }
-    let leeway = cfg.leeway_ms as i128;
-    let now = now_ms as i128;
-    let exp = claims
-        .get("exp")
-        .and_then(|v| v.as_i64())
-        .ok_or(AuthError::Expired)? as i128;
-    if exp * 1000 + leeway <= now {
+    // RFC 7519 NumericDate: a JSON number of seconds (fractions allowed). `exp` is required;
+    // `nbf` is optional, but present with any other type (a string, null, ...) the token is
+    // refused like a malformed one, never silently taken as absent.
+    let leeway = cfg.leeway_ms as f64;
+    let now = now_ms as f64;
+    let exp = match claims.get("exp") {
+        Some(v) => numeric_date(v).ok_or(AuthError::BadClaimType("exp"))?,
+        None => return Err(AuthError::Expired),
+    };
+    if exp * 1000.0 + leeway <= now {
         return Err(AuthError::Expired);
     }
-    if let Some(nbf) = claims.get("nbf").and_then(|v| v.as_i64()) {
-        if (nbf as i128) * 1000 - leeway > now {
+    if let Some(v) = claims.get("nbf") {
+        let nbf = numeric_date(v).ok_or(AuthError::BadClaimType("nbf"))?;
+        if nbf * 1000.0 - leeway > now {
             return Err(AuthError::NotYetValid);
         }
     }
     Ok(())
+}
+
+/// A NumericDate claim: a finite JSON number (integer or not), else `None`.
+fn numeric_date(v: &serde_json::Value) -> Option<f64> {
+    v.as_f64().filter(|f| f.is_finite())
 }
 
 /// Signs claims as an HS256 token (for tests and the load generator).
@@ -192,6 +205,50 @@ mod tests {
         assert_eq!(
             verify(&c, b"a", Some(none_alg.as_bytes()), now),
             Err(AuthError::WrongAlg)
+        );
+    }
+
+    #[test]
+    fn exp_and_nbf_must_be_numbers() {
+        let c = cfg();
+        let now = 1_700_000_000_000u64;
+        let s = c.secret.as_bytes();
+        let v = |claims: serde_json::Value| {
+            let t = sign(s, &claims);
+            verify(&c, b"a", Some(t.as_bytes()), now)
+        };
+        assert_eq!(
+            v(json!({"sub":"a","iss":"iris","exp":"1700009000"})),
+            Err(AuthError::BadClaimType("exp"))
+        );
+        assert_eq!(
+            v(json!({"sub":"a","iss":"iris","exp":null})),
+            Err(AuthError::BadClaimType("exp"))
+        );
+        for nbf in [json!("0"), json!(null), json!(true), json!([1]), json!({})] {
+            assert_eq!(
+                v(json!({"sub":"a","iss":"iris","exp":1_700_009_000,"nbf":nbf})),
+                Err(AuthError::BadClaimType("nbf")),
+                "nbf {nbf}"
+            );
+        }
+        // Fractional seconds are NumericDates too.
+        assert_eq!(
+            v(json!({"sub":"a","iss":"iris","exp":1_700_009_000.5,"nbf":1_600_000_000.25})),
+            Ok(())
+        );
+        assert_eq!(
+            v(json!({"sub":"a","iss":"iris","exp":1_699_900_000.5})),
+            Err(AuthError::Expired)
+        );
+        assert_eq!(
+            v(json!({"sub":"a","iss":"iris","exp":1_700_009_000,"nbf":1_700_005_000.0})),
+            Err(AuthError::NotYetValid)
+        );
+        assert_eq!(
+            v(json!({"sub":"a","iss":"iris"})),
+            Err(AuthError::Expired),
+            "exp is required"
         );
     }
 

@@ -59,6 +59,24 @@ pub struct EdgeConfig {
     pub drain_timeout_ms: u64,
     /// A connection that has not logged in after this long is closed (10000).
     pub login_timeout_ms: u64,
+    /// A logged-in connection holding a partial frame or unsent output that makes no progress
+    /// (no byte read or written) for this long is closed (30000).
+    pub idle_timeout_ms: u64,
+    /// Unknown opcodes a connection may send within `unknown_opcode_window_ms` (each answered
+    /// with `0xFE unknown_opcode`, the rest of that read discarded); one more closes it (16).
+    pub unknown_opcode_limit: u32,
+    /// The window of `unknown_opcode_limit` (1000).
+    pub unknown_opcode_window_ms: u64,
+    /// TYPING frames relayed per connection and second, on average; more are dropped (10).
+    pub typing_relays_per_sec: u32,
+    /// TYPING frames a connection may send at once before `typing_relays_per_sec` applies (32).
+    pub typing_relay_burst: u32,
+    /// Requests with a reply (prekey fetches) a shard may have outstanding at the core; at the
+    /// bound its connections stop reading (1024).
+    pub max_pending_replies: usize,
+    /// Offline users whose last-seen time the edge remembers, over all shards; the oldest are
+    /// forgotten first and then read as never seen (1000000).
+    pub presence_last_seen_max: usize,
     /// Optional JWT authentication of LOGIN `user:token`.
     pub auth: AuthConfig,
     /// Where messages go beyond this box: the embedded core (default) or a regional cluster.
@@ -239,6 +257,13 @@ impl Default for EdgeConfig {
             core_queue_capacity: 65_536,
             drain_timeout_ms: 2_000,
             login_timeout_ms: 10_000,
+            idle_timeout_ms: 30_000,
+            unknown_opcode_limit: 16,
+            unknown_opcode_window_ms: 1_000,
+            typing_relays_per_sec: 10,
+            typing_relay_burst: 32,
+            max_pending_replies: 1024,
+            presence_last_seen_max: 1_000_000,
             auth: AuthConfig::default(),
             cluster: ClusterConfig::default(),
         }
@@ -282,11 +307,28 @@ impl EdgeConfig {
                 crate::idgen::MAX_SHARDS
             ));
         }
-        if self.max_input_bytes < (1 << 20) + 16 {
+        let largest = crate::protocol::decode::largest_frame(&crate::protocol::Limits::default());
+        if self.max_input_bytes < largest {
             return bad(format!(
-                "max_input_bytes = {} is below the largest v1 frame (1 MiB batch + header)",
+                "max_input_bytes = {} is below the largest legal v1 frame ({largest} bytes: a 1 MiB \
+                 batch to a 256-byte target)",
                 self.max_input_bytes
             ));
+        }
+        if self.idle_timeout_ms < 100 || self.login_timeout_ms == 0 {
+            return bad("idle_timeout_ms must be at least 100 and login_timeout_ms > 0".to_owned());
+        }
+        if self.unknown_opcode_limit == 0 || self.unknown_opcode_window_ms == 0 {
+            return bad("unknown_opcode_limit and unknown_opcode_window_ms must be > 0".to_owned());
+        }
+        if self.typing_relays_per_sec == 0
+            || self.typing_relay_burst == 0
+            || self.max_pending_replies == 0
+        {
+            return bad(
+                "typing_relays_per_sec, typing_relay_burst and max_pending_replies must be > 0"
+                    .to_owned(),
+            );
         }
         if self.max_output_bytes < 128 << 10 {
             return bad("max_output_bytes must be at least 131072".to_owned());

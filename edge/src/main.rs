@@ -5,7 +5,8 @@
 //!
 //! Prints one line to standard output once serving, for scripts and tests:
 //! `iris-edge listening client=ADDR admin=ADDR shards=N`. Logs go to standard error
-//! (`RUST_LOG` filters them, default `info`).
+//! (`RUST_LOG` filters them, default `info`): plain text, with ANSI colours only when standard
+//! error is a terminal, or one JSON object per line with `--log-format json`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -21,7 +22,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// The Iris edge: a thread-per-core v1 chat server.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version, about, args_override_self = true)]
 struct Cli {
     /// TOML configuration file; flags override its values.
     #[arg(long)]
@@ -70,17 +71,40 @@ struct Cli {
     /// Validate the configuration, print it, and exit.
     #[arg(long)]
     check: bool,
+    /// Log format on standard error: `text` (colours only on a terminal) or `json` (one
+    /// object per line).
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+/// How log lines are written to standard error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable text; ANSI colours only when standard error is a terminal.
+    Text,
+    /// One JSON object per line (timestamp, level, target, fields), for log shippers.
+    Json,
+}
+
+/// Installs the log subscriber: `RUST_LOG` filters (default `info`).
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder.json().with_ansi(false).init(),
+    }
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    init_logs(cli.log_format);
+    iris_edge::server::install_fatal_panic_hook();
     let mut cfg = match &cli.config {
         Some(p) => EdgeConfig::load(p)?,
         None => EdgeConfig::default(),
@@ -137,7 +161,15 @@ fn main() -> anyhow::Result<()> {
     if cli.check {
         let shards = cfg.resolved_shards(iris_edge::server::allowed_cpus().len());
         println!("# configuration is valid; effective values ({shards} shards):");
-        print!("{}", toml::to_string(&cfg).context("cannot print config")?);
+        let mut shown = cfg.clone();
+        if !shown.auth.secret.is_empty() {
+            // Never print the JWT secret (it lands in terminals, CI logs and tickets).
+            shown.auth.secret = format!("<redacted: {} bytes>", cfg.auth.secret.len());
+        }
+        print!(
+            "{}",
+            toml::to_string(&shown).context("cannot print config")?
+        );
         return Ok(());
     }
     let shutdown = Arc::new(AtomicBool::new(false));

@@ -61,6 +61,8 @@ counters! {
     duplicates_suppressed_total: "counter",
     /// ACKs received.
     acks_total: "counter",
+    /// ACKs not passed to the store: their id's time is in the future (never minted).
+    acks_dropped_total: "counter",
     /// Typing and read-receipt relays delivered.
     relays_delivered_total: "counter",
     /// Malformed frames answered with 0xFE and a close.
@@ -86,6 +88,28 @@ counters! {
     bus_duplicates_suppressed_total: "counter",
     /// Cluster: connections told 0xFF RATE_LIMITED because the bus stalled (once per stall).
     rate_limited_total: "counter",
+    /// Unknown opcodes answered with 0xFE unknown_opcode (the connection stays open).
+    unknown_opcodes_total: "counter",
+    /// Connections closed for more than unknown_opcode_limit errors in unknown_opcode_window_ms.
+    error_limit_disconnects_total: "counter",
+    /// TYPING frames not relayed: over typing_relays_per_sec for their connection.
+    typing_dropped_total: "counter",
+    /// Logged-in connections closed after idle_timeout_ms with a partial frame or unsent output.
+    idle_timeouts_total: "counter",
+    /// Requests with a reply (prekey fetches) waiting at the core.
+    pending_replies: "gauge",
+    /// Times a shard's connections stopped reading because max_pending_replies was reached.
+    reply_backpressure_total: "counter",
+    /// Users with at least one session whose presence this shard owns.
+    presence_users: "gauge",
+    /// Offline users whose last-seen time this shard remembers (presence_last_seen_max).
+    presence_last_seen_users: "gauge",
+}
+
+/// True the first time it is called for `flag`: a limit hit is logged once per process, then
+/// only counted.
+pub fn first_time(flag: &std::sync::atomic::AtomicBool) -> bool {
+    !flag.swap(true, Ordering::Relaxed)
 }
 
 impl ShardMetrics {

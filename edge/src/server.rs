@@ -31,6 +31,29 @@ use crate::config::{BusKind, EdgeConfig};
 use crate::metrics::ShardMetrics;
 use crate::shard::{self, ShardStart};
 
+/// Exit status of a process that lost a thread (a shard, the core, the admin endpoint): the
+/// edge never runs on with part of itself dead.
+pub const DEAD_THREAD_EXIT: i32 = 70;
+
+/// Makes any panic, in any thread, fatal for the process: logs it (thread, location, message)
+/// and exits with [`DEAD_THREAD_EXIT`]. A shard or the core thread that unwound would otherwise
+/// leave the edge half alive (its connections gone, the other shards stopping once their rings
+/// to it fill) while `/health` still answered 200. Nothing accepted is lost: the process ends
+/// as after a kill -9, which the store (or, in a cluster, the outbox) is built to survive.
+pub fn install_fatal_panic_hook() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        let thread = std::thread::current();
+        tracing::error!(
+            thread = thread.name().unwrap_or("unnamed"),
+            panic = %info,
+            "a thread panicked: the edge stops (a dead thread is fatal)"
+        );
+        std::process::exit(DEAD_THREAD_EXIT);
+    }));
+}
+
 /// The addresses the edge actually bound.
 #[derive(Debug, Clone, Copy)]
 pub struct Bound {
@@ -149,6 +172,22 @@ pub fn run(
             }
         }
     };
+    // A shard that stopped before shutdown (it cannot panic: see install_fatal_panic_hook):
+    // `/health` says so while the others drain and the process exits non-zero.
+    let dead = Arc::new(AtomicBool::new(false));
+    let extra = {
+        let (dead, unhealthy) = (dead.clone(), extra.unhealthy.clone());
+        admin::Extras {
+            unhealthy: Arc::new(move || {
+                if dead.load(Ordering::Relaxed) {
+                    Some("shard_stopped")
+                } else {
+                    unhealthy()
+                }
+            }),
+            ..extra
+        }
+    };
     let admin_addr = admin::start(cfg.admin, metrics.clone(), extra, shutdown.clone())
         .with_context(|| format!("cannot bind admin endpoint {}", cfg.admin))?;
 
@@ -156,6 +195,8 @@ pub fn run(
     let mesh = (nshards > 1).then(|| MeshBuilder::full(nshards, cfg.ring_capacity));
     let mut handles = Vec::with_capacity(nshards);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (exit_tx, exit_rx) = std::sync::mpsc::channel();
+    let ring_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
     for (i, (sock, link)) in sockets.into_iter().zip(links).enumerate() {
         let start = ShardStart {
             id: i,
@@ -168,6 +209,8 @@ pub fn run(
             mesh: mesh.clone(),
             shutdown: shutdown.clone(),
             ready: ready_tx.clone(),
+            ring_bytes: ring_bytes.clone(),
+            exited: exit_tx.clone(),
         };
         let cpu = cpus[i % cpus.len()];
         let h = LocalExecutorBuilder::new(Placement::Fixed(cpu))
@@ -190,6 +233,15 @@ pub fn run(
             bail!("a shard did not start (see the log above)");
         }
     }
+    if !cfg.auth.enabled && !client_addr.ip().is_loopback() {
+        warn!(
+            client = %client_addr,
+            "AUTH IS OFF ON A NON-LOOPBACK LISTENER: anyone who can reach this port can log in \
+             as any user, read, ack and delete that user's messages and replace its prekeys; \
+             set [auth] enabled = true with a secret (see README, running in production), or \
+             listen on 127.0.0.1"
+        );
+    }
     info!(client = %client_addr, admin = %admin_addr, shards = nshards, "iris-edge serving");
     ready(Bound {
         client: client_addr,
@@ -197,7 +249,28 @@ pub fn run(
         shards: nshards,
     });
 
+    drop(exit_tx);
+    // Watch the shards: each says when it returns; one that returns before shutdown is dead.
     let mut failed = false;
+    let mut running = nshards;
+    while running > 0 {
+        match exit_rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(i) => {
+                running -= 1;
+                if !shutdown.load(Ordering::Relaxed) {
+                    tracing::error!(
+                        shard = i,
+                        "a shard stopped while serving: the edge drains and exits non-zero"
+                    );
+                    dead.store(true, Ordering::Relaxed);
+                    failed = true;
+                    shutdown.store(true, Ordering::Relaxed);
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
     for h in handles {
         if let Err(e) = h.join() {
             warn!(error = %e, "shard ended with an error");

@@ -70,9 +70,20 @@ fn metrics_reflect_activity() {
     expect("iris_edge_messages_accepted_total", accepted0 + 5);
 
     let mut bad = s.login("m-bad");
-    bad.write(&[0x99]);
-    bad.expect_error_and_close("unknown_opcode");
+    bad.write(&wire::send(b"", b"x"));
+    bad.expect_error_and_close("bad_target");
     expect("iris_edge_protocol_errors_total", errors0 + 1);
+    // An unknown opcode is answered and counted apart; the connection stays.
+    let unknown0 = s.metric("iris_edge_unknown_opcodes_total");
+    let mut odd = s.login("m-odd");
+    odd.write(&[0x99]);
+    assert_eq!(
+        odd.recv(),
+        iris_tests::Frame::Error("unknown_opcode".into())
+    );
+    odd.sync();
+    expect("iris_edge_unknown_opcodes_total", unknown0 + 1);
+    drop(odd);
 
     drop(a);
     drop(b);
@@ -150,4 +161,36 @@ fn listening_line_means_every_shard_serves() {
             t0.elapsed()
         );
     }
+}
+
+/// `max_input_bytes` may not be below the largest legal frame: a BATCH_SEND of 1 MiB to a
+/// 256-byte target is 1 + 2 + 256 + 4 + 1,048,576 = 1,048,839 bytes (the old bound was
+/// 1,048,592). At exactly that value such a batch is accepted and delivered.
+#[test]
+fn max_input_bytes_holds_the_largest_legal_frame() {
+    let out = run_check("max_input_bytes = 1048600\n");
+    assert!(
+        !out.status.success(),
+        "--check accepted max_input_bytes = 1048600"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("max_input_bytes") && err.contains("1048839"),
+        "{err}"
+    );
+    assert!(run_check("max_input_bytes = 1048839\n").status.success());
+
+    let s = Server::start(ServerOpts::shards(2).config("max_input_bytes = 1048839\n"));
+    let target = "t".repeat(256);
+    let mut r = s.login(&target);
+    let mut a = s.login("big-batch-sender");
+    let entry = vec![b'b'; 65534];
+    let entries: Vec<&[u8]> = (0..16).map(|_| entry.as_slice()).collect();
+    let frame = wire::batch_send(target.as_bytes(), &entries);
+    assert_eq!(frame.len(), 1_048_839);
+    a.write(&frame);
+    for i in 0..16 {
+        assert_eq!(r.recv_acked().len(), 65534, "entry {i}");
+    }
+    a.sync();
 }

@@ -177,3 +177,81 @@ fn check_rejects_short_secret() {
         "message does not name the secret: {err}"
     );
 }
+
+#[test]
+fn exp_and_nbf_of_the_wrong_json_type_are_refused() {
+    let s = server();
+    let now = unix_secs();
+    for (why, claims) in [
+        (
+            "exp as a string",
+            json!({"sub": "ty", "iss": "iris", "exp": (now + 3600).to_string()}),
+        ),
+        ("exp null", json!({"sub": "ty", "iss": "iris", "exp": null})),
+        (
+            "nbf as a string (was ignored)",
+            json!({"sub": "ty", "iss": "iris", "exp": now + 3600, "nbf": "0"}),
+        ),
+        (
+            "nbf as a bool",
+            json!({"sub": "ty", "iss": "iris", "exp": now + 3600, "nbf": false}),
+        ),
+        (
+            "nbf as an object",
+            json!({"sub": "ty", "iss": "iris", "exp": now + 3600, "nbf": {}}),
+        ),
+    ] {
+        refused(&s, &format!("ty:{}", token(claims)), why);
+    }
+    // NumericDate may have a fraction: accepted for both claims (was refused for exp and
+    // ignored for nbf).
+    let t = token(json!({
+        "sub": "ty", "iss": "iris", "exp": now as f64 + 3600.5, "nbf": now as f64 - 60.25
+    }));
+    login_ok(&s, "ty", &t);
+}
+
+#[test]
+fn check_never_prints_the_secret() {
+    let out = iris_tests::run_check(&format!("[auth]\nenabled = true\nsecret = \"{SECRET}\"\n"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !text.contains(SECRET),
+        "--check printed the JWT secret:\n{text}"
+    );
+    assert!(
+        text.contains(&format!("secret = \"<redacted: {} bytes>\"", SECRET.len())),
+        "{text}"
+    );
+}
+
+/// With auth off, a listener that is not loopback is announced loudly at startup; loopback,
+/// or auth on, is not.
+#[test]
+fn auth_off_on_a_public_listener_warns_at_startup() {
+    const WARNING: &str = "AUTH IS OFF ON A NON-LOOPBACK LISTENER";
+    let public = ServerOpts {
+        args: vec!["--listen".into(), "0.0.0.0:0".into()],
+        ..ServerOpts::shards(1)
+    };
+    let s = Server::start(public.clone());
+    let mut c = s.login("public-user");
+    c.sync();
+    assert!(s.log().contains(WARNING), "no warning:\n{}", s.log());
+    let local = Server::start(ServerOpts::shards(1));
+    assert!(!local.log().contains(WARNING), "{}", local.log());
+    let secured = Server::start(ServerOpts {
+        config: Some(format!("[auth]\nenabled = true\nsecret = \"{SECRET}\"\n")),
+        ..public
+    });
+    assert!(!secured.log().contains(WARNING), "{}", secured.log());
+}

@@ -1,10 +1,14 @@
 //! Bad input: every malformed or oversized frame of every opcode gets `0xFE | u16 len | reason`
 //! and a close, while a bystander pair on the same server keeps exchanging messages (checked
-//! after each bad client). Unknown opcodes, and a valid frame before a bad one in one write.
+//! after each bad client). Unknown opcodes get `0xFE unknown_opcode`, the rest of that read is
+//! discarded and the connection stays usable, until more than `unknown_opcode_limit` arrive in
+//! `unknown_opcode_window_ms`. A valid frame before a bad one in one write is kept.
 
 use std::time::{Duration, Instant};
 
-use iris_tests::{cbor, wire, write_in_background, Bystander, Bytes, Client, ReadEnd, Server};
+use iris_tests::{
+    cbor, wire, write_in_background, Bystander, Bytes, Client, Frame, ReadEnd, Server,
+};
 
 /// One bad-input case: log in first (or not), write `bytes`, expect `reason` then a close.
 struct Case {
@@ -77,26 +81,94 @@ fn long(n: usize) -> Vec<u8> {
     vec![b'u'; n]
 }
 
+/// Every byte that is not a client opcode, as the first byte of a frame.
+const UNKNOWN_OPS: [u8; 13] = [
+    0x00, 0x06, 0x08, 0x0F, 0x11, 0x22, 0x24, 0x40, 0x72, 0x75, 0x99, 0xFE, 0xFF,
+];
+
 #[test]
-fn unknown_opcodes_are_refused() {
-    let mut cases = Vec::new();
-    for op in [
-        0x00u8, 0x06, 0x08, 0x0F, 0x11, 0x22, 0x24, 0x40, 0x72, 0x75, 0x99, 0xFE, 0xFF,
-    ] {
-        cases.push(case(
-            "unknown opcode",
-            vec![op, 0, 1, b'x', 0, 0],
-            "unknown_opcode",
-        ));
+fn unknown_opcodes_are_answered_and_the_connection_stays_usable() {
+    // PROTOCOL.md: 0xFE "unknown_opcode", the rest of that read discarded, the connection kept.
+    // The v1 suite (compatibility/test_protocol_versions.py) sends four unknown opcodes 0.1 s
+    // apart on one connection and then uses it.
+    let s = Server::with_shards(2);
+    let mut bystander = Bystander::new(&s);
+    let mut b = s.login("uo-b");
+    let mut a = s.login("uo-a");
+    for op in [0x00u8, 0x99, 0x40, 0xFF] {
+        a.write(&[op, 0, 1, b'x', 0, 0]);
+        assert_eq!(
+            a.recv(),
+            Frame::Error("unknown_opcode".into()),
+            "op {op:#04x}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
-    // Also as the very first frame, before any login.
-    cases.push(Case {
-        name: "unknown opcode before login",
-        login: false,
-        bytes: vec![0x99, 1, 2, 3],
-        reason: "unknown_opcode",
-    });
-    run_all(cases);
+    a.send("uo-b", b"still usable");
+    assert_eq!(b.recv_acked(), b"still usable");
+    bystander.check("four unknown opcodes 0.1 s apart");
+
+    // Every unknown opcode, one connection each, before and after login.
+    for (i, op) in UNKNOWN_OPS.into_iter().enumerate() {
+        let mut c = s.connect();
+        c.write(&[op, 1, 2, 3]);
+        assert_eq!(
+            c.recv(),
+            Frame::Error("unknown_opcode".into()),
+            "op {op:#04x} before login"
+        );
+        let name = format!("uo-{i}");
+        c.login(&name);
+        c.write(&[op, 0, 1, b'x', 0, 0]);
+        assert_eq!(
+            c.recv(),
+            Frame::Error("unknown_opcode".into()),
+            "op {op:#04x}"
+        );
+        c.send("uo-b", name.as_bytes());
+        assert_eq!(b.recv_acked(), name.as_bytes(), "after op {op:#04x}");
+    }
+    bystander.check("every unknown opcode");
+    assert!(s.metric("iris_edge_unknown_opcodes_total") >= 4 + 2 * UNKNOWN_OPS.len() as u64);
+    assert_eq!(s.metric("iris_edge_error_limit_disconnects_total"), 0);
+}
+
+#[test]
+fn the_rest_of_a_read_after_an_unknown_opcode_is_discarded() {
+    let s = Server::with_shards(2);
+    let mut b = s.login("ud-b");
+    let mut a = s.login("ud-a");
+    let mut bytes = wire::send(b"ud-b", b"before");
+    bytes.push(0x99);
+    bytes.extend(wire::send(b"ud-b", b"discarded with the rest of the read"));
+    a.write(&bytes);
+    assert_eq!(b.recv_acked(), b"before");
+    assert_eq!(a.recv(), Frame::Error("unknown_opcode".into()));
+    b.expect_silence(Duration::from_millis(300));
+    a.send("ud-b", b"after");
+    assert_eq!(b.recv_acked(), b"after");
+}
+
+#[test]
+fn repeated_unknown_opcodes_close_the_connection() {
+    let s = Server::start(
+        iris_tests::ServerOpts::shards(2)
+            .config("unknown_opcode_limit = 3\nunknown_opcode_window_ms = 5000\n"),
+    );
+    let mut bystander = Bystander::new(&s);
+    let mut a = s.login("ur-a");
+    for _ in 0..3 {
+        a.write(&[0x99, 0, 0]);
+        assert_eq!(a.recv(), Frame::Error("unknown_opcode".into()));
+    }
+    a.write(&[0x99, 0, 0]);
+    // Said with 0xFE first, then closed.
+    assert_eq!(
+        a.expect_closed(),
+        vec![Frame::Error("too_many_errors".into())]
+    );
+    assert_eq!(s.metric("iris_edge_error_limit_disconnects_total"), 1);
+    bystander.check("after the error limit");
 }
 
 #[test]
@@ -373,10 +445,10 @@ fn valid_frames_before_a_bad_one_are_not_lost() {
     let mut a = s.login("vb-a");
     let mut bytes = wire::send(b"vb-b", b"first");
     bytes.extend(wire::send(b"vb-b", b"second"));
-    bytes.push(0x99);
-    bytes.extend(wire::send(b"vb-b", b"after the bad byte"));
+    bytes.extend(wire::send(b"", b"bad target"));
+    bytes.extend(wire::send(b"vb-b", b"after the bad frame"));
     a.write(&bytes);
-    a.expect_error_and_close("unknown_opcode");
+    a.expect_error_and_close("bad_target");
     assert_eq!(b.recv_acked(), b"first");
     assert_eq!(b.recv_acked(), b"second");
     b.expect_silence(Duration::from_millis(300));

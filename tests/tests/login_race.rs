@@ -3,7 +3,10 @@
 //! the core full), could be neither delivered live (no session yet) nor drained (its store
 //! request still in the sender's backlog when the core served the drain) until the next login.
 //! With `core_queue_capacity = 1` every busy shard keeps a backlog; a recipient that logs in
-//! while most of a burst to it waits there must still get every message in that one session.
+//! while a burst to it may still wait there must get every message in that one session. (The
+//! loss needs the drain to be served while the burst's stores still wait: on this machine the
+//! backlog usually moves before the login completes, so this guards the behaviour rather than
+//! reproducing the race every run.)
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -28,9 +31,11 @@ fn a_login_while_the_senders_store_requests_wait_in_a_backlog_misses_nothing() {
             a.sync();
         });
         let mut got = BTreeSet::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(90);
         while got.len() < N && Instant::now() < deadline {
-            match r.next_raw(Instant::now() + Duration::from_secs(3)) {
+            // Slow, not lost: with one request at a time in the core's queue, a busy machine
+            // can take seconds to move the backlog.
+            match r.next_raw(Instant::now() + Duration::from_secs(20)) {
                 Ok((Frame::Reliable { id, payload }, _)) => {
                     got.insert(number_of(&payload));
                     r.ack_later(&id);

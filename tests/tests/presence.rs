@@ -141,3 +141,88 @@ fn read_receipt_relayed_to_original_sender() {
     b.write(&wire::read_receipt(&id, b"rr-nobody"));
     b.sync();
 }
+
+/// PROTOCOL.md "Visibility after LOGIN_OK": once both sides have read LOGIN_OK, a typing
+/// indicator, a STATUS query and a read receipt see the other user online and reach it live.
+/// On a 2-shard edge the user's presence owner is often not the shard holding its socket; 30
+/// fresh pairs, zero losses.
+#[test]
+fn login_ok_means_reachable_at_once() {
+    let s = Server::with_shards(2);
+    let mut lost = Vec::new();
+    for i in 0..30 {
+        let (na, nb) = (format!("vis-a{i}"), format!("vis-b{i}"));
+        let mut a = s.login(&na);
+        let mut b = s.login(&nb);
+        // Right after both LOGIN_OKs: A types to B and asks B's status; B sends A a receipt.
+        a.write(&wire::typing(nb.as_bytes(), true));
+        a.write(&wire::get_status(nb.as_bytes()));
+        b.write(&wire::read_receipt(b"00000000000000ab", na.as_bytes()));
+        match b.recv_within(Duration::from_secs(1)) {
+            Some(Frame::Typing { sender, on: 1 }) if sender == na.as_bytes() => {}
+            other => lost.push(format!("pair {i}: typing A->B: got {other:?}")),
+        }
+        let mut status = None;
+        let mut receipt = false;
+        while let Some(f) = a.recv_within(Duration::from_secs(1)) {
+            match f {
+                Frame::Status { online, .. } => status = Some(online),
+                Frame::Receipt { reader, .. } if reader == nb.as_bytes() => receipt = true,
+                other => lost.push(format!("pair {i}: A got {other:?}")),
+            }
+            if status.is_some() && receipt {
+                break;
+            }
+        }
+        if status != Some(1) {
+            lost.push(format!(
+                "pair {i}: STATUS of B right after its LOGIN_OK: {status:?}"
+            ));
+        }
+        if !receipt {
+            lost.push(format!("pair {i}: read receipt B->A lost"));
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "{} losses:\n  {}",
+        lost.len(),
+        lost.join("\n  ")
+    );
+}
+
+/// The presence map keeps no entry for a user without a session, and the last-seen times of
+/// offline users are bounded by `presence_last_seen_max` (the oldest read as never seen).
+#[test]
+fn presence_forgets_users_without_sessions_within_its_bound() {
+    let s =
+        Server::start(iris_tests::ServerOpts::shards(2).config("presence_last_seen_max = 100\n"));
+    let mut q = s.login("pb-watcher");
+    for i in 0..400 {
+        let c = s.login(&format!("pb-{i}"));
+        c.shutdown();
+    }
+    assert!(
+        wait_until(Duration::from_secs(5), || s
+            .metric("iris_edge_presence_users")
+            == 1),
+        "presence entries after 400 logouts: {} (only the watcher is logged in)",
+        s.metric("iris_edge_presence_users")
+    );
+    let seen = s.metric("iris_edge_presence_last_seen_users");
+    assert!(
+        (50..=100).contains(&seen),
+        "last-seen entries {seen}, bound 100"
+    );
+    // The latest logout is remembered, the first is forgotten (never seen).
+    assert!(
+        wait_until(Duration::from_secs(2), || q.status("pb-399").0 == 0),
+        "pb-399 still online"
+    );
+    let (online, last) = q.status("pb-399");
+    assert!(
+        online == 0 && last + 5 >= unix_secs(),
+        "pb-399: {online} {last}"
+    );
+    assert_eq!(q.status("pb-0"), (0, 0));
+}

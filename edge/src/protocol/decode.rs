@@ -90,6 +90,23 @@ pub enum Decoded<'a> {
     Incomplete,
 }
 
+/// The largest legal client frame under `limits`: a BATCH_SEND of `max_batch_bytes` to a
+/// target of `max_target_bytes` (`op | u16 tlen | target | u32 blen | blob`). Every other frame
+/// (LOGIN, CBOR_MSG, E2EE_MSG, GROUP_MSG, ...) is smaller at the default limits;
+/// `max_input_bytes` may not be below this.
+pub fn largest_frame(limits: &Limits) -> usize {
+    let batch = 1 + 2 + limits.max_target_bytes + 4 + limits.max_batch_bytes;
+    let cbor = 1 + 2 + limits.max_target_bytes + 4 + limits.max_cbor_bytes;
+    let e2ee = 1
+        + 2
+        + limits.max_target_bytes
+        + 2
+        + limits.max_e2ee_header_bytes
+        + 4
+        + limits.max_e2ee_ciphertext_bytes;
+    batch.max(cbor).max(e2ee).max(1 + limits.max_login_bytes)
+}
+
 /// Decodes the client frame at the head of `buf` (see the module documentation).
 ///
 /// Never panics, whatever `buf` holds; a consumed count is always between 1 and `buf.len()`.

@@ -7,8 +7,10 @@
 //! many frames per write. The output queue is bounded: a client that lets it grow past
 //! `max_output_bytes` is disconnected, and whatever it had not acked stays stored.
 //!
-//! Login: LOGIN_OK is written at once; the session is registered with the user's presence owner,
-//! which answers `Registered`; only then is the store asked for the user's backlog (in chunks,
+//! Login: the session is registered with the user's presence owner, which answers
+//! `Registered`; only then is LOGIN_OK written (so a status query, typing indicator or receipt
+//! sent by anyone who has seen it finds the user online: PROTOCOL.md "Visibility after
+//! LOGIN_OK"; the connection decodes nothing more meanwhile) and the store asked for the backlog (in chunks,
 //! while the output queue is below `drain_low_water_bytes`). Live messages that arrive during the
 //! drain are held and written after it, skipping any the drain already wrote, so the client sees
 //! its messages in order and a message stored just before login is never missed.
@@ -21,6 +23,7 @@
 //! until reading resumes, so nothing read is ever dropped.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -33,11 +36,12 @@ use glommio::net::TcpStream;
 use glommio::timer::Timer;
 use iris_core::api::{ConnId, CoreRequest, StoredMsg};
 use iris_core::outbox::AcceptGate;
-use tracing::debug;
+use std::sync::atomic::AtomicBool;
+use tracing::{debug, warn};
 
 use super::{owner_of, Delivery, Shard, ShardMsg};
 use crate::auth;
-use crate::metrics::ShardMetrics;
+use crate::metrics::{first_time, ShardMetrics};
 use crate::protocol::decode::frame_len_hint;
 use crate::protocol::frame::{self, op, ClientFrame};
 use crate::protocol::{decode, Decoded, MsgId, ProtoError};
@@ -56,11 +60,15 @@ struct DrainState {
     requested: bool,
     /// The next chunk starts after this id, once the output queue is low.
     next_after: Option<u64>,
-    /// Ids written by the drain so far (ascending).
-    sent: Vec<u64>,
+    /// The last [`DRAIN_SENT_MAX`] ids written by the drain (ascending): a live copy of one of
+    /// them is not written again. A live copy of an older drained message may be (a duplicate,
+    /// never a loss).
+    sent: VecDeque<u64>,
     /// Live messages that arrived during the drain.
     held: Vec<(u64, Vec<u8>)>,
     held_bytes: usize,
+    /// The highest id the drain wrote (0: none yet).
+    cursor: u64,
     /// Held messages overflowed `max_output_bytes` and were dropped (they are stored): the drain
     /// goes on past what would have been its last chunk, so it picks them up in order.
     overflowed: bool,
@@ -72,13 +80,18 @@ impl DrainState {
             user: user.to_vec(),
             requested: false,
             next_after: None,
-            sent: Vec::new(),
+            sent: VecDeque::new(),
             held: Vec::new(),
             held_bytes: 0,
+            cursor: 0,
             overflowed: false,
         })
     }
 }
+
+/// Drained ids a connection remembers to drop live copies of them (512 KiB per draining
+/// connection at most): live copies that trail their drained twins are of the newest messages.
+const DRAIN_SENT_MAX: usize = 65_536;
 
 /// How often a connection looks at a stalled accept gate again.
 const STALL_RECHECK: Duration = Duration::from_millis(10);
@@ -108,6 +121,17 @@ struct ConnState {
     recent: Option<Box<RecentDrain>>,
     /// The accept-gate stall this connection was last told about (RATE_LIMITED).
     told_stall: u64,
+    /// A LOGIN is accepted and its session not yet registered with the user's presence owner:
+    /// LOGIN_OK is held back, and nothing more is read or decoded, until `Registered`.
+    registering: bool,
+    /// Registration done: the task must decode what it buffered meanwhile.
+    resume: bool,
+    /// Decoding stopped at a FETCH_PREKEYS because the shard's replies were full: decode the
+    /// rest as soon as the shard is no longer backpressured, without waiting for new bytes.
+    replies_wait: bool,
+    /// The last time a byte was read from or written to the socket (or the shard held the
+    /// connection back): `idle_timeout_ms` counts from here.
+    progress: Instant,
 }
 
 /// The part of a connection other tasks of the shard can reach: its output queue and session.
@@ -130,6 +154,10 @@ impl ConnShared {
                 drain: None,
                 recent: None,
                 told_stall: 0,
+                registering: false,
+                resume: false,
+                replies_wait: false,
+                progress: Instant::now(),
             }),
         }
     }
@@ -149,6 +177,7 @@ impl ConnShared {
         if st.close == Close::Now {
             return;
         }
+        compact_out(&mut st.out, &mut st.out_pos);
         st.out.extend_from_slice(bytes);
         if Self::pending_out(st) > bound {
             self.disconnect_slow(shard, st);
@@ -226,11 +255,20 @@ impl ConnShared {
         self.append(shard, &mut st, &d.frame);
     }
 
-    /// Presence registered the session: ask the store for the user's backlog.
+    /// Presence registered the session: the user is reachable from every shard now, so
+    /// LOGIN_OK goes out (PROTOCOL.md "Visibility after LOGIN_OK"), then the store is asked for
+    /// the user's backlog.
     pub fn start_drain(&self, shard: &Rc<Shard>, user: &[u8]) {
         let mut st = self.st.borrow_mut();
         if st.user.as_deref() != Some(user) {
             return;
+        }
+        if st.registering {
+            st.registering = false;
+            st.resume = true;
+            let mut ok = Vec::with_capacity(9);
+            frame::encode_login_ok(&mut ok);
+            self.append(shard, &mut st, &ok);
         }
         if let Some(d) = st.drain.as_mut() {
             if !d.requested {
@@ -265,13 +303,17 @@ impl ConnShared {
         let mut frame_buf = Vec::new();
         ShardMetrics::add(&shard.metrics.messages_drained_total, msgs.len() as u64);
         for (id, payload) in msgs {
-            if drain.sent.last().is_some_and(|&l| id <= l) {
+            if drain.cursor >= id {
                 continue; // a repeated chunk (re-login race): never write an id twice
             }
             frame::encode_reliable(&mut frame_buf, MsgId(id), &payload);
-            drain.sent.push(id);
+            drain.cursor = id;
+            if drain.sent.len() == DRAIN_SENT_MAX {
+                drain.sent.pop_front();
+            }
+            drain.sent.push_back(id);
         }
-        let cursor = drain.sent.last().copied().unwrap_or(0);
+        let cursor = drain.cursor;
         if more || drain.overflowed {
             // Live messages were dropped while held: keep draining until a final chunk arrives
             // with nothing dropped, so they come from the store, in order.
@@ -287,7 +329,7 @@ impl ConnShared {
             }
             if !drain.sent.is_empty() {
                 st.recent = Some(Box::new(RecentDrain {
-                    ids: std::mem::take(&mut drain.sent),
+                    ids: Vec::from(std::mem::take(&mut drain.sent)),
                     until: Instant::now() + RECENT_DRAIN_TTL,
                 }));
             }
@@ -354,6 +396,8 @@ enum Io {
     Failed(io::Error),
     Settled,
     LoginTimeout,
+    /// The idle timer fired: see whether the connection made progress.
+    IdleCheck,
     Recheck,
     /// The accept gate is stalled: nothing to process.
     Stalled,
@@ -361,6 +405,7 @@ enum Io {
 
 struct Timers {
     login: Option<Pin<Box<Timer>>>,
+    idle: Option<Pin<Box<Timer>>>,
     settle: Option<Pin<Box<Timer>>>,
     backoff: Option<Pin<Box<Timer>>>,
 }
@@ -399,6 +444,7 @@ impl ConnShared {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Io::Closed),
                     Poll::Ready(Ok(n)) => {
                         st.out_pos += n;
+                        st.progress = Instant::now();
                         ShardMetrics::add(&shard.metrics.bytes_out_total, n as u64);
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Io::Failed(e)),
@@ -419,9 +465,32 @@ impl ConnShared {
             if st.drain.is_some() {
                 self.continue_drain(shard, st);
             }
+            // A logged-in (or closing) connection holding a partial frame or unsent output must
+            // make progress within idle_timeout_ms.
+            let holds = !inbuf.is_empty() || Self::pending_out(st) > 0;
+            if holds && (st.user.is_some() || st.close != Close::Open) {
+                if timers.idle.is_none() {
+                    let idle = Duration::from_millis(shard.cfg.idle_timeout_ms);
+                    let left = idle.saturating_sub(st.progress.elapsed());
+                    timers.idle = Some(Box::pin(Timer::new(left.max(Duration::from_millis(1)))));
+                }
+                if poll_timer(&mut timers.idle, cx) {
+                    return Poll::Ready(Io::IdleCheck);
+                }
+            } else {
+                timers.idle = None;
+            }
             if st.close != Close::Open {
                 // Closing: read nothing more, wait for the flush (or the shutdown deadline).
                 return Poll::Pending;
+            }
+            if st.registering {
+                // LOGIN_OK waits for the presence owner; so does everything sent after LOGIN.
+                return Poll::Pending;
+            }
+            if st.resume {
+                st.resume = false;
+                return Poll::Ready(Io::Recheck);
             }
         }
         if poll_timer(&mut timers.settle, cx) {
@@ -442,6 +511,9 @@ impl ConnShared {
                 return Poll::Ready(Io::Recheck);
             }
             return Poll::Pending;
+        }
+        if std::mem::take(&mut self.st.borrow_mut().replies_wait) {
+            return Poll::Ready(Io::Recheck);
         }
         let mut scratch = shard.scratch.borrow_mut();
         match Pin::new(&mut *stream).poll_read(cx, &mut scratch[..]) {
@@ -521,7 +593,16 @@ struct Conn {
     /// The settle timer of the LOGIN at the head of the buffer has fired.
     login_settled: bool,
     settle_started: bool,
+    /// Unknown opcodes: the start of the current window and how many arrived in it.
+    errors: Option<(Instant, u32)>,
+    /// TYPING token bucket: tokens left and when it was last refilled.
+    typing: Option<(f64, Instant)>,
 }
+
+/// Each limit a client can hit is logged once per process, then only counted.
+static LOGGED_ERROR_LIMIT: AtomicBool = AtomicBool::new(false);
+static LOGGED_TYPING_LIMIT: AtomicBool = AtomicBool::new(false);
+static LOGGED_IDLE_TIMEOUT: AtomicBool = AtomicBool::new(false);
 
 impl Conn {
     fn fail(&self, e: &ProtoError) -> Step {
@@ -535,6 +616,108 @@ impl Conn {
         let mut f = Vec::with_capacity(32);
         e.encode_wire(&mut f);
         self.close_with(&f)
+    }
+
+    /// An unknown opcode: `0xFE unknown_opcode`, the connection stays open unless it sent more
+    /// than `unknown_opcode_limit` of them within `unknown_opcode_window_ms`.
+    fn unknown_opcode(&mut self, op: u8) -> Step {
+        let shard = self.shard.clone();
+        ShardMetrics::inc(&shard.metrics.unknown_opcodes_total);
+        let now = Instant::now();
+        let window = Duration::from_millis(shard.cfg.unknown_opcode_window_ms);
+        match self.errors {
+            Some((start, ref mut n)) if now.duration_since(start) < window => *n += 1,
+            _ => self.errors = Some((now, 1)),
+        }
+        let n = self.errors.map_or(0, |(_, n)| n);
+        debug!(shard = shard.id, conn = self.c.id, op, n, "unknown opcode");
+        if n > shard.cfg.unknown_opcode_limit {
+            ShardMetrics::inc(&shard.metrics.error_limit_disconnects_total);
+            if first_time(&LOGGED_ERROR_LIMIT) {
+                warn!(
+                    shard = shard.id,
+                    conn = self.c.id,
+                    limit = shard.cfg.unknown_opcode_limit,
+                    window_ms = shard.cfg.unknown_opcode_window_ms,
+                    "a client sent too many unknown opcodes and was closed (logged once; \
+                     iris_edge_error_limit_disconnects_total counts them)"
+                );
+            }
+            return self.close_with(&error_frame("too_many_errors"));
+        }
+        self.error_reply(ProtoError::UnknownOpcode(op).reason());
+        Step::More
+    }
+
+    /// The idle timer fired. Closes a connection that still holds a partial frame (`partial`)
+    /// or unsent output and has read and written nothing for `idle_timeout_ms`, unless the
+    /// shard itself held it back (backpressure, bus stall), which counts as progress.
+    fn idle_check(&self, partial: bool) -> Step {
+        let shard = &self.shard;
+        let idle = Duration::from_millis(shard.cfg.idle_timeout_ms);
+        let mut st = self.c.st.borrow_mut();
+        let unsent = ConnShared::pending_out(&st) > 0;
+        if !(partial || unsent) || st.progress.elapsed() < idle {
+            return Step::More;
+        }
+        if shard.backpressured() || AcceptGate::is_stalled(shard.accept_gate().load()) {
+            st.progress = Instant::now();
+            return Step::More;
+        }
+        ShardMetrics::inc(&shard.metrics.idle_timeouts_total);
+        debug!(
+            shard = shard.id,
+            conn = self.c.id,
+            partial,
+            unsent,
+            "idle timeout"
+        );
+        if first_time(&LOGGED_IDLE_TIMEOUT) {
+            warn!(
+                shard = shard.id,
+                conn = self.c.id,
+                idle_timeout_ms = shard.cfg.idle_timeout_ms,
+                "a connection holding a partial frame or unsent output made no progress and \
+                 was closed (logged once; iris_edge_idle_timeouts_total counts them)"
+            );
+        }
+        if unsent {
+            // Its output does not move: nothing more can be told.
+            st.close = Close::Now;
+            st.out = Vec::new();
+            st.out_pos = 0;
+            return Step::Close;
+        }
+        drop(st);
+        self.close_with(&error_frame("idle_timeout"))
+    }
+
+    /// Token bucket of TYPING relays: `typing_relays_per_sec` per second, `typing_relay_burst`
+    /// at once.
+    /// A dropped frame is counted (a flood of 4-byte frames would otherwise be relayed as
+    /// frames up to 65 times larger, and make its recipient a slow consumer).
+    fn typing_allowed(&mut self) -> bool {
+        let rate = f64::from(self.shard.cfg.typing_relays_per_sec);
+        let burst = f64::from(self.shard.cfg.typing_relay_burst);
+        let now = Instant::now();
+        let (tokens, at) = self.typing.get_or_insert((burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            return true;
+        }
+        ShardMetrics::inc(&self.shard.metrics.typing_dropped_total);
+        if first_time(&LOGGED_TYPING_LIMIT) {
+            warn!(
+                shard = self.shard.id,
+                conn = self.c.id,
+                typing_relays_per_sec = self.shard.cfg.typing_relays_per_sec,
+                "typing relays over the limit are dropped (logged once; \
+                 iris_edge_typing_dropped_total counts them)"
+            );
+        }
+        false
     }
 
     fn close_with(&self, bytes: &[u8]) -> Step {
@@ -561,6 +744,11 @@ impl Conn {
             if buf[0] == op::LOGIN && !self.login_settled && self.shard.cfg.login_settle_us > 0 {
                 break Step::Settle;
             }
+            if buf[0] == op::FETCH_PREKEYS && self.shard.replies_full() {
+                // Decoded once replies come back (the connection reads nothing meanwhile).
+                self.c.st.borrow_mut().replies_wait = true;
+                break Step::More;
+            }
             match decode(buf, &self.shard.limits) {
                 Ok(Decoded::Incomplete) => {
                     if frame_len_hint(buf).is_some_and(|n| n > self.shard.cfg.max_input_bytes)
@@ -580,6 +768,15 @@ impl Conn {
                     if let Err(step) = self.handle(f) {
                         break step;
                     }
+                    if self.c.st.borrow().registering {
+                        // The rest is decoded once the session is registered (after LOGIN_OK).
+                        break Step::More;
+                    }
+                }
+                Err(ProtoError::UnknownOpcode(op)) => {
+                    // PROTOCOL.md: answer, discard the rest of that read, keep the connection.
+                    pos = inbuf.len();
+                    break self.unknown_opcode(op);
                 }
                 Err(e) => break self.fail(&e),
             }
@@ -610,7 +807,7 @@ impl Conn {
             payload: payload.to_vec(),
         }));
         ShardMetrics::inc(&shard.metrics.messages_accepted_total);
-        shard.route(
+        shard.route_after_store(
             target,
             Delivery {
                 id: Some(id),
@@ -650,6 +847,11 @@ impl Conn {
             ClientFrame::Ack { id } => {
                 let me = self.logged_in_user()?;
                 ShardMetrics::inc(&shard.metrics.acks_total);
+                if minted_in_the_future(id.0) {
+                    // No edge has minted it: it was never delivered. Not worth a tombstone.
+                    ShardMetrics::inc(&shard.metrics.acks_dropped_total);
+                    return Ok(());
+                }
                 shard.push_core(CoreRequest::Ack { user: me, id: id.0 });
             }
             ClientFrame::GetStatus { target } => {
@@ -666,6 +868,9 @@ impl Conn {
             }
             ClientFrame::Typing { target, on } => {
                 let me = self.logged_in_user()?;
+                if !self.typing_allowed() {
+                    return Ok(());
+                }
                 let mut f = Vec::with_capacity(me.len() + 4);
                 frame::encode_typing(&mut f, &me, on);
                 shard.route(target, Delivery { id: None, frame: f });
@@ -686,7 +891,7 @@ impl Conn {
             }
             ClientFrame::FetchPrekeys { user } => {
                 self.logged_in_user()?;
-                shard.push_core(CoreRequest::FetchPrekeys {
+                shard.push_core_with_reply(CoreRequest::FetchPrekeys {
                     user: user.to_vec(),
                     conn: self.c.id,
                 });
@@ -719,9 +924,8 @@ impl Conn {
             let prev = st.user.replace(user.to_vec());
             st.drain = Some(DrainState::new(user));
             st.recent = None;
-            let mut ok = Vec::with_capacity(9);
-            frame::encode_login_ok(&mut ok);
-            self.c.append(&shard, &mut st, &ok);
+            // LOGIN_OK is written when the owner answers `Registered` (start_drain).
+            st.registering = true;
             prev
         };
         match previous {
@@ -754,6 +958,35 @@ fn error_frame(reason: &str) -> Vec<u8> {
     f
 }
 
+/// Ids whose time lies more than this beyond now were never minted (by any edge whose clock is
+/// within this of ours).
+const ACK_FUTURE_SLACK_MICROS: u64 = 60_000_000;
+
+/// True for an id no edge can have minted yet: its time (see `idgen.rs`) is more than
+/// [`ACK_FUTURE_SLACK_MICROS`] ahead of this edge's clock. A random 16-hex-digit id is one
+/// with a probability of about nine in ten.
+fn minted_in_the_future(id: u64) -> bool {
+    let micros = (id >> iris_bus::hops::ID_LOW_BITS)
+        .saturating_mul(iris_bus::hops::ID_TICK_MICROS)
+        .saturating_add(iris_bus::hops::ID_EPOCH_MICROS);
+    micros > crate::idgen::now_micros().saturating_add(ACK_FUTURE_SLACK_MICROS)
+}
+
+/// Drops the written head of an output queue once it is at least as long as the unsent tail
+/// (amortised: each byte is moved at most once per time it is written), and hands back the
+/// memory of a queue that shrank, so a client that always leaves a little unread holds about
+/// twice its unsent bytes, never everything ever written to it.
+fn compact_out(out: &mut Vec<u8>, pos: &mut usize) {
+    if *pos == 0 || *pos < out.len() - *pos {
+        return;
+    }
+    out.drain(..*pos);
+    *pos = 0;
+    if out.capacity() > 256 << 10 && out.len() < out.capacity() / 4 {
+        out.shrink_to((out.len() * 2).max(64 << 10));
+    }
+}
+
 /// Serves one accepted socket until it closes.
 pub async fn run(shard: Rc<Shard>, mut stream: TcpStream, id: ConnId) {
     let c = Rc::new(ConnShared::new(id));
@@ -765,6 +998,8 @@ pub async fn run(shard: Rc<Shard>, mut stream: TcpStream, id: ConnId) {
         c: c.clone(),
         login_settled: false,
         settle_started: false,
+        errors: None,
+        typing: None,
     };
     let mut inbuf: Vec<u8> = Vec::new();
     let mut timers = Timers {
@@ -773,13 +1008,19 @@ pub async fn run(shard: Rc<Shard>, mut stream: TcpStream, id: ConnId) {
         )))),
         settle: None,
         backoff: None,
+        idle: None,
     };
     loop {
         let ev =
             std::future::poll_fn(|cx| c.poll_io(cx, &shard, &mut stream, &mut inbuf, &mut timers))
                 .await;
         let step = match ev {
-            Io::Data | Io::Recheck => conn.process(&mut inbuf),
+            Io::Data => {
+                c.st.borrow_mut().progress = Instant::now();
+                conn.process(&mut inbuf)
+            }
+            Io::Recheck => conn.process(&mut inbuf),
+            Io::IdleCheck => conn.idle_check(!inbuf.is_empty()),
             Io::Stalled => Step::More,
             Io::Settled => {
                 conn.login_settled = true;
@@ -829,5 +1070,42 @@ pub async fn run(shard: Rc<Shard>, mut stream: TcpStream, id: ConnId) {
     ShardMetrics::dec(&shard.metrics.connections_open);
     if shard.shutting_down.get() && shard.conns.borrow().is_empty() {
         shard.conns_empty.notify();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::compact_out;
+
+    /// A client that always leaves a little unread: the queue holds about twice the unsent
+    /// bytes, however much passed through it.
+    #[test]
+    fn acks_of_ids_from_the_future_are_recognised() {
+        let mut g = crate::idgen::IdGen::new(0, 0, 1, 0);
+        assert!(!super::minted_in_the_future(g.next_id()));
+        assert!(!super::minted_in_the_future(0x0000_0000_0000_0001));
+        assert!(super::minted_in_the_future(u64::MAX));
+        assert!(super::minted_in_the_future(0x7fff_ffff_ffff_ffff));
+    }
+
+    #[test]
+    fn a_partly_written_queue_is_compacted() {
+        let mut out = Vec::new();
+        let mut pos = 0;
+        let chunk = vec![7u8; 1000];
+        for _ in 0..100_000 {
+            compact_out(&mut out, &mut pos);
+            out.extend_from_slice(&chunk);
+            // The socket took all but 500 bytes.
+            pos = out.len() - 500;
+        }
+        assert!(out.len() - pos == 500);
+        assert!(out.len() <= 3_000, "queue holds {} bytes", out.len());
+        assert!(out.capacity() <= 512 << 10, "capacity {}", out.capacity());
+        // The unsent bytes survive compaction, in order.
+        let mut out: Vec<u8> = (0..=255).collect();
+        let mut pos = 200;
+        compact_out(&mut out, &mut pos);
+        assert_eq!((pos, out), (0, (200..=255).collect::<Vec<u8>>()));
     }
 }

@@ -22,7 +22,7 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::Duration;
@@ -89,6 +89,36 @@ pub enum ShardMsg {
 const CORE_BACKLOG_HIGH: usize = 16_384;
 /// Messages waiting for one peer's ring beyond which connections stop reading.
 const OUTBOX_HIGH: usize = 65_536;
+/// Bytes waiting for one peer's ring beyond which this shard's connections stop reading.
+const OUTBOX_BYTES_HIGH: usize = 4 << 20;
+/// Bytes on the rings of the whole edge (shipped, not yet handled by the receiving shard)
+/// beyond which every shard's connections stop reading. Every ring message starts with a
+/// client read (or a reply of the core), so this bounds the chain sender → owner → host end to
+/// end: a host that falls behind stops the senders, not just its own clients.
+const RING_BYTES_HIGH: u64 = 8 << 20;
+/// Requests in the embedded core's queue beyond which a shard's connections stop reading: the
+/// queue's capacity (`core_queue_capacity`, 65,536) holds up to 64 MiB of 1 KB messages; the core takes in far fewer per commit window.
+const CORE_QUEUE_HIGH: usize = 4096;
+
+/// A reply that has not come back after this long is taken as lost (cluster: the bus lost it)
+/// and no longer counts against `max_pending_replies`.
+const REPLY_FORGET: Duration = Duration::from_secs(10);
+
+/// Limits logged once per process, then only counted.
+static LOGGED_REPLIES_FULL: AtomicBool = AtomicBool::new(false);
+
+/// What a ring message costs in memory, as counted against [`RING_BYTES_HIGH`].
+fn ring_cost(m: &ShardMsg) -> usize {
+    64 + match m {
+        ShardMsg::Route { to, d } => to.len() + d.frame.len(),
+        ShardMsg::Deliver { user, d, .. } => user.len() + d.frame.len(),
+        ShardMsg::StatusReply { frame, .. } => frame.len(),
+        ShardMsg::Register { user, .. }
+        | ShardMsg::Registered { user, .. }
+        | ShardMsg::Unregister { user, .. }
+        | ShardMsg::StatusQuery { user, .. } => user.len(),
+    }
+}
 
 /// How long a routed id is remembered (longer than the core's routing takes under load).
 const RECENT_ROUTED_TTL: Duration = Duration::from_secs(30);
@@ -390,6 +420,18 @@ fn reliable_payload(frame: &[u8]) -> Option<&[u8]> {
     frame.get(at + 4..at + 4 + mlen)
 }
 
+/// What waits in a shard's backlog for room in the core's queue, in order.
+#[derive(Debug)]
+enum Backlogged {
+    /// A request for the core.
+    Req(CoreRequest),
+    /// The live copy of a message whose `Store` is ahead of it in the backlog: routed only
+    /// once that `Store` is in the core's queue. A login's drain is served after the core took
+    /// in every request already queued, so a live copy that reached the recipient's owner
+    /// before its session was registered always has its stored twin in that drain.
+    Route(Vec<u8>, Delivery),
+}
+
 /// A batch of ring messages: one ring slot carries many messages.
 pub type Batch = Vec<ShardMsg>;
 
@@ -451,10 +493,19 @@ pub struct Shard {
     /// Cluster mode: the last message sent to each recipient per sending shard.
     last_sent: RefCell<LastSent>,
     outbox: Vec<RefCell<Batch>>,
+    /// Bytes ([`ring_cost`]) in each peer's outbox, not yet shipped.
+    outbox_bytes: Vec<Cell<usize>>,
+    /// Bytes on the rings of the whole edge, shared by every shard ([`RING_BYTES_HIGH`]).
+    ring_bytes: Arc<AtomicU64>,
     outbox_notify: Vec<LocalNotify>,
     core: ShardLink,
-    core_backlog: RefCell<VecDeque<CoreRequest>>,
+    core_backlog: RefCell<VecDeque<Backlogged>>,
     core_notify: LocalNotify,
+    /// When each request with a reply (prekey fetch) was handed to the core, oldest first;
+    /// bounded by `max_pending_replies` ([`Shard::replies_full`]).
+    pending_replies: RefCell<VecDeque<std::time::Instant>>,
+    /// The shard is at `max_pending_replies` (for counting each time it gets there once).
+    replies_were_full: Cell<bool>,
     /// Read buffer shared by all connections of the shard: a connection only holds input between
     /// reads when a frame is incomplete, so an idle connection holds none.
     pub scratch: RefCell<Vec<u8>>,
@@ -471,6 +522,7 @@ impl Shard {
         metrics: Arc<ShardMetrics>,
         core: ShardLink,
         id_floor: u64,
+        ring_bytes: Arc<AtomicU64>,
     ) -> Self {
         let cluster = cfg.cluster.bus == BusKind::Kafka;
         let node = if cluster { cfg.cluster.node_id } else { 0 };
@@ -483,7 +535,9 @@ impl Shard {
             // Not 1: a reply addressed to a connection of a previous run (a drain chunk still in
             // the edge's inbox after a restart) must not find a new connection with its number.
             next_conn: Cell::new(crate::idgen::now_micros().max(1)),
-            presence: RefCell::new(Presence::default()),
+            presence: RefCell::new(Presence::new(
+                cfg.presence_last_seen_max.div_ceil(nshards.max(1)),
+            )),
             idgen: RefCell::new(IdGen::new(cfg.cluster.region_index(), node, id, id_floor)),
             cluster,
             direct_live: cluster && cfg.cluster.direct_live,
@@ -491,10 +545,14 @@ impl Shard {
             gate: RefCell::new(OrderGate::default()),
             last_sent: RefCell::new(LastSent::default()),
             outbox: (0..nshards).map(|_| RefCell::new(Vec::new())).collect(),
+            outbox_bytes: (0..nshards).map(|_| Cell::new(0)).collect(),
+            ring_bytes,
             outbox_notify: (0..nshards).map(|_| LocalNotify::default()).collect(),
             core,
             core_backlog: RefCell::new(VecDeque::new()),
             core_notify: LocalNotify::default(),
+            pending_replies: RefCell::new(VecDeque::new()),
+            replies_were_full: Cell::new(false),
             scratch: RefCell::new(vec![0; 64 << 10]),
             shutting_down: Cell::new(false),
             conns_empty: LocalNotify::default(),
@@ -514,6 +572,8 @@ impl Shard {
             self.handle_mesh(m);
         } else {
             let mut ob = self.outbox[to].borrow_mut();
+            let b = &self.outbox_bytes[to];
+            b.set(b.get() + ring_cost(&m));
             ob.push(m);
             if ob.len() == 1 {
                 self.outbox_notify[to].notify();
@@ -529,14 +589,58 @@ impl Shard {
             match self.core.to_core.try_send(req) {
                 Ok(()) => return,
                 Err(TrySendError::Full(r)) | Err(TrySendError::Disconnected(r)) => {
-                    backlog.push_back(r)
+                    backlog.push_back(Backlogged::Req(r))
                 }
             }
         } else {
-            backlog.push_back(req);
+            backlog.push_back(Backlogged::Req(req));
         }
         ShardMetrics::set(&self.metrics.core_backlog, backlog.len() as u64);
         self.core_notify.notify();
+    }
+
+    /// A request with a reply is handed to the core (see [`Shard::replies_full`]).
+    pub fn push_core_with_reply(&self, req: CoreRequest) {
+        let mut p = self.pending_replies.borrow_mut();
+        p.push_back(std::time::Instant::now());
+        ShardMetrics::set(&self.metrics.pending_replies, p.len() as u64);
+        drop(p);
+        self.push_core(req);
+    }
+
+    /// True while `max_pending_replies` requests with a reply wait for the core: the
+    /// connections decode no more of them and read nothing (a 12-byte FETCH_PREKEYS brings back
+    /// up to 8 KiB). A reply lost on the bus is forgotten after [`REPLY_FORGET`].
+    pub fn replies_full(&self) -> bool {
+        let mut p = self.pending_replies.borrow_mut();
+        let now = std::time::Instant::now();
+        while p
+            .front()
+            .is_some_and(|&t| now.duration_since(t) > REPLY_FORGET)
+        {
+            p.pop_front();
+        }
+        let full = p.len() >= self.cfg.max_pending_replies;
+        if full && !self.replies_were_full.replace(true) {
+            ShardMetrics::inc(&self.metrics.reply_backpressure_total);
+            if crate::metrics::first_time(&LOGGED_REPLIES_FULL) {
+                warn!(
+                    shard = self.id,
+                    max_pending_replies = self.cfg.max_pending_replies,
+                    "max_pending_replies reached: connections stop reading until replies come \
+                     back (logged once; iris_edge_reply_backpressure_total counts it)"
+                );
+            }
+        } else if !full {
+            self.replies_were_full.set(false);
+        }
+        full
+    }
+
+    fn reply_arrived(&self) {
+        let mut p = self.pending_replies.borrow_mut();
+        p.pop_front();
+        ShardMetrics::set(&self.metrics.pending_replies, p.len() as u64);
     }
 
     /// The link's accept gate: while it is stalled (cluster: outbox bound or bus stall) the
@@ -554,10 +658,27 @@ impl Shard {
     /// (TCP backpressure to the senders) instead of letting the shard's queues grow.
     pub fn backpressured(&self) -> bool {
         self.core_backlog_len() >= CORE_BACKLOG_HIGH
+            || self.core.to_core.len() >= CORE_QUEUE_HIGH
+            || self.ring_bytes.load(Ordering::Relaxed) >= RING_BYTES_HIGH
+            || self.outbox_bytes.iter().any(|b| b.get() >= OUTBOX_BYTES_HIGH)
             // Cluster: what was read is only in memory until the bridge writes it to the
             // outbox, so stop as soon as the link's (small) queue is full.
             || (self.cluster && (self.core.to_core.is_full() || self.core_backlog_len() > 0))
             || self.outbox.iter().any(|o| o.borrow().len() >= OUTBOX_HIGH)
+            || self.replies_full()
+    }
+
+    /// Routes the live copy of a message just handed to the core ([`Shard::push_core`]): at
+    /// once, unless its `Store` waits in the backlog; then right after it (see [`Backlogged`]).
+    pub fn route_after_store(self: &Rc<Self>, to: &[u8], d: Delivery) {
+        {
+            let mut backlog = self.core_backlog.borrow_mut();
+            if !backlog.is_empty() {
+                backlog.push_back(Backlogged::Route(to.to_vec(), d));
+                return;
+            }
+        }
+        self.route(to, d);
     }
 
     /// Routes a delivery to every session of `to`, wherever it is.
@@ -587,6 +708,7 @@ impl Shard {
                     let mut p = self.presence.borrow_mut();
                     let first = !p.is_local(&user);
                     p.register(&user, shard, conn);
+                    ShardMetrics::set(&self.metrics.presence_users, p.users_len() as u64);
                     first
                 };
                 if first && self.cluster {
@@ -618,6 +740,11 @@ impl Shard {
                     let mut p = self.presence.borrow_mut();
                     let was = p.is_local(&user);
                     p.unregister(&user, shard, conn, now);
+                    ShardMetrics::set(&self.metrics.presence_users, p.users_len() as u64);
+                    ShardMetrics::set(
+                        &self.metrics.presence_last_seen_users,
+                        p.last_seen_len() as u64,
+                    );
                     was && !p.is_local(&user)
                 };
                 if last && self.cluster {
@@ -784,6 +911,7 @@ impl Shard {
                 }
             }
             CoreReply::Prekeys { conn, bundle, .. } => {
+                self.reply_arrived();
                 let c = self.conns.borrow().get(&conn).cloned();
                 if let Some(c) = c {
                     let body = bundle
@@ -859,22 +987,41 @@ impl Shard {
         let mut bytes_at_collect = u64::MAX;
         loop {
             let mut busy = false;
+            let mut routes = Vec::new();
             {
                 let mut backlog = self.core_backlog.borrow_mut();
-                while let Some(req) = backlog.pop_front() {
+                while let Some(item) = backlog.pop_front() {
+                    let req = match item {
+                        Backlogged::Req(req) => req,
+                        Backlogged::Route(to, d) => {
+                            // Its Store is in the core's queue now.
+                            routes.push((to, d));
+                            continue;
+                        }
+                    };
                     match self.core.to_core.try_send(req) {
                         Ok(()) => busy = true,
                         Err(TrySendError::Full(r)) => {
-                            backlog.push_front(r);
+                            backlog.push_front(Backlogged::Req(r));
                             break;
                         }
                         Err(TrySendError::Disconnected(_)) => {
-                            warn!(shard = self.id, "core is gone; dropping backlog");
-                            backlog.clear();
+                            // The core thread is dead: what the backlog holds can never be
+                            // stored. Fatal, like any dead thread (see server.rs).
+                            tracing::error!(
+                                shard = self.id,
+                                backlog = backlog.len(),
+                                "the core is gone: the edge stops"
+                            );
+                            std::process::exit(crate::server::DEAD_THREAD_EXIT);
                         }
                     }
                 }
                 ShardMetrics::set(&self.metrics.core_backlog, backlog.len() as u64);
+            }
+            for (to, d) in routes {
+                busy = true;
+                self.route(&to, d);
             }
             if self.cluster {
                 let expired = self.gate.borrow_mut().expired(std::time::Instant::now());
@@ -931,6 +1078,9 @@ impl Shard {
                 self.outbox_notify[peer].wait().await;
                 continue;
             }
+            // The bytes move from this outbox to the rings (handed back by the receiver).
+            let bytes = self.outbox_bytes[peer].replace(0);
+            self.ring_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
             ShardMetrics::inc(&self.metrics.ring_batches_out_total);
             ShardMetrics::add(&self.metrics.ring_items_out_total, batch.len() as u64);
             if senders.send_to(peer, batch).await.is_err() {
@@ -974,6 +1124,25 @@ pub struct ShardStart {
     pub shutdown: Arc<AtomicBool>,
     /// Told this shard's id once it accepts connections.
     pub ready: std::sync::mpsc::Sender<usize>,
+    /// Bytes on the rings of the whole edge, one counter shared by every shard.
+    pub ring_bytes: Arc<AtomicU64>,
+    /// Told this shard's id when it returns (the main thread's watchdog, see `server.rs`).
+    pub exited: std::sync::mpsc::Sender<usize>,
+}
+
+/// Tells the watchdog that the shard returned, however it returns.
+struct ExitNotice(std::sync::mpsc::Sender<usize>, usize);
+
+impl Drop for ExitNotice {
+    fn drop(&mut self) {
+        let _ = self.0.send(self.1);
+    }
+}
+
+/// Testing aid: `IRIS_EDGE_FAULT_PANIC_SHARD=N` makes shard `N` panic one second after it starts
+/// serving, to show that a dead shard stops the process (tests/tests/dead_thread.rs).
+fn fault_panic_requested(id: usize) -> bool {
+    std::env::var("IRIS_EDGE_FAULT_PANIC_SHARD").is_ok_and(|v| v.trim() == id.to_string())
 }
 
 /// Runs one shard until shutdown; called inside its glommio executor.
@@ -989,8 +1158,13 @@ pub async fn run(start: ShardStart) {
         mesh,
         shutdown,
         ready,
+        ring_bytes,
+        exited,
     } = start;
-    let shard = Rc::new(Shard::new(id, nshards, cfg, metrics, core, id_floor));
+    let _notice = ExitNotice(exited, id);
+    let shard = Rc::new(Shard::new(
+        id, nshards, cfg, metrics, core, id_floor, ring_bytes,
+    ));
 
     if let Some(mesh) = mesh {
         match mesh.join().await {
@@ -1003,9 +1177,12 @@ pub async fn run(start: ShardStart) {
                     let s = shard.clone();
                     glommio::spawn_local(async move {
                         while let Some(batch) = rx.recv().await {
+                            let mut bytes = 0;
                             for m in batch {
+                                bytes += ring_cost(&m);
                                 s.handle_mesh(m);
                             }
+                            s.ring_bytes.fetch_sub(bytes as u64, Ordering::Relaxed);
                         }
                         debug!(shard = s.id, peer, "ring reader done");
                     })
@@ -1028,6 +1205,13 @@ pub async fn run(start: ShardStart) {
     info!(shard = id, "shard started");
     let _ = ready.send(id);
     drop(ready);
+    if fault_panic_requested(id) {
+        glommio::spawn_local(async move {
+            glommio::timer::sleep(Duration::from_secs(1)).await;
+            panic!("IRIS_EDGE_FAULT_PANIC_SHARD: shard {id} panics on request");
+        })
+        .detach();
+    }
 
     while !shutdown.load(Ordering::Relaxed) {
         glommio::timer::sleep(Duration::from_millis(20)).await;

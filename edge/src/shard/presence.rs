@@ -14,6 +14,11 @@
 //! cached nodes ([`Presence::remote_nodes`]) to send a message's live copy straight to the edges
 //! holding its recipient.
 //!
+//! Bounded: a user's entry is removed when its last session ends; its last-seen second moves to
+//! a map of offline users holding at most `presence_last_seen_max / shards` names, oldest
+//! forgotten first (then read as never seen). Remote entries likewise: a user no other edge
+//! holds keeps only its last-seen second, in the same bounded map.
+//!
 //! Every registration gets a generation number, increasing per shard
 //! ([`Presence::generation`]): the owner remembers, with each message id it routed, the
 //! generation at that moment, so a second copy of the message (from the other bus path) is
@@ -25,18 +30,78 @@ use iris_core::api::ConnId;
 
 #[derive(Debug, Default)]
 struct Entry {
-    /// (shard, connection, generation of the registration).
+    /// (shard, connection, generation of the registration); never empty (the entry is removed
+    /// with its last session).
     sessions: Vec<(usize, ConnId, u64)>,
-    last_seen: u64,
 }
 
 /// What the other edges announced about one user.
 #[derive(Debug, Default)]
 struct Remote {
-    /// Nodes where the user is online, with the Unix ms of the login they announced.
+    /// Nodes where the user is online, with the Unix ms of the login they announced; never
+    /// empty (the entry is removed with its last node).
     nodes: Vec<(u32, u64)>,
-    /// Unix seconds of the last logout announced by another node.
-    last_seen: u64,
+}
+
+/// Last-seen seconds of offline users, at most `max` names, the oldest written forgotten first.
+#[derive(Debug)]
+struct LastSeen {
+    map: HashMap<Box<[u8]>, (u64, u64)>,
+    /// (name, stamp) in write order; an entry whose stamp is not the map's is stale.
+    order: std::collections::VecDeque<(Box<[u8]>, u64)>,
+    stamp: u64,
+    max: usize,
+}
+
+impl LastSeen {
+    fn new(max: usize) -> Self {
+        Self {
+            map: HashMap::new(),
+            order: std::collections::VecDeque::new(),
+            stamp: 0,
+            max,
+        }
+    }
+
+    fn get(&self, user: &[u8]) -> u64 {
+        self.map.get(user).map_or(0, |&(secs, _)| secs)
+    }
+
+    /// Records `secs` for `user` (keeping the later of the two).
+    fn set(&mut self, user: &[u8], secs: u64) {
+        if self.max == 0 {
+            return;
+        }
+        self.stamp += 1;
+        let stamp = self.stamp;
+        let e = self.map.entry(user.into()).or_insert((0, 0));
+        e.0 = e.0.max(secs);
+        e.1 = stamp;
+        self.order.push_back((user.into(), stamp));
+        while self.map.len() > self.max {
+            let Some((name, s)) = self.order.pop_front() else {
+                break;
+            };
+            if self.map.get(&name).is_some_and(|&(_, cur)| cur == s) {
+                self.map.remove(&name);
+            }
+        }
+        if self.order.len() > 2 * self.max.max(16) {
+            let map = &self.map;
+            self.order
+                .retain(|(name, s)| map.get(name).is_some_and(|&(_, cur)| cur == *s));
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+}
+
+impl Default for LastSeen {
+    fn default() -> Self {
+        Self::new(1_000_000)
+    }
 }
 
 /// Presence of the users owned by one shard.
@@ -44,6 +109,8 @@ struct Remote {
 pub struct Presence {
     users: HashMap<Box<[u8]>, Entry>,
     remote: HashMap<Box<[u8]>, Remote>,
+    /// Offline users' last-seen seconds (local and remote logouts), bounded.
+    seen: LastSeen,
     /// Per node: the Unix ms of its last restart; its events stamped earlier are stale.
     resets: HashMap<u32, u64>,
     /// The generation of the latest registration (0: none yet).
@@ -51,6 +118,24 @@ pub struct Presence {
 }
 
 impl Presence {
+    /// An empty slice remembering the last-seen time of at most `last_seen_max` offline users.
+    pub fn new(last_seen_max: usize) -> Self {
+        Self {
+            seen: LastSeen::new(last_seen_max),
+            ..Self::default()
+        }
+    }
+
+    /// Users with at least one session here (the size of the session map).
+    pub fn users_len(&self) -> usize {
+        self.users.len()
+    }
+
+    /// Offline users whose last-seen time is remembered.
+    pub fn last_seen_len(&self) -> usize {
+        self.seen.len()
+    }
+
     /// Records a session of `user` on (`shard`, `conn`).
     pub fn register(&mut self, user: &[u8], shard: usize, conn: ConnId) {
         let e = self.users.entry(user.into()).or_default();
@@ -71,8 +156,8 @@ impl Presence {
         if let Some(e) = self.users.get_mut(user) {
             e.sessions.retain(|&(s, c, _)| (s, c) != (shard, conn));
             if e.sessions.is_empty() {
-                e.last_seen = now_secs;
-                e.sessions = Vec::new();
+                self.users.remove(user);
+                self.seen.set(user, now_secs);
             }
         }
     }
@@ -116,8 +201,7 @@ impl Presence {
         {
             return (true, 0);
         }
-        let seen = local.map_or(0, |e| e.last_seen);
-        (false, seen.max(remote.map_or(0, |r| r.last_seen)))
+        (false, self.seen.get(user))
     }
 
     /// Another edge, `node`, announced that `user` went online or offline at `unix_ms`.
@@ -131,17 +215,14 @@ impl Presence {
                 Some((_, at)) => *at = (*at).max(unix_ms),
                 None => r.nodes.push((node, unix_ms)),
             }
-        } else if let Some(r) = self.remote.get_mut(user) {
-            r.nodes.retain(|&(n, _)| n != node);
-            r.last_seen = r.last_seen.max(unix_ms / 1000);
         } else {
-            self.remote.insert(
-                user.into(),
-                Remote {
-                    nodes: Vec::new(),
-                    last_seen: unix_ms / 1000,
-                },
-            );
+            if let Some(r) = self.remote.get_mut(user) {
+                r.nodes.retain(|&(n, _)| n != node);
+                if r.nodes.is_empty() {
+                    self.remote.remove(user);
+                }
+            }
+            self.seen.set(user, unix_ms / 1000);
         }
     }
 
@@ -154,7 +235,8 @@ impl Presence {
             return;
         }
         *r = unix_ms;
-        for e in self.remote.values_mut() {
+        let mut gone = Vec::new();
+        for (user, e) in self.remote.iter_mut() {
             if let Some(i) = e
                 .nodes
                 .iter()
@@ -162,9 +244,13 @@ impl Presence {
             {
                 e.nodes.swap_remove(i);
                 if e.nodes.is_empty() {
-                    e.last_seen = e.last_seen.max(unix_ms / 1000);
+                    gone.push(user.clone());
                 }
             }
+        }
+        for user in gone {
+            self.remote.remove(&user);
+            self.seen.set(&user, unix_ms / 1000);
         }
     }
 }
@@ -187,6 +273,35 @@ mod tests {
         assert!(p.sessions(b"a").is_empty());
         p.register(b"a", 1, 9);
         assert_eq!(p.sessions(b"a"), vec![(1, 9)]);
+    }
+
+    #[test]
+    fn entries_go_with_the_last_session_and_last_seen_is_bounded() {
+        let mut p = Presence::new(3);
+        for i in 0..10u64 {
+            let u = format!("u{i}");
+            p.register(u.as_bytes(), 0, i);
+            p.unregister(u.as_bytes(), 0, i, 100 + i);
+        }
+        assert_eq!(p.users_len(), 0, "no entry without a session");
+        assert_eq!(p.last_seen_len(), 3);
+        assert_eq!(p.status(b"u9"), (false, 109));
+        assert_eq!(p.status(b"u7"), (false, 107));
+        assert_eq!(p.status(b"u0"), (false, 0), "forgotten: never seen");
+        // Seen again: refreshed, not duplicated.
+        p.register(b"u7", 0, 1);
+        p.unregister(b"u7", 0, 1, 200);
+        assert_eq!(p.status(b"u7"), (false, 200));
+        assert_eq!(p.last_seen_len(), 3);
+        // Remote users too: one no edge holds any more keeps only its last-seen time.
+        p.remote_event(b"r", 2, true, 1_000);
+        p.remote_event(b"r", 2, false, 300_000);
+        assert!(p.remote.is_empty());
+        assert_eq!(p.status(b"r"), (false, 300));
+        for i in 0..1000u64 {
+            p.remote_event(format!("x{i}").as_bytes(), 3, false, 5_000);
+        }
+        assert!(p.last_seen_len() <= 3 && p.seen.order.len() <= 64);
     }
 
     #[test]
