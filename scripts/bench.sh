@@ -17,10 +17,15 @@
 #   --no-build           use the binaries already in target/release
 #   --no-micro           skip the criterion micro-benchmarks (keep the last criterion.json)
 #   --only LIST          run only these steps (comma-separated: echo,connect,saturation,
-#                        goals,latency,offline,logins,micro); the report covers every JSON
+#                        goals,latency,many,sparse,offline,logins,micro); the report covers
+#                        every JSON
+#   --many-pairs P       pairs of the realistic "many" runs (2 connections each) [default: 5000]
 #   --note TEXT          a note on machine load, printed in BENCHMARKS.md
 #   --out DIR            results directory [default: perf/results]
-# Total time at the defaults: about 6 minutes (plus the build); --quick: about 2.
+# Steps "many" and "sparse" are the realistic chat traffic of the goal table: 5,000 pairs (10,000
+# active connections, each sending now and then) at 25k/50k/100k msgs/s and closed loop with one
+# message in flight per pair; 50 pairs at 10,000 msgs/s with the edge's CPU per message, per thread.
+# Total time at the defaults: about 9 minutes (plus the build); --quick: about 3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,6 +37,7 @@ DURATION=""
 IDLE=10000
 PAIRS=10
 OFFLINE=100000
+MANY_PAIRS=5000
 BUILD=1
 MICRO=1
 ONLY=""
@@ -47,12 +53,13 @@ while [ $# -gt 0 ]; do
     --idle) IDLE=$2; shift ;;
     --pairs) PAIRS=$2; shift ;;
     --offline) OFFLINE=$2; shift ;;
+    --many-pairs) MANY_PAIRS=$2; shift ;;
     --no-build) BUILD=0 ;;
     --no-micro) MICRO=0 ;;
     --only) ONLY=$2; shift ;;
     --note) NOTE=$2; shift ;;
     --out) OUT=$2; shift ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -183,6 +190,28 @@ if want connect || want saturation || want goals || want latency; then
         --idle "$IDLE" --idle-rate 20000 --duration "$DURATION" --warmup "$WARMUP" \
         --drain-timeout 10 --server-pid "$SERVER_PID"
     done
+  fi
+  stop_server
+fi
+
+if want many || want sparse; then
+  start_edge
+  if want many; then
+    # Realistic chat traffic: many connections, each sending now and then (a 64-byte message
+    # every 0.2 s per sender at 25,000/s over 5,000 pairs), every message acked.
+    for rate in 25000 50000 100000; do
+      load pairs "many-$((rate / 1000))k" --target "$TARGET" --pairs "$MANY_PAIRS" \
+        --rate $((rate * SHARDS)) --size 64 --duration "$DURATION" --warmup "$WARMUP" \
+        --drain-timeout 10 --idle-rate 20000 --server-pid "$SERVER_PID"
+    done
+    # The same connections closed loop, one message in flight per pair: the capacity.
+    load pairs many-max --target "$TARGET" --pairs "$MANY_PAIRS" --max --window 1 --size 64 \
+      --duration "$DURATION" --warmup "$WARMUP" --server-pid "$SERVER_PID"
+  fi
+  if want sparse; then
+    # 10,000 msgs/s over 50 pairs: the edge's CPU per message (per thread in the JSON).
+    load pairs sparse-10k --target "$TARGET" --pairs 50 --rate $((10000 * SHARDS)) --size 64 \
+      --duration "$DURATION" --warmup "$WARMUP" --drain-timeout 10 --server-pid "$SERVER_PID"
   fi
   stop_server
 fi

@@ -45,7 +45,7 @@ fn pairs_open_loop_delivers_everything_in_order() {
     // Only messages intended in the measured second are in the histogram.
     let n = r.latency.unwrap().count as f64;
     assert!((390.0..=410.0).contains(&n), "samples {n}");
-    let s = r.server.expect("server sampled");
+    let s = r.server.clone().expect("server sampled");
     assert_eq!(s.pid, edge.pid);
     assert!(s.mem_after.rss_kib > 0);
     assert!(r.command.iter().any(|a| a == "pairs"));

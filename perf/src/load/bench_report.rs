@@ -638,7 +638,7 @@ pub fn render(
                 lost_cell(r),
                 r.totals.duplicates,
                 r.totals.reordered,
-                opt(r.server.map(|x| x.cpu_cores_busy), |v| format!("{v:.2}"))
+                opt(r.server.as_ref().map(|x| x.cpu_cores_busy), |v| format!("{v:.2}"))
             );
         }
         let _ = writeln!(
@@ -666,7 +666,9 @@ pub fn render(
                 opt(v, ratio)
             },
             r.totals.errors,
-            opt(r.server.map(|x| x.cpu_cores_busy), |v| format!("{v:.2}")),
+            opt(r.server.as_ref().map(|x| x.cpu_cores_busy), |v| format!(
+                "{v:.2}"
+            )),
             r.loadgen_cores_busy,
             r.host.loadavg_start[0],
             r.host.loadavg_end[0]

@@ -113,6 +113,28 @@ pub fn proc_cpu_secs(pid: u32) -> Option<f64> {
     cpu_secs_of_stat(&s)
 }
 
+/// User + system CPU seconds of each thread of process `pid`, summed by thread name (the
+/// kernel's 15-byte `comm`), sorted by name. Threads that exited are not counted.
+pub fn proc_thread_cpu_secs(pid: u32) -> Vec<(String, f64)> {
+    let mut by_name: std::collections::BTreeMap<String, f64> = std::collections::BTreeMap::new();
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    for task in dir.flatten() {
+        let Ok(stat) = fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        let name = match (stat.find('('), stat.rfind(')')) {
+            (Some(a), Some(b)) if b > a => stat[a + 1..b].to_owned(),
+            _ => continue,
+        };
+        if let Some(secs) = cpu_secs_of_stat(&stat) {
+            *by_name.entry(name).or_default() += secs;
+        }
+    }
+    by_name.into_iter().collect()
+}
+
 /// CPU time of this process in seconds.
 pub fn self_cpu_secs() -> f64 {
     fs::read_to_string("/proc/self/stat")
@@ -155,6 +177,11 @@ mod tests {
         let m = proc_mem(std::process::id()).expect("own status");
         assert!(m.rss_kib > 0);
         assert!(proc_cpu_secs(std::process::id()).is_some());
+        let threads = proc_thread_cpu_secs(std::process::id());
+        assert!(
+            !threads.is_empty(),
+            "this process has at least its main thread"
+        );
         assert!(self_cpu_secs() >= 0.0);
         assert_eq!(proc_mem(u32::MAX), None);
     }

@@ -32,8 +32,17 @@ pub struct Tick {
     pub errors: u64,
 }
 
+/// CPU of the server's threads of one name during the measured window.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ThreadCpu {
+    /// The thread name (`iris-shard-0`, `iris-core`, ...).
+    pub name: String,
+    pub cpu_secs: f64,
+    pub cores_busy: f64,
+}
+
 /// The server process, sampled around the measurement.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ServerSample {
     pub pid: u32,
     pub mem_before: ProcMem,
@@ -42,6 +51,9 @@ pub struct ServerSample {
     pub cpu_secs: f64,
     /// `cpu_secs` / window length: cores kept busy.
     pub cpu_cores_busy: f64,
+    /// The same per thread name (empty in reports of older versions).
+    #[serde(default)]
+    pub threads: Vec<ThreadCpu>,
 }
 
 /// Everything a run measured; see the module documentation.
@@ -199,6 +211,9 @@ impl Report {
                 sv.mem_after.rss_anon_kib,
                 sv.cpu_cores_busy
             );
+            for t in sv.threads.iter().filter(|t| t.cpu_secs > 0.0) {
+                let _ = writeln!(s, "  thread {}: {:.2} cores busy", t.name, t.cores_busy);
+            }
         }
         let _ = writeln!(
             s,

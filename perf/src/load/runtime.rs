@@ -187,7 +187,10 @@ where
         let mut b = LocalExecutorBuilder::new(placement)
             .name(&format!("iris-load-{idx}"))
             .io_memory(spec.io_memory)
-            .ring_depth(1024);
+            // 4096 entries: the kernel sizes a ring's poll-cancel hash from its completion queue
+            // (256 buckets from 8,192 entries), and glommio cancels a timer on every turn, a
+            // lookup that walks one bucket of the (up to 10,000s of) armed socket polls.
+            .ring_depth(4096);
         if spec.spin_us > 0 {
             b = b.spin_before_park(Duration::from_micros(spec.spin_us));
         }

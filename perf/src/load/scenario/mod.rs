@@ -29,20 +29,28 @@ use super::clock;
 use super::conn::{Client, LoadError};
 use super::host::{self, HostInfo};
 use super::monitor::Monitor;
-use super::report::{Report, ServerSample};
+use super::report::{Report, ServerSample, ThreadCpu};
 use super::runtime::{self, WorkerEnv, WorkerSpec};
 use super::stats::{self, LatencySummary, Shared};
 
+/// One sample of the server process: memory now, CPU seconds so far (in all and per thread).
+#[derive(Debug, Clone)]
+pub struct ServerNow {
+    pub mem: host::ProcMem,
+    pub cpu_secs: f64,
+    pub threads: Vec<(String, f64)>,
+}
+
 /// The measured window of a run: the counters and the server sampled at both ends.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Window {
     /// When measuring started and ended (ns on the run clock).
     pub measure: u64,
     pub end: u64,
     pub before: stats::Totals,
     pub after: stats::Totals,
-    pub server_before: Option<(host::ProcMem, f64)>,
-    pub server_after: Option<(host::ProcMem, f64)>,
+    pub server_before: Option<ServerNow>,
+    pub server_after: Option<ServerNow>,
     /// Length of the window, seconds.
     pub secs: f64,
 }
@@ -188,29 +196,46 @@ impl Run {
         })
     }
 
-    /// Samples the server process (memory now, CPU seconds so far).
-    pub fn server_now(&self) -> Option<(host::ProcMem, f64)> {
+    /// Samples the server process (memory now, CPU seconds so far, in all and per thread).
+    pub fn server_now(&self) -> Option<ServerNow> {
         let pid = self.server_pid?;
-        Some((host::proc_mem(pid)?, host::proc_cpu_secs(pid)?))
+        Some(ServerNow {
+            mem: host::proc_mem(pid)?,
+            cpu_secs: host::proc_cpu_secs(pid)?,
+            threads: host::proc_thread_cpu_secs(pid),
+        })
     }
 
     /// Records a server sample from `before` and `after` around a window of `secs` seconds.
-    pub fn set_server(
-        &mut self,
-        before: Option<(host::ProcMem, f64)>,
-        after: Option<(host::ProcMem, f64)>,
-        secs: f64,
-    ) {
+    pub fn set_server(&mut self, before: Option<ServerNow>, after: Option<ServerNow>, secs: f64) {
         if let (Some(pid), Some(b), Some(a)) = (self.server_pid, before, after) {
-            let cpu = (a.1 - b.1).max(0.0);
             // /proc CPU times tick at 100 Hz: a shorter window says nothing.
-            let busy = if secs >= 0.5 { cpu / secs } else { 0.0 };
+            let busy = |cpu: f64| if secs >= 0.5 { cpu / secs } else { 0.0 };
+            let cpu = (a.cpu_secs - b.cpu_secs).max(0.0);
+            let threads = a
+                .threads
+                .iter()
+                .map(|(name, after)| {
+                    let before = b
+                        .threads
+                        .iter()
+                        .find(|(n, _)| n == name)
+                        .map_or(0.0, |t| t.1);
+                    let cpu = (after - before).max(0.0);
+                    ThreadCpu {
+                        name: name.clone(),
+                        cpu_secs: cpu,
+                        cores_busy: busy(cpu),
+                    }
+                })
+                .collect();
             self.report.server = Some(ServerSample {
                 pid,
-                mem_before: b.0,
-                mem_after: a.0,
+                mem_before: b.mem,
+                mem_after: a.mem,
                 cpu_secs: cpu,
-                cpu_cores_busy: busy,
+                cpu_cores_busy: busy(cpu),
+                threads,
             });
         }
     }

@@ -36,7 +36,7 @@ use super::super::report::Report;
 use super::super::runtime::WorkerEnv;
 use super::super::seq::{Arrival, SeqTracker};
 use super::super::stats;
-use super::{connect_login, count_error, ramp, Run};
+use super::{connect_login, count_error, ramp, Run, ServerNow};
 
 /// Options of `pairs`.
 #[derive(Debug, Clone, Args, Serialize)]
@@ -479,7 +479,12 @@ pub fn run(o: &PairsOpts, command: Vec<String>) -> anyhow::Result<Report> {
         sum.reordered += x.reordered;
         sum.phantom += x.phantom;
     }
-    run.set_server(mem0.map(|m| (m.0, s0.map_or(m.1, |s| s.1))), s1, window);
+    // Memory from before the connections, CPU from the measured window only.
+    let before = mem0.map(|m| match s0 {
+        Some(s) => ServerNow { mem: m.mem, ..s },
+        None => m,
+    });
+    run.set_server(before, s1, window);
     let r = &mut run.report;
     r.lost = sum.lost;
     if let Some(rate) = o.rate {
@@ -494,6 +499,23 @@ pub fn run(o: &PairsOpts, command: Vec<String>) -> anyhow::Result<Report> {
         "delivered_per_s",
         (t1.delivered - t0.delivered) as f64 / window,
     );
+    let delivered_in_window = (t1.delivered - t0.delivered) as f64;
+    if let Some(sv) = r.server.clone().filter(|_| delivered_in_window > 0.0) {
+        // Server CPU per delivered (and acked) message, in all and per thread.
+        r.figure(
+            "server_cpu_us_per_msg",
+            sv.cpu_secs * 1e6 / delivered_in_window,
+        );
+        let per_thread: Vec<(String, f64)> = sv
+            .threads
+            .iter()
+            .filter(|t| t.cpu_secs > 0.0)
+            .map(|t| (t.name.clone(), t.cpu_secs * 1e6 / delivered_in_window))
+            .collect();
+        for (name, us) in per_thread {
+            r.figure(&format!("server_cpu_us_per_msg_{name}"), us);
+        }
+    }
     r.figure("sent", sum.sent as f64);
     r.figure("delivered", sum.distinct as f64);
     r.figure("lost", sum.lost as f64);
