@@ -3,8 +3,16 @@
 //! Every edge shard owns one [`ShardLink`]: a bounded queue of [`CoreRequest`]s towards the core
 //! and a bounded queue of [`CoreReply`]s back. Each queue has exactly one producer and one
 //! consumer (SPSC use of crossbeam channels), so a shard never contends with another shard.
+//!
+//! Neither side polls the other on a timer. The core rings the shard's [`ShardBell`] after it
+//! queued replies (glommio executors accept wake-ups from foreign threads); a shard rings the
+//! embedded core's `wake_core` only for a request that needs a prompt answer (a drain, a prekey
+//! fetch) or when its queue fills, so stores and acks reach the core in batches, one wake-up per
+//! commit window at most, instead of one per message.
 
-use std::sync::Arc;
+use std::sync::atomic::{fence, AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::Waker;
 
 use crossbeam::channel::{Receiver, Sender};
 
@@ -129,11 +137,67 @@ pub enum CoreReply {
     EdgeReset { node: u32, unix_ms: u64 },
 }
 
+/// Wakes a shard's core poller (a glommio task) from the core's thread when replies wait.
+///
+/// The poller [`park`](Self::park)s with its waker, then checks its queue once more before it
+/// sleeps; the core pushes a reply, then [`ring`](Self::ring)s. A full fence on both sides
+/// between the flag and the queue makes a lost wake-up impossible: either the poller's last check
+/// sees the reply, or the core's ring sees the flag.
+#[derive(Debug, Default)]
+pub struct ShardBell {
+    parked: AtomicBool,
+    waker: Mutex<Option<Waker>>,
+}
+
+impl ShardBell {
+    /// Shard side: about to sleep with `w`; the caller checks its queue after this.
+    pub fn park(&self, w: &Waker) {
+        if let Ok(mut g) = self.waker.lock() {
+            if !g.as_ref().is_some_and(|old| old.will_wake(w)) {
+                *g = Some(w.clone());
+            }
+        }
+        self.parked.store(true, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+    }
+
+    /// Shard side: awake again; rings until the next [`park`](Self::park) are free.
+    pub fn unpark(&self) {
+        self.parked.store(false, Ordering::Relaxed);
+    }
+
+    /// Shard side, when its poller ends: drops the waker so that no other thread holds it.
+    pub fn clear(&self) {
+        self.unpark();
+        if let Ok(mut g) = self.waker.lock() {
+            g.take();
+        }
+    }
+
+    /// Core side, after queueing replies: wakes the poller if it sleeps (one atomic load if not).
+    pub fn ring(&self) {
+        fence(Ordering::SeqCst);
+        if self.parked.load(Ordering::Relaxed) && self.parked.swap(false, Ordering::AcqRel) {
+            if let Ok(g) = self.waker.lock() {
+                if let Some(w) = g.as_ref() {
+                    w.wake_by_ref();
+                }
+            }
+        }
+    }
+}
+
 /// The shard's end of its link to the core.
 #[derive(Debug, Clone)]
 pub struct ShardLink {
     pub to_core: Sender<CoreRequest>,
     pub from_core: Receiver<CoreReply>,
+    /// Rung by the core after it queued replies for this shard.
+    pub bell: Arc<ShardBell>,
+    /// Embedded core: rung (a `try_send`, never blocking) for requests that need a prompt
+    /// answer or when `to_core` fills; otherwise the core takes requests in at its commit
+    /// window. `None`: the core reads its queue promptly anyway (the cluster link).
+    pub wake_core: Option<Sender<()>>,
     /// Shared by every shard: while stalled, shards read no client input (the cluster edge's
     /// outbox is at its bound or the bus is stalled). The embedded core never stalls it.
     pub gate: Arc<AcceptGate>,

@@ -62,7 +62,7 @@ use std::time::{Duration, Instant};
 use crossbeam::channel::{self, Receiver, Select, Sender, TryRecvError, TrySendError};
 use tracing::{debug, error, info, trace, warn};
 
-use crate::api::{ConnId, CoreReply, CoreRequest, ShardLink, StoredMsg};
+use crate::api::{ConnId, CoreReply, CoreRequest, ShardBell, ShardLink, StoredMsg};
 use crate::error::CoreError;
 use crate::store::{Batch, MessageStore, MAX_SENDER_LEN, MAX_USER_LEN};
 
@@ -224,20 +224,25 @@ impl EmbeddedCore {
         let id_floor = store.id_floor();
         let metrics = Arc::new(CoreMetrics::default());
         let (stop_tx, stop_rx) = channel::bounded(1);
+        let (wake_tx, wake_rx) = channel::bounded(1);
 
         let mut links = Vec::with_capacity(nr_shards);
         let mut shards = Vec::with_capacity(nr_shards);
         for _ in 0..nr_shards {
             let (req_tx, req_rx) = channel::bounded(cfg.queue_capacity);
             let (rep_tx, rep_rx) = channel::bounded(cfg.queue_capacity);
+            let bell = Arc::new(ShardBell::default());
             links.push(ShardLink {
                 to_core: req_tx,
                 from_core: rep_rx,
+                bell: Arc::clone(&bell),
+                wake_core: Some(wake_tx.clone()),
                 gate: std::sync::Arc::default(),
             });
             shards.push(Shard {
                 rx: req_rx,
                 tx: rep_tx,
+                bell,
                 overflow: VecDeque::new(),
                 open: true,
             });
@@ -252,6 +257,7 @@ impl EmbeddedCore {
             pending_cap: cfg.queue_capacity.saturating_mul(nr_shards),
             shards,
             stop_rx,
+            wake_rx,
             metrics: Arc::clone(&metrics),
             pending: HashMap::new(),
             pending_prekeys: HashMap::new(),
@@ -340,6 +346,8 @@ impl Drop for EmbeddedCore {
 struct Shard {
     rx: Receiver<CoreRequest>,
     tx: Sender<CoreReply>,
+    /// Rung after replies were queued on `tx`.
+    bell: Arc<ShardBell>,
     /// Replies that found `tx` full, oldest first.
     overflow: VecDeque<CoreReply>,
     /// False once every sender of `rx` is gone.
@@ -376,6 +384,8 @@ struct Core {
     pending_cap: usize,
     shards: Vec<Shard>,
     stop_rx: Receiver<()>,
+    /// Rung by shards for requests that need a prompt answer (see [`Core::wait`]).
+    wake_rx: Receiver<()>,
     metrics: Arc<CoreMetrics>,
     /// Per recipient: pending inserts and deletes.
     pending: HashMap<Vec<u8>, UserPending>,
@@ -445,6 +455,11 @@ impl Core {
 
     /// Blocks until a request or stop signal arrives, an overflowing reply queue has room, or
     /// the next commit is due.
+    ///
+    /// With a commit pending, requests do not wake the core: stores and acks wait in the
+    /// queues until the commit window closes and are taken in as one batch (one wake-up per
+    /// window instead of one per message). A shard rings `wake_rx` for a request that needs
+    /// a prompt answer (a drain, a prekey fetch) or when its queue passes half full.
     fn wait(&mut self) {
         let now = Instant::now();
         let timeout = self.deadline.map_or(IDLE_WAIT, |d| {
@@ -454,10 +469,12 @@ impl Core {
             return;
         }
         let stalled = self.stalled();
+        let batching = self.deadline.is_some();
         let mut sel = Select::new();
         sel.recv(&self.stop_rx);
+        sel.recv(&self.wake_rx);
         for s in &self.shards {
-            if s.open && !stalled {
+            if s.open && !stalled && !batching {
                 sel.recv(&s.rx);
             }
             if !s.overflow.is_empty() {
@@ -466,6 +483,8 @@ impl Core {
         }
         // Which operation is ready does not matter: the loop sweeps everything.
         let _ = sel.ready_timeout(timeout);
+        // A ring is consumed here; the loop then sweeps every queue.
+        let _ = self.wake_rx.try_recv();
     }
 
     /// Takes in and handles up to `max` requests from shard `s`; returns how many.
@@ -772,7 +791,7 @@ impl Core {
             return;
         }
         match shard.tx.try_send(r) {
-            Ok(()) => {}
+            Ok(()) => shard.bell.ring(),
             Err(TrySendError::Full(r)) => {
                 shard.overflow.push_back(r);
                 bump(&self.metrics.replies_deferred, 1);
@@ -787,7 +806,7 @@ impl Core {
         for (s, shard) in self.shards.iter_mut().enumerate() {
             while let Some(r) = shard.overflow.pop_front() {
                 match shard.tx.try_send(r) {
-                    Ok(()) => {}
+                    Ok(()) => shard.bell.ring(),
                     Err(TrySendError::Full(r)) => {
                         shard.overflow.push_front(r);
                         break;

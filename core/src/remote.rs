@@ -73,7 +73,7 @@ use iris_bus::{
 };
 use tracing::{debug, error, info, warn};
 
-use crate::api::{CoreReply, CoreRequest, ShardLink};
+use crate::api::{CoreReply, CoreRequest, ShardBell, ShardLink};
 use crate::error::CoreError;
 use crate::outbox::{AcceptGate, Outbox, OutboxConfig, OutboxSnapshot, OutboxStats};
 use crate::sessions::{
@@ -410,16 +410,21 @@ impl RemoteCore {
         let mut links = Vec::with_capacity(shards);
         let mut requests = Vec::with_capacity(shards);
         let mut replies = Vec::with_capacity(shards);
+        let mut bells = Vec::with_capacity(shards);
         for _ in 0..shards {
             let (req_tx, req_rx) = channel::bounded(cap);
             let (rep_tx, rep_rx) = channel::bounded(cap);
+            let bell = Arc::new(ShardBell::default());
             links.push(ShardLink {
                 to_core: req_tx,
                 from_core: rep_rx,
+                bell: Arc::clone(&bell),
+                wake_core: None,
                 gate: Arc::clone(&gate),
             });
             requests.push(req_rx);
             replies.push(rep_tx);
+            bells.push(bell);
         }
 
         let (in_tx, in_rx) = channel::bounded::<InFrame>(4096);
@@ -504,6 +509,7 @@ impl RemoteCore {
             presence_parts,
             requests,
             replies,
+            bells,
             deferred: (0..shards).map(|_| VecDeque::new()).collect(),
             deferred_total: 0,
             inbound: in_rx,
@@ -694,6 +700,8 @@ struct Bridge {
     presence_parts: u32,
     requests: Vec<Receiver<CoreRequest>>,
     replies: Vec<Sender<CoreReply>>,
+    /// Rung after replies were queued for a shard.
+    bells: Vec<Arc<ShardBell>>,
     /// Replies waiting for room in each shard's queue, in order.
     deferred: Vec<VecDeque<CoreReply>>,
     deferred_total: usize,
@@ -1411,6 +1419,7 @@ impl Bridge {
         if send_in_order(&mut self.deferred[shard], r, |r| to_shard(tx, r)) && newly_full {
             self.stats.replies_deferred.fetch_add(1, Ordering::Relaxed);
         }
+        self.bells[shard].ring();
         self.deferred_total += self.deferred[shard].len() - before;
     }
 
@@ -1419,7 +1428,11 @@ impl Bridge {
         for s in 0..self.deferred.len() {
             let before = self.deferred[s].len();
             let tx = &self.replies[s];
-            moved |= flush_in_order(&mut self.deferred[s], |r| to_shard(tx, r));
+            let moved_here = flush_in_order(&mut self.deferred[s], |r| to_shard(tx, r));
+            if moved_here {
+                self.bells[s].ring();
+            }
+            moved |= moved_here;
             self.deferred_total -= before - self.deferred[s].len();
         }
         moved

@@ -99,6 +99,11 @@ const RING_BYTES_HIGH: u64 = 8 << 20;
 /// Requests in the embedded core's queue beyond which a shard's connections stop reading: the
 /// queue's capacity (`core_queue_capacity`, 65,536) holds up to 64 MiB of 1 KB messages; the core takes in far fewer per commit window.
 const CORE_QUEUE_HIGH: usize = 4096;
+/// How long the embedded core poller sleeps at most without a ring (idle heap collection,
+/// shutdown checks).
+const POLLER_HOUSEKEEPING: Duration = Duration::from_millis(100);
+/// Requests queued to the core past which the shard wakes it before its commit window closes.
+const CORE_QUEUE_WAKE: usize = 1024;
 
 /// A reply that has not come back after this long is taken as lost (cluster: the bus lost it)
 /// and no longer counts against `max_pending_replies`.
@@ -587,7 +592,12 @@ impl Shard {
         let mut backlog = self.core_backlog.borrow_mut();
         if backlog.is_empty() {
             match self.core.to_core.try_send(req) {
-                Ok(()) => return,
+                Ok(()) => {
+                    if self.core.to_core.len() >= CORE_QUEUE_WAKE {
+                        self.wake_core();
+                    }
+                    return;
+                }
                 Err(TrySendError::Full(r)) | Err(TrySendError::Disconnected(r)) => {
                     backlog.push_back(Backlogged::Req(r))
                 }
@@ -599,13 +609,22 @@ impl Shard {
         self.core_notify.notify();
     }
 
-    /// A request with a reply is handed to the core (see [`Shard::replies_full`]).
+    /// A request with a reply is handed to the core (see [`Shard::replies_full`]); the core is
+    /// woken for it (stores and acks alone wait for the core's commit window).
     pub fn push_core_with_reply(&self, req: CoreRequest) {
         let mut p = self.pending_replies.borrow_mut();
         p.push_back(std::time::Instant::now());
         ShardMetrics::set(&self.metrics.pending_replies, p.len() as u64);
         drop(p);
         self.push_core(req);
+        self.wake_core();
+    }
+
+    /// Rings the embedded core out of its commit-window sleep (never blocks).
+    fn wake_core(&self) {
+        if let Some(w) = &self.core.wake_core {
+            let _ = w.try_send(());
+        }
     }
 
     /// True while `max_pending_replies` requests with a reply wait for the core: the
@@ -979,8 +998,10 @@ impl Shard {
         }
     }
 
-    /// Moves backlog to the core and core replies to connections. The core is an OS thread that
-    /// cannot wake a glommio executor, so this polls, backing off from 50 µs to 1 ms when idle.
+    /// Moves backlog to the core and core replies to connections. While busy it loops; idle, the
+    /// embedded edge's poller sleeps until the core rings its bell (glommio takes wake-ups from
+    /// the core's thread) and the cluster edge's polls, backing off from 50 µs to 1 ms (its
+    /// direct-copy gate releases by age).
     async fn core_poller(self: Rc<Self>) {
         let mut idle = Duration::from_micros(50);
         let mut last_collect = std::time::Instant::now();
@@ -1049,6 +1070,8 @@ impl Shard {
                     && self.conns.borrow().is_empty()
                     && self.core_backlog.borrow().is_empty()
                 {
+                    // No other thread may hold this task's waker once it is gone.
+                    self.core.bell.clear();
                     return;
                 }
                 if idle >= Duration::from_millis(1)
@@ -1065,10 +1088,37 @@ impl Shard {
                     bytes_at_collect = bytes;
                     last_collect = std::time::Instant::now();
                 }
-                glommio::timer::sleep(idle).await;
-                idle = (idle * 2).min(Duration::from_millis(1));
+                if self.cluster {
+                    // The direct-copy gate releases held copies by age: poll it.
+                    glommio::timer::sleep(idle).await;
+                    idle = (idle * 2).min(Duration::from_millis(1));
+                } else {
+                    // Sleep until the core rings (replies), a connection backlogs a request,
+                    // or housekeeping is due; no timer wake-ups while traffic is sparse.
+                    self.park_on_core().await;
+                }
             }
         }
+    }
+
+    /// Waits for the core's bell, the backlog's notify, or [`POLLER_HOUSEKEEPING`].
+    async fn park_on_core(&self) {
+        let bell = &self.core.bell;
+        let rung = std::future::poll_fn(|cx| {
+            bell.park(cx.waker());
+            if !self.core.from_core.is_empty() || !self.core_backlog.borrow().is_empty() {
+                bell.unpark();
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        });
+        futures_lite::future::or(
+            futures_lite::future::or(rung, self.core_notify.wait()),
+            glommio::timer::sleep(POLLER_HOUSEKEEPING),
+        )
+        .await;
+        bell.unpark();
     }
 
     async fn ring_writer(self: Rc<Self>, senders: Rc<Senders<Batch>>, peer: usize) {
