@@ -1081,7 +1081,7 @@ mod tests {
     /// bytes, however much passed through it.
     #[test]
     fn acks_of_ids_from_the_future_are_recognised() {
-        let mut g = crate::idgen::IdGen::new(0, 0, 1, 0);
+        let mut g = crate::idgen::IdGen::new(0, 0, 1, 0, Default::default());
         assert!(!super::minted_in_the_future(g.next_id()));
         assert!(!super::minted_in_the_future(0x0000_0000_0000_0001));
         assert!(super::minted_in_the_future(u64::MAX));
