@@ -99,8 +99,9 @@ impl IdGen {
         self.next_id_at(now)
     }
 
-    /// [`IdGen::next_id`] with the clock reading `now` (in ticks) given.
-    fn next_id_at(&mut self, now: u64) -> u64 {
+    /// [`IdGen::next_id`] with the clock reading `now` given, in ticks since the id epoch
+    /// (for tests and benchmarks).
+    pub fn next_id_at(&mut self, now: u64) -> u64 {
         let mut tick = if now > self.last_tick {
             now
         } else {
