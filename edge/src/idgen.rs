@@ -9,24 +9,19 @@
 //!
 //! # One sender across shards
 //! The shards of one edge share a [`HighWater`]: the highest tick any of them minted ahead of
-//! the clock. A shard that runs ahead raises it (one atomic `fetch_max`, only while ahead), and
-//! every shard mints above it (one atomic load per id). So an id minted after another id was
-//! minted on any shard of the edge is higher: a sender whose burst ran its shard's generator
-//! ahead and who reconnects onto another shard keeps its order in the recipient's drain
-//! (`tests/tests/sender_order.rs`). An id minted at the clock is not published (that would
-//! write the shared line on every id); a later id on another shard is at the clock too and
-//! higher as soon as one 16 µs tick passed between them, far less than a reconnect and its
-//! LOGIN (`login_settle_us` alone is 500 µs). While a shard runs ahead, the others follow it:
-//! the edge then runs ahead at the rate of all its shards together. Ids minted on another edge
-//! are not covered: a sender that reconnects to another edge within its burst's run-ahead (16 µs
-//! per id beyond one per tick) may still see its later messages drained first. The magnitude is continuous with the previous layout
-//! (`µs << 14`): `(µs / 16) << 18` is the same number to within one tick, so ids minted after an
-//! upgrade sort after those minted before it and a store's id floor keeps working. A recipient's
-//! messages are stored and drained in id order, so one sender's messages (always minted by the
-//! sender's shard) keep their send order. At startup the embedded generator is seeded with the
-//! highest id the store has seen, so a restart with a clock that stepped back still never
-//! reuses an id; in a cluster the node's clock must not step back across a restart by more than
-//! the time the restart takes.
+//! the clock. A shard raises it with each id it mints ahead of the clock (one atomic
+//! `fetch_max`, only then); an id at the clock touches nothing shared. A connection reads it once,
+//! at LOGIN, and its first message is minted above it ([`IdGen::next_id_above`]). So a sender
+//! whose burst ran its shard's generator ahead, and who reconnects (after the edge accepted the
+//! burst: there is no send acknowledgement in v1, so "sent before" means "read by the edge
+//! before the new LOGIN") and lands on another shard, still gets higher ids there, and the
+//! recipient's drain keeps its order (`tests/tests/sender_order.rs`). Ids minted at the clock
+//! need nothing: a later id on another shard is at the clock too and higher as soon as one
+//! 16 µs tick passed between them, far less than a reconnect and its LOGIN (`login_settle_us`
+//! alone is 500 µs). The shards are not otherwise coupled: one that bursts does not drag the
+//! others ahead of the clock. Ids minted on another edge are not covered: a sender that
+//! reconnects to another edge within its burst's run-ahead (16 µs per id beyond one per tick)
+//! may still see its later messages drained first.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -52,7 +47,7 @@ const LOW_BITS: u32 = SHARD_BITS + NODE_BITS + REGION_BITS;
 const REGION_SHIFT: u32 = SHARD_BITS + NODE_BITS;
 
 /// The highest tick minted ahead of the clock by any generator sharing it: one per edge
-/// process, shared by its shards (see the module documentation).
+/// process, shared by its shards and read by each LOGIN (see the module documentation).
 #[derive(Debug, Default)]
 pub struct HighWater(AtomicU64);
 
@@ -63,7 +58,8 @@ impl HighWater {
     }
 }
 
-/// One shard's id generator (each shard owns its own; they share only a [`HighWater`]).
+/// One shard's id generator (each shard owns its own; they share only a [`HighWater`], which
+/// it writes while it runs ahead of the clock).
 #[derive(Debug)]
 pub struct IdGen {
     tag: u64,
@@ -92,30 +88,36 @@ impl IdGen {
         }
     }
 
-    /// The next id of this shard: above its previous id, the clock, and every tick another
-    /// shard minted ahead of the clock.
-    pub fn next_id(&mut self) -> u64 {
-        let now = now_micros().saturating_sub(EPOCH_MICROS) / TICK_MICROS;
-        self.next_id_at(now)
+    /// The edge's [`HighWater`] tick now: what a connection logging in reads, to mint its first
+    /// message above it.
+    pub fn high_water(&self) -> u64 {
+        self.high.tick()
     }
 
-    /// [`IdGen::next_id`] with the clock reading `now` given, in ticks since the id epoch
-    /// (for tests and benchmarks).
-    pub fn next_id_at(&mut self, now: u64) -> u64 {
-        let mut tick = if now > self.last_tick {
+    /// The next id of this shard: above its previous id and the clock.
+    pub fn next_id(&mut self) -> u64 {
+        self.next_id_above(0)
+    }
+
+    /// The next id of this shard, also above `floor_tick`: a [`HighWater::tick`] read when
+    /// the connection minting it logged in (0: none).
+    pub fn next_id_above(&mut self, floor_tick: u64) -> u64 {
+        let now = now_micros().saturating_sub(EPOCH_MICROS) / TICK_MICROS;
+        self.next_id_at(now, floor_tick)
+    }
+
+    /// [`IdGen::next_id_above`] with the clock reading `now` given, in ticks since the id
+    /// epoch (for tests and benchmarks).
+    pub fn next_id_at(&mut self, now: u64, floor_tick: u64) -> u64 {
+        let tick = if now > self.last_tick {
             now
         } else {
             self.last_tick + 1
-        };
-        // Equal to a published tick means another shard minted it: go past it (ids of the same
-        // tick sort by shard number, not by time).
-        let high = self.high.tick();
-        if high >= tick {
-            tick = high + 1;
         }
+        .max(floor_tick.saturating_add(1));
         if tick > now {
-            // Ahead of the clock: what this shard mints next, every shard mints above.
-            self.high.0.fetch_max(tick, Ordering::AcqRel);
+            // Ahead of the clock: every LOGIN from now on mints above it, on any shard.
+            self.high.0.fetch_max(tick, Ordering::Release);
         }
         self.last_tick = tick;
         (tick << LOW_BITS) | self.tag
@@ -235,37 +237,40 @@ mod tests {
     }
 
     #[test]
-    fn a_shard_mints_above_what_another_shard_minted_ahead_of_the_clock() {
-        // Regression (sender_order.rs): shard 1 bursts 1000 ids in one tick, running 999
-        // ticks ahead of the clock; shard 0, at the clock, used to mint below all of them.
+    fn a_login_after_a_burst_on_another_shard_mints_above_it() {
+        // Regression (sender_order.rs): shard 1 mints 1000 ids in one tick, running 999 ticks
+        // ahead of the clock; a connection that logs in on shard 0 afterwards used to get an id
+        // at the clock, below all of them.
         let high = hw();
         let mut a = IdGen::new(0, 0, 1, 0, high.clone());
         let mut b = IdGen::new(0, 0, 0, 0, high.clone());
         let now = 1_000_000;
-        let burst: Vec<u64> = (0..1000).map(|_| a.next_id_at(now)).collect();
+        let burst: Vec<u64> = (0..1000).map(|_| a.next_id_at(now, 0)).collect();
         assert!(burst.windows(2).all(|w| w[0] < w[1]));
         let last = *burst.last().unwrap();
         assert_eq!(high.tick(), last >> LOW_BITS);
-        // Shard 0 a few ticks later (its clock far behind shard 1's run-ahead): above.
-        let next = b.next_id_at(now + 5);
-        assert!(next > last, "{next:#x} <= {last:#x}");
-        // And shard 1 stays above shard 0's id in turn.
-        assert!(a.next_id_at(now + 5) > next);
-        // Once the clock passes the run-ahead, both are at the clock again.
+        // Without the floor (an old connection of shard 0): at the clock, below the burst.
+        assert!(b.next_id_at(now + 5, 0) < last);
+        // The connection that logged in after the burst: above it, and so is everything
+        // shard 0 mints after it.
+        let floor = high.tick();
+        let first = b.next_id_at(now + 6, floor);
+        assert!(first > last, "{first:#x} <= {last:#x}");
+        assert!(b.next_id_at(now + 7, 0) > first);
+        // Shard 1 is not dragged along: at the clock once the clock passes its own run-ahead.
         let later = now + 10_000;
-        assert_eq!(b.next_id_at(later) >> LOW_BITS, later);
-        assert_eq!(a.next_id_at(later + 1) >> LOW_BITS, later + 1);
+        assert_eq!(a.next_id_at(later, 0) >> LOW_BITS, later);
     }
 
     #[test]
     fn at_the_clock_nothing_is_published() {
         let high = hw();
         let mut g = IdGen::new(0, 0, 0, 0, high.clone());
-        assert_eq!(g.next_id_at(100) >> LOW_BITS, 100);
-        assert_eq!(g.next_id_at(101) >> LOW_BITS, 101);
+        assert_eq!(g.next_id_at(100, 0) >> LOW_BITS, 100);
+        assert_eq!(g.next_id_at(101, 0) >> LOW_BITS, 101);
         assert_eq!(high.tick(), 0, "an id at the clock needs no shared write");
         // The second id of a tick is ahead of the clock: published.
-        assert_eq!(g.next_id_at(101) >> LOW_BITS, 102);
+        assert_eq!(g.next_id_at(101, 0) >> LOW_BITS, 102);
         assert_eq!(high.tick(), 102);
     }
 

@@ -1,9 +1,10 @@
 //! Message id minting (`iris_edge::idgen`), once per accepted message: the cost of the edge-wide
-//! high-water mark that keeps one sender's ids increasing across shards, against the previous
-//! per-shard-only generator (copied here as the baseline).
+//! high-water mark that keeps one sender's ids increasing across shards (raised by every id
+//! minted ahead of the clock), against the previous per-shard-only generator (copied here as
+//! the baseline).
 //!
-//! - `at_clock`: the clock advances one tick per id (a shard below 62,500 ids/s): the shared
-//!   mark is only read, never written.
+//! - `at_clock`: the clock advances one tick per id (a shard below 62,500 ids/s): nothing shared
+//!   is touched.
 //! - `ahead`: the clock stands still (a burst): every id is ahead and raises the mark.
 //! - `ahead_contended`: the same while another thread (another shard) bursts on the same mark.
 //! - `clock`: `next_id` with the real clock (`SystemTime::now` included), for scale.
@@ -31,16 +32,26 @@ impl Previous {
     }
 }
 
-/// Runs `f` while another thread mints ids in a burst on `high` (or on its own mark).
+/// Runs `f` while another thread mints a burst of ids, on `high` when given.
 fn with_neighbour<R>(high: Option<Arc<HighWater>>, f: impl FnOnce() -> R) -> R {
     let stop = Arc::new(AtomicBool::new(false));
     let t = {
         let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut g = IdGen::new(0, 0, 1, 0, high.unwrap_or_default());
-            while !stop.load(Ordering::Relaxed) {
-                for _ in 0..1000 {
-                    black_box(g.next_id_at(black_box(1_000)));
+        std::thread::spawn(move || match high {
+            Some(high) => {
+                let mut g = IdGen::new(0, 0, 1, 0, high);
+                while !stop.load(Ordering::Relaxed) {
+                    for _ in 0..1000 {
+                        black_box(g.next_id_at(black_box(1_000), 0));
+                    }
+                }
+            }
+            None => {
+                let mut g = Previous { tag: 1, last_tick: 0 };
+                while !stop.load(Ordering::Relaxed) {
+                    for _ in 0..1000 {
+                        black_box(g.next_id_at(black_box(1_000)));
+                    }
                 }
             }
         })
@@ -68,7 +79,7 @@ fn bench(c: &mut Criterion) {
     g.bench_function("at_clock", |b| {
         b.iter(|| {
             now += 1;
-            black_box(id.next_id_at(black_box(now)))
+            black_box(id.next_id_at(black_box(now), 0))
         })
     });
 
@@ -78,7 +89,7 @@ fn bench(c: &mut Criterion) {
     });
     let mut id = IdGen::new(0, 0, 0, 0, Arc::default());
     g.bench_function("ahead", |b| {
-        b.iter(|| black_box(id.next_id_at(black_box(1_000))))
+        b.iter(|| black_box(id.next_id_at(black_box(1_000), 0)))
     });
 
     with_neighbour(None, || {
@@ -91,7 +102,7 @@ fn bench(c: &mut Criterion) {
     with_neighbour(Some(high.clone()), || {
         let mut id = IdGen::new(0, 0, 0, 0, high);
         g.bench_function("ahead_contended", |b| {
-            b.iter(|| black_box(id.next_id_at(black_box(1_000))))
+            b.iter(|| black_box(id.next_id_at(black_box(1_000), 0)))
         });
     });
 

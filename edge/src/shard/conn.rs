@@ -22,7 +22,7 @@
 //! retry_after_ms`: it is found with a one-byte read, and that byte stays in the input buffer
 //! until reading resumes, so nothing read is ever dropped.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
@@ -597,6 +597,10 @@ struct Conn {
     errors: Option<(Instant, u32)>,
     /// TYPING token bucket: tokens left and when it was last refilled.
     typing: Option<(f64, Instant)>,
+    /// The edge's id high-water tick read at the last LOGIN, until the next message is minted
+    /// above it (`idgen.rs`: a sender that reconnects onto this shard after a burst elsewhere
+    /// keeps its order); 0 once used.
+    id_floor: Cell<u64>,
 }
 
 /// Each limit a client can hit is logged once per process, then only counted.
@@ -797,7 +801,10 @@ impl Conn {
     /// Accepts one message from the logged-in sender for `target`.
     fn accept_message(&self, sender: &[u8], target: &[u8], payload: &[u8]) {
         let shard = &self.shard;
-        let id = shard.idgen.borrow_mut().next_id();
+        let id = shard
+            .idgen
+            .borrow_mut()
+            .next_id_above(self.id_floor.replace(0));
         let mut f = Vec::with_capacity(payload.len() + 23);
         frame::encode_reliable(&mut f, MsgId(id), payload);
         shard.push_core(CoreRequest::Store(StoredMsg {
@@ -940,6 +947,7 @@ impl Conn {
             None => ShardMetrics::inc(&shard.metrics.sessions_open),
         }
         ShardMetrics::inc(&shard.metrics.logins_total);
+        self.id_floor.set(shard.idgen.borrow().high_water());
         shard.send_shard(
             owner_of(user, shard.nshards),
             ShardMsg::Register {
@@ -1000,6 +1008,7 @@ pub async fn run(shard: Rc<Shard>, mut stream: TcpStream, id: ConnId) {
         settle_started: false,
         errors: None,
         typing: None,
+        id_floor: Cell::new(0),
     };
     let mut inbuf: Vec<u8> = Vec::new();
     let mut timers = Timers {
