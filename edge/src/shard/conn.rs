@@ -854,7 +854,7 @@ impl Conn {
             ClientFrame::Ack { id } => {
                 let me = self.logged_in_user()?;
                 ShardMetrics::inc(&shard.metrics.acks_total);
-                if minted_in_the_future(id.0) {
+                if minted_in_the_future(id.0, shard.idgen.borrow().high_water()) {
                     // No edge has minted it: it was never delivered. Not worth a tombstone.
                     ShardMetrics::inc(&shard.metrics.acks_dropped_total);
                     return Ok(());
@@ -971,13 +971,18 @@ fn error_frame(reason: &str) -> Vec<u8> {
 const ACK_FUTURE_SLACK_MICROS: u64 = 60_000_000;
 
 /// True for an id no edge can have minted yet: its time (see `idgen.rs`) is more than
-/// [`ACK_FUTURE_SLACK_MICROS`] ahead of this edge's clock. A random 16-hex-digit id is one
-/// with a probability of about nine in ten.
-fn minted_in_the_future(id: u64) -> bool {
-    let micros = (id >> iris_bus::hops::ID_LOW_BITS)
-        .saturating_mul(iris_bus::hops::ID_TICK_MICROS)
-        .saturating_add(iris_bus::hops::ID_EPOCH_MICROS);
-    micros > crate::idgen::now_micros().saturating_add(ACK_FUTURE_SLACK_MICROS)
+/// [`ACK_FUTURE_SLACK_MICROS`] ahead of this edge's clock, or of `high_tick` (the edge's id
+/// high-water tick: under a sustained burst of more than one id per 16 µs tick the edge's own
+/// ids run ahead of its clock, and their acks must still count). A random 16-hex-digit id is
+/// one with a probability of about nine in ten.
+fn minted_in_the_future(id: u64, high_tick: u64) -> bool {
+    let tick_micros = |tick: u64| {
+        tick.saturating_mul(iris_bus::hops::ID_TICK_MICROS)
+            .saturating_add(iris_bus::hops::ID_EPOCH_MICROS)
+    };
+    let micros = tick_micros(id >> iris_bus::hops::ID_LOW_BITS);
+    let newest = crate::idgen::now_micros().max(tick_micros(high_tick));
+    micros > newest.saturating_add(ACK_FUTURE_SLACK_MICROS)
 }
 
 /// Drops the written head of an output queue once it is at least as long as the unsent tail
@@ -1091,10 +1096,27 @@ mod tests {
     #[test]
     fn acks_of_ids_from_the_future_are_recognised() {
         let mut g = crate::idgen::IdGen::new(0, 0, 1, 0, Default::default());
-        assert!(!super::minted_in_the_future(g.next_id()));
-        assert!(!super::minted_in_the_future(0x0000_0000_0000_0001));
-        assert!(super::minted_in_the_future(u64::MAX));
-        assert!(super::minted_in_the_future(0x7fff_ffff_ffff_ffff));
+        assert!(!super::minted_in_the_future(g.next_id(), 0));
+        assert!(!super::minted_in_the_future(0x0000_0000_0000_0001, 0));
+        assert!(super::minted_in_the_future(u64::MAX, 0));
+        assert!(super::minted_in_the_future(0x7fff_ffff_ffff_ffff, 0));
+    }
+
+    #[test]
+    fn acks_of_ids_a_long_burst_ran_ahead_still_count() {
+        // Regression: a shard minting 250,000 ids/s for 30 s runs 90 s ahead of the clock (one
+        // tick is 16 µs); the acks of those ids were dropped as "from the future", so the
+        // messages were delivered again at every login.
+        let high = std::sync::Arc::new(crate::idgen::HighWater::default());
+        let mut g = crate::idgen::IdGen::new(0, 0, 1, 0, high.clone());
+        let now_tick = (crate::idgen::now_micros() - crate::idgen::EPOCH_MICROS) / 16;
+        let ahead_90s = now_tick + 90_000_000 / 16;
+        let id = g.next_id_at(now_tick, ahead_90s);
+        assert!(super::minted_in_the_future(id, 0), "90 s ahead of the clock");
+        assert!(!super::minted_in_the_future(id, high.tick()));
+        // Beyond the high-water mark by more than the slack: still refused.
+        let beyond = (ahead_90s + 61_000_000 / 16) << 18;
+        assert!(super::minted_in_the_future(beyond, high.tick()));
     }
 
     #[test]
