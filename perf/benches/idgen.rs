@@ -47,7 +47,10 @@ fn with_neighbour<R>(high: Option<Arc<HighWater>>, f: impl FnOnce() -> R) -> R {
                 }
             }
             None => {
-                let mut g = Previous { tag: 1, last_tick: 0 };
+                let mut g = Previous {
+                    tag: 1,
+                    last_tick: 0,
+                };
                 while !stop.load(Ordering::Relaxed) {
                     for _ in 0..1000 {
                         black_box(g.next_id_at(black_box(1_000)));
@@ -66,7 +69,10 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("idgen");
     g.throughput(Throughput::Elements(1));
 
-    let mut prev = Previous { tag: 0, last_tick: 0 };
+    let mut prev = Previous {
+        tag: 0,
+        last_tick: 0,
+    };
     let mut now = 0u64;
     g.bench_function("previous_at_clock", |b| {
         b.iter(|| {
@@ -83,7 +89,10 @@ fn bench(c: &mut Criterion) {
         })
     });
 
-    let mut prev = Previous { tag: 0, last_tick: 0 };
+    let mut prev = Previous {
+        tag: 0,
+        last_tick: 0,
+    };
     g.bench_function("previous_ahead", |b| {
         b.iter(|| black_box(prev.next_id_at(black_box(1_000))))
     });
@@ -93,7 +102,10 @@ fn bench(c: &mut Criterion) {
     });
 
     with_neighbour(None, || {
-        let mut prev = Previous { tag: 0, last_tick: 0 };
+        let mut prev = Previous {
+            tag: 0,
+            last_tick: 0,
+        };
         g.bench_function("previous_ahead_neighbour_bursting", |b| {
             b.iter(|| black_box(prev.next_id_at(black_box(1_000))))
         });

@@ -600,11 +600,16 @@ impl Server {
             let mut after = accepted(self);
             let deadline = Instant::now() + Duration::from_secs(5);
             while after.iter().sum::<u64>() == before.iter().sum::<u64>() {
-                assert!(Instant::now() < deadline, "connection not accepted within 5 s");
+                assert!(
+                    Instant::now() < deadline,
+                    "connection not accepted within 5 s"
+                );
                 std::thread::sleep(Duration::from_millis(1));
                 after = accepted(self);
             }
-            let moved: Vec<usize> = (0..self.shards).filter(|&i| after[i] != before[i]).collect();
+            let moved: Vec<usize> = (0..self.shards)
+                .filter(|&i| after[i] != before[i])
+                .collect();
             assert_eq!(moved.len(), 1, "another connection was accepted meanwhile");
             if moved[0] == shard {
                 return c;

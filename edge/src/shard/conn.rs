@@ -1112,7 +1112,10 @@ mod tests {
         let now_tick = (crate::idgen::now_micros() - crate::idgen::EPOCH_MICROS) / 16;
         let ahead_90s = now_tick + 90_000_000 / 16;
         let id = g.next_id_at(now_tick, ahead_90s);
-        assert!(super::minted_in_the_future(id, 0), "90 s ahead of the clock");
+        assert!(
+            super::minted_in_the_future(id, 0),
+            "90 s ahead of the clock"
+        );
         assert!(!super::minted_in_the_future(id, high.tick()));
         // Beyond the high-water mark by more than the slack: still refused.
         let beyond = (ahead_90s + 61_000_000 / 16) << 18;

@@ -521,8 +521,7 @@ impl Shard {
         cfg: Arc<EdgeConfig>,
         metrics: Arc<ShardMetrics>,
         core: ShardLink,
-        id_floor: u64,
-        id_high: Arc<HighWater>,
+        (id_floor, id_high): (u64, Arc<HighWater>),
         ring_bytes: Arc<AtomicU64>,
     ) -> Self {
         let cluster = cfg.cluster.bus == BusKind::Kafka;
@@ -1173,7 +1172,13 @@ pub async fn run(start: ShardStart) {
     } = start;
     let _notice = ExitNotice(exited, id);
     let shard = Rc::new(Shard::new(
-        id, nshards, cfg, metrics, core, id_floor, id_high, ring_bytes,
+        id,
+        nshards,
+        cfg,
+        metrics,
+        core,
+        (id_floor, id_high),
+        ring_bytes,
     ));
 
     if let Some(mesh) = mesh {
