@@ -11,8 +11,8 @@
 use iris_edge::protocol::cbor::{self, MAX_DEPTH};
 use libfuzzer_sys::fuzz_target;
 
-/// RFC 8949 Appendix F, recursive. `depth` counts the arrays and maps open around the item
-/// (the implementation under test keeps one stack slot per open non-empty container).
+/// RFC 8949 Appendix F, recursive. `depth` counts the arrays and maps open around the item; a
+/// container (empty ones included) nested deeper than [`MAX_DEPTH`] is refused.
 struct Ref<'a> {
     b: &'a [u8],
     pos: usize,
@@ -102,7 +102,8 @@ impl Ref<'_> {
                 } else {
                     val
                 };
-                if items > 0 && depth + 1 > MAX_DEPTH {
+                // An empty container counts too: it is nested at depth + 1 all the same.
+                if depth + 1 > MAX_DEPTH {
                     return Err(Bad);
                 }
                 for _ in 0..items {
