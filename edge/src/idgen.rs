@@ -147,12 +147,15 @@ mod tests {
         assert_eq!(LOW_BITS, iris_bus::hops::ID_LOW_BITS);
         assert_eq!(REGION_SHIFT, iris_bus::hops::ID_REGION_SHIFT);
         assert_eq!(TICK_MICROS, iris_bus::hops::ID_TICK_MICROS);
+        let mut g = IdGen::new(7, 3, 1, 0, hw());
         let before = now_micros();
-        let id = IdGen::new(7, 3, 1, 0, hw()).next_id();
+        let id = g.next_id();
+        let after = now_micros();
+        // The id carries the clock reading taken between the two, rounded down to its tick.
         let accepted = iris_bus::hops::id_accept_micros(id);
         assert!(
-            accepted <= before && before - accepted < 5_000_000,
-            "{accepted} {before}"
+            before / TICK_MICROS * TICK_MICROS <= accepted && accepted <= after,
+            "{before} <= {accepted} <= {after}"
         );
         assert!(iris_bus::hops::id_age_micros(id) < 5_000_000);
         assert_eq!(iris_bus::hops::id_region(id), 7);
