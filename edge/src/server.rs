@@ -197,6 +197,7 @@ pub fn run(
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (exit_tx, exit_rx) = std::sync::mpsc::channel();
     let ring_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let id_high = Arc::new(crate::idgen::HighWater::default());
     for (i, (sock, link)) in sockets.into_iter().zip(links).enumerate() {
         let start = ShardStart {
             id: i,
@@ -205,6 +206,7 @@ pub fn run(
             metrics: metrics[i].clone(),
             core: link,
             id_floor,
+            id_high: id_high.clone(),
             listener_fd: OwnedFd::from(sock),
             mesh: mesh.clone(),
             shutdown: shutdown.clone(),

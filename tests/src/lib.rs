@@ -186,6 +186,25 @@ pub fn number_of(payload: &[u8]) -> usize {
         .unwrap_or_else(|| panic!("payload is not numbered: {:?}", Bytes(payload)))
 }
 
+/// The shard that minted message id `id` (16 hex digits): its low 6 bits (`edge/src/idgen.rs`).
+pub fn shard_of_id(id: &[u8]) -> usize {
+    (id_value(id) & 63) as usize
+}
+
+/// The time a message id carries, in µs since the id epoch (2024-01-01 UTC): its 16 µs tick
+/// (the bits above the low 18) times 16.
+pub fn id_micros(id: &[u8]) -> u64 {
+    (id_value(id) >> 18) * 16
+}
+
+/// The number a 16-hex-digit message id stands for.
+pub fn id_value(id: &[u8]) -> u64 {
+    std::str::from_utf8(id)
+        .ok()
+        .and_then(|s| u64::from_str_radix(s, 16).ok())
+        .unwrap_or_else(|| panic!("not a message id: {:?}", Bytes(id)))
+}
+
 /// Describes how `got` differs from `expected` (first difference, duplicates, missing), or
 /// `None` when they are equal.
 pub fn describe_sequence_diff(got: &[usize], expected: &[usize]) -> Option<String> {
@@ -561,6 +580,42 @@ impl Server {
     /// A new connection to the client port.
     pub fn connect(&self) -> Client {
         Client::connect(self.client)
+    }
+
+    /// A new connection (not logged in) that shard `shard` accepted: connects until the
+    /// shard's `iris_edge_connections_accepted_total` counter is the one that moved. Needs no
+    /// other connection to be accepted meanwhile.
+    pub fn connect_to_shard(&self, shard: usize) -> Client {
+        let accepted = |s: &Server| {
+            let m = s.metrics();
+            (0..s.shards)
+                .map(|i| {
+                    metric_value(&m, "iris_edge_connections_accepted_total", Some(i)).unwrap_or(0)
+                })
+                .collect::<Vec<u64>>()
+        };
+        for _ in 0..200 {
+            let before = accepted(self);
+            let c = self.connect();
+            let mut after = accepted(self);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while after.iter().sum::<u64>() == before.iter().sum::<u64>() {
+                assert!(
+                    Instant::now() < deadline,
+                    "connection not accepted within 5 s"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+                after = accepted(self);
+            }
+            let moved: Vec<usize> = (0..self.shards)
+                .filter(|&i| after[i] != before[i])
+                .collect();
+            assert_eq!(moved.len(), 1, "another connection was accepted meanwhile");
+            if moved[0] == shard {
+                return c;
+            }
+        }
+        panic!("200 connections, none on shard {shard}");
     }
 
     /// A new connection, logged in as `user` (LOGIN_OK checked).
@@ -1437,6 +1492,23 @@ impl Client {
     /// read and handled by the server's connection.
     pub fn sync(&mut self) {
         let _ = self.status("sync-probe");
+    }
+
+    /// The shard this logged-in connection is on: it sends its own user a message with a
+    /// unique payload and reads the shard that minted its id ([`shard_of_id`]); the probe is
+    /// acked (and anything else that arrives first, such as an earlier probe redelivered).
+    pub fn which_shard(&mut self) -> usize {
+        let me = self.user.clone().expect("which_shard: log in first");
+        let probe = unique("which-shard-probe");
+        self.send(&me, probe.as_bytes());
+        loop {
+            let (id, payload) = self.recv_msg();
+            self.ack(&id);
+            if payload == probe.as_bytes() {
+                self.sync();
+                return shard_of_id(&id);
+            }
+        }
     }
 
     /// Closes both directions at once (an abrupt client close).

@@ -500,6 +500,14 @@ mod tests {
         let mut deep = vec![0x81; MAX_DEPTH];
         deep.push(0x80);
         assert_eq!(check_item(&deep), Err(ProtoError::BadCbor));
+        // An empty container takes a level too, also inside an indefinite map (the `cbor` fuzz
+        // target's reference once exempted it: `bf 00 81×63 a0 ff` nests an empty map 65 deep).
+        let mut in_map = vec![0xbf, 0x00];
+        in_map.extend(std::iter::repeat_n(0x81, MAX_DEPTH - 1));
+        in_map.extend_from_slice(&[0xa0, 0xff]);
+        assert_eq!(item_len(&in_map), Err(ProtoError::BadCbor));
+        in_map.remove(2);
+        assert_eq!(item_len(&in_map), Ok(in_map.len()));
         // Same with indefinite maps: `bf 00 <inner> ff`.
         let nest = |n: usize| {
             let mut v = Vec::new();

@@ -22,7 +22,7 @@
 //! retry_after_ms`: it is found with a one-byte read, and that byte stays in the input buffer
 //! until reading resumes, so nothing read is ever dropped.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
@@ -597,6 +597,10 @@ struct Conn {
     errors: Option<(Instant, u32)>,
     /// TYPING token bucket: tokens left and when it was last refilled.
     typing: Option<(f64, Instant)>,
+    /// The edge's id high-water tick read at the last LOGIN, until the next message is minted
+    /// above it (`idgen.rs`: a sender that reconnects onto this shard after a burst elsewhere
+    /// keeps its order); 0 once used.
+    id_floor: Cell<u64>,
 }
 
 /// Each limit a client can hit is logged once per process, then only counted.
@@ -797,7 +801,10 @@ impl Conn {
     /// Accepts one message from the logged-in sender for `target`.
     fn accept_message(&self, sender: &[u8], target: &[u8], payload: &[u8]) {
         let shard = &self.shard;
-        let id = shard.idgen.borrow_mut().next_id();
+        let id = shard
+            .idgen
+            .borrow_mut()
+            .next_id_above(self.id_floor.replace(0));
         let mut f = Vec::with_capacity(payload.len() + 23);
         frame::encode_reliable(&mut f, MsgId(id), payload);
         shard.push_core(CoreRequest::Store(StoredMsg {
@@ -847,7 +854,7 @@ impl Conn {
             ClientFrame::Ack { id } => {
                 let me = self.logged_in_user()?;
                 ShardMetrics::inc(&shard.metrics.acks_total);
-                if minted_in_the_future(id.0) {
+                if minted_in_the_future(id.0, shard.idgen.borrow().high_water()) {
                     // No edge has minted it: it was never delivered. Not worth a tombstone.
                     ShardMetrics::inc(&shard.metrics.acks_dropped_total);
                     return Ok(());
@@ -940,6 +947,7 @@ impl Conn {
             None => ShardMetrics::inc(&shard.metrics.sessions_open),
         }
         ShardMetrics::inc(&shard.metrics.logins_total);
+        self.id_floor.set(shard.idgen.borrow().high_water());
         shard.send_shard(
             owner_of(user, shard.nshards),
             ShardMsg::Register {
@@ -963,13 +971,18 @@ fn error_frame(reason: &str) -> Vec<u8> {
 const ACK_FUTURE_SLACK_MICROS: u64 = 60_000_000;
 
 /// True for an id no edge can have minted yet: its time (see `idgen.rs`) is more than
-/// [`ACK_FUTURE_SLACK_MICROS`] ahead of this edge's clock. A random 16-hex-digit id is one
-/// with a probability of about nine in ten.
-fn minted_in_the_future(id: u64) -> bool {
-    let micros = (id >> iris_bus::hops::ID_LOW_BITS)
-        .saturating_mul(iris_bus::hops::ID_TICK_MICROS)
-        .saturating_add(iris_bus::hops::ID_EPOCH_MICROS);
-    micros > crate::idgen::now_micros().saturating_add(ACK_FUTURE_SLACK_MICROS)
+/// [`ACK_FUTURE_SLACK_MICROS`] ahead of this edge's clock, or of `high_tick` (the edge's id
+/// high-water tick: under a sustained burst of more than one id per 16 µs tick the edge's own
+/// ids run ahead of its clock, and their acks must still count). A random 16-hex-digit id is
+/// one with a probability of about nine in ten.
+fn minted_in_the_future(id: u64, high_tick: u64) -> bool {
+    let tick_micros = |tick: u64| {
+        tick.saturating_mul(iris_bus::hops::ID_TICK_MICROS)
+            .saturating_add(iris_bus::hops::ID_EPOCH_MICROS)
+    };
+    let micros = tick_micros(id >> iris_bus::hops::ID_LOW_BITS);
+    let newest = crate::idgen::now_micros().max(tick_micros(high_tick));
+    micros > newest.saturating_add(ACK_FUTURE_SLACK_MICROS)
 }
 
 /// Drops the written head of an output queue once it is at least as long as the unsent tail
@@ -1000,6 +1013,7 @@ pub async fn run(shard: Rc<Shard>, mut stream: TcpStream, id: ConnId) {
         settle_started: false,
         errors: None,
         typing: None,
+        id_floor: Cell::new(0),
     };
     let mut inbuf: Vec<u8> = Vec::new();
     let mut timers = Timers {
@@ -1081,11 +1095,31 @@ mod tests {
     /// bytes, however much passed through it.
     #[test]
     fn acks_of_ids_from_the_future_are_recognised() {
-        let mut g = crate::idgen::IdGen::new(0, 0, 1, 0);
-        assert!(!super::minted_in_the_future(g.next_id()));
-        assert!(!super::minted_in_the_future(0x0000_0000_0000_0001));
-        assert!(super::minted_in_the_future(u64::MAX));
-        assert!(super::minted_in_the_future(0x7fff_ffff_ffff_ffff));
+        let mut g = crate::idgen::IdGen::new(0, 0, 1, 0, Default::default());
+        assert!(!super::minted_in_the_future(g.next_id(), 0));
+        assert!(!super::minted_in_the_future(0x0000_0000_0000_0001, 0));
+        assert!(super::minted_in_the_future(u64::MAX, 0));
+        assert!(super::minted_in_the_future(0x7fff_ffff_ffff_ffff, 0));
+    }
+
+    #[test]
+    fn acks_of_ids_a_long_burst_ran_ahead_still_count() {
+        // Regression: a shard minting 250,000 ids/s for 30 s runs 90 s ahead of the clock (one
+        // tick is 16 µs); the acks of those ids were dropped as "from the future", so the
+        // messages were delivered again at every login.
+        let high = std::sync::Arc::new(crate::idgen::HighWater::default());
+        let mut g = crate::idgen::IdGen::new(0, 0, 1, 0, high.clone());
+        let now_tick = (crate::idgen::now_micros() - crate::idgen::EPOCH_MICROS) / 16;
+        let ahead_90s = now_tick + 90_000_000 / 16;
+        let id = g.next_id_at(now_tick, ahead_90s);
+        assert!(
+            super::minted_in_the_future(id, 0),
+            "90 s ahead of the clock"
+        );
+        assert!(!super::minted_in_the_future(id, high.tick()));
+        // Beyond the high-water mark by more than the slack: still refused.
+        let beyond = (ahead_90s + 61_000_000 / 16) << 18;
+        assert!(super::minted_in_the_future(beyond, high.tick()));
     }
 
     #[test]

@@ -34,7 +34,7 @@ use iris_core::api::{ConnId, CoreReply, CoreRequest, ShardLink};
 use tracing::{debug, info, warn};
 
 use crate::config::{BusKind, EdgeConfig};
-use crate::idgen::IdGen;
+use crate::idgen::{HighWater, IdGen};
 use crate::metrics::ShardMetrics;
 use crate::protocol::{frame, Limits};
 use conn::ConnShared;
@@ -526,7 +526,7 @@ impl Shard {
         cfg: Arc<EdgeConfig>,
         metrics: Arc<ShardMetrics>,
         core: ShardLink,
-        id_floor: u64,
+        (id_floor, id_high): (u64, Arc<HighWater>),
         ring_bytes: Arc<AtomicU64>,
     ) -> Self {
         let cluster = cfg.cluster.bus == BusKind::Kafka;
@@ -543,7 +543,13 @@ impl Shard {
             presence: RefCell::new(Presence::new(
                 cfg.presence_last_seen_max.div_ceil(nshards.max(1)),
             )),
-            idgen: RefCell::new(IdGen::new(cfg.cluster.region_index(), node, id, id_floor)),
+            idgen: RefCell::new(IdGen::new(
+                cfg.cluster.region_index(),
+                node,
+                id,
+                id_floor,
+                id_high,
+            )),
             cluster,
             direct_live: cluster && cfg.cluster.direct_live,
             recent_routed: RefCell::new(RecentIds::default()),
@@ -1169,6 +1175,8 @@ pub struct ShardStart {
     pub metrics: Arc<ShardMetrics>,
     pub core: ShardLink,
     pub id_floor: u64,
+    /// The id high-water mark shared by every shard of the edge (`idgen.rs`).
+    pub id_high: Arc<HighWater>,
     pub listener_fd: std::os::fd::OwnedFd,
     pub mesh: Option<MeshBuilder<Batch, Full>>,
     pub shutdown: Arc<AtomicBool>,
@@ -1204,6 +1212,7 @@ pub async fn run(start: ShardStart) {
         metrics,
         core,
         id_floor,
+        id_high,
         listener_fd,
         mesh,
         shutdown,
@@ -1213,7 +1222,13 @@ pub async fn run(start: ShardStart) {
     } = start;
     let _notice = ExitNotice(exited, id);
     let shard = Rc::new(Shard::new(
-        id, nshards, cfg, metrics, core, id_floor, ring_bytes,
+        id,
+        nshards,
+        cfg,
+        metrics,
+        core,
+        (id_floor, id_high),
+        ring_bytes,
     ));
 
     if let Some(mesh) = mesh {
