@@ -54,7 +54,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::ops::Bound;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -62,9 +62,12 @@ use std::time::{Duration, Instant};
 use crossbeam::channel::{self, Receiver, Select, Sender, TryRecvError, TrySendError};
 use tracing::{debug, error, info, trace, warn};
 
-use crate::api::{ConnId, CoreReply, CoreRequest, ShardLink, StoredMsg};
+use crate::api::{
+    min_live_id, ConnId, CoreReply, CoreRequest, ShardLink, StoredMsg, REFUSED_INBOX_FULL,
+    REFUSED_STORE_FAILED,
+};
 use crate::error::CoreError;
-use crate::store::{Batch, MessageStore, MAX_SENDER_LEN, MAX_USER_LEN};
+use crate::store::{Batch, MessageStore, Usage, MAX_SENDER_LEN, MAX_USER_LEN};
 
 /// How often the recent-acks set rotates; an ack is remembered for one to two periods.
 const ACK_MEMORY_PERIOD: Duration = Duration::from_secs(1);
@@ -79,6 +82,22 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(1);
 const FINAL_PASSES: usize = 16;
 /// Attempts of the final commit at shutdown (with the usual backoff: ~1.5 s in all).
 const FINAL_COMMIT_ATTEMPTS: u32 = 8;
+/// Recipients whose stored count the quota cache holds; when full, about half are forgotten
+/// (and counted again from the store when they next receive a message).
+const USAGE_CACHE_USERS: usize = 262_144;
+/// Inbox entries one turn of the expiry sweep looks at, at most.
+const SWEEP_BUDGET: usize = 1024;
+/// Pause between two turns of one expiry sweep pass.
+const SWEEP_TURN: Duration = Duration::from_millis(10);
+
+static LOGGED_QUOTA: AtomicBool = AtomicBool::new(false);
+static LOGGED_COMMIT_FAILURE: AtomicBool = AtomicBool::new(false);
+static LOGGED_RECOVERY: AtomicBool = AtomicBool::new(false);
+
+/// True the first time it is called for `flag` (a limit hit is logged once, then counted).
+fn first_time(flag: &AtomicBool) -> bool {
+    !flag.swap(true, Ordering::Relaxed)
+}
 
 /// Configuration of the embedded core.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,6 +115,17 @@ pub struct EmbeddedConfig {
     /// Payload bytes per drain reply, at most (one message always fits); default 1 MiB. With
     /// `drain_chunk` it bounds what one reply adds to a connection's output queue.
     pub drain_chunk_bytes: usize,
+    /// Most messages stored for one recipient; a message beyond it is refused
+    /// ([`CoreReply::Refused`] `recipient_inbox_full`) and not stored. 0 = no limit. Default
+    /// 100000.
+    pub max_messages_per_user: u64,
+    /// Most payload bytes stored for one recipient, as `max_messages_per_user`. 0 = no limit.
+    /// Default 268435456 (256 MiB).
+    pub max_bytes_per_user: u64,
+    /// A stored message older than this (its id carries its accept time) is never drained and
+    /// is deleted (lazily at a login drain, and by the background sweep). 0 = messages never
+    /// expire. Default 2592000 (30 days).
+    pub message_ttl_secs: u64,
 }
 
 impl Default for EmbeddedConfig {
@@ -106,6 +136,9 @@ impl Default for EmbeddedConfig {
             queue_capacity: 65_536,
             drain_chunk: 1024,
             drain_chunk_bytes: 1 << 20,
+            max_messages_per_user: 100_000,
+            max_bytes_per_user: 256 << 20,
+            message_ttl_secs: 30 * 24 * 3600,
         }
     }
 }
@@ -140,6 +173,18 @@ pub struct CoreMetrics {
     pub replies_deferred: AtomicU64,
     /// Gauge: operations (inserts, deletes, prekey bundles) waiting for the next commit.
     pub pending_ops: AtomicU64,
+    /// Messages refused because their recipient was at `max_messages_per_user` or
+    /// `max_bytes_per_user` (never stored; the sender got `0xFE recipient_inbox_full`).
+    pub refused_over_quota: AtomicU64,
+    /// Messages not stored because their commit failed (disk full, I/O error); the sender got
+    /// `0xFE store_unavailable`.
+    pub failed_messages: AtomicU64,
+    /// Times the store was closed and opened again after a failed write.
+    pub store_reopens: AtomicU64,
+    /// Expired messages (older than `message_ttl_secs`) deleted.
+    pub expired_deleted: AtomicU64,
+    /// Acks of ids that were not stored: answered by a lookup, nothing written.
+    pub acks_not_stored: AtomicU64,
 }
 
 /// A point-in-time copy of [`CoreMetrics`] (same fields, same meaning).
@@ -158,6 +203,11 @@ pub struct CoreStats {
     pub corrupt_skipped: u64,
     pub replies_deferred: u64,
     pub pending_ops: u64,
+    pub refused_over_quota: u64,
+    pub failed_messages: u64,
+    pub store_reopens: u64,
+    pub expired_deleted: u64,
+    pub acks_not_stored: u64,
 }
 
 impl CoreMetrics {
@@ -178,6 +228,11 @@ impl CoreMetrics {
             corrupt_skipped: r(&self.corrupt_skipped),
             replies_deferred: r(&self.replies_deferred),
             pending_ops: r(&self.pending_ops),
+            refused_over_quota: r(&self.refused_over_quota),
+            failed_messages: r(&self.failed_messages),
+            store_reopens: r(&self.store_reopens),
+            expired_deleted: r(&self.expired_deleted),
+            acks_not_stored: r(&self.acks_not_stored),
         }
     }
 }
@@ -245,7 +300,16 @@ impl EmbeddedCore {
 
         let now = Instant::now();
         let core = Core {
-            store,
+            store: Some(store),
+            data_dir: cfg.data_dir.clone(),
+            reopen_needed: false,
+            max_messages_per_user: cfg.max_messages_per_user,
+            max_bytes_per_user: cfg.max_bytes_per_user,
+            ttl_secs: cfg.message_ttl_secs,
+            usage: HashMap::new(),
+            refusals: HashSet::new(),
+            sweep_cursor: Vec::new(),
+            next_sweep: now + SWEEP_TURN,
             window: Duration::from_millis(cfg.commit_window_ms),
             drain_chunk: cfg.drain_chunk,
             drain_chunk_bytes: cfg.drain_chunk_bytes.max(1),
@@ -349,8 +413,16 @@ struct Shard {
 /// One user's operations waiting for the next commit.
 #[derive(Default)]
 struct UserPending {
-    inserts: BTreeMap<u64, StoredMsg>,
+    inserts: BTreeMap<u64, PendingMsg>,
     deletes: BTreeSet<u64>,
+}
+
+/// A message waiting for the next commit, with the connection that sent it (told if it is not
+/// stored after all).
+struct PendingMsg {
+    msg: StoredMsg,
+    shard: usize,
+    conn: ConnId,
 }
 
 /// A read request (drain or prekey fetch) waiting for its take-in pass.
@@ -368,7 +440,24 @@ enum ReadKind {
 
 /// State of the core thread.
 struct Core {
-    store: MessageStore,
+    /// The store; `None` only between closing it after a failed write and a successful reopen.
+    store: Option<MessageStore>,
+    data_dir: PathBuf,
+    /// A write failed: close and open the store before the next one (see [`Core::ensure_open`]).
+    reopen_needed: bool,
+    /// Quota per recipient (0 = none) and message lifetime (0 = forever).
+    max_messages_per_user: u64,
+    max_bytes_per_user: u64,
+    ttl_secs: u64,
+    /// Stored + pending messages per recipient, for the quota: filled lazily from the store
+    /// (one prefix walk per recipient), kept up to date on every insert, ack and expiry,
+    /// bounded by [`USAGE_CACHE_USERS`].
+    usage: HashMap<Vec<u8>, Usage>,
+    /// `(shard, conn, reason)` to tell with [`CoreReply::Refused`] at the end of this pass.
+    refusals: HashSet<(usize, ConnId, &'static str)>,
+    /// Where the expiry sweep continues (empty: a new pass from the beginning).
+    sweep_cursor: Vec<u8>,
+    next_sweep: Instant,
     window: Duration,
     drain_chunk: usize,
     drain_chunk_bytes: usize,
@@ -415,6 +504,8 @@ impl Core {
                 // A failure is logged, counted and retried by `commit` itself.
                 let _ = self.commit();
             }
+            self.sweep(now);
+            self.flush_refusals();
             self.rotate_acks(now);
             self.metrics
                 .pending_ops
@@ -447,9 +538,12 @@ impl Core {
     /// the next commit is due.
     fn wait(&mut self) {
         let now = Instant::now();
-        let timeout = self.deadline.map_or(IDLE_WAIT, |d| {
+        let mut timeout = self.deadline.map_or(IDLE_WAIT, |d| {
             d.saturating_duration_since(now).min(IDLE_WAIT)
         });
+        if self.ttl_secs > 0 {
+            timeout = timeout.min(self.next_sweep.saturating_duration_since(now));
+        }
         if timeout.is_zero() {
             return;
         }
@@ -505,7 +599,7 @@ impl Core {
 
     fn handle(&mut self, shard: usize, req: CoreRequest) {
         match req {
-            CoreRequest::Store(msg) => self.on_store(msg),
+            CoreRequest::Store { msg, conn } => self.on_store(shard, conn, msg),
             CoreRequest::Ack { user, id } => self.on_ack(user, id),
             CoreRequest::Drain {
                 user,
@@ -543,7 +637,7 @@ impl Core {
         }
     }
 
-    fn on_store(&mut self, msg: StoredMsg) {
+    fn on_store(&mut self, shard: usize, conn: ConnId, msg: StoredMsg) {
         if self.invalid_user(&msg.recipient, "store") {
             return;
         }
@@ -562,6 +656,27 @@ impl Core {
             debug!(id = msg.id, "store after its ack dropped");
             return;
         }
+        if self
+            .pending
+            .get(&msg.recipient)
+            .is_some_and(|p| p.inserts.contains_key(&msg.id))
+        {
+            debug!(id = msg.id, "store of a message already pending ignored");
+            return;
+        }
+        if !self.admit(&msg) {
+            bump(&self.metrics.refused_over_quota, 1);
+            if first_time(&LOGGED_QUOTA) {
+                warn!(
+                    max_messages_per_user = self.max_messages_per_user,
+                    max_bytes_per_user = self.max_bytes_per_user,
+                    "messages to a recipient over its quota are refused (logged once; \
+                     iris_core_refused_over_quota_total counts them)"
+                );
+            }
+            self.refusals.insert((shard, conn, REFUSED_INBOX_FULL));
+            return;
+        }
         trace!(id = msg.id, "store pending");
         // Look up before inserting so the recipient is cloned only for a new pending user.
         if !self.pending.contains_key(&msg.recipient) {
@@ -569,11 +684,163 @@ impl Core {
                 .insert(msg.recipient.clone(), UserPending::default());
         }
         if let Some(p) = self.pending.get_mut(&msg.recipient) {
-            if p.inserts.insert(msg.id, msg).is_none() {
-                self.pending_ops += 1;
-            }
+            p.inserts.insert(msg.id, PendingMsg { msg, shard, conn });
+            self.pending_ops += 1;
         }
         self.arm_deadline();
+    }
+
+    fn quota_on(&self) -> bool {
+        self.max_messages_per_user > 0 || self.max_bytes_per_user > 0
+    }
+
+    /// Charges `msg` to its recipient's quota; false (nothing charged) when it does not fit.
+    fn admit(&mut self, msg: &StoredMsg) -> bool {
+        if !self.quota_on() {
+            return true;
+        }
+        let (max_msgs, max_bytes) = (self.max_messages_per_user, self.max_bytes_per_user);
+        let len = msg.payload.len() as u64;
+        let Some(u) = self.usage_of(&msg.recipient) else {
+            return true; // the store could not count (counted as a store error): admit
+        };
+        if (max_msgs > 0 && u.messages >= max_msgs)
+            || (max_bytes > 0 && u.payload_bytes.saturating_add(len) > max_bytes)
+        {
+            return false;
+        }
+        u.messages += 1;
+        u.payload_bytes += len;
+        true
+    }
+
+    /// The recipient's usage entry, counted from the store (plus what is pending) on first use.
+    fn usage_of(&mut self, user: &[u8]) -> Option<&mut Usage> {
+        if !self.usage.contains_key(user) {
+            let mut u = match self.store().and_then(|s| s.usage(user)) {
+                Ok(u) => u,
+                Err(e) => {
+                    bump(&self.metrics.store_errors, 1);
+                    debug!(error = %e, "counting a recipient's stored messages failed");
+                    return None;
+                }
+            };
+            if let Some(p) = self.pending.get(user) {
+                for m in p.inserts.values() {
+                    u.messages += 1;
+                    u.payload_bytes += m.msg.payload.len() as u64;
+                }
+                // Pending deletes are of stored messages (acks and expiry look them up).
+                for id in &p.deletes {
+                    if let Ok(Some(len)) = self.store().and_then(|s| s.payload_len(user, *id)) {
+                        u.messages = u.messages.saturating_sub(1);
+                        u.payload_bytes = u.payload_bytes.saturating_sub(len);
+                    }
+                }
+            }
+            if self.usage.len() >= USAGE_CACHE_USERS {
+                // Forget about half, picked by hash: amortised O(1) per insert.
+                let salt = self.usage.len() as u64;
+                self.usage
+                    .retain(|k, _| (user_hash(k) ^ salt).count_ones() % 2 == 0);
+            }
+            self.usage.insert(user.to_vec(), u);
+        }
+        self.usage.get_mut(user)
+    }
+
+    /// A message of `user` with `bytes` of payload left the store (or will at the next commit).
+    fn release(&mut self, user: &[u8], bytes: u64) {
+        if let Some(u) = self.usage.get_mut(user) {
+            u.messages = u.messages.saturating_sub(1);
+            u.payload_bytes = u.payload_bytes.saturating_sub(bytes);
+        }
+    }
+
+    /// Queues the delete of an expired stored message (once).
+    fn queue_expired(&mut self, user: Vec<u8>, id: u64, bytes: u64) {
+        if self.pending.entry(user.clone()).or_default().deletes.insert(id) {
+            self.pending_ops += 1;
+            self.release(&user, bytes);
+            bump(&self.metrics.expired_deleted, 1);
+            self.arm_deadline();
+        }
+    }
+
+    fn store(&self) -> Result<&MessageStore, CoreError> {
+        self.store.as_ref().ok_or_else(|| {
+            CoreError::Io(std::io::Error::other(
+                "the store is closed after a failed write; it is reopened at the next commit",
+            ))
+        })
+    }
+
+    /// Opens the store again after a failed write. fjall "poisons" a database whose journal
+    /// write or fsync failed and refuses every later write, so without this a full disk would
+    /// stop the store for good. Reopening is safe: the old handle is dropped first (its worker
+    /// threads end and the directory lock is released), and opening recovers exactly the
+    /// journal batches that are complete on disk (a torn tail is truncated by checksum). Every
+    /// batch this core reported as committed was fsynced before, so it is among them; the
+    /// failed batch may or may not be (its senders were told it failed, so at worst a message
+    /// whose sender was told `store_unavailable` is delivered anyway). Nothing else lives only
+    /// in fjall's memory: the core writes nothing but durable batches.
+    fn ensure_open(&mut self) -> Result<(), CoreError> {
+        if self.store.is_some() && !self.reopen_needed {
+            return Ok(());
+        }
+        self.store = None;
+        let store = MessageStore::open(&self.data_dir)?;
+        self.store = Some(store);
+        self.reopen_needed = false;
+        bump(&self.metrics.store_reopens, 1);
+        debug!(dir = %self.data_dir.display(), "store reopened after a failed write");
+        Ok(())
+    }
+
+    /// One bounded turn of the expiry sweep (see [`MessageStore::sweep_expired`]).
+    fn sweep(&mut self, now: Instant) {
+        if self.ttl_secs == 0 || now < self.next_sweep {
+            return;
+        }
+        if self.failures > 0 || self.pending_ops >= self.pending_cap / 2 {
+            self.next_sweep = now + SWEEP_TURN;
+            return;
+        }
+        let pass_interval = Duration::from_secs((self.ttl_secs / 10).clamp(1, 60));
+        let min_live = min_live_id(iris_bus::hops::unix_micros(), self.ttl_secs);
+        let cursor = std::mem::take(&mut self.sweep_cursor);
+        let turn = self
+            .store()
+            .and_then(|s| s.sweep_expired(&cursor, min_live, SWEEP_BUDGET));
+        match turn {
+            Ok(turn) => {
+                for (user, id, bytes) in turn.expired {
+                    self.queue_expired(user, id, bytes);
+                }
+                match turn.next {
+                    Some(k) => {
+                        self.sweep_cursor = k;
+                        self.next_sweep = now + SWEEP_TURN;
+                    }
+                    None => self.next_sweep = now + pass_interval,
+                }
+            }
+            Err(e) => {
+                bump(&self.metrics.store_errors, 1);
+                debug!(error = %e, "expiry sweep failed");
+                self.next_sweep = now + pass_interval;
+            }
+        }
+    }
+
+    /// Sends the refusals of this pass, one per connection and reason.
+    fn flush_refusals(&mut self) {
+        if self.refusals.is_empty() {
+            return;
+        }
+        for (shard, conn, reason) in std::mem::take(&mut self.refusals) {
+            self.reply(shard, CoreReply::Refused { conn, reason });
+        }
     }
 
     fn on_ack(&mut self, user: Vec<u8>, id: u64) {
@@ -582,17 +849,36 @@ impl Core {
             return;
         }
         if let Some(p) = self.pending.get_mut(&user) {
-            if p.inserts.remove(&id).is_some() {
+            if let Some(m) = p.inserts.remove(&id) {
                 self.pending_ops -= 1;
                 if p.inserts.is_empty() && p.deletes.is_empty() {
                     self.pending.remove(&user);
                 }
+                self.release(&user, m.msg.payload.len() as u64);
                 bump(&self.metrics.cancelled_before_store, 1);
                 trace!(id, "ack cancelled a pending store");
                 return;
             }
+            if p.deletes.contains(&id) {
+                return; // already to be deleted
+            }
         }
         self.recent_acks.insert((id, user_hash(&user)));
+        // Only a stored message needs a tombstone: a point lookup first. (A store still queued
+        // on another shard's queue is dropped when it comes, by `recent_acks`.)
+        match self.store().and_then(|s| s.payload_len(&user, id)) {
+            Ok(None) => {
+                bump(&self.metrics.acks_not_stored, 1);
+                trace!(id, "ack of a message not stored: nothing to write");
+                return;
+            }
+            Ok(Some(bytes)) => self.release(&user, bytes),
+            Err(e) => {
+                // Cannot tell: delete it (deleting an absent message is harmless).
+                bump(&self.metrics.store_errors, 1);
+                debug!(error = %e, "ack lookup failed");
+            }
+        }
         if self.pending.entry(user).or_default().deletes.insert(id) {
             self.pending_ops += 1;
         }
@@ -667,7 +953,7 @@ impl Core {
         if let Some(b) = self.pending_prekeys.get(user) {
             return Some(b.clone());
         }
-        match self.store.get_prekeys(user) {
+        match self.store().and_then(|s| s.get_prekeys(user)) {
             Ok(b) => b,
             Err(e) => {
                 bump(&self.metrics.store_errors, 1);
@@ -686,7 +972,17 @@ impl Core {
         let mut msgs = if self.invalid_user(&user, "drain") {
             Vec::new()
         } else {
-            self.drain_msgs(&user, after, limit)
+            let min_live = min_live_id(iris_bus::hops::unix_micros(), self.ttl_secs);
+            if after < min_live {
+                // Expired messages are never drained; the first chunk of a drain deletes (some
+                // of) them at once, the sweep the rest.
+                if after == 0 {
+                    self.expire_now(&user, min_live);
+                }
+                self.drain_msgs(&user, min_live - 1, limit)
+            } else {
+                self.drain_msgs(&user, after, limit)
+            }
         };
         let mut more = msgs.len() == limit;
         let mut bytes = 0usize;
@@ -712,11 +1008,32 @@ impl Core {
         );
     }
 
+    /// Queues the delete of up to one drain chunk of `user`'s expired messages.
+    fn expire_now(&mut self, user: &[u8], min_live: u64) {
+        match self
+            .store()
+            .and_then(|s| s.expired(user, min_live, self.drain_chunk))
+        {
+            Ok(v) => {
+                for (id, bytes) in v {
+                    self.queue_expired(user.to_vec(), id, bytes);
+                }
+            }
+            Err(e) => {
+                bump(&self.metrics.store_errors, 1);
+                debug!(error = %e, "expired scan failed");
+            }
+        }
+    }
+
     /// Up to `limit` of `user`'s messages after `after`: the store merged with what is pending.
     fn drain_msgs(&mut self, user: &[u8], after: u64, limit: usize) -> Vec<(u64, Vec<u8>)> {
         let pending = self.pending.get(user);
         let skip = pending.map_or(0, |p| p.deletes.len());
-        let stored = match self.store.scan(user, after, limit.saturating_add(skip)) {
+        let stored = match self
+            .store()
+            .and_then(|s| s.scan(user, after, limit.saturating_add(skip)))
+        {
             Ok(v) => v,
             Err(e) => {
                 // The messages stay stored; the next login drains them.
@@ -725,9 +1042,11 @@ impl Core {
                 Vec::new()
             }
         };
-        self.metrics
-            .corrupt_skipped
-            .store(self.store.corrupt_skipped(), Ordering::Relaxed);
+        if let Some(s) = &self.store {
+            self.metrics
+                .corrupt_skipped
+                .fetch_max(s.corrupt_skipped(), Ordering::Relaxed);
+        }
         let Some(p) = pending else {
             return stored;
         };
@@ -752,7 +1071,7 @@ impl Core {
             }
             if take_fresh {
                 if let Some((id, m)) = fresh.next() {
-                    out.push((*id, m.payload.clone()));
+                    out.push((*id, m.msg.payload.clone()));
                 }
             } else if let Some(e) = stored.next() {
                 out.push(e);
@@ -805,32 +1124,42 @@ impl Core {
         }
     }
 
-    /// Writes everything pending as one atomic batch and fsyncs it. On failure everything
-    /// stays pending and a retry is scheduled.
+    /// Writes everything pending as one atomic batch and fsyncs it. On failure the batch's
+    /// messages are not stored: their senders are told (`store_unavailable`) and their quota
+    /// released; deletes (acks, expiry) and prekey bundles stay pending; the store is reopened
+    /// and the commit retried with backoff.
     fn commit(&mut self) -> Result<(), CoreError> {
-        if self.pending_ops == 0 && self.max_id_seen <= self.store.id_floor() {
+        let floor = self.store.as_ref().map_or(0, MessageStore::id_floor);
+        if self.pending_ops == 0 && self.max_id_seen <= floor && !self.reopen_needed {
             self.deadline = None;
             return Ok(());
         }
         let mut inserts = Vec::new();
+        let mut origins = Vec::new();
         let mut deletes = Vec::new();
         for (user, p) in self.pending.drain() {
             for id in p.deletes {
                 deletes.push((user.clone(), id));
             }
-            inserts.extend(p.inserts.into_values());
+            for m in p.inserts.into_values() {
+                origins.push((m.shard, m.conn));
+                inserts.push(m.msg);
+            }
         }
         let prekeys: Vec<_> = self.pending_prekeys.drain().collect();
         let started = Instant::now();
-        let result = self.store.write(
-            &Batch {
-                inserts: &inserts,
-                deletes: &deletes,
-                prekeys: &prekeys,
-                id_hint: self.max_id_seen,
-            },
-            true,
-        );
+        let id_hint = self.max_id_seen;
+        let result = self.ensure_open().and_then(|()| {
+            self.store()?.write(
+                &Batch {
+                    inserts: &inserts,
+                    deletes: &deletes,
+                    prekeys: &prekeys,
+                    id_hint,
+                },
+                true,
+            )
+        });
         let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         match result {
             Ok(()) => {
@@ -845,7 +1174,14 @@ impl Core {
                     "group commit"
                 );
                 if self.failures > 0 {
-                    info!(failures = self.failures, "store commits recovered");
+                    if first_time(&LOGGED_RECOVERY) {
+                        info!(
+                            failures = self.failures,
+                            "store commits recovered (logged once)"
+                        );
+                    } else {
+                        debug!(failures = self.failures, "store commits recovered");
+                    }
                 }
                 self.failures = 0;
                 self.pending_ops = 0;
@@ -854,20 +1190,28 @@ impl Core {
             }
             Err(e) => {
                 bump(&self.metrics.store_errors, 1);
+                bump(&self.metrics.failed_messages, inserts.len() as u64);
                 self.failures = self.failures.saturating_add(1);
-                if self.failures == 1 {
-                    error!(error = %e, pending = self.pending_ops, "commit failed; retrying");
+                // fjall refuses every write after a failed one: open it again before the next.
+                self.reopen_needed = true;
+                if first_time(&LOGGED_COMMIT_FAILURE) {
+                    error!(
+                        error = %e,
+                        messages = inserts.len(),
+                        "commit failed: its messages are refused (store_unavailable), acks \
+                         retried, the store reopened (logged once; \
+                         iris_core_store_errors_total and iris_core_failed_messages_total count)"
+                    );
                 } else {
                     debug!(error = %e, failures = self.failures, "commit failed again");
                 }
-                // Put everything back (nothing else ran in between: this is the only thread).
-                for m in inserts {
-                    self.pending
-                        .entry(m.recipient.clone())
-                        .or_default()
-                        .inserts
-                        .insert(m.id, m);
+                for (m, (shard, conn)) in inserts.iter().zip(origins) {
+                    self.release(&m.recipient, m.payload.len() as u64);
+                    self.refusals.insert((shard, conn, REFUSED_STORE_FAILED));
                 }
+                // Deletes and bundles wait for the next try (nothing else ran in between: this
+                // is the only thread).
+                self.pending_ops = deletes.len() + prekeys.len();
                 for (user, id) in deletes {
                     self.pending.entry(user).or_default().deletes.insert(id);
                 }
@@ -892,7 +1236,9 @@ impl Core {
         for r in std::mem::take(&mut self.deferred) {
             self.serve_read(r);
         }
+        self.flush_refusals();
         self.flush_overflows();
+        let failed_before = self.metrics.failed_messages.load(Ordering::Relaxed);
         let mut result = self.commit();
         for _ in 1..FINAL_COMMIT_ATTEMPTS {
             if result.is_ok() {
@@ -904,8 +1250,16 @@ impl Core {
             result = self.commit();
         }
         if let Err(e) = &result {
-            error!(error = %e, lost = self.pending_ops, "final commit failed");
+            let failed = self.metrics.failed_messages.load(Ordering::Relaxed) - failed_before;
+            error!(
+                error = %e,
+                messages_not_stored = failed,
+                deletes_and_bundles_lost = self.pending_ops,
+                "final commit failed"
+            );
         }
+        self.flush_refusals();
+        self.flush_overflows();
         self.metrics
             .pending_ops
             .store(self.pending_ops as u64, Ordering::Relaxed);
