@@ -1306,113 +1306,284 @@ mod tests {
         }
     }
 
-    /// Failed commits (as on a full disk) are counted and retried with every operation kept;
-    /// drains still see the pending messages; while commits fail and the pending cap is
-    /// reached the core stops taking requests, so the shard's queue fills (backpressure)
-    /// instead of the core's memory growing; after recovery everything is committed.
+    fn store_req(m: StoredMsg, conn: ConnId) -> CoreRequest {
+        CoreRequest::Store { msg: m, conn }
+    }
+
+    fn drain_ids(link: &ShardLink, user: &[u8]) -> Vec<u64> {
+        link.to_core
+            .send(CoreRequest::Drain {
+                user: user.to_vec(),
+                conn: 99,
+                after: 0,
+                limit: 1000,
+            })
+            .unwrap();
+        loop {
+            match link
+                .from_core
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap()
+            {
+                CoreReply::Drain { msgs, .. } => return msgs.iter().map(|(id, _)| *id).collect(),
+                CoreReply::Refused { .. } => {}
+                other => panic!("unexpected reply {other:?}"),
+            }
+        }
+    }
+
+    fn refusals(link: &ShardLink, within: Duration) -> Vec<(ConnId, &'static str)> {
+        let mut out = Vec::new();
+        let end = Instant::now() + within;
+        while let Ok(r) = link
+            .from_core
+            .recv_timeout(end.saturating_duration_since(Instant::now()))
+        {
+            match r {
+                CoreReply::Refused { conn, reason } => out.push((conn, reason)),
+                other => panic!("unexpected reply {other:?}"),
+            }
+        }
+        out.sort_unstable();
+        out
+    }
+
+    /// A failed commit (as on a full disk) fails only its own messages: their senders get
+    /// `store_unavailable`, nothing is kept in memory for them, drains keep serving what was
+    /// stored, the store is reopened, and later messages are stored again.
     #[test]
-    fn failed_commits_keep_and_retry_everything_with_backpressure() {
+    fn a_failed_commit_refuses_its_messages_and_the_store_recovers() {
         let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().join("core");
         let cfg = EmbeddedConfig {
             data_dir: data_dir.clone(),
-            queue_capacity: 4,
+            // Test ids are small numbers (minted in 2024): no expiry.
+            message_ttl_secs: 0,
             ..EmbeddedConfig::default()
         };
-        // 1 shard × capacity 4 = pending cap 4. Five failures = 10+20+40+80 ms of retries.
-        fault::fail_next_writes(&data_dir, 5);
         let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
         let m = core.metrics();
         let link = &links[0];
-        for id in 1..=4 {
-            link.to_core.send(CoreRequest::Store(msg(id))).unwrap();
+        for id in 1..=3 {
+            link.to_core.send(store_req(msg(id), 7)).unwrap();
         }
-        wait_for(&m, "a failed commit", |s| s.store_errors >= 1);
-        assert_eq!(m.snapshot().stored, 0);
-
-        // Stalled: the queue takes its capacity, then refuses.
-        let mut accepted = 4;
-        let mut refused = 0;
-        for id in 5..=20 {
-            match link.to_core.try_send(CoreRequest::Store(msg(id))) {
-                Ok(()) => accepted += 1,
-                Err(_) => refused += 1,
-            }
-        }
-        assert!(refused > 0, "the core kept taking requests while stalled");
-
-        wait_for(&m, "recovery", |s| s.stored == accepted);
+        wait_for(&m, "the first commit", |s| s.stored == 3);
+        fault::fail_next_writes(&data_dir, 1);
+        link.to_core.send(store_req(msg(4), 8)).unwrap();
+        link.to_core.send(store_req(msg(5), 9)).unwrap();
+        wait_for(&m, "a failed commit", |s| s.store_errors == 1);
+        assert_eq!(
+            refusals(link, Duration::from_millis(300)),
+            vec![(8, REFUSED_STORE_FAILED), (9, REFUSED_STORE_FAILED)]
+        );
         let s = m.snapshot();
-        assert_eq!(s.store_errors, 5);
-        assert_eq!(s.pending_ops, 0);
-
-        link.to_core
-            .send(CoreRequest::Drain {
-                user: b"ruth".to_vec(),
-                conn: 1,
-                after: 0,
-                limit: 100,
-            })
-            .unwrap();
-        match link
-            .from_core
-            .recv_timeout(Duration::from_secs(10))
-            .unwrap()
-        {
-            CoreReply::Drain { msgs, more, .. } => {
-                assert!(!more);
-                let ids: Vec<u64> = msgs.iter().map(|(id, _)| *id).collect();
-                assert_eq!(ids, (1..=accepted).collect::<Vec<_>>());
-            }
-            other => panic!("unexpected reply {other:?}"),
-        }
+        assert_eq!((s.failed_messages, s.pending_ops), (2, 0));
+        assert_eq!(drain_ids(link, b"ruth"), vec![1, 2, 3]);
+        // Recovered: the next message is stored, through a reopened store.
+        link.to_core.send(store_req(msg(6), 10)).unwrap();
+        wait_for(&m, "recovery", |s| s.stored == 4);
+        assert!(m.snapshot().store_reopens >= 1);
+        assert_eq!(drain_ids(link, b"ruth"), vec![1, 2, 3, 6]);
         core.shutdown().unwrap();
         let store = MessageStore::open(&data_dir).unwrap();
-        assert_eq!(store.count(b"ruth").unwrap() as u64, accepted);
+        assert_eq!(store.count(b"ruth").unwrap(), 4);
     }
 
-    /// Drains see messages still pending after failed commits (served from memory).
+    /// While commits fail, acks stay pending (retried) and are written once commits work.
     #[test]
-    fn drains_see_pending_messages_while_commits_fail() {
+    fn acks_survive_failed_commits() {
         let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().join("core");
-        fault::fail_next_writes(&data_dir, 3);
         let cfg = EmbeddedConfig {
             data_dir: data_dir.clone(),
+            // Test ids are small numbers (minted in 2024): no expiry.
+            message_ttl_secs: 0,
             ..EmbeddedConfig::default()
         };
         let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
         let m = core.metrics();
         for id in 1..=3 {
-            links[0].to_core.send(CoreRequest::Store(msg(id))).unwrap();
+            links[0].to_core.send(store_req(msg(id), 1)).unwrap();
         }
-        wait_for(&m, "a failed commit", |s| s.store_errors >= 1);
+        wait_for(&m, "the store", |s| s.stored == 3);
+        fault::fail_next_writes(&data_dir, 3);
         links[0]
             .to_core
-            .send(CoreRequest::Drain {
+            .send(CoreRequest::Ack {
                 user: b"ruth".to_vec(),
-                conn: 1,
-                after: 1,
-                limit: 100,
+                id: 2,
             })
             .unwrap();
-        match links[0]
-            .from_core
-            .recv_timeout(Duration::from_secs(10))
-            .unwrap()
-        {
-            CoreReply::Drain { msgs, .. } => {
-                let ids: Vec<u64> = msgs.iter().map(|(id, _)| *id).collect();
-                assert_eq!(ids, vec![2, 3]);
-            }
-            other => panic!("unexpected reply {other:?}"),
+        wait_for(&m, "failed commits then recovery", |s| {
+            s.store_errors == 3 && s.pending_ops == 0
+        });
+        assert_eq!(drain_ids(&links[0], b"ruth"), vec![1, 3]);
+        core.shutdown().unwrap();
+        assert_eq!(
+            MessageStore::open(&data_dir).unwrap().count(b"ruth").unwrap(),
+            2
+        );
+    }
+
+    /// The quota counts stored and pending messages per recipient, refuses the excess with
+    /// `recipient_inbox_full` (once per connection and pass), frees room on acks, and is
+    /// counted from the store after a restart.
+    #[test]
+    fn quota_refuses_messages_over_the_limit_and_acks_free_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("core");
+        let cfg = EmbeddedConfig {
+            data_dir: data_dir.clone(),
+            max_messages_per_user: 3,
+            max_bytes_per_user: 64,
+            // Test ids are small numbers (minted in 2024): no expiry.
+            message_ttl_secs: 0,
+            ..EmbeddedConfig::default()
+        };
+        let (core, links) = EmbeddedCore::start(cfg.clone(), 1).unwrap();
+        let m = core.metrics();
+        let link = &links[0];
+        for id in 1..=5 {
+            link.to_core.send(store_req(msg(id), 3)).unwrap();
         }
-        // Shutdown retries the final commit too.
-        let stats = core.shutdown().unwrap();
-        assert_eq!(stats.stored, 3);
-        assert_eq!(stats.store_errors, 3);
+        wait_for(&m, "commit and refusals", |s| {
+            s.stored == 3 && s.refused_over_quota == 2
+        });
+        assert_eq!(
+            refusals(link, Duration::from_millis(200)),
+            vec![(3, REFUSED_INBOX_FULL)]
+        );
+        // Another recipient is not affected.
+        let mut other = msg(6);
+        other.recipient = b"sara".to_vec();
+        link.to_core.send(store_req(other, 3)).unwrap();
+        // An ack frees one place.
+        link.to_core
+            .send(CoreRequest::Ack {
+                user: b"ruth".to_vec(),
+                id: 1,
+            })
+            .unwrap();
+        link.to_core.send(store_req(msg(7), 3)).unwrap();
+        link.to_core.send(store_req(msg(8), 4)).unwrap();
+        wait_for(&m, "one more stored", |s| {
+            s.stored == 5 && s.refused_over_quota == 3
+        });
+        assert_eq!(
+            refusals(link, Duration::from_millis(200)),
+            vec![(4, REFUSED_INBOX_FULL)]
+        );
+        assert_eq!(drain_ids(link, b"ruth"), vec![2, 3, 7]);
+        core.shutdown().unwrap();
+
+        // After a restart the count comes from the store: still full. Bytes count too.
+        let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
+        let m = core.metrics();
+        links[0].to_core.send(store_req(msg(9), 5)).unwrap();
+        let mut big = msg(10);
+        big.recipient = b"sara".to_vec();
+        big.payload = vec![0; 60]; // sara has 8 bytes stored: 68 > 64
+        links[0].to_core.send(store_req(big, 6)).unwrap();
+        wait_for(&m, "refusals", |s| s.refused_over_quota == 2);
+        assert_eq!(
+            refusals(&links[0], Duration::from_millis(200)),
+            vec![(5, REFUSED_INBOX_FULL), (6, REFUSED_INBOX_FULL)]
+        );
+        core.shutdown().unwrap();
+    }
+
+    /// An id whose time is `age` before now (shard 0).
+    fn id_aged(age: Duration, seq: u64) -> u64 {
+        let micros = iris_bus::hops::unix_micros() - age.as_micros() as u64;
+        (((micros - iris_bus::hops::ID_EPOCH_MICROS) / 16) << 18) + seq
+    }
+
+    /// Messages older than the TTL are not drained and are deleted: at the drain for a user
+    /// who logs in, by the sweep for one who never does.
+    #[test]
+    fn expired_messages_are_not_drained_and_are_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("core");
+        let cfg = EmbeddedConfig {
+            data_dir: data_dir.clone(),
+            message_ttl_secs: 3600,
+            max_messages_per_user: 4,
+            ..EmbeddedConfig::default()
+        };
+        let old = id_aged(Duration::from_secs(7200), 0);
+        let new = id_aged(Duration::from_secs(10), 0);
+        {
+            // Written directly: messages accepted long ago.
+            let store = MessageStore::open(&data_dir).unwrap();
+            let mut all = Vec::new();
+            for user in ["ruth", "never"] {
+                for i in 0..3 {
+                    let mut m = msg(old + i);
+                    m.recipient = user.as_bytes().to_vec();
+                    all.push(m);
+                }
+            }
+            let mut fresh = msg(new);
+            fresh.recipient = b"ruth".to_vec();
+            all.push(fresh);
+            store.commit(&all, &[], true).unwrap();
+        }
+        let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
+        let m = core.metrics();
+        assert_eq!(drain_ids(&links[0], b"ruth"), vec![new]);
+        // The sweep gets the user who never logs in.
+        wait_for(&m, "expiry", |s| s.expired_deleted == 6 && s.pending_ops == 0);
+        // Room again under the quota of 4: 1 live + 3 new.
+        for i in 1..=3 {
+            links[0].to_core.send(store_req(msg(new + i), 1)).unwrap();
+        }
+        wait_for(&m, "stores", |s| s.stored == 3);
+        assert_eq!(m.snapshot().refused_over_quota, 0);
+        core.shutdown().unwrap();
         let store = MessageStore::open(&data_dir).unwrap();
-        assert_eq!(store.count(b"ruth").unwrap(), 3);
+        assert_eq!(store.count(b"never").unwrap(), 0);
+        assert_eq!(store.count(b"ruth").unwrap(), 4);
+    }
+
+    /// An ack of an id that is not stored (never delivered) writes nothing: no tombstone, no
+    /// commit, no fsync.
+    #[test]
+    fn acks_of_ids_not_stored_write_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = EmbeddedConfig {
+            data_dir: dir.path().join("core"),
+            // Test ids are small numbers (minted in 2024): no expiry.
+            message_ttl_secs: 0,
+            ..EmbeddedConfig::default()
+        };
+        let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
+        let m = core.metrics();
+        links[0].to_core.send(store_req(msg(1), 1)).unwrap();
+        wait_for(&m, "the store", |s| s.commits == 1);
+        for id in 100..1100 {
+            links[0]
+                .to_core
+                .send(CoreRequest::Ack {
+                    user: b"ruth".to_vec(),
+                    id,
+                })
+                .unwrap();
+        }
+        wait_for(&m, "acks", |s| s.acks_not_stored == 1000);
+        std::thread::sleep(Duration::from_millis(50));
+        let s = m.snapshot();
+        assert_eq!((s.commits, s.pending_ops), (1, 0), "{s:?}");
+        // A real ack still deletes.
+        links[0]
+            .to_core
+            .send(CoreRequest::Ack {
+                user: b"ruth".to_vec(),
+                id: 1,
+            })
+            .unwrap();
+        wait_for(&m, "the delete", |s| s.commits == 2);
+        assert!(drain_ids(&links[0], b"ruth").is_empty());
+        core.shutdown().unwrap();
     }
 
     /// A final commit that keeps failing makes shutdown return the error (nothing silent).
@@ -1423,19 +1594,21 @@ mod tests {
         let cfg = EmbeddedConfig {
             data_dir: data_dir.clone(),
             commit_window_ms: 3_600_000,
+            // Test ids are small numbers (minted in 2024): no expiry.
+            message_ttl_secs: 0,
             ..EmbeddedConfig::default()
         };
         let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
-        links[0].to_core.send(CoreRequest::Store(msg(1))).unwrap();
+        links[0].to_core.send(store_req(msg(1), 1)).unwrap();
         let m = core.metrics();
         wait_for(&m, "the store", |s| s.pending_ops == 1);
         fault::fail_next_writes(&data_dir, 1000);
         let err = core.shutdown().unwrap_err();
         assert!(matches!(err, CoreError::Io(_)), "{err}");
         assert_eq!(
-            m.snapshot().pending_ops,
+            m.snapshot().failed_messages,
             1,
-            "the lost operation is reported"
+            "the lost message is reported"
         );
         fault::fail_next_writes(&data_dir, 0);
     }

@@ -14,6 +14,8 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 fn cfg(dir: &tempfile::TempDir) -> EmbeddedConfig {
     EmbeddedConfig {
         data_dir: dir.path().join("core"),
+        // The ids of these tests are small numbers, i.e. minted in 2024: no expiry.
+        message_ttl_secs: 0,
         ..EmbeddedConfig::default()
     }
 }
