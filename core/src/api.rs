@@ -43,7 +43,10 @@ pub fn min_live_id(now_micros: u64, ttl_secs: u64) -> u64 {
     }
     let cutoff = now_micros.saturating_sub(ttl_secs.saturating_mul(1_000_000));
     let ticks = cutoff.saturating_sub(ID_EPOCH_MICROS) / ID_TICK_MICROS;
-    ticks.checked_shl(ID_LOW_BITS).filter(|v| v >> ID_LOW_BITS == ticks).unwrap_or(u64::MAX)
+    ticks
+        .checked_shl(ID_LOW_BITS)
+        .filter(|v| v >> ID_LOW_BITS == ticks)
+        .unwrap_or(u64::MAX)
 }
 
 /// What an edge shard asks of the core. Never awaited on the shard's hot path.

@@ -759,7 +759,13 @@ impl Core {
 
     /// Queues the delete of an expired stored message (once).
     fn queue_expired(&mut self, user: Vec<u8>, id: u64, bytes: u64) {
-        if self.pending.entry(user.clone()).or_default().deletes.insert(id) {
+        if self
+            .pending
+            .entry(user.clone())
+            .or_default()
+            .deletes
+            .insert(id)
+        {
             self.pending_ops += 1;
             self.release(&user, bytes);
             bump(&self.metrics.expired_deleted, 1);
@@ -1420,7 +1426,10 @@ mod tests {
         assert_eq!(drain_ids(&links[0], b"ruth"), vec![1, 3]);
         core.shutdown().unwrap();
         assert_eq!(
-            MessageStore::open(&data_dir).unwrap().count(b"ruth").unwrap(),
+            MessageStore::open(&data_dir)
+                .unwrap()
+                .count(b"ruth")
+                .unwrap(),
             2
         );
     }
@@ -1532,7 +1541,9 @@ mod tests {
         let m = core.metrics();
         assert_eq!(drain_ids(&links[0], b"ruth"), vec![new]);
         // The sweep gets the user who never logs in.
-        wait_for(&m, "expiry", |s| s.expired_deleted == 6 && s.pending_ops == 0);
+        wait_for(&m, "expiry", |s| {
+            s.expired_deleted == 6 && s.pending_ops == 0
+        });
         // Room again under the quota of 4: 1 live + 3 new.
         for i in 1..=3 {
             links[0].to_core.send(store_req(msg(new + i), 1)).unwrap();
