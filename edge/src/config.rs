@@ -507,6 +507,34 @@ mod tests {
 
     /// docs/CONFIG.md shows every key with its default: it must parse to exactly the defaults.
     #[test]
+    fn store_keys_parse_and_validate() {
+        let c: EdgeConfig = toml::from_str(
+            "[store]\nmax_messages_per_user = 5\nmax_bytes_per_user = 0\nmessage_ttl_secs = 1\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            c.store,
+            StoreConfig {
+                max_messages_per_user: 5,
+                max_bytes_per_user: 0,
+                message_ttl_secs: 1,
+            }
+        );
+        let small: EdgeConfig = toml::from_str("[store]\nmax_bytes_per_user = 1000\n").unwrap();
+        assert!(small
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("max_bytes_per_user"));
+        let typo = toml::from_str::<EdgeConfig>("[store]\nmax_message_per_user = 1\n");
+        assert!(typo
+            .unwrap_err()
+            .to_string()
+            .contains("max_message_per_user"));
+    }
+
+    #[test]
     fn documented_config_is_the_default() {
         let doc = include_str!("../../docs/CONFIG.md");
         let start = doc.find("```toml").expect("a toml block") + "```toml".len();
