@@ -307,6 +307,7 @@ impl EmbeddedCore {
             max_bytes_per_user: cfg.max_bytes_per_user,
             ttl_secs: cfg.message_ttl_secs,
             usage: HashMap::new(),
+            usage_evictions: 0,
             refusals: HashSet::new(),
             sweep_cursor: Vec::new(),
             next_sweep: now + SWEEP_TURN,
@@ -453,6 +454,8 @@ struct Core {
     /// (one prefix walk per recipient), kept up to date on every insert, ack and expiry,
     /// bounded by [`USAGE_CACHE_USERS`].
     usage: HashMap<Vec<u8>, Usage>,
+    /// Times `usage` was thinned (salts the choice of what is forgotten).
+    usage_evictions: u64,
     /// `(shard, conn, reason)` to tell with [`CoreReply::Refused`] at the end of this pass.
     refusals: HashSet<(usize, ConnId, &'static str)>,
     /// Where the expiry sweep continues (empty: a new pass from the beginning).
@@ -739,10 +742,20 @@ impl Core {
                 }
             }
             if self.usage.len() >= USAGE_CACHE_USERS {
-                // Forget about half, picked by hash: amortised O(1) per insert.
-                let salt = self.usage.len() as u64;
-                self.usage
-                    .retain(|k, _| (user_hash(k) ^ salt).count_ones() % 2 == 0);
+                // Forget about half, picked by a hash salted anew each time (amortised O(1) per
+                // insert); whatever survives is counted right, only the cost of recounting moves.
+                self.usage_evictions = self.usage_evictions.wrapping_add(1);
+                let salt = self.usage_evictions;
+                self.usage.retain(|k, _| {
+                    user_hash(k)
+                        .wrapping_add(salt)
+                        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                        >> 63
+                        == 0
+                });
+                if self.usage.len() >= USAGE_CACHE_USERS {
+                    self.usage.clear();
+                }
             }
             self.usage.insert(user.to_vec(), u);
         }
