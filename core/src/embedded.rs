@@ -33,13 +33,34 @@
 //! operations of that user (pending inserts and bundles included, pending deletes excluded).
 //! Reads therefore never write, and drains do not defeat ack cancellation.
 //!
+//! # Acks of messages not stored
+//! An ack of a message that is neither pending nor stored (never delivered, or already deleted)
+//! costs one point lookup and writes nothing (`acks_not_stored`); it is still remembered in the
+//! recent-acks set. A delete of a stored message rides in the next group commit with its fsync
+//! (PROTOCOL.md: an acked message is never delivered again, so it is not left to chance).
+//!
+//! # Quota and expiry
+//! Each recipient may have at most `max_messages_per_user` messages and `max_bytes_per_user`
+//! payload bytes stored or pending; a store beyond that is not kept and its sender's shard gets
+//! [`CoreReply::Refused`] (`recipient_inbox_full`). The counts live in a bounded map filled
+//! lazily from the store (one prefix walk per recipient) and kept current on every store, ack,
+//! expiry and failed commit, so no send scans the store. Messages older than
+//! `message_ttl_secs` (the id carries the accept time: [`min_live_id`]) are never drained; a
+//! drain's first chunk deletes up to one chunk of them, and a sweep walks every inbox in bounded
+//! turns ([`MessageStore::sweep_expired`]) between requests, its deletes riding in the next
+//! group commit.
+//!
 //! # Failures
-//! A failed commit (disk full, I/O error) is logged and counted (`store_errors`); its operations
-//! stay pending and are retried with backoff (10 ms doubling to 1 s). While commits fail and more
-//! than `queue_capacity × shards` operations are pending, the core stops taking new requests so
-//! the shards' queues fill and the edge sheds load instead of the core growing memory. Note that
-//! fjall refuses all writes after a failed journal write (`Poisoned`): recovery then needs a
-//! restart, and the pending operations are what the window allows to be lost.
+//! A failed commit (disk full, I/O error) is logged once and counted (`store_errors`,
+//! `failed_messages`). It fails only its own messages: their senders get
+//! [`CoreReply::Refused`] (`store_unavailable`) and nothing of them stays in memory; the
+//! batch's deletes and prekey bundles stay pending and are retried with backoff (10 ms doubling
+//! to 1 s). fjall refuses every write after a failed journal write (`Poisoned`), so the core
+//! closes and reopens the store before the next attempt (see `Core::ensure_open` for why that is
+//! safe); drains, prekey reads and the shards' live delivery go on meanwhile, and commits work
+//! again by themselves once space returns. While commits fail and more than
+//! `queue_capacity × shards` operations are pending, the core stops taking new requests so the
+//! shards' queues fill and the edge sheds load instead of the core growing memory.
 //!
 //! # Shutdown
 //! The thread ends when [`EmbeddedCore::stop`] is called (or [`EmbeddedCore::shutdown`], or the
@@ -93,6 +114,7 @@ const SWEEP_TURN: Duration = Duration::from_millis(10);
 static LOGGED_QUOTA: AtomicBool = AtomicBool::new(false);
 static LOGGED_COMMIT_FAILURE: AtomicBool = AtomicBool::new(false);
 static LOGGED_RECOVERY: AtomicBool = AtomicBool::new(false);
+static LOGGED_EXPIRY: AtomicBool = AtomicBool::new(false);
 
 /// True the first time it is called for `flag` (a limit hit is logged once, then counted).
 fn first_time(flag: &AtomicBool) -> bool {
@@ -782,6 +804,13 @@ impl Core {
             self.pending_ops += 1;
             self.release(&user, bytes);
             bump(&self.metrics.expired_deleted, 1);
+            if first_time(&LOGGED_EXPIRY) {
+                info!(
+                    message_ttl_secs = self.ttl_secs,
+                    "expired messages are deleted (logged once; \
+                     iris_core_expired_deleted_total counts them)"
+                );
+            }
             self.arm_deadline();
         }
     }
