@@ -708,6 +708,54 @@ mod tests {
         assert_eq!(s.corrupt_skipped(), 3);
     }
 
+    /// The sweep finds exactly the expired entries of every user, in bounded turns that resume
+    /// where the last one stopped, and skips a user's live messages.
+    #[test]
+    fn sweep_finds_expired_entries_in_bounded_turns() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = MessageStore::open(dir.path()).unwrap();
+        let mut all = Vec::new();
+        for u in 0..20 {
+            let user = format!("u{u:02}");
+            for id in 1..=10u64 {
+                // ids below 100 are "expired", 1000+ live.
+                all.push(msg(&user, id, "pp"));
+                all.push(msg(&user, 1000 + id, "p"));
+            }
+        }
+        s.commit(&all, &[], true).unwrap();
+        assert_eq!(
+            s.usage(b"u03").unwrap(),
+            Usage {
+                messages: 20,
+                payload_bytes: 30
+            }
+        );
+        assert_eq!(s.payload_len(b"u03", 1001).unwrap(), Some(1));
+        assert_eq!(s.payload_len(b"u03", 999).unwrap(), None);
+        assert_eq!(
+            s.expired(b"u03", 100, 3).unwrap(),
+            vec![(1, 2), (2, 2), (3, 2)]
+        );
+        let mut found = Vec::new();
+        let mut cursor = Vec::new();
+        let mut turns = 0;
+        loop {
+            turns += 1;
+            let t = s.sweep_expired(&cursor, 100, 7).unwrap();
+            assert!(t.expired.len() <= 7);
+            found.extend(t.expired);
+            match t.next {
+                Some(k) => cursor = k,
+                None => break,
+            }
+        }
+        assert_eq!(found.len(), 200);
+        assert!(found.iter().all(|(_, id, len)| *id < 100 && *len == 2));
+        // 200 expired + one live entry per user, 7 per turn: no walk over the live ones.
+        assert!(turns <= 220 / 7 + 2, "{turns} turns");
+    }
+
     #[test]
     fn oversized_names_are_rejected_before_writing() {
         let dir = tempfile::tempdir().unwrap();
