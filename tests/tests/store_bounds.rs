@@ -184,6 +184,13 @@ fn a_full_disk_fails_the_messages_not_the_server_and_recovers() {
         "stores work again: {}",
         s.log_tail(20)
     );
+    eprintln!(
+        "full disk: {stored} messages of 16 KiB stored under the limit, {} failed, {} store \
+         errors, {} reopens",
+        s.metric("iris_core_failed_messages_total"),
+        s.metric("iris_core_store_errors_total"),
+        s.metric("iris_core_store_reopens_total")
+    );
     let mut carol = s.login("disk-carol");
     assert_eq!(carol.recv_acked(), b"after recovery");
     drop(carol);
