@@ -103,9 +103,6 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(1);
 const FINAL_PASSES: usize = 16;
 /// Attempts of the final commit at shutdown (with the usual backoff: ~1.5 s in all).
 const FINAL_COMMIT_ATTEMPTS: u32 = 8;
-/// Recipients whose stored count the quota cache holds; when full, about half are forgotten
-/// (and counted again from the store when they next receive a message).
-const USAGE_CACHE_USERS: usize = 262_144;
 /// Inbox entries one turn of the expiry sweep looks at, at most.
 const SWEEP_BUDGET: usize = 1024;
 /// Pause between two turns of one expiry sweep pass.
@@ -148,6 +145,9 @@ pub struct EmbeddedConfig {
     /// is deleted (lazily at a login drain, and by the background sweep). 0 = messages never
     /// expire. Default 2592000 (30 days).
     pub message_ttl_secs: u64,
+    /// Recipients whose stored count the quota keeps in memory; when full, about half are
+    /// forgotten (and counted again from the store when they next receive). Default 262144.
+    pub usage_cache_users: usize,
 }
 
 impl Default for EmbeddedConfig {
@@ -161,6 +161,7 @@ impl Default for EmbeddedConfig {
             max_messages_per_user: 100_000,
             max_bytes_per_user: 256 << 20,
             message_ttl_secs: 30 * 24 * 3600,
+            usage_cache_users: 262_144,
         }
     }
 }
@@ -329,6 +330,7 @@ impl EmbeddedCore {
             max_bytes_per_user: cfg.max_bytes_per_user,
             ttl_secs: cfg.message_ttl_secs,
             usage: HashMap::new(),
+            usage_cap: cfg.usage_cache_users.max(1),
             usage_evictions: 0,
             refusals: HashSet::new(),
             sweep_cursor: Vec::new(),
@@ -474,8 +476,10 @@ struct Core {
     ttl_secs: u64,
     /// Stored + pending messages per recipient, for the quota: filled lazily from the store
     /// (one prefix walk per recipient), kept up to date on every insert, ack and expiry,
-    /// bounded by [`USAGE_CACHE_USERS`].
+    /// bounded by `usage_cache_users`.
     usage: HashMap<Vec<u8>, Usage>,
+    /// Most entries of `usage`.
+    usage_cap: usize,
     /// Times `usage` was thinned (salts the choice of what is forgotten).
     usage_evictions: u64,
     /// `(shard, conn, reason)` to tell with [`CoreReply::Refused`] at the end of this pass.
@@ -763,7 +767,7 @@ impl Core {
                     }
                 }
             }
-            if self.usage.len() >= USAGE_CACHE_USERS {
+            if self.usage.len() >= self.usage_cap {
                 // Forget about half, picked by a hash salted anew each time (amortised O(1) per
                 // insert); whatever survives is counted right, only the cost of recounting moves.
                 self.usage_evictions = self.usage_evictions.wrapping_add(1);
@@ -775,7 +779,7 @@ impl Core {
                         >> 63
                         == 0
                 });
-                if self.usage.len() >= USAGE_CACHE_USERS {
+                if self.usage.len() >= self.usage_cap {
                     self.usage.clear();
                 }
             }
@@ -1540,6 +1544,37 @@ mod tests {
             refusals(&links[0], Duration::from_millis(200)),
             vec![(5, REFUSED_INBOX_FULL), (6, REFUSED_INBOX_FULL)]
         );
+        core.shutdown().unwrap();
+    }
+
+    /// With room for only 4 recipients' counts, the quota of 30 recipients stays exact: a
+    /// forgotten count is read again from the store (and what is pending).
+    #[test]
+    fn the_quota_stays_exact_when_counts_are_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = EmbeddedConfig {
+            data_dir: dir.path().join("core"),
+            // Test ids are small numbers (minted in 2024): no expiry.
+            message_ttl_secs: 0,
+            max_messages_per_user: 2,
+            usage_cache_users: 4,
+            commit_window_ms: 50,
+            ..EmbeddedConfig::default()
+        };
+        let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
+        let m = core.metrics();
+        let mut id = 0;
+        for round in 0..3 {
+            for u in 0..30 {
+                id += 1;
+                let mut msg = msg(id);
+                msg.recipient = format!("user-{u}").into_bytes();
+                links[0].to_core.send(store_req(msg, round)).unwrap();
+            }
+        }
+        wait_for(&m, "stores and refusals", |s| {
+            s.stored == 60 && s.refused_over_quota == 30
+        });
         core.shutdown().unwrap();
     }
 

@@ -327,6 +327,7 @@ fn start_core(
                 max_messages_per_user: cfg.store.max_messages_per_user,
                 max_bytes_per_user: cfg.store.max_bytes_per_user,
                 message_ttl_secs: cfg.store.message_ttl_secs,
+                ..EmbeddedConfig::default()
             };
             let (core, links) = EmbeddedCore::start(core_cfg, nshards).with_context(|| {
                 format!("cannot open the store under {}", cfg.data_dir.display())
