@@ -72,7 +72,7 @@ fn a_full_inbox_refuses_more_messages_to_that_recipient_only() {
 
 #[test]
 fn expired_messages_are_never_delivered_and_are_deleted() {
-    let s = Server::start(ServerOpts::shards(2).config("[store]\nmessage_ttl_secs = 1\n"));
+    let s = Server::start(ServerOpts::shards(2).config("[store]\nmessage_ttl_secs = 2\n"));
     let mut a = s.login("ttl-a");
     for i in 0..3 {
         a.send("ttl-bob", format!("old{i}").as_bytes());
@@ -85,6 +85,7 @@ fn expired_messages_are_never_delivered_and_are_deleted() {
         "the sweep deletes them: {}",
         s.metric("iris_core_expired_deleted_total")
     );
+    // Well inside its 2 s (a login takes milliseconds).
     a.send("ttl-bob", b"fresh");
     a.sync();
     let mut bob = s.login("ttl-bob");
@@ -96,7 +97,7 @@ fn expired_messages_are_never_delivered_and_are_deleted() {
     let mut c = s.login("ttl-c");
     c.send("ttl-dan", b"late");
     c.sync();
-    std::thread::sleep(Duration::from_millis(1100));
+    std::thread::sleep(Duration::from_millis(2200));
     let mut dan = s.login("ttl-dan");
     dan.expect_silence(Duration::from_millis(300));
     assert!(wait_until(Duration::from_secs(5), || s
