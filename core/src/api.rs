@@ -34,11 +34,36 @@ pub struct StoredMsg {
 /// Where a reply must go on the edge: the shard-local connection number.
 pub type ConnId = u64;
 
+/// [`CoreReply::Refused`] reason: the recipient already has `max_messages_per_user` messages
+/// or `max_bytes_per_user` payload bytes stored.
+pub const REFUSED_INBOX_FULL: &str = "recipient_inbox_full";
+/// [`CoreReply::Refused`] reason: the store could not write the message (disk full, I/O error).
+pub const REFUSED_STORE_FAILED: &str = "store_unavailable";
+
+/// The smallest message id still alive when messages live `ttl_secs` and the time is
+/// `now_micros` (Unix µs): an id carries its accept time (`(µs since the id epoch / 16) << 18`),
+/// so every id below this one was accepted more than `ttl_secs` ago. 0 (nothing expired) when
+/// `ttl_secs` is 0 or the cutoff is before the id epoch.
+pub fn min_live_id(now_micros: u64, ttl_secs: u64) -> u64 {
+    use iris_bus::hops::{ID_EPOCH_MICROS, ID_LOW_BITS, ID_TICK_MICROS};
+    if ttl_secs == 0 {
+        return 0;
+    }
+    let cutoff = now_micros.saturating_sub(ttl_secs.saturating_mul(1_000_000));
+    let ticks = cutoff.saturating_sub(ID_EPOCH_MICROS) / ID_TICK_MICROS;
+    ticks
+        .checked_shl(ID_LOW_BITS)
+        .filter(|v| v >> ID_LOW_BITS == ticks)
+        .unwrap_or(u64::MAX)
+}
+
 /// What an edge shard asks of the core. Never awaited on the shard's hot path.
 #[derive(Debug)]
 pub enum CoreRequest {
-    /// Store a message until its recipient acks it.
-    Store(StoredMsg),
+    /// Store a message until its recipient acks it. `conn` is the sender's shard-local
+    /// connection: the embedded core answers it with [`CoreReply::Refused`] when the message is
+    /// not stored (recipient over quota, failed write). The cluster link ignores it.
+    Store { msg: StoredMsg, conn: ConnId },
     /// The recipient acked message `id`: it is delivered and must never come again.
     Ack { user: Vec<u8>, id: u64 },
     /// Send up to `limit` of `user`'s undelivered messages with an id greater than `after`
@@ -110,6 +135,10 @@ pub enum CoreReply {
         user: Vec<u8>,
         bundle: Option<Vec<u8>>,
     },
+    /// Embedded core: a message sent on `conn` was not stored, for `reason` (an ASCII reason
+    /// for the sender's `0xFE` frame: [`REFUSED_INBOX_FULL`], [`REFUSED_STORE_FAILED`]). Several
+    /// refusals for one connection in one pass of the core come as one reply.
+    Refused { conn: ConnId, reason: &'static str },
     /// Cluster only: message `id` for `recipient`, taken from this edge's inbox, where
     /// `recipient` has (or had) a session. Sent to the recipient's presence owner shard.
     /// `direct` tells the copy the sender's edge produced straight to this inbox

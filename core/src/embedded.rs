@@ -33,13 +33,34 @@
 //! operations of that user (pending inserts and bundles included, pending deletes excluded).
 //! Reads therefore never write, and drains do not defeat ack cancellation.
 //!
+//! # Acks of messages not stored
+//! An ack of a message that is neither pending nor stored (never delivered, or already deleted)
+//! costs one point lookup and writes nothing (`acks_not_stored`); it is still remembered in the
+//! recent-acks set. A delete of a stored message rides in the next group commit with its fsync
+//! (PROTOCOL.md: an acked message is never delivered again, so it is not left to chance).
+//!
+//! # Quota and expiry
+//! Each recipient may have at most `max_messages_per_user` messages and `max_bytes_per_user`
+//! payload bytes stored or pending; a store beyond that is not kept and its sender's shard gets
+//! [`CoreReply::Refused`] (`recipient_inbox_full`). The counts live in a bounded map filled
+//! lazily from the store (one prefix walk per recipient) and kept current on every store, ack,
+//! expiry and failed commit, so no send scans the store. Messages older than
+//! `message_ttl_secs` (the id carries the accept time: [`min_live_id`]) are never drained; a
+//! drain's first chunk deletes up to one chunk of them, and a sweep walks every inbox in bounded
+//! turns ([`MessageStore::sweep_expired`]) between requests, its deletes riding in the next
+//! group commit.
+//!
 //! # Failures
-//! A failed commit (disk full, I/O error) is logged and counted (`store_errors`); its operations
-//! stay pending and are retried with backoff (10 ms doubling to 1 s). While commits fail and more
-//! than `queue_capacity × shards` operations are pending, the core stops taking new requests so
-//! the shards' queues fill and the edge sheds load instead of the core growing memory. Note that
-//! fjall refuses all writes after a failed journal write (`Poisoned`): recovery then needs a
-//! restart, and the pending operations are what the window allows to be lost.
+//! A failed commit (disk full, I/O error) is logged once and counted (`store_errors`,
+//! `failed_messages`). It fails only its own messages: their senders get
+//! [`CoreReply::Refused`] (`store_unavailable`) and nothing of them stays in memory; the
+//! batch's deletes and prekey bundles stay pending and are retried with backoff (10 ms doubling
+//! to 1 s). fjall refuses every write after a failed journal write (`Poisoned`), so the core
+//! closes and reopens the store before the next attempt (see `Core::ensure_open` for why that is
+//! safe); drains, prekey reads and the shards' live delivery go on meanwhile, and commits work
+//! again by themselves once space returns. While commits fail and more than
+//! `queue_capacity × shards` operations are pending, the core stops taking new requests so the
+//! shards' queues fill and the edge sheds load instead of the core growing memory.
 //!
 //! # Shutdown
 //! The thread ends when [`EmbeddedCore::stop`] is called (or [`EmbeddedCore::shutdown`], or the
@@ -54,7 +75,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::ops::Bound;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -62,9 +83,12 @@ use std::time::{Duration, Instant};
 use crossbeam::channel::{self, Receiver, Select, Sender, TryRecvError, TrySendError};
 use tracing::{debug, error, info, trace, warn};
 
-use crate::api::{ConnId, CoreReply, CoreRequest, ShardBell, ShardLink, StoredMsg};
+use crate::api::{
+    min_live_id, ConnId, CoreReply, CoreRequest, ShardBell, ShardLink, StoredMsg, REFUSED_INBOX_FULL,
+    REFUSED_STORE_FAILED,
+};
 use crate::error::CoreError;
-use crate::store::{Batch, MessageStore, MAX_SENDER_LEN, MAX_USER_LEN};
+use crate::store::{Batch, MessageStore, Usage, MAX_SENDER_LEN, MAX_USER_LEN};
 
 /// How often the recent-acks set rotates; an ack is remembered for one to two periods.
 const ACK_MEMORY_PERIOD: Duration = Duration::from_secs(1);
@@ -79,6 +103,20 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(1);
 const FINAL_PASSES: usize = 16;
 /// Attempts of the final commit at shutdown (with the usual backoff: ~1.5 s in all).
 const FINAL_COMMIT_ATTEMPTS: u32 = 8;
+/// Inbox entries one turn of the expiry sweep looks at, at most.
+const SWEEP_BUDGET: usize = 1024;
+/// Pause between two turns of one expiry sweep pass.
+const SWEEP_TURN: Duration = Duration::from_millis(10);
+
+static LOGGED_QUOTA: AtomicBool = AtomicBool::new(false);
+static LOGGED_COMMIT_FAILURE: AtomicBool = AtomicBool::new(false);
+static LOGGED_RECOVERY: AtomicBool = AtomicBool::new(false);
+static LOGGED_EXPIRY: AtomicBool = AtomicBool::new(false);
+
+/// True the first time it is called for `flag` (a limit hit is logged once, then counted).
+fn first_time(flag: &AtomicBool) -> bool {
+    !flag.swap(true, Ordering::Relaxed)
+}
 
 /// Configuration of the embedded core.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,6 +134,20 @@ pub struct EmbeddedConfig {
     /// Payload bytes per drain reply, at most (one message always fits); default 1 MiB. With
     /// `drain_chunk` it bounds what one reply adds to a connection's output queue.
     pub drain_chunk_bytes: usize,
+    /// Most messages stored for one recipient; a message beyond it is refused
+    /// ([`CoreReply::Refused`] `recipient_inbox_full`) and not stored. 0 = no limit. Default
+    /// 100000.
+    pub max_messages_per_user: u64,
+    /// Most payload bytes stored for one recipient, as `max_messages_per_user`. 0 = no limit.
+    /// Default 268435456 (256 MiB).
+    pub max_bytes_per_user: u64,
+    /// A stored message older than this (its id carries its accept time) is never drained and
+    /// is deleted (lazily at a login drain, and by the background sweep). 0 = messages never
+    /// expire. Default 2592000 (30 days).
+    pub message_ttl_secs: u64,
+    /// Recipients whose stored count the quota keeps in memory; when full, about half are
+    /// forgotten (and counted again from the store when they next receive). Default 262144.
+    pub usage_cache_users: usize,
 }
 
 impl Default for EmbeddedConfig {
@@ -106,6 +158,10 @@ impl Default for EmbeddedConfig {
             queue_capacity: 65_536,
             drain_chunk: 1024,
             drain_chunk_bytes: 1 << 20,
+            max_messages_per_user: 100_000,
+            max_bytes_per_user: 256 << 20,
+            message_ttl_secs: 30 * 24 * 3600,
+            usage_cache_users: 262_144,
         }
     }
 }
@@ -140,6 +196,18 @@ pub struct CoreMetrics {
     pub replies_deferred: AtomicU64,
     /// Gauge: operations (inserts, deletes, prekey bundles) waiting for the next commit.
     pub pending_ops: AtomicU64,
+    /// Messages refused because their recipient was at `max_messages_per_user` or
+    /// `max_bytes_per_user` (never stored; the sender got `0xFE recipient_inbox_full`).
+    pub refused_over_quota: AtomicU64,
+    /// Messages not stored because their commit failed (disk full, I/O error); the sender got
+    /// `0xFE store_unavailable`.
+    pub failed_messages: AtomicU64,
+    /// Times the store was closed and opened again after a failed write.
+    pub store_reopens: AtomicU64,
+    /// Expired messages (older than `message_ttl_secs`) deleted.
+    pub expired_deleted: AtomicU64,
+    /// Acks of ids that were not stored: answered by a lookup, nothing written.
+    pub acks_not_stored: AtomicU64,
 }
 
 /// A point-in-time copy of [`CoreMetrics`] (same fields, same meaning).
@@ -158,6 +226,11 @@ pub struct CoreStats {
     pub corrupt_skipped: u64,
     pub replies_deferred: u64,
     pub pending_ops: u64,
+    pub refused_over_quota: u64,
+    pub failed_messages: u64,
+    pub store_reopens: u64,
+    pub expired_deleted: u64,
+    pub acks_not_stored: u64,
 }
 
 impl CoreMetrics {
@@ -178,6 +251,11 @@ impl CoreMetrics {
             corrupt_skipped: r(&self.corrupt_skipped),
             replies_deferred: r(&self.replies_deferred),
             pending_ops: r(&self.pending_ops),
+            refused_over_quota: r(&self.refused_over_quota),
+            failed_messages: r(&self.failed_messages),
+            store_reopens: r(&self.store_reopens),
+            expired_deleted: r(&self.expired_deleted),
+            acks_not_stored: r(&self.acks_not_stored),
         }
     }
 }
@@ -250,7 +328,18 @@ impl EmbeddedCore {
 
         let now = Instant::now();
         let core = Core {
-            store,
+            store: Some(store),
+            data_dir: cfg.data_dir.clone(),
+            reopen_needed: false,
+            max_messages_per_user: cfg.max_messages_per_user,
+            max_bytes_per_user: cfg.max_bytes_per_user,
+            ttl_secs: cfg.message_ttl_secs,
+            usage: HashMap::new(),
+            usage_cap: cfg.usage_cache_users.max(1),
+            usage_evictions: 0,
+            refusals: HashSet::new(),
+            sweep_cursor: Vec::new(),
+            next_sweep: now + SWEEP_TURN,
             window: Duration::from_millis(cfg.commit_window_ms),
             drain_chunk: cfg.drain_chunk,
             drain_chunk_bytes: cfg.drain_chunk_bytes.max(1),
@@ -357,8 +446,16 @@ struct Shard {
 /// One user's operations waiting for the next commit.
 #[derive(Default)]
 struct UserPending {
-    inserts: BTreeMap<u64, StoredMsg>,
+    inserts: BTreeMap<u64, PendingMsg>,
     deletes: BTreeSet<u64>,
+}
+
+/// A message waiting for the next commit, with the connection that sent it (told if it is not
+/// stored after all).
+struct PendingMsg {
+    msg: StoredMsg,
+    shard: usize,
+    conn: ConnId,
 }
 
 /// A read request (drain or prekey fetch) waiting for its take-in pass.
@@ -376,7 +473,28 @@ enum ReadKind {
 
 /// State of the core thread.
 struct Core {
-    store: MessageStore,
+    /// The store; `None` only between closing it after a failed write and a successful reopen.
+    store: Option<MessageStore>,
+    data_dir: PathBuf,
+    /// A write failed: close and open the store before the next one (see [`Core::ensure_open`]).
+    reopen_needed: bool,
+    /// Quota per recipient (0 = none) and message lifetime (0 = forever).
+    max_messages_per_user: u64,
+    max_bytes_per_user: u64,
+    ttl_secs: u64,
+    /// Stored + pending messages per recipient, for the quota: filled lazily from the store
+    /// (one prefix walk per recipient), kept up to date on every insert, ack and expiry,
+    /// bounded by `usage_cache_users`.
+    usage: HashMap<Vec<u8>, Usage>,
+    /// Most entries of `usage`.
+    usage_cap: usize,
+    /// Times `usage` was thinned (salts the choice of what is forgotten).
+    usage_evictions: u64,
+    /// `(shard, conn, reason)` to tell with [`CoreReply::Refused`] at the end of this pass.
+    refusals: HashSet<(usize, ConnId, &'static str)>,
+    /// Where the expiry sweep continues (empty: a new pass from the beginning).
+    sweep_cursor: Vec<u8>,
+    next_sweep: Instant,
     window: Duration,
     drain_chunk: usize,
     drain_chunk_bytes: usize,
@@ -425,6 +543,8 @@ impl Core {
                 // A failure is logged, counted and retried by `commit` itself.
                 let _ = self.commit();
             }
+            self.sweep(now);
+            self.flush_refusals();
             self.rotate_acks(now);
             self.metrics
                 .pending_ops
@@ -462,9 +582,12 @@ impl Core {
     /// a prompt answer (a drain, a prekey fetch) or when its queue passes half full.
     fn wait(&mut self) {
         let now = Instant::now();
-        let timeout = self.deadline.map_or(IDLE_WAIT, |d| {
+        let mut timeout = self.deadline.map_or(IDLE_WAIT, |d| {
             d.saturating_duration_since(now).min(IDLE_WAIT)
         });
+        if self.ttl_secs > 0 {
+            timeout = timeout.min(self.next_sweep.saturating_duration_since(now));
+        }
         if timeout.is_zero() {
             return;
         }
@@ -524,7 +647,7 @@ impl Core {
 
     fn handle(&mut self, shard: usize, req: CoreRequest) {
         match req {
-            CoreRequest::Store(msg) => self.on_store(msg),
+            CoreRequest::Store { msg, conn } => self.on_store(shard, conn, msg),
             CoreRequest::Ack { user, id } => self.on_ack(user, id),
             CoreRequest::Drain {
                 user,
@@ -562,7 +685,7 @@ impl Core {
         }
     }
 
-    fn on_store(&mut self, msg: StoredMsg) {
+    fn on_store(&mut self, shard: usize, conn: ConnId, msg: StoredMsg) {
         if self.invalid_user(&msg.recipient, "store") {
             return;
         }
@@ -581,6 +704,27 @@ impl Core {
             debug!(id = msg.id, "store after its ack dropped");
             return;
         }
+        if self
+            .pending
+            .get(&msg.recipient)
+            .is_some_and(|p| p.inserts.contains_key(&msg.id))
+        {
+            debug!(id = msg.id, "store of a message already pending ignored");
+            return;
+        }
+        if !self.admit(&msg) {
+            bump(&self.metrics.refused_over_quota, 1);
+            if first_time(&LOGGED_QUOTA) {
+                warn!(
+                    max_messages_per_user = self.max_messages_per_user,
+                    max_bytes_per_user = self.max_bytes_per_user,
+                    "messages to a recipient over its quota are refused (logged once; \
+                     iris_core_refused_over_quota_total counts them)"
+                );
+            }
+            self.refusals.insert((shard, conn, REFUSED_INBOX_FULL));
+            return;
+        }
         trace!(id = msg.id, "store pending");
         // Look up before inserting so the recipient is cloned only for a new pending user.
         if !self.pending.contains_key(&msg.recipient) {
@@ -588,11 +732,186 @@ impl Core {
                 .insert(msg.recipient.clone(), UserPending::default());
         }
         if let Some(p) = self.pending.get_mut(&msg.recipient) {
-            if p.inserts.insert(msg.id, msg).is_none() {
-                self.pending_ops += 1;
-            }
+            p.inserts.insert(msg.id, PendingMsg { msg, shard, conn });
+            self.pending_ops += 1;
         }
         self.arm_deadline();
+    }
+
+    fn quota_on(&self) -> bool {
+        self.max_messages_per_user > 0 || self.max_bytes_per_user > 0
+    }
+
+    /// Charges `msg` to its recipient's quota; false (nothing charged) when it does not fit.
+    fn admit(&mut self, msg: &StoredMsg) -> bool {
+        if !self.quota_on() {
+            return true;
+        }
+        let (max_msgs, max_bytes) = (self.max_messages_per_user, self.max_bytes_per_user);
+        let len = msg.payload.len() as u64;
+        let Some(u) = self.usage_of(&msg.recipient) else {
+            return true; // the store could not count (counted as a store error): admit
+        };
+        if (max_msgs > 0 && u.messages >= max_msgs)
+            || (max_bytes > 0 && u.payload_bytes.saturating_add(len) > max_bytes)
+        {
+            return false;
+        }
+        u.messages += 1;
+        u.payload_bytes += len;
+        true
+    }
+
+    /// The recipient's usage entry, counted from the store (plus what is pending) on first use.
+    fn usage_of(&mut self, user: &[u8]) -> Option<&mut Usage> {
+        if !self.usage.contains_key(user) {
+            let mut u = match self.store().and_then(|s| s.usage(user)) {
+                Ok(u) => u,
+                Err(e) => {
+                    bump(&self.metrics.store_errors, 1);
+                    debug!(error = %e, "counting a recipient's stored messages failed");
+                    return None;
+                }
+            };
+            if let Some(p) = self.pending.get(user) {
+                for m in p.inserts.values() {
+                    u.messages += 1;
+                    u.payload_bytes += m.msg.payload.len() as u64;
+                }
+                // Pending deletes are of stored messages (acks and expiry look them up).
+                for id in &p.deletes {
+                    if let Ok(Some(len)) = self.store().and_then(|s| s.payload_len(user, *id)) {
+                        u.messages = u.messages.saturating_sub(1);
+                        u.payload_bytes = u.payload_bytes.saturating_sub(len);
+                    }
+                }
+            }
+            if self.usage.len() >= self.usage_cap {
+                // Forget about half, picked by a hash salted anew each time (amortised O(1) per
+                // insert); whatever survives is counted right, only the cost of recounting moves.
+                self.usage_evictions = self.usage_evictions.wrapping_add(1);
+                let salt = self.usage_evictions;
+                self.usage.retain(|k, _| {
+                    user_hash(k)
+                        .wrapping_add(salt)
+                        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                        >> 63
+                        == 0
+                });
+                if self.usage.len() >= self.usage_cap {
+                    self.usage.clear();
+                }
+            }
+            self.usage.insert(user.to_vec(), u);
+        }
+        self.usage.get_mut(user)
+    }
+
+    /// A message of `user` with `bytes` of payload left the store (or will at the next commit).
+    fn release(&mut self, user: &[u8], bytes: u64) {
+        if let Some(u) = self.usage.get_mut(user) {
+            u.messages = u.messages.saturating_sub(1);
+            u.payload_bytes = u.payload_bytes.saturating_sub(bytes);
+        }
+    }
+
+    /// Queues the delete of an expired stored message (once).
+    fn queue_expired(&mut self, user: Vec<u8>, id: u64, bytes: u64) {
+        if self
+            .pending
+            .entry(user.clone())
+            .or_default()
+            .deletes
+            .insert(id)
+        {
+            self.pending_ops += 1;
+            self.release(&user, bytes);
+            bump(&self.metrics.expired_deleted, 1);
+            if first_time(&LOGGED_EXPIRY) {
+                info!(
+                    message_ttl_secs = self.ttl_secs,
+                    "expired messages are deleted (logged once; \
+                     iris_core_expired_deleted_total counts them)"
+                );
+            }
+            self.arm_deadline();
+        }
+    }
+
+    fn store(&self) -> Result<&MessageStore, CoreError> {
+        self.store.as_ref().ok_or_else(|| {
+            CoreError::Io(std::io::Error::other(
+                "the store is closed after a failed write; it is reopened at the next commit",
+            ))
+        })
+    }
+
+    /// Opens the store again after a failed write. fjall "poisons" a database whose journal
+    /// write or fsync failed and refuses every later write, so without this a full disk would
+    /// stop the store for good. Reopening is safe: the old handle is dropped first (its worker
+    /// threads end and the directory lock is released), and opening recovers exactly the
+    /// journal batches that are complete on disk (a torn tail is truncated by checksum). Every
+    /// batch this core reported as committed was fsynced before, so it is among them; the
+    /// failed batch may or may not be (its senders were told it failed, so at worst a message
+    /// whose sender was told `store_unavailable` is delivered anyway). Nothing else lives only
+    /// in fjall's memory: the core writes nothing but durable batches.
+    fn ensure_open(&mut self) -> Result<(), CoreError> {
+        if self.store.is_some() && !self.reopen_needed {
+            return Ok(());
+        }
+        self.store = None;
+        let store = MessageStore::open(&self.data_dir)?;
+        self.store = Some(store);
+        self.reopen_needed = false;
+        bump(&self.metrics.store_reopens, 1);
+        debug!(dir = %self.data_dir.display(), "store reopened after a failed write");
+        Ok(())
+    }
+
+    /// One bounded turn of the expiry sweep (see [`MessageStore::sweep_expired`]).
+    fn sweep(&mut self, now: Instant) {
+        if self.ttl_secs == 0 || now < self.next_sweep {
+            return;
+        }
+        if self.failures > 0 || self.pending_ops >= self.pending_cap / 2 {
+            self.next_sweep = now + SWEEP_TURN;
+            return;
+        }
+        let pass_interval = Duration::from_secs((self.ttl_secs / 10).clamp(1, 60));
+        let min_live = min_live_id(iris_bus::hops::unix_micros(), self.ttl_secs);
+        let cursor = std::mem::take(&mut self.sweep_cursor);
+        let turn = self
+            .store()
+            .and_then(|s| s.sweep_expired(&cursor, min_live, SWEEP_BUDGET));
+        match turn {
+            Ok(turn) => {
+                for (user, id, bytes) in turn.expired {
+                    self.queue_expired(user, id, bytes);
+                }
+                match turn.next {
+                    Some(k) => {
+                        self.sweep_cursor = k;
+                        self.next_sweep = now + SWEEP_TURN;
+                    }
+                    None => self.next_sweep = now + pass_interval,
+                }
+            }
+            Err(e) => {
+                bump(&self.metrics.store_errors, 1);
+                debug!(error = %e, "expiry sweep failed");
+                self.next_sweep = now + pass_interval;
+            }
+        }
+    }
+
+    /// Sends the refusals of this pass, one per connection and reason.
+    fn flush_refusals(&mut self) {
+        if self.refusals.is_empty() {
+            return;
+        }
+        for (shard, conn, reason) in std::mem::take(&mut self.refusals) {
+            self.reply(shard, CoreReply::Refused { conn, reason });
+        }
     }
 
     fn on_ack(&mut self, user: Vec<u8>, id: u64) {
@@ -601,17 +920,36 @@ impl Core {
             return;
         }
         if let Some(p) = self.pending.get_mut(&user) {
-            if p.inserts.remove(&id).is_some() {
+            if let Some(m) = p.inserts.remove(&id) {
                 self.pending_ops -= 1;
                 if p.inserts.is_empty() && p.deletes.is_empty() {
                     self.pending.remove(&user);
                 }
+                self.release(&user, m.msg.payload.len() as u64);
                 bump(&self.metrics.cancelled_before_store, 1);
                 trace!(id, "ack cancelled a pending store");
                 return;
             }
+            if p.deletes.contains(&id) {
+                return; // already to be deleted
+            }
         }
         self.recent_acks.insert((id, user_hash(&user)));
+        // Only a stored message needs a tombstone: a point lookup first. (A store still queued
+        // on another shard's queue is dropped when it comes, by `recent_acks`.)
+        match self.store().and_then(|s| s.payload_len(&user, id)) {
+            Ok(None) => {
+                bump(&self.metrics.acks_not_stored, 1);
+                trace!(id, "ack of a message not stored: nothing to write");
+                return;
+            }
+            Ok(Some(bytes)) => self.release(&user, bytes),
+            Err(e) => {
+                // Cannot tell: delete it (deleting an absent message is harmless).
+                bump(&self.metrics.store_errors, 1);
+                debug!(error = %e, "ack lookup failed");
+            }
+        }
         if self.pending.entry(user).or_default().deletes.insert(id) {
             self.pending_ops += 1;
         }
@@ -686,7 +1024,7 @@ impl Core {
         if let Some(b) = self.pending_prekeys.get(user) {
             return Some(b.clone());
         }
-        match self.store.get_prekeys(user) {
+        match self.store().and_then(|s| s.get_prekeys(user)) {
             Ok(b) => b,
             Err(e) => {
                 bump(&self.metrics.store_errors, 1);
@@ -705,7 +1043,17 @@ impl Core {
         let mut msgs = if self.invalid_user(&user, "drain") {
             Vec::new()
         } else {
-            self.drain_msgs(&user, after, limit)
+            let min_live = min_live_id(iris_bus::hops::unix_micros(), self.ttl_secs);
+            if after < min_live {
+                // Expired messages are never drained; the first chunk of a drain deletes (some
+                // of) them at once, the sweep the rest.
+                if after == 0 {
+                    self.expire_now(&user, min_live);
+                }
+                self.drain_msgs(&user, min_live - 1, limit)
+            } else {
+                self.drain_msgs(&user, after, limit)
+            }
         };
         let mut more = msgs.len() == limit;
         let mut bytes = 0usize;
@@ -731,11 +1079,32 @@ impl Core {
         );
     }
 
+    /// Queues the delete of up to one drain chunk of `user`'s expired messages.
+    fn expire_now(&mut self, user: &[u8], min_live: u64) {
+        match self
+            .store()
+            .and_then(|s| s.expired(user, min_live, self.drain_chunk))
+        {
+            Ok(v) => {
+                for (id, bytes) in v {
+                    self.queue_expired(user.to_vec(), id, bytes);
+                }
+            }
+            Err(e) => {
+                bump(&self.metrics.store_errors, 1);
+                debug!(error = %e, "expired scan failed");
+            }
+        }
+    }
+
     /// Up to `limit` of `user`'s messages after `after`: the store merged with what is pending.
     fn drain_msgs(&mut self, user: &[u8], after: u64, limit: usize) -> Vec<(u64, Vec<u8>)> {
         let pending = self.pending.get(user);
         let skip = pending.map_or(0, |p| p.deletes.len());
-        let stored = match self.store.scan(user, after, limit.saturating_add(skip)) {
+        let stored = match self
+            .store()
+            .and_then(|s| s.scan(user, after, limit.saturating_add(skip)))
+        {
             Ok(v) => v,
             Err(e) => {
                 // The messages stay stored; the next login drains them.
@@ -744,9 +1113,11 @@ impl Core {
                 Vec::new()
             }
         };
-        self.metrics
-            .corrupt_skipped
-            .store(self.store.corrupt_skipped(), Ordering::Relaxed);
+        if let Some(s) = &self.store {
+            self.metrics
+                .corrupt_skipped
+                .fetch_max(s.corrupt_skipped(), Ordering::Relaxed);
+        }
         let Some(p) = pending else {
             return stored;
         };
@@ -771,7 +1142,7 @@ impl Core {
             }
             if take_fresh {
                 if let Some((id, m)) = fresh.next() {
-                    out.push((*id, m.payload.clone()));
+                    out.push((*id, m.msg.payload.clone()));
                 }
             } else if let Some(e) = stored.next() {
                 out.push(e);
@@ -824,32 +1195,42 @@ impl Core {
         }
     }
 
-    /// Writes everything pending as one atomic batch and fsyncs it. On failure everything
-    /// stays pending and a retry is scheduled.
+    /// Writes everything pending as one atomic batch and fsyncs it. On failure the batch's
+    /// messages are not stored: their senders are told (`store_unavailable`) and their quota
+    /// released; deletes (acks, expiry) and prekey bundles stay pending; the store is reopened
+    /// and the commit retried with backoff.
     fn commit(&mut self) -> Result<(), CoreError> {
-        if self.pending_ops == 0 && self.max_id_seen <= self.store.id_floor() {
+        let floor = self.store.as_ref().map_or(0, MessageStore::id_floor);
+        if self.pending_ops == 0 && self.max_id_seen <= floor && !self.reopen_needed {
             self.deadline = None;
             return Ok(());
         }
         let mut inserts = Vec::new();
+        let mut origins = Vec::new();
         let mut deletes = Vec::new();
         for (user, p) in self.pending.drain() {
             for id in p.deletes {
                 deletes.push((user.clone(), id));
             }
-            inserts.extend(p.inserts.into_values());
+            for m in p.inserts.into_values() {
+                origins.push((m.shard, m.conn));
+                inserts.push(m.msg);
+            }
         }
         let prekeys: Vec<_> = self.pending_prekeys.drain().collect();
         let started = Instant::now();
-        let result = self.store.write(
-            &Batch {
-                inserts: &inserts,
-                deletes: &deletes,
-                prekeys: &prekeys,
-                id_hint: self.max_id_seen,
-            },
-            true,
-        );
+        let id_hint = self.max_id_seen;
+        let result = self.ensure_open().and_then(|()| {
+            self.store()?.write(
+                &Batch {
+                    inserts: &inserts,
+                    deletes: &deletes,
+                    prekeys: &prekeys,
+                    id_hint,
+                },
+                true,
+            )
+        });
         let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         match result {
             Ok(()) => {
@@ -864,7 +1245,14 @@ impl Core {
                     "group commit"
                 );
                 if self.failures > 0 {
-                    info!(failures = self.failures, "store commits recovered");
+                    if first_time(&LOGGED_RECOVERY) {
+                        info!(
+                            failures = self.failures,
+                            "store commits recovered (logged once)"
+                        );
+                    } else {
+                        debug!(failures = self.failures, "store commits recovered");
+                    }
                 }
                 self.failures = 0;
                 self.pending_ops = 0;
@@ -873,20 +1261,28 @@ impl Core {
             }
             Err(e) => {
                 bump(&self.metrics.store_errors, 1);
+                bump(&self.metrics.failed_messages, inserts.len() as u64);
                 self.failures = self.failures.saturating_add(1);
-                if self.failures == 1 {
-                    error!(error = %e, pending = self.pending_ops, "commit failed; retrying");
+                // fjall refuses every write after a failed one: open it again before the next.
+                self.reopen_needed = true;
+                if first_time(&LOGGED_COMMIT_FAILURE) {
+                    error!(
+                        error = %e,
+                        messages = inserts.len(),
+                        "commit failed: its messages are refused (store_unavailable), acks \
+                         retried, the store reopened (logged once; \
+                         iris_core_store_errors_total and iris_core_failed_messages_total count)"
+                    );
                 } else {
                     debug!(error = %e, failures = self.failures, "commit failed again");
                 }
-                // Put everything back (nothing else ran in between: this is the only thread).
-                for m in inserts {
-                    self.pending
-                        .entry(m.recipient.clone())
-                        .or_default()
-                        .inserts
-                        .insert(m.id, m);
+                for (m, (shard, conn)) in inserts.iter().zip(origins) {
+                    self.release(&m.recipient, m.payload.len() as u64);
+                    self.refusals.insert((shard, conn, REFUSED_STORE_FAILED));
                 }
+                // Deletes and bundles wait for the next try (nothing else ran in between: this
+                // is the only thread).
+                self.pending_ops = deletes.len() + prekeys.len();
                 for (user, id) in deletes {
                     self.pending.entry(user).or_default().deletes.insert(id);
                 }
@@ -911,7 +1307,9 @@ impl Core {
         for r in std::mem::take(&mut self.deferred) {
             self.serve_read(r);
         }
+        self.flush_refusals();
         self.flush_overflows();
+        let failed_before = self.metrics.failed_messages.load(Ordering::Relaxed);
         let mut result = self.commit();
         for _ in 1..FINAL_COMMIT_ATTEMPTS {
             if result.is_ok() {
@@ -923,8 +1321,16 @@ impl Core {
             result = self.commit();
         }
         if let Err(e) = &result {
-            error!(error = %e, lost = self.pending_ops, "final commit failed");
+            let failed = self.metrics.failed_messages.load(Ordering::Relaxed) - failed_before;
+            error!(
+                error = %e,
+                messages_not_stored = failed,
+                deletes_and_bundles_lost = self.pending_ops,
+                "final commit failed"
+            );
         }
+        self.flush_refusals();
+        self.flush_overflows();
         self.metrics
             .pending_ops
             .store(self.pending_ops as u64, Ordering::Relaxed);
@@ -971,113 +1377,320 @@ mod tests {
         }
     }
 
-    /// Failed commits (as on a full disk) are counted and retried with every operation kept;
-    /// drains still see the pending messages; while commits fail and the pending cap is
-    /// reached the core stops taking requests, so the shard's queue fills (backpressure)
-    /// instead of the core's memory growing; after recovery everything is committed.
+    fn store_req(m: StoredMsg, conn: ConnId) -> CoreRequest {
+        CoreRequest::Store { msg: m, conn }
+    }
+
+    fn drain_ids(link: &ShardLink, user: &[u8]) -> Vec<u64> {
+        link.to_core
+            .send(CoreRequest::Drain {
+                user: user.to_vec(),
+                conn: 99,
+                after: 0,
+                limit: 1000,
+            })
+            .unwrap();
+        loop {
+            match link
+                .from_core
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap()
+            {
+                CoreReply::Drain { msgs, .. } => return msgs.iter().map(|(id, _)| *id).collect(),
+                CoreReply::Refused { .. } => {}
+                other => panic!("unexpected reply {other:?}"),
+            }
+        }
+    }
+
+    fn refusals(link: &ShardLink, within: Duration) -> Vec<(ConnId, &'static str)> {
+        let mut out = Vec::new();
+        let end = Instant::now() + within;
+        while let Ok(r) = link
+            .from_core
+            .recv_timeout(end.saturating_duration_since(Instant::now()))
+        {
+            match r {
+                CoreReply::Refused { conn, reason } => out.push((conn, reason)),
+                other => panic!("unexpected reply {other:?}"),
+            }
+        }
+        out.sort_unstable();
+        out
+    }
+
+    /// A failed commit (as on a full disk) fails only its own messages: their senders get
+    /// `store_unavailable`, nothing is kept in memory for them, drains keep serving what was
+    /// stored, the store is reopened, and later messages are stored again.
     #[test]
-    fn failed_commits_keep_and_retry_everything_with_backpressure() {
+    fn a_failed_commit_refuses_its_messages_and_the_store_recovers() {
         let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().join("core");
         let cfg = EmbeddedConfig {
             data_dir: data_dir.clone(),
-            queue_capacity: 4,
+            // Test ids are small numbers (minted in 2024): no expiry.
+            message_ttl_secs: 0,
             ..EmbeddedConfig::default()
         };
-        // 1 shard × capacity 4 = pending cap 4. Five failures = 10+20+40+80 ms of retries.
-        fault::fail_next_writes(&data_dir, 5);
         let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
         let m = core.metrics();
         let link = &links[0];
-        for id in 1..=4 {
-            link.to_core.send(CoreRequest::Store(msg(id))).unwrap();
+        for id in 1..=3 {
+            link.to_core.send(store_req(msg(id), 7)).unwrap();
         }
-        wait_for(&m, "a failed commit", |s| s.store_errors >= 1);
-        assert_eq!(m.snapshot().stored, 0);
-
-        // Stalled: the queue takes its capacity, then refuses.
-        let mut accepted = 4;
-        let mut refused = 0;
-        for id in 5..=20 {
-            match link.to_core.try_send(CoreRequest::Store(msg(id))) {
-                Ok(()) => accepted += 1,
-                Err(_) => refused += 1,
-            }
-        }
-        assert!(refused > 0, "the core kept taking requests while stalled");
-
-        wait_for(&m, "recovery", |s| s.stored == accepted);
+        wait_for(&m, "the first commit", |s| s.stored == 3);
+        fault::fail_next_writes(&data_dir, 1);
+        link.to_core.send(store_req(msg(4), 8)).unwrap();
+        link.to_core.send(store_req(msg(5), 9)).unwrap();
+        wait_for(&m, "a failed commit", |s| s.store_errors == 1);
+        assert_eq!(
+            refusals(link, Duration::from_millis(300)),
+            vec![(8, REFUSED_STORE_FAILED), (9, REFUSED_STORE_FAILED)]
+        );
         let s = m.snapshot();
-        assert_eq!(s.store_errors, 5);
-        assert_eq!(s.pending_ops, 0);
-
-        link.to_core
-            .send(CoreRequest::Drain {
-                user: b"ruth".to_vec(),
-                conn: 1,
-                after: 0,
-                limit: 100,
-            })
-            .unwrap();
-        match link
-            .from_core
-            .recv_timeout(Duration::from_secs(10))
-            .unwrap()
-        {
-            CoreReply::Drain { msgs, more, .. } => {
-                assert!(!more);
-                let ids: Vec<u64> = msgs.iter().map(|(id, _)| *id).collect();
-                assert_eq!(ids, (1..=accepted).collect::<Vec<_>>());
-            }
-            other => panic!("unexpected reply {other:?}"),
-        }
+        assert_eq!((s.failed_messages, s.pending_ops), (2, 0));
+        assert_eq!(drain_ids(link, b"ruth"), vec![1, 2, 3]);
+        // Recovered: the next message is stored, through a reopened store.
+        link.to_core.send(store_req(msg(6), 10)).unwrap();
+        wait_for(&m, "recovery", |s| s.stored == 4);
+        assert!(m.snapshot().store_reopens >= 1);
+        assert_eq!(drain_ids(link, b"ruth"), vec![1, 2, 3, 6]);
         core.shutdown().unwrap();
         let store = MessageStore::open(&data_dir).unwrap();
-        assert_eq!(store.count(b"ruth").unwrap() as u64, accepted);
+        assert_eq!(store.count(b"ruth").unwrap(), 4);
     }
 
-    /// Drains see messages still pending after failed commits (served from memory).
+    /// While commits fail, acks stay pending (retried) and are written once commits work.
     #[test]
-    fn drains_see_pending_messages_while_commits_fail() {
+    fn acks_survive_failed_commits() {
         let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().join("core");
-        fault::fail_next_writes(&data_dir, 3);
         let cfg = EmbeddedConfig {
             data_dir: data_dir.clone(),
+            // Test ids are small numbers (minted in 2024): no expiry.
+            message_ttl_secs: 0,
             ..EmbeddedConfig::default()
         };
         let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
         let m = core.metrics();
         for id in 1..=3 {
-            links[0].to_core.send(CoreRequest::Store(msg(id))).unwrap();
+            links[0].to_core.send(store_req(msg(id), 1)).unwrap();
         }
-        wait_for(&m, "a failed commit", |s| s.store_errors >= 1);
+        wait_for(&m, "the store", |s| s.stored == 3);
+        fault::fail_next_writes(&data_dir, 3);
         links[0]
             .to_core
-            .send(CoreRequest::Drain {
+            .send(CoreRequest::Ack {
                 user: b"ruth".to_vec(),
-                conn: 1,
-                after: 1,
-                limit: 100,
+                id: 2,
             })
             .unwrap();
-        match links[0]
-            .from_core
-            .recv_timeout(Duration::from_secs(10))
-            .unwrap()
-        {
-            CoreReply::Drain { msgs, .. } => {
-                let ids: Vec<u64> = msgs.iter().map(|(id, _)| *id).collect();
-                assert_eq!(ids, vec![2, 3]);
-            }
-            other => panic!("unexpected reply {other:?}"),
+        wait_for(&m, "failed commits then recovery", |s| {
+            s.store_errors == 3 && s.pending_ops == 0
+        });
+        assert_eq!(drain_ids(&links[0], b"ruth"), vec![1, 3]);
+        core.shutdown().unwrap();
+        assert_eq!(
+            MessageStore::open(&data_dir)
+                .unwrap()
+                .count(b"ruth")
+                .unwrap(),
+            2
+        );
+    }
+
+    /// The quota counts stored and pending messages per recipient, refuses the excess with
+    /// `recipient_inbox_full` (once per connection and pass), frees room on acks, and is
+    /// counted from the store after a restart.
+    #[test]
+    fn quota_refuses_messages_over_the_limit_and_acks_free_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("core");
+        let cfg = EmbeddedConfig {
+            data_dir: data_dir.clone(),
+            max_messages_per_user: 3,
+            max_bytes_per_user: 64,
+            // Test ids are small numbers (minted in 2024): no expiry.
+            message_ttl_secs: 0,
+            ..EmbeddedConfig::default()
+        };
+        let (core, links) = EmbeddedCore::start(cfg.clone(), 1).unwrap();
+        let m = core.metrics();
+        let link = &links[0];
+        for id in 1..=5 {
+            link.to_core.send(store_req(msg(id), 3)).unwrap();
         }
-        // Shutdown retries the final commit too.
-        let stats = core.shutdown().unwrap();
-        assert_eq!(stats.stored, 3);
-        assert_eq!(stats.store_errors, 3);
+        wait_for(&m, "commit and refusals", |s| {
+            s.stored == 3 && s.refused_over_quota == 2
+        });
+        assert_eq!(
+            refusals(link, Duration::from_millis(200)),
+            vec![(3, REFUSED_INBOX_FULL)]
+        );
+        // Another recipient is not affected.
+        let mut other = msg(6);
+        other.recipient = b"sara".to_vec();
+        link.to_core.send(store_req(other, 3)).unwrap();
+        // An ack frees one place.
+        link.to_core
+            .send(CoreRequest::Ack {
+                user: b"ruth".to_vec(),
+                id: 1,
+            })
+            .unwrap();
+        link.to_core.send(store_req(msg(7), 3)).unwrap();
+        link.to_core.send(store_req(msg(8), 4)).unwrap();
+        wait_for(&m, "one more stored", |s| {
+            s.stored == 5 && s.refused_over_quota == 3
+        });
+        assert_eq!(
+            refusals(link, Duration::from_millis(200)),
+            vec![(4, REFUSED_INBOX_FULL)]
+        );
+        assert_eq!(drain_ids(link, b"ruth"), vec![2, 3, 7]);
+        core.shutdown().unwrap();
+
+        // After a restart the count comes from the store: still full. Bytes count too.
+        let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
+        let m = core.metrics();
+        links[0].to_core.send(store_req(msg(9), 5)).unwrap();
+        let mut big = msg(10);
+        big.recipient = b"sara".to_vec();
+        big.payload = vec![0; 60]; // sara has 8 bytes stored: 68 > 64
+        links[0].to_core.send(store_req(big, 6)).unwrap();
+        wait_for(&m, "refusals", |s| s.refused_over_quota == 2);
+        assert_eq!(
+            refusals(&links[0], Duration::from_millis(200)),
+            vec![(5, REFUSED_INBOX_FULL), (6, REFUSED_INBOX_FULL)]
+        );
+        core.shutdown().unwrap();
+    }
+
+    /// With room for only 4 recipients' counts, the quota of 30 recipients stays exact: a
+    /// forgotten count is read again from the store (and what is pending).
+    #[test]
+    fn the_quota_stays_exact_when_counts_are_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = EmbeddedConfig {
+            data_dir: dir.path().join("core"),
+            // Test ids are small numbers (minted in 2024): no expiry.
+            message_ttl_secs: 0,
+            max_messages_per_user: 2,
+            usage_cache_users: 4,
+            commit_window_ms: 50,
+            ..EmbeddedConfig::default()
+        };
+        let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
+        let m = core.metrics();
+        let mut id = 0;
+        for round in 0..3 {
+            for u in 0..30 {
+                id += 1;
+                let mut msg = msg(id);
+                msg.recipient = format!("user-{u}").into_bytes();
+                links[0].to_core.send(store_req(msg, round)).unwrap();
+            }
+        }
+        wait_for(&m, "stores and refusals", |s| {
+            s.stored == 60 && s.refused_over_quota == 30
+        });
+        core.shutdown().unwrap();
+    }
+
+    /// An id whose time is `age` before now (shard 0).
+    fn id_aged(age: Duration, seq: u64) -> u64 {
+        let micros = iris_bus::hops::unix_micros() - age.as_micros() as u64;
+        (((micros - iris_bus::hops::ID_EPOCH_MICROS) / 16) << 18) + seq
+    }
+
+    /// Messages older than the TTL are not drained and are deleted: at the drain for a user
+    /// who logs in, by the sweep for one who never does.
+    #[test]
+    fn expired_messages_are_not_drained_and_are_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("core");
+        let cfg = EmbeddedConfig {
+            data_dir: data_dir.clone(),
+            message_ttl_secs: 3600,
+            max_messages_per_user: 4,
+            ..EmbeddedConfig::default()
+        };
+        let old = id_aged(Duration::from_secs(7200), 0);
+        let new = id_aged(Duration::from_secs(10), 0);
+        {
+            // Written directly: messages accepted long ago.
+            let store = MessageStore::open(&data_dir).unwrap();
+            let mut all = Vec::new();
+            for user in ["ruth", "never"] {
+                for i in 0..3 {
+                    let mut m = msg(old + i);
+                    m.recipient = user.as_bytes().to_vec();
+                    all.push(m);
+                }
+            }
+            let mut fresh = msg(new);
+            fresh.recipient = b"ruth".to_vec();
+            all.push(fresh);
+            store.commit(&all, &[], true).unwrap();
+        }
+        let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
+        let m = core.metrics();
+        assert_eq!(drain_ids(&links[0], b"ruth"), vec![new]);
+        // The sweep gets the user who never logs in.
+        wait_for(&m, "expiry", |s| {
+            s.expired_deleted == 6 && s.pending_ops == 0
+        });
+        // Room again under the quota of 4: 1 live + 3 new.
+        for i in 1..=3 {
+            links[0].to_core.send(store_req(msg(new + i), 1)).unwrap();
+        }
+        wait_for(&m, "stores", |s| s.stored == 3);
+        assert_eq!(m.snapshot().refused_over_quota, 0);
+        core.shutdown().unwrap();
         let store = MessageStore::open(&data_dir).unwrap();
-        assert_eq!(store.count(b"ruth").unwrap(), 3);
+        assert_eq!(store.count(b"never").unwrap(), 0);
+        assert_eq!(store.count(b"ruth").unwrap(), 4);
+    }
+
+    /// An ack of an id that is not stored (never delivered) writes nothing: no tombstone, no
+    /// commit, no fsync.
+    #[test]
+    fn acks_of_ids_not_stored_write_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = EmbeddedConfig {
+            data_dir: dir.path().join("core"),
+            // Test ids are small numbers (minted in 2024): no expiry.
+            message_ttl_secs: 0,
+            ..EmbeddedConfig::default()
+        };
+        let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
+        let m = core.metrics();
+        links[0].to_core.send(store_req(msg(1), 1)).unwrap();
+        wait_for(&m, "the store", |s| s.commits == 1);
+        for id in 100..1100 {
+            links[0]
+                .to_core
+                .send(CoreRequest::Ack {
+                    user: b"ruth".to_vec(),
+                    id,
+                })
+                .unwrap();
+        }
+        wait_for(&m, "acks", |s| s.acks_not_stored == 1000);
+        std::thread::sleep(Duration::from_millis(50));
+        let s = m.snapshot();
+        assert_eq!((s.commits, s.pending_ops), (1, 0), "{s:?}");
+        // A real ack still deletes.
+        links[0]
+            .to_core
+            .send(CoreRequest::Ack {
+                user: b"ruth".to_vec(),
+                id: 1,
+            })
+            .unwrap();
+        wait_for(&m, "the delete", |s| s.commits == 2);
+        assert!(drain_ids(&links[0], b"ruth").is_empty());
+        core.shutdown().unwrap();
     }
 
     /// A final commit that keeps failing makes shutdown return the error (nothing silent).
@@ -1088,19 +1701,21 @@ mod tests {
         let cfg = EmbeddedConfig {
             data_dir: data_dir.clone(),
             commit_window_ms: 3_600_000,
+            // Test ids are small numbers (minted in 2024): no expiry.
+            message_ttl_secs: 0,
             ..EmbeddedConfig::default()
         };
         let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
-        links[0].to_core.send(CoreRequest::Store(msg(1))).unwrap();
+        links[0].to_core.send(store_req(msg(1), 1)).unwrap();
         let m = core.metrics();
         wait_for(&m, "the store", |s| s.pending_ops == 1);
         fault::fail_next_writes(&data_dir, 1000);
         let err = core.shutdown().unwrap_err();
         assert!(matches!(err, CoreError::Io(_)), "{err}");
         assert_eq!(
-            m.snapshot().pending_ops,
+            m.snapshot().failed_messages,
             1,
-            "the lost operation is reported"
+            "the lost message is reported"
         );
         fault::fail_next_writes(&data_dir, 0);
     }

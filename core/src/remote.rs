@@ -916,7 +916,7 @@ impl Bridge {
     /// Turns one shard request into bus frames and session writes.
     fn outbound(&mut self, shard: usize, req: CoreRequest) {
         match req {
-            CoreRequest::Store(m) => {
+            CoreRequest::Store { msg: m, .. } => {
                 let home = self.elsewhere(&m.recipient);
                 let deliver = Deliver {
                     id: m.id,

@@ -432,6 +432,8 @@ service_stats! {
     acks,
     /// Acks that cancelled an insert of the same window.
     cancelled,
+    /// Acks of messages neither stored nor in the window: answered by a lookup, no tombstone.
+    acks_not_stored,
     /// Drain requests answered.
     drains,
     /// Relay frames handled.
@@ -1588,11 +1590,21 @@ impl CoreService {
             BusFrame::Ack(a) => {
                 self.stats.acks.fetch_add(1, Ordering::Relaxed);
                 let key = (a.user, a.id);
-                if self.window.inserts.remove(&key).is_some() {
+                let cancelled = self.window.inserts.remove(&key).is_some();
+                if cancelled {
                     self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
                 }
-                // Always delete too: a redelivered message may already be in the store.
-                self.window.deletes.push(key.clone());
+                // A redelivered message may already be in the store: delete it if it is there.
+                // Earlier windows are written (`write_pending` is synchronous), so a miss means
+                // no tombstone is needed; a failed lookup deletes anyway (harmless).
+                match self.store.payload_len(&key.0, key.1) {
+                    Ok(None) => {
+                        if !cancelled {
+                            self.stats.acks_not_stored.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Ok(Some(_)) | Err(_) => self.window.deletes.push(key.clone()),
+                }
                 self.acked.insert(&key.0, key.1);
                 self.window.acked.insert(key);
             }
@@ -3037,7 +3049,7 @@ mod tests {
         let stats = ServiceStats::default();
         stats.hinted_routes.fetch_add(3, Ordering::Relaxed);
         let counters = stats.counters();
-        assert_eq!(counters.len(), 37);
+        assert_eq!(counters.len(), 38);
         let mut names: Vec<&str> = counters.iter().map(|c| c.name).collect();
         names.sort_unstable();
         names.dedup();

@@ -63,6 +63,22 @@ impl Batch<'_> {
     }
 }
 
+/// Stored messages of one user: count and payload bytes (see [`MessageStore::usage`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub messages: u64,
+    pub payload_bytes: u64,
+}
+
+/// What one turn of [`MessageStore::sweep_expired`] found.
+#[derive(Debug, Default)]
+pub struct SweepTurn {
+    /// `(user, id, payload bytes)` of expired messages.
+    pub expired: Vec<(Vec<u8>, u64, u64)>,
+    /// Where the next turn starts; `None` when this pass reached the end of the inboxes.
+    pub next: Option<Vec<u8>>,
+}
+
 /// The durable store: per-user inboxes ordered by message id, prekey bundles, and the id floor.
 pub struct MessageStore {
     dir: PathBuf,
@@ -279,6 +295,109 @@ impl MessageStore {
         Ok(n)
     }
 
+    /// Payload bytes of `user`'s stored message `id`, or `None` when it is not stored: one point
+    /// lookup (bloom filters make a miss cheap), no write. A corrupt value counts as 0 bytes.
+    pub fn payload_len(&self, user: &[u8], id: u64) -> Result<Option<u64>, CoreError> {
+        check_user(user)?;
+        Ok(self
+            .inbox
+            .get(inbox_key(user, id))?
+            .map(|v| decode_value(&v).map_or(0, |(_, p)| p.len() as u64)))
+    }
+
+    /// How many messages `user` has stored and their payload bytes: one walk of the user's key
+    /// range (the embedded core calls it once per user and then keeps the count in memory).
+    pub fn usage(&self, user: &[u8]) -> Result<Usage, CoreError> {
+        check_user(user)?;
+        let mut u = Usage::default();
+        for guard in self.inbox.prefix(user_prefix(user)) {
+            let (_, value) = guard.into_inner()?;
+            u.messages += 1;
+            u.payload_bytes += decode_value(&value).map_or(0, |(_, p)| p.len() as u64);
+        }
+        Ok(u)
+    }
+
+    /// Up to `limit` of `user`'s stored messages with an id below `min_live_id` (expired), as
+    /// `(id, payload bytes)` in id order.
+    pub fn expired(
+        &self,
+        user: &[u8],
+        min_live_id: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, u64)>, CoreError> {
+        check_user(user)?;
+        let mut out = Vec::new();
+        if limit == 0 || min_live_id == 0 {
+            return Ok(out);
+        }
+        for guard in self
+            .inbox
+            .range(inbox_key(user, 0)..inbox_key(user, min_live_id))
+        {
+            let (key, value) = guard.into_inner()?;
+            if let Some((_, id)) = split_key(&key) {
+                out.push((id, decode_value(&value).map_or(0, |(_, p)| p.len() as u64)));
+                if out.len() == limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// One bounded turn of the expiry sweep over every inbox: starting at key `from` (empty =
+    /// the beginning), looks at no more than `budget` entries and returns the expired ones (id
+    /// below `min_live_id`) with the key to continue from (`None`: the pass reached the end).
+    /// Ids are time-ordered within a user, so the first live message of a user ends that user:
+    /// the sweep seeks to the next user, and a pass costs about one step per user plus one per
+    /// expired message.
+    pub fn sweep_expired(
+        &self,
+        from: &[u8],
+        min_live_id: u64,
+        budget: usize,
+    ) -> Result<SweepTurn, CoreError> {
+        let mut turn = SweepTurn::default();
+        let mut start = from.to_vec();
+        let mut examined = 0usize;
+        loop {
+            let mut next_user = None;
+            for guard in self.inbox.range(start.clone()..) {
+                let (key, value) = guard.into_inner()?;
+                examined += 1;
+                match split_key(&key) {
+                    Some((user, id)) if id < min_live_id => turn.expired.push((
+                        user.to_vec(),
+                        id,
+                        decode_value(&value).map_or(0, |(_, p)| p.len() as u64),
+                    )),
+                    Some((user, _)) => {
+                        let mut k = inbox_key(user, u64::MAX);
+                        k.push(0);
+                        next_user = Some(k);
+                        break;
+                    }
+                    None => {} // not an inbox key of this layout: skip it
+                }
+                if examined >= budget {
+                    let mut k = key.to_vec();
+                    k.push(0); // the next key after this one
+                    turn.next = Some(k);
+                    return Ok(turn);
+                }
+            }
+            match next_user {
+                None => return Ok(turn),
+                Some(k) if examined >= budget => {
+                    turn.next = Some(k);
+                    return Ok(turn);
+                }
+                Some(k) => start = k,
+            }
+        }
+    }
+
     /// Stores (replaces) `user`'s prekey bundle in its own batch (not fsynced; a later durable
     /// commit makes it durable).
     pub fn put_prekeys(&self, user: &[u8], bundle: &[u8]) -> Result<(), CoreError> {
@@ -382,6 +501,14 @@ fn user_prefix(user: &[u8]) -> Vec<u8> {
     k.extend_from_slice(&(user.len() as u16).to_be_bytes());
     k.extend_from_slice(user);
     k
+}
+
+/// Splits an inbox key into `(user, id)`; `None` for a key of another layout.
+fn split_key(key: &[u8]) -> Option<(&[u8], u64)> {
+    let len = usize::from(u16::from_be_bytes(key.get(..2)?.try_into().ok()?));
+    let user = key.get(2..2 + len)?;
+    let id: [u8; 8] = key.get(2 + len..)?.try_into().ok()?;
+    Some((user, u64::from_be_bytes(id)))
 }
 
 /// `u16 BE len(user) | user | u64 BE id`; callers have checked the length.
@@ -579,6 +706,54 @@ mod tests {
         );
         assert_eq!(ids(&s.scan(b"u", 0, 10).unwrap()), vec![1, 3, 5]);
         assert_eq!(s.corrupt_skipped(), 3);
+    }
+
+    /// The sweep finds exactly the expired entries of every user, in bounded turns that resume
+    /// where the last one stopped, and skips a user's live messages.
+    #[test]
+    fn sweep_finds_expired_entries_in_bounded_turns() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = MessageStore::open(dir.path()).unwrap();
+        let mut all = Vec::new();
+        for u in 0..20 {
+            let user = format!("u{u:02}");
+            for id in 1..=10u64 {
+                // ids below 100 are "expired", 1000+ live.
+                all.push(msg(&user, id, "pp"));
+                all.push(msg(&user, 1000 + id, "p"));
+            }
+        }
+        s.commit(&all, &[], true).unwrap();
+        assert_eq!(
+            s.usage(b"u03").unwrap(),
+            Usage {
+                messages: 20,
+                payload_bytes: 30
+            }
+        );
+        assert_eq!(s.payload_len(b"u03", 1001).unwrap(), Some(1));
+        assert_eq!(s.payload_len(b"u03", 999).unwrap(), None);
+        assert_eq!(
+            s.expired(b"u03", 100, 3).unwrap(),
+            vec![(1, 2), (2, 2), (3, 2)]
+        );
+        let mut found = Vec::new();
+        let mut cursor = Vec::new();
+        let mut turns = 0;
+        loop {
+            turns += 1;
+            let t = s.sweep_expired(&cursor, 100, 7).unwrap();
+            assert!(t.expired.len() <= 7);
+            found.extend(t.expired);
+            match t.next {
+                Some(k) => cursor = k,
+                None => break,
+            }
+        }
+        assert_eq!(found.len(), 200);
+        assert!(found.iter().all(|(_, id, len)| *id < 100 && *len == 2));
+        // 200 expired + one live entry per user, 7 per turn: no walk over the live ones.
+        assert!(turns <= 220 / 7 + 2, "{turns} turns");
     }
 
     #[test]

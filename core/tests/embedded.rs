@@ -14,6 +14,8 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 fn cfg(dir: &tempfile::TempDir) -> EmbeddedConfig {
     EmbeddedConfig {
         data_dir: dir.path().join("core"),
+        // The ids of these tests are small numbers, i.e. minted in 2024: no expiry.
+        message_ttl_secs: 0,
         ..EmbeddedConfig::default()
     }
 }
@@ -28,7 +30,9 @@ fn msg(to: &str, id: u64, payload: impl Into<Vec<u8>>) -> StoredMsg {
 }
 
 fn store(link: &ShardLink, m: StoredMsg) {
-    link.to_core.send(CoreRequest::Store(m)).unwrap();
+    link.to_core
+        .send(CoreRequest::Store { msg: m, conn: 0 })
+        .unwrap();
 }
 
 fn ack(link: &ShardLink, user: &str, id: u64) {
@@ -288,7 +292,10 @@ fn drain_sees_store_queued_just_before_on_another_shard() {
                     id: id - 4,
                 }
             } else {
-                CoreRequest::Store(msg("noise", id, "n"))
+                CoreRequest::Store {
+                    msg: msg("noise", id, "n"),
+                    conn: 0,
+                }
             };
             // Keep a backlog of a few hundred requests, not a flood: a full queue would make
             // every drain wait for a whole queue's worth of requests (correct, but slow in a

@@ -148,19 +148,25 @@ fn requests_about_users_homed_elsewhere_go_to_their_region_on_the_global_bus() {
     let alice = b"alice-a".to_vec();
     let typing = vec![0x72, 0, 7, b'a', b'l', b'i', b'c', b'e', b'-', b'a', 1];
     // A message to bob (other region) and to dave (here).
-    tx.send(CoreRequest::Store(StoredMsg {
-        id: 1001,
-        recipient: bob.clone(),
-        sender: alice.clone(),
-        payload: b"to bob".to_vec(),
-    }))
+    tx.send(CoreRequest::Store {
+        msg: StoredMsg {
+            id: 1001,
+            recipient: bob.clone(),
+            sender: alice.clone(),
+            payload: b"to bob".to_vec(),
+        },
+        conn: 0,
+    })
     .unwrap();
-    tx.send(CoreRequest::Store(StoredMsg {
-        id: 1002,
-        recipient: dave.clone(),
-        sender: alice.clone(),
-        payload: b"to dave".to_vec(),
-    }))
+    tx.send(CoreRequest::Store {
+        msg: StoredMsg {
+            id: 1002,
+            recipient: dave.clone(),
+            sender: alice.clone(),
+            payload: b"to dave".to_vec(),
+        },
+        conn: 0,
+    })
     .unwrap();
     // bob roams into this region: his ack, drain, prekeys go to his home.
     tx.send(CoreRequest::Ack {

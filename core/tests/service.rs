@@ -489,7 +489,7 @@ fn offline_message_is_kept_and_drained_in_order() {
 fn ack_before_drain_removes_the_message() {
     let env = Env::start();
     let edge = env.edge(4);
-    let _core = env.core();
+    let core = env.core();
     let tx = env.producer();
     for i in 1..=10 {
         tx.frame(&BusFrame::Deliver(msg(i, b"dave")));
@@ -512,6 +512,18 @@ fn ack_before_drain_removes_the_message() {
     tx.frame(&drain(b"dave", 4, 2, 100));
     tx.flush();
     assert_eq!(ids(&edge.chunk(2)), vec![1, 3, 4, 6, 7, 8, 10]);
+    // Acks of ids not stored (never delivered, or deleted already) write no tombstone.
+    for id in [9, 500, 501] {
+        tx.frame(&BusFrame::Ack(Ack {
+            user: b"dave".to_vec(),
+            id,
+        }));
+    }
+    tx.flush();
+    core.wait_metric("iris_core_acks_not_stored_total", 3);
+    tx.frame(&drain(b"dave", 4, 3, 100));
+    tx.flush();
+    assert_eq!(ids(&edge.chunk(3)), vec![1, 3, 4, 6, 7, 8, 10]);
 }
 
 #[test]

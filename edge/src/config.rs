@@ -77,6 +77,8 @@ pub struct EdgeConfig {
     /// Offline users whose last-seen time the edge remembers, over all shards; the oldest are
     /// forgotten first and then read as never seen (1000000).
     pub presence_last_seen_max: usize,
+    /// Bounds of the embedded store per recipient: quota and message lifetime.
+    pub store: StoreConfig,
     /// Optional JWT authentication of LOGIN `user:token`.
     pub auth: AuthConfig,
     /// Where messages go beyond this box: the embedded core (default) or a regional cluster.
@@ -211,6 +213,33 @@ impl Default for ClusterConfig {
     }
 }
 
+/// Bounds of the embedded store (`[store]`), so that nobody can fill the disk by sending to
+/// names that never log in.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Most messages stored for one recipient; one more is refused with
+    /// `0xFE recipient_inbox_full` to its sender and not stored. 0 = no limit (100000).
+    pub max_messages_per_user: u64,
+    /// Most payload bytes stored for one recipient, likewise. 0 = no limit
+    /// (268435456 = 256 MiB).
+    pub max_bytes_per_user: u64,
+    /// A message not acked this long after it was accepted is never delivered again and is
+    /// deleted (at its recipient's next login, or by the background sweep). 0 = forever
+    /// (2592000 = 30 days).
+    pub message_ttl_secs: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            max_messages_per_user: 100_000,
+            max_bytes_per_user: 256 << 20,
+            message_ttl_secs: 30 * 24 * 3600,
+        }
+    }
+}
+
 /// LOGIN authentication (PROTOCOL.md "Auth"): off unless `enabled`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -264,6 +293,7 @@ impl Default for EdgeConfig {
             typing_relay_burst: 32,
             max_pending_replies: 1024,
             presence_last_seen_max: 1_000_000,
+            store: StoreConfig::default(),
             auth: AuthConfig::default(),
             cluster: ClusterConfig::default(),
         }
@@ -343,6 +373,14 @@ impl EdgeConfig {
         }
         if self.ring_depth == 0 || self.io_memory_bytes < 64 << 10 {
             return bad("ring_depth must be > 0 and io_memory_bytes at least 65536".to_owned());
+        }
+        let st = &self.store;
+        if st.max_bytes_per_user > 0 && st.max_bytes_per_user < 65_535 {
+            return bad(format!(
+                "store.max_bytes_per_user = {} must be 0 (no limit) or at least 65535 (one \
+                 largest message)",
+                st.max_bytes_per_user
+            ));
         }
         if self.auth.enabled && self.auth.secret.len() < 32 {
             return bad("auth.secret must be at least 32 bytes when auth.enabled".to_owned());
@@ -468,6 +506,34 @@ mod tests {
     }
 
     /// docs/CONFIG.md shows every key with its default: it must parse to exactly the defaults.
+    #[test]
+    fn store_keys_parse_and_validate() {
+        let c: EdgeConfig = toml::from_str(
+            "[store]\nmax_messages_per_user = 5\nmax_bytes_per_user = 0\nmessage_ttl_secs = 1\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            c.store,
+            StoreConfig {
+                max_messages_per_user: 5,
+                max_bytes_per_user: 0,
+                message_ttl_secs: 1,
+            }
+        );
+        let small: EdgeConfig = toml::from_str("[store]\nmax_bytes_per_user = 1000\n").unwrap();
+        assert!(small
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("max_bytes_per_user"));
+        let typo = toml::from_str::<EdgeConfig>("[store]\nmax_message_per_user = 1\n");
+        assert!(typo
+            .unwrap_err()
+            .to_string()
+            .contains("max_message_per_user"));
+    }
+
     #[test]
     fn documented_config_is_the_default() {
         let doc = include_str!("../../docs/CONFIG.md");

@@ -172,6 +172,14 @@ fn main() -> anyhow::Result<()> {
         );
         return Ok(());
     }
+    // A write past RLIMIT_FSIZE must fail that write with EFBIG (the store then fails the
+    // messages of that commit, see iris_core::embedded), not kill the whole process with
+    // SIGXFSZ's default action.
+    // SAFETY: setting a signal's disposition to SIG_IGN installs no handler code; it runs
+    // before any other thread of ours exists.
+    if unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) } == libc::SIG_ERR {
+        anyhow::bail!("cannot ignore SIGXFSZ: {}", std::io::Error::last_os_error());
+    }
     let shutdown = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, shutdown.clone())

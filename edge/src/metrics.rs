@@ -63,6 +63,9 @@ counters! {
     acks_total: "counter",
     /// ACKs not passed to the store: their id's time is in the future (never minted).
     acks_dropped_total: "counter",
+    /// Messages the store refused (recipient over its quota, or a failed write): the sender was
+    /// told with 0xFE (one frame per connection and core pass).
+    sends_refused_total: "counter",
     /// Typing and read-receipt relays delivered.
     relays_delivered_total: "counter",
     /// Malformed frames answered with 0xFE and a close.

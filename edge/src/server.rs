@@ -326,6 +326,10 @@ fn start_core(
                 queue_capacity: cfg.core_queue_capacity,
                 drain_chunk: cfg.drain_chunk,
                 drain_chunk_bytes: cfg.drain_chunk_bytes,
+                max_messages_per_user: cfg.store.max_messages_per_user,
+                max_bytes_per_user: cfg.store.max_bytes_per_user,
+                message_ttl_secs: cfg.store.message_ttl_secs,
+                ..EmbeddedConfig::default()
             };
             let (core, links) = EmbeddedCore::start(core_cfg, nshards).with_context(|| {
                 format!("cannot open the store under {}", cfg.data_dir.display())
@@ -653,6 +657,36 @@ fn core_lines(s: &CoreStats) -> Vec<(&'static str, &'static str, &'static str, u
             "gauge",
             "Operations waiting for the next commit.",
             s.pending_ops,
+        ),
+        (
+            "iris_core_refused_over_quota_total",
+            "counter",
+            "Messages refused: recipient at max_messages_per_user or max_bytes_per_user.",
+            s.refused_over_quota,
+        ),
+        (
+            "iris_core_failed_messages_total",
+            "counter",
+            "Messages not stored because their commit failed (disk full, I/O error).",
+            s.failed_messages,
+        ),
+        (
+            "iris_core_store_reopens_total",
+            "counter",
+            "Times the store was reopened after a failed write.",
+            s.store_reopens,
+        ),
+        (
+            "iris_core_expired_deleted_total",
+            "counter",
+            "Messages older than message_ttl_secs deleted.",
+            s.expired_deleted,
+        ),
+        (
+            "iris_core_acks_not_stored_total",
+            "counter",
+            "Acks of ids not stored: answered by a lookup, nothing written.",
+            s.acks_not_stored,
         ),
     ]
 }

@@ -1,7 +1,9 @@
 //! The embedded message store (`iris_core::store::MessageStore`, fjall) in a temporary
 //! directory: appending a batch of 64 messages (as the core commits a batch window), with and
-//! without the fsync of the journal, acking (deleting) 64 stored messages, and the scan of a
-//! login drain.
+//! without the fsync of the journal, acking (deleting) 64 stored messages (with and without the
+//! point lookup the embedded core does first), acks of 64 ids that were never stored (the
+//! tombstones written before, the lookups that replace them now), and the scan of a login
+//! drain.
 
 use std::cell::Cell;
 
@@ -57,6 +59,59 @@ fn bench(c: &mut Criterion) {
                     .collect::<Vec<_>>()
             },
             |acks| store.commit(&[], &acks, false).unwrap(),
+            BatchSize::SmallInput,
+        )
+    });
+    // Real acks as the embedded core now handles them: a point lookup (the payload size, for
+    // the recipient's quota), then the delete.
+    g.bench_function("ack_64_lookup_then_delete", |b| {
+        b.iter_batched(
+            || {
+                let msgs = batch(&next_id, 1000);
+                store.commit(&msgs, &[], false).unwrap();
+                msgs.into_iter()
+                    .map(|m| (m.recipient, m.id))
+                    .collect::<Vec<_>>()
+            },
+            |acks| {
+                for (user, id) in &acks {
+                    assert!(store.payload_len(user, *id).unwrap().is_some());
+                }
+                store.commit(&[], &acks, false).unwrap()
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    // Acks of ids that were never stored (never delivered). Before: one tombstone each, in a
+    // group commit with its fsync. Now: one point lookup each and nothing written.
+    let absent = |next_id: &Cell<u64>| {
+        batch(next_id, 1000)
+            .into_iter()
+            .map(|m| (m.recipient, m.id + (1 << 40)))
+            .collect::<Vec<_>>()
+    };
+    g.bench_function("ack_64_absent_tombstones", |b| {
+        b.iter_batched(
+            || absent(&next_id),
+            |acks| store.commit(&[], &acks, false).unwrap(),
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("ack_64_absent_tombstones_fsync", |b| {
+        b.iter_batched(
+            || absent(&next_id),
+            |acks| store.commit(&[], &acks, true).unwrap(),
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("ack_64_absent_lookup", |b| {
+        b.iter_batched(
+            || absent(&next_id),
+            |acks| {
+                for (user, id) in &acks {
+                    assert!(store.payload_len(user, *id).unwrap().is_none());
+                }
+            },
             BatchSize::SmallInput,
         )
     });

@@ -553,6 +553,25 @@ impl Server {
         }
     }
 
+    /// Sets the running process's soft `RLIMIT_FSIZE` (`None`: as high as its hard limit): a
+    /// write past it fails with `EFBIG` (the edge ignores `SIGXFSZ`), as on a full disk. Set
+    /// after startup: the store preallocates its journal when it opens, and a write into that
+    /// preallocated file past the limit still fails. A restart starts without it.
+    pub fn set_fsize_limit(&mut self, limit: Option<u64>) {
+        let pid = self.pid() as libc::pid_t;
+        let mut rl = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: prlimit with a valid pid and pointers to live stack values.
+        let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_FSIZE, std::ptr::null(), &mut rl) };
+        assert_eq!(rc, 0, "prlimit get: {}", io::Error::last_os_error());
+        rl.rlim_cur = limit.map_or(rl.rlim_max, |l| l.min(rl.rlim_max));
+        // SAFETY: as above.
+        let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_FSIZE, &rl, std::ptr::null_mut()) };
+        assert_eq!(rc, 0, "prlimit set: {}", io::Error::last_os_error());
+    }
+
     /// `kill -9` and reap.
     pub fn kill9(&mut self) {
         let mut child = self.child.take().expect("server is not running");

@@ -807,12 +807,15 @@ impl Conn {
             .next_id_above(self.id_floor.replace(0));
         let mut f = Vec::with_capacity(payload.len() + 23);
         frame::encode_reliable(&mut f, MsgId(id), payload);
-        shard.push_core(CoreRequest::Store(StoredMsg {
-            id,
-            recipient: target.to_vec(),
-            sender: sender.to_vec(),
-            payload: payload.to_vec(),
-        }));
+        shard.push_core(CoreRequest::Store {
+            msg: StoredMsg {
+                id,
+                recipient: target.to_vec(),
+                sender: sender.to_vec(),
+                payload: payload.to_vec(),
+            },
+            conn: self.c.id,
+        });
         ShardMetrics::inc(&shard.metrics.messages_accepted_total);
         shard.route_after_store(
             target,
@@ -960,7 +963,7 @@ impl Conn {
     }
 }
 
-fn error_frame(reason: &str) -> Vec<u8> {
+pub(super) fn error_frame(reason: &str) -> Vec<u8> {
     let mut f = Vec::with_capacity(reason.len() + 3);
     frame::encode_error(&mut f, reason);
     f

@@ -935,6 +935,13 @@ impl Shard {
                     c.drain_chunk(self, &user, msgs, more);
                 }
             }
+            CoreReply::Refused { conn, reason } => {
+                ShardMetrics::inc(&self.metrics.sends_refused_total);
+                let c = self.conns.borrow().get(&conn).cloned();
+                if let Some(c) = c {
+                    c.write_frame(self, &conn::error_frame(reason));
+                }
+            }
             CoreReply::Prekeys { conn, bundle, .. } => {
                 self.reply_arrived();
                 let c = self.conns.borrow().get(&conn).cloned();
