@@ -84,8 +84,8 @@ use crossbeam::channel::{self, Receiver, Select, Sender, TryRecvError, TrySendEr
 use tracing::{debug, error, info, trace, warn};
 
 use crate::api::{
-    min_live_id, ConnId, CoreReply, CoreRequest, ShardBell, ShardLink, StoredMsg, REFUSED_INBOX_FULL,
-    REFUSED_STORE_FAILED,
+    min_live_id, ConnId, CoreReply, CoreRequest, ShardBell, ShardLink, StoredMsg,
+    REFUSED_INBOX_FULL, REFUSED_STORE_FAILED,
 };
 use crate::error::CoreError;
 use crate::store::{Batch, MessageStore, Usage, MAX_SENDER_LEN, MAX_USER_LEN};
