@@ -6,25 +6,26 @@
 //! route topic, and reads `/metrics`.
 //! Needs `tansu` on PATH or in ~/.cargo/bin and `redis-server` on PATH.
 
+mod common;
+
 use std::collections::{BTreeMap, HashSet};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::{
+    admin_of, consumer_from_beginning, delivers, ids, read_frames, write_online, Core, Sender,
+};
 use iris_bus::kafka::{ensure_topics, KafkaConfig};
 use iris_bus::topics::{deliver, edge_inbox, partition_of, route};
 use iris_bus::{
-    decode, encode, to_owned, Ack, BusFrame, Deliver, DrainChunk, DrainRequest, PrekeyFetch,
-    PrekeyPut, Routed,
+    encode, Ack, BusFrame, Deliver, DrainChunk, DrainRequest, PrekeyFetch, PrekeyPut, Routed,
 };
 use iris_core::store::MessageStore;
 use iris_tests::services::{Proc, RedisServer, Tansu};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::producer::Producer;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 /// This region.
@@ -62,45 +63,35 @@ impl Env {
 
     /// Starts `iris-core` (member 0/1) for region r1 of r1,r2 and waits for its ready line.
     fn core(&self) -> Core {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_iris-core"))
-            .args(["--brokers", &self.regional.brokers()])
-            .args(["--redis", &self.redis.url()])
-            .args(["--region", HERE, "--partitions", &PARTITIONS.to_string()])
-            .args(["--regions", &format!("{HERE},{THERE}")])
-            .args(["--global-brokers", &self.global.brokers()])
-            .arg("--home-table")
-            .arg(self.dir.path().join("homes.txt"))
-            .args(["--admin", "127.0.0.1:0"])
-            .arg("--data-dir")
-            .arg(self.data_dir())
-            .env(
-                "RUST_LOG",
-                std::env::var("IRIS_CORE_LOG").unwrap_or_else(|_| "warn".to_owned()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn iris-core");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("iris-core did not print its ready line within 60 s");
-        let admin = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("admin="))
-            .unwrap_or_else(|| panic!("no admin address in {line:?}"))
-            .to_owned();
+        let mut args: Vec<std::ffi::OsString> = Vec::new();
+        for a in [
+            "--brokers",
+            &self.regional.brokers(),
+            "--redis",
+            &self.redis.url(),
+            "--region",
+            HERE,
+            "--partitions",
+            &PARTITIONS.to_string(),
+            "--regions",
+            &format!("{HERE},{THERE}"),
+            "--global-brokers",
+            &self.global.brokers(),
+            "--home-table",
+        ] {
+            args.push(a.into());
+        }
+        args.push(self.dir.path().join("homes.txt").into());
+        args.extend(["--admin".into(), "127.0.0.1:0".into(), "--data-dir".into()]);
+        args.push(self.data_dir().into());
+        let (child, line) = common::spawn_core(args, Duration::from_secs(60));
+        let admin = admin_of(&line);
         assert!(line.starts_with("iris-core ready region=r1 "), "{line}");
         Core {
             proc: Proc(Some(child)),
             admin,
+            missing_is_zero: true,
+            terminate_within: Duration::from_secs(20),
         }
     }
 
@@ -142,24 +133,7 @@ impl Env {
 
     /// Writes an online session for `user` on this region's edge `node` (the writer's layout).
     fn online(&self, user: &[u8], node: u32) {
-        let mut c = redis::Client::open(self.redis.url())
-            .unwrap()
-            .get_connection()
-            .unwrap();
-        redis::cmd("HSET")
-            .arg(iris_core::sessions::session_key(user))
-            .arg("node")
-            .arg(node.to_string())
-            .arg("shard")
-            .arg(0)
-            .arg("region")
-            .arg(HERE)
-            .arg("last_seen")
-            .arg(0)
-            .arg("online")
-            .arg(1)
-            .query::<()>(&mut c)
-            .unwrap();
+        write_online(&self.redis.url(), HERE, user, node);
     }
 
     /// The offset the importer's group committed on route(r1) partition `p` (None: none).
@@ -200,111 +174,7 @@ impl Drop for Env {
     }
 }
 
-/// A running `iris-core` and its admin address.
-struct Core {
-    proc: Proc,
-    admin: String,
-}
-
-impl Core {
-    fn kill9(&mut self) {
-        self.proc.kill9();
-    }
-
-    /// SIGTERM, then the exit status (at most 20 s).
-    fn terminate(mut self) -> std::process::ExitStatus {
-        let mut child = self.proc.0.take().unwrap();
-        let ok = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -TERM failed");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                return s;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("iris-core did not exit within 20 s of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn metrics(&self) -> String {
-        let mut s = TcpStream::connect(&self.admin).expect("connect to the admin endpoint");
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(
-            s,
-            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).unwrap();
-        resp.split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default()
-    }
-
-    /// The value of sample `name` (labels included), 0 when absent.
-    fn metric(&self, name: &str) -> u64 {
-        self.metrics()
-            .lines()
-            .filter(|l| !l.starts_with('#'))
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-            .unwrap_or(0)
-    }
-
-    /// Waits until `metric(name) == want` (at most 30 s).
-    fn wait_metric(&self, name: &str, want: u64) {
-        let mut last = u64::MAX;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            last = self.metric(name);
-            if last == want {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("{name} is {last}, expected {want}\n{}", self.metrics());
-    }
-}
-
-/// Produces raw records.
-struct Sender {
-    producer: BaseProducer,
-}
-
 impl Sender {
-    fn new(brokers: &str) -> Sender {
-        let producer: BaseProducer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .set("linger.ms", "1")
-            .set("log_level", "3")
-            .create()
-            .unwrap();
-        Sender { producer }
-    }
-
-    fn raw_to(&self, topic: &str, partition: i32, key: &[u8], payload: &[u8]) {
-        let mut record = BaseRecord::to(topic)
-            .partition(partition)
-            .key(key)
-            .payload(payload);
-        loop {
-            match self.producer.send(record) {
-                Ok(()) => break,
-                Err((_, r)) => {
-                    record = r;
-                    self.producer.poll(Duration::from_millis(10));
-                }
-            }
-        }
-        self.producer.poll(Duration::ZERO);
-    }
-
     /// A frame on this region's deliver topic, as a local edge sends it.
     fn regional(&self, frame: &BusFrame) {
         let user = frame.key_user();
@@ -335,32 +205,14 @@ struct Reader {
 
 impl Reader {
     fn new(brokers: &str, parts: &[(String, i32)]) -> Reader {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .set("group.id", "test-reader")
-            .set("enable.auto.commit", "false")
-            .set("log_level", "3")
-            .create()
-            .unwrap();
-        let mut tpl = TopicPartitionList::new();
-        for (t, p) in parts {
-            tpl.add_partition_offset(t, *p, Offset::Beginning).unwrap();
+        Reader {
+            consumer: consumer_from_beginning(brokers, "test-reader", &[], parts),
         }
-        consumer.assign(&tpl).unwrap();
-        Reader { consumer }
     }
 
     /// Frames until `want` of them arrived or `timeout` passed.
     fn frames(&self, want: usize, timeout: Duration) -> Vec<BusFrame> {
-        let deadline = Instant::now() + timeout;
-        let mut out = Vec::new();
-        while out.len() < want && Instant::now() < deadline {
-            if let Some(r) = self.consumer.poll(Duration::from_millis(50)) {
-                let msg = r.unwrap();
-                out.push(to_owned(decode(msg.payload().unwrap()).unwrap()).unwrap());
-            }
-        }
-        out
+        read_frames(&self.consumer, want, timeout)
     }
 
     /// The first frame `pick` accepts within 30 s (others skipped).
@@ -397,20 +249,6 @@ fn drain_req(user: &[u8], node: u32, conn: u64, region: &str) -> BusFrame {
         limit: 100,
         region: region.to_owned(),
     })
-}
-
-fn ids(chunk: &DrainChunk) -> Vec<u64> {
-    chunk.messages.iter().map(|m| m.id).collect()
-}
-
-fn delivers(frames: &[BusFrame]) -> Vec<Deliver> {
-    frames
-        .iter()
-        .filter_map(|f| match f {
-            BusFrame::Deliver(d) => Some(d.clone()),
-            _ => None,
-        })
-        .collect()
 }
 
 fn store_count(env: &Env, user: &[u8]) -> usize {

@@ -5,11 +5,14 @@
 //! routed messages accepted while the global broker hangs survive a kill -9 of the edge (the
 //! outbox replays them to the global topic).
 
+mod common;
+
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::consumer_from_beginning;
 use iris_bus::home::Homes;
 use iris_bus::kafka::KafkaConfig;
 use iris_bus::{
@@ -21,10 +24,7 @@ use iris_core::{CoreRequest, StoredMsg};
 use iris_tests::cluster::signal_pid;
 use iris_tests::services::{RedisServer, Tansu};
 use iris_tests::{number_of, numbered, wait_until, wire, Server, ServerOpts};
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 /// This edge's region and the other one.
 const OWN: &str = "ra";
@@ -50,20 +50,13 @@ fn table() -> HashMap<Vec<u8>, String> {
 /// The records of `topic` (all `parts` partitions) from its beginning: at least `want` of them
 /// (30 s at most), then whatever else arrives until nothing came for 2 s; decoded.
 fn read_topic(brokers: &str, topic: &str, parts: u32, want: usize) -> Vec<BusFrame> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("test-read-{topic}"))
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "50")
-        .set("log_level", "3")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..parts as i32 {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)
-            .unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
+    let parts: Vec<(String, i32)> = (0..parts as i32).map(|p| (topic.to_owned(), p)).collect();
+    let consumer = consumer_from_beginning(
+        brokers,
+        &format!("test-read-{topic}"),
+        &[("fetch.wait.max.ms", "50")],
+        &parts,
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     let quiet = Duration::from_secs(2);
     let mut last = Instant::now();

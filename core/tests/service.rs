@@ -4,26 +4,27 @@
 //! clients, reads `/metrics`, and kills everything when done. Tests run in parallel.
 //! Needs `tansu` on PATH or in ~/.cargo/bin and `redis-server` on PATH.
 
+mod common;
+
 use std::cell::RefCell;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::{
+    consumer_from_beginning, delivers, ids, read_frames, sample, write_online, Core, Sender,
+};
 use iris_bus::kafka::{ensure_topics, KafkaConfig};
 use iris_bus::topics::{deliver, edge_inbox, partition_of, presence};
 use iris_bus::{
-    decode, encode, to_owned, Ack, BusFrame, Deliver, DrainChunk, DrainRequest, EdgeReset,
-    PrekeyBundle, PrekeyFetch, PrekeyPut, Presence, Relay, RelayKind,
+    encode, Ack, BusFrame, Deliver, DrainChunk, DrainRequest, EdgeReset, PrekeyBundle, PrekeyFetch,
+    PrekeyPut, Presence, Relay, RelayKind,
 };
 use iris_core::store::MessageStore;
 use iris_tests::services::{Proc, RedisServer, Tansu};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::producer::Producer;
 
 const REGION: &str = "r1";
 const PARTITIONS: u32 = 4;
@@ -64,33 +65,28 @@ impl Env {
     /// Starts member `member` of `members` on `data_dir`, with an admin endpoint on a free
     /// port, and waits for its ready line.
     fn member(&self, member: u32, members: u32, data_dir: &Path) -> Core {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_iris-core"))
-            .args(["--brokers", &self.brokers(), "--redis", &self.redis_url()])
-            .args(["--region", REGION, "--partitions", &PARTITIONS.to_string()])
-            .args(["--member", &member.to_string()])
-            .args(["--members", &members.to_string()])
-            .args(["--admin", "127.0.0.1:0"])
-            .arg("--data-dir")
-            .arg(data_dir)
-            .env(
-                "RUST_LOG",
-                std::env::var("IRIS_CORE_LOG").unwrap_or_else(|_| "warn".to_owned()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn iris-core");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("iris-core did not print its ready line within 30 s");
+        let mut args: Vec<std::ffi::OsString> = Vec::new();
+        for a in [
+            "--brokers",
+            &self.brokers(),
+            "--redis",
+            &self.redis_url(),
+            "--region",
+            REGION,
+            "--partitions",
+            &PARTITIONS.to_string(),
+            "--member",
+            &member.to_string(),
+            "--members",
+            &members.to_string(),
+            "--admin",
+            "127.0.0.1:0",
+            "--data-dir",
+        ] {
+            args.push(a.into());
+        }
+        args.push(data_dir.into());
+        let (child, line) = common::spawn_core(args, Duration::from_secs(30));
         let line = line.trim().to_owned();
         let assigned: Vec<String> = (0..PARTITIONS)
             .filter(|p| p % members == member)
@@ -109,6 +105,8 @@ impl Env {
         Core {
             proc: Proc(Some(child)),
             admin: format!("127.0.0.1:{port}"),
+            missing_is_zero: false,
+            terminate_within: Duration::from_secs(15),
         }
     }
 
@@ -124,17 +122,12 @@ impl Env {
     fn edge(&self, node: u32) -> Edge {
         let topic = edge_inbox(REGION, node);
         ensure_topics(&self.kafka(), &[(topic.clone(), 1)]).unwrap();
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", self.brokers())
-            .set("group.id", format!("test-edge-{node}"))
-            .set("enable.auto.commit", "false")
-            .set("log_level", "3")
-            .create()
-            .unwrap();
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&topic, 0, Offset::Beginning)
-            .unwrap();
-        consumer.assign(&tpl).unwrap();
+        let consumer = consumer_from_beginning(
+            &self.brokers(),
+            &format!("test-edge-{node}"),
+            &[],
+            &[(topic, 0)],
+        );
         Edge {
             consumer,
             seen: RefCell::new(Vec::new()),
@@ -142,151 +135,19 @@ impl Env {
     }
 
     fn producer(&self) -> Sender {
-        let producer: BaseProducer = ClientConfig::new()
-            .set("bootstrap.servers", self.brokers())
-            .set("linger.ms", "1")
-            .set("log_level", "3")
-            .create()
-            .unwrap();
-        Sender { producer }
+        Sender::new(&self.brokers())
     }
 
     /// Writes an online session for `user` on edge `node` (raw Redis, the writer's layout).
     fn online(&self, user: &[u8], node: u32) {
-        let mut c = redis::Client::open(self.redis_url())
-            .unwrap()
-            .get_connection()
-            .unwrap();
-        let key = iris_core::sessions::session_key(user);
-        redis::cmd("HSET")
-            .arg(key)
-            .arg("node")
-            .arg(node.to_string())
-            .arg("shard")
-            .arg(0)
-            .arg("region")
-            .arg(REGION)
-            .arg("last_seen")
-            .arg(0)
-            .arg("online")
-            .arg(1)
-            .query::<()>(&mut c)
-            .unwrap();
+        write_online(&self.redis_url(), REGION, user, node);
     }
-}
-
-/// A running `iris-core` and its admin address.
-struct Core {
-    proc: Proc,
-    admin: String,
-}
-
-impl Core {
-    /// SIGTERM, then the exit status (at most 15 s).
-    fn terminate(mut self) -> std::process::ExitStatus {
-        let mut child = self.proc.0.take().unwrap();
-        let ok = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -TERM failed");
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                return s;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("iris-core did not exit within 15 s of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn kill9(&mut self) {
-        self.proc.kill9();
-    }
-
-    /// `GET path` on the admin endpoint: (status code, body).
-    fn get(&self, path: &str) -> (u16, String) {
-        let mut s = TcpStream::connect(&self.admin).expect("connect to the admin endpoint");
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).unwrap();
-        let status = resp
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or_else(|| panic!("no status in {resp:?}"));
-        let body = resp
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        (status, body)
-    }
-
-    /// The value of the unlabelled (or fully labelled) sample `name` in `/metrics`.
-    fn metric(&self, name: &str) -> u64 {
-        let (status, body) = self.get("/metrics");
-        assert_eq!(status, 200);
-        sample(&body, name).unwrap_or_else(|| panic!("no sample {name} in:\n{body}"))
-    }
-
-    /// Waits until `metric(name) == want` (at most 30 s).
-    fn wait_metric(&self, name: &str, want: u64) {
-        let mut last = u64::MAX;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            last = self.metric(name);
-            if last == want {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("{name} is {last}, expected {want}");
-    }
-}
-
-/// The value of sample `name` (the text before the value, labels included) in a Prometheus
-/// text body.
-fn sample(body: &str, name: &str) -> Option<u64> {
-    body.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
-/// Produces frames to the deliver topic, as an edge does.
-struct Sender {
-    producer: BaseProducer,
 }
 
 impl Sender {
     fn raw(&self, user: &[u8], payload: &[u8]) {
         let p = partition_of(user, PARTITIONS) as i32;
         self.raw_to(&deliver(REGION), p, user, payload);
-    }
-
-    fn raw_to(&self, topic: &str, partition: i32, user: &[u8], payload: &[u8]) {
-        let mut record = BaseRecord::to(topic)
-            .partition(partition)
-            .key(user)
-            .payload(payload);
-        loop {
-            match self.producer.send(record) {
-                Ok(()) => break,
-                Err((_, r)) => {
-                    record = r;
-                    self.producer.poll(Duration::from_millis(10));
-                }
-            }
-        }
-        self.producer.poll(Duration::ZERO);
     }
 
     fn frame(&self, frame: &BusFrame) {
@@ -328,16 +189,7 @@ struct Edge {
 impl Edge {
     /// Frames until `want` of them arrived or `timeout` passed.
     fn frames(&self, want: usize, timeout: Duration) -> Vec<BusFrame> {
-        let deadline = Instant::now() + timeout;
-        let mut out = Vec::new();
-        while out.len() < want && Instant::now() < deadline {
-            if let Some(r) = self.consumer.poll(Duration::from_millis(50)) {
-                let msg = r.unwrap();
-                let archived = decode(msg.payload().unwrap()).unwrap();
-                out.push(to_owned(archived).unwrap());
-            }
-        }
-        out
+        read_frames(&self.consumer, want, timeout)
     }
 
     /// The first frame, among the ones not matched yet and then the new ones, that `pick`
@@ -420,20 +272,6 @@ fn relay(to: &[u8], kind: RelayKind, frame: &[u8]) -> Relay {
         kind,
         frame: frame.to_vec(),
     }
-}
-
-fn ids(chunk: &DrainChunk) -> Vec<u64> {
-    chunk.messages.iter().map(|m| m.id).collect()
-}
-
-fn delivers(frames: &[BusFrame]) -> Vec<Deliver> {
-    frames
-        .iter()
-        .filter_map(|f| match f {
-            BusFrame::Deliver(d) => Some(d.clone()),
-            _ => None,
-        })
-        .collect()
 }
 
 #[test]
