@@ -231,3 +231,56 @@ pub struct ShardLink {
     /// outbox is at its bound or the bus is stalled). The embedded core never stalls it.
     pub gate: Arc<AcceptGate>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::task::Wake;
+
+    struct Count(AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.wake_by_ref();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// The bell wakes a parked poller once per park, and nobody otherwise.
+    #[test]
+    fn a_ring_wakes_only_a_parked_waiter_once() {
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let woken = || count.0.load(Ordering::SeqCst);
+        let waker = Waker::from(Arc::clone(&count));
+        let bell = ShardBell::default();
+        bell.ring();
+        assert_eq!(woken(), 0, "nobody parked");
+        bell.park(&waker);
+        bell.ring();
+        assert_eq!(woken(), 1);
+        bell.ring();
+        assert_eq!(woken(), 1, "the first ring unparked it");
+        bell.park(&waker);
+        bell.unpark();
+        bell.ring();
+        assert_eq!(woken(), 1, "awake again: no wake-up");
+        bell.park(&waker);
+        bell.clear();
+        bell.ring();
+        assert_eq!(woken(), 1, "cleared: the waker is gone");
+    }
+
+    /// A ring from another thread reaches a waiter parked on this one.
+    #[test]
+    fn a_ring_from_another_thread_wakes() {
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let bell = Arc::new(ShardBell::default());
+        bell.park(&Waker::from(Arc::clone(&count)));
+        let b = Arc::clone(&bell);
+        std::thread::spawn(move || b.ring()).join().unwrap();
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+    }
+}

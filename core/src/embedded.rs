@@ -1365,6 +1365,16 @@ mod tests {
         }
     }
 
+    /// The default configuration on `data_dir`, without expiry: test ids are small numbers
+    /// (minted in 2024), which a TTL would find expired.
+    fn test_cfg(data_dir: std::path::PathBuf) -> EmbeddedConfig {
+        EmbeddedConfig {
+            data_dir,
+            message_ttl_secs: 0,
+            ..EmbeddedConfig::default()
+        }
+    }
+
     fn wait_for(m: &CoreMetrics, what: &str, f: impl Fn(&CoreStats) -> bool) {
         let start = Instant::now();
         while !f(&m.snapshot()) {
@@ -1403,6 +1413,51 @@ mod tests {
         }
     }
 
+    /// While a commit is pending the core sleeps until its window closes and stores do not
+    /// wake it (it wakes once a second at most); a drain is answered at once because the shard
+    /// rings `wake_core` for it, and
+    /// it includes the store queued before it.
+    #[test]
+    fn a_drain_rung_for_is_answered_within_a_pending_commit_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = EmbeddedConfig {
+            commit_window_ms: 60_000,
+            ..test_cfg(dir.path().join("core"))
+        };
+        let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
+        let m = core.metrics();
+        let link = &links[0];
+        link.to_core.send(store_req(msg(1), 1)).unwrap();
+        wait_for(&m, "the first store taken in", |s| s.pending_ops == 1);
+        link.to_core.send(store_req(msg(2), 1)).unwrap();
+        let start = Instant::now();
+        link.to_core
+            .send(CoreRequest::Drain {
+                user: b"ruth".to_vec(),
+                conn: 99,
+                after: 0,
+                limit: 1000,
+            })
+            .unwrap();
+        link.wake_core.as_ref().unwrap().try_send(()).unwrap();
+        match link
+            .from_core
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap()
+        {
+            CoreReply::Drain { msgs, .. } => {
+                assert_eq!(msgs.iter().map(|(id, _)| *id).collect::<Vec<_>>(), [1, 2])
+            }
+            other => panic!("unexpected reply {other:?}"),
+        }
+        assert!(
+            start.elapsed() < Duration::from_millis(300),
+            "the drain waited for the commit window: {:?}",
+            start.elapsed()
+        );
+        core.shutdown().unwrap();
+    }
+
     fn refusals(link: &ShardLink, within: Duration) -> Vec<(ConnId, &'static str)> {
         let mut out = Vec::new();
         let end = Instant::now() + within;
@@ -1426,12 +1481,7 @@ mod tests {
     fn a_failed_commit_refuses_its_messages_and_the_store_recovers() {
         let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().join("core");
-        let cfg = EmbeddedConfig {
-            data_dir: data_dir.clone(),
-            // Test ids are small numbers (minted in 2024): no expiry.
-            message_ttl_secs: 0,
-            ..EmbeddedConfig::default()
-        };
+        let cfg = test_cfg(data_dir.clone());
         let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
         let m = core.metrics();
         let link = &links[0];
@@ -1465,12 +1515,7 @@ mod tests {
     fn acks_survive_failed_commits() {
         let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().join("core");
-        let cfg = EmbeddedConfig {
-            data_dir: data_dir.clone(),
-            // Test ids are small numbers (minted in 2024): no expiry.
-            message_ttl_secs: 0,
-            ..EmbeddedConfig::default()
-        };
+        let cfg = test_cfg(data_dir.clone());
         let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
         let m = core.metrics();
         for id in 1..=3 {
@@ -1657,12 +1702,7 @@ mod tests {
     #[test]
     fn acks_of_ids_not_stored_write_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = EmbeddedConfig {
-            data_dir: dir.path().join("core"),
-            // Test ids are small numbers (minted in 2024): no expiry.
-            message_ttl_secs: 0,
-            ..EmbeddedConfig::default()
-        };
+        let cfg = test_cfg(dir.path().join("core"));
         let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
         let m = core.metrics();
         links[0].to_core.send(store_req(msg(1), 1)).unwrap();
