@@ -586,14 +586,24 @@ impl Server {
 
     /// `VmRSS` of the process, in KiB.
     pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .expect("read /proc/PID/status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .expect("VmRSS in /proc/PID/status")
+        vm_rss_kib(self.pid()).expect("VmRSS in /proc/PID/status")
+    }
+
+    /// Samples the process's `VmRSS` every 10 ms until `done` is set; the thread returns the
+    /// peak, in KiB.
+    pub fn rss_sampler(
+        &self,
+        done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> std::thread::JoinHandle<u64> {
+        let pid = self.pid();
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(vm_rss_kib(pid).unwrap_or(0));
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            peak
+        })
     }
 
     /// A new connection to the client port.
@@ -1592,4 +1602,14 @@ impl Bystander {
         self.a.flush_acks();
         self.b.flush_acks();
     }
+}
+
+/// `VmRSS` of process `pid`, in KiB (`None` once it is gone).
+pub fn vm_rss_kib(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
 }

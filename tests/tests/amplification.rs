@@ -8,27 +8,6 @@ use std::time::{Duration, Instant};
 
 use iris_tests::{cbor, wire, write_in_background, Bystander, Client, Frame, Server, ServerOpts};
 
-/// Samples the VmRSS of `pid` every 10 ms until `done`; returns the peak, in KiB.
-fn rss_sampler(
-    pid: u32,
-    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> std::thread::JoinHandle<u64> {
-    std::thread::spawn(move || {
-        let mut peak = 0;
-        while !done.load(std::sync::atomic::Ordering::Relaxed) {
-            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-            let kib = status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-                .unwrap_or(0u64);
-            peak = peak.max(kib);
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        peak
-    })
-}
-
 #[test]
 fn prekey_fetch_flood_from_a_silent_client_is_bounded() {
     const FETCHES: usize = 200_000;
@@ -46,7 +25,7 @@ fn prekey_fetch_flood_from_a_silent_client_is_bounded() {
     std::thread::sleep(Duration::from_millis(300));
     let rss0 = s.rss_kib();
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sampler = rss_sampler(s.pid(), done.clone());
+    let sampler = s.rss_sampler(done.clone());
     // 200,000 fetches (2.4 MB in, 1.6 GB of replies) from a client that never reads.
     let mut attacker = Client::connect_small_rcvbuf(s.client, 8192);
     attacker.login("pk-attacker");

@@ -175,26 +175,8 @@ fn silent_reader_of_1kb_messages_costs_bounded_memory() {
     let mut a = s.login("loud-1k");
     std::thread::sleep(Duration::from_millis(300));
     let rss0 = s.rss_kib();
-    let pid = s.pid();
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sampler = {
-        let done = done.clone();
-        std::thread::spawn(move || {
-            let mut peak = 0;
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                let status =
-                    std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-                let kib = status
-                    .lines()
-                    .find_map(|l| l.strip_prefix("VmRSS:"))
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-                    .unwrap_or(0u64);
-                peak = peak.max(kib);
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            peak
-        })
-    };
+    let sampler = s.rss_sampler(done.clone());
     a.send_many("silent-1k", (0..n).map(|i| numbered(i, 1024)));
     a.sync();
     let stored = iris_tests::wait_until(Duration::from_secs(20), || {
