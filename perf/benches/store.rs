@@ -34,6 +34,14 @@ fn bench(c: &mut Criterion) {
     let next_id = Cell::new(0u64);
     let mut g = c.benchmark_group("store");
     g.throughput(Throughput::Elements(BATCH));
+    // A batch stored (not synced), returned as the acks that delete it.
+    let stored = |next_id: &Cell<u64>| {
+        let msgs = batch(next_id, 1000);
+        store.commit(&msgs, &[], false).unwrap();
+        msgs.into_iter()
+            .map(|m| (m.recipient, m.id))
+            .collect::<Vec<_>>()
+    };
 
     g.bench_function("append_64", |b| {
         b.iter_batched(
@@ -51,13 +59,7 @@ fn bench(c: &mut Criterion) {
     });
     g.bench_function("ack_64", |b| {
         b.iter_batched(
-            || {
-                let msgs = batch(&next_id, 1000);
-                store.commit(&msgs, &[], false).unwrap();
-                msgs.into_iter()
-                    .map(|m| (m.recipient, m.id))
-                    .collect::<Vec<_>>()
-            },
+            || stored(&next_id),
             |acks| store.commit(&[], &acks, false).unwrap(),
             BatchSize::SmallInput,
         )
@@ -66,13 +68,7 @@ fn bench(c: &mut Criterion) {
     // the recipient's quota), then the delete.
     g.bench_function("ack_64_lookup_then_delete", |b| {
         b.iter_batched(
-            || {
-                let msgs = batch(&next_id, 1000);
-                store.commit(&msgs, &[], false).unwrap();
-                msgs.into_iter()
-                    .map(|m| (m.recipient, m.id))
-                    .collect::<Vec<_>>()
-            },
+            || stored(&next_id),
             |acks| {
                 for (user, id) in &acks {
                     assert!(store.payload_len(user, *id).unwrap().is_some());
