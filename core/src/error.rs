@@ -56,6 +56,15 @@ pub enum CoreError {
     #[error("kafka consumer error: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
 
+    /// The broker lost the deliver or presence topics and the keeper re-created them (a
+    /// memory-storage broker restarted). The consumer cannot follow a re-created topic in
+    /// place; the process must restart to read the new logs from their beginning. Environment.
+    #[error("the broker lost the topics {topics:?} and they were re-created; restart to read them from their beginning")]
+    TopicsLost {
+        /// The re-created topics.
+        topics: Vec<String>,
+    },
+
     /// A bus frame could not be encoded (never expected: allocation failure). Internal.
     #[error("bus frame encoding failed: {0}")]
     Encode(#[source] iris_bus::BusError),

@@ -113,7 +113,8 @@
 //!   global bus.
 //!
 //! **Lost topics.** A [`TopicKeeper`] re-creates the deliver and presence topics when the
-//! broker lost them (every 2 s, and at once after a consume error).
+//! broker lost them (every 2 s, and at once after a consume error); the service then stops
+//! with [`CoreError::TopicsLost`] for a restart, which reads the new logs from their beginning.
 //!
 //! **Admin endpoint.** With [`ServiceConfig::admin`] set, a plain std thread serves
 //! `GET /metrics` (Prometheus text: every [`ServiceStats`] counter as
@@ -896,8 +897,6 @@ pub struct CoreService {
     keeper: Option<TopicKeeper>,
     /// Which of the deliver and presence topics the keeper re-created since last looked.
     recreations: Option<RecreationCursor>,
-    /// Re-created topics whose partitions are still to be sought to their beginning.
-    rewind: Vec<String>,
     logged_consume_error: bool,
     logged_session_error: bool,
     /// The global bus producer (multi-region): routes to other regions (roamers' copies,
@@ -958,20 +957,7 @@ impl CoreService {
         let lookups = Lookups::start(&session_cfg)?;
         let (producer, mut rings) = KafkaProducer::start(&kafka, 1)?;
         let ring = rings.pop().ok_or(CoreError::ThreadPanicked)?;
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &cfg.brokers)
-            .set("client.id", &kafka.client_id)
-            .set("group.id", &cfg.group)
-            .set("auto.offset.reset", "earliest")
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("enable.partition.eof", "false")
-            // tansu answers a waiting fetch only at this deadline (librdkafka's default is
-            // 500 ms): keep it short so a frame waits at most this long in the broker.
-            .set("fetch.wait.max.ms", kafka.fetch_wait_max_ms.to_string())
-            .set("socket.nagle.disable", "true")
-            .set("log_level", "3")
-            .create()?;
+        let consumer = open_consumer(&cfg, &kafka)?;
         let partitions = topic_partitions(&consumer, &deliver_topic)?;
         let presence_partitions = topic_partitions(&consumer, &presence_topic)?;
         let assigned = owned_partitions(partitions, cfg.member, cfg.members);
@@ -1112,7 +1098,6 @@ impl CoreService {
             inboxes: HashMap::new(),
             admin,
             recreations,
-            rewind: Vec::new(),
             keeper,
             logged_consume_error: false,
             logged_session_error: false,
@@ -1190,8 +1175,22 @@ impl CoreService {
     /// synchronously, and flushes the producer (at most 5 s). Windows still waiting then keep
     /// their offsets uncommitted: their records come again at the next start. The admin
     /// endpoint answers `/health` with 503 from then on and stops when this returns.
+    ///
+    /// When the broker lost the region's topics ([`CoreError::TopicsLost`]) it returns at once
+    /// after an fsync of the store, leaking the service: its librdkafka handles may hang when
+    /// destroyed, and the caller is to exit (`iris-core` exits with status 75).
     pub fn run(mut self, stop: &AtomicBool) -> Result<(), CoreError> {
         let result = self.consume(stop).and_then(|()| self.finish());
+        if let Err(lost @ CoreError::TopicsLost { .. }) = result {
+            if let Some(a) = &self.admin {
+                a.stopping.store(true, Ordering::Release);
+            }
+            if let Err(e) = self.store.sync() {
+                warn!(error = %e, "store not synced before the restart");
+            }
+            std::mem::forget(self);
+            return Err(lost);
+        }
         if let Some(a) = &self.admin {
             a.stopping.store(true, Ordering::Release);
         }
@@ -1275,7 +1274,7 @@ impl CoreService {
     /// The consume loop of [`Self::run`], up to `stop`.
     fn consume(&mut self, stop: &AtomicBool) -> Result<(), CoreError> {
         while !stop.load(Ordering::Acquire) {
-            self.rewind_recreated();
+            self.check_recreated()?;
             // Whole milliseconds, at least one: rdkafka-rs hands librdkafka whole milliseconds
             // and loops until its deadline, so a sub-millisecond rest would be spent spinning.
             let mut timeout = match self.window.started {
@@ -1321,48 +1320,22 @@ impl CoreService {
         Ok(())
     }
 
-    /// Seeks the partitions of a topic the keeper re-created to the new log's beginning: the old
-    /// positions would skip the records written again up to them. Offsets of the lost log not
-    /// yet committed are dropped (committing them would skip records of the new log at the next
-    /// start). A failed seek is retried at the next poll.
-    fn rewind_recreated(&mut self) {
-        if let Some(c) = &mut self.recreations {
-            for t in c.take() {
-                if !self.rewind.contains(&t) {
-                    self.rewind.push(t);
-                }
-            }
-        }
-        if self.rewind.is_empty() {
-            return;
-        }
-        if self.rewind.contains(&self.deliver_topic) {
-            self.window.offsets.clear();
-            for w in &mut self.inflight {
-                w.offsets.clear();
-            }
-        }
-        let Ok(tpl) = self.consumer.assignment() else {
-            return;
+    /// Fails with [`CoreError::TopicsLost`] once the keeper re-created the deliver or presence
+    /// topic (the broker lost them: a memory-storage restart). A re-created topic is a new log
+    /// that must be read from its beginning, and librdkafka (2.12) cannot follow it in place:
+    /// after the broker re-creates a topic under the same name its consumer crashes, fetches
+    /// nothing after a seek, or hangs when destroyed. [`Self::run`] then returns at once and
+    /// the process exits for its supervisor to restart it: the restarted core creates a new
+    /// consumer, which reads the new logs from their beginning (nothing is committed there).
+    fn check_recreated(&mut self) -> Result<(), CoreError> {
+        let Some(c) = &mut self.recreations else {
+            return Ok(());
         };
-        let consumer = &self.consumer;
-        self.rewind.retain(|topic| {
-            let mut pending = false;
-            for e in tpl.elements_for_topic(topic) {
-                match consumer.seek(topic, e.partition(), Offset::Beginning, Duration::from_secs(1)) {
-                    Ok(()) => info!(
-                        topic = %topic,
-                        partition = e.partition(),
-                        "topic was re-created, reading it again from its beginning"
-                    ),
-                    Err(err) => {
-                        pending = true;
-                        debug!(topic = %topic, partition = e.partition(), error = %err, "seek of a re-created topic failed, retried");
-                    }
-                }
-            }
-            pending
-        });
+        let topics = c.take();
+        if topics.is_empty() {
+            return Ok(());
+        }
+        Err(CoreError::TopicsLost { topics })
     }
 
     /// Polls one record (at most `timeout`) and applies it.
@@ -2571,6 +2544,25 @@ fn unix_ms() -> u64 {
 /// Whether `user` can key a store record: not empty, not longer than [`MAX_USER_LEN`].
 fn storable_user(user: &[u8]) -> bool {
     !user.is_empty() && user.len() <= MAX_USER_LEN
+}
+
+/// Opens the core's consumer: manual assignment, offsets kept in the member's group and
+/// committed by the core, a fetch wait of `fetch_wait_max_ms`.
+fn open_consumer(cfg: &ServiceConfig, kafka: &KafkaConfig) -> Result<BaseConsumer, CoreError> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", &cfg.brokers)
+        .set("client.id", &kafka.client_id)
+        .set("group.id", &cfg.group)
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        // tansu answers a waiting fetch only at this deadline (librdkafka's default is
+        // 500 ms): keep it short so a frame waits at most this long in the broker.
+        .set("fetch.wait.max.ms", kafka.fetch_wait_max_ms.to_string())
+        .set("socket.nagle.disable", "true")
+        .set("log_level", "3")
+        .create()?)
 }
 
 /// The partition count of `topic` per the broker's metadata, waiting up to [`METADATA_WAIT`]

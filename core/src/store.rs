@@ -428,6 +428,12 @@ impl MessageStore {
         Ok(self.prekeys.get(user)?.map(|v| v.to_vec()))
     }
 
+    /// Fsyncs everything written so far.
+    pub fn sync(&self) -> Result<(), CoreError> {
+        self.db.persist(PersistMode::SyncAll)?;
+        Ok(())
+    }
+
     /// The highest message id ever committed (or passed as [`Batch::id_hint`]); 0 for a new
     /// store.
     pub fn id_floor(&self) -> u64 {

@@ -11,8 +11,10 @@
 //! Once its partitions are assigned it prints exactly one line on stdout and flushes it:
 //! `iris-core ready region=R member=I/N partitions=P assigned=a,b,c` (followed by
 //! ` admin=ADDR`, the bound address, when `--admin` is given). It exits 0 on SIGTERM or SIGINT
-//! after a durable commit of what it consumed; 2 on invalid flags (clap) and 1 on any other
-//! startup or run error. Logs go to stderr (`RUST_LOG`, default `info`).
+//! after a durable commit of what it consumed; 2 on invalid flags (clap); 75 (`EX_TEMPFAIL`)
+//! when the broker lost the region's topics and they were re-created (a memory-storage broker
+//! restarted: its supervisor restarts it, and the new process reads the new logs from their
+//! beginning); and 1 on any other startup or run error. Logs go to stderr (`RUST_LOG`, default `info`).
 //!
 //! `iris-core rehome --admin ADDR --user U` asks the core whose admin endpoint is `ADDR` to move
 //! U's stored messages to U's new home (`POST /rehome?user=U`, docs/REGIONS.md "Changing a
@@ -36,7 +38,12 @@ use clap::Parser;
 use iris_bus::home::Homes;
 use iris_bus::kafka::KafkaConfig;
 use iris_core::service::{CoreService, ServiceConfig};
+use iris_core::CoreError;
 use serde::{Deserialize, Serialize};
+
+/// The exit status asking the supervisor for a restart (`EX_TEMPFAIL`): the broker lost the
+/// region's topics, see [`CoreError::TopicsLost`].
+const EXIT_RESTART: i32 = 75;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -366,8 +373,13 @@ fn main() -> anyhow::Result<()> {
         writeln!(out, "{}", service.ready_line()).context("writing the ready line")?;
         out.flush().context("flushing the ready line")?;
     }
-    service
-        .run(&stop)
-        .context("iris-core stopped on an error")?;
+    match service.run(&stop) {
+        Err(e @ CoreError::TopicsLost { .. }) => {
+            // Nothing is dropped: the consumer's librdkafka handle may hang when destroyed.
+            tracing::error!(error = %e, "iris-core exits for a restart (status {EXIT_RESTART})");
+            std::process::exit(EXIT_RESTART);
+        }
+        r => r.context("iris-core stopped on an error")?,
+    }
     Ok(())
 }

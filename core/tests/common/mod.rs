@@ -9,6 +9,7 @@ use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use iris_bus::{decode, to_owned, BusFrame, Deliver, DrainChunk};
@@ -16,8 +17,9 @@ use iris_tests::services::Proc;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::producer::{BaseProducer, BaseRecord};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::ClientContext;
 
 /// Spawns `iris-core` with `args` (RUST_LOG from `IRIS_CORE_LOG`, default `warn`; stdout
 /// piped) and returns it with its first stdout line (untrimmed), which must arrive within
@@ -166,20 +168,42 @@ pub fn sample(body: &str, name: &str) -> Option<u64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
-/// Produces raw records.
+/// Produces raw records; the broker's refusals are kept (see [`Sender::failures`]).
 pub struct Sender {
-    pub producer: BaseProducer,
+    pub producer: BaseProducer<Refusals>,
+}
+
+/// A producer context that keeps every failed delivery's error.
+#[derive(Clone, Default)]
+pub struct Refusals(Arc<Mutex<Vec<String>>>);
+
+impl ClientContext for Refusals {}
+
+impl ProducerContext for Refusals {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, m)) = result {
+            let at = format!("{}/{}", m.topic(), m.partition());
+            self.0.lock().unwrap().push(format!("{at}: {e}"));
+        }
+    }
 }
 
 impl Sender {
     pub fn new(brokers: &str) -> Sender {
-        let producer: BaseProducer = ClientConfig::new()
+        let producer = ClientConfig::new()
             .set("bootstrap.servers", brokers)
             .set("linger.ms", "1")
             .set("log_level", "3")
-            .create()
+            .create_with_context(Refusals::default())
             .unwrap();
         Sender { producer }
+    }
+
+    /// The deliveries the broker refused (or that timed out) so far.
+    pub fn failures(&self) -> Vec<String> {
+        self.producer.context().0.lock().unwrap().clone()
     }
 
     pub fn raw_to(&self, topic: &str, partition: i32, key: &[u8], payload: &[u8]) {
