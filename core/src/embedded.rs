@@ -1708,7 +1708,11 @@ mod tests {
     }
 
     fn store_req(m: StoredMsg, conn: ConnId) -> CoreRequest {
-        CoreRequest::Store { msg: m, conn }
+        CoreRequest::Store {
+            msg: m,
+            conn,
+            client: None,
+        }
     }
 
     fn drain_ids(link: &ShardLink, user: &[u8]) -> Vec<u64> {
@@ -1726,7 +1730,7 @@ mod tests {
                 .recv_timeout(Duration::from_secs(10))
                 .unwrap()
             {
-                CoreReply::Drain { msgs, .. } => return msgs.iter().map(|(id, _)| *id).collect(),
+                CoreReply::Drain { msgs, .. } => return msgs.iter().map(|m| m.id).collect(),
                 CoreReply::Refused { .. } => {}
                 other => panic!("unexpected reply {other:?}"),
             }
@@ -1766,7 +1770,7 @@ mod tests {
             .unwrap()
         {
             CoreReply::Drain { msgs, .. } => {
-                assert_eq!(msgs.iter().map(|(id, _)| *id).collect::<Vec<_>>(), [1, 2])
+                assert_eq!(msgs.iter().map(|m| m.id).collect::<Vec<_>>(), [1, 2])
             }
             other => panic!("unexpected reply {other:?}"),
         }
