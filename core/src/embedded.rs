@@ -1691,6 +1691,7 @@ mod tests {
         EmbeddedConfig {
             data_dir,
             message_ttl_secs: 0,
+            dedup_ttl_secs: 0,
             ..EmbeddedConfig::default()
         }
     }
@@ -2082,5 +2083,388 @@ mod tests {
             "the lost message is reported"
         );
         fault::fail_next_writes(&data_dir, 0);
+    }
+
+    /// A v2 store: `m` sent on `conn` with client message id `client`.
+    fn send_v2(link: &ShardLink, m: StoredMsg, conn: ConnId, client: u64) {
+        link.to_core
+            .send(CoreRequest::Store {
+                msg: m,
+                conn,
+                client: Some(client),
+            })
+            .unwrap();
+    }
+
+    fn from(sender: &str, id: u64) -> StoredMsg {
+        StoredMsg {
+            sender: sender.as_bytes().to_vec(),
+            ..msg(id)
+        }
+    }
+
+    /// Waits for `n` confirms (any other reply fails the test): `(conn, confirm)`, sorted.
+    fn confirms(link: &ShardLink, n: usize) -> Vec<(ConnId, Confirm)> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            match link
+                .from_core
+                .recv_timeout(Duration::from_secs(10))
+                .expect("confirms")
+            {
+                CoreReply::Confirms { conn, confirms } => {
+                    assert!(!confirms.is_empty(), "an empty Confirms reply");
+                    out.extend(confirms.into_iter().map(|c| (conn, c)));
+                }
+                other => panic!("unexpected reply {other:?}"),
+            }
+        }
+        out.sort_unstable_by_key(|(conn, c)| (*conn, c.client, c.id));
+        out
+    }
+
+    fn stored(client: u64, id: u64) -> Confirm {
+        Confirm {
+            client,
+            id,
+            outcome: Confirmed::Stored,
+        }
+    }
+
+    fn duplicate(client: u64, id: u64) -> Confirm {
+        Confirm {
+            client,
+            id,
+            outcome: Confirmed::Duplicate,
+        }
+    }
+
+    /// A v2 send is confirmed Stored only once its commit (with the fsync) is done: nothing
+    /// comes while the window is open.
+    #[test]
+    fn a_client_send_is_confirmed_stored_only_after_its_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = EmbeddedConfig {
+            commit_window_ms: 1_500,
+            ..test_cfg(dir.path().join("core"))
+        };
+        let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
+        let m = core.metrics();
+        let start = Instant::now();
+        send_v2(&links[0], msg(1), 4, 77);
+        wait_for(&m, "the store taken in", |s| s.pending_ops == 2);
+        assert!(
+            links[0]
+                .from_core
+                .recv_timeout(Duration::from_millis(800))
+                .is_err(),
+            "a reply came before the commit window closed"
+        );
+        assert_eq!(m.snapshot().commits, 0);
+        assert_eq!(confirms(&links[0], 1), vec![(4, stored(77, 1))]);
+        assert!(start.elapsed() >= Duration::from_millis(1_400));
+        let s = m.snapshot();
+        assert_eq!((s.commits, s.stored, s.pending_ops), (1, 1, 0), "{s:?}");
+        core.shutdown().unwrap();
+    }
+
+    /// A resend of the same (sender, client) is a Duplicate with the first id, in the same
+    /// window, after the commit, and after a restart; only one copy is stored and drained. The
+    /// same client id from another sender is its own message.
+    #[test]
+    fn resends_are_duplicates_in_the_window_after_the_commit_and_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("core");
+        let cfg = EmbeddedConfig {
+            commit_window_ms: 200,
+            ..test_cfg(data_dir.clone())
+        };
+        let (core, links) = EmbeddedCore::start(cfg.clone(), 1).unwrap();
+        let m = core.metrics();
+        let link = &links[0];
+        send_v2(link, msg(1), 1, 7);
+        send_v2(link, msg(2), 2, 7); // a resend (the edge minted a new id)
+        send_v2(link, from("tom", 3), 3, 7); // another sender, the same client id
+        assert_eq!(
+            confirms(link, 3),
+            vec![(1, stored(7, 1)), (2, duplicate(7, 1)), (3, stored(7, 3))]
+        );
+        // Committed: a resend is found in the store.
+        send_v2(link, msg(4), 4, 7);
+        assert_eq!(confirms(link, 1), vec![(4, duplicate(7, 1))]);
+        assert_eq!(drain_ids(link, b"ruth"), vec![1, 3]);
+        let s = m.snapshot();
+        assert_eq!((s.stored, s.duplicate_sends), (2, 2), "{s:?}");
+        core.shutdown().unwrap();
+
+        let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
+        let m = core.metrics();
+        send_v2(&links[0], msg(5), 5, 7);
+        send_v2(&links[0], from("tom", 6), 6, 7);
+        send_v2(&links[0], msg(8), 8, 8); // a new client id
+        assert_eq!(
+            confirms(&links[0], 3),
+            vec![(5, duplicate(7, 1)), (6, duplicate(7, 3)), (8, stored(8, 8))]
+        );
+        assert_eq!(drain_ids(&links[0], b"ruth"), vec![1, 3, 8]);
+        assert_eq!(m.snapshot().duplicate_sends, 2);
+        core.shutdown().unwrap();
+        let store = MessageStore::open(&data_dir).unwrap();
+        assert_eq!(store.count(b"ruth").unwrap(), 3);
+        assert_eq!(store.sent_id(b"sam", 7).unwrap(), Some(1));
+        assert_eq!(store.sent_id(b"tom", 7).unwrap(), Some(3));
+        assert_eq!(store.sent_id(b"sam", 9).unwrap(), None);
+    }
+
+    /// Over quota a v2 send gets Refused(recipient_inbox_full) with its client id, and no
+    /// record (a later resend may be stored); a v1 send still gets CoreReply::Refused.
+    #[test]
+    fn over_quota_a_client_send_is_refused_in_a_confirm_and_v1_still_gets_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = EmbeddedConfig {
+            max_messages_per_user: 1,
+            ..test_cfg(dir.path().join("core"))
+        };
+        let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
+        let m = core.metrics();
+        let link = &links[0];
+        link.to_core.send(store_req(msg(1), 1)).unwrap();
+        wait_for(&m, "the first store", |s| s.stored == 1);
+        send_v2(link, msg(2), 2, 9);
+        assert_eq!(
+            confirms(link, 1),
+            vec![(
+                2,
+                Confirm {
+                    client: 9,
+                    id: 2,
+                    outcome: Confirmed::Refused(REFUSED_INBOX_FULL)
+                }
+            )]
+        );
+        link.to_core.send(store_req(msg(3), 3)).unwrap();
+        assert_eq!(
+            refusals(link, Duration::from_millis(300)),
+            vec![(3, REFUSED_INBOX_FULL)]
+        );
+        // Room again: the resend is stored (the refusal left no record).
+        link.to_core
+            .send(CoreRequest::Ack {
+                user: b"ruth".to_vec(),
+                id: 1,
+            })
+            .unwrap();
+        send_v2(link, msg(4), 4, 9);
+        assert_eq!(confirms(link, 1), vec![(4, stored(9, 4))]);
+        assert_eq!(m.snapshot().refused_over_quota, 2);
+        core.shutdown().unwrap();
+    }
+
+    /// A failed commit refuses its v2 sends and their resends (store_unavailable, with the
+    /// client id) and writes no record: the next resend is stored.
+    #[test]
+    fn a_failed_commit_refuses_client_sends_and_writes_no_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("core");
+        let cfg = EmbeddedConfig {
+            commit_window_ms: 100,
+            ..test_cfg(data_dir.clone())
+        };
+        let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
+        let link = &links[0];
+        fault::fail_next_writes(&data_dir, 1);
+        send_v2(link, msg(1), 1, 5);
+        send_v2(link, msg(2), 2, 5);
+        let refused = Confirmed::Refused(REFUSED_STORE_FAILED);
+        assert_eq!(
+            confirms(link, 2),
+            vec![
+                (
+                    1,
+                    Confirm {
+                        client: 5,
+                        id: 1,
+                        outcome: refused
+                    }
+                ),
+                (
+                    2,
+                    Confirm {
+                        client: 5,
+                        id: 2,
+                        outcome: refused
+                    }
+                )
+            ]
+        );
+        send_v2(link, msg(3), 3, 5);
+        assert_eq!(confirms(link, 1), vec![(3, stored(5, 3))]);
+        assert_eq!(drain_ids(link, b"ruth"), vec![3]);
+        core.shutdown().unwrap();
+        let store = MessageStore::open(&data_dir).unwrap();
+        assert_eq!(store.sent_id(b"sam", 5).unwrap(), Some(3));
+    }
+
+    /// A v2 send acked before its commit is confirmed Stored at the ack, never written, and its
+    /// record is still written durably: a resend is a Duplicate, before and after a restart.
+    #[test]
+    fn a_client_send_acked_before_its_commit_is_stored_and_its_record_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("core");
+        let cfg = EmbeddedConfig {
+            commit_window_ms: 1_000,
+            ..test_cfg(data_dir.clone())
+        };
+        let (core, links) = EmbeddedCore::start(cfg.clone(), 1).unwrap();
+        let m = core.metrics();
+        let link = &links[0];
+        send_v2(link, msg(1), 1, 5);
+        wait_for(&m, "the store taken in", |s| s.pending_ops == 2);
+        link.to_core
+            .send(CoreRequest::Ack {
+                user: b"ruth".to_vec(),
+                id: 1,
+            })
+            .unwrap();
+        // A drain (rung for) takes the ack in at once; the confirm comes in the same pass.
+        link.to_core
+            .send(CoreRequest::Drain {
+                user: b"ruth".to_vec(),
+                conn: 99,
+                after: 0,
+                limit: 10,
+            })
+            .unwrap();
+        link.wake_core.as_ref().unwrap().try_send(()).unwrap();
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            got.push(
+                link.from_core
+                    .recv_timeout(Duration::from_secs(10))
+                    .unwrap(),
+            );
+        }
+        assert_eq!(m.snapshot().commits, 0, "confirmed before any commit");
+        assert!(got.iter().any(|r| matches!(
+            r,
+            CoreReply::Confirms { conn: 1, confirms } if confirms == &[stored(5, 1)]
+        )));
+        assert!(got
+            .iter()
+            .any(|r| matches!(r, CoreReply::Drain { msgs, .. } if msgs.is_empty())));
+        // A resend while the record is pending: a duplicate at once.
+        send_v2(link, msg(2), 2, 5);
+        link.wake_core.as_ref().unwrap().try_send(()).unwrap();
+        assert_eq!(confirms(link, 1), vec![(2, duplicate(5, 1))]);
+        wait_for(&m, "the commit", |s| s.commits == 1 && s.pending_ops == 0);
+        let s = m.snapshot();
+        assert_eq!((s.stored, s.cancelled_before_store), (0, 1), "{s:?}");
+        core.shutdown().unwrap();
+
+        let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
+        send_v2(&links[0], msg(3), 3, 5);
+        assert_eq!(confirms(&links[0], 1), vec![(3, duplicate(5, 1))]);
+        assert!(drain_ids(&links[0], b"ruth").is_empty());
+        core.shutdown().unwrap();
+    }
+
+    /// Dedup records older than dedup_ttl_secs are deleted by the sweep: a resend after that
+    /// is a new message; a younger record still answers Duplicate.
+    #[test]
+    fn dedup_records_expire_after_dedup_ttl_secs() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("core");
+        let old = id_aged(Duration::from_secs(7200), 0);
+        let young = id_aged(Duration::from_secs(10), 0);
+        {
+            // Written directly: records of sends long ago.
+            let store = MessageStore::open(&data_dir).unwrap();
+            let rec = |client, id| SentRecord {
+                sender: b"sam".to_vec(),
+                client,
+                id,
+            };
+            let sent = [rec(1, old), rec(2, old + 1), rec(3, young)];
+            store
+                .write(
+                    &Batch {
+                        sent: &sent,
+                        ..Batch::default()
+                    },
+                    true,
+                )
+                .unwrap();
+        }
+        let cfg = EmbeddedConfig {
+            dedup_ttl_secs: 3600,
+            ..test_cfg(data_dir.clone())
+        };
+        let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
+        let m = core.metrics();
+        wait_for(&m, "the dedup expiry", |s| {
+            s.dedup_expired == 2 && s.pending_ops == 0
+        });
+        let now = id_aged(Duration::ZERO, 0);
+        send_v2(&links[0], msg(now + 1), 1, 1);
+        send_v2(&links[0], msg(now + 2), 2, 3);
+        assert_eq!(
+            confirms(&links[0], 2),
+            vec![(1, stored(1, now + 1)), (2, duplicate(3, young))]
+        );
+        core.shutdown().unwrap();
+        let store = MessageStore::open(&data_dir).unwrap();
+        assert_eq!(store.sent_id(b"sam", 1).unwrap(), Some(now + 1));
+        assert_eq!(store.sent_id(b"sam", 2).unwrap(), None);
+        assert_eq!(store.sent_id(b"sam", 3).unwrap(), Some(young));
+    }
+
+    /// Drains carry each message's sender, for stored and pending messages alike.
+    #[test]
+    fn drains_carry_the_sender() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = EmbeddedConfig {
+            commit_window_ms: 60_000,
+            ..test_cfg(dir.path().join("core"))
+        };
+        let data_dir = cfg.data_dir.clone();
+        {
+            let store = MessageStore::open(&data_dir).unwrap();
+            store.commit(&[from("sam", 1)], &[], true).unwrap();
+        }
+        let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
+        let link = &links[0];
+        link.to_core.send(store_req(from("tom", 2), 1)).unwrap();
+        link.to_core
+            .send(CoreRequest::Drain {
+                user: b"ruth".to_vec(),
+                conn: 9,
+                after: 0,
+                limit: 10,
+            })
+            .unwrap();
+        link.wake_core.as_ref().unwrap().try_send(()).unwrap();
+        match link
+            .from_core
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap()
+        {
+            CoreReply::Drain { msgs, .. } => assert_eq!(
+                msgs,
+                vec![
+                    DrainedMsg {
+                        id: 1,
+                        sender: b"sam".to_vec(),
+                        payload: 1u64.to_be_bytes().to_vec()
+                    },
+                    DrainedMsg {
+                        id: 2,
+                        sender: b"tom".to_vec(),
+                        payload: 2u64.to_be_bytes().to_vec()
+                    }
+                ]
+            ),
+            other => panic!("unexpected reply {other:?}"),
+        }
+        core.shutdown().unwrap();
     }
 }
