@@ -985,4 +985,73 @@ mod tests {
         ));
         assert_eq!(s.id_floor(), 0);
     }
+
+    fn rec(sender: &str, client: u64, id: u64) -> SentRecord {
+        SentRecord {
+            sender: sender.as_bytes().to_vec(),
+            client,
+            id,
+        }
+    }
+
+    /// Dedup records commit with their batch, survive a reopen, keep senders apart, and come
+    /// back oldest first in bounded turns for expiry; an expiry deletes the record only while
+    /// it names the expired id.
+    #[test]
+    fn sent_records_survive_reopen_and_expire_in_bounded_turns() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = MessageStore::open(dir.path()).unwrap();
+            let sent: Vec<_> = (1..=10u64)
+                .map(|i| rec("sam", i, 100 + i))
+                .chain([rec("sa", 1, 50), rec("samuel", 1, 900)])
+                .collect();
+            s.write(
+                &Batch {
+                    inserts: &[msg("ruth", 101, "p")],
+                    sent: &sent,
+                    ..Batch::default()
+                },
+                true,
+            )
+            .unwrap();
+        }
+        let s = MessageStore::open(dir.path()).unwrap();
+        assert_eq!(s.sent_id(b"sam", 3).unwrap(), Some(103));
+        assert_eq!(s.sent_id(b"sa", 1).unwrap(), Some(50));
+        assert_eq!(s.sent_id(b"samuel", 1).unwrap(), Some(900));
+        assert_eq!(s.sent_id(b"sam", 11).unwrap(), None);
+        assert_eq!(s.id_floor(), 101);
+
+        // Minted before 106: "sa"/1 (50) and sam 1..=5 (101..=105), oldest first, 4 per turn.
+        let (first, next) = s.expired_sent(&[], 106, 4).unwrap();
+        assert_eq!(first.iter().map(|r| r.id).collect::<Vec<_>>(), [50, 101, 102, 103]);
+        assert_eq!(first[0], rec("sa", 1, 50));
+        let (rest, end) = s.expired_sent(&next.unwrap(), 106, 4).unwrap();
+        assert_eq!(rest, vec![rec("sam", 4, 104), rec("sam", 5, 105)]);
+        assert_eq!(end, None);
+        assert!(s.expired_sent(&[], 0, 4).unwrap().0.is_empty(), "0: no expiry");
+
+        // A record that no longer names the expired id keeps its key (only the index goes).
+        let mut expired = first.clone();
+        expired.extend(rest);
+        expired.push(rec("samuel", 1, 7));
+        s.write(
+            &Batch {
+                sent_expired: &expired,
+                ..Batch::default()
+            },
+            true,
+        )
+        .unwrap();
+        for c in 1..=5 {
+            assert_eq!(s.sent_id(b"sam", c).unwrap(), None);
+        }
+        assert_eq!(s.sent_id(b"sam", 6).unwrap(), Some(106));
+        assert_eq!(s.sent_id(b"sa", 1).unwrap(), None);
+        assert_eq!(s.sent_id(b"samuel", 1).unwrap(), Some(900));
+        assert!(s.expired_sent(&[], 106, 100).unwrap().0.is_empty());
+        assert_eq!(s.expired_sent(&[], u64::MAX, 100).unwrap().0.len(), 6);
+        assert_eq!(s.count(b"ruth").unwrap(), 1);
+    }
 }
