@@ -284,13 +284,7 @@ impl ConnShared {
     }
 
     /// A chunk of the user's backlog arrived from the store.
-    pub fn drain_chunk(
-        &self,
-        shard: &Rc<Shard>,
-        user: &[u8],
-        msgs: Vec<DrainedMsg>,
-        more: bool,
-    ) {
+    pub fn drain_chunk(&self, shard: &Rc<Shard>, user: &[u8], msgs: Vec<DrainedMsg>, more: bool) {
         let mut st = self.st.borrow_mut();
         let st = &mut *st;
         let Some(drain) = st.drain.as_mut() else {

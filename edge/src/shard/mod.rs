@@ -945,7 +945,11 @@ impl Shard {
             // Answers to stores with a client message id (protocol v2); this edge sends every
             // store with `client: None`, so none come.
             CoreReply::Confirms { conn, confirms } => {
-                debug!(conn, n = confirms.len(), "confirms without a v2 sender ignored");
+                debug!(
+                    conn,
+                    n = confirms.len(),
+                    "confirms without a v2 sender ignored"
+                );
             }
             CoreReply::Prekeys { conn, bundle, .. } => {
                 self.reply_arrived();
