@@ -85,6 +85,51 @@ pub struct EdgeConfig {
     pub cluster: ClusterConfig,
     /// Protocol v2 (docs/PROTOCOL-v2.md): its listener and limits; off unless `v2.listen` is set.
     pub v2: V2Config,
+    /// Client rate limits beyond the per-connection ones (`[rate_limits]`).
+    pub rate_limits: RateLimits,
+}
+
+/// Token-bucket rate limits (`[rate_limits]`), v1 and v2 alike: over a limit the action is
+/// refused with `0xFF RATE_LIMITED u32 retry_after_ms` (v1) or `RATE_LIMITED` (v2) and the
+/// connection stays open, except for a login, which is refused and closed (v1: raw
+/// `RATE_LIMITED`). A rate of 0 turns a limit off. Buckets are kept per shard (a user's sessions
+/// on `n` shards get up to `n` times a per-user rate).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimits {
+    /// LOGINs and HELLOs per second from one source address (0: off, the default: behind a
+    /// load balancer every client shares its address) (0).
+    pub logins_per_sec_per_address: u32,
+    /// Logins from one address at once before the rate applies (20).
+    pub login_burst_per_address: u32,
+    /// Messages per second one user may send, over all its connections on a shard (0: off) (0).
+    pub sends_per_sec_per_user: u32,
+    /// Messages a user may send at once before the rate applies (2000).
+    pub send_burst_per_user: u32,
+    /// Messages per second on one v1 connection (0: off, the default, as v1 clients may not
+    /// expect a refusal) (0). v2 connections have `v2.send_rate_per_sec`.
+    pub v1_sends_per_sec: u32,
+    /// v1 messages at once before `v1_sends_per_sec` applies (2000).
+    pub v1_send_burst: u32,
+    /// Prekey fetches per second on one connection (20).
+    pub prekey_fetches_per_sec: u32,
+    /// Prekey fetches at once before the rate applies (100).
+    pub prekey_fetch_burst: u32,
+}
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        Self {
+            logins_per_sec_per_address: 0,
+            login_burst_per_address: 20,
+            sends_per_sec_per_user: 0,
+            send_burst_per_user: 2_000,
+            v1_sends_per_sec: 0,
+            v1_send_burst: 2_000,
+            prekey_fetches_per_sec: 20,
+            prekey_fetch_burst: 100,
+        }
+    }
 }
 
 /// Protocol v2 (`[v2]`): framed, acknowledged to the sender (docs/PROTOCOL-v2.md). Served beside
@@ -342,6 +387,7 @@ impl Default for EdgeConfig {
             auth: AuthConfig::default(),
             cluster: ClusterConfig::default(),
             v2: V2Config::default(),
+            rate_limits: RateLimits::default(),
         }
     }
 }
@@ -442,6 +488,27 @@ impl EdgeConfig {
                     "v2.send_rate_per_sec, v2.send_burst and v2.max_unconfirmed_sends must be > 0"
                         .to_owned(),
                 );
+            }
+        }
+        let r = &self.rate_limits;
+        for (rate, burst, name) in [
+            (
+                r.logins_per_sec_per_address,
+                r.login_burst_per_address,
+                "login",
+            ),
+            (r.sends_per_sec_per_user, r.send_burst_per_user, "send"),
+            (r.v1_sends_per_sec, r.v1_send_burst, "v1_send"),
+            (
+                r.prekey_fetches_per_sec,
+                r.prekey_fetch_burst,
+                "prekey_fetch",
+            ),
+        ] {
+            if rate > 0 && burst == 0 {
+                return bad(format!(
+                    "rate_limits: the {name} burst must be > 0 when its rate is set"
+                ));
             }
         }
         let st = &self.store;

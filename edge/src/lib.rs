@@ -10,6 +10,7 @@
 //! - [`shard`]: one shard: accept loop, connections, presence slice, rings.
 //! - [`admin`], [`metrics`]: `/metrics` and `/health`.
 //! - [`alloc`]: idle shards return freed memory to the OS.
+//! - [`ratelimit`]: token buckets of the client rate limits.
 //! - [`auth`]: JWT login tokens. [`idgen`]: message ids. [`hostcheck`]: startup host checks.
 
 pub mod admin;
@@ -20,5 +21,6 @@ pub mod hostcheck;
 pub mod idgen;
 pub mod metrics;
 pub mod protocol;
+pub mod ratelimit;
 pub mod server;
 pub mod shard;

@@ -66,6 +66,14 @@ counters! {
     /// Messages the store refused (recipient over its quota, or a failed write): the sender was
     /// told with 0xFE (one frame per connection and core pass).
     sends_refused_total: "counter",
+    /// Logins (LOGIN, HELLO) refused by `logins_per_sec_per_address`.
+    rate_limited_logins_total: "counter",
+    /// Messages refused by a send rate limit (per user, v1 or v2 per connection).
+    rate_limited_sends_total: "counter",
+    /// Prekey fetches refused by `prekey_fetches_per_sec`.
+    rate_limited_prekey_fetches_total: "counter",
+    /// Runs of relays (typing, receipts) over the relay limit the client was told about.
+    rate_limited_relays_total: "counter",
     /// v2 SEND_ACKs written for messages the store made durable.
     v2_send_acks_total: "counter",
     /// v2 SENDs recognised as resends of a stored message (acknowledged again, not delivered).

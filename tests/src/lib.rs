@@ -14,6 +14,7 @@
 //!   `iris-bus` and `iris-core` tests.
 //! - [`cluster`]: a whole local region per test (tansu, `redis-server`, `iris-core` members and
 //!   `iris-edge` processes in `--bus kafka` mode), with kill -9 and restart of every part.
+//! - [`v2`]: a protocol v2 client on a raw socket ([`ServerOpts::with_v2`] serves v2).
 //!
 //! Locating the binary: `IRIS_EDGE_BIN`, else `iris-edge` next to the test executable's
 //! directory (`target/debug/deps/..` = `target/debug`). Build it first with
@@ -22,6 +23,7 @@
 
 pub mod cluster;
 pub mod services;
+pub mod v2;
 
 use std::fmt;
 use std::fs::OpenOptions;
@@ -267,6 +269,13 @@ pub struct ServerOpts {
 }
 
 impl ServerOpts {
+    /// Also serve protocol v2 on a free port (`--listen-v2 127.0.0.1:0`; [`Server::v2`]).
+    pub fn with_v2(mut self) -> Self {
+        self.args.push("--listen-v2".into());
+        self.args.push("127.0.0.1:0".into());
+        self
+    }
+
     /// `shards` shards, everything else default.
     pub fn shards(n: usize) -> Self {
         ServerOpts {

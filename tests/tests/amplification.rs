@@ -11,7 +11,10 @@ use iris_tests::{cbor, wire, write_in_background, Bystander, Client, Frame, Serv
 #[test]
 fn prekey_fetch_flood_from_a_silent_client_is_bounded() {
     const FETCHES: usize = 200_000;
-    let s = Server::start(ServerOpts::shards(2));
+    // The fetch rate limit off: this is about the replies waiting at the core
+    // (tests/tests/rate_limits.rs has the limit).
+    let s =
+        Server::start(ServerOpts::shards(2).config("[rate_limits]\nprekey_fetches_per_sec = 0\n"));
     let mut bystander = Bystander::new(&s);
     // An 8 KiB bundle to fetch.
     let mut owner = s.login("pk-victim");
@@ -80,6 +83,8 @@ fn typing_flood_is_rate_limited_and_never_disconnects_its_victim() {
     // 40,000 frames (480 KB): 10.4 MB of relays unlimited, more than the victim's 4 MiB cap
     // and the kernel's socket buffers together.
     attacker.write(&wire::typing(b"ty-victim", true).repeat(FRAMES));
+    // Told once for the whole run of dropped relays (0xFF), not once per frame.
+    assert!(matches!(attacker.recv(), Frame::RateLimited(_)));
     attacker.sync();
     std::thread::sleep(Duration::from_millis(300));
     let elapsed = t0.elapsed();

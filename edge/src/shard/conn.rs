@@ -46,6 +46,7 @@ use crate::metrics::{first_time, ShardMetrics};
 use crate::protocol::decode::frame_len_hint;
 use crate::protocol::frame::{self, op, ClientFrame};
 use crate::protocol::{decode, Decoded, MsgId, ProtoError};
+use crate::ratelimit::TokenBucket;
 use iris_wire::v2::{
     encode_server, ClientFrame as V2Client, Decoded as V2Decoded, ErrorCode, LimitedAction,
     MsgKind, ReceiptKind, ServerFrame,
@@ -695,8 +696,15 @@ struct Conn {
     settle_started: bool,
     /// Unknown opcodes: the start of the current window and how many arrived in it.
     errors: Option<(Instant, u32)>,
-    /// TYPING token bucket: tokens left and when it was last refilled.
-    typing: Option<(f64, Instant)>,
+    /// Relay token bucket (TYPING, read receipts), and whether the client was told about the
+    /// current run of refusals.
+    typing: Option<TokenBucket>,
+    relays_told: bool,
+    /// `[rate_limits]` buckets of this connection.
+    v1_sends: Option<TokenBucket>,
+    prekey_fetches: Option<TokenBucket>,
+    /// The client's address (login limit per source address).
+    peer: Option<std::net::IpAddr>,
     /// The edge's id high-water tick read at the last LOGIN, until the next message is minted
     /// above it (`idgen.rs`: a sender that reconnects onto this shard after a burst elsewhere
     /// keeps its order); 0 once used.
@@ -804,27 +812,122 @@ impl Conn {
     /// A dropped frame is counted (a flood of 4-byte frames would otherwise be relayed as
     /// frames up to 65 times larger, and make its recipient a slow consumer).
     fn typing_allowed(&mut self) -> bool {
-        let rate = f64::from(self.shard.cfg.typing_relays_per_sec);
-        let burst = f64::from(self.shard.cfg.typing_relay_burst);
+        let (rate, burst) = (
+            self.shard.cfg.typing_relays_per_sec,
+            self.shard.cfg.typing_relay_burst,
+        );
         let now = Instant::now();
-        let (tokens, at) = self.typing.get_or_insert((burst, now));
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(burst);
-        *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            return true;
-        }
+        let bucket = self
+            .typing
+            .get_or_insert_with(|| TokenBucket::full(burst, now));
+        let retry_after_ms = match bucket.take(rate, burst, now) {
+            Ok(()) => {
+                self.relays_told = false;
+                return true;
+            }
+            Err(ms) => ms,
+        };
         ShardMetrics::inc(&self.shard.metrics.typing_dropped_total);
         if first_time(&LOGGED_TYPING_LIMIT) {
             warn!(
                 shard = self.shard.id,
                 conn = self.c.id,
                 typing_relays_per_sec = self.shard.cfg.typing_relays_per_sec,
-                "typing relays over the limit are dropped (logged once; \
+                "typing relays and receipts over the limit are dropped (logged once; \
                  iris_edge_typing_dropped_total counts them)"
             );
         }
+        // Told once per run of refusals (not per frame: a flood of 4-byte frames must not be
+        // answered frame for frame).
+        if !std::mem::replace(&mut self.relays_told, true) {
+            ShardMetrics::inc(&self.shard.metrics.rate_limited_relays_total);
+            self.rate_limited(LimitedAction::Relay, retry_after_ms, 0);
+        }
         false
+    }
+
+    /// Tells the client an action was refused by a rate limit: v1 `0xFF u32 retry_after_ms`,
+    /// v2 RATE_LIMITED naming what and the SEND (`reference`).
+    fn rate_limited(&self, what: LimitedAction, retry_after_ms: u32, reference: u64) {
+        match self.c.proto {
+            Proto::V1 => {
+                let mut f = Vec::with_capacity(5);
+                frame::encode_rate_limited(&mut f, retry_after_ms);
+                self.c.write_frame(&self.shard, &f);
+            }
+            Proto::V2 => self.reply_v2(&ServerFrame::RateLimited {
+                what,
+                retry_after_ms,
+                reference,
+            }),
+        }
+    }
+
+    /// `[rate_limits]` for one message of the logged-in `sender`: the per-user bucket (shared
+    /// by its sessions on this shard) and, on v1, the per-connection one. A refusal is answered
+    /// (v1 0xFF, v2 RATE_LIMITED naming the SEND) and counted; the message is not accepted.
+    fn send_admitted(&mut self, sender: &[u8]) -> bool {
+        let r = &self.shard.cfg.rate_limits;
+        let now = Instant::now();
+        let mut verdict = self.shard.user_sends.borrow_mut().take(
+            &sender.to_vec(),
+            r.sends_per_sec_per_user,
+            r.send_burst_per_user,
+            now,
+        );
+        if verdict.is_ok() && self.c.proto == Proto::V1 && r.v1_sends_per_sec > 0 {
+            verdict = self
+                .v1_sends
+                .get_or_insert_with(|| TokenBucket::full(r.v1_send_burst, now))
+                .take(r.v1_sends_per_sec, r.v1_send_burst, now);
+        }
+        match verdict {
+            Ok(()) => true,
+            Err(ms) => {
+                ShardMetrics::inc(&self.shard.metrics.rate_limited_sends_total);
+                let reference = self.sending.map_or(0, |(client, _)| client);
+                self.rate_limited(LimitedAction::Send, ms, reference);
+                false
+            }
+        }
+    }
+
+    /// `[rate_limits] prekey_fetches_per_sec` of this connection; a refusal is answered.
+    fn prekey_fetch_admitted(&mut self) -> bool {
+        let r = &self.shard.cfg.rate_limits;
+        let now = Instant::now();
+        let verdict = self
+            .prekey_fetches
+            .get_or_insert_with(|| TokenBucket::full(r.prekey_fetch_burst, now))
+            .take(r.prekey_fetches_per_sec, r.prekey_fetch_burst, now);
+        match verdict {
+            Ok(()) => true,
+            Err(ms) => {
+                ShardMetrics::inc(&self.shard.metrics.rate_limited_prekey_fetches_total);
+                self.rate_limited(LimitedAction::PrekeyFetch, ms, 0);
+                false
+            }
+        }
+    }
+
+    /// `[rate_limits] logins_per_sec_per_address` for this connection's peer; `Err` with the
+    /// wait when refused (the caller answers and closes).
+    fn login_admitted(&self) -> Result<(), u32> {
+        let r = &self.shard.cfg.rate_limits;
+        let Some(ip) = self.peer else {
+            return Ok(());
+        };
+        let verdict = self.shard.login_buckets.borrow_mut().take(
+            &ip,
+            r.logins_per_sec_per_address,
+            r.login_burst_per_address,
+            Instant::now(),
+        );
+        if verdict.is_err() {
+            ShardMetrics::inc(&self.shard.metrics.rate_limited_logins_total);
+            ShardMetrics::inc(&self.shard.metrics.logins_refused_total);
+        }
+        verdict
     }
 
     fn close_with(&self, bytes: &[u8]) -> Step {
@@ -1004,22 +1107,18 @@ impl Conn {
 
     /// SEND token bucket of a v2 connection (`v2.send_rate_per_sec`, `v2.send_burst`).
     fn send_allowed(&mut self) -> Result<(), u32> {
-        let rate = f64::from(self.shard.cfg.v2.send_rate_per_sec);
-        let burst = f64::from(self.shard.cfg.v2.send_burst);
+        let (rate, burst) = (
+            self.shard.cfg.v2.send_rate_per_sec,
+            self.shard.cfg.v2.send_burst,
+        );
         let now = Instant::now();
         let mut st = self.c.st.borrow_mut();
         let Some(v2) = st.v2.as_mut() else {
             return Ok(());
         };
-        let (tokens, at) = v2.sends.get_or_insert((burst, now));
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(burst);
-        *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            return Ok(());
-        }
-        let wait_ms = ((1.0 - *tokens) / rate * 1000.0).ceil() as u32;
-        Err(wait_ms.max(1))
+        v2.sends
+            .get_or_insert_with(|| TokenBucket::full(burst, now))
+            .take(rate, burst, now)
     }
 
     fn handle_v2(&mut self, f: V2Client) -> Result<(), Step> {
@@ -1037,6 +1136,13 @@ impl Conn {
                 if user.is_empty() || user.len() > shard.limits.max_target_bytes {
                     ShardMetrics::inc(&shard.metrics.logins_refused_total);
                     return self.error_v2(ErrorCode::BadToken, 0);
+                }
+                if let Err(retry_after_ms) = self.login_admitted() {
+                    return Err(self.close_with_v2(&ServerFrame::RateLimited {
+                        what: LimitedAction::Login,
+                        retry_after_ms,
+                        reference: 0,
+                    }));
                 }
                 if shard.cfg.auth.enabled {
                     let now_ms = crate::idgen::now_micros() / 1000;
@@ -1061,6 +1167,7 @@ impl Conn {
                 let me = self.logged_in_user()?;
                 if let Err(retry_after_ms) = self.send_allowed() {
                     ShardMetrics::inc(&shard.metrics.rate_limited_total);
+                    ShardMetrics::inc(&shard.metrics.rate_limited_sends_total);
                     self.reply_v2(&ServerFrame::RateLimited {
                         what: LimitedAction::Send,
                         retry_after_ms,
@@ -1070,6 +1177,10 @@ impl Conn {
                 }
                 let k = kind.to_u8();
                 self.sending = Some((client_msg_id, k));
+                if !self.send_admitted(&me) {
+                    self.sending = None;
+                    return Ok(());
+                }
                 let result = match kind {
                     MsgKind::Plain => {
                         self.accept_message(&me, &recipient, &payload, k);
@@ -1171,6 +1282,9 @@ impl Conn {
             }
             V2Client::PrekeyFetch { user } => {
                 self.logged_in_user()?;
+                if !self.prekey_fetch_admitted() {
+                    return Ok(());
+                }
                 if let Some(v2) = self.c.st.borrow_mut().v2.as_mut() {
                     v2.prekey_users.push_back(user.clone());
                 }
@@ -1270,15 +1384,23 @@ impl Conn {
             ClientFrame::Login { body } => return self.login(body),
             ClientFrame::Send { target, msg } | ClientFrame::SendSeq { target, msg, .. } => {
                 let me = self.logged_in_user()?;
-                self.accept_message(&me, target, msg, 0);
+                if self.send_admitted(&me) {
+                    self.accept_message(&me, target, msg, 0);
+                }
             }
             ClientFrame::CborMsg { target, cbor } => {
                 let me = self.logged_in_user()?;
-                self.accept_message(&me, target, cbor, 1);
+                if self.send_admitted(&me) {
+                    self.accept_message(&me, target, cbor, 1);
+                }
             }
             ClientFrame::BatchSend { target, blob } => {
                 let me = self.logged_in_user()?;
                 for msg in frame::batch_entries(blob) {
+                    // The entries after a refused one are refused with it (one answer).
+                    if !self.send_admitted(&me) {
+                        break;
+                    }
                     self.accept_message(&me, target, msg, 0);
                 }
             }
@@ -1288,6 +1410,9 @@ impl Conn {
                 ciphertext,
             } => {
                 let me = self.logged_in_user()?;
+                if !self.send_admitted(&me) {
+                    return Ok(());
+                }
                 let mut inner = Vec::with_capacity(me.len() + header.len() + ciphertext.len() + 8);
                 frame::encode_e2ee_delivery(&mut inner, &me, header, ciphertext);
                 self.accept_message(&me, recipient, &inner, 2);
@@ -1325,6 +1450,9 @@ impl Conn {
             }
             ClientFrame::ReadReceipt { id, sender } => {
                 let me = self.logged_in_user()?;
+                if !self.typing_allowed() {
+                    return Ok(());
+                }
                 let mut f = Vec::with_capacity(id.len() + me.len() + 13);
                 let now_ms = crate::idgen::now_micros() / 1000;
                 frame::encode_receipt_relay(&mut f, id, &me, now_ms);
@@ -1339,6 +1467,9 @@ impl Conn {
             }
             ClientFrame::FetchPrekeys { user } => {
                 self.logged_in_user()?;
+                if !self.prekey_fetch_admitted() {
+                    return Ok(());
+                }
                 shard.push_core_with_reply(CoreRequest::FetchPrekeys {
                     user: user.to_vec(),
                     conn: self.c.id,
@@ -1358,6 +1489,9 @@ impl Conn {
         if user.is_empty() || user.len() > shard.limits.max_target_bytes {
             ShardMetrics::inc(&shard.metrics.logins_refused_total);
             return Err(self.fail(&ProtoError::EmptyLogin));
+        }
+        if self.login_admitted().is_err() {
+            return Err(self.close_with(frame::RATE_LIMITED_TEXT));
         }
         if shard.cfg.auth.enabled {
             let now_ms = crate::idgen::now_micros() / 1000;
@@ -1461,6 +1595,10 @@ pub async fn run(shard: Rc<Shard>, mut stream: TcpStream, id: ConnId, proto: Pro
         settle_started: false,
         errors: None,
         typing: None,
+        relays_told: false,
+        v1_sends: None,
+        prekey_fetches: None,
+        peer: stream.peer_addr().ok().map(|a| a.ip()),
         id_floor: Cell::new(0),
         sending: None,
     };

@@ -73,6 +73,9 @@ impl Delivery {
     }
 }
 
+/// Most keys (addresses, users) a shard keeps rate-limit buckets for (`ratelimit::Buckets`).
+const RATE_TABLE_MAX: usize = 65_536;
+
 /// A v2 SEND waiting for the core's confirmation ([`Shard::await_confirm`]).
 #[derive(Debug)]
 struct PendingSend {
@@ -551,6 +554,9 @@ pub struct Shard {
     /// v2 SENDs waiting for the core's confirmation, by (connection, client_msg_id): routed
     /// live once confirmed stored (even if the sender left meanwhile), dropped as resends.
     v2_pending: RefCell<HashMap<(ConnId, u64), Vec<PendingSend>>>,
+    /// `[rate_limits]` buckets of this shard: logins by source address, sends by user.
+    pub login_buckets: RefCell<crate::ratelimit::Buckets<std::net::IpAddr>>,
+    pub user_sends: RefCell<crate::ratelimit::Buckets<Vec<u8>>>,
 }
 
 impl Shard {
@@ -602,6 +608,8 @@ impl Shard {
             shutting_down: Cell::new(false),
             conns_empty: LocalNotify::default(),
             v2_pending: RefCell::new(HashMap::new()),
+            login_buckets: RefCell::new(crate::ratelimit::Buckets::new(RATE_TABLE_MAX)),
+            user_sends: RefCell::new(crate::ratelimit::Buckets::new(RATE_TABLE_MAX)),
             cfg,
         }
     }
@@ -628,6 +636,9 @@ impl Shard {
         use iris_wire::v2::{encode_server, ServerFrame};
         let c = self.conns.borrow().get(&conn).cloned();
         let mut out = Vec::new();
+        // In id order, which is the order the connection sent them: the live copies keep it.
+        let mut confirms = confirms;
+        confirms.sort_unstable_by_key(|cf| cf.id);
         for cf in confirms {
             let pending = {
                 let mut map = self.v2_pending.borrow_mut();

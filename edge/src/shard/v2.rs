@@ -44,8 +44,8 @@ pub struct V2State {
     pub hello: bool,
     /// Users of the PREKEY_FETCHes not answered yet, in order (the core answers in order).
     pub prekey_users: VecDeque<Vec<u8>>,
-    /// SEND token bucket: tokens left and when it was last refilled.
-    pub sends: Option<(f64, Instant)>,
+    /// SEND token bucket (`v2.send_rate_per_sec`).
+    pub sends: Option<crate::ratelimit::TokenBucket>,
     /// SENDs waiting for the core's confirmation.
     pub unconfirmed: u32,
     /// The last time a byte arrived from the client.
