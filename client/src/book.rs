@@ -224,7 +224,10 @@ mod tests {
             o.insert(id, frame(id as u8));
         }
         assert!(o.remove(20));
-        assert!(!o.remove(20), "a second SEND_ACK of the same id removes nothing");
+        assert!(
+            !o.remove(20),
+            "a second SEND_ACK of the same id removes nothing"
+        );
         let all: Vec<u8> = o.all_for_resend().iter().map(|f| f[0]).collect();
         assert_eq!(all, vec![10, 30]);
         assert_eq!(o.len(), 2);
@@ -310,7 +313,10 @@ mod tests {
     fn seed_is_unix_micros() {
         let a = seed_client_msg_id();
         // After 2024 and before 2100, in microseconds.
-        assert!(a > 1_704_067_200_000_000 && a < 4_102_444_800_000_000, "{a}");
+        assert!(
+            a > 1_704_067_200_000_000 && a < 4_102_444_800_000_000,
+            "{a}"
+        );
         std::thread::sleep(Duration::from_millis(2));
         assert!(seed_client_msg_id() > a, "a later start seeds higher ids");
     }

@@ -312,7 +312,9 @@ impl Client {
     ) -> Result<(), ClientError> {
         check_user("receipt sender", to_sender)?;
         if ids.is_empty() {
-            return Err(ClientError::Invalid("a receipt names at least one id".into()));
+            return Err(ClientError::Invalid(
+                "a receipt names at least one id".into(),
+            ));
         }
         let st = self.inner.lock();
         let conn = st.live()?;
@@ -469,8 +471,9 @@ fn maintenance(inner: &Arc<Inner>) {
                 }
             }
         }
-        let idle_limit = (st.limits.ping_interval_ms > 0)
-            .then(|| Duration::from_millis(u64::from(st.limits.ping_interval_ms) * u64::from(IDLE_PINGS)));
+        let idle_limit = (st.limits.ping_interval_ms > 0).then(|| {
+            Duration::from_millis(u64::from(st.limits.ping_interval_ms) * u64::from(IDLE_PINGS))
+        });
         if let (Some(limit), Some(_)) = (idle_limit, &st.conn) {
             if now.duration_since(st.last_frame_at) > limit {
                 tracing::debug!(?limit, "iris-client connection silent, dropping it");
@@ -539,7 +542,9 @@ fn maintenance(inner: &Arc<Inner>) {
         if st.conn.is_none() && opts.auto_reconnect && st.fatal.is_none() {
             wake = wake.min(st.reconnect_at);
         }
-        let wait = wake.saturating_duration_since(now).max(Duration::from_millis(1));
+        let wait = wake
+            .saturating_duration_since(now)
+            .max(Duration::from_millis(1));
         st = inner
             .maint_cv
             .wait_timeout(st, wait)

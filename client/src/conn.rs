@@ -152,7 +152,11 @@ pub(crate) fn establish(inner: &Arc<Inner>) -> Result<ServerLimits, ClientError>
     }
     st.ever_connected = true;
     st.backoff = Duration::ZERO;
-    tracing::debug!(generation, session_id = limits.session_id, "iris-client logged in");
+    tracing::debug!(
+        generation,
+        session_id = limits.session_id,
+        "iris-client logged in"
+    );
     inner.cv.notify_all();
     inner.maint_cv.notify_all();
     Ok(limits)
@@ -293,7 +297,9 @@ fn login_answer(frame: ServerFrame, tx: &Sender<WriterMsg>) -> Login {
             session_id,
             server_time_unix_ms,
         }),
-        ServerFrame::Error { code, reason, .. } => Login::Err(ClientError::Refused { code, reason }),
+        ServerFrame::Error { code, reason, .. } => {
+            Login::Err(ClientError::Refused { code, reason })
+        }
         ServerFrame::RateLimited { retry_after_ms, .. } => {
             Login::Err(ClientError::LoginRateLimited { retry_after_ms })
         }

@@ -16,11 +16,7 @@ pub(crate) trait Closer: Send + Sync {
 }
 
 /// The two halves of a connection and its closer.
-pub(crate) type Halves = (
-    Box<dyn Read + Send>,
-    Box<dyn Write + Send>,
-    Arc<dyn Closer>,
-);
+pub(crate) type Halves = (Box<dyn Read + Send>, Box<dyn Write + Send>, Arc<dyn Closer>);
 
 /// A connected byte stream to the server.
 pub(crate) trait Transport: Send {
