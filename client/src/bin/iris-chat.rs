@@ -133,9 +133,12 @@ fn main() -> anyhow::Result<()> {
     {
         let (client, sent) = (client.clone(), sent.clone());
         std::thread::spawn(move || {
-            if let Err(e) = print_events(&client, &sent) {
-                eprintln!("connection lost: {e}");
-                std::process::exit(1);
+            match print_events(&client, &sent) {
+                Ok(()) | Err(ClientError::Closed) => {}
+                Err(e) => {
+                    eprintln!("connection lost: {e}");
+                    std::process::exit(1);
+                }
             }
         });
     }
