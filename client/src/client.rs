@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -12,7 +13,7 @@ use iris_wire::v2::{
 };
 
 use crate::book::{seed_client_msg_id, AckBatch, Mark, Outbox, SeenWindow};
-use crate::conn::{encode, establish, Conn, WriterMsg, IDLE_PINGS};
+use crate::conn::{encode, establish, Conn, WriterMsg, IDLE_PINGS, KEEPALIVE_NONCE};
 use crate::{ClientError, ClientOptions, Event, ServerLimits};
 
 /// State shared by the API, the connection threads and the maintenance thread.
@@ -26,6 +27,8 @@ pub(crate) struct Inner {
     pub(crate) maint_cv: Condvar,
     /// One connect attempt at a time.
     connect_lock: Mutex<()>,
+    /// The origin of the writers' `last_write_ms`.
+    pub(crate) epoch: Instant,
 }
 
 impl Inner {
@@ -151,6 +154,7 @@ impl Client {
             cv: Condvar::new(),
             maint_cv: Condvar::new(),
             connect_lock: Mutex::new(()),
+            epoch: now,
         });
         {
             let _one = inner.connect_lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -471,6 +475,22 @@ fn maintenance(inner: &Arc<Inner>) {
                 }
             }
         }
+        // The server closes a client that sent nothing for 3 intervals: a receiver that has
+        // nothing to say PINGs after one silent interval.
+        let ping_interval = Duration::from_millis(u64::from(st.limits.ping_interval_ms));
+        let mut keepalive_at = None;
+        if let (Some(conn), false) = (&st.conn, ping_interval.is_zero()) {
+            let last =
+                inner.epoch + Duration::from_millis(conn.last_write_ms.load(Ordering::Relaxed));
+            if now >= last + ping_interval {
+                conn.write(encode(&ClientFrame::Ping {
+                    nonce: KEEPALIVE_NONCE,
+                }));
+                keepalive_at = Some(now + ping_interval);
+            } else {
+                keepalive_at = Some(last + ping_interval);
+            }
+        }
         let idle_limit = (st.limits.ping_interval_ms > 0).then(|| {
             Duration::from_millis(u64::from(st.limits.ping_interval_ms) * u64::from(IDLE_PINGS))
         });
@@ -532,6 +552,9 @@ fn maintenance(inner: &Arc<Inner>) {
             wake = wake.min(d);
         }
         if let Some(d) = st.outbox.next_due() {
+            wake = wake.min(d);
+        }
+        if let Some(d) = keepalive_at {
             wake = wake.min(d);
         }
         if let Some(limit) = idle_limit {

@@ -7,6 +7,7 @@
 //! practice by the outbox and by what the app sends), so no socket write ever holds the lock.
 
 use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
@@ -42,6 +43,8 @@ pub(crate) struct Conn {
     pub(crate) closer: Arc<dyn Closer>,
     /// The writer thread (joined by `close` so the last acks reach the socket).
     pub(crate) writer: Option<JoinHandle<()>>,
+    /// When the writer last wrote, in ms since [`Inner::epoch`] (for keepalive PINGs).
+    pub(crate) last_write_ms: Arc<AtomicU64>,
 }
 
 impl Conn {
@@ -87,9 +90,14 @@ pub(crate) fn establish(inner: &Arc<Inner>) -> Result<ServerLimits, ClientError>
     let (reader, writer, closer) = transport.split()?;
     let (tx, rx) = mpsc::channel();
     let wcloser = closer.clone();
+    let last_write_ms = Arc::new(AtomicU64::new(0));
+    let written = Written {
+        at_ms: last_write_ms.clone(),
+        epoch: inner.epoch,
+    };
     let writer = thread::Builder::new()
         .name("iris-client-writer".into())
-        .spawn(move || writer_loop(writer, rx, wcloser))?;
+        .spawn(move || writer_loop(writer, rx, wcloser, written))?;
     let _ = tx.send(WriterMsg::Bytes(encode(&ClientFrame::Hello {
         client_name: opts.client_name.as_bytes().to_vec(),
         client_version: opts.client_version.as_bytes().to_vec(),
@@ -142,6 +150,7 @@ pub(crate) fn establish(inner: &Arc<Inner>) -> Result<ServerLimits, ClientError>
         tx,
         closer,
         writer: Some(writer),
+        last_write_ms,
     };
     st.conn = Some(conn);
     st.flush_acks();
@@ -164,7 +173,12 @@ pub(crate) fn establish(inner: &Arc<Inner>) -> Result<ServerLimits, ClientError>
 
 /// Writes queued frames, batching whatever is queued, until the channel closes, a write
 /// fails (then closes the connection) or [`WriterMsg::Close`].
-fn writer_loop(mut w: Box<dyn Write + Send>, rx: Receiver<WriterMsg>, closer: Arc<dyn Closer>) {
+fn writer_loop(
+    mut w: Box<dyn Write + Send>,
+    rx: Receiver<WriterMsg>,
+    closer: Arc<dyn Closer>,
+    written: Written,
+) {
     let mut out = Vec::with_capacity(64 * 1024);
     while let Ok(first) = rx.recv() {
         let mut close = false;
@@ -189,6 +203,7 @@ fn writer_loop(mut w: Box<dyn Write + Send>, rx: Receiver<WriterMsg>, closer: Ar
                 return;
             }
             out.clear();
+            written.now();
         }
         if close {
             closer.close();
@@ -196,6 +211,22 @@ fn writer_loop(mut w: Box<dyn Write + Send>, rx: Receiver<WriterMsg>, closer: Ar
         }
     }
 }
+
+/// Where the writer records when it last wrote.
+struct Written {
+    at_ms: Arc<AtomicU64>,
+    epoch: Instant,
+}
+
+impl Written {
+    fn now(&self) {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.at_ms.store(ms, Ordering::Relaxed);
+    }
+}
+
+/// The nonce of the client's own keepalive PINGs (their PONG is not an event).
+pub(crate) const KEEPALIVE_NONCE: u64 = u64::MAX;
 
 /// Reads and handles server frames until the connection ends; then marks it dead.
 fn reader_loop(
@@ -388,6 +419,7 @@ fn handle(inner: &Inner, generation: u64, tx: &Sender<WriterMsg>, frame: ServerF
             last_seen_unix_secs,
         },
         ServerFrame::Prekeys { user, bundle } => Event::Prekeys { user, bundle },
+        ServerFrame::Pong { nonce } if nonce == KEEPALIVE_NONCE => return,
         ServerFrame::Pong { nonce } => Event::Pong { nonce },
         ServerFrame::RateLimited {
             what,

@@ -17,6 +17,8 @@ use iris_wire::v2::{
 struct Peer {
     stream: TcpStream,
     buf: Vec<u8>,
+    /// Hide the client's keepalive PINGs (nonce `u64::MAX`) from `read`.
+    skip_keepalive: bool,
 }
 
 impl Peer {
@@ -29,6 +31,9 @@ impl Peer {
             {
                 Decoded::Frame { frame, consumed } => {
                     self.buf.drain(..consumed);
+                    if self.skip_keepalive && frame == (ClientFrame::Ping { nonce: u64::MAX }) {
+                        continue;
+                    }
                     return Some(frame);
                 }
                 Decoded::Unknown { ty, .. } => panic!("client sent unknown type {ty:#x}"),
@@ -121,6 +126,7 @@ impl Script {
         Peer {
             stream,
             buf: Vec::new(),
+            skip_keepalive: true,
         }
     }
 
@@ -643,4 +649,34 @@ fn close_flushes_pending_acks() {
         c.send(b"bob", MsgKind::Plain, b"x"),
         Err(ClientError::Closed)
     ));
+}
+
+#[test]
+fn a_client_with_nothing_to_say_pings_once_per_interval() {
+    let s = Script::new();
+    let (c, mut peer) = s.connect(opts("alice"), 200);
+    peer.skip_keepalive = false;
+    // The server keeps talking (so it never PINGs); the client answers nothing else.
+    let start = Instant::now();
+    let mut pings = 0;
+    while start.elapsed() < Duration::from_millis(1000) {
+        peer.write(&ServerFrame::Typing {
+            sender: b"bob".to_vec(),
+            typing: true,
+        });
+        if let Some(f) = peer.read(Duration::from_millis(50)) {
+            assert_eq!(f, ClientFrame::Ping { nonce: u64::MAX });
+            peer.write(&ServerFrame::Pong { nonce: u64::MAX });
+            pings += 1;
+        }
+    }
+    // One per 200 ms interval of silence: 4 or 5 in a second, never none.
+    assert!((3..=6).contains(&pings), "{pings} keepalive pings");
+    // Their PONGs are not events.
+    let mut events = 0;
+    while let Some(e) = c.recv(Duration::from_millis(50)).unwrap() {
+        assert!(matches!(e, Event::Typing { .. }), "{e:?}");
+        events += 1;
+    }
+    assert!(events > 5);
 }

@@ -132,13 +132,11 @@ fn main() -> anyhow::Result<()> {
     let sent = Arc::new(Mutex::new(Sent::default()));
     {
         let (client, sent) = (client.clone(), sent.clone());
-        std::thread::spawn(move || {
-            match print_events(&client, &sent) {
-                Ok(()) | Err(ClientError::Closed) => {}
-                Err(e) => {
-                    eprintln!("connection lost: {e}");
-                    std::process::exit(1);
-                }
+        std::thread::spawn(move || match print_events(&client, &sent) {
+            Ok(()) | Err(ClientError::Closed) => {}
+            Err(e) => {
+                eprintln!("connection lost: {e}");
+                std::process::exit(1);
             }
         });
     }
