@@ -34,6 +34,37 @@ pub struct StoredMsg {
 /// Where a reply must go on the edge: the shard-local connection number.
 pub type ConnId = u64;
 
+/// One message of a [`CoreReply::Drain`], with its sender (as stored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DrainedMsg {
+    pub id: u64,
+    pub sender: Vec<u8>,
+    pub payload: Vec<u8>,
+}
+
+/// The outcome of a store request that carried a client message id
+/// ([`CoreRequest::Store`] `client`), told in a [`Confirm`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Confirmed {
+    /// Durable (fsynced), or acked by its recipient before it had to be written.
+    Stored,
+    /// (sender, client) was seen before: `Confirm::id` is the first message's id; this one was
+    /// not stored. The first one is durable.
+    Duplicate,
+    /// Not stored, for this ASCII reason ([`REFUSED_INBOX_FULL`], [`REFUSED_STORE_FAILED`]).
+    Refused(&'static str),
+}
+
+/// What became of one store request with client message id `client`: `id` is the server id
+/// the sender is told (the first message's id for a [`Confirmed::Duplicate`]; the refused
+/// message's own id for a [`Confirmed::Refused`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Confirm {
+    pub client: u64,
+    pub id: u64,
+    pub outcome: Confirmed,
+}
+
 /// [`CoreReply::Refused`] reason: the recipient already has `max_messages_per_user` messages
 /// or `max_bytes_per_user` payload bytes stored.
 pub const REFUSED_INBOX_FULL: &str = "recipient_inbox_full";
@@ -63,7 +94,19 @@ pub enum CoreRequest {
     /// Store a message until its recipient acks it. `conn` is the sender's shard-local
     /// connection: the embedded core answers it with [`CoreReply::Refused`] when the message is
     /// not stored (recipient over quota, failed write). The cluster link ignores it.
-    Store { msg: StoredMsg, conn: ConnId },
+    ///
+    /// `client`: a v2 sender's client message id (an idempotency key unique per sender). When
+    /// `Some`, the embedded core answers [`CoreReply::Confirms`] for it instead of
+    /// [`CoreReply::Refused`]: [`Confirmed::Stored`] once the message is durable,
+    /// [`Confirmed::Duplicate`] (with the first message's id, and nothing stored) when
+    /// `(msg.sender, client)` was seen before, and it remembers `(msg.sender, client) -> msg.id`
+    /// durably (for `dedup_ttl_secs`). The cluster link ignores `client`: v2 is served by the
+    /// embedded deployment only for now.
+    Store {
+        msg: StoredMsg,
+        conn: ConnId,
+        client: Option<u64>,
+    },
     /// The recipient acked message `id`: it is delivered and must never come again.
     Ack { user: Vec<u8>, id: u64 },
     /// Send up to `limit` of `user`'s undelivered messages with an id greater than `after`
@@ -121,12 +164,12 @@ pub enum CoreRequest {
 /// What the core sends back to a shard.
 #[derive(Debug)]
 pub enum CoreReply {
-    /// Answer to [`CoreRequest::Drain`]: `(id, payload)` in id order; `more` is true when
-    /// further messages may follow `msgs.last()`.
+    /// Answer to [`CoreRequest::Drain`]: messages in id order; `more` is true when further
+    /// messages may follow `msgs.last()`.
     Drain {
         conn: ConnId,
         user: Vec<u8>,
-        msgs: Vec<(u64, Vec<u8>)>,
+        msgs: Vec<DrainedMsg>,
         more: bool,
     },
     /// Answer to [`CoreRequest::FetchPrekeys`]; `None` when no bundle is stored.
@@ -139,6 +182,13 @@ pub enum CoreReply {
     /// for the sender's `0xFE` frame: [`REFUSED_INBOX_FULL`], [`REFUSED_STORE_FAILED`]). Several
     /// refusals for one connection in one pass of the core come as one reply.
     Refused { conn: ConnId, reason: &'static str },
+    /// Embedded core: what became of stores sent on `conn` with a client message id
+    /// ([`CoreRequest::Store`] `client`), in the order the core settled them. Several confirms
+    /// for one connection in one pass of the core come as one reply.
+    Confirms {
+        conn: ConnId,
+        confirms: Vec<Confirm>,
+    },
     /// Cluster only: message `id` for `recipient`, taken from this edge's inbox, where
     /// `recipient` has (or had) a session. Sent to the recipient's presence owner shard.
     /// `direct` tells the copy the sender's edge produced straight to this inbox

@@ -26,6 +26,30 @@
 //! forever. A store later than that is kept and delivered again at the next login (a duplicate,
 //! never a loss).
 //!
+//! # Client message ids (protocol v2)
+//! A [`CoreRequest::Store`] may carry the sender's client message id (`client`, an
+//! idempotency key unique per sender). The core then answers [`CoreReply::Confirms`] instead of
+//! [`CoreReply::Refused`], and keeps `(sender, client) -> id` as a dedup record in the store
+//! (the `sent` keyspace, see [`crate::store`]), written in the SAME atomic batch as the
+//! message:
+//! - not seen before: the message is pending as usual, and so is its record; once the commit's
+//!   fsync succeeded the sender gets [`Confirmed::Stored`]. A failed commit gives
+//!   [`Confirmed::Refused`] (`store_unavailable`) and writes no record; over quota gives
+//!   `recipient_inbox_full` and keeps no record. Acked before it was written (ack
+//!   cancellation), it is [`Confirmed::Stored`] at once, but its record stays pending and is
+//!   written by the next commit, so a resend is still known.
+//! - pending (sent again in the same window): [`Confirmed::Duplicate`] with the first id, after
+//!   the commit that makes the first durable (at once if it is already settled by an ack); it
+//!   is never stored twice. If that commit fails, the resend is refused like the first.
+//! - in the store (sent before, even before a restart): [`Confirmed::Duplicate`] with the
+//!   first id, at the end of this pass (`duplicate_sends` counts every duplicate).
+//!
+//! The in-memory part (pending records) is bounded by the pending window like every other
+//! pending operation. Records live `dedup_ttl_secs` (default 24 h): ids carry their mint time,
+//! so a sibling of the expiry sweep deletes, in bounded turns, the records minted before
+//! [`min_live_id`]`(now, dedup_ttl_secs)` (`dedup_expired`), their deletes riding in the next
+//! group commit. Confirms for one connection in one pass come as one reply.
+//!
 //! # Drains and prekey fetches
 //! Before serving a [`CoreRequest::Drain`] or [`CoreRequest::FetchPrekeys`] the core takes in
 //! every request already queued on every shard's queue (so a store or prekey upload queued
@@ -84,11 +108,11 @@ use crossbeam::channel::{self, Receiver, Select, Sender, TryRecvError, TrySendEr
 use tracing::{debug, error, info, trace, warn};
 
 use crate::api::{
-    min_live_id, ConnId, CoreReply, CoreRequest, ShardBell, ShardLink, StoredMsg,
-    REFUSED_INBOX_FULL, REFUSED_STORE_FAILED,
+    min_live_id, Confirm, Confirmed, ConnId, CoreReply, CoreRequest, DrainedMsg, ShardBell,
+    ShardLink, StoredMsg, REFUSED_INBOX_FULL, REFUSED_STORE_FAILED,
 };
 use crate::error::CoreError;
-use crate::store::{Batch, MessageStore, Usage, MAX_SENDER_LEN, MAX_USER_LEN};
+use crate::store::{Batch, MessageStore, SentRecord, Usage, MAX_SENDER_LEN, MAX_USER_LEN};
 
 /// How often the recent-acks set rotates; an ack is remembered for one to two periods.
 const ACK_MEMORY_PERIOD: Duration = Duration::from_secs(1);
@@ -148,6 +172,12 @@ pub struct EmbeddedConfig {
     /// Recipients whose stored count the quota keeps in memory; when full, about half are
     /// forgotten (and counted again from the store when they next receive). Default 262144.
     pub usage_cache_users: usize,
+    /// How long the dedup record of a v2 send (`(sender, client message id) -> id`) is kept:
+    /// a resend within this time (after a reconnect, even after a crash) is acknowledged with
+    /// the first id and not stored again; later it is a new message. Records older than this
+    /// (the id carries its mint time) are deleted by a bounded background sweep. 0 = kept
+    /// forever. Default 86400 (24 h).
+    pub dedup_ttl_secs: u64,
 }
 
 impl Default for EmbeddedConfig {
@@ -162,6 +192,7 @@ impl Default for EmbeddedConfig {
             max_bytes_per_user: 256 << 20,
             message_ttl_secs: 30 * 24 * 3600,
             usage_cache_users: 262_144,
+            dedup_ttl_secs: 24 * 3600,
         }
     }
 }
@@ -208,6 +239,11 @@ pub struct CoreMetrics {
     pub expired_deleted: AtomicU64,
     /// Acks of ids that were not stored: answered by a lookup, nothing written.
     pub acks_not_stored: AtomicU64,
+    /// v2 sends whose `(sender, client message id)` was seen before: answered
+    /// [`Confirmed::Duplicate`], not stored.
+    pub duplicate_sends: AtomicU64,
+    /// Dedup records older than `dedup_ttl_secs` deleted.
+    pub dedup_expired: AtomicU64,
 }
 
 /// A point-in-time copy of [`CoreMetrics`] (same fields, same meaning).
@@ -231,6 +267,8 @@ pub struct CoreStats {
     pub store_reopens: u64,
     pub expired_deleted: u64,
     pub acks_not_stored: u64,
+    pub duplicate_sends: u64,
+    pub dedup_expired: u64,
 }
 
 impl CoreMetrics {
@@ -256,6 +294,8 @@ impl CoreMetrics {
             store_reopens: r(&self.store_reopens),
             expired_deleted: r(&self.expired_deleted),
             acks_not_stored: r(&self.acks_not_stored),
+            duplicate_sends: r(&self.duplicate_sends),
+            dedup_expired: r(&self.dedup_expired),
         }
     }
 }
@@ -338,8 +378,14 @@ impl EmbeddedCore {
             usage_cap: cfg.usage_cache_users.max(1),
             usage_evictions: 0,
             refusals: HashSet::new(),
+            confirms: HashMap::new(),
             sweep_cursor: Vec::new(),
             next_sweep: now + SWEEP_TURN,
+            dedup_ttl_secs: cfg.dedup_ttl_secs,
+            pending_sent: HashMap::new(),
+            pending_sent_expired: Vec::new(),
+            sent_cursor: Vec::new(),
+            next_sent_sweep: now + SWEEP_TURN,
             window: Duration::from_millis(cfg.commit_window_ms),
             drain_chunk: cfg.drain_chunk,
             drain_chunk_bytes: cfg.drain_chunk_bytes.max(1),
@@ -451,11 +497,33 @@ struct UserPending {
 }
 
 /// A message waiting for the next commit, with the connection that sent it (told if it is not
-/// stored after all).
+/// stored after all) and its client message id (v2).
 struct PendingMsg {
     msg: StoredMsg,
     shard: usize,
     conn: ConnId,
+    client: Option<u64>,
+}
+
+/// A dedup record waiting for the next commit: `(sender, client)` was first sent as `id`.
+struct PendingSent {
+    id: u64,
+    /// Sends to confirm once the record (and its message) is durable: the first one
+    /// ([`Confirmed::Stored`]) and resends ([`Confirmed::Duplicate`]). Empty once settled.
+    waiting: Vec<Waiter>,
+    /// The message no longer waits for the commit (acked before it was written, or its store
+    /// came after its ack): its sends were confirmed, only the record remains to be written.
+    settled: bool,
+}
+
+/// A send waiting for the commit of a [`PendingSent`].
+struct Waiter {
+    shard: usize,
+    conn: ConnId,
+    /// The id this send was given (told if the commit fails).
+    id: u64,
+    /// A resend of the record's first message.
+    duplicate: bool,
 }
 
 /// A read request (drain or prekey fetch) waiting for its take-in pass.
@@ -492,6 +560,18 @@ struct Core {
     usage_evictions: u64,
     /// `(shard, conn, reason)` to tell with [`CoreReply::Refused`] at the end of this pass.
     refusals: HashSet<(usize, ConnId, &'static str)>,
+    /// Confirms to send with [`CoreReply::Confirms`] at the end of this pass, per connection,
+    /// in the order they were settled.
+    confirms: HashMap<(usize, ConnId), Vec<Confirm>>,
+    /// Lifetime of dedup records (0 = forever).
+    dedup_ttl_secs: u64,
+    /// Dedup records waiting for the next commit, by `(sender, client)`.
+    pending_sent: HashMap<(Vec<u8>, u64), PendingSent>,
+    /// Expired dedup records to delete at the next commit.
+    pending_sent_expired: Vec<SentRecord>,
+    /// Where the dedup records' expiry continues (empty: a new pass from the oldest).
+    sent_cursor: Vec<u8>,
+    next_sent_sweep: Instant,
     /// Where the expiry sweep continues (empty: a new pass from the beginning).
     sweep_cursor: Vec<u8>,
     next_sweep: Instant,
@@ -508,7 +588,8 @@ struct Core {
     /// Per recipient: pending inserts and deletes.
     pending: HashMap<Vec<u8>, UserPending>,
     pending_prekeys: HashMap<Vec<u8>, Vec<u8>>,
-    /// Inserts + deletes in `pending` + bundles in `pending_prekeys`.
+    /// Inserts + deletes in `pending` + bundles in `pending_prekeys` + records in
+    /// `pending_sent` and `pending_sent_expired`.
     pending_ops: usize,
     /// Highest id of any store taken in (persisted as the id floor at the next commit).
     max_id_seen: u64,
@@ -544,7 +625,8 @@ impl Core {
                 let _ = self.commit();
             }
             self.sweep(now);
-            self.flush_refusals();
+            self.sweep_sent(now);
+            self.flush_answers();
             self.rotate_acks(now);
             self.metrics
                 .pending_ops
@@ -587,6 +669,9 @@ impl Core {
         });
         if self.ttl_secs > 0 {
             timeout = timeout.min(self.next_sweep.saturating_duration_since(now));
+        }
+        if self.dedup_ttl_secs > 0 {
+            timeout = timeout.min(self.next_sent_sweep.saturating_duration_since(now));
         }
         if timeout.is_zero() {
             return;
@@ -647,7 +732,7 @@ impl Core {
 
     fn handle(&mut self, shard: usize, req: CoreRequest) {
         match req {
-            CoreRequest::Store { msg, conn } => self.on_store(shard, conn, msg),
+            CoreRequest::Store { msg, conn, client } => self.on_store(shard, conn, msg, client),
             CoreRequest::Ack { user, id } => self.on_ack(user, id),
             CoreRequest::Drain {
                 user,
@@ -685,23 +770,42 @@ impl Core {
         }
     }
 
-    fn on_store(&mut self, shard: usize, conn: ConnId, msg: StoredMsg) {
-        if self.invalid_user(&msg.recipient, "store") {
-            return;
-        }
-        if msg.sender.len() > MAX_SENDER_LEN {
+    fn on_store(&mut self, shard: usize, conn: ConnId, msg: StoredMsg, client: Option<u64>) {
+        let invalid = if self.invalid_user(&msg.recipient, "store") {
+            true
+        } else if msg.sender.len() > MAX_SENDER_LEN {
             bump(&self.metrics.invalid_requests, 1);
             debug!(
                 len = msg.sender.len(),
                 "store with oversized sender dropped"
             );
+            true
+        } else {
+            false
+        };
+        if invalid {
+            if let Some(c) = client {
+                // The store cannot write it: a v2 sender is told rather than left waiting.
+                let refused = Confirmed::Refused(REFUSED_STORE_FAILED);
+                self.confirm(shard, conn, c, msg.id, refused);
+            }
             return;
         }
         self.max_id_seen = self.max_id_seen.max(msg.id);
+        if let Some(c) = client {
+            if self.answered_as_resend(shard, conn, &msg, c) {
+                return;
+            }
+        }
         let key = (msg.id, user_hash(&msg.recipient));
         if self.recent_acks.contains(&key) || self.older_acks.contains(&key) {
             bump(&self.metrics.late_stores_dropped, 1);
             debug!(id = msg.id, "store after its ack dropped");
+            if let Some(c) = client {
+                // Delivered and acked: confirmed, and a resend must still be known.
+                self.confirm(shard, conn, c, msg.id, Confirmed::Stored);
+                self.settle_record(msg.sender, c, msg.id);
+            }
             return;
         }
         if self
@@ -722,7 +826,14 @@ impl Core {
                      iris_core_refused_over_quota_total counts them)"
                 );
             }
-            self.refusals.insert((shard, conn, REFUSED_INBOX_FULL));
+            match client {
+                Some(c) => {
+                    self.confirm(shard, conn, c, msg.id, Confirmed::Refused(REFUSED_INBOX_FULL))
+                }
+                None => {
+                    self.refusals.insert((shard, conn, REFUSED_INBOX_FULL));
+                }
+            }
             return;
         }
         trace!(id = msg.id, "store pending");
@@ -731,9 +842,121 @@ impl Core {
             self.pending
                 .insert(msg.recipient.clone(), UserPending::default());
         }
-        if let Some(p) = self.pending.get_mut(&msg.recipient) {
-            p.inserts.insert(msg.id, PendingMsg { msg, shard, conn });
+        if let Some(c) = client {
+            self.pending_sent.insert(
+                (msg.sender.clone(), c),
+                PendingSent {
+                    id: msg.id,
+                    waiting: vec![Waiter {
+                        shard,
+                        conn,
+                        id: msg.id,
+                        duplicate: false,
+                    }],
+                    settled: false,
+                },
+            );
             self.pending_ops += 1;
+        }
+        if let Some(p) = self.pending.get_mut(&msg.recipient) {
+            p.inserts.insert(
+                msg.id,
+                PendingMsg {
+                    msg,
+                    shard,
+                    conn,
+                    client,
+                },
+            );
+            self.pending_ops += 1;
+        }
+        self.arm_deadline();
+    }
+
+    /// If `(msg.sender, client)` was seen before (pending or stored), answers this resend
+    /// ([`Confirmed::Duplicate`] with the first id: now, or after the commit that makes the
+    /// first durable) and returns true: it is not stored. Also true, with a refusal
+    /// (`store_unavailable`), when the store cannot tell.
+    fn answered_as_resend(
+        &mut self,
+        shard: usize,
+        conn: ConnId,
+        msg: &StoredMsg,
+        client: u64,
+    ) -> bool {
+        let key = (msg.sender.clone(), client);
+        if let Some(p) = self.pending_sent.get_mut(&key) {
+            bump(&self.metrics.duplicate_sends, 1);
+            trace!(id = p.id, client, "resend of a pending message");
+            if p.settled {
+                let id = p.id;
+                self.confirm(shard, conn, client, id, Confirmed::Duplicate);
+            } else {
+                p.waiting.push(Waiter {
+                    shard,
+                    conn,
+                    id: msg.id,
+                    duplicate: true,
+                });
+            }
+            return true;
+        }
+        match self.store().and_then(|s| s.sent_id(&msg.sender, client)) {
+            Ok(None) => false,
+            Ok(Some(id)) => {
+                bump(&self.metrics.duplicate_sends, 1);
+                trace!(id, client, "resend of a stored message");
+                self.confirm(shard, conn, client, id, Confirmed::Duplicate);
+                true
+            }
+            Err(e) => {
+                bump(&self.metrics.store_errors, 1);
+                debug!(error = %e, "dedup lookup failed: send refused");
+                let refused = Confirmed::Refused(REFUSED_STORE_FAILED);
+                self.confirm(shard, conn, client, msg.id, refused);
+                true
+            }
+        }
+    }
+
+    /// Queues a confirm for the end of this pass.
+    fn confirm(&mut self, shard: usize, conn: ConnId, client: u64, id: u64, outcome: Confirmed) {
+        self.confirms
+            .entry((shard, conn))
+            .or_default()
+            .push(Confirm {
+                client,
+                id,
+                outcome,
+            });
+    }
+
+    /// Keeps the dedup record `(sender, client) -> id` pending (written by the next commit)
+    /// for a message that no longer waits for it; confirms the sends that waited for it.
+    fn settle_record(&mut self, sender: Vec<u8>, client: u64, id: u64) {
+        let waiting = match self.pending_sent.entry((sender, client)) {
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                let p = e.get_mut();
+                p.settled = true;
+                std::mem::take(&mut p.waiting)
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(PendingSent {
+                    id,
+                    waiting: Vec::new(),
+                    settled: true,
+                });
+                self.pending_ops += 1;
+                Vec::new()
+            }
+        };
+        for w in waiting {
+            let outcome = if w.duplicate {
+                Confirmed::Duplicate
+            } else {
+                Confirmed::Stored
+            };
+            self.confirm(w.shard, w.conn, client, id, outcome);
         }
         self.arm_deadline();
     }
@@ -904,13 +1127,59 @@ impl Core {
         }
     }
 
-    /// Sends the refusals of this pass, one per connection and reason.
-    fn flush_refusals(&mut self) {
-        if self.refusals.is_empty() {
+    /// Sends the refusals of this pass, one per connection and reason, and its confirms, one
+    /// reply per connection.
+    fn flush_answers(&mut self) {
+        if !self.refusals.is_empty() {
+            for (shard, conn, reason) in std::mem::take(&mut self.refusals) {
+                self.reply(shard, CoreReply::Refused { conn, reason });
+            }
+        }
+        if !self.confirms.is_empty() {
+            for ((shard, conn), confirms) in std::mem::take(&mut self.confirms) {
+                self.reply(shard, CoreReply::Confirms { conn, confirms });
+            }
+        }
+    }
+
+    /// One bounded turn of the dedup records' expiry (see [`MessageStore::expired_sent`]).
+    fn sweep_sent(&mut self, now: Instant) {
+        if self.dedup_ttl_secs == 0 || now < self.next_sent_sweep {
             return;
         }
-        for (shard, conn, reason) in std::mem::take(&mut self.refusals) {
-            self.reply(shard, CoreReply::Refused { conn, reason });
+        let busy = self.failures > 0 || self.pending_ops >= self.pending_cap / 2;
+        // A new pass waits until the last one's deletes are committed (it would find them).
+        if busy || (self.sent_cursor.is_empty() && !self.pending_sent_expired.is_empty()) {
+            self.next_sent_sweep = now + SWEEP_TURN;
+            return;
+        }
+        let pass_interval = Duration::from_secs((self.dedup_ttl_secs / 10).clamp(1, 60));
+        let min_live = min_live_id(iris_bus::hops::unix_micros(), self.dedup_ttl_secs);
+        let cursor = std::mem::take(&mut self.sent_cursor);
+        match self
+            .store()
+            .and_then(|s| s.expired_sent(&cursor, min_live, SWEEP_BUDGET))
+        {
+            Ok((expired, next)) => {
+                if !expired.is_empty() {
+                    trace!(n = expired.len(), "expired dedup records");
+                    self.pending_ops += expired.len();
+                    self.pending_sent_expired.extend(expired);
+                    self.arm_deadline();
+                }
+                match next {
+                    Some(k) => {
+                        self.sent_cursor = k;
+                        self.next_sent_sweep = now + SWEEP_TURN;
+                    }
+                    None => self.next_sent_sweep = now + pass_interval,
+                }
+            }
+            Err(e) => {
+                bump(&self.metrics.store_errors, 1);
+                debug!(error = %e, "dedup expiry sweep failed");
+                self.next_sent_sweep = now + pass_interval;
+            }
         }
     }
 
@@ -928,6 +1197,9 @@ impl Core {
                 self.release(&user, m.msg.payload.len() as u64);
                 bump(&self.metrics.cancelled_before_store, 1);
                 trace!(id, "ack cancelled a pending store");
+                if let Some(c) = m.client {
+                    self.settle_record(m.msg.sender, c, id);
+                }
                 return;
             }
             if p.deletes.contains(&id) {
@@ -1057,8 +1329,8 @@ impl Core {
         };
         let mut more = msgs.len() == limit;
         let mut bytes = 0usize;
-        if let Some(cut) = msgs.iter().position(|(_, p)| {
-            bytes += p.len();
+        if let Some(cut) = msgs.iter().position(|m| {
+            bytes += m.payload.len();
             bytes > self.drain_chunk_bytes
         }) {
             // Keep at least one message so a drain always progresses.
@@ -1098,12 +1370,12 @@ impl Core {
     }
 
     /// Up to `limit` of `user`'s messages after `after`: the store merged with what is pending.
-    fn drain_msgs(&mut self, user: &[u8], after: u64, limit: usize) -> Vec<(u64, Vec<u8>)> {
+    fn drain_msgs(&mut self, user: &[u8], after: u64, limit: usize) -> Vec<DrainedMsg> {
         let pending = self.pending.get(user);
         let skip = pending.map_or(0, |p| p.deletes.len());
         let stored = match self
             .store()
-            .and_then(|s| s.scan(user, after, limit.saturating_add(skip)))
+            .and_then(|s| s.scan_drained(user, after, limit.saturating_add(skip)))
         {
             Ok(v) => v,
             Err(e) => {
@@ -1123,7 +1395,7 @@ impl Core {
         };
         let mut stored = stored
             .into_iter()
-            .filter(|(id, _)| !p.deletes.contains(id))
+            .filter(|m| !p.deletes.contains(&m.id))
             .peekable();
         let mut fresh = p
             .inserts
@@ -1135,14 +1407,18 @@ impl Core {
                 (None, None) => break,
                 (Some(_), None) => (false, false),
                 (None, Some(_)) => (true, false),
-                (Some((sid, _)), Some((fid, _))) => (**fid <= *sid, **fid == *sid),
+                (Some(s), Some((fid, _))) => (**fid <= s.id, **fid == s.id),
             };
             if duplicate {
                 stored.next(); // the same message stored and pending again: keep one copy
             }
             if take_fresh {
                 if let Some((id, m)) = fresh.next() {
-                    out.push((*id, m.msg.payload.clone()));
+                    out.push(DrainedMsg {
+                        id: *id,
+                        sender: m.msg.sender.clone(),
+                        payload: m.msg.payload.clone(),
+                    });
                 }
             } else if let Some(e) = stored.next() {
                 out.push(e);
@@ -1213,11 +1489,21 @@ impl Core {
                 deletes.push((user.clone(), id));
             }
             for m in p.inserts.into_values() {
-                origins.push((m.shard, m.conn));
+                origins.push((m.shard, m.conn, m.client));
                 inserts.push(m.msg);
             }
         }
         let prekeys: Vec<_> = self.pending_prekeys.drain().collect();
+        let sent_pending: Vec<_> = self.pending_sent.drain().collect();
+        let sent: Vec<_> = sent_pending
+            .iter()
+            .map(|((sender, client), p)| SentRecord {
+                sender: sender.clone(),
+                client: *client,
+                id: p.id,
+            })
+            .collect();
+        let sent_expired = std::mem::take(&mut self.pending_sent_expired);
         let started = Instant::now();
         let id_hint = self.max_id_seen;
         let result = self.ensure_open().and_then(|()| {
@@ -1227,6 +1513,8 @@ impl Core {
                     deletes: &deletes,
                     prekeys: &prekeys,
                     id_hint,
+                    sent: &sent,
+                    sent_expired: &sent_expired,
                 },
                 true,
             )
@@ -1237,13 +1525,27 @@ impl Core {
                 bump(&self.metrics.stored, inserts.len() as u64);
                 bump(&self.metrics.commits, 1);
                 bump(&self.metrics.commit_micros_total, micros);
+                bump(&self.metrics.dedup_expired, sent_expired.len() as u64);
                 debug!(
                     inserts = inserts.len(),
                     deletes = deletes.len(),
                     prekeys = prekeys.len(),
+                    sent = sent.len(),
+                    sent_expired = sent_expired.len(),
                     micros,
                     "group commit"
                 );
+                // Durable: the first sends are stored, their resends duplicates.
+                for ((_, client), p) in sent_pending {
+                    for w in p.waiting {
+                        let outcome = if w.duplicate {
+                            Confirmed::Duplicate
+                        } else {
+                            Confirmed::Stored
+                        };
+                        self.confirm(w.shard, w.conn, client, p.id, outcome);
+                    }
+                }
                 if self.failures > 0 {
                     if first_time(&LOGGED_RECOVERY) {
                         info!(
@@ -1276,13 +1578,31 @@ impl Core {
                 } else {
                     debug!(error = %e, failures = self.failures, "commit failed again");
                 }
-                for (m, (shard, conn)) in inserts.iter().zip(origins) {
+                for (m, (shard, conn, client)) in inserts.iter().zip(origins) {
                     self.release(&m.recipient, m.payload.len() as u64);
-                    self.refusals.insert((shard, conn, REFUSED_STORE_FAILED));
+                    if client.is_none() {
+                        self.refusals.insert((shard, conn, REFUSED_STORE_FAILED));
+                    }
+                }
+                // v2 sends of the failed messages (first sends and resends) are refused and
+                // their records dropped; records of settled messages wait for the next try.
+                let refused = Confirmed::Refused(REFUSED_STORE_FAILED);
+                for (key, p) in sent_pending {
+                    if p.settled {
+                        self.pending_sent.insert(key, p);
+                    } else {
+                        for w in p.waiting {
+                            self.confirm(w.shard, w.conn, key.1, w.id, refused);
+                        }
+                    }
                 }
                 // Deletes and bundles wait for the next try (nothing else ran in between: this
                 // is the only thread).
-                self.pending_ops = deletes.len() + prekeys.len();
+                self.pending_ops = deletes.len()
+                    + prekeys.len()
+                    + self.pending_sent.len()
+                    + sent_expired.len();
+                self.pending_sent_expired = sent_expired;
                 for (user, id) in deletes {
                     self.pending.entry(user).or_default().deletes.insert(id);
                 }
@@ -1307,7 +1627,7 @@ impl Core {
         for r in std::mem::take(&mut self.deferred) {
             self.serve_read(r);
         }
-        self.flush_refusals();
+        self.flush_answers();
         self.flush_overflows();
         let failed_before = self.metrics.failed_messages.load(Ordering::Relaxed);
         let mut result = self.commit();
@@ -1329,7 +1649,7 @@ impl Core {
                 "final commit failed"
             );
         }
-        self.flush_refusals();
+        self.flush_answers();
         self.flush_overflows();
         self.metrics
             .pending_ops
@@ -1371,6 +1691,7 @@ mod tests {
         EmbeddedConfig {
             data_dir,
             message_ttl_secs: 0,
+            dedup_ttl_secs: 0,
             ..EmbeddedConfig::default()
         }
     }
@@ -1388,7 +1709,11 @@ mod tests {
     }
 
     fn store_req(m: StoredMsg, conn: ConnId) -> CoreRequest {
-        CoreRequest::Store { msg: m, conn }
+        CoreRequest::Store {
+            msg: m,
+            conn,
+            client: None,
+        }
     }
 
     fn drain_ids(link: &ShardLink, user: &[u8]) -> Vec<u64> {
@@ -1406,7 +1731,7 @@ mod tests {
                 .recv_timeout(Duration::from_secs(10))
                 .unwrap()
             {
-                CoreReply::Drain { msgs, .. } => return msgs.iter().map(|(id, _)| *id).collect(),
+                CoreReply::Drain { msgs, .. } => return msgs.iter().map(|m| m.id).collect(),
                 CoreReply::Refused { .. } => {}
                 other => panic!("unexpected reply {other:?}"),
             }
@@ -1446,7 +1771,7 @@ mod tests {
             .unwrap()
         {
             CoreReply::Drain { msgs, .. } => {
-                assert_eq!(msgs.iter().map(|(id, _)| *id).collect::<Vec<_>>(), [1, 2])
+                assert_eq!(msgs.iter().map(|m| m.id).collect::<Vec<_>>(), [1, 2])
             }
             other => panic!("unexpected reply {other:?}"),
         }
@@ -1758,5 +2083,388 @@ mod tests {
             "the lost message is reported"
         );
         fault::fail_next_writes(&data_dir, 0);
+    }
+
+    /// A v2 store: `m` sent on `conn` with client message id `client`.
+    fn send_v2(link: &ShardLink, m: StoredMsg, conn: ConnId, client: u64) {
+        link.to_core
+            .send(CoreRequest::Store {
+                msg: m,
+                conn,
+                client: Some(client),
+            })
+            .unwrap();
+    }
+
+    fn from(sender: &str, id: u64) -> StoredMsg {
+        StoredMsg {
+            sender: sender.as_bytes().to_vec(),
+            ..msg(id)
+        }
+    }
+
+    /// Waits for `n` confirms (any other reply fails the test): `(conn, confirm)`, sorted.
+    fn confirms(link: &ShardLink, n: usize) -> Vec<(ConnId, Confirm)> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            match link
+                .from_core
+                .recv_timeout(Duration::from_secs(10))
+                .expect("confirms")
+            {
+                CoreReply::Confirms { conn, confirms } => {
+                    assert!(!confirms.is_empty(), "an empty Confirms reply");
+                    out.extend(confirms.into_iter().map(|c| (conn, c)));
+                }
+                other => panic!("unexpected reply {other:?}"),
+            }
+        }
+        out.sort_unstable_by_key(|(conn, c)| (*conn, c.client, c.id));
+        out
+    }
+
+    fn stored(client: u64, id: u64) -> Confirm {
+        Confirm {
+            client,
+            id,
+            outcome: Confirmed::Stored,
+        }
+    }
+
+    fn duplicate(client: u64, id: u64) -> Confirm {
+        Confirm {
+            client,
+            id,
+            outcome: Confirmed::Duplicate,
+        }
+    }
+
+    /// A v2 send is confirmed Stored only once its commit (with the fsync) is done: nothing
+    /// comes while the window is open.
+    #[test]
+    fn a_client_send_is_confirmed_stored_only_after_its_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = EmbeddedConfig {
+            commit_window_ms: 1_500,
+            ..test_cfg(dir.path().join("core"))
+        };
+        let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
+        let m = core.metrics();
+        let start = Instant::now();
+        send_v2(&links[0], msg(1), 4, 77);
+        wait_for(&m, "the store taken in", |s| s.pending_ops == 2);
+        assert!(
+            links[0]
+                .from_core
+                .recv_timeout(Duration::from_millis(800))
+                .is_err(),
+            "a reply came before the commit window closed"
+        );
+        assert_eq!(m.snapshot().commits, 0);
+        assert_eq!(confirms(&links[0], 1), vec![(4, stored(77, 1))]);
+        assert!(start.elapsed() >= Duration::from_millis(1_400));
+        let s = m.snapshot();
+        assert_eq!((s.commits, s.stored, s.pending_ops), (1, 1, 0), "{s:?}");
+        core.shutdown().unwrap();
+    }
+
+    /// A resend of the same (sender, client) is a Duplicate with the first id, in the same
+    /// window, after the commit, and after a restart; only one copy is stored and drained. The
+    /// same client id from another sender is its own message.
+    #[test]
+    fn resends_are_duplicates_in_the_window_after_the_commit_and_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("core");
+        let cfg = EmbeddedConfig {
+            commit_window_ms: 200,
+            ..test_cfg(data_dir.clone())
+        };
+        let (core, links) = EmbeddedCore::start(cfg.clone(), 1).unwrap();
+        let m = core.metrics();
+        let link = &links[0];
+        send_v2(link, msg(1), 1, 7);
+        send_v2(link, msg(2), 2, 7); // a resend (the edge minted a new id)
+        send_v2(link, from("tom", 3), 3, 7); // another sender, the same client id
+        assert_eq!(
+            confirms(link, 3),
+            vec![(1, stored(7, 1)), (2, duplicate(7, 1)), (3, stored(7, 3))]
+        );
+        // Committed: a resend is found in the store.
+        send_v2(link, msg(4), 4, 7);
+        assert_eq!(confirms(link, 1), vec![(4, duplicate(7, 1))]);
+        assert_eq!(drain_ids(link, b"ruth"), vec![1, 3]);
+        let s = m.snapshot();
+        assert_eq!((s.stored, s.duplicate_sends), (2, 2), "{s:?}");
+        core.shutdown().unwrap();
+
+        let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
+        let m = core.metrics();
+        send_v2(&links[0], msg(5), 5, 7);
+        send_v2(&links[0], from("tom", 6), 6, 7);
+        send_v2(&links[0], msg(8), 8, 8); // a new client id
+        assert_eq!(
+            confirms(&links[0], 3),
+            vec![(5, duplicate(7, 1)), (6, duplicate(7, 3)), (8, stored(8, 8))]
+        );
+        assert_eq!(drain_ids(&links[0], b"ruth"), vec![1, 3, 8]);
+        assert_eq!(m.snapshot().duplicate_sends, 2);
+        core.shutdown().unwrap();
+        let store = MessageStore::open(&data_dir).unwrap();
+        assert_eq!(store.count(b"ruth").unwrap(), 3);
+        assert_eq!(store.sent_id(b"sam", 7).unwrap(), Some(1));
+        assert_eq!(store.sent_id(b"tom", 7).unwrap(), Some(3));
+        assert_eq!(store.sent_id(b"sam", 9).unwrap(), None);
+    }
+
+    /// Over quota a v2 send gets Refused(recipient_inbox_full) with its client id, and no
+    /// record (a later resend may be stored); a v1 send still gets CoreReply::Refused.
+    #[test]
+    fn over_quota_a_client_send_is_refused_in_a_confirm_and_v1_still_gets_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = EmbeddedConfig {
+            max_messages_per_user: 1,
+            ..test_cfg(dir.path().join("core"))
+        };
+        let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
+        let m = core.metrics();
+        let link = &links[0];
+        link.to_core.send(store_req(msg(1), 1)).unwrap();
+        wait_for(&m, "the first store", |s| s.stored == 1);
+        send_v2(link, msg(2), 2, 9);
+        assert_eq!(
+            confirms(link, 1),
+            vec![(
+                2,
+                Confirm {
+                    client: 9,
+                    id: 2,
+                    outcome: Confirmed::Refused(REFUSED_INBOX_FULL)
+                }
+            )]
+        );
+        link.to_core.send(store_req(msg(3), 3)).unwrap();
+        assert_eq!(
+            refusals(link, Duration::from_millis(300)),
+            vec![(3, REFUSED_INBOX_FULL)]
+        );
+        // Room again: the resend is stored (the refusal left no record).
+        link.to_core
+            .send(CoreRequest::Ack {
+                user: b"ruth".to_vec(),
+                id: 1,
+            })
+            .unwrap();
+        send_v2(link, msg(4), 4, 9);
+        assert_eq!(confirms(link, 1), vec![(4, stored(9, 4))]);
+        assert_eq!(m.snapshot().refused_over_quota, 2);
+        core.shutdown().unwrap();
+    }
+
+    /// A failed commit refuses its v2 sends and their resends (store_unavailable, with the
+    /// client id) and writes no record: the next resend is stored.
+    #[test]
+    fn a_failed_commit_refuses_client_sends_and_writes_no_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("core");
+        let cfg = EmbeddedConfig {
+            commit_window_ms: 100,
+            ..test_cfg(data_dir.clone())
+        };
+        let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
+        let link = &links[0];
+        fault::fail_next_writes(&data_dir, 1);
+        send_v2(link, msg(1), 1, 5);
+        send_v2(link, msg(2), 2, 5);
+        let refused = Confirmed::Refused(REFUSED_STORE_FAILED);
+        assert_eq!(
+            confirms(link, 2),
+            vec![
+                (
+                    1,
+                    Confirm {
+                        client: 5,
+                        id: 1,
+                        outcome: refused
+                    }
+                ),
+                (
+                    2,
+                    Confirm {
+                        client: 5,
+                        id: 2,
+                        outcome: refused
+                    }
+                )
+            ]
+        );
+        send_v2(link, msg(3), 3, 5);
+        assert_eq!(confirms(link, 1), vec![(3, stored(5, 3))]);
+        assert_eq!(drain_ids(link, b"ruth"), vec![3]);
+        core.shutdown().unwrap();
+        let store = MessageStore::open(&data_dir).unwrap();
+        assert_eq!(store.sent_id(b"sam", 5).unwrap(), Some(3));
+    }
+
+    /// A v2 send acked before its commit is confirmed Stored at the ack, never written, and its
+    /// record is still written durably: a resend is a Duplicate, before and after a restart.
+    #[test]
+    fn a_client_send_acked_before_its_commit_is_stored_and_its_record_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("core");
+        let cfg = EmbeddedConfig {
+            commit_window_ms: 1_000,
+            ..test_cfg(data_dir.clone())
+        };
+        let (core, links) = EmbeddedCore::start(cfg.clone(), 1).unwrap();
+        let m = core.metrics();
+        let link = &links[0];
+        send_v2(link, msg(1), 1, 5);
+        wait_for(&m, "the store taken in", |s| s.pending_ops == 2);
+        link.to_core
+            .send(CoreRequest::Ack {
+                user: b"ruth".to_vec(),
+                id: 1,
+            })
+            .unwrap();
+        // A drain (rung for) takes the ack in at once; the confirm comes in the same pass.
+        link.to_core
+            .send(CoreRequest::Drain {
+                user: b"ruth".to_vec(),
+                conn: 99,
+                after: 0,
+                limit: 10,
+            })
+            .unwrap();
+        link.wake_core.as_ref().unwrap().try_send(()).unwrap();
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            got.push(
+                link.from_core
+                    .recv_timeout(Duration::from_secs(10))
+                    .unwrap(),
+            );
+        }
+        assert_eq!(m.snapshot().commits, 0, "confirmed before any commit");
+        assert!(got.iter().any(|r| matches!(
+            r,
+            CoreReply::Confirms { conn: 1, confirms } if confirms == &[stored(5, 1)]
+        )));
+        assert!(got
+            .iter()
+            .any(|r| matches!(r, CoreReply::Drain { msgs, .. } if msgs.is_empty())));
+        // A resend while the record is pending: a duplicate at once.
+        send_v2(link, msg(2), 2, 5);
+        link.wake_core.as_ref().unwrap().try_send(()).unwrap();
+        assert_eq!(confirms(link, 1), vec![(2, duplicate(5, 1))]);
+        wait_for(&m, "the commit", |s| s.commits == 1 && s.pending_ops == 0);
+        let s = m.snapshot();
+        assert_eq!((s.stored, s.cancelled_before_store), (0, 1), "{s:?}");
+        core.shutdown().unwrap();
+
+        let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
+        send_v2(&links[0], msg(3), 3, 5);
+        assert_eq!(confirms(&links[0], 1), vec![(3, duplicate(5, 1))]);
+        assert!(drain_ids(&links[0], b"ruth").is_empty());
+        core.shutdown().unwrap();
+    }
+
+    /// Dedup records older than dedup_ttl_secs are deleted by the sweep: a resend after that
+    /// is a new message; a younger record still answers Duplicate.
+    #[test]
+    fn dedup_records_expire_after_dedup_ttl_secs() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("core");
+        let old = id_aged(Duration::from_secs(7200), 0);
+        let young = id_aged(Duration::from_secs(10), 0);
+        {
+            // Written directly: records of sends long ago.
+            let store = MessageStore::open(&data_dir).unwrap();
+            let rec = |client, id| SentRecord {
+                sender: b"sam".to_vec(),
+                client,
+                id,
+            };
+            let sent = [rec(1, old), rec(2, old + 1), rec(3, young)];
+            store
+                .write(
+                    &Batch {
+                        sent: &sent,
+                        ..Batch::default()
+                    },
+                    true,
+                )
+                .unwrap();
+        }
+        let cfg = EmbeddedConfig {
+            dedup_ttl_secs: 3600,
+            ..test_cfg(data_dir.clone())
+        };
+        let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
+        let m = core.metrics();
+        wait_for(&m, "the dedup expiry", |s| {
+            s.dedup_expired == 2 && s.pending_ops == 0
+        });
+        let now = id_aged(Duration::ZERO, 0);
+        send_v2(&links[0], msg(now + 1), 1, 1);
+        send_v2(&links[0], msg(now + 2), 2, 3);
+        assert_eq!(
+            confirms(&links[0], 2),
+            vec![(1, stored(1, now + 1)), (2, duplicate(3, young))]
+        );
+        core.shutdown().unwrap();
+        let store = MessageStore::open(&data_dir).unwrap();
+        assert_eq!(store.sent_id(b"sam", 1).unwrap(), Some(now + 1));
+        assert_eq!(store.sent_id(b"sam", 2).unwrap(), None);
+        assert_eq!(store.sent_id(b"sam", 3).unwrap(), Some(young));
+    }
+
+    /// Drains carry each message's sender, for stored and pending messages alike.
+    #[test]
+    fn drains_carry_the_sender() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = EmbeddedConfig {
+            commit_window_ms: 60_000,
+            ..test_cfg(dir.path().join("core"))
+        };
+        let data_dir = cfg.data_dir.clone();
+        {
+            let store = MessageStore::open(&data_dir).unwrap();
+            store.commit(&[from("sam", 1)], &[], true).unwrap();
+        }
+        let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
+        let link = &links[0];
+        link.to_core.send(store_req(from("tom", 2), 1)).unwrap();
+        link.to_core
+            .send(CoreRequest::Drain {
+                user: b"ruth".to_vec(),
+                conn: 9,
+                after: 0,
+                limit: 10,
+            })
+            .unwrap();
+        link.wake_core.as_ref().unwrap().try_send(()).unwrap();
+        match link
+            .from_core
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap()
+        {
+            CoreReply::Drain { msgs, .. } => assert_eq!(
+                msgs,
+                vec![
+                    DrainedMsg {
+                        id: 1,
+                        sender: b"sam".to_vec(),
+                        payload: 1u64.to_be_bytes().to_vec()
+                    },
+                    DrainedMsg {
+                        id: 2,
+                        sender: b"tom".to_vec(),
+                        payload: 2u64.to_be_bytes().to_vec()
+                    }
+                ]
+            ),
+            other => panic!("unexpected reply {other:?}"),
+        }
+        core.shutdown().unwrap();
     }
 }

@@ -47,6 +47,10 @@
 //!   `Deliver` or `Relay` and a `Presence` to the user's presence owner, a `DrainChunk` or
 //!   `PrekeyBundle` to the shard named in it, an `EdgeReset` to every shard.
 //!
+//! Protocol v2's client message ids ([`CoreRequest::Store`] `client`) are ignored here: no
+//! [`CoreReply::Confirms`] come from a cluster link (v2 is served by the embedded deployment
+//! only for now). Drain answers carry each message's sender, as the core's `DrainChunk` does.
+//!
 //! At startup the link creates the missing topics, learns the deliver and presence topics' real
 //! partition counts, and announces an `EdgeReset` for its node (the sessions a previous run of
 //! this node announced are gone). A [`TopicKeeper`] thread checks every 2 s that the node's
@@ -73,7 +77,7 @@ use iris_bus::{
 };
 use tracing::{debug, error, info, warn};
 
-use crate::api::{CoreReply, CoreRequest, ShardBell, ShardLink};
+use crate::api::{CoreReply, CoreRequest, DrainedMsg, ShardBell, ShardLink};
 use crate::error::CoreError;
 use crate::outbox::{AcceptGate, Outbox, OutboxConfig, OutboxSnapshot, OutboxStats};
 use crate::sessions::{
@@ -916,6 +920,8 @@ impl Bridge {
     /// Turns one shard request into bus frames and session writes.
     fn outbound(&mut self, shard: usize, req: CoreRequest) {
         match req {
+            // `client` (a v2 client message id) is ignored: v2 is served by the embedded
+            // deployment only for now.
             CoreRequest::Store { msg: m, .. } => {
                 let home = self.elsewhere(&m.recipient);
                 let deliver = Deliver {
@@ -1283,7 +1289,11 @@ impl Bridge {
                 let msgs = c
                     .messages
                     .iter()
-                    .map(|m| (m.id.to_native(), m.payload.as_slice().to_vec()))
+                    .map(|m| DrainedMsg {
+                        id: m.id.to_native(),
+                        sender: m.sender.as_slice().to_vec(),
+                        payload: m.payload.as_slice().to_vec(),
+                    })
                     .collect();
                 self.reply(
                     shard,

@@ -1,6 +1,6 @@
 //! The durable message store of the embedded deployment: an fjall LSM database on local disk.
 //!
-//! [`MessageStore`] keeps three keyspaces in one fjall [`Database`]:
+//! [`MessageStore`] keeps five keyspaces in one fjall [`Database`]:
 //!
 //! - `inbox`: every stored, not yet acked message. Key = `u16 BE len(user) | user | u64 BE id`.
 //!   The length prefix makes one user's keys a prefix-free range (user `ab` never sees the keys
@@ -10,6 +10,19 @@
 //! - `meta`: `id_floor` = the highest message id the store has ever been told about (u64 BE),
 //!   written in the same atomic batch as the messages that raise it. Edge shards seed their id
 //!   generators with it so a restart never reuses an id.
+//! - `sent`: the dedup records of v2 sends (a client message id is an idempotency key unique
+//!   per sender). Key = `u16 BE len(sender) | sender | u64 BE client`, value =
+//!   `u8 version (1) | u64 BE id`: the server id of the first message the sender sent with that
+//!   client id. Written in the same atomic batch as that message ([`Batch::sent`]), so a
+//!   message is durable exactly when its record is ([`MessageStore::sent_id`] looks it up).
+//! - `sent_by_id`: the same records in time order, for their expiry. Key =
+//!   `u64 BE id | u16 BE len(sender) | sender | u64 BE client`, empty value. An id carries its
+//!   accept time ([`crate::api::min_live_id`]), so the records older than `dedup_ttl_secs` are
+//!   one range at the start of this keyspace: [`MessageStore::expired_sent`] reads them in
+//!   bounded turns and [`Batch::sent_expired`] deletes both entries (the `sent` entry only if
+//!   it still names that id). Dedup records therefore live `dedup_ttl_secs` and a little more
+//!   (until the sweep reaches them), and the store holds about one record per v2 send of the
+//!   last `dedup_ttl_secs`.
 //!
 //! Every write goes through [`MessageStore::write`] / [`MessageStore::commit`]: one fjall write
 //! batch (atomic across keyspaces), optionally followed by an fsync of the journal. Anything a
@@ -26,7 +39,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use tracing::{debug, error};
 
-use crate::api::StoredMsg;
+use crate::api::{DrainedMsg, StoredMsg};
 use crate::error::CoreError;
 
 /// Version byte of an inbox value.
@@ -41,6 +54,16 @@ pub const MAX_USER_LEN: usize = FJALL_MAX_KEY - KEY_OVERHEAD;
 pub const MAX_SENDER_LEN: usize = u16::MAX as usize;
 /// Key of the id floor in the `meta` keyspace.
 const ID_FLOOR_KEY: &[u8] = b"id_floor";
+/// Version byte of a `sent` value.
+const SENT_VERSION: u8 = 1;
+
+/// A dedup record: `sender`'s client message id `client` was first sent as message `id`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentRecord {
+    pub sender: Vec<u8>,
+    pub client: u64,
+    pub id: u64,
+}
 
 /// Everything one atomic commit writes: see [`MessageStore::write`].
 #[derive(Debug, Clone, Copy, Default)]
@@ -55,11 +78,20 @@ pub struct Batch<'a> {
     /// passes the highest id it has accepted, including messages acked before they were
     /// written), 0 for none.
     pub id_hint: u64,
+    /// Dedup records to write (see the `sent` keyspace in the module doc).
+    pub sent: &'a [SentRecord],
+    /// Expired dedup records to delete (as [`MessageStore::expired_sent`] returned them): the
+    /// time-index entry always, the `sent` entry if it still names that id (or is corrupt).
+    pub sent_expired: &'a [SentRecord],
 }
 
 impl Batch<'_> {
     fn is_empty(&self) -> bool {
-        self.inserts.is_empty() && self.deletes.is_empty() && self.prekeys.is_empty()
+        self.inserts.is_empty()
+            && self.deletes.is_empty()
+            && self.prekeys.is_empty()
+            && self.sent.is_empty()
+            && self.sent_expired.is_empty()
     }
 }
 
@@ -86,6 +118,8 @@ pub struct MessageStore {
     inbox: Keyspace,
     prekeys: Keyspace,
     meta: Keyspace,
+    sent: Keyspace,
+    sent_by_id: Keyspace,
     /// Cached `meta/id_floor`; only raised after the batch that raised it on disk committed.
     id_floor: AtomicU64,
     corrupt_skipped: AtomicU64,
@@ -113,6 +147,8 @@ impl MessageStore {
         let inbox = db.keyspace("inbox", KeyspaceCreateOptions::default)?;
         let prekeys = db.keyspace("prekeys", KeyspaceCreateOptions::default)?;
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
+        let sent = db.keyspace("sent", KeyspaceCreateOptions::default)?;
+        let sent_by_id = db.keyspace("sent_by_id", KeyspaceCreateOptions::default)?;
         let id_floor = match meta.get(ID_FLOOR_KEY)? {
             None => 0,
             Some(v) => {
@@ -129,6 +165,8 @@ impl MessageStore {
             inbox,
             prekeys,
             meta,
+            sent,
+            sent_by_id,
             id_floor: AtomicU64::new(id_floor),
             corrupt_skipped: AtomicU64::new(0),
         })
@@ -180,6 +218,9 @@ impl MessageStore {
         for (user, _) in batch.prekeys {
             check_user(user)?;
         }
+        for r in batch.sent.iter().chain(batch.sent_expired) {
+            check_sender(&r.sender)?;
+        }
 
         let floor = self.id_floor();
         if !batch.is_empty() || batch.id_hint > floor {
@@ -199,6 +240,23 @@ impl MessageStore {
             }
             for (user, bundle) in batch.prekeys {
                 wb.insert(&self.prekeys, user.as_slice(), bundle.as_slice());
+            }
+            for r in batch.sent_expired {
+                wb.remove(&self.sent_by_id, sent_index_key(r));
+                let key = sent_key(&r.sender, r.client);
+                // Single writer: nothing can change the record between this read and the commit.
+                let names_it = self
+                    .sent
+                    .get(&key)?
+                    .is_some_and(|v| decode_sent_value(&v).is_none_or(|id| id == r.id));
+                if names_it {
+                    wb.remove(&self.sent, key);
+                }
+            }
+            // After the removals: a record written in this batch is never undone by one.
+            for r in batch.sent {
+                wb.insert(&self.sent, sent_key(&r.sender, r.client), sent_value(r.id));
+                wb.insert(&self.sent_by_id, sent_index_key(r), b"");
             }
             if new_floor > floor {
                 wb.insert(&self.meta, ID_FLOOR_KEY, new_floor.to_be_bytes());
@@ -241,6 +299,98 @@ impl MessageStore {
             }
         }
         Ok(out)
+    }
+
+    /// Like [`MessageStore::scan`], as the [`DrainedMsg`]s of a drain reply (with the sender).
+    /// Corrupt entries are logged, counted and skipped.
+    pub fn scan_drained(
+        &self,
+        user: &[u8],
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<DrainedMsg>, CoreError> {
+        check_user(user)?;
+        let mut out = Vec::new();
+        if limit == 0 || after == u64::MAX {
+            return Ok(out);
+        }
+        let start = inbox_key(user, after + 1);
+        let end = inbox_key(user, u64::MAX);
+        for guard in self.inbox.range(start..=end) {
+            let (key, value) = guard.into_inner()?;
+            let decoded = decode_entry(user.len(), &key, &value).and_then(|(id, _)| {
+                decode_value(&value)
+                    .map(|(sender, payload)| DrainedMsg {
+                        id,
+                        sender: sender.to_vec(),
+                        payload: payload.to_vec(),
+                    })
+                    .map_err(|detail| CoreError::corrupt("inbox value", detail))
+            });
+            match decoded {
+                Ok(m) => {
+                    out.push(m);
+                    if out.len() == limit {
+                        break;
+                    }
+                }
+                Err(e) => self.report_corrupt(user, &e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The id of the message `sender` first sent with client message id `client`, if its
+    /// dedup record is stored (durable once a durable commit wrote it). A corrupt record is
+    /// logged, counted and read as absent.
+    pub fn sent_id(&self, sender: &[u8], client: u64) -> Result<Option<u64>, CoreError> {
+        check_sender(sender)?;
+        let Some(v) = self.sent.get(sent_key(sender, client))? else {
+            return Ok(None);
+        };
+        match decode_sent_value(&v) {
+            Some(id) => Ok(Some(id)),
+            None => {
+                let e = CoreError::corrupt("sent value", format!("{} bytes", v.len()));
+                self.report_corrupt(sender, &e);
+                Ok(None)
+            }
+        }
+    }
+
+    /// One bounded turn of the dedup records' expiry: starting at time-index key `from` (empty
+    /// = the beginning), up to `budget` records minted before `min_live_id`, oldest first, with
+    /// the key to continue from (`None`: no more expired records after these).
+    pub fn expired_sent(
+        &self,
+        from: &[u8],
+        min_live_id: u64,
+        budget: usize,
+    ) -> Result<(Vec<SentRecord>, Option<Vec<u8>>), CoreError> {
+        let mut out = Vec::new();
+        if min_live_id == 0 || budget == 0 {
+            return Ok((out, None));
+        }
+        let end = min_live_id.to_be_bytes().to_vec();
+        if from >= end.as_slice() {
+            return Ok((out, None));
+        }
+        for guard in self.sent_by_id.range(from.to_vec()..end) {
+            let key = guard.key()?;
+            match split_sent_index_key(&key) {
+                Some(r) => out.push(r),
+                None => {
+                    let e = CoreError::corrupt("sent_by_id key", format!("{} bytes", key.len()));
+                    self.report_corrupt(b"", &e);
+                }
+            }
+            if out.len() >= budget {
+                let mut next = key.to_vec();
+                next.push(0); // the next key after this one
+                return Ok((out, Some(next)));
+            }
+        }
+        Ok((out, None))
     }
 
     /// Like [`MessageStore::scan`], with the sender: up to `limit` of `user`'s stored messages
@@ -489,6 +639,57 @@ pub(crate) mod fault {
             None => false,
         }
     }
+}
+
+fn check_sender(sender: &[u8]) -> Result<(), CoreError> {
+    if sender.len() > MAX_SENDER_LEN {
+        return Err(CoreError::InvalidInput(format!(
+            "sender of {} bytes (max {MAX_SENDER_LEN})",
+            sender.len()
+        )));
+    }
+    Ok(())
+}
+
+/// `u16 BE len(sender) | sender | u64 BE client`; callers have checked the length.
+fn sent_key(sender: &[u8], client: u64) -> Vec<u8> {
+    let mut k = user_prefix(sender);
+    k.extend_from_slice(&client.to_be_bytes());
+    k
+}
+
+/// `u8 version | u64 BE id`.
+fn sent_value(id: u64) -> [u8; 9] {
+    let mut v = [SENT_VERSION; 9];
+    v[1..].copy_from_slice(&id.to_be_bytes());
+    v
+}
+
+/// The id of a `sent` value; `None` if it is corrupt.
+fn decode_sent_value(v: &[u8]) -> Option<u64> {
+    match v.split_first() {
+        Some((&SENT_VERSION, id)) => id.try_into().ok().map(u64::from_be_bytes),
+        _ => None,
+    }
+}
+
+/// `u64 BE id | u16 BE len(sender) | sender | u64 BE client`; callers have checked the length.
+fn sent_index_key(r: &SentRecord) -> Vec<u8> {
+    let mut k = Vec::with_capacity(18 + r.sender.len());
+    k.extend_from_slice(&r.id.to_be_bytes());
+    k.extend_from_slice(&sent_key(&r.sender, r.client));
+    k
+}
+
+/// Splits a `sent_by_id` key; `None` for a key of another layout.
+fn split_sent_index_key(key: &[u8]) -> Option<SentRecord> {
+    let id = u64::from_be_bytes(key.get(..8)?.try_into().ok()?);
+    let (sender, client) = split_key(key.get(8..)?)?;
+    Some(SentRecord {
+        sender: sender.to_vec(),
+        client,
+        id,
+    })
 }
 
 fn check_user(user: &[u8]) -> Result<(), CoreError> {
@@ -783,5 +984,74 @@ mod tests {
             Err(CoreError::InvalidInput(_))
         ));
         assert_eq!(s.id_floor(), 0);
+    }
+
+    fn rec(sender: &str, client: u64, id: u64) -> SentRecord {
+        SentRecord {
+            sender: sender.as_bytes().to_vec(),
+            client,
+            id,
+        }
+    }
+
+    /// Dedup records commit with their batch, survive a reopen, keep senders apart, and come
+    /// back oldest first in bounded turns for expiry; an expiry deletes the record only while
+    /// it names the expired id.
+    #[test]
+    fn sent_records_survive_reopen_and_expire_in_bounded_turns() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = MessageStore::open(dir.path()).unwrap();
+            let sent: Vec<_> = (1..=10u64)
+                .map(|i| rec("sam", i, 100 + i))
+                .chain([rec("sa", 1, 50), rec("samuel", 1, 900)])
+                .collect();
+            s.write(
+                &Batch {
+                    inserts: &[msg("ruth", 101, "p")],
+                    sent: &sent,
+                    ..Batch::default()
+                },
+                true,
+            )
+            .unwrap();
+        }
+        let s = MessageStore::open(dir.path()).unwrap();
+        assert_eq!(s.sent_id(b"sam", 3).unwrap(), Some(103));
+        assert_eq!(s.sent_id(b"sa", 1).unwrap(), Some(50));
+        assert_eq!(s.sent_id(b"samuel", 1).unwrap(), Some(900));
+        assert_eq!(s.sent_id(b"sam", 11).unwrap(), None);
+        assert_eq!(s.id_floor(), 101);
+
+        // Minted before 106: "sa"/1 (50) and sam 1..=5 (101..=105), oldest first, 4 per turn.
+        let (first, next) = s.expired_sent(&[], 106, 4).unwrap();
+        assert_eq!(first.iter().map(|r| r.id).collect::<Vec<_>>(), [50, 101, 102, 103]);
+        assert_eq!(first[0], rec("sa", 1, 50));
+        let (rest, end) = s.expired_sent(&next.unwrap(), 106, 4).unwrap();
+        assert_eq!(rest, vec![rec("sam", 4, 104), rec("sam", 5, 105)]);
+        assert_eq!(end, None);
+        assert!(s.expired_sent(&[], 0, 4).unwrap().0.is_empty(), "0: no expiry");
+
+        // A record that no longer names the expired id keeps its key (only the index goes).
+        let mut expired = first.clone();
+        expired.extend(rest);
+        expired.push(rec("samuel", 1, 7));
+        s.write(
+            &Batch {
+                sent_expired: &expired,
+                ..Batch::default()
+            },
+            true,
+        )
+        .unwrap();
+        for c in 1..=5 {
+            assert_eq!(s.sent_id(b"sam", c).unwrap(), None);
+        }
+        assert_eq!(s.sent_id(b"sam", 6).unwrap(), Some(106));
+        assert_eq!(s.sent_id(b"sa", 1).unwrap(), None);
+        assert_eq!(s.sent_id(b"samuel", 1).unwrap(), Some(900));
+        assert!(s.expired_sent(&[], 106, 100).unwrap().0.is_empty());
+        assert_eq!(s.expired_sent(&[], u64::MAX, 100).unwrap().0.len(), 6);
+        assert_eq!(s.count(b"ruth").unwrap(), 1);
     }
 }

@@ -31,7 +31,11 @@ fn msg(to: &str, id: u64, payload: impl Into<Vec<u8>>) -> StoredMsg {
 
 fn store(link: &ShardLink, m: StoredMsg) {
     link.to_core
-        .send(CoreRequest::Store { msg: m, conn: 0 })
+        .send(CoreRequest::Store {
+            msg: m,
+            conn: 0,
+            client: None,
+        })
         .unwrap();
 }
 
@@ -69,7 +73,7 @@ fn drain(
         } => {
             assert_eq!(c, conn);
             assert_eq!(u, user.as_bytes());
-            (msgs, more)
+            (msgs.into_iter().map(|m| (m.id, m.payload)).collect(), more)
         }
         other => panic!("unexpected reply {other:?}"),
     }
@@ -295,6 +299,7 @@ fn drain_sees_store_queued_just_before_on_another_shard() {
                 CoreRequest::Store {
                     msg: msg("noise", id, "n"),
                     conn: 0,
+                    client: None,
                 }
             };
             // Keep a backlog of a few hundred requests, not a flood: a full queue would make

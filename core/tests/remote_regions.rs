@@ -149,6 +149,7 @@ fn requests_about_users_homed_elsewhere_go_to_their_region_on_the_global_bus() {
             payload: b"to bob".to_vec(),
         },
         conn: 0,
+        client: None,
     })
     .unwrap();
     tx.send(CoreRequest::Store {
@@ -159,6 +160,7 @@ fn requests_about_users_homed_elsewhere_go_to_their_region_on_the_global_bus() {
             payload: b"to dave".to_vec(),
         },
         conn: 0,
+        client: None,
     })
     .unwrap();
     // bob roams into this region: his ack, drain, prekeys go to his home.

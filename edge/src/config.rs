@@ -228,6 +228,11 @@ pub struct StoreConfig {
     /// deleted (at its recipient's next login, or by the background sweep). 0 = forever
     /// (2592000 = 30 days).
     pub message_ttl_secs: u64,
+    /// How long the store remembers a v2 send's client message id (its dedup record): a
+    /// resend within this time, even after a restart, is acknowledged with the first id and
+    /// neither stored nor delivered again. Older records are deleted by a background sweep.
+    /// 0 = kept forever (86400 = 24 h).
+    pub dedup_ttl_secs: u64,
 }
 
 impl Default for StoreConfig {
@@ -236,6 +241,7 @@ impl Default for StoreConfig {
             max_messages_per_user: 100_000,
             max_bytes_per_user: 256 << 20,
             message_ttl_secs: 30 * 24 * 3600,
+            dedup_ttl_secs: 24 * 3600,
         }
     }
 }
@@ -509,7 +515,8 @@ mod tests {
     #[test]
     fn store_keys_parse_and_validate() {
         let c: EdgeConfig = toml::from_str(
-            "[store]\nmax_messages_per_user = 5\nmax_bytes_per_user = 0\nmessage_ttl_secs = 1\n",
+            "[store]\nmax_messages_per_user = 5\nmax_bytes_per_user = 0\nmessage_ttl_secs = 1\n\
+             dedup_ttl_secs = 2\n",
         )
         .unwrap();
         c.validate().unwrap();
@@ -519,6 +526,7 @@ mod tests {
                 max_messages_per_user: 5,
                 max_bytes_per_user: 0,
                 message_ttl_secs: 1,
+                dedup_ttl_secs: 2,
             }
         );
         let small: EdgeConfig = toml::from_str("[store]\nmax_bytes_per_user = 1000\n").unwrap();

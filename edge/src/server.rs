@@ -329,6 +329,7 @@ fn start_core(
                 max_messages_per_user: cfg.store.max_messages_per_user,
                 max_bytes_per_user: cfg.store.max_bytes_per_user,
                 message_ttl_secs: cfg.store.message_ttl_secs,
+                dedup_ttl_secs: cfg.store.dedup_ttl_secs,
                 ..EmbeddedConfig::default()
             };
             let (core, links) = EmbeddedCore::start(core_cfg, nshards).with_context(|| {
@@ -687,6 +688,18 @@ fn core_lines(s: &CoreStats) -> Vec<(&'static str, &'static str, &'static str, u
             "counter",
             "Acks of ids not stored: answered by a lookup, nothing written.",
             s.acks_not_stored,
+        ),
+        (
+            "iris_core_duplicate_sends_total",
+            "counter",
+            "v2 sends whose client message id was seen before: acknowledged, not stored.",
+            s.duplicate_sends,
+        ),
+        (
+            "iris_core_dedup_expired_total",
+            "counter",
+            "Dedup records of v2 sends older than dedup_ttl_secs deleted.",
+            s.dedup_expired,
         ),
     ]
 }

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 use glommio::timer::Timer;
-use iris_core::api::{ConnId, CoreRequest, StoredMsg};
+use iris_core::api::{ConnId, CoreRequest, DrainedMsg, StoredMsg};
 use iris_core::outbox::AcceptGate;
 use std::sync::atomic::AtomicBool;
 use tracing::{debug, warn};
@@ -288,7 +288,7 @@ impl ConnShared {
         &self,
         shard: &Rc<Shard>,
         user: &[u8],
-        msgs: Vec<(u64, Vec<u8>)>,
+        msgs: Vec<DrainedMsg>,
         more: bool,
     ) {
         let mut st = self.st.borrow_mut();
@@ -302,7 +302,8 @@ impl ConnShared {
         drain.requested = false;
         let mut frame_buf = Vec::new();
         ShardMetrics::add(&shard.metrics.messages_drained_total, msgs.len() as u64);
-        for (id, payload) in msgs {
+        // v1 frames carry no sender: it is ignored.
+        for DrainedMsg { id, payload, .. } in msgs {
             if drain.cursor >= id {
                 continue; // a repeated chunk (re-login race): never write an id twice
             }
@@ -815,6 +816,7 @@ impl Conn {
                 payload: payload.to_vec(),
             },
             conn: self.c.id,
+            client: None,
         });
         ShardMetrics::inc(&shard.metrics.messages_accepted_total);
         shard.route_after_store(

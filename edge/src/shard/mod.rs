@@ -942,6 +942,11 @@ impl Shard {
                     c.write_frame(self, &conn::error_frame(reason));
                 }
             }
+            // Answers to stores with a client message id (protocol v2); this edge sends every
+            // store with `client: None`, so none come.
+            CoreReply::Confirms { conn, confirms } => {
+                debug!(conn, n = confirms.len(), "confirms without a v2 sender ignored");
+            }
             CoreReply::Prekeys { conn, bundle, .. } => {
                 self.reply_arrived();
                 let c = self.conns.borrow().get(&conn).cloned();
