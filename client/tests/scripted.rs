@@ -680,3 +680,74 @@ fn a_client_with_nothing_to_say_pings_once_per_interval() {
     }
     assert!(events > 5);
 }
+
+#[test]
+fn iris_chat_sends_lines_prints_ticks_and_marks_messages_read() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let s = Script::new();
+    let mut chat = Command::new(env!("CARGO_BIN_EXE_iris-chat"))
+        .args(["--server", &s.addr.to_string(), "--user", "alice"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut peer = s.accept();
+    let (token, _) = peer.login(30_000);
+    assert_eq!(token, b"alice");
+    let mut stdin = chat.stdin.take().unwrap();
+    stdin.write_all(b"/to bob\nhello bob\n").unwrap();
+    let (id, to, text) = send_of(&peer.expect());
+    assert_eq!(
+        (to.as_slice(), text.as_slice()),
+        (&b"bob"[..], &b"hello bob"[..])
+    );
+    peer.write(&ServerFrame::SendAck {
+        client_msg_id: id,
+        server_id: 777,
+        server_time_unix_ms: 1,
+    });
+    peer.write(&ServerFrame::Deliver {
+        server_id: 888,
+        sender: b"bob".to_vec(),
+        server_time_unix_ms: 3_723_000, // 01:02:03 UTC
+        kind: MsgKind::Plain,
+        payload: b"hi alice".to_vec(),
+    });
+    // The message is shown, so it is read: a RECEIPT to bob, and the ACK.
+    let mut frames = vec![peer.expect(), peer.expect()];
+    frames.sort_by_key(|f| f.ty());
+    assert_eq!(frames[0], ClientFrame::Ack { ids: vec![888] });
+    assert_eq!(
+        frames[1],
+        ClientFrame::Receipt {
+            kind: iris_client::ReceiptKind::Read,
+            sender: b"bob".to_vec(),
+            ids: vec![888]
+        }
+    );
+    peer.write(&ServerFrame::Receipt {
+        kind: iris_client::ReceiptKind::Read,
+        reader: b"bob".to_vec(),
+        unix_ms: 5,
+        ids: vec![777],
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    stdin.write_all(b"/quit\n").unwrap();
+    let status = chat.wait().unwrap();
+    let out: Vec<String> = std::io::BufReader::new(chat.stdout.take().unwrap())
+        .lines()
+        .map(Result::unwrap)
+        .collect();
+    assert!(status.success(), "{status:?} {out:?}");
+    assert!(out.contains(&"  ✓ hello bob".to_owned()), "{out:?}");
+    assert!(
+        out.contains(&"[01:02:03] bob: hi alice".to_owned()),
+        "{out:?}"
+    );
+    assert!(
+        out.contains(&"  ✓✓ hello bob (read by bob)".to_owned()),
+        "{out:?}"
+    );
+}
