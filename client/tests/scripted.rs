@@ -716,7 +716,7 @@ fn iris_chat_sends_lines_prints_ticks_and_marks_messages_read() {
         payload: b"hi alice".to_vec(),
     });
     // The message is shown, so it is read: a RECEIPT to bob, and the ACK.
-    let mut frames = vec![peer.expect(), peer.expect()];
+    let mut frames = [peer.expect(), peer.expect()];
     frames.sort_by_key(|f| f.ty());
     assert_eq!(frames[0], ClientFrame::Ack { ids: vec![888] });
     assert_eq!(
