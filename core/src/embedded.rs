@@ -827,9 +827,13 @@ impl Core {
                 );
             }
             match client {
-                Some(c) => {
-                    self.confirm(shard, conn, c, msg.id, Confirmed::Refused(REFUSED_INBOX_FULL))
-                }
+                Some(c) => self.confirm(
+                    shard,
+                    conn,
+                    c,
+                    msg.id,
+                    Confirmed::Refused(REFUSED_INBOX_FULL),
+                ),
                 None => {
                     self.refusals.insert((shard, conn, REFUSED_INBOX_FULL));
                 }
@@ -1598,10 +1602,8 @@ impl Core {
                 }
                 // Deletes and bundles wait for the next try (nothing else ran in between: this
                 // is the only thread).
-                self.pending_ops = deletes.len()
-                    + prekeys.len()
-                    + self.pending_sent.len()
-                    + sent_expired.len();
+                self.pending_ops =
+                    deletes.len() + prekeys.len() + self.pending_sent.len() + sent_expired.len();
                 self.pending_sent_expired = sent_expired;
                 for (user, id) in deletes {
                     self.pending.entry(user).or_default().deletes.insert(id);
@@ -2204,7 +2206,11 @@ mod tests {
         send_v2(&links[0], msg(8), 8, 8); // a new client id
         assert_eq!(
             confirms(&links[0], 3),
-            vec![(5, duplicate(7, 1)), (6, duplicate(7, 3)), (8, stored(8, 8))]
+            vec![
+                (5, duplicate(7, 1)),
+                (6, duplicate(7, 3)),
+                (8, stored(8, 8))
+            ]
         );
         assert_eq!(drain_ids(&links[0], b"ruth"), vec![1, 3, 8]);
         assert_eq!(m.snapshot().duplicate_sends, 2);

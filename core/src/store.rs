@@ -1025,12 +1025,18 @@ mod tests {
 
         // Minted before 106: "sa"/1 (50) and sam 1..=5 (101..=105), oldest first, 4 per turn.
         let (first, next) = s.expired_sent(&[], 106, 4).unwrap();
-        assert_eq!(first.iter().map(|r| r.id).collect::<Vec<_>>(), [50, 101, 102, 103]);
+        assert_eq!(
+            first.iter().map(|r| r.id).collect::<Vec<_>>(),
+            [50, 101, 102, 103]
+        );
         assert_eq!(first[0], rec("sa", 1, 50));
         let (rest, end) = s.expired_sent(&next.unwrap(), 106, 4).unwrap();
         assert_eq!(rest, vec![rec("sam", 4, 104), rec("sam", 5, 105)]);
         assert_eq!(end, None);
-        assert!(s.expired_sent(&[], 0, 4).unwrap().0.is_empty(), "0: no expiry");
+        assert!(
+            s.expired_sent(&[], 0, 4).unwrap().0.is_empty(),
+            "0: no expiry"
+        );
 
         // A record that no longer names the expired id keeps its key (only the index goes).
         let mut expired = first.clone();

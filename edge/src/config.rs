@@ -83,6 +83,45 @@ pub struct EdgeConfig {
     pub auth: AuthConfig,
     /// Where messages go beyond this box: the embedded core (default) or a regional cluster.
     pub cluster: ClusterConfig,
+    /// Protocol v2 (docs/PROTOCOL-v2.md): its listener and limits; off unless `v2.listen` is set.
+    pub v2: V2Config,
+}
+
+/// Protocol v2 (`[v2]`): framed, acknowledged to the sender (docs/PROTOCOL-v2.md). Served beside
+/// v1 by the same shards, on its own port, in the embedded deployment.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct V2Config {
+    /// Plain-TCP v2 listener; none (the default) serves no v2. Port 0 picks a free port.
+    pub listen: Option<SocketAddr>,
+    /// Largest frame (`len` field) a client may send; larger is an error and a close; at
+    /// least 262656 (256 KiB + 512, so every v1 message fits a DELIVER) (1049088 = 1 MiB + 512).
+    /// Announced in HELLO_OK.
+    pub max_frame_bytes: u32,
+    /// The server PINGs a silent connection this often; one silent for three intervals is
+    /// closed (30000). Announced in HELLO_OK.
+    pub ping_interval_ms: u32,
+    /// SENDs per connection and second, on average; more are answered RATE_LIMITED and not
+    /// accepted (1000). Announced in HELLO_OK.
+    pub send_rate_per_sec: u32,
+    /// SENDs a connection may make at once before `send_rate_per_sec` applies (2000).
+    pub send_burst: u32,
+    /// SENDs of one connection waiting for their SEND_ACK; at the bound the connection reads
+    /// nothing more until acks come (4096).
+    pub max_unconfirmed_sends: u32,
+}
+
+impl Default for V2Config {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            max_frame_bytes: iris_wire::v2::DEFAULT_MAX_FRAME_BYTES as u32,
+            ping_interval_ms: 30_000,
+            send_rate_per_sec: 1_000,
+            send_burst: 2_000,
+            max_unconfirmed_sends: 4_096,
+        }
+    }
 }
 
 /// Which core the edge talks to.
@@ -302,6 +341,7 @@ impl Default for EdgeConfig {
             store: StoreConfig::default(),
             auth: AuthConfig::default(),
             cluster: ClusterConfig::default(),
+            v2: V2Config::default(),
         }
     }
 }
@@ -379,6 +419,30 @@ impl EdgeConfig {
         }
         if self.ring_depth == 0 || self.io_memory_bytes < 64 << 10 {
             return bad("ring_depth must be > 0 and io_memory_bytes at least 65536".to_owned());
+        }
+        let v2 = &self.v2;
+        if v2.listen.is_some() {
+            if self.cluster.bus == BusKind::Kafka {
+                return bad(
+                    "v2.listen: protocol v2 is served by the embedded deployment only in this \
+                     version (a SEND_ACK needs the core's durability confirmation)"
+                        .to_owned(),
+                );
+            }
+            if (v2.max_frame_bytes as usize) < iris_wire::v2::MIN_MAX_FRAME_BYTES
+                || v2.ping_interval_ms < 100
+            {
+                return bad(format!(
+                    "v2.max_frame_bytes must be at least {} and v2.ping_interval_ms at least 100",
+                    iris_wire::v2::MIN_MAX_FRAME_BYTES
+                ));
+            }
+            if v2.send_rate_per_sec == 0 || v2.send_burst == 0 || v2.max_unconfirmed_sends == 0 {
+                return bad(
+                    "v2.send_rate_per_sec, v2.send_burst and v2.max_unconfirmed_sends must be > 0"
+                        .to_owned(),
+                );
+            }
         }
         let st = &self.store;
         if st.max_bytes_per_user > 0 && st.max_bytes_per_user < 65_535 {
@@ -549,6 +613,36 @@ mod tests {
         let len = doc[start..].find("```").expect("closed block");
         let c: EdgeConfig = toml::from_str(&doc[start..start + len]).unwrap();
         assert_eq!(c, EdgeConfig::default());
+    }
+
+    #[test]
+    fn v2_keys_parse_and_validate() {
+        let c: EdgeConfig = toml::from_str(
+            "[v2]\nlisten = \"127.0.0.1:8086\"\nping_interval_ms = 500\nsend_burst = 10\n",
+        )
+        .unwrap();
+        assert_eq!(c.v2.listen, Some(SocketAddr::from(([127, 0, 0, 1], 8086))));
+        assert_eq!((c.v2.ping_interval_ms, c.v2.send_burst), (500, 10));
+        c.validate().unwrap();
+        assert_eq!(
+            EdgeConfig::default().v2.listen,
+            None,
+            "v2 is off by default"
+        );
+        let mut bad = c.clone();
+        bad.v2.send_rate_per_sec = 0;
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("send_rate_per_sec"));
+        let mut bad = c.clone();
+        bad.v2.max_frame_bytes = 10;
+        assert!(bad.validate().is_err());
+        let mut cluster = kafka("");
+        cluster.v2.listen = c.v2.listen;
+        assert!(invalid(&cluster).contains("embedded deployment only"));
+        assert!(toml::from_str::<EdgeConfig>("[v2]\nlisten_port = 1\n").is_err());
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! make it one region of a federated deployment.
 //!
 //! Prints one line to standard output once serving, for scripts and tests:
-//! `iris-edge listening client=ADDR admin=ADDR shards=N`. Logs go to standard error
+//! `iris-edge listening client=ADDR admin=ADDR shards=N[ v2=ADDR]` (` v2=` when `--listen-v2`
+//! or `[v2] listen` serves protocol v2). Logs go to standard error
 //! (`RUST_LOG` filters them, default `info`): plain text, with ANSI colours only when standard
 //! error is a terminal, or one JSON object per line with `--log-format json`.
 
@@ -30,6 +31,9 @@ struct Cli {
     /// Client listener address [default: 0.0.0.0:8085].
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Protocol v2 listener address (`[v2] listen`) [default: none, no v2].
+    #[arg(long)]
+    listen_v2: Option<SocketAddr>,
     /// Data directory of the embedded store [default: ./data].
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -109,6 +113,9 @@ fn main() -> anyhow::Result<()> {
         Some(p) => EdgeConfig::load(p)?,
         None => EdgeConfig::default(),
     };
+    if let Some(v) = cli.listen_v2 {
+        cfg.v2.listen = Some(v);
+    }
     if let Some(v) = cli.listen {
         cfg.listen = v;
     }
@@ -186,8 +193,9 @@ fn main() -> anyhow::Result<()> {
             .context("cannot install signal handler")?;
     }
     iris_edge::server::run(cfg, shutdown, |b| {
+        let v2 = b.v2.map(|a| format!(" v2={a}")).unwrap_or_default();
         println!(
-            "iris-edge listening client={} admin={} shards={}",
+            "iris-edge listening client={} admin={} shards={}{v2}",
             b.client, b.admin, b.shards
         );
     })

@@ -66,6 +66,10 @@ counters! {
     /// Messages the store refused (recipient over its quota, or a failed write): the sender was
     /// told with 0xFE (one frame per connection and core pass).
     sends_refused_total: "counter",
+    /// v2 SEND_ACKs written for messages the store made durable.
+    v2_send_acks_total: "counter",
+    /// v2 SENDs recognised as resends of a stored message (acknowledged again, not delivered).
+    v2_resends_total: "counter",
     /// Typing and read-receipt relays delivered.
     relays_delivered_total: "counter",
     /// Malformed frames answered with 0xFE and a close.

@@ -60,6 +60,8 @@ pub struct Bound {
     pub client: SocketAddr,
     pub admin: SocketAddr,
     pub shards: usize,
+    /// The protocol v2 listener, when `[v2] listen` is set.
+    pub v2: Option<SocketAddr>,
 }
 
 /// The CPUs this process may run on (its affinity mask), in ascending order.
@@ -137,6 +139,26 @@ pub fn run(
         );
     }
 
+    // Protocol v2 on its own port, likewise one SO_REUSEPORT socket per shard.
+    let mut v2_sockets = Vec::new();
+    let mut v2_addr = None;
+    if let Some(addr) = cfg.v2.listen {
+        let first = bind_listener(addr).with_context(|| format!("cannot listen (v2) on {addr}"))?;
+        let bound = first
+            .local_addr()?
+            .as_socket()
+            .context("v2 listener has no inet address")?;
+        v2_sockets.push(Some(first));
+        for _ in 1..nshards {
+            v2_sockets.push(Some(
+                bind_listener(bound).with_context(|| format!("cannot listen (v2) on {bound}"))?,
+            ));
+        }
+        v2_addr = Some(bound);
+    } else {
+        v2_sockets.resize_with(nshards, || None);
+    }
+
     let metrics: Vec<Arc<ShardMetrics>> = (0..nshards)
         .map(|_| Arc::new(ShardMetrics::default()))
         .collect();
@@ -198,7 +220,7 @@ pub fn run(
     let (exit_tx, exit_rx) = std::sync::mpsc::channel();
     let ring_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let id_high = Arc::new(crate::idgen::HighWater::default());
-    for (i, (sock, link)) in sockets.into_iter().zip(links).enumerate() {
+    for (i, ((sock, link), v2_sock)) in sockets.into_iter().zip(links).zip(v2_sockets).enumerate() {
         let start = ShardStart {
             id: i,
             nshards,
@@ -208,6 +230,7 @@ pub fn run(
             id_floor,
             id_high: id_high.clone(),
             listener_fd: OwnedFd::from(sock),
+            v2_listener_fd: v2_sock.map(OwnedFd::from),
             mesh: mesh.clone(),
             shutdown: shutdown.clone(),
             ready: ready_tx.clone(),
@@ -244,11 +267,12 @@ pub fn run(
              listen on 127.0.0.1"
         );
     }
-    info!(client = %client_addr, admin = %admin_addr, shards = nshards, "iris-edge serving");
+    info!(client = %client_addr, admin = %admin_addr, v2 = ?v2_addr, shards = nshards, "iris-edge serving");
     ready(Bound {
         client: client_addr,
         admin: admin_addr,
         shards: nshards,
+        v2: v2_addr,
     });
 
     drop(exit_tx);

@@ -34,7 +34,11 @@ fn msg(i: u64) -> ShardMsg {
     );
     ShardMsg::Route {
         to: b"user-000123".to_vec(),
-        d: Delivery { id: Some(i), frame },
+        d: Delivery {
+            id: Some(i),
+            frame,
+            meta: Default::default(),
+        },
     }
 }
 

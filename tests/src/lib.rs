@@ -291,6 +291,8 @@ pub struct Server {
     pub admin: SocketAddr,
     /// Shards as announced.
     pub shards: usize,
+    /// Protocol v2 address, when the server serves v2 (`--listen-v2`).
+    pub v2: Option<SocketAddr>,
     opts: ServerOpts,
     data_dir: PathBuf,
     log_path: PathBuf,
@@ -337,6 +339,7 @@ impl Server {
             client: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin: SocketAddr::from(([127, 0, 0, 1], 0)),
             shards: 0,
+            v2: None,
             opts,
             data_dir,
             log_path,
@@ -428,6 +431,10 @@ impl Server {
         self.client = field("client=").parse().expect("client address");
         self.admin = field("admin=").parse().expect("admin address");
         self.shards = field("shards=").parse().expect("shard count");
+        self.v2 = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("v2="))
+            .map(|a| a.parse().expect("v2 address"));
         assert_eq!(self.shards, shards, "listening line: {line:?}");
         self.child = Some(child);
         if !self.opts.no_ready_probe {

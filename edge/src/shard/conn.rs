@@ -39,12 +39,17 @@ use iris_core::outbox::AcceptGate;
 use std::sync::atomic::AtomicBool;
 use tracing::{debug, warn};
 
-use super::{owner_of, Delivery, Shard, ShardMsg};
+use super::v2::{self as v2out, Proto, V2State};
+use super::{owner_of, Delivery, Meta, Shard, ShardMsg};
 use crate::auth;
 use crate::metrics::{first_time, ShardMetrics};
 use crate::protocol::decode::frame_len_hint;
 use crate::protocol::frame::{self, op, ClientFrame};
 use crate::protocol::{decode, Decoded, MsgId, ProtoError};
+use iris_wire::v2::{
+    encode_server, ClientFrame as V2Client, Decoded as V2Decoded, ErrorCode, LimitedAction,
+    MsgKind, ReceiptKind, ServerFrame,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Close {
@@ -132,19 +137,24 @@ struct ConnState {
     /// The last time a byte was read from or written to the socket (or the shard held the
     /// connection back): `idle_timeout_ms` counts from here.
     progress: Instant,
+    /// Protocol v2 state (v2 connections only).
+    pub(super) v2: Option<Box<V2State>>,
 }
 
 /// The part of a connection other tasks of the shard can reach: its output queue and session.
 #[derive(Debug)]
 pub struct ConnShared {
     pub id: ConnId,
+    /// The protocol the client speaks (the port it connected to).
+    pub proto: Proto,
     st: RefCell<ConnState>,
 }
 
 impl ConnShared {
-    fn new(id: ConnId) -> Self {
+    fn new(id: ConnId, proto: Proto) -> Self {
         Self {
             id,
+            proto,
             st: RefCell::new(ConnState {
                 out: Vec::new(),
                 out_pos: 0,
@@ -158,6 +168,7 @@ impl ConnShared {
                 resume: false,
                 replies_wait: false,
                 progress: Instant::now(),
+                v2: (proto == Proto::V2).then(V2State::new),
             }),
         }
     }
@@ -166,9 +177,57 @@ impl ConnShared {
         st.out.len() - st.out_pos
     }
 
-    /// Appends bytes to the output queue; disconnects a client whose queue is over the bound.
+    /// Appends v1 server frames to the output queue (a v2 connection gets their v2
+    /// equivalents, see `v2.rs`); disconnects a client whose queue is over the bound.
     fn append(&self, shard: &Shard, st: &mut ConnState, bytes: &[u8]) {
+        if self.proto == Proto::V2 {
+            let mut f = Vec::with_capacity(bytes.len() + 16);
+            if let Some(v2) = st.v2.as_mut() {
+                v2out::transcode(shard, self.id, v2, bytes, &mut f);
+            }
+            self.append_bounded(shard, st, &f, shard.cfg.max_output_bytes);
+        } else {
+            self.append_bounded(shard, st, bytes, shard.cfg.max_output_bytes);
+        }
+    }
+
+    /// Appends frames already in the connection's protocol.
+    fn append_native(&self, shard: &Shard, st: &mut ConnState, bytes: &[u8]) {
         self.append_bounded(shard, st, bytes, shard.cfg.max_output_bytes);
+    }
+
+    /// v2: the core confirmed one of this connection's SENDs; reading resumes if it was held
+    /// at `v2.max_unconfirmed_sends`.
+    pub fn unconfirmed_done(&self) {
+        let mut st = self.st.borrow_mut();
+        let st = &mut *st;
+        if let Some(v2) = st.v2.as_mut() {
+            v2.unconfirmed = v2.unconfirmed.saturating_sub(1);
+            st.resume = true;
+            if let Some(w) = &st.waker {
+                w.wake_by_ref();
+            }
+        }
+    }
+
+    /// Writes a frame already in the connection's protocol (v2 replies).
+    pub fn write_native(&self, shard: &Shard, bytes: &[u8]) {
+        let mut st = self.st.borrow_mut();
+        self.append_native(shard, &mut st, bytes);
+    }
+
+    /// The bytes a delivery is written as on this connection: its v1 frame, or for a v2
+    /// connection a DELIVER naming its sender (a relay is transcoded when appended).
+    fn delivery_bytes(&self, d: Delivery) -> Vec<u8> {
+        match (self.proto, d.id) {
+            (Proto::V2, Some(id)) => {
+                let payload = super::reliable_payload(&d.frame).unwrap_or_default();
+                let mut f = Vec::with_capacity(payload.len() + d.meta.sender.len() + 32);
+                v2out::encode_deliver(&mut f, id, &d.meta.sender, d.meta.kind, payload);
+                f
+            }
+            _ => d.frame,
+        }
     }
 
     /// Appends bytes; a queue over `bound` means the client does not keep up: disconnect it
@@ -215,12 +274,21 @@ impl ConnShared {
         if st.user.as_deref() != Some(user) {
             return;
         }
+        if self.proto == Proto::V1
+            && d.id.is_none()
+            && d.frame.first() == Some(&v2out::DELIVERED_RECEIPT_RELAY)
+        {
+            return; // a v2 "delivered" receipt: v1 has no such frame
+        }
+        let id = d.id;
+        let frame = self.delivery_bytes(d);
+        let d = (id, frame);
         let behind = Self::pending_out(&st) >= shard.cfg.drain_low_water_bytes;
-        if let (Some(id), Some(drain)) = (d.id, st.drain.as_mut()) {
+        if let (Some(id), Some(drain)) = (d.0, st.drain.as_mut()) {
             if drain.overflowed {
                 return; // stored; a later drain chunk writes it, in order
             }
-            if drain.held_bytes + d.frame.len() > shard.cfg.max_output_bytes {
+            if drain.held_bytes + d.1.len() > shard.cfg.max_output_bytes {
                 if behind {
                     // Not even reading its backlog while live messages pile up: a slow
                     // consumer. Everything it has not acked stays stored.
@@ -234,11 +302,11 @@ impl ConnShared {
                 drain.held_bytes = 0;
                 return;
             }
-            drain.held_bytes += d.frame.len();
-            drain.held.push((id, d.frame));
+            drain.held_bytes += d.1.len();
+            drain.held.push((id, d.1));
             return;
         }
-        if let (Some(id), Some(recent)) = (d.id, st.recent.as_ref()) {
+        if let (Some(id), Some(recent)) = (d.0, st.recent.as_ref()) {
             if recent.until < Instant::now() {
                 st.recent = None;
             } else if recent.ids.binary_search(&id).is_ok() {
@@ -246,13 +314,17 @@ impl ConnShared {
                 return;
             }
         }
-        let m = if d.id.is_some() {
+        let m = if d.0.is_some() {
             &shard.metrics.messages_delivered_live_total
         } else {
             &shard.metrics.relays_delivered_total
         };
         ShardMetrics::inc(m);
-        self.append(shard, &mut st, &d.frame);
+        if d.0.is_some() {
+            self.append_native(shard, &mut st, &d.1);
+        } else {
+            self.append(shard, &mut st, &d.1);
+        }
     }
 
     /// Presence registered the session: the user is reachable from every shard now, so
@@ -284,13 +356,7 @@ impl ConnShared {
     }
 
     /// A chunk of the user's backlog arrived from the store.
-    pub fn drain_chunk(
-        &self,
-        shard: &Rc<Shard>,
-        user: &[u8],
-        msgs: Vec<DrainedMsg>,
-        more: bool,
-    ) {
+    pub fn drain_chunk(&self, shard: &Rc<Shard>, user: &[u8], msgs: Vec<DrainedMsg>, more: bool) {
         let mut st = self.st.borrow_mut();
         let st = &mut *st;
         let Some(drain) = st.drain.as_mut() else {
@@ -302,12 +368,26 @@ impl ConnShared {
         drain.requested = false;
         let mut frame_buf = Vec::new();
         ShardMetrics::add(&shard.metrics.messages_drained_total, msgs.len() as u64);
-        // v1 frames carry no sender: it is ignored.
-        for DrainedMsg { id, payload, .. } in msgs {
+        for DrainedMsg {
+            id,
+            sender,
+            payload,
+        } in msgs
+        {
             if drain.cursor >= id {
                 continue; // a repeated chunk (re-login race): never write an id twice
             }
-            frame::encode_reliable(&mut frame_buf, MsgId(id), &payload);
+            match self.proto {
+                Proto::V1 => frame::encode_reliable(&mut frame_buf, MsgId(id), &payload),
+                // The kind is not stored: an E2EE inner frame is recognised by its opcode.
+                Proto::V2 => v2out::encode_deliver(
+                    &mut frame_buf,
+                    id,
+                    &sender,
+                    v2out::stored_kind(&payload),
+                    &payload,
+                ),
+            }
             drain.cursor = id;
             if drain.sent.len() == DRAIN_SENT_MAX {
                 drain.sent.pop_front();
@@ -391,6 +471,8 @@ impl ConnShared {
 }
 
 enum Io {
+    /// v2: the keepalive timer fired.
+    Ping,
     Data,
     Eof,
     Closed,
@@ -405,6 +487,8 @@ enum Io {
 }
 
 struct Timers {
+    /// v2 keepalive: PING a silent client, close one silent for three intervals.
+    ping: Option<Pin<Box<Timer>>>,
     login: Option<Pin<Box<Timer>>>,
     idle: Option<Pin<Box<Timer>>>,
     settle: Option<Pin<Box<Timer>>>,
@@ -488,6 +572,21 @@ impl ConnShared {
             if st.registering {
                 // LOGIN_OK waits for the presence owner; so does everything sent after LOGIN.
                 return Poll::Pending;
+            }
+            if let Some(v2) = st.v2.as_ref() {
+                if v2.hello {
+                    if timers.ping.is_none() {
+                        let every = Duration::from_millis(u64::from(shard.cfg.v2.ping_interval_ms));
+                        timers.ping = Some(Box::pin(Timer::new(every)));
+                    }
+                    if poll_timer(&mut timers.ping, cx) {
+                        return Poll::Ready(Io::Ping);
+                    }
+                }
+                if v2.unconfirmed >= shard.cfg.v2.max_unconfirmed_sends {
+                    // Reads resume when the core confirms (`Shard::confirmed` wakes us).
+                    return Poll::Pending;
+                }
             }
             if st.resume {
                 st.resume = false;
@@ -602,6 +701,9 @@ struct Conn {
     /// above it (`idgen.rs`: a sender that reconnects onto this shard after a burst elsewhere
     /// keeps its order); 0 once used.
     id_floor: Cell<u64>,
+    /// v2: the SEND being accepted (its client_msg_id and payload kind), read by
+    /// [`Conn::accept_message`].
+    sending: Option<(u64, u8)>,
 }
 
 /// Each limit a client can hit is logged once per process, then only counted.
@@ -740,6 +842,9 @@ impl Conn {
 
     /// Decodes and handles every complete frame in `inbuf`, then drops the consumed bytes.
     fn process(&mut self, inbuf: &mut Vec<u8>) -> Step {
+        if self.c.proto == Proto::V2 {
+            return self.process_v2(inbuf);
+        }
         let mut pos = 0;
         let step = loop {
             let buf = &inbuf[pos..];
@@ -793,6 +898,323 @@ impl Conn {
         step
     }
 
+    /// Closes after writing `f`, a v2 frame.
+    fn close_with_v2(&self, f: &ServerFrame) -> Step {
+        let mut b = Vec::with_capacity(64);
+        encode_server(f, &mut b);
+        let mut st = self.c.st.borrow_mut();
+        self.c.append_native(&self.shard, &mut st, &b);
+        if st.close == Close::Open {
+            st.close = Close::AfterFlush;
+        }
+        Step::Close
+    }
+
+    /// Writes one v2 frame.
+    fn reply_v2(&self, f: &ServerFrame) {
+        let mut b = Vec::with_capacity(64);
+        encode_server(f, &mut b);
+        self.c.write_native(&self.shard, &b);
+    }
+
+    /// v2: answers an error; closes when the code says so.
+    fn error_v2(&self, code: ErrorCode, reference: u64) -> Result<(), Step> {
+        ShardMetrics::inc(&self.shard.metrics.protocol_errors_total);
+        let f = ServerFrame::error(code, reference);
+        if code.closes() {
+            return Err(self.close_with_v2(&f));
+        }
+        self.reply_v2(&f);
+        Ok(())
+    }
+
+    /// The v2 twin of [`Self::process`]: decodes every complete v2 frame in `inbuf`.
+    fn process_v2(&mut self, inbuf: &mut Vec<u8>) -> Step {
+        let mut pos = 0;
+        let step = loop {
+            let buf = &inbuf[pos..];
+            if buf.is_empty() {
+                break Step::More;
+            }
+            let blocked = self
+                .c
+                .st
+                .borrow()
+                .v2
+                .as_ref()
+                .is_some_and(|v| v.unconfirmed >= self.shard.cfg.v2.max_unconfirmed_sends);
+            if blocked {
+                // The rest is decoded as confirmations come back.
+                break Step::More;
+            }
+            // Before HELLO only a small frame is read (docs/PROTOCOL-v2.md).
+            let hello = self.c.st.borrow().v2.as_ref().is_some_and(|v| v.hello);
+            let max = if hello {
+                self.shard.cfg.v2.max_frame_bytes as usize
+            } else {
+                iris_wire::v2::MAX_HELLO_FRAME_BYTES
+            };
+            match iris_wire::v2::decode_client(buf, max) {
+                Ok(V2Decoded::Incomplete { .. }) => break Step::More,
+                Ok(V2Decoded::Frame { frame, consumed }) => {
+                    pos += consumed;
+                    ShardMetrics::inc(&self.shard.metrics.frames_in_total);
+                    if let Err(step) = self.handle_v2(frame) {
+                        break step;
+                    }
+                    if self.c.st.borrow().registering {
+                        break Step::More;
+                    }
+                }
+                Ok(V2Decoded::Unknown { ty, consumed }) => {
+                    pos += consumed;
+                    ShardMetrics::inc(&self.shard.metrics.unknown_opcodes_total);
+                    debug!(
+                        shard = self.shard.id,
+                        conn = self.c.id,
+                        ty,
+                        "v2 unknown type"
+                    );
+                    if let Err(step) = self.error_v2(ErrorCode::UnknownType, 0) {
+                        break step;
+                    }
+                }
+                Err(e) => {
+                    debug!(shard = self.shard.id, conn = self.c.id, error = %e, "v2 bad frame");
+                    let skip = e.skip();
+                    if let Err(step) = self.error_v2(e.error_code(), e.reference()) {
+                        break step;
+                    }
+                    match skip {
+                        Some(n) => pos += n,
+                        None => {
+                            let f = ServerFrame::error(e.error_code(), e.reference());
+                            break self.close_with_v2(&f);
+                        }
+                    }
+                }
+            }
+        };
+        inbuf.drain(..pos);
+        if inbuf.is_empty() && inbuf.capacity() > 4096 {
+            *inbuf = Vec::new();
+        }
+        step
+    }
+
+    /// SEND token bucket of a v2 connection (`v2.send_rate_per_sec`, `v2.send_burst`).
+    fn send_allowed(&mut self) -> Result<(), u32> {
+        let rate = f64::from(self.shard.cfg.v2.send_rate_per_sec);
+        let burst = f64::from(self.shard.cfg.v2.send_burst);
+        let now = Instant::now();
+        let mut st = self.c.st.borrow_mut();
+        let Some(v2) = st.v2.as_mut() else {
+            return Ok(());
+        };
+        let (tokens, at) = v2.sends.get_or_insert((burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            return Ok(());
+        }
+        let wait_ms = ((1.0 - *tokens) / rate * 1000.0).ceil() as u32;
+        Err(wait_ms.max(1))
+    }
+
+    fn handle_v2(&mut self, f: V2Client) -> Result<(), Step> {
+        let shard = self.shard.clone();
+        let hello = self.c.st.borrow().v2.as_ref().is_some_and(|v| v.hello);
+        if !hello && !matches!(f, V2Client::Hello { .. }) {
+            return self.error_v2(ErrorCode::HelloRequired, 0);
+        }
+        match f {
+            V2Client::Hello { token, .. } => {
+                if hello {
+                    return self.error_v2(ErrorCode::DuplicateHello, 0);
+                }
+                let (user, jwt) = auth::split_login(&token);
+                if user.is_empty() || user.len() > shard.limits.max_target_bytes {
+                    ShardMetrics::inc(&shard.metrics.logins_refused_total);
+                    return self.error_v2(ErrorCode::BadToken, 0);
+                }
+                if shard.cfg.auth.enabled {
+                    let now_ms = crate::idgen::now_micros() / 1000;
+                    if let Err(e) = auth::verify(&shard.cfg.auth, user, jwt, now_ms) {
+                        ShardMetrics::inc(&shard.metrics.logins_refused_total);
+                        debug!(shard = shard.id, conn = self.c.id, error = %e, "v2 hello refused");
+                        return self.error_v2(ErrorCode::BadToken, 0);
+                    }
+                }
+                if let Some(v2) = self.c.st.borrow_mut().v2.as_mut() {
+                    v2.hello = true;
+                }
+                // Registered like a v1 LOGIN; HELLO_OK is written where LOGIN_OK would be.
+                return self.register(user);
+            }
+            V2Client::Send {
+                client_msg_id,
+                recipient,
+                kind,
+                payload,
+            } => {
+                let me = self.logged_in_user()?;
+                if let Err(retry_after_ms) = self.send_allowed() {
+                    ShardMetrics::inc(&shard.metrics.rate_limited_total);
+                    self.reply_v2(&ServerFrame::RateLimited {
+                        what: LimitedAction::Send,
+                        retry_after_ms,
+                        reference: client_msg_id,
+                    });
+                    return Ok(());
+                }
+                let k = kind.to_u8();
+                self.sending = Some((client_msg_id, k));
+                let result = match kind {
+                    MsgKind::Plain => {
+                        self.accept_message(&me, &recipient, &payload, k);
+                        Ok(())
+                    }
+                    MsgKind::Cbor => match crate::protocol::cbor::check_map(&payload) {
+                        Ok(()) if payload.len() <= shard.limits.max_cbor_bytes => {
+                            self.accept_message(&me, &recipient, &payload, k);
+                            Ok(())
+                        }
+                        _ => self.error_v2(ErrorCode::BadPayload, client_msg_id),
+                    },
+                    MsgKind::E2ee => {
+                        // v1's E2EE_MSG body after its recipient: decoded (and checked) by the
+                        // v1 decoder, then stored as the same 0x24 inner frame.
+                        let mut v1 = Vec::with_capacity(payload.len() + recipient.len() + 3);
+                        v1.push(frame::op::E2EE_MSG);
+                        v1.extend_from_slice(&(recipient.len() as u16).to_be_bytes());
+                        v1.extend_from_slice(&recipient);
+                        v1.extend_from_slice(&payload);
+                        match decode(&v1, &shard.limits) {
+                            Ok(Decoded::Frame(
+                                ClientFrame::E2eeMsg {
+                                    header, ciphertext, ..
+                                },
+                                n,
+                            )) if n == v1.len() => {
+                                let mut inner = Vec::with_capacity(v1.len() + me.len());
+                                frame::encode_e2ee_delivery(&mut inner, &me, header, ciphertext);
+                                self.accept_message(&me, &recipient, &inner, k);
+                                Ok(())
+                            }
+                            _ => self.error_v2(ErrorCode::BadPayload, client_msg_id),
+                        }
+                    }
+                };
+                self.sending = None;
+                result?;
+            }
+            V2Client::Ack { ids } => {
+                let me = self.logged_in_user()?;
+                let high = shard.idgen.borrow().high_water();
+                for id in ids {
+                    ShardMetrics::inc(&shard.metrics.acks_total);
+                    if minted_in_the_future(id, high) {
+                        ShardMetrics::inc(&shard.metrics.acks_dropped_total);
+                        continue;
+                    }
+                    shard.push_core(CoreRequest::Ack {
+                        user: me.clone(),
+                        id,
+                    });
+                }
+            }
+            V2Client::Receipt { kind, sender, ids } => {
+                let me = self.logged_in_user()?;
+                if !self.typing_allowed() {
+                    return Ok(());
+                }
+                let now_ms = crate::idgen::now_micros() / 1000;
+                for id in ids {
+                    let text = MsgId(id).to_string();
+                    let mut f = Vec::with_capacity(text.len() + me.len() + 13);
+                    frame::encode_receipt_relay(&mut f, text.as_bytes(), &me, now_ms);
+                    if kind == ReceiptKind::Delivered {
+                        f[0] = v2out::DELIVERED_RECEIPT_RELAY;
+                    }
+                    shard.route(&sender, Delivery::relay(f));
+                }
+            }
+            V2Client::Typing { target, typing } => {
+                let me = self.logged_in_user()?;
+                if !self.typing_allowed() {
+                    return Ok(());
+                }
+                let mut f = Vec::with_capacity(me.len() + 4);
+                frame::encode_typing(&mut f, &me, typing);
+                shard.route(&target, Delivery::relay(f));
+            }
+            V2Client::StatusQuery { user } => {
+                self.logged_in_user()?;
+                shard.send_shard(
+                    owner_of(&user, shard.nshards),
+                    ShardMsg::StatusQuery {
+                        user,
+                        shard: shard.id,
+                        conn: self.c.id,
+                    },
+                );
+            }
+            V2Client::Ping { nonce } => self.reply_v2(&ServerFrame::Pong { nonce }),
+            V2Client::Pong { .. } => {}
+            V2Client::PrekeyUpload { bundle } => {
+                let me = self.logged_in_user()?;
+                if crate::protocol::cbor::check_map(&bundle).is_err() {
+                    return self.error_v2(ErrorCode::BadPayload, 0);
+                }
+                shard.push_core(CoreRequest::PutPrekeys { user: me, bundle });
+            }
+            V2Client::PrekeyFetch { user } => {
+                self.logged_in_user()?;
+                if let Some(v2) = self.c.st.borrow_mut().v2.as_mut() {
+                    v2.prekey_users.push_back(user.clone());
+                }
+                shard.push_core_with_reply(CoreRequest::FetchPrekeys {
+                    user,
+                    conn: self.c.id,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// v2 keepalive: a client silent for three ping intervals is closed, one silent for one
+    /// interval gets a PING.
+    fn keepalive(&self) -> Step {
+        let every = Duration::from_millis(u64::from(self.shard.cfg.v2.ping_interval_ms));
+        let silent = {
+            let st = self.c.st.borrow();
+            st.v2.as_ref().map(|v| v.last_in.elapsed())
+        };
+        let Some(silent) = silent else {
+            return Step::More;
+        };
+        if silent >= every * 3 {
+            ShardMetrics::inc(&self.shard.metrics.idle_timeouts_total);
+            debug!(
+                shard = self.shard.id,
+                conn = self.c.id,
+                "v2 keepalive timeout"
+            );
+            return self.close_with_v2(&ServerFrame::error(ErrorCode::IdleTimeout, 0));
+        }
+        if silent >= every {
+            let nonce = {
+                let mut st = self.c.st.borrow_mut();
+                let v2 = st.v2.as_mut().expect("checked above");
+                v2.ping_nonce += 1;
+                v2.ping_nonce
+            };
+            self.reply_v2(&ServerFrame::Ping { nonce });
+        }
+        Step::More
+    }
+
     fn logged_in_user(&self) -> Result<Vec<u8>, Step> {
         self.c
             .user()
@@ -800,7 +1222,10 @@ impl Conn {
     }
 
     /// Accepts one message from the logged-in sender for `target`.
-    fn accept_message(&self, sender: &[u8], target: &[u8], payload: &[u8]) {
+    /// `kind` is the payload's v2 kind (0 plain, 1 CBOR, 2 E2EE inner frame). A v1 message is
+    /// routed live beside its store request; a v2 SEND ([`Conn::sending`]) only once the core
+    /// confirmed it durable and not a resend (`Shard::confirmed`), which also answers SEND_ACK.
+    fn accept_message(&self, sender: &[u8], target: &[u8], payload: &[u8], kind: u8) {
         let shard = &self.shard;
         let id = shard
             .idgen
@@ -808,6 +1233,7 @@ impl Conn {
             .next_id_above(self.id_floor.replace(0));
         let mut f = Vec::with_capacity(payload.len() + 23);
         frame::encode_reliable(&mut f, MsgId(id), payload);
+        let client = self.sending.map(|(client, _)| client);
         shard.push_core(CoreRequest::Store {
             msg: StoredMsg {
                 id,
@@ -816,16 +1242,26 @@ impl Conn {
                 payload: payload.to_vec(),
             },
             conn: self.c.id,
-            client: None,
+            client,
         });
         ShardMetrics::inc(&shard.metrics.messages_accepted_total);
-        shard.route_after_store(
-            target,
-            Delivery {
-                id: Some(id),
-                frame: f,
+        let d = Delivery {
+            id: Some(id),
+            frame: f,
+            meta: Meta {
+                sender: sender.to_vec(),
+                kind,
             },
-        );
+        };
+        match client {
+            Some(client) => {
+                if let Some(v2) = self.c.st.borrow_mut().v2.as_mut() {
+                    v2.unconfirmed += 1;
+                }
+                shard.await_confirm(self.c.id, client, id, target, d);
+            }
+            None => shard.route_after_store(target, d),
+        }
     }
 
     fn handle(&mut self, f: ClientFrame<'_>) -> Result<(), Step> {
@@ -834,16 +1270,16 @@ impl Conn {
             ClientFrame::Login { body } => return self.login(body),
             ClientFrame::Send { target, msg } | ClientFrame::SendSeq { target, msg, .. } => {
                 let me = self.logged_in_user()?;
-                self.accept_message(&me, target, msg);
+                self.accept_message(&me, target, msg, 0);
             }
             ClientFrame::CborMsg { target, cbor } => {
                 let me = self.logged_in_user()?;
-                self.accept_message(&me, target, cbor);
+                self.accept_message(&me, target, cbor, 1);
             }
             ClientFrame::BatchSend { target, blob } => {
                 let me = self.logged_in_user()?;
                 for msg in frame::batch_entries(blob) {
-                    self.accept_message(&me, target, msg);
+                    self.accept_message(&me, target, msg, 0);
                 }
             }
             ClientFrame::E2eeMsg {
@@ -854,7 +1290,7 @@ impl Conn {
                 let me = self.logged_in_user()?;
                 let mut inner = Vec::with_capacity(me.len() + header.len() + ciphertext.len() + 8);
                 frame::encode_e2ee_delivery(&mut inner, &me, header, ciphertext);
-                self.accept_message(&me, recipient, &inner);
+                self.accept_message(&me, recipient, &inner, 2);
             }
             ClientFrame::Ack { id } => {
                 let me = self.logged_in_user()?;
@@ -885,14 +1321,14 @@ impl Conn {
                 }
                 let mut f = Vec::with_capacity(me.len() + 4);
                 frame::encode_typing(&mut f, &me, on);
-                shard.route(target, Delivery { id: None, frame: f });
+                shard.route(target, Delivery::relay(f));
             }
             ClientFrame::ReadReceipt { id, sender } => {
                 let me = self.logged_in_user()?;
                 let mut f = Vec::with_capacity(id.len() + me.len() + 13);
                 let now_ms = crate::idgen::now_micros() / 1000;
                 frame::encode_receipt_relay(&mut f, id, &me, now_ms);
-                shard.route(sender, Delivery { id: None, frame: f });
+                shard.route(sender, Delivery::relay(f));
             }
             ClientFrame::UploadPrekeys { bundle } => {
                 let me = self.logged_in_user()?;
@@ -931,6 +1367,13 @@ impl Conn {
                 return Err(self.close_with(frame::AUTH_FAILED));
             }
         }
+        self.register(user)
+    }
+
+    /// Starts the session of `user` (authenticated): registers it with the user's presence
+    /// owner, whose answer writes LOGIN_OK (HELLO_OK) and starts the drain.
+    fn register(&mut self, user: &[u8]) -> Result<(), Step> {
+        let shard = self.shard.clone();
         let previous = {
             let mut st = self.c.st.borrow_mut();
             let prev = st.user.replace(user.to_vec());
@@ -1006,8 +1449,8 @@ fn compact_out(out: &mut Vec<u8>, pos: &mut usize) {
 }
 
 /// Serves one accepted socket until it closes.
-pub async fn run(shard: Rc<Shard>, mut stream: TcpStream, id: ConnId) {
-    let c = Rc::new(ConnShared::new(id));
+pub async fn run(shard: Rc<Shard>, mut stream: TcpStream, id: ConnId, proto: Proto) {
+    let c = Rc::new(ConnShared::new(id, proto));
     shard.conns.borrow_mut().insert(id, c.clone());
     ShardMetrics::inc(&shard.metrics.connections_open);
     let _ = stream.set_nodelay(true);
@@ -1019,9 +1462,11 @@ pub async fn run(shard: Rc<Shard>, mut stream: TcpStream, id: ConnId) {
         errors: None,
         typing: None,
         id_floor: Cell::new(0),
+        sending: None,
     };
     let mut inbuf: Vec<u8> = Vec::new();
     let mut timers = Timers {
+        ping: None,
         login: Some(Box::pin(Timer::new(Duration::from_millis(
             shard.cfg.login_timeout_ms,
         )))),
@@ -1035,9 +1480,17 @@ pub async fn run(shard: Rc<Shard>, mut stream: TcpStream, id: ConnId) {
                 .await;
         let step = match ev {
             Io::Data => {
-                c.st.borrow_mut().progress = Instant::now();
+                {
+                    let mut st = c.st.borrow_mut();
+                    let now = Instant::now();
+                    st.progress = now;
+                    if let Some(v2) = st.v2.as_mut() {
+                        v2.last_in = now;
+                    }
+                }
                 conn.process(&mut inbuf)
             }
+            Io::Ping => conn.keepalive(),
             Io::Recheck => conn.process(&mut inbuf),
             Io::IdleCheck => conn.idle_check(!inbuf.is_empty()),
             Io::Stalled => Step::More,
@@ -1047,7 +1500,11 @@ pub async fn run(shard: Rc<Shard>, mut stream: TcpStream, id: ConnId) {
             }
             Io::LoginTimeout => {
                 if c.user().is_none() {
-                    conn.close_with(&error_frame("login_timeout"))
+                    conn.close_with(&error_frame(if proto == Proto::V2 {
+                        "hello_timeout"
+                    } else {
+                        "login_timeout"
+                    }))
                 } else {
                     Step::More
                 }

@@ -16,6 +16,7 @@
 
 pub mod conn;
 pub mod presence;
+pub mod v2;
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
@@ -46,8 +47,38 @@ pub struct Delivery {
     /// The message id for reliable messages (stored, acked); `None` for best-effort relays
     /// (typing, read receipts), which are never stored.
     pub id: Option<u64>,
-    /// The complete server frame.
+    /// The complete server frame (v1; a v2 connection writes its v2 equivalent, `v2.rs`).
     pub frame: Vec<u8>,
+    /// What a v2 recipient's DELIVER says beside the payload.
+    pub meta: Meta,
+}
+
+/// A message's sender and payload kind, for v2 recipients (empty for relays and for messages
+/// that came over the bus without them).
+#[derive(Debug, Clone, Default)]
+pub struct Meta {
+    pub sender: Vec<u8>,
+    /// v2 `kind`: 0 plain, 1 CBOR, 2 E2EE inner frame.
+    pub kind: u8,
+}
+
+impl Delivery {
+    /// A best-effort relay (typing, receipt).
+    pub fn relay(frame: Vec<u8>) -> Self {
+        Self {
+            id: None,
+            frame,
+            meta: Meta::default(),
+        }
+    }
+}
+
+/// A v2 SEND waiting for the core's confirmation ([`Shard::await_confirm`]).
+#[derive(Debug)]
+struct PendingSend {
+    id: u64,
+    target: Vec<u8>,
+    d: Delivery,
 }
 
 /// What shards send each other over the rings.
@@ -517,6 +548,9 @@ pub struct Shard {
     pub shutting_down: Cell<bool>,
     /// Signalled when the last connection closes during shutdown.
     pub conns_empty: LocalNotify,
+    /// v2 SENDs waiting for the core's confirmation, by (connection, client_msg_id): routed
+    /// live once confirmed stored (even if the sender left meanwhile), dropped as resends.
+    v2_pending: RefCell<HashMap<(ConnId, u64), Vec<PendingSend>>>,
 }
 
 impl Shard {
@@ -567,7 +601,89 @@ impl Shard {
             scratch: RefCell::new(vec![0; 64 << 10]),
             shutting_down: Cell::new(false),
             conns_empty: LocalNotify::default(),
+            v2_pending: RefCell::new(HashMap::new()),
             cfg,
+        }
+    }
+
+    /// A v2 SEND was handed to the core with its client_msg_id: its live copy waits for the
+    /// core's confirmation ([`Self::confirmed`]).
+    pub fn await_confirm(&self, conn: ConnId, client: u64, id: u64, target: &[u8], d: Delivery) {
+        self.v2_pending
+            .borrow_mut()
+            .entry((conn, client))
+            .or_default()
+            .push(PendingSend {
+                id,
+                target: target.to_vec(),
+                d,
+            });
+    }
+
+    /// The core's confirmations of v2 SENDs made on `conn`: a message stored is routed live
+    /// and acknowledged (SEND_ACK), a resend is acknowledged with the first one's id and
+    /// dropped, a refused one is answered ERROR naming its client_msg_id.
+    fn confirmed(self: &Rc<Self>, conn: ConnId, confirms: Vec<iris_core::api::Confirm>) {
+        use iris_core::api::Confirmed;
+        use iris_wire::v2::{encode_server, ServerFrame};
+        let c = self.conns.borrow().get(&conn).cloned();
+        let mut out = Vec::new();
+        for cf in confirms {
+            let pending = {
+                let mut map = self.v2_pending.borrow_mut();
+                let Some(list) = map.get_mut(&(conn, cf.client)) else {
+                    continue;
+                };
+                // A resend is confirmed with the first message's id: take the entry that is
+                // not that one (or any).
+                let at = match cf.outcome {
+                    Confirmed::Duplicate => list.iter().position(|p| p.id != cf.id).unwrap_or(0),
+                    _ => list.iter().position(|p| p.id == cf.id).unwrap_or(0),
+                };
+                let p = list.swap_remove(at);
+                if list.is_empty() {
+                    map.remove(&(conn, cf.client));
+                }
+                p
+            };
+            match cf.outcome {
+                Confirmed::Stored => {
+                    self.route(&pending.target, pending.d);
+                    ShardMetrics::inc(&self.metrics.v2_send_acks_total);
+                    encode_server(
+                        &ServerFrame::SendAck {
+                            client_msg_id: cf.client,
+                            server_id: cf.id,
+                            server_time_unix_ms: v2::id_time_ms(cf.id),
+                        },
+                        &mut out,
+                    );
+                }
+                Confirmed::Duplicate => {
+                    ShardMetrics::inc(&self.metrics.v2_resends_total);
+                    encode_server(
+                        &ServerFrame::SendAck {
+                            client_msg_id: cf.client,
+                            server_id: cf.id,
+                            server_time_unix_ms: v2::id_time_ms(cf.id),
+                        },
+                        &mut out,
+                    );
+                }
+                Confirmed::Refused(reason) => {
+                    ShardMetrics::inc(&self.metrics.sends_refused_total);
+                    encode_server(
+                        &ServerFrame::error(v2::error_for_reason(reason.as_bytes()), cf.client),
+                        &mut out,
+                    );
+                }
+            }
+            if let Some(c) = &c {
+                c.unconfirmed_done();
+            }
+        }
+        if let Some(c) = c {
+            c.write_native(self, &out);
         }
     }
 
@@ -866,6 +982,7 @@ impl Shard {
                     let d = Delivery {
                         id: d.id,
                         frame: d.frame.clone(),
+                        meta: d.meta.clone(),
                     };
                     self.send_shard(
                         shard,
@@ -935,17 +1052,13 @@ impl Shard {
                     c.drain_chunk(self, &user, msgs, more);
                 }
             }
+            CoreReply::Confirms { conn, confirms } => self.confirmed(conn, confirms),
             CoreReply::Refused { conn, reason } => {
                 ShardMetrics::inc(&self.metrics.sends_refused_total);
                 let c = self.conns.borrow().get(&conn).cloned();
                 if let Some(c) = c {
                     c.write_frame(self, &conn::error_frame(reason));
                 }
-            }
-            // Answers to stores with a client message id (protocol v2); this edge sends every
-            // store with `client: None`, so none come.
-            CoreReply::Confirms { conn, confirms } => {
-                debug!(conn, n = confirms.len(), "confirms without a v2 sender ignored");
             }
             CoreReply::Prekeys { conn, bundle, .. } => {
                 self.reply_arrived();
@@ -980,6 +1093,7 @@ impl Shard {
                 let d = Delivery {
                     id: Some(id),
                     frame: f,
+                    meta: Meta::default(),
                 };
                 let now = std::time::Instant::now();
                 if via == Via::Direct {
@@ -999,7 +1113,7 @@ impl Shard {
                 self.release_ready(&recipient);
             }
             CoreReply::Relay { recipient, frame } => {
-                self.route_owned(recipient, Delivery { id: None, frame }, Via::Core)
+                self.route_owned(recipient, Delivery::relay(frame), Via::Core)
             }
             CoreReply::Presence {
                 user,
@@ -1158,7 +1272,7 @@ impl Shard {
         }
     }
 
-    async fn accept_loop(self: Rc<Self>, listener: TcpListener) {
+    async fn accept_loop(self: Rc<Self>, listener: TcpListener, proto: v2::Proto) {
         loop {
             match listener.accept().await {
                 Ok(stream) => {
@@ -1167,7 +1281,7 @@ impl Shard {
                     }
                     ShardMetrics::inc(&self.metrics.connections_accepted_total);
                     let id = self.next_conn_id();
-                    glommio::spawn_local(conn::run(self.clone(), stream, id)).detach();
+                    glommio::spawn_local(conn::run(self.clone(), stream, id, proto)).detach();
                 }
                 Err(e) => {
                     ShardMetrics::inc(&self.metrics.accept_errors_total);
@@ -1190,6 +1304,8 @@ pub struct ShardStart {
     /// The id high-water mark shared by every shard of the edge (`idgen.rs`).
     pub id_high: Arc<HighWater>,
     pub listener_fd: std::os::fd::OwnedFd,
+    /// The protocol v2 listener, when `[v2] listen` is set.
+    pub v2_listener_fd: Option<std::os::fd::OwnedFd>,
     pub mesh: Option<MeshBuilder<Batch, Full>>,
     pub shutdown: Arc<AtomicBool>,
     /// Told this shard's id once it accepts connections.
@@ -1226,6 +1342,7 @@ pub async fn run(start: ShardStart) {
         id_floor,
         id_high,
         listener_fd,
+        v2_listener_fd,
         mesh,
         shutdown,
         ready,
@@ -1278,7 +1395,13 @@ pub async fn run(start: ShardStart) {
     // that ownership up, and `from_raw_fd` takes it, so exactly one owner closes it. It is a
     // bound, listening TCP socket created for this shard alone.
     let listener = unsafe { TcpListener::from_raw_fd(listener_fd.into_raw_fd()) };
-    let accept = glommio::spawn_local(shard.clone().accept_loop(listener)).detach();
+    let accept = glommio::spawn_local(shard.clone().accept_loop(listener, v2::Proto::V1)).detach();
+    let accept_v2 = v2_listener_fd.map(|fd| {
+        // SAFETY: as above: an owned, bound, listening TCP socket of this shard alone, whose
+        // single ownership passes from the `OwnedFd` to the listener.
+        let listener = unsafe { TcpListener::from_raw_fd(fd.into_raw_fd()) };
+        glommio::spawn_local(shard.clone().accept_loop(listener, v2::Proto::V2)).detach()
+    });
     info!(shard = id, "shard started");
     let _ = ready.send(id);
     drop(ready);
@@ -1296,6 +1419,9 @@ pub async fn run(start: ShardStart) {
     info!(shard = id, "shard draining");
     shard.shutting_down.set(true);
     accept.cancel();
+    if let Some(a) = accept_v2 {
+        a.cancel();
+    }
     let conns: Vec<_> = shard.conns.borrow().values().cloned().collect();
     for c in &conns {
         c.begin_shutdown();
@@ -1336,6 +1462,7 @@ mod tests {
         Delivery {
             id: Some(id),
             frame: Vec::new(),
+            meta: Meta::default(),
         }
     }
 

@@ -335,7 +335,10 @@ mod tests {
         assert_eq!(codes.len(), ErrorCode::ALL.len());
         assert_eq!(reasons.len(), ErrorCode::ALL.len());
         for c in ErrorCode::ALL {
-            assert!(c.reason().bytes().all(|b| b.is_ascii_lowercase() || b == b'_'));
+            assert!(c
+                .reason()
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b == b'_'));
             assert_eq!(ErrorCode::from_code(c.code()), Some(c));
             // Client errors 1xxx, server errors 2xxx.
             assert!((1000..3000).contains(&c.code()), "{c:?}");
@@ -384,20 +387,54 @@ mod tests {
             WireError::FrameTooLarge { len: 9, max: 8 },
             WireError::BadFrame { ty: 2 },
             WireError::UnsupportedVersion { version: 3 },
-            WireError::RecipientTooLong { client_msg_id: 7, len: 257, consumed: 300 },
-            WireError::BadUser { ty: 6, len: 0, reference: 0, consumed: 7 },
-            WireError::UnknownKind { ty: 2, kind: 9, reference: 7, consumed: 20 },
-            WireError::BadIdCount { ty: 3, count: 0, consumed: 7 },
-            WireError::PrekeysTooLarge { len: 8193, consumed: 8202 },
-            WireError::PayloadTooLarge { reference: 7, len: 10, max: 9, consumed: 40 },
+            WireError::RecipientTooLong {
+                client_msg_id: 7,
+                len: 257,
+                consumed: 300,
+            },
+            WireError::BadUser {
+                ty: 6,
+                len: 0,
+                reference: 0,
+                consumed: 7,
+            },
+            WireError::UnknownKind {
+                ty: 2,
+                kind: 9,
+                reference: 7,
+                consumed: 20,
+            },
+            WireError::BadIdCount {
+                ty: 3,
+                count: 0,
+                consumed: 7,
+            },
+            WireError::PrekeysTooLarge {
+                len: 8193,
+                consumed: 8202,
+            },
+            WireError::PayloadTooLarge {
+                reference: 7,
+                len: 10,
+                max: 9,
+                consumed: 40,
+            },
         ];
         for e in &all {
             assert_eq!(e.skip().is_none(), e.error_code().closes(), "{e:?}");
             assert!(!e.to_string().is_empty());
-            let ServerFrame::Error { code, reason, reference } = e.to_frame() else {
+            let ServerFrame::Error {
+                code,
+                reason,
+                reference,
+            } = e.to_frame()
+            else {
                 panic!("not an ERROR frame");
             };
-            assert_eq!((code, reason.as_str(), reference), (e.code(), e.reason(), e.reference()));
+            assert_eq!(
+                (code, reason.as_str(), reference),
+                (e.code(), e.reason(), e.reference())
+            );
         }
         assert_eq!(all[4].reference(), 7);
         assert_eq!(all[4].skip(), Some(300));

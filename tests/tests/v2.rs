@@ -1,0 +1,529 @@
+//! Protocol v2 (docs/PROTOCOL-v2.md) against a real `iris-edge` serving it with
+//! `--listen-v2`: HELLO, the sent tick (SEND_ACK only once durable, a resend acknowledged with
+//! the first id and delivered once, also across kill -9), DELIVER with its sender, batched
+//! ACKs, receipts, typing, status, prekeys, keepalive, errors and the SEND rate limit, and
+//! v1 <-> v2 interoperation both ways, live and through the offline drain. The v2 side is a
+//! raw socket speaking the bytes `iris-wire` encodes, so every frame on the wire is checked.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use iris_tests::{Frame, Server, ServerOpts};
+use iris_wire::v2::{
+    decode_server, encode_client, ClientFrame, Decoded, ErrorCode, LimitedAction, MsgKind,
+    ReceiptKind, ServerFrame,
+};
+
+/// A v2 connection on a raw socket.
+struct V2 {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl V2 {
+    fn connect(addr: SocketAddr) -> V2 {
+        let stream = TcpStream::connect(addr).expect("connect v2");
+        stream.set_nodelay(true).unwrap();
+        V2 {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Connects and says HELLO as `user`; returns the connection and its HELLO_OK.
+    fn hello(server: &Server, user: &str) -> (V2, ServerFrame) {
+        let mut c = V2::connect(server.v2.expect("server serves v2"));
+        c.write(&ClientFrame::Hello {
+            client_name: b"v2-test".to_vec(),
+            client_version: b"1".to_vec(),
+            token: user.as_bytes().to_vec(),
+            resume_after: 0,
+        });
+        let ok = c.recv();
+        assert!(matches!(ok, ServerFrame::HelloOk { .. }), "{ok:?}");
+        (c, ok)
+    }
+
+    fn write(&mut self, f: &ClientFrame) {
+        let mut b = Vec::new();
+        encode_client(f, &mut b);
+        self.stream.write_all(&b).expect("write");
+    }
+
+    fn write_raw(&mut self, b: &[u8]) {
+        self.stream.write_all(b).expect("write");
+    }
+
+    fn send(&mut self, client_msg_id: u64, to: &str, payload: &[u8]) {
+        self.write(&ClientFrame::Send {
+            client_msg_id,
+            recipient: to.as_bytes().to_vec(),
+            kind: MsgKind::Plain,
+            payload: payload.to_vec(),
+        });
+    }
+
+    /// The next frame within `d`, or `None`; panics on a closed socket.
+    fn recv_within(&mut self, d: Duration) -> Option<ServerFrame> {
+        let deadline = Instant::now() + d;
+        loop {
+            match decode_server(&self.buf, 1 << 24).expect("server frame decodes") {
+                Decoded::Frame { frame, consumed } => {
+                    self.buf.drain(..consumed);
+                    return Some(frame);
+                }
+                Decoded::Unknown { ty, .. } => panic!("unknown server frame type {ty:#x}"),
+                Decoded::Incomplete { .. } => {}
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            self.stream.set_read_timeout(Some(left)).unwrap();
+            let mut chunk = [0u8; 65536];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => panic!("server closed the connection; buffered {:?}", self.buf),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    return None
+                }
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+    }
+
+    fn recv(&mut self) -> ServerFrame {
+        self.recv_within(Duration::from_secs(10))
+            .expect("a frame within 10 s")
+    }
+
+    /// Frames until the server closes (at most `d`).
+    fn until_closed(&mut self, d: Duration) -> Vec<ServerFrame> {
+        let deadline = Instant::now() + d;
+        let mut out = Vec::new();
+        loop {
+            while let Ok(Decoded::Frame { frame, consumed }) = decode_server(&self.buf, 1 << 24) {
+                self.buf.drain(..consumed);
+                out.push(frame);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "not closed; frames {out:?}");
+            self.stream.set_read_timeout(Some(left)).unwrap();
+            let mut chunk = [0u8; 4096];
+            match self.stream.read(&mut chunk) {
+                Ok(0) | Err(_) => return out,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// The next DELIVER, skipping nothing else: any other frame fails the test.
+    fn deliver(&mut self) -> (u64, Vec<u8>, MsgKind, Vec<u8>) {
+        match self.recv() {
+            ServerFrame::Deliver {
+                server_id,
+                sender,
+                kind,
+                payload,
+                ..
+            } => (server_id, sender, kind, payload),
+            other => panic!("expected DELIVER, got {other:?}"),
+        }
+    }
+
+    fn send_ack(&mut self) -> (u64, u64) {
+        match self.recv() {
+            ServerFrame::SendAck {
+                client_msg_id,
+                server_id,
+                ..
+            } => (client_msg_id, server_id),
+            other => panic!("expected SEND_ACK, got {other:?}"),
+        }
+    }
+}
+
+fn v2_server(config: Option<&str>) -> Server {
+    let mut opts = ServerOpts {
+        args: vec!["--listen-v2".into(), "127.0.0.1:0".into()],
+        ..ServerOpts::shards(2)
+    };
+    if let Some(c) = config {
+        opts = opts.config(c);
+    }
+    Server::start(opts)
+}
+
+#[test]
+fn hello_ok_announces_the_limits_and_messages_get_the_sent_tick() {
+    let server = v2_server(None);
+    let (mut alice, ok) = V2::hello(&server, "alice");
+    match ok {
+        ServerFrame::HelloOk {
+            version,
+            max_frame_bytes,
+            ping_interval_ms,
+            send_rate_per_sec,
+            send_burst,
+            server_time_unix_ms,
+            ..
+        } => {
+            assert_eq!(version, 2);
+            assert_eq!(max_frame_bytes, (1 << 20) + 512);
+            assert_eq!(ping_interval_ms, 30_000);
+            assert_eq!((send_rate_per_sec, send_burst), (1_000, 2_000));
+            assert!(server_time_unix_ms.abs_diff(iris_tests::unix_ms()) < 5_000);
+        }
+        other => panic!("{other:?}"),
+    }
+    let (mut bob, _) = V2::hello(&server, "bob");
+    alice.send(41, "bob", b"hello bob");
+    let (client, id) = alice.send_ack();
+    assert_eq!(client, 41);
+    let (got, sender, kind, payload) = bob.deliver();
+    assert_eq!(
+        (got, sender.as_slice(), kind, payload.as_slice()),
+        (id, &b"alice"[..], MsgKind::Plain, &b"hello bob"[..])
+    );
+    // Acked in one frame with an id nobody minted: the message is gone, nothing else breaks.
+    bob.write(&ClientFrame::Ack { ids: vec![id, 1] });
+    drop(bob);
+    let (mut bob, _) = V2::hello(&server, "bob");
+    assert_eq!(bob.recv_within(Duration::from_millis(500)), None);
+    assert_eq!(server.metric("iris_edge_v2_send_acks_total"), 1);
+}
+
+#[test]
+fn v1_and_v2_talk_both_ways_live_and_through_the_drain() {
+    let server = v2_server(None);
+    // v2 -> offline v1: drained at the v1 login as a RELIABLE_MSG with the same id.
+    let (mut alice, _) = V2::hello(&server, "alice");
+    alice.send(1, "carol", b"to carol offline");
+    let (_, id1) = alice.send_ack();
+    let mut carol = server.login("carol");
+    let (id, payload) = carol.recv_msg();
+    assert_eq!(payload, b"to carol offline");
+    assert_eq!(
+        iris_tests::id_value(&id),
+        id1,
+        "v1 shows the v2 id as its hex text"
+    );
+    carol.ack(&id);
+    // v2 -> online v1, live.
+    alice.send(2, "carol", b"to carol live");
+    let (_, id2) = alice.send_ack();
+    let (id, payload) = carol.recv_msg();
+    assert_eq!(
+        (iris_tests::id_value(&id), payload.as_slice()),
+        (id2, &b"to carol live"[..])
+    );
+    carol.ack(&id);
+    // v1 -> online v2, live, with its sender.
+    carol.send("alice", b"from carol live");
+    let (_, sender, kind, payload) = alice.deliver();
+    assert_eq!(
+        (sender.as_slice(), kind, payload.as_slice()),
+        (&b"carol"[..], MsgKind::Plain, &b"from carol live"[..])
+    );
+    // v1 -> offline v2: drained after HELLO, with its sender.
+    carol.send("dave", b"from carol to dave");
+    std::thread::sleep(Duration::from_millis(50));
+    let (mut dave, _) = V2::hello(&server, "dave");
+    let (_, sender, _, payload) = dave.deliver();
+    assert_eq!(
+        (sender.as_slice(), payload.as_slice()),
+        (&b"carol"[..], &b"from carol to dave"[..])
+    );
+    // A v1 read receipt reaches the v2 sender as RECEIPT(read) naming the id.
+    carol.write(&iris_tests::wire::read_receipt(
+        format!("{id2:016x}").as_bytes(),
+        b"alice",
+    ));
+    match alice.recv() {
+        ServerFrame::Receipt {
+            kind, reader, ids, ..
+        } => assert_eq!(
+            (kind, reader.as_slice(), ids),
+            (ReceiptKind::Read, &b"carol"[..], vec![id2])
+        ),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_resend_is_acknowledged_with_the_first_id_and_delivered_once() {
+    let server = v2_server(None);
+    let (mut alice, _) = V2::hello(&server, "alice");
+    alice.send(7, "bob", b"once");
+    let (_, first) = alice.send_ack();
+    // The same client id again, on a new connection (a client that did not see the ack).
+    drop(alice);
+    let (mut alice, _) = V2::hello(&server, "alice");
+    alice.send(7, "bob", b"once");
+    assert_eq!(alice.send_ack(), (7, first));
+    // Another sender may use the same client id: not a resend.
+    let (mut eve, _) = V2::hello(&server, "eve");
+    eve.send(7, "bob", b"from eve");
+    let (_, other) = eve.send_ack();
+    assert_ne!(other, first);
+    let (mut bob, _) = V2::hello(&server, "bob");
+    let mut got = vec![bob.deliver().0, bob.deliver().0];
+    got.sort_unstable();
+    let mut want = vec![first, other];
+    want.sort_unstable();
+    assert_eq!(got, want);
+    assert_eq!(bob.recv_within(Duration::from_millis(500)), None);
+    assert_eq!(server.metric("iris_edge_v2_resends_total"), 1);
+}
+
+#[test]
+fn kill9_after_the_sent_tick_loses_nothing_and_a_resend_after_it_is_delivered_once() {
+    let mut server = v2_server(None);
+    let (mut alice, _) = V2::hello(&server, "alice");
+    alice.send(1, "bob", b"acked before the kill");
+    let (_, acked) = alice.send_ack();
+    // Sent, and the server killed before its ack could be read: the client resends it.
+    alice.send(2, "bob", b"maybe stored");
+    server.kill9();
+    server.restart();
+    let (mut alice, _) = V2::hello(&server, "alice");
+    alice.send(2, "bob", b"maybe stored");
+    let (_, second) = alice.send_ack();
+    let (mut bob, _) = V2::hello(&server, "bob");
+    let a = bob.deliver();
+    let b = bob.deliver();
+    assert_eq!(
+        (a.0, a.3.as_slice()),
+        (acked, &b"acked before the kill"[..])
+    );
+    assert_eq!((b.0, b.3.as_slice()), (second, &b"maybe stored"[..]));
+    assert_eq!(bob.recv_within(Duration::from_millis(500)), None);
+}
+
+#[test]
+fn hello_must_come_first_and_errors_name_their_send() {
+    let server = v2_server(None);
+    // Not HELLO first: ERROR hello_required, then the close.
+    let mut c = V2::connect(server.v2.unwrap());
+    c.write(&ClientFrame::Ping { nonce: 1 });
+    let frames = c.until_closed(Duration::from_secs(5));
+    assert_eq!(
+        frames,
+        vec![ServerFrame::error(ErrorCode::HelloRequired, 0)]
+    );
+    // A wrong version: refused and closed.
+    let mut c = V2::connect(server.v2.unwrap());
+    let mut hello = Vec::new();
+    encode_client(
+        &ClientFrame::Hello {
+            client_name: b"x".to_vec(),
+            client_version: b"1".to_vec(),
+            token: b"alice".to_vec(),
+            resume_after: 0,
+        },
+        &mut hello,
+    );
+    hello[5] = 3; // the version byte
+    c.write_raw(&hello);
+    let frames = c.until_closed(Duration::from_secs(5));
+    assert_eq!(
+        frames,
+        vec![ServerFrame::error(ErrorCode::UnsupportedVersion, 0)]
+    );
+    // Unknown type: answered, skipped, the connection stays usable.
+    let (mut alice, _) = V2::hello(&server, "alice");
+    alice.write_raw(&[0, 0, 0, 3, 0x7e, 1, 2]);
+    assert_eq!(alice.recv(), ServerFrame::error(ErrorCode::UnknownType, 0));
+    alice.write(&ClientFrame::Ping { nonce: 9 });
+    assert_eq!(alice.recv(), ServerFrame::Pong { nonce: 9 });
+    // A CBOR payload that is not a map: ERROR bad_payload naming the SEND, not stored.
+    alice.write(&ClientFrame::Send {
+        client_msg_id: 77,
+        recipient: b"bob".to_vec(),
+        kind: MsgKind::Cbor,
+        payload: vec![0x01],
+    });
+    assert_eq!(alice.recv(), ServerFrame::error(ErrorCode::BadPayload, 77));
+    alice.write(&ClientFrame::Ping { nonce: 10 });
+    assert_eq!(alice.recv(), ServerFrame::Pong { nonce: 10 });
+    // A frame over the announced maximum: ERROR frame_too_large, then the close.
+    alice.write_raw(&(2u32 << 20).to_be_bytes());
+    let frames = alice.until_closed(Duration::from_secs(5));
+    assert_eq!(
+        frames,
+        vec![ServerFrame::error(ErrorCode::FrameTooLarge, 0)]
+    );
+}
+
+#[test]
+fn a_flooding_sender_is_rate_limited_and_its_neighbour_is_not() {
+    let server = v2_server(Some("[v2]\nsend_rate_per_sec = 5\nsend_burst = 5\n"));
+    let (mut flood, _) = V2::hello(&server, "flood");
+    let (mut calm, _) = V2::hello(&server, "calm");
+    for i in 1..=20 {
+        flood.send(i, "sink", b"x");
+    }
+    let (mut acked, mut limited) = (0, Vec::new());
+    for _ in 0..20 {
+        match flood.recv() {
+            ServerFrame::SendAck { .. } => acked += 1,
+            ServerFrame::RateLimited {
+                what,
+                retry_after_ms,
+                reference,
+            } => {
+                assert_eq!(what, LimitedAction::Send);
+                assert!((1..=1000).contains(&retry_after_ms), "{retry_after_ms}");
+                limited.push(reference);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!((5..=7).contains(&acked), "{acked} acked");
+    assert_eq!(acked + limited.len(), 20);
+    assert!(limited.iter().all(|r| (1..=20).contains(r)));
+    // The connection stays open and its neighbour is not limited.
+    calm.send(1, "sink", b"y");
+    assert_eq!(calm.send_ack().0, 1);
+    flood.write(&ClientFrame::Ping { nonce: 3 });
+    assert_eq!(flood.recv(), ServerFrame::Pong { nonce: 3 });
+    assert!(server.metric("iris_edge_rate_limited_total") >= 13);
+}
+
+#[test]
+fn typing_receipts_status_and_prekeys_between_v2_clients() {
+    let server = v2_server(None);
+    let (mut alice, _) = V2::hello(&server, "alice");
+    let (mut bob, _) = V2::hello(&server, "bob");
+    alice.write(&ClientFrame::Typing {
+        target: b"bob".to_vec(),
+        typing: true,
+    });
+    assert_eq!(
+        bob.recv(),
+        ServerFrame::Typing {
+            sender: b"alice".to_vec(),
+            typing: true
+        }
+    );
+    alice.send(5, "bob", b"m");
+    let (_, id) = alice.send_ack();
+    let (got, ..) = bob.deliver();
+    assert_eq!(got, id);
+    for kind in [ReceiptKind::Delivered, ReceiptKind::Read] {
+        bob.write(&ClientFrame::Receipt {
+            kind,
+            sender: b"alice".to_vec(),
+            ids: vec![id],
+        });
+        match alice.recv() {
+            ServerFrame::Receipt {
+                kind: k,
+                reader,
+                ids,
+                unix_ms,
+            } => {
+                assert_eq!((k, reader.as_slice(), ids), (kind, &b"bob"[..], vec![id]));
+                assert!(unix_ms.abs_diff(iris_tests::unix_ms()) < 5_000);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    alice.write(&ClientFrame::StatusQuery {
+        user: b"bob".to_vec(),
+    });
+    assert_eq!(
+        alice.recv(),
+        ServerFrame::Status {
+            user: b"bob".to_vec(),
+            online: true,
+            last_seen_unix_secs: 0
+        }
+    );
+    // Prekeys: a bundle uploaded is fetched with its user; an absent one is empty.
+    let bundle = vec![0xa1, 0x61, b'k', 0x01]; // {"k": 1}
+    bob.write(&ClientFrame::PrekeyUpload {
+        bundle: bundle.clone(),
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    alice.write(&ClientFrame::PrekeyFetch {
+        user: b"bob".to_vec(),
+    });
+    alice.write(&ClientFrame::PrekeyFetch {
+        user: b"nobody".to_vec(),
+    });
+    assert_eq!(
+        alice.recv(),
+        ServerFrame::Prekeys {
+            user: b"bob".to_vec(),
+            bundle
+        }
+    );
+    assert_eq!(
+        alice.recv(),
+        ServerFrame::Prekeys {
+            user: b"nobody".to_vec(),
+            bundle: Vec::new()
+        }
+    );
+    // A v2 "delivered" receipt has no v1 form: a v1 sender does not see it, a read one it does.
+    let mut carol = server.login("carol");
+    carol.send("bob", b"from v1");
+    let (v1id, ..) = bob.deliver();
+    bob.write(&ClientFrame::Receipt {
+        kind: ReceiptKind::Delivered,
+        sender: b"carol".to_vec(),
+        ids: vec![v1id],
+    });
+    bob.write(&ClientFrame::Receipt {
+        kind: ReceiptKind::Read,
+        sender: b"carol".to_vec(),
+        ids: vec![v1id],
+    });
+    match carol.recv() {
+        Frame::Receipt { id, reader, .. } => {
+            assert_eq!(iris_tests::id_value(&id), v1id);
+            assert_eq!(reader, b"bob");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_silent_client_is_pinged_then_closed() {
+    let server = v2_server(Some("[v2]\nping_interval_ms = 200\n"));
+    let (mut quiet, _) = V2::hello(&server, "quiet");
+    match quiet.recv_within(Duration::from_secs(2)) {
+        Some(ServerFrame::Ping { nonce }) => assert!(nonce >= 1),
+        other => panic!("expected a PING, got {other:?}"),
+    }
+    let start = Instant::now();
+    let frames = quiet.until_closed(Duration::from_secs(5));
+    assert_eq!(
+        frames.last(),
+        Some(&ServerFrame::error(ErrorCode::IdleTimeout, 0)),
+        "{frames:?}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(3));
+    // One that answers (any frame counts) stays.
+    let (mut chatty, _) = V2::hello(&server, "chatty");
+    let until = Instant::now() + Duration::from_millis(1200);
+    while Instant::now() < until {
+        if let Some(ServerFrame::Ping { nonce }) = chatty.recv_within(Duration::from_millis(100)) {
+            chatty.write(&ClientFrame::Pong { nonce });
+        }
+    }
+    chatty.write(&ClientFrame::Ping { nonce: 5 });
+    let mut saw_pong = false;
+    for _ in 0..4 {
+        if chatty.recv_within(Duration::from_secs(1)) == Some(ServerFrame::Pong { nonce: 5 }) {
+            saw_pong = true;
+            break;
+        }
+    }
+    assert!(saw_pong, "an answering client was closed");
+}
