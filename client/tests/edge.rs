@@ -287,11 +287,10 @@ fn acked_deliveries_are_not_delivered_again() {
 }
 
 #[test]
-#[ignore = "the edge answers SEND_ACKs and routes live copies in confirm order, not send order"]
 fn live_deliveries_keep_send_order() {
     // PROTOCOL-v2.md, Delivery: "Per sender and recipient, messages are delivered in send
-    // order". With the recipient online, 10 quick sends arrive shuffled (their server ids,
-    // minted in send order, arrive out of order too).
+    // order". (Regression: the edge once routed live copies in the order of the store's
+    // confirmations, which came out of a hash map.)
     let (_s, addr) = server();
     let (a, b) = (unique("alice"), unique("bob"));
     let alice = client(addr, &a);
