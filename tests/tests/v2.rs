@@ -390,3 +390,46 @@ fn a_silent_client_is_pinged_then_closed() {
     }
     assert!(saw_pong, "an answering client was closed");
 }
+
+#[test]
+fn e2ee_messages_cross_between_v1_and_v2() {
+    let server = v2_server(None);
+    let header = iris_tests::cbor::map(&[("n", iris_tests::cbor::V::Bytes(b"nonce"))]);
+    let ciphertext = vec![0xc7; 300];
+    // v2 body of kind 2: u16 hlen | header | u32 clen | ciphertext.
+    let mut body = (header.len() as u16).to_be_bytes().to_vec();
+    body.extend_from_slice(&header);
+    body.extend_from_slice(&(ciphertext.len() as u32).to_be_bytes());
+    body.extend_from_slice(&ciphertext);
+    // v2 -> v1: the v1 recipient gets the 0x24 frame naming the sender.
+    let mut carol = server.login("carol");
+    let (mut alice, _) = V2::hello(&server, "alice");
+    alice.write(&ClientFrame::Send {
+        client_msg_id: 1,
+        recipient: b"carol".to_vec(),
+        kind: MsgKind::E2ee,
+        payload: body.clone(),
+    });
+    alice.send_ack();
+    let (_, payload) = carol.recv_msg();
+    assert_eq!(
+        payload,
+        iris_tests::wire::e2ee_delivery(b"alice", &header, &ciphertext)
+    );
+    // v1 -> v2: DELIVER kind 2 with the v2 body and the sender in its own field.
+    carol.write(&iris_tests::wire::e2ee_msg(b"alice", &header, &ciphertext));
+    let (_, sender, kind, payload) = alice.deliver();
+    assert_eq!(
+        (sender.as_slice(), kind, payload),
+        (&b"carol"[..], MsgKind::E2ee, body.clone())
+    );
+    // The same from the store, after a login.
+    carol.write(&iris_tests::wire::e2ee_msg(b"dave", &header, &ciphertext));
+    carol.sync();
+    let (mut dave, _) = V2::hello(&server, "dave");
+    let (_, sender, kind, payload) = dave.deliver();
+    assert_eq!(
+        (sender.as_slice(), kind, payload),
+        (&b"carol"[..], MsgKind::E2ee, body)
+    );
+}

@@ -93,15 +93,28 @@ pub fn stored_kind(payload: &[u8]) -> u8 {
     }
 }
 
-/// Appends a DELIVER.
+/// Appends a DELIVER. A kind 2 message is stored as v1's `0x24` inner frame (what v1
+/// recipients get); a v2 recipient gets its `u16 hlen | header | u32 clen | ciphertext`
+/// (docs/PROTOCOL-v2.md "v1 ↔ v2"), the sender being DELIVER's own field.
 pub fn encode_deliver(out: &mut Vec<u8>, id: u64, sender: &[u8], kind: u8, payload: &[u8]) {
+    let payload = match (kind, crate::protocol::frame::decode_e2ee_delivery(payload)) {
+        (2, Ok(e)) => {
+            let mut body = Vec::with_capacity(6 + e.header.len() + e.ciphertext.len());
+            body.extend_from_slice(&(e.header.len() as u16).to_be_bytes());
+            body.extend_from_slice(e.header);
+            body.extend_from_slice(&(e.ciphertext.len() as u32).to_be_bytes());
+            body.extend_from_slice(e.ciphertext);
+            body
+        }
+        _ => payload.to_vec(),
+    };
     encode_server(
         &ServerFrame::Deliver {
             server_id: id,
             sender: sender.to_vec(),
             server_time_unix_ms: id_time_ms(id),
             kind: kind_of(kind),
-            payload: payload.to_vec(),
+            payload,
         },
         out,
     );
