@@ -21,10 +21,20 @@ fn logins_from_one_address_are_limited_and_closed() {
     for i in 0..3 {
         kept.push(s.login(&format!("ok-{i}")));
     }
-    // The fourth login from 127.0.0.1 within the second: raw RATE_LIMITED, then the close.
-    let mut c = Client::connect(s.client);
-    c.write(&wire::login(b"too-many"));
-    assert_eq!(c.expect_closed(), vec![Frame::RateLimitedText]);
+    // More logins from 127.0.0.1 at once: refused with raw RATE_LIMITED, then the close (a
+    // slow machine may have earned one more token meanwhile: the refusal comes within two).
+    let mut refused_v1 = false;
+    for i in 0..3 {
+        let mut c = Client::connect(s.client);
+        c.write(&wire::login(format!("extra-{i}").as_bytes()));
+        if c.recv() == Frame::RateLimitedText {
+            assert_eq!(c.expect_closed(), vec![]);
+            refused_v1 = true;
+            break;
+        }
+        kept.push(c);
+    }
+    assert!(refused_v1, "no v1 login was refused");
     // v2: RATE_LIMITED (login), then the close.
     let mut v = V2::connect(s.v2.unwrap());
     v.write(&ClientFrame::Hello {
@@ -57,49 +67,56 @@ fn logins_from_one_address_are_limited_and_closed() {
 
 #[test]
 fn a_users_sends_are_limited_over_all_its_connections_and_a_neighbour_is_not() {
-    let s = server("[rate_limits]\nsends_per_sec_per_user = 2\nsend_burst_per_user = 4\n");
+    let s = server("[rate_limits]\nsends_per_sec_per_user = 1\nsend_burst_per_user = 4\n");
     let mut sink = s.login("sink");
     let mut a1 = s.login("busy");
     let (mut a2, _) = V2::hello(&s, "busy");
     let mut calm = s.login("calm");
-    // Two from v1, then three from v2: the burst of four is shared by both connections.
-    a1.send("sink", b"1");
-    a1.send("sink", b"2");
+    // Two from v1, then v2 sends until one is refused: the burst is shared by both connections
+    // (a slow machine may earn a token meanwhile, hence "until").
+    a1.send("sink", b"v1-0");
+    a1.send("sink", b"v1-1");
     a1.sync();
-    for i in 3..=5u64 {
-        a2.send(i, "sink", format!("{i}").as_bytes());
-    }
-    let mut acked = 0;
-    let mut limited = Vec::new();
-    for _ in 0..3 {
+    let mut accepted = vec![b"v1-0".to_vec(), b"v1-1".to_vec()];
+    let mut refused = None;
+    for i in 1..=6u64 {
+        let payload = format!("v2-{i}").into_bytes();
+        a2.send(i, "sink", &payload);
         match a2.recv() {
-            ServerFrame::SendAck { .. } => acked += 1,
+            ServerFrame::SendAck { client_msg_id, .. } => {
+                assert_eq!(client_msg_id, i);
+                accepted.push(payload);
+            }
             ServerFrame::RateLimited {
                 what: LimitedAction::Send,
                 reference,
-                ..
-            } => limited.push(reference),
+                retry_after_ms,
+            } => {
+                assert_eq!(reference, i, "the refusal names the SEND");
+                assert!((1..=1000).contains(&retry_after_ms));
+                refused = Some(i);
+                break;
+            }
             other => panic!("{other:?}"),
         }
     }
-    assert_eq!(
-        (acked, limited),
-        (2, vec![5]),
-        "the fifth send is over the burst"
-    );
-    // The v1 connection of the same user is refused with 0xFF; the message is not delivered.
+    let refused = refused.expect("no send of the user was refused");
+    assert!(refused >= 3, "refused at v2 send {refused}: the burst is 4");
+    // The v1 connection of the same user is refused with 0xFF right after.
     a1.send("sink", b"refused");
     match a1.recv() {
         Frame::RateLimited(ms) => assert!((1..=1000).contains(&ms), "{ms}"),
         other => panic!("{other:?}"),
     }
-    let got: Vec<Vec<u8>> = sink.recv_msgs(4, true).into_iter().map(|m| m.1).collect();
-    assert_eq!(
-        got,
-        vec![b"1".to_vec(), b"2".to_vec(), b"3".to_vec(), b"4".to_vec()]
-    );
+    // Exactly the accepted messages arrive, in order; nothing refused does.
+    let got: Vec<Vec<u8>> = sink
+        .recv_msgs(accepted.len(), true)
+        .into_iter()
+        .map(|m| m.1)
+        .collect();
+    assert_eq!(got, accepted);
     assert!(sink.recv_within(Duration::from_millis(300)).is_none());
-    // Another user on the same shard is not limited.
+    // Another user on the same shard has its own bucket.
     for i in 0..4 {
         calm.send("sink", format!("calm {i}").as_bytes());
     }
