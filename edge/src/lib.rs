@@ -10,6 +10,7 @@
 //! - [`shard`]: one shard: accept loop, connections, presence slice, rings.
 //! - [`admin`], [`metrics`]: `/metrics` and `/health`.
 //! - [`alloc`]: idle shards return freed memory to the OS.
+//! - [`tls`]: the TLS certificate of the v2 transports and its reload on SIGHUP.
 //! - [`auth`]: JWT login tokens. [`idgen`]: message ids. [`hostcheck`]: startup host checks.
 
 pub mod admin;
@@ -22,3 +23,4 @@ pub mod metrics;
 pub mod protocol;
 pub mod server;
 pub mod shard;
+pub mod tls;
