@@ -688,6 +688,25 @@ mod tests {
     }
 
     #[test]
+    fn v2_transport_keys_need_the_tls_files_and_the_embedded_core() {
+        let c: EdgeConfig =
+            toml::from_str("[v2]\nws_listen = \"127.0.0.1:0\"\ntls_listen = \"127.0.0.1:0\"\n")
+                .unwrap();
+        assert!(c.v2.serves());
+        assert!(invalid(&c).contains("tls_cert_file"));
+        let mut ws_only = c.clone();
+        ws_only.v2.tls_listen = None;
+        ws_only.validate().unwrap();
+        let mut files = c.clone();
+        files.v2.tls_cert_file = Some("/nonexistent/edge.crt".into());
+        files.v2.tls_key_file = Some("/nonexistent/edge.key".into());
+        assert!(invalid(&files).contains("/nonexistent/edge.crt"));
+        let mut cluster = kafka("");
+        cluster.v2.ws_listen = ws_only.v2.ws_listen;
+        assert!(invalid(&cluster).contains("embedded deployment only"));
+    }
+
+    #[test]
     fn outbox_keys_parse_and_validate() {
         let c: EdgeConfig = toml::from_str(
             "[cluster]\nbus = \"kafka\"\noutbox_commit_ms = 5\noutbox_max_bytes = 1048576\n\

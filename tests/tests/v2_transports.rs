@@ -260,7 +260,9 @@ fn tls(addr: SocketAddr, config: Arc<ClientConfig>) -> Result<TlsClient, std::io
     let name = ServerName::try_from("localhost").unwrap();
     let conn = ClientConnection::new(config, name).unwrap();
     let mut s = StreamOwned::new(conn, tcp(addr));
-    s.sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.sock
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     while s.conn.is_handshaking() {
         s.conn.complete_io(&mut s.sock)?;
     }
@@ -291,13 +293,20 @@ fn exchange(a: &mut V2, a_name: &str, b: &mut V2, b_name: &str, tag: u64) {
     let (got, sender, payload) = b.deliver();
     assert_eq!(
         (got, sender, payload),
-        (id, a_name.as_bytes().to_vec(), format!("from {a_name} {tag}").into_bytes())
+        (
+            id,
+            a_name.as_bytes().to_vec(),
+            format!("from {a_name} {tag}").into_bytes()
+        )
     );
     b.write(&ClientFrame::Ack { ids: vec![id] });
     b.send(tag + 1, a_name, b"reply");
     let id = b.send_ack();
     let (got, sender, payload) = a.deliver();
-    assert_eq!((got, sender, payload), (id, b_name.as_bytes().to_vec(), b"reply".to_vec()));
+    assert_eq!(
+        (got, sender, payload),
+        (id, b_name.as_bytes().to_vec(), b"reply".to_vec())
+    );
     a.write(&ClientFrame::Ack { ids: vec![id] });
 }
 
@@ -320,12 +329,14 @@ fn tls_client_talks_to_a_tcp_client_and_a_foreign_ca_is_refused() {
     alice.hello("alice");
     let mut bob = plain(&server, "bob");
     exchange(&mut alice, "alice", &mut bob, "bob", 10);
-    assert_eq!(server.metric("iris_edge_v2_tls_connections_accepted_total"), 1);
+    assert_eq!(
+        server.metric("iris_edge_v2_tls_connections_accepted_total"),
+        1
+    );
 
     let other = Ca::new("another ca");
     let err = tls(server.v2_tls.unwrap(), other.client_config())
-        .err()
-        .expect("a client trusting another CA must fail its handshake");
+        .expect_err("a client trusting another CA must fail its handshake");
     assert!(
         err.to_string().contains("UnknownIssuer") || err.to_string().contains("invalid peer"),
         "{err}"
@@ -357,7 +368,11 @@ fn sighup_reloads_the_certificate_and_keeps_open_connections() {
     server.signal(libc::SIGHUP);
     wait_metric(&server, "iris_edge_tls_reloads_total", 1);
     let after = tls(server.v2_tls.unwrap(), config.clone()).unwrap();
-    assert_eq!(peer_cert(&after), second, "a new connection gets the new certificate");
+    assert_eq!(
+        peer_cert(&after),
+        second,
+        "a new connection gets the new certificate"
+    );
     let mut after = V2::new(Wire::Stream(Box::new(after)));
     after.hello("late");
     exchange(&mut before, "early", &mut after, "late", 100);
@@ -427,7 +442,10 @@ fn websocket_frames_pings_splits_and_text() {
     ws.send(Message::binary(b[..7].to_vec())).unwrap();
     ws.send(Message::binary(b[7..].to_vec())).unwrap();
     let id = carol.send_ack();
-    assert_eq!(dave.deliver(), (id, b"carol".to_vec(), b"split in two".to_vec()));
+    assert_eq!(
+        dave.deliver(),
+        (id, b"carol".to_vec(), b"split in two".to_vec())
+    );
 
     // A WebSocket ping is answered with its pong.
     let Wire::Ws(ws) = &mut carol.wire else {
@@ -456,7 +474,10 @@ fn websocket_frames_pings_splits_and_text() {
     };
     assert_eq!(code, CloseCode::Unsupported);
     assert_eq!(u16::from(code), 1003);
-    assert_eq!(server.metric("iris_edge_v2_ws_connections_accepted_total"), 1);
+    assert_eq!(
+        server.metric("iris_edge_v2_ws_connections_accepted_total"),
+        1
+    );
 
     // Not an upgrade request: refused, counted.
     let mut raw = tcp(server.v2_ws.unwrap());
@@ -479,7 +500,10 @@ fn websocket_over_tls_end_to_end() {
     erin.hello("erin");
     let mut frank = plain(&server, "frank");
     exchange(&mut erin, "erin", &mut frank, "frank", 10);
-    assert_eq!(server.metric("iris_edge_v2_wss_connections_accepted_total"), 1);
+    assert_eq!(
+        server.metric("iris_edge_v2_wss_connections_accepted_total"),
+        1
+    );
 }
 
 #[test]
@@ -532,8 +556,12 @@ fn idle_tls_connection_memory() {
     }
     let with_plain = settle(&server);
     let mut tls_conns = Vec::new();
+    let mut slowest = Duration::ZERO;
     for i in 0..N {
-        let s = tls(server.v2_tls.unwrap(), config.clone()).unwrap();
+        let t = Instant::now();
+        let s = tls(server.v2_tls.unwrap(), config.clone())
+            .unwrap_or_else(|e| panic!("handshake {i}: {e} after {:?}", t.elapsed()));
+        slowest = slowest.max(t.elapsed());
         let mut c = V2::new(Wire::Stream(Box::new(s)));
         c.hello(&format!("tls{i}"));
         tls_conns.push(c);
@@ -543,6 +571,7 @@ fn idle_tls_connection_memory() {
     let per_tls = (with_tls - with_plain) as f64 * 1024.0 / N as f64;
     println!(
         "rss KiB: base {base}, +{N} plain {with_plain}, +{N} tls {with_tls}; \
-         per plain connection {per_plain:.0} B, per tls connection {per_tls:.0} B"
+         per plain connection {per_plain:.0} B, per tls connection {per_tls:.0} B; slowest \
+         handshake {slowest:?}"
     );
 }

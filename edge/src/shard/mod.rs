@@ -1450,9 +1450,13 @@ pub async fn run(start: ShardStart) {
     // bound, listening TCP socket created for this shard alone.
     let listener = unsafe { TcpListener::from_raw_fd(listener_fd.into_raw_fd()) };
     let tcp = transport::Kind::Tcp;
-    let accept =
-        glommio::spawn_local(shard.clone().accept_loop(listener, v2::Proto::V1, tcp, None))
-            .detach();
+    let accept = glommio::spawn_local(shard.clone().accept_loop(
+        listener,
+        v2::Proto::V1,
+        tcp,
+        None,
+    ))
+    .detach();
     let certs = v2_transports
         .certs
         .map(|c| Rc::new(crate::tls::ShardCerts::new(c)));
