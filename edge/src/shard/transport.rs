@@ -256,7 +256,7 @@ impl AsyncWrite for Transport {
     }
 }
 
-/// The server's close of a WebSocket that sent a text message.
+/// The server's close of a WebSocket: after a text message (1003), or at the session's end (1000).
 enum Closing {
     Send(CloseFrame),
     Flush,
@@ -301,7 +301,8 @@ fn ws_io(e: WsError) -> io::Error {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> WsFrames<S> {
-    /// Drives the close started by a text message; ready once it is sent (or cannot be).
+    /// Drives the close started by a text message or the session's end; ready once the close
+    /// frame is sent (or cannot be: the peer closed first, or the socket failed).
     fn poll_closing(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
             match self.closing.take() {
@@ -430,15 +431,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsFrames<S> {
     }
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // The server ends the session: a close frame with code 1000 (none if the peer's close
+        // or a text message's 1003 already went out), then the socket closes.
         let this = self.get_mut();
-        if this.closing.is_some() {
-            ready!(this.poll_closing(cx));
-            return Poll::Ready(Ok(()));
+        if this.closing.is_none() {
+            this.closing = Some(Closing::Send(CloseFrame {
+                code: CloseCode::Normal,
+                reason: "".into(),
+            }));
         }
-        match ready!(Pin::new(&mut this.ws).poll_close(cx)) {
-            Ok(()) | Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => Poll::Ready(Ok(())),
-            Err(e) => Poll::Ready(Err(ws_io(e))),
-        }
+        ready!(this.poll_closing(cx));
+        Poll::Ready(Ok(()))
     }
 }
 
