@@ -1319,7 +1319,10 @@ impl Shard {
     ) {
         let ws = transport::ws_config(self.cfg.v2.max_frame_bytes);
         let timeout = Duration::from_millis(self.cfg.login_timeout_ms);
-        match transport::accept(stream, kind, config, ws, timeout).await {
+        // Boxed: the handshakes' state (about 32 KB, most of it the WebSocket upgrade's) is
+        // freed once they are done instead of staying in this task for the connection's life.
+        let accepted = Box::pin(transport::accept(stream, kind, config, ws, timeout)).await;
+        match accepted {
             Ok(t) => {
                 if self.shutting_down.get() {
                     return;
