@@ -497,6 +497,25 @@ fn websocket_frames_pings_splits_and_text() {
         other => panic!("expected a close frame, got {other:?}"),
     }
 
+    // A message larger than one frame can be: closed with 1009.
+    let ws = ws_over(Box::new(tcp(server.v2_ws.unwrap())), &url);
+    let mut big = V2::new(Wire::Ws(Box::new(ws)));
+    big.hello("big");
+    let Wire::Ws(ws) = &mut big.wire else {
+        unreachable!()
+    };
+    ws.send(Message::binary(vec![0u8; (1 << 20) + 512 + 5]))
+        .unwrap();
+    let code = loop {
+        match ws.read() {
+            Ok(Message::Close(Some(f))) => break f.code,
+            Ok(Message::Close(None)) => panic!("close without a code"),
+            Ok(_) => {}
+            Err(e) => panic!("no close frame: {e}"),
+        }
+    };
+    assert_eq!(code, CloseCode::Size);
+
     // Not an upgrade request: refused, counted.
     let mut raw = tcp(server.v2_ws.unwrap());
     raw.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();

@@ -11,7 +11,8 @@
 //!   split over messages, or several in one, decode the same); writing cuts the output at frame
 //!   boundaries (the 4-byte length) and sends each v2 frame as one binary message. Pings are
 //!   answered by tungstenite on the next read, a close frame is answered and ends the stream, a
-//!   text message is answered with a close frame of code 1003 and ends it.
+//!   text message is answered with a close frame of code 1003 and ends it (1009 for a message
+//!   over `max_frame_bytes` + 4, 1002 for a WebSocket protocol error).
 //!
 //! The handshakes run in their own task per connection ([`accept`]), bounded by
 //! `login_timeout_ms`, so a slow client never holds up the accept loop.
@@ -370,6 +371,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsFrames<S> {
                 Some(Ok(Message::Frame(_))) => {}
                 Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => {
                     return Poll::Ready(Ok(0))
+                }
+                // The peer broke the WebSocket rules: tell it why in the close frame.
+                Some(Err(e @ (WsError::Capacity(_) | WsError::Protocol(_)))) => {
+                    let code = if matches!(e, WsError::Capacity(_)) {
+                        CloseCode::Size
+                    } else {
+                        CloseCode::Protocol
+                    };
+                    this.closing = Some(Closing::Send(CloseFrame {
+                        code,
+                        reason: "".into(),
+                    }));
                 }
                 Some(Err(e)) => return Poll::Ready(Err(ws_io(e))),
             }
