@@ -454,7 +454,8 @@ impl EdgeConfig {
             if self.cluster.bus == BusKind::Kafka {
                 return bad(
                     "v2.listen, tls_listen, ws_listen, wss_listen: protocol v2 is served by the \
-                     embedded deployment only in this version (a SEND_ACK needs the core's durability confirmation)"
+                     embedded deployment only in this version (a SEND_ACK needs the core's \
+                     durability confirmation)"
                         .to_owned(),
                 );
             }

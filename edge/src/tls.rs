@@ -133,7 +133,10 @@ impl TlsCerts {
             }
             Err(e) => {
                 self.reloads_failed.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, "tls certificate reload failed; keeping the previous one");
+                tracing::error!(
+                    error = %e,
+                    "tls certificate reload failed; keeping the previous one"
+                );
                 Err(e)
             }
         }
