@@ -222,12 +222,13 @@ impl Ca {
     }
 }
 
-/// A server with every v2 transport, its certificate issued by `ca` into `dir`.
+/// A server with every v2 transport, its certificate issued by `ca` into `dir`; `extra` holds
+/// top-level configuration keys.
 fn server(ca: &Ca, dir: &Path, extra: &str) -> (Server, Vec<u8>, PathBuf, PathBuf) {
     let (cert, key) = (dir.join("edge.crt"), dir.join("edge.key"));
     let der = ca.issue(&cert, &key);
     let config = format!(
-        "[v2]\ntls_cert_file = {:?}\ntls_key_file = {:?}\n{extra}",
+        "{extra}\n[v2]\ntls_cert_file = {:?}\ntls_key_file = {:?}\n",
         cert.display().to_string(),
         key.display().to_string()
     );
@@ -541,6 +542,37 @@ fn websocket_over_tls_end_to_end() {
         server.metric("iris_edge_v2_wss_connections_accepted_total"),
         1
     );
+}
+
+#[test]
+fn a_client_silent_in_its_handshake_is_dropped_after_login_timeout_ms() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("iris test ca");
+    let (server, _, _, _) = server(&ca, dir.path(), "login_timeout_ms = 300");
+    for (addr, metric) in [
+        (
+            server.v2_tls.unwrap(),
+            "iris_edge_tls_handshakes_failed_total",
+        ),
+        (
+            server.v2_ws.unwrap(),
+            "iris_edge_ws_handshakes_failed_total",
+        ),
+    ] {
+        let mut silent = tcp(addr);
+        silent
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let t = Instant::now();
+        let mut b = [0u8; 16];
+        assert_eq!(silent.read(&mut b).unwrap(), 0, "closed without a byte");
+        assert!(
+            t.elapsed() >= Duration::from_millis(250),
+            "{:?}",
+            t.elapsed()
+        );
+        wait_metric(&server, metric, 1);
+    }
 }
 
 #[test]

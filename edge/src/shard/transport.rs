@@ -124,6 +124,9 @@ const WS_READ_BUFFER_BYTES: usize = 4096;
 /// the connection's writes anyway).
 const WS_WRITE_BUFFER_BYTES: usize = 16 << 10;
 
+/// Reads of a closing WebSocket's leftover input per poll before it yields.
+const DRAIN_READS_PER_POLL: usize = 64;
+
 /// Runs `fut` until `deadline`; `None` when it passed.
 async fn within<T>(deadline: Instant, fut: impl Future<Output = T>) -> Option<T> {
     let left = deadline.saturating_duration_since(Instant::now());
@@ -454,7 +457,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsFrames<S> {
             }));
         }
         ready!(this.poll_closing(cx));
-        Poll::Ready(Ok(()))
+        // Then read and drop what the peer still sends (its close frame, the rest of an
+        // oversized message) until it closes: closing a socket with unread input resets the
+        // connection, which can destroy our close frame before the peer reads it. Bounded by
+        // the caller's timeout (`Transport::finish`); yields now and then so the timer runs.
+        let mut sink = [0u8; 4096];
+        for _ in 0..DRAIN_READS_PER_POLL {
+            match ready!(Pin::new(this.ws.get_mut()).poll_read(cx, &mut sink)) {
+                Ok(0) | Err(_) => return Poll::Ready(Ok(())),
+                Ok(_) => {}
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 }
 
