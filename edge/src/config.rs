@@ -139,6 +139,20 @@ impl Default for RateLimits {
 pub struct V2Config {
     /// Plain-TCP v2 listener; none (the default) serves no v2. Port 0 picks a free port.
     pub listen: Option<SocketAddr>,
+    /// v2 over TLS (1.2 or 1.3) listener; none (the default) serves none. Needs
+    /// `tls_cert_file` and `tls_key_file`.
+    pub tls_listen: Option<SocketAddr>,
+    /// v2 over WebSocket (`ws://`, one frame per binary message) listener (none).
+    pub ws_listen: Option<SocketAddr>,
+    /// v2 over WebSocket over TLS (`wss://`) listener (none). Needs `tls_cert_file` and
+    /// `tls_key_file`.
+    pub wss_listen: Option<SocketAddr>,
+    /// PEM file of the certificate chain (leaf first) for `tls_listen` and `wss_listen`; read
+    /// again on SIGHUP (none).
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM file of the private key (PKCS#8, PKCS#1 or SEC1) of `tls_cert_file`; read again on
+    /// SIGHUP (none).
+    pub tls_key_file: Option<PathBuf>,
     /// Largest frame (`len` field) a client may send; larger is an error and a close; at
     /// least 262656 (256 KiB + 512, so every v1 message fits a DELIVER) (1049088 = 1 MiB + 512).
     /// Announced in HELLO_OK.
@@ -156,10 +170,25 @@ pub struct V2Config {
     pub max_unconfirmed_sends: u32,
 }
 
+impl V2Config {
+    /// Whether any v2 listener (TCP, TLS, WebSocket, WebSocket over TLS) is configured.
+    pub fn serves(&self) -> bool {
+        self.listen.is_some()
+            || self.tls_listen.is_some()
+            || self.ws_listen.is_some()
+            || self.wss_listen.is_some()
+    }
+}
+
 impl Default for V2Config {
     fn default() -> Self {
         Self {
             listen: None,
+            tls_listen: None,
+            ws_listen: None,
+            wss_listen: None,
+            tls_cert_file: None,
+            tls_key_file: None,
             max_frame_bytes: iris_wire::v2::DEFAULT_MAX_FRAME_BYTES as u32,
             ping_interval_ms: 30_000,
             send_rate_per_sec: 1_000,
@@ -467,11 +496,11 @@ impl EdgeConfig {
             return bad("ring_depth must be > 0 and io_memory_bytes at least 65536".to_owned());
         }
         let v2 = &self.v2;
-        if v2.listen.is_some() {
+        if v2.serves() {
             if self.cluster.bus == BusKind::Kafka {
                 return bad(
-                    "v2.listen: protocol v2 is served by the embedded deployment only in this \
-                     version (a SEND_ACK needs the core's durability confirmation)"
+                    "v2.listen, tls_listen, ws_listen, wss_listen: protocol v2 is served by the \
+                     embedded deployment only in this version (a SEND_ACK needs the core's durability confirmation)"
                         .to_owned(),
                 );
             }
@@ -488,6 +517,19 @@ impl EdgeConfig {
                     "v2.send_rate_per_sec, v2.send_burst and v2.max_unconfirmed_sends must be > 0"
                         .to_owned(),
                 );
+            }
+        }
+        if v2.tls_listen.is_some() || v2.wss_listen.is_some() {
+            let (Some(cert), Some(key)) = (&v2.tls_cert_file, &v2.tls_key_file) else {
+                return bad(
+                    "v2.tls_listen and v2.wss_listen need v2.tls_cert_file and v2.tls_key_file \
+                     (PEM files)"
+                        .to_owned(),
+                );
+            };
+            // The files are read and parsed here too, so `--check` catches a missing or bad one.
+            if let Err(e) = crate::tls::load_server_config(cert, key) {
+                return bad(format!("v2 TLS: {e}"));
             }
         }
         let r = &self.rate_limits;

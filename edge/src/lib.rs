@@ -11,6 +11,7 @@
 //! - [`admin`], [`metrics`]: `/metrics` and `/health`.
 //! - [`alloc`]: idle shards return freed memory to the OS.
 //! - [`ratelimit`]: token buckets of the client rate limits.
+//! - [`tls`]: the TLS certificate of the v2 transports and its reload on SIGHUP.
 //! - [`auth`]: JWT login tokens. [`idgen`]: message ids. [`hostcheck`]: startup host checks.
 
 pub mod admin;
@@ -24,3 +25,4 @@ pub mod protocol;
 pub mod ratelimit;
 pub mod server;
 pub mod shard;
+pub mod tls;

@@ -4,8 +4,10 @@
 //! make it one region of a federated deployment.
 //!
 //! Prints one line to standard output once serving, for scripts and tests:
-//! `iris-edge listening client=ADDR admin=ADDR shards=N[ v2=ADDR]` (` v2=` when `--listen-v2`
-//! or `[v2] listen` serves protocol v2). Logs go to standard error
+//! `iris-edge listening client=ADDR admin=ADDR shards=N[ v2=ADDR][ v2tls=ADDR][ v2ws=ADDR]
+//! [ v2wss=ADDR]` (each v2 key when its listener is set: `--listen-v2` / `[v2] listen`,
+//! `--listen-v2-tls` / `tls_listen`, `--listen-v2-ws` / `ws_listen`, `--listen-v2-wss` /
+//! `wss_listen`). SIGHUP reloads the v2 TLS certificate files. Logs go to standard error
 //! (`RUST_LOG` filters them, default `info`): plain text, with ANSI colours only when standard
 //! error is a terminal, or one JSON object per line with `--log-format json`.
 
@@ -34,6 +36,17 @@ struct Cli {
     /// Protocol v2 listener address (`[v2] listen`) [default: none, no v2].
     #[arg(long)]
     listen_v2: Option<SocketAddr>,
+    /// Protocol v2 over TLS listener address (`[v2] tls_listen`; needs `[v2] tls_cert_file`
+    /// and `tls_key_file`) [default: none].
+    #[arg(long)]
+    listen_v2_tls: Option<SocketAddr>,
+    /// Protocol v2 over WebSocket listener address (`[v2] ws_listen`) [default: none].
+    #[arg(long)]
+    listen_v2_ws: Option<SocketAddr>,
+    /// Protocol v2 over WebSocket over TLS listener address (`[v2] wss_listen`; needs the TLS
+    /// files) [default: none].
+    #[arg(long)]
+    listen_v2_wss: Option<SocketAddr>,
     /// Data directory of the embedded store [default: ./data].
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -116,6 +129,15 @@ fn main() -> anyhow::Result<()> {
     if let Some(v) = cli.listen_v2 {
         cfg.v2.listen = Some(v);
     }
+    if let Some(v) = cli.listen_v2_tls {
+        cfg.v2.tls_listen = Some(v);
+    }
+    if let Some(v) = cli.listen_v2_ws {
+        cfg.v2.ws_listen = Some(v);
+    }
+    if let Some(v) = cli.listen_v2_wss {
+        cfg.v2.wss_listen = Some(v);
+    }
     if let Some(v) = cli.listen {
         cfg.listen = v;
     }
@@ -193,9 +215,19 @@ fn main() -> anyhow::Result<()> {
             .context("cannot install signal handler")?;
     }
     iris_edge::server::run(cfg, shutdown, |b| {
-        let v2 = b.v2.map(|a| format!(" v2={a}")).unwrap_or_default();
+        let mut extra = String::new();
+        for (key, addr) in [
+            ("v2", b.v2),
+            ("v2tls", b.v2_tls),
+            ("v2ws", b.v2_ws),
+            ("v2wss", b.v2_wss),
+        ] {
+            if let Some(a) = addr {
+                extra.push_str(&format!(" {key}={a}"));
+            }
+        }
         println!(
-            "iris-edge listening client={} admin={} shards={}{v2}",
+            "iris-edge listening client={} admin={} shards={}{extra}",
             b.client, b.admin, b.shards
         );
     })

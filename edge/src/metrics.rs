@@ -37,6 +37,16 @@ counters! {
     connections_accepted_total: "counter",
     /// Connections currently open.
     connections_open: "gauge",
+    /// v2 connections accepted on the TLS listener (tls_listen).
+    v2_tls_connections_accepted_total: "counter",
+    /// v2 connections accepted on the WebSocket listener (ws_listen).
+    v2_ws_connections_accepted_total: "counter",
+    /// v2 connections accepted on the WebSocket-over-TLS listener (wss_listen).
+    v2_wss_connections_accepted_total: "counter",
+    /// TLS handshakes (tls_listen, wss_listen) that failed or timed out.
+    tls_handshakes_failed_total: "counter",
+    /// WebSocket upgrades (ws_listen, wss_listen) that failed or timed out.
+    ws_handshakes_failed_total: "counter",
     /// Connections currently logged in.
     sessions_open: "gauge",
     /// LOGINs accepted (LOGIN_OK sent).

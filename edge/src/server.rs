@@ -30,6 +30,7 @@ use crate::admin;
 use crate::config::{BusKind, EdgeConfig};
 use crate::metrics::ShardMetrics;
 use crate::shard::{self, ShardStart};
+use crate::tls::TlsCerts;
 
 /// Exit status of a process that lost a thread (a shard, the core, the admin endpoint): the
 /// edge never runs on with part of itself dead.
@@ -62,6 +63,36 @@ pub struct Bound {
     pub shards: usize,
     /// The protocol v2 listener, when `[v2] listen` is set.
     pub v2: Option<SocketAddr>,
+    /// The v2 over TLS listener, when `[v2] tls_listen` is set.
+    pub v2_tls: Option<SocketAddr>,
+    /// The v2 over WebSocket listener, when `[v2] ws_listen` is set.
+    pub v2_ws: Option<SocketAddr>,
+    /// The v2 over WebSocket over TLS listener, when `[v2] wss_listen` is set.
+    pub v2_wss: Option<SocketAddr>,
+}
+
+/// One `SO_REUSEPORT` socket per shard on `addr` (the first resolves port 0), or none per shard
+/// when `addr` is not set.
+fn bind_optional(
+    addr: Option<SocketAddr>,
+    nshards: usize,
+    what: &str,
+) -> anyhow::Result<(Vec<Option<Socket>>, Option<SocketAddr>)> {
+    let Some(addr) = addr else {
+        return Ok(((0..nshards).map(|_| None).collect(), None));
+    };
+    let first = bind_listener(addr).with_context(|| format!("cannot listen ({what}) on {addr}"))?;
+    let bound = first
+        .local_addr()?
+        .as_socket()
+        .with_context(|| format!("{what} listener has no inet address"))?;
+    let mut sockets = vec![Some(first)];
+    for _ in 1..nshards {
+        sockets.push(Some(
+            bind_listener(bound).with_context(|| format!("cannot listen ({what}) on {bound}"))?,
+        ));
+    }
+    Ok((sockets, Some(bound)))
 }
 
 /// The CPUs this process may run on (its affinity mask), in ascending order.
@@ -139,33 +170,38 @@ pub fn run(
         );
     }
 
-    // Protocol v2 on its own port, likewise one SO_REUSEPORT socket per shard.
-    let mut v2_sockets = Vec::new();
-    let mut v2_addr = None;
-    if let Some(addr) = cfg.v2.listen {
-        let first = bind_listener(addr).with_context(|| format!("cannot listen (v2) on {addr}"))?;
-        let bound = first
-            .local_addr()?
-            .as_socket()
-            .context("v2 listener has no inet address")?;
-        v2_sockets.push(Some(first));
-        for _ in 1..nshards {
-            v2_sockets.push(Some(
-                bind_listener(bound).with_context(|| format!("cannot listen (v2) on {bound}"))?,
-            ));
-        }
-        v2_addr = Some(bound);
-    } else {
-        v2_sockets.resize_with(nshards, || None);
+    // Protocol v2 on its own ports (TCP, TLS, WebSocket, WebSocket over TLS), likewise one
+    // SO_REUSEPORT socket per shard each.
+    let v2c = &cfg.v2;
+    let (v2_sockets, v2_addr) = bind_optional(v2c.listen, nshards, "v2")?;
+    let (mut tls_sockets, v2_tls) = bind_optional(v2c.tls_listen, nshards, "v2 tls")?;
+    let (mut ws_sockets, v2_ws) = bind_optional(v2c.ws_listen, nshards, "v2 ws")?;
+    let (mut wss_sockets, v2_wss) = bind_optional(v2c.wss_listen, nshards, "v2 wss")?;
+    let certs = match (&v2c.tls_cert_file, &v2c.tls_key_file) {
+        (Some(cert), Some(key)) if v2_tls.is_some() || v2_wss.is_some() => Some(Arc::new(
+            TlsCerts::load(cert, key).context("cannot load the v2 TLS certificate")?,
+        )),
+        _ => None,
+    };
+    // SIGHUP reloads the certificate (on this thread, in the watch loop below).
+    let reload = Arc::new(AtomicBool::new(false));
+    if certs.is_some() {
+        signal_hook::flag::register(signal_hook::consts::SIGHUP, reload.clone())
+            .context("cannot install the SIGHUP handler")?;
     }
 
     let metrics: Vec<Arc<ShardMetrics>> = (0..nshards)
         .map(|_| Arc::new(ShardMetrics::default()))
         .collect();
+    let tls_counts = certs.clone();
     let extra = match &core {
         Core::Embedded(c) => {
             let m = c.metrics();
-            admin::Extras::lines(Arc::new(move || core_lines(&m.snapshot())))
+            admin::Extras::lines(Arc::new(move || {
+                let mut lines = core_lines(&m.snapshot());
+                lines.extend(tls_lines(tls_counts.as_deref()));
+                lines
+            }))
         }
         Core::Remote(c) => {
             let (m, h, a, u) = (c.metrics(), c.metrics(), c.metrics(), c.metrics());
@@ -231,6 +267,12 @@ pub fn run(
             id_high: id_high.clone(),
             listener_fd: OwnedFd::from(sock),
             v2_listener_fd: v2_sock.map(OwnedFd::from),
+            v2_transports: shard::transport::Listeners {
+                tls: tls_sockets[i].take().map(OwnedFd::from),
+                ws: ws_sockets[i].take().map(OwnedFd::from),
+                wss: wss_sockets[i].take().map(OwnedFd::from),
+                certs: certs.clone(),
+            },
             mesh: mesh.clone(),
             shutdown: shutdown.clone(),
             ready: ready_tx.clone(),
@@ -267,12 +309,24 @@ pub fn run(
              listen on 127.0.0.1"
         );
     }
-    info!(client = %client_addr, admin = %admin_addr, v2 = ?v2_addr, shards = nshards, "iris-edge serving");
+    info!(
+        client = %client_addr,
+        admin = %admin_addr,
+        v2 = ?v2_addr,
+        v2_tls = ?v2_tls,
+        v2_ws = ?v2_ws,
+        v2_wss = ?v2_wss,
+        shards = nshards,
+        "iris-edge serving"
+    );
     ready(Bound {
         client: client_addr,
         admin: admin_addr,
         shards: nshards,
         v2: v2_addr,
+        v2_tls,
+        v2_ws,
+        v2_wss,
     });
 
     drop(exit_tx);
@@ -280,6 +334,12 @@ pub fn run(
     let mut failed = false;
     let mut running = nshards;
     while running > 0 {
+        if let Some(certs) = &certs {
+            if reload.swap(false, Ordering::Relaxed) {
+                // Logged and counted inside; the old certificate stays on failure.
+                let _ = certs.reload();
+            }
+        }
         match exit_rx.recv_timeout(Duration::from_millis(100)) {
             Ok(i) => {
                 running -= 1;
@@ -600,6 +660,28 @@ fn routed_out_text(out: &mut String, s: &RemoteSnapshot) {
     for (region, n) in &s.routed_out {
         let _ = writeln!(out, "iris_edge_routed_out_total{{region=\"{region}\"}} {n}");
     }
+}
+
+/// The v2 TLS certificate's reload counters as Prometheus lines (none without TLS).
+fn tls_lines(certs: Option<&TlsCerts>) -> Vec<(&'static str, &'static str, &'static str, u64)> {
+    let Some(certs) = certs else {
+        return Vec::new();
+    };
+    let (ok, failed) = certs.reload_counts();
+    vec![
+        (
+            "iris_edge_tls_reloads_total",
+            "counter",
+            "v2 TLS certificate reloads (SIGHUP) that took effect.",
+            ok,
+        ),
+        (
+            "iris_edge_tls_reloads_failed_total",
+            "counter",
+            "v2 TLS certificate reloads (SIGHUP) that failed: the previous certificate stays.",
+            failed,
+        ),
+    ]
 }
 
 /// The core's counters as Prometheus lines.

@@ -32,13 +32,13 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use futures_lite::{AsyncRead, AsyncWrite};
-use glommio::net::TcpStream;
 use glommio::timer::Timer;
 use iris_core::api::{ConnId, CoreRequest, DrainedMsg, StoredMsg};
 use iris_core::outbox::AcceptGate;
 use std::sync::atomic::AtomicBool;
 use tracing::{debug, warn};
 
+use super::transport::Transport;
 use super::v2::{self as v2out, Proto, V2State};
 use super::{owner_of, Delivery, Meta, Shard, ShardMsg};
 use crate::auth;
@@ -511,7 +511,7 @@ impl ConnShared {
         &self,
         cx: &mut Context<'_>,
         shard: &Rc<Shard>,
-        stream: &mut TcpStream,
+        stream: &mut Transport,
         inbuf: &mut Vec<u8>,
         timers: &mut Timers,
     ) -> Poll<Io> {
@@ -537,7 +537,14 @@ impl ConnShared {
                     Poll::Pending => break,
                 }
             }
-            if st.out_pos == st.out.len() {
+            // TLS records and WebSocket messages a transport holds go out too (plain TCP holds
+            // nothing): the output counts as flushed only once they have.
+            let held = match Pin::new(&mut *stream).poll_flush(cx) {
+                Poll::Ready(Ok(())) => false,
+                Poll::Ready(Err(e)) => return Poll::Ready(Io::Failed(e)),
+                Poll::Pending => true,
+            };
+            if st.out_pos == st.out.len() && !held {
                 st.out_pos = 0;
                 if st.out.capacity() > 64 << 10 {
                     st.out = Vec::new();
@@ -638,7 +645,7 @@ impl ConnShared {
         &self,
         cx: &mut Context<'_>,
         shard: &Rc<Shard>,
-        stream: &mut TcpStream,
+        stream: &mut Transport,
         inbuf: &mut Vec<u8>,
         timers: &mut Timers,
         gate: u64,
@@ -1582,8 +1589,11 @@ fn compact_out(out: &mut Vec<u8>, pos: &mut usize) {
     }
 }
 
+/// How long a closing TLS or WebSocket connection gets to send its close frame / close_notify.
+const TRANSPORT_CLOSE_TIMEOUT: Duration = Duration::from_millis(200);
+
 /// Serves one accepted socket until it closes.
-pub async fn run(shard: Rc<Shard>, mut stream: TcpStream, id: ConnId, proto: Proto) {
+pub async fn run(shard: Rc<Shard>, mut stream: Transport, id: ConnId, proto: Proto) {
     let c = Rc::new(ConnShared::new(id, proto));
     shard.conns.borrow_mut().insert(id, c.clone());
     ShardMetrics::inc(&shard.metrics.connections_open);
@@ -1679,6 +1689,7 @@ pub async fn run(shard: Rc<Shard>, mut stream: TcpStream, id: ConnId, proto: Pro
             },
         );
     }
+    stream.finish(TRANSPORT_CLOSE_TIMEOUT).await;
     drop(stream);
     shard.conns.borrow_mut().remove(&id);
     ShardMetrics::dec(&shard.metrics.connections_open);

@@ -16,6 +16,7 @@
 
 pub mod conn;
 pub mod presence;
+pub mod transport;
 pub mod v2;
 
 use std::cell::{Cell, RefCell};
@@ -1283,7 +1284,13 @@ impl Shard {
         }
     }
 
-    async fn accept_loop(self: Rc<Self>, listener: TcpListener, proto: v2::Proto) {
+    async fn accept_loop(
+        self: Rc<Self>,
+        listener: TcpListener,
+        proto: v2::Proto,
+        kind: transport::Kind,
+        certs: Option<Rc<crate::tls::ShardCerts>>,
+    ) {
         loop {
             match listener.accept().await {
                 Ok(stream) => {
@@ -1292,13 +1299,57 @@ impl Shard {
                     }
                     ShardMetrics::inc(&self.metrics.connections_accepted_total);
                     let id = self.next_conn_id();
-                    glommio::spawn_local(conn::run(self.clone(), stream, id, proto)).detach();
+                    if kind == transport::Kind::Tcp {
+                        glommio::spawn_local(conn::run(self.clone(), stream.into(), id, proto))
+                            .detach();
+                    } else {
+                        // The handshakes run in the connection's own task.
+                        let config = certs.as_ref().map(|c| c.current());
+                        glommio::spawn_local(self.clone().handshake(stream, kind, config, id))
+                            .detach();
+                    }
                 }
                 Err(e) => {
                     ShardMetrics::inc(&self.metrics.accept_errors_total);
                     warn!(shard = self.id, error = %e, "accept failed; pausing 10 ms");
                     glommio::timer::sleep(Duration::from_millis(10)).await;
                 }
+            }
+        }
+    }
+}
+
+impl Shard {
+    /// TLS and/or WebSocket handshakes of an accepted v2 connection, then its session.
+    async fn handshake(
+        self: Rc<Self>,
+        stream: glommio::net::TcpStream,
+        kind: transport::Kind,
+        config: Option<Arc<rustls::ServerConfig>>,
+        id: ConnId,
+    ) {
+        let ws = transport::ws_config(self.cfg.v2.max_frame_bytes);
+        let timeout = Duration::from_millis(self.cfg.login_timeout_ms);
+        match transport::accept(stream, kind, config, ws, timeout).await {
+            Ok(t) => {
+                if self.shutting_down.get() {
+                    return;
+                }
+                let m = &self.metrics;
+                ShardMetrics::inc(match kind {
+                    transport::Kind::Tls => &m.v2_tls_connections_accepted_total,
+                    transport::Kind::Ws => &m.v2_ws_connections_accepted_total,
+                    _ => &m.v2_wss_connections_accepted_total,
+                });
+                conn::run(self, t, id, v2::Proto::V2).await;
+            }
+            Err(e) => {
+                ShardMetrics::inc(if e.is_tls() {
+                    &self.metrics.tls_handshakes_failed_total
+                } else {
+                    &self.metrics.ws_handshakes_failed_total
+                });
+                debug!(shard = self.id, conn = id, error = %e, "handshake failed");
             }
         }
     }
@@ -1317,6 +1368,8 @@ pub struct ShardStart {
     pub listener_fd: std::os::fd::OwnedFd,
     /// The protocol v2 listener, when `[v2] listen` is set.
     pub v2_listener_fd: Option<std::os::fd::OwnedFd>,
+    /// The v2 TLS, WebSocket and WebSocket-over-TLS listeners, when configured.
+    pub v2_transports: transport::Listeners,
     pub mesh: Option<MeshBuilder<Batch, Full>>,
     pub shutdown: Arc<AtomicBool>,
     /// Told this shard's id once it accepts connections.
@@ -1354,6 +1407,7 @@ pub async fn run(start: ShardStart) {
         id_high,
         listener_fd,
         v2_listener_fd,
+        v2_transports,
         mesh,
         shutdown,
         ready,
@@ -1406,13 +1460,30 @@ pub async fn run(start: ShardStart) {
     // that ownership up, and `from_raw_fd` takes it, so exactly one owner closes it. It is a
     // bound, listening TCP socket created for this shard alone.
     let listener = unsafe { TcpListener::from_raw_fd(listener_fd.into_raw_fd()) };
-    let accept = glommio::spawn_local(shard.clone().accept_loop(listener, v2::Proto::V1)).detach();
-    let accept_v2 = v2_listener_fd.map(|fd| {
+    let tcp = transport::Kind::Tcp;
+    let accept =
+        glommio::spawn_local(shard.clone().accept_loop(listener, v2::Proto::V1, tcp, None))
+            .detach();
+    let certs = v2_transports
+        .certs
+        .map(|c| Rc::new(crate::tls::ShardCerts::new(c)));
+    let mut accept_v2 = Vec::new();
+    for (fd, kind) in [
+        (v2_listener_fd, tcp),
+        (v2_transports.tls, transport::Kind::Tls),
+        (v2_transports.ws, transport::Kind::Ws),
+        (v2_transports.wss, transport::Kind::Wss),
+    ] {
+        let Some(fd) = fd else { continue };
         // SAFETY: as above: an owned, bound, listening TCP socket of this shard alone, whose
         // single ownership passes from the `OwnedFd` to the listener.
         let listener = unsafe { TcpListener::from_raw_fd(fd.into_raw_fd()) };
-        glommio::spawn_local(shard.clone().accept_loop(listener, v2::Proto::V2)).detach()
-    });
+        let certs = certs.clone();
+        let task = shard
+            .clone()
+            .accept_loop(listener, v2::Proto::V2, kind, certs);
+        accept_v2.push(glommio::spawn_local(task).detach());
+    }
     info!(shard = id, "shard started");
     let _ = ready.send(id);
     drop(ready);
@@ -1430,7 +1501,7 @@ pub async fn run(start: ShardStart) {
     info!(shard = id, "shard draining");
     shard.shutting_down.set(true);
     accept.cancel();
-    if let Some(a) = accept_v2 {
+    for a in accept_v2 {
         a.cancel();
     }
     let conns: Vec<_> = shard.conns.borrow().values().cloned().collect();

@@ -1,0 +1,455 @@
+//! The byte stream under a connection: plain TCP, TLS, WebSocket or WebSocket over TLS
+//! (docs/PROTOCOL-v2.md "Transports"). [`Transport`] implements `futures_lite::{AsyncRead,
+//! AsyncWrite}`, so `conn::run` reads and writes every transport the same way; the v2 decoder
+//! never knows which one it is on.
+//!
+//! - TLS: rustls (ring provider) through `futures-rustls`, with the certificate current when the
+//!   connection was accepted (`crate::tls`). A write puts plaintext into rustls's buffer; the
+//!   connection's `poll_flush` after its writes pushes the records out.
+//! - WebSocket ([`WsFrames`]): the server side of the upgrade by `async-tungstenite`. Reading
+//!   yields the bytes of binary messages in order (v2 frames are self-delimiting, so a frame
+//!   split over messages, or several in one, decode the same); writing cuts the output at frame
+//!   boundaries (the 4-byte length) and sends each v2 frame as one binary message. Pings are
+//!   answered by tungstenite on the next read, a close frame is answered and ends the stream, a
+//!   text message is answered with a close frame of code 1003 and ends it.
+//!
+//! The handshakes run in their own task per connection ([`accept`]), bounded by
+//! `login_timeout_ms`, so a slow client never holds up the accept loop.
+
+use std::future::Future;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
+
+use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use async_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use async_tungstenite::tungstenite::{Bytes, Error as WsError, Message};
+use async_tungstenite::WebSocketStream;
+use futures_lite::{AsyncRead, AsyncWrite, Stream};
+use futures_rustls::server::TlsStream;
+use futures_sink::Sink;
+use glommio::net::TcpStream;
+use rustls::ServerConfig;
+
+use crate::tls::TlsCerts;
+
+/// Which transport a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Tcp,
+    Tls,
+    Ws,
+    Wss,
+}
+
+/// The v2 transport listeners of one shard beyond plain TCP (`[v2] tls_listen`, `ws_listen`,
+/// `wss_listen`), and the certificate they share.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    pub tls: Option<OwnedFd>,
+    pub ws: Option<OwnedFd>,
+    pub wss: Option<OwnedFd>,
+    /// Set when `tls` or `wss` is.
+    pub certs: Option<Arc<TlsCerts>>,
+}
+
+/// A connection's byte stream once its handshakes are done.
+pub enum Transport {
+    Tcp(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+    Ws(Box<WsFrames<TcpStream>>),
+    Wss(Box<WsFrames<TlsStream<TcpStream>>>),
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Transport::Tcp(_) => "Transport::Tcp",
+            Transport::Tls(_) => "Transport::Tls",
+            Transport::Ws(_) => "Transport::Ws",
+            Transport::Wss(_) => "Transport::Wss",
+        })
+    }
+}
+
+impl From<TcpStream> for Transport {
+    fn from(s: TcpStream) -> Self {
+        Transport::Tcp(s)
+    }
+}
+
+/// Why a connection's handshake failed; the connection is closed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("tls handshake failed: {0}")]
+    Tls(io::Error),
+    #[error("websocket upgrade failed: {0}")]
+    Ws(WsError),
+    #[error("tls handshake timed out")]
+    TlsTimeout,
+    #[error("websocket upgrade timed out")]
+    WsTimeout,
+    #[error("no tls certificate loaded")]
+    NoCertificate,
+}
+
+impl HandshakeError {
+    /// Whether the TLS layer failed (else the WebSocket upgrade).
+    pub fn is_tls(&self) -> bool {
+        matches!(
+            self,
+            HandshakeError::Tls(_) | HandshakeError::TlsTimeout | HandshakeError::NoCertificate
+        )
+    }
+}
+
+/// The WebSocket limits of a v2 connection: one message holds one frame of at most
+/// `max_frame_bytes` (plus its 4 length bytes); small buffers, since most connections idle.
+pub fn ws_config(max_frame_bytes: u32) -> WebSocketConfig {
+    let max = max_frame_bytes as usize + 4;
+    WebSocketConfig::default()
+        .read_buffer_size(WS_READ_BUFFER_BYTES)
+        .write_buffer_size(WS_WRITE_BUFFER_BYTES)
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max))
+}
+
+/// tungstenite's read buffer, allocated per connection (its default is 128 KiB).
+const WS_READ_BUFFER_BYTES: usize = 4096;
+/// Outgoing messages are gathered up to this before a socket write (flushed after every pass of
+/// the connection's writes anyway).
+const WS_WRITE_BUFFER_BYTES: usize = 16 << 10;
+
+/// Runs `fut` until `deadline`; `None` when it passed.
+async fn within<T>(deadline: Instant, fut: impl Future<Output = T>) -> Option<T> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    futures_lite::future::or(async { Some(fut.await) }, async {
+        glommio::timer::sleep(left).await;
+        None
+    })
+    .await
+}
+
+async fn tls_accept(
+    stream: TcpStream,
+    config: Option<Arc<ServerConfig>>,
+    deadline: Instant,
+) -> Result<TlsStream<TcpStream>, HandshakeError> {
+    let config = config.ok_or(HandshakeError::NoCertificate)?;
+    let acceptor = futures_rustls::TlsAcceptor::from(config);
+    within(deadline, acceptor.accept(stream))
+        .await
+        .ok_or(HandshakeError::TlsTimeout)?
+        .map_err(HandshakeError::Tls)
+}
+
+async fn ws_accept<S>(
+    stream: S,
+    config: WebSocketConfig,
+    deadline: Instant,
+) -> Result<WsFrames<S>, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let ws = within(
+        deadline,
+        async_tungstenite::accept_async_with_config(stream, Some(config)),
+    )
+    .await
+    .ok_or(HandshakeError::WsTimeout)?
+    .map_err(HandshakeError::Ws)?;
+    Ok(WsFrames::new(ws))
+}
+
+/// Does the handshakes `kind` needs on an accepted socket, all within `timeout`.
+pub async fn accept(
+    stream: TcpStream,
+    kind: Kind,
+    tls: Option<Arc<ServerConfig>>,
+    ws: WebSocketConfig,
+    timeout: Duration,
+) -> Result<Transport, HandshakeError> {
+    let _ = stream.set_nodelay(true);
+    let deadline = Instant::now() + timeout;
+    Ok(match kind {
+        Kind::Tcp => Transport::Tcp(stream),
+        Kind::Tls => Transport::Tls(Box::new(tls_accept(stream, tls, deadline).await?)),
+        Kind::Ws => Transport::Ws(Box::new(ws_accept(stream, ws, deadline).await?)),
+        Kind::Wss => {
+            let tls = tls_accept(stream, tls, deadline).await?;
+            Transport::Wss(Box::new(ws_accept(tls, ws, deadline).await?))
+        }
+    })
+}
+
+impl Transport {
+    /// Sets `TCP_NODELAY` on the socket underneath.
+    pub fn set_nodelay(&self, on: bool) -> io::Result<()> {
+        let tcp = match self {
+            Transport::Tcp(s) => s,
+            Transport::Tls(t) => t.get_ref().0,
+            Transport::Ws(w) => w.ws.get_ref(),
+            Transport::Wss(w) => w.ws.get_ref().get_ref().0,
+        };
+        tcp.set_nodelay(on).map_err(io::Error::from)
+    }
+
+    /// Ends the session politely before the socket closes: a WebSocket close frame, a TLS
+    /// close_notify; at most `timeout`. Nothing for plain TCP.
+    pub async fn finish(&mut self, timeout: Duration) {
+        if matches!(self, Transport::Tcp(_)) {
+            return;
+        }
+        let close = std::future::poll_fn(|cx| Pin::new(&mut *self).poll_close(cx));
+        let _ = within(Instant::now() + timeout, close).await;
+    }
+}
+
+impl AsyncRead for Transport {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Transport::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Transport::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+            Transport::Ws(s) => Pin::new(&mut **s).poll_read(cx, buf),
+            Transport::Wss(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Transport {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Transport::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Transport::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+            Transport::Ws(s) => Pin::new(&mut **s).poll_write(cx, buf),
+            Transport::Wss(s) => Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Transport::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Transport::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+            Transport::Ws(s) => Pin::new(&mut **s).poll_flush(cx),
+            Transport::Wss(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Transport::Tcp(s) => Pin::new(s).poll_close(cx),
+            Transport::Tls(s) => Pin::new(&mut **s).poll_close(cx),
+            Transport::Ws(s) => Pin::new(&mut **s).poll_close(cx),
+            Transport::Wss(s) => Pin::new(&mut **s).poll_close(cx),
+        }
+    }
+}
+
+/// The server's close of a WebSocket that sent a text message.
+enum Closing {
+    Send(CloseFrame),
+    Flush,
+    Done,
+}
+
+/// A v2 byte stream over a WebSocket: binary messages in, one binary message per frame out.
+pub struct WsFrames<S> {
+    ws: WebSocketStream<S>,
+    /// The unread rest of the last binary message.
+    input: Bytes,
+    /// The start of an outgoing frame whose end has not been written yet.
+    partial: Vec<u8>,
+    closing: Option<Closing>,
+}
+
+impl<S> WsFrames<S> {
+    fn new(ws: WebSocketStream<S>) -> Self {
+        Self {
+            ws,
+            input: Bytes::new(),
+            partial: Vec::new(),
+            closing: None,
+        }
+    }
+}
+
+/// The whole size (length field included) of the frame `b` starts with, once its length is in.
+fn frame_size(b: &[u8]) -> Option<usize> {
+    let len: [u8; 4] = b.get(..4)?.try_into().ok()?;
+    Some(4 + u32::from_be_bytes(len) as usize)
+}
+
+fn ws_io(e: WsError) -> io::Error {
+    match e {
+        WsError::Io(e) => e,
+        WsError::ConnectionClosed | WsError::AlreadyClosed => {
+            io::Error::new(io::ErrorKind::BrokenPipe, "websocket closed")
+        }
+        other => io::Error::new(io::ErrorKind::InvalidData, other.to_string()),
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> WsFrames<S> {
+    /// Drives the close started by a text message; ready once it is sent (or cannot be).
+    fn poll_closing(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            match self.closing.take() {
+                Some(Closing::Send(frame)) => match Pin::new(&mut self.ws).poll_ready(cx) {
+                    Poll::Pending => {
+                        self.closing = Some(Closing::Send(frame));
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(Ok(())) => {
+                        let sent = Pin::new(&mut self.ws).start_send(Message::Close(Some(frame)));
+                        self.closing = Some(if sent.is_ok() {
+                            Closing::Flush
+                        } else {
+                            Closing::Done
+                        });
+                    }
+                    Poll::Ready(Err(_)) => self.closing = Some(Closing::Done),
+                },
+                Some(Closing::Flush) => match Pin::new(&mut self.ws).poll_flush(cx) {
+                    Poll::Pending => {
+                        self.closing = Some(Closing::Flush);
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(_) => self.closing = Some(Closing::Done),
+                },
+                Some(Closing::Done) | None => {
+                    self.closing = Some(Closing::Done);
+                    return Poll::Ready(());
+                }
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsFrames<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        loop {
+            if !this.input.is_empty() {
+                let n = buf.len().min(this.input.len());
+                buf[..n].copy_from_slice(&this.input[..n]);
+                let _ = this.input.split_to(n);
+                return Poll::Ready(Ok(n));
+            }
+            if this.closing.is_some() {
+                ready!(this.poll_closing(cx));
+                return Poll::Ready(Ok(0));
+            }
+            match ready!(Pin::new(&mut this.ws).poll_next(cx)) {
+                None => return Poll::Ready(Ok(0)),
+                Some(Ok(Message::Binary(b))) => this.input = b,
+                Some(Ok(Message::Text(_))) => {
+                    this.closing = Some(Closing::Send(CloseFrame {
+                        code: CloseCode::Unsupported,
+                        reason: "v2 frames travel in binary messages".into(),
+                    }));
+                }
+                // A ping's pong is queued by tungstenite and sent by the next poll; a close
+                // frame's answer likewise, after which the stream ends (`None`).
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Close(_))) => {}
+                Some(Ok(Message::Frame(_))) => {}
+                Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => {
+                    return Poll::Ready(Ok(0))
+                }
+                Some(Err(e)) => return Poll::Ready(Err(ws_io(e))),
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsFrames<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        if this.closing.is_some() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "websocket closing",
+            )));
+        }
+        if let Err(e) = ready!(Pin::new(&mut this.ws).poll_ready(cx)) {
+            return Poll::Ready(Err(ws_io(e)));
+        }
+        // The common case: a whole frame at the head of the output.
+        let mut frame = None;
+        let mut used = 0;
+        if this.partial.is_empty() {
+            if let Some(size) = frame_size(buf).filter(|&s| s <= buf.len()) {
+                frame = Some(buf[..size].to_vec());
+                used = size;
+            }
+        }
+        if frame.is_none() {
+            let want = match frame_size(&this.partial) {
+                Some(size) => size - this.partial.len(),
+                None => 4 - this.partial.len(),
+            };
+            used = want.min(buf.len());
+            this.partial.extend_from_slice(&buf[..used]);
+            if frame_size(&this.partial) == Some(this.partial.len()) {
+                frame = Some(std::mem::take(&mut this.partial));
+            }
+        }
+        if let Some(frame) = frame {
+            Pin::new(&mut this.ws)
+                .start_send(Message::Binary(frame.into()))
+                .map_err(ws_io)?;
+        }
+        Poll::Ready(Ok(used))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().ws)
+            .poll_flush(cx)
+            .map_err(ws_io)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.closing.is_some() {
+            ready!(this.poll_closing(cx));
+            return Poll::Ready(Ok(()));
+        }
+        match ready!(Pin::new(&mut this.ws).poll_close(cx)) {
+            Ok(()) | Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => Poll::Ready(Ok(())),
+            Err(e) => Poll::Ready(Err(ws_io(e))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::frame_size;
+
+    #[test]
+    fn frame_size_reads_the_length_field() {
+        assert_eq!(frame_size(&[0, 0, 0]), None);
+        assert_eq!(frame_size(&[0, 0, 0, 5, 1]), Some(9));
+        assert_eq!(frame_size(&[0, 0, 1, 0]), Some(260));
+    }
+}
