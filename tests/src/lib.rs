@@ -302,6 +302,12 @@ pub struct Server {
     pub shards: usize,
     /// Protocol v2 address, when the server serves v2 (`--listen-v2`).
     pub v2: Option<SocketAddr>,
+    /// Protocol v2 over TLS address (`--listen-v2-tls`).
+    pub v2_tls: Option<SocketAddr>,
+    /// Protocol v2 over WebSocket address (`--listen-v2-ws`).
+    pub v2_ws: Option<SocketAddr>,
+    /// Protocol v2 over WebSocket over TLS address (`--listen-v2-wss`).
+    pub v2_wss: Option<SocketAddr>,
     opts: ServerOpts,
     data_dir: PathBuf,
     log_path: PathBuf,
@@ -349,6 +355,9 @@ impl Server {
             admin: SocketAddr::from(([127, 0, 0, 1], 0)),
             shards: 0,
             v2: None,
+            v2_tls: None,
+            v2_ws: None,
+            v2_wss: None,
             opts,
             data_dir,
             log_path,
@@ -440,10 +449,15 @@ impl Server {
         self.client = field("client=").parse().expect("client address");
         self.admin = field("admin=").parse().expect("admin address");
         self.shards = field("shards=").parse().expect("shard count");
-        self.v2 = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("v2="))
-            .map(|a| a.parse().expect("v2 address"));
+        let optional = |name: &str| -> Option<SocketAddr> {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name))
+                .map(|a| a.parse().expect("v2 address"))
+        };
+        self.v2 = optional("v2=");
+        self.v2_tls = optional("v2tls=");
+        self.v2_ws = optional("v2ws=");
+        self.v2_wss = optional("v2wss=");
         assert_eq!(self.shards, shards, "listening line: {line:?}");
         self.child = Some(child);
         if !self.opts.no_ready_probe {
