@@ -186,15 +186,24 @@ pub async fn accept(
 }
 
 impl Transport {
-    /// Sets `TCP_NODELAY` on the socket underneath.
-    pub fn set_nodelay(&self, on: bool) -> io::Result<()> {
-        let tcp = match self {
+    /// The TCP socket underneath.
+    fn tcp(&self) -> &TcpStream {
+        match self {
             Transport::Tcp(s) => s,
             Transport::Tls(t) => t.get_ref().0,
             Transport::Ws(w) => w.ws.get_ref(),
             Transport::Wss(w) => w.ws.get_ref().get_ref().0,
-        };
-        tcp.set_nodelay(on).map_err(io::Error::from)
+        }
+    }
+
+    /// Sets `TCP_NODELAY` on the socket underneath.
+    pub fn set_nodelay(&self, on: bool) -> io::Result<()> {
+        self.tcp().set_nodelay(on).map_err(io::Error::from)
+    }
+
+    /// The peer's address (the per-address login limit keys on its IP).
+    pub fn peer_addr(&self) -> io::Result<std::net::SocketAddr> {
+        self.tcp().peer_addr().map_err(io::Error::from)
     }
 
     /// Ends the session politely before the socket closes: a WebSocket close frame, a TLS
