@@ -164,17 +164,52 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8(out).expect("the page's result is UTF-8")
 }
 
-/// The page's `file://` URL with these query parameters.
-fn page_url(params: &[(&str, &str)]) -> String {
-    let page = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../examples/web/index.html")
+/// The `file://` URL of `examples/web/<page>` followed by `rest` (query or fragment).
+fn file_url(page: &str, rest: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/web")
+        .join(page)
         .canonicalize()
-        .expect("examples/web/index.html exists");
+        .unwrap_or_else(|e| panic!("examples/web/{page}: {e}"));
+    format!("file://{}{rest}", path.display())
+}
+
+/// The web client's URL with these query parameters.
+fn page_url(params: &[(&str, &str)]) -> String {
     let query: Vec<String> = params
         .iter()
         .map(|(k, v)| format!("{k}={}", query_escape(v)))
         .collect();
-    format!("file://{}?{}", page.display(), query.join("&"))
+    file_url("index.html", &format!("?{}", query.join("&")))
+}
+
+/// The bytes of every `<!-- example: NAME -->` block of docs/PROTOCOL-v2.md, as hex: each line
+/// of the `text` block that follows, up to the first double space, is hex bytes.
+fn doc_examples() -> Vec<(String, String)> {
+    let doc = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/PROTOCOL-v2.md"),
+    )
+    .expect("docs/PROTOCOL-v2.md");
+    let mut out = Vec::new();
+    let mut lines = doc.lines();
+    while let Some(line) = lines.next() {
+        let Some(name) = line
+            .trim()
+            .strip_prefix("<!-- example: ")
+            .and_then(|r| r.strip_suffix(" -->"))
+        else {
+            continue;
+        };
+        let mut hex = String::new();
+        for l in lines.by_ref().skip(1) {
+            if l.trim() == "```" {
+                break;
+            }
+            hex.extend(l.split("  ").next().unwrap_or("").split_whitespace());
+        }
+        out.push((name.to_owned(), hex));
+    }
+    out
 }
 
 /// A headless Chromium showing one page; stopped (its whole process group) on drop.
@@ -443,4 +478,42 @@ fn two_pages_talk_to_each_other_over_wss() {
     assert_eq!(s(&rb["delivered"]["by"]), alice);
     drop((a, b));
     drop(server);
+}
+
+/// iris.js encodes the client examples of docs/PROTOCOL-v2.md to the documented bytes, decodes
+/// the server examples to the documented fields, and refuses malformed frames
+/// (`examples/web/codec-check.html`, given the examples as read from the document).
+#[test]
+fn the_web_codec_matches_the_documented_bytes() {
+    let Some(chromium) = chromium_or_skip("web_client codec check") else {
+        return;
+    };
+    let examples = doc_examples();
+    assert!(examples.len() >= 20, "{examples:?}");
+    let json = serde_json::Value::Object(
+        examples
+            .iter()
+            .map(|(n, h)| (n.clone(), serde_json::Value::String(h.clone())))
+            .collect(),
+    );
+    let url = file_url("codec-check.html", &format!("#{}", query_escape(&json.to_string())));
+    let mut page = Browser::open(&chromium, &url);
+    let r = page.result();
+    assert_eq!(r["failures"], serde_json::json!([]), "{r}");
+    assert_eq!(r["ok"], true, "{r}");
+    // Every example but the two prekey frames the page does not send.
+    let mut checked: Vec<&str> = r["checked"]
+        .as_array()
+        .expect("checked")
+        .iter()
+        .map(s)
+        .collect();
+    let mut expected: Vec<&str> = examples
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .filter(|n| !n.starts_with("c-prekey"))
+        .collect();
+    checked.sort_unstable();
+    expected.sort_unstable();
+    assert_eq!(checked, expected);
 }
