@@ -29,7 +29,7 @@ use iris_wire::v2::{ClientFrame, MsgKind, ReceiptKind, ServerFrame};
 /// How long a page may take to produce its result (Chromium's start included).
 const PAGE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long `apt-get install chromium` may take.
-const APT_TIMEOUT: Duration = Duration::from_secs(900);
+const APT_TIMEOUT: Duration = Duration::from_secs(600);
 
 // ---------------------------------------------------------------------------------------------
 // Finding (or installing) Chromium
@@ -43,9 +43,6 @@ fn on_path(name: &str) -> Option<PathBuf> {
 }
 
 fn find_chromium() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("IRIS_CHROMIUM") {
-        return Some(PathBuf::from(p));
-    }
     ["chromium", "chromium-browser"]
         .iter()
         .find_map(|n| on_path(n))
@@ -90,7 +87,13 @@ fn apt_install_chromium() -> Result<(), String> {
     let install = || {
         run_with_timeout(
             Command::new("apt-get")
-                .args(["install", "-y", "-qq", "--no-install-recommends", "chromium"])
+                .args([
+                    "install",
+                    "-y",
+                    "-qq",
+                    "--no-install-recommends",
+                    "chromium",
+                ])
                 .env("DEBIAN_FRONTEND", "noninteractive"),
             APT_TIMEOUT,
         )
@@ -108,6 +111,13 @@ fn chromium() -> Result<PathBuf, String> {
     static FOUND: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     FOUND
         .get_or_init(|| {
+            if let Some(p) = std::env::var_os("IRIS_CHROMIUM") {
+                let p = PathBuf::from(p);
+                return match p.is_file() {
+                    true => Ok(p),
+                    false => Err(format!("IRIS_CHROMIUM={} is not a file", p.display())),
+                };
+            }
             if let Some(p) = find_chromium() {
                 return Ok(p);
             }
@@ -426,8 +436,13 @@ fn the_page_and_a_rust_client_exchange_messages_with_ticks_and_receipts() {
     let mut kinds = Vec::new();
     while kinds.len() < 2 {
         match bob.recv() {
-            ServerFrame::Receipt { kind, reader, ids, .. } => {
-                assert_eq!((reader.as_slice(), ids.as_slice()), (alice.as_bytes(), &[reply_id][..]));
+            ServerFrame::Receipt {
+                kind, reader, ids, ..
+            } => {
+                assert_eq!(
+                    (reader.as_slice(), ids.as_slice()),
+                    (alice.as_bytes(), &[reply_id][..])
+                );
                 kinds.push(kind);
             }
             other => panic!("expected the page's receipts, got {other:?}"),
@@ -496,7 +511,10 @@ fn the_web_codec_matches_the_documented_bytes() {
             .map(|(n, h)| (n.clone(), serde_json::Value::String(h.clone())))
             .collect(),
     );
-    let url = file_url("codec-check.html", &format!("#{}", query_escape(&json.to_string())));
+    let url = file_url(
+        "codec-check.html",
+        &format!("#{}", query_escape(&json.to_string())),
+    );
     let mut page = Browser::open(&chromium, &url);
     let r = page.result();
     assert_eq!(r["failures"], serde_json::json!([]), "{r}");
