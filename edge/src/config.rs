@@ -500,7 +500,8 @@ impl EdgeConfig {
             if self.cluster.bus == BusKind::Kafka {
                 return bad(
                     "v2.listen, tls_listen, ws_listen, wss_listen: protocol v2 is served by the \
-                     embedded deployment only in this version (a SEND_ACK needs the core's durability confirmation)"
+                     embedded deployment only in this version (a SEND_ACK needs the core's \
+                     durability confirmation)"
                         .to_owned(),
                 );
             }
@@ -752,6 +753,25 @@ mod tests {
         cluster.v2.listen = c.v2.listen;
         assert!(invalid(&cluster).contains("embedded deployment only"));
         assert!(toml::from_str::<EdgeConfig>("[v2]\nlisten_port = 1\n").is_err());
+    }
+
+    #[test]
+    fn v2_transport_keys_need_the_tls_files_and_the_embedded_core() {
+        let c: EdgeConfig =
+            toml::from_str("[v2]\nws_listen = \"127.0.0.1:0\"\ntls_listen = \"127.0.0.1:0\"\n")
+                .unwrap();
+        assert!(c.v2.serves());
+        assert!(invalid(&c).contains("tls_cert_file"));
+        let mut ws_only = c.clone();
+        ws_only.v2.tls_listen = None;
+        ws_only.validate().unwrap();
+        let mut files = c.clone();
+        files.v2.tls_cert_file = Some("/nonexistent/edge.crt".into());
+        files.v2.tls_key_file = Some("/nonexistent/edge.key".into());
+        assert!(invalid(&files).contains("/nonexistent/edge.crt"));
+        let mut cluster = kafka("");
+        cluster.v2.ws_listen = ws_only.v2.ws_listen;
+        assert!(invalid(&cluster).contains("embedded deployment only"));
     }
 
     #[test]

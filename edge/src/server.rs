@@ -4,10 +4,11 @@
 //! Startup order: start the core (the embedded store's thread, or in cluster mode the bus link
 //! to Kafka and Redis, [`iris_core::remote`]), bind every shard's `SO_REUSEPORT` socket on
 //! the main thread (so `--listen 127.0.0.1:0` resolves to one port shared by all shards), start
-//! the admin endpoint, announce the bound addresses, start the shards. Shutdown (the `shutdown`
-//! flag, set by SIGTERM/SIGINT): shards stop accepting, flush their connections' queued output
-//! for up to `drain_timeout_ms`, hand everything pending to the core and exit; then the core
-//! commits everything it holds durably and the process exits 0.
+//! the admin endpoint, announce the bound addresses, start the shards. With a v2 TLS listener,
+//! SIGHUP makes the main thread reload the certificate files ([`crate::tls`]). Shutdown (the
+//! `shutdown` flag, set by SIGTERM/SIGINT): shards stop accepting, flush their connections'
+//! queued output for up to `drain_timeout_ms`, hand everything pending to the core and exit;
+//! then the core commits everything it holds durably and the process exits 0.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;

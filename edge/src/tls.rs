@@ -133,7 +133,10 @@ impl TlsCerts {
             }
             Err(e) => {
                 self.reloads_failed.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, "tls certificate reload failed; keeping the previous one");
+                tracing::error!(
+                    error = %e,
+                    "tls certificate reload failed; keeping the previous one"
+                );
                 Err(e)
             }
         }
@@ -189,7 +192,10 @@ mod tests {
 
     fn write_cert(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
         let c = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-        let (cert, key) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
+        let (cert, key) = (
+            dir.join(format!("{name}.crt")),
+            dir.join(format!("{name}.key")),
+        );
         std::fs::write(&cert, c.cert.pem()).unwrap();
         std::fs::write(&key, c.signing_key.serialize_pem()).unwrap();
         (cert, key)

@@ -260,7 +260,9 @@ fn tls(addr: SocketAddr, config: Arc<ClientConfig>) -> Result<TlsClient, std::io
     let name = ServerName::try_from("localhost").unwrap();
     let conn = ClientConnection::new(config, name).unwrap();
     let mut s = StreamOwned::new(conn, tcp(addr));
-    s.sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.sock
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     while s.conn.is_handshaking() {
         s.conn.complete_io(&mut s.sock)?;
     }
@@ -291,13 +293,20 @@ fn exchange(a: &mut V2, a_name: &str, b: &mut V2, b_name: &str, tag: u64) {
     let (got, sender, payload) = b.deliver();
     assert_eq!(
         (got, sender, payload),
-        (id, a_name.as_bytes().to_vec(), format!("from {a_name} {tag}").into_bytes())
+        (
+            id,
+            a_name.as_bytes().to_vec(),
+            format!("from {a_name} {tag}").into_bytes()
+        )
     );
     b.write(&ClientFrame::Ack { ids: vec![id] });
     b.send(tag + 1, a_name, b"reply");
     let id = b.send_ack();
     let (got, sender, payload) = a.deliver();
-    assert_eq!((got, sender, payload), (id, b_name.as_bytes().to_vec(), b"reply".to_vec()));
+    assert_eq!(
+        (got, sender, payload),
+        (id, b_name.as_bytes().to_vec(), b"reply".to_vec())
+    );
     a.write(&ClientFrame::Ack { ids: vec![id] });
 }
 
@@ -320,12 +329,14 @@ fn tls_client_talks_to_a_tcp_client_and_a_foreign_ca_is_refused() {
     alice.hello("alice");
     let mut bob = plain(&server, "bob");
     exchange(&mut alice, "alice", &mut bob, "bob", 10);
-    assert_eq!(server.metric("iris_edge_v2_tls_connections_accepted_total"), 1);
+    assert_eq!(
+        server.metric("iris_edge_v2_tls_connections_accepted_total"),
+        1
+    );
 
     let other = Ca::new("another ca");
     let err = tls(server.v2_tls.unwrap(), other.client_config())
-        .err()
-        .expect("a client trusting another CA must fail its handshake");
+        .expect_err("a client trusting another CA must fail its handshake");
     assert!(
         err.to_string().contains("UnknownIssuer") || err.to_string().contains("invalid peer"),
         "{err}"
@@ -357,7 +368,11 @@ fn sighup_reloads_the_certificate_and_keeps_open_connections() {
     server.signal(libc::SIGHUP);
     wait_metric(&server, "iris_edge_tls_reloads_total", 1);
     let after = tls(server.v2_tls.unwrap(), config.clone()).unwrap();
-    assert_eq!(peer_cert(&after), second, "a new connection gets the new certificate");
+    assert_eq!(
+        peer_cert(&after),
+        second,
+        "a new connection gets the new certificate"
+    );
     let mut after = V2::new(Wire::Stream(Box::new(after)));
     after.hello("late");
     exchange(&mut before, "early", &mut after, "late", 100);
@@ -391,7 +406,9 @@ fn websocket_frames_pings_splits_and_text() {
     let Wire::Ws(ws) = &mut carol.wire else {
         unreachable!()
     };
-    for want in [&b"one"[..], b"two"] {
+    // (Compared as a set: the order of two live v2 sends is not what this test is about.)
+    let mut got = Vec::new();
+    for _ in 0..2 {
         let msg = loop {
             match ws.read().expect("ws read") {
                 Message::Binary(b) => break b,
@@ -403,13 +420,15 @@ fn websocket_frames_pings_splits_and_text() {
             Decoded::Frame { frame, consumed } => {
                 assert_eq!(consumed, msg.len(), "one frame per message");
                 match frame {
-                    ServerFrame::Deliver { payload, .. } => assert_eq!(payload, want),
+                    ServerFrame::Deliver { payload, .. } => got.push(payload),
                     other => panic!("{other:?}"),
                 }
             }
             other => panic!("{other:?}"),
         }
     }
+    got.sort();
+    assert_eq!(got, [b"one".to_vec(), b"two".to_vec()]);
     assert!(matches!(dave.recv(), ServerFrame::SendAck { .. }));
     assert!(matches!(dave.recv(), ServerFrame::SendAck { .. }));
 
@@ -427,7 +446,10 @@ fn websocket_frames_pings_splits_and_text() {
     ws.send(Message::binary(b[..7].to_vec())).unwrap();
     ws.send(Message::binary(b[7..].to_vec())).unwrap();
     let id = carol.send_ack();
-    assert_eq!(dave.deliver(), (id, b"carol".to_vec(), b"split in two".to_vec()));
+    assert_eq!(
+        dave.deliver(),
+        (id, b"carol".to_vec(), b"split in two".to_vec())
+    );
 
     // A WebSocket ping is answered with its pong.
     let Wire::Ws(ws) = &mut carol.wire else {
@@ -456,7 +478,43 @@ fn websocket_frames_pings_splits_and_text() {
     };
     assert_eq!(code, CloseCode::Unsupported);
     assert_eq!(u16::from(code), 1003);
-    assert_eq!(server.metric("iris_edge_v2_ws_connections_accepted_total"), 1);
+    assert_eq!(
+        server.metric("iris_edge_v2_ws_connections_accepted_total"),
+        1
+    );
+
+    // The server ends a session (here: the first frame is not HELLO) with ERROR, then a close
+    // frame of code 1000.
+    let ws = ws_over(Box::new(tcp(server.v2_ws.unwrap())), &url);
+    let mut early = V2::new(Wire::Ws(Box::new(ws)));
+    early.write(&ClientFrame::Ack { ids: vec![1] });
+    assert!(matches!(early.recv(), ServerFrame::Error { .. }));
+    let Wire::Ws(ws) = &mut early.wire else {
+        unreachable!()
+    };
+    match ws.read() {
+        Ok(Message::Close(Some(f))) => assert_eq!(f.code, CloseCode::Normal),
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+
+    // A message larger than one frame can be: closed with 1009.
+    let ws = ws_over(Box::new(tcp(server.v2_ws.unwrap())), &url);
+    let mut big = V2::new(Wire::Ws(Box::new(ws)));
+    big.hello("big");
+    let Wire::Ws(ws) = &mut big.wire else {
+        unreachable!()
+    };
+    ws.send(Message::binary(vec![0u8; (1 << 20) + 512 + 5]))
+        .unwrap();
+    let code = loop {
+        match ws.read() {
+            Ok(Message::Close(Some(f))) => break f.code,
+            Ok(Message::Close(None)) => panic!("close without a code"),
+            Ok(_) => {}
+            Err(e) => panic!("no close frame: {e}"),
+        }
+    };
+    assert_eq!(code, CloseCode::Size);
 
     // Not an upgrade request: refused, counted.
     let mut raw = tcp(server.v2_ws.unwrap());
@@ -479,7 +537,10 @@ fn websocket_over_tls_end_to_end() {
     erin.hello("erin");
     let mut frank = plain(&server, "frank");
     exchange(&mut erin, "erin", &mut frank, "frank", 10);
-    assert_eq!(server.metric("iris_edge_v2_wss_connections_accepted_total"), 1);
+    assert_eq!(
+        server.metric("iris_edge_v2_wss_connections_accepted_total"),
+        1
+    );
 }
 
 #[test]
@@ -510,7 +571,10 @@ fn check_refuses_missing_or_bad_tls_files() {
     assert!(err.contains("tls_cert_file"), "{err}");
 }
 
-/// Memory of idle TLS sessions against plain ones (run by hand: `--ignored --nocapture`).
+/// Memory of idle TLS and WebSocket sessions against plain ones (run by hand: `--ignored
+/// --nocapture`; prints the RSS growth per connection). Measured about 14 KB per idle TLS
+/// session, 6.5 KB per WebSocket one, 5 KB per plain one; the bound catches a handshake's state
+/// kept for the connection's life again (that was 45 KB).
 #[test]
 #[ignore]
 fn idle_tls_connection_memory() {
@@ -532,17 +596,41 @@ fn idle_tls_connection_memory() {
     }
     let with_plain = settle(&server);
     let mut tls_conns = Vec::new();
+    let mut slowest = Duration::ZERO;
     for i in 0..N {
-        let s = tls(server.v2_tls.unwrap(), config.clone()).unwrap();
+        let t = Instant::now();
+        let s = tls(server.v2_tls.unwrap(), config.clone())
+            .unwrap_or_else(|e| panic!("handshake {i}: {e} after {:?}", t.elapsed()));
+        slowest = slowest.max(t.elapsed());
         let mut c = V2::new(Wire::Stream(Box::new(s)));
         c.hello(&format!("tls{i}"));
         tls_conns.push(c);
     }
     let with_tls = settle(&server);
-    let per_plain = (with_plain - base) as f64 * 1024.0 / N as f64;
-    let per_tls = (with_tls - with_plain) as f64 * 1024.0 / N as f64;
+    let url = format!("ws://{}/v2", server.v2_ws.unwrap());
+    let mut ws_conns = Vec::new();
+    for i in 0..N {
+        let ws = ws_over(Box::new(tcp(server.v2_ws.unwrap())), &url);
+        let mut c = V2::new(Wire::Ws(Box::new(ws)));
+        c.hello(&format!("ws{i}"));
+        ws_conns.push(c);
+    }
+    let with_ws = settle(&server);
+    let per = |a: u64, b: u64| (b - a) as f64 * 1024.0 / N as f64;
     println!(
-        "rss KiB: base {base}, +{N} plain {with_plain}, +{N} tls {with_tls}; \
-         per plain connection {per_plain:.0} B, per tls connection {per_tls:.0} B"
+        "rss KiB: base {base}, +{N} plain {with_plain}, +{N} tls {with_tls}, +{N} ws {with_ws}; \
+         per connection: plain {:.0} B, tls {:.0} B, ws {:.0} B; slowest tls handshake \
+         {slowest:?}",
+        per(base, with_plain),
+        per(with_plain, with_tls),
+        per(with_tls, with_ws),
+    );
+    assert!(
+        per(with_plain, with_tls) < 32_768.0,
+        "idle TLS sessions grew"
+    );
+    assert!(
+        per(with_tls, with_ws) < 32_768.0,
+        "idle WebSocket sessions grew"
     );
 }

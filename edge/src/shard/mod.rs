@@ -1330,7 +1330,10 @@ impl Shard {
     ) {
         let ws = transport::ws_config(self.cfg.v2.max_frame_bytes);
         let timeout = Duration::from_millis(self.cfg.login_timeout_ms);
-        match transport::accept(stream, kind, config, ws, timeout).await {
+        // Boxed: the handshakes' state (about 32 KB, most of it the WebSocket upgrade's) is
+        // freed once they are done instead of staying in this task for the connection's life.
+        let accepted = Box::pin(transport::accept(stream, kind, config, ws, timeout)).await;
+        match accepted {
             Ok(t) => {
                 if self.shutting_down.get() {
                     return;
@@ -1461,9 +1464,13 @@ pub async fn run(start: ShardStart) {
     // bound, listening TCP socket created for this shard alone.
     let listener = unsafe { TcpListener::from_raw_fd(listener_fd.into_raw_fd()) };
     let tcp = transport::Kind::Tcp;
-    let accept =
-        glommio::spawn_local(shard.clone().accept_loop(listener, v2::Proto::V1, tcp, None))
-            .detach();
+    let accept = glommio::spawn_local(shard.clone().accept_loop(
+        listener,
+        v2::Proto::V1,
+        tcp,
+        None,
+    ))
+    .detach();
     let certs = v2_transports
         .certs
         .map(|c| Rc::new(crate::tls::ShardCerts::new(c)));

@@ -11,7 +11,8 @@
 //!   split over messages, or several in one, decode the same); writing cuts the output at frame
 //!   boundaries (the 4-byte length) and sends each v2 frame as one binary message. Pings are
 //!   answered by tungstenite on the next read, a close frame is answered and ends the stream, a
-//!   text message is answered with a close frame of code 1003 and ends it.
+//!   text message is answered with a close frame of code 1003 and ends it (1009 for a message
+//!   over `max_frame_bytes` + 4, 1002 for a WebSocket protocol error).
 //!
 //! The handshakes run in their own task per connection ([`accept`]), bounded by
 //! `login_timeout_ms`, so a slow client never holds up the accept loop.
@@ -265,7 +266,7 @@ impl AsyncWrite for Transport {
     }
 }
 
-/// The server's close of a WebSocket that sent a text message.
+/// The server's close of a WebSocket: after a text message (1003), or at the session's end (1000).
 enum Closing {
     Send(CloseFrame),
     Flush,
@@ -310,7 +311,8 @@ fn ws_io(e: WsError) -> io::Error {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> WsFrames<S> {
-    /// Drives the close started by a text message; ready once it is sent (or cannot be).
+    /// Drives the close started by a text message or the session's end; ready once the close
+    /// frame is sent (or cannot be: the peer closed first, or the socket failed).
     fn poll_closing(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
             match self.closing.take() {
@@ -379,6 +381,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsFrames<S> {
                 Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => {
                     return Poll::Ready(Ok(0))
                 }
+                // The peer broke the WebSocket rules: tell it why in the close frame.
+                Some(Err(e @ (WsError::Capacity(_) | WsError::Protocol(_)))) => {
+                    let code = if matches!(e, WsError::Capacity(_)) {
+                        CloseCode::Size
+                    } else {
+                        CloseCode::Protocol
+                    };
+                    this.closing = Some(Closing::Send(CloseFrame {
+                        code,
+                        reason: "".into(),
+                    }));
+                }
                 Some(Err(e)) => return Poll::Ready(Err(ws_io(e))),
             }
         }
@@ -439,15 +453,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsFrames<S> {
     }
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // The server ends the session: a close frame with code 1000 (none if the peer's close
+        // or a text message's 1003 already went out), then the socket closes.
         let this = self.get_mut();
-        if this.closing.is_some() {
-            ready!(this.poll_closing(cx));
-            return Poll::Ready(Ok(()));
+        if this.closing.is_none() {
+            this.closing = Some(Closing::Send(CloseFrame {
+                code: CloseCode::Normal,
+                reason: "".into(),
+            }));
         }
-        match ready!(Pin::new(&mut this.ws).poll_close(cx)) {
-            Ok(()) | Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => Poll::Ready(Ok(())),
-            Err(e) => Poll::Ready(Err(ws_io(e))),
-        }
+        ready!(this.poll_closing(cx));
+        Poll::Ready(Ok(()))
     }
 }
 
