@@ -21,7 +21,14 @@
 #                        every JSON
 #   --many-pairs P       pairs of the realistic "many" runs (2 connections each) [default: 5000]
 #   --note TEXT          a note on machine load, printed in BENCHMARKS.md
-#   --out DIR            results directory [default: perf/results]
+#   --out DIR            results directory [default: perf/results, with --protocol v2:
+#                        perf/results/v2]
+#   --protocol v1|v2     client protocol [default: v1]. v2 starts the edge with --listen-v2 on a
+#                        free port and its per-connection send limit lifted (the v1 port has none),
+#                        drives the v2 port, labels the runs v2-*, runs the steps
+#                        saturation,many,sparse,logins unless --only says otherwise (no offline,
+#                        no logins-relogin, no echo: not v2 scenarios) and leaves BENCHMARKS.md
+#                        alone (the section "Protocol v2 beside v1" is written from the JSON).
 # Steps "many" and "sparse" are the realistic chat traffic of the goal table: 5,000 pairs (10,000
 # active connections, each sending now and then) at 25k/50k/100k msgs/s and closed loop with one
 # message in flight per pair; 50 pairs at 10,000 msgs/s with the edge's CPU per message, per thread.
@@ -42,7 +49,8 @@ BUILD=1
 MICRO=1
 ONLY=""
 NOTE=""
-OUT=perf/results
+OUT=""
+PROTOCOL=v1
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -59,11 +67,22 @@ while [ $# -gt 0 ]; do
     --only) ONLY=$2; shift ;;
     --note) NOTE=$2; shift ;;
     --out) OUT=$2; shift ;;
-    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+    --protocol) PROTOCOL=$2; shift ;;
+    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
+
+case "$PROTOCOL" in
+  v1) OUT=${OUT:-perf/results}; V=""; ;;
+  v2) OUT=${OUT:-perf/results/v2}; V="v2-"; ONLY=${ONLY:-saturation,many,sparse,logins}
+      for step in ${ONLY//,/ }; do
+        case "$step" in echo|offline|micro|goals|latency)
+          echo "--protocol v2: step $step is not run with v2" >&2; exit 2 ;; esac
+      done ;;
+  *) echo "--protocol must be v1 or v2" >&2; exit 2 ;;
+esac
 
 if [ "$QUICK" = 1 ]; then
   DURATION=${DURATION:-3}; WARMUP=1; SHORT=2; CRIT_ARGS=(--warm-up-time 0.3 --measurement-time 0.7)
@@ -114,13 +133,27 @@ first_line() {
   echo "server did not start" >&2; exit 1
 }
 
+# With --protocol v2: the v2 listener on a free port, and no per-connection send limit (v1
+# connections have none by default; the v2 default of 1,000/s would cap the closed-loop runs).
+EDGE_V2=()
+if [ "$PROTOCOL" = v2 ]; then
+  printf '[v2]\nsend_rate_per_sec = 100000000\nsend_burst = 100000000\n' > "$TMP/v2.toml"
+  EDGE_V2=(--config "$TMP/v2.toml" --listen-v2 127.0.0.1:0)
+fi
+
 start_edge() {
   rm -rf "$TMP/data"
-  taskset -c "$SERVER_CPUS" "$EDGE" --listen 127.0.0.1:0 --admin 127.0.0.1:0 \
+  taskset -c "$SERVER_CPUS" "$EDGE" "${EDGE_V2[@]}" --listen 127.0.0.1:0 --admin 127.0.0.1:0 \
     --data-dir "$TMP/data" --shards "$SHARDS" > "$TMP/server.out" 2> "$TMP/server.err" &
   SERVER_PID=$!
-  TARGET=$(first_line "$TMP/server.out" | sed -n 's/.*client=\([^ ]*\).*/\1/p')
-  echo "iris-edge pid $SERVER_PID on CPUs $SERVER_CPUS ($SHARDS shards) at $TARGET" >&2
+  local line
+  line=$(first_line "$TMP/server.out")
+  if [ "$PROTOCOL" = v2 ]; then
+    TARGET=$(sed -n 's/.* v2=\([^ ]*\).*/\1/p' <<< "$line")
+  else
+    TARGET=$(sed -n 's/.*client=\([^ ]*\).*/\1/p' <<< "$line")
+  fi
+  echo "iris-edge pid $SERVER_PID on CPUs $SERVER_CPUS ($SHARDS shards) at $TARGET ($PROTOCOL)" >&2
 }
 
 stop_server() {
@@ -131,11 +164,13 @@ stop_server() {
   fi
 }
 
-# iris-load SCENARIO LABEL ARGS...: one run, JSON to $OUT/LABEL.json.
+# iris-load SCENARIO LABEL ARGS...: one run, JSON to $OUT/LABEL.json (LABEL prefixed v2- with
+# --protocol v2).
 load() {
-  local scenario=$1 label=$2; shift 2
-  say "$label: iris-load $scenario $*"
-  "$LOAD" "$scenario" --cpus "$LOAD_CPUS" --label "$label" --json "$OUT/$label.json" "$@"
+  local scenario=$1 label=$V$2; shift 2
+  say "$label: iris-load $scenario --protocol $PROTOCOL $*"
+  "$LOAD" "$scenario" --protocol "$PROTOCOL" --cpus "$LOAD_CPUS" --label "$label" \
+    --json "$OUT/$label.json" "$@"
 }
 
 # A figure from a report: figure FILE NAME.
@@ -182,8 +217,8 @@ if want connect || want saturation || want goals || want latency; then
       --drain-timeout 10 --server-pid "$SERVER_PID"
   fi
   if want latency; then
-    SAT=$(figure "$OUT/saturation.json" delivered_per_s)
-    [ -n "$SAT" ] || { echo "no saturation figure in $OUT/saturation.json" >&2; exit 1; }
+    SAT=$(figure "$OUT/${V}saturation.json" delivered_per_s)
+    [ -n "$SAT" ] || { echo "no saturation figure in $OUT/${V}saturation.json" >&2; exit 1; }
     for pct in 25 50 75; do
       RATE=$(awk -v s="$SAT" -v p="$pct" 'BEGIN { r = int(s * p / 100); if (r < 100) r = 100; print r }')
       load pairs "latency-$pct" --target "$TARGET" --pairs "$PAIRS" --rate "$RATE" --size 64 \
@@ -227,8 +262,10 @@ if want logins; then
   start_edge
   load logins logins --target "$TARGET" --conns 64 --users 10000 --duration "$SHORT" --warmup 1 \
     --server-pid "$SERVER_PID"
-  load logins logins-relogin --target "$TARGET" --conns 64 --users 10000 --relogin \
-    --duration "$SHORT" --warmup 1 --server-pid "$SERVER_PID"
+  if [ "$PROTOCOL" = v1 ]; then
+    load logins logins-relogin --target "$TARGET" --conns 64 --users 10000 --relogin \
+      --duration "$SHORT" --warmup 1 --server-pid "$SERVER_PID"
+  fi
   stop_server
 fi
 
@@ -237,6 +274,11 @@ if [ "$MICRO" = 1 ] && want micro; then
   say "criterion micro-benchmarks"
   cargo bench -p iris-perf --bench codec --bench presence --bench ring --bench store -- "${CRIT_ARGS[@]}"
   CRIT=(--criterion target/criterion)
+fi
+
+if [ "$PROTOCOL" = v2 ]; then
+  echo "suite (v2) done in $(( $(date +%s) - START )) s; results in $OUT (BENCHMARKS.md untouched)" >&2
+  exit 0
 fi
 
 LOADAVG=$(cut -d' ' -f1-3 /proc/loadavg)

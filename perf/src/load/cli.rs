@@ -13,10 +13,11 @@ use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
 use super::bench_report::ReportOpts;
+use super::conn::Protocol;
 use super::report::Report;
 use super::scenario::{connect, echo, logins, offline, pairs};
 
-/// Iris load generator: thread-per-core, v1 protocol, coordinated-omission-free latency.
+/// Iris load generator: thread-per-core, protocol v1 or v2, coordinated-omission-free latency.
 #[derive(Debug, Parser)]
 #[command(name = "iris-load", version, about, long_about = None)]
 pub struct Cli {
@@ -80,6 +81,10 @@ pub struct Common {
     /// Pid of the server: its memory and CPU time go into the report.
     #[arg(long)]
     pub server_pid: Option<u32>,
+    /// Client protocol: `v1` (shared/PROTOCOL.md) or `v2` (docs/PROTOCOL-v2.md; `--target` is
+    /// then the edge's v2 address, `iris-edge --listen-v2`).
+    #[arg(long, value_enum, default_value_t = Protocol::V1)]
+    pub protocol: Protocol,
 }
 
 impl Common {

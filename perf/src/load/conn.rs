@@ -1,11 +1,13 @@
-//! One client connection of the load generator, speaking the v1 protocol with the codec of
-//! `iris_edge::protocol`.
+//! One client connection of the load generator, speaking protocol v1 with the codec of
+//! `iris_edge::protocol`, or protocol v2 ([`Protocol::V2`]) with the helpers of [`super::v2`].
 //!
 //! A [`Client`] owns a glommio `TcpStream` (`TCP_NODELAY`), an input buffer that server frames
 //! are decoded from in place, and the run's shared state. Reads and writes time out every
 //! [`POLL`] so a blocked connection still notices the end of the run; [`Client::fill`] returns
 //! `Ok(None)` on such a tick. Login follows the protocol: `0x01 user`, then wait for
 //! `03 LOGIN_OK` (or the raw-text refusals `AUTH_FAILED` / `RATE_LIMITED`) before anything else.
+//! In v2 the login is `HELLO` (token = the user name) and waits for `HELLO_OK`; `ERROR` or
+//! `RATE_LIMITED` (login) is a refusal.
 
 use std::io;
 use std::net::SocketAddr;
@@ -19,6 +21,18 @@ use iris_edge::protocol::{ClientFrame, MsgId, ProtoError, MSG_ID_LEN};
 
 use super::clock;
 use super::stats::Shared;
+use super::v2;
+
+/// The client protocol a run speaks (`--protocol`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// `shared/PROTOCOL.md`.
+    #[default]
+    V1,
+    /// `docs/PROTOCOL-v2.md`.
+    V2,
+}
 
 /// Read/write timeout tick: how quickly a blocked connection notices the run is stopping.
 pub const POLL: Duration = Duration::from_millis(100);
@@ -39,6 +53,8 @@ pub enum LoadError {
     ServerError(String),
     #[error("protocol: {0}")]
     Protocol(#[from] ProtoError),
+    #[error("protocol v2: {0}")]
+    Wire(#[from] iris_wire::v2::WireError),
     #[error("connection closed by the server")]
     Closed,
     #[error("timed out")]
@@ -116,6 +132,18 @@ impl RxBuf {
         }
     }
 
+    /// Decodes the next complete protocol v2 server frame, consuming it.
+    pub fn next_v2(&mut self) -> Result<Option<v2::In<'_>>, iris_wire::v2::WireError> {
+        let Self { buf, head, tail } = self;
+        match v2::next_frame(&buf[*head..*tail])? {
+            Some((f, n)) => {
+                *head += n;
+                Ok(Some(f))
+            }
+            None => Ok(None),
+        }
+    }
+
     /// Consumes `n` bytes (raw protocols such as the echo client).
     pub fn consume(&mut self, n: usize) {
         self.head = (self.head + n).min(self.tail);
@@ -142,6 +170,8 @@ pub const ACK_LEN: usize = 1 + MSG_ID_LEN;
 pub struct Client {
     pub stream: TcpStream,
     pub rx: RxBuf,
+    /// The protocol this connection speaks (the run's).
+    pub protocol: Protocol,
     shared: Arc<Shared>,
 }
 
@@ -168,6 +198,7 @@ impl Client {
         Ok(Self {
             stream,
             rx: RxBuf::with_capacity(32 << 10),
+            protocol: shared.protocol,
             shared,
         })
     }
@@ -215,9 +246,12 @@ impl Client {
         Ok(())
     }
 
-    /// Sends LOGIN for `user` and waits for LOGIN_OK. Messages that arrive before it (only
-    /// possible on a re-login) are acked and skipped.
+    /// Sends LOGIN for `user` and waits for LOGIN_OK (v1; messages that arrive before it, only
+    /// possible on a re-login, are acked and skipped), or HELLO and HELLO_OK (v2).
     pub async fn login(&mut self, user: &[u8]) -> Result<(), LoadError> {
+        if self.protocol == Protocol::V2 {
+            return self.hello(user).await;
+        }
         let mut f = Vec::with_capacity(user.len() + 1);
         ClientFrame::Login { body: user }.encode(&mut f);
         self.write_all(&f).await?;
@@ -263,6 +297,42 @@ impl Client {
             }
             if ok {
                 return Ok(());
+            }
+            if self.stopping() {
+                return Err(LoadError::Stopped);
+            }
+            if clock::now_ns() > deadline {
+                return Err(LoadError::Timeout);
+            }
+            self.fill().await?;
+        }
+    }
+}
+
+impl Client {
+    /// Protocol v2 login: HELLO with `user` as the token, then wait for HELLO_OK. ERROR (e.g.
+    /// `bad_token`) and RATE_LIMITED (login) are refusals. Frames after HELLO_OK (the drain)
+    /// stay in [`Client::rx`].
+    pub async fn hello(&mut self, user: &[u8]) -> Result<(), LoadError> {
+        let mut f = Vec::with_capacity(64 + user.len());
+        v2::push_hello(&mut f, user);
+        self.write_all(&f).await?;
+        let deadline = clock::now_ns() + LOGIN_TIMEOUT.as_nanos() as u64;
+        loop {
+            // Only HELLO_OK or a refusal may come first.
+            if let Some(f) = self.rx.next_v2()? {
+                use iris_wire::v2::{LimitedAction, ServerFrame as S};
+                return match f {
+                    v2::In::Other(S::HelloOk { .. }) => Ok(()),
+                    v2::In::Other(S::Error { reason, .. }) => Err(LoadError::Refused(reason)),
+                    v2::In::Other(S::RateLimited {
+                        what: LimitedAction::Login,
+                        ..
+                    }) => Err(LoadError::Refused("rate_limited (login)".into())),
+                    other => Err(LoadError::ServerError(format!(
+                        "expected HELLO_OK, got {other:?}"
+                    ))),
+                };
             }
             if self.stopping() {
                 return Err(LoadError::Stopped);

@@ -38,6 +38,7 @@ pub mod runtime;
 pub mod scenario;
 pub mod seq;
 pub mod stats;
+pub mod v2;
 
 pub use cli::{main_with_args, Cli};
 pub use report::Report;

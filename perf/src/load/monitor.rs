@@ -33,6 +33,8 @@ pub struct Monitor {
     pub cumulative: Histogram<u64>,
     /// Every sender lag recorded (open-loop senders).
     pub lag: Histogram<u64>,
+    /// Every SEND → SEND_ACK latency recorded (protocol v2 senders).
+    pub send_ack: Histogram<u64>,
     pub ticks: Vec<Tick>,
 }
 
@@ -50,6 +52,7 @@ impl Monitor {
             interval: new_hist(),
             cumulative: new_hist(),
             lag: new_hist(),
+            send_ack: new_hist(),
             ticks: Vec::new(),
         }
     }
@@ -63,6 +66,7 @@ impl Monitor {
     pub fn collect(&mut self) {
         self.shared.take_pending(&mut self.interval);
         self.shared.take_pending_lag(&mut self.lag);
+        self.shared.take_pending_send_ack(&mut self.send_ack);
     }
 
     /// Forgets the latencies recorded so far (the end of a warm-up).
@@ -71,6 +75,7 @@ impl Monitor {
         self.interval.reset();
         self.cumulative.reset();
         self.lag.reset();
+        self.send_ack.reset();
     }
 
     /// Prints a free-form line in the progress stream.

@@ -88,6 +88,10 @@ pub struct Report {
     /// (its own share of the latency; large values mean the generator fell behind).
     #[serde(default)]
     pub sender_lag: Option<LatencySummary>,
+    /// Protocol v2 `pairs`: SEND → SEND_ACK (the sender's "sent" tick), measured like
+    /// `latency` (from the intended send time in open loop, the actual send in closed loop).
+    #[serde(default)]
+    pub send_ack_latency: Option<LatencySummary>,
     pub timeseries: Vec<Tick>,
     pub server: Option<ServerSample>,
     /// CPU seconds of the load generator / wall seconds.
@@ -194,6 +198,17 @@ impl Report {
             let _ = writeln!(
                 s,
                 "sender lag (write time - intended time) in ms: p50 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}",
+                l.p50_us / 1e3,
+                l.p99_us / 1e3,
+                l.p999_us / 1e3,
+                l.max_us / 1e3
+            );
+        }
+        if let Some(l) = &self.send_ack_latency {
+            let _ = writeln!(
+                s,
+                "SEND -> SEND_ACK in ms, {} samples: p50 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}",
+                l.count,
                 l.p50_us / 1e3,
                 l.p99_us / 1e3,
                 l.p999_us / 1e3,

@@ -102,6 +102,8 @@ pub struct WorkerEnv {
     pub hist: LocalHist,
     /// Sender lag: how late messages were written after their intended send time.
     pub lag: LocalHist,
+    /// Protocol v2: SEND → SEND_ACK latency (from the intended send time, as `hist`).
+    pub send_ack: LocalHist,
     pub targets: Arc<Vec<SocketAddr>>,
     /// Prefix of every user name of this run.
     pub prefix: Arc<str>,
@@ -205,6 +207,7 @@ where
                     shared,
                     hist: LocalHist::default(),
                     lag: LocalHist::default(),
+                    send_ack: LocalHist::default(),
                     targets,
                     prefix,
                     connect_timeout,
@@ -216,6 +219,7 @@ where
                             glommio::timer::sleep(FLUSH_EVERY).await;
                             env.hist.flush(&env.me().pending);
                             env.lag.flush(&env.me().pending_lag);
+                            env.send_ack.flush(&env.me().pending_send_ack);
                         }
                     })
                 };
@@ -223,6 +227,7 @@ where
                 drop(flusher);
                 env.hist.flush(&env.me().pending);
                 env.lag.flush(&env.me().pending_lag);
+                env.send_ack.flush(&env.me().pending_send_ack);
                 if let Err(e) = &r {
                     let me = env.me();
                     if let Ok(mut slot) = me.error.lock() {

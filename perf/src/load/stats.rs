@@ -15,6 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
+
+use super::conn::Protocol;
 use serde::{Deserialize, Serialize};
 
 /// How often a worker moves its local histogram to the main thread.
@@ -50,6 +52,8 @@ pub struct Counters {
     pub logins: AtomicU64,
     /// Senders (or other tasks) that finished their work.
     pub finished: AtomicU64,
+    /// Protocol v2: SEND_ACKs received by senders.
+    pub send_acks: AtomicU64,
     /// Latest event time of interest (e.g. the last arrival), in clock ns.
     pub last_event_ns: AtomicU64,
 }
@@ -79,6 +83,9 @@ pub struct Totals {
     pub connections: u64,
     pub logins: u64,
     pub finished: u64,
+    /// Protocol v2: SEND_ACKs received (absent in reports of older versions).
+    #[serde(default)]
+    pub send_acks: u64,
 }
 
 /// Everything one worker shares with the main thread.
@@ -90,6 +97,8 @@ pub struct WorkerShared {
     pub pending: Mutex<Histogram<u64>>,
     /// Sender lag (how late a message was written after its intended time), likewise.
     pub pending_lag: Mutex<Histogram<u64>>,
+    /// Protocol v2: SEND → SEND_ACK latencies, likewise.
+    pub pending_send_ack: Mutex<Histogram<u64>>,
     /// The worker finished its setup for the current phase.
     pub ready: AtomicBool,
     /// The worker failed; the message is in `error`.
@@ -116,6 +125,7 @@ impl Default for WorkerShared {
             c: Counters::default(),
             pending: Mutex::new(new_hist()),
             pending_lag: Mutex::new(new_hist()),
+            pending_send_ack: Mutex::new(new_hist()),
             ready: AtomicBool::new(false),
             failed: AtomicBool::new(false),
             error: Mutex::new(None),
@@ -134,16 +144,24 @@ pub struct Shared {
     pub start_ns: AtomicU64,
     /// Everything must stop now.
     pub stop: AtomicBool,
+    /// The client protocol of every connection of the run.
+    pub protocol: Protocol,
 }
 
 impl Shared {
-    /// State for `n` workers.
+    /// State for `n` workers speaking protocol v1.
     pub fn new(n: usize) -> Arc<Self> {
+        Self::with_protocol(n, Protocol::V1)
+    }
+
+    /// State for `n` workers speaking `protocol`.
+    pub fn with_protocol(n: usize, protocol: Protocol) -> Arc<Self> {
         Arc::new(Self {
             workers: (0..n).map(|_| WorkerShared::default()).collect(),
             phase: AtomicU32::new(0),
             start_ns: AtomicU64::new(0),
             stop: AtomicBool::new(false),
+            protocol,
         })
     }
 
@@ -162,6 +180,7 @@ impl Shared {
             t.connections += get(&c.connections);
             t.logins += get(&c.logins);
             t.finished += get(&c.finished);
+            t.send_acks += get(&c.send_acks);
         }
         t
     }
@@ -227,6 +246,11 @@ impl Shared {
     /// Takes every worker's pending sender lags.
     pub fn take_pending_lag(&self, into: &mut Histogram<u64>) {
         self.take(into, |w| &w.pending_lag);
+    }
+
+    /// Takes every worker's pending SEND → SEND_ACK latencies.
+    pub fn take_pending_send_ack(&self, into: &mut Histogram<u64>) {
+        self.take(into, |w| &w.pending_send_ack);
     }
 
     fn take(

@@ -37,6 +37,8 @@ pub fn edge_bin() -> PathBuf {
 pub struct Edge {
     child: Child,
     pub client: SocketAddr,
+    /// The protocol v2 listener, when started with [`Edge::start_v2`].
+    pub v2: Option<SocketAddr>,
     pub pid: u32,
     _dir: tempfile::TempDir,
 }
@@ -44,8 +46,21 @@ pub struct Edge {
 impl Edge {
     /// Starts an edge with `shards` shards and waits for its "listening" line.
     pub fn start(shards: usize) -> Edge {
+        Self::start_with(shards, &[])
+    }
+
+    /// Starts an edge with `shards` shards that also serves protocol v2 on a free port.
+    pub fn start_v2(shards: usize) -> Edge {
+        let e = Self::start_with(shards, &["--listen-v2", "127.0.0.1:0"]);
+        assert!(e.v2.is_some(), "the edge printed no v2= address");
+        e
+    }
+
+    /// Starts an edge with `shards` shards and `extra` flags.
+    pub fn start_with(shards: usize, extra: &[&str]) -> Edge {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut child = Command::new(edge_bin())
+            .args(extra)
             .args([
                 "--listen",
                 "127.0.0.1:0",
@@ -72,10 +87,15 @@ impl Edge {
             .unwrap_or_else(|| panic!("unexpected edge output {line:?}"))
             .parse()
             .expect("client address");
+        let v2 = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("v2="))
+            .map(|a| a.parse().expect("v2 address"));
         let pid = child.id();
         Edge {
             child,
             client,
+            v2,
             pid,
             _dir: dir,
         }

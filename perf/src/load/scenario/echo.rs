@@ -114,6 +114,10 @@ async fn worker(env: WorkerEnv, o: EchoOpts) -> anyhow::Result<()> {
 /// Runs `echo`.
 pub fn run(o: &EchoOpts, command: Vec<String>) -> anyhow::Result<Report> {
     anyhow::ensure!(
+        o.common.protocol == super::super::conn::Protocol::V1,
+        "echo speaks the echo server's raw protocol: --protocol v2 does not apply"
+    );
+    anyhow::ensure!(
         o.conns > 0 && o.batch > 0,
         "--conns and --batch must be > 0"
     );

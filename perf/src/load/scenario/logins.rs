@@ -6,14 +6,15 @@
 //! a socket), which measures the server's login path without the kernel's TCP handshake. Loop
 //! `j` cycles through users `j, j + conns, …` of a pool of `--users` names. `logins_per_s`
 //! counts LOGIN_OKs in the measured window; the latency is from the start of each login
-//! (connect included by default) to its LOGIN_OK.
+//! (connect included by default) to its LOGIN_OK. With `--protocol v2` a login is HELLO →
+//! HELLO_OK (no `--relogin`: v2 allows one HELLO per connection).
 
 use clap::Args;
 use serde::Serialize;
 
 use super::super::cli::Common;
 use super::super::clock;
-use super::super::conn::Client;
+use super::super::conn::{Client, Protocol};
 use super::super::report::Report;
 use super::super::runtime::WorkerEnv;
 use super::super::stats;
@@ -104,6 +105,10 @@ async fn worker(env: WorkerEnv, o: LoginsOpts) -> anyhow::Result<()> {
 /// Runs `logins`.
 pub fn run(o: &LoginsOpts, command: Vec<String>) -> anyhow::Result<Report> {
     anyhow::ensure!(o.conns > 0, "--conns must be > 0");
+    anyhow::ensure!(
+        !(o.relogin && o.common.protocol == Protocol::V2),
+        "--relogin needs --protocol v1 (a second HELLO on a v2 connection is an error)"
+    );
     let mut run = Run::new(&o.common, "logins", command, o)?;
     let oc = o.clone();
     let handles = run.spawn(move |env| worker(env, oc.clone()))?;

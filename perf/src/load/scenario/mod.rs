@@ -96,7 +96,7 @@ impl Run {
         }
         runtime::raise_nofile();
         let prefix = common.user_prefix.clone().unwrap_or_else(default_prefix);
-        let shared = Shared::new(cpus.len());
+        let shared = Shared::with_protocol(cpus.len(), common.protocol);
         let mut report = Report::new(scenario, command);
         report.label = common.label.clone();
         report.started_utc = clock::utc_now_iso();
@@ -255,6 +255,9 @@ impl Run {
         }
         if !self.monitor.lag.is_empty() {
             r.sender_lag = Some(LatencySummary::of(&self.monitor.lag));
+        }
+        if !self.monitor.send_ack.is_empty() {
+            r.send_ack_latency = Some(LatencySummary::of(&self.monitor.send_ack));
         }
         r.timeseries = std::mem::take(&mut self.monitor.ticks);
         r.wall_secs = (clock::now_ns() - self.wall_start_ns) as f64 / 1e9;

@@ -299,6 +299,10 @@ async fn drain(
 /// Runs `offline`.
 pub fn run(o: &OfflineOpts, command: Vec<String>) -> anyhow::Result<Report> {
     anyhow::ensure!(
+        o.common.protocol == super::super::conn::Protocol::V1,
+        "offline speaks protocol v1 only (--protocol v2 is not built for it)"
+    );
+    anyhow::ensure!(
         o.users > 0 && o.senders > 0,
         "--users and --senders must be > 0"
     );

@@ -17,8 +17,17 @@
 //! in it. Then the senders stop and the run waits (up to `--drain-timeout`) for the last
 //! messages; lost = sent − distinct received, exactly, per pair. `--idle N` holds N more
 //! logged-in idle connections during the whole measurement.
+//!
+//! With `--protocol v2` the sender writes SEND frames (kind 0, `client_msg_id` = the sequence
+//! number, the same payload stamp), reads its SEND_ACKs (counted in `send_acks`; the latency
+//! from the same start as the end-to-end one to the SEND_ACK is the report's
+//! `send_ack_latency`: the sender's "sent" tick) and answers PINGs; the receiver acks all
+//! the DELIVERs of one read in one ACK frame (1024 ids per frame at most). A SEND the server
+//! refuses (ERROR or RATE_LIMITED naming it) is never delivered: it is counted (`errors`,
+//! `rate_limited`) and ends up in `lost`.
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::rc::Rc;
 
 use anyhow::Context as _;
@@ -30,12 +39,13 @@ use serde::Serialize;
 
 use super::super::cli::Common;
 use super::super::clock;
-use super::super::conn::{self, Client, LoadError};
+use super::super::conn::{self, Client, LoadError, Protocol};
 use super::super::payload::{self, Stamp};
 use super::super::report::Report;
 use super::super::runtime::WorkerEnv;
 use super::super::seq::{Arrival, SeqTracker};
 use super::super::stats;
+use super::super::v2;
 use super::{connect_login, count_error, ramp, Run, ServerNow};
 
 /// Options of `pairs`.
@@ -158,16 +168,34 @@ async fn worker(env: WorkerEnv, o: PairsOpts) -> anyhow::Result<Outcome> {
             window: o.max.then(|| Semaphore::new(o.window.max(1))),
         });
         pairs.push(pair.clone());
+        let phase = match o.rate {
+            Some(_) => i as f64 / o.pairs as f64,
+            None => 0.0,
+        };
+        if env.shared.protocol == Protocol::V2 {
+            tasks.push(glommio::spawn_local(receive_v2(
+                env.clone(),
+                rx,
+                pair.clone(),
+                t,
+            )));
+            tasks.push(glommio::spawn_local(send_v2(
+                env.clone(),
+                tx,
+                pair,
+                rx_user.into_bytes(),
+                o.clone(),
+                t,
+                phase,
+            )));
+            continue;
+        }
         tasks.push(glommio::spawn_local(receive(
             env.clone(),
             rx,
             pair.clone(),
             t,
         )));
-        let phase = match o.rate {
-            Some(_) => i as f64 / o.pairs as f64,
-            None => 0.0,
-        };
         tasks.push(glommio::spawn_local(send(
             env.clone(),
             tx,
@@ -427,6 +455,355 @@ async fn receive(env: WorkerEnv, mut c: Client, pair: Rc<Pair>, t: Timing) {
     }
 }
 
+/// Protocol v2: the start times of the SENDs not acknowledged yet, by `client_msg_id` (the
+/// sequence number), oldest first.
+#[derive(Debug, Default)]
+struct Unacked {
+    /// `client_msg_id` of `times[0]`.
+    base: u64,
+    /// Start time of each SEND (`ACKED` once answered).
+    times: VecDeque<u64>,
+}
+
+const ACKED: u64 = u64::MAX;
+
+impl Unacked {
+    fn push(&mut self, start_ns: u64) {
+        self.times.push_back(start_ns);
+    }
+
+    /// The start time of SEND `id`, if it was waiting; it is no longer.
+    fn take(&mut self, id: u64) -> Option<u64> {
+        let i = usize::try_from(id.checked_sub(self.base)?).ok()?;
+        let slot = self.times.get_mut(i)?;
+        let t = std::mem::replace(slot, ACKED);
+        while self.times.front() == Some(&ACKED) {
+            self.times.pop_front();
+            self.base += 1;
+        }
+        (t != ACKED).then_some(t)
+    }
+}
+
+/// What a v2 sender waits for.
+enum Wake {
+    /// The time of the next message, or a window permit (closed loop).
+    Due,
+    /// Nothing yet (closed loop: no permit within [`conn::POLL`]).
+    Tick,
+    /// Bytes from the server (or not, on a read timeout tick).
+    Read(Result<Option<usize>, LoadError>),
+}
+
+/// The sender of one pair, protocol v2: [`send`]'s schedule, SEND frames, and the server's
+/// SEND_ACKs and PINGs read whenever the sender waits.
+async fn send_v2(
+    env: WorkerEnv,
+    mut c: Client,
+    pair: Rc<Pair>,
+    target: Vec<u8>,
+    o: PairsOpts,
+    t: Timing,
+    phase: f64,
+) {
+    let per_pair = o.rate.map(|r| r / o.pairs as f64);
+    let interval = per_pair.map(|r| 1e9 / r.max(1e-9)).unwrap_or(0.0);
+    let first = t.start_ns + (phase * interval) as u64;
+    let intended = |k: u64| first + (k as f64 * interval) as u64;
+    let max_batch = o.max_batch.max(1);
+    let size = o.size.max(payload::MIN_SIZE);
+    let mut buf = Vec::with_capacity(max_batch * v2::send_len(target.len(), size));
+    let mut msg = Vec::with_capacity(size);
+    let mut out = Vec::new();
+    let mut unacked = Unacked::default();
+    let mut k = 0u64;
+    let counters = &env.me().c;
+    loop {
+        if env.stopping() {
+            break;
+        }
+        if let Err(e) = sender_frames_v2(&env, &mut c, &pair, t, &mut unacked, &mut out).await {
+            count_error(&env, &e);
+            break;
+        }
+        let now = clock::now_ns();
+        let n = match &pair.window {
+            None => {
+                let next = intended(k);
+                if next >= t.end_ns {
+                    break;
+                }
+                if next > now {
+                    let wake = futures_lite::future::or(
+                        async {
+                            clock::sleep_until_ns(next).await;
+                            Wake::Due
+                        },
+                        async { Wake::Read(c.fill().await) },
+                    )
+                    .await;
+                    if let Wake::Read(Err(e)) = wake {
+                        count_error(&env, &e);
+                        break;
+                    }
+                    continue;
+                }
+                let mut n = 0;
+                buf.clear();
+                while n < max_batch {
+                    let due = intended(k + n as u64);
+                    if due > now || due >= t.end_ns {
+                        break;
+                    }
+                    if due >= t.measure_ns {
+                        env.lag.record(now - due);
+                    }
+                    push_msg_v2(
+                        &mut buf,
+                        &mut msg,
+                        &target,
+                        pair.id,
+                        k + n as u64,
+                        due,
+                        o.size,
+                    );
+                    unacked.push(due);
+                    n += 1;
+                }
+                n
+            }
+            Some(win) => {
+                if now >= t.end_ns {
+                    break;
+                }
+                let wake = futures_lite::future::or(
+                    async {
+                        match glommio::timer::timeout(conn::POLL, win.acquire(1)).await {
+                            Ok(()) => Wake::Due,
+                            Err(_) => Wake::Tick,
+                        }
+                    },
+                    async { Wake::Read(c.fill().await) },
+                )
+                .await;
+                match wake {
+                    Wake::Due => {}
+                    Wake::Tick | Wake::Read(Ok(_)) => continue,
+                    Wake::Read(Err(e)) => {
+                        count_error(&env, &e);
+                        break;
+                    }
+                }
+                let extra = win.available().min(max_batch as u64 - 1);
+                let extra = if extra > 0 && !win.try_acquire(extra).unwrap_or(false) {
+                    0
+                } else {
+                    extra
+                };
+                let n = 1 + extra as usize;
+                let now = clock::now_ns();
+                buf.clear();
+                for j in 0..n {
+                    push_msg_v2(
+                        &mut buf,
+                        &mut msg,
+                        &target,
+                        pair.id,
+                        k + j as u64,
+                        now,
+                        o.size,
+                    );
+                    unacked.push(now);
+                }
+                n
+            }
+        };
+        match c.write_all(&buf).await {
+            Ok(()) => {
+                k += n as u64;
+                pair.sent.set(k);
+                stats::add(&counters.sent, n as u64);
+            }
+            Err(e) => {
+                count_error(&env, &e);
+                break;
+            }
+        }
+        glommio::yield_if_needed().await;
+    }
+    stats::add(&counters.finished, 1);
+    // Keep the connection until the end, reading the last SEND_ACKs.
+    while !env.stopping() {
+        if let Err(e) = sender_frames_v2(&env, &mut c, &pair, t, &mut unacked, &mut out).await {
+            count_error(&env, &e);
+            break;
+        }
+        if let Err(e) = c.fill().await {
+            count_error(&env, &e);
+            break;
+        }
+    }
+}
+
+/// Handles the frames a v2 sender has received: SEND_ACK (counted, latency recorded), PING
+/// (answered), refusals of SENDs (counted; in closed loop their window slot is given back).
+async fn sender_frames_v2(
+    env: &WorkerEnv,
+    c: &mut Client,
+    pair: &Pair,
+    t: Timing,
+    unacked: &mut Unacked,
+    out: &mut Vec<u8>,
+) -> Result<(), LoadError> {
+    use iris_wire::v2::{LimitedAction, ServerFrame as S};
+    let counters = &env.me().c;
+    let now = clock::now_ns();
+    let mut refused = 0u64;
+    while let Some(f) = c.rx.next_v2()? {
+        match f {
+            v2::In::SendAck { client_msg_id, .. } => {
+                stats::add(&counters.send_acks, 1);
+                match unacked.take(client_msg_id) {
+                    Some(start) if start >= t.measure_ns && start < t.end_ns => {
+                        env.send_ack.record(now.saturating_sub(start));
+                    }
+                    Some(_) => {}
+                    None => stats::add(&counters.unexpected, 1),
+                }
+            }
+            v2::In::Other(S::Ping { nonce }) => v2::push_pong(out, nonce),
+            v2::In::Other(S::RateLimited {
+                what, reference, ..
+            }) => {
+                stats::add(&counters.rate_limited, 1);
+                if what == LimitedAction::Send && unacked.take(reference).is_some() {
+                    refused += 1;
+                }
+            }
+            v2::In::Other(S::Error {
+                reason, reference, ..
+            }) => {
+                env.me().error(&format!("sender got ERROR {reason}"));
+                if reference != 0 && unacked.take(reference).is_some() {
+                    refused += 1;
+                }
+            }
+            _ => stats::add(&counters.unexpected, 1),
+        }
+    }
+    if let (Some(w), true) = (&pair.window, refused > 0) {
+        w.signal(refused);
+    }
+    if !out.is_empty() {
+        c.write_all(out).await?;
+        out.clear();
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn push_msg_v2(
+    buf: &mut Vec<u8>,
+    msg: &mut Vec<u8>,
+    target: &[u8],
+    stream: u32,
+    seq: u64,
+    intended_ns: u64,
+    size: usize,
+) {
+    msg.clear();
+    payload::encode(
+        msg,
+        Stamp {
+            stream,
+            seq,
+            intended_ns,
+        },
+        size,
+    );
+    v2::push_send(buf, seq, target, msg);
+}
+
+/// The receiver of one pair, protocol v2: one ACK frame per read with every id of the read.
+async fn receive_v2(env: WorkerEnv, mut c: Client, pair: Rc<Pair>, t: Timing) {
+    use iris_wire::v2::ServerFrame as S;
+    let mut out = Vec::with_capacity(64 << 10);
+    let mut ids: Vec<u64> = Vec::with_capacity(4096);
+    let counters = &env.me().c;
+    loop {
+        let now = clock::now_ns();
+        loop {
+            let frame = match c.rx.next_v2() {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    env.me().error(&format!("receiver: bad server frame: {e}"));
+                    return;
+                }
+            };
+            match frame {
+                v2::In::Deliver {
+                    server_id, payload, ..
+                } => {
+                    ids.push(server_id);
+                    arrive(&env, &pair, t, now, payload);
+                }
+                v2::In::Other(S::Ping { nonce }) => v2::push_pong(&mut out, nonce),
+                v2::In::Other(S::Error { reason, .. }) => {
+                    env.me().error(&format!("receiver got ERROR {reason}"));
+                }
+                v2::In::Other(S::RateLimited { .. }) => stats::add(&counters.rate_limited, 1),
+                _ => stats::add(&counters.unexpected, 1),
+            }
+        }
+        v2::push_acks(&mut out, &ids);
+        ids.clear();
+        if !out.is_empty() {
+            if let Err(e) = c.write_all(&out).await {
+                count_error(&env, &e);
+                return;
+            }
+            out.clear();
+        }
+        if env.stopping() {
+            return;
+        }
+        match c.fill().await {
+            Ok(_) => {}
+            Err(LoadError::Closed) if env.stopping() => return,
+            Err(e) => {
+                count_error(&env, &e);
+                return;
+            }
+        }
+    }
+}
+
+/// One message received by a v2 receiver: sequence tracking, latency, window.
+#[inline]
+fn arrive(env: &WorkerEnv, pair: &Pair, t: Timing, now: u64, body: &[u8]) {
+    let counters = &env.me().c;
+    let Some(s) = payload::decode(body).filter(|s| s.stream == pair.id) else {
+        stats::add(&counters.unexpected, 1);
+        return;
+    };
+    match pair.tracker.borrow_mut().record(s.seq) {
+        Arrival::Duplicate => {
+            stats::add(&counters.duplicates, 1);
+            return;
+        }
+        Arrival::Reordered => stats::add(&counters.reordered, 1),
+        Arrival::InOrder => {}
+    }
+    stats::add(&counters.delivered, 1);
+    if s.intended_ns >= t.measure_ns && s.intended_ns < t.end_ns {
+        env.hist.record(now.saturating_sub(s.intended_ns));
+    }
+    if let Some(w) = &pair.window {
+        w.signal(1);
+    }
+}
+
 /// Runs `pairs`.
 pub fn run(o: &PairsOpts, command: Vec<String>) -> anyhow::Result<Report> {
     anyhow::ensure!(
@@ -470,6 +847,7 @@ pub fn run(o: &PairsOpts, command: Vec<String>) -> anyhow::Result<Report> {
         Some(drain_deadline),
     )?;
     let outcomes = run.stop_and_join(handles)?;
+    let send_acks = run.shared.totals().send_acks;
     let mut sum = Outcome::default();
     for x in outcomes {
         sum.sent += x.sent;
@@ -521,6 +899,13 @@ pub fn run(o: &PairsOpts, command: Vec<String>) -> anyhow::Result<Report> {
     r.figure("lost", sum.lost as f64);
     r.figure("duplicated", sum.duplicates as f64);
     r.figure("reordered", sum.reordered as f64);
+    if o.common.protocol == Protocol::V2 {
+        r.figure("send_acks", send_acks as f64);
+        r.figure(
+            "send_acks_per_s",
+            (t1.send_acks - t0.send_acks) as f64 / window,
+        );
+    }
     if sum.phantom > 0 {
         r.notes.push(format!(
             "{} sequence numbers received that were never sent",

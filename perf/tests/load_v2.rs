@@ -1,0 +1,141 @@
+//! `iris-load --protocol v2` against a real `iris-edge --listen-v2`: an open-loop `pairs` run
+//! delivers everything (every SEND acknowledged, every DELIVER acked in batches), and the login
+//! scenarios speak HELLO/HELLO_OK.
+
+mod common;
+
+use common::{assert_sane_latency, run_load, Edge};
+
+#[test]
+fn pairs_v2_open_loop_two_seconds_nothing_lost() {
+    let edge = Edge::start_v2(1);
+    let target = edge.v2.unwrap().to_string();
+    let pid = edge.pid.to_string();
+    let r = run_load(&[
+        "pairs",
+        "--protocol",
+        "v2",
+        "--target",
+        &target,
+        "--pairs",
+        "4",
+        "--rate",
+        "400",
+        "--duration",
+        "2",
+        "--warmup",
+        "0.5",
+        "--server-pid",
+        &pid,
+    ]);
+    let sent = r.get("sent").unwrap();
+    // 400/s for 2.5 s, give or take one message per pair at the edges of the schedule.
+    assert!((990.0..=1010.0).contains(&sent), "sent {sent}");
+    assert_eq!(r.get("delivered"), Some(sent));
+    assert_eq!(r.lost, 0);
+    assert_eq!((r.totals.duplicates, r.totals.reordered), (0, 0));
+    assert_eq!(
+        (r.totals.errors, r.totals.unexpected, r.totals.rate_limited),
+        (0, 0, 0),
+        "{:?}",
+        r.notes
+    );
+    // Every SEND was acknowledged, and the SEND_ACK latency was measured for the window.
+    assert_eq!(r.get("send_acks"), Some(sent));
+    assert_eq!(r.totals.send_acks as f64, sent);
+    let acks = r.send_ack_latency.expect("SEND_ACK latency");
+    assert!((790.0..=810.0).contains(&(acks.count as f64)), "{acks:?}");
+    assert!(acks.p50_us > 0.0 && acks.p50_us <= acks.max_us);
+    assert_sane_latency(&r);
+    assert!(r.server.is_some());
+    assert_eq!(r.config["common"]["protocol"], "v2");
+}
+
+#[test]
+fn pairs_v2_closed_loop_and_v1_beside_it() {
+    let edge = Edge::start_v2(1);
+    let v2 = edge.v2.unwrap().to_string();
+    let v1 = edge.client.to_string();
+    for (proto, target) in [("v2", &v2), ("v1", &v1)] {
+        let r = run_load(&[
+            "pairs",
+            "--protocol",
+            proto,
+            "--target",
+            target,
+            "--pairs",
+            "2",
+            "--max",
+            "--window",
+            "8",
+            "--duration",
+            "1",
+            "--warmup",
+            "0.2",
+        ]);
+        let sent = r.get("sent").unwrap();
+        assert!(sent > 0.0, "{proto}");
+        assert_eq!(r.get("delivered"), Some(sent), "{proto}");
+        assert_eq!(r.lost, 0, "{proto}");
+        assert_eq!(r.totals.errors, 0, "{proto}: {:?}", r.notes);
+        match proto {
+            "v2" => assert_eq!(r.get("send_acks"), Some(sent)),
+            _ => assert!(r.send_ack_latency.is_none() && r.get("send_acks").is_none()),
+        }
+    }
+}
+
+#[test]
+fn logins_and_connect_v2() {
+    let edge = Edge::start_v2(1);
+    let target = edge.v2.unwrap().to_string();
+    let r = run_load(&[
+        "logins",
+        "--protocol",
+        "v2",
+        "--target",
+        &target,
+        "--conns",
+        "4",
+        "--users",
+        "50",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.2",
+    ]);
+    assert!(r.get("logins_per_s").unwrap() > 0.0);
+    assert_eq!(r.totals.errors, 0, "{:?}", r.notes);
+    let r = run_load(&[
+        "connect",
+        "--protocol",
+        "v2",
+        "--target",
+        &target,
+        "--conns",
+        "40",
+        "--rate",
+        "400",
+        "--hold",
+        "0.5",
+        "--settle",
+        "0.2",
+    ]);
+    assert_eq!(r.get("connections_open"), Some(40.0));
+    assert_eq!(r.get("still_open"), Some(40.0));
+    // A v1 client's LOGIN on the v2 port is not a HELLO: refused.
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_iris-load"))
+        .args(["connect", "--protocol", "v1", "--target", &target])
+        .args([
+            "--conns", "1", "--hold", "0.2", "--settle", "0.1", "--quiet",
+        ])
+        .args(["--no-pin", "--cpus", "0", "--io-memory", "131072", "--json"])
+        .arg(dir.path().join("r.json"))
+        .output()
+        .unwrap();
+    let r = iris_perf::load::Report::read_json(&dir.path().join("r.json")).unwrap();
+    assert!(out.status.success());
+    assert_eq!(r.get("connections_open"), Some(0.0));
+    assert!(r.totals.errors >= 1, "{:?}", r.notes);
+}
