@@ -659,20 +659,13 @@ impl Shard {
                 p
             };
             match cf.outcome {
-                Confirmed::Stored => {
-                    self.route(&pending.target, pending.d);
-                    ShardMetrics::inc(&self.metrics.v2_send_acks_total);
-                    encode_server(
-                        &ServerFrame::SendAck {
-                            client_msg_id: cf.client,
-                            server_id: cf.id,
-                            server_time_unix_ms: v2::id_time_ms(cf.id),
-                        },
-                        &mut out,
-                    );
-                }
-                Confirmed::Duplicate => {
-                    ShardMetrics::inc(&self.metrics.v2_resends_total);
+                Confirmed::Stored | Confirmed::Duplicate => {
+                    if cf.outcome == Confirmed::Stored {
+                        self.route(&pending.target, pending.d);
+                        ShardMetrics::inc(&self.metrics.v2_send_acks_total);
+                    } else {
+                        ShardMetrics::inc(&self.metrics.v2_resends_total);
+                    }
                     encode_server(
                         &ServerFrame::SendAck {
                             client_msg_id: cf.client,
