@@ -64,4 +64,5 @@ pub use client::Client;
 pub use error::ClientError;
 pub use event::Event;
 pub use iris_wire::v2::{ErrorCode, LimitedAction, MsgKind, ReceiptKind};
-pub use options::{ClientOptions, ServerLimits};
+pub use options::{roots_from_pem, ClientOptions, ServerLimits, Transport};
+pub use rustls;
