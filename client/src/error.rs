@@ -16,7 +16,7 @@ pub enum ClientError {
     },
     /// The TLS handshake failed: most often the server's certificate is not signed by a
     /// trusted root ([`crate::options::Transport::Tls`] `roots`) or not valid for
-    /// `server_name` ("invalid peer certificate: UnknownIssuer" / "NotValidForName").
+    /// `server_name` ("invalid peer certificate: UnknownIssuer" or "certificate not valid for name").
     #[error("tls handshake with {addr}: {reason}")]
     Tls {
         /// The server address.
