@@ -14,12 +14,15 @@ use iris_wire::v2::{
 
 use crate::book::{seed_client_msg_id, AckBatch, Mark, Outbox, SeenWindow};
 use crate::conn::{encode, establish, Conn, WriterMsg, IDLE_PINGS, KEEPALIVE_NONCE};
+use crate::transport::Connector;
 use crate::{ClientError, ClientOptions, Event, ServerLimits};
 
 /// State shared by the API, the connection threads and the maintenance thread.
 pub(crate) struct Inner {
     pub(crate) opts: ClientOptions,
     pub(crate) addrs: Vec<SocketAddr>,
+    /// The transport, ready to connect.
+    pub(crate) connector: Connector,
     state: Mutex<State>,
     /// Events queued, outbox room, connection up or down, close.
     pub(crate) cv: Condvar,
@@ -116,10 +119,11 @@ fn check_user(what: &str, user: &[u8]) -> Result<(), ClientError> {
 }
 
 impl Client {
-    /// Connects over TCP, logs in (HELLO, waits up to `hello_timeout_ms` for HELLO_OK) and
+    /// Connects over [`ClientOptions::transport`], logs in (HELLO, waits up to `hello_timeout_ms` for HELLO_OK) and
     /// starts the background threads. An ERROR answer is [`ClientError::Refused`].
     pub fn connect(addr: impl ToSocketAddrs, opts: ClientOptions) -> Result<Client, ClientError> {
         check_user("user", opts.user.as_bytes())?;
+        let connector = Connector::new(&opts.transport)?;
         let addrs: Vec<SocketAddr> = addr
             .to_socket_addrs()
             .map_err(|source| ClientError::Connect {
@@ -150,6 +154,7 @@ impl Client {
         let inner = Arc::new(Inner {
             opts,
             addrs,
+            connector,
             state: Mutex::new(state),
             cv: Condvar::new(),
             maint_cv: Condvar::new(),

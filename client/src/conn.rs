@@ -20,7 +20,7 @@ use iris_wire::v2::{
 
 use crate::book::Mark;
 use crate::client::{Inner, State};
-use crate::transport::{self, Closer};
+use crate::transport::Closer;
 use crate::{ClientError, Event, ServerLimits};
 
 /// Bytes queued for the writer thread.
@@ -78,16 +78,11 @@ pub(crate) fn establish(inner: &Arc<Inner>) -> Result<ServerLimits, ClientError>
         (st.generation, st.resume_after)
     };
     let timeout = Duration::from_millis(opts.hello_timeout_ms.max(1));
-    let transport = transport::connect_tcp(
+    let (reader, writer, closer) = inner.connector.connect(
         &inner.addrs,
         timeout,
         Duration::from_millis(opts.write_timeout_ms),
-    )
-    .map_err(|source| ClientError::Connect {
-        addr: format!("{:?}", inner.addrs),
-        source,
-    })?;
-    let (reader, writer, closer) = transport.split()?;
+    )?;
     let (tx, rx) = mpsc::channel();
     let wcloser = closer.clone();
     let last_write_ms = Arc::new(AtomicU64::new(0));

@@ -14,6 +14,24 @@ pub enum ClientError {
         /// The last connect error.
         source: io::Error,
     },
+    /// The TLS handshake failed: most often the server's certificate is not signed by a
+    /// trusted root ([`crate::options::Transport::Tls`] `roots`) or not valid for
+    /// `server_name` ("invalid peer certificate: UnknownIssuer" or "certificate not valid for name").
+    #[error("tls handshake with {addr}: {reason}")]
+    Tls {
+        /// The server address.
+        addr: String,
+        /// What rustls reported.
+        reason: String,
+    },
+    /// The WebSocket upgrade failed (not a WebSocket server, refused path, timeout).
+    #[error("websocket upgrade with {addr}: {reason}")]
+    WebSocket {
+        /// The server address.
+        addr: String,
+        /// What tungstenite reported.
+        reason: String,
+    },
     /// Reading or writing the connection failed, or it closed before HELLO_OK.
     #[error("connection i/o: {0}")]
     Io(#[from] io::Error),

@@ -1,9 +1,33 @@
 //! `iris-client`: a blocking Rust client for the Iris client protocol v2 (`iris-wire`), and
 //! the `iris-chat` command-line chat built on it.
 //!
-//! One [`Client`] is one logged-in user. It speaks plain TCP (behind an internal transport
-//! seam, so TLS or WebSocket can come later), uses std threads and no async runtime: a reader
+//! One [`Client`] is one logged-in user. It uses std threads and no async runtime: a reader
 //! and a writer thread per connection and one maintenance thread per client.
+//!
+//! **Transports** ([`ClientOptions::transport`], docs/PROTOCOL-v2.md "Transports"): plain TCP
+//! (the default), TLS, WebSocket (`ws://`, one binary message per v2 frame) and WebSocket over
+//! TLS, each to the server's matching v2 port; reconnects use the same transport. TLS is
+//! rustls (ring, TLS 1.2 and 1.3) and trusts only the roots given: for a server with a
+//! self-signed certificate, pass that certificate's PEM file to [`roots_from_pem`] and a
+//! `server_name` the certificate is valid for. A failed handshake is [`ClientError::Tls`], a
+//! failed upgrade [`ClientError::WebSocket`]. Over TLS and WebSocket, whose streams cannot be
+//! split, a write can wait up to 20 ms for the reader's current read.
+//!
+//! ```no_run
+//! use iris_client::{roots_from_pem, Client, ClientOptions, Transport};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let mut opts = ClientOptions::new("alice");
+//! opts.transport = Transport::Wss {
+//!     server_name: "localhost".into(),
+//!     roots: roots_from_pem(&std::fs::read("edge.crt")?)?,
+//!     path: "/".into(),
+//! };
+//! let alice = Client::connect("127.0.0.1:7443", opts)?;
+//! # drop(alice);
+//! # Ok(())
+//! # }
+//! ```
 //!
 //! What it does for the app:
 //! - **Login**: HELLO with `token` = `user` or `user:jwt` and `resume_after`; waits for
@@ -47,7 +71,7 @@
 //! ```
 //!
 //! Modules: [`client`] (the API and the maintenance thread), `conn` (login, reader and
-//! writer threads), `book` (outbox, redelivery window, ack batches), `transport` (TCP),
+//! writer threads), `book` (outbox, redelivery window, ack batches), `transport` (TCP, TLS, WebSocket),
 //! [`error`], [`event`], [`options`].
 
 #![forbid(unsafe_code)]
@@ -64,4 +88,6 @@ pub use client::Client;
 pub use error::ClientError;
 pub use event::Event;
 pub use iris_wire::v2::{ErrorCode, LimitedAction, MsgKind, ReceiptKind};
-pub use options::{ClientOptions, ServerLimits};
+pub use options::{roots_from_pem, ClientOptions, ServerLimits, Transport};
+/// The rustls version the TLS transports use (for [`rustls::RootCertStore`]).
+pub use rustls;

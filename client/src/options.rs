@@ -1,18 +1,81 @@
 //! [`ClientOptions`]: who logs in and how the client behaves; [`ServerLimits`]: what HELLO_OK
 //! announced.
 
+use crate::ClientError;
+
+/// How a [`crate::Client`] reaches the server (docs/PROTOCOL-v2.md "Transports"). Every
+/// reconnect uses the same transport.
+///
+/// `roots` are the certificates the client trusts as issuers of the server's certificate. For
+/// a server with a self-signed certificate (or one signed by a private CA), trust that
+/// certificate (or the CA's) itself: [`roots_from_pem`] with the contents of its PEM file, and
+/// a `server_name` the certificate is valid for (a DNS name in its subjectAltName, or an IP
+/// address in an IP subjectAltName). Public CAs: fill a [`rustls::RootCertStore`] from a
+/// crate such as `webpki-roots` or from the system store.
+#[derive(Clone, Debug, Default)]
+pub enum Transport {
+    /// Plain TCP (the default).
+    #[default]
+    Tcp,
+    /// TLS 1.2 or 1.3 over TCP (the server's `tls_listen` port).
+    Tls {
+        /// The name the server's certificate must be valid for (also sent as SNI).
+        server_name: String,
+        /// Trusted roots.
+        roots: rustls::RootCertStore,
+    },
+    /// WebSocket (`ws://`, the server's `ws_listen` port): one binary message per v2 frame.
+    Ws {
+        /// The request path, e.g. `/` (empty means `/`).
+        path: String,
+    },
+    /// WebSocket over TLS (`wss://`, the server's `wss_listen` port).
+    Wss {
+        /// The name the server's certificate must be valid for (also the URL's host).
+        server_name: String,
+        /// Trusted roots.
+        roots: rustls::RootCertStore,
+        /// The request path, e.g. `/` (empty means `/`).
+        path: String,
+    },
+}
+
+/// A root store holding every certificate of a PEM file (`-----BEGIN CERTIFICATE-----`
+/// blocks), e.g. a self-signed server certificate or a private CA's certificate. No
+/// certificate, or one that does not parse, is [`ClientError::Invalid`].
+pub fn roots_from_pem(pem: &[u8]) -> Result<rustls::RootCertStore, ClientError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        let cert = cert.map_err(|e| ClientError::Invalid(format!("pem certificate: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| ClientError::Invalid(format!("trusted certificate: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(ClientError::Invalid(
+            "no certificate in the pem data".to_owned(),
+        ));
+    }
+    Ok(roots)
+}
+
 /// Options of a [`crate::Client`]. Build with [`ClientOptions::new`], then set fields.
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
     /// The user name (1..=256 bytes).
     pub user: String,
+    /// TCP, TLS, WebSocket or WebSocket over TLS. Default [`Transport::Tcp`].
+    pub transport: Transport,
     /// The JWT, when the server checks tokens: HELLO's token is then `user:jwt`. Default none.
     pub jwt: Option<String>,
     /// HELLO `client_name`. Default `iris-client`.
     pub client_name: String,
     /// HELLO `client_version`. Default this crate's version.
     pub client_version: String,
-    /// TCP connect plus HELLO_OK wait, per attempt. Default 5000.
+    /// TCP connect, then TLS handshake and WebSocket upgrade (each), then HELLO_OK wait, per
+    /// attempt. Default 5000.
     pub hello_timeout_ms: u64,
     /// A write blocked this long ends the connection (then it reconnects). Default 10000.
     pub write_timeout_ms: u64,
@@ -49,6 +112,7 @@ impl ClientOptions {
     pub fn new(user: impl Into<String>) -> ClientOptions {
         ClientOptions {
             user: user.into(),
+            transport: Transport::Tcp,
             jwt: None,
             client_name: "iris-client".to_owned(),
             client_version: env!("CARGO_PKG_VERSION").to_owned(),

@@ -1,6 +1,7 @@
 //! `iris-chat`: a small interactive chat over protocol v2, on `iris-client`.
 //!
-//! `iris-chat --server HOST:PORT --user NAME [--token JWT]`, then lines on stdin: `/to USER`
+//! `iris-chat --server HOST:PORT --user NAME [--token JWT] [--tls | --ws | --wss]
+//! [--ca FILE] [--server-name NAME] [--path /PATH]`, then lines on stdin: `/to USER`
 //! picks the peer, a plain line is sent to it, `/status USER` asks whether a user is online,
 //! `/typing` tells the peer you type, `/quit` leaves. Incoming messages print with sender and
 //! time (UTC) and are marked read; your messages get `✓` once the server stored them and
@@ -13,7 +14,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use iris_client::{Client, ClientError, ClientOptions, Event, MsgKind, ReceiptKind};
+use iris_client::{
+    roots_from_pem, Client, ClientError, ClientOptions, Event, MsgKind, ReceiptKind, Transport,
+};
 
 #[derive(Parser, Debug)]
 #[command(about = "Interactive chat over the Iris protocol v2")]
@@ -27,6 +30,66 @@ struct Args {
     /// A JWT, when the server checks tokens.
     #[arg(long)]
     token: Option<String>,
+    /// Connect over TLS (the server's v2 TLS port).
+    #[arg(long, conflicts_with_all = ["ws", "wss"])]
+    tls: bool,
+    /// Connect over WebSocket (the server's v2 WebSocket port).
+    #[arg(long, conflicts_with = "wss")]
+    ws: bool,
+    /// Connect over WebSocket over TLS (the server's v2 WSS port).
+    #[arg(long)]
+    wss: bool,
+    /// PEM file of the certificates to trust for --tls/--wss: the server's self-signed
+    /// certificate or the CA that signed it.
+    #[arg(long, value_name = "FILE")]
+    ca: Option<std::path::PathBuf>,
+    /// The name the server's certificate is for. Default: the host part of --server.
+    #[arg(long)]
+    server_name: Option<String>,
+    /// The WebSocket request path.
+    #[arg(long, default_value = "/")]
+    path: String,
+}
+
+/// The transport the flags ask for.
+fn transport(args: &Args) -> anyhow::Result<Transport> {
+    if !(args.tls || args.wss) {
+        if args.ca.is_some() {
+            bail!("--ca needs --tls or --wss");
+        }
+        return Ok(if args.ws {
+            Transport::Ws {
+                path: args.path.clone(),
+            }
+        } else {
+            Transport::Tcp
+        });
+    }
+    let Some(ca) = &args.ca else {
+        bail!("--tls and --wss need --ca FILE (the certificates to trust, PEM)");
+    };
+    let pem = std::fs::read(ca).with_context(|| format!("read {}", ca.display()))?;
+    let roots =
+        roots_from_pem(&pem).with_context(|| format!("certificates of {}", ca.display()))?;
+    let server_name = match &args.server_name {
+        Some(n) => n.clone(),
+        None => match args.server.rsplit_once(':') {
+            Some((host, _)) => host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
+            None => args.server.clone(),
+        },
+    };
+    Ok(if args.tls {
+        Transport::Tls { server_name, roots }
+    } else {
+        Transport::Wss {
+            server_name,
+            roots,
+            path: args.path.clone(),
+        }
+    })
 }
 
 /// `HH:MM:SS` (UTC) of a Unix millisecond time.
@@ -119,6 +182,7 @@ fn print_events(client: &Client, sent: &Mutex<Sent>) -> Result<(), ClientError> 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut opts = ClientOptions::new(&args.user);
+    opts.transport = transport(&args)?;
     opts.jwt = args.token;
     opts.client_name = "iris-chat".into();
     let client = Arc::new(
