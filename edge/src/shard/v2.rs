@@ -23,7 +23,7 @@ use iris_wire::v2::{
 };
 
 use super::Shard;
-use crate::protocol::frame::sop;
+use crate::protocol::frame::{self, sop, ServerFrame as V1Frame};
 use crate::protocol::MsgId;
 
 /// Internal relay opcode of a v2 "delivered" receipt (same layout as v1's `0x75`); never
@@ -136,16 +136,27 @@ pub fn error_for_reason(reason: &[u8]) -> ErrorCode {
     }
 }
 
-/// Reads the v1 server frames in `v1` and appends their v2 equivalents to `out`. A frame this
-/// does not know (none is expected) is dropped.
+/// Reads the v1 server frames in `v1` (with the shard's own v1 decoder,
+/// [`frame::decode_server`]) and appends their v2 equivalents to `out`. A frame that does not
+/// decode (none is expected) ends the transcoding of this batch.
 pub fn transcode(shard: &Shard, conn: u64, v2: &mut V2State, mut v1: &[u8], out: &mut Vec<u8>) {
-    while let Some((&opcode, rest)) = v1.split_first() {
-        let Some((frame, used)) = parse_v1(opcode, rest) else {
+    while !v1.is_empty() {
+        // The internal "delivered" receipt has v1's 0x75 layout: decoded as one.
+        let delivered = v1[0] == DELIVERED_RECEIPT_RELAY;
+        let relabelled;
+        let buf = if delivered {
+            let mut b = v1.to_vec();
+            b[0] = sop::READ_RECEIPT_RELAY;
+            relabelled = b;
+            &relabelled[..]
+        } else {
+            v1
+        };
+        let Ok(Some((frame, used))) = frame::decode_server(buf) else {
             return;
         };
-        v1 = &rest[used..];
         let f = match frame {
-            V1Out::LoginOk => ServerFrame::HelloOk {
+            V1Frame::LoginOk => ServerFrame::HelloOk {
                 version: VERSION,
                 max_frame_bytes: shard.cfg.v2.max_frame_bytes,
                 ping_interval_ms: shard.cfg.v2.ping_interval_ms,
@@ -154,14 +165,17 @@ pub fn transcode(shard: &Shard, conn: u64, v2: &mut V2State, mut v1: &[u8], out:
                 session_id: (conn << 8) | shard.id as u64,
                 server_time_unix_ms: crate::idgen::now_micros() / 1000,
             },
-            V1Out::Reliable { id, payload } => ServerFrame::Deliver {
-                server_id: id,
-                sender: Vec::new(),
-                server_time_unix_ms: id_time_ms(id),
-                kind: MsgKind::Plain,
-                payload: payload.to_vec(),
+            V1Frame::Reliable { id, payload } => match MsgId::parse(id) {
+                Some(id) => ServerFrame::Deliver {
+                    server_id: id.0,
+                    sender: Vec::new(),
+                    server_time_unix_ms: id_time_ms(id.0),
+                    kind: MsgKind::Plain,
+                    payload: payload.to_vec(),
+                },
+                None => return,
             },
-            V1Out::Status {
+            V1Frame::Status {
                 user,
                 online,
                 last_seen,
@@ -170,20 +184,16 @@ pub fn transcode(shard: &Shard, conn: u64, v2: &mut V2State, mut v1: &[u8], out:
                 online,
                 last_seen_unix_secs: last_seen,
             },
-            V1Out::Typing { sender, on } => ServerFrame::Typing {
+            V1Frame::Typing { sender, on } => ServerFrame::Typing {
                 sender: sender.to_vec(),
                 typing: on,
             },
-            V1Out::Receipt {
-                delivered,
+            V1Frame::ReceiptRelay {
                 id,
                 reader,
                 unix_ms,
-            } => {
-                let Some(id) = MsgId::parse(id) else {
-                    continue; // a v1 client's receipt of an id it made up: nothing to name
-                };
-                ServerFrame::Receipt {
+            } => match MsgId::parse(id) {
+                Some(id) => ServerFrame::Receipt {
                     kind: if delivered {
                         ReceiptKind::Delivered
                     } else {
@@ -192,180 +202,38 @@ pub fn transcode(shard: &Shard, conn: u64, v2: &mut V2State, mut v1: &[u8], out:
                     reader: reader.to_vec(),
                     unix_ms,
                     ids: vec![id.0],
+                },
+                // A v1 client's receipt of an id it made up: nothing to name.
+                None => {
+                    v1 = &v1[used..];
+                    continue;
                 }
-            }
-            V1Out::Error(reason) => ServerFrame::error(error_for_reason(reason), 0),
-            V1Out::RateLimited(ms) => ServerFrame::RateLimited {
+            },
+            V1Frame::Error { reason } => ServerFrame::error(error_for_reason(reason), 0),
+            V1Frame::RateLimited { retry_after_ms } => ServerFrame::RateLimited {
                 what: LimitedAction::Send,
-                retry_after_ms: ms,
+                retry_after_ms,
                 reference: 0,
             },
-            V1Out::Prekeys(body) => {
+            V1Frame::PrekeyResponse { cbor } => {
                 let user = v2.prekey_users.pop_front().unwrap_or_default();
-                let bundle = if body == crate::protocol::cbor::NOT_FOUND_BUNDLE {
+                let bundle = if cbor == crate::protocol::cbor::NOT_FOUND_BUNDLE {
                     Vec::new()
                 } else {
-                    body.to_vec()
+                    cbor.to_vec()
                 };
                 ServerFrame::Prekeys { user, bundle }
             }
         };
+        v1 = &v1[used..];
         encode_server(&f, out);
-    }
-}
-
-/// One v1 server frame, borrowed.
-enum V1Out<'a> {
-    LoginOk,
-    Reliable {
-        id: u64,
-        payload: &'a [u8],
-    },
-    Status {
-        user: &'a [u8],
-        online: bool,
-        last_seen: u64,
-    },
-    Typing {
-        sender: &'a [u8],
-        on: bool,
-    },
-    Receipt {
-        delivered: bool,
-        id: &'a [u8],
-        reader: &'a [u8],
-        unix_ms: u64,
-    },
-    Error(&'a [u8]),
-    RateLimited(u32),
-    Prekeys(&'a [u8]),
-}
-
-fn u16_at(b: &[u8], at: usize) -> Option<usize> {
-    Some(usize::from(u16::from_be_bytes(
-        b.get(at..at + 2)?.try_into().ok()?,
-    )))
-}
-
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
-
-fn u64_at(b: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from_be_bytes(b.get(at..at + 8)?.try_into().ok()?))
-}
-
-/// Parses the body of the v1 server frame `opcode` at the head of `b`: the frame and the body
-/// bytes it took.
-fn parse_v1(opcode: u8, b: &[u8]) -> Option<(V1Out<'_>, usize)> {
-    match opcode {
-        sop::LOGIN_OK => {
-            let n = crate::protocol::frame::LOGIN_OK_TEXT.len();
-            (b.get(..n)? == crate::protocol::frame::LOGIN_OK_TEXT).then_some((V1Out::LoginOk, n))
-        }
-        sop::RELIABLE_MSG => {
-            let idlen = u16_at(b, 0)?;
-            let id = MsgId::parse(b.get(2..2 + idlen)?)?;
-            let mlen = u32_at(b, 2 + idlen)? as usize;
-            let at = 6 + idlen;
-            let payload = b.get(at..at + mlen)?;
-            Some((V1Out::Reliable { id: id.0, payload }, at + mlen))
-        }
-        sop::STATUS => {
-            let ulen = u16_at(b, 0)?;
-            let user = b.get(2..2 + ulen)?;
-            let online = *b.get(2 + ulen)? == 1;
-            let last_seen = u64_at(b, 3 + ulen)?;
-            Some((
-                V1Out::Status {
-                    user,
-                    online,
-                    last_seen,
-                },
-                11 + ulen,
-            ))
-        }
-        sop::TYPING_RELAY => {
-            let slen = u16_at(b, 0)?;
-            let sender = b.get(2..2 + slen)?;
-            let on = *b.get(2 + slen)? == 1;
-            Some((V1Out::Typing { sender, on }, 3 + slen))
-        }
-        sop::READ_RECEIPT_RELAY | DELIVERED_RECEIPT_RELAY => {
-            let ilen = u16_at(b, 0)?;
-            let id = b.get(2..2 + ilen)?;
-            let rlen = u16_at(b, 2 + ilen)?;
-            let reader = b.get(4 + ilen..4 + ilen + rlen)?;
-            let unix_ms = u64_at(b, 4 + ilen + rlen)?;
-            Some((
-                V1Out::Receipt {
-                    delivered: opcode == DELIVERED_RECEIPT_RELAY,
-                    id,
-                    reader,
-                    unix_ms,
-                },
-                12 + ilen + rlen,
-            ))
-        }
-        sop::ERROR => {
-            let len = u16_at(b, 0)?;
-            Some((V1Out::Error(b.get(2..2 + len)?), 2 + len))
-        }
-        sop::RATE_LIMITED => Some((V1Out::RateLimited(u32_at(b, 0)?), 4)),
-        sop::PREKEY_RESPONSE => {
-            let len = u32_at(b, 0)? as usize;
-            Some((V1Out::Prekeys(b.get(4..4 + len)?), 4 + len))
-        }
-        _ => None,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::frame;
-
-    #[test]
-    fn v1_frames_are_parsed_whole() {
-        let mut v1 = Vec::new();
-        frame::encode_reliable(&mut v1, MsgId(0x1234), b"hello");
-        frame::encode_status(&mut v1, b"bob", true, 0);
-        frame::encode_typing(&mut v1, b"carol", true);
-        frame::encode_receipt_relay(&mut v1, MsgId(7).to_string().as_bytes(), b"dave", 99);
-        frame::encode_error(&mut v1, "recipient_inbox_full");
-        frame::encode_rate_limited(&mut v1, 1000);
-        frame::encode_login_ok(&mut v1);
-        let mut b = &v1[..];
-        let mut seen = Vec::new();
-        while let Some((&o, rest)) = b.split_first() {
-            let (f, n) = parse_v1(o, rest).expect("a whole frame");
-            seen.push(match f {
-                V1Out::Reliable { id, payload } => format!("msg {id} {payload:?}"),
-                V1Out::Status { user, online, .. } => format!("status {user:?} {online}"),
-                V1Out::Typing { sender, on } => format!("typing {sender:?} {on}"),
-                V1Out::Receipt { id, unix_ms, .. } => format!("receipt {id:?} {unix_ms}"),
-                V1Out::Error(r) => format!("error {}", String::from_utf8_lossy(r)),
-                V1Out::RateLimited(ms) => format!("limited {ms}"),
-                V1Out::LoginOk => "login ok".to_owned(),
-                V1Out::Prekeys(_) => "prekeys".to_owned(),
-            });
-            b = &rest[n..];
-        }
-        assert_eq!(seen.len(), 7, "{seen:?}");
-        assert_eq!(seen[0], format!("msg {} {:?}", 0x1234, b"hello"));
-        assert_eq!(seen[4], "error recipient_inbox_full");
-        assert_eq!(seen[5], "limited 1000");
-        assert_eq!(seen[6], "login ok");
-    }
-
-    #[test]
-    fn a_truncated_v1_frame_is_not_parsed() {
-        let mut v1 = Vec::new();
-        frame::encode_reliable(&mut v1, MsgId(1), b"hello");
-        for cut in 1..v1.len() {
-            assert!(parse_v1(v1[0], &v1[1..cut]).is_none(), "cut at {cut}");
-        }
-    }
+    use iris_wire::v2::{decode_server, Decoded};
 
     #[test]
     fn id_time_is_the_accept_time() {
@@ -373,5 +241,42 @@ mod tests {
         let now = crate::idgen::now_micros() / 1000;
         let t = id_time_ms(g.next_id());
         assert!(t.abs_diff(now) < 1000, "{t} vs {now}");
+    }
+
+    #[test]
+    fn a_drained_e2ee_frame_is_kind_2_and_delivered_as_the_v2_body() {
+        let mut inner = Vec::new();
+        frame::encode_e2ee_delivery(&mut inner, b"carol", b"h", b"cipher");
+        assert_eq!(stored_kind(&inner), 2);
+        assert_eq!(stored_kind(b"plain bytes"), 0);
+        let mut out = Vec::new();
+        encode_deliver(&mut out, 1 << 18, b"carol", 2, &inner);
+        match decode_server(&out, 1 << 20) {
+            Ok(Decoded::Frame {
+                frame:
+                    ServerFrame::Deliver {
+                        sender, payload, ..
+                    },
+                ..
+            }) => {
+                assert_eq!(sender, b"carol");
+                assert_eq!(payload, b"\x00\x01h\x00\x00\x00\x06cipher");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn v1_reasons_map_to_their_v2_codes() {
+        assert_eq!(
+            error_for_reason(b"recipient_inbox_full"),
+            ErrorCode::RecipientInboxFull
+        );
+        assert_eq!(
+            error_for_reason(b"store_unavailable"),
+            ErrorCode::StoreUnavailable
+        );
+        assert_eq!(error_for_reason(b"not_logged_in"), ErrorCode::HelloRequired);
+        assert_eq!(error_for_reason(b"something else"), ErrorCode::BadFrame);
     }
 }
