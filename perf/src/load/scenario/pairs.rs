@@ -262,28 +262,12 @@ async fn send(
                     clock::sleep_until_ns(next).await;
                     continue;
                 }
-                let mut n = 0;
                 buf.clear();
-                while n < max_batch {
-                    let due = intended(k + n as u64);
-                    if due > now || due >= t.end_ns {
-                        break;
-                    }
-                    if due >= t.measure_ns {
-                        env.lag.record(now - due);
-                    }
+                push_due(&env, t, now, k, max_batch, intended, |seq, due| {
                     push_msg(
-                        &mut buf,
-                        &mut msg,
-                        &target,
-                        pair.id,
-                        k + n as u64,
-                        due,
-                        o.size,
+                        &mut buf, &mut msg, &target, pair.id, seq, due, o.size, false,
                     );
-                    n += 1;
-                }
-                n
+                })
             }
             Some(win) => {
                 if now >= t.end_ns {
@@ -303,14 +287,9 @@ async fn send(
                 let now = clock::now_ns();
                 buf.clear();
                 for j in 0..n {
+                    let seq = k + j as u64;
                     push_msg(
-                        &mut buf,
-                        &mut msg,
-                        &target,
-                        pair.id,
-                        k + j as u64,
-                        now,
-                        o.size,
+                        &mut buf, &mut msg, &target, pair.id, seq, now, o.size, false,
                     );
                 }
                 n
@@ -363,6 +342,35 @@ fn drain_sender_frames(env: &WorkerEnv, c: &mut Client) {
     }
 }
 
+/// Open loop: appends (with `push(seq, intended)`) the messages from `k` on that are due by
+/// `now`, at most `max_batch`, recording the sender's lag of those in the measured window;
+/// returns how many.
+fn push_due(
+    env: &WorkerEnv,
+    t: Timing,
+    now: u64,
+    k: u64,
+    max_batch: usize,
+    intended: impl Fn(u64) -> u64,
+    mut push: impl FnMut(u64, u64),
+) -> usize {
+    let mut n = 0;
+    while n < max_batch {
+        let due = intended(k + n as u64);
+        if due > now || due >= t.end_ns {
+            break;
+        }
+        if due >= t.measure_ns {
+            env.lag.record(now - due);
+        }
+        push(k + n as u64, due);
+        n += 1;
+    }
+    n
+}
+
+/// Appends one stamped message as a v1 SEND, or with `v2` a v2 SEND whose client_msg_id is
+/// the sequence number.
 #[allow(clippy::too_many_arguments)]
 fn push_msg(
     buf: &mut Vec<u8>,
@@ -372,6 +380,7 @@ fn push_msg(
     seq: u64,
     intended_ns: u64,
     size: usize,
+    v2: bool,
 ) {
     msg.clear();
     payload::encode(
@@ -383,7 +392,11 @@ fn push_msg(
         },
         size,
     );
-    ClientFrame::Send { target, msg }.encode(buf);
+    if v2 {
+        v2::push_send(buf, seq, target, msg);
+    } else {
+        ClientFrame::Send { target, msg }.encode(buf);
+    }
 }
 
 /// The receiver of one pair: acks everything, tracks sequence numbers, records latency.
@@ -548,29 +561,11 @@ async fn send_v2(
                     }
                     continue;
                 }
-                let mut n = 0;
                 buf.clear();
-                while n < max_batch {
-                    let due = intended(k + n as u64);
-                    if due > now || due >= t.end_ns {
-                        break;
-                    }
-                    if due >= t.measure_ns {
-                        env.lag.record(now - due);
-                    }
-                    push_msg_v2(
-                        &mut buf,
-                        &mut msg,
-                        &target,
-                        pair.id,
-                        k + n as u64,
-                        due,
-                        o.size,
-                    );
+                push_due(&env, t, now, k, max_batch, intended, |seq, due| {
+                    push_msg(&mut buf, &mut msg, &target, pair.id, seq, due, o.size, true);
                     unacked.push(due);
-                    n += 1;
-                }
-                n
+                })
             }
             Some(win) => {
                 if now >= t.end_ns {
@@ -604,15 +599,8 @@ async fn send_v2(
                 let now = clock::now_ns();
                 buf.clear();
                 for j in 0..n {
-                    push_msg_v2(
-                        &mut buf,
-                        &mut msg,
-                        &target,
-                        pair.id,
-                        k + j as u64,
-                        now,
-                        o.size,
-                    );
+                    let seq = k + j as u64;
+                    push_msg(&mut buf, &mut msg, &target, pair.id, seq, now, o.size, true);
                     unacked.push(now);
                 }
                 n
@@ -699,29 +687,6 @@ async fn sender_frames_v2(
         out.clear();
     }
     Ok(())
-}
-
-#[allow(clippy::too_many_arguments)]
-fn push_msg_v2(
-    buf: &mut Vec<u8>,
-    msg: &mut Vec<u8>,
-    target: &[u8],
-    stream: u32,
-    seq: u64,
-    intended_ns: u64,
-    size: usize,
-) {
-    msg.clear();
-    payload::encode(
-        msg,
-        Stamp {
-            stream,
-            seq,
-            intended_ns,
-        },
-        size,
-    );
-    v2::push_send(buf, seq, target, msg);
 }
 
 /// The receiver of one pair, protocol v2: one ACK frame per read with every id of the read.
