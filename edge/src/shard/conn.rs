@@ -222,12 +222,12 @@ impl ConnShared {
     fn delivery_bytes(&self, d: Delivery) -> Vec<u8> {
         match (self.proto, d.id) {
             (Proto::V2, Some(id)) => {
-                let payload = super::reliable_payload(&d.frame).unwrap_or_default();
-                let mut f = Vec::with_capacity(payload.len() + d.meta.sender.len() + 32);
-                v2out::encode_deliver(&mut f, id, &d.meta.sender, d.meta.kind, payload);
+                let payload = super::reliable_payload(d.v1_frame()).unwrap_or_default();
+                let mut f = Vec::with_capacity(d.frame.len() + 32);
+                v2out::encode_deliver(&mut f, id, d.sender(), d.meta.kind, payload);
                 f
             }
-            _ => d.frame,
+            _ => d.into_v1_frame(),
         }
     }
 
@@ -1359,8 +1359,13 @@ impl Conn {
             .idgen
             .borrow_mut()
             .next_id_above(self.id_floor.replace(0));
-        let mut f = Vec::with_capacity(payload.len() + 23);
+        // The v1 frame, then the sender's name for v2 recipients (see `Delivery::frame`).
+        let sender_len = u16::try_from(sender.len()).unwrap_or(0);
+        let mut f = Vec::with_capacity(payload.len() + 23 + usize::from(sender_len));
         frame::encode_reliable(&mut f, MsgId(id), payload);
+        if sender_len > 0 {
+            f.extend_from_slice(sender);
+        }
         let client = self.sending.map(|(client, _)| client);
         shard.push_core(CoreRequest::Store {
             msg: StoredMsg {
@@ -1376,10 +1381,7 @@ impl Conn {
         let d = Delivery {
             id: Some(id),
             frame: f,
-            meta: Meta {
-                sender: sender.to_vec(),
-                kind,
-            },
+            meta: Meta { sender_len, kind },
         };
         match client {
             Some(client) => {

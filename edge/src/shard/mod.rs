@@ -48,22 +48,41 @@ pub struct Delivery {
     /// The message id for reliable messages (stored, acked); `None` for best-effort relays
     /// (typing, read receipts), which are never stored.
     pub id: Option<u64>,
-    /// The complete server frame (v1; a v2 connection writes its v2 equivalent, `v2.rs`).
+    /// The complete v1 server frame, followed by the sender's name (`meta.sender_len` bytes)
+    /// for a v2 recipient's DELIVER: one allocation per message, whatever the recipients speak
+    /// (a v1 connection writes [`Delivery::v1_frame`], a v2 one its v2 equivalent, `v2.rs`).
     pub frame: Vec<u8>,
     /// What a v2 recipient's DELIVER says beside the payload.
     pub meta: Meta,
 }
 
-/// A message's sender and payload kind, for v2 recipients (empty for relays and for messages
-/// that came over the bus without them).
-#[derive(Debug, Clone, Default)]
+/// A message's sender length (the tail of [`Delivery::frame`]) and payload kind, for v2
+/// recipients (0 for relays and for messages that came over the bus without a sender).
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Meta {
-    pub sender: Vec<u8>,
+    pub sender_len: u16,
     /// v2 `kind`: 0 plain, 1 CBOR, 2 E2EE inner frame.
     pub kind: u8,
 }
 
 impl Delivery {
+    /// The v1 frame, without the sender's name behind it.
+    pub fn v1_frame(&self) -> &[u8] {
+        &self.frame[..self.frame.len() - usize::from(self.meta.sender_len)]
+    }
+
+    /// The sender's name carried behind the v1 frame (empty when unknown).
+    pub fn sender(&self) -> &[u8] {
+        &self.frame[self.frame.len() - usize::from(self.meta.sender_len)..]
+    }
+
+    /// Drops the sender's name: the bytes a v1 connection writes.
+    pub fn into_v1_frame(mut self) -> Vec<u8> {
+        let n = self.frame.len() - usize::from(self.meta.sender_len);
+        self.frame.truncate(n);
+        self.frame
+    }
+
     /// A best-effort relay (typing, receipt).
     pub fn relay(frame: Vec<u8>) -> Self {
         Self {
@@ -987,7 +1006,7 @@ impl Shard {
                     let d = Delivery {
                         id: d.id,
                         frame: d.frame.clone(),
-                        meta: d.meta.clone(),
+                        meta: d.meta,
                     };
                     self.send_shard(
                         shard,
@@ -1023,7 +1042,7 @@ impl Shard {
     fn forward(&self, node: u32, to: &[u8], d: &Delivery, prev: u64) {
         let req = match d.id {
             Some(id) => {
-                let Some(payload) = reliable_payload(&d.frame) else {
+                let Some(payload) = reliable_payload(d.v1_frame()) else {
                     return;
                 };
                 CoreRequest::Forward {
