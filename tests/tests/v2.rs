@@ -433,3 +433,30 @@ fn e2ee_messages_cross_between_v1_and_v2() {
         (&b"carol"[..], MsgKind::E2ee, body)
     );
 }
+
+#[test]
+fn a_connection_at_its_unconfirmed_bound_resumes_as_acks_come() {
+    // One SEND waiting for its SEND_ACK at a time: the connection stops reading after each and
+    // must be woken by the confirmation to decode the next one already buffered.
+    let server = v2_server(Some("[v2]\nmax_unconfirmed_sends = 1\n"));
+    let (mut alice, _) = V2::hello(&server, "alice");
+    let (mut bob, _) = V2::hello(&server, "bob");
+    let mut bytes = Vec::new();
+    for i in 1..=20u64 {
+        encode_client(
+            &ClientFrame::Send {
+                client_msg_id: i,
+                recipient: b"bob".to_vec(),
+                kind: MsgKind::Plain,
+                payload: format!("m{i}").into_bytes(),
+            },
+            &mut bytes,
+        );
+    }
+    alice.write_raw(&bytes);
+    let acked: Vec<u64> = (0..20).map(|_| alice.send_ack().0).collect();
+    assert_eq!(acked, (1..=20).collect::<Vec<u64>>());
+    let got: Vec<Vec<u8>> = (0..20).map(|_| bob.deliver().3).collect();
+    let want: Vec<Vec<u8>> = (1..=20).map(|i| format!("m{i}").into_bytes()).collect();
+    assert_eq!(got, want);
+}

@@ -199,14 +199,18 @@ impl ConnShared {
 
     /// v2: the core confirmed one of this connection's SENDs; reading resumes if it was held
     /// at `v2.max_unconfirmed_sends`.
-    pub fn unconfirmed_done(&self) {
+    pub fn unconfirmed_done(&self, shard: &Shard) {
         let mut st = self.st.borrow_mut();
         let st = &mut *st;
         if let Some(v2) = st.v2.as_mut() {
+            let held = v2.unconfirmed >= shard.cfg.v2.max_unconfirmed_sends;
             v2.unconfirmed = v2.unconfirmed.saturating_sub(1);
-            st.resume = true;
-            if let Some(w) = &st.waker {
-                w.wake_by_ref();
+            if held {
+                // Only a connection that stopped reading needs waking to decode what it holds.
+                st.resume = true;
+                if let Some(w) = &st.waker {
+                    w.wake_by_ref();
+                }
             }
         }
     }

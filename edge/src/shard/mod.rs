@@ -703,7 +703,7 @@ impl Shard {
                 }
             }
             if let Some(c) = &c {
-                c.unconfirmed_done();
+                c.unconfirmed_done(self);
             }
         }
         if let Some(c) = c {
