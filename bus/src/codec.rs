@@ -16,7 +16,7 @@ use rkyv::rancor;
 use crate::frame::{ArchivedBusFrame, BusFrame};
 
 /// The version byte that starts every frame this build encodes (and the only one it decodes).
-pub const VERSION: u8 = 3;
+pub const VERSION: u8 = 4;
 
 /// Why a frame could not be encoded or decoded.
 #[derive(Debug, thiserror::Error)]
@@ -179,6 +179,7 @@ mod tests {
             sender: b"alice".to_vec(),
             payload: vec![0xab; 64],
             origin: "eu-west".into(),
+            confirm: None,
         }
     }
 
@@ -192,6 +193,17 @@ mod tests {
                 sender: vec![],
                 payload: vec![],
                 origin: String::new(),
+                confirm: None,
+            }),
+            BusFrame::Deliver(Deliver {
+                confirm: Some(Box::new(ConfirmTo {
+                    client: u64::MAX,
+                    node: 2,
+                    shard: 1,
+                    conn: 99,
+                    run: 1_700_000_000_000,
+                })),
+                ..deliver()
             }),
             BusFrame::Ack(Ack {
                 user: b"bob".to_vec(),
@@ -291,6 +303,18 @@ mod tests {
                 id: 0x0102_0304_0506_0708,
                 home: "eu-west".into(),
             }),
+            BusFrame::Confirmed(Confirmed {
+                sender: b"alice".to_vec(),
+                to: ConfirmTo {
+                    client: 7,
+                    node: 1,
+                    shard: 0,
+                    conn: 3,
+                    run: 1_700_000_000_000,
+                },
+                id: 0x0102_0304_0506_0708,
+                duplicate: true,
+            }),
         ]);
         let routed: Vec<BusFrame> = v
             .iter()
@@ -315,7 +339,7 @@ mod tests {
     fn every_variant_round_trips() {
         let samples = samples();
         let kinds: std::collections::HashSet<_> = samples.iter().map(BusFrame::kind).collect();
-        assert_eq!(kinds.len(), 12, "every FrameKind is sampled");
+        assert_eq!(kinds.len(), 13, "every FrameKind is sampled");
         for f in &samples {
             round_trip(f);
         }
@@ -337,10 +361,10 @@ mod tests {
         assert!(range.contains(&d.payload.as_slice().as_ptr()));
     }
 
-    /// Pins the wire format of version 3: if this changes (a type in `frame`, the rkyv version
+    /// Pins the wire format of version 4: if this changes (a type in `frame`, the rkyv version
     /// or its features), the version byte must be bumped (see `docs/BUS.md`).
     #[test]
-    fn wire_format_of_version_3_is_pinned() {
+    fn wire_format_of_version_4_is_pinned() {
         let ack = encode(&BusFrame::Ack(Ack {
             user: b"bob".to_vec(),
             id: 7,
@@ -352,10 +376,11 @@ mod tests {
         want.extend_from_slice(&[
             1, 0xfc, 0xff, 0xff, 0xff, 3, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0,
         ]);
-        want.resize(58, 0);
+        want.resize(63, 0);
         assert_eq!(ack, want);
-        // A 64-byte message between short names: 48 bytes of framing.
-        assert_eq!(encode(&BusFrame::Deliver(deliver())).unwrap().len(), 127);
+        // A 64-byte message between short names: 53 bytes of framing (5 of them for the
+        // absent v2 confirm request).
+        assert_eq!(encode(&BusFrame::Deliver(deliver())).unwrap().len(), 132);
         let stored = encode(&BusFrame::Stored(Stored {
             sender: b"al".to_vec(),
             id: 7,
@@ -369,7 +394,7 @@ mod tests {
             11, 0xfd, 0xff, 0xff, 0xff, 2, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0,
         ]);
         want.extend_from_slice(&[b'e', b'u', 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
-        want.resize(57, 0);
+        want.resize(62, 0);
         assert_eq!(stored, want);
     }
 
@@ -410,7 +435,7 @@ mod tests {
     fn empty_and_unknown_version_are_errors() {
         assert!(matches!(decode(&[]), Err(BusError::Empty)));
         let mut bytes = encode(&BusFrame::Deliver(deliver())).unwrap();
-        for v in [0u8, 1, 2, 4, 0xff] {
+        for v in [0u8, 1, 2, 3, 5, 0xff] {
             bytes[0] = v;
             assert!(matches!(
                 decode(&bytes),
@@ -446,13 +471,34 @@ mod tests {
             bytes(40),
             bytes(300),
             "[a-z0-9-]{0,16}",
+            proptest::option::of(arb_confirm_to()),
         )
-            .prop_map(|(id, recipient, sender, payload, origin)| Deliver {
-                id,
-                recipient,
-                sender,
-                payload,
-                origin,
+            .prop_map(
+                |(id, recipient, sender, payload, origin, confirm)| Deliver {
+                    id,
+                    recipient,
+                    sender,
+                    payload,
+                    origin,
+                    confirm: confirm.map(Box::new),
+                },
+            )
+    }
+
+    fn arb_confirm_to() -> impl Strategy<Value = ConfirmTo> {
+        (
+            any::<u64>(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<u64>(),
+            any::<u64>(),
+        )
+            .prop_map(|(client, node, shard, conn, run)| ConfirmTo {
+                client,
+                node,
+                shard,
+                conn,
+                run,
             })
     }
 
@@ -548,6 +594,14 @@ mod tests {
                 }),
             (bytes(40), any::<u64>(), "[a-z0-9-]{0,16}")
                 .prop_map(|(sender, id, home)| Routed::Stored(Stored { sender, id, home })),
+            (bytes(40), arb_confirm_to(), any::<u64>(), any::<bool>()).prop_map(
+                |(sender, to, id, duplicate)| Routed::Confirmed(Confirmed {
+                    sender,
+                    to,
+                    id,
+                    duplicate,
+                })
+            ),
             (bytes(40), relay_kind, bytes(40)).prop_map(|(recipient, kind, frame)| {
                 Routed::Relay(Relay {
                     recipient,

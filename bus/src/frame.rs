@@ -25,6 +25,28 @@ pub struct Deliver {
     pub payload: Vec<u8>,
     /// The region whose edge accepted the message (the sender's region).
     pub origin: String,
+    /// A protocol v2 sender's request for a [`Confirmed`] once the message is durable at its
+    /// home core; `None` for v1 messages and for every copy the core routes. Boxed: a v1
+    /// message pays 5 bytes for it on the wire, not the whole record.
+    pub confirm: Option<Box<ConfirmTo>>,
+}
+
+/// Where the core sends the [`Confirmed`] of a v2 message, and its idempotency key: the
+/// sender's client message id, unique per sender. The core keeps `(sender, client) -> id` for
+/// its dedup period, so a resend through any edge of the region is confirmed with the first
+/// message's id and neither stored nor routed again.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
+pub struct ConfirmTo {
+    /// The v2 client message id.
+    pub client: u64,
+    /// The accepting edge: node (its inbox), shard and shard-local connection.
+    pub node: u32,
+    pub shard: u32,
+    pub conn: u64,
+    /// The accepting edge's run (its start, Unix ms; see [`EdgeReset`]): a confirm for an
+    /// earlier run is dropped, since connection numbers start again at a restart.
+    pub run: u64,
 }
 
 /// `user` acknowledged message `id`: the core marks it delivered.
@@ -165,6 +187,21 @@ pub struct Stored {
     pub home: String,
 }
 
+/// The home core's answer to a [`Deliver`] that asked for one ([`Deliver::confirm`]), sent
+/// only once the message is durable (its window fsynced) to the inbox of the edge named in
+/// `to` (across the global bus to `origin` when the sender is in another region). `id` is the
+/// stored message's id: the deliver's own, or the first message's when `duplicate` (the same
+/// `(sender, client)` was seen before: this copy was neither stored nor routed). Keyed by
+/// `sender`.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[rkyv(compare(PartialEq), derive(Debug))]
+pub struct Confirmed {
+    pub sender: Vec<u8>,
+    pub to: ConfirmTo,
+    pub id: u64,
+    pub duplicate: bool,
+}
+
 /// A frame that a [`Route`] may carry to another region. Presence and edge resets are not
 /// routable: presence never crosses regions by construction.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -179,6 +216,7 @@ pub enum Routed {
     PrekeyFetch(PrekeyFetch),
     PrekeyBundle(PrekeyBundle),
     Stored(Stored),
+    Confirmed(Confirmed),
 }
 
 /// A frame for the home region `region`, published on `iris.global.route.{region}`; the
@@ -208,6 +246,7 @@ pub enum BusFrame {
     PrekeyBundle(PrekeyBundle),
     EdgeReset(EdgeReset),
     Stored(Stored),
+    Confirmed(Confirmed),
 }
 
 /// The kind of a frame, for metrics and logs.
@@ -225,6 +264,7 @@ pub enum FrameKind {
     PrekeyBundle,
     EdgeReset,
     Stored,
+    Confirmed,
 }
 
 impl FrameKind {
@@ -243,6 +283,7 @@ impl FrameKind {
             FrameKind::PrekeyBundle => "prekey_bundle",
             FrameKind::EdgeReset => "edge_reset",
             FrameKind::Stored => "stored",
+            FrameKind::Confirmed => "confirmed",
         }
     }
 }
@@ -259,6 +300,7 @@ impl From<Routed> for BusFrame {
             Routed::PrekeyFetch(f) => BusFrame::PrekeyFetch(f),
             Routed::PrekeyBundle(f) => BusFrame::PrekeyBundle(f),
             Routed::Stored(f) => BusFrame::Stored(f),
+            Routed::Confirmed(f) => BusFrame::Confirmed(f),
         }
     }
 }
@@ -277,6 +319,7 @@ impl BusFrame {
             BusFrame::PrekeyFetch(f) => Routed::PrekeyFetch(f),
             BusFrame::PrekeyBundle(f) => Routed::PrekeyBundle(f),
             BusFrame::Stored(f) => Routed::Stored(f),
+            BusFrame::Confirmed(f) => Routed::Confirmed(f),
             BusFrame::Route(_) | BusFrame::Presence(_) | BusFrame::EdgeReset(_) => return None,
         };
         Some(BusFrame::Route(Route {
@@ -299,6 +342,7 @@ impl BusFrame {
             BusFrame::PrekeyBundle(_) => FrameKind::PrekeyBundle,
             BusFrame::EdgeReset(_) => FrameKind::EdgeReset,
             BusFrame::Stored(_) => FrameKind::Stored,
+            BusFrame::Confirmed(_) => FrameKind::Confirmed,
         }
     }
 
@@ -319,6 +363,7 @@ impl BusFrame {
             BusFrame::PrekeyBundle(f) => &f.user,
             BusFrame::EdgeReset(_) => &[],
             BusFrame::Stored(f) => &f.sender,
+            BusFrame::Confirmed(f) => &f.sender,
         }
     }
 }
@@ -335,6 +380,7 @@ impl Routed {
             Routed::PrekeyFetch(f) => &f.user,
             Routed::PrekeyBundle(f) => &f.user,
             Routed::Stored(f) => &f.sender,
+            Routed::Confirmed(f) => &f.sender,
         }
     }
 }
@@ -354,6 +400,7 @@ impl ArchivedBusFrame {
             ArchivedBusFrame::PrekeyBundle(_) => FrameKind::PrekeyBundle,
             ArchivedBusFrame::EdgeReset(_) => FrameKind::EdgeReset,
             ArchivedBusFrame::Stored(_) => FrameKind::Stored,
+            ArchivedBusFrame::Confirmed(_) => FrameKind::Confirmed,
         }
     }
 
@@ -372,6 +419,7 @@ impl ArchivedBusFrame {
             ArchivedBusFrame::PrekeyBundle(f) => &f.user,
             ArchivedBusFrame::EdgeReset(_) => &[],
             ArchivedBusFrame::Stored(f) => &f.sender,
+            ArchivedBusFrame::Confirmed(f) => &f.sender,
         }
     }
 }
@@ -388,6 +436,7 @@ impl ArchivedRouted {
             ArchivedRouted::PrekeyFetch(f) => &f.user,
             ArchivedRouted::PrekeyBundle(f) => &f.user,
             ArchivedRouted::Stored(f) => &f.sender,
+            ArchivedRouted::Confirmed(f) => &f.sender,
         }
     }
 }

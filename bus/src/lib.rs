@@ -29,10 +29,10 @@ pub use codec::{
     VERSION,
 };
 pub use frame::{
-    Ack, ArchivedAck, ArchivedBusFrame, ArchivedDeliver, ArchivedDrainChunk, ArchivedDrainRequest,
-    ArchivedDrained, ArchivedEdgeReset, ArchivedPrekeyBundle, ArchivedPrekeyFetch,
-    ArchivedPrekeyPut, ArchivedPresence, ArchivedRelay, ArchivedRelayKind, ArchivedRoute,
-    ArchivedRouted, ArchivedStored, BusFrame, Deliver, DrainChunk, DrainRequest, Drained,
-    EdgeReset, FrameKind, PrekeyBundle, PrekeyFetch, PrekeyPut, Presence, Relay, RelayKind, Route,
-    Routed, Stored,
+    Ack, ArchivedAck, ArchivedBusFrame, ArchivedConfirmTo, ArchivedConfirmed, ArchivedDeliver,
+    ArchivedDrainChunk, ArchivedDrainRequest, ArchivedDrained, ArchivedEdgeReset,
+    ArchivedPrekeyBundle, ArchivedPrekeyFetch, ArchivedPrekeyPut, ArchivedPresence, ArchivedRelay,
+    ArchivedRelayKind, ArchivedRoute, ArchivedRouted, ArchivedStored, BusFrame, ConfirmTo,
+    Confirmed, Deliver, DrainChunk, DrainRequest, Drained, EdgeReset, FrameKind, PrekeyBundle,
+    PrekeyFetch, PrekeyPut, Presence, Relay, RelayKind, Route, Routed, Stored,
 };

@@ -13,9 +13,9 @@
 //!   partition of its key user (`partition_of(user, P)`), so the regional core handles it like
 //!   a frame from a local edge (a foreign `region` in a drain request or prekey fetch makes the
 //!   core answer across the global bus);
-//! - `DrainChunk`, `PrekeyBundle`: produced to the regional inbox of the edge the frame names
-//!   (`iris.{region}.edge.{node}`, partition 0): the answer of a home region to a roaming user
-//!   logged in here;
+//! - `DrainChunk`, `PrekeyBundle`, `Confirmed`: produced to the regional inbox of the edge the
+//!   frame names (`iris.{region}.edge.{node}`, partition 0): the answer of a home region to a
+//!   roaming user logged in here, or to a v2 sender here whose recipient is homed there;
 //! - `Stored`: the sender's message is stored at its recipient's home: the message's age is
 //!   recorded (`iris_core_hop_seconds{hop="stored_at_home"}`), nothing is produced;
 //! - undecodable records: counted, skipped.
@@ -489,8 +489,10 @@ impl Worker {
             // Answers of the user's home.
             Routed::DrainChunk(c) => self.cfg.homes.home_of(&c.user).to_owned(),
             Routed::PrekeyBundle(b) => self.cfg.homes.home_of(&b.user).to_owned(),
-            // Acks, relays and prekey puts do not name the region that sent them.
-            Routed::Ack(_) | Routed::Relay(_) | Routed::PrekeyPut(_) => String::new(),
+            // Acks, relays, prekey puts and confirms do not name the region that sent them.
+            Routed::Ack(_) | Routed::Relay(_) | Routed::PrekeyPut(_) | Routed::Confirmed(_) => {
+                String::new()
+            }
         };
         self.stats.count_imported(&origin);
         let (topic, partition, stored) = match &inner {
@@ -501,6 +503,7 @@ impl Worker {
             }
             Routed::DrainChunk(c) => (self.inbox(c.node), 0, None),
             Routed::PrekeyBundle(b) => (self.inbox(b.node), 0, None),
+            Routed::Confirmed(c) => (self.inbox(c.to.node), 0, None),
             Routed::Deliver(d) => {
                 self.stats.hop_imported.record_id(d.id);
                 // Only a message stored at home here is reported back; a visitor copy is not.

@@ -930,6 +930,7 @@ impl Bridge {
                     sender: m.sender,
                     payload: m.payload,
                     origin: self.region.clone(),
+                    confirm: None,
                 };
                 match home {
                     Some(home) => self.produce_durable(m.id, route(home, Routed::Deliver(deliver))),
@@ -1047,6 +1048,7 @@ impl Bridge {
                     sender: prev.to_be_bytes().to_vec(),
                     payload,
                     origin: String::new(),
+                    confirm: None,
                 }),
             ),
             CoreRequest::ForwardRelay {

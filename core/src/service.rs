@@ -1737,6 +1737,7 @@ impl CoreService {
                         sender: m.sender,
                         payload: m.payload,
                         origin: self.cfg.region.clone(),
+                        confirm: None,
                     }),
                 }))
                 .map_err(CoreError::Encode)?;

@@ -236,6 +236,7 @@ fn msg(id: u64, to: &[u8], origin: &str) -> Deliver {
         sender: b"bob".to_vec(),
         payload: format!("hello {id}").into_bytes(),
         origin: origin.to_owned(),
+        confirm: None,
     }
 }
 

@@ -228,6 +228,7 @@ fn requests_about_users_homed_elsewhere_go_to_their_region_on_the_global_bus() {
             sender: alice.clone(),
             payload: b"to bob".to_vec(),
             origin: OWN.to_owned(),
+            confirm: None,
         }),
         Routed::Ack(iris_bus::Ack {
             user: bob.clone(),
