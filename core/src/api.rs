@@ -149,6 +149,7 @@ pub enum CoreRequest {
         recipient: Vec<u8>,
         id: u64,
         prev: u64,
+        sender: Vec<u8>,
         payload: Vec<u8>,
     },
     /// Cluster only: a best-effort frame (typing 0x72, read receipt 0x75) for `recipient`, whom
@@ -182,9 +183,10 @@ pub enum CoreReply {
     /// for the sender's `0xFE` frame: [`REFUSED_INBOX_FULL`], [`REFUSED_STORE_FAILED`]). Several
     /// refusals for one connection in one pass of the core come as one reply.
     Refused { conn: ConnId, reason: &'static str },
-    /// Embedded core: what became of stores sent on `conn` with a client message id
+    /// What became of stores sent on `conn` with a client message id
     /// ([`CoreRequest::Store`] `client`), in the order the core settled them. Several confirms
-    /// for one connection in one pass of the core come as one reply.
+    /// for one connection in one pass of the embedded core come as one reply; a cluster link
+    /// hands over each `Confirmed` frame of the home core as it comes.
     Confirms {
         conn: ConnId,
         confirms: Vec<Confirm>,
@@ -193,10 +195,12 @@ pub enum CoreReply {
     /// `recipient` has (or had) a session. Sent to the recipient's presence owner shard.
     /// `direct` tells the copy the sender's edge produced straight to this inbox
     /// ([`CoreRequest::Forward`], which also names the sender's previous message in `prev`)
-    /// from the one the core stored and routed (`prev` 0).
+    /// from the one the core stored and routed (`prev` 0). `sender` names the sender (for v2
+    /// recipients' DELIVER).
     Deliver {
         recipient: Vec<u8>,
         id: u64,
+        sender: Vec<u8>,
         payload: Vec<u8>,
         direct: bool,
         prev: u64,

@@ -47,9 +47,15 @@
 //!   `Deliver` or `Relay` and a `Presence` to the user's presence owner, a `DrainChunk` or
 //!   `PrekeyBundle` to the shard named in it, an `EdgeReset` to every shard.
 //!
-//! Protocol v2's client message ids ([`CoreRequest::Store`] `client`) are ignored here: no
-//! [`CoreReply::Confirms`] come from a cluster link (v2 is served by the embedded deployment
-//! only for now). Drain answers carry each message's sender, as the core's `DrainChunk` does.
+//! Protocol v2: a [`CoreRequest::Store`] with a client message id (`client`) becomes a
+//! `Deliver` whose `confirm` names this node, run, shard and connection. The recipient's home
+//! core answers a `Confirmed` on this edge's inbox once the message is durable there (its
+//! window fsynced; a resend of the same `(sender, client)` through any edge of the region is
+//! confirmed with the first id and neither stored nor routed again); the bridge hands it to the
+//! named shard as [`CoreReply::Confirms`], which answers SEND_ACK and routes the live copy. A
+//! `Confirmed` of an earlier run of this node is ignored (connection numbers restart with the
+//! process; the client resends after its reconnect and gets the first id). Drain answers carry
+//! each message's sender, as the core's `DrainChunk` does.
 //!
 //! At startup the link creates the missing topics, learns the deliver and presence topics' real
 //! partition counts, and announces an `EdgeReset` for its node (the sessions a previous run of
@@ -71,13 +77,13 @@ use iris_bus::kafka::{
     KafkaConsumer, KafkaProducer, OutFrame, ProducerRing, ProducerStats, TopicKeeper, NO_TICKET,
 };
 use iris_bus::{
-    decode_counted, encode, topics, Ack, ArchivedBusFrame, BusFrame, Deliver, DrainRequest,
-    EdgeReset, FrameCounts, FrameStats, PrekeyFetch, PrekeyPut, Presence, Relay, RelayKind, Route,
-    Routed,
+    decode_counted, encode, topics, Ack, ArchivedBusFrame, BusFrame, ConfirmTo, Deliver,
+    DrainRequest, EdgeReset, FrameCounts, FrameStats, PrekeyFetch, PrekeyPut, Presence, Relay,
+    RelayKind, Route, Routed,
 };
 use tracing::{debug, error, info, warn};
 
-use crate::api::{CoreReply, CoreRequest, DrainedMsg, ShardBell, ShardLink};
+use crate::api::{Confirm, Confirmed, CoreReply, CoreRequest, DrainedMsg, ShardBell, ShardLink};
 use crate::error::CoreError;
 use crate::outbox::{AcceptGate, Outbox, OutboxConfig, OutboxSnapshot, OutboxStats};
 use crate::sessions::{
@@ -920,17 +926,30 @@ impl Bridge {
     /// Turns one shard request into bus frames and session writes.
     fn outbound(&mut self, shard: usize, req: CoreRequest) {
         match req {
-            // `client` (a v2 client message id) is ignored: v2 is served by the embedded
-            // deployment only for now.
-            CoreRequest::Store { msg: m, .. } => {
+            // A v2 SEND (`client`: its client message id) asks the recipient's home core for a
+            // `Confirmed`, which comes back to this shard and connection (of this run).
+            CoreRequest::Store {
+                msg: m,
+                conn,
+                client,
+            } => {
                 let home = self.elsewhere(&m.recipient);
+                let confirm = client.map(|client| {
+                    Box::new(ConfirmTo {
+                        client,
+                        node: self.node,
+                        shard: shard as u32,
+                        conn,
+                        run: self.run,
+                    })
+                });
                 let deliver = Deliver {
                     id: m.id,
                     recipient: m.recipient,
                     sender: m.sender,
                     payload: m.payload,
                     origin: self.region.clone(),
-                    confirm: None,
+                    confirm,
                 };
                 match home {
                     Some(home) => self.produce_durable(m.id, route(home, Routed::Deliver(deliver))),
@@ -1033,19 +1052,26 @@ impl Bridge {
             }
             // The live copy straight to the recipient's edge. An empty origin marks it direct
             // (the core's copies always carry the accepting region); its sender field carries
-            // the sender's previous message id (8 bytes, big-endian), see docs/BUS.md.
+            // the sender's previous message id (8 bytes, big-endian) and then the sender's name,
+            // see docs/BUS.md.
             CoreRequest::Forward {
                 node,
                 recipient,
                 id,
                 prev,
+                sender,
                 payload,
             } => self.produce_inbox(
                 node,
                 BusFrame::Deliver(Deliver {
                     id,
                     recipient,
-                    sender: prev.to_be_bytes().to_vec(),
+                    sender: {
+                        let mut s = Vec::with_capacity(8 + sender.len());
+                        s.extend_from_slice(&prev.to_be_bytes());
+                        s.extend_from_slice(&sender);
+                        s
+                    },
                     payload,
                     origin: String::new(),
                     confirm: None,
@@ -1269,15 +1295,19 @@ impl Bridge {
                 if iris_bus::hops::id_region(id) != self.own_region_index {
                     self.cross_region.record_id(id);
                 }
-                let prev = match <[u8; 8]>::try_from(d.sender.as_slice()) {
-                    Ok(b) if direct => u64::from_be_bytes(b),
-                    _ => 0,
+                // A direct copy's sender field: the previous id (8 bytes), then the sender.
+                let sender = d.sender.as_slice();
+                let (prev, sender) = match (direct, sender.split_first_chunk::<8>()) {
+                    (true, Some((id, name))) => (u64::from_be_bytes(*id), name),
+                    (true, None) => (0, &[][..]),
+                    (false, _) => (0, sender),
                 };
                 self.reply(
                     owner,
                     CoreReply::Deliver {
                         recipient,
                         id: d.id.to_native(),
+                        sender: sender.to_vec(),
                         payload: d.payload.as_slice().to_vec(),
                         direct,
                         prev,
@@ -1304,6 +1334,29 @@ impl Bridge {
                         user: c.user.as_slice().to_vec(),
                         msgs,
                         more: c.more,
+                    },
+                );
+            }
+            ArchivedBusFrame::Confirmed(c)
+                if c.to.node.to_native() == self.node && c.to.run.to_native() == self.run =>
+            {
+                let Some(shard) = self.named_shard(c.to.shard.to_native()) else {
+                    return;
+                };
+                let outcome = if c.duplicate {
+                    Confirmed::Duplicate
+                } else {
+                    Confirmed::Stored
+                };
+                self.reply(
+                    shard,
+                    CoreReply::Confirms {
+                        conn: c.to.conn.to_native(),
+                        confirms: vec![Confirm {
+                            client: c.to.client.to_native(),
+                            id: c.id.to_native(),
+                            outcome,
+                        }],
                     },
                 );
             }

@@ -148,9 +148,9 @@ use iris_bus::kafka::{
     TopicKeeper,
 };
 use iris_bus::{
-    decode_counted, encode, to_owned, ArchivedBusFrame, BusFrame, Deliver, DrainChunk,
-    DrainRequest, Drained, FrameCounts, FrameStats, PrekeyBundle, PrekeyFetch, PrekeyPut, Route,
-    Routed,
+    decode_counted, encode, to_owned, ArchivedBusFrame, BusFrame, ConfirmTo, Confirmed, Deliver,
+    DrainChunk, DrainRequest, Drained, FrameCounts, FrameStats, PrekeyBundle, PrekeyFetch,
+    PrekeyPut, Route, Routed,
 };
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -164,7 +164,7 @@ use crate::api::StoredMsg;
 use crate::error::CoreError;
 use crate::import::{ImportConfig, ImportStats, Importer};
 use crate::sessions::{SessionConfig, SessionReader, SessionRecord};
-use crate::store::{Batch, MessageStore, MAX_SENDER_LEN, MAX_USER_LEN};
+use crate::store::{Batch, MessageStore, SentRecord, MAX_SENDER_LEN, MAX_USER_LEN};
 
 /// The most messages one `DrainChunk` carries, whatever the request's `limit`.
 pub const MAX_DRAIN_CHUNK: usize = 1000;
@@ -272,6 +272,10 @@ pub struct ServiceConfig {
     /// The global bus (cross-region route topics); `Some` exactly when `homes` lists more than
     /// one region. `None` by default.
     pub global: Option<KafkaConfig>,
+    /// How long a v2 sender's `(sender, client message id) -> id` record is kept (a resend
+    /// within this time is confirmed with the first id and neither stored nor routed again);
+    /// 0 never expires them. 24 h by default, like the embedded store's `dedup_ttl_secs`.
+    pub dedup_ttl_secs: u64,
 }
 
 impl ServiceConfig {
@@ -301,6 +305,7 @@ impl ServiceConfig {
             fetch_wait_max_ms: 5,
             homes,
             global: None,
+            dedup_ttl_secs: 24 * 3600,
         }
     }
 
@@ -453,6 +458,13 @@ service_stats! {
     routed,
     /// Delivers with no target node, kept for the next login.
     offline,
+    /// Confirmed frames sent to v2 senders' edges (after their window's fsync).
+    confirms,
+    /// v2 resends: delivers whose `(sender, client id)` was seen before, confirmed with the
+    /// first message's id and neither stored nor routed.
+    resends,
+    /// Expired v2 dedup records deleted.
+    dedup_expired,
     /// Relay frames produced to an edge inbox (one per target node).
     relays_routed,
     /// Relays with no target node, dropped.
@@ -599,6 +611,12 @@ struct Window {
     /// Messages acked in this window (not routed even if delivered in it).
     acked: HashSet<(Vec<u8>, u64)>,
     outputs: Vec<Output>,
+    /// v2 dedup records not yet written, `(sender, client id) -> id`.
+    sent: HashMap<(Vec<u8>, u64), u64>,
+    /// Expired dedup records to delete with the next write.
+    sent_expired: Vec<SentRecord>,
+    /// Confirmed frames of this window: produced only once its fsync is done.
+    confirms: Vec<Output>,
     /// Next offset to commit per partition.
     offsets: HashMap<i32, i64>,
 }
@@ -609,7 +627,14 @@ struct Inflight {
     offsets: HashMap<i32, i64>,
     /// Ticketed outputs not yet reported done by the producer.
     waiting: usize,
+    /// Confirmed frames waiting for this window's fsync (then produced, ticketed).
+    confirms: Vec<Output>,
 }
+
+/// Dedup records one expiry turn deletes at most.
+const SENT_SWEEP_BUDGET: usize = 1024;
+/// Pause between two expiry turns of one pass.
+const SENT_SWEEP_TURN: Duration = Duration::from_millis(10);
 
 /// Window sequence number of the outputs that belong to no window (retried routes).
 const NO_WINDOW: u64 = 0;
@@ -865,6 +890,10 @@ pub struct CoreService {
     next_seq: u64,
     /// The highest window sequence number made durable by the fsync thread.
     synced: u64,
+    /// Where the next turn of the dedup records' expiry starts (empty: a new pass).
+    sent_cursor: Vec<u8>,
+    /// When the next turn of the dedup records' expiry is due.
+    next_sent_sweep: Instant,
     syncer: Syncer,
     /// Ticketed outputs not yet reported: ticket → (window seq or [`NO_WINDOW`], message id or
     /// 0).
@@ -1081,6 +1110,8 @@ impl CoreService {
             inflight: VecDeque::new(),
             next_seq: 1,
             synced: 0,
+            sent_cursor: Vec::new(),
+            next_sent_sweep: Instant::now(),
             syncer,
             tickets: HashMap::new(),
             next_ticket: 1,
@@ -1316,8 +1347,49 @@ impl CoreService {
             self.retry_routes();
             self.progress(CommitMode::Async)?;
             self.rehome_step()?;
+            self.sweep_sent();
         }
         Ok(())
+    }
+
+    /// One bounded turn (at most [`SENT_SWEEP_BUDGET`] records) of the v2 dedup records'
+    /// expiry, every [`SENT_SWEEP_TURN`] while a pass goes on, a pass every
+    /// `dedup_ttl_secs / 10` (1 to 60 s): records older than `dedup_ttl_secs` (ids carry their
+    /// mint time) are deleted with the next window's batch.
+    fn sweep_sent(&mut self) {
+        let now = Instant::now();
+        if self.cfg.dedup_ttl_secs == 0 || now < self.next_sent_sweep {
+            return;
+        }
+        let pass = Duration::from_secs((self.cfg.dedup_ttl_secs / 10).clamp(1, 60));
+        let min_live =
+            crate::api::min_live_id(iris_bus::hops::unix_micros(), self.cfg.dedup_ttl_secs);
+        let cursor = std::mem::take(&mut self.sent_cursor);
+        match self
+            .store
+            .expired_sent(&cursor, min_live, SENT_SWEEP_BUDGET)
+        {
+            Ok((expired, next)) => {
+                if !expired.is_empty() {
+                    self.stats
+                        .dedup_expired
+                        .fetch_add(expired.len() as u64, Ordering::Relaxed);
+                    self.window.sent_expired.extend(expired);
+                    self.window.started.get_or_insert(now);
+                }
+                match next {
+                    Some(k) => {
+                        self.sent_cursor = k;
+                        self.next_sent_sweep = now + SENT_SWEEP_TURN;
+                    }
+                    None => self.next_sent_sweep = now + pass,
+                }
+            }
+            Err(e) => {
+                debug!(error = %e, "dedup expiry sweep failed");
+                self.next_sent_sweep = now + pass;
+            }
+        }
     }
 
     /// Fails with [`CoreError::TopicsLost`] once the keeper re-created the deliver or presence
@@ -1468,6 +1540,7 @@ impl CoreService {
                 | BusFrame::EdgeReset(_)
                 | BusFrame::Route(_)
                 | BusFrame::Stored(_)
+                | BusFrame::Confirmed(_)
         );
         if core_bound && !storable_user(frame.key_user()) {
             self.stats.rejected.fetch_add(1, Ordering::Relaxed);
@@ -1479,7 +1552,7 @@ impl CoreService {
             return Ok(());
         }
         match frame {
-            BusFrame::Deliver(d) => {
+            BusFrame::Deliver(mut d) => {
                 if d.sender.len() > MAX_SENDER_LEN {
                     self.stats.rejected.fetch_add(1, Ordering::Relaxed);
                     debug!(
@@ -1513,6 +1586,12 @@ impl CoreService {
                     });
                     return Ok(());
                 }
+                if let Some(to) = d.confirm.take() {
+                    if !self.confirm(&d, *to)? {
+                        // A v2 resend: confirmed with the first id, not stored or routed.
+                        return Ok(());
+                    }
+                }
                 let key = (d.recipient.clone(), d.id);
                 if self.acked.contains(&key.0, key.1) {
                     self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
@@ -1528,6 +1607,7 @@ impl CoreService {
                     // Marked as a visitor copy, so the roaming region does not forward it back.
                     let copy = Deliver {
                         origin: format!("{VISITOR_MARK}{}", d.origin),
+                        confirm: None,
                         ..d.clone()
                     };
                     self.route_global(region, d.recipient.clone(), Routed::Deliver(copy), d.id)?;
@@ -1612,6 +1692,81 @@ impl CoreService {
             }
         }
         Ok(())
+    }
+
+    /// The v2 dedup of a deliver that asked for a [`Confirmed`]: `false` when its
+    /// `(sender, client id)` was seen before with another id (a resend: confirmed with the
+    /// first id, to be neither stored nor routed); else the record is kept with the window and
+    /// the confirm queued for the window's fsync. A second copy of the same message (same id:
+    /// the sender edge's outbox replay, or a record consumed again after a crash) is stored
+    /// (the same bytes) and confirmed again.
+    fn confirm(&mut self, d: &Deliver, to: ConfirmTo) -> Result<bool, CoreError> {
+        let key = (d.sender.clone(), to.client);
+        let first = match self.window.sent.get(&key) {
+            Some(id) => Some(*id),
+            None => self.store.sent_id(&key.0, key.1)?,
+        };
+        let duplicate = first.is_some_and(|first| first != d.id);
+        if duplicate {
+            self.stats.resends.fetch_add(1, Ordering::Relaxed);
+            debug!(id = d.id, "v2 resend, confirmed with the first id");
+        } else if first.is_none() {
+            self.window.sent.insert(key, d.id);
+        }
+        let confirmed = BusFrame::Confirmed(Confirmed {
+            sender: d.sender.clone(),
+            to,
+            id: first.unwrap_or(d.id),
+            duplicate,
+        });
+        let out = if self.is_foreign(&d.origin) {
+            let Some(routed) = confirmed.route_to(d.origin.clone()) else {
+                return Ok(!duplicate);
+            };
+            Output::Global {
+                region: d.origin.clone(),
+                key: d.sender.clone(),
+                payload: encode(&routed).map_err(CoreError::Encode)?,
+                id: 0,
+            }
+        } else {
+            let BusFrame::Confirmed(c) = &confirmed else {
+                return Ok(!duplicate);
+            };
+            Output::Frame {
+                node: c.to.node,
+                key: d.sender.clone(),
+                payload: encode(&confirmed).map_err(CoreError::Encode)?,
+            }
+        };
+        self.window.confirms.push(out);
+        // The window must close (and be fsynced) even if nothing else is in it.
+        self.window.started.get_or_insert_with(Instant::now);
+        Ok(!duplicate)
+    }
+
+    /// Produces the confirms of every closed window that is durable now (ticketed in their
+    /// window: its offsets commit once the broker has them, so a crash confirms again).
+    fn send_confirms(&mut self) {
+        let mut ready = Vec::new();
+        for w in &mut self.inflight {
+            if w.seq > self.synced {
+                break;
+            }
+            if !w.confirms.is_empty() {
+                ready.push((w.seq, std::mem::take(&mut w.confirms)));
+            }
+        }
+        for (seq, confirms) in ready {
+            let mut sent = 0;
+            for o in confirms {
+                self.stats.confirms.fetch_add(1, Ordering::Relaxed);
+                sent += self.route(o, None, seq);
+            }
+            if let Some(w) = self.inflight.iter_mut().find(|w| w.seq == seq) {
+                w.waiting += sent;
+            }
+        }
     }
 
     /// Whether `region` names another region this process can answer across the global bus.
@@ -1917,11 +2072,18 @@ impl CoreService {
         let prekeys: Vec<(Vec<u8>, Vec<u8>)> = std::mem::take(&mut self.window.prekeys)
             .into_iter()
             .collect();
+        let sent: Vec<SentRecord> = std::mem::take(&mut self.window.sent)
+            .into_iter()
+            .map(|((sender, client), id)| SentRecord { sender, client, id })
+            .collect();
+        let sent_expired = std::mem::take(&mut self.window.sent_expired);
         self.store.write(
             &Batch {
                 inserts: &inserts,
                 deletes: &deletes,
                 prekeys: &prekeys,
+                sent: &sent,
+                sent_expired: &sent_expired,
                 ..Batch::default()
             },
             false,
@@ -2044,6 +2206,7 @@ impl CoreService {
             seq,
             offsets: window.offsets,
             waiting,
+            confirms: window.confirms,
         });
         Ok(())
     }
@@ -2057,6 +2220,7 @@ impl CoreService {
             self.synced = self.synced.max(r?);
             self.stats.commits.fetch_add(1, Ordering::Relaxed);
         }
+        self.send_confirms();
         let mut done = std::mem::take(&mut self.done);
         self.ring.take_done(&mut done);
         if let Some((_, g)) = &self.global {

@@ -497,14 +497,6 @@ impl EdgeConfig {
         }
         let v2 = &self.v2;
         if v2.serves() {
-            if self.cluster.bus == BusKind::Kafka {
-                return bad(
-                    "v2.listen, tls_listen, ws_listen, wss_listen: protocol v2 is served by the \
-                     embedded deployment only in this version (a SEND_ACK needs the core's \
-                     durability confirmation)"
-                        .to_owned(),
-                );
-            }
             if (v2.max_frame_bytes as usize) < iris_wire::v2::MIN_MAX_FRAME_BYTES
                 || v2.ping_interval_ms < 100
             {
@@ -751,12 +743,12 @@ mod tests {
         assert!(bad.validate().is_err());
         let mut cluster = kafka("");
         cluster.v2.listen = c.v2.listen;
-        assert!(invalid(&cluster).contains("embedded deployment only"));
+        cluster.validate().unwrap();
         assert!(toml::from_str::<EdgeConfig>("[v2]\nlisten_port = 1\n").is_err());
     }
 
     #[test]
-    fn v2_transport_keys_need_the_tls_files_and_the_embedded_core() {
+    fn v2_transport_keys_need_the_tls_files() {
         let c: EdgeConfig =
             toml::from_str("[v2]\nws_listen = \"127.0.0.1:0\"\ntls_listen = \"127.0.0.1:0\"\n")
                 .unwrap();
@@ -771,7 +763,7 @@ mod tests {
         assert!(invalid(&files).contains("/nonexistent/edge.crt"));
         let mut cluster = kafka("");
         cluster.v2.ws_listen = ws_only.v2.ws_listen;
-        assert!(invalid(&cluster).contains("embedded deployment only"));
+        cluster.validate().unwrap();
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::{LocalExecutorBuilder, Placement};
-use iris_edge::shard::{Batch, Delivery, ShardMsg};
+use iris_edge::shard::{Batch, Delivery, ShardMsg, Via};
 
 enum Cmd {
     RoundTrip(u64),
@@ -39,6 +39,7 @@ fn msg(i: u64) -> ShardMsg {
             frame,
             meta: Default::default(),
         },
+        via: Via::Local,
     }
 }
 

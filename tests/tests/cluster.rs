@@ -22,6 +22,8 @@ mod crash;
 mod live;
 #[path = "cluster/outbox.rs"]
 mod outbox;
+#[path = "cluster/v2.rs"]
+mod v2;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};

@@ -55,7 +55,7 @@ struct Args {
     command: Option<Command>,
     /// TOML file with any of the keys below (brokers, redis, region, data_dir, partitions,
     /// group, commit_window_ms, member, members, admin, fetch_wait_max_ms, regions,
-    /// global_brokers, home_table_file); flags override it.
+    /// global_brokers, home_table_file, dedup_ttl_secs); flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Kafka bootstrap servers, host:port[,host:port].
@@ -106,6 +106,11 @@ struct Args {
     /// Home table file: `user region` per line, overriding the rendezvous home of those users.
     #[arg(long)]
     home_table: Option<PathBuf>,
+    /// How long a protocol v2 sender's client message id is remembered, in seconds: a resend
+    /// within it is confirmed with the first id and never delivered twice; 0 keeps them
+    /// forever [default: 86400].
+    #[arg(long)]
+    dedup_ttl_secs: Option<u64>,
     /// Validate the configuration, print it as TOML, and exit.
     #[arg(long)]
     check: bool,
@@ -129,6 +134,7 @@ struct FileConfig {
     regions: Option<Vec<String>>,
     global_brokers: Option<String>,
     home_table_file: Option<PathBuf>,
+    dedup_ttl_secs: Option<u64>,
 }
 
 /// The effective configuration as `--check` prints it: the file's keys, every one set.
@@ -149,6 +155,7 @@ struct Effective {
     regions: Vec<String>,
     global_brokers: String,
     home_table_file: PathBuf,
+    dedup_ttl_secs: u64,
 }
 
 /// `a,b, c` → `["a", "b", "c"]`; empty items are dropped, so "" is the empty list.
@@ -243,6 +250,9 @@ fn config(args: Args) -> anyhow::Result<(ServiceConfig, Effective)> {
         );
     }
     cfg.admin = args.admin.or(file.admin);
+    if let Some(secs) = args.dedup_ttl_secs.or(file.dedup_ttl_secs) {
+        cfg.dedup_ttl_secs = secs;
+    }
     if let Some(ms) = args.fetch_wait_max_ms.or(file.fetch_wait_max_ms) {
         if ms == 0 {
             bail!("--fetch-wait-max-ms must be at least 1");
@@ -286,6 +296,7 @@ fn config(args: Args) -> anyhow::Result<(ServiceConfig, Effective)> {
         regions: region_list,
         global_brokers,
         home_table_file: home_table.unwrap_or_default(),
+        dedup_ttl_secs: cfg.dedup_ttl_secs,
     };
     Ok((cfg, effective))
 }

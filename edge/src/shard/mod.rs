@@ -107,8 +107,9 @@ struct PendingSend {
 /// What shards send each other over the rings.
 #[derive(Debug)]
 pub enum ShardMsg {
-    /// To the owner of `to`: hand `d` to every session of `to`.
-    Route { to: Vec<u8>, d: Delivery },
+    /// To the owner of `to`: hand `d` to every session of `to` (as [`Shard::route_owned`]
+    /// does for a delivery that came `via`).
+    Route { to: Vec<u8>, d: Delivery, via: Via },
     /// To the shard hosting `conn`: write `d` if `conn` is still logged in as `user`.
     Deliver {
         conn: ConnId,
@@ -169,7 +170,7 @@ static LOGGED_REPLIES_FULL: AtomicBool = AtomicBool::new(false);
 /// What a ring message costs in memory, as counted against [`RING_BYTES_HIGH`].
 fn ring_cost(m: &ShardMsg) -> usize {
     64 + match m {
-        ShardMsg::Route { to, d } => to.len() + d.frame.len(),
+        ShardMsg::Route { to, d, .. } => to.len() + d.frame.len(),
         ShardMsg::Deliver { user, d, .. } => user.len() + d.frame.len(),
         ShardMsg::StatusReply { frame, .. } => frame.len(),
         ShardMsg::Register { user, .. }
@@ -680,7 +681,10 @@ impl Shard {
             match cf.outcome {
                 Confirmed::Stored | Confirmed::Duplicate => {
                     if cf.outcome == Confirmed::Stored {
-                        self.route(&pending.target, pending.d);
+                        // In a cluster the core routed its copy before its fsync (before this
+                        // confirm): only this edge's sessions, deduplicated against that copy.
+                        let via = if self.cluster { Via::Core } else { Via::Local };
+                        self.route_via(&pending.target, pending.d, via);
                         ShardMetrics::inc(&self.metrics.v2_send_acks_total);
                     } else {
                         ShardMetrics::inc(&self.metrics.v2_resends_total);
@@ -848,14 +852,26 @@ impl Shard {
 
     /// Routes a delivery to every session of `to`, wherever it is.
     pub fn route(self: &Rc<Self>, to: &[u8], d: Delivery) {
+        self.route_via(to, d, Via::Local);
+    }
+
+    /// [`Self::route`] for a delivery that came `via` (see [`Shard::route_owned`]).
+    fn route_via(self: &Rc<Self>, to: &[u8], d: Delivery, via: Via) {
         let owner = owner_of(to, self.nshards);
-        self.send_shard(owner, ShardMsg::Route { to: to.to_vec(), d });
+        self.send_shard(
+            owner,
+            ShardMsg::Route {
+                to: to.to_vec(),
+                d,
+                via,
+            },
+        );
     }
 
     /// Handles one ring message (or a local one).
     pub fn handle_mesh(self: &Rc<Self>, m: ShardMsg) {
         match m {
-            ShardMsg::Route { to, d } => self.route_owned(to, d, Via::Local),
+            ShardMsg::Route { to, d, via } => self.route_owned(to, d, via),
             ShardMsg::Deliver { conn, user, d } => {
                 let c = self.conns.borrow().get(&conn).cloned();
                 if let Some(c) = c {
@@ -1050,6 +1066,7 @@ impl Shard {
                     recipient: to.to_vec(),
                     id,
                     prev,
+                    sender: d.sender().to_vec(),
                     payload: payload.to_vec(),
                 }
             }
@@ -1099,6 +1116,7 @@ impl Shard {
             CoreReply::Deliver {
                 recipient,
                 id,
+                sender,
                 payload,
                 direct,
                 prev,
@@ -1112,12 +1130,20 @@ impl Shard {
                     ShardMetrics::inc(&self.metrics.bus_delivers_in_total);
                     Via::Core
                 };
-                let mut f = Vec::with_capacity(payload.len() + 23);
+                // The v1 frame, then the sender's name for v2 recipients (see `Delivery::frame`).
+                let sender_len = u16::try_from(sender.len()).unwrap_or(0);
+                let mut f = Vec::with_capacity(payload.len() + 23 + usize::from(sender_len));
                 frame::encode_reliable(&mut f, crate::protocol::MsgId(id), &payload);
+                if sender_len > 0 {
+                    f.extend_from_slice(&sender);
+                }
                 let d = Delivery {
                     id: Some(id),
                     frame: f,
-                    meta: Meta::default(),
+                    meta: Meta {
+                        sender_len,
+                        kind: 0,
+                    },
                 };
                 let now = std::time::Instant::now();
                 if via == Via::Direct {
