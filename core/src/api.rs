@@ -100,8 +100,9 @@ pub enum CoreRequest {
     /// [`CoreReply::Refused`]: [`Confirmed::Stored`] once the message is durable,
     /// [`Confirmed::Duplicate`] (with the first message's id, and nothing stored) when
     /// `(msg.sender, client)` was seen before, and it remembers `(msg.sender, client) -> msg.id`
-    /// durably (for `dedup_ttl_secs`). The cluster link ignores `client`: v2 is served by the
-    /// embedded deployment only for now.
+    /// durably (for `dedup_ttl_secs`). A cluster link sends `client` with the message to the
+    /// recipient's home core, which does the same region-wide and answers through the bus
+    /// (`Stored` or `Duplicate` only: the cluster core refuses nothing).
     Store {
         msg: StoredMsg,
         conn: ConnId,

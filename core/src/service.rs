@@ -25,6 +25,12 @@
 //! - `Deliver`: stored in the [`MessageStore`] (the record of truth until acked), and routed
 //!   (below) to the recipient's edge(s) when its window closes. Offline: it stays stored for
 //!   the next login.
+//!   A deliver with `confirm` set (a protocol v2 SEND) is first checked against the v2 dedup
+//!   records `(sender, client id) -> id` (the window's, then the store's `sent` keyspace): seen
+//!   with another id, it is a resend, neither stored nor routed (`resends`); otherwise its record
+//!   joins the window. Either way a `Confirmed` (with the first id for a resend) joins the
+//!   window's confirms, produced only once the window is fsynced (see below). Records expire
+//!   after [`ServiceConfig::dedup_ttl_secs`] (bounded sweep turns, `dedup_expired`).
 //! - `Relay` (typing, read receipt; `frame` is the recipient's complete client frame): routed
 //!   exactly like a deliver, but never stored; with no target it is dropped (`relays_dropped`).
 //! - `Ack`: the message is deleted; an ack inside the same window also cancels the pending
@@ -85,7 +91,9 @@
 //! its durability comes from the broker (and the sender edge's outbox). The window's offsets
 //! are committed only once its fsync is done and every one of its tickets was reported done
 //! ([`ProducerRing::take_done`]), strictly in window order, while the following windows keep
-//! being consumed (consumption pauses beyond 1024 windows or
+//! being consumed. Its `Confirmed` frames (protocol v2) are produced only once its fsync is
+//! done, ticketed in the window: a SEND_ACK means the message is on the core's disk
+//! (consumption pauses beyond 1024 windows or
 //! 200,000 outputs waiting). So a crash (kill -9) consumes again every record
 //! whose routed copy might not have reached the broker and routes it again, without a login:
 //! at-least-once (ids make duplicates detectable), nothing lost. A frame the producer can never
