@@ -18,7 +18,9 @@
 //! of the home core, the global broker, the home broker and the sender's edge); `startup` (an
 //! unknown region refused by `iris-edge` and `iris-core` at startup); `rehome` (a user's home
 //! changed by the home table: its stored messages and prekeys moved by `POST /rehome`, messages
-//! of edges still on the old table forwarded, a `kill -9` mid-move). `common` is the cluster
+//! of edges still on the old table forwarded, a `kill -9` mid-move); `v2` (a protocol v2 SEND to
+//! a user homed in another region, acknowledged by that home through the global bus, a resend
+//! acknowledged with the first id and delivered once). `common` is the cluster
 //! tests' helpers (paced sender, acking receiver with exact loss/duplicate accounting, raw
 //! producer).
 
@@ -37,3 +39,5 @@ mod rehome;
 mod roaming;
 #[path = "regions/startup.rs"]
 mod startup;
+#[path = "regions/v2.rs"]
+mod v2;

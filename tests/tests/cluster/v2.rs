@@ -363,3 +363,37 @@ fn v2_sends_in_a_killed_edges_outbox_are_replayed_and_their_resends_acknowledged
     // first and confirmed the second with its id.
     assert_eq!(c.core_metric("iris_core_resends_total"), N as u64);
 }
+
+/// The core forgets a client message id after `--dedup-ttl-secs`: the expiry sweep deletes the
+/// record (counted), and the same id sent later is a new message with a new server id.
+#[test]
+fn the_core_forgets_client_ids_after_dedup_ttl_secs() {
+    let mut c = Cluster::start(ClusterOpts {
+        edge_args: vec!["--listen-v2".to_owned(), "127.0.0.1:0".to_owned()],
+        core_args: vec!["--dedup-ttl-secs".to_owned(), "1".to_owned()],
+        ..ClusterOpts::default()
+    });
+    let a = unique("ta");
+    let b = unique("tb");
+    let (mut ca, _) = V2::hello(c.edge(1), &a);
+    ca.send(5, &b, b"first");
+    let first = send_acks(&mut ca, 1, Duration::from_secs(30))[&5];
+    // Within the TTL a resend is the same message.
+    ca.send(5, &b, b"first");
+    assert_eq!(send_acks(&mut ca, 1, Duration::from_secs(30))[&5], first);
+    let t0 = Instant::now();
+    while c.core_metric("iris_core_dedup_expired_total") == 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the dedup record never expired"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ca.send(5, &b, b"later");
+    let later = send_acks(&mut ca, 1, Duration::from_secs(30))[&5];
+    assert_ne!(later, first, "after the TTL the id names a new message");
+    let (mut cb, _) = V2::hello(c.edge(0), &b);
+    let got = delivers(&mut cb, 2, Duration::from_secs(1), Duration::from_secs(30));
+    let got: Vec<(u64, &[u8])> = got.iter().map(|(id, _, p)| (*id, &p[..])).collect();
+    assert_eq!(got, vec![(first, &b"first"[..]), (later, &b"later"[..])]);
+}
