@@ -19,6 +19,8 @@
 #   --rates LIST       open-loop rates, msgs/s, comma-separated [default: 1000,5000,10000,20000]
 #   --cores N          iris-core members [default: 1]
 #   --edge-config FILE an iris-edge TOML file for both edges (e.g. [cluster] linger_ms)
+#   --protocol P       v1 or v2 [default: v1]: with v2 the edges also serve protocol v2 and
+#                      iris-load speaks it (SEND_ACK after the recipient's core fsynced)
 #   --no-build         use the binaries already in target/release
 #   --bin-dir DIR      use the binaries in DIR (implies --no-build; for A/B runs of two builds)
 #   --no-producer      skip the producer micro-benchmark
@@ -39,6 +41,7 @@ PRODUCER=1
 SATURATION=1
 OUT=perf/results/cluster
 BIN_DIR=""
+PROTOCOL=v1
 while [ $# -gt 0 ]; do
   case "$1" in
     --duration) DURATION=$2; shift ;;
@@ -46,16 +49,23 @@ while [ $# -gt 0 ]; do
     --rates) RATES=$2; shift ;;
     --cores) CORES=$2; shift ;;
     --edge-config) EDGE_CONFIG=$2; shift ;;
+    --protocol) PROTOCOL=$2; shift ;;
     --no-build) BUILD=0 ;;
     --bin-dir) BIN_DIR=$2; BUILD=0; shift ;;
     --no-producer) PRODUCER=0 ;;
     --no-saturation) SATURATION=0 ;;
     --out) OUT=$2; shift ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
+
+case "$PROTOCOL" in
+  v1) V2_ARGS=(); TARGET_KEY=client ;;
+  v2) V2_ARGS=(--listen-v2 127.0.0.1:0); TARGET_KEY=v2 ;;
+  *) echo "--protocol must be v1 or v2" >&2; exit 2 ;;
+esac
 
 say() { printf '\n== %s\n' "$*"; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -111,13 +121,14 @@ say "iris-edge x2"
 for n in 1 2; do
   "$BIN/iris-edge" --bus kafka --brokers "$BROKERS" --redis "$REDIS" --region $REGION \
     --node-id $n --listen 127.0.0.1:0 --admin 127.0.0.1:0 --shards 1 --data-dir "$WORK/edge-$n" \
+    "${V2_ARGS[@]}" \
     ${EDGE_CONFIG:+--config "$EDGE_CONFIG"} \
     >"$WORK/edge-$n.out" 2>"$WORK/edge-$n.log" &
   PIDS+=($!)
 done
 for n in 1 2; do wait_line "$WORK/edge-$n.out" "iris-edge listening"; done
-E1=$(sed -n 's/.*client=\([^ ]*\).*/\1/p' "$WORK/edge-1.out")
-E2=$(sed -n 's/.*client=\([^ ]*\).*/\1/p' "$WORK/edge-2.out")
+E1=$(sed -n "s/.* $TARGET_KEY=\([^ ]*\).*/\1/p" "$WORK/edge-1.out")
+E2=$(sed -n "s/.* $TARGET_KEY=\([^ ]*\).*/\1/p" "$WORK/edge-2.out")
 echo "edge 1 $E1, edge 2 $E2, broker $BROKERS, redis $REDIS"
 
 # Processes to watch (name pid) and admin endpoints to scrape.
@@ -189,7 +200,7 @@ for rate in ${RATES//,/ }; do
   cpu_ticks | sort >"$WORK/cpu.before"
   hop_lines >"$WORK/hops.before"
   t0=$(date +%s.%N)
-  "$BIN/iris-load" pairs --target "$E1" --target "$E2" --pairs "$PAIRS" --rate "$rate" \
+  "$BIN/iris-load" pairs --protocol "$PROTOCOL" --target "$E1" --target "$E2" --pairs "$PAIRS" --rate "$rate" \
     --size 64 --duration "$DURATION" --warmup 3 --drain-timeout 15 \
     --label "cluster-$rate" --json "$OUT/cluster-$rate.json"
   t1=$(date +%s.%N)
@@ -204,7 +215,7 @@ for rate in ${RATES//,/ }; do
 done
 if [ "$SATURATION" = 1 ]; then
   say "cross-edge closed loop (saturation), $PAIRS pairs x 64 in flight"
-  "$BIN/iris-load" pairs --target "$E1" --target "$E2" --pairs "$PAIRS" --max --window 64 \
+  "$BIN/iris-load" pairs --protocol "$PROTOCOL" --target "$E1" --target "$E2" --pairs "$PAIRS" --max --window 64 \
     --size 64 --duration "$DURATION" --warmup 3 --drain-timeout 15 \
     --label cluster-saturation --json "$OUT/cluster-saturation.json"
 fi
