@@ -16,7 +16,7 @@ use rkyv::rancor;
 use crate::frame::{ArchivedBusFrame, BusFrame};
 
 /// The version byte that starts every frame this build encodes (and the only one it decodes).
-pub const VERSION: u8 = 3;
+pub const VERSION: u8 = 4;
 
 /// Why a frame could not be encoded or decoded.
 #[derive(Debug, thiserror::Error)]
@@ -179,6 +179,7 @@ mod tests {
             sender: b"alice".to_vec(),
             payload: vec![0xab; 64],
             origin: "eu-west".into(),
+            kind: 1,
         }
     }
 
@@ -192,6 +193,7 @@ mod tests {
                 sender: vec![],
                 payload: vec![],
                 origin: String::new(),
+                kind: u8::MAX,
             }),
             BusFrame::Ack(Ack {
                 user: b"bob".to_vec(),
@@ -225,6 +227,7 @@ mod tests {
                         id,
                         sender: b"alice".to_vec(),
                         payload: format!("m{id}").into_bytes(),
+                        kind: (id % 3) as u8,
                     })
                     .collect(),
                 more: true,
@@ -446,13 +449,15 @@ mod tests {
             bytes(40),
             bytes(300),
             "[a-z0-9-]{0,16}",
+            any::<u8>(),
         )
-            .prop_map(|(id, recipient, sender, payload, origin)| Deliver {
+            .prop_map(|(id, recipient, sender, payload, origin, kind)| Deliver {
                 id,
                 recipient,
                 sender,
                 payload,
                 origin,
+                kind,
             })
     }
 
@@ -491,13 +496,14 @@ mod tests {
                 any::<u32>(),
                 any::<u64>(),
                 proptest::collection::vec(
-                    (any::<u64>(), bytes(40), bytes(100)).prop_map(|(id, sender, payload)| {
-                        Drained {
+                    (any::<u64>(), bytes(40), bytes(100), any::<u8>()).prop_map(
+                        |(id, sender, payload, kind)| Drained {
                             id,
                             sender,
                             payload,
+                            kind,
                         }
-                    }),
+                    ),
                     0..8
                 ),
                 any::<bool>()

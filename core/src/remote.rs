@@ -77,7 +77,11 @@ use iris_bus::{
 };
 use tracing::{debug, error, info, warn};
 
-use crate::api::{CoreReply, CoreRequest, DrainedMsg, ShardBell, ShardLink};
+use crate::api::{CoreReply, CoreRequest, DrainedMsg, ShardBell, ShardLink, RESUME_IDS_MAX};
+use crate::resume::ResumeLists;
+
+/// The bound of the resume lists was hit (logged once).
+static RESUME_EVICTION_LOGGED: AtomicBool = AtomicBool::new(false);
 use crate::error::CoreError;
 use crate::outbox::{AcceptGate, Outbox, OutboxConfig, OutboxSnapshot, OutboxStats};
 use crate::sessions::{
@@ -147,6 +151,11 @@ pub struct RemoteStats {
     pub ignored: AtomicU64,
     /// Requests the bus cannot carry (encoding failed): counted and dropped.
     pub encode_errors: AtomicU64,
+    /// Acks produced for stored messages a v2 HELLO's `resume_after` acknowledged.
+    pub resume_acked: AtomicU64,
+    /// Users whose delivered-ids list was forgotten because more than
+    /// [`crate::resume::RESUME_USERS_MAX`] users had one.
+    pub resume_lists_evicted: AtomicU64,
 }
 
 /// Frames handed to the global producer, per target (home) region, in the order of the
@@ -193,6 +202,8 @@ pub struct RemoteSnapshot {
     pub session_deferred: u64,
     pub ignored: u64,
     pub encode_errors: u64,
+    pub resume_acked: u64,
+    pub resume_lists_evicted: u64,
     pub frames: FrameCounts,
     /// Both producers summed (regional and, when configured, global).
     pub producer: ProducerStats,
@@ -246,6 +257,8 @@ impl RemoteMetrics {
             session_deferred: s.session_deferred.load(Ordering::Relaxed),
             ignored: s.ignored.load(Ordering::Relaxed),
             encode_errors: s.encode_errors.load(Ordering::Relaxed),
+            resume_acked: s.resume_acked.load(Ordering::Relaxed),
+            resume_lists_evicted: s.resume_lists_evicted.load(Ordering::Relaxed),
             frames: self.frames.counts(),
             producer: sum_producer(&(self.producer)(), &global_producer),
             global_producer,
@@ -543,6 +556,7 @@ impl RemoteCore {
             stats: Arc::clone(&stats),
             frames: Arc::clone(&frames),
             stop: Arc::clone(&stop),
+            resume: ResumeLists::default(),
         };
         // Announce this node's (re)start before any of its sessions.
         bridge.produce(BusFrame::EdgeReset(EdgeReset {
@@ -744,6 +758,8 @@ struct Bridge {
     stats: Arc<RemoteStats>,
     frames: Arc<FrameStats>,
     stop: Arc<AtomicBool>,
+    /// The ids written to each user's last v2 session on this edge, for `resume_after`.
+    resume: ResumeLists,
 }
 
 /// The bridge's side of the global bus: its own producer ring and held queue (order is kept per
@@ -930,6 +946,7 @@ impl Bridge {
                     sender: m.sender,
                     payload: m.payload,
                     origin: self.region.clone(),
+                    kind: m.kind,
                 };
                 match home {
                     Some(home) => self.produce_durable(m.id, route(home, Routed::Deliver(deliver))),
@@ -946,6 +963,7 @@ impl Bridge {
                 conn,
                 after,
                 limit,
+                resume_after,
             } => {
                 // Everything queued by any shard before this drain goes first (see the module
                 // doc); one pass over what is queued right now.
@@ -958,7 +976,21 @@ impl Bridge {
                         }
                     }
                 }
+                self.resume_acks(&user, resume_after);
                 self.drain_request(shard, user, conn, after, limit);
+            }
+            CoreRequest::Delivered { user, mut ids } => {
+                // The last ones written, if a sender sent more than the bound.
+                ids.drain(..ids.len().saturating_sub(RESUME_IDS_MAX));
+                let evicted = self.resume.put(user, ids);
+                if evicted > 0 {
+                    self.stats
+                        .resume_lists_evicted
+                        .fetch_add(evicted as u64, Ordering::Relaxed);
+                    if !RESUME_EVICTION_LOGGED.swap(true, Ordering::Relaxed) {
+                        debug!("resume lists over their bound: the oldest are forgotten");
+                    }
+                }
             }
             CoreRequest::PutPrekeys { user, bundle } => {
                 let put = PrekeyPut { user, bundle };
@@ -1039,6 +1071,7 @@ impl Bridge {
                 id,
                 prev,
                 payload,
+                kind,
             } => self.produce_inbox(
                 node,
                 BusFrame::Deliver(Deliver {
@@ -1047,6 +1080,7 @@ impl Bridge {
                     sender: prev.to_be_bytes().to_vec(),
                     payload,
                     origin: String::new(),
+                    kind,
                 }),
             ),
             CoreRequest::ForwardRelay {
@@ -1073,8 +1107,36 @@ impl Bridge {
                 conn,
                 after,
                 limit,
-            } => self.drain_request(shard, user, conn, after, limit),
+                resume_after,
+            } => {
+                self.resume_acks(&user, resume_after);
+                self.drain_request(shard, user, conn, after, limit);
+            }
             other => self.outbound(shard, other),
+        }
+    }
+
+    /// A session's first drain with a HELLO's `resume_after`: one `Ack` per id it acknowledges
+    /// ([`ResumeLists::take`]), produced before the drain request. Acks and drain requests of a
+    /// user share the deliver topic's partition of that user (or the route to its home), so
+    /// the core deletes them before it answers the drain. Only this edge's list is known: a
+    /// session that resumes on another edge gets its unacked messages again.
+    fn resume_acks(&mut self, user: &[u8], resume_after: u64) {
+        if resume_after == 0 {
+            return;
+        }
+        let ids = self.resume.take(user, resume_after);
+        self.stats
+            .resume_acked
+            .fetch_add(ids.len() as u64, Ordering::Relaxed);
+        for id in ids {
+            self.outbound(
+                0,
+                CoreRequest::Ack {
+                    user: user.to_vec(),
+                    id,
+                },
+            );
         }
     }
 
@@ -1279,6 +1341,7 @@ impl Bridge {
                         payload: d.payload.as_slice().to_vec(),
                         direct,
                         prev,
+                        kind: d.kind,
                     },
                 );
             }
@@ -1293,6 +1356,7 @@ impl Bridge {
                         id: m.id.to_native(),
                         sender: m.sender.as_slice().to_vec(),
                         payload: m.payload.as_slice().to_vec(),
+                        kind: m.kind,
                     })
                     .collect();
                 self.reply(

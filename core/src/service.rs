@@ -1545,6 +1545,7 @@ impl CoreService {
                         recipient: d.recipient,
                         sender: d.sender,
                         payload: d.payload,
+                        kind: d.kind,
                     },
                 );
             }
@@ -1737,6 +1738,7 @@ impl CoreService {
                         sender: m.sender,
                         payload: m.payload,
                         origin: self.cfg.region.clone(),
+                        kind: m.kind,
                     }),
                 }))
                 .map_err(CoreError::Encode)?;
@@ -1944,6 +1946,7 @@ impl CoreService {
                     id: m.id,
                     sender: m.sender,
                     payload: m.payload,
+                    kind: m.kind,
                 })
                 .collect(),
             more,

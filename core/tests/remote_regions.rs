@@ -147,6 +147,7 @@ fn requests_about_users_homed_elsewhere_go_to_their_region_on_the_global_bus() {
             recipient: bob.clone(),
             sender: alice.clone(),
             payload: b"to bob".to_vec(),
+            kind: 0,
         },
         conn: 0,
         client: None,
@@ -158,6 +159,7 @@ fn requests_about_users_homed_elsewhere_go_to_their_region_on_the_global_bus() {
             recipient: dave.clone(),
             sender: alice.clone(),
             payload: b"to dave".to_vec(),
+            kind: 0,
         },
         conn: 0,
         client: None,
@@ -179,6 +181,7 @@ fn requests_about_users_homed_elsewhere_go_to_their_region_on_the_global_bus() {
         conn: 5,
         after: 0,
         limit: 10,
+        resume_after: 0,
     })
     .unwrap();
     tx.send(CoreRequest::Relay {
@@ -207,6 +210,7 @@ fn requests_about_users_homed_elsewhere_go_to_their_region_on_the_global_bus() {
         conn: 8,
         after: 0,
         limit: 10,
+        resume_after: 0,
     })
     .unwrap();
     // 6 routed + EdgeReset, Deliver(dave), Presence(bob), Ack(dave), DrainRequest(dave).
@@ -228,6 +232,7 @@ fn requests_about_users_homed_elsewhere_go_to_their_region_on_the_global_bus() {
             sender: alice.clone(),
             payload: b"to bob".to_vec(),
             origin: OWN.to_owned(),
+            kind: 0,
         }),
         Routed::Ack(iris_bus::Ack {
             user: bob.clone(),

@@ -249,6 +249,7 @@ fn msg(id: u64, to: &[u8]) -> Deliver {
         sender: b"alice".to_vec(),
         payload: format!("hello {id}").into_bytes(),
         origin: REGION.to_owned(),
+        kind: 0,
     }
 }
 

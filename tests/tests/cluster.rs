@@ -543,6 +543,7 @@ fn corrupted_records_on_every_topic_are_skipped() {
         sender: a.as_bytes().to_vec(),
         payload: b"from the future".to_vec(),
         origin: c.region.clone(),
+        kind: 0,
     }))
     .unwrap();
     unknown_version[0] = iris_bus::VERSION.wrapping_add(1);

@@ -1051,6 +1051,7 @@ impl Shard {
                     id,
                     prev,
                     payload: payload.to_vec(),
+                    kind: d.meta.kind,
                 }
             }
             None => CoreRequest::ForwardRelay {
@@ -1102,6 +1103,7 @@ impl Shard {
                 payload,
                 direct,
                 prev,
+                kind,
             } => {
                 let via = if direct {
                     self.metrics.hops.inbox_direct.record_id(id);
@@ -1117,7 +1119,10 @@ impl Shard {
                 let d = Delivery {
                     id: Some(id),
                     frame: f,
-                    meta: Meta::default(),
+                    meta: Meta {
+                        sender_len: 0,
+                        kind: v2::resolve_kind(kind, &payload),
+                    },
                 };
                 let now = std::time::Instant::now();
                 if via == Via::Direct {
