@@ -343,7 +343,7 @@ mod tests {
     /// Pins the wire format of version 3: if this changes (a type in `frame`, the rkyv version
     /// or its features), the version byte must be bumped (see `docs/BUS.md`).
     #[test]
-    fn wire_format_of_version_3_is_pinned() {
+    fn wire_format_of_version_4_is_pinned() {
         let ack = encode(&BusFrame::Ack(Ack {
             user: b"bob".to_vec(),
             id: 7,
