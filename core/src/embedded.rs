@@ -2522,13 +2522,13 @@ mod tests {
                     DrainedMsg {
                         id: 1,
                         sender: b"sam".to_vec(),
-                        payload: 1u64.to_be_bytes().to_vec()
+                        payload: 1u64.to_be_bytes().to_vec(),
                         kind: 0,
                     },
                     DrainedMsg {
                         id: 2,
                         sender: b"tom".to_vec(),
-                        payload: 2u64.to_be_bytes().to_vec()
+                        payload: 2u64.to_be_bytes().to_vec(),
                         kind: 0,
                     }
                 ]
