@@ -413,7 +413,7 @@ mod tests {
     fn empty_and_unknown_version_are_errors() {
         assert!(matches!(decode(&[]), Err(BusError::Empty)));
         let mut bytes = encode(&BusFrame::Deliver(deliver())).unwrap();
-        for v in [0u8, 1, 2, 4, 0xff] {
+        for v in [0u8, 1, 2, 3, 5, 0xff] {
             bytes[0] = v;
             assert!(matches!(
                 decode(&bytes),
