@@ -482,12 +482,12 @@ fn kinds_survive_the_drain_and_v1_recipients_get_the_same_bytes() {
     // dave (v2) and erin (v1) are offline: every message is stored, then drained.
     let (mut alice, _) = V2::hello(&server, "alice");
     let mut carol = server.login("carol");
-    for to in ["dave", "erin"] {
-        alice.send_kind(1, to, MsgKind::Cbor, &cbor);
-        alice.send_kind(2, to, MsgKind::E2ee, &body);
-        alice.send_kind(3, to, MsgKind::Plain, &lookalike);
+    for (c, to) in [(0, "dave"), (10, "erin")] {
+        alice.send_kind(c + 1, to, MsgKind::Cbor, &cbor);
+        alice.send_kind(c + 2, to, MsgKind::E2ee, &body);
+        alice.send_kind(c + 3, to, MsgKind::Plain, &lookalike);
         for n in 1..=3 {
-            assert_eq!(alice.send_ack().0, n);
+            assert_eq!(alice.send_ack().0, c + n);
         }
         carol.write(&iris_tests::wire::cbor_msg(to.as_bytes(), &cbor));
         carol.write(&iris_tests::wire::e2ee_msg(
