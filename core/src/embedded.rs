@@ -111,8 +111,8 @@ use crate::api::{
     min_live_id, Confirm, Confirmed, ConnId, CoreReply, CoreRequest, DrainedMsg, ShardBell,
     ShardLink, StoredMsg, REFUSED_INBOX_FULL, REFUSED_STORE_FAILED, RESUME_IDS_MAX,
 };
-use crate::resume::{ResumeLists, RESUME_USERS_MAX};
 use crate::error::CoreError;
+use crate::resume::{ResumeLists, RESUME_USERS_MAX};
 use crate::store::{Batch, MessageStore, SentRecord, Usage, MAX_SENDER_LEN, MAX_USER_LEN};
 
 /// How often the recent-acks set rotates; an ack is remembered for one to two periods.

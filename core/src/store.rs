@@ -495,7 +495,10 @@ impl MessageStore {
         {
             let (key, value) = guard.into_inner()?;
             if let Some((_, id)) = split_key(&key) {
-                out.push((id, decode_value(&value).map_or(0, |v| v.payload.len() as u64)));
+                out.push((
+                    id,
+                    decode_value(&value).map_or(0, |v| v.payload.len() as u64),
+                ));
                 if out.len() == limit {
                     break;
                 }

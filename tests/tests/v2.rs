@@ -518,7 +518,11 @@ fn kinds_survive_the_drain_and_v1_recipients_get_the_same_bytes() {
         ("alice".to_owned(), MsgKind::Plain, lookalike.clone()),
         ("carol".to_owned(), MsgKind::Cbor, cbor.clone()),
         ("carol".to_owned(), MsgKind::E2ee, body.clone()),
-        ("carol".to_owned(), MsgKind::Plain, b"plain from v1".to_vec()),
+        (
+            "carol".to_owned(),
+            MsgKind::Plain,
+            b"plain from v1".to_vec(),
+        ),
     ];
     assert_eq!(got, want);
 
@@ -613,4 +617,85 @@ fn resume_after_counts_live_deliveries_and_ignores_acked_ones() {
         (iris_tests::id_value(&id), payload.as_slice()),
         (ids[2], &b"live 3"[..])
     );
+}
+
+/// A store written by the build before kinds were stored (inbox values `u8 version (1) |
+/// u16 len(sender) | sender | payload`, written here directly with fjall while the edge is
+/// stopped) opens after the upgrade: its messages drain to a v2 recipient with the kind the
+/// previous build gave them (2 for an E2EE inner frame, else 0) and to a v1 recipient as the
+/// same bytes, beside a message stored after the upgrade with its kind.
+#[test]
+fn a_store_written_without_kinds_drains_after_the_upgrade() {
+    let mut server = v2_server(None);
+    assert!(server.sigterm().success());
+    let header = iris_tests::cbor::map(&[("n", iris_tests::cbor::V::Bytes(b"nonce"))]);
+    let ciphertext = vec![0x33; 20];
+    let e2ee = iris_tests::wire::e2ee_delivery(b"carol", &header, &ciphertext);
+    let cbor = iris_tests::cbor::map(&[("t", iris_tests::cbor::V::Bytes(b"old"))]);
+    // Ids minted a second ago on shard 0 (see docs/PROTOCOL-v2.md "Server ids").
+    let now_us = iris_tests::unix_ms() * 1000 - 1_000_000;
+    let id0 = ((now_us - 1_704_067_200_000_000) / 16) << 18;
+    let old = [(e2ee.clone(), id0), (cbor.clone(), id0 + (1 << 18))];
+    {
+        let db = fjall::Database::builder(server.data_dir().join("store"))
+            .open()
+            .unwrap();
+        let inbox = db
+            .keyspace("inbox", fjall::KeyspaceCreateOptions::default)
+            .unwrap();
+        for user in [&b"dave"[..], b"erin"] {
+            for (payload, id) in &old {
+                let mut key = (user.len() as u16).to_be_bytes().to_vec();
+                key.extend_from_slice(user);
+                key.extend_from_slice(&id.to_be_bytes());
+                let mut value = vec![1u8, 0, 5];
+                value.extend_from_slice(b"carol");
+                value.extend_from_slice(payload);
+                inbox.insert(key, value).unwrap();
+            }
+        }
+        db.persist(fjall::PersistMode::SyncAll).unwrap();
+    }
+    server.restart();
+    let (mut alice, _) = V2::hello(&server, "alice");
+    alice.send_kind(1, "dave", MsgKind::Cbor, &cbor);
+    alice.send_ack();
+
+    let (mut dave, _) = V2::hello(&server, "dave");
+    let got: Vec<_> = (0..3)
+        .map(|_| {
+            let (id, sender, kind, payload) = dave.deliver();
+            (id, String::from_utf8(sender).unwrap(), kind, payload)
+        })
+        .collect();
+    assert_eq!(
+        got[..2],
+        [
+            (
+                id0,
+                "carol".to_owned(),
+                MsgKind::E2ee,
+                e2ee_body(&header, &ciphertext)
+            ),
+            (
+                id0 + (1 << 18),
+                "carol".to_owned(),
+                MsgKind::Plain,
+                cbor.clone()
+            ),
+        ]
+    );
+    assert_eq!(
+        (&got[2].1[..], got[2].2, &got[2].3),
+        ("alice", MsgKind::Cbor, &cbor)
+    );
+    let mut erin = server.login("erin");
+    let got = erin.recv_msgs(2, true);
+    assert_eq!(
+        got.iter()
+            .map(|(id, p)| (iris_tests::id_value(id), p.clone()))
+            .collect::<Vec<_>>(),
+        vec![(id0, e2ee), (id0 + (1 << 18), cbor)]
+    );
+    assert_eq!(server.metric("iris_core_corrupt_skipped_total"), 0);
 }

@@ -1716,13 +1716,12 @@ pub async fn run(shard: Rc<Shard>, mut stream: Transport, id: ConnId, proto: Pro
     // The session ends: presence learns it, whatever was not acked stays stored. A v2
     // session's written ids go to the core for the next HELLO's resume_after.
     if let Some(user) = c.user() {
-        let written = c
-            .st
-            .borrow_mut()
-            .v2
-            .as_mut()
-            .map(|v2| Vec::from(std::mem::take(&mut v2.written)))
-            .unwrap_or_default();
+        let written =
+            c.st.borrow_mut()
+                .v2
+                .as_mut()
+                .map(|v2| Vec::from(std::mem::take(&mut v2.written)))
+                .unwrap_or_default();
         if !written.is_empty() {
             shard.push_core(CoreRequest::Delivered {
                 user: user.clone(),
