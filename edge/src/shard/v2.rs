@@ -84,12 +84,17 @@ impl V2State {
         self.written.push_back(id);
     }
 
-    /// The client acked `ids`: they need no resume (acks usually name the oldest ids written,
-    /// so the search starts at the front).
+    /// The client acked `ids`: they need no resume. One pass over the list whatever the ids
+    /// (an ACK of ids never written costs no more than one of written ones).
     pub fn acked(&mut self, ids: &[u64]) {
-        for id in ids {
-            if let Some(pos) = self.written.iter().position(|w| w == id) {
-                self.written.remove(pos);
+        if self.written.is_empty() {
+            return;
+        }
+        match ids {
+            [one] => self.written.retain(|w| w != one),
+            _ => {
+                let ids: std::collections::HashSet<u64> = ids.iter().copied().collect();
+                self.written.retain(|w| !ids.contains(w));
             }
         }
     }
@@ -307,6 +312,25 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// The written list keeps write order, drops acked ids, and holds the last
+    /// `RESUME_IDS_MAX` ids.
+    #[test]
+    fn the_written_list_keeps_order_drops_acked_ids_and_is_bounded() {
+        let mut v2 = V2State::new();
+        for id in [5, 3, 9, 7] {
+            v2.wrote(id);
+        }
+        v2.acked(&[3]);
+        v2.acked(&[7, 42, 5]);
+        assert_eq!(Vec::from(v2.written.clone()), vec![9]);
+        for id in 0..RESUME_IDS_MAX as u64 + 10 {
+            v2.wrote(1000 + id);
+        }
+        assert_eq!(v2.written.len(), RESUME_IDS_MAX);
+        assert_eq!(v2.written.front(), Some(&1010));
+        assert_eq!(v2.written.back(), Some(&(1000 + RESUME_IDS_MAX as u64 + 9)));
     }
 
     #[test]
