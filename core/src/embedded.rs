@@ -57,6 +57,13 @@
 //! operations of that user (pending inserts and bundles included, pending deletes excluded).
 //! Reads therefore never write, and drains do not defeat ack cancellation.
 //!
+//! # resume_after (protocol v2)
+//! A [`CoreRequest::Delivered`] (a v2 session ended) replaces its user's list of written ids
+//! ([`crate::resume::ResumeLists`]); a session's first [`CoreRequest::Drain`] with a non-zero
+//! `resume_after` takes that list and acks what it acknowledges (as [`CoreRequest::Ack`]s,
+//! counted in `resume_acked`) before the drain is served, after the take-in pass that serves
+//! every read, so a list queued on another shard before the drain is seen.
+//!
 //! # Acks of messages not stored
 //! An ack of a message that is neither pending nor stored (never delivered, or already deleted)
 //! costs one point lookup and writes nothing (`acks_not_stored`); it is still remembered in the

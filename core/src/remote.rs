@@ -49,7 +49,10 @@
 //!
 //! Protocol v2's client message ids ([`CoreRequest::Store`] `client`) are ignored here: no
 //! [`CoreReply::Confirms`] come from a cluster link (v2 is served by the embedded deployment
-//! only for now). Drain answers carry each message's sender, as the core's `DrainChunk` does.
+//! only for now). Drain answers carry each message's sender and v2 kind, as the core's
+//! `DrainChunk` does. A drain request carrying a v2 HELLO's `resume_after` is preceded by one
+//! `Ack` per id it acknowledges ([`crate::resume`]: the ids written to that user's last session
+//! on this edge, kept here from its [`CoreRequest::Delivered`]), on the same partition.
 //!
 //! At startup the link creates the missing topics, learns the deliver and presence topics' real
 //! partition counts, and announces an `EdgeReset` for its node (the sessions a previous run of
