@@ -327,7 +327,7 @@ impl ConnShared {
         ShardMetrics::inc(m);
         if let Some(id) = d.0 {
             if let Some(v2) = st.v2.as_mut() {
-                v2.wrote(id);
+                note_written(shard, v2, id);
             }
             self.append_native(shard, &mut st, &d.1);
         } else {
@@ -399,7 +399,7 @@ impl ConnShared {
                         &payload,
                     );
                     if let Some(v2) = st.v2.as_mut() {
-                        v2.wrote(id);
+                        note_written(shard, v2, id);
                     }
                 }
             }
@@ -422,7 +422,7 @@ impl ConnShared {
                     frame_buf.extend_from_slice(&f);
                     ShardMetrics::inc(&shard.metrics.messages_delivered_live_total);
                     if let Some(v2) = st.v2.as_mut() {
-                        v2.wrote(id);
+                        note_written(shard, v2, id);
                     }
                 }
             }
@@ -739,7 +739,25 @@ struct Conn {
     sending: Option<(u64, u8)>,
 }
 
+/// Records that message `id` was written to a v2 connection (for the next session's
+/// `resume_after`); an id forgotten at the list's bound is counted and logged once.
+fn note_written(shard: &Shard, v2: &mut V2State, id: u64) {
+    if v2.wrote(id) {
+        ShardMetrics::inc(&shard.metrics.v2_resume_ids_forgotten_total);
+        if first_time(&LOGGED_RESUME_IDS) {
+            warn!(
+                shard = shard.id,
+                max_ids = iris_core::api::RESUME_IDS_MAX,
+                "a v2 connection holds more unacked messages than its resume list keeps: the \
+                 oldest cannot be acknowledged by resume_after (logged once; \
+                 iris_edge_v2_resume_ids_forgotten_total counts them)"
+            );
+        }
+    }
+}
+
 /// Each limit a client can hit is logged once per process, then only counted.
+static LOGGED_RESUME_IDS: AtomicBool = AtomicBool::new(false);
 static LOGGED_ERROR_LIMIT: AtomicBool = AtomicBool::new(false);
 static LOGGED_TYPING_LIMIT: AtomicBool = AtomicBool::new(false);
 static LOGGED_IDLE_TIMEOUT: AtomicBool = AtomicBool::new(false);

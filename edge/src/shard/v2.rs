@@ -77,11 +77,14 @@ impl V2State {
     }
 
     /// Message `id` was written to the connection's output queue (after everything before it).
-    pub fn wrote(&mut self, id: u64) {
-        if self.written.len() == RESUME_IDS_MAX {
+    /// True when the list was full and its oldest id was forgotten.
+    pub fn wrote(&mut self, id: u64) -> bool {
+        let full = self.written.len() == RESUME_IDS_MAX;
+        if full {
             self.written.pop_front();
         }
         self.written.push_back(id);
+        full
     }
 
     /// The client acked `ids`: they need no resume. One pass over the list whatever the ids
@@ -320,14 +323,15 @@ mod tests {
     fn the_written_list_keeps_order_drops_acked_ids_and_is_bounded() {
         let mut v2 = V2State::new();
         for id in [5, 3, 9, 7] {
-            v2.wrote(id);
+            assert!(!v2.wrote(id));
         }
         v2.acked(&[3]);
         v2.acked(&[7, 42, 5]);
         assert_eq!(Vec::from(v2.written.clone()), vec![9]);
-        for id in 0..RESUME_IDS_MAX as u64 + 10 {
-            v2.wrote(1000 + id);
-        }
+        let forgotten = (0..RESUME_IDS_MAX as u64 + 10)
+            .filter(|id| v2.wrote(1000 + id))
+            .count();
+        assert_eq!(forgotten, 11, "the 9 and 10 of the new ids");
         assert_eq!(v2.written.len(), RESUME_IDS_MAX);
         assert_eq!(v2.written.front(), Some(&1010));
         assert_eq!(v2.written.back(), Some(&(1000 + RESUME_IDS_MAX as u64 + 9)));
