@@ -179,6 +179,7 @@ mod tests {
             sender: b"alice".to_vec(),
             payload: vec![0xab; 64],
             origin: "eu-west".into(),
+            kind: 1,
             confirm: None,
         }
     }
@@ -193,6 +194,7 @@ mod tests {
                 sender: vec![],
                 payload: vec![],
                 origin: String::new(),
+                kind: u8::MAX,
                 confirm: None,
             }),
             BusFrame::Deliver(Deliver {
@@ -237,6 +239,7 @@ mod tests {
                         id,
                         sender: b"alice".to_vec(),
                         payload: format!("m{id}").into_bytes(),
+                        kind: (id % 3) as u8,
                     })
                     .collect(),
                 more: true,
@@ -471,15 +474,17 @@ mod tests {
             bytes(40),
             bytes(300),
             "[a-z0-9-]{0,16}",
+            any::<u8>(),
             proptest::option::of(arb_confirm_to()),
         )
             .prop_map(
-                |(id, recipient, sender, payload, origin, confirm)| Deliver {
+                |(id, recipient, sender, payload, origin, kind, confirm)| Deliver {
                     id,
                     recipient,
                     sender,
                     payload,
                     origin,
+                    kind,
                     confirm: confirm.map(Box::new),
                 },
             )
@@ -537,13 +542,14 @@ mod tests {
                 any::<u32>(),
                 any::<u64>(),
                 proptest::collection::vec(
-                    (any::<u64>(), bytes(40), bytes(100)).prop_map(|(id, sender, payload)| {
-                        Drained {
+                    (any::<u64>(), bytes(40), bytes(100), any::<u8>()).prop_map(
+                        |(id, sender, payload, kind)| Drained {
                             id,
                             sender,
                             payload,
+                            kind,
                         }
-                    }),
+                    ),
                     0..8
                 ),
                 any::<bool>()

@@ -25,6 +25,9 @@ pub struct Deliver {
     pub payload: Vec<u8>,
     /// The region whose edge accepted the message (the sender's region).
     pub origin: String,
+    /// The message's protocol v2 kind (0 plain, 1 CBOR, 2 E2EE; opaque to the bus), stored
+    /// with it by the core. `u8::MAX`: not recorded (a message stored by an older build).
+    pub kind: u8,
     /// A protocol v2 sender's request for a [`Confirmed`] once the message is durable at its
     /// home core; `None` for v1 messages and for every copy the core routes. Boxed: a v1
     /// message pays 5 bytes for it on the wire, not the whole record.
@@ -83,6 +86,8 @@ pub struct Drained {
     pub id: u64,
     pub sender: Vec<u8>,
     pub payload: Vec<u8>,
+    /// As stored: see [`Deliver::kind`].
+    pub kind: u8,
 }
 
 /// The core's answer to a [`DrainRequest`]: `messages` in id order; `more` is true when more

@@ -304,6 +304,7 @@ fn deliver(id: u64) -> Vec<u8> {
         sender: b"alice".to_vec(),
         payload: format!("hello {id}").into_bytes(),
         origin: "eu".to_owned(),
+        kind: 0,
         confirm: None,
     }))
     .unwrap()

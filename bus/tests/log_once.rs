@@ -40,6 +40,7 @@ fn bad_frames_are_counted_and_logged_once_per_kind() {
             sender: b"alice".to_vec(),
             payload: vec![0xab; 64],
             origin: "eu-west".into(),
+            kind: 0,
             confirm: None,
         }))
         .unwrap();

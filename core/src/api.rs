@@ -29,7 +29,21 @@ pub struct StoredMsg {
     pub recipient: Vec<u8>,
     pub sender: Vec<u8>,
     pub payload: Vec<u8>,
+    /// The message's protocol v2 kind, stored with it so that a drained message reaches a v2
+    /// recipient with the kind it was sent with: 0 plain (v1 SEND, BATCH_SEND, SEND_SEQ), 1 CBOR
+    /// (v1 CBOR_MSG), 2 E2EE (`payload` is then the `0x24` inner frame v1 recipients get).
+    /// [`KIND_UNRECORDED`] for a message stored before kinds were. v1 recipients never see it.
+    pub kind: u8,
 }
+
+/// [`StoredMsg::kind`] / [`DrainedMsg::kind`] of a message stored by a build that kept no kind
+/// (an inbox value of the store's version 1): the edge derives the kind from the payload (2 for
+/// an E2EE inner frame, else 0), as it did before kinds were stored.
+pub const KIND_UNRECORDED: u8 = u8::MAX;
+
+/// The most message ids a [`CoreRequest::Delivered`] list holds: a v2 connection remembers the
+/// ids it wrote, not yet acked, up to this many (the oldest are forgotten first).
+pub const RESUME_IDS_MAX: usize = 1024;
 
 /// Where a reply must go on the edge: the shard-local connection number.
 pub type ConnId = u64;
@@ -40,6 +54,8 @@ pub struct DrainedMsg {
     pub id: u64,
     pub sender: Vec<u8>,
     pub payload: Vec<u8>,
+    /// As stored: see [`StoredMsg::kind`].
+    pub kind: u8,
 }
 
 /// The outcome of a store request that carried a client message id
@@ -114,12 +130,24 @@ pub enum CoreRequest {
     /// (0 = from the start), in id order, as one [`CoreReply::Drain`] to `conn`.
     /// Before serving a drain the core takes in every request already queued by any shard, so a
     /// message whose store request was queued before the drain request is always included.
+    ///
+    /// `resume_after`: a v2 HELLO's `resume_after` (0: none; only a session's first drain
+    /// carries it). Before the drain, the core acks (as [`CoreRequest::Ack`] would) every id of
+    /// the last [`CoreRequest::Delivered`] list of `user` that is ≤ `resume_after` and comes
+    /// before `resume_after` itself in that list; nothing at all when `resume_after` is not in
+    /// it (docs/PROTOCOL-v2.md, "resume_after"). The list is consumed.
     Drain {
         user: Vec<u8>,
         conn: ConnId,
         after: u64,
         limit: usize,
+        resume_after: u64,
     },
+    /// A v2 session of `user` ended: `ids` are the messages written to it, in the order they
+    /// were written (the last [`RESUME_IDS_MAX`] at most, acked ones left out). The core keeps
+    /// the latest list per user (a bounded number of users) for the next session's
+    /// `resume_after` ([`CoreRequest::Drain`]).
+    Delivered { user: Vec<u8>, ids: Vec<u64> },
     /// Store (replace) `user`'s E2EE prekey bundle (a CBOR map).
     PutPrekeys { user: Vec<u8>, bundle: Vec<u8> },
     /// Fetch `user`'s prekey bundle; answered with [`CoreReply::Prekeys`] to `conn`.
@@ -152,6 +180,8 @@ pub enum CoreRequest {
         prev: u64,
         sender: Vec<u8>,
         payload: Vec<u8>,
+        /// The message's v2 kind ([`StoredMsg::kind`]).
+        kind: u8,
     },
     /// Cluster only: a best-effort frame (typing 0x72, read receipt 0x75) for `recipient`, whom
     /// the presence topic shows connected to edge `node`: produced straight to that edge's inbox
@@ -205,6 +235,8 @@ pub enum CoreReply {
         payload: Vec<u8>,
         direct: bool,
         prev: u64,
+        /// The message's v2 kind ([`StoredMsg::kind`]).
+        kind: u8,
     },
     /// Cluster only: a best-effort frame relayed from another edge for `recipient`.
     Relay { recipient: Vec<u8>, frame: Vec<u8> },

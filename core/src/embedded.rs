@@ -57,6 +57,13 @@
 //! operations of that user (pending inserts and bundles included, pending deletes excluded).
 //! Reads therefore never write, and drains do not defeat ack cancellation.
 //!
+//! # resume_after (protocol v2)
+//! A [`CoreRequest::Delivered`] (a v2 session ended) replaces its user's list of written ids
+//! ([`crate::resume::ResumeLists`]); a session's first [`CoreRequest::Drain`] with a non-zero
+//! `resume_after` takes that list and acks what it acknowledges (as [`CoreRequest::Ack`]s,
+//! counted in `resume_acked`) before the drain is served, after the take-in pass that serves
+//! every read, so a list queued on another shard before the drain is seen.
+//!
 //! # Acks of messages not stored
 //! An ack of a message that is neither pending nor stored (never delivered, or already deleted)
 //! costs one point lookup and writes nothing (`acks_not_stored`); it is still remembered in the
@@ -109,9 +116,10 @@ use tracing::{debug, error, info, trace, warn};
 
 use crate::api::{
     min_live_id, Confirm, Confirmed, ConnId, CoreReply, CoreRequest, DrainedMsg, ShardBell,
-    ShardLink, StoredMsg, REFUSED_INBOX_FULL, REFUSED_STORE_FAILED,
+    ShardLink, StoredMsg, REFUSED_INBOX_FULL, REFUSED_STORE_FAILED, RESUME_IDS_MAX,
 };
 use crate::error::CoreError;
+use crate::resume::{ResumeLists, RESUME_USERS_MAX};
 use crate::store::{Batch, MessageStore, SentRecord, Usage, MAX_SENDER_LEN, MAX_USER_LEN};
 
 /// How often the recent-acks set rotates; an ack is remembered for one to two periods.
@@ -136,6 +144,7 @@ static LOGGED_QUOTA: AtomicBool = AtomicBool::new(false);
 static LOGGED_COMMIT_FAILURE: AtomicBool = AtomicBool::new(false);
 static LOGGED_RECOVERY: AtomicBool = AtomicBool::new(false);
 static LOGGED_EXPIRY: AtomicBool = AtomicBool::new(false);
+static RESUME_EVICTION_LOGGED: AtomicBool = AtomicBool::new(false);
 
 /// True the first time it is called for `flag` (a limit hit is logged once, then counted).
 fn first_time(flag: &AtomicBool) -> bool {
@@ -244,6 +253,11 @@ pub struct CoreMetrics {
     pub duplicate_sends: AtomicU64,
     /// Dedup records older than `dedup_ttl_secs` deleted.
     pub dedup_expired: AtomicU64,
+    /// Stored messages acked by a v2 HELLO's `resume_after` (see [`CoreRequest::Drain`]).
+    pub resume_acked: AtomicU64,
+    /// Users whose delivered-ids list ([`CoreRequest::Delivered`]) was forgotten because more
+    /// than [`RESUME_USERS_MAX`] users had one.
+    pub resume_lists_evicted: AtomicU64,
 }
 
 /// A point-in-time copy of [`CoreMetrics`] (same fields, same meaning).
@@ -269,6 +283,8 @@ pub struct CoreStats {
     pub acks_not_stored: u64,
     pub duplicate_sends: u64,
     pub dedup_expired: u64,
+    pub resume_acked: u64,
+    pub resume_lists_evicted: u64,
 }
 
 impl CoreMetrics {
@@ -296,6 +312,8 @@ impl CoreMetrics {
             acks_not_stored: r(&self.acks_not_stored),
             duplicate_sends: r(&self.duplicate_sends),
             dedup_expired: r(&self.dedup_expired),
+            resume_acked: r(&self.resume_acked),
+            resume_lists_evicted: r(&self.resume_lists_evicted),
         }
     }
 }
@@ -404,6 +422,7 @@ impl EmbeddedCore {
             older_acks: HashSet::new(),
             next_rotation: now + ACK_MEMORY_PERIOD,
             deferred: Vec::new(),
+            resume: ResumeLists::default(),
         };
         let thread = std::thread::Builder::new()
             .name("iris-core".into())
@@ -535,7 +554,11 @@ struct ReadReq {
 }
 
 enum ReadKind {
-    Drain { after: u64, limit: usize },
+    Drain {
+        after: u64,
+        limit: usize,
+        resume_after: u64,
+    },
     Prekeys,
 }
 
@@ -604,6 +627,8 @@ struct Core {
     /// Reads (drains, prekey fetches) taken in but not yet served: each waits for one take-in
     /// pass over all queues that starts after it was received.
     deferred: Vec<ReadReq>,
+    /// The ids written to each user's last v2 session, for `resume_after`.
+    resume: ResumeLists,
 }
 
 impl Core {
@@ -739,12 +764,35 @@ impl Core {
                 conn,
                 after,
                 limit,
+                resume_after,
             } => self.deferred.push(ReadReq {
                 shard,
                 user,
                 conn,
-                kind: ReadKind::Drain { after, limit },
+                kind: ReadKind::Drain {
+                    after,
+                    limit,
+                    resume_after,
+                },
             }),
+            CoreRequest::Delivered { user, ids } => {
+                if self.invalid_user(&user, "delivered") {
+                    return;
+                }
+                let mut ids = ids;
+                // The last ones written, if a sender sent more than the bound.
+                ids.drain(..ids.len().saturating_sub(RESUME_IDS_MAX));
+                let evicted = self.resume.put(user, ids);
+                if evicted > 0 {
+                    bump(&self.metrics.resume_lists_evicted, evicted as u64);
+                    if !RESUME_EVICTION_LOGGED.swap(true, Ordering::Relaxed) {
+                        debug!(
+                            max_users = RESUME_USERS_MAX,
+                            "resume lists over their bound: the oldest are forgotten"
+                        );
+                    }
+                }
+            }
             CoreRequest::PutPrekeys { user, bundle } => {
                 if self.invalid_user(&user, "prekeys") {
                     return;
@@ -1285,7 +1333,22 @@ impl Core {
             kind,
         } = r;
         match kind {
-            ReadKind::Drain { after, limit } => self.serve_drain(shard, user, conn, after, limit),
+            ReadKind::Drain {
+                after,
+                limit,
+                resume_after,
+            } => {
+                // A session's first drain: what its HELLO's resume_after acknowledges goes as
+                // acks first (taken in before the drain: pending deletes are never drained).
+                if resume_after > 0 {
+                    let ids = self.resume.take(&user, resume_after);
+                    bump(&self.metrics.resume_acked, ids.len() as u64);
+                    for id in ids {
+                        self.on_ack(user.clone(), id);
+                    }
+                }
+                self.serve_drain(shard, user, conn, after, limit)
+            }
             ReadKind::Prekeys => {
                 let bundle = self.prekeys_of(&user);
                 self.reply(shard, CoreReply::Prekeys { conn, user, bundle });
@@ -1422,6 +1485,7 @@ impl Core {
                         id: *id,
                         sender: m.msg.sender.clone(),
                         payload: m.msg.payload.clone(),
+                        kind: m.msg.kind,
                     });
                 }
             } else if let Some(e) = stored.next() {
@@ -1684,6 +1748,7 @@ mod tests {
             recipient: b"ruth".to_vec(),
             sender: b"sam".to_vec(),
             payload: id.to_be_bytes().to_vec(),
+            kind: 0,
         }
     }
 
@@ -1725,6 +1790,7 @@ mod tests {
                 conn: 99,
                 after: 0,
                 limit: 1000,
+                resume_after: 0,
             })
             .unwrap();
         loop {
@@ -1764,6 +1830,7 @@ mod tests {
                 conn: 99,
                 after: 0,
                 limit: 1000,
+                resume_after: 0,
             })
             .unwrap();
         link.wake_core.as_ref().unwrap().try_send(()).unwrap();
@@ -2339,6 +2406,7 @@ mod tests {
                 conn: 99,
                 after: 0,
                 limit: 10,
+                resume_after: 0,
             })
             .unwrap();
         link.wake_core.as_ref().unwrap().try_send(()).unwrap();
@@ -2446,6 +2514,7 @@ mod tests {
                 conn: 9,
                 after: 0,
                 limit: 10,
+                resume_after: 0,
             })
             .unwrap();
         link.wake_core.as_ref().unwrap().try_send(()).unwrap();
@@ -2460,12 +2529,14 @@ mod tests {
                     DrainedMsg {
                         id: 1,
                         sender: b"sam".to_vec(),
-                        payload: 1u64.to_be_bytes().to_vec()
+                        payload: 1u64.to_be_bytes().to_vec(),
+                        kind: 0,
                     },
                     DrainedMsg {
                         id: 2,
                         sender: b"tom".to_vec(),
-                        payload: 2u64.to_be_bytes().to_vec()
+                        payload: 2u64.to_be_bytes().to_vec(),
+                        kind: 0,
                     }
                 ]
             ),

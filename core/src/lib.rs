@@ -34,6 +34,7 @@ pub mod http;
 pub mod import;
 pub mod outbox;
 pub mod remote;
+pub mod resume;
 pub mod service;
 pub mod sessions;
 pub mod store;

@@ -932,6 +932,7 @@ mod tests {
             sender: b"alice".to_vec(),
             payload: b"hi".to_vec(),
             origin: "ra".to_owned(),
+            kind: 0,
             confirm: None,
         };
         let routed = iris_bus::BusFrame::Route(iris_bus::Route {

@@ -55,7 +55,10 @@
 //! named shard as [`CoreReply::Confirms`], which answers SEND_ACK and routes the live copy. A
 //! `Confirmed` of an earlier run of this node is ignored (connection numbers restart with the
 //! process; the client resends after its reconnect and gets the first id). Drain answers carry
-//! each message's sender, as the core's `DrainChunk` does.
+//! each message's sender and v2 kind, as the core's `DrainChunk` does. A drain request carrying
+//! a v2 HELLO's `resume_after` is preceded by one `Ack` per id it acknowledges
+//! ([`crate::resume`]: the ids written to that user's last session on this edge, kept here from
+//! its [`CoreRequest::Delivered`]), on the same partition.
 //!
 //! At startup the link creates the missing topics, learns the deliver and presence topics' real
 //! partition counts, and announces an `EdgeReset` for its node (the sessions a previous run of
@@ -83,7 +86,13 @@ use iris_bus::{
 };
 use tracing::{debug, error, info, warn};
 
-use crate::api::{Confirm, Confirmed, CoreReply, CoreRequest, DrainedMsg, ShardBell, ShardLink};
+use crate::api::{
+    Confirm, Confirmed, CoreReply, CoreRequest, DrainedMsg, ShardBell, ShardLink, RESUME_IDS_MAX,
+};
+use crate::resume::ResumeLists;
+
+/// The bound of the resume lists was hit (logged once).
+static RESUME_EVICTION_LOGGED: AtomicBool = AtomicBool::new(false);
 use crate::error::CoreError;
 use crate::outbox::{AcceptGate, Outbox, OutboxConfig, OutboxSnapshot, OutboxStats};
 use crate::sessions::{
@@ -153,6 +162,11 @@ pub struct RemoteStats {
     pub ignored: AtomicU64,
     /// Requests the bus cannot carry (encoding failed): counted and dropped.
     pub encode_errors: AtomicU64,
+    /// Acks produced for stored messages a v2 HELLO's `resume_after` acknowledged.
+    pub resume_acked: AtomicU64,
+    /// Users whose delivered-ids list was forgotten because more than
+    /// [`crate::resume::RESUME_USERS_MAX`] users had one.
+    pub resume_lists_evicted: AtomicU64,
 }
 
 /// Frames handed to the global producer, per target (home) region, in the order of the
@@ -199,6 +213,8 @@ pub struct RemoteSnapshot {
     pub session_deferred: u64,
     pub ignored: u64,
     pub encode_errors: u64,
+    pub resume_acked: u64,
+    pub resume_lists_evicted: u64,
     pub frames: FrameCounts,
     /// Both producers summed (regional and, when configured, global).
     pub producer: ProducerStats,
@@ -252,6 +268,8 @@ impl RemoteMetrics {
             session_deferred: s.session_deferred.load(Ordering::Relaxed),
             ignored: s.ignored.load(Ordering::Relaxed),
             encode_errors: s.encode_errors.load(Ordering::Relaxed),
+            resume_acked: s.resume_acked.load(Ordering::Relaxed),
+            resume_lists_evicted: s.resume_lists_evicted.load(Ordering::Relaxed),
             frames: self.frames.counts(),
             producer: sum_producer(&(self.producer)(), &global_producer),
             global_producer,
@@ -549,6 +567,7 @@ impl RemoteCore {
             stats: Arc::clone(&stats),
             frames: Arc::clone(&frames),
             stop: Arc::clone(&stop),
+            resume: ResumeLists::default(),
         };
         // Announce this node's (re)start before any of its sessions.
         bridge.produce(BusFrame::EdgeReset(EdgeReset {
@@ -750,6 +769,8 @@ struct Bridge {
     stats: Arc<RemoteStats>,
     frames: Arc<FrameStats>,
     stop: Arc<AtomicBool>,
+    /// The ids written to each user's last v2 session on this edge, for `resume_after`.
+    resume: ResumeLists,
 }
 
 /// The bridge's side of the global bus: its own producer ring and held queue (order is kept per
@@ -949,6 +970,7 @@ impl Bridge {
                     sender: m.sender,
                     payload: m.payload,
                     origin: self.region.clone(),
+                    kind: m.kind,
                     confirm,
                 };
                 match home {
@@ -966,6 +988,7 @@ impl Bridge {
                 conn,
                 after,
                 limit,
+                resume_after,
             } => {
                 // Everything queued by any shard before this drain goes first (see the module
                 // doc); one pass over what is queued right now.
@@ -978,7 +1001,21 @@ impl Bridge {
                         }
                     }
                 }
+                self.resume_acks(&user, resume_after);
                 self.drain_request(shard, user, conn, after, limit);
+            }
+            CoreRequest::Delivered { user, mut ids } => {
+                // The last ones written, if a sender sent more than the bound.
+                ids.drain(..ids.len().saturating_sub(RESUME_IDS_MAX));
+                let evicted = self.resume.put(user, ids);
+                if evicted > 0 {
+                    self.stats
+                        .resume_lists_evicted
+                        .fetch_add(evicted as u64, Ordering::Relaxed);
+                    if !RESUME_EVICTION_LOGGED.swap(true, Ordering::Relaxed) {
+                        debug!("resume lists over their bound: the oldest are forgotten");
+                    }
+                }
             }
             CoreRequest::PutPrekeys { user, bundle } => {
                 let put = PrekeyPut { user, bundle };
@@ -1061,6 +1098,7 @@ impl Bridge {
                 prev,
                 sender,
                 payload,
+                kind,
             } => self.produce_inbox(
                 node,
                 BusFrame::Deliver(Deliver {
@@ -1074,6 +1112,7 @@ impl Bridge {
                     },
                     payload,
                     origin: String::new(),
+                    kind,
                     confirm: None,
                 }),
             ),
@@ -1101,8 +1140,36 @@ impl Bridge {
                 conn,
                 after,
                 limit,
-            } => self.drain_request(shard, user, conn, after, limit),
+                resume_after,
+            } => {
+                self.resume_acks(&user, resume_after);
+                self.drain_request(shard, user, conn, after, limit);
+            }
             other => self.outbound(shard, other),
+        }
+    }
+
+    /// A session's first drain with a HELLO's `resume_after`: one `Ack` per id it acknowledges
+    /// ([`ResumeLists::take`]), produced before the drain request. Acks and drain requests of a
+    /// user share the deliver topic's partition of that user (or the route to its home), so
+    /// the core deletes them before it answers the drain. Only this edge's list is known: a
+    /// session that resumes on another edge gets its unacked messages again.
+    fn resume_acks(&mut self, user: &[u8], resume_after: u64) {
+        if resume_after == 0 {
+            return;
+        }
+        let ids = self.resume.take(user, resume_after);
+        self.stats
+            .resume_acked
+            .fetch_add(ids.len() as u64, Ordering::Relaxed);
+        for id in ids {
+            self.outbound(
+                0,
+                CoreRequest::Ack {
+                    user: user.to_vec(),
+                    id,
+                },
+            );
         }
     }
 
@@ -1311,6 +1378,7 @@ impl Bridge {
                         payload: d.payload.as_slice().to_vec(),
                         direct,
                         prev,
+                        kind: d.kind,
                     },
                 );
             }
@@ -1325,6 +1393,7 @@ impl Bridge {
                         id: m.id.to_native(),
                         sender: m.sender.as_slice().to_vec(),
                         payload: m.payload.as_slice().to_vec(),
+                        kind: m.kind,
                     })
                     .collect();
                 self.reply(

@@ -1633,6 +1633,7 @@ impl CoreService {
                         recipient: d.recipient,
                         sender: d.sender,
                         payload: d.payload,
+                        kind: d.kind,
                     },
                 );
             }
@@ -1900,6 +1901,7 @@ impl CoreService {
                         sender: m.sender,
                         payload: m.payload,
                         origin: self.cfg.region.clone(),
+                        kind: m.kind,
                         confirm: None,
                     }),
                 }))
@@ -2115,6 +2117,7 @@ impl CoreService {
                     id: m.id,
                     sender: m.sender,
                     payload: m.payload,
+                    kind: m.kind,
                 })
                 .collect(),
             more,

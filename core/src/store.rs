@@ -5,7 +5,11 @@
 //! - `inbox`: every stored, not yet acked message. Key = `u16 BE len(user) | user | u64 BE id`.
 //!   The length prefix makes one user's keys a prefix-free range (user `ab` never sees the keys
 //!   of user `abc`), and the big-endian id makes key order equal id order, so a drain is one
-//!   forward range scan. Value = `u8 version (1) | u16 BE len(sender) | sender | payload`.
+//!   forward range scan. Value = `u8 version (2) | u8 kind | u16 BE len(sender) | sender |
+//!   payload`, `kind` being the message's protocol v2 kind ([`StoredMsg::kind`]). Values of
+//!   version 1 (`u8 version (1) | u16 BE len(sender) | sender | payload`, written before kinds
+//!   were stored) are still read, as [`KIND_UNRECORDED`]: a store written by an older build
+//!   opens and drains unchanged after an upgrade, and is never rewritten.
 //! - `prekeys`: key = user, value = the user's E2EE prekey bundle (CBOR bytes, stored as given).
 //! - `meta`: `id_floor` = the highest message id the store has ever been told about (u64 BE),
 //!   written in the same atomic batch as the messages that raise it. Edge shards seed their id
@@ -39,11 +43,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use tracing::{debug, error};
 
-use crate::api::{DrainedMsg, StoredMsg};
+use crate::api::{DrainedMsg, StoredMsg, KIND_UNRECORDED};
 use crate::error::CoreError;
 
-/// Version byte of an inbox value.
-const VALUE_VERSION: u8 = 1;
+/// Version byte of the inbox values this build writes (with the kind).
+const VALUE_VERSION: u8 = 2;
+/// Version byte of the inbox values of older builds (no kind); still read.
+const VALUE_VERSION_NO_KIND: u8 = 1;
 /// Bytes of a key besides the user name: `u16` length prefix and `u64` id.
 const KEY_OVERHEAD: usize = 2 + 8;
 /// fjall's key size limit.
@@ -320,10 +326,11 @@ impl MessageStore {
             let (key, value) = guard.into_inner()?;
             let decoded = decode_entry(user.len(), &key, &value).and_then(|(id, _)| {
                 decode_value(&value)
-                    .map(|(sender, payload)| DrainedMsg {
+                    .map(|v| DrainedMsg {
                         id,
-                        sender: sender.to_vec(),
-                        payload: payload.to_vec(),
+                        sender: v.sender.to_vec(),
+                        payload: v.payload.to_vec(),
+                        kind: v.kind,
                     })
                     .map_err(|detail| CoreError::corrupt("inbox value", detail))
             });
@@ -413,16 +420,17 @@ impl MessageStore {
             let (key, value) = guard.into_inner()?;
             let decoded = decode_entry(user.len(), &key, &value).and_then(|(id, _)| {
                 decode_value(&value)
-                    .map(|(sender, payload)| (id, sender, payload))
+                    .map(|v| (id, v))
                     .map_err(|detail| CoreError::corrupt("inbox value", detail))
             });
             match decoded {
-                Ok((id, sender, payload)) => {
+                Ok((id, v)) => {
                     out.push(StoredMsg {
                         id,
                         recipient: user.to_vec(),
-                        sender: sender.to_vec(),
-                        payload: payload.to_vec(),
+                        sender: v.sender.to_vec(),
+                        payload: v.payload.to_vec(),
+                        kind: v.kind,
                     });
                     if out.len() == limit {
                         break;
@@ -452,7 +460,7 @@ impl MessageStore {
         Ok(self
             .inbox
             .get(inbox_key(user, id))?
-            .map(|v| decode_value(&v).map_or(0, |(_, p)| p.len() as u64)))
+            .map(|v| decode_value(&v).map_or(0, |v| v.payload.len() as u64)))
     }
 
     /// How many messages `user` has stored and their payload bytes: one walk of the user's key
@@ -463,7 +471,7 @@ impl MessageStore {
         for guard in self.inbox.prefix(user_prefix(user)) {
             let (_, value) = guard.into_inner()?;
             u.messages += 1;
-            u.payload_bytes += decode_value(&value).map_or(0, |(_, p)| p.len() as u64);
+            u.payload_bytes += decode_value(&value).map_or(0, |v| v.payload.len() as u64);
         }
         Ok(u)
     }
@@ -487,7 +495,10 @@ impl MessageStore {
         {
             let (key, value) = guard.into_inner()?;
             if let Some((_, id)) = split_key(&key) {
-                out.push((id, decode_value(&value).map_or(0, |(_, p)| p.len() as u64)));
+                out.push((
+                    id,
+                    decode_value(&value).map_or(0, |v| v.payload.len() as u64),
+                ));
                 if out.len() == limit {
                     break;
                 }
@@ -520,7 +531,7 @@ impl MessageStore {
                     Some((user, id)) if id < min_live_id => turn.expired.push((
                         user.to_vec(),
                         id,
-                        decode_value(&value).map_or(0, |(_, p)| p.len() as u64),
+                        decode_value(&value).map_or(0, |v| v.payload.len() as u64),
                     )),
                     Some((user, _)) => {
                         let mut k = inbox_key(user, u64::MAX);
@@ -725,10 +736,12 @@ fn inbox_key(user: &[u8], id: u64) -> Vec<u8> {
     k
 }
 
-/// `u8 version | u16 BE len(sender) | sender | payload`; callers have checked the length.
+/// `u8 version (2) | u8 kind | u16 BE len(sender) | sender | payload`; callers have checked
+/// the length.
 fn encode_value(m: &StoredMsg) -> Vec<u8> {
-    let mut v = Vec::with_capacity(3 + m.sender.len() + m.payload.len());
+    let mut v = Vec::with_capacity(4 + m.sender.len() + m.payload.len());
     v.push(VALUE_VERSION);
+    v.push(m.kind);
     v.extend_from_slice(&(m.sender.len() as u16).to_be_bytes());
     v.extend_from_slice(&m.sender);
     v.extend_from_slice(&m.payload);
@@ -746,19 +759,33 @@ fn decode_entry<'v>(
         .and_then(|rest| rest.try_into().ok())
         .ok_or_else(|| CoreError::corrupt("inbox key", format!("{} bytes", key.len())))?;
     let id = u64::from_be_bytes(id_bytes);
-    let (_sender, payload) = decode_value(value).map_err(|detail| CoreError::Corrupt {
+    let v = decode_value(value).map_err(|detail| CoreError::Corrupt {
         what: "inbox value",
         detail: format!("id {id}: {detail}"),
     })?;
-    Ok((id, payload))
+    Ok((id, v.payload))
 }
 
-/// Splits an inbox value into `(sender, payload)`.
-fn decode_value(v: &[u8]) -> Result<(&[u8], &[u8]), String> {
+/// An inbox value, read in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Value<'v> {
+    /// The message's v2 kind; [`KIND_UNRECORDED`] for a value of version 1.
+    kind: u8,
+    sender: &'v [u8],
+    payload: &'v [u8],
+}
+
+/// Splits an inbox value of either version (see the module doc).
+fn decode_value(v: &[u8]) -> Result<Value<'_>, String> {
     let (&version, rest) = v.split_first().ok_or("empty value")?;
-    if version != VALUE_VERSION {
-        return Err(format!("unknown version {version}"));
-    }
+    let (kind, rest) = match version {
+        VALUE_VERSION => {
+            let (&kind, rest) = rest.split_first().ok_or("truncated kind")?;
+            (kind, rest)
+        }
+        VALUE_VERSION_NO_KIND => (KIND_UNRECORDED, rest),
+        _ => return Err(format!("unknown version {version}")),
+    };
     let len_bytes: [u8; 2] = rest
         .get(..2)
         .and_then(|b| b.try_into().ok())
@@ -771,7 +798,12 @@ fn decode_value(v: &[u8]) -> Result<(&[u8], &[u8]), String> {
             body.len()
         ));
     }
-    Ok(body.split_at(slen))
+    let (sender, payload) = body.split_at(slen);
+    Ok(Value {
+        kind,
+        sender,
+        payload,
+    })
 }
 
 #[cfg(test)]
@@ -784,6 +816,7 @@ mod tests {
             recipient: to.as_bytes().to_vec(),
             sender: b"sender".to_vec(),
             payload: payload.as_bytes().to_vec(),
+            kind: 0,
         }
     }
 
@@ -793,14 +826,87 @@ mod tests {
 
     #[test]
     fn value_roundtrip_and_corrupt_values_are_errors() {
-        let m = msg("bob", 7, "hello");
+        let mut m = msg("bob", 7, "hello");
+        m.kind = 1;
         let v = encode_value(&m);
-        assert_eq!(decode_value(&v), Ok((&b"sender"[..], &b"hello"[..])));
+        assert_eq!(&v[..2], &[VALUE_VERSION, 1]);
+        let want = Value {
+            kind: 1,
+            sender: b"sender",
+            payload: b"hello",
+        };
+        assert_eq!(decode_value(&v), Ok(want));
         assert!(decode_value(&[]).is_err());
-        assert!(decode_value(&[2, 0, 0]).is_err());
+        assert!(decode_value(&[3, 0, 0, 0]).is_err(), "unknown version");
+        assert!(decode_value(&[2]).is_err(), "no kind");
+        assert!(decode_value(&[2, 1, 0]).is_err());
+        assert!(decode_value(&[2, 1, 0, 9, b'a']).is_err());
         assert!(decode_value(&[1, 0]).is_err());
         assert!(decode_value(&[1, 0, 9, b'a']).is_err());
-        assert_eq!(decode_value(&[1, 0, 0]), Ok((&b""[..], &b""[..])));
+        let empty = |kind| Value {
+            kind,
+            sender: b"",
+            payload: b"",
+        };
+        assert_eq!(decode_value(&[2, 2, 0, 0]), Ok(empty(2)));
+        assert_eq!(decode_value(&[1, 0, 0]), Ok(empty(KIND_UNRECORDED)));
+    }
+
+    /// A store written by a build that kept no kind (inbox values of version 1) opens, scans
+    /// and drains its messages unchanged, as kind [`KIND_UNRECORDED`], beside messages written
+    /// by this build with their kind; acks and usage work on both.
+    #[test]
+    fn a_store_of_the_previous_value_layout_still_drains() {
+        let dir = tempfile::tempdir().unwrap();
+        // The previous build's value: `u8 version (1) | u16 len(sender) | sender | payload`.
+        let old_value = |sender: &[u8], payload: &[u8]| {
+            let mut v = vec![1u8];
+            v.extend_from_slice(&(sender.len() as u16).to_be_bytes());
+            v.extend_from_slice(sender);
+            v.extend_from_slice(payload);
+            v
+        };
+        {
+            let s = MessageStore::open(dir.path()).unwrap();
+            s.put_raw_inbox(b"bob", 10, &old_value(b"alice", b"\xa1\x61\x61\x01"))
+                .unwrap();
+            s.put_raw_inbox(b"bob", 20, &old_value(b"carol", b"plain"))
+                .unwrap();
+            s.sync().unwrap();
+        }
+        let s = MessageStore::open(dir.path()).unwrap();
+        let mut new = msg("bob", 30, "{cbor}");
+        new.kind = 1;
+        s.commit(&[new], &[], true).unwrap();
+        let got = s.scan_drained(b"bob", 0, 10).unwrap();
+        let want = [
+            (10, &b"alice"[..], &b"\xa1\x61\x61\x01"[..], KIND_UNRECORDED),
+            (20, b"carol", b"plain", KIND_UNRECORDED),
+            (30, b"sender", b"{cbor}", 1),
+        ];
+        assert_eq!(got.len(), want.len());
+        for (m, (id, sender, payload, kind)) in got.iter().zip(want) {
+            assert_eq!(
+                (m.id, &m.sender[..], &m.payload[..], m.kind),
+                (id, sender, payload, kind)
+            );
+        }
+        assert_eq!(s.corrupt_skipped(), 0);
+        let msgs = s.scan_messages(b"bob", 0, 10).unwrap();
+        assert_eq!(
+            msgs.iter().map(|m| m.kind).collect::<Vec<_>>(),
+            [KIND_UNRECORDED, KIND_UNRECORDED, 1]
+        );
+        assert_eq!(
+            s.usage(b"bob").unwrap(),
+            Usage {
+                messages: 3,
+                payload_bytes: 4 + 5 + 6
+            }
+        );
+        assert_eq!(s.payload_len(b"bob", 20).unwrap(), Some(5));
+        s.commit(&[], &[(b"bob".to_vec(), 10)], true).unwrap();
+        assert_eq!(ids(&s.scan(b"bob", 0, 10).unwrap()), vec![20, 30]);
     }
 
     /// Ids minted by several shards (low bits = shard) arrive interleaved and out of order;

@@ -26,6 +26,7 @@ fn msg(to: &str, id: u64, payload: impl Into<Vec<u8>>) -> StoredMsg {
         recipient: to.as_bytes().to_vec(),
         sender: b"alice".to_vec(),
         payload: payload.into(),
+        kind: 0,
     }
 }
 
@@ -62,6 +63,7 @@ fn drain(
             conn,
             after,
             limit,
+            resume_after: 0,
         })
         .unwrap();
     match link.from_core.recv_timeout(REPLY_TIMEOUT).unwrap() {

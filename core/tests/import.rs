@@ -236,6 +236,7 @@ fn msg(id: u64, to: &[u8], origin: &str) -> Deliver {
         sender: b"bob".to_vec(),
         payload: format!("hello {id}").into_bytes(),
         origin: origin.to_owned(),
+        kind: 0,
         confirm: None,
     }
 }
@@ -716,6 +717,7 @@ fn answers_for_a_visitor_reach_its_edge_and_a_routed_ack_deletes_at_home() {
             id: id_now(1, 1),
             sender: b"erin".to_vec(),
             payload: b"stored at home".to_vec(),
+            kind: 0,
         }],
         more: false,
     };

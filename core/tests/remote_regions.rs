@@ -147,6 +147,7 @@ fn requests_about_users_homed_elsewhere_go_to_their_region_on_the_global_bus() {
             recipient: bob.clone(),
             sender: alice.clone(),
             payload: b"to bob".to_vec(),
+            kind: 0,
         },
         conn: 0,
         client: None,
@@ -158,6 +159,7 @@ fn requests_about_users_homed_elsewhere_go_to_their_region_on_the_global_bus() {
             recipient: dave.clone(),
             sender: alice.clone(),
             payload: b"to dave".to_vec(),
+            kind: 0,
         },
         conn: 0,
         client: None,
@@ -179,6 +181,7 @@ fn requests_about_users_homed_elsewhere_go_to_their_region_on_the_global_bus() {
         conn: 5,
         after: 0,
         limit: 10,
+        resume_after: 0,
     })
     .unwrap();
     tx.send(CoreRequest::Relay {
@@ -207,6 +210,7 @@ fn requests_about_users_homed_elsewhere_go_to_their_region_on_the_global_bus() {
         conn: 8,
         after: 0,
         limit: 10,
+        resume_after: 0,
     })
     .unwrap();
     // 6 routed + EdgeReset, Deliver(dave), Presence(bob), Ack(dave), DrainRequest(dave).
@@ -228,6 +232,7 @@ fn requests_about_users_homed_elsewhere_go_to_their_region_on_the_global_bus() {
             sender: alice.clone(),
             payload: b"to bob".to_vec(),
             origin: OWN.to_owned(),
+            kind: 0,
             confirm: None,
         }),
         Routed::Ack(iris_bus::Ack {
@@ -285,6 +290,93 @@ fn requests_about_users_homed_elsewhere_go_to_their_region_on_the_global_bus() {
     assert!(presence
         .iter()
         .any(|f| matches!(f, BusFrame::Presence(p) if p.user == bob && p.online)));
+    core.shutdown(Duration::from_secs(5)).unwrap();
+}
+
+/// A v2 session's `resume_after` on the cluster link: the ids its user's last session on this
+/// edge was written up to and including `resume_after` (and not above it) leave as one `Ack`
+/// each, ahead of the drain request on the same partition (or route, for a user homed in the
+/// other region); an id written after it, or a list without it, acknowledges nothing.
+#[test]
+fn resume_after_goes_out_as_acks_ahead_of_the_drain_request() {
+    let regional = Tansu::memory();
+    let global = Tansu::memory();
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (core, links) =
+        RemoteCore::start(remote_config(&regional, &global, &redis, dir.path()), 1).unwrap();
+    let metrics = core.metrics();
+    let snap = move || metrics.snapshot();
+    let tx = &links[0].to_core;
+    let dave = b"dave-a".to_vec(); // homed here
+    let bob = b"bob-b".to_vec(); // homed in the other region
+    let alice = b"alice-a".to_vec();
+    let drain = |user: &[u8], conn, resume_after| CoreRequest::Drain {
+        user: user.to_vec(),
+        conn,
+        after: 0,
+        limit: 10,
+        resume_after,
+    };
+    // Written to dave in this order: 15 (a smaller id from another shard) comes after 20.
+    tx.send(CoreRequest::Delivered {
+        user: dave.clone(),
+        ids: vec![10, 30, 20, 15],
+    })
+    .unwrap();
+    tx.send(drain(&dave, 1, 20)).unwrap();
+    tx.send(CoreRequest::Delivered {
+        user: bob.clone(),
+        ids: vec![5, 7],
+    })
+    .unwrap();
+    tx.send(drain(&bob, 2, 7)).unwrap();
+    // alice's list does not hold the id she names: no ack.
+    tx.send(CoreRequest::Delivered {
+        user: alice.clone(),
+        ids: vec![40],
+    })
+    .unwrap();
+    tx.send(drain(&alice, 3, 41)).unwrap();
+    // The lists are used once: dave's second drain acknowledges nothing.
+    tx.send(drain(&dave, 4, 20)).unwrap();
+    // EdgeReset, dave: 2 acks + 2 drains, bob (routed): 2 acks + 1 drain, alice: 1 drain.
+    let s = wait_produced(&snap, 9);
+    assert_eq!(s.resume_acked, 4);
+    assert_eq!(s.resume_lists_evicted, 0);
+
+    let regional_frames = read_topic(&regional.brokers(), &topics::deliver(OWN), PARTITIONS, 5);
+    let of = |user: &[u8]| -> Vec<String> {
+        regional_frames
+            .iter()
+            .filter(|f| f.key_user() == user)
+            .map(|f| match f {
+                BusFrame::Ack(a) => format!("ack {}", a.id),
+                BusFrame::DrainRequest(r) => format!("drain {}", r.conn),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect()
+    };
+    // The acks first; the two drains in either order (a drain takes in what is queued behind
+    // it first, see the module doc of `remote.rs`), and only two acks in all.
+    let mut d = of(&dave);
+    assert_eq!(d[..2], ["ack 10", "ack 20"], "{d:?}");
+    d[2..].sort();
+    assert_eq!(d[2..], ["drain 1", "drain 4"], "{d:?}");
+    assert_eq!(of(&alice), ["drain 3"]);
+    let routed = routes_of(
+        read_topic(&global.brokers(), &topics::route(OTHER), PARTITIONS, 3),
+        OTHER,
+    );
+    let routed: Vec<String> = routed
+        .iter()
+        .map(|f| match f {
+            Routed::Ack(a) => format!("ack {}", a.id),
+            Routed::DrainRequest(r) => format!("drain {}", r.conn),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(routed, ["ack 5", "ack 7", "drain 2"]);
     core.shutdown(Duration::from_secs(5)).unwrap();
 }
 

@@ -249,6 +249,8 @@ fn msg(id: u64, to: &[u8]) -> Deliver {
         sender: b"alice".to_vec(),
         payload: format!("hello {id}").into_bytes(),
         origin: REGION.to_owned(),
+        // Every v2 kind, so that routes and drains are seen to keep it.
+        kind: (id % 3) as u8,
         confirm: None,
     }
 }
@@ -315,6 +317,11 @@ fn offline_message_is_kept_and_drained_in_order() {
     assert_eq!(all.shard, 1);
     assert_eq!(all.messages[41].sender, b"alice");
     assert_eq!(all.messages[41].payload, b"hello 42");
+    assert_eq!(
+        all.messages.iter().map(|m| m.kind).collect::<Vec<_>>(),
+        (1..=100u64).map(|i| (i % 3) as u8).collect::<Vec<_>>(),
+        "each message drains with the kind it was stored with"
+    );
     let part = edge.chunk(2);
     assert_eq!(ids(&part), (1..=40).collect::<Vec<_>>());
     assert!(part.more);

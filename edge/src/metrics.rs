@@ -73,6 +73,9 @@ counters! {
     acks_total: "counter",
     /// ACKs not passed to the store: their id's time is in the future (never minted).
     acks_dropped_total: "counter",
+    /// Ids of messages written to a v2 connection and not acked, forgotten beyond the
+    /// connection's resume list (the last 1024): `resume_after` cannot acknowledge them.
+    v2_resume_ids_forgotten_total: "counter",
     /// Messages the store refused (recipient over its quota, or a failed write): the sender was
     /// told with 0xFE (one frame per connection and core pass).
     sends_refused_total: "counter",

@@ -483,6 +483,18 @@ fn remote_lines(s: &RemoteSnapshot) -> Vec<(&'static str, &'static str, &'static
             s.frames_out,
         ),
         (
+            "iris_core_resume_acked_total",
+            "counter",
+            "Stored messages acked by a v2 HELLO's resume_after.",
+            s.resume_acked,
+        ),
+        (
+            "iris_core_resume_lists_evicted_total",
+            "counter",
+            "Users whose list of ids delivered to their last v2 session was forgotten (bound).",
+            s.resume_lists_evicted,
+        ),
+        (
             "iris_bus_frames_in_total",
             "counter",
             "Records consumed from the edge inbox and presence topics.",
@@ -807,6 +819,18 @@ fn core_lines(s: &CoreStats) -> Vec<(&'static str, &'static str, &'static str, u
             "counter",
             "Dedup records of v2 sends older than dedup_ttl_secs deleted.",
             s.dedup_expired,
+        ),
+        (
+            "iris_core_resume_acked_total",
+            "counter",
+            "Stored messages acked by a v2 HELLO's resume_after.",
+            s.resume_acked,
+        ),
+        (
+            "iris_core_resume_lists_evicted_total",
+            "counter",
+            "Users whose list of ids delivered to their last v2 session was forgotten (bound).",
+            s.resume_lists_evicted,
         ),
     ]
 }

@@ -23,6 +23,7 @@ fn batch(next_id: &Cell<u64>, users: u64) -> Vec<StoredMsg> {
                 recipient: format!("user-{:06}", id % users).into_bytes(),
                 sender: b"sender-1".to_vec(),
                 payload: vec![b'x'; 64],
+                kind: 0,
             }
         })
         .collect()
@@ -119,6 +120,7 @@ fn bench(c: &mut Criterion) {
             recipient: drain_user.clone(),
             sender: b"s".to_vec(),
             payload: vec![b'y'; 64],
+            kind: 0,
         })
         .collect();
     store.commit(&msgs, &[], true).unwrap();

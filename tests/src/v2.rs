@@ -27,12 +27,17 @@ impl V2 {
 
     /// Connects and says HELLO as `user`; returns the connection and its HELLO_OK.
     pub fn hello(server: &Server, user: &str) -> (V2, ServerFrame) {
+        V2::hello_resume(server, user, 0)
+    }
+
+    /// [`V2::hello`] with HELLO's `resume_after`.
+    pub fn hello_resume(server: &Server, user: &str, resume_after: u64) -> (V2, ServerFrame) {
         let mut c = V2::connect(server.v2.expect("server serves v2"));
         c.write(&ClientFrame::Hello {
             client_name: b"v2-test".to_vec(),
             client_version: b"1".to_vec(),
             token: user.as_bytes().to_vec(),
-            resume_after: 0,
+            resume_after,
         });
         let ok = c.recv();
         assert!(matches!(ok, ServerFrame::HelloOk { .. }), "{ok:?}");
@@ -50,10 +55,15 @@ impl V2 {
     }
 
     pub fn send(&mut self, client_msg_id: u64, to: &str, payload: &[u8]) {
+        self.send_kind(client_msg_id, to, MsgKind::Plain, payload);
+    }
+
+    /// A SEND of `kind`.
+    pub fn send_kind(&mut self, client_msg_id: u64, to: &str, kind: MsgKind, payload: &[u8]) {
         self.write(&ClientFrame::Send {
             client_msg_id,
             recipient: to.as_bytes().to_vec(),
-            kind: MsgKind::Plain,
+            kind,
             payload: payload.to_vec(),
         });
     }

@@ -545,6 +545,7 @@ fn corrupted_records_on_every_topic_are_skipped() {
         sender: a.as_bytes().to_vec(),
         payload: b"from the future".to_vec(),
         origin: c.region.clone(),
+        kind: 0,
         confirm: None,
     }))
     .unwrap();

@@ -460,3 +460,242 @@ fn a_connection_at_its_unconfirmed_bound_resumes_as_acks_come() {
     let want: Vec<Vec<u8>> = (1..=20).map(|i| format!("m{i}").into_bytes()).collect();
     assert_eq!(got, want);
 }
+
+/// The v2 body of an E2EE message (kind 2): `u16 hlen | header | u32 clen | ciphertext`.
+fn e2ee_body(header: &[u8], ciphertext: &[u8]) -> Vec<u8> {
+    let mut body = (header.len() as u16).to_be_bytes().to_vec();
+    body.extend_from_slice(header);
+    body.extend_from_slice(&(ciphertext.len() as u32).to_be_bytes());
+    body.extend_from_slice(ciphertext);
+    body
+}
+
+#[test]
+fn kinds_survive_the_drain_and_v1_recipients_get_the_same_bytes() {
+    let server = v2_server(None);
+    let cbor = iris_tests::cbor::map(&[("t", iris_tests::cbor::V::Bytes(b"typed"))]);
+    let header = iris_tests::cbor::map(&[("n", iris_tests::cbor::V::Bytes(b"nonce"))]);
+    let ciphertext = vec![0x5a; 40];
+    let body = e2ee_body(&header, &ciphertext);
+    // A plain payload that looks like an E2EE inner frame: stored as kind 0, it stays kind 0.
+    let lookalike = iris_tests::wire::e2ee_delivery(b"mallory", &header, &ciphertext);
+    // dave (v2) and erin (v1) are offline: every message is stored, then drained.
+    let (mut alice, _) = V2::hello(&server, "alice");
+    let mut carol = server.login("carol");
+    for (c, to) in [(0, "dave"), (10, "erin")] {
+        alice.send_kind(c + 1, to, MsgKind::Cbor, &cbor);
+        alice.send_kind(c + 2, to, MsgKind::E2ee, &body);
+        alice.send_kind(c + 3, to, MsgKind::Plain, &lookalike);
+        for n in 1..=3 {
+            assert_eq!(alice.send_ack().0, c + n);
+        }
+        carol.write(&iris_tests::wire::cbor_msg(to.as_bytes(), &cbor));
+        carol.write(&iris_tests::wire::e2ee_msg(
+            to.as_bytes(),
+            &header,
+            &ciphertext,
+        ));
+        carol.send(to, b"plain from v1");
+    }
+    carol.sync();
+    // Restarted (a clean stop commits what is pending): the kinds come from the store on disk.
+    drop(alice);
+    drop(carol);
+    let mut server = server;
+    assert!(server.sigterm().success());
+    server.restart();
+
+    let (mut dave, _) = V2::hello(&server, "dave");
+    let got: Vec<_> = (0..6)
+        .map(|_| {
+            let (_, sender, kind, payload) = dave.deliver();
+            (String::from_utf8(sender).unwrap(), kind, payload)
+        })
+        .collect();
+    let want = vec![
+        ("alice".to_owned(), MsgKind::Cbor, cbor.clone()),
+        ("alice".to_owned(), MsgKind::E2ee, body.clone()),
+        ("alice".to_owned(), MsgKind::Plain, lookalike.clone()),
+        ("carol".to_owned(), MsgKind::Cbor, cbor.clone()),
+        ("carol".to_owned(), MsgKind::E2ee, body.clone()),
+        (
+            "carol".to_owned(),
+            MsgKind::Plain,
+            b"plain from v1".to_vec(),
+        ),
+    ];
+    assert_eq!(got, want);
+
+    // The v1 recipient gets exactly the bytes v1 always got: the CBOR map, the 0x24 inner
+    // frame naming the sender, and the plain payloads.
+    let mut erin = server.login("erin");
+    let got: Vec<Vec<u8>> = erin.recv_msgs(6, true).into_iter().map(|m| m.1).collect();
+    let want = vec![
+        cbor.clone(),
+        iris_tests::wire::e2ee_delivery(b"alice", &header, &ciphertext),
+        lookalike,
+        cbor,
+        iris_tests::wire::e2ee_delivery(b"carol", &header, &ciphertext),
+        b"plain from v1".to_vec(),
+    ];
+    assert_eq!(got, want);
+}
+
+/// Delivers `n` stored messages to a fresh v2 session of `user` without acking them, and
+/// closes it; returns their ids in the order they were written.
+fn drained_unacked(server: &Server, user: &str, resume_after: u64, n: usize) -> Vec<u64> {
+    let (mut c, _) = V2::hello_resume(server, user, resume_after);
+    let ids = (0..n).map(|_| c.deliver().0).collect();
+    assert_eq!(c.recv_within(Duration::from_millis(300)), None);
+    // Closed, and the close seen by the server before the next session starts.
+    drop(c);
+    std::thread::sleep(Duration::from_millis(100));
+    ids
+}
+
+#[test]
+fn resume_after_acks_exactly_what_was_delivered_up_to_it() {
+    let server = v2_server(None);
+    let (mut alice, _) = V2::hello(&server, "alice");
+    let mut sent = Vec::new();
+    for n in 1..=4u64 {
+        alice.send(n, "bob", format!("m{n}").as_bytes());
+        sent.push(alice.send_ack().1);
+    }
+    // Session 1 is delivered m1..m4 and acks nothing (its acks were "lost").
+    let ids = drained_unacked(&server, "bob", 0, 4);
+    assert_eq!(ids, sent);
+    // Meanwhile m5 is stored; bob never saw it.
+    alice.send(5, "bob", b"m5");
+    let m5 = alice.send_ack().1;
+    // Session 2 resumes after m2: m1 and m2 are acknowledged, m3, m4 (written after m2) and
+    // m5 (never delivered) come again.
+    let ids = drained_unacked(&server, "bob", sent[1], 3);
+    assert_eq!(ids, vec![sent[2], sent[3], m5]);
+    assert_eq!(server.metric("iris_core_resume_acked_total"), 2);
+    // Session 3 names an id that session 2 was never delivered (m1, acked before): nothing is
+    // skipped, everything still stored comes again.
+    let ids = drained_unacked(&server, "bob", sent[0], 3);
+    assert_eq!(ids, vec![sent[2], sent[3], m5]);
+    // Session 4 names an id it was not delivered at all (one of alice's own sends to carol):
+    // nothing is skipped.
+    alice.send(6, "carol", b"not bob's");
+    let other = alice.send_ack().1;
+    let ids = drained_unacked(&server, "bob", other, 3);
+    assert_eq!(ids, vec![sent[2], sent[3], m5]);
+    // Session 5 resumes after the last one it was delivered: all gone, for good.
+    let ids = drained_unacked(&server, "bob", m5, 0);
+    assert!(ids.is_empty());
+    let (mut bob, _) = V2::hello(&server, "bob");
+    assert_eq!(bob.recv_within(Duration::from_millis(500)), None);
+    assert_eq!(server.metric("iris_core_resume_acked_total"), 5);
+}
+
+#[test]
+fn resume_after_counts_live_deliveries_and_ignores_acked_ones() {
+    let server = v2_server(None);
+    let (mut bob, _) = V2::hello(&server, "bob");
+    let (mut alice, _) = V2::hello(&server, "alice");
+    let mut ids = Vec::new();
+    for n in 1..=3u64 {
+        alice.send(n, "bob", format!("live {n}").as_bytes());
+        alice.send_ack();
+        ids.push(bob.deliver().0);
+    }
+    // bob acks the first itself, then the connection dies before the other acks.
+    bob.write(&ClientFrame::Ack { ids: vec![ids[0]] });
+    std::thread::sleep(Duration::from_millis(100));
+    drop(bob);
+    std::thread::sleep(Duration::from_millis(100));
+    // Resuming after the second live message: only the third comes again.
+    let got = drained_unacked(&server, "bob", ids[1], 1);
+    assert_eq!(got, vec![ids[2]]);
+    // A v1 login is not affected by any of it.
+    let mut bob1 = server.login("bob");
+    let (id, payload) = bob1.recv_msg();
+    assert_eq!(
+        (iris_tests::id_value(&id), payload.as_slice()),
+        (ids[2], &b"live 3"[..])
+    );
+}
+
+/// A store written by the build before kinds were stored (inbox values `u8 version (1) |
+/// u16 len(sender) | sender | payload`, written here directly with fjall while the edge is
+/// stopped) opens after the upgrade: its messages drain to a v2 recipient with the kind the
+/// previous build gave them (2 for an E2EE inner frame, else 0) and to a v1 recipient as the
+/// same bytes, beside a message stored after the upgrade with its kind.
+#[test]
+fn a_store_written_without_kinds_drains_after_the_upgrade() {
+    let mut server = v2_server(None);
+    assert!(server.sigterm().success());
+    let header = iris_tests::cbor::map(&[("n", iris_tests::cbor::V::Bytes(b"nonce"))]);
+    let ciphertext = vec![0x33; 20];
+    let e2ee = iris_tests::wire::e2ee_delivery(b"carol", &header, &ciphertext);
+    let cbor = iris_tests::cbor::map(&[("t", iris_tests::cbor::V::Bytes(b"old"))]);
+    // Ids minted a second ago on shard 0 (see docs/PROTOCOL-v2.md "Server ids").
+    let now_us = iris_tests::unix_ms() * 1000 - 1_000_000;
+    let id0 = ((now_us - 1_704_067_200_000_000) / 16) << 18;
+    let old = [(e2ee.clone(), id0), (cbor.clone(), id0 + (1 << 18))];
+    {
+        let db = fjall::Database::builder(server.data_dir().join("store"))
+            .open()
+            .unwrap();
+        let inbox = db
+            .keyspace("inbox", fjall::KeyspaceCreateOptions::default)
+            .unwrap();
+        for user in [&b"dave"[..], b"erin"] {
+            for (payload, id) in &old {
+                let mut key = (user.len() as u16).to_be_bytes().to_vec();
+                key.extend_from_slice(user);
+                key.extend_from_slice(&id.to_be_bytes());
+                let mut value = vec![1u8, 0, 5];
+                value.extend_from_slice(b"carol");
+                value.extend_from_slice(payload);
+                inbox.insert(key, value).unwrap();
+            }
+        }
+        db.persist(fjall::PersistMode::SyncAll).unwrap();
+    }
+    server.restart();
+    let (mut alice, _) = V2::hello(&server, "alice");
+    alice.send_kind(1, "dave", MsgKind::Cbor, &cbor);
+    alice.send_ack();
+
+    let (mut dave, _) = V2::hello(&server, "dave");
+    let got: Vec<_> = (0..3)
+        .map(|_| {
+            let (id, sender, kind, payload) = dave.deliver();
+            (id, String::from_utf8(sender).unwrap(), kind, payload)
+        })
+        .collect();
+    assert_eq!(
+        got[..2],
+        [
+            (
+                id0,
+                "carol".to_owned(),
+                MsgKind::E2ee,
+                e2ee_body(&header, &ciphertext)
+            ),
+            (
+                id0 + (1 << 18),
+                "carol".to_owned(),
+                MsgKind::Plain,
+                cbor.clone()
+            ),
+        ]
+    );
+    assert_eq!(
+        (&got[2].1[..], got[2].2, &got[2].3),
+        ("alice", MsgKind::Cbor, &cbor)
+    );
+    let mut erin = server.login("erin");
+    let got = erin.recv_msgs(2, true);
+    assert_eq!(
+        got.iter()
+            .map(|(id, p)| (iris_tests::id_value(id), p.clone()))
+            .collect::<Vec<_>>(),
+        vec![(id0, e2ee), (id0 + (1 << 18), cbor)]
+    );
+    assert_eq!(server.metric("iris_core_corrupt_skipped_total"), 0);
+}

@@ -325,7 +325,10 @@ impl ConnShared {
             &shard.metrics.relays_delivered_total
         };
         ShardMetrics::inc(m);
-        if d.0.is_some() {
+        if let Some(id) = d.0 {
+            if let Some(v2) = st.v2.as_mut() {
+                note_written(shard, v2, id);
+            }
             self.append_native(shard, &mut st, &d.1);
         } else {
             self.append(shard, &mut st, &d.1);
@@ -347,6 +350,7 @@ impl ConnShared {
             frame::encode_login_ok(&mut ok);
             self.append(shard, &mut st, &ok);
         }
+        let resume_after = st.v2.as_ref().map_or(0, |v2| v2.resume_after);
         if let Some(d) = st.drain.as_mut() {
             if !d.requested {
                 d.requested = true;
@@ -355,6 +359,7 @@ impl ConnShared {
                     conn: self.id,
                     after: 0,
                     limit: shard.cfg.drain_chunk,
+                    resume_after,
                 });
             }
         }
@@ -377,6 +382,7 @@ impl ConnShared {
             id,
             sender,
             payload,
+            kind,
         } in msgs
         {
             if drain.cursor >= id {
@@ -384,14 +390,18 @@ impl ConnShared {
             }
             match self.proto {
                 Proto::V1 => frame::encode_reliable(&mut frame_buf, MsgId(id), &payload),
-                // The kind is not stored: an E2EE inner frame is recognised by its opcode.
-                Proto::V2 => v2out::encode_deliver(
-                    &mut frame_buf,
-                    id,
-                    &sender,
-                    v2out::stored_kind(&payload),
-                    &payload,
-                ),
+                Proto::V2 => {
+                    v2out::encode_deliver(
+                        &mut frame_buf,
+                        id,
+                        &sender,
+                        v2out::resolve_kind(kind, &payload),
+                        &payload,
+                    );
+                    if let Some(v2) = st.v2.as_mut() {
+                        note_written(shard, v2, id);
+                    }
+                }
             }
             drain.cursor = id;
             if drain.sent.len() == DRAIN_SENT_MAX {
@@ -411,6 +421,9 @@ impl ConnShared {
                 if drain.sent.binary_search(&id).is_err() {
                     frame_buf.extend_from_slice(&f);
                     ShardMetrics::inc(&shard.metrics.messages_delivered_live_total);
+                    if let Some(v2) = st.v2.as_mut() {
+                        note_written(shard, v2, id);
+                    }
                 }
             }
             if !drain.sent.is_empty() {
@@ -444,6 +457,7 @@ impl ConnShared {
                         conn: self.id,
                         after,
                         limit: shard.cfg.drain_chunk,
+                        resume_after: 0,
                     });
                 }
             }
@@ -725,7 +739,25 @@ struct Conn {
     sending: Option<(u64, u8)>,
 }
 
+/// Records that message `id` was written to a v2 connection (for the next session's
+/// `resume_after`); an id forgotten at the list's bound is counted and logged once.
+fn note_written(shard: &Shard, v2: &mut V2State, id: u64) {
+    if v2.wrote(id) {
+        ShardMetrics::inc(&shard.metrics.v2_resume_ids_forgotten_total);
+        if first_time(&LOGGED_RESUME_IDS) {
+            warn!(
+                shard = shard.id,
+                max_ids = iris_core::api::RESUME_IDS_MAX,
+                "a v2 connection holds more unacked messages than its resume list keeps: the \
+                 oldest cannot be acknowledged by resume_after (logged once; \
+                 iris_edge_v2_resume_ids_forgotten_total counts them)"
+            );
+        }
+    }
+}
+
 /// Each limit a client can hit is logged once per process, then only counted.
+static LOGGED_RESUME_IDS: AtomicBool = AtomicBool::new(false);
 static LOGGED_ERROR_LIMIT: AtomicBool = AtomicBool::new(false);
 static LOGGED_TYPING_LIMIT: AtomicBool = AtomicBool::new(false);
 static LOGGED_IDLE_TIMEOUT: AtomicBool = AtomicBool::new(false);
@@ -1146,7 +1178,11 @@ impl Conn {
             return self.error_v2(ErrorCode::HelloRequired, 0);
         }
         match f {
-            V2Client::Hello { token, .. } => {
+            V2Client::Hello {
+                token,
+                resume_after,
+                ..
+            } => {
                 if hello {
                     return self.error_v2(ErrorCode::DuplicateHello, 0);
                 }
@@ -1172,6 +1208,7 @@ impl Conn {
                 }
                 if let Some(v2) = self.c.st.borrow_mut().v2.as_mut() {
                     v2.hello = true;
+                    v2.resume_after = resume_after;
                 }
                 // Registered like a v1 LOGIN; HELLO_OK is written where LOGIN_OK would be.
                 return self.register(user);
@@ -1241,6 +1278,9 @@ impl Conn {
             V2Client::Ack { ids } => {
                 let me = self.logged_in_user()?;
                 let high = shard.idgen.borrow().high_water();
+                if let Some(v2) = self.c.st.borrow_mut().v2.as_mut() {
+                    v2.acked(&ids);
+                }
                 for id in ids {
                     ShardMetrics::inc(&shard.metrics.acks_total);
                     if minted_in_the_future(id, high) {
@@ -1377,6 +1417,7 @@ impl Conn {
                 recipient: target.to_vec(),
                 sender: sender.to_vec(),
                 payload: payload.to_vec(),
+                kind,
             },
             conn: self.c.id,
             client,
@@ -1690,8 +1731,21 @@ pub async fn run(shard: Rc<Shard>, mut stream: Transport, id: ConnId, proto: Pro
         }
         glommio::yield_if_needed().await;
     }
-    // The session ends: presence learns it, whatever was not acked stays stored.
+    // The session ends: presence learns it, whatever was not acked stays stored. A v2
+    // session's written ids go to the core for the next HELLO's resume_after.
     if let Some(user) = c.user() {
+        let written =
+            c.st.borrow_mut()
+                .v2
+                .as_mut()
+                .map(|v2| Vec::from(std::mem::take(&mut v2.written)))
+                .unwrap_or_default();
+        if !written.is_empty() {
+            shard.push_core(CoreRequest::Delivered {
+                user: user.clone(),
+                ids: written,
+            });
+        }
         ShardMetrics::dec(&shard.metrics.sessions_open);
         shard.send_shard(
             owner_of(&user, shard.nshards),

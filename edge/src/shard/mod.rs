@@ -1068,6 +1068,7 @@ impl Shard {
                     prev,
                     sender: d.sender().to_vec(),
                     payload: payload.to_vec(),
+                    kind: d.meta.kind,
                 }
             }
             None => CoreRequest::ForwardRelay {
@@ -1120,6 +1121,7 @@ impl Shard {
                 payload,
                 direct,
                 prev,
+                kind,
             } => {
                 let via = if direct {
                     self.metrics.hops.inbox_direct.record_id(id);
@@ -1142,7 +1144,7 @@ impl Shard {
                     frame: f,
                     meta: Meta {
                         sender_len,
-                        kind: 0,
+                        kind: v2::resolve_kind(kind, &payload),
                     },
                 };
                 let now = std::time::Instant::now();

@@ -22,6 +22,8 @@ use iris_wire::v2::{
     encode_server, ErrorCode, LimitedAction, MsgKind, ReceiptKind, ServerFrame, VERSION,
 };
 
+use iris_core::api::{KIND_UNRECORDED, RESUME_IDS_MAX};
+
 use super::Shard;
 use crate::protocol::frame::{self, sop, ServerFrame as V1Frame};
 use crate::protocol::MsgId;
@@ -52,6 +54,12 @@ pub struct V2State {
     pub last_in: Instant,
     /// The nonce of the last server PING.
     pub ping_nonce: u64,
+    /// HELLO's `resume_after` (0: none), sent with the session's first drain request.
+    pub resume_after: u64,
+    /// The ids of the messages written to this connection and not acked on it, in write order
+    /// (the last [`RESUME_IDS_MAX`]): sent to the core when the session ends, for the next
+    /// session's `resume_after` (docs/PROTOCOL-v2.md).
+    pub written: VecDeque<u64>,
 }
 
 impl V2State {
@@ -63,7 +71,35 @@ impl V2State {
             unconfirmed: 0,
             last_in: Instant::now(),
             ping_nonce: 0,
+            resume_after: 0,
+            written: VecDeque::new(),
         })
+    }
+
+    /// Message `id` was written to the connection's output queue (after everything before it).
+    /// True when the list was full and its oldest id was forgotten.
+    pub fn wrote(&mut self, id: u64) -> bool {
+        let full = self.written.len() == RESUME_IDS_MAX;
+        if full {
+            self.written.pop_front();
+        }
+        self.written.push_back(id);
+        full
+    }
+
+    /// The client acked `ids`: they need no resume. One pass over the list whatever the ids
+    /// (an ACK of ids never written costs no more than one of written ones).
+    pub fn acked(&mut self, ids: &[u64]) {
+        if self.written.is_empty() {
+            return;
+        }
+        match ids {
+            [one] => self.written.retain(|w| w != one),
+            _ => {
+                let ids: std::collections::HashSet<u64> = ids.iter().copied().collect();
+                self.written.retain(|w| !ids.contains(w));
+            }
+        }
     }
 }
 
@@ -80,9 +116,20 @@ pub fn kind_of(b: u8) -> MsgKind {
     MsgKind::from_u8(b).unwrap_or(MsgKind::Plain)
 }
 
-/// The kind of a drained message (the store keeps no kind): 2 when the payload is a whole
-/// E2EE inner frame (`0x24`, as v1 and v2 E2EE sends store it), else 0. A CBOR message sent
-/// as kind 1 is drained as kind 0 (docs/PROTOCOL-v2.md).
+/// The kind of a message as the store or the bus gave it: `kind` itself, except for
+/// [`KIND_UNRECORDED`] (a message stored by a build that kept no kind), whose kind is derived
+/// from the payload ([`stored_kind`]).
+pub fn resolve_kind(kind: u8, payload: &[u8]) -> u8 {
+    if kind == KIND_UNRECORDED {
+        stored_kind(payload)
+    } else {
+        kind
+    }
+}
+
+/// The kind of a message stored without one ([`KIND_UNRECORDED`]): 2 when the payload is a
+/// whole E2EE inner frame (`0x24`, as v1 and v2 E2EE sends store it), else 0 (a CBOR message
+/// of such a store comes as kind 0).
 pub fn stored_kind(payload: &[u8]) -> u8 {
     let is_e2ee = payload.first() == Some(&crate::protocol::frame::sop::E2EE_DELIVERY)
         && crate::protocol::frame::decode_e2ee_delivery(payload).is_ok();
@@ -249,6 +296,10 @@ mod tests {
         frame::encode_e2ee_delivery(&mut inner, b"carol", b"h", b"cipher");
         assert_eq!(stored_kind(&inner), 2);
         assert_eq!(stored_kind(b"plain bytes"), 0);
+        assert_eq!(resolve_kind(KIND_UNRECORDED, &inner), 2);
+        assert_eq!(resolve_kind(KIND_UNRECORDED, b"\xa0"), 0);
+        assert_eq!(resolve_kind(1, b"\xa0"), 1);
+        assert_eq!(resolve_kind(0, &inner), 0, "a recorded kind is kept");
         let mut out = Vec::new();
         encode_deliver(&mut out, 1 << 18, b"carol", 2, &inner);
         match decode_server(&out, 1 << 20) {
@@ -264,6 +315,26 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// The written list keeps write order, drops acked ids, and holds the last
+    /// `RESUME_IDS_MAX` ids.
+    #[test]
+    fn the_written_list_keeps_order_drops_acked_ids_and_is_bounded() {
+        let mut v2 = V2State::new();
+        for id in [5, 3, 9, 7] {
+            assert!(!v2.wrote(id));
+        }
+        v2.acked(&[3]);
+        v2.acked(&[7, 42, 5]);
+        assert_eq!(Vec::from(v2.written.clone()), vec![9]);
+        let forgotten = (0..RESUME_IDS_MAX as u64 + 10)
+            .filter(|id| v2.wrote(1000 + id))
+            .count();
+        assert_eq!(forgotten, 11, "the 9 and 10 of the new ids");
+        assert_eq!(v2.written.len(), RESUME_IDS_MAX);
+        assert_eq!(v2.written.front(), Some(&1010));
+        assert_eq!(v2.written.back(), Some(&(1000 + RESUME_IDS_MAX as u64 + 9)));
     }
 
     #[test]
