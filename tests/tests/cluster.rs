@@ -22,6 +22,8 @@ mod crash;
 mod live;
 #[path = "cluster/outbox.rs"]
 mod outbox;
+#[path = "cluster/lost_topics.rs"]
+mod lost_topics;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
