@@ -650,11 +650,7 @@ impl RemoteCore {
         self.stop_inner(Duration::ZERO, true)
     }
 
-    fn stop_inner(
-        mut self,
-        flush: Duration,
-        restart: bool,
-    ) -> Result<ShutdownReport, CoreError> {
+    fn stop_inner(mut self, flush: Duration, restart: bool) -> Result<ShutdownReport, CoreError> {
         self.stop.store(true, Ordering::Release);
         for k in [self.keeper.take(), self.global_keeper.take()]
             .into_iter()

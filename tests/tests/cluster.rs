@@ -20,10 +20,10 @@ mod core_path;
 mod crash;
 #[path = "cluster/live.rs"]
 mod live;
-#[path = "cluster/outbox.rs"]
-mod outbox;
 #[path = "cluster/lost_topics.rs"]
 mod lost_topics;
+#[path = "cluster/outbox.rs"]
+mod outbox;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};

@@ -62,7 +62,11 @@ fn counters(c: &mut Cluster) -> String {
             "iris_bus_frames_out_total",
             "iris_bus_frames_in_total",
         ] {
-            out.push_str(&format!("edge {}: {k} {:?}\n", i + 1, metric_value(&m, k, None)));
+            out.push_str(&format!(
+                "edge {}: {k} {:?}\n",
+                i + 1,
+                metric_value(&m, k, None)
+            ));
         }
     }
     for (i, core) in c.cores.iter_mut().enumerate() {
@@ -107,9 +111,11 @@ fn a_memory_broker_restart_leaves_no_edge_deaf() {
     // outbox (not acknowledged).
     c.stop_broker();
     ca.send(&b, b"held");
-    eventually("the held message in the outbox", Duration::from_secs(10), || {
-        c.edge_metric(0, "iris_edge_outbox_records") >= 1
-    });
+    eventually(
+        "the held message in the outbox",
+        Duration::from_secs(10),
+        || c.edge_metric(0, "iris_edge_outbox_records") >= 1,
+    );
     drop(ca);
     let restarted = Instant::now();
     c.restart_broker();
@@ -175,8 +181,14 @@ fn a_memory_broker_restart_leaves_no_edge_deaf() {
     let mut cu = c.login(0, &u);
     let mut cv = c.login(1, &v);
     cu.send(&v, b"fresh");
-    assert_eq!(recv_one(&mut cv, Duration::from_secs(20), "fresh u → v").1, b"fresh");
+    assert_eq!(
+        recv_one(&mut cv, Duration::from_secs(20), "fresh u → v").1,
+        b"fresh"
+    );
     cv.send(&u, b"back");
-    assert_eq!(recv_one(&mut cu, Duration::from_secs(20), "fresh v → u").1, b"back");
+    assert_eq!(
+        recv_one(&mut cu, Duration::from_secs(20), "fresh v → u").1,
+        b"back"
+    );
     c.assert_running();
 }
