@@ -183,13 +183,16 @@ impl Drop for KafkaConsumer {
 }
 
 /// Where a consumer of `partitions` (`(topic, partition)`) is to start: at its group's committed
-/// offset ([`Offset::Stored`]), except where that offset lies beyond the partition's high
-/// watermark: then the log was lost and re-created (a memory-storage broker restarted) and the
-/// committed offset belongs to the old log, written by a process that still read it (tansu
-/// answers a fetch beyond the end with nothing, so the consumer would wait there, deaf to every
-/// record written before that offset); such a partition starts at [`Offset::Beginning`]
-/// (records read twice are duplicates). A partition whose offsets cannot be read within `wait`
-/// starts at its committed offset.
+/// offset ([`Offset::Stored`]), except where that offset lies beyond the partition's end: then
+/// the log was lost and re-created (a memory-storage broker restarted) and the committed offset
+/// belongs to the old log, written by a process that still read it (tansu answers a fetch
+/// beyond the end with nothing, so the consumer would wait there, deaf to every record written
+/// before that offset); such a partition starts at [`Offset::Beginning`] (records read twice
+/// are duplicates). "Beyond the end" is more than one past the high watermark: tansu 0.6
+/// reports the last offset as the high watermark, one below Kafka's, so a group that read
+/// everything commits one past it. A lost log whose new end is exactly one below the committed
+/// offset is not noticed. A partition whose offsets cannot be read within `wait` starts at its
+/// committed offset.
 pub fn start_offsets<C, K>(
     consumer: &K,
     partitions: &[(String, i32)],
@@ -215,7 +218,7 @@ where
                 return Offset::Stored;
             };
             match consumer.fetch_watermarks(topic, *partition, wait) {
-                Ok((_, high)) if c > high => {
+                Ok((_, high)) if c > high.saturating_add(1) => {
                     tracing::warn!(
                         topic = %topic,
                         partition,
