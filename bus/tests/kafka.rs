@@ -532,7 +532,11 @@ fn assigned_consumer_reads_from_the_beginning_when_its_committed_offset_is_beyon
             KafkaConsumer::start_assigned(&cfg, group, &[(topic.clone(), 0)], vec![tx], |_, _| 0)
                 .unwrap();
         let wait = if want.is_empty() { 3 } else { 20 };
-        let got = collect(&[rx.clone()], want.len().max(1), Duration::from_secs(wait));
+        let got = collect(
+            std::slice::from_ref(&rx),
+            want.len().max(1),
+            Duration::from_secs(wait),
+        );
         let payloads: Vec<u8> = got.iter().map(|f| f.payload[0]).collect();
         assert_eq!(payloads, want, "group {group}");
         // Nothing more comes.
