@@ -116,8 +116,7 @@ impl KafkaConsumer {
 
     /// Like [`Self::start`], but reads fixed partitions (`(topic, partition)` pairs) with
     /// `assign()` instead of joining the group's rebalancing: each starts at the offset committed
-    /// under `group_id` (earliest when none; the beginning when it lies beyond the log's end,
-    /// see [`start_offsets`]). A process that owns its partitions (an edge's inbox,
+    /// under `group_id` (earliest when none). A process that owns its partitions (an edge's inbox,
     /// every partition of the presence topic) starts reading at once after a restart, instead of
     /// waiting for the group to expire its previous, killed member (45 s by default).
     pub fn start_assigned<R>(
@@ -131,10 +130,9 @@ impl KafkaConsumer {
         R: Fn(i32, usize) -> usize + Send + 'static,
     {
         let (consumer, shared) = create(cfg, group_id)?;
-        let starts = start_offsets(&consumer, partitions, Duration::from_secs(5));
         let mut tpl = TopicPartitionList::with_capacity(partitions.len());
-        for ((topic, partition), start) in partitions.iter().zip(starts) {
-            tpl.add_partition_offset(topic, *partition, start)
+        for (topic, partition) in partitions {
+            tpl.add_partition_offset(topic, *partition, Offset::Stored)
                 .map_err(TransportError::Subscribe)?;
         }
         consumer.assign(&tpl).map_err(TransportError::Subscribe)?;
@@ -180,58 +178,6 @@ impl Drop for KafkaConsumer {
     fn drop(&mut self) {
         let _ = self.stop_inner();
     }
-}
-
-/// Where a consumer of `partitions` (`(topic, partition)`) is to start: at its group's committed
-/// offset ([`Offset::Stored`]), except where that offset lies beyond the partition's end: then
-/// the log was lost and re-created (a memory-storage broker restarted) and the committed offset
-/// belongs to the old log, written by a process that still read it (tansu answers a fetch
-/// beyond the end with nothing, so the consumer would wait there, deaf to every record written
-/// before that offset); such a partition starts at [`Offset::Beginning`] (records read twice
-/// are duplicates). "Beyond the end" is more than one past the high watermark: tansu 0.6
-/// reports the last offset as the high watermark, one below Kafka's, so a group that read
-/// everything commits one past it. A lost log whose new end is exactly one below the committed
-/// offset is not noticed. A partition whose offsets cannot be read within `wait` starts at its
-/// committed offset.
-pub fn start_offsets<C, K>(
-    consumer: &K,
-    partitions: &[(String, i32)],
-    wait: Duration,
-) -> Vec<Offset>
-where
-    C: ConsumerContext,
-    K: Consumer<C>,
-{
-    let mut tpl = TopicPartitionList::with_capacity(partitions.len());
-    for (topic, partition) in partitions {
-        tpl.add_partition(topic, *partition);
-    }
-    let committed = consumer.committed_offsets(tpl, wait).ok();
-    partitions
-        .iter()
-        .map(|(topic, partition)| {
-            let c = committed
-                .as_ref()
-                .and_then(|l| l.find_partition(topic, *partition))
-                .map(|e| e.offset());
-            let Some(Offset::Offset(c)) = c else {
-                return Offset::Stored;
-            };
-            match consumer.fetch_watermarks(topic, *partition, wait) {
-                Ok((_, high)) if c > high.saturating_add(1) => {
-                    tracing::warn!(
-                        topic = %topic,
-                        partition,
-                        committed = c,
-                        high,
-                        "committed offset beyond the log's end (the broker lost the log): read from its beginning"
-                    );
-                    Offset::Beginning
-                }
-                _ => Offset::Stored,
-            }
-        })
-        .collect()
 }
 
 /// The consumer every mode starts from: offsets kept under `group_id`, committed by hand.
