@@ -36,8 +36,13 @@
 //! effort: it only feeds the origin's cross-region latency metric).
 //!
 //! **Lost topics.** A [`TopicKeeper`] on the global brokers re-creates the route topic when the
-//! broker lost it; a re-created topic's partitions are read again from their beginning
-//! ([`RecreationCursor`]) and the offsets of the lost log are never committed.
+//! broker lost it (a memory-storage global broker restarted). librdkafka (2.12) cannot follow a
+//! re-created topic in place (see [`crate::service`]), so the importer does not try: once its
+//! [`RecreationCursor`] reports the route topic, the importer thread stops at once, commits
+//! nothing more and destroys none of its clients, and [`Importer::lost_topics`] tells the core
+//! service, which exits with [`CoreError::TopicsLost`] (status 75) for its supervisor to restart
+//! it. The restarted importer reads the new log from its beginning (the lost broker lost the
+//! group's offsets too). Routes produced before the loss are gone with the broker.
 //!
 //! Counters ([`ImportStats`]) are rendered by the core's `/metrics`:
 //! `iris_core_imported_total{region="<origin>"}`, `iris_core_import_lag_records`,
@@ -158,6 +163,8 @@ impl ImportStats {
 #[derive(Debug)]
 pub struct Importer {
     stop: Arc<AtomicBool>,
+    /// The route topics found re-created; set once, by the importer thread, as it stops.
+    lost: Arc<std::sync::OnceLock<Vec<String>>>,
     stats: Arc<ImportStats>,
     thread: Option<JoinHandle<Result<(), CoreError>>>,
 }
@@ -171,6 +178,8 @@ impl Importer {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
         let shared = Arc::clone(&stats);
+        let lost = Arc::new(std::sync::OnceLock::new());
+        let lost_in = Arc::clone(&lost);
         let thread = std::thread::Builder::new()
             .name("iris-core-import".to_owned())
             .spawn(move || {
@@ -192,16 +201,32 @@ impl Importer {
                         }
                     }
                 };
-                worker.run(&flag)
+                match worker.run(&flag) {
+                    Err(CoreError::TopicsLost { topics }) => {
+                        // Its librdkafka clients may hang when destroyed: leaked; the process
+                        // exits next.
+                        std::mem::forget(worker);
+                        let _ = lost_in.set(topics);
+                        Ok(())
+                    }
+                    r => r,
+                }
             })?;
         Ok(Importer {
             stop,
+            lost,
             stats,
             thread: Some(thread),
         })
     }
 
     /// The counters.
+    /// The route topics the keeper re-created, once the importer stopped for them (the core
+    /// is then to exit for a restart, [`CoreError::TopicsLost`]); `None` while it runs.
+    pub fn lost_topics(&self) -> Option<Vec<String>> {
+        self.lost.get().cloned()
+    }
+
     pub fn stats(&self) -> &Arc<ImportStats> {
         &self.stats
     }
@@ -239,7 +264,6 @@ struct Worker {
     topic: String,
     deliver_topic: Arc<str>,
     cfg: ImportConfig,
-    assigned: Vec<i32>,
     consumer: BaseConsumer,
     regional: Option<KafkaProducer>,
     ring: ProducerRing,
@@ -333,7 +357,6 @@ impl Worker {
             own,
             topic,
             cfg: cfg.clone(),
-            assigned,
             consumer,
             regional: Some(regional),
             ring,
@@ -358,7 +381,7 @@ impl Worker {
         let mut committed_at = Instant::now();
         let mut lag_at = Instant::now();
         while !stop.load(Ordering::Acquire) {
-            self.rewind_recreated();
+            self.check_recreated()?;
             if self.pending.len() >= MAX_PENDING {
                 std::thread::sleep(Duration::from_millis(1));
             } else {
@@ -405,30 +428,19 @@ impl Worker {
         Ok(())
     }
 
-    /// Seeks the partitions of a re-created route topic to their beginning and forgets the
-    /// offsets of the lost log.
-    fn rewind_recreated(&mut self) {
+    /// Fails with [`CoreError::TopicsLost`] once the keeper re-created the route topic: the
+    /// consumer cannot follow the new log in place (module doc, "Lost topics"). Nothing is
+    /// committed or flushed on that way out.
+    fn check_recreated(&mut self) -> Result<(), CoreError> {
         let Some(c) = &mut self.recreations else {
-            return;
+            return Ok(());
         };
-        if c.take().is_empty() {
-            return;
+        let topics = c.take();
+        if topics.is_empty() {
+            return Ok(());
         }
-        self.queues.clear();
-        self.committed.clear();
-        for &p in &self.assigned {
-            match self
-                .consumer
-                .seek(&self.topic, p, Offset::Beginning, Duration::from_secs(1))
-            {
-                Ok(()) => {
-                    info!(topic = %self.topic, partition = p, "route topic was re-created, importing it again from its beginning")
-                }
-                Err(e) => {
-                    debug!(topic = %self.topic, partition = p, error = %e, "seek of a re-created route topic failed")
-                }
-            }
-        }
+        warn!(topics = ?topics, "the global broker lost the route topic: the importer stops for a restart");
+        Err(CoreError::TopicsLost { topics })
     }
 
     fn poll_one(&mut self, timeout: Duration) {

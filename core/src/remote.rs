@@ -65,6 +65,19 @@
 //! this node announced are gone). A [`TopicKeeper`] thread checks every 2 s that the node's
 //! topics still exist and re-creates them if the broker lost them (a restart with memory
 //! storage).
+//!
+//! **Lost topics.** librdkafka (2.12) cannot follow a topic re-created under the same name: its
+//! consumer crashes (SIGSEGV), fetches nothing after a seek, or hangs when destroyed (see
+//! [`crate::service`]). So the link does not try: [`RemoteCore::lost_topics`] reports the
+//! deliver, presence or inbox topic the keeper re-created, the edge then stops like at SIGTERM
+//! (the shards hand what they read to the bridge) but ends with [`RemoteCore::stop_for_restart`]:
+//! the bridge writes every request into the outbox, the outbox is closed (fsynced), and nothing
+//! of librdkafka is destroyed; `iris-edge` exits with status 75 for its supervisor to restart
+//! it. The restarted edge replays the outbox (nothing accepted is lost) and its new consumer
+//! reads the new logs from their beginning (the memory broker lost the committed offsets too).
+//! The edge's inbox topic is created by that edge alone, so its keeper is the one that finds it
+//! missing after a broker lost everything, even when another process re-created the shared
+//! deliver and presence topics first.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -77,7 +90,8 @@ use iris_bus::home::Homes;
 use iris_bus::hops::{HopHistogram, HopSnapshot};
 use iris_bus::kafka::{
     ensure_topics, ensure_topics_within, topic_partitions, Done, InFrame, KafkaConfig,
-    KafkaConsumer, KafkaProducer, OutFrame, ProducerRing, ProducerStats, TopicKeeper, NO_TICKET,
+    KafkaConsumer, KafkaProducer, OutFrame, ProducerRing, ProducerStats, RecreationCursor,
+    TopicKeeper, NO_TICKET,
 };
 use iris_bus::{
     decode_counted, encode, topics, Ack, ArchivedBusFrame, BusFrame, ConfirmTo, Deliver,
@@ -331,6 +345,9 @@ pub struct RemoteCore {
     sessions: Option<SessionWriter>,
     /// Re-creates this edge's topics when the broker lost them (a restart with memory storage).
     keeper: Option<TopicKeeper>,
+    /// Which of this edge's topics the keeper re-created since [`RemoteCore::lost_topics`] last
+    /// looked.
+    recreations: RecreationCursor,
     /// The same for the route topics on the global brokers.
     global_keeper: Option<TopicKeeper>,
     metrics: RemoteMetrics,
@@ -381,6 +398,10 @@ impl RemoteCore {
         ];
         ensure_topics(&kafka, &own_topics)?;
         let keeper = TopicKeeper::start(&kafka, own_topics, KEEPER_EVERY)?;
+        let recreations = RecreationCursor::new(
+            keeper.recreations(),
+            &[&deliver_topic, &presence_topic, &inbox_topic],
+        );
         let wait = Duration::from_secs(30);
         let deliver_parts = topic_partitions(&kafka, &deliver_topic, wait)?;
         let presence_parts = topic_partitions(&kafka, &presence_topic, wait)?;
@@ -466,8 +487,7 @@ impl RemoteCore {
             vec![in_tx],
             |_, _| 0,
         )?;
-        // A re-created inbox or presence topic is read again from its beginning.
-        consumer.watch_recreations(keeper.recreations());
+        // A re-created topic is not followed in place: see the module doc, "Lost topics".
 
         let stats = Arc::new(RemoteStats::default());
         let frames = Arc::new(FrameStats::new());
@@ -607,6 +627,7 @@ impl RemoteCore {
         Ok((
             RemoteCore {
                 keeper: Some(keeper),
+                recreations,
                 global_keeper,
                 stop,
                 bridge: Some(thread),
@@ -625,19 +646,46 @@ impl RemoteCore {
         self.metrics.clone()
     }
 
+    /// This edge's topics (deliver, presence, inbox) the keeper re-created since the last call:
+    /// the broker lost them (a memory-storage restart). Not empty means the link cannot go on:
+    /// stop the shards and call [`Self::stop_for_restart`], then exit for a restart (see the
+    /// module doc, "Lost topics"). One atomic load when nothing was re-created.
+    pub fn lost_topics(&mut self) -> Vec<String> {
+        self.recreations.take()
+    }
+
     /// Call after the shards stopped: hands everything they queued to the producer, flushes it
     /// for at most `flush`, stops the consumer and writes the pending sessions. Whatever the
     /// broker has not acknowledged by then stays in the outbox, fsynced, for the next start.
     ///
     /// Fails when something accepted could be neither produced nor kept: the outbox could not
     /// write or fsync (or a thread died).
-    pub fn shutdown(mut self, flush: Duration) -> Result<ShutdownReport, CoreError> {
+    pub fn shutdown(self, flush: Duration) -> Result<ShutdownReport, CoreError> {
+        self.stop_inner(flush, false)
+    }
+
+    /// The stop after [`Self::lost_topics`] reported lost topics, to be followed by the
+    /// process's exit (`iris-edge` exits with status 75): like [`Self::shutdown`], every
+    /// request the shards queued goes into the outbox, which is closed (fsynced), and the
+    /// pending session writes are made; but the producers are not flushed (the outbox keeps
+    /// every accepted message for the next start) and no librdkafka handle is destroyed
+    /// (destroying a client that saw its topic re-created can hang): they are leaked for the
+    /// exit to end.
+    pub fn stop_for_restart(self) -> Result<ShutdownReport, CoreError> {
+        self.stop_inner(Duration::ZERO, true)
+    }
+
+    fn stop_inner(mut self, flush: Duration, restart: bool) -> Result<ShutdownReport, CoreError> {
         self.stop.store(true, Ordering::Release);
-        if let Some(k) = self.keeper.take() {
-            k.stop();
-        }
-        if let Some(k) = self.global_keeper.take() {
-            k.stop();
+        for k in [self.keeper.take(), self.global_keeper.take()]
+            .into_iter()
+            .flatten()
+        {
+            if restart {
+                std::mem::forget(k);
+            } else {
+                k.stop();
+            }
         }
         let joined = match self.bridge.take() {
             Some(t) => Some(t.join().map_err(|_| CoreError::ThreadPanicked)?),
@@ -648,6 +696,11 @@ impl RemoteCore {
         let global = self.global_producer.lock().ok().and_then(|mut g| g.take());
         let mut stats = ProducerStats::default();
         for p in [producer, global].into_iter().flatten() {
+            if restart {
+                stats = sum_producer(&stats, &p.stats());
+                std::mem::forget(p);
+                continue;
+            }
             match p.flush_and_stop(flush) {
                 Ok(s) => stats = sum_producer(&stats, &s),
                 Err(e) => info!(
@@ -688,7 +741,10 @@ impl RemoteCore {
         // The consumer commits its offsets synchronously when it stops, which waits as long as
         // the broker does not answer: bounded here (uncommitted inbox offsets only mean frames
         // consumed again, and duplicates of routed messages are dropped).
-        if let Some(c) = self.consumer.take() {
+        if restart {
+            // Leaked with the process (see `stop_for_restart`).
+            std::mem::forget(self.consumer.take());
+        } else if let Some(c) = self.consumer.take() {
             let (tx, rx) = std::sync::mpsc::channel();
             let stopper = std::thread::Builder::new()
                 .name("iris-consumer-stop".to_owned())

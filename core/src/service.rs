@@ -123,6 +123,8 @@
 //! **Lost topics.** A [`TopicKeeper`] re-creates the deliver and presence topics when the
 //! broker lost them (every 2 s, and at once after a consume error); the service then stops
 //! with [`CoreError::TopicsLost`] for a restart, which reads the new logs from their beginning.
+//! The same when the importer stopped because the global broker lost the route topic
+//! ([`crate::import`], "Lost topics").
 //!
 //! **Admin endpoint.** With [`ServiceConfig::admin`] set, a plain std thread serves
 //! `GET /metrics` (Prometheus text: every [`ServiceStats`] counter as
@@ -1407,7 +1409,13 @@ impl CoreService {
     /// nothing after a seek, or hangs when destroyed. [`Self::run`] then returns at once and
     /// the process exits for its supervisor to restart it: the restarted core creates a new
     /// consumer, which reads the new logs from their beginning (nothing is committed there).
+    ///
+    /// Likewise when the importer stopped because the global broker lost the route topic
+    /// ([`Importer::lost_topics`]).
     fn check_recreated(&mut self) -> Result<(), CoreError> {
+        if let Some(topics) = self.importer.as_ref().and_then(Importer::lost_topics) {
+            return Err(CoreError::TopicsLost { topics });
+        }
         let Some(c) = &mut self.recreations else {
             return Ok(());
         };

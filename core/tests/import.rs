@@ -770,3 +770,78 @@ fn answers_for_a_visitor_reach_its_edge_and_a_routed_ack_deletes_at_home() {
     };
     assert!(answer.messages.is_empty(), "deleted by the routed ack");
 }
+
+/// A global broker with memory storage restarted loses the route topic and the importer's
+/// committed offsets. The importer's keeper re-creates the topic; its consumer cannot follow
+/// the new log in place, so the core exits with status 75 (or librdkafka crashes it first) and
+/// the test, playing the supervisor, restarts it: routes sent after the restart are imported.
+#[test]
+fn a_memory_global_broker_restart_is_recovered_from_by_the_importer() {
+    let mut env = Env::start();
+    env.online(b"alice", 1);
+    let edge = env.edge(1);
+    let mut core = env.core();
+    let tx = env.global_producer();
+    let before = msg(id_now(1, 1), b"alice", THERE);
+    tx.routed(HERE, HERE, BusFrame::Deliver(before.clone()));
+    tx.flush();
+    assert_eq!(
+        delivers(&edge.frames(1, Duration::from_secs(30))),
+        vec![before]
+    );
+    drop(tx);
+    let restarted = Instant::now();
+    env.global.restart();
+    let mut restarts = 0;
+    // Routes sent until one is imported; the core restarted whenever it asks.
+    let tx = env.global_producer();
+    let mut sent = Vec::new();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while got.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "nothing imported within 90 s of the global broker's restart (core restarts: \
+             {restarts}); the core's metrics:\n{}",
+            core.metrics()
+        );
+        if core.exited_for_a_restart() {
+            restarts += 1;
+            drop(core);
+            core = env.core();
+        }
+        // Sent only once the route topic exists again with its partitions (the importer's
+        // keeper re-creates it): a produce to a missing topic would create nothing.
+        if topic_partitions(&env.global.brokers(), &route(HERE)) == PARTITIONS as usize {
+            let d = msg(id_now(1, 10 + sent.len() as u64), b"alice", THERE);
+            tx.routed(HERE, HERE, BusFrame::Deliver(d.clone()));
+            tx.flush();
+            sent.push(d);
+        }
+        got = delivers(&edge.frames(1, Duration::from_secs(1)));
+    }
+    assert!(sent.contains(&got[0]), "{got:?} not among {sent:?}");
+    eprintln!(
+        "global broker restart recovered in {} ms; core restarts: {restarts}",
+        restarted.elapsed().as_millis()
+    );
+}
+
+/// Partitions of `topic` on `brokers` (0 when it does not exist).
+fn topic_partitions(brokers: &str, topic: &str) -> usize {
+    let admin: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("log_level", "3")
+        .create()
+        .unwrap();
+    admin
+        .fetch_metadata(Some(topic), Duration::from_secs(2))
+        .ok()
+        .and_then(|md| {
+            md.topics()
+                .iter()
+                .find(|t| t.name() == topic && t.error().is_none())
+                .map(|t| t.partitions().len())
+        })
+        .unwrap_or(0)
+}

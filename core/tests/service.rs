@@ -1078,23 +1078,9 @@ fn routes_held_while_redis_is_down_are_routed_when_it_returns() {
     assert_eq!(core.metric("iris_core_offline_total"), 0);
 }
 
-/// Whether `core` has exited for a restart after its broker lost the topics: with status 75
-/// once its keeper re-created them (`CoreError::TopicsLost`), or of SIGSEGV before that, as
-/// librdkafka 2.12.1 (rdkafka-sys 4.10) can crash in `rd_kafka_metadata_update_op` when a
-/// consumer fetches a partition the broker lost (tansu answers with KIP-951 leader tags and a
-/// zero topic id; librdkafka looks the topic up by a NULL name). Any other exit fails the test.
-fn exited_for_a_restart(core: &mut Core) -> bool {
-    use std::os::unix::process::ExitStatusExt;
-    match core.proc.0.as_mut().unwrap().try_wait().unwrap() {
-        None => false,
-        Some(status) if status.signal() == Some(11) || status.code() == Some(75) => true,
-        Some(status) => panic!("iris-core exited: {status:?}"),
-    }
-}
-
 /// A memory broker restarted loses every topic, record and committed offset. The region
 /// recovers: the core's keeper re-creates the deliver and presence topics and the core exits
-/// with status 75 for a restart (or librdkafka crashed it first, see [`exited_for_a_restart`]);
+/// with status 75 for a restart (or librdkafka crashed it first, see `Core::exited_for_a_restart`);
 /// the restarted core reads the new logs from their beginning and messages flow. The test
 /// plays the supervisor. (Operators: run tansu on sqlite or a real Kafka; README, "Running a
 /// region".)
@@ -1136,7 +1122,7 @@ fn a_memory_broker_restart_is_recovered_from() {
     while parts(&deliver(REGION)) != PARTITIONS as usize
         || parts(&presence(REGION)) != PARTITIONS as usize
     {
-        if exited_for_a_restart(&mut core) {
+        if core.exited_for_a_restart() {
             restarts += 1;
             drop(core);
             core = env.core();
@@ -1162,7 +1148,7 @@ fn a_memory_broker_restart_is_recovered_from() {
         got.extend(delivers(
             &edge.frames(sent.len() - got.len(), Duration::from_secs(1)),
         ));
-        if exited_for_a_restart(&mut core) {
+        if core.exited_for_a_restart() {
             restarts += 1;
             drop(core);
             core = env.core();

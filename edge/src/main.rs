@@ -10,6 +10,12 @@
 //! `wss_listen`). SIGHUP reloads the v2 TLS certificate files. Logs go to standard error
 //! (`RUST_LOG` filters them, default `info`): plain text, with ANSI colours only when standard
 //! error is a terminal, or one JSON object per line with `--log-format json`.
+//!
+//! Exit status: 0 after SIGTERM/SIGINT once everything accepted is handed on (or kept in the
+//! cluster outbox); 75 (`EX_TEMPFAIL`) in cluster mode when the broker lost the edge's topics
+//! and they were re-created (a memory-storage broker restarted): the outbox is fsynced and the
+//! supervisor is to start the edge again, which replays it and reads the new logs; 70 when a
+//! thread panicked; 1 on any other error.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -214,7 +220,7 @@ fn main() -> anyhow::Result<()> {
         signal_hook::flag::register(sig, shutdown.clone())
             .context("cannot install signal handler")?;
     }
-    iris_edge::server::run(cfg, shutdown, |b| {
+    let result = iris_edge::server::run(cfg, shutdown, |b| {
         let mut extra = String::new();
         for (key, addr) in [
             ("v2", b.v2),
@@ -230,5 +236,18 @@ fn main() -> anyhow::Result<()> {
             "iris-edge listening client={} admin={} shards={}{extra}",
             b.client, b.admin, b.shards
         );
-    })
+    });
+    if let Err(e) = &result {
+        if let Some(lost) = e.downcast_ref::<iris_edge::server::TopicsLost>() {
+            // Nothing of librdkafka is destroyed: a client that saw its topic re-created can
+            // hang there. What was accepted is fsynced in the outbox.
+            tracing::error!(
+                error = %lost,
+                "iris-edge exits for a restart (status {})",
+                iris_edge::server::TOPICS_LOST_EXIT
+            );
+            std::process::exit(iris_edge::server::TOPICS_LOST_EXIT);
+        }
+    }
+    result
 }

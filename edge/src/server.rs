@@ -9,6 +9,11 @@
 //! `shutdown` flag, set by SIGTERM/SIGINT): shards stop accepting, flush their connections'
 //! queued output for up to `drain_timeout_ms`, hand everything pending to the core and exit;
 //! then the core commits everything it holds durably and the process exits 0.
+//!
+//! In cluster mode the same stop begins by itself when the broker lost the edge's topics (a
+//! memory-storage broker restarted, [`iris_core::remote`] "Lost topics"): the link's outbox
+//! takes and fsyncs everything the shards read, and [`run`] returns [`TopicsLost`], on which
+//! `iris-edge` exits with [`TOPICS_LOST_EXIT`] (75) for its supervisor to restart it.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -36,6 +41,21 @@ use crate::tls::TlsCerts;
 /// Exit status of a process that lost a thread (a shard, the core, the admin endpoint): the
 /// edge never runs on with part of itself dead.
 pub const DEAD_THREAD_EXIT: i32 = 70;
+
+/// Exit status (`EX_TEMPFAIL`) asking the supervisor for a restart: the broker lost this
+/// edge's topics and they were re-created ([`TopicsLost`]).
+pub const TOPICS_LOST_EXIT: i32 = 75;
+
+/// [`run`] stopped because the broker lost the edge's topics and they were re-created (a
+/// memory-storage broker restarted): the cluster link cannot follow the new logs in place. What
+/// the edge accepted is in its outbox, fsynced; the process is to exit with
+/// [`TOPICS_LOST_EXIT`] and be started again.
+#[derive(Debug, thiserror::Error)]
+#[error("the broker lost the topics {topics:?} and they were re-created; restart to read them from their beginning")]
+pub struct TopicsLost {
+    /// The re-created topics.
+    pub topics: Vec<String>,
+}
 
 /// Makes any panic, in any thread, fatal for the process: logs it (thread, location, message)
 /// and exits with [`DEAD_THREAD_EXIT`]. A shard or the core thread that unwound would otherwise
@@ -150,7 +170,7 @@ pub fn run(
     let nshards = cfg.resolved_shards(cpus.len());
     crate::hostcheck::startup(&cfg, nshards)?;
 
-    let (core, links) = start_core(&cfg, nshards)?;
+    let (mut core, links) = start_core(&cfg, nshards)?;
     let id_floor = match &core {
         Core::Embedded(c) => c.id_floor(),
         Core::Remote(_) => 0,
@@ -332,9 +352,22 @@ pub fn run(
 
     drop(exit_tx);
     // Watch the shards: each says when it returns; one that returns before shutdown is dead.
+    // Watch the cluster link too: lost topics stop the edge for a restart.
     let mut failed = false;
+    let mut lost: Option<Vec<String>> = None;
     let mut running = nshards;
     while running > 0 {
+        if let (Core::Remote(c), None) = (&mut core, &lost) {
+            let topics = c.lost_topics();
+            if !topics.is_empty() {
+                warn!(
+                    topics = ?topics,
+                    "the broker lost this edge's topics: the edge stops and exits with status {TOPICS_LOST_EXIT} for a restart"
+                );
+                lost = Some(topics);
+                shutdown.store(true, Ordering::Relaxed);
+            }
+        }
         if let Some(certs) = &certs {
             if reload.swap(false, Ordering::Relaxed) {
                 // Logged and counted inside; the old certificate stays on failure.
@@ -368,6 +401,20 @@ pub fn run(
         Core::Embedded(c) => {
             let stats = c.shutdown();
             info!(?stats, "store flushed; iris-edge stopped");
+        }
+        Core::Remote(c) if lost.is_some() => {
+            let topics = lost.unwrap_or_default();
+            match c.stop_for_restart() {
+                Ok(r) => info!(
+                    left_in_outbox = r.left_in_outbox,
+                    "outbox fsynced; iris-edge stops for a restart"
+                ),
+                Err(e) => {
+                    tracing::error!(error = %e, "cluster link did not stop cleanly");
+                    bail!("accepted messages may be lost: {e}");
+                }
+            }
+            return Err(TopicsLost { topics }.into());
         }
         Core::Remote(c) => match c.shutdown(Duration::from_millis(cfg.drain_timeout_ms)) {
             Ok(r) => info!(

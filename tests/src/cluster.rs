@@ -406,6 +406,14 @@ impl CoreNode {
         }
     }
 
+    /// The exit status if the process has exited (it is reaped and [`CoreNode::restart`] may
+    /// start it again); `None` while it runs or when it was not running.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().expect("try_wait")?;
+        self.child = None;
+        Some(status)
+    }
+
     /// `kill -9` and reap.
     pub fn kill9(&mut self) {
         let mut child = self.child.take().expect("iris-core is not running");

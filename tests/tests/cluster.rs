@@ -20,6 +20,8 @@ mod core_path;
 mod crash;
 #[path = "cluster/live.rs"]
 mod live;
+#[path = "cluster/lost_topics.rs"]
+mod lost_topics;
 #[path = "cluster/outbox.rs"]
 mod outbox;
 #[path = "cluster/v2.rs"]

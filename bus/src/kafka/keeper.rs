@@ -11,9 +11,11 @@
 //! (or committed offset) belongs to the lost log: while the new log is shorter the broker answers
 //! `OFFSET_OUT_OF_RANGE` and `auto.offset.reset=earliest` fixes it, but once as many records were
 //! written again the old position looks valid and the records before it would be skipped.
-//! So consumers watch the keeper's [`Recreations`] and seek the partitions of every re-created
-//! topic to the beginning themselves (the bus consumer with [`KafkaConsumer::watch_recreations`],
-//! the core in its poll loop). Records read twice that way are duplicates, filtered by id.
+//! So consumers watch the keeper's [`Recreations`]. librdkafka 2.12 cannot be moved onto the new
+//! log in place (its consumer crashes, fetches nothing after a seek, or hangs when destroyed), so
+//! the services (`iris-core`, its importer, `iris-edge` in cluster mode) exit for a restart when
+//! a topic they read is re-created; [`KafkaConsumer::watch_recreations`] still offers the seek to
+//! the beginning for a consumer that can afford it (records read twice are duplicates).
 //!
 //! [`KafkaConsumer::watch_recreations`]: super::KafkaConsumer::watch_recreations
 
