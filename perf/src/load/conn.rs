@@ -2,8 +2,8 @@
 //! `iris_edge::protocol`, or protocol v2 ([`Protocol::V2`]) with the helpers of [`super::v2`].
 //!
 //! A [`Client`] owns a byte stream ([`super::transport::Stream`]: a glommio `TcpStream` with
-//! `TCP_NODELAY`, or TLS / WebSocket on one with `--transport`), an input buffer that server frames
-//! are decoded from in place, and the run's shared state. Reads and writes time out every
+//! `TCP_NODELAY`, or TLS / WebSocket on one with `--transport`), an input buffer that server
+//! frames are decoded from in place, and the run's shared state. Reads and writes time out every
 //! [`POLL`] so a blocked connection still notices the end of the run; [`Client::fill`] returns
 //! `Ok(None)` on such a tick. Login follows the protocol: `0x01 user`, then wait for
 //! `03 LOGIN_OK` (or the raw-text refusals `AUTH_FAILED` / `RATE_LIMITED`) before anything else.
@@ -12,10 +12,9 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
-
-use std::os::fd::{AsRawFd, RawFd};
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
