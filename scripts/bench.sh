@@ -154,7 +154,8 @@ first_line() {
 
 # With --protocol v2: the v2 listener on a free port, and no per-connection send limit (v1
 # connections have none by default; the v2 default of 1,000/s would cap the closed-loop runs).
-# With --transport tls|wss: a self-signed certificate for localhost, made for this run.
+# With --transport tls|wss: a self-signed certificate for localhost, made for this run (not a CA
+# certificate: rustls refuses a CA certificate as the server's own).
 EDGE_V2=()
 LOAD_TRANSPORT=()
 if [ "$PROTOCOL" = v2 ]; then
@@ -164,6 +165,7 @@ if [ "$PROTOCOL" = v2 ]; then
     tls|wss)
       openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
         -subj /CN=localhost -addext subjectAltName=DNS:localhost \
+        -addext basicConstraints=critical,CA:FALSE \
         -keyout "$TMP/edge.key" -out "$TMP/edge.crt" 2> "$TMP/openssl.err" \
         || { cat "$TMP/openssl.err" >&2; exit 1; }
       printf 'tls_cert_file = "%s"\ntls_key_file = "%s"\n' "$TMP/edge.crt" "$TMP/edge.key" \
