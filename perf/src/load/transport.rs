@@ -1,8 +1,9 @@
 //! The byte stream under a load connection (`--transport`): plain TCP, TLS, WebSocket or
 //! WebSocket over TLS, for protocol v2 (docs/PROTOCOL-v2.md "Transports").
 //!
-//! - TLS: rustls (ring provider, as the edge) through `futures-rustls`, trusting the PEM
-//!   certificates of `--ca` and checking the name `--server-name`.
+//! - TLS: rustls (ring provider, as the edge; X25519 offered first, see [`provider`]) through
+//!   `futures-rustls`, trusting the PEM certificates of `--ca` and checking the name
+//!   `--server-name`.
 //! - WebSocket: the client side of the upgrade by `async-tungstenite` (request `ws://NAME:PORT/`),
 //!   with the edge's own adapter [`iris_edge::shard::transport::WsFrames`] and its limits
 //!   ([`iris_edge::shard::transport::ws_config`]): each v2 frame written goes out as one binary
@@ -112,6 +113,18 @@ pub fn roots_from_pem(pem: &[u8], path: &str) -> Result<RootCertStore, Transport
     Ok(roots)
 }
 
+/// The ring provider (as the edge uses) offering X25519 first, as browsers and most TLS clients
+/// do: rustls's ring defaults put P-384 first, whose key exchange costs the server about 1 ms of
+/// CPU per handshake in ring (BENCHMARKS.md, "v2 transports: cost per message and per
+/// connection"), so a client sending a P-384 key share would measure that instead.
+pub fn provider() -> rustls::crypto::CryptoProvider {
+    use rustls::crypto::ring::kx_group;
+    #[allow(deprecated)] // ring lacks post-quantum key exchange; chosen to avoid building aws-lc
+    let mut p = rustls::crypto::ring::default_provider();
+    p.kx_groups = vec![kx_group::X25519, kx_group::SECP256R1, kx_group::SECP384R1];
+    p
+}
+
 impl Connector {
     /// Plain TCP.
     pub fn tcp() -> Self {
@@ -139,8 +152,7 @@ impl Connector {
             let roots = roots_from_pem(&pem, &path)?;
             let name = ServerName::try_from(server_name.to_owned())
                 .map_err(|_| TransportError::BadServerName(server_name.into()))?;
-            #[allow(deprecated)] // the ring provider, as the edge uses
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let provider = Arc::new(provider());
             let config = ClientConfig::builder_with_provider(provider)
                 .with_safe_default_protocol_versions()
                 .map_err(|e| TransportError::Config(e.to_string()))?
