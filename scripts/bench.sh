@@ -20,6 +20,8 @@
 #                        goals,latency,many,sparse,offline,logins,micro); the report covers
 #                        every JSON
 #   --many-pairs P       pairs of the realistic "many" runs (2 connections each) [default: 5000]
+#   --many-rates LIST    offered rates of the open-loop "many" runs, msgs/s per server core
+#                        (space- or comma-separated) [default: 25000,50000,100000]
 #   --note TEXT          a note on machine load, printed in BENCHMARKS.md
 #   --out DIR            results directory [default: perf/results, with --protocol v2:
 #                        perf/results/v2]
@@ -29,6 +31,12 @@
 #                        saturation,many,sparse,logins unless --only says otherwise (no offline,
 #                        no logins-relogin, no echo: not v2 scenarios) and leaves BENCHMARKS.md
 #                        alone (the section "Protocol v2 beside v1" is written from the JSON).
+#   --transport tcp|tls|ws|wss
+#                        transport of --protocol v2 [default: tcp]. tls and wss generate a
+#                        self-signed certificate for localhost (openssl) for the run, load it
+#                        into the edge ([v2] tls_cert_file / tls_key_file) and trust it in
+#                        iris-load (--ca); the edge listens with --listen-v2-tls / -ws / -wss and
+#                        the runs are labelled v2-TRANSPORT-* (v2-* for tcp).
 # Steps "many" and "sparse" are the realistic chat traffic of the goal table: 5,000 pairs (10,000
 # active connections, each sending now and then) at 25k/50k/100k msgs/s and closed loop with one
 # message in flight per pair; 50 pairs at 10,000 msgs/s with the edge's CPU per message, per thread.
@@ -45,12 +53,14 @@ IDLE=10000
 PAIRS=10
 OFFLINE=100000
 MANY_PAIRS=5000
+MANY_RATES="25000 50000 100000"
 BUILD=1
 MICRO=1
 ONLY=""
 NOTE=""
 OUT=""
 PROTOCOL=v1
+TRANSPORT=tcp
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -62,13 +72,15 @@ while [ $# -gt 0 ]; do
     --pairs) PAIRS=$2; shift ;;
     --offline) OFFLINE=$2; shift ;;
     --many-pairs) MANY_PAIRS=$2; shift ;;
+    --many-rates) MANY_RATES=${2//,/ }; shift ;;
     --no-build) BUILD=0 ;;
     --no-micro) MICRO=0 ;;
     --only) ONLY=$2; shift ;;
     --note) NOTE=$2; shift ;;
     --out) OUT=$2; shift ;;
     --protocol) PROTOCOL=$2; shift ;;
-    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
+    --transport) TRANSPORT=$2; shift ;;
+    -h|--help) sed -n '2,43p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -82,6 +94,13 @@ case "$PROTOCOL" in
           echo "--protocol v2: step $step is not run with v2" >&2; exit 2 ;; esac
       done ;;
   *) echo "--protocol must be v1 or v2" >&2; exit 2 ;;
+esac
+case "$TRANSPORT" in
+  tcp) ;;
+  tls|ws|wss)
+    [ "$PROTOCOL" = v2 ] || { echo "--transport $TRANSPORT needs --protocol v2" >&2; exit 2; }
+    V="v2-$TRANSPORT-" ;;
+  *) echo "--transport must be tcp, tls, ws or wss" >&2; exit 2 ;;
 esac
 
 if [ "$QUICK" = 1 ]; then
@@ -135,10 +154,30 @@ first_line() {
 
 # With --protocol v2: the v2 listener on a free port, and no per-connection send limit (v1
 # connections have none by default; the v2 default of 1,000/s would cap the closed-loop runs).
+# With --transport tls|wss: a self-signed certificate for localhost, made for this run (not a CA
+# certificate: rustls refuses a CA certificate as the server's own).
 EDGE_V2=()
+LOAD_TRANSPORT=()
 if [ "$PROTOCOL" = v2 ]; then
   printf '[v2]\nsend_rate_per_sec = 100000000\nsend_burst = 100000000\n' > "$TMP/v2.toml"
   EDGE_V2=(--config "$TMP/v2.toml" --listen-v2 127.0.0.1:0)
+  case "$TRANSPORT" in
+    tls|wss)
+      openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+        -subj /CN=localhost -addext subjectAltName=DNS:localhost \
+        -addext basicConstraints=critical,CA:FALSE \
+        -keyout "$TMP/edge.key" -out "$TMP/edge.crt" 2> "$TMP/openssl.err" \
+        || { cat "$TMP/openssl.err" >&2; exit 1; }
+      printf 'tls_cert_file = "%s"\ntls_key_file = "%s"\n' "$TMP/edge.crt" "$TMP/edge.key" \
+        >> "$TMP/v2.toml"
+      LOAD_TRANSPORT=(--transport "$TRANSPORT" --ca "$TMP/edge.crt" --server-name localhost) ;;
+    ws) LOAD_TRANSPORT=(--transport ws) ;;
+  esac
+  case "$TRANSPORT" in
+    tls) EDGE_V2+=(--listen-v2-tls 127.0.0.1:0) ;;
+    ws) EDGE_V2+=(--listen-v2-ws 127.0.0.1:0) ;;
+    wss) EDGE_V2+=(--listen-v2-wss 127.0.0.1:0) ;;
+  esac
 fi
 
 start_edge() {
@@ -149,11 +188,14 @@ start_edge() {
   local line
   line=$(first_line "$TMP/server.out")
   if [ "$PROTOCOL" = v2 ]; then
-    TARGET=$(sed -n 's/.* v2=\([^ ]*\).*/\1/p' <<< "$line")
+    local key=v2
+    [ "$TRANSPORT" = tcp ] || key=v2$TRANSPORT
+    TARGET=$(sed -n "s/.* $key=\\([^ ]*\\).*/\\1/p" <<< "$line")
   else
     TARGET=$(sed -n 's/.*client=\([^ ]*\).*/\1/p' <<< "$line")
   fi
-  echo "iris-edge pid $SERVER_PID on CPUs $SERVER_CPUS ($SHARDS shards) at $TARGET ($PROTOCOL)" >&2
+  [ -n "$TARGET" ] || { echo "no $PROTOCOL $TRANSPORT address in the edge's line: $line" >&2; exit 1; }
+  echo "iris-edge pid $SERVER_PID on CPUs $SERVER_CPUS ($SHARDS shards) at $TARGET ($PROTOCOL $TRANSPORT)" >&2
 }
 
 stop_server() {
@@ -165,12 +207,12 @@ stop_server() {
 }
 
 # iris-load SCENARIO LABEL ARGS...: one run, JSON to $OUT/LABEL.json (LABEL prefixed v2- with
-# --protocol v2).
+# --protocol v2, v2-TRANSPORT- with --transport).
 load() {
   local scenario=$1 label=$V$2; shift 2
-  say "$label: iris-load $scenario --protocol $PROTOCOL $*"
-  "$LOAD" "$scenario" --protocol "$PROTOCOL" --cpus "$LOAD_CPUS" --label "$label" \
-    --json "$OUT/$label.json" "$@"
+  say "$label: iris-load $scenario --protocol $PROTOCOL ${LOAD_TRANSPORT[*]} $*"
+  "$LOAD" "$scenario" --protocol "$PROTOCOL" "${LOAD_TRANSPORT[@]}" --cpus "$LOAD_CPUS" \
+    --label "$label" --json "$OUT/$label.json" "$@"
 }
 
 # A figure from a report: figure FILE NAME.
@@ -234,7 +276,7 @@ if want many || want sparse; then
   if want many; then
     # Realistic chat traffic: many connections, each sending now and then (a 64-byte message
     # every 0.2 s per sender at 25,000/s over 5,000 pairs), every message acked.
-    for rate in 25000 50000 100000; do
+    for rate in $MANY_RATES; do
       load pairs "many-$((rate / 1000))k" --target "$TARGET" --pairs "$MANY_PAIRS" \
         --rate $((rate * SHARDS)) --size 64 --duration "$DURATION" --warmup "$WARMUP" \
         --drain-timeout 10 --idle-rate 20000 --server-pid "$SERVER_PID"

@@ -287,7 +287,9 @@ pub struct WsFrames<S> {
 }
 
 impl<S> WsFrames<S> {
-    fn new(ws: WebSocketStream<S>) -> Self {
+    /// Wraps a WebSocket whose handshake is done, on either side (the edge's accepted
+    /// connections; `iris-load` uses it for its client connections).
+    pub fn new(ws: WebSocketStream<S>) -> Self {
         Self {
             ws,
             input: Bytes::new(),

@@ -16,8 +16,10 @@ use super::bench_report::ReportOpts;
 use super::conn::Protocol;
 use super::report::Report;
 use super::scenario::{connect, echo, logins, offline, pairs};
+use super::transport::{Connector, TransportKind};
 
-/// Iris load generator: thread-per-core, protocol v1 or v2, coordinated-omission-free latency.
+/// Iris load generator: thread-per-core, protocol v1 or v2 (TCP, TLS, WebSocket),
+/// coordinated-omission-free latency.
 #[derive(Debug, Parser)]
 #[command(name = "iris-load", version, about, long_about = None)]
 pub struct Cli {
@@ -85,9 +87,34 @@ pub struct Common {
     /// then the edge's v2 address, `iris-edge --listen-v2`).
     #[arg(long, value_enum, default_value_t = Protocol::V1)]
     pub protocol: Protocol,
+    /// Transport of protocol v2: `tcp`, `tls`, `ws` (WebSocket) or `wss` (WebSocket over TLS);
+    /// `--target` is then the edge's listener of that transport (`--listen-v2-tls`, …).
+    #[arg(long, value_enum, default_value_t = TransportKind::Tcp)]
+    pub transport: TransportKind,
+    /// PEM file of the certificate(s) to trust for `--transport tls|wss` (the edge's
+    /// self-signed certificate, or its CA).
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// TLS server name to check the certificate against, and the WebSocket request's host.
+    #[arg(long, default_value = "localhost")]
+    pub server_name: String,
 }
 
 impl Common {
+    /// The transport of the run's connections; only protocol v2 has others than TCP.
+    pub fn connector(&self) -> anyhow::Result<Connector> {
+        anyhow::ensure!(
+            self.transport == TransportKind::Tcp || self.protocol == Protocol::V2,
+            "--transport {:?} needs --protocol v2 (v1 is plain TCP only)",
+            self.transport
+        );
+        Ok(Connector::new(
+            self.transport,
+            self.ca.as_deref(),
+            &self.server_name,
+        )?)
+    }
+
     /// Resolves every `--target`.
     pub fn resolve_targets(&self) -> anyhow::Result<Vec<SocketAddr>> {
         let mut out = Vec::new();

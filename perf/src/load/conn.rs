@@ -1,8 +1,9 @@
 //! One client connection of the load generator, speaking protocol v1 with the codec of
 //! `iris_edge::protocol`, or protocol v2 ([`Protocol::V2`]) with the helpers of [`super::v2`].
 //!
-//! A [`Client`] owns a glommio `TcpStream` (`TCP_NODELAY`), an input buffer that server frames
-//! are decoded from in place, and the run's shared state. Reads and writes time out every
+//! A [`Client`] owns a byte stream ([`super::transport::Stream`]: a glommio `TcpStream` with
+//! `TCP_NODELAY`, or TLS / WebSocket on one with `--transport`), an input buffer that server
+//! frames are decoded from in place, and the run's shared state. Reads and writes time out every
 //! [`POLL`] so a blocked connection still notices the end of the run; [`Client::fill`] returns
 //! `Ok(None)` on such a tick. Login follows the protocol: `0x01 user`, then wait for
 //! `03 LOGIN_OK` (or the raw-text refusals `AUTH_FAILED` / `RATE_LIMITED`) before anything else.
@@ -11,6 +12,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +23,7 @@ use iris_edge::protocol::{ClientFrame, MsgId, ProtoError, MSG_ID_LEN};
 
 use super::clock;
 use super::stats::Shared;
+use super::transport::Stream;
 use super::v2;
 
 /// The client protocol a run speaks (`--protocol`).
@@ -47,6 +50,8 @@ pub enum LoadError {
     Io(#[from] io::Error),
     #[error("connect to {addr}: {err}")]
     Connect { addr: SocketAddr, err: io::Error },
+    #[error("handshake with {addr}: {err}")]
+    Handshake { addr: SocketAddr, err: io::Error },
     #[error("login refused: {0}")]
     Refused(String),
     #[error("server error frame: {0}")]
@@ -168,7 +173,9 @@ pub const ACK_LEN: usize = 1 + MSG_ID_LEN;
 /// One client connection.
 #[derive(Debug)]
 pub struct Client {
-    pub stream: TcpStream,
+    pub stream: Stream,
+    /// The socket under `stream` (for [`is_open`]); closed when `stream` is dropped.
+    fd: RawFd,
     pub rx: RxBuf,
     /// The protocol this connection speaks (the run's).
     pub protocol: Protocol,
@@ -176,7 +183,8 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects to `addr` (within `timeout`), with `TCP_NODELAY` and the [`POLL`] timeouts.
+    /// Connects to `addr` (within `timeout`), with `TCP_NODELAY` and the [`POLL`] timeouts,
+    /// then does the run's TLS and WebSocket handshakes (within `timeout` again).
     pub async fn connect(
         addr: SocketAddr,
         timeout: Duration,
@@ -195,8 +203,21 @@ impl Client {
         stream
             .set_write_timeout(Some(POLL))
             .map_err(io::Error::from)?;
+        let fd = stream.as_raw_fd();
+        let stream = if shared.connector.kind == super::transport::TransportKind::Tcp {
+            Stream::Tcp(stream)
+        } else {
+            let handshake = shared.connector.handshake(stream, addr);
+            futures_lite::future::or(handshake, async {
+                glommio::timer::sleep(timeout).await;
+                Err(io::Error::new(io::ErrorKind::TimedOut, "timed out"))
+            })
+            .await
+            .map_err(|err| LoadError::Handshake { addr, err })?
+        };
         Ok(Self {
             stream,
+            fd,
             rx: RxBuf::with_capacity(32 << 10),
             protocol: shared.protocol,
             shared,
@@ -241,6 +262,23 @@ impl Client {
                     }
                 }
                 Err(e) => return Err(e.into()),
+            }
+        }
+        if self.stream.wrapped() {
+            // TLS records and WebSocket messages wait in their library's buffer until a flush.
+            loop {
+                match self.stream.flush().await {
+                    Ok(()) => break,
+                    Err(e)
+                        if e.kind() == io::ErrorKind::TimedOut
+                            || e.kind() == io::ErrorKind::Interrupted =>
+                    {
+                        if self.stopping() {
+                            return Err(LoadError::Stopped);
+                        }
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
         }
         Ok(())
@@ -348,14 +386,14 @@ impl Client {
 /// Whether the server still holds `c` open: a non-blocking peek sees neither end of stream nor
 /// an error (bytes waiting to be read also count as open).
 pub fn is_open(c: &Client) -> bool {
-    use std::os::fd::AsRawFd;
     let mut b = [0u8; 1];
-    // SAFETY: the fd belongs to `c.stream`, which is alive for the whole call; recv writes at
+    // SAFETY: `c.fd` is the socket of `c.stream`, which is alive (and so the fd open) for the
+    // whole call; recv writes at
     // most `b.len()` (1) bytes into `b`, which we own; MSG_PEEK leaves the data in the socket
     // and MSG_DONTWAIT keeps the call from blocking the executor.
     let n = unsafe {
         libc::recv(
-            c.stream.as_raw_fd(),
+            c.fd,
             b.as_mut_ptr().cast(),
             b.len(),
             libc::MSG_PEEK | libc::MSG_DONTWAIT,

@@ -1,4 +1,6 @@
-//! `iris-load`: a thread-per-core load generator that speaks the Iris v1 client protocol.
+//! `iris-load`: a thread-per-core load generator that speaks the Iris client protocols: v1, or
+//! v2 (`--protocol v2`) over plain TCP, TLS, WebSocket or WebSocket over TLS (`--transport`,
+//! [`transport`]).
 //!
 //! One pinned glommio executor per chosen CPU (`--cpus`) drives its share of the connections,
 //! so the generator scales with the cores it is given and is never the bottleneck it measures.
@@ -38,6 +40,7 @@ pub mod runtime;
 pub mod scenario;
 pub mod seq;
 pub mod stats;
+pub mod transport;
 pub mod v2;
 
 pub use cli::{main_with_args, Cli};

@@ -17,6 +17,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 
 use super::conn::Protocol;
+use super::transport::Connector;
 use serde::{Deserialize, Serialize};
 
 /// How often a worker moves its local histogram to the main thread.
@@ -146,6 +147,8 @@ pub struct Shared {
     pub stop: AtomicBool,
     /// The client protocol of every connection of the run.
     pub protocol: Protocol,
+    /// The transport of every connection of the run (`--transport`).
+    pub connector: Connector,
 }
 
 impl Shared {
@@ -156,12 +159,18 @@ impl Shared {
 
     /// State for `n` workers speaking `protocol`.
     pub fn with_protocol(n: usize, protocol: Protocol) -> Arc<Self> {
+        Self::with_transport(n, protocol, Connector::tcp())
+    }
+
+    /// State for `n` workers speaking `protocol` over `connector`'s transport.
+    pub fn with_transport(n: usize, protocol: Protocol, connector: Connector) -> Arc<Self> {
         Arc::new(Self {
             workers: (0..n).map(|_| WorkerShared::default()).collect(),
             phase: AtomicU32::new(0),
             start_ns: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             protocol,
+            connector,
         })
     }
 

@@ -40,6 +40,8 @@ pub struct Edge {
     /// The protocol v2 listener, when started with [`Edge::start_v2`].
     pub v2: Option<SocketAddr>,
     pub pid: u32,
+    /// The edge's ready line (`listening client=… v2=… v2tls=…`).
+    pub ready: String,
     _dir: tempfile::TempDir,
 }
 
@@ -97,8 +99,57 @@ impl Edge {
             client,
             v2,
             pid,
+            ready: line,
             _dir: dir,
         }
+    }
+
+    /// Starts a one-shard edge serving v2 over TCP, TLS, WebSocket and WebSocket over TLS,
+    /// with a self-signed certificate for `localhost` written to `dir` (`dir/edge.crt` is the
+    /// file to trust).
+    pub fn start_v2_transports(dir: &Path) -> Edge {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
+            .expect("self-signed certificate");
+        let (crt, key) = (dir.join("edge.crt"), dir.join("edge.key"));
+        std::fs::write(&crt, cert.cert.pem()).unwrap();
+        std::fs::write(&key, cert.signing_key.serialize_pem()).unwrap();
+        let config = dir.join("edge.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[v2]\ntls_cert_file = {:?}\ntls_key_file = {:?}\n",
+                crt.display().to_string(),
+                key.display().to_string()
+            ),
+        )
+        .unwrap();
+        let any = "127.0.0.1:0";
+        let config = config.display().to_string();
+        Self::start_with(
+            1,
+            &[
+                "--config",
+                &config,
+                "--listen-v2",
+                any,
+                "--listen-v2-tls",
+                any,
+                "--listen-v2-ws",
+                any,
+                "--listen-v2-wss",
+                any,
+            ],
+        )
+    }
+
+    /// The address after `key=` in the ready line (`v2tls`, `v2ws`, `v2wss`, …).
+    pub fn addr(&self, key: &str) -> String {
+        let prefix = format!("{key}=");
+        self.ready
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(prefix.as_str()))
+            .unwrap_or_else(|| panic!("no {key}= in {:?}", self.ready))
+            .to_owned()
     }
 }
 

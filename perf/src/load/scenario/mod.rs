@@ -96,7 +96,7 @@ impl Run {
         }
         runtime::raise_nofile();
         let prefix = common.user_prefix.clone().unwrap_or_else(default_prefix);
-        let shared = Shared::with_protocol(cpus.len(), common.protocol);
+        let shared = Shared::with_transport(cpus.len(), common.protocol, common.connector()?);
         let mut report = Report::new(scenario, command);
         report.label = common.label.clone();
         report.started_utc = clock::utc_now_iso();
