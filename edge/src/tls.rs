@@ -72,8 +72,16 @@ pub fn load_server_config(cert: &Path, key: &Path) -> Result<ServerConfig, TlsEr
     };
     // The ring provider (rustls 0.23.48 deprecates it for lacking post-quantum key exchange):
     // chosen to avoid building aws-lc; X25519 and the NIST curves, TLS 1.2 and 1.3.
+    // Key exchange in the usual order, X25519 first: ring's default list starts with P-384,
+    // whose generic arithmetic costs the edge about 1.3 ms of CPU per handshake against about
+    // 0.35 ms with X25519 (BENCHMARKS.md, "v2 transports").
     #[allow(deprecated)]
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = {
+        use rustls::crypto::ring::kx_group;
+        let mut p = rustls::crypto::ring::default_provider();
+        p.kx_groups = vec![kx_group::X25519, kx_group::SECP256R1, kx_group::SECP384R1];
+        Arc::new(p)
+    };
     ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(config_err)?
