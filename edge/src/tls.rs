@@ -72,9 +72,10 @@ pub fn load_server_config(cert: &Path, key: &Path) -> Result<ServerConfig, TlsEr
     };
     // The ring provider (rustls 0.23.48 deprecates it for lacking post-quantum key exchange):
     // chosen to avoid building aws-lc; X25519 and the NIST curves, TLS 1.2 and 1.3.
-    // Key exchange in the usual order, X25519 first: ring's default list starts with P-384,
-    // whose generic arithmetic costs the edge about 1.3 ms of CPU per handshake against about
-    // 0.35 ms with X25519 (BENCHMARKS.md, "v2 transports").
+    // Key exchange groups in the usual order, X25519 first (ring's default list starts with
+    // P-384). A rustls server takes the client's first supported group, so the client decides:
+    // P-384 costs the edge about 1.3 ms of CPU per handshake, X25519 about 0.35 ms
+    // (BENCHMARKS.md, "v2 transports").
     #[allow(deprecated)]
     let provider = {
         use rustls::crypto::ring::kx_group;
