@@ -105,6 +105,29 @@ fn v1_numbers(c: &mut Client, want: usize, quiet: Duration, timeout: Duration) -
     got
 }
 
+/// Checks DELIVERs of the numbered messages `0..n` (as [`delivers`] returns them): each
+/// arrived once, with the payload `payload(k)` and the server id its SEND_ACK named
+/// (`acked`: client id `k` → server id).
+fn each_once_with_its_acked_id(
+    got: &[(u64, Vec<u8>, Vec<u8>)],
+    acked: &HashMap<u64, u64>,
+    n: usize,
+    payload: impl Fn(usize) -> Vec<u8>,
+) {
+    let mut seen = HashSet::new();
+    for (id, _, p) in got {
+        let k = number_of(p);
+        assert_eq!(p, &payload(k), "payload of {k}");
+        assert!(seen.insert(k), "message {k} delivered twice");
+        assert_eq!(
+            Some(id),
+            acked.get(&(k as u64)),
+            "message {k}: not the acked id"
+        );
+    }
+    assert_eq!(seen.len(), n, "every message delivered once");
+}
+
 /// A v2 sender on edge 2 to a v2 and a v1 recipient on edge 1: every SEND is acknowledged once
 /// with its own server id, only after the core confirmed it (the core counts one confirm per
 /// message), and both recipients get every message live, in order, the v2 one with its sender.
@@ -284,18 +307,7 @@ fn kill9_of_the_senders_edge_loses_no_acknowledged_v2_message_and_resends_are_de
     // The recipient gets each message exactly once, with the acknowledged id.
     let (mut cb, _) = V2::hello(c.edge(0), &b);
     let got = delivers(&mut cb, N, Duration::from_secs(2), Duration::from_secs(60));
-    let mut seen = HashMap::new();
-    for (id, _, p) in &got {
-        let k = number_of(p);
-        assert_eq!(p, &payload(k), "payload of {k}");
-        assert!(seen.insert(k, *id).is_none(), "message {k} delivered twice");
-        assert_eq!(
-            Some(id),
-            acked.get(&(k as u64)),
-            "message {k}: not the acked id"
-        );
-    }
-    assert_eq!(seen.len(), N, "every message delivered once");
+    each_once_with_its_acked_id(&got, &acked, N, payload);
     println!(
         "v2 kill -9: {before_kill} acked before the kill, {resent} resent, {} resends found by the core",
         c.core_metric("iris_core_resends_total")
@@ -345,20 +357,12 @@ fn v2_sends_in_a_killed_edges_outbox_are_replayed_and_their_resends_acknowledged
     for k in 0..N {
         cr.send(k as u64, &b, &payload(k));
     }
-    let acked = send_acks(&mut cr, N, Duration::from_secs(60));
+    let acked: HashMap<u64, u64> = send_acks(&mut cr, N, Duration::from_secs(60))
+        .into_iter()
+        .collect();
     let (mut cb, _) = V2::hello(c.edge(0), &b);
     let got = delivers(&mut cb, N, Duration::from_secs(2), Duration::from_secs(60));
-    let mut seen = HashMap::new();
-    for (id, _, p) in &got {
-        let k = number_of(p);
-        assert!(seen.insert(k, *id).is_none(), "message {k} delivered twice");
-        assert_eq!(
-            Some(id),
-            acked.get(&(k as u64)),
-            "message {k}: not the acked id"
-        );
-    }
-    assert_eq!(seen.len(), N, "every message delivered once");
+    each_once_with_its_acked_id(&got, &acked, N, payload);
     // Of the two copies of each message (the replayed one and the resend), the core kept the
     // first and confirmed the second with its id.
     assert_eq!(c.core_metric("iris_core_resends_total"), N as u64);
