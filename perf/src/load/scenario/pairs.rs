@@ -15,7 +15,7 @@
 //! After `--warmup` seconds the `--duration` seconds are measured: `delivered_per_s` counts
 //! distinct messages received in the window, the latency histogram holds the messages intended
 //! in it. Then the senders stop and the run waits (up to `--drain-timeout`) for the last
-//! messages; lost = sent − distinct received, exactly, per pair. `--idle N` holds N more
+//! messages (and with v2 the last SEND_ACKs); lost = sent − distinct received, exactly, per pair. `--idle N` holds N more
 //! logged-in idle connections during the whole measurement.
 //!
 //! With `--protocol v2` the sender writes SEND frames (kind 0, `client_msg_id` = the sequence
@@ -804,10 +804,12 @@ pub fn run(o: &PairsOpts, command: Vec<String>) -> anyhow::Result<Report> {
     );
     let drain_deadline = end + clock::secs_to_ns(o.drain_timeout);
     let pairs = o.pairs as u64;
+    // v2: the drain also waits for every SEND_ACK (they may trail the deliveries).
+    let v2 = o.common.protocol == Protocol::V2;
     let drained = run.monitor.wait_until(
         |s| {
             let t = s.totals();
-            t.finished >= pairs && t.delivered >= t.sent
+            t.finished >= pairs && t.delivered >= t.sent && (!v2 || t.send_acks >= t.sent)
         },
         Some(drain_deadline),
     )?;
