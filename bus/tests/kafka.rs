@@ -471,3 +471,78 @@ fn broker_down_fills_the_rings_and_nothing_accepted_is_lost() {
         broker.log()
     );
 }
+
+/// Commits `offset` for `group` on partition 0 of `topic`.
+fn commit(cfg: &KafkaConfig, group: &str, topic: &str, offset: i64) {
+    use rdkafka::consumer::CommitMode;
+    use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &cfg.brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Offset(offset))
+        .unwrap();
+    c.commit(&tpl, CommitMode::Sync).unwrap();
+}
+
+/// Produces one frame per payload to partition 0 of `topic` and waits for the broker's acks.
+fn produce_all(cfg: &KafkaConfig, topic: &str, payloads: &[u8]) {
+    let (producer, rings) = KafkaProducer::start(cfg, 1).unwrap();
+    let t: Arc<str> = Arc::from(topic);
+    for &p in payloads {
+        send_retrying(
+            &rings[0],
+            OutFrame {
+                topic: Arc::clone(&t),
+                partition: 0,
+                key: None,
+                payload: vec![p],
+                ticket: 0,
+            },
+        );
+    }
+    producer.flush_and_stop(Duration::from_secs(10)).unwrap();
+}
+
+/// A committed offset beyond the log's end (written by a process that still read a log the
+/// broker lost, into the re-created one) is not followed: the assigned consumer reads the log
+/// from its beginning. A committed offset inside the log, or at its end, is followed.
+#[test]
+fn assigned_consumer_reads_from_the_beginning_when_its_committed_offset_is_beyond_the_end() {
+    init_tracing();
+    let broker = Tansu::memory();
+    let cfg = broker.config("t-beyond");
+    let topic = "iris.test.beyond".to_owned();
+    ensure_topics(&cfg, &[(topic.clone(), 1)]).unwrap();
+    // Two produce runs: offset 3 starts the second one's records.
+    produce_all(&cfg, &topic, &[0, 1, 2]);
+    produce_all(&cfg, &topic, &[3, 4]);
+    commit(&cfg, "g-beyond", &topic, 50);
+    commit(&cfg, "g-within", &topic, 3);
+    // Everything read: not read again.
+    commit(&cfg, "g-end", &topic, 5);
+    for (group, want) in [
+        ("g-within", vec![3u8, 4]),
+        ("g-end", vec![]),
+        ("g-beyond", vec![0, 1, 2, 3, 4]),
+    ] {
+        let (tx, rx) = bounded::<InFrame>(64);
+        let consumer =
+            KafkaConsumer::start_assigned(&cfg, group, &[(topic.clone(), 0)], vec![tx], |_, _| 0)
+                .unwrap();
+        let wait = if want.is_empty() { 3 } else { 20 };
+        let got = collect(
+            std::slice::from_ref(&rx),
+            want.len().max(1),
+            Duration::from_secs(wait),
+        );
+        let payloads: Vec<u8> = got.iter().map(|f| f.payload[0]).collect();
+        assert_eq!(payloads, want, "group {group}");
+        // Nothing more comes.
+        assert!(collect(&[rx], 1, Duration::from_millis(500)).is_empty());
+        consumer.stop().unwrap();
+    }
+}

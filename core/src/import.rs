@@ -57,7 +57,7 @@ use std::time::{Duration, Instant};
 use iris_bus::home::Homes;
 use iris_bus::hops::HopHistogram;
 use iris_bus::kafka::{
-    ensure_topics_within, Done, KafkaConfig, KafkaProducer, OutFrame, ProducerRing,
+    ensure_topics_within, start_offsets, Done, KafkaConfig, KafkaProducer, OutFrame, ProducerRing,
     RecreationCursor, TopicKeeper, NO_TICKET,
 };
 use iris_bus::{decode_counted, encode, to_owned, BusFrame, FrameStats, Route, Routed, Stored};
@@ -321,8 +321,10 @@ impl Worker {
         let route_parts = topic_partitions(&consumer, &topic)?;
         let assigned = owned_partitions(route_parts, cfg.member, cfg.members);
         let mut tpl = TopicPartitionList::with_capacity(assigned.len());
-        for &p in &assigned {
-            tpl.add_partition_offset(&topic, p, Offset::Stored)?;
+        let owned: Vec<(String, i32)> = assigned.iter().map(|&p| (topic.clone(), p)).collect();
+        let starts = start_offsets(&consumer, &owned, CONNECT_WAIT);
+        for (&p, start) in assigned.iter().zip(starts) {
+            tpl.add_partition_offset(&topic, p, start)?;
         }
         consumer.assign(&tpl)?;
         let (regional, mut rings) = KafkaProducer::start(&cfg.regional, 1)?;

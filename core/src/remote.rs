@@ -74,7 +74,9 @@
 //! the bridge writes every request into the outbox, the outbox is closed (fsynced), and nothing
 //! of librdkafka is destroyed; `iris-edge` exits with status 75 for its supervisor to restart
 //! it. The restarted edge replays the outbox (nothing accepted is lost) and its new consumer
-//! reads the new logs from their beginning (the memory broker lost the committed offsets too).
+//! reads the new logs from their beginning (the memory broker lost the committed offsets too;
+//! an old position committed into the new log by a process that still read the old one is not
+//! followed past the log's end, [`iris_bus::kafka::start_offsets`]).
 //! The edge's inbox topic is created by that edge alone, so its keeper is the one that finds it
 //! missing after a broker lost everything, even when another process re-created the shared
 //! deliver and presence topics first.

@@ -154,8 +154,8 @@ use std::time::{Duration, Instant};
 use iris_bus::home::Homes;
 use iris_bus::hops::HopHistogram;
 use iris_bus::kafka::{
-    ensure_topics, Done, KafkaConfig, KafkaProducer, OutFrame, ProducerRing, RecreationCursor,
-    TopicKeeper,
+    ensure_topics, start_offsets, Done, KafkaConfig, KafkaProducer, OutFrame, ProducerRing,
+    RecreationCursor, TopicKeeper,
 };
 use iris_bus::{
     decode_counted, encode, to_owned, ArchivedBusFrame, BusFrame, ConfirmTo, Confirmed, Deliver,
@@ -1016,8 +1016,14 @@ impl CoreService {
             (0..presence_partitions as i32).collect()
         };
         let mut tpl = TopicPartitionList::with_capacity(assigned.len() + presence_assigned.len());
-        for &p in &assigned {
-            tpl.add_partition_offset(&deliver_topic, p, Offset::Stored)?;
+        // A committed offset beyond the end of a log the broker lost is not followed.
+        let own: Vec<(String, i32)> = assigned
+            .iter()
+            .map(|&p| (deliver_topic.clone(), p))
+            .collect();
+        let starts = start_offsets(&consumer, &own, Duration::from_secs(5));
+        for (&p, start) in assigned.iter().zip(starts) {
+            tpl.add_partition_offset(&deliver_topic, p, start)?;
         }
         for &p in &presence_assigned {
             // Never committed: the cache covers the events seen since this start.

@@ -116,7 +116,8 @@ impl KafkaConsumer {
 
     /// Like [`Self::start`], but reads fixed partitions (`(topic, partition)` pairs) with
     /// `assign()` instead of joining the group's rebalancing: each starts at the offset committed
-    /// under `group_id` (earliest when none). A process that owns its partitions (an edge's inbox,
+    /// under `group_id` (earliest when none; the beginning when it lies beyond the log's end,
+    /// see [`start_offsets`]). A process that owns its partitions (an edge's inbox,
     /// every partition of the presence topic) starts reading at once after a restart, instead of
     /// waiting for the group to expire its previous, killed member (45 s by default).
     pub fn start_assigned<R>(
@@ -130,9 +131,10 @@ impl KafkaConsumer {
         R: Fn(i32, usize) -> usize + Send + 'static,
     {
         let (consumer, shared) = create(cfg, group_id)?;
+        let starts = start_offsets(&consumer, partitions, Duration::from_secs(5));
         let mut tpl = TopicPartitionList::with_capacity(partitions.len());
-        for (topic, partition) in partitions {
-            tpl.add_partition_offset(topic, *partition, Offset::Stored)
+        for ((topic, partition), start) in partitions.iter().zip(starts) {
+            tpl.add_partition_offset(topic, *partition, start)
                 .map_err(TransportError::Subscribe)?;
         }
         consumer.assign(&tpl).map_err(TransportError::Subscribe)?;
@@ -178,6 +180,130 @@ impl Drop for KafkaConsumer {
     fn drop(&mut self) {
         let _ = self.stop_inner();
     }
+}
+
+/// Where a consumer of `partitions` (`(topic, partition)`) is to start: at its group's committed
+/// offset ([`Offset::Stored`]), except where that offset lies beyond the log's end: then the
+/// log was lost and re-created (a memory-storage broker restarted) and the committed offset
+/// belongs to the old log, written by a process that still read it. tansu answers a fetch
+/// beyond a log's end with nothing (Kafka answers `OFFSET_OUT_OF_RANGE`, which
+/// `auto.offset.reset` handles), so the consumer would wait there, deaf to every record written
+/// before that offset; such a partition starts at [`Offset::Beginning`] (records read twice
+/// are duplicates, which every reader detects by id).
+///
+/// The log's end: tansu 0.6 reports as high watermark one past the first offset of the log's
+/// last record batch, not past its last record, so a committed offset above the high watermark
+/// is checked by reading from the watermark's last offset (one fetch: the last batch) to see
+/// the last record there. A committed offset at or below the high watermark is followed at once.
+/// A lost log refilled up to the committed offset before the restart is not noticed (its first
+/// records are skipped). A partition whose offsets or last batch cannot be read within `wait`
+/// starts at its committed offset. The records read here are dropped; the consumer is left
+/// unassigned.
+pub fn start_offsets<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    partitions: &[(String, i32)],
+    wait: Duration,
+) -> Vec<Offset> {
+    let mut tpl = TopicPartitionList::with_capacity(partitions.len());
+    for (topic, partition) in partitions {
+        tpl.add_partition(topic, *partition);
+    }
+    let committed = consumer.committed_offsets(tpl, wait).ok();
+    // Per partition: the committed offset when it lies above the high watermark, and that
+    // watermark.
+    let mut above: Vec<Option<(i64, i64)>> = Vec::with_capacity(partitions.len());
+    for (topic, partition) in partitions {
+        let c = match committed
+            .as_ref()
+            .and_then(|l| l.find_partition(topic, *partition))
+            .map(|e| e.offset())
+        {
+            Some(Offset::Offset(c)) if c > 0 => c,
+            _ => {
+                above.push(None);
+                continue;
+            }
+        };
+        above.push(match consumer.fetch_watermarks(topic, *partition, wait) {
+            Ok((_, high)) if c > high => Some((c, high)),
+            _ => None,
+        });
+    }
+    // The end of each such log: one past the last record of its last batch.
+    let mut end: Vec<i64> = above
+        .iter()
+        .map(|a| a.map_or(0, |(_, h)| h.max(0)))
+        .collect();
+    let mut probe = TopicPartitionList::with_capacity(partitions.len());
+    for ((topic, partition), a) in partitions.iter().zip(&above) {
+        if let Some((_, high)) = a {
+            if *high > 0
+                && probe
+                    .add_partition_offset(topic, *partition, Offset::Offset(high - 1))
+                    .is_err()
+            {
+                return vec![Offset::Stored; partitions.len()];
+            }
+        }
+    }
+    if probe.count() > 0 {
+        if consumer.assign(&probe).is_err() {
+            return vec![Offset::Stored; partitions.len()];
+        }
+        let mut seen = vec![false; partitions.len()];
+        let deadline = std::time::Instant::now() + wait;
+        let mut quiet_since: Option<std::time::Instant> = None;
+        while std::time::Instant::now() < deadline {
+            match consumer.poll(Duration::from_millis(20)) {
+                Some(Ok(m)) => {
+                    if let Some(i) = partitions
+                        .iter()
+                        .position(|(t, p)| t.as_str() == m.topic() && *p == m.partition())
+                    {
+                        seen[i] = true;
+                        end[i] = end[i].max(m.offset() + 1);
+                    }
+                    quiet_since = None;
+                }
+                _ => {
+                    // Every probed partition answered, and nothing more came for a while.
+                    let all = above
+                        .iter()
+                        .zip(&seen)
+                        .all(|(a, s)| !matches!(a, Some((_, h)) if *h > 0) || *s);
+                    let since = *quiet_since.get_or_insert_with(std::time::Instant::now);
+                    if all && since.elapsed() >= Duration::from_millis(100) {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = consumer.unassign();
+        for (i, a) in above.iter_mut().enumerate() {
+            // No answer from a non-empty log in time: follow the committed offset.
+            if matches!(a, Some((_, h)) if *h > 0) && !seen[i] {
+                *a = None;
+            }
+        }
+    }
+    partitions
+        .iter()
+        .zip(above)
+        .zip(end)
+        .map(|(((topic, partition), a), end)| match a {
+            Some((c, _)) if c > end => {
+                tracing::warn!(
+                    topic = %topic,
+                    partition,
+                    committed = c,
+                    end,
+                    "committed offset beyond the log's end (the broker lost the log): read from its beginning"
+                );
+                Offset::Beginning
+            }
+            _ => Offset::Stored,
+        })
+        .collect()
 }
 
 /// The consumer every mode starts from: offsets kept under `group_id`, committed by hand.

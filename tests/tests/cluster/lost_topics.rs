@@ -88,12 +88,7 @@ fn counters(c: &mut Cluster) -> String {
     out
 }
 
-/// Ignored in the default run: it fails about 1 run in 9 under load (31 of 35) for a known,
-/// unsolved cause (an old process commits offsets of the lost log into the new one before it
-/// exits, and the restarted consumer waits beyond the new log's end; README, "What is not built
-/// yet"). Run it with `cargo test -p iris-tests --test cluster lost_topics -- --ignored`.
 #[test]
-#[ignore = "fails about 1 run in 9: stale offsets committed into the re-created log (README)"]
 fn a_memory_broker_restart_leaves_no_edge_deaf() {
     let mut c = Cluster::start(ClusterOpts {
         edges: 2,
