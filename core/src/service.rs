@@ -1736,16 +1736,18 @@ impl CoreService {
         } else if first.is_none() {
             self.window.sent.insert(key, d.id);
         }
-        let confirmed = BusFrame::Confirmed(Confirmed {
+        let node = to.node;
+        let confirmed = Confirmed {
             sender: d.sender.clone(),
             to,
             id: first.unwrap_or(d.id),
             duplicate,
-        });
+        };
         let out = if self.is_foreign(&d.origin) {
-            let Some(routed) = confirmed.route_to(d.origin.clone()) else {
-                return Ok(!duplicate);
-            };
+            let routed = BusFrame::Route(Route {
+                region: d.origin.clone(),
+                inner: Routed::Confirmed(confirmed),
+            });
             Output::Global {
                 region: d.origin.clone(),
                 key: d.sender.clone(),
@@ -1753,13 +1755,10 @@ impl CoreService {
                 id: 0,
             }
         } else {
-            let BusFrame::Confirmed(c) = &confirmed else {
-                return Ok(!duplicate);
-            };
             Output::Frame {
-                node: c.to.node,
+                node,
                 key: d.sender.clone(),
-                payload: encode(&confirmed).map_err(CoreError::Encode)?,
+                payload: encode(&BusFrame::Confirmed(confirmed)).map_err(CoreError::Encode)?,
             }
         };
         self.window.confirms.push(out);

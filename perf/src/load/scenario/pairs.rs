@@ -417,25 +417,7 @@ async fn receive(env: WorkerEnv, mut c: Client, pair: Rc<Pair>, t: Timing) {
             match frame {
                 ServerFrame::Reliable { id, payload } => {
                     conn::push_ack(&mut acks, id);
-                    let Some(s) = payload::decode(payload).filter(|s| s.stream == pair.id) else {
-                        stats::add(&counters.unexpected, 1);
-                        continue;
-                    };
-                    match pair.tracker.borrow_mut().record(s.seq) {
-                        Arrival::Duplicate => {
-                            stats::add(&counters.duplicates, 1);
-                            continue;
-                        }
-                        Arrival::Reordered => stats::add(&counters.reordered, 1),
-                        Arrival::InOrder => {}
-                    }
-                    stats::add(&counters.delivered, 1);
-                    if s.intended_ns >= t.measure_ns && s.intended_ns < t.end_ns {
-                        env.hist.record(now.saturating_sub(s.intended_ns));
-                    }
-                    if let Some(w) = &pair.window {
-                        w.signal(1);
-                    }
+                    arrive(&env, &pair, t, now, payload);
                 }
                 ServerFrame::Error { reason } => {
                     env.me().error(&format!(
@@ -744,7 +726,7 @@ async fn receive_v2(env: WorkerEnv, mut c: Client, pair: Rc<Pair>, t: Timing) {
     }
 }
 
-/// One message received by a v2 receiver: sequence tracking, latency, window.
+/// One message received by a receiver (v1 or v2): sequence tracking, latency, window.
 #[inline]
 fn arrive(env: &WorkerEnv, pair: &Pair, t: Timing, now: u64, body: &[u8]) {
     let counters = &env.me().c;
