@@ -8,38 +8,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use iris_client::{roots_from_pem, Client, ClientError, ClientOptions, Event, MsgKind, Transport};
+use iris_tests::tls::TestCa as Ca;
 use iris_tests::{unique, Server, ServerOpts};
-
-/// A test CA: its certificate PEM and an issuer for leaf certificates.
-struct Ca {
-    pem: String,
-    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        let cert = params.self_signed(&key).unwrap();
-        Ca {
-            pem: cert.pem(),
-            issuer: rcgen::Issuer::new(params, key),
-        }
-    }
-
-    /// Writes a certificate for "localhost" and its key.
-    fn issue(&self, cert: &Path, key: &Path) {
-        let leaf_key = rcgen::KeyPair::generate().unwrap();
-        let params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
-        let leaf = params.signed_by(&leaf_key, &self.issuer).unwrap();
-        std::fs::write(cert, leaf.pem()).unwrap();
-        std::fs::write(key, leaf_key.serialize_pem()).unwrap();
-    }
-}
 
 /// An edge with TLS, WS and WSS ports, its certificate issued by `ca` into `dir`.
 fn server(ca: &Ca, dir: &Path) -> Server {
@@ -73,7 +43,7 @@ fn server(ca: &Ca, dir: &Path) -> Server {
 fn tls(ca: &Ca) -> Transport {
     Transport::Tls {
         server_name: "localhost".into(),
-        roots: roots_from_pem(ca.pem.as_bytes()).unwrap(),
+        roots: roots_from_pem(ca.pem().as_bytes()).unwrap(),
     }
 }
 
@@ -86,7 +56,7 @@ fn ws() -> Transport {
 fn wss(ca: &Ca) -> Transport {
     Transport::Wss {
         server_name: "localhost".into(),
-        roots: roots_from_pem(ca.pem.as_bytes()).unwrap(),
+        roots: roots_from_pem(ca.pem().as_bytes()).unwrap(),
         path: "/".into(),
     }
 }
@@ -199,7 +169,7 @@ fn tls_clients_exchange_messages_and_a_foreign_ca_is_refused() {
     // The right CA but a name the certificate is not for.
     let wrong_name = Transport::Tls {
         server_name: "iris.example".into(),
-        roots: roots_from_pem(ca.pem.as_bytes()).unwrap(),
+        roots: roots_from_pem(ca.pem().as_bytes()).unwrap(),
     };
     match connect(addr, &unique("mallory"), wrong_name) {
         Err(ClientError::Tls { reason, .. }) => {
@@ -239,7 +209,7 @@ fn websocket_over_tls_clients_exchange_messages() {
     let other = Ca::new("another ca");
     let foreign = Transport::Wss {
         server_name: "localhost".into(),
-        roots: roots_from_pem(other.pem.as_bytes()).unwrap(),
+        roots: roots_from_pem(other.pem().as_bytes()).unwrap(),
         path: "/".into(),
     };
     assert!(matches!(

@@ -14,6 +14,7 @@
 //!   `iris-bus` and `iris-core` tests.
 //! - [`cluster`]: a whole local region per test (tansu, `redis-server`, `iris-core` members and
 //!   `iris-edge` processes in `--bus kafka` mode), with kill -9 and restart of every part.
+//! - [`tls`]: a test certificate authority for the TLS and WSS tests.
 //! - [`v2`]: a protocol v2 client on a raw socket ([`ServerOpts::with_v2`] serves v2).
 //!
 //! Locating the binary: `IRIS_EDGE_BIN`, else `iris-edge` next to the test executable's
@@ -23,6 +24,7 @@
 
 pub mod cluster;
 pub mod services;
+pub mod tls;
 pub mod v2;
 
 use std::fmt;

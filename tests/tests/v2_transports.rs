@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use iris_tests::tls::TestCa as Ca;
 use iris_tests::{run_check, Server, ServerOpts};
 use iris_wire::v2::{decode_server, encode_client, ClientFrame, Decoded, MsgKind, ServerFrame};
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -174,52 +175,21 @@ impl V2 {
     }
 }
 
-/// A test CA and leaf certificates for "localhost" signed by it.
-struct Ca {
-    cert: rcgen::Certificate,
-    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        let cert = params.self_signed(&key).unwrap();
-        Ca {
-            cert,
-            issuer: rcgen::Issuer::new(params, key),
-        }
-    }
-
-    /// Writes a new leaf certificate and key to `cert`/`key`; returns the certificate's DER.
-    fn issue(&self, cert: &Path, key: &Path) -> Vec<u8> {
-        let leaf_key = rcgen::KeyPair::generate().unwrap();
-        let params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
-        let leaf = params.signed_by(&leaf_key, &self.issuer).unwrap();
-        std::fs::write(cert, leaf.pem()).unwrap();
-        std::fs::write(key, leaf_key.serialize_pem()).unwrap();
-        leaf.der().to_vec()
-    }
-
-    fn client_config(&self) -> Arc<ClientConfig> {
-        let mut roots = RootCertStore::empty();
-        roots
-            .add(CertificateDer::from(self.cert.der().to_vec()))
-            .unwrap();
-        #[allow(deprecated)] // the ring provider, as the server uses
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        Arc::new(
-            ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_root_certificates(roots)
-                .with_no_client_auth(),
-        )
-    }
+/// A client configuration trusting only `ca`.
+fn client_config(ca: &Ca) -> Arc<ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(CertificateDer::from(ca.cert.der().to_vec()))
+        .unwrap();
+    #[allow(deprecated)] // the ring provider, as the server uses
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Arc::new(
+        ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
 }
 
 /// A server with every v2 transport, its certificate issued by `ca` into `dir`; `extra` holds
@@ -324,7 +294,7 @@ fn tls_client_talks_to_a_tcp_client_and_a_foreign_ca_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("iris test ca");
     let (server, der, _, _) = server(&ca, dir.path(), "");
-    let s = tls(server.v2_tls.unwrap(), ca.client_config()).expect("tls handshake");
+    let s = tls(server.v2_tls.unwrap(), client_config(&ca)).expect("tls handshake");
     assert_eq!(peer_cert(&s), der);
     let mut alice = V2::new(Wire::Stream(Box::new(s)));
     alice.hello("alice");
@@ -336,7 +306,7 @@ fn tls_client_talks_to_a_tcp_client_and_a_foreign_ca_is_refused() {
     );
 
     let other = Ca::new("another ca");
-    let err = tls(server.v2_tls.unwrap(), other.client_config())
+    let err = tls(server.v2_tls.unwrap(), client_config(&other))
         .expect_err("a client trusting another CA must fail its handshake");
     assert!(
         err.to_string().contains("UnknownIssuer") || err.to_string().contains("invalid peer"),
@@ -358,7 +328,7 @@ fn sighup_reloads_the_certificate_and_keeps_open_connections() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("iris test ca");
     let (mut server, first, cert, key) = server(&ca, dir.path(), "");
-    let config = ca.client_config();
+    let config = client_config(&ca);
     let before = tls(server.v2_tls.unwrap(), config.clone()).unwrap();
     assert_eq!(peer_cert(&before), first);
     let mut before = V2::new(Wire::Stream(Box::new(before)));
@@ -531,7 +501,7 @@ fn websocket_over_tls_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("iris test ca");
     let (server, der, _, _) = server(&ca, dir.path(), "");
-    let s = tls(server.v2_wss.unwrap(), ca.client_config()).expect("tls handshake");
+    let s = tls(server.v2_wss.unwrap(), client_config(&ca)).expect("tls handshake");
     assert_eq!(peer_cert(&s), der);
     let ws = ws_over(Box::new(s), "wss://localhost/v2");
     let mut erin = V2::new(Wire::Ws(Box::new(ws)));
@@ -614,7 +584,7 @@ fn idle_tls_connection_memory() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("iris test ca");
     let (server, _, _, _) = server(&ca, dir.path(), "");
-    let config = ca.client_config();
+    let config = client_config(&ca);
     let settle = |server: &Server| {
         std::thread::sleep(Duration::from_secs(2));
         server.rss_kib()
