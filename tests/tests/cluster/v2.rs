@@ -443,3 +443,58 @@ fn resume_after_in_a_cluster_skips_what_the_last_session_was_delivered_up_to_it(
     // Gone for good: a plain login finds only the last two.
     assert_eq!(resume_ids(&c, 0, &b, 0), sent[2..].to_vec());
 }
+
+/// `kill -9` of the recipient's core while v2 SENDs stream in: every acknowledged message was
+/// on that core's disk (its dedup record with it), so after the restart the client's resends of
+/// every SEND (acknowledged or not) are acknowledged with the ids already given, and the
+/// recipient gets each message exactly once.
+#[test]
+fn kill9_of_the_recipients_core_keeps_every_acknowledged_v2_message_and_its_dedup_record() {
+    const N: usize = 300;
+    let mut c = region_with_v2();
+    assert!(c.wait_startup_presence());
+    let a = unique("ca");
+    let b = unique("cb");
+    let payload = |k: usize| numbered(k, 40);
+    let (mut ca, _) = V2::hello(c.edge(1), &a);
+    for k in 0..N {
+        ca.send(k as u64, &b, &payload(k));
+    }
+    let mut acked: HashMap<u64, u64> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while acked.len() < 30 && Instant::now() < deadline {
+        if let Some(ServerFrame::SendAck {
+            client_msg_id,
+            server_id,
+            ..
+        }) = ca.recv_within(Duration::from_millis(50))
+        {
+            acked.insert(client_msg_id, server_id);
+        }
+    }
+    assert!(acked.len() >= 30, "no SEND_ACK before the kill: {acked:?}");
+    let member = c.core_of(&b);
+    c.cores[member].kill9();
+    let before_kill = acked.len();
+    c.cores[member].restart();
+    // The client resends everything, through the other edge.
+    drop(ca);
+    let (mut cr, _) = V2::hello(c.edge(0), &a);
+    for k in 0..N {
+        cr.send(k as u64, &b, &payload(k));
+    }
+    let again: HashMap<u64, u64> = send_acks(&mut cr, N, Duration::from_secs(60))
+        .into_iter()
+        .collect();
+    for (client, id) in &acked {
+        assert_eq!(
+            again.get(client),
+            Some(id),
+            "client id {client}: acked again with another id"
+        );
+    }
+    let (mut cb, _) = V2::hello(c.edge(0), &b);
+    let got = delivers(&mut cb, N, Duration::from_secs(2), Duration::from_secs(60));
+    each_once_with_its_acked_id(&got, &again, N, payload);
+    println!("v2 core kill -9: {before_kill} acked before the kill, all {N} delivered once");
+}
