@@ -419,6 +419,18 @@ fn resume_ids(c: &Cluster, edge: usize, user: &str, resume_after: u64) -> Vec<u6
             ids.push(server_id);
         }
     }
+    // Closed, and the close seen by the edge (its list handed over) before the next session:
+    // a HELLO that overtakes the end of the last session finds no list (PROTOCOL-v2.md).
+    let open = c.edge_metric(edge, "iris_edge_sessions_open");
+    drop(v);
+    let t0 = Instant::now();
+    while c.edge_metric(edge, "iris_edge_sessions_open") >= open {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the edge never saw the session end"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     ids
 }
 
