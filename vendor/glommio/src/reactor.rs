@@ -427,9 +427,11 @@ impl Reactor {
         source
     }
 
-    pub(crate) fn poll_read_ready(&self, fd: RawFd) -> Source {
+    /// Iris patch: a multishot read-readiness poll (see `NonBufferedStream::poll_read`).
+    pub(crate) fn poll_read_ready_multi(&self, fd: RawFd) -> Source {
         let source = self.new_source(fd, SourceType::PollAdd, None);
-        self.sys.poll_ready(&source, common_flags() | read_flags());
+        self.sys
+            .poll_ready_multi(&source, common_flags() | read_flags());
         source
     }
 

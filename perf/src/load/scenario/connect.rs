@@ -4,7 +4,9 @@
 //! `still_open` (connections the server had not closed at the end of the hold) and, with
 //! `--server-pid`, `server_rss_per_conn_bytes` and `server_anon_per_conn_bytes`: the growth of
 //! the server's resident (and anonymous resident) memory from before the ramp to `--settle`
-//! seconds after it, divided by the connections open. The latency is connect + login, from
+//! seconds after it, divided by the connections open, and `server_idle_cpu_cores`: the server's
+//! CPU (in cores) from that sample to the end of the hold, while it only holds the idle
+//! connections (`--hold` must exceed `--settle` by 0.5 s or more). The latency is connect + login, from
 //! each connection's intended start time.
 
 use clap::Args;
@@ -89,9 +91,19 @@ pub fn run(o: &ConnectOpts, command: Vec<String>) -> anyhow::Result<Report> {
     run.monitor
         .sleep_until(ramp_end + clock::secs_to_ns(o.settle))?;
     let mem1 = run.server_now();
-    let sample_secs = (clock::now_ns() - mem0_ns) as f64 / 1e9;
+    let mem1_ns = clock::now_ns();
+    let sample_secs = (mem1_ns - mem0_ns) as f64 / 1e9;
     run.monitor
         .sleep_until(ramp_end + clock::secs_to_ns(o.hold.max(o.settle)))?;
+    // The server's CPU while it only holds the idle connections: from the memory sample to the
+    // end of the hold (a window under 0.5 s says nothing at /proc's 100 Hz).
+    let idle_secs = (clock::now_ns() - mem1_ns) as f64 / 1e9;
+    let idle_cpu = match (mem1.as_ref(), run.server_now()) {
+        (Some(a), Some(b)) if idle_secs >= 0.5 => {
+            Some((b.cpu_secs - a.cpu_secs).max(0.0) / idle_secs)
+        }
+        _ => None,
+    };
     run.shared.set_phase(CHECK, clock::now_ns());
     run.wait_ready("liveness check", 60.0)?;
     let alive: u64 = run.stop_and_join(handles)?.into_iter().sum();
@@ -102,6 +114,10 @@ pub fn run(o: &ConnectOpts, command: Vec<String>) -> anyhow::Result<Report> {
     r.figure("still_open", alive as f64);
     r.figure("ramp_secs", ramp_secs);
     r.figure("connects_per_s", open as f64 / ramp_secs);
+    if let Some(cores) = idle_cpu {
+        r.figure("server_idle_cpu_cores", cores);
+        r.figure("server_idle_secs", idle_secs);
+    }
     if let (Some(s), true) = (&r.server, open > 0) {
         let per = |a: u64, b: u64| (a as f64 - b as f64) * 1024.0 / open as f64;
         r.figures.insert(

@@ -221,6 +221,9 @@ pub(crate) struct NonBufferedStream<S> {
     stream: S,
     source_tx: Option<Source>,
     source_rx: Option<Source>,
+    /// Iris patch: the socket may have input (a readiness event came since a read last found
+    /// it empty, or nothing is known yet).
+    rx_ready: bool,
     write_timeout: Timeout,
     read_timeout: Timeout,
 }
@@ -229,7 +232,8 @@ impl<S: AsRawFd> NonBufferedStream<S> {
     fn init(&mut self) {
         let reactor = self.reactor.upgrade().unwrap();
         let stream_fd = self.stream.as_raw_fd();
-        self.source_rx = Some(reactor.poll_read_ready(stream_fd));
+        self.source_rx = Some(reactor.poll_read_ready_multi(stream_fd));
+        self.rx_ready = true;
     }
 
     pub(crate) fn try_peek(&self, buf: &mut [u8]) -> Option<io::Result<usize>> {
@@ -253,6 +257,14 @@ impl<S: AsRawFd> NonBufferedStream<S> {
         Ok(sz)
     }
 
+    /// Iris patch: one multishot poll per socket, armed once, instead of a one-shot poll
+    /// re-armed (an io_uring `POLL_ADD`) after every read that emptied the socket. Each readiness
+    /// event posts a completion that marks the stream ready and wakes the reader; a read that
+    /// finds the socket empty (`EAGAIN`) or takes less than the buffer (a TCP `recv` without
+    /// `MSG_WAITALL` returns short only when the receive queue is empty) clears the mark, and
+    /// any input arriving after that posts a new event. If the kernel ends the poll (a last
+    /// completion without `IORING_CQE_F_MORE`, e.g. on a completion-queue overflow), the next
+    /// read tries the socket and arms a new one.
     pub(crate) fn poll_read(
         &mut self,
         cx: &Context<'_>,
@@ -261,35 +273,38 @@ impl<S: AsRawFd> NonBufferedStream<S> {
         let reactor = self.reactor.upgrade().unwrap();
         let reactor = reactor.as_ref();
 
-        let no_pending_poll = self
-            .source_rx
-            .as_ref()
-            .map(|src| src.result().is_some())
-            .unwrap_or(true);
+        let armed = match self.source_rx.as_ref() {
+            Some(src) => {
+                if src.take_result().is_some() {
+                    self.rx_ready = true;
+                }
+                src.is_enqueued()
+            }
+            None => false,
+        };
+        if !armed {
+            self.rx_ready = true;
+        }
 
-        if no_pending_poll {
+        if self.rx_ready {
             if let Some(result) = super::yolo_recv(self.stream.as_raw_fd(), buf) {
-                self.source_rx.take();
                 self.read_timeout.cancel_timer(reactor);
+                if !armed {
+                    self.source_rx = Some(reactor.poll_read_ready_multi(self.stream.as_raw_fd()));
+                }
                 let result = poll_err!(result);
-                // Start an early poll if the buffer is not fully filled. So when
-                // the next time `poll_read` is called, it will be known immediately
-                // whether the underlying stream is ready for reading.
-                if result > 0 && result < buf.len() {
-                    self.source_rx = Some(reactor.poll_read_ready(self.stream.as_raw_fd()));
-                    // The `rush_dispatch`s here and after could be removed to
-                    // improve performance if #458 is handled appropriately.
-                    // reactor.rush_dispatch(self.source_rx.as_ref().unwrap());
+                if result < buf.len() {
+                    self.rx_ready = false;
                 }
                 return Poll::Ready(Ok(result));
             }
+            self.rx_ready = false;
         }
 
         poll_err!(self.read_timeout.check(reactor));
 
-        if no_pending_poll {
-            self.source_rx = Some(reactor.poll_read_ready(self.stream.as_raw_fd()));
-            // reactor.rush_dispatch(self.source_rx.as_ref().unwrap());
+        if !armed {
+            self.source_rx = Some(reactor.poll_read_ready_multi(self.stream.as_raw_fd()));
         }
 
         let source = self.source_rx.as_ref().unwrap();
@@ -366,6 +381,7 @@ where
             stream: socket.into(),
             source_tx: None,
             source_rx: None,
+            rx_ready: true,
             write_timeout: Timeout::new(reactor.register_timer()),
             read_timeout: Timeout::new(reactor.register_timer()),
         };

@@ -264,6 +264,17 @@ impl Source {
         ret
     }
 
+    /// Iris patch: takes the result a (multishot) request posted, leaving none.
+    pub(crate) fn take_result(&self) -> Option<io::Result<usize>> {
+        self.inner.borrow_mut().wakers.result.take()
+    }
+
+    /// Iris patch: whether the request is still queued or in the kernel (a multishot request
+    /// stays until it is cancelled or the kernel ends it).
+    pub(crate) fn is_enqueued(&self) -> bool {
+        self.inner.borrow().enqueued.is_some()
+    }
+
     // adds a single waiter to the list, replacing any waiter that may already
     // exist. Should be used for single streams that map a future 1:1 to their I/O
     // source

@@ -52,11 +52,16 @@ use nix::sys::{
 use smallvec::SmallVec;
 
 const MSG_ZEROCOPY: i32 = 0x4000000;
+/// Iris patch: `IORING_POLL_ADD_MULTI` of io_uring.h (Linux 5.13).
+const IORING_POLL_ADD_MULTI: u32 = 1;
 
 #[allow(dead_code)]
 #[derive(Debug)]
 enum UringOpDescriptor {
     PollAdd(PollFlags),
+    /// Iris patch: a multishot poll (`IORING_POLL_ADD_MULTI`), one completion per readiness
+    /// event until it is cancelled.
+    PollAddMulti(PollFlags),
     PollRemove(*const u8),
     Cancel(u64),
     Write(*const u8, usize, u64),
@@ -274,6 +279,11 @@ fn fill_sqe<F>(
         match op.args {
             UringOpDescriptor::PollAdd(events) => {
                 sqe.prep_poll_add(op.fd, events);
+            }
+            UringOpDescriptor::PollAddMulti(events) => {
+                sqe.prep_poll_add(op.fd, events);
+                // IORING_POLL_ADD_MULTI goes in the poll request's `len` field (io_uring.h).
+                sqe.raw_mut().len = IORING_POLL_ADD_MULTI;
             }
             UringOpDescriptor::PollRemove(to_remove) => {
                 user_data = 0;
@@ -532,12 +542,14 @@ fn extract_one_chain(
         .collect()
 }
 
+/// Processes one completion, if there is one: `Some((woke, finished))`, where `finished` is false
+/// only for a multishot completion with more to come (its request stays in the kernel).
 fn process_one_event<F, R>(
     cqe: Option<iou::CQE>,
     try_process: F,
     post_process: R,
     source_map: Rc<RefCell<SourceMap>>,
-) -> Option<bool>
+) -> Option<(bool, bool)>
 where
     F: FnOnce(Ref<'_, InnerSource>) -> Option<()>,
     R: FnOnce(RefMut<'_, InnerSource>, io::Result<usize>) -> io::Result<usize>,
@@ -545,7 +557,16 @@ where
     if let Some(value) = cqe {
         // No user data is `POLL_REMOVE` or `CANCEL`, we won't process.
         if value.user_data() == 0 {
-            return Some(false);
+            return Some((false, true));
+        }
+
+        // Iris patch: a multishot poll's completion with more to come. The source stays in the
+        // map (and in the kernel); its result says "ready" until the stream takes it.
+        if value.flags().contains(iou::cqe::CompletionFlags::MORE) {
+            let src = source_map.borrow()[from_user_data(value.user_data())].clone();
+            let mut inner = src.borrow_mut();
+            inner.wakers.result = Some(transmute_error(value.result()));
+            return Some((inner.wakers.wake_waiters(), false));
         }
 
         let src = source_map
@@ -561,7 +582,7 @@ where
             inner_source.wakers.result = res;
             woke = inner_source.wakers.wake_waiters();
         }
-        return Some(woke);
+        return Some((woke, true));
     }
     None
 }
@@ -848,9 +869,11 @@ impl UringCommon for PollRing {
             },
             source_map,
         )
-        .map(|x| {
-            self.in_kernel -= 1;
-            x
+        .map(|(woke, finished)| {
+            if finished {
+                self.in_kernel -= 1;
+            }
+            woke
         })
     }
 
@@ -1180,9 +1203,11 @@ impl UringCommon for SleepableRing {
             },
             source_map,
         )
-        .map(|x| {
-            self.in_kernel -= 1;
-            x
+        .map(|(woke, finished)| {
+            if finished {
+                self.in_kernel -= 1;
+            }
+            woke
         })
     }
 
@@ -1223,6 +1248,8 @@ pub(crate) struct Reactor {
     poll_ring: RefCell<PollRing>,
 
     latency_preemption_timeout_src: Cell<Option<Source>>,
+    /// Iris patch: when the timer in `latency_preemption_timeout_src` fires.
+    latency_timer_fires_at: Cell<Option<Instant>>,
     throughput_preemption_timeout_src: Cell<Option<Source>>,
 
     link_fd: RawFd,
@@ -1354,6 +1381,7 @@ impl Reactor {
             latency_ring: RefCell::new(latency_ring),
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
+            latency_timer_fires_at: Cell::new(None),
             throughput_preemption_timeout_src: Cell::new(None),
             blocking_thread,
             link_fd,
@@ -1447,6 +1475,19 @@ impl Reactor {
 
     pub(crate) fn poll_ready(&self, source: &Source, flags: PollFlags) {
         let op = UringOpDescriptor::PollAdd(flags);
+        queue_request_into_ring(
+            &mut *self.ring_for_source(source),
+            source,
+            op,
+            &mut self.source_map.borrow_mut(),
+        );
+    }
+
+    /// Iris patch: arms a multishot poll, which completes once per readiness event (with
+    /// `IORING_CQE_F_MORE`) until it is cancelled (dropped) or the kernel ends it (a last
+    /// completion without the flag, after which the source is no longer enqueued).
+    pub(crate) fn poll_ready_multi(&self, source: &Source, flags: PollFlags) {
+        let op = UringOpDescriptor::PollAddMulti(flags);
         queue_request_into_ring(
             &mut *self.ring_for_source(source),
             source,
@@ -1815,13 +1856,17 @@ impl Reactor {
         // consume all events from the rings
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
 
-        // Cancel the old timer regardless of whether we can sleep:
-        // if we won't sleep, we will register the new timer with its new
-        // value.
-        //
-        // But if we will sleep, there might be a timer registered that needs
-        // to be removed otherwise we'll wake up when it expires.
-        drop(self.latency_preemption_timeout_src.take());
+        // Iris patch (see vendor/glommio/IRIS-PATCH.md): glommio 0.9.0 cancels the latency
+        // timer here on every turn and arms a new one below (an IORING_OP_ASYNC_CANCEL and an
+        // IORING_OP_TIMEOUT per turn, ~5 % of a busy edge shard). A timer still pending is kept
+        // when it fires no later than the new one would: the sleep then ends no later than the
+        // user timer needs, and a task queue is preempted no later than its preempt duration
+        // (at worst earlier, a spare preemption check; a kept timer may also end a sleep with
+        // no user timer, a spare wake-up at most once per preempt duration).
+        let mut lat_kept = match self.latency_preemption_timeout_src.take() {
+            Some(src) if src.result().is_none() => Some(src),
+            _ => None,
+        };
 
         // Schedule the throughput-based timeout immediately: it won't matter if we end
         // up sleeping.
@@ -1865,9 +1910,26 @@ impl Reactor {
             // We are about to go to sleep. It's ok to sleep, but if there
             // is a timer set, we need to make sure we wake up to handle it.
             if let Some(dur) = user_timer {
-                self.latency_preemption_timeout_src
-                    .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
-                assert!(flush_rings!(lat_ring)? > 0);
+                let deadline = Instant::now() + dur;
+                match lat_kept.take() {
+                    Some(src)
+                        if self
+                            .latency_timer_fires_at
+                            .get()
+                            .is_some_and(|at| at <= deadline) =>
+                    {
+                        self.latency_preemption_timeout_src.set(Some(src));
+                    }
+                    stale => {
+                        drop(stale);
+                        self.latency_preemption_timeout_src
+                            .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
+                        self.latency_timer_fires_at.set(Some(deadline));
+                        assert!(flush_rings!(lat_ring)? > 0);
+                    }
+                }
+            } else if let Some(src) = lat_kept.take() {
+                self.latency_preemption_timeout_src.set(Some(src));
             }
             // From this moment on the remote executors are aware that we are sleeping
             // We have to sweep the remote channels function once more because since
@@ -1894,9 +1956,28 @@ impl Reactor {
         }
 
         if let Some(preempt) = preempt_timer() {
-            self.latency_preemption_timeout_src
-                .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
-            flush_rings!(lat_ring, main_ring)?;
+            let limit = Instant::now() + preempt;
+            let current = self.latency_preemption_timeout_src.take().or(lat_kept.take());
+            match current {
+                Some(src)
+                    if src.result().is_none()
+                        && self
+                            .latency_timer_fires_at
+                            .get()
+                            .is_some_and(|at| at <= limit) =>
+                {
+                    self.latency_preemption_timeout_src.set(Some(src));
+                }
+                stale => {
+                    drop(stale);
+                    self.latency_preemption_timeout_src
+                        .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
+                    self.latency_timer_fires_at.set(Some(limit));
+                    flush_rings!(lat_ring, main_ring)?;
+                }
+            }
+        } else if let Some(src) = lat_kept.take() {
+            self.latency_preemption_timeout_src.set(Some(src));
         }
 
         // A Note about `need_preempt`:
