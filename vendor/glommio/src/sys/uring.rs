@@ -1912,11 +1912,14 @@ impl Reactor {
             if let Some(dur) = user_timer {
                 let deadline = Instant::now() + dur;
                 match lat_kept.take() {
+                    // Still pending: the rings were consumed since the check at the top, and a
+                    // timer that fired meanwhile would leave this sleep without any timer.
                     Some(src)
-                        if self
-                            .latency_timer_fires_at
-                            .get()
-                            .is_some_and(|at| at <= deadline) =>
+                        if src.result().is_none()
+                            && self
+                                .latency_timer_fires_at
+                                .get()
+                                .is_some_and(|at| at <= deadline) =>
                     {
                         self.latency_preemption_timeout_src.set(Some(src));
                     }
