@@ -100,7 +100,7 @@ fn connect_holds_connections_and_measures_memory() {
         "--rate",
         "3000",
         "--hold",
-        "0.5",
+        "1.2",
         "--settle",
         "0.3",
         "--server-pid",
@@ -110,6 +110,10 @@ fn connect_holds_connections_and_measures_memory() {
     assert_eq!(r.get("still_open"), Some(300.0));
     assert!(r.get("connects_per_s").unwrap() > 0.0);
     assert!(r.get("server_rss_per_conn_bytes").is_some());
+    // The edge's CPU while it only holds them (from --settle to the end of the hold): an edge
+    // that spins or polls per connection would show here.
+    let idle = r.get("server_idle_cpu_cores").expect("idle CPU reported");
+    assert!((0.0..0.5).contains(&idle), "idle edge used {idle} cores");
     assert_eq!(r.totals.errors, 0, "{:?}", r.notes);
     assert_eq!(r.latency.unwrap().count, 300);
     assert_sane_latency(&r);
