@@ -713,21 +713,29 @@ enum Step {
     Close,
 }
 
+/// The per-connection counters and token buckets of [`Conn`].
+#[derive(Default)]
+struct ConnLimits {
+    /// Unknown opcodes: the start of the current window and how many arrived in it.
+    errors: Option<(Instant, u32)>,
+    /// Relay token bucket (TYPING, read receipts).
+    typing: Option<TokenBucket>,
+    /// `[rate_limits]` buckets of this connection.
+    v1_sends: Option<TokenBucket>,
+    prekey_fetches: Option<TokenBucket>,
+}
+
 struct Conn {
     shard: Rc<Shard>,
     c: Rc<ConnShared>,
     /// The settle timer of the LOGIN at the head of the buffer has fired.
     login_settled: bool,
     settle_started: bool,
-    /// Unknown opcodes: the start of the current window and how many arrived in it.
-    errors: Option<(Instant, u32)>,
-    /// Relay token bucket (TYPING, read receipts), and whether the client was told about the
-    /// current run of refusals.
-    typing: Option<TokenBucket>,
+    /// The connection's limits, allocated the first time one is needed: an idle connection,
+    /// and every connection's task, carries only the pointer (BENCHMARKS.md "Many connections").
+    limits: Option<Box<ConnLimits>>,
+    /// Whether the client was told about the current run of refused relays.
     relays_told: bool,
-    /// `[rate_limits]` buckets of this connection.
-    v1_sends: Option<TokenBucket>,
-    prekey_fetches: Option<TokenBucket>,
     /// The client's address (login limit per source address).
     peer: Option<std::net::IpAddr>,
     /// The edge's id high-water tick read at the last LOGIN, until the next message is minted
@@ -783,11 +791,12 @@ impl Conn {
         ShardMetrics::inc(&shard.metrics.unknown_opcodes_total);
         let now = Instant::now();
         let window = Duration::from_millis(shard.cfg.unknown_opcode_window_ms);
-        match self.errors {
+        let limits = self.limits();
+        match limits.errors {
             Some((start, ref mut n)) if now.duration_since(start) < window => *n += 1,
-            _ => self.errors = Some((now, 1)),
+            _ => limits.errors = Some((now, 1)),
         }
-        let n = self.errors.map_or(0, |(_, n)| n);
+        let n = limits.errors.map_or(0, |(_, n)| n);
         debug!(shard = shard.id, conn = self.c.id, op, n, "unknown opcode");
         if n > shard.cfg.unknown_opcode_limit {
             ShardMetrics::inc(&shard.metrics.error_limit_disconnects_total);
@@ -854,6 +863,11 @@ impl Conn {
     /// at once.
     /// A dropped frame is counted (a flood of 4-byte frames would otherwise be relayed as
     /// frames up to 65 times larger, and make its recipient a slow consumer).
+    /// The connection's limits, allocated on first use.
+    fn limits(&mut self) -> &mut ConnLimits {
+        self.limits.get_or_insert_with(Box::default)
+    }
+
     fn typing_allowed(&mut self) -> bool {
         let (rate, burst) = (
             self.shard.cfg.typing_relays_per_sec,
@@ -861,6 +875,7 @@ impl Conn {
         );
         let now = Instant::now();
         let bucket = self
+            .limits()
             .typing
             .get_or_insert_with(|| TokenBucket::full(burst, now));
         let retry_after_ms = match bucket.take(rate, burst, now) {
@@ -910,7 +925,8 @@ impl Conn {
     /// by its sessions on this shard) and, on v1, the per-connection one. A refusal is answered
     /// (v1 0xFF, v2 RATE_LIMITED naming the SEND) and counted; the message is not accepted.
     fn send_admitted(&mut self, sender: &[u8]) -> bool {
-        let r = &self.shard.cfg.rate_limits;
+        let shard = self.shard.clone();
+        let r = &shard.cfg.rate_limits;
         if r.sends_per_sec_per_user == 0 && (r.v1_sends_per_sec == 0 || self.c.proto == Proto::V2) {
             return true; // the limits are off: nothing to look up on the message path
         }
@@ -927,6 +943,7 @@ impl Conn {
         };
         if verdict.is_ok() && self.c.proto == Proto::V1 && r.v1_sends_per_sec > 0 {
             verdict = self
+                .limits()
                 .v1_sends
                 .get_or_insert_with(|| TokenBucket::full(r.v1_send_burst, now))
                 .take(r.v1_sends_per_sec, r.v1_send_burst, now);
@@ -944,9 +961,11 @@ impl Conn {
 
     /// `[rate_limits] prekey_fetches_per_sec` of this connection; a refusal is answered.
     fn prekey_fetch_admitted(&mut self) -> bool {
-        let r = &self.shard.cfg.rate_limits;
+        let shard = self.shard.clone();
+        let r = &shard.cfg.rate_limits;
         let now = Instant::now();
         let verdict = self
+            .limits()
             .prekey_fetches
             .get_or_insert_with(|| TokenBucket::full(r.prekey_fetch_burst, now))
             .take(r.prekey_fetches_per_sec, r.prekey_fetch_burst, now);
@@ -963,7 +982,8 @@ impl Conn {
     /// `[rate_limits] logins_per_sec_per_address` for this connection's peer; `Err` with the
     /// wait when refused (the caller answers and closes).
     fn login_admitted(&self) -> Result<(), u32> {
-        let r = &self.shard.cfg.rate_limits;
+        let shard = self.shard.clone();
+        let r = &shard.cfg.rate_limits;
         let Some(ip) = self.peer else {
             return Ok(());
         };
@@ -1657,11 +1677,8 @@ pub async fn run(shard: Rc<Shard>, mut stream: Transport, id: ConnId, proto: Pro
         c: c.clone(),
         login_settled: false,
         settle_started: false,
-        errors: None,
-        typing: None,
+        limits: None,
         relays_told: false,
-        v1_sends: None,
-        prekey_fetches: None,
         peer: stream.peer_addr().ok().map(|a| a.ip()),
         id_floor: Cell::new(0),
         sending: None,
