@@ -236,7 +236,7 @@ fi
 if want connect || want saturation || want goals || want latency; then
   start_edge
   if want connect; then
-    load connect connect --target "$TARGET" --conns "$IDLE" --rate 20000 --hold 4 --settle 3 \
+    load connect connect --target "$TARGET" --conns "$IDLE" --rate 20000 --hold 8 --settle 3 \
       --server-pid "$SERVER_PID"
   fi
   if want saturation; then

@@ -536,6 +536,14 @@ pub fn render(
         opt(get("connect", "connections_open"), fmt_num),
         status(mem, |v| v <= 2048.0)
     );
+    let idle_cpu = get("connect", "server_idle_cpu_cores");
+    let _ = writeln!(
+        s,
+        "| edge CPU while holding the idle connections | < 1 % of a core | {} cores over {} s of the hold | — | {} |",
+        opt(idle_cpu, |v| format!("{v:.3}")),
+        opt(get("connect", "server_idle_secs"), |v| format!("{v:.1}")),
+        status(idle_cpu, |v| v < 0.01)
+    );
     let logins = get("logins", "logins_per_s");
     let relogin = get("logins-relogin", "logins_per_s");
     let _ = writeln!(
@@ -796,8 +804,17 @@ mod tests {
         e.label = Some("echo-8".into());
         e.figure("messages_per_s", 400_000.0);
         runs.insert("echo-8".into(), e);
+        let mut c = Report::new("connect", vec![]);
+        c.label = Some("connect".into());
+        c.figure("server_idle_cpu_cores", 0.004);
+        c.figure("server_idle_secs", 5.0);
+        runs.insert("connect".into(), c);
         let md = render(&runs, &[], None, "perf/results");
         assert!(md.contains("saturation): 100,000;"), "{md}");
+        assert!(
+            md.contains("< 1 % of a core | 0.004 cores over 5.0 s of the hold | — | met"),
+            "{md}"
+        );
         assert!(md.contains("| 0.25× echo 8/read |"), "{md}");
         assert!(md.contains("≤ 1 ms | 0.800 ms at 50,000/s offered"), "{md}");
         assert!(md.contains("not measured"));
