@@ -925,8 +925,7 @@ impl Conn {
     /// by its sessions on this shard) and, on v1, the per-connection one. A refusal is answered
     /// (v1 0xFF, v2 RATE_LIMITED naming the SEND) and counted; the message is not accepted.
     fn send_admitted(&mut self, sender: &[u8]) -> bool {
-        let shard = self.shard.clone();
-        let r = &shard.cfg.rate_limits;
+        let r = &self.shard.cfg.rate_limits;
         if r.sends_per_sec_per_user == 0 && (r.v1_sends_per_sec == 0 || self.c.proto == Proto::V2) {
             return true; // the limits are off: nothing to look up on the message path
         }
@@ -943,7 +942,8 @@ impl Conn {
         };
         if verdict.is_ok() && self.c.proto == Proto::V1 && r.v1_sends_per_sec > 0 {
             verdict = self
-                .limits()
+                .limits
+                .get_or_insert_with(Box::default)
                 .v1_sends
                 .get_or_insert_with(|| TokenBucket::full(r.v1_send_burst, now))
                 .take(r.v1_sends_per_sec, r.v1_send_burst, now);
@@ -961,11 +961,11 @@ impl Conn {
 
     /// `[rate_limits] prekey_fetches_per_sec` of this connection; a refusal is answered.
     fn prekey_fetch_admitted(&mut self) -> bool {
-        let shard = self.shard.clone();
-        let r = &shard.cfg.rate_limits;
+        let r = &self.shard.cfg.rate_limits;
         let now = Instant::now();
         let verdict = self
-            .limits()
+            .limits
+            .get_or_insert_with(Box::default)
             .prekey_fetches
             .get_or_insert_with(|| TokenBucket::full(r.prekey_fetch_burst, now))
             .take(r.prekey_fetches_per_sec, r.prekey_fetch_burst, now);
@@ -982,8 +982,7 @@ impl Conn {
     /// `[rate_limits] logins_per_sec_per_address` for this connection's peer; `Err` with the
     /// wait when refused (the caller answers and closes).
     fn login_admitted(&self) -> Result<(), u32> {
-        let shard = self.shard.clone();
-        let r = &shard.cfg.rate_limits;
+        let r = &self.shard.cfg.rate_limits;
         let Some(ip) = self.peer else {
             return Ok(());
         };

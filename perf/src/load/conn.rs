@@ -253,10 +253,7 @@ impl Client {
             match self.stream.write(&buf[pos..]).await {
                 Ok(0) => return Err(LoadError::Closed),
                 Ok(n) => pos += n,
-                Err(e)
-                    if e.kind() == io::ErrorKind::TimedOut
-                        || e.kind() == io::ErrorKind::Interrupted =>
-                {
+                Err(e) if retryable(&e) => {
                     if self.stopping() {
                         return Err(LoadError::Stopped);
                     }
@@ -269,10 +266,7 @@ impl Client {
             loop {
                 match self.stream.flush().await {
                     Ok(()) => break,
-                    Err(e)
-                        if e.kind() == io::ErrorKind::TimedOut
-                            || e.kind() == io::ErrorKind::Interrupted =>
-                    {
+                    Err(e) if retryable(&e) => {
                         if self.stopping() {
                             return Err(LoadError::Stopped);
                         }
@@ -345,6 +339,15 @@ impl Client {
             self.fill().await?;
         }
     }
+}
+
+/// A socket timeout (the stream's `POLL` read/write timeout) or an interrupted call: try again
+/// unless the run is stopping.
+fn retryable(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+    )
 }
 
 impl Client {

@@ -272,19 +272,9 @@ fn kill9_of_the_senders_edge_loses_no_acknowledged_v2_message_and_resends_are_de
     }
     ca.write_raw(&batch);
     // Some are acknowledged, then the edge dies with the rest in flight.
-    let mut acked: HashMap<u64, u64> = HashMap::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while acked.len() < 20 && Instant::now() < deadline {
-        if let Some(ServerFrame::SendAck {
-            client_msg_id,
-            server_id,
-            ..
-        }) = ca.recv_within(Duration::from_millis(50))
-        {
-            acked.insert(client_msg_id, server_id);
-        }
-    }
-    assert!(acked.len() >= 20, "no SEND_ACK before the kill: {acked:?}");
+    let mut acked: HashMap<u64, u64> = send_acks(&mut ca, 20, Duration::from_secs(30))
+        .into_iter()
+        .collect();
     c.kill9_edge(1);
     drop(ca);
     let before_kill = acked.len();
@@ -472,19 +462,9 @@ fn kill9_of_the_recipients_core_keeps_every_acknowledged_v2_message_and_its_dedu
     for k in 0..N {
         ca.send(k as u64, &b, &payload(k));
     }
-    let mut acked: HashMap<u64, u64> = HashMap::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while acked.len() < 30 && Instant::now() < deadline {
-        if let Some(ServerFrame::SendAck {
-            client_msg_id,
-            server_id,
-            ..
-        }) = ca.recv_within(Duration::from_millis(50))
-        {
-            acked.insert(client_msg_id, server_id);
-        }
-    }
-    assert!(acked.len() >= 30, "no SEND_ACK before the kill: {acked:?}");
+    let acked: HashMap<u64, u64> = send_acks(&mut ca, 30, Duration::from_secs(30))
+        .into_iter()
+        .collect();
     let member = c.core_of(&b);
     c.cores[member].kill9();
     let before_kill = acked.len();
