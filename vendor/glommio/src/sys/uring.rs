@@ -1076,22 +1076,6 @@ impl SleepableRing {
         }
     }
 
-    /// Iris patch: waits for one completion, the rings being linked by a poll that is still
-    /// armed (see `Reactor::link_rings_and_sleep`).
-    fn wait_linked(&mut self) -> io::Result<usize> {
-        assert_eq!(
-            self.waiting_kernel_submission(),
-            0,
-            "sleeping with pending SQEs"
-        );
-        self.ring
-            .cq()
-            .wait(1)
-            .map(|_| 1)
-            .or_else(Reactor::again_ok)
-            .or_else(Reactor::intr_ok)
-    }
-
     fn sleep(&mut self, link: &Source) -> io::Result<usize> {
         assert_eq!(
             self.waiting_kernel_submission(),
@@ -1277,8 +1261,6 @@ pub(crate) struct Reactor {
     throughput_preemption_timeout_src: Cell<Option<Source>>,
 
     link_fd: RawFd,
-    /// Iris patch: the poll of `link_fd` that links the rings for a sleep, kept while armed.
-    link_rings_src: Cell<Option<Source>>,
 
     // This keeps the `eventfd` alive. Drop will close it when we're done
     notifier: Arc<sys::SleepNotifier>,
@@ -1411,7 +1393,6 @@ impl Reactor {
             throughput_preemption_timeout_src: Cell::new(None),
             blocking_thread,
             link_fd,
-            link_rings_src: Cell::new(None),
             notifier,
             eventfd_src,
             source_map,
@@ -1798,21 +1779,6 @@ impl Reactor {
     /// We may not be able to register an `SQE` at this point, so we return an
     /// Error and will just not sleep.
     fn link_rings_and_sleep(&self, ring: &mut SleepableRing) -> io::Result<()> {
-        // Iris patch (see vendor/glommio/IRIS-PATCH.md): glommio 0.9.0 armed a new poll of
-        // the latency ring's fd before every sleep (one io_uring_enter to submit it, one to
-        // wait) and dropped it after waking, leaving it armed in the kernel until the latency
-        // ring next completed something: at 10,000 messages/s that piled up dozens of polls
-        // and cost two syscalls per sleep. A poll that is still armed is now kept and the
-        // sleep is one wait. It is still armed exactly when its source is still enqueued: its
-        // completion (the latency ring completed something since it was armed, at arming
-        // included) is consumed before we get here, or sits in the completion queue and ends
-        // the wait at once.
-        if let Some(src) = self.link_rings_src.take() {
-            if src.is_enqueued() {
-                self.link_rings_src.set(Some(src));
-                return ring.wait_linked().or_else(Self::busy_ok).map(|_| {});
-            }
-        }
         let link_rings = Source::new(
             IoRequirements::default(),
             self.link_fd,
@@ -1820,12 +1786,7 @@ impl Reactor {
             None,
             None,
         );
-        let res = ring.sleep(&link_rings);
-        // Kept only when it was submitted (not when `sleep` had to turn it into a no-op).
-        if res.is_ok() && link_rings.is_enqueued() {
-            self.link_rings_src.set(Some(link_rings));
-        }
-        res.or_else(Self::busy_ok).map(|_| {})
+        ring.sleep(&link_rings).or_else(Self::busy_ok).map(|_| {})
     }
 
     pub(crate) fn poll_io(&self, woke: &mut usize) -> io::Result<()> {
