@@ -20,7 +20,8 @@
 //!
 //! If an ack arrives while its message is still pending, the message is dropped without ever
 //! touching disk (`cancelled_before_store`). An ack for an already committed message becomes a
-//! delete in the next batch, and is remembered for 1–2 s (two generations of a recent-acks set,
+//! delete in the next batch (a message committed in the last one to two seconds is known to be
+//! stored without a lookup: `acks_of_recent_stores`, see "Acks of messages not stored"), and is remembered for 1–2 s (two generations of a recent-acks set,
 //! rotated every second), because stores and acks travel on different shards' queues: a store
 //! that arrives after its own ack is dropped (`late_stores_dropped`) instead of being kept
 //! forever. A store later than that is kept and delivered again at the next login (a duplicate,
@@ -67,7 +68,13 @@
 //! # Acks of messages not stored
 //! An ack of a message that is neither pending nor stored (never delivered, or already deleted)
 //! costs one point lookup and writes nothing (`acks_not_stored`); it is still remembered in the
-//! recent-acks set. A delete of a stored message rides in the next group commit with its fsync
+//! recent-acks set. The lookup is skipped for the messages the core committed in the last one
+//! to two seconds: each successful commit records its messages (id, hash of the recipient,
+//! payload bytes) in a memory that rotates with the recent-acks set, at most
+//! [`RECENT_STORES_MAX`] per period. Under load, when acks arrive after the commit window, most
+//! acks are of such messages, and the lookup in the store's memtable was the largest part of
+//! their cost. An entry is taken out by the ack that uses it, and by the expiry of its message,
+//! so a message's place under the quota is released once. A delete of a stored message rides in the next group commit with its fsync
 //! (PROTOCOL.md: an acked message is never delivered again, so it is not left to chance).
 //!
 //! # Quota and expiry
@@ -122,8 +129,12 @@ use crate::error::CoreError;
 use crate::resume::{ResumeLists, RESUME_USERS_MAX};
 use crate::store::{Batch, MessageStore, SentRecord, Usage, MAX_SENDER_LEN, MAX_USER_LEN};
 
-/// How often the recent-acks set rotates; an ack is remembered for one to two periods.
+/// How often the recent-acks set rotates; an ack is remembered for one to two periods. The
+/// memory of recently committed messages rotates with it.
 const ACK_MEMORY_PERIOD: Duration = Duration::from_secs(1);
+/// Most messages one generation of the recently-committed memory holds (about 32 bytes each);
+/// past it, acks of the messages committed later in that period fall back to a lookup.
+const RECENT_STORES_MAX: usize = 131_072;
 /// Requests taken from one shard's queue before looking at the next one (fairness).
 const SWEEP_BATCH: usize = 1024;
 /// Longest idle wait when nothing is due (the loop also wakes on every request).
@@ -248,6 +259,8 @@ pub struct CoreMetrics {
     pub expired_deleted: AtomicU64,
     /// Acks of ids that were not stored: answered by a lookup, nothing written.
     pub acks_not_stored: AtomicU64,
+    /// Acks of messages committed in the last one to two seconds: deleted without a lookup.
+    pub acks_of_recent_stores: AtomicU64,
     /// v2 sends whose `(sender, client message id)` was seen before: answered
     /// [`Confirmed::Duplicate`], not stored.
     pub duplicate_sends: AtomicU64,
@@ -281,6 +294,7 @@ pub struct CoreStats {
     pub store_reopens: u64,
     pub expired_deleted: u64,
     pub acks_not_stored: u64,
+    pub acks_of_recent_stores: u64,
     pub duplicate_sends: u64,
     pub dedup_expired: u64,
     pub resume_acked: u64,
@@ -310,6 +324,7 @@ impl CoreMetrics {
             store_reopens: r(&self.store_reopens),
             expired_deleted: r(&self.expired_deleted),
             acks_not_stored: r(&self.acks_not_stored),
+            acks_of_recent_stores: r(&self.acks_of_recent_stores),
             duplicate_sends: r(&self.duplicate_sends),
             dedup_expired: r(&self.dedup_expired),
             resume_acked: r(&self.resume_acked),
@@ -420,6 +435,8 @@ impl EmbeddedCore {
             failures: 0,
             recent_acks: HashSet::new(),
             older_acks: HashSet::new(),
+            recent_stores: HashMap::new(),
+            older_stores: HashMap::new(),
             next_rotation: now + ACK_MEMORY_PERIOD,
             deferred: Vec::new(),
             resume: ResumeLists::default(),
@@ -623,6 +640,10 @@ struct Core {
     /// Acks of messages that were not pending, `(id, hash(user))`: this and the previous period.
     recent_acks: HashSet<(u64, u64)>,
     older_acks: HashSet<(u64, u64)>,
+    /// Messages committed in this and the previous period: id -> (hash(recipient), payload
+    /// bytes). Their ack needs no lookup to know they are stored (see [`Core::on_ack`]).
+    recent_stores: HashMap<u64, (u64, u64)>,
+    older_stores: HashMap<u64, (u64, u64)>,
     next_rotation: Instant,
     /// Reads (drains, prekey fetches) taken in but not yet served: each waits for one take-in
     /// pass over all queues that starts after it was received.
@@ -1092,6 +1113,8 @@ impl Core {
 
     /// Queues the delete of an expired stored message (once).
     fn queue_expired(&mut self, user: Vec<u8>, id: u64, bytes: u64) {
+        // Its ack, should one still come, must not release its bytes a second time.
+        let _ = self.take_recent_store(id, user_hash(&user));
         if self
             .pending
             .entry(user.clone())
@@ -1258,9 +1281,21 @@ impl Core {
                 return; // already to be deleted
             }
         }
-        self.recent_acks.insert((id, user_hash(&user)));
-        // Only a stored message needs a tombstone: a point lookup first. (A store still queued
-        // on another shard's queue is dropped when it comes, by `recent_acks`.)
+        let hash = user_hash(&user);
+        self.recent_acks.insert((id, hash));
+        // Only a stored message needs a tombstone. One committed in the last second or two is
+        // known without a lookup (under load most acks that miss the window are such).
+        if let Some(bytes) = self.take_recent_store(id, hash) {
+            bump(&self.metrics.acks_of_recent_stores, 1);
+            self.release(&user, bytes);
+            if self.pending.entry(user).or_default().deletes.insert(id) {
+                self.pending_ops += 1;
+            }
+            self.arm_deadline();
+            return;
+        }
+        // Otherwise a point lookup first. (A store still queued on another shard's queue is
+        // dropped when it comes, by `recent_acks`.)
         match self.store().and_then(|s| s.payload_len(&user, id)) {
             Ok(None) => {
                 bump(&self.metrics.acks_not_stored, 1);
@@ -1294,6 +1329,20 @@ impl Core {
         }
     }
 
+    /// Removes `id` from the memory of recently committed messages and returns its payload
+    /// bytes, if it is there for the recipient hashed `hash`.
+    fn take_recent_store(&mut self, id: u64, hash: u64) -> Option<u64> {
+        for gen in [&mut self.recent_stores, &mut self.older_stores] {
+            if let Some(&(h, bytes)) = gen.get(&id) {
+                if h == hash {
+                    gen.remove(&id);
+                    return Some(bytes);
+                }
+            }
+        }
+        None
+    }
+
     fn arm_deadline(&mut self) {
         if self.deadline.is_none() {
             self.deadline = Some(Instant::now() + self.window);
@@ -1308,8 +1357,11 @@ impl Core {
             // Idle for more than a whole period: both generations are stale.
             self.older_acks.clear();
             self.recent_acks.clear();
+            self.older_stores.clear();
+            self.recent_stores.clear();
         } else {
             self.older_acks = std::mem::take(&mut self.recent_acks);
+            self.older_stores = std::mem::take(&mut self.recent_stores);
         }
         self.next_rotation = now + ACK_MEMORY_PERIOD;
     }
@@ -1592,6 +1644,13 @@ impl Core {
             Ok(()) => {
                 bump(&self.metrics.stored, inserts.len() as u64);
                 bump(&self.metrics.commits, 1);
+                for m in &inserts {
+                    if self.recent_stores.len() >= RECENT_STORES_MAX {
+                        break;
+                    }
+                    self.recent_stores
+                        .insert(m.id, (user_hash(&m.recipient), m.payload.len() as u64));
+                }
                 bump(&self.metrics.commit_micros_total, micros);
                 bump(&self.metrics.dedup_expired, sent_expired.len() as u64);
                 debug!(
@@ -2124,6 +2183,79 @@ mod tests {
             .unwrap();
         wait_for(&m, "the delete", |s| s.commits == 2);
         assert!(drain_ids(&links[0], b"ruth").is_empty());
+        core.shutdown().unwrap();
+    }
+
+    fn ack(link: &ShardLink, user: &[u8], id: u64) {
+        link.to_core
+            .send(CoreRequest::Ack {
+                user: user.to_vec(),
+                id,
+            })
+            .unwrap();
+    }
+
+    /// An ack of a message committed moments ago deletes it without a lookup and frees its
+    /// place under the quota once: acking it again is a lookup that finds nothing, and the
+    /// place is not freed twice.
+    #[test]
+    fn an_ack_of_a_message_just_committed_needs_no_lookup() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = EmbeddedConfig {
+            max_messages_per_user: 2,
+            ..test_cfg(dir.path().join("core"))
+        };
+        let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
+        let m = core.metrics();
+        let link = &links[0];
+        link.to_core.send(store_req(msg(1), 1)).unwrap();
+        link.to_core.send(store_req(msg(2), 1)).unwrap();
+        wait_for(&m, "the stores", |s| s.stored == 2);
+        // A message of another recipient with the same id is not this one.
+        ack(link, b"sara", 1);
+        wait_for(&m, "the ack for sara", |s| s.acks_not_stored == 1);
+        ack(link, b"ruth", 1);
+        wait_for(&m, "the ack and its delete", |s| {
+            s.acks_of_recent_stores == 1 && s.pending_ops == 0 && s.commits == 2
+        });
+        link.to_core.send(store_req(msg(3), 1)).unwrap();
+        wait_for(&m, "the store in the freed place", |s| s.stored == 3);
+        ack(link, b"ruth", 1);
+        wait_for(&m, "the second ack", |s| s.acks_not_stored == 2);
+        link.to_core.send(store_req(msg(4), 2)).unwrap();
+        wait_for(&m, "the refusal", |s| s.refused_over_quota == 1);
+        assert_eq!(
+            refusals(link, Duration::from_millis(200)),
+            vec![(2, REFUSED_INBOX_FULL)]
+        );
+        assert_eq!(drain_ids(link, b"ruth"), vec![2, 3]);
+        let s = m.snapshot();
+        assert_eq!((s.acks_of_recent_stores, s.stored), (1, 3), "{s:?}");
+        core.shutdown().unwrap();
+    }
+
+    /// A message the expiry sweep deleted is forgotten by the memory of recent commits: an ack
+    /// that comes after the sweep is a lookup (nothing stored), not a second release.
+    #[test]
+    fn an_ack_after_the_expiry_of_a_message_just_committed_finds_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = EmbeddedConfig {
+            data_dir: dir.path().join("core"),
+            message_ttl_secs: 10,
+            dedup_ttl_secs: 0,
+            ..EmbeddedConfig::default()
+        };
+        let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
+        let m = core.metrics();
+        let old = id_aged(Duration::from_secs(20), 0);
+        links[0].to_core.send(store_req(msg(old), 1)).unwrap();
+        wait_for(&m, "the store", |s| s.stored == 1);
+        wait_for(&m, "the expiry", |s| {
+            s.expired_deleted == 1 && s.pending_ops == 0
+        });
+        ack(&links[0], b"ruth", old);
+        wait_for(&m, "the ack", |s| s.acks_not_stored == 1);
+        assert_eq!(m.snapshot().acks_of_recent_stores, 0);
         core.shutdown().unwrap();
     }
 

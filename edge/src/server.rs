@@ -856,6 +856,12 @@ fn core_lines(s: &CoreStats) -> Vec<(&'static str, &'static str, &'static str, u
             s.acks_not_stored,
         ),
         (
+            "iris_core_acks_of_recent_stores_total",
+            "counter",
+            "Acks of messages committed in the last 1-2 s: deleted without a lookup.",
+            s.acks_of_recent_stores,
+        ),
+        (
             "iris_core_duplicate_sends_total",
             "counter",
             "v2 sends whose client message id was seen before: acknowledged, not stored.",
