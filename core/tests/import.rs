@@ -611,6 +611,7 @@ fn import_survives_a_kill_9_under_a_stream_of_2000_routed_messages() {
                 std::thread::sleep(Duration::from_millis(20));
             }
             tx.flush();
+            tx.failures()
         })
     };
     let mut seen: BTreeMap<u64, u32> = BTreeMap::new();
@@ -631,18 +632,120 @@ fn import_survives_a_kill_9_under_a_stream_of_2000_routed_messages() {
     while seen.len() < N as usize && Instant::now() < deadline {
         record(edge.frames(200, Duration::from_millis(200)), &mut seen);
     }
-    producer.join().unwrap();
+    let refused = producer.join().unwrap();
+    assert!(
+        refused.is_empty(),
+        "the test's own produces failed: {refused:?}"
+    );
     let missing: Vec<&u64> = want.iter().filter(|id| !seen.contains_key(id)).collect();
     let dups: u32 = seen.values().map(|c| c - 1).sum();
     eprintln!(
         "kill at {at_kill} routed, distinct {} of {N}, duplicates {dups}",
         seen.len()
     );
-    assert!(
-        missing.is_empty(),
-        "{} never reached the edge",
-        missing.len()
-    );
+    if !missing.is_empty() {
+        // What to look at when it fails: which messages (their place in the stream), what the
+        // restarted core counted, and whether they were stored.
+        let mut at: Vec<usize> = missing
+            .iter()
+            .filter_map(|id| ids.iter().position(|i| i == *id))
+            .collect();
+        at.sort_unstable();
+        eprintln!("missing, by place in the stream: {at:?}");
+        let body = core.metrics();
+        for line in body
+            .lines()
+            .filter(|l| l.starts_with("iris_") && !l.contains("_bucket") && !l.ends_with(" 0"))
+        {
+            eprintln!("{line}");
+        }
+        // Where are they: the route topic (global), the deliver topic (regional)?
+        for (brokers, topic, parts) in [
+            (env.global.brokers(), route(HERE), PARTITIONS),
+            (env.regional.brokers(), deliver(HERE), PARTITIONS),
+        ] {
+            let parts: Vec<(String, i32)> = (0..parts as i32).map(|p| (topic.clone(), p)).collect();
+            let c = consumer_from_beginning(&brokers, "test-reader-where", &[], &parts);
+            let (mut n, mut found) = (0usize, Vec::new());
+            let end = Instant::now() + Duration::from_secs(8);
+            while Instant::now() < end {
+                let Some(r) = c.poll(Duration::from_millis(100)) else {
+                    continue;
+                };
+                let m = r.unwrap();
+                n += 1;
+                let Ok(f) = iris_bus::decode(rdkafka::message::Message::payload(&m).unwrap())
+                    .and_then(iris_bus::to_owned)
+                else {
+                    continue;
+                };
+                let d = match f {
+                    BusFrame::Deliver(d) => Some(d),
+                    BusFrame::Route(r) => match r.inner {
+                        Routed::Deliver(d) => Some(d),
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                if let Some(d) = d {
+                    if missing.contains(&&d.id) {
+                        let at = ids.iter().position(|i| *i == d.id).unwrap();
+                        found.push((
+                            rdkafka::message::Message::partition(&m),
+                            rdkafka::message::Message::offset(&m),
+                            at,
+                        ));
+                    }
+                }
+            }
+            eprintln!(
+                "{topic}: {n} records; missing found at (partition, offset, place): {found:?}"
+            );
+        }
+        // Are they in the edge's inbox? A fresh reader, every record with its offset.
+        let again = consumer_from_beginning(
+            &env.regional.brokers(),
+            "test-reader-again",
+            &[],
+            &[(edge_inbox(HERE, 1), 0)],
+        );
+        let mut found: Vec<(i64, usize)> = Vec::new();
+        let mut offsets = 0usize;
+        let mut last = -1i64;
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end {
+            let Some(r) = again.poll(Duration::from_millis(100)) else {
+                continue;
+            };
+            let m = r.unwrap();
+            let off = rdkafka::message::Message::offset(&m);
+            if off != last + 1 {
+                eprintln!("inbox offsets jump from {last} to {off}");
+            }
+            last = off;
+            offsets += 1;
+            let f = iris_bus::to_owned(
+                iris_bus::decode(rdkafka::message::Message::payload(&m).unwrap()).unwrap(),
+            )
+            .unwrap();
+            for d in delivers(&[f]) {
+                if missing.contains(&&d.id) {
+                    found.push((off, ids.iter().position(|i| *i == d.id).unwrap()));
+                }
+            }
+        }
+        eprintln!("inbox: {offsets} records, last offset {last}; missing ids found at (offset, place): {found:?}");
+        drop(core);
+        let store = MessageStore::open(env.data_dir()).unwrap();
+        let stored = missing
+            .iter()
+            .filter(|id| matches!(store.payload_len(b"dave", ***id), Ok(Some(_))))
+            .count();
+        panic!(
+            "{} never reached the edge ({stored} of them stored)",
+            missing.len()
+        );
+    }
     assert_eq!(seen.len(), N as usize);
     assert!(
         dups < N as u32 / 2,
