@@ -1976,13 +1976,7 @@ mod tests {
         }
         wait_for(&m, "the store", |s| s.stored == 3);
         fault::fail_next_writes(&data_dir, 3);
-        links[0]
-            .to_core
-            .send(CoreRequest::Ack {
-                user: b"ruth".to_vec(),
-                id: 2,
-            })
-            .unwrap();
+        ack(&links[0], b"ruth", 2);
         wait_for(&m, "failed commits then recovery", |s| {
             s.store_errors == 3 && s.pending_ops == 0
         });
@@ -2030,12 +2024,7 @@ mod tests {
         other.recipient = b"sara".to_vec();
         link.to_core.send(store_req(other, 3)).unwrap();
         // An ack frees one place.
-        link.to_core
-            .send(CoreRequest::Ack {
-                user: b"ruth".to_vec(),
-                id: 1,
-            })
-            .unwrap();
+        ack(link, b"ruth", 1);
         link.to_core.send(store_req(msg(7), 3)).unwrap();
         link.to_core.send(store_req(msg(8), 4)).unwrap();
         wait_for(&m, "one more stored", |s| {
@@ -2161,26 +2150,14 @@ mod tests {
         links[0].to_core.send(store_req(msg(1), 1)).unwrap();
         wait_for(&m, "the store", |s| s.commits == 1);
         for id in 100..1100 {
-            links[0]
-                .to_core
-                .send(CoreRequest::Ack {
-                    user: b"ruth".to_vec(),
-                    id,
-                })
-                .unwrap();
+            ack(&links[0], b"ruth", id);
         }
         wait_for(&m, "acks", |s| s.acks_not_stored == 1000);
         std::thread::sleep(Duration::from_millis(50));
         let s = m.snapshot();
         assert_eq!((s.commits, s.pending_ops), (1, 0), "{s:?}");
         // A real ack still deletes.
-        links[0]
-            .to_core
-            .send(CoreRequest::Ack {
-                user: b"ruth".to_vec(),
-                id: 1,
-            })
-            .unwrap();
+        ack(&links[0], b"ruth", 1);
         wait_for(&m, "the delete", |s| s.commits == 2);
         assert!(drain_ids(&links[0], b"ruth").is_empty());
         core.shutdown().unwrap();
@@ -2453,12 +2430,7 @@ mod tests {
             vec![(3, REFUSED_INBOX_FULL)]
         );
         // Room again: the resend is stored (the refusal left no record).
-        link.to_core
-            .send(CoreRequest::Ack {
-                user: b"ruth".to_vec(),
-                id: 1,
-            })
-            .unwrap();
+        ack(link, b"ruth", 1);
         send_v2(link, msg(4), 4, 9);
         assert_eq!(confirms(link, 1), vec![(4, stored(9, 4))]);
         assert_eq!(m.snapshot().refused_over_quota, 2);
@@ -2525,12 +2497,7 @@ mod tests {
         let link = &links[0];
         send_v2(link, msg(1), 1, 5);
         wait_for(&m, "the store taken in", |s| s.pending_ops == 2);
-        link.to_core
-            .send(CoreRequest::Ack {
-                user: b"ruth".to_vec(),
-                id: 1,
-            })
-            .unwrap();
+        ack(link, b"ruth", 1);
         // A drain (rung for) takes the ack in at once; the confirm comes in the same pass.
         link.to_core
             .send(CoreRequest::Drain {
