@@ -1357,8 +1357,9 @@ impl Core {
             // Idle for more than a whole period: both generations are stale.
             self.older_acks.clear();
             self.recent_acks.clear();
-            self.older_stores.clear();
-            self.recent_stores.clear();
+            // Dropped, not cleared: a burst's capacity (up to a few MB) is not kept while idle.
+            self.older_stores = HashMap::new();
+            self.recent_stores = HashMap::new();
         } else {
             self.older_acks = std::mem::take(&mut self.recent_acks);
             self.older_stores = std::mem::take(&mut self.recent_stores);
