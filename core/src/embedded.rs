@@ -21,11 +21,11 @@
 //! If an ack arrives while its message is still pending, the message is dropped without ever
 //! touching disk (`cancelled_before_store`). An ack for an already committed message becomes a
 //! delete in the next batch (a message committed in the last one to two seconds is known to be
-//! stored without a lookup: `acks_of_recent_stores`, see "Acks of messages not stored"), and is remembered for 1–2 s (two generations of a recent-acks set,
-//! rotated every second), because stores and acks travel on different shards' queues: a store
-//! that arrives after its own ack is dropped (`late_stores_dropped`) instead of being kept
-//! forever. A store later than that is kept and delivered again at the next login (a duplicate,
-//! never a loss).
+//! stored without a lookup: `acks_of_recent_stores`, see "Acks of messages not stored"), and is
+//! remembered for 1–2 s (two generations of a recent-acks set, rotated every second), because
+//! stores and acks travel on different shards' queues: a store that arrives after its own ack is
+//! dropped (`late_stores_dropped`) instead of being kept forever. A store later than that is kept
+//! and delivered again at the next login (a duplicate, never a loss).
 //!
 //! # Client message ids (protocol v2)
 //! A [`CoreRequest::Store`] may carry the sender's client message id (`client`, an
@@ -68,13 +68,13 @@
 //! # Acks of messages not stored
 //! An ack of a message that is neither pending nor stored (never delivered, or already deleted)
 //! costs one point lookup and writes nothing (`acks_not_stored`); it is still remembered in the
-//! recent-acks set. The lookup is skipped for the messages the core committed in the last one
-//! to two seconds: each successful commit records its messages (id, hash of the recipient,
-//! payload bytes) in a memory that rotates with the recent-acks set, at most
-//! [`RECENT_STORES_MAX`] per period. Under load, when acks arrive after the commit window, most
-//! acks are of such messages, and the lookup in the store's memtable was the largest part of
-//! their cost. An entry is taken out by the ack that uses it, and by the expiry of its message,
-//! so a message's place under the quota is released once. A delete of a stored message rides in the next group commit with its fsync
+//! recent-acks set. The lookup is skipped for the messages the core committed in the last one to
+//! two seconds: each successful commit records its messages (id, hash of the recipient, payload
+//! bytes) in a memory that rotates with the recent-acks set, at most `RECENT_STORES_MAX` per
+//! period. Under load, when acks arrive after the commit window, most acks are of such messages,
+//! and the lookup in the store's memtable was the largest part of their cost. An entry is taken out
+//! by the ack that uses it, and by the expiry of its message, so a message's place under the quota
+//! is released once. A delete of a stored message rides in the next group commit with its fsync
 //! (PROTOCOL.md: an acked message is never delivered again, so it is not left to chance).
 //!
 //! # Quota and expiry
