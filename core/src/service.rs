@@ -168,7 +168,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaErrorCode;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, trace, warn};
 
 use crate::api::StoredMsg;
 use crate::error::CoreError;
@@ -1457,6 +1457,13 @@ impl CoreService {
                     self.stats.records.fetch_add(1, Ordering::Relaxed);
                     self.handle_presence(&payload);
                 } else {
+                    if tracing::enabled!(tracing::Level::TRACE) {
+                        let id = match iris_bus::decode(&payload) {
+                            Ok(ArchivedBusFrame::Deliver(d)) => d.id.to_native(),
+                            _ => 0,
+                        };
+                        trace!(partition, offset, id, "deliver topic record consumed");
+                    }
                     self.window.started.get_or_insert_with(Instant::now);
                     self.handle(payload)?;
                     self.window.records += 1;
