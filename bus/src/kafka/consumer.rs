@@ -212,6 +212,8 @@ pub fn start_offsets<C: ConsumerContext>(
     // Per partition: the committed offset when it lies above the high watermark, and that
     // watermark.
     let mut above: Vec<Option<(i64, i64)>> = Vec::with_capacity(partitions.len());
+    // What was read, for the log line below: (partition, committed, high watermark).
+    let mut seen_offsets: Vec<(i32, Option<i64>, Option<i64>)> = Vec::new();
     for (topic, partition) in partitions {
         let c = match committed
             .as_ref()
@@ -220,15 +222,26 @@ pub fn start_offsets<C: ConsumerContext>(
         {
             Some(Offset::Offset(c)) if c > 0 => c,
             _ => {
+                seen_offsets.push((*partition, None, None));
                 above.push(None);
                 continue;
             }
         };
-        above.push(match consumer.fetch_watermarks(topic, *partition, wait) {
-            Ok((_, high)) if c > high => Some((c, high)),
+        let high = consumer
+            .fetch_watermarks(topic, *partition, wait)
+            .ok()
+            .map(|w| w.1);
+        seen_offsets.push((*partition, Some(c), high));
+        above.push(match high {
+            Some(high) if c > high => Some((c, high)),
             _ => None,
         });
     }
+    tracing::info!(
+        topic = %partitions.first().map_or("", |p| p.0.as_str()),
+        committed_and_high = ?seen_offsets,
+        "start offsets read: (partition, committed offset, high watermark)"
+    );
     // The end of each such log: one past the last record of its last batch.
     let mut end: Vec<i64> = above
         .iter()
@@ -279,6 +292,11 @@ pub fn start_offsets<C: ConsumerContext>(
             }
         }
         let _ = consumer.unassign();
+        tracing::info!(
+            probed = ?partitions.iter().zip(&above).zip(&end).filter(|((_, a), _)| a.is_some())
+                .map(|(((_, p), _), e)| (*p, *e)).collect::<Vec<_>>(),
+            "committed offsets above the high watermark: the logs' ends read (partition, end)"
+        );
         for (i, a) in above.iter_mut().enumerate() {
             // No answer from a non-empty log in time: follow the committed offset.
             if matches!(a, Some((_, h)) if *h > 0) && !seen[i] {
