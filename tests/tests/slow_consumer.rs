@@ -164,9 +164,10 @@ fn silent_reader_default_limits() {
 /// (waited for, up to 6 s); the peak while sending is printed.
 #[test]
 fn silent_reader_of_1kb_messages_costs_bounded_memory() {
-    // Settled: about 30 MiB of it is the store's memtable holding the 20 MB of messages
-    // (fjall's default memtable is 64 MiB); the silent reader adds its 4 MiB output cap. The
-    // settled growth measured 40-55 MB over runs (the allocator's and the memtable's steps).
+    // The 20 MB of messages are held by the store and the silent reader adds its 4 MiB output
+    // cap. The settled growth measured 33-57 MB over runs alone, once 76 MB in a full parallel
+    // run; capping the store's memtable at 16 MiB (fjall's default is 64 MiB) did not lower it,
+    // so where the rest goes is not established.
     const LIMIT_KIB: u64 = 60 << 10;
     const PEAK_LIMIT_KIB: u64 = 64 << 10;
     let n = N;

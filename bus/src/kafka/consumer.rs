@@ -212,8 +212,8 @@ pub fn start_offsets<C: ConsumerContext>(
     // Per partition: the committed offset when it lies above the high watermark, and that
     // watermark.
     let mut above: Vec<Option<(i64, i64)>> = Vec::with_capacity(partitions.len());
-    // What was read, for the log line below: (partition, committed, high watermark).
-    let mut seen_offsets: Vec<(i32, Option<i64>, Option<i64>)> = Vec::new();
+    // What was read, for the log line below: (topic, partition, committed, high watermark).
+    let mut seen_offsets: Vec<(&str, i32, Option<i64>, Option<i64>)> = Vec::new();
     for (topic, partition) in partitions {
         let c = match committed
             .as_ref()
@@ -222,7 +222,7 @@ pub fn start_offsets<C: ConsumerContext>(
         {
             Some(Offset::Offset(c)) if c > 0 => c,
             _ => {
-                seen_offsets.push((*partition, None, None));
+                seen_offsets.push((topic, *partition, None, None));
                 above.push(None);
                 continue;
             }
@@ -231,16 +231,15 @@ pub fn start_offsets<C: ConsumerContext>(
             .fetch_watermarks(topic, *partition, wait)
             .ok()
             .map(|w| w.1);
-        seen_offsets.push((*partition, Some(c), high));
+        seen_offsets.push((topic, *partition, Some(c), high));
         above.push(match high {
             Some(high) if c > high => Some((c, high)),
             _ => None,
         });
     }
     tracing::info!(
-        topic = %partitions.first().map_or("", |p| p.0.as_str()),
         committed_and_high = ?seen_offsets,
-        "start offsets read: (partition, committed offset, high watermark)"
+        "start offsets read: (topic, partition, committed offset, high watermark)"
     );
     // The end of each such log: one past the last record of its last batch.
     let mut end: Vec<i64> = above
@@ -294,8 +293,8 @@ pub fn start_offsets<C: ConsumerContext>(
         let _ = consumer.unassign();
         tracing::info!(
             probed = ?partitions.iter().zip(&above).zip(&end).filter(|((_, a), _)| a.is_some())
-                .map(|(((_, p), _), e)| (*p, *e)).collect::<Vec<_>>(),
-            "committed offsets above the high watermark: the logs' ends read (partition, end)"
+                .map(|(((t, p), _), e)| (t.as_str(), *p, *e)).collect::<Vec<_>>(),
+            "committed offsets above the high watermark: the logs' ends read (topic, partition, end)"
         );
         for (i, a) in above.iter_mut().enumerate() {
             // No answer from a non-empty log in time: follow the committed offset.

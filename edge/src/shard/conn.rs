@@ -725,6 +725,14 @@ struct ConnLimits {
     prekey_fetches: Option<TokenBucket>,
 }
 
+impl ConnLimits {
+    /// The limits in `slot`, allocated on first use. (A function of the field, not of the
+    /// connection, so that callers may hold other borrows of the connection meanwhile.)
+    fn of(slot: &mut Option<Box<ConnLimits>>) -> &mut ConnLimits {
+        slot.get_or_insert_with(Box::default)
+    }
+}
+
 struct Conn {
     shard: Rc<Shard>,
     c: Rc<ConnShared>,
@@ -791,7 +799,7 @@ impl Conn {
         ShardMetrics::inc(&shard.metrics.unknown_opcodes_total);
         let now = Instant::now();
         let window = Duration::from_millis(shard.cfg.unknown_opcode_window_ms);
-        let limits = self.limits();
+        let limits = ConnLimits::of(&mut self.limits);
         match limits.errors {
             Some((start, ref mut n)) if now.duration_since(start) < window => *n += 1,
             _ => limits.errors = Some((now, 1)),
@@ -863,19 +871,13 @@ impl Conn {
     /// at once.
     /// A dropped frame is counted (a flood of 4-byte frames would otherwise be relayed as
     /// frames up to 65 times larger, and make its recipient a slow consumer).
-    /// The connection's limits, allocated on first use.
-    fn limits(&mut self) -> &mut ConnLimits {
-        self.limits.get_or_insert_with(Box::default)
-    }
-
     fn typing_allowed(&mut self) -> bool {
         let (rate, burst) = (
             self.shard.cfg.typing_relays_per_sec,
             self.shard.cfg.typing_relay_burst,
         );
         let now = Instant::now();
-        let bucket = self
-            .limits()
+        let bucket = ConnLimits::of(&mut self.limits)
             .typing
             .get_or_insert_with(|| TokenBucket::full(burst, now));
         let retry_after_ms = match bucket.take(rate, burst, now) {
@@ -941,9 +943,7 @@ impl Conn {
             )
         };
         if verdict.is_ok() && self.c.proto == Proto::V1 && r.v1_sends_per_sec > 0 {
-            verdict = self
-                .limits
-                .get_or_insert_with(Box::default)
+            verdict = ConnLimits::of(&mut self.limits)
                 .v1_sends
                 .get_or_insert_with(|| TokenBucket::full(r.v1_send_burst, now))
                 .take(r.v1_sends_per_sec, r.v1_send_burst, now);
@@ -963,9 +963,7 @@ impl Conn {
     fn prekey_fetch_admitted(&mut self) -> bool {
         let r = &self.shard.cfg.rate_limits;
         let now = Instant::now();
-        let verdict = self
-            .limits
-            .get_or_insert_with(Box::default)
+        let verdict = ConnLimits::of(&mut self.limits)
             .prekey_fetches
             .get_or_insert_with(|| TokenBucket::full(r.prekey_fetch_burst, now))
             .take(r.prekey_fetches_per_sec, r.prekey_fetch_burst, now);

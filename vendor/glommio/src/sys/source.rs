@@ -142,6 +142,12 @@ pub(crate) struct InnerSource {
 }
 
 impl InnerSource {
+    /// Iris patch: whether this source feeds a latency statistic, the only use of its time
+    /// stamps (sockets feed none, so they read no clock).
+    pub(crate) fn collects_latency(&self) -> bool {
+        self.stats_collection.is_some_and(|x| x.latency.is_some())
+    }
+
     pub(crate) fn update_source_type(&mut self, source_type: SourceType) -> SourceType {
         std::mem::replace(&mut self.source_type, source_type)
     }

@@ -470,7 +470,7 @@ fn record_stats<Ring: UringCommon>(
 ) {
     // Iris patch: the time stamps feed only a latency statistic; a source that collects none
     // (every socket's) does not read the clock for them.
-    if src.stats_collection.is_some_and(|x| x.latency.is_some()) {
+    if src.collects_latency() {
         src.wakers.fulfilled_at = Some(Instant::now());
     }
     if let Some(fulfilled) = src.stats_collection.and_then(|x| x.fulfilled) {
@@ -527,7 +527,7 @@ fn extract_one_chain(
             if op.user_data > 0 {
                 let id = from_user_data(op.user_data);
                 let status = source_map.peek_source_mut(from_user_data(op.user_data), |mut x| {
-                    if x.stats_collection.is_some_and(|s| s.latency.is_some()) {
+                    if x.collects_latency() {
                         x.wakers.submitted_at = Some(*now.get_or_insert_with(Instant::now));
                     }
                     let current = x.enqueued.as_mut().expect("bug");
@@ -2109,7 +2109,7 @@ fn queue_request_into_ring(
     // Iris patch: see `record_stats`.
     {
         let mut inner = source.inner.borrow_mut();
-        if inner.stats_collection.is_some_and(|x| x.latency.is_some()) {
+        if inner.collects_latency() {
             inner.wakers.queued_at = Some(Instant::now());
         }
     }
