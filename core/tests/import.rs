@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -19,7 +19,7 @@ use common::{
 use iris_bus::kafka::{ensure_topics, KafkaConfig};
 use iris_bus::topics::{deliver, edge_inbox, partition_of, route};
 use iris_bus::{
-    encode, Ack, BusFrame, Deliver, DrainChunk, DrainRequest, PrekeyFetch, PrekeyPut, Routed,
+    encode, Ack, BusFrame, Deliver, DrainChunk, DrainRequest, PrekeyFetch, PrekeyPut, Route, Routed,
 };
 use iris_core::store::MessageStore;
 use iris_tests::services::{Proc, RedisServer, Tansu};
@@ -251,6 +251,47 @@ fn drain_req(user: &[u8], node: u32, conn: u64, region: &str) -> BusFrame {
         limit: 100,
         region: region.to_owned(),
     })
+}
+
+/// Reads `parts` from offset 0 for 8 s: how many records, and where the delivers whose ids are
+/// in `place` are (partition, offset, their place in the stream). Reports offset jumps.
+fn find_delivers(
+    brokers: &str,
+    parts: &[(String, i32)],
+    place: &HashMap<u64, usize>,
+) -> (usize, Vec<(i32, i64, usize)>) {
+    use rdkafka::message::Message;
+    let c = consumer_from_beginning(brokers, "test-reader-where", &[], parts);
+    let (mut n, mut found) = (0usize, Vec::new());
+    let mut next: HashMap<i32, i64> = HashMap::new();
+    let end = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < end {
+        let Some(r) = c.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let m = r.unwrap();
+        n += 1;
+        let (p, off) = (m.partition(), m.offset());
+        let expected = next.insert(p, off + 1).unwrap_or(0);
+        if off != expected {
+            eprintln!("{}/{p}: offsets jump from {expected} to {off}", m.topic());
+        }
+        let Ok(f) = iris_bus::decode(m.payload().unwrap()).and_then(iris_bus::to_owned) else {
+            continue;
+        };
+        let d = match f {
+            BusFrame::Deliver(d) => d,
+            BusFrame::Route(Route {
+                inner: Routed::Deliver(d),
+                ..
+            }) => d,
+            _ => continue,
+        };
+        if let Some(&at) = place.get(&d.id) {
+            found.push((p, off, at));
+        }
+    }
+    (n, found)
 }
 
 fn store_count(env: &Env, user: &[u8]) -> usize {
@@ -646,10 +687,11 @@ fn import_survives_a_kill_9_under_a_stream_of_2000_routed_messages() {
     if !missing.is_empty() {
         // What to look at when it fails: which messages (their place in the stream), what the
         // restarted core counted, and whether they were stored.
-        let mut at: Vec<usize> = missing
+        let place: HashMap<u64, usize> = missing
             .iter()
-            .filter_map(|id| ids.iter().position(|i| i == *id))
+            .map(|id| (**id, ids.iter().position(|i| i == *id).unwrap()))
             .collect();
+        let mut at: Vec<usize> = place.values().copied().collect();
         at.sort_unstable();
         eprintln!("missing, by place in the stream: {at:?}");
         let body = core.metrics();
@@ -659,82 +701,20 @@ fn import_survives_a_kill_9_under_a_stream_of_2000_routed_messages() {
         {
             eprintln!("{line}");
         }
-        // Where are they: the route topic (global), the deliver topic (regional)?
-        for (brokers, topic, parts) in [
-            (env.global.brokers(), route(HERE), PARTITIONS),
-            (env.regional.brokers(), deliver(HERE), PARTITIONS),
+        // Where are they: the route topic (global), the deliver topic and the edge's inbox
+        // (regional)? Fresh readers from offset 0.
+        let all = |topic: String| (0..PARTITIONS as i32).map(move |p| (topic.clone(), p));
+        for (brokers, parts) in [
+            (env.global.brokers(), all(route(HERE)).collect::<Vec<_>>()),
+            (env.regional.brokers(), all(deliver(HERE)).collect()),
+            (env.regional.brokers(), vec![(edge_inbox(HERE, 1), 0)]),
         ] {
-            let parts: Vec<(String, i32)> = (0..parts as i32).map(|p| (topic.clone(), p)).collect();
-            let c = consumer_from_beginning(&brokers, "test-reader-where", &[], &parts);
-            let (mut n, mut found) = (0usize, Vec::new());
-            let end = Instant::now() + Duration::from_secs(8);
-            while Instant::now() < end {
-                let Some(r) = c.poll(Duration::from_millis(100)) else {
-                    continue;
-                };
-                let m = r.unwrap();
-                n += 1;
-                let Ok(f) = iris_bus::decode(rdkafka::message::Message::payload(&m).unwrap())
-                    .and_then(iris_bus::to_owned)
-                else {
-                    continue;
-                };
-                let d = match f {
-                    BusFrame::Deliver(d) => Some(d),
-                    BusFrame::Route(r) => match r.inner {
-                        Routed::Deliver(d) => Some(d),
-                        _ => None,
-                    },
-                    _ => None,
-                };
-                if let Some(d) = d {
-                    if missing.contains(&&d.id) {
-                        let at = ids.iter().position(|i| *i == d.id).unwrap();
-                        found.push((
-                            rdkafka::message::Message::partition(&m),
-                            rdkafka::message::Message::offset(&m),
-                            at,
-                        ));
-                    }
-                }
-            }
+            let (n, found) = find_delivers(&brokers, &parts, &place);
             eprintln!(
-                "{topic}: {n} records; missing found at (partition, offset, place): {found:?}"
+                "{}: {n} records; missing found at (partition, offset, place): {found:?}",
+                parts[0].0
             );
         }
-        // Are they in the edge's inbox? A fresh reader, every record with its offset.
-        let again = consumer_from_beginning(
-            &env.regional.brokers(),
-            "test-reader-again",
-            &[],
-            &[(edge_inbox(HERE, 1), 0)],
-        );
-        let mut found: Vec<(i64, usize)> = Vec::new();
-        let mut offsets = 0usize;
-        let mut last = -1i64;
-        let end = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < end {
-            let Some(r) = again.poll(Duration::from_millis(100)) else {
-                continue;
-            };
-            let m = r.unwrap();
-            let off = rdkafka::message::Message::offset(&m);
-            if off != last + 1 {
-                eprintln!("inbox offsets jump from {last} to {off}");
-            }
-            last = off;
-            offsets += 1;
-            let f = iris_bus::to_owned(
-                iris_bus::decode(rdkafka::message::Message::payload(&m).unwrap()).unwrap(),
-            )
-            .unwrap();
-            for d in delivers(&[f]) {
-                if missing.contains(&&d.id) {
-                    found.push((off, ids.iter().position(|i| *i == d.id).unwrap()));
-                }
-            }
-        }
-        eprintln!("inbox: {offsets} records, last offset {last}; missing ids found at (offset, place): {found:?}");
         drop(core);
         let store = MessageStore::open(env.data_dir()).unwrap();
         let stored = missing
