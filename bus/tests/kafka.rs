@@ -546,3 +546,103 @@ fn assigned_consumer_reads_from_the_beginning_when_its_committed_offset_is_beyon
         consumer.stop().unwrap();
     }
 }
+
+/// Writes `payloads` to partition 0 of `topic` as one record batch (one produce request).
+fn produce_one_batch(cfg: &KafkaConfig, topic: &str, payloads: &[u8]) {
+    let plain: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &cfg.brokers)
+        .set("linger.ms", "1000")
+        .set("batch.num.messages", "100000")
+        .create()
+        .unwrap();
+    for p in payloads {
+        plain
+            .send(
+                BaseRecord::<(), _>::to(topic)
+                    .partition(0)
+                    .payload(std::slice::from_ref(p)),
+            )
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    plain.flush(Duration::from_secs(10)).unwrap();
+}
+
+/// tansu 0.6 answers a fetch from inside a record batch with the next batch. A consumer
+/// restarted at its committed offset (usually inside a batch) must still get every record from
+/// that offset on, once each and in order: it starts a little earlier, seeks back further when
+/// the batch holding its offset began earlier still, and drops what lies before the committed
+/// offset.
+#[test]
+fn assigned_consumer_starts_exactly_at_a_committed_offset_inside_a_record_batch() {
+    init_tracing();
+    let broker = Tansu::memory();
+    let cfg = broker.config("t-midbatch");
+    let topic = "iris.test.midbatch".to_owned();
+    ensure_topics(&cfg, &[(topic.clone(), 1)]).unwrap();
+    // Payload: the offset / 8, to check each record is the one its offset names.
+    let payload = |o: usize| (o / 8) as u8;
+    // 15 batches of 40 (0, 40, ..., 560), one of 1,000 (600..1600), one of 40 (1600..1640).
+    for run in 0..15 {
+        let payloads: Vec<u8> = (run * 40..run * 40 + 40).map(payload).collect();
+        produce_all(&cfg, &topic, &payloads);
+    }
+    produce_one_batch(&cfg, &topic, &(600..1600).map(payload).collect::<Vec<u8>>());
+    produce_all(
+        &cfg,
+        &topic,
+        &(1600..1640).map(payload).collect::<Vec<u8>>(),
+    );
+    let total = 1640i64;
+    // (committed offset, whether the guard must seek back beyond its early start):
+    // inside the first batch; one past a batch's start; a batch's start; deep inside a batch
+    // of 40; deep inside the batch of 1,000 (its start lies more than the first back step
+    // before); inside the last batch (tansu answers a fetch there with nothing until more is
+    // written); the end.
+    for (committed, seeks) in [
+        (20i64, false),
+        (41, false),
+        (40, false),
+        (300, false),
+        (1300, true),
+        (1620, false),
+        (1640, false),
+    ] {
+        let group = format!("g-midbatch-{committed}");
+        commit(&cfg, &group, &topic, committed);
+        let (tx, rx) = bounded::<InFrame>(2048);
+        let consumer =
+            KafkaConsumer::start_assigned(&cfg, &group, &[(topic.clone(), 0)], vec![tx], |_, _| 0)
+                .unwrap();
+        let want = (total - committed) as usize;
+        let got = collect(
+            std::slice::from_ref(&rx),
+            want.max(1),
+            Duration::from_secs(if want == 0 { 3 } else { 30 }),
+        );
+        let offsets: Vec<i64> = got.iter().map(|f| f.offset).collect();
+        let expected: Vec<i64> = (committed..total).collect();
+        assert_eq!(
+            offsets.first(),
+            expected.first(),
+            "committed {committed}: the first record handed over"
+        );
+        assert_eq!(offsets, expected, "committed {committed}");
+        for f in &got {
+            assert_eq!(
+                f.payload,
+                vec![payload(f.offset as usize)],
+                "offset {}",
+                f.offset
+            );
+        }
+        // Nothing more comes: the records before the committed offset are not handed over.
+        assert!(collect(&[rx], 1, Duration::from_millis(500)).is_empty());
+        let stats = consumer.stop().unwrap();
+        assert_eq!(
+            stats.batch_seeks > 0,
+            seeks,
+            "committed {committed}: {stats:?}"
+        );
+    }
+}

@@ -57,8 +57,8 @@ use std::time::{Duration, Instant};
 use iris_bus::home::Homes;
 use iris_bus::hops::HopHistogram;
 use iris_bus::kafka::{
-    ensure_topics_within, start_offsets, Done, KafkaConfig, KafkaProducer, OutFrame, ProducerRing,
-    RecreationCursor, TopicKeeper, NO_TICKET,
+    ensure_topics_within, start_offsets, Done, KafkaConfig, KafkaProducer, OffsetGuard, OutFrame,
+    ProducerRing, RecreationCursor, TopicKeeper, NO_TICKET,
 };
 use iris_bus::{decode_counted, encode, to_owned, BusFrame, FrameStats, Route, Routed, Stored};
 use rdkafka::config::ClientConfig;
@@ -129,6 +129,11 @@ pub struct ImportStats {
     pub stored_seen: AtomicU64,
     /// Global high watermark minus position, summed over the owned partitions (a gauge).
     pub lag: AtomicU64,
+    /// Route partitions sought back to an earlier batch at a start, because the broker
+    /// answered from past the committed offset (tansu: a fetch from inside a record batch).
+    pub batch_seeks: AtomicU64,
+    /// Route records the broker sent again in one pass (tansu), dropped.
+    pub broker_repeats: AtomicU64,
     /// Produces waiting for the regional broker's acknowledgement (a gauge).
     pub pending: AtomicU64,
     /// Decode outcomes of the route records.
@@ -265,6 +270,8 @@ struct Worker {
     deliver_topic: Arc<str>,
     cfg: ImportConfig,
     consumer: BaseConsumer,
+    /// Holds the route partitions to their committed offsets at start.
+    offset_guard: OffsetGuard,
     regional: Option<KafkaProducer>,
     ring: ProducerRing,
     global: Option<KafkaProducer>,
@@ -323,9 +330,10 @@ impl Worker {
         let mut tpl = TopicPartitionList::with_capacity(assigned.len());
         let owned: Vec<(String, i32)> = assigned.iter().map(|&p| (topic.clone(), p)).collect();
         let starts = start_offsets(&consumer, &owned, CONNECT_WAIT);
-        for (&p, start) in assigned.iter().zip(starts) {
+        for (&p, start) in assigned.iter().zip(starts.offsets) {
             tpl.add_partition_offset(&topic, p, start)?;
         }
+        let offset_guard = starts.guard;
         consumer.assign(&tpl)?;
         let (regional, mut rings) = KafkaProducer::start(&cfg.regional, 1)?;
         let ring = rings.pop().ok_or(CoreError::ThreadPanicked)?;
@@ -376,6 +384,7 @@ impl Worker {
             routes: HashMap::new(),
             committed: HashMap::new(),
             logged_consume_error: false,
+            offset_guard,
         })
     }
 
@@ -458,6 +467,22 @@ impl Worker {
                 if let Some(k) = &self.keeper {
                     k.poke();
                 }
+            }
+            Some(Ok(msg))
+                if !self.offset_guard.admit(
+                    &self.consumer,
+                    msg.topic(),
+                    msg.partition(),
+                    msg.offset(),
+                ) =>
+            {
+                // Imported before this start (or sought back to an earlier batch).
+                self.stats
+                    .batch_seeks
+                    .store(self.offset_guard.seeks(), Ordering::Relaxed);
+                self.stats
+                    .broker_repeats
+                    .store(self.offset_guard.repeats(), Ordering::Relaxed);
             }
             Some(Ok(msg)) => {
                 let (partition, offset) = (msg.partition(), msg.offset());

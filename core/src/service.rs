@@ -154,8 +154,8 @@ use std::time::{Duration, Instant};
 use iris_bus::home::Homes;
 use iris_bus::hops::HopHistogram;
 use iris_bus::kafka::{
-    ensure_topics, start_offsets, Done, KafkaConfig, KafkaProducer, OutFrame, ProducerRing,
-    RecreationCursor, TopicKeeper,
+    ensure_topics, start_offsets, Done, KafkaConfig, KafkaProducer, OffsetGuard, OutFrame,
+    ProducerRing, RecreationCursor, TopicKeeper,
 };
 use iris_bus::{
     decode_counted, encode, to_owned, ArchivedBusFrame, BusFrame, ConfirmTo, Confirmed, Deliver,
@@ -458,6 +458,11 @@ service_stats! {
     prekey_puts,
     /// Prekey fetches answered.
     prekey_fetches,
+    /// Deliver partitions sought back to an earlier batch at start, because the broker answered
+    /// from past the committed offset (tansu: a fetch from inside a record batch).
+    batch_seeks,
+    /// Records of the deliver and presence topics the broker sent again in one pass, dropped.
+    broker_repeats,
     /// Presence frames seen (ignored).
     presence,
     /// Other frames seen on the deliver topic (ignored).
@@ -886,6 +891,8 @@ pub struct CoreService {
     /// The deliver partitions this member owns.
     assigned: Vec<i32>,
     consumer: BaseConsumer,
+    /// Holds the deliver partitions to their committed offsets at start.
+    offset_guard: OffsetGuard,
     /// Shared with the admin endpoint (producer counters); taken at shutdown.
     producer: Arc<Mutex<Option<KafkaProducer>>>,
     ring: ProducerRing,
@@ -1022,9 +1029,10 @@ impl CoreService {
             .map(|&p| (deliver_topic.clone(), p))
             .collect();
         let starts = start_offsets(&consumer, &own, Duration::from_secs(5));
-        for (&p, start) in assigned.iter().zip(starts) {
+        for (&p, start) in assigned.iter().zip(starts.offsets) {
             tpl.add_partition_offset(&deliver_topic, p, start)?;
         }
+        let offset_guard = starts.guard;
         for &p in &presence_assigned {
             // Never committed: the cache covers the events seen since this start.
             tpl.add_partition_offset(&presence_topic, p, Offset::End)?;
@@ -1147,6 +1155,7 @@ impl CoreService {
             recreations,
             keeper,
             logged_consume_error: false,
+            offset_guard,
             logged_session_error: false,
             global,
             routes: HashMap::new(),
@@ -1446,6 +1455,22 @@ impl CoreService {
                 if let Some(k) = &self.keeper {
                     k.poke();
                 }
+            }
+            Some(Ok(msg))
+                if !self.offset_guard.admit(
+                    &self.consumer,
+                    msg.topic(),
+                    msg.partition(),
+                    msg.offset(),
+                ) =>
+            {
+                // Handled before this start (or sought back to an earlier batch).
+                self.stats
+                    .batch_seeks
+                    .store(self.offset_guard.seeks(), Ordering::Relaxed);
+                self.stats
+                    .broker_repeats
+                    .store(self.offset_guard.repeats(), Ordering::Relaxed);
             }
             Some(Ok(msg)) => {
                 let (partition, offset) = (msg.partition(), msg.offset());
@@ -3061,6 +3086,8 @@ fn render_metrics(view: &AdminView) -> String {
             ("import_pending", "gauge", "Imported records waiting for the regional broker's acknowledgement.", i.pending.load(Ordering::Relaxed)),
             ("stored_sent_total", "counter", "Stored notices sent back to the origin region.", i.stored_sent.load(Ordering::Relaxed)),
             ("stored_seen_total", "counter", "Stored notices received for this region's messages.", i.stored_seen.load(Ordering::Relaxed)),
+            ("import_batch_seeks_total", "counter", "Route partitions sought back to an earlier batch at a start (the broker answered from past the committed offset).", i.batch_seeks.load(Ordering::Relaxed)),
+            ("import_broker_repeats_total", "counter", "Route records the broker sent again in one pass, dropped.", i.broker_repeats.load(Ordering::Relaxed)),
         ] {
             metric(&mut out, &format!("iris_core_{name}"), kind, help, v);
         }

@@ -7,6 +7,11 @@
 //! [`COMMIT_EVERY`] at most, synchronously at stop) only for frames already handed over, so
 //! delivery is at-least-once: after a crash or a rebalance some frames come again.
 //!
+//! A consumer of fixed partitions ([`KafkaConsumer::start_assigned`], and the core's and the
+//! importer's own consumers) starts where [`start_offsets`] says, and its [`OffsetGuard`] holds it
+//! there against a broker (tansu 0.6) that answers a fetch from inside a record batch with the
+//! next batch.
+//!
 //! Payloads are raw bytes; the receiver validates them with [`crate::decode_counted`], which
 //! counts and skips bad frames, so a corrupted record never stops the flow.
 
@@ -52,6 +57,10 @@ struct Shared {
     logged_error: AtomicBool,
     /// Partitions sought back to the beginning because their topic was re-created.
     rewinds: AtomicU64,
+    /// Partitions sought back by the [`OffsetGuard`].
+    batch_seeks: AtomicU64,
+    /// Records dropped as repeats by the [`OffsetGuard`].
+    repeats: AtomicU64,
     /// Set once by [`KafkaConsumer::watch_recreations`].
     recreations: OnceLock<Recreations>,
 }
@@ -69,6 +78,11 @@ pub struct ConsumerStats {
     pub errors: u64,
     /// Partitions sought back to their beginning because a keeper re-created their topic.
     pub rewinds: u64,
+    /// Partitions sought back to an earlier batch because the broker answered the first fetch
+    /// from past the committed offset ([`OffsetGuard`]).
+    pub batch_seeks: u64,
+    /// Records the broker sent again in the same pass, dropped ([`OffsetGuard`]).
+    pub repeats: u64,
 }
 
 struct Ctx {
@@ -111,7 +125,7 @@ impl KafkaConsumer {
         consumer
             .subscribe(&names)
             .map_err(TransportError::Subscribe)?;
-        spawn(consumer, shared, outputs, route)
+        spawn(consumer, shared, outputs, route, OffsetGuard::default())
     }
 
     /// Like [`Self::start`], but reads fixed partitions (`(topic, partition)` pairs) with
@@ -133,12 +147,12 @@ impl KafkaConsumer {
         let (consumer, shared) = create(cfg, group_id)?;
         let starts = start_offsets(&consumer, partitions, Duration::from_secs(5));
         let mut tpl = TopicPartitionList::with_capacity(partitions.len());
-        for ((topic, partition), start) in partitions.iter().zip(starts) {
+        for ((topic, partition), start) in partitions.iter().zip(starts.offsets) {
             tpl.add_partition_offset(topic, *partition, start)
                 .map_err(TransportError::Subscribe)?;
         }
         consumer.assign(&tpl).map_err(TransportError::Subscribe)?;
-        spawn(consumer, shared, outputs, route)
+        spawn(consumer, shared, outputs, route, starts.guard)
     }
 
     /// A snapshot of the counters.
@@ -150,6 +164,8 @@ impl KafkaConsumer {
             commit_errors: s.commit_errors.load(Ordering::Relaxed),
             errors: s.errors.load(Ordering::Relaxed),
             rewinds: s.rewinds.load(Ordering::Relaxed),
+            batch_seeks: s.batch_seeks.load(Ordering::Relaxed),
+            repeats: s.repeats.load(Ordering::Relaxed),
         }
     }
 
@@ -199,11 +215,36 @@ impl Drop for KafkaConsumer {
 /// records are skipped). A partition whose offsets or last batch cannot be read within `wait`
 /// starts at its committed offset. The records read here are dropped; the consumer is left
 /// unassigned.
+///
+/// With the offsets comes the [`OffsetGuard`] that holds the consumer to them: a partition with
+/// a committed offset above zero starts a little before it, and is watched until it reaches it.
 pub fn start_offsets<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
     partitions: &[(String, i32)],
     wait: Duration,
-) -> Vec<Offset> {
+) -> Starts {
+    let starts = stored_or_beginning(consumer, partitions, wait);
+    let mut guard = OffsetGuard::default();
+    let offsets = partitions
+        .iter()
+        .zip(starts)
+        .map(
+            |((topic, partition), (offset, committed, high))| match (offset, committed) {
+                (Offset::Stored, Some(c)) => guard.watch(topic, *partition, c, high),
+                (offset, _) => offset,
+            },
+        )
+        .collect();
+    Starts { offsets, guard }
+}
+
+/// [`start_offsets`] without the guard: per partition, where to start, and the committed
+/// offset (when above zero) and high watermark read.
+fn stored_or_beginning<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    partitions: &[(String, i32)],
+    wait: Duration,
+) -> Vec<(Offset, Option<i64>, Option<i64>)> {
     let mut tpl = TopicPartitionList::with_capacity(partitions.len());
     for (topic, partition) in partitions {
         tpl.add_partition(topic, *partition);
@@ -254,13 +295,13 @@ pub fn start_offsets<C: ConsumerContext>(
                     .add_partition_offset(topic, *partition, Offset::Offset(high - 1))
                     .is_err()
             {
-                return vec![Offset::Stored; partitions.len()];
+                return stored(&seen_offsets);
             }
         }
     }
     if probe.count() > 0 {
         if consumer.assign(&probe).is_err() {
-            return vec![Offset::Stored; partitions.len()];
+            return stored(&seen_offsets);
         }
         let mut seen = vec![false; partitions.len()];
         let deadline = std::time::Instant::now() + wait;
@@ -307,7 +348,8 @@ pub fn start_offsets<C: ConsumerContext>(
         .iter()
         .zip(above)
         .zip(end)
-        .map(|(((topic, partition), a), end)| match a {
+        .zip(&seen_offsets)
+        .map(|((((topic, partition), a), end), seen)| match a {
             Some((c, _)) if c > end => {
                 tracing::warn!(
                     topic = %topic,
@@ -316,11 +358,233 @@ pub fn start_offsets<C: ConsumerContext>(
                     end,
                     "committed offset beyond the log's end (the broker lost the log): read from its beginning"
                 );
-                Offset::Beginning
+                (Offset::Beginning, None, None)
             }
-            _ => Offset::Stored,
+            _ => (Offset::Stored, seen.2, seen.3),
         })
         .collect()
+}
+
+/// Every partition at its committed offset (as read into `seen`).
+fn stored(
+    seen: &[(&str, i32, Option<i64>, Option<i64>)],
+) -> Vec<(Offset, Option<i64>, Option<i64>)> {
+    seen.iter().map(|s| (Offset::Stored, s.2, s.3)).collect()
+}
+
+/// Where each partition starts ([`start_offsets`]), in the order asked, and the guard that
+/// holds the consumer to those starts.
+#[derive(Debug)]
+pub struct Starts {
+    pub offsets: Vec<Offset>,
+    pub guard: OffsetGuard,
+}
+
+/// The first back step of an [`OffsetGuard`], in offsets; each further step is four times the
+/// last.
+const FIRST_BACK_STEP: i64 = 256;
+
+/// How long an [`OffsetGuard`]'s seek may take.
+const SEEK_WAIT: Duration = Duration::from_secs(2);
+
+/// Holds a consumer to the records it is owed: from the committed offset it started at, each
+/// once, in order. Two faults of tansu 0.6 are mended here (docs/BUS.md, "tansu's fetch from
+/// inside a batch").
+///
+/// **A fetch from inside a record batch is answered with the next batch.** Kafka answers a fetch
+/// from offset `o` with the batch that holds `o`, and librdkafka drops the records before `o`.
+/// tansu answers with the first batch whose base offset is at or after `o`: a consumer restarted
+/// at its committed offset (one past the last record handled, usually inside a batch) would skip
+/// the rest of that batch, records that nobody handled. So each partition with a committed
+/// offset above zero starts [`FIRST_BACK_STEP`] offsets earlier ([`Self::watch`]), and the
+/// records before the committed offset (handled already) are dropped. When the first record
+/// still lies past the committed offset, the batch holding it began earlier: the partition is
+/// sought back four times further, and again, down to offset 0. Starting early rather than
+/// waiting to see a skip matters when the committed offset lies in the log's last batch: tansu
+/// answers that fetch with nothing until another batch is written. So the start is also no
+/// later than the last batch's first offset, which tansu's high watermark gives.
+///
+/// **A fetch from inside a large batch may carry the log's last batch several times** (six
+/// copies in one response, measured). So every record below the next offset of its partition is
+/// dropped as a repeat.
+///
+/// Against Kafka a start costs [`FIRST_BACK_STEP`] records read and dropped, nothing is sought
+/// and nothing repeats.
+#[derive(Debug, Default)]
+pub struct OffsetGuard {
+    parts: Vec<Part>,
+    seeks: u64,
+    repeats: u64,
+}
+
+#[derive(Debug)]
+struct Part {
+    topic: String,
+    partition: i32,
+    /// One past the last record taken (-1: none yet).
+    next: i64,
+    /// Set until the committed offset is reached.
+    watch: Option<Watch>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Watch {
+    /// The committed offset: the first record to hand over.
+    start: i64,
+    /// The offset the partition was last assigned or sought to.
+    tried: i64,
+    /// A record before `start` came: the fetch began in time, the rest follows in order.
+    reached: bool,
+}
+
+/// What to do with a record, by [`OffsetGuard::verdict`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Hand it over.
+    Take,
+    /// Handled already (before the committed offset, or a repeat): drop it.
+    Drop,
+    /// Drop it and seek the partition back to this offset (the batch holding the committed
+    /// offset was skipped).
+    SeekTo(i64),
+}
+
+impl OffsetGuard {
+    /// Watches `(topic, partition)`, to be read from committed offset `start`, and returns the
+    /// offset to assign it at: [`FIRST_BACK_STEP`] earlier, and no later than the first offset
+    /// of the log's last batch when the high watermark `high` is known (tansu reports that
+    /// offset plus one), so that the first fetch always finds a batch. A start of zero needs no
+    /// watch: no batch begins before it.
+    pub fn watch(&mut self, topic: &str, partition: i32, start: i64, high: Option<i64>) -> Offset {
+        let from = (start - FIRST_BACK_STEP)
+            .min(high.map_or(i64::MAX, |h| h - 1))
+            .max(0);
+        let watch = (start > 0).then_some(Watch {
+            start,
+            tried: from,
+            reached: false,
+        });
+        let i = self.part(topic, partition);
+        self.parts[i] = Part {
+            topic: topic.to_owned(),
+            partition,
+            next: -1,
+            watch,
+        };
+        Offset::Offset(from)
+    }
+
+    /// Forgets every partition of `topic` (sought elsewhere: a re-created topic is read from its
+    /// beginning).
+    pub fn forget_topic(&mut self, topic: &str) {
+        self.parts.retain(|p| p.topic != topic);
+    }
+
+    /// Partitions sought back so far.
+    pub fn seeks(&self) -> u64 {
+        self.seeks
+    }
+
+    /// Records dropped as repeats so far.
+    pub fn repeats(&self) -> u64 {
+        self.repeats
+    }
+
+    /// The index of `(topic, partition)`, added when new.
+    fn part(&mut self, topic: &str, partition: i32) -> usize {
+        match self
+            .parts
+            .iter()
+            .position(|p| p.partition == partition && p.topic == topic)
+        {
+            Some(i) => i,
+            None => {
+                self.parts.push(Part {
+                    topic: topic.to_owned(),
+                    partition,
+                    next: -1,
+                    watch: None,
+                });
+                self.parts.len() - 1
+            }
+        }
+    }
+
+    /// What to do with the record at `offset` of `(topic, partition)`; a [`Verdict::SeekTo`]
+    /// is counted as sought (see [`Self::unsought`] when the seek fails).
+    pub fn verdict(&mut self, topic: &str, partition: i32, offset: i64) -> Verdict {
+        let i = self.part(topic, partition);
+        let p = &mut self.parts[i];
+        let Some(w) = &mut p.watch else {
+            if offset < p.next {
+                self.repeats += 1;
+                return Verdict::Drop;
+            }
+            p.next = offset + 1;
+            return Verdict::Take;
+        };
+        if offset < w.start {
+            w.reached = true;
+            return Verdict::Drop;
+        }
+        if offset == w.start || w.reached || w.tried == 0 {
+            // In order from the committed offset, or past a gap the log really has.
+            p.watch = None;
+            p.next = offset + 1;
+            return Verdict::Take;
+        }
+        let to = (w.start - (w.start - w.tried).max(1).saturating_mul(4)).max(0);
+        w.tried = to;
+        self.seeks += 1;
+        Verdict::SeekTo(to)
+    }
+
+    /// The seek asked by the last [`Verdict::SeekTo`] of `(topic, partition)` failed: stop
+    /// watching it (its records are taken as they come, as without a watch).
+    pub fn unsought(&mut self, topic: &str, partition: i32) {
+        let i = self.part(topic, partition);
+        self.parts[i].watch = None;
+    }
+
+    /// [`Self::verdict`] for a record `consumer` just returned, with the seek done: `true` to
+    /// hand the record over, `false` to drop it. A failed seek is logged and the record taken.
+    pub fn admit<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+    ) -> bool {
+        match self.verdict(topic, partition, offset) {
+            Verdict::Take => true,
+            Verdict::Drop => false,
+            Verdict::SeekTo(to) => {
+                match consumer.seek(topic, partition, Offset::Offset(to), SEEK_WAIT) {
+                    Ok(()) => {
+                        tracing::info!(
+                            topic,
+                            partition,
+                            first = offset,
+                            from = to,
+                            "the broker answered from past the committed offset (a fetch from inside a record batch): reading again from an earlier offset"
+                        );
+                        false
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            topic,
+                            partition,
+                            first = offset,
+                            error = %e,
+                            "seek back to the committed offset's batch failed: records before this one may be skipped"
+                        );
+                        self.unsought(topic, partition);
+                        self.verdict(topic, partition, offset) == Verdict::Take
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The consumer every mode starts from: offsets kept under `group_id`, committed by hand.
@@ -349,6 +613,7 @@ fn spawn<R>(
     shared: Arc<Shared>,
     outputs: Vec<Sender<InFrame>>,
     route: R,
+    guard: OffsetGuard,
 ) -> Result<KafkaConsumer, TransportError>
 where
     R: Fn(i32, usize) -> usize + Send + 'static,
@@ -356,7 +621,7 @@ where
     let thread_shared = Arc::clone(&shared);
     let thread = thread::Builder::new()
         .name("iris-kafka-consumer".to_owned())
-        .spawn(move || run(consumer, thread_shared, outputs, route))
+        .spawn(move || run(consumer, thread_shared, outputs, route, guard))
         .map_err(TransportError::Thread)?;
     Ok(KafkaConsumer {
         shared,
@@ -364,8 +629,13 @@ where
     })
 }
 
-fn run<R>(consumer: BaseConsumer<Ctx>, shared: Arc<Shared>, outputs: Vec<Sender<InFrame>>, route: R)
-where
+fn run<R>(
+    consumer: BaseConsumer<Ctx>,
+    shared: Arc<Shared>,
+    outputs: Vec<Sender<InFrame>>,
+    route: R,
+    mut guard: OffsetGuard,
+) where
     R: Fn(i32, usize) -> usize,
 {
     let n = outputs.len();
@@ -397,6 +667,9 @@ where
             }
         }
         if !rewind.is_empty() {
+            for t in &rewind {
+                guard.forget_topic(t);
+            }
             uncommitted.retain(|(t, _), _| !rewind.iter().any(|r| **r == **t));
             rewind.retain(|t| !rewind_topic(&consumer, &shared, t));
         }
@@ -409,6 +682,12 @@ where
                 } else {
                     tracing::debug!(error = %e, "kafka consume error");
                 }
+            }
+            Some(Ok(msg))
+                if !guard.admit(&consumer, msg.topic(), msg.partition(), msg.offset()) =>
+            {
+                shared.batch_seeks.store(guard.seeks(), Ordering::Relaxed);
+                shared.repeats.store(guard.repeats(), Ordering::Relaxed);
             }
             Some(Ok(msg)) => {
                 let topic = match topic_names.get(msg.topic()) {
@@ -526,5 +805,189 @@ fn commit(
     if let Err(e) = consumer.commit(&tpl, mode) {
         shared.commit_errors.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(error = %e, "kafka offset commit refused, frames may come again");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A broker's log as record batches: `(base offset, records)`, contiguous from 0.
+    fn log_of(sizes: &[i64]) -> Vec<(i64, i64)> {
+        let mut base = 0;
+        sizes
+            .iter()
+            .map(|&n| {
+                let b = (base, n);
+                base += n;
+                b
+            })
+            .collect()
+    }
+
+    /// What a tansu-0.6-like broker answers to a fetch from `from`: every batch whose base is at
+    /// or after `from`, the last one repeated `repeats` times when `from` lies inside an
+    /// earlier batch; and the client drops the records below `from`, as librdkafka does.
+    fn fetch(log: &[(i64, i64)], from: i64, kafka: bool, repeats: usize) -> Vec<i64> {
+        let mut out = Vec::new();
+        let inside = log.iter().any(|&(b, n)| b < from && from < b + n);
+        for &(b, n) in log {
+            if b >= from || (kafka && from < b + n) {
+                out.extend(b..b + n);
+            }
+        }
+        if inside && !kafka {
+            if let Some(&(b, n)) = log.last() {
+                for _ in 0..repeats {
+                    out.extend(b..b + n);
+                }
+            }
+        }
+        out.retain(|&o| o >= from);
+        out
+    }
+
+    /// Runs a guarded consumer of the log from committed offset `c`: returns the records taken
+    /// and the guard.
+    fn consume(log: &[(i64, i64)], c: i64, kafka: bool, repeats: usize) -> (Vec<i64>, OffsetGuard) {
+        let mut g = OffsetGuard::default();
+        // tansu's high watermark: one past the last batch's base; Kafka's: the log's end.
+        let high = match (kafka, log.last()) {
+            (true, Some(&(b, n))) => b + n,
+            (false, Some(&(b, _))) => b + 1,
+            (_, None) => 0,
+        };
+        let Offset::Offset(mut from) = g.watch("t", 0, c, Some(high)) else {
+            unreachable!("watch returns an offset")
+        };
+        let mut taken = Vec::new();
+        // Each pass is one fetch from `from` to the log's end; a seek starts another.
+        for _ in 0..64 {
+            let mut sought = None;
+            for o in fetch(log, from, kafka, repeats) {
+                match g.verdict("t", 0, o) {
+                    Verdict::Take => taken.push(o),
+                    Verdict::Drop => {}
+                    Verdict::SeekTo(to) => {
+                        sought = Some(to);
+                        break;
+                    }
+                }
+            }
+            match sought {
+                Some(to) => from = to,
+                None => return (taken, g),
+            }
+        }
+        panic!("the guard kept seeking");
+    }
+
+    #[test]
+    fn a_committed_offset_inside_a_batch_is_reached_by_starting_earlier() {
+        // Batches of 40: a start at 20 - 256 = 0 reads the first batch, no seek.
+        let log = log_of(&[40; 15]);
+        let (taken, g) = consume(&log, 20, false, 0);
+        assert_eq!(taken, (20..600).collect::<Vec<_>>());
+        assert_eq!((g.seeks(), g.repeats()), (0, 0));
+    }
+
+    #[test]
+    fn a_batch_begun_before_the_first_step_is_reached_by_seeking_further_back() {
+        // One batch of 1,000 at 600: a start at 1300 - 256 skips it, one seek to 276 reaches it.
+        let log = log_of(
+            &[40; 15]
+                .iter()
+                .copied()
+                .chain([1000, 40])
+                .collect::<Vec<_>>(),
+        );
+        let (taken, g) = consume(&log, 1300, false, 0);
+        assert_eq!(taken, (1300..1640).collect::<Vec<_>>());
+        assert_eq!(g.seeks(), 1);
+        // A batch of 100,000 needs more steps, each four times the last.
+        let log = log_of(&[10, 100_000, 5]);
+        let (taken, g) = consume(&log, 90_000, false, 0);
+        assert_eq!(taken, (90_000..100_015).collect::<Vec<_>>());
+        assert!(g.seeks() >= 3, "{g:?}");
+    }
+
+    #[test]
+    fn records_sent_again_in_one_pass_are_dropped() {
+        let log = log_of(
+            &[40; 15]
+                .iter()
+                .copied()
+                .chain([1000, 40])
+                .collect::<Vec<_>>(),
+        );
+        let (taken, g) = consume(&log, 1620, false, 6);
+        assert_eq!(taken, (1620..1640).collect::<Vec<_>>());
+        assert_eq!(g.repeats(), 6 * 40);
+    }
+
+    #[test]
+    fn against_kafka_nothing_is_sought_and_a_start_at_zero_is_not_watched() {
+        let log = log_of(&[40, 1000, 40]);
+        let (taken, g) = consume(&log, 700, true, 0);
+        assert_eq!(taken, (700..1080).collect::<Vec<_>>());
+        assert_eq!(g.seeks(), 0);
+        let mut g = OffsetGuard::default();
+        assert_eq!(g.watch("t", 0, 0, None), Offset::Offset(0));
+        assert_eq!(g.verdict("t", 0, 5), Verdict::Take);
+    }
+
+    #[test]
+    fn a_gap_the_log_really_has_is_crossed() {
+        // Offsets 100..110 do not exist (compacted away): the guard seeks back once, reaches
+        // the records before the committed offset, and takes what follows the gap.
+        let mut g = OffsetGuard::default();
+        assert_eq!(g.watch("t", 0, 105, None), Offset::Offset(0));
+        for o in 0..100 {
+            assert_eq!(g.verdict("t", 0, o), Verdict::Drop, "offset {o}");
+        }
+        assert_eq!(g.verdict("t", 0, 110), Verdict::Take);
+        // A first record past the committed offset with nothing before it (the log starts
+        // later): sought back to 0 once, then taken.
+        let mut g = OffsetGuard::default();
+        assert_eq!(g.watch("u", 1, 300, Some(1000)), Offset::Offset(44));
+        assert_eq!(g.verdict("u", 1, 500), Verdict::SeekTo(0));
+        assert_eq!(g.verdict("u", 1, 500), Verdict::Take);
+        assert_eq!(g.verdict("u", 1, 499), Verdict::Drop);
+        assert_eq!(g.verdict("u", 1, 501), Verdict::Take);
+    }
+
+    #[test]
+    fn a_forgotten_topic_is_read_again_from_any_offset() {
+        let mut g = OffsetGuard::default();
+        for o in 0..10 {
+            assert_eq!(g.verdict("t", 0, o), Verdict::Take);
+        }
+        assert_eq!(g.verdict("t", 0, 3), Verdict::Drop);
+        // Another partition and another topic keep their own positions.
+        assert_eq!(g.verdict("t", 1, 3), Verdict::Take);
+        assert_eq!(g.verdict("v", 0, 3), Verdict::Take);
+        g.forget_topic("t");
+        assert_eq!(g.verdict("t", 0, 0), Verdict::Take);
+        assert_eq!(g.verdict("v", 0, 2), Verdict::Drop);
+    }
+
+    proptest! {
+        /// Any log of batches, any committed offset in it, with or without repeats, against
+        /// tansu's answers or Kafka's: the records taken are exactly the committed offset to
+        /// the end, once each, in order.
+        #[test]
+        fn a_guarded_consumer_takes_exactly_the_records_from_its_committed_offset(
+            sizes in proptest::collection::vec(1i64..3000, 1..12),
+            at in 0.0f64..=1.0,
+            kafka in any::<bool>(),
+            repeats in 0usize..4,
+        ) {
+            let log = log_of(&sizes);
+            let end: i64 = sizes.iter().sum();
+            let c = ((end as f64) * at) as i64;
+            let (taken, _) = consume(&log, c, kafka, repeats);
+            prop_assert_eq!(taken, (c..end).collect::<Vec<_>>());
+        }
     }
 }

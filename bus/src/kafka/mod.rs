@@ -36,7 +36,10 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::types::RDKafkaErrorCode;
 
-pub use consumer::{route_by_partition, start_offsets, ConsumerStats, InFrame, KafkaConsumer};
+pub use consumer::{
+    route_by_partition, start_offsets, ConsumerStats, InFrame, KafkaConsumer, OffsetGuard, Starts,
+    Verdict,
+};
 pub use keeper::{KeeperStats, RecreationCursor, Recreations, TopicKeeper};
 pub use producer::{Done, KafkaProducer, OutFrame, ProducerRing, ProducerStats, NO_TICKET};
 
