@@ -101,7 +101,7 @@
 //! stops the service with an error, offsets uncommitted.
 //!
 //! **Regions (home side).** With more than one region ([`ServiceConfig::global`] set) the
-//! service also starts the [`Importer`](crate::import::Importer) (the region's route topic on
+//! service also starts the [`Importer`] (the region's route topic on
 //! the global bus into the regional topics) and a producer on the global brokers, whose reports
 //! feed the same tickets as the regional producer's. Home-aware rules:
 //!

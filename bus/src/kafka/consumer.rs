@@ -382,7 +382,7 @@ pub struct Starts {
 
 /// The first back step of an [`OffsetGuard`], in offsets; each further step is four times the
 /// last.
-const FIRST_BACK_STEP: i64 = 256;
+pub const FIRST_BACK_STEP: i64 = 256;
 
 /// How long an [`OffsetGuard`]'s seek may take.
 const SEEK_WAIT: Duration = Duration::from_secs(2);

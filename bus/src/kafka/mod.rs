@@ -38,7 +38,7 @@ use rdkafka::types::RDKafkaErrorCode;
 
 pub use consumer::{
     route_by_partition, start_offsets, ConsumerStats, InFrame, KafkaConsumer, OffsetGuard, Starts,
-    Verdict,
+    Verdict, FIRST_BACK_STEP,
 };
 pub use keeper::{KeeperStats, RecreationCursor, Recreations, TopicKeeper};
 pub use producer::{Done, KafkaProducer, OutFrame, ProducerRing, ProducerStats, NO_TICKET};

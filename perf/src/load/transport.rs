@@ -9,7 +9,8 @@
 //!   ([`iris_edge::shard::transport::ws_config`]): each v2 frame written goes out as one binary
 //!   message, and messages read are a byte stream again (any split).
 //!
-//! A [`Connector`] is built once per run; [`Connector::connect`] opens one connection.
+//! A [`Connector`] is built once per run; [`Connector::handshake`] turns each new TCP connection
+//! into a [`Stream`] of the run's transport.
 //!
 //! **Ticks.** A plain TCP [`Stream`] keeps the behaviour of the load generator: the socket's
 //! read and write timeouts ([`super::conn::POLL`]) end a blocked read or write with `TimedOut`,
