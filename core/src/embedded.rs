@@ -139,6 +139,8 @@ const RECENT_STORES_MAX: usize = 131_072;
 const SWEEP_BATCH: usize = 1024;
 /// Longest idle wait when nothing is due (the loop also wakes on every request).
 const IDLE_WAIT: Duration = Duration::from_secs(1);
+/// How long the core thread is idle before [`EmbeddedConfig::idle_hook`] runs.
+pub const IDLE_HOOK_AFTER: Duration = Duration::from_secs(1);
 /// First retry delay after a failed commit; doubles per failure up to [`MAX_RETRY_DELAY`].
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(10);
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(1);
@@ -163,7 +165,7 @@ fn first_time(flag: &AtomicBool) -> bool {
 }
 
 /// Configuration of the embedded core.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct EmbeddedConfig {
     /// Directory of the fjall database (created if missing). Default `data/core`.
     pub data_dir: PathBuf,
@@ -198,6 +200,11 @@ pub struct EmbeddedConfig {
     /// (the id carries its mint time) are deleted by a bounded background sweep. 0 = kept
     /// forever. Default 86400 (24 h).
     pub dedup_ttl_secs: u64,
+    /// Called on the core thread once it has been idle for [`IDLE_HOOK_AFTER`] (nothing taken
+    /// in, nothing pending), once per idle period. The edge passes its allocator's collection,
+    /// so that the memory a burst freed on this thread goes back to the OS (the core thread
+    /// frees what the store's batches and the shards' requests held). Default none.
+    pub idle_hook: Option<fn()>,
 }
 
 impl Default for EmbeddedConfig {
@@ -213,6 +220,7 @@ impl Default for EmbeddedConfig {
             message_ttl_secs: 30 * 24 * 3600,
             usage_cache_users: 262_144,
             dedup_ttl_secs: 24 * 3600,
+            idle_hook: None,
         }
     }
 }
@@ -440,6 +448,9 @@ impl EmbeddedCore {
             next_rotation: now + ACK_MEMORY_PERIOD,
             deferred: Vec::new(),
             resume: ResumeLists::default(),
+            idle_hook: cfg.idle_hook,
+            busy_at: now,
+            hooked: true,
         };
         let thread = std::thread::Builder::new()
             .name("iris-core".into())
@@ -650,6 +661,12 @@ struct Core {
     deferred: Vec<ReadReq>,
     /// The ids written to each user's last v2 session, for `resume_after`.
     resume: ResumeLists,
+    /// See [`EmbeddedConfig::idle_hook`].
+    idle_hook: Option<fn()>,
+    /// The last loop turn that took something in or had something pending.
+    busy_at: Instant,
+    /// The idle hook ran since `busy_at`.
+    hooked: bool,
 }
 
 impl Core {
@@ -688,6 +705,15 @@ impl Core {
             if self.shards.iter().all(|s| !s.open) {
                 debug!("all shard links closed");
                 break;
+            }
+            if took > 0 || !self.deferred.is_empty() || self.deadline.is_some() {
+                self.busy_at = now;
+                self.hooked = false;
+            } else if !self.hooked && now.duration_since(self.busy_at) >= IDLE_HOOK_AFTER {
+                self.hooked = true;
+                if let Some(hook) = self.idle_hook {
+                    hook();
+                }
             }
             if took == 0 && self.deferred.is_empty() {
                 self.wait();
@@ -2209,6 +2235,55 @@ mod tests {
         assert_eq!(drain_ids(link, b"ruth"), vec![2, 3]);
         let s = m.snapshot();
         assert_eq!((s.acks_of_recent_stores, s.stored), (1, 3), "{s:?}");
+        core.shutdown().unwrap();
+    }
+
+    static IDLE_HOOKS: AtomicU64 = AtomicU64::new(0);
+
+    fn count_idle_hook() {
+        IDLE_HOOKS.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn wait_for_hooks(n: u64) {
+        let start = Instant::now();
+        while IDLE_HOOKS.load(Ordering::Relaxed) < n {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the idle hook did not run {n} times"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The idle hook runs on the core thread once the core has been idle for a second after
+    /// some work, once per idle period: not while it starts idle, not again while it stays idle.
+    #[test]
+    fn the_idle_hook_runs_once_per_idle_period() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = EmbeddedConfig {
+            idle_hook: Some(count_idle_hook),
+            ..test_cfg(dir.path().join("core"))
+        };
+        let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
+        let m = core.metrics();
+        std::thread::sleep(IDLE_HOOK_AFTER + Duration::from_millis(500));
+        assert_eq!(IDLE_HOOKS.load(Ordering::Relaxed), 0, "idle from the start");
+        let busy = Instant::now();
+        links[0].to_core.send(store_req(msg(1), 1)).unwrap();
+        wait_for(&m, "the store", |s| s.stored == 1);
+        wait_for_hooks(1);
+        assert!(
+            busy.elapsed() >= IDLE_HOOK_AFTER,
+            "ran before a second of idleness"
+        );
+        std::thread::sleep(IDLE_HOOK_AFTER * 2);
+        assert_eq!(
+            IDLE_HOOKS.load(Ordering::Relaxed),
+            1,
+            "once per idle period"
+        );
+        ack(&links[0], b"ruth", 1);
+        wait_for_hooks(2);
         core.shutdown().unwrap();
     }
 

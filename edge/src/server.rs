@@ -462,6 +462,9 @@ fn start_core(
                 max_bytes_per_user: cfg.store.max_bytes_per_user,
                 message_ttl_secs: cfg.store.message_ttl_secs,
                 dedup_ttl_secs: cfg.store.dedup_ttl_secs,
+                // The core thread frees the requests and batches of a burst: give the pages
+                // back once it is idle, as the shards do.
+                idle_hook: Some(crate::alloc::collect_idle_heap),
                 ..EmbeddedConfig::default()
             };
             let (core, links) = EmbeddedCore::start(core_cfg, nshards).with_context(|| {
