@@ -167,7 +167,7 @@ fn silent_reader_of_1kb_messages_costs_bounded_memory() {
     // The 20 MB of messages are held by the store and the silent reader adds its 4 MiB output
     // cap. A fresh edge's first burst also touches its rings, queues and allocator pages for the
     // first time: measured alone, the first of two identical bursts peaked at +47 to +84 MB and
-    // the second at +31 to +41 MB. So a first silent reader takes the same burst before the
+    // the second at +30 to +51 MB. So a first silent reader takes the same burst before the
     // measured one, and the measured growth is what a silent reader costs a running edge.
     const LIMIT_KIB: u64 = 60 << 10;
     const PEAK_LIMIT_KIB: u64 = 64 << 10;
