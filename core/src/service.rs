@@ -2416,9 +2416,11 @@ impl CoreService {
                         ..
                     } => {
                         if targets.is_empty() {
+                            trace!(id, "no session known: stored only");
                             self.stats.offline.fetch_add(1, Ordering::Relaxed);
                             return 0;
                         }
+                        trace!(id, nodes = ?targets, window = seq, "routed");
                         self.stats
                             .routed
                             .fetch_add(targets.len() as u64, Ordering::Relaxed);
