@@ -458,6 +458,7 @@ impl Worker {
         match self.consumer.poll(timeout) {
             None => {}
             Some(Err(e)) => {
+                self.offset_guard.on_error(&e);
                 if !self.logged_consume_error {
                     self.logged_consume_error = true;
                     warn!(error = %e, "global bus consume error (logged once)");

@@ -1446,6 +1446,7 @@ impl CoreService {
         match self.consumer.poll(timeout) {
             None => {}
             Some(Err(e)) => {
+                self.offset_guard.on_error(&e);
                 if !self.logged_consume_error {
                     self.logged_consume_error = true;
                     warn!(error = %e, "kafka consume error (logged once)");

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam::channel::{SendTimeoutError, Sender};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientContext;
@@ -406,7 +406,8 @@ const SEEK_WAIT: Duration = Duration::from_secs(2);
 ///
 /// **A fetch from inside a large batch may carry the log's last batch several times** (six
 /// copies in one response, measured). So every record below the next offset of its partition is
-/// dropped as a repeat.
+/// dropped as a repeat, except after an automatic offset reset ([`Self::on_error`]), where the
+/// log itself went back.
 ///
 /// Against Kafka a start costs [`FIRST_BACK_STEP`] records read and dropped, nothing is sought
 /// and nothing repeats.
@@ -537,6 +538,22 @@ impl OffsetGuard {
         w.tried = to;
         self.seeks += 1;
         Verdict::SeekTo(to)
+    }
+
+    /// Takes a consume error: after an automatic offset reset (the broker answered
+    /// `OFFSET_OUT_OF_RANGE`: a log truncated or re-created under the consumer), a partition may
+    /// go back to offsets below what was taken, and those records are new: no record is dropped
+    /// as a repeat until each partition takes a record again. (The error does not name its
+    /// partition, so every partition's position is forgotten.)
+    pub fn on_error(&mut self, e: &KafkaError) {
+        if matches!(
+            e,
+            KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset)
+        ) {
+            for p in &mut self.parts {
+                p.next = -1;
+            }
+        }
     }
 
     /// The seek asked by the last [`Verdict::SeekTo`] of `(topic, partition)` failed: stop
@@ -676,6 +693,7 @@ fn run<R>(
         match consumer.poll(Duration::from_millis(100)) {
             None => {}
             Some(Err(e)) => {
+                guard.on_error(&e);
                 shared.errors.fetch_add(1, Ordering::Relaxed);
                 if !shared.logged_error.swap(true, Ordering::Relaxed) {
                     tracing::warn!(error = %e, "kafka consume error (logged once, counted after)");
@@ -970,6 +988,29 @@ mod tests {
         g.forget_topic("t");
         assert_eq!(g.verdict("t", 0, 0), Verdict::Take);
         assert_eq!(g.verdict("v", 0, 2), Verdict::Drop);
+    }
+
+    #[test]
+    fn after_an_automatic_offset_reset_lower_offsets_are_taken() {
+        let mut g = OffsetGuard::default();
+        for o in 100..110 {
+            assert_eq!(g.verdict("t", 0, o), Verdict::Take);
+        }
+        g.on_error(&KafkaError::MessageConsumption(
+            RDKafkaErrorCode::BrokerTransportFailure,
+        ));
+        assert_eq!(
+            g.verdict("t", 0, 105),
+            Verdict::Drop,
+            "other errors keep positions"
+        );
+        g.on_error(&KafkaError::MessageConsumption(
+            RDKafkaErrorCode::AutoOffsetReset,
+        ));
+        // The log was truncated: its new records start again at 0.
+        assert_eq!(g.verdict("t", 0, 0), Verdict::Take);
+        assert_eq!(g.verdict("t", 0, 1), Verdict::Take);
+        assert_eq!(g.verdict("t", 0, 1), Verdict::Drop);
     }
 
     proptest! {
