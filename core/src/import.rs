@@ -478,12 +478,11 @@ impl Worker {
                 ) =>
             {
                 // Imported before this start (or sought back to an earlier batch).
-                self.stats
-                    .batch_seeks
-                    .store(self.offset_guard.seeks(), Ordering::Relaxed);
+                let (seeks, repeats) = self.offset_guard.take_counts();
+                self.stats.batch_seeks.fetch_add(seeks, Ordering::Relaxed);
                 self.stats
                     .broker_repeats
-                    .store(self.offset_guard.repeats(), Ordering::Relaxed);
+                    .fetch_add(repeats, Ordering::Relaxed);
             }
             Some(Ok(msg)) => {
                 let (partition, offset) = (msg.partition(), msg.offset());

@@ -416,6 +416,8 @@ pub struct OffsetGuard {
     parts: Vec<Part>,
     seeks: u64,
     repeats: u64,
+    /// What [`Self::take_counts`] already reported.
+    reported: (u64, u64),
 }
 
 #[derive(Debug)]
@@ -489,6 +491,14 @@ impl OffsetGuard {
     /// Records dropped as repeats so far.
     pub fn repeats(&self) -> u64 {
         self.repeats
+    }
+
+    /// Seeks and repeats since the last call: `(seeks, repeats)`, for counters that outlive
+    /// this guard (an importer that connects again starts a new one).
+    pub fn take_counts(&mut self) -> (u64, u64) {
+        let new = (self.seeks - self.reported.0, self.repeats - self.reported.1);
+        self.reported = (self.seeks, self.repeats);
+        new
     }
 
     /// The index of `(topic, partition)`, added when new.
@@ -704,8 +714,9 @@ fn run<R>(
             Some(Ok(msg))
                 if !guard.admit(&consumer, msg.topic(), msg.partition(), msg.offset()) =>
             {
-                shared.batch_seeks.store(guard.seeks(), Ordering::Relaxed);
-                shared.repeats.store(guard.repeats(), Ordering::Relaxed);
+                let (seeks, repeats) = guard.take_counts();
+                shared.batch_seeks.fetch_add(seeks, Ordering::Relaxed);
+                shared.repeats.fetch_add(repeats, Ordering::Relaxed);
             }
             Some(Ok(msg)) => {
                 let topic = match topic_names.get(msg.topic()) {
@@ -939,9 +950,13 @@ mod tests {
                 .chain([1000, 40])
                 .collect::<Vec<_>>(),
         );
-        let (taken, g) = consume(&log, 1620, false, 6);
+        let (taken, mut g) = consume(&log, 1620, false, 6);
         assert_eq!(taken, (1620..1640).collect::<Vec<_>>());
         assert_eq!(g.repeats(), 6 * 40);
+        // Counts are taken once each.
+        assert_eq!(g.take_counts(), (0, 240));
+        assert_eq!(g.take_counts(), (0, 0));
+        assert_eq!(g.repeats(), 240, "the total stays");
     }
 
     #[test]
