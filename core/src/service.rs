@@ -1458,19 +1458,14 @@ impl CoreService {
                 }
             }
             Some(Ok(msg))
-                if !self.offset_guard.admit(
+                if !self.offset_guard.admit_counted(
                     &self.consumer,
-                    msg.topic(),
-                    msg.partition(),
-                    msg.offset(),
+                    &msg,
+                    &self.stats.batch_seeks,
+                    &self.stats.broker_repeats,
                 ) =>
             {
                 // Handled before this start (or sought back to an earlier batch).
-                let (seeks, repeats) = self.offset_guard.take_counts();
-                self.stats.batch_seeks.fetch_add(seeks, Ordering::Relaxed);
-                self.stats
-                    .broker_repeats
-                    .fetch_add(repeats, Ordering::Relaxed);
             }
             Some(Ok(msg)) => {
                 let (partition, offset) = (msg.partition(), msg.offset());

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use crossbeam::channel::{SendTimeoutError, Sender};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::Message;
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientContext;
 
@@ -573,6 +573,24 @@ impl OffsetGuard {
         self.parts[i].watch = None;
     }
 
+    /// [`Self::admit`] for a record `consumer` just returned, adding the seeks and repeats it
+    /// caused to the counters `seeks` and `repeats`.
+    pub fn admit_counted<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        msg: &BorrowedMessage<'_>,
+        seeks: &AtomicU64,
+        repeats: &AtomicU64,
+    ) -> bool {
+        let take = self.admit(consumer, msg.topic(), msg.partition(), msg.offset());
+        let (s, r) = self.take_counts();
+        if s + r > 0 {
+            seeks.fetch_add(s, Ordering::Relaxed);
+            repeats.fetch_add(r, Ordering::Relaxed);
+        }
+        take
+    }
+
     /// [`Self::verdict`] for a record `consumer` just returned, with the seek done: `true` to
     /// hand the record over, `false` to drop it. A failed seek is logged and the record taken.
     pub fn admit<C: ConsumerContext>(
@@ -712,11 +730,9 @@ fn run<R>(
                 }
             }
             Some(Ok(msg))
-                if !guard.admit(&consumer, msg.topic(), msg.partition(), msg.offset()) =>
+                if !guard.admit_counted(&consumer, &msg, &shared.batch_seeks, &shared.repeats) =>
             {
-                let (seeks, repeats) = guard.take_counts();
-                shared.batch_seeks.fetch_add(seeks, Ordering::Relaxed);
-                shared.repeats.fetch_add(repeats, Ordering::Relaxed);
+                // Handed over before this start, a repeat, or sought back to an earlier batch.
             }
             Some(Ok(msg)) => {
                 let topic = match topic_names.get(msg.topic()) {
