@@ -14,7 +14,8 @@
 //!   the seq and the body. [`Outbox::write_pending`] writes the appended records to the active
 //!   segment (one `write` per bridge pass: the page cache already survives a kill -9 of the
 //!   process); the `iris-outbox-sync` thread fsyncs at most every `commit_ms` (a machine crash
-//!   loses at most that window, like the embedded store's group commit). A segment rolls at
+//!   loses at most that window, like the embedded store's group commit), and parks while nothing
+//!   is written (the writer wakes it). A segment rolls at
 //!   `segment_bytes` and is deleted once every record in it was acknowledged.
 //! - **Watermark**: `{dir}/trim` holds the lowest sequence number not yet known acknowledged
 //!   (every lower one is at the broker). It is rewritten (temp file + rename, no fsync) every
@@ -677,8 +678,11 @@ impl Outbox {
         if self.pending.capacity() > 4 << 20 {
             self.pending = Vec::new();
         }
-        self.sync.dirty.store(true, Ordering::Release);
-        if seg.bytes >= self.cfg.segment_bytes {
+        let roll = seg.bytes >= self.cfg.segment_bytes;
+        if !self.sync.dirty.swap(true, Ordering::AcqRel) {
+            self.wake_syncer();
+        }
+        if roll {
             self.roll()?;
         }
         Ok(())
@@ -709,7 +713,9 @@ impl Outbox {
         if let Ok(mut files) = self.sync.files.lock() {
             files.push((path.clone(), clone));
         }
-        self.sync.dir_dirty.store(true, Ordering::Release);
+        if !self.sync.dir_dirty.swap(true, Ordering::AcqRel) {
+            self.wake_syncer();
+        }
         self.active = file;
         self.segments.push_back(Segment {
             path,
@@ -833,6 +839,13 @@ impl Outbox {
         Ok(self.unacked_records)
     }
 
+    /// Wakes the sync thread from its idle park (it then keeps its `commit_ms` cadence).
+    fn wake_syncer(&self) {
+        if let Some(t) = &self.syncer {
+            t.thread().unpark();
+        }
+    }
+
     fn stop_syncer(&mut self) {
         self.sync.stop.store(true, Ordering::Release);
         if let Some(t) = self.syncer.take() {
@@ -850,10 +863,19 @@ impl Drop for Outbox {
 
 /// The sync thread: every `every`, fsyncs the files written since the last pass; keeps only the
 /// active segment's handle afterwards.
+/// How long the sync thread parks when nothing was written; a write wakes it at once.
+const SYNC_IDLE_PARK: Duration = Duration::from_secs(1);
+
+/// The `iris-outbox-sync` thread: fsyncs what was written, then waits `every` before the next
+/// fsync (writes meanwhile wait for it: the cadence bounds the fsyncs per second). With nothing
+/// written it parks until the writer wakes it ([`Outbox::wake_syncer`]), so an idle edge does not
+/// wake it `1000 / commit_ms` times a second.
 fn sync_loop(sync: &SyncShared, stats: &OutboxStats, every: Duration) {
     loop {
         let stop = sync.stop.load(Ordering::Acquire);
+        let mut worked = false;
         if sync.dir_dirty.swap(false, Ordering::AcqRel) {
+            worked = true;
             // New segments' names, before their first records count as synced.
             if let Err(e) = File::open(&sync.dir).and_then(|d| d.sync_all()) {
                 if !stats.failed.swap(true, Ordering::Relaxed) {
@@ -864,6 +886,7 @@ fn sync_loop(sync: &SyncShared, stats: &OutboxStats, every: Duration) {
             }
         }
         if sync.dirty.swap(false, Ordering::AcqRel) {
+            worked = true;
             let files: Vec<(PathBuf, File)> = match sync.files.lock() {
                 Ok(f) => f
                     .iter()
@@ -895,7 +918,20 @@ fn sync_loop(sync: &SyncShared, stats: &OutboxStats, every: Duration) {
         if stop {
             return;
         }
-        std::thread::park_timeout(every);
+        if worked {
+            // The whole interval, whatever wakes the thread meanwhile (a write's unpark).
+            let until = std::time::Instant::now() + every;
+            loop {
+                let now = std::time::Instant::now();
+                if now >= until || sync.stop.load(Ordering::Acquire) {
+                    break;
+                }
+                std::thread::park_timeout(until - now);
+            }
+        } else {
+            // A write (or the stop) unparks it; an unpark that came first returns at once.
+            std::thread::park_timeout(SYNC_IDLE_PARK);
+        }
     }
 }
 

@@ -1258,9 +1258,7 @@ impl Shard {
                     self.core.bell.clear();
                     return;
                 }
-                if idle >= Duration::from_millis(1)
-                    && last_collect.elapsed() >= Duration::from_secs(1)
-                {
+                if last_collect.elapsed() >= Duration::from_secs(1) {
                     // No client bytes for a second: hand the pages freed by the last burst back.
                     let bytes = self
                         .metrics
@@ -1272,13 +1270,16 @@ impl Shard {
                     bytes_at_collect = bytes;
                     last_collect = std::time::Instant::now();
                 }
-                if self.cluster {
-                    // The direct-copy gate releases held copies by age: poll it.
+                if self.cluster && !self.core_backlog.borrow().is_empty() {
+                    // The link's queue is full: the bridge takes from it without ringing, so
+                    // look again shortly rather than spin.
                     glommio::timer::sleep(idle).await;
                     idle = (idle * 2).min(Duration::from_millis(1));
                 } else {
-                    // Sleep until the core rings (replies), a connection backlogs a request,
-                    // or housekeeping is due; no timer wake-ups while traffic is sparse.
+                    // Sleep until the core (or the cluster's bridge) rings with replies, a
+                    // connection backlogs a request, or housekeeping is due: no timer wake-ups
+                    // while traffic is sparse. The housekeeping wake-up also releases the
+                    // direct-copy gate's held copies, whose wait (15 s) it serves well enough.
                     self.park_on_core().await;
                 }
             }
