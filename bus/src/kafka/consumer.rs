@@ -1006,12 +1006,18 @@ mod tests {
         assert_eq!(g.verdict("u", 1, 501), Verdict::Take);
     }
 
+    /// A guard that took `offsets` of partition 0 of `t`, each in turn.
+    fn guard_past(offsets: std::ops::Range<i64>) -> OffsetGuard {
+        let mut g = OffsetGuard::default();
+        for o in offsets {
+            assert_eq!(g.verdict("t", 0, o), Verdict::Take, "offset {o}");
+        }
+        g
+    }
+
     #[test]
     fn a_forgotten_topic_is_read_again_from_any_offset() {
-        let mut g = OffsetGuard::default();
-        for o in 0..10 {
-            assert_eq!(g.verdict("t", 0, o), Verdict::Take);
-        }
+        let mut g = guard_past(0..10);
         assert_eq!(g.verdict("t", 0, 3), Verdict::Drop);
         // Another partition and another topic keep their own positions.
         assert_eq!(g.verdict("t", 1, 3), Verdict::Take);
@@ -1023,10 +1029,7 @@ mod tests {
 
     #[test]
     fn after_an_automatic_offset_reset_lower_offsets_are_taken() {
-        let mut g = OffsetGuard::default();
-        for o in 100..110 {
-            assert_eq!(g.verdict("t", 0, o), Verdict::Take);
-        }
+        let mut g = guard_past(100..110);
         g.on_error(&KafkaError::MessageConsumption(
             RDKafkaErrorCode::BrokerTransportFailure,
         ));
