@@ -937,16 +937,16 @@ mod tests {
         assert_eq!((g.seeks(), g.repeats()), (0, 0));
     }
 
+    /// The log of the integration test: 15 batches of 40, one of 1,000 (600..1600), one of 40.
+    fn test_log() -> Vec<(i64, i64)> {
+        let sizes: Vec<i64> = [40; 15].iter().copied().chain([1000, 40]).collect();
+        log_of(&sizes)
+    }
+
     #[test]
     fn a_batch_begun_before_the_first_step_is_reached_by_seeking_further_back() {
         // One batch of 1,000 at 600: a start at 1300 - 256 skips it, one seek to 276 reaches it.
-        let log = log_of(
-            &[40; 15]
-                .iter()
-                .copied()
-                .chain([1000, 40])
-                .collect::<Vec<_>>(),
-        );
+        let log = test_log();
         let (taken, g) = consume(&log, 1300, false, 0);
         assert_eq!(taken, (1300..1640).collect::<Vec<_>>());
         assert_eq!(g.seeks(), 1);
@@ -959,13 +959,7 @@ mod tests {
 
     #[test]
     fn records_sent_again_in_one_pass_are_dropped() {
-        let log = log_of(
-            &[40; 15]
-                .iter()
-                .copied()
-                .chain([1000, 40])
-                .collect::<Vec<_>>(),
-        );
+        let log = test_log();
         let (taken, mut g) = consume(&log, 1620, false, 6);
         assert_eq!(taken, (1620..1640).collect::<Vec<_>>());
         assert_eq!(g.repeats(), 6 * 40);
