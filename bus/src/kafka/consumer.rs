@@ -522,7 +522,7 @@ impl OffsetGuard {
     }
 
     /// What to do with the record at `offset` of `(topic, partition)`; a [`Verdict::SeekTo`]
-    /// is counted as sought (see [`Self::unsought`] when the seek fails).
+    /// is counted as sought (when the seek then fails, [`Self::admit`] gives the watch up).
     pub fn verdict(&mut self, topic: &str, partition: i32, offset: i64) -> Verdict {
         let i = self.part(topic, partition);
         let p = &mut self.parts[i];
@@ -567,10 +567,12 @@ impl OffsetGuard {
     }
 
     /// The seek asked by the last [`Verdict::SeekTo`] of `(topic, partition)` failed: stop
-    /// watching it (its records are taken as they come, as without a watch).
-    pub fn unsought(&mut self, topic: &str, partition: i32) {
+    /// watching it and take the record at `offset` (the records come as they come, as without
+    /// a watch; repeats are still dropped).
+    fn give_up(&mut self, topic: &str, partition: i32, offset: i64) {
         let i = self.part(topic, partition);
         self.parts[i].watch = None;
+        self.parts[i].next = offset + 1;
     }
 
     /// [`Self::admit`] for a record `consumer` just returned, adding the seeks and repeats it
@@ -623,8 +625,8 @@ impl OffsetGuard {
                             error = %e,
                             "seek back to the committed offset's batch failed: records before this one may be skipped"
                         );
-                        self.unsought(topic, partition);
-                        self.verdict(topic, partition, offset) == Verdict::Take
+                        self.give_up(topic, partition, offset);
+                        true
                     }
                 }
             }
