@@ -486,7 +486,114 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsFrames<S> {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write;
+    use std::net::Shutdown;
+    use std::time::Duration;
+
+    use futures_lite::AsyncReadExt;
+    use glommio::net::TcpListener;
+    use glommio::{LocalExecutorBuilder, Placement};
+
     use super::frame_size;
+
+    /// Runs `f` on a glommio executor sized to fit an 8 MiB memlock limit.
+    fn on_executor<F, Fut>(f: F)
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + 'static,
+    {
+        LocalExecutorBuilder::new(Placement::Unbound)
+            .io_memory(256 << 10)
+            .ring_depth(64)
+            .spawn(f)
+            .expect("start an executor")
+            .join()
+            .expect("the executor's task");
+    }
+
+    /// Reads from `s` until `want` bytes came or the read waits longer than 2 s.
+    async fn read_within(s: &mut glommio::net::TcpStream, buf: &mut [u8]) -> Option<usize> {
+        glommio::timer::timeout(Duration::from_secs(2), async {
+            Ok(s.read(buf).await.expect("read"))
+        })
+        .await
+        .ok()
+    }
+
+    /// The plain TCP transport is glommio's stream with one multishot read poll
+    /// (vendor/glommio/IRIS-PATCH.md 3). Data and the peer's FIN that arrive before the shard
+    /// looks give readiness events that the reactor has reaped by the time the connection
+    /// reads: the read takes the data short, and the next read must still see the end (the
+    /// FIN posts no event after it). Before the fix it waited forever, and a session whose
+    /// last frame came right before its close stayed open (seen under load in the v2 tests).
+    #[test]
+    fn data_and_the_fin_reaped_together_still_end_the_stream() {
+        on_executor(|| async {
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let mut client = std::net::TcpStream::connect(addr).expect("connect");
+            let mut server = listener.accept().await.expect("accept");
+            client.write_all(b"last frame").expect("write");
+            client.shutdown(Shutdown::Write).expect("shutdown");
+            // Let the reactor reap both events before anything reads.
+            glommio::timer::sleep(Duration::from_millis(50)).await;
+            let mut buf = [0u8; 64];
+            assert_eq!(read_within(&mut server, &mut buf).await, Some(10));
+            assert_eq!(&buf[..10], b"last frame");
+            assert_eq!(
+                read_within(&mut server, &mut buf).await,
+                Some(0),
+                "the end of the stream was not seen"
+            );
+            // A FIN that comes after the data was read posts its own event.
+            let mut client2 = std::net::TcpStream::connect(addr).expect("connect");
+            let mut server2 = listener.accept().await.expect("accept");
+            client2.write_all(b"one").expect("write");
+            assert_eq!(read_within(&mut server2, &mut buf).await, Some(3));
+            let pending = glommio::spawn_local(async move {
+                let mut buf = [0u8; 8];
+                read_within(&mut server2, &mut buf).await
+            });
+            glommio::timer::sleep(Duration::from_millis(20)).await;
+            drop(client2);
+            assert_eq!(pending.await, Some(0));
+            drop(client);
+        });
+    }
+
+    /// Data followed by a reset, both reaped before the read: the data, then the error.
+    #[test]
+    fn data_and_a_reset_reaped_together_still_fail_the_stream() {
+        on_executor(|| async {
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let client = std::net::TcpStream::connect(addr).expect("connect");
+            let mut server = listener.accept().await.expect("accept");
+            (&client).write_all(b"bye").expect("write");
+            // SO_LINGER 0: close sends a RST.
+            socket2::SockRef::from(&client)
+                .set_linger(Some(Duration::ZERO))
+                .expect("linger");
+            drop(client);
+            glommio::timer::sleep(Duration::from_millis(50)).await;
+            let mut buf = [0u8; 64];
+            let first = glommio::timer::timeout(Duration::from_secs(2), async {
+                Ok(server.read(&mut buf).await)
+            })
+            .await
+            .expect("the first read waited");
+            // Linux drops unread data on a reset: the read gives it or the error.
+            if let Ok(n) = first {
+                assert_eq!(&buf[..n], b"bye");
+                let second = glommio::timer::timeout(Duration::from_secs(2), async {
+                    Ok(server.read(&mut buf).await)
+                })
+                .await
+                .expect("the end of the stream was not seen");
+                assert!(matches!(second, Ok(0) | Err(_)), "{second:?}");
+            }
+        });
+    }
 
     #[test]
     fn frame_size_reads_the_length_field() {

@@ -430,8 +430,11 @@ impl Reactor {
     /// Iris patch: a multishot read-readiness poll (see `NonBufferedStream::poll_read`).
     pub(crate) fn poll_read_ready_multi(&self, fd: RawFd) -> Source {
         let source = self.new_source(fd, SourceType::PollAdd, None);
+        // Iris patch: `POLLRDHUP` too, so that a completion tells a peer's FIN apart from
+        // data (see `NonBufferedStream::poll_read`).
+        let rdhup = PollFlags::from_bits_retain(libc::POLLRDHUP);
         self.sys
-            .poll_ready_multi(&source, common_flags() | read_flags());
+            .poll_ready_multi(&source, common_flags() | read_flags() | rdhup);
         source
     }
 

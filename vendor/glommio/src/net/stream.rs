@@ -215,6 +215,11 @@ impl Timeout {
     }
 }
 
+/// Iris patch: the events of a multishot read poll's completion (its result is the poll mask)
+/// that say the peer shut its side down (`POLLRDHUP`, armed in `poll_read_ready_multi`), the
+/// connection is gone (`POLLHUP`) or the socket holds an error (`POLLERR`).
+const HANGUP_EVENTS: usize = (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) as usize;
+
 #[derive(Debug)]
 pub(crate) struct NonBufferedStream<S> {
     reactor: Weak<Reactor>,
@@ -224,6 +229,12 @@ pub(crate) struct NonBufferedStream<S> {
     /// Iris patch: the socket may have input (a readiness event came since a read last found
     /// it empty, or nothing is known yet).
     rx_ready: bool,
+    /// Iris patch: a readiness event said the peer shut its side down or the socket failed
+    /// (`POLLRDHUP`, `POLLHUP` or `POLLERR`). From then on a short read no longer means that
+    /// nothing is left: `recv` stops short at the end of the stream (or before a pending
+    /// error), whose own event may have been coalesced with the data's, so the next read must
+    /// try the socket to see the end.
+    rx_hup: bool,
     write_timeout: Timeout,
     read_timeout: Timeout,
 }
@@ -264,7 +275,11 @@ impl<S: AsRawFd> NonBufferedStream<S> {
     /// `MSG_WAITALL` returns short only when the receive queue is empty) clears the mark, and
     /// any input arriving after that posts a new event. If the kernel ends the poll (a last
     /// completion without `IORING_CQE_F_MORE`, e.g. on a completion-queue overflow), the next
-    /// read tries the socket and arms a new one.
+    /// read tries the socket and arms a new one. The exception to "short means empty" is the
+    /// end of the stream: `recv` returns the data before a FIN (or a reset) short, and the
+    /// FIN's event may have been coalesced with the data's (both arrived before the reactor
+    /// reaped them), so once an event reports a hang-up (`rx_hup`) a short read keeps the
+    /// stream ready and the next read sees the end.
     pub(crate) fn poll_read(
         &mut self,
         cx: &Context<'_>,
@@ -275,8 +290,11 @@ impl<S: AsRawFd> NonBufferedStream<S> {
 
         let armed = match self.source_rx.as_ref() {
             Some(src) => {
-                if src.take_result().is_some() {
+                if let Some(event) = src.take_result() {
                     self.rx_ready = true;
+                    if matches!(event, Ok(mask) if mask & HANGUP_EVENTS != 0) {
+                        self.rx_hup = true;
+                    }
                 }
                 src.is_enqueued()
             }
@@ -293,7 +311,7 @@ impl<S: AsRawFd> NonBufferedStream<S> {
                     self.source_rx = Some(reactor.poll_read_ready_multi(self.stream.as_raw_fd()));
                 }
                 let result = poll_err!(result);
-                if result < buf.len() {
+                if result < buf.len() && !self.rx_hup {
                     self.rx_ready = false;
                 }
                 return Poll::Ready(Ok(result));
@@ -382,6 +400,7 @@ where
             source_tx: None,
             source_rx: None,
             rx_ready: true,
+            rx_hup: false,
             write_timeout: Timeout::new(reactor.register_timer()),
             read_timeout: Timeout::new(reactor.register_timer()),
         };
