@@ -489,12 +489,13 @@ impl Drop for CoreNode {
             let _ = c.wait();
         }
         if std::thread::panicking() {
+            let n = crate::failure_log_bytes();
             eprintln!(
-                "---- iris-core member {}/{} stderr ({}), last 6000 bytes ----\n{}",
+                "---- iris-core member {}/{} stderr ({}), last {n} bytes ----\n{}",
                 self.member,
                 self.members,
                 self.log_path.display(),
-                self.log_tail(6000)
+                self.log_tail(n)
             );
         }
     }

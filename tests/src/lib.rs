@@ -721,13 +721,23 @@ impl Drop for Server {
             let _ = c.wait();
         }
         if std::thread::panicking() {
+            let n = failure_log_bytes();
             eprintln!(
-                "---- iris-edge stderr ({}), last 6000 bytes ----\n{}",
+                "---- iris-edge stderr ({}), last {n} bytes ----\n{}",
                 self.log_path.display(),
-                self.log_tail(6000)
+                self.log_tail(n)
             );
         }
     }
+}
+
+/// How much of a process's log a failing test prints: `IRIS_TEST_LOG_TAIL_BYTES`, 6000 by
+/// default (raise it with `RUST_LOG=debug` to see a flaky failure's whole story).
+pub fn failure_log_bytes() -> usize {
+    std::env::var("IRIS_TEST_LOG_TAIL_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(6000)
 }
 
 /// The value of `name` (with `{shard="i"}` when `shard` is given) in Prometheus text.
