@@ -259,9 +259,16 @@ pub enum CoreReply {
 /// sleeps; the core pushes a reply, then [`ring`](Self::ring)s. A full fence on both sides
 /// between the flag and the queue makes a lost wake-up impossible: either the poller's last check
 /// sees the reply, or the core's ring sees the flag.
+///
+/// The same bell serves a poller waiting for room in its full request queue (its backlog holds
+/// requests): it says so with [`want_room`](Self::want_room) before it parks and checks the
+/// queue; the core, after taking requests from that queue, calls
+/// [`room_made`](Self::room_made), which rings only if room was wanted. The same fences make that
+/// wake-up impossible to lose, and the poller sleeps instead of spinning on a full queue.
 #[derive(Debug, Default)]
 pub struct ShardBell {
     parked: AtomicBool,
+    room_wanted: AtomicBool,
     waker: Mutex<Option<Waker>>,
 }
 
@@ -287,6 +294,23 @@ impl ShardBell {
         self.unpark();
         if let Ok(mut g) = self.waker.lock() {
             g.take();
+        }
+    }
+
+    /// Shard side, before [`park`](Self::park): its request queue was full; the core is to ring
+    /// once it has taken from it. The caller checks the queue for room after parking.
+    pub fn want_room(&self) {
+        self.room_wanted.store(true, Ordering::Relaxed);
+    }
+
+    /// Core side, after taking requests from this shard's queue: rings if the shard waits for
+    /// room (one fence and one atomic load if not).
+    pub fn room_made(&self) {
+        fence(Ordering::SeqCst);
+        if self.room_wanted.load(Ordering::Relaxed)
+            && self.room_wanted.swap(false, Ordering::AcqRel)
+        {
+            self.ring();
         }
     }
 
@@ -358,6 +382,29 @@ mod tests {
         bell.clear();
         bell.ring();
         assert_eq!(woken(), 1, "cleared: the waker is gone");
+    }
+
+    /// Room made in a queue wakes a poller that wanted room, once, and nobody else.
+    #[test]
+    fn room_made_wakes_only_a_poller_that_wants_room() {
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let woken = || count.0.load(Ordering::SeqCst);
+        let waker = Waker::from(Arc::clone(&count));
+        let bell = ShardBell::default();
+        bell.park(&waker);
+        bell.room_made();
+        assert_eq!(woken(), 0, "parked for replies, not for room");
+        bell.want_room();
+        bell.room_made();
+        assert_eq!(woken(), 1);
+        bell.park(&waker);
+        bell.room_made();
+        assert_eq!(woken(), 1, "the wish was used up");
+        bell.want_room();
+        bell.park(&waker);
+        let b = std::thread::scope(|sc| sc.spawn(|| bell.room_made()).join());
+        assert!(b.is_ok());
+        assert_eq!(woken(), 2, "from another thread");
     }
 
     /// A ring from another thread reaches a waiter parked on this one.

@@ -789,6 +789,12 @@ impl Core {
                 }
             }
         }
+        if n > 0 {
+            // A shard whose backlog waits for room in this queue sleeps until now.
+            if let Some(shard) = self.shards.get(s) {
+                shard.bell.room_made();
+            }
+        }
         n
     }
 

@@ -1286,12 +1286,20 @@ impl Shard {
         }
     }
 
-    /// Waits for the core's bell, the backlog's notify, or [`POLLER_HOUSEKEEPING`].
+    /// Waits for the core's bell, the backlog's notify, or [`POLLER_HOUSEKEEPING`]. With
+    /// requests in the backlog it waits for room in the core's queue: the core rings once it
+    /// has taken from it ([`ShardBell::want_room`](iris_core::api::ShardBell::want_room)).
+    /// (Returning at once whenever the backlog held requests made the poller spin, without
+    /// yielding to the connections, for as long as the core's queue stayed full.)
     async fn park_on_core(&self) {
         let bell = &self.core.bell;
         let rung = std::future::poll_fn(|cx| {
+            let backlogged = !self.core_backlog.borrow().is_empty();
+            if backlogged {
+                bell.want_room();
+            }
             bell.park(cx.waker());
-            if !self.core.from_core.is_empty() || !self.core_backlog.borrow().is_empty() {
+            if !self.core.from_core.is_empty() || (backlogged && !self.core.to_core.is_full()) {
                 bell.unpark();
                 Poll::Ready(())
             } else {
