@@ -140,7 +140,7 @@ const SWEEP_BATCH: usize = 1024;
 /// Longest idle wait when nothing is due (the loop also wakes on every request).
 const IDLE_WAIT: Duration = Duration::from_secs(1);
 /// How long the core thread is idle before [`EmbeddedConfig::idle_hook`] runs.
-pub const IDLE_HOOK_AFTER: Duration = Duration::from_secs(1);
+pub use crate::idle::IDLE_HOOK_AFTER;
 /// First retry delay after a failed commit; doubles per failure up to [`MAX_RETRY_DELAY`].
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(10);
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(1);
@@ -448,9 +448,7 @@ impl EmbeddedCore {
             next_rotation: now + ACK_MEMORY_PERIOD,
             deferred: Vec::new(),
             resume: ResumeLists::default(),
-            idle_hook: cfg.idle_hook,
-            busy_at: now,
-            hooked: true,
+            idle: crate::idle::IdleHook::new(cfg.idle_hook),
         };
         let thread = std::thread::Builder::new()
             .name("iris-core".into())
@@ -662,11 +660,7 @@ struct Core {
     /// The ids written to each user's last v2 session, for `resume_after`.
     resume: ResumeLists,
     /// See [`EmbeddedConfig::idle_hook`].
-    idle_hook: Option<fn()>,
-    /// The last loop turn that took something in or had something pending.
-    busy_at: Instant,
-    /// The idle hook ran since `busy_at`.
-    hooked: bool,
+    idle: crate::idle::IdleHook,
 }
 
 impl Core {
@@ -706,15 +700,10 @@ impl Core {
                 debug!("all shard links closed");
                 break;
             }
-            if took > 0 || !self.deferred.is_empty() || self.deadline.is_some() {
-                self.busy_at = now;
-                self.hooked = false;
-            } else if !self.hooked && now.duration_since(self.busy_at) >= IDLE_HOOK_AFTER {
-                self.hooked = true;
-                if let Some(hook) = self.idle_hook {
-                    hook();
-                }
-            }
+            self.idle.note(
+                took > 0 || !self.deferred.is_empty() || self.deadline.is_some(),
+                now,
+            );
             if took == 0 && self.deferred.is_empty() {
                 self.wait();
             }

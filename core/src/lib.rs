@@ -31,6 +31,7 @@ pub mod api;
 pub mod embedded;
 pub mod error;
 pub mod http;
+pub mod idle;
 pub mod import;
 pub mod outbox;
 pub mod remote;

@@ -159,6 +159,11 @@ pub struct RemoteConfig {
     /// The global bus (cross-region route topics): `Some` exactly when `homes` lists more than
     /// one region.
     pub global: Option<KafkaConfig>,
+    /// Called on the bridge thread and on the session writer's thread once each has been idle
+    /// for [`crate::idle::IDLE_HOOK_AFTER`], once per idle period ([`crate::idle`]): the edge
+    /// passes its allocator's collection, so that what a login burst's session writes and
+    /// bus frames freed on those threads goes back to the OS. None: nothing runs.
+    pub idle_hook: Option<fn()>,
 }
 
 /// Counters of the link (monotonic).
@@ -408,8 +413,13 @@ impl RemoteCore {
         let deliver_parts = topic_partitions(&kafka, &deliver_topic, wait)?;
         let presence_parts = topic_partitions(&kafka, &presence_topic, wait)?;
 
-        let (writer, mut sinks) =
-            SessionWriter::start(SessionConfig::with_url(cfg.redis_url.clone()), 1)?;
+        let (writer, mut sinks) = SessionWriter::start(
+            SessionConfig {
+                idle_hook: cfg.idle_hook,
+                ..SessionConfig::with_url(cfg.redis_url.clone())
+            },
+            1,
+        )?;
         let sink = sinks.pop().ok_or(CoreError::ThreadPanicked)?;
         let (producer, mut rings) = KafkaProducer::start(&kafka, 1)?;
         let ring = rings.pop().ok_or(CoreError::ThreadPanicked)?;
@@ -590,6 +600,7 @@ impl RemoteCore {
             frames: Arc::clone(&frames),
             stop: Arc::clone(&stop),
             resume: ResumeLists::default(),
+            idle: crate::idle::IdleHook::new(cfg.idle_hook),
         };
         // Announce this node's (re)start before any of its sessions.
         bridge.produce(BusFrame::EdgeReset(EdgeReset {
@@ -829,6 +840,8 @@ struct Bridge {
     stop: Arc<AtomicBool>,
     /// The ids written to each user's last v2 session on this edge, for `resume_after`.
     resume: ResumeLists,
+    /// See [`RemoteConfig::idle_hook`].
+    idle: crate::idle::IdleHook,
 }
 
 /// The bridge's side of the global bus: its own producer ring and held queue (order is kept per
@@ -868,6 +881,7 @@ impl Bridge {
                 self.finish();
                 return;
             }
+            self.idle.note(busy, Instant::now());
             if !busy {
                 self.wait();
             }

@@ -108,7 +108,7 @@ pub fn session_key(user: &[u8]) -> Vec<u8> {
 }
 
 /// Settings of the session writer and reader.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct SessionConfig {
     /// Redis URL, e.g. `redis://127.0.0.1:6379/`. Default `redis://127.0.0.1:6379/`.
     pub url: String,
@@ -128,6 +128,10 @@ pub struct SessionConfig {
     pub io_timeout_ms: u64,
     /// How long `shutdown` keeps trying to write what is pending. Default 2000 ms.
     pub shutdown_timeout_ms: u64,
+    /// Called on the writer's thread once it has been idle (no op taken, nothing written) for
+    /// [`crate::idle::IDLE_HOOK_AFTER`], once per idle period; the edge passes its allocator's
+    /// collection. Default none.
+    pub idle_hook: Option<fn()>,
 }
 
 impl Default for SessionConfig {
@@ -142,6 +146,7 @@ impl Default for SessionConfig {
             connect_timeout_ms: 500,
             io_timeout_ms: 1000,
             shutdown_timeout_ms: 2000,
+            idle_hook: None,
         }
     }
 }
@@ -946,6 +951,8 @@ impl WriterState {
         }
         let mut live: Vec<bool> = vec![true; rxs.len()];
         let mut shutdown_deadline: Option<Instant> = None;
+        let mut idle = crate::idle::IdleHook::new(self.cfg.idle_hook);
+        let mut ops_seen = self.metrics.ops_in.load(Ordering::Relaxed);
 
         loop {
             let deadline = self.next_deadline(shutdown_deadline);
@@ -996,6 +1003,9 @@ impl WriterState {
             if self.connected_once && now >= self.last_io + IDLE_CHECK && self.may_attempt(now) {
                 self.check_idle_conn();
             }
+            let ops_in = self.metrics.ops_in.load(Ordering::Relaxed);
+            idle.note(used > 0 || ops_in != ops_seen, now);
+            ops_seen = ops_in;
         }
 
         if !self.pending.is_empty() {

@@ -109,6 +109,7 @@ fn remote_config(
             brokers: global.brokers(),
             ..KafkaConfig::default()
         }),
+        idle_hook: None,
     }
 }
 

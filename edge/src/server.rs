@@ -506,6 +506,9 @@ fn start_core(
                 },
                 homes,
                 global,
+                // What a login burst freed on the bridge and session threads goes back to the
+                // OS once they are idle (as on the shards and the embedded core thread).
+                idle_hook: Some(crate::alloc::collect_idle_heap),
             };
             let (core, links) = RemoteCore::start(remote, nshards).with_context(|| {
                 format!(
