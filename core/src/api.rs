@@ -262,8 +262,7 @@ pub enum CoreReply {
 ///
 /// The same bell serves a poller waiting for room in its full request queue (its backlog holds
 /// requests): it says so with [`want_room`](Self::want_room) before it parks and checks the
-/// queue; the core (the embedded core thread, or the cluster link's bridge), after taking
-/// requests from that queue, calls
+/// queue; the core, after taking requests from that queue, calls
 /// [`room_made`](Self::room_made), which rings only if room was wanted. The same fences make that
 /// wake-up impossible to lose, and the poller sleeps instead of spinning on a full queue.
 #[derive(Debug, Default)]

@@ -1013,10 +1013,6 @@ impl Bridge {
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
             }
         }
-        if n > 0 {
-            // A shard whose backlog waits for room in this queue sleeps until now.
-            self.bells[s].room_made();
-        }
         n
     }
 
@@ -1075,9 +1071,6 @@ impl Bridge {
                             Ok(r) => self.outbound_not_drain(other, r),
                             Err(_) => break,
                         }
-                    }
-                    if queued > 0 {
-                        self.bells[other].room_made();
                     }
                 }
                 self.resume_acks(&user, resume_after);
