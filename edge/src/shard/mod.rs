@@ -1182,10 +1182,11 @@ impl Shard {
         }
     }
 
-    /// Moves backlog to the core and core replies to connections. While busy it loops; idle, the
-    /// embedded edge's poller sleeps until the core rings its bell (glommio takes wake-ups from
-    /// the core's thread) and the cluster edge's polls, backing off from 50 µs to 1 ms (its
-    /// direct-copy gate releases by age).
+    /// Moves backlog to the core and core replies to connections. While busy it loops; idle, it
+    /// sleeps until the core (or the cluster's bridge) rings its bell (glommio takes wake-ups
+    /// from the core's thread), a connection backlogs a request, or housekeeping is due
+    /// ([`Shard::park_on_core`]). Only a cluster edge with requests in its backlog polls
+    /// instead, backing off from 50 µs to 1 ms (see the loop).
     async fn core_poller(self: Rc<Self>) {
         let mut idle = Duration::from_micros(50);
         let mut last_collect = std::time::Instant::now();
