@@ -27,6 +27,22 @@
 //! dropped (`late_stores_dropped`) instead of being kept forever. A store later than that is kept
 //! and delivered again at the next login (a duplicate, never a loss).
 //!
+//! # The hot tier
+//! With `hot_log_secs` > 0 (default 1), the commit writes its new messages that carry no v2
+//! client id to the hot log ([`crate::hotlog`]: one append and `fdatasync`, so they are as
+//! durable as in the LSM) and keeps them in memory, instead of inserting them into the LSM. An
+//! ack of a hot message removes it from memory and logs its delete at the next commit
+//! (`acks_of_hot`); the LSM never sees it. A hot message not acked within one to two periods is
+//! moved into the LSM in one durable batch per hot log file (`hot_moved`), and remembered as
+//! recently stored. Drains, the quota and duplicate stores see the hot messages as they see
+//! stored ones. The id floor rides in every hot frame, so a commit with only hot work writes
+//! nothing to the LSM. At start the hot log is replayed into the LSM before anything is served;
+//! at shutdown every hot message is moved into it. This exists for the load where acks miss the
+//! 2 ms window by a little: writing each message into the LSM and deleting it moments later
+//! (a memtable insert and a tombstone, then a flush and a compaction of both) cost about 12 µs
+//! of this thread per message, which on an edge that shares the core with a shard kept it from
+//! ever catching up once it fell behind.
+//!
 //! # Client message ids (protocol v2)
 //! A [`CoreRequest::Store`] may carry the sender's client message id (`client`, an
 //! idempotency key unique per sender). The core then answers [`CoreReply::Confirms`] instead of
@@ -126,6 +142,7 @@ use crate::api::{
     ShardLink, StoredMsg, REFUSED_INBOX_FULL, REFUSED_STORE_FAILED, RESUME_IDS_MAX,
 };
 use crate::error::CoreError;
+use crate::hotlog::{self, HotLog};
 use crate::resume::{ResumeLists, RESUME_USERS_MAX};
 use crate::store::{Batch, MessageStore, SentRecord, Usage, MAX_SENDER_LEN, MAX_USER_LEN};
 
@@ -153,6 +170,12 @@ const SWEEP_BUDGET: usize = 1024;
 /// Pause between two turns of one expiry sweep pass.
 const SWEEP_TURN: Duration = Duration::from_millis(10);
 
+/// The hot log's directory, inside the store's.
+const HOT_DIR: &str = "hot";
+/// A failed move of hot messages into the LSM is tried again after this.
+const HOT_RETRY: Duration = Duration::from_secs(1);
+
+static LOGGED_HOT_FAILURE: AtomicBool = AtomicBool::new(false);
 static LOGGED_QUOTA: AtomicBool = AtomicBool::new(false);
 static LOGGED_COMMIT_FAILURE: AtomicBool = AtomicBool::new(false);
 static LOGGED_RECOVERY: AtomicBool = AtomicBool::new(false);
@@ -205,6 +228,14 @@ pub struct EmbeddedConfig {
     /// so that the memory a burst freed on this thread goes back to the OS (the core thread
     /// frees what the store's batches and the shards' requests held). Default none.
     pub idle_hook: Option<fn()>,
+    /// The hot tier's period in seconds ([`crate::hotlog`]): a message not acked within the
+    /// commit window is written to the hot log (one append, synced at the commit) and kept in
+    /// memory; one acked within one to two periods never reaches the LSM. 0 writes every
+    /// message to the LSM at its commit. Default 1.
+    pub hot_log_secs: u64,
+    /// Most memory the hot tier's messages may hold (names, payloads and about 160 bytes of
+    /// index each); over it, new messages go to the LSM directly. Default 67108864 (64 MiB).
+    pub hot_log_max_bytes: usize,
 }
 
 impl Default for EmbeddedConfig {
@@ -221,6 +252,8 @@ impl Default for EmbeddedConfig {
             usage_cache_users: 262_144,
             dedup_ttl_secs: 24 * 3600,
             idle_hook: None,
+            hot_log_secs: 1,
+            hot_log_max_bytes: 64 << 20,
         }
     }
 }
@@ -269,6 +302,12 @@ pub struct CoreMetrics {
     pub acks_not_stored: AtomicU64,
     /// Acks of messages committed in the last one to two seconds: deleted without a lookup.
     pub acks_of_recent_stores: AtomicU64,
+    /// Messages written to the hot log instead of the LSM at their commit.
+    pub hot_logged: AtomicU64,
+    /// Acks of messages in the hot tier: deleted with a hot log record, the LSM untouched.
+    pub acks_of_hot: AtomicU64,
+    /// Hot messages not acked within one to two periods, moved into the LSM.
+    pub hot_moved: AtomicU64,
     /// v2 sends whose `(sender, client message id)` was seen before: answered
     /// [`Confirmed::Duplicate`], not stored.
     pub duplicate_sends: AtomicU64,
@@ -303,6 +342,9 @@ pub struct CoreStats {
     pub expired_deleted: u64,
     pub acks_not_stored: u64,
     pub acks_of_recent_stores: u64,
+    pub hot_logged: u64,
+    pub acks_of_hot: u64,
+    pub hot_moved: u64,
     pub duplicate_sends: u64,
     pub dedup_expired: u64,
     pub resume_acked: u64,
@@ -333,6 +375,9 @@ impl CoreMetrics {
             expired_deleted: r(&self.expired_deleted),
             acks_not_stored: r(&self.acks_not_stored),
             acks_of_recent_stores: r(&self.acks_of_recent_stores),
+            hot_logged: r(&self.hot_logged),
+            acks_of_hot: r(&self.acks_of_hot),
+            hot_moved: r(&self.hot_moved),
             duplicate_sends: r(&self.duplicate_sends),
             dedup_expired: r(&self.dedup_expired),
             resume_acked: r(&self.resume_acked),
@@ -380,6 +425,34 @@ impl EmbeddedCore {
             )));
         }
         let store = MessageStore::open(&cfg.data_dir)?;
+        // The hot log's messages go into the LSM before anything is served, so the LSM is the
+        // whole truth again (and the id floor counts them).
+        let hot_dir = cfg.data_dir.join(HOT_DIR);
+        let mut rec = hotlog::recover(&hot_dir)?;
+        store.write(
+            &Batch {
+                inserts: &rec.msgs,
+                id_hint: rec.floor,
+                ..Batch::default()
+            },
+            true,
+        )?;
+        rec.remove_files()?;
+        if !rec.msgs.is_empty() || rec.torn > 0 {
+            info!(
+                messages = rec.msgs.len(),
+                torn_frames = rec.torn,
+                "hot log replayed into the store"
+            );
+        }
+        let hot = (cfg.hot_log_secs > 0).then(|| {
+            HotLog::new(
+                &hot_dir,
+                &rec,
+                Duration::from_secs(cfg.hot_log_secs),
+                cfg.hot_log_max_bytes,
+            )
+        });
         let id_floor = store.id_floor();
         let metrics = Arc::new(CoreMetrics::default());
         let (stop_tx, stop_rx) = channel::bounded(1);
@@ -449,6 +522,10 @@ impl EmbeddedCore {
             deferred: Vec::new(),
             resume: ResumeLists::default(),
             idle: crate::idle::IdleHook::new(cfg.idle_hook),
+            hot,
+            hot_deletes: Vec::new(),
+            hot_floor: 0,
+            hot_retry_at: now,
         };
         let thread = std::thread::Builder::new()
             .name("iris-core".into())
@@ -661,6 +738,14 @@ struct Core {
     resume: ResumeLists,
     /// See [`EmbeddedConfig::idle_hook`].
     idle: crate::idle::IdleHook,
+    /// The hot tier ([`crate::hotlog`]); None if `hot_log_secs` is 0.
+    hot: Option<HotLog>,
+    /// Hot messages acked since the last commit: their deletes go into its hot log frame.
+    hot_deletes: Vec<(Vec<u8>, u64)>,
+    /// The highest id floor a hot log frame made durable.
+    hot_floor: u64,
+    /// No move of hot messages into the LSM before this (after a failed one).
+    hot_retry_at: Instant,
 }
 
 impl Core {
@@ -681,6 +766,7 @@ impl Core {
                 // A failure is logged, counted and retried by `commit` itself.
                 let _ = self.commit();
             }
+            self.move_hot(now);
             self.sweep(now);
             self.sweep_sent(now);
             self.flush_answers();
@@ -733,6 +819,10 @@ impl Core {
         }
         if self.dedup_ttl_secs > 0 {
             timeout = timeout.min(self.next_sent_sweep.saturating_duration_since(now));
+        }
+        if let Some(due) = self.hot.as_ref().and_then(HotLog::next_due) {
+            let due = due.max(self.hot_retry_at);
+            timeout = timeout.min(due.saturating_duration_since(now));
         }
         if timeout.is_zero() {
             return;
@@ -902,6 +992,10 @@ impl Core {
             .pending
             .get(&msg.recipient)
             .is_some_and(|p| p.inserts.contains_key(&msg.id))
+            || self
+                .hot
+                .as_ref()
+                .is_some_and(|h| h.contains(&msg.recipient, msg.id))
         {
             debug!(id = msg.id, "store of a message already pending ignored");
             return;
@@ -1090,6 +1184,11 @@ impl Core {
                     return None;
                 }
             };
+            if let Some(h) = &self.hot {
+                let (n, bytes) = h.usage(user);
+                u.messages += n;
+                u.payload_bytes += bytes;
+            }
             if let Some(p) = self.pending.get(user) {
                 for m in p.inserts.values() {
                     u.messages += 1;
@@ -1301,6 +1400,16 @@ impl Core {
             if p.deletes.contains(&id) {
                 return; // already to be deleted
             }
+        }
+        if let Some(m) = self.hot.as_mut().and_then(|h| h.take(&user, id)) {
+            // In the hot log only: its delete is one record there at the next commit.
+            bump(&self.metrics.acks_of_hot, 1);
+            trace!(id, "ack of a hot message");
+            self.release(&user, m.payload.len() as u64);
+            self.hot_deletes.push((user, id));
+            self.pending_ops += 1;
+            self.arm_deadline();
+            return;
         }
         let hash = user_hash(&user);
         self.recent_acks.insert((id, hash));
@@ -1531,24 +1640,36 @@ impl Core {
                 .corrupt_skipped
                 .fetch_max(s.corrupt_skipped(), Ordering::Relaxed);
         }
-        let Some(p) = pending else {
+        // What is not in the LSM: pending (this window) and hot (logged, kept in memory).
+        let mut fresh: Vec<(u64, &StoredMsg)> = Vec::new();
+        if let Some(p) = pending {
+            fresh.extend(
+                p.inserts
+                    .range((Bound::Excluded(after), Bound::Unbounded))
+                    .take(limit)
+                    .map(|(id, m)| (*id, &m.msg)),
+            );
+        }
+        if let Some(h) = &self.hot {
+            fresh.extend(h.range(user, after).take(limit).map(|m| (m.id, m)));
+        }
+        if fresh.is_empty() && pending.is_none_or(|p| p.deletes.is_empty()) {
             return stored;
-        };
+        }
+        fresh.sort_unstable_by_key(|(id, _)| *id);
+        fresh.dedup_by_key(|(id, _)| *id);
         let mut stored = stored
             .into_iter()
-            .filter(|m| !p.deletes.contains(&m.id))
+            .filter(|m| pending.is_none_or(|p| !p.deletes.contains(&m.id)))
             .peekable();
-        let mut fresh = p
-            .inserts
-            .range((Bound::Excluded(after), Bound::Unbounded))
-            .peekable();
+        let mut fresh = fresh.into_iter().peekable();
         let mut out = Vec::with_capacity(limit.min(1024));
         while out.len() < limit {
             let (take_fresh, duplicate) = match (stored.peek(), fresh.peek()) {
                 (None, None) => break,
                 (Some(_), None) => (false, false),
                 (None, Some(_)) => (true, false),
-                (Some(s), Some((fid, _))) => (**fid <= s.id, **fid == s.id),
+                (Some(s), Some((fid, _))) => (*fid <= s.id, *fid == s.id),
             };
             if duplicate {
                 stored.next(); // the same message stored and pending again: keep one copy
@@ -1556,10 +1677,10 @@ impl Core {
             if take_fresh {
                 if let Some((id, m)) = fresh.next() {
                     out.push(DrainedMsg {
-                        id: *id,
-                        sender: m.msg.sender.clone(),
-                        payload: m.msg.payload.clone(),
-                        kind: m.msg.kind,
+                        id,
+                        sender: m.sender.clone(),
+                        payload: m.payload.clone(),
+                        kind: m.kind,
                     });
                 }
             } else if let Some(e) = stored.next() {
@@ -1618,21 +1739,68 @@ impl Core {
     /// released; deletes (acks, expiry) and prekey bundles stay pending; the store is reopened
     /// and the commit retried with backoff.
     fn commit(&mut self) -> Result<(), CoreError> {
-        let floor = self.store.as_ref().map_or(0, MessageStore::id_floor);
+        let floor = self
+            .store
+            .as_ref()
+            .map_or(0, MessageStore::id_floor)
+            .max(self.hot_floor);
         if self.pending_ops == 0 && self.max_id_seen <= floor && !self.reopen_needed {
             self.deadline = None;
             return Ok(());
         }
+        let started = Instant::now();
         let mut inserts = Vec::new();
         let mut origins = Vec::new();
         let mut deletes = Vec::new();
+        // Messages with no v2 dedup record go to the hot log while it has room (a record must
+        // be written atomically with its message, in the LSM).
+        let to_hot = self.hot.as_ref().is_some_and(HotLog::has_room);
+        let mut hot_msgs = Vec::new();
+        let mut hot_origins = Vec::new();
         for (user, p) in self.pending.drain() {
             for id in p.deletes {
                 deletes.push((user.clone(), id));
             }
             for m in p.inserts.into_values() {
-                origins.push((m.shard, m.conn, m.client));
-                inserts.push(m.msg);
+                if to_hot && m.client.is_none() && hotlog::fits(&m.msg) {
+                    hot_origins.push((m.shard, m.conn, m.client));
+                    hot_msgs.push(m.msg);
+                } else {
+                    origins.push((m.shard, m.conn, m.client));
+                    inserts.push(m.msg);
+                }
+            }
+        }
+        let hot_deletes = std::mem::take(&mut self.hot_deletes);
+        // The id floor goes with the hot frame when there is one; else with the LSM batch.
+        let mut id_hint = self.max_id_seen;
+        if let Some(hot) = self.hot.as_mut() {
+            if !hot_msgs.is_empty() || !hot_deletes.is_empty() || self.max_id_seen > floor {
+                let n = hot_msgs.len() as u64;
+                match hot.commit(hot_msgs, &hot_deletes, self.max_id_seen, started) {
+                    Ok(()) => {
+                        self.hot_floor = self.max_id_seen;
+                        id_hint = 0;
+                        bump(&self.metrics.stored, n);
+                        bump(&self.metrics.hot_logged, n);
+                    }
+                    Err((e, back)) => {
+                        // Its messages go to the LSM in this same commit; the deletes wait.
+                        bump(&self.metrics.store_errors, 1);
+                        if first_time(&LOGGED_HOT_FAILURE) {
+                            error!(
+                                error = %e,
+                                "hot log write failed: its messages go to the store directly \
+                                 (logged once; iris_core_store_errors_total counts)"
+                            );
+                        } else {
+                            debug!(error = %e, "hot log write failed");
+                        }
+                        inserts.extend(back);
+                        origins.extend(hot_origins);
+                        self.hot_deletes = hot_deletes;
+                    }
+                }
             }
         }
         let prekeys: Vec<_> = self.pending_prekeys.drain().collect();
@@ -1646,8 +1814,6 @@ impl Core {
             })
             .collect();
         let sent_expired = std::mem::take(&mut self.pending_sent_expired);
-        let started = Instant::now();
-        let id_hint = self.max_id_seen;
         let result = self.ensure_open().and_then(|()| {
             self.store()?.write(
                 &Batch {
@@ -1706,8 +1872,9 @@ impl Core {
                     }
                 }
                 self.failures = 0;
-                self.pending_ops = 0;
-                self.deadline = None;
+                // Hot deletes whose frame failed wait for the next commit (a new file).
+                self.pending_ops = self.hot_deletes.len();
+                self.deadline = (!self.hot_deletes.is_empty()).then(|| Instant::now() + HOT_RETRY);
                 Ok(())
             }
             Err(e) => {
@@ -1747,8 +1914,11 @@ impl Core {
                 }
                 // Deletes and bundles wait for the next try (nothing else ran in between: this
                 // is the only thread).
-                self.pending_ops =
-                    deletes.len() + prekeys.len() + self.pending_sent.len() + sent_expired.len();
+                self.pending_ops = deletes.len()
+                    + prekeys.len()
+                    + self.pending_sent.len()
+                    + sent_expired.len()
+                    + self.hot_deletes.len();
                 self.pending_sent_expired = sent_expired;
                 for (user, id) in deletes {
                     self.pending.entry(user).or_default().deletes.insert(id);
@@ -1762,6 +1932,57 @@ impl Core {
                 Err(e)
             }
         }
+    }
+
+    /// Moves the hot messages not acked within one to two periods into the LSM, one durable
+    /// batch per due hot log file, and deletes the file after it (see [`crate::hotlog`]).
+    fn move_hot(&mut self, now: Instant) {
+        if now < self.hot_retry_at {
+            return;
+        }
+        let Some(mut hot) = self.hot.take() else {
+            return;
+        };
+        while hot.rotate_due(now) {
+            let (msgs, floor) = hot.take_oldest();
+            if let Err(e) = self.write_moved(&msgs, floor) {
+                bump(&self.metrics.store_errors, 1);
+                debug!(error = %e, messages = msgs.len(), "moving hot messages failed");
+                hot.restore(msgs);
+                self.hot_retry_at = now + HOT_RETRY;
+                break;
+            }
+            if let Err(e) = hot.retire_oldest() {
+                // Only a replay at the next start (into the LSM, where they already are).
+                debug!(error = %e, "hot log file not deleted");
+            }
+        }
+        self.hot = Some(hot);
+    }
+
+    /// Writes moved hot messages to the LSM (durable) and remembers them as recently stored.
+    fn write_moved(&mut self, msgs: &[StoredMsg], floor: u64) -> Result<(), CoreError> {
+        let batch = Batch {
+            inserts: msgs,
+            id_hint: floor,
+            ..Batch::default()
+        };
+        if let Err(e) = self
+            .ensure_open()
+            .and_then(|()| self.store()?.write(&batch, true))
+        {
+            self.reopen_needed = true;
+            return Err(e);
+        }
+        bump(&self.metrics.hot_moved, msgs.len() as u64);
+        for m in msgs {
+            if self.recent_stores.len() >= RECENT_STORES_MAX {
+                break;
+            }
+            self.recent_stores
+                .insert(m.id, (user_hash(&m.recipient), m.payload.len() as u64));
+        }
+        Ok(())
     }
 
     /// Final take-in, drains answered, durable commit.
@@ -1786,6 +2007,25 @@ impl Core {
                 std::thread::sleep(d.saturating_duration_since(Instant::now()));
             }
             result = self.commit();
+        }
+        if let Some(mut hot) = self.hot.take() {
+            // Everything into the LSM, so a stopped store is whole without its hot log (which
+            // a failure here leaves to the next start's replay).
+            let (msgs, floor) = hot.take_all();
+            match self.write_moved(&msgs, floor) {
+                Ok(()) => {
+                    if let Err(e) = hot.retire_all() {
+                        warn!(error = %e, "hot log files not deleted: replayed at the next start");
+                    }
+                }
+                Err(e) => {
+                    error!(
+                        error = %e,
+                        messages = msgs.len(),
+                        "hot messages not moved into the store: replayed at the next start"
+                    );
+                }
+            }
         }
         if let Err(e) = &result {
             let failed = self.metrics.failed_messages.load(Ordering::Relaxed) - failed_before;
@@ -1956,7 +2196,11 @@ mod tests {
     fn a_failed_commit_refuses_its_messages_and_the_store_recovers() {
         let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().join("core");
-        let cfg = test_cfg(data_dir.clone());
+        // The LSM's failures are tested here: no hot tier.
+        let cfg = EmbeddedConfig {
+            hot_log_secs: 0,
+            ..test_cfg(data_dir.clone())
+        };
         let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
         let m = core.metrics();
         let link = &links[0];
@@ -2202,6 +2446,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cfg = EmbeddedConfig {
             max_messages_per_user: 2,
+            hot_log_secs: 0,
             ..test_cfg(dir.path().join("core"))
         };
         let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
@@ -2317,6 +2562,7 @@ mod tests {
             commit_window_ms: 3_600_000,
             // Test ids are small numbers (minted in 2024): no expiry.
             message_ttl_secs: 0,
+            hot_log_secs: 0,
             ..EmbeddedConfig::default()
         };
         let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
@@ -2712,6 +2958,153 @@ mod tests {
             ),
             other => panic!("unexpected reply {other:?}"),
         }
+        core.shutdown().unwrap();
+    }
+
+    /// A message whose ack comes after its commit is written to the hot log only: the ack
+    /// deletes it there, and the LSM never holds it. What is not acked is in the LSM after a
+    /// shutdown, and the hot log is gone.
+    #[test]
+    fn late_acks_of_hot_messages_never_reach_the_lsm() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("core");
+        let (core, links) = EmbeddedCore::start(test_cfg(data_dir.clone()), 1).unwrap();
+        let m = core.metrics();
+        let link = &links[0];
+        for id in 1..=3 {
+            link.to_core.send(store_req(msg(id), 1)).unwrap();
+        }
+        wait_for(&m, "the hot commit", |s| s.hot_logged == 3);
+        ack(link, b"ruth", 1);
+        ack(link, b"ruth", 2);
+        wait_for(&m, "the acks", |s| s.acks_of_hot == 2 && s.pending_ops == 0);
+        assert_eq!(drain_ids(link, b"ruth"), vec![3]);
+        let s = m.snapshot();
+        assert_eq!(
+            (s.stored, s.hot_moved, s.acks_of_recent_stores),
+            (3, 0, 0),
+            "{s:?}"
+        );
+        let stats = core.shutdown().unwrap();
+        assert_eq!(
+            stats.hot_moved, 1,
+            "the unacked message is moved at shutdown"
+        );
+        let store = MessageStore::open(&data_dir).unwrap();
+        assert_eq!(store.count(b"ruth").unwrap(), 1);
+        assert_eq!(store.id_floor(), 3);
+        let left = std::fs::read_dir(data_dir.join(HOT_DIR)).unwrap().count();
+        assert_eq!(left, 0, "hot log files left after a clean shutdown");
+    }
+
+    /// Hot messages not acked within one to two periods move into the LSM (their acks then
+    /// delete them there), and drains merge the LSM, the hot tier and the pending window in id
+    /// order.
+    #[test]
+    fn unacked_hot_messages_move_into_the_lsm_and_drains_merge_every_tier() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("core");
+        let cfg = EmbeddedConfig {
+            commit_window_ms: 300,
+            ..test_cfg(data_dir.clone())
+        };
+        let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
+        let m = core.metrics();
+        let link = &links[0];
+        link.to_core.send(store_req(msg(1), 1)).unwrap();
+        link.to_core.send(store_req(msg(2), 1)).unwrap();
+        wait_for(&m, "the hot commit", |s| s.hot_logged == 2);
+        let logged = Instant::now();
+        wait_for(&m, "the move", |s| s.hot_moved == 2);
+        let waited = logged.elapsed();
+        assert!(
+            waited >= Duration::from_millis(900),
+            "moved after {waited:?}, before one period"
+        );
+        link.to_core.send(store_req(msg(3), 1)).unwrap();
+        wait_for(&m, "the second hot commit", |s| s.hot_logged == 3);
+        // Message 4 is still inside its (300 ms) commit window when the drain is served.
+        link.to_core.send(store_req(msg(4), 1)).unwrap();
+        // A drain rings the core (as a shard does), so it is served inside the window.
+        link.to_core
+            .send(CoreRequest::Drain {
+                user: b"ruth".to_vec(),
+                conn: 99,
+                after: 0,
+                limit: 1000,
+                resume_after: 0,
+            })
+            .unwrap();
+        link.wake_core.as_ref().unwrap().try_send(()).unwrap();
+        match link
+            .from_core
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap()
+        {
+            CoreReply::Drain { msgs, .. } => {
+                assert_eq!(msgs.iter().map(|m| m.id).collect::<Vec<_>>(), [1, 2, 3, 4]);
+            }
+            other => panic!("unexpected reply {other:?}"),
+        }
+        assert_eq!(
+            m.snapshot().hot_logged,
+            3,
+            "message 4 was drained while pending"
+        );
+        ack(link, b"ruth", 1);
+        ack(link, b"ruth", 3);
+        wait_for(&m, "the acks", |s| {
+            s.acks_of_recent_stores == 1 && s.acks_of_hot == 1 && s.pending_ops == 0
+        });
+        assert_eq!(drain_ids(link, b"ruth"), vec![2, 4]);
+        core.shutdown().unwrap();
+        let store = MessageStore::open(&data_dir).unwrap();
+        assert_eq!(store.count(b"ruth").unwrap(), 2);
+    }
+
+    /// What a crash leaves in the hot log is in the store when the core starts again, with the
+    /// id floor it recorded, before any request is served.
+    #[test]
+    fn a_hot_log_left_by_a_crash_is_replayed_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("core");
+        let hot_dir = data_dir.join(HOT_DIR);
+        let rec = hotlog::recover(&hot_dir).unwrap();
+        let mut hot = HotLog::new(&hot_dir, &rec, Duration::from_secs(1), 1 << 20);
+        let now = Instant::now();
+        hot.commit(vec![msg(5), msg(6), msg(7)], &[], 40, now)
+            .unwrap();
+        hot.commit(Vec::new(), &[(b"ruth".to_vec(), 6)], 41, now)
+            .unwrap();
+        drop(hot);
+        let (core, links) = EmbeddedCore::start(test_cfg(data_dir.clone()), 1).unwrap();
+        assert_eq!(core.id_floor(), 41, "the floor of the last frame");
+        assert_eq!(drain_ids(&links[0], b"ruth"), vec![5, 7]);
+        assert_eq!(std::fs::read_dir(&hot_dir).unwrap().count(), 0);
+        core.shutdown().unwrap();
+    }
+
+    /// The quota counts hot messages, and an ack of one frees its place.
+    #[test]
+    fn the_quota_counts_hot_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = EmbeddedConfig {
+            max_messages_per_user: 2,
+            ..test_cfg(dir.path().join("core"))
+        };
+        let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
+        let m = core.metrics();
+        let link = &links[0];
+        link.to_core.send(store_req(msg(1), 1)).unwrap();
+        link.to_core.send(store_req(msg(2), 1)).unwrap();
+        wait_for(&m, "the hot commit", |s| s.hot_logged == 2);
+        link.to_core.send(store_req(msg(3), 3)).unwrap();
+        wait_for(&m, "the refusal", |s| s.refused_over_quota == 1);
+        ack(link, b"ruth", 1);
+        wait_for(&m, "the ack", |s| s.acks_of_hot == 1);
+        link.to_core.send(store_req(msg(4), 4)).unwrap();
+        wait_for(&m, "the store in the freed place", |s| s.hot_logged == 3);
+        assert_eq!(drain_ids(link, b"ruth"), vec![2, 4]);
         core.shutdown().unwrap();
     }
 }

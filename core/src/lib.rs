@@ -11,6 +11,8 @@
 //! - [`api`]: the request and reply types that cross the shard/core boundary.
 //! - [`store`]: the durable message store (inbox per user, prekey bundles).
 //! - [`embedded`]: the core thread: group commit, ack cancellation, ordered login drains.
+//! - [`hotlog`]: the embedded store's hot tier: messages acked soon after the commit window
+//!   are logged once and kept in memory, never written to and deleted from the LSM.
 //! - [`sessions`]: Redis sessions (`session:{user}`): a batching, pipelining writer thread fed
 //!   by non-blocking per-shard sinks, and a blocking reader for the core.
 //! - [`remote`]: the edge's cluster link: shard requests to Kafka frames and Redis sessions,
@@ -30,6 +32,7 @@
 pub mod api;
 pub mod embedded;
 pub mod error;
+pub mod hotlog;
 pub mod http;
 pub mod idle;
 pub mod import;

@@ -346,6 +346,14 @@ pub struct StoreConfig {
     /// neither stored nor delivered again. Older records are deleted by a background sweep.
     /// 0 = kept forever (86400 = 24 h).
     pub dedup_ttl_secs: u64,
+    /// The hot tier's period: a message whose ack misses the commit window is written to the
+    /// hot log (one append, synced at the commit) and kept in memory; one acked within one to
+    /// two periods never reaches the LSM, one not acked by then is moved into it. 0 = every
+    /// message goes to the LSM at its commit (1).
+    pub hot_log_secs: u64,
+    /// Most memory the hot tier may hold (names, payloads, ~160 B of index per message); over
+    /// it, messages go to the LSM directly (67108864 = 64 MiB).
+    pub hot_log_max_bytes: usize,
 }
 
 impl Default for StoreConfig {
@@ -355,6 +363,8 @@ impl Default for StoreConfig {
             max_bytes_per_user: 256 << 20,
             message_ttl_secs: 30 * 24 * 3600,
             dedup_ttl_secs: 24 * 3600,
+            hot_log_secs: 1,
+            hot_log_max_bytes: 64 << 20,
         }
     }
 }
@@ -682,7 +692,7 @@ mod tests {
     fn store_keys_parse_and_validate() {
         let c: EdgeConfig = toml::from_str(
             "[store]\nmax_messages_per_user = 5\nmax_bytes_per_user = 0\nmessage_ttl_secs = 1\n\
-             dedup_ttl_secs = 2\n",
+             dedup_ttl_secs = 2\nhot_log_secs = 0\nhot_log_max_bytes = 4096\n",
         )
         .unwrap();
         c.validate().unwrap();
@@ -693,6 +703,8 @@ mod tests {
                 max_bytes_per_user: 0,
                 message_ttl_secs: 1,
                 dedup_ttl_secs: 2,
+                hot_log_secs: 0,
+                hot_log_max_bytes: 4096,
             }
         );
         let small: EdgeConfig = toml::from_str("[store]\nmax_bytes_per_user = 1000\n").unwrap();

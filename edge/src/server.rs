@@ -462,6 +462,8 @@ fn start_core(
                 max_bytes_per_user: cfg.store.max_bytes_per_user,
                 message_ttl_secs: cfg.store.message_ttl_secs,
                 dedup_ttl_secs: cfg.store.dedup_ttl_secs,
+                hot_log_secs: cfg.store.hot_log_secs,
+                hot_log_max_bytes: cfg.store.hot_log_max_bytes,
                 // The core thread frees the requests and batches of a burst: give the pages
                 // back once it is idle, as the shards do.
                 idle_hook: Some(crate::alloc::collect_idle_heap),
@@ -866,6 +868,24 @@ fn core_lines(s: &CoreStats) -> Vec<(&'static str, &'static str, &'static str, u
             "counter",
             "Acks of messages committed in the last 1-2 s: deleted without a lookup.",
             s.acks_of_recent_stores,
+        ),
+        (
+            "iris_core_hot_logged_total",
+            "counter",
+            "Messages written to the hot log instead of the LSM at their commit.",
+            s.hot_logged,
+        ),
+        (
+            "iris_core_acks_of_hot_total",
+            "counter",
+            "Acks of messages in the hot tier: one hot log record, the LSM untouched.",
+            s.acks_of_hot,
+        ),
+        (
+            "iris_core_hot_moved_total",
+            "counter",
+            "Hot messages not acked within one to two hot_log_secs, moved into the LSM.",
+            s.hot_moved,
         ),
         (
             "iris_core_duplicate_sends_total",
