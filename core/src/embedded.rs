@@ -3107,4 +3107,36 @@ mod tests {
         assert_eq!(drain_ids(link, b"ruth"), vec![2, 4]);
         core.shutdown().unwrap();
     }
+
+    /// A hot log that cannot be written sends its messages to the LSM in the same commit (they
+    /// are stored, not refused), and the next commit uses a new hot log file.
+    #[test]
+    fn a_failed_hot_log_write_falls_back_to_the_lsm() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("core");
+        let hot_dir = data_dir.join(HOT_DIR);
+        let (core, links) = EmbeddedCore::start(test_cfg(data_dir.clone()), 1).unwrap();
+        let m = core.metrics();
+        let link = &links[0];
+        // A file where the directory was: no hot log file can be created.
+        std::fs::remove_dir(&hot_dir).unwrap();
+        std::fs::write(&hot_dir, b"not a directory").unwrap();
+        link.to_core.send(store_req(msg(1), 1)).unwrap();
+        wait_for(&m, "the commit", |s| s.stored == 1);
+        let s = m.snapshot();
+        assert_eq!(
+            (s.hot_logged, s.store_errors, s.failed_messages),
+            (0, 1, 0),
+            "{s:?}"
+        );
+        assert!(refusals(link, Duration::from_millis(100)).is_empty());
+        std::fs::remove_file(&hot_dir).unwrap();
+        std::fs::create_dir(&hot_dir).unwrap();
+        link.to_core.send(store_req(msg(2), 1)).unwrap();
+        wait_for(&m, "the hot commit", |s| s.hot_logged == 1);
+        assert_eq!(drain_ids(link, b"ruth"), vec![1, 2]);
+        core.shutdown().unwrap();
+        let store = MessageStore::open(&data_dir).unwrap();
+        assert_eq!(store.count(b"ruth").unwrap(), 2);
+    }
 }
