@@ -77,6 +77,55 @@ fn kill9_after_commit_window_loses_nothing() {
     assert_eq!(r.recv_acked(), b"after restart");
 }
 
+/// Messages that are only in the hot log (`hot_log_secs` long enough that none moves into the
+/// LSM), some of them acked late (after the commit window, so deleted by hot log records): a
+/// kill -9 and a restart deliver exactly the unacked ones, and the log is replayed away.
+#[test]
+fn kill9_with_messages_only_in_the_hot_log_loses_nothing_and_redelivers_no_acked_one() {
+    let mut s = Server::start(ServerOpts::shards(2).config("[store]\nhot_log_secs = 3600\n"));
+    let n = 300;
+    let mut a = s.login("hk-sender");
+    a.send_many("hk-offline", (0..n).map(|i| numbered(i, 64)));
+    a.sync();
+    assert!(
+        wait_until(Duration::from_secs(5), || s
+            .metric("iris_core_hot_logged_total")
+            == n as u64),
+        "hot logged: {}",
+        s.metric("iris_core_hot_logged_total")
+    );
+    // The first 100 are drained at a login and acked well after the commit window.
+    let mut r = s.login("hk-offline");
+    let first = r.recv_msgs(n, false);
+    std::thread::sleep(Duration::from_millis(50));
+    for (id, _) in &first[..100] {
+        r.ack(id);
+    }
+    assert!(
+        wait_until(Duration::from_secs(5), || s
+            .metric("iris_core_acks_of_hot_total")
+            == 100),
+        "acks of hot messages: {}",
+        s.metric("iris_core_acks_of_hot_total")
+    );
+    // Give the acks' delete records their commit window.
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(s.metric("iris_core_hot_moved_total"), 0);
+    s.kill9();
+    drop((a, r));
+    s.restart();
+    let hot_files = std::fs::read_dir(s.data_dir().join("store").join("hot"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(hot_files, 0, "the hot log was replayed into the store");
+    let mut r = s.login("hk-offline");
+    let msgs = r.recv_msgs(n - 100, true);
+    for (i, (_, p)) in msgs.iter().enumerate() {
+        assert_eq!(number_of(p), i + 100, "message {i} after kill -9");
+    }
+    r.expect_silence(Duration::from_millis(300));
+}
+
 #[test]
 fn sigterm_reports_draining_while_output_is_flushed() {
     // A silent reader keeps output queued, so the drain lasts drain_timeout_ms.
