@@ -13,7 +13,9 @@
 //! A [`CoreRequest::Store`] is held **in memory only** for at most `commit_window_ms` (default
 //! 2 ms, counted from the first operation that became pending after the previous commit). At
 //! the end of the window all surviving inserts, the deletes of acked messages, pending prekey
-//! bundles and the id floor go to disk as ONE atomic fjall batch followed by an fsync. This is
+//! bundles and the id floor go to disk as ONE atomic fjall batch followed by an fsync. The id
+//! floor is leased: when an id passes the floor last written, the floor written is one second of
+//! id clock ahead of it, so a window whose messages were all acked inside it writes nothing. This is
 //! the bounded "accept → store" window of DESIGN.md: a crash of the process inside the window
 //! loses the messages accepted in it (the recipient got them live or gets nothing; the sender
 //! is never told otherwise); everything committed before survives (fjall journal recovery).
@@ -169,6 +171,24 @@ const FINAL_COMMIT_ATTEMPTS: u32 = 8;
 const SWEEP_BUDGET: usize = 1024;
 /// Pause between two turns of one expiry sweep pass.
 const SWEEP_TURN: Duration = Duration::from_millis(10);
+
+/// How far ahead of the highest id seen the persisted id floor is set, in id clock ticks (16 µs
+/// each): one second. A commit writes the floor only when an id passed the last one written, so
+/// a window whose messages were all acked inside it (nothing to store) needs no write and no
+/// sync, instead of one per window for the floor alone. Shards seed their generators above the
+/// floor, so ids minted after a restart within a second of the crash run up to this far ahead
+/// of the clock, never below an id minted before.
+const FLOOR_LEASE_TICKS: u64 = 1_000_000 / iris_bus::hops::ID_TICK_MICROS;
+
+/// The floor to persist for `max_id`: [`FLOOR_LEASE_TICKS`] ahead of it.
+fn leased_floor(max_id: u64) -> u64 {
+    use iris_bus::hops::ID_LOW_BITS;
+    let tick = (max_id >> ID_LOW_BITS).saturating_add(FLOOR_LEASE_TICKS);
+    tick.checked_shl(ID_LOW_BITS)
+        .filter(|v| v >> ID_LOW_BITS == tick)
+        .unwrap_or(u64::MAX)
+        .max(max_id)
+}
 
 /// The hot log's directory, inside the store's.
 const HOT_DIR: &str = "hot";
@@ -1772,14 +1792,21 @@ impl Core {
             }
         }
         let hot_deletes = std::mem::take(&mut self.hot_deletes);
-        // The id floor goes with the hot frame when there is one; else with the LSM batch.
-        let mut id_hint = self.max_id_seen;
+        // The id floor (leased ahead, written only when passed) goes with the hot frame when
+        // there is one; else with the LSM batch.
+        let lease = if self.max_id_seen > floor {
+            leased_floor(self.max_id_seen)
+        } else {
+            0
+        };
+        let mut id_hint = lease;
         if let Some(hot) = self.hot.as_mut() {
-            if !hot_msgs.is_empty() || !hot_deletes.is_empty() || self.max_id_seen > floor {
+            if !hot_msgs.is_empty() || !hot_deletes.is_empty() || lease > 0 {
                 let n = hot_msgs.len() as u64;
-                match hot.commit(hot_msgs, &hot_deletes, self.max_id_seen, started) {
+                let hot_floor = lease.max(self.hot_floor);
+                match hot.commit(hot_msgs, &hot_deletes, hot_floor, started) {
                     Ok(()) => {
-                        self.hot_floor = self.max_id_seen;
+                        self.hot_floor = hot_floor;
                         id_hint = 0;
                         bump(&self.metrics.stored, n);
                         bump(&self.metrics.hot_logged, n);
@@ -2992,7 +3019,7 @@ mod tests {
         );
         let store = MessageStore::open(&data_dir).unwrap();
         assert_eq!(store.count(b"ruth").unwrap(), 1);
-        assert_eq!(store.id_floor(), 3);
+        assert_eq!(store.id_floor(), leased_floor(3));
         let left = std::fs::read_dir(data_dir.join(HOT_DIR)).unwrap().count();
         assert_eq!(left, 0, "hot log files left after a clean shutdown");
     }
@@ -3138,5 +3165,38 @@ mod tests {
         core.shutdown().unwrap();
         let store = MessageStore::open(&data_dir).unwrap();
         assert_eq!(store.count(b"ruth").unwrap(), 2);
+    }
+
+    /// The id floor is written a second of id clock ahead: a window whose messages were all
+    /// acked inside it then commits nothing (no write, no sync), and a restart still seeds
+    /// above every id.
+    #[test]
+    fn a_window_of_cancelled_messages_writes_nothing_under_the_floor_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("core");
+        let cfg = EmbeddedConfig {
+            commit_window_ms: 100,
+            ..test_cfg(data_dir.clone())
+        };
+        let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
+        let m = core.metrics();
+        let link = &links[0];
+        link.to_core.send(store_req(msg(1), 1)).unwrap();
+        ack(link, b"ruth", 1);
+        wait_for(&m, "the first window", |s| {
+            s.cancelled_before_store == 1 && s.commits == 1
+        });
+        // Ids above the last one but under the lease: nothing to write.
+        link.to_core.send(store_req(msg(2), 1)).unwrap();
+        ack(link, b"ruth", 2);
+        wait_for(&m, "the second cancel", |s| s.cancelled_before_store == 2);
+        std::thread::sleep(Duration::from_millis(300));
+        let s = m.snapshot();
+        assert_eq!((s.commits, s.stored, s.pending_ops), (1, 0, 0), "{s:?}");
+        core.shutdown().unwrap();
+        let (core, _links) = EmbeddedCore::start(test_cfg(data_dir), 1).unwrap();
+        assert_eq!(core.id_floor(), leased_floor(1));
+        assert!(core.id_floor() > 2);
+        core.shutdown().unwrap();
     }
 }

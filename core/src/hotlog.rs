@@ -24,8 +24,8 @@
 //! - **Frames**: `u32 LE len | u32 LE crc32(body) | body`, `body = u8 version (1) | u64 LE id
 //!   floor | u32 LE records | records`. A record is `u8 1 | u64 id | u8 kind | u16 len |
 //!   recipient | u16 len | sender | u32 len | payload` (a message) or `u8 2 | u64 id | u16 len |
-//!   recipient` (the delete of an acked message). The id floor is the highest id the core had
-//!   seen at the commit, so a restart never reuses an id even when the LSM never heard of it.
+//!   recipient` (the delete of an acked message). The id floor is at or above every id the core
+//!   had seen at the commit, so a restart never reuses an id even when the LSM never heard of it.
 //! - **Recovery** ([`recover`]): every file is replayed in generation order (messages in, their
 //!   deletes out); a frame whose length or crc does not check is a torn tail (a commit that
 //!   never returned) and ends its file. A frame of an unknown version stops the open with an

@@ -11,7 +11,8 @@
 //!   were stored) are still read, as [`KIND_UNRECORDED`]: a store written by an older build
 //!   opens and drains unchanged after an upgrade, and is never rewritten.
 //! - `prekeys`: key = user, value = the user's E2EE prekey bundle (CBOR bytes, stored as given).
-//! - `meta`: `id_floor` = the highest message id the store has ever been told about (u64 BE),
+//! - `meta`: `id_floor` = at least the highest message id the store has ever been told about
+//!   (the embedded core writes it a second of id clock ahead, see [`crate::embedded`]; u64 BE),
 //!   written in the same atomic batch as the messages that raise it. Edge shards seed their id
 //!   generators with it so a restart never reuses an id.
 //! - `sent`: the dedup records of v2 sends (a client message id is an idempotency key unique
