@@ -286,6 +286,10 @@ pub struct ServiceConfig {
     /// within this time is confirmed with the first id and neither stored nor routed again);
     /// 0 never expires them. 24 h by default, like the embedded store's `dedup_ttl_secs`.
     pub dedup_ttl_secs: u64,
+    /// A stored message older than this (its id carries its accept time) is never drained
+    /// and is deleted by a bounded background sweep; 0 keeps messages until acked. 30 days by
+    /// default, like the embedded store's `message_ttl_secs`.
+    pub message_ttl_secs: u64,
 }
 
 impl ServiceConfig {
@@ -316,6 +320,7 @@ impl ServiceConfig {
             homes,
             global: None,
             dedup_ttl_secs: 24 * 3600,
+            message_ttl_secs: 30 * 24 * 3600,
         }
     }
 
@@ -480,6 +485,8 @@ service_stats! {
     resends,
     /// Expired v2 dedup records deleted.
     dedup_expired,
+    /// Stored messages older than `message_ttl_secs` deleted (never drained).
+    expired_deleted,
     /// Relay frames produced to an edge inbox (one per target node).
     relays_routed,
     /// Relays with no target node, dropped.
@@ -911,6 +918,10 @@ pub struct CoreService {
     sent_cursor: Vec<u8>,
     /// When the next turn of the dedup records' expiry is due.
     next_sent_sweep: Instant,
+    /// Where the next turn of the messages' expiry starts (empty: a new pass).
+    sweep_cursor: Vec<u8>,
+    /// When the next turn of the messages' expiry is due.
+    next_sweep: Instant,
     syncer: Syncer,
     /// Ticketed outputs not yet reported: ticket → (window seq or [`NO_WINDOW`], message id or
     /// 0).
@@ -1136,6 +1147,8 @@ impl CoreService {
             synced: 0,
             sent_cursor: Vec::new(),
             next_sent_sweep: Instant::now(),
+            sweep_cursor: Vec::new(),
+            next_sweep: Instant::now(),
             syncer,
             tickets: HashMap::new(),
             next_ticket: 1,
@@ -1373,8 +1386,51 @@ impl CoreService {
             self.progress(CommitMode::Async)?;
             self.rehome_step()?;
             self.sweep_sent();
+            self.sweep_expired();
         }
         Ok(())
+    }
+
+    /// One bounded turn (at most [`SENT_SWEEP_BUDGET`] entries) of the messages' expiry, every
+    /// [`SENT_SWEEP_TURN`] while a pass goes on, a pass every `message_ttl_secs / 10` (1 to
+    /// 60 s): messages older than `message_ttl_secs` (ids carry their accept time) are deleted
+    /// with the next window's batch. Drains already skip them ([`Self::drain`]).
+    fn sweep_expired(&mut self) {
+        let now = Instant::now();
+        if self.cfg.message_ttl_secs == 0 || now < self.next_sweep {
+            return;
+        }
+        let pass = Duration::from_secs((self.cfg.message_ttl_secs / 10).clamp(1, 60));
+        let min_live =
+            crate::api::min_live_id(iris_bus::hops::unix_micros(), self.cfg.message_ttl_secs);
+        let cursor = std::mem::take(&mut self.sweep_cursor);
+        match self
+            .store
+            .sweep_expired(&cursor, min_live, SENT_SWEEP_BUDGET)
+        {
+            Ok(turn) => {
+                if !turn.expired.is_empty() {
+                    self.stats
+                        .expired_deleted
+                        .fetch_add(turn.expired.len() as u64, Ordering::Relaxed);
+                    self.window
+                        .deletes
+                        .extend(turn.expired.into_iter().map(|(user, id, _)| (user, id)));
+                    self.window.started.get_or_insert(now);
+                }
+                match turn.next {
+                    Some(k) => {
+                        self.sweep_cursor = k;
+                        self.next_sweep = now + SENT_SWEEP_TURN;
+                    }
+                    None => self.next_sweep = now + pass,
+                }
+            }
+            Err(e) => {
+                debug!(error = %e, "message expiry sweep failed");
+                self.next_sweep = now + pass;
+            }
+        }
     }
 
     /// One bounded turn (at most [`SENT_SWEEP_BUDGET`] records) of the v2 dedup records'
@@ -2144,7 +2200,11 @@ impl CoreService {
         self.stats.drains.fetch_add(1, Ordering::Relaxed);
         self.write_pending()?;
         let limit = (r.limit as usize).clamp(1, MAX_DRAIN_CHUNK);
-        let (msgs, more) = self.drain_page(&r.user, r.after, limit)?;
+        // Expired messages are never drained (the sweep deletes them).
+        let min_live =
+            crate::api::min_live_id(iris_bus::hops::unix_micros(), self.cfg.message_ttl_secs);
+        let after = r.after.max(min_live.saturating_sub(1));
+        let (msgs, more) = self.drain_page(&r.user, after, limit)?;
         debug!(node = r.node, messages = msgs.len(), more, "drain answered");
         let chunk = BusFrame::DrainChunk(DrainChunk {
             user: r.user.clone(),

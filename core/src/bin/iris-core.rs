@@ -55,7 +55,7 @@ struct Args {
     command: Option<Command>,
     /// TOML file with any of the keys below (brokers, redis, region, data_dir, partitions,
     /// group, commit_window_ms, member, members, admin, fetch_wait_max_ms, regions,
-    /// global_brokers, home_table_file, dedup_ttl_secs); flags override it.
+    /// global_brokers, home_table_file, dedup_ttl_secs, message_ttl_secs); flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Kafka bootstrap servers, host:port[,host:port].
@@ -111,6 +111,10 @@ struct Args {
     /// forever [default: 86400].
     #[arg(long)]
     dedup_ttl_secs: Option<u64>,
+    /// A stored message older than this many seconds is never drained and is deleted by a
+    /// background sweep; 0 keeps messages until acked [default: 2592000, 30 days].
+    #[arg(long)]
+    message_ttl_secs: Option<u64>,
     /// Validate the configuration, print it as TOML, and exit.
     #[arg(long)]
     check: bool,
@@ -135,6 +139,7 @@ struct FileConfig {
     global_brokers: Option<String>,
     home_table_file: Option<PathBuf>,
     dedup_ttl_secs: Option<u64>,
+    message_ttl_secs: Option<u64>,
 }
 
 /// The effective configuration as `--check` prints it: the file's keys, every one set.
@@ -156,6 +161,7 @@ struct Effective {
     global_brokers: String,
     home_table_file: PathBuf,
     dedup_ttl_secs: u64,
+    message_ttl_secs: u64,
 }
 
 /// `a,b, c` → `["a", "b", "c"]`; empty items are dropped, so "" is the empty list.
@@ -253,6 +259,9 @@ fn config(args: Args) -> anyhow::Result<(ServiceConfig, Effective)> {
     if let Some(secs) = args.dedup_ttl_secs.or(file.dedup_ttl_secs) {
         cfg.dedup_ttl_secs = secs;
     }
+    if let Some(secs) = args.message_ttl_secs.or(file.message_ttl_secs) {
+        cfg.message_ttl_secs = secs;
+    }
     if let Some(ms) = args.fetch_wait_max_ms.or(file.fetch_wait_max_ms) {
         if ms == 0 {
             bail!("--fetch-wait-max-ms must be at least 1");
@@ -297,6 +306,7 @@ fn config(args: Args) -> anyhow::Result<(ServiceConfig, Effective)> {
         global_brokers,
         home_table_file: home_table.unwrap_or_default(),
         dedup_ttl_secs: cfg.dedup_ttl_secs,
+        message_ttl_secs: cfg.message_ttl_secs,
     };
     Ok((cfg, effective))
 }

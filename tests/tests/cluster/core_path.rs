@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use iris_tests::cluster::Cluster;
+use iris_tests::cluster::{Cluster, ClusterOpts};
 use iris_tests::{number_of, numbered, unique};
 
 use crate::common::*;
@@ -141,4 +141,34 @@ fn redis_killed_under_load_online_recipient_keeps_getting_messages_live() {
          live {live:?} after the last write, Redis down {outage:?}, test {:?}",
         t0.elapsed()
     );
+}
+
+/// The cluster core expires stored messages after `--message-ttl-secs`: the sweep deletes
+/// them (counted), and a login after the TTL drains nothing, while a message sent after it is
+/// delivered.
+#[test]
+fn the_core_expires_stored_messages_after_message_ttl_secs() {
+    let mut c = Cluster::start(ClusterOpts {
+        core_args: vec!["--message-ttl-secs".to_owned(), "1".to_owned()],
+        ..ClusterOpts::default()
+    });
+    let a = unique("xa");
+    let b = unique("xb");
+    let mut ca = c.login(1, &a);
+    ca.send_many(&b, (0..5).map(|i| numbered(i, 32)));
+    ca.sync();
+    let t0 = Instant::now();
+    while c.core_metric("iris_core_expired_deleted_total") < 5 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the messages never expired: {} deleted, {} delivers handled",
+            c.core_metric("iris_core_expired_deleted_total"),
+            c.core_metric("iris_core_delivers_total")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut cb = c.login(0, &b);
+    cb.expect_silence(Duration::from_secs(1));
+    ca.send(&b, b"after the ttl");
+    assert_eq!(cb.recv_acked(), b"after the ttl");
 }
