@@ -30,14 +30,15 @@
 //! and delivered again at the next login (a duplicate, never a loss).
 //!
 //! # The hot tier
-//! With `hot_log_secs` > 0 (default 1), the commit writes its new messages that carry no v2
-//! client id to the hot log ([`crate::hotlog`]: one append and `fdatasync`, so they are as
-//! durable as in the LSM) and keeps them in memory, instead of inserting them into the LSM. An
+//! With `hot_log_secs` > 0 (default 1), the commit writes its new messages and v2 dedup records
+//! to the hot log ([`crate::hotlog`]: one append and `fdatasync`, so they are as durable as in
+//! the LSM, a record in the same atomic frame as its message) and keeps them in memory, instead
+//! of inserting them into the LSM; v2 sends are confirmed once that frame is synced. An
 //! ack of a hot message removes it from memory and logs its delete at the next commit
 //! (`acks_of_hot`); the LSM never sees it. A hot message not acked within one to two periods is
 //! moved into the LSM in one durable batch per hot log file (`hot_moved`), and remembered as
-//! recently stored. Drains, the quota and duplicate stores see the hot messages as they see
-//! stored ones. The id floor rides in every hot frame, so a commit with only hot work writes
+//! recently stored; the file's dedup records move with it, acked or not. Drains, the quota,
+//! duplicate stores and resends see the hot messages and records as they see stored ones. The id floor rides in every hot frame, so a commit with only hot work writes
 //! nothing to the LSM. At start the hot log is replayed into the LSM before anything is served;
 //! at shutdown every hot message is moved into it. This exists for the load where acks miss the
 //! 2 ms window by a little: writing each message into the LSM and deleting it moments later
@@ -452,6 +453,7 @@ impl EmbeddedCore {
         store.write(
             &Batch {
                 inserts: &rec.msgs,
+                sent: &rec.sent,
                 id_hint: rec.floor,
                 ..Batch::default()
             },
@@ -1107,6 +1109,16 @@ impl Core {
                     duplicate: true,
                 });
             }
+            return true;
+        }
+        if let Some(id) = self
+            .hot
+            .as_ref()
+            .and_then(|h| h.sent_id(&msg.sender, client))
+        {
+            bump(&self.metrics.duplicate_sends, 1);
+            trace!(id, client, "resend of a hot message");
+            self.confirm(shard, conn, client, id, Confirmed::Duplicate);
             return true;
         }
         match self.store().and_then(|s| s.sent_id(&msg.sender, client)) {
@@ -1772,25 +1784,40 @@ impl Core {
         let mut inserts = Vec::new();
         let mut origins = Vec::new();
         let mut deletes = Vec::new();
-        // Messages with no v2 dedup record go to the hot log while it has room (a record must
-        // be written atomically with its message, in the LSM).
-        let to_hot = self.hot.as_ref().is_some_and(HotLog::has_room);
-        let mut hot_msgs = Vec::new();
-        let mut hot_origins = Vec::new();
         for (user, p) in self.pending.drain() {
             for id in p.deletes {
                 deletes.push((user.clone(), id));
             }
             for m in p.inserts.into_values() {
-                if to_hot && m.client.is_none() && hotlog::fits(&m.msg) {
-                    hot_origins.push((m.shard, m.conn, m.client));
-                    hot_msgs.push(m.msg);
-                } else {
-                    origins.push((m.shard, m.conn, m.client));
-                    inserts.push(m.msg);
-                }
+                origins.push((m.shard, m.conn, m.client));
+                inserts.push(m.msg);
             }
         }
+        let mut sent_pending: Vec<_> = self.pending_sent.drain().collect();
+        let mut sent: Vec<_> = sent_pending
+            .iter()
+            .map(|((sender, client), p)| SentRecord {
+                sender: sender.clone(),
+                client: *client,
+                id: p.id,
+            })
+            .collect();
+        // The new messages and dedup records go to the hot log (all of them, so a record stays
+        // in one atomic write with its message) while it has room. Every one fits its record
+        // layout (names are checked against the store's smaller limits on the way in); should
+        // one not, all go to the LSM.
+        let to_hot = self.hot.as_ref().is_some_and(HotLog::has_room)
+            && inserts.iter().all(hotlog::fits)
+            && sent.iter().all(hotlog::fits_sent);
+        let (hot_msgs, hot_origins, hot_sent) = if to_hot {
+            (
+                std::mem::take(&mut inserts),
+                std::mem::take(&mut origins),
+                std::mem::take(&mut sent),
+            )
+        } else {
+            (Vec::new(), Vec::new(), Vec::new())
+        };
         let hot_deletes = std::mem::take(&mut self.hot_deletes);
         // The id floor (leased ahead, written only when passed) goes with the hot frame when
         // there is one; else with the LSM batch.
@@ -1801,17 +1828,29 @@ impl Core {
         };
         let mut id_hint = lease;
         if let Some(hot) = self.hot.as_mut() {
-            if !hot_msgs.is_empty() || !hot_deletes.is_empty() || lease > 0 {
+            if !hot_msgs.is_empty() || !hot_deletes.is_empty() || !hot_sent.is_empty() || lease > 0
+            {
                 let n = hot_msgs.len() as u64;
                 let hot_floor = lease.max(self.hot_floor);
-                match hot.commit(hot_msgs, &hot_deletes, hot_floor, started) {
+                match hot.commit(hot_msgs, &hot_deletes, hot_sent, hot_floor, started) {
                     Ok(()) => {
                         self.hot_floor = hot_floor;
                         id_hint = 0;
                         bump(&self.metrics.stored, n);
                         bump(&self.metrics.hot_logged, n);
+                        // Durable with their messages: the v2 sends are confirmed now.
+                        for ((_, client), p) in std::mem::take(&mut sent_pending) {
+                            for w in p.waiting {
+                                let outcome = if w.duplicate {
+                                    Confirmed::Duplicate
+                                } else {
+                                    Confirmed::Stored
+                                };
+                                self.confirm(w.shard, w.conn, client, p.id, outcome);
+                            }
+                        }
                     }
-                    Err((e, back)) => {
+                    Err((e, back, back_sent)) => {
                         // Its messages go to the LSM in this same commit; the deletes wait.
                         bump(&self.metrics.store_errors, 1);
                         if first_time(&LOGGED_HOT_FAILURE) {
@@ -1823,23 +1862,15 @@ impl Core {
                         } else {
                             debug!(error = %e, "hot log write failed");
                         }
-                        inserts.extend(back);
-                        origins.extend(hot_origins);
+                        inserts = back;
+                        origins = hot_origins;
+                        sent = back_sent;
                         self.hot_deletes = hot_deletes;
                     }
                 }
             }
         }
         let prekeys: Vec<_> = self.pending_prekeys.drain().collect();
-        let sent_pending: Vec<_> = self.pending_sent.drain().collect();
-        let sent: Vec<_> = sent_pending
-            .iter()
-            .map(|((sender, client), p)| SentRecord {
-                sender: sender.clone(),
-                client: *client,
-                id: p.id,
-            })
-            .collect();
         let sent_expired = std::mem::take(&mut self.pending_sent_expired);
         let result = self.ensure_open().and_then(|()| {
             self.store()?.write(
@@ -1971,11 +2002,11 @@ impl Core {
             return;
         };
         while hot.rotate_due(now) {
-            let (msgs, floor) = hot.take_oldest();
-            if let Err(e) = self.write_moved(&msgs, floor) {
+            let moved = hot.take_oldest();
+            if let Err(e) = self.write_moved(&moved) {
                 bump(&self.metrics.store_errors, 1);
-                debug!(error = %e, messages = msgs.len(), "moving hot messages failed");
-                hot.restore(msgs);
+                debug!(error = %e, messages = moved.msgs.len(), "moving hot messages failed");
+                hot.restore(moved);
                 self.hot_retry_at = now + HOT_RETRY;
                 break;
             }
@@ -1987,11 +2018,14 @@ impl Core {
         self.hot = Some(hot);
     }
 
-    /// Writes moved hot messages to the LSM (durable) and remembers them as recently stored.
-    fn write_moved(&mut self, msgs: &[StoredMsg], floor: u64) -> Result<(), CoreError> {
+    /// Writes moved hot messages and dedup records to the LSM (durable) and remembers the
+    /// messages as recently stored.
+    fn write_moved(&mut self, moved: &hotlog::Moved) -> Result<(), CoreError> {
+        let msgs = &moved.msgs;
         let batch = Batch {
             inserts: msgs,
-            id_hint: floor,
+            sent: &moved.sent,
+            id_hint: moved.floor,
             ..Batch::default()
         };
         if let Err(e) = self
@@ -2038,8 +2072,8 @@ impl Core {
         if let Some(mut hot) = self.hot.take() {
             // Everything into the LSM, so a stopped store is whole without its hot log (which
             // a failure here leaves to the next start's replay).
-            let (msgs, floor) = hot.take_all();
-            match self.write_moved(&msgs, floor) {
+            let moved = hot.take_all();
+            match self.write_moved(&moved) {
                 Ok(()) => {
                     if let Err(e) = hot.retire_all() {
                         warn!(error = %e, "hot log files not deleted: replayed at the next start");
@@ -2048,7 +2082,7 @@ impl Core {
                 Err(e) => {
                     error!(
                         error = %e,
-                        messages = msgs.len(),
+                        messages = moved.msgs.len(),
                         "hot messages not moved into the store: replayed at the next start"
                     );
                 }
@@ -2787,8 +2821,10 @@ mod tests {
     fn a_failed_commit_refuses_client_sends_and_writes_no_record() {
         let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().join("core");
+        // The LSM's failures are tested here: no hot tier.
         let cfg = EmbeddedConfig {
             commit_window_ms: 100,
+            hot_log_secs: 0,
             ..test_cfg(data_dir.clone())
         };
         let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
@@ -3099,9 +3135,9 @@ mod tests {
         let rec = hotlog::recover(&hot_dir).unwrap();
         let mut hot = HotLog::new(&hot_dir, &rec, Duration::from_secs(1), 1 << 20);
         let now = Instant::now();
-        hot.commit(vec![msg(5), msg(6), msg(7)], &[], 40, now)
+        hot.commit(vec![msg(5), msg(6), msg(7)], &[], Vec::new(), 40, now)
             .unwrap();
-        hot.commit(Vec::new(), &[(b"ruth".to_vec(), 6)], 41, now)
+        hot.commit(Vec::new(), &[(b"ruth".to_vec(), 6)], Vec::new(), 41, now)
             .unwrap();
         drop(hot);
         let (core, links) = EmbeddedCore::start(test_cfg(data_dir.clone()), 1).unwrap();
@@ -3198,5 +3234,43 @@ mod tests {
         assert_eq!(core.id_floor(), leased_floor(1));
         assert!(core.id_floor() > 2);
         core.shutdown().unwrap();
+    }
+
+    /// A v2 send goes to the hot log with its dedup record: confirmed once that frame is
+    /// synced, a resend is answered from the hot record (before and after the message's ack),
+    /// and the record reaches the LSM with the message's file even though the message was
+    /// acked.
+    #[test]
+    fn v2_sends_and_their_dedup_records_go_to_the_hot_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("core");
+        let (core, links) = EmbeddedCore::start(test_cfg(data_dir.clone()), 1).unwrap();
+        let m = core.metrics();
+        let link = &links[0];
+        send_v2(link, from("sam", 1), 1, 7);
+        assert_eq!(confirms(link, 1), vec![(1, stored(7, 1))]);
+        let s = m.snapshot();
+        assert_eq!((s.hot_logged, s.stored), (1, 1), "{s:?}");
+        // A resend (a new id) is the first message.
+        send_v2(link, from("sam", 2), 2, 7);
+        assert_eq!(confirms(link, 1), vec![(2, duplicate(7, 1))]);
+        ack(link, b"ruth", 1);
+        wait_for(&m, "the ack", |s| s.acks_of_hot == 1 && s.pending_ops == 0);
+        send_v2(link, from("sam", 3), 3, 7);
+        assert_eq!(confirms(link, 1), vec![(3, duplicate(7, 1))]);
+        let s = m.snapshot();
+        assert_eq!(
+            (s.duplicate_sends, s.stored, s.hot_moved),
+            (2, 1, 0),
+            "{s:?}"
+        );
+        core.shutdown().unwrap();
+        let store = MessageStore::open(&data_dir).unwrap();
+        assert_eq!(store.sent_id(b"sam", 7).unwrap(), Some(1));
+        assert_eq!(
+            store.count(b"ruth").unwrap(),
+            0,
+            "the acked message is not stored"
+        );
     }
 }

@@ -8,29 +8,32 @@
 //! VM, enough to keep an edge that once fell behind from ever catching up. The hot tier makes
 //! such a message durable with one append instead:
 //!
-//! - **Commit** ([`HotLog::commit`]): the group commit's new messages (those with no v2 client
-//!   id; a v2 send's dedup record must be atomic with its message, so those stay in the LSM)
-//!   and the deletes of acked hot messages are written as one frame and `fdatasync`ed. The
-//!   messages then stay in memory, indexed by id and by recipient.
+//! - **Commit** ([`HotLog::commit`]): the group commit's new messages, the v2 dedup records
+//!   `(sender, client message id) -> id` of its sends (in the same frame as their messages, so
+//!   atomic with them as in the LSM) and the deletes of acked hot messages are written as one
+//!   frame and `fdatasync`ed. The messages and records then stay in memory, the messages
+//!   indexed by id and by recipient.
 //! - **Ack** ([`HotLog::take`]): removes the message from memory; its delete is logged at the
 //!   next commit (within the window). Nothing touches the LSM.
 //! - **Generations**: the log is a series of files `{dir}/{gen:020}.log`. Every `period` the
 //!   current file is closed and a new one opened ([`HotLog::rotate_due`]). When a closed file is
 //!   one whole period old, the messages it wrote that are still in memory (not acked within one
 //!   to two periods) move into the LSM in one durable batch ([`HotLog::take_oldest`]), and only
-//!   then is the file deleted ([`HotLog::retire_oldest`]). A silent recipient's messages thus
+//!   then is the file deleted ([`HotLog::retire_oldest`]). The file's dedup records move with
+//!   them, acked or not: they must live `dedup_ttl_secs`. A silent recipient's messages thus
 //!   reach the LSM after one to two periods, and the memory held is bounded by
 //!   `max_bytes` (over it, new messages go to the LSM directly, as without the tier).
 //! - **Frames**: `u32 LE len | u32 LE crc32(body) | body`, `body = u8 version (1) | u64 LE id
 //!   floor | u32 LE records | records`. A record is `u8 1 | u64 id | u8 kind | u16 len |
 //!   recipient | u16 len | sender | u32 len | payload` (a message) or `u8 2 | u64 id | u16 len |
-//!   recipient` (the delete of an acked message). The id floor is at or above every id the core
+//!   recipient` (the delete of an acked message) or `u8 3 | u64 id | u64 client | u16 len |
+//!   sender` (a dedup record). The id floor is at or above every id the core
 //!   had seen at the commit, so a restart never reuses an id even when the LSM never heard of it.
 //! - **Recovery** ([`recover`]): every file is replayed in generation order (messages in, their
 //!   deletes out); a frame whose length or crc does not check is a torn tail (a commit that
 //!   never returned) and ends its file. A frame of an unknown version stops the open with an
 //!   error: it was written by a newer build, and skipping it could lose messages. The
-//!   survivors go into the LSM in one durable batch before the files are deleted
+//!   survivors and every dedup record go into the LSM in one durable batch before the files are deleted
 //!   ([`Recovery::remove_files`]), so the LSM is again the whole truth before the core serves.
 //!
 //! The hot tier is owned by the core thread alone, like the store.
@@ -45,6 +48,7 @@ use tracing::{debug, warn};
 
 use crate::api::StoredMsg;
 use crate::error::CoreError;
+use crate::store::SentRecord;
 
 /// Version byte of the frames this build writes.
 const FRAME_VERSION: u8 = 1;
@@ -56,6 +60,7 @@ const MIN_BODY: usize = 1 + 8 + 4;
 const MAX_FRAME: usize = 1 << 30;
 const TAG_MSG: u8 = 1;
 const TAG_DELETE: u8 = 2;
+const TAG_SENT: u8 = 3;
 /// Bytes of memory counted per hot message besides its names and payload (its index entries).
 const MSG_OVERHEAD: usize = 160;
 
@@ -92,6 +97,8 @@ fn log_files(dir: &Path) -> Result<Vec<(u64, PathBuf)>, CoreError> {
 pub struct Recovery {
     /// Messages logged and not deleted, in log order.
     pub msgs: Vec<StoredMsg>,
+    /// Every dedup record logged, in log order.
+    pub sent: Vec<SentRecord>,
     /// The highest id floor of any frame (0 if none).
     pub floor: u64,
     /// Frames that did not check (torn tails), one per file at most.
@@ -149,6 +156,7 @@ pub fn recover(dir: &Path) -> Result<Recovery, CoreError> {
                         order[i] = None;
                     }
                 }
+                Record::Sent(r) => rec.sent.push(r),
             })
             .map_err(|detail| CoreError::corrupt("hot log frame", detail))?;
             rec.floor = rec.floor.max(floor);
@@ -176,6 +184,7 @@ fn frame_at(buf: &[u8]) -> Option<(&[u8], usize)> {
 enum Record {
     Msg(StoredMsg),
     Delete(Vec<u8>, u64),
+    Sent(SentRecord),
 }
 
 /// A cursor over a frame body.
@@ -248,6 +257,12 @@ fn apply_frame(body: &[u8], mut f: impl FnMut(Record)) -> Result<u64, String> {
                 let user = c.bytes16()?;
                 f(Record::Delete(user, id));
             }
+            TAG_SENT => {
+                let id = c.u64()?;
+                let client = c.u64()?;
+                let sender = c.bytes16()?;
+                f(Record::Sent(SentRecord { sender, client, id }));
+            }
             tag => return Err(format!("unknown record tag {tag}")),
         }
     }
@@ -271,13 +286,24 @@ fn put16(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(&b[..usize::from(n)]);
 }
 
-/// Appends one frame holding `msgs` and `deletes` to `out`.
-fn encode_frame(out: &mut Vec<u8>, floor: u64, msgs: &[StoredMsg], deletes: &[(Vec<u8>, u64)]) {
+/// True if `r` can be written as a hot log record (its sender fits `u16`).
+pub fn fits_sent(r: &SentRecord) -> bool {
+    r.sender.len() <= usize::from(u16::MAX)
+}
+
+/// Appends one frame holding `msgs`, `deletes` and `sent` to `out`.
+fn encode_frame(
+    out: &mut Vec<u8>,
+    floor: u64,
+    msgs: &[StoredMsg],
+    deletes: &[(Vec<u8>, u64)],
+    sent: &[SentRecord],
+) {
     let start = out.len();
     out.extend_from_slice(&[0; FRAME_HEADER]);
     out.push(FRAME_VERSION);
     out.extend_from_slice(&floor.to_le_bytes());
-    let n = u32::try_from(msgs.len() + deletes.len()).unwrap_or(u32::MAX);
+    let n = u32::try_from(msgs.len() + deletes.len() + sent.len()).unwrap_or(u32::MAX);
     out.extend_from_slice(&n.to_le_bytes());
     for m in msgs {
         out.push(TAG_MSG);
@@ -294,6 +320,12 @@ fn encode_frame(out: &mut Vec<u8>, floor: u64, msgs: &[StoredMsg], deletes: &[(V
         out.extend_from_slice(&id.to_le_bytes());
         put16(out, user);
     }
+    for r in sent {
+        out.push(TAG_SENT);
+        out.extend_from_slice(&r.id.to_le_bytes());
+        out.extend_from_slice(&r.client.to_le_bytes());
+        put16(out, &r.sender);
+    }
     let body_len = u32::try_from(out.len() - start - FRAME_HEADER).unwrap_or(u32::MAX);
     let crc = crc32fast::hash(&out[start + FRAME_HEADER..]);
     out[start..start + 4].copy_from_slice(&body_len.to_le_bytes());
@@ -302,6 +334,18 @@ fn encode_frame(out: &mut Vec<u8>, floor: u64, msgs: &[StoredMsg], deletes: &[(V
 
 fn bytes_of(m: &StoredMsg) -> usize {
     m.recipient.len() + m.sender.len() + m.payload.len() + MSG_OVERHEAD
+}
+
+fn bytes_of_sent(sender: &[u8]) -> usize {
+    sender.len() + MSG_OVERHEAD / 2
+}
+
+/// What moves from the hot tier into the LSM: messages, dedup records, and the id floor.
+#[derive(Debug, Default, PartialEq)]
+pub struct Moved {
+    pub msgs: Vec<StoredMsg>,
+    pub sent: Vec<SentRecord>,
+    pub floor: u64,
 }
 
 /// One log file: its messages (ids) and the highest id floor written to it.
@@ -314,6 +358,8 @@ struct Gen {
     /// A frame was written to it (messages, deletes or only the id floor).
     written: bool,
     ids: Vec<u64>,
+    /// The dedup records written to it.
+    sent: Vec<(Vec<u8>, u64)>,
     floor: u64,
 }
 
@@ -330,6 +376,8 @@ pub struct HotLog {
     next_gen: u64,
     by_id: HashMap<u64, (StoredMsg, u64)>,
     by_user: HashMap<Vec<u8>, BTreeSet<u64>>,
+    /// Dedup records: `(sender, client) -> (id, generation)`.
+    sent: HashMap<(Vec<u8>, u64), (u64, u64)>,
     bytes: usize,
     buf: Vec<u8>,
 }
@@ -357,6 +405,7 @@ impl HotLog {
             next_gen: rec.next_gen,
             by_id: HashMap::new(),
             by_user: HashMap::new(),
+            sent: HashMap::new(),
             bytes: 0,
             buf: Vec::new(),
         }
@@ -419,26 +468,36 @@ impl HotLog {
             .filter_map(|id| self.by_id.get(id).map(|(m, _)| m))
     }
 
+    /// The id of `sender`'s first message with client message id `client`, if its dedup
+    /// record is here.
+    pub fn sent_id(&self, sender: &[u8], client: u64) -> Option<u64> {
+        // The key is owned: one allocation per v2 send, only on the resend check.
+        self.sent.get(&(sender.to_vec(), client)).map(|(id, _)| *id)
+    }
+
     /// Count and payload bytes of `user`'s messages here.
     pub fn usage(&self, user: &[u8]) -> (u64, u64) {
         self.range(user, 0)
             .fold((0, 0), |(n, b), m| (n + 1, b + m.payload.len() as u64))
     }
 
-    /// Writes one frame (`msgs`, the deletes of messages taken since the last commit, the id
-    /// floor) and syncs it; then keeps `msgs` in memory. On failure returns the error and
-    /// `msgs` (none of them is durable here) and starts a new file at the next commit.
+    /// Writes one frame (`msgs`, the deletes of messages taken since the last commit, the
+    /// dedup records `sent`, the id floor) and syncs it; then keeps `msgs` and `sent` in memory.
+    /// On failure returns the error, `msgs` and `sent` (none of them is durable here) and starts
+    /// a new file at the next commit.
+    #[allow(clippy::type_complexity)]
     pub fn commit(
         &mut self,
         msgs: Vec<StoredMsg>,
         deletes: &[(Vec<u8>, u64)],
+        sent: Vec<SentRecord>,
         floor: u64,
         now: Instant,
-    ) -> Result<(), (std::io::Error, Vec<StoredMsg>)> {
-        if let Err(e) = self.write_frame(&msgs, deletes, floor, now) {
+    ) -> Result<(), (std::io::Error, Vec<StoredMsg>, Vec<SentRecord>)> {
+        if let Err(e) = self.write_frame(&msgs, deletes, &sent, floor, now) {
             // The file may end in a partial frame: never append after it.
             self.close_current(now);
-            return Err((e, msgs));
+            return Err((e, msgs, sent));
         }
         let Some(g) = self.gens.back_mut() else {
             return Ok(());
@@ -446,6 +505,14 @@ impl HotLog {
         g.floor = g.floor.max(floor);
         g.written = true;
         let gen = g.gen;
+        for r in sent {
+            let key = (r.sender, r.client);
+            let size = bytes_of_sent(&key.0);
+            g.sent.push(key.clone());
+            if self.sent.insert(key, (r.id, gen)).is_none() {
+                self.bytes += size;
+            }
+        }
         for m in msgs {
             g.ids.push(m.id);
             self.bytes += bytes_of(&m);
@@ -467,6 +534,7 @@ impl HotLog {
         &mut self,
         msgs: &[StoredMsg],
         deletes: &[(Vec<u8>, u64)],
+        sent: &[SentRecord],
         floor: u64,
         now: Instant,
     ) -> std::io::Result<()> {
@@ -474,7 +542,7 @@ impl HotLog {
             self.open_next(now)?;
         }
         self.buf.clear();
-        encode_frame(&mut self.buf, floor, msgs, deletes);
+        encode_frame(&mut self.buf, floor, msgs, deletes, sent);
         let file = self
             .file
             .as_mut()
@@ -505,6 +573,7 @@ impl HotLog {
             closed: None,
             written: false,
             ids: Vec::new(),
+            sent: Vec::new(),
             floor: 0,
         });
         debug!(gen, "hot log file opened");
@@ -542,15 +611,32 @@ impl HotLog {
             .is_some_and(|c| now >= c + self.period)
     }
 
-    /// Takes out of memory the messages of the oldest file that were not acked, with the id
-    /// floor the file recorded. Put them in the LSM, then call [`HotLog::retire_oldest`] (or
-    /// [`HotLog::restore`] if that failed).
-    pub fn take_oldest(&mut self) -> (Vec<StoredMsg>, u64) {
+    /// Takes out of memory the messages of the oldest file that were not acked and its dedup
+    /// records, with the id floor the file recorded. Put them in the LSM, then call
+    /// [`HotLog::retire_oldest`] (or [`HotLog::restore`] if that failed).
+    pub fn take_oldest(&mut self) -> Moved {
         let Some(g) = self.gens.front_mut() else {
-            return (Vec::new(), 0);
+            return Moved::default();
         };
         let gen = g.gen;
         let floor = g.floor;
+        let keys = std::mem::take(&mut g.sent);
+        let mut sent = Vec::new();
+        for key in keys {
+            if self.sent.get(&key).is_some_and(|(_, g)| *g == gen) {
+                if let Some((id, _)) = self.sent.remove(&key) {
+                    self.bytes = self.bytes.saturating_sub(bytes_of_sent(&key.0));
+                    sent.push(SentRecord {
+                        sender: key.0,
+                        client: key.1,
+                        id,
+                    });
+                }
+            }
+        }
+        let Some(g) = self.gens.front_mut() else {
+            return Moved::default();
+        };
         let ids = std::mem::take(&mut g.ids);
         let mut out = Vec::new();
         for id in &ids {
@@ -564,15 +650,26 @@ impl HotLog {
         if let Some(g) = self.gens.front_mut() {
             g.ids = ids;
         }
-        (out, floor)
+        Moved {
+            msgs: out,
+            sent,
+            floor,
+        }
     }
 
     /// Puts back what [`HotLog::take_oldest`] returned (the LSM write failed).
-    pub fn restore(&mut self, msgs: Vec<StoredMsg>) {
-        let Some(gen) = self.gens.front().map(|g| g.gen) else {
+    pub fn restore(&mut self, moved: Moved) {
+        let Some(g) = self.gens.front_mut() else {
             return;
         };
-        for m in msgs {
+        let gen = g.gen;
+        for r in moved.sent {
+            let key = (r.sender, r.client);
+            g.sent.push(key.clone());
+            self.bytes += bytes_of_sent(&key.0);
+            self.sent.insert(key, (r.id, gen));
+        }
+        for m in moved.msgs {
             self.bytes += bytes_of(&m);
             self.by_user
                 .entry(m.recipient.clone())
@@ -601,15 +698,20 @@ impl HotLog {
         }
     }
 
-    /// Takes every message out of memory (at shutdown), with the highest floor; put them in
-    /// the LSM, then call [`HotLog::retire_all`].
-    pub fn take_all(&mut self) -> (Vec<StoredMsg>, u64) {
+    /// Takes every message and dedup record out of memory (at shutdown), with the highest
+    /// floor; put them in the LSM, then call [`HotLog::retire_all`].
+    pub fn take_all(&mut self) -> Moved {
         let floor = self.gens.iter().map(|g| g.floor).max().unwrap_or(0);
         let mut msgs: Vec<StoredMsg> = self.by_id.drain().map(|(_, (m, _))| m).collect();
         msgs.sort_unstable_by_key(|m| m.id);
+        let sent = self
+            .sent
+            .drain()
+            .map(|((sender, client), (id, _))| SentRecord { sender, client, id })
+            .collect();
         self.by_user.clear();
         self.bytes = 0;
-        (msgs, floor)
+        Moved { msgs, sent, floor }
     }
 
     /// Deletes every file.
@@ -645,14 +747,20 @@ mod tests {
         let rec = recover(dir.path()).unwrap();
         let mut hot = HotLog::new(dir.path(), &rec, Duration::from_secs(1), 1 << 20);
         let now = Instant::now();
-        hot.commit(vec![msg(1, "a"), msg(2, "b"), msg(3, "a")], &[], 3, now)
-            .unwrap();
+        hot.commit(
+            vec![msg(1, "a"), msg(2, "b"), msg(3, "a")],
+            &[],
+            Vec::new(),
+            3,
+            now,
+        )
+        .unwrap();
         assert_eq!(hot.take(b"a", 1).map(|m| m.id), Some(1));
         assert!(
             hot.take(b"b", 1).is_none(),
             "another user's id is not taken"
         );
-        hot.commit(vec![msg(4, "a")], &[(b"a".to_vec(), 1)], 9, now)
+        hot.commit(vec![msg(4, "a")], &[(b"a".to_vec(), 1)], Vec::new(), 9, now)
             .unwrap();
         assert_eq!(
             ids(&hot.range(b"a", 0).cloned().collect::<Vec<_>>()),
@@ -676,12 +784,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let rec = recover(dir.path()).unwrap();
         let mut hot = HotLog::new(dir.path(), &rec, Duration::from_secs(1), 1 << 20);
-        hot.commit(vec![msg(1, "a")], &[], 1, Instant::now())
+        hot.commit(vec![msg(1, "a")], &[], Vec::new(), 1, Instant::now())
             .unwrap();
         drop(hot);
         let (_, path) = log_files(dir.path()).unwrap().pop().unwrap();
         let mut frame = Vec::new();
-        encode_frame(&mut frame, 2, &[msg(2, "a")], &[]);
+        encode_frame(&mut frame, 2, &[msg(2, "a")], &[], &[]);
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(&frame[..frame.len() - 3]).unwrap();
         drop(f);
@@ -689,7 +797,7 @@ mod tests {
         assert_eq!(ids(&rec.msgs), [1]);
         assert_eq!((rec.torn, rec.floor), (1, 1));
         let mut hot = HotLog::new(dir.path(), &rec, Duration::from_secs(1), 1 << 20);
-        hot.commit(vec![msg(3, "a")], &[], 3, Instant::now())
+        hot.commit(vec![msg(3, "a")], &[], Vec::new(), 3, Instant::now())
             .unwrap();
         drop(hot);
         let rec = recover(dir.path()).unwrap();
@@ -700,11 +808,59 @@ mod tests {
         );
     }
 
+    fn rec(sender: &str, client: u64, id: u64) -> SentRecord {
+        SentRecord {
+            sender: sender.as_bytes().to_vec(),
+            client,
+            id,
+        }
+    }
+
+    /// Dedup records are kept, found, replayed, and leave with their file whether or not
+    /// their message was acked (they must outlive it).
+    #[test]
+    fn dedup_records_are_found_replayed_and_move_with_their_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec0 = recover(dir.path()).unwrap();
+        let p = Duration::from_secs(1);
+        let mut hot = HotLog::new(dir.path(), &rec0, p, 1 << 20);
+        let t0 = Instant::now();
+        hot.commit(
+            vec![msg(1, "a"), msg(2, "a")],
+            &[],
+            vec![rec("s", 10, 1), rec("s", 11, 2)],
+            2,
+            t0,
+        )
+        .unwrap();
+        assert_eq!(hot.sent_id(b"s", 10), Some(1));
+        assert_eq!(hot.sent_id(b"s", 12), None);
+        assert_eq!(hot.sent_id(b"t", 10), None);
+        hot.take(b"a", 1).unwrap();
+        drop(hot);
+        let r = recover(dir.path()).unwrap();
+        assert_eq!(ids(&r.msgs), [1, 2]);
+        assert_eq!(r.sent, [rec("s", 10, 1), rec("s", 11, 2)]);
+        // A fresh tier (the replayed files are left alone here): rotate and move.
+        let mut hot = HotLog::new(dir.path(), &r, p, 1 << 20);
+        hot.commit(vec![msg(3, "a")], &[], vec![rec("s", 12, 3)], 3, t0)
+            .unwrap();
+        hot.take(b"a", 3).unwrap();
+        assert!(!hot.rotate_due(t0 + p));
+        assert!(hot.rotate_due(t0 + p + p));
+        let moved = hot.take_oldest();
+        assert!(moved.msgs.is_empty(), "the message was acked");
+        assert_eq!(moved.sent, [rec("s", 12, 3)], "the record outlives it");
+        assert_eq!(hot.sent_id(b"s", 12), None);
+        hot.restore(moved);
+        assert_eq!(hot.sent_id(b"s", 12), Some(3));
+    }
+
     #[test]
     fn a_tail_of_zeros_is_torn_not_corrupt() {
         let dir = tempfile::tempdir().unwrap();
         let mut file = Vec::new();
-        encode_frame(&mut file, 1, &[msg(1, "a")], &[]);
+        encode_frame(&mut file, 1, &[msg(1, "a")], &[], &[]);
         file.extend_from_slice(&[0; 64]);
         std::fs::write(dir.path().join(file_name(0)), &file).unwrap();
         let rec = recover(dir.path()).unwrap();
@@ -715,7 +871,7 @@ mod tests {
     fn a_frame_of_a_newer_version_stops_the_recovery() {
         let dir = tempfile::tempdir().unwrap();
         let mut frame = Vec::new();
-        encode_frame(&mut frame, 1, &[msg(1, "a")], &[]);
+        encode_frame(&mut frame, 1, &[msg(1, "a")], &[], &[]);
         frame[FRAME_HEADER] = FRAME_VERSION + 1;
         let crc = crc32fast::hash(&frame[FRAME_HEADER..]);
         frame[4..8].copy_from_slice(&crc.to_le_bytes());
@@ -731,21 +887,27 @@ mod tests {
         let p = Duration::from_secs(1);
         let mut hot = HotLog::new(dir.path(), &rec, p, 1 << 20);
         let t0 = Instant::now();
-        hot.commit(vec![msg(1, "a"), msg(2, "a")], &[], 2, t0)
+        hot.commit(vec![msg(1, "a"), msg(2, "a")], &[], Vec::new(), 2, t0)
             .unwrap();
         assert!(!hot.rotate_due(t0));
         assert_eq!(hot.next_due(), Some(t0 + p));
         // One period on: the file closes; the next commit opens the second.
         assert!(!hot.rotate_due(t0 + p));
         hot.take(b"a", 1).unwrap();
-        hot.commit(vec![msg(3, "a")], &[(b"a".to_vec(), 1)], 3, t0 + p)
-            .unwrap();
+        hot.commit(
+            vec![msg(3, "a")],
+            &[(b"a".to_vec(), 1)],
+            Vec::new(),
+            3,
+            t0 + p,
+        )
+        .unwrap();
         assert_eq!(hot.files(), 2);
         assert_eq!(hot.next_due(), Some(t0 + p + p));
         assert!(!hot.rotate_due(t0 + p + p / 2));
         assert!(hot.rotate_due(t0 + p + p));
-        let (out, floor) = hot.take_oldest();
-        assert_eq!((ids(&out), floor), (vec![2], 2));
+        let moved = hot.take_oldest();
+        assert_eq!((ids(&moved.msgs), moved.floor), (vec![2], 2));
         assert_eq!(hot.len(), 1);
         hot.retire_oldest().unwrap();
         assert_eq!(hot.files(), 1);
@@ -763,11 +925,17 @@ mod tests {
         let mut hot = HotLog::new(dir.path(), &rec, p, 1 << 20);
         let t0 = Instant::now();
         assert_eq!(hot.next_due(), None);
-        hot.commit(Vec::new(), &[], 5, t0).unwrap();
+        hot.commit(Vec::new(), &[], Vec::new(), 5, t0).unwrap();
         assert_eq!(hot.next_due(), Some(t0 + p));
         assert!(!hot.rotate_due(t0 + p), "closed, not yet due");
         assert!(hot.rotate_due(t0 + p + p));
-        assert_eq!(hot.take_oldest(), (Vec::new(), 5));
+        assert_eq!(
+            hot.take_oldest(),
+            Moved {
+                floor: 5,
+                ..Moved::default()
+            }
+        );
         hot.retire_oldest().unwrap();
         assert_eq!((hot.files(), hot.next_due()), (0, None));
         assert_eq!(log_files(dir.path()).unwrap().len(), 0);
@@ -779,11 +947,12 @@ mod tests {
         let rec = recover(dir.path()).unwrap();
         let mut hot = HotLog::new(dir.path(), &rec, Duration::ZERO, 1 << 20);
         let t0 = Instant::now();
-        hot.commit(vec![msg(1, "a")], &[], 1, t0).unwrap();
+        hot.commit(vec![msg(1, "a")], &[], Vec::new(), 1, t0)
+            .unwrap();
         assert!(hot.rotate_due(t0));
-        let (out, _) = hot.take_oldest();
+        let moved = hot.take_oldest();
         assert!(hot.is_empty());
-        hot.restore(out);
+        hot.restore(moved);
         assert!(hot.contains(b"a", 1));
         assert_eq!(hot.usage(b"a"), (1, 9));
     }
@@ -794,8 +963,14 @@ mod tests {
         let rec = recover(dir.path()).unwrap();
         let mut hot = HotLog::new(dir.path(), &rec, Duration::from_secs(1), 300);
         assert!(hot.has_room());
-        hot.commit(vec![msg(1, "a"), msg(2, "a")], &[], 2, Instant::now())
-            .unwrap();
+        hot.commit(
+            vec![msg(1, "a"), msg(2, "a")],
+            &[],
+            Vec::new(),
+            2,
+            Instant::now(),
+        )
+        .unwrap();
         assert!(!hot.has_room());
         hot.take(b"a", 1).unwrap();
         hot.take(b"a", 2).unwrap();
@@ -832,21 +1007,28 @@ mod tests {
                 msgs in proptest::collection::vec(arb_msg(), 0..8),
                 deletes in proptest::collection::vec(
                     (proptest::collection::vec(any::<u8>(), 0..40), any::<u64>()), 0..8),
+                sent in proptest::collection::vec(
+                    (proptest::collection::vec(any::<u8>(), 0..40), any::<u64>(), any::<u64>())
+                        .prop_map(|(sender, client, id)| SentRecord { sender, client, id }),
+                    0..8),
                 cut in any::<prop::sample::Index>(),
             ) {
                 let mut buf = Vec::new();
-                encode_frame(&mut buf, floor, &msgs, &deletes);
+                encode_frame(&mut buf, floor, &msgs, &deletes, &sent);
                 let (body, used) = frame_at(&buf).expect("a whole frame");
                 prop_assert_eq!(used, buf.len());
-                let (mut got_msgs, mut got_deletes) = (Vec::new(), Vec::new());
+                let (mut got_msgs, mut got_deletes, mut got_sent) =
+                    (Vec::new(), Vec::new(), Vec::new());
                 let got_floor = apply_frame(body, |r| match r {
                     Record::Msg(m) => got_msgs.push(m),
                     Record::Delete(u, id) => got_deletes.push((u, id)),
+                    Record::Sent(r) => got_sent.push(r),
                 })
                 .unwrap();
                 prop_assert_eq!(got_floor, floor);
                 prop_assert_eq!(got_msgs, msgs);
                 prop_assert_eq!(got_deletes, deletes);
+                prop_assert_eq!(got_sent, sent);
                 let cut = cut.index(buf.len());
                 prop_assert!(frame_at(&buf[..cut]).is_none());
             }

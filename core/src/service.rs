@@ -3321,7 +3321,7 @@ mod tests {
         let stats = ServiceStats::default();
         stats.hinted_routes.fetch_add(3, Ordering::Relaxed);
         let counters = stats.counters();
-        assert_eq!(counters.len(), 43);
+        assert_eq!(counters.len(), 44);
         let mut names: Vec<&str> = counters.iter().map(|c| c.name).collect();
         names.sort_unstable();
         names.dedup();
