@@ -181,8 +181,9 @@ const SWEEP_TURN: Duration = Duration::from_millis(10);
 /// of the clock, never below an id minted before.
 const FLOOR_LEASE_TICKS: u64 = 1_000_000 / iris_bus::hops::ID_TICK_MICROS;
 
-/// The floor to persist for `max_id`: [`FLOOR_LEASE_TICKS`] ahead of it.
-fn leased_floor(max_id: u64) -> u64 {
+/// The id floor the embedded core persists once an id passed the last one: `max_id` plus one
+/// second of id clock (the store's [`MessageStore::id_floor`] is at least every id accepted).
+pub fn leased_floor(max_id: u64) -> u64 {
     use iris_bus::hops::ID_LOW_BITS;
     let tick = (max_id >> ID_LOW_BITS).saturating_add(FLOOR_LEASE_TICKS);
     tick.checked_shl(ID_LOW_BITS)

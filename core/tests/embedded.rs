@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use iris_core::embedded::{CoreStats, EmbeddedConfig, EmbeddedCore};
+use iris_core::embedded::{leased_floor, CoreStats, EmbeddedConfig, EmbeddedCore};
 use iris_core::store::MessageStore;
 use iris_core::{CoreReply, CoreRequest, ShardLink, StoredMsg};
 
@@ -197,7 +197,7 @@ fn restart_keeps_unacked_and_not_acked() {
         core.shutdown().unwrap();
     }
     let (core, links) = EmbeddedCore::start(cfg(&dir), 2).unwrap();
-    assert_eq!(core.id_floor(), 20);
+    assert_eq!(core.id_floor(), leased_floor(20));
     let (got, more) = drain(&links[1], "erin", 1, 0, 100);
     assert!(!more);
     let expected: Vec<u64> = (1..=20).filter(|id: &u64| !id.is_multiple_of(3)).collect();
@@ -230,10 +230,12 @@ fn ack_inside_window_never_writes() {
     assert_eq!(stats.stored, 1, "only the unacked message was written");
     let s = MessageStore::open(dir.path().join("core")).unwrap();
     assert_eq!(ids(&s.scan(b"frank", 0, 10).unwrap()), vec![78]);
-    assert_eq!(s.id_floor(), 78);
+    // The floor is leased a second of id clock ahead (written once an id passes it).
+    assert_eq!(s.id_floor(), leased_floor(78));
     drop(s);
 
-    // A cancelled message with the highest id still raises the floor.
+    // A cancelled message with an id past the floor still raises it.
+    let past = leased_floor(78) + (1 << 18);
     let (core, links) = EmbeddedCore::start(
         EmbeddedConfig {
             commit_window_ms: 500,
@@ -242,13 +244,13 @@ fn ack_inside_window_never_writes() {
         1,
     )
     .unwrap();
-    store(&links[0], msg("frank", 99, "gone"));
-    ack(&links[0], "frank", 99);
+    store(&links[0], msg("frank", past, "gone"));
+    ack(&links[0], "frank", past);
     let stats = core.shutdown().unwrap();
     assert_eq!((stats.cancelled_before_store, stats.stored), (1, 0));
     let s = MessageStore::open(dir.path().join("core")).unwrap();
     assert_eq!(s.count(b"frank").unwrap(), 1);
-    assert_eq!(s.id_floor(), 99);
+    assert_eq!(s.id_floor(), leased_floor(past));
 }
 
 /// A store that arrives after its own ack (they travel on different shards' queues) is
@@ -477,7 +479,7 @@ fn shutdown_flushes_pending() {
     assert_eq!(stats.pending_ops, 0);
     let s = MessageStore::open(dir.path().join("core")).unwrap();
     assert_eq!(s.count(b"kim").unwrap(), 100);
-    assert_eq!(s.id_floor(), 100);
+    assert_eq!(s.id_floor(), leased_floor(100));
 }
 
 /// Dropping every link ends the core thread on its own, after committing.

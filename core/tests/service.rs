@@ -81,6 +81,9 @@ impl Env {
             &members.to_string(),
             "--admin",
             "127.0.0.1:0",
+            // The ids of these tests are small numbers, i.e. minted in 2024: no expiry.
+            "--message-ttl-secs",
+            "0",
             "--data-dir",
         ] {
             args.push(a.into());
