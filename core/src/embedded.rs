@@ -2207,9 +2207,21 @@ mod tests {
         wait_for(&m, "the first store taken in", |s| s.pending_ops == 1);
         link.to_core.send(store_req(msg(2), 1)).unwrap();
         let start = Instant::now();
+        assert_eq!(drain_ids_rung(link, b"ruth"), [1, 2]);
+        assert!(
+            start.elapsed() < Duration::from_millis(300),
+            "the drain waited for the commit window: {:?}",
+            start.elapsed()
+        );
+        core.shutdown().unwrap();
+    }
+
+    /// Like [`drain_ids`], but rings the core after queueing the drain, as a shard does: it is
+    /// served even while a commit window is open.
+    fn drain_ids_rung(link: &ShardLink, user: &[u8]) -> Vec<u64> {
         link.to_core
             .send(CoreRequest::Drain {
-                user: b"ruth".to_vec(),
+                user: user.to_vec(),
                 conn: 99,
                 after: 0,
                 limit: 1000,
@@ -2222,17 +2234,9 @@ mod tests {
             .recv_timeout(Duration::from_secs(10))
             .unwrap()
         {
-            CoreReply::Drain { msgs, .. } => {
-                assert_eq!(msgs.iter().map(|m| m.id).collect::<Vec<_>>(), [1, 2])
-            }
+            CoreReply::Drain { msgs, .. } => msgs.iter().map(|m| m.id).collect(),
             other => panic!("unexpected reply {other:?}"),
         }
-        assert!(
-            start.elapsed() < Duration::from_millis(300),
-            "the drain waited for the commit window: {:?}",
-            start.elapsed()
-        );
-        core.shutdown().unwrap();
     }
 
     fn refusals(link: &ShardLink, within: Duration) -> Vec<(ConnId, &'static str)> {
@@ -3090,26 +3094,7 @@ mod tests {
         // Message 4 is still inside its (300 ms) commit window when the drain is served.
         link.to_core.send(store_req(msg(4), 1)).unwrap();
         // A drain rings the core (as a shard does), so it is served inside the window.
-        link.to_core
-            .send(CoreRequest::Drain {
-                user: b"ruth".to_vec(),
-                conn: 99,
-                after: 0,
-                limit: 1000,
-                resume_after: 0,
-            })
-            .unwrap();
-        link.wake_core.as_ref().unwrap().try_send(()).unwrap();
-        match link
-            .from_core
-            .recv_timeout(Duration::from_secs(10))
-            .unwrap()
-        {
-            CoreReply::Drain { msgs, .. } => {
-                assert_eq!(msgs.iter().map(|m| m.id).collect::<Vec<_>>(), [1, 2, 3, 4]);
-            }
-            other => panic!("unexpected reply {other:?}"),
-        }
+        assert_eq!(drain_ids_rung(link, b"ruth"), [1, 2, 3, 4]);
         assert_eq!(
             m.snapshot().hot_logged,
             3,
