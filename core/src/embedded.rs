@@ -1873,19 +1873,32 @@ impl Core {
         }
         let prekeys: Vec<_> = self.pending_prekeys.drain().collect();
         let sent_expired = std::mem::take(&mut self.pending_sent_expired);
-        let result = self.ensure_open().and_then(|()| {
-            self.store()?.write(
-                &Batch {
-                    inserts: &inserts,
-                    deletes: &deletes,
-                    prekeys: &prekeys,
-                    id_hint,
-                    sent: &sent,
-                    sent_expired: &sent_expired,
-                },
-                true,
-            )
-        });
+        // Nothing for the LSM (the hot log took it all): no write, and no sync of an unchanged
+        // journal (this thread never writes without syncing, so nothing else awaits one).
+        let lsm_idle = inserts.is_empty()
+            && deletes.is_empty()
+            && prekeys.is_empty()
+            && sent.is_empty()
+            && sent_expired.is_empty()
+            && id_hint == 0
+            && !self.reopen_needed;
+        let result = if lsm_idle {
+            Ok(())
+        } else {
+            self.ensure_open().and_then(|()| {
+                self.store()?.write(
+                    &Batch {
+                        inserts: &inserts,
+                        deletes: &deletes,
+                        prekeys: &prekeys,
+                        id_hint,
+                        sent: &sent,
+                        sent_expired: &sent_expired,
+                    },
+                    true,
+                )
+            })
+        };
         let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         match result {
             Ok(()) => {
@@ -3258,5 +3271,28 @@ mod tests {
             0,
             "the acked message is not stored"
         );
+    }
+
+    /// A commit whose work all went to the hot log does not touch the LSM: no write, no sync
+    /// of its unchanged journal (an injected LSM failure stays unused).
+    #[test]
+    fn a_commit_with_only_hot_work_leaves_the_lsm_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("core");
+        let (core, links) = EmbeddedCore::start(test_cfg(data_dir.clone()), 1).unwrap();
+        let m = core.metrics();
+        fault::fail_next_writes(&data_dir, 1);
+        links[0].to_core.send(store_req(msg(1), 1)).unwrap();
+        wait_for(&m, "the hot commit", |s| {
+            s.hot_logged == 1 && s.commits == 1
+        });
+        ack(&links[0], b"ruth", 1);
+        wait_for(&m, "the ack's commit", |s| {
+            s.acks_of_hot == 1 && s.commits == 2
+        });
+        let s = m.snapshot();
+        assert_eq!((s.store_errors, s.failed_messages), (0, 0), "{s:?}");
+        assert!(fault::take(&data_dir), "the LSM was written");
+        core.shutdown().unwrap();
     }
 }
