@@ -147,7 +147,10 @@ use crate::api::{
 use crate::error::CoreError;
 use crate::hotlog::{self, HotLog};
 use crate::resume::{ResumeLists, RESUME_USERS_MAX};
-use crate::store::{Batch, MessageStore, SentRecord, Usage, MAX_SENDER_LEN, MAX_USER_LEN};
+use crate::store::{
+    Batch, MessageStore, SentRecord, SweepSchedule, Usage, MAX_SENDER_LEN, MAX_USER_LEN,
+    SWEEP_BUDGET, SWEEP_TURN,
+};
 
 /// How often the recent-acks set rotates; an ack is remembered for one to two periods. The
 /// memory of recently committed messages rotates with it.
@@ -168,10 +171,6 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(1);
 const FINAL_PASSES: usize = 16;
 /// Attempts of the final commit at shutdown (with the usual backoff: ~1.5 s in all).
 const FINAL_COMMIT_ATTEMPTS: u32 = 8;
-/// Inbox entries one turn of the expiry sweep looks at, at most.
-const SWEEP_BUDGET: usize = 1024;
-/// Pause between two turns of one expiry sweep pass.
-const SWEEP_TURN: Duration = Duration::from_millis(10);
 
 /// How far ahead of the highest id seen the persisted id floor is set, in id clock ticks (16 µs
 /// each): one second. A commit writes the floor only when an id passed the last one written, so
@@ -516,13 +515,10 @@ impl EmbeddedCore {
             usage_evictions: 0,
             refusals: HashSet::new(),
             confirms: HashMap::new(),
-            sweep_cursor: Vec::new(),
-            next_sweep: now + SWEEP_TURN,
-            dedup_ttl_secs: cfg.dedup_ttl_secs,
+            expiry: SweepSchedule::new(cfg.message_ttl_secs, now + SWEEP_TURN),
             pending_sent: HashMap::new(),
             pending_sent_expired: Vec::new(),
-            sent_cursor: Vec::new(),
-            next_sent_sweep: now + SWEEP_TURN,
+            sent_expiry: SweepSchedule::new(cfg.dedup_ttl_secs, now + SWEEP_TURN),
             window: Duration::from_millis(cfg.commit_window_ms),
             drain_chunk: cfg.drain_chunk,
             drain_chunk_bytes: cfg.drain_chunk_bytes.max(1),
@@ -712,18 +708,14 @@ struct Core {
     /// Confirms to send with [`CoreReply::Confirms`] at the end of this pass, per connection,
     /// in the order they were settled.
     confirms: HashMap<(usize, ConnId), Vec<Confirm>>,
-    /// Lifetime of dedup records (0 = forever).
-    dedup_ttl_secs: u64,
     /// Dedup records waiting for the next commit, by `(sender, client)`.
     pending_sent: HashMap<(Vec<u8>, u64), PendingSent>,
     /// Expired dedup records to delete at the next commit.
     pending_sent_expired: Vec<SentRecord>,
-    /// Where the dedup records' expiry continues (empty: a new pass from the oldest).
-    sent_cursor: Vec<u8>,
-    next_sent_sweep: Instant,
-    /// Where the expiry sweep continues (empty: a new pass from the beginning).
-    sweep_cursor: Vec<u8>,
-    next_sweep: Instant,
+    /// The dedup records' expiry sweep.
+    sent_expiry: SweepSchedule,
+    /// The messages' expiry sweep.
+    expiry: SweepSchedule,
     window: Duration,
     drain_chunk: usize,
     drain_chunk_bytes: usize,
@@ -837,11 +829,11 @@ impl Core {
         let mut timeout = self.deadline.map_or(IDLE_WAIT, |d| {
             d.saturating_duration_since(now).min(IDLE_WAIT)
         });
-        if self.ttl_secs > 0 {
-            timeout = timeout.min(self.next_sweep.saturating_duration_since(now));
-        }
-        if self.dedup_ttl_secs > 0 {
-            timeout = timeout.min(self.next_sent_sweep.saturating_duration_since(now));
+        for next in [self.expiry.next_due(), self.sent_expiry.next_due()]
+            .into_iter()
+            .flatten()
+        {
+            timeout = timeout.min(next.saturating_duration_since(now));
         }
         if let Some(due) = self.hot.as_ref().and_then(HotLog::next_due) {
             let due = due.max(self.hot_retry_at);
@@ -1321,38 +1313,31 @@ impl Core {
 
     /// One bounded turn of the expiry sweep (see [`MessageStore::sweep_expired`]).
     fn sweep(&mut self, now: Instant) {
-        if self.ttl_secs == 0 || now < self.next_sweep {
+        if !self.expiry.is_due(now) {
             return;
         }
         if self.failures > 0 || self.pending_ops >= self.pending_cap / 2 {
-            self.next_sweep = now + SWEEP_TURN;
+            self.expiry.defer(now);
             return;
         }
-        let pass_interval = Duration::from_secs((self.ttl_secs / 10).clamp(1, 60));
-        let min_live = min_live_id(iris_bus::hops::unix_micros(), self.ttl_secs);
-        let cursor = std::mem::take(&mut self.sweep_cursor);
+        let (min_live, cursor) = self.expiry.start();
         let turn = self
             .store()
             .and_then(|s| s.sweep_expired(&cursor, min_live, SWEEP_BUDGET));
-        match turn {
+        let next = match turn {
             Ok(turn) => {
                 for (user, id, bytes) in turn.expired {
                     self.queue_expired(user, id, bytes);
                 }
-                match turn.next {
-                    Some(k) => {
-                        self.sweep_cursor = k;
-                        self.next_sweep = now + SWEEP_TURN;
-                    }
-                    None => self.next_sweep = now + pass_interval,
-                }
+                turn.next
             }
             Err(e) => {
                 bump(&self.metrics.store_errors, 1);
                 debug!(error = %e, "expiry sweep failed");
-                self.next_sweep = now + pass_interval;
+                None
             }
-        }
+        };
+        self.expiry.done(now, next);
     }
 
     /// Sends the refusals of this pass, one per connection and reason, and its confirms, one
@@ -1372,19 +1357,17 @@ impl Core {
 
     /// One bounded turn of the dedup records' expiry (see [`MessageStore::expired_sent`]).
     fn sweep_sent(&mut self, now: Instant) {
-        if self.dedup_ttl_secs == 0 || now < self.next_sent_sweep {
+        if !self.sent_expiry.is_due(now) {
             return;
         }
         let busy = self.failures > 0 || self.pending_ops >= self.pending_cap / 2;
         // A new pass waits until the last one's deletes are committed (it would find them).
-        if busy || (self.sent_cursor.is_empty() && !self.pending_sent_expired.is_empty()) {
-            self.next_sent_sweep = now + SWEEP_TURN;
+        if busy || (!self.sent_expiry.mid_pass() && !self.pending_sent_expired.is_empty()) {
+            self.sent_expiry.defer(now);
             return;
         }
-        let pass_interval = Duration::from_secs((self.dedup_ttl_secs / 10).clamp(1, 60));
-        let min_live = min_live_id(iris_bus::hops::unix_micros(), self.dedup_ttl_secs);
-        let cursor = std::mem::take(&mut self.sent_cursor);
-        match self
+        let (min_live, cursor) = self.sent_expiry.start();
+        let next = match self
             .store()
             .and_then(|s| s.expired_sent(&cursor, min_live, SWEEP_BUDGET))
         {
@@ -1395,20 +1378,15 @@ impl Core {
                     self.pending_sent_expired.extend(expired);
                     self.arm_deadline();
                 }
-                match next {
-                    Some(k) => {
-                        self.sent_cursor = k;
-                        self.next_sent_sweep = now + SWEEP_TURN;
-                    }
-                    None => self.next_sent_sweep = now + pass_interval,
-                }
+                next
             }
             Err(e) => {
                 bump(&self.metrics.store_errors, 1);
                 debug!(error = %e, "dedup expiry sweep failed");
-                self.next_sent_sweep = now + pass_interval;
+                None
             }
-        }
+        };
+        self.sent_expiry.done(now, next);
     }
 
     fn on_ack(&mut self, user: Vec<u8>, id: u64) {

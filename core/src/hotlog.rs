@@ -618,43 +618,31 @@ impl HotLog {
         let Some(g) = self.gens.front_mut() else {
             return Moved::default();
         };
-        let gen = g.gen;
-        let floor = g.floor;
+        let (gen, floor) = (g.gen, g.floor);
+        let ids = std::mem::take(&mut g.ids);
         let keys = std::mem::take(&mut g.sent);
-        let mut sent = Vec::new();
+        let mut moved = Moved {
+            floor,
+            ..Moved::default()
+        };
         for key in keys {
             if self.sent.get(&key).is_some_and(|(_, g)| *g == gen) {
                 if let Some((id, _)) = self.sent.remove(&key) {
                     self.bytes = self.bytes.saturating_sub(bytes_of_sent(&key.0));
-                    sent.push(SentRecord {
-                        sender: key.0,
-                        client: key.1,
-                        id,
-                    });
+                    let (sender, client) = key;
+                    moved.sent.push(SentRecord { sender, client, id });
                 }
             }
         }
-        let Some(g) = self.gens.front_mut() else {
-            return Moved::default();
-        };
-        let ids = std::mem::take(&mut g.ids);
-        let mut out = Vec::new();
-        for id in &ids {
-            if self.by_id.get(id).is_some_and(|(_, g)| *g == gen) {
-                if let Some((m, _)) = self.by_id.remove(id) {
+        for id in ids {
+            if self.by_id.get(&id).is_some_and(|(_, g)| *g == gen) {
+                if let Some((m, _)) = self.by_id.remove(&id) {
                     self.unindex(&m);
-                    out.push(m);
+                    moved.msgs.push(m);
                 }
             }
         }
-        if let Some(g) = self.gens.front_mut() {
-            g.ids = ids;
-        }
-        Moved {
-            msgs: out,
-            sent,
-            floor,
-        }
+        moved
     }
 
     /// Puts back what [`HotLog::take_oldest`] returned (the LSM write failed).
@@ -670,6 +658,7 @@ impl HotLog {
             self.sent.insert(key, (r.id, gen));
         }
         for m in moved.msgs {
+            g.ids.push(m.id);
             self.bytes += bytes_of(&m);
             self.by_user
                 .entry(m.recipient.clone())
@@ -737,15 +726,21 @@ mod tests {
         }
     }
 
+    /// A hot tier on a fresh directory, with `period` and a memory bound of `max_bytes`.
+    fn fresh(period: Duration, max_bytes: usize) -> (tempfile::TempDir, HotLog) {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = recover(dir.path()).unwrap();
+        let hot = HotLog::new(dir.path(), &rec, period, max_bytes);
+        (dir, hot)
+    }
+
     fn ids(v: &[StoredMsg]) -> Vec<u64> {
         v.iter().map(|m| m.id).collect()
     }
 
     #[test]
     fn committed_messages_survive_a_crash_and_deletes_remove_them() {
-        let dir = tempfile::tempdir().unwrap();
-        let rec = recover(dir.path()).unwrap();
-        let mut hot = HotLog::new(dir.path(), &rec, Duration::from_secs(1), 1 << 20);
+        let (dir, mut hot) = fresh(Duration::from_secs(1), 1 << 20);
         let now = Instant::now();
         hot.commit(
             vec![msg(1, "a"), msg(2, "b"), msg(3, "a")],
@@ -781,9 +776,7 @@ mod tests {
 
     #[test]
     fn a_torn_tail_is_ignored_and_new_files_come_after_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let rec = recover(dir.path()).unwrap();
-        let mut hot = HotLog::new(dir.path(), &rec, Duration::from_secs(1), 1 << 20);
+        let (dir, mut hot) = fresh(Duration::from_secs(1), 1 << 20);
         hot.commit(vec![msg(1, "a")], &[], Vec::new(), 1, Instant::now())
             .unwrap();
         drop(hot);
@@ -808,22 +801,14 @@ mod tests {
         );
     }
 
-    fn rec(sender: &str, client: u64, id: u64) -> SentRecord {
-        SentRecord {
-            sender: sender.as_bytes().to_vec(),
-            client,
-            id,
-        }
-    }
+    use crate::store::test_record as rec;
 
     /// Dedup records are kept, found, replayed, and leave with their file whether or not
     /// their message was acked (they must outlive it).
     #[test]
     fn dedup_records_are_found_replayed_and_move_with_their_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let rec0 = recover(dir.path()).unwrap();
         let p = Duration::from_secs(1);
-        let mut hot = HotLog::new(dir.path(), &rec0, p, 1 << 20);
+        let (dir, mut hot) = fresh(p, 1 << 20);
         let t0 = Instant::now();
         hot.commit(
             vec![msg(1, "a"), msg(2, "a")],
@@ -882,10 +867,8 @@ mod tests {
 
     #[test]
     fn files_rotate_and_the_oldest_gives_up_only_its_unacked_messages() {
-        let dir = tempfile::tempdir().unwrap();
-        let rec = recover(dir.path()).unwrap();
         let p = Duration::from_secs(1);
-        let mut hot = HotLog::new(dir.path(), &rec, p, 1 << 20);
+        let (dir, mut hot) = fresh(p, 1 << 20);
         let t0 = Instant::now();
         hot.commit(vec![msg(1, "a"), msg(2, "a")], &[], Vec::new(), 2, t0)
             .unwrap();
@@ -919,10 +902,8 @@ mod tests {
 
     #[test]
     fn a_file_of_floors_only_is_closed_and_retired_too() {
-        let dir = tempfile::tempdir().unwrap();
-        let rec = recover(dir.path()).unwrap();
         let p = Duration::from_secs(1);
-        let mut hot = HotLog::new(dir.path(), &rec, p, 1 << 20);
+        let (dir, mut hot) = fresh(p, 1 << 20);
         let t0 = Instant::now();
         assert_eq!(hot.next_due(), None);
         hot.commit(Vec::new(), &[], Vec::new(), 5, t0).unwrap();
@@ -943,9 +924,7 @@ mod tests {
 
     #[test]
     fn restore_puts_messages_back_after_a_failed_move() {
-        let dir = tempfile::tempdir().unwrap();
-        let rec = recover(dir.path()).unwrap();
-        let mut hot = HotLog::new(dir.path(), &rec, Duration::ZERO, 1 << 20);
+        let (_dir, mut hot) = fresh(Duration::ZERO, 1 << 20);
         let t0 = Instant::now();
         hot.commit(vec![msg(1, "a")], &[], Vec::new(), 1, t0)
             .unwrap();
@@ -959,9 +938,7 @@ mod tests {
 
     #[test]
     fn memory_is_bounded() {
-        let dir = tempfile::tempdir().unwrap();
-        let rec = recover(dir.path()).unwrap();
-        let mut hot = HotLog::new(dir.path(), &rec, Duration::from_secs(1), 300);
+        let (_dir, mut hot) = fresh(Duration::from_secs(1), 300);
         assert!(hot.has_room());
         hot.commit(
             vec![msg(1, "a"), msg(2, "a")],

@@ -174,7 +174,9 @@ use crate::api::StoredMsg;
 use crate::error::CoreError;
 use crate::import::{ImportConfig, ImportStats, Importer};
 use crate::sessions::{SessionConfig, SessionReader, SessionRecord};
-use crate::store::{Batch, MessageStore, SentRecord, MAX_SENDER_LEN, MAX_USER_LEN};
+use crate::store::{
+    Batch, MessageStore, SentRecord, SweepSchedule, MAX_SENDER_LEN, MAX_USER_LEN, SWEEP_BUDGET,
+};
 
 /// The most messages one `DrainChunk` carries, whatever the request's `limit`.
 pub const MAX_DRAIN_CHUNK: usize = 1000;
@@ -653,11 +655,6 @@ struct Inflight {
     confirms: Vec<Output>,
 }
 
-/// Dedup records one expiry turn deletes at most.
-const SENT_SWEEP_BUDGET: usize = 1024;
-/// Pause between two expiry turns of one pass.
-const SENT_SWEEP_TURN: Duration = Duration::from_millis(10);
-
 /// Window sequence number of the outputs that belong to no window (retried routes).
 const NO_WINDOW: u64 = 0;
 
@@ -914,14 +911,10 @@ pub struct CoreService {
     next_seq: u64,
     /// The highest window sequence number made durable by the fsync thread.
     synced: u64,
-    /// Where the next turn of the dedup records' expiry starts (empty: a new pass).
-    sent_cursor: Vec<u8>,
-    /// When the next turn of the dedup records' expiry is due.
-    next_sent_sweep: Instant,
-    /// Where the next turn of the messages' expiry starts (empty: a new pass).
-    sweep_cursor: Vec<u8>,
-    /// When the next turn of the messages' expiry is due.
-    next_sweep: Instant,
+    /// The dedup records' expiry sweep.
+    sent_expiry: SweepSchedule,
+    /// The messages' expiry sweep.
+    expiry: SweepSchedule,
     syncer: Syncer,
     /// Ticketed outputs not yet reported: ticket → (window seq or [`NO_WINDOW`], message id or
     /// 0).
@@ -992,6 +985,8 @@ impl CoreService {
     /// committed offsets) and presence partitions (from their end), then starts the admin
     /// endpoint if configured. Consumption starts with [`Self::run`].
     pub fn start(cfg: ServiceConfig) -> Result<Self, CoreError> {
+        let sent_expiry = SweepSchedule::new(cfg.dedup_ttl_secs, Instant::now());
+        let expiry = SweepSchedule::new(cfg.message_ttl_secs, Instant::now());
         cfg.validate()?;
         let kafka = KafkaConfig {
             brokers: cfg.brokers.clone(),
@@ -1145,10 +1140,8 @@ impl CoreService {
             inflight: VecDeque::new(),
             next_seq: 1,
             synced: 0,
-            sent_cursor: Vec::new(),
-            next_sent_sweep: Instant::now(),
-            sweep_cursor: Vec::new(),
-            next_sweep: Instant::now(),
+            sent_expiry,
+            expiry,
             syncer,
             tickets: HashMap::new(),
             next_ticket: 1,
@@ -1391,23 +1384,16 @@ impl CoreService {
         Ok(())
     }
 
-    /// One bounded turn (at most [`SENT_SWEEP_BUDGET`] entries) of the messages' expiry, every
-    /// [`SENT_SWEEP_TURN`] while a pass goes on, a pass every `message_ttl_secs / 10` (1 to
-    /// 60 s): messages older than `message_ttl_secs` (ids carry their accept time) are deleted
-    /// with the next window's batch. Drains already skip them ([`Self::drain`]).
+    /// One bounded turn ([`SweepSchedule`]) of the messages' expiry: messages older than
+    /// `message_ttl_secs` (ids carry their accept time) are deleted with the next window's
+    /// batch. Drains already skip them ([`Self::drain`]).
     fn sweep_expired(&mut self) {
         let now = Instant::now();
-        if self.cfg.message_ttl_secs == 0 || now < self.next_sweep {
+        if !self.expiry.is_due(now) {
             return;
         }
-        let pass = Duration::from_secs((self.cfg.message_ttl_secs / 10).clamp(1, 60));
-        let min_live =
-            crate::api::min_live_id(iris_bus::hops::unix_micros(), self.cfg.message_ttl_secs);
-        let cursor = std::mem::take(&mut self.sweep_cursor);
-        match self
-            .store
-            .sweep_expired(&cursor, min_live, SENT_SWEEP_BUDGET)
-        {
+        let (min_live, cursor) = self.expiry.start();
+        let next = match self.store.sweep_expired(&cursor, min_live, SWEEP_BUDGET) {
             Ok(turn) => {
                 if !turn.expired.is_empty() {
                     self.stats
@@ -1418,38 +1404,26 @@ impl CoreService {
                         .extend(turn.expired.into_iter().map(|(user, id, _)| (user, id)));
                     self.window.started.get_or_insert(now);
                 }
-                match turn.next {
-                    Some(k) => {
-                        self.sweep_cursor = k;
-                        self.next_sweep = now + SENT_SWEEP_TURN;
-                    }
-                    None => self.next_sweep = now + pass,
-                }
+                turn.next
             }
             Err(e) => {
                 debug!(error = %e, "message expiry sweep failed");
-                self.next_sweep = now + pass;
+                None
             }
-        }
+        };
+        self.expiry.done(now, next);
     }
 
-    /// One bounded turn (at most [`SENT_SWEEP_BUDGET`] records) of the v2 dedup records'
-    /// expiry, every [`SENT_SWEEP_TURN`] while a pass goes on, a pass every
-    /// `dedup_ttl_secs / 10` (1 to 60 s): records older than `dedup_ttl_secs` (ids carry their
-    /// mint time) are deleted with the next window's batch.
+    /// One bounded turn ([`SweepSchedule`]) of the v2 dedup records' expiry: records older
+    /// than `dedup_ttl_secs` (ids carry their mint time) are deleted with the next window's
+    /// batch.
     fn sweep_sent(&mut self) {
         let now = Instant::now();
-        if self.cfg.dedup_ttl_secs == 0 || now < self.next_sent_sweep {
+        if !self.sent_expiry.is_due(now) {
             return;
         }
-        let pass = Duration::from_secs((self.cfg.dedup_ttl_secs / 10).clamp(1, 60));
-        let min_live =
-            crate::api::min_live_id(iris_bus::hops::unix_micros(), self.cfg.dedup_ttl_secs);
-        let cursor = std::mem::take(&mut self.sent_cursor);
-        match self
-            .store
-            .expired_sent(&cursor, min_live, SENT_SWEEP_BUDGET)
-        {
+        let (min_live, cursor) = self.sent_expiry.start();
+        let next = match self.store.expired_sent(&cursor, min_live, SWEEP_BUDGET) {
             Ok((expired, next)) => {
                 if !expired.is_empty() {
                     self.stats
@@ -1458,19 +1432,14 @@ impl CoreService {
                     self.window.sent_expired.extend(expired);
                     self.window.started.get_or_insert(now);
                 }
-                match next {
-                    Some(k) => {
-                        self.sent_cursor = k;
-                        self.next_sent_sweep = now + SENT_SWEEP_TURN;
-                    }
-                    None => self.next_sent_sweep = now + pass,
-                }
+                next
             }
             Err(e) => {
                 debug!(error = %e, "dedup expiry sweep failed");
-                self.next_sent_sweep = now + pass;
+                None
             }
-        }
+        };
+        self.sent_expiry.done(now, next);
     }
 
     /// Fails with [`CoreError::TopicsLost`] once the keeper re-created the deliver or presence

@@ -40,6 +40,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use tracing::{debug, error};
@@ -63,6 +64,85 @@ pub const MAX_SENDER_LEN: usize = u16::MAX as usize;
 const ID_FLOOR_KEY: &[u8] = b"id_floor";
 /// Version byte of a `sent` value.
 const SENT_VERSION: u8 = 1;
+
+/// A dedup record for tests: `sender`'s client message id `client` is message `id`.
+#[cfg(test)]
+pub(crate) fn test_record(sender: &str, client: u64, id: u64) -> SentRecord {
+    SentRecord {
+        sender: sender.as_bytes().to_vec(),
+        client,
+        id,
+    }
+}
+
+/// Entries one turn of an expiry sweep looks at, at most.
+pub const SWEEP_BUDGET: usize = 1024;
+/// Pause between two turns of one expiry sweep pass.
+pub const SWEEP_TURN: Duration = Duration::from_millis(10);
+
+/// The schedule of one bounded, resumable expiry sweep ([`MessageStore::sweep_expired`],
+/// [`MessageStore::expired_sent`]): a turn every [`SWEEP_TURN`] while a pass goes on, a pass
+/// every `ttl_secs / 10` (1 to 60 s), none with a TTL of 0. Shared by the embedded and the
+/// cluster core's sweeps of expired messages and dedup records.
+#[derive(Debug)]
+pub struct SweepSchedule {
+    ttl_secs: u64,
+    cursor: Vec<u8>,
+    next: Instant,
+}
+
+impl SweepSchedule {
+    /// A schedule for entries older than `ttl_secs`, its first turn at `first`.
+    pub fn new(ttl_secs: u64, first: Instant) -> Self {
+        Self {
+            ttl_secs,
+            cursor: Vec::new(),
+            next: first,
+        }
+    }
+
+    /// When the next turn is due; None if the TTL is 0 (no sweep).
+    pub fn next_due(&self) -> Option<Instant> {
+        (self.ttl_secs > 0).then_some(self.next)
+    }
+
+    /// True if a turn is due at `now`.
+    pub fn is_due(&self, now: Instant) -> bool {
+        self.next_due().is_some_and(|t| now >= t)
+    }
+
+    /// True between the turns of a pass (a new pass starts from the beginning).
+    pub fn mid_pass(&self) -> bool {
+        !self.cursor.is_empty()
+    }
+
+    /// The due turn waits one [`SWEEP_TURN`] (its caller is busy).
+    pub fn defer(&mut self, now: Instant) {
+        self.next = now + SWEEP_TURN;
+    }
+
+    /// Starts the due turn: the lowest id still alive (ids carry their mint time) and where
+    /// the turn resumes. End it with [`SweepSchedule::done`].
+    pub fn start(&mut self) -> (u64, Vec<u8>) {
+        let min_live = crate::api::min_live_id(iris_bus::hops::unix_micros(), self.ttl_secs);
+        (min_live, std::mem::take(&mut self.cursor))
+    }
+
+    /// Ends a turn: the pass continues at `next` one turn later, or (None: it reached the end,
+    /// or failed) the next pass starts a pass interval later.
+    pub fn done(&mut self, now: Instant, next: Option<Vec<u8>>) {
+        match next {
+            Some(k) => {
+                self.cursor = k;
+                self.next = now + SWEEP_TURN;
+            }
+            None => {
+                let pass = Duration::from_secs((self.ttl_secs / 10).clamp(1, 60));
+                self.next = now + pass;
+            }
+        }
+    }
+}
 
 /// A dedup record: `sender`'s client message id `client` was first sent as message `id`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1093,13 +1173,7 @@ mod tests {
         assert_eq!(s.id_floor(), 0);
     }
 
-    fn rec(sender: &str, client: u64, id: u64) -> SentRecord {
-        SentRecord {
-            sender: sender.as_bytes().to_vec(),
-            client,
-            id,
-        }
-    }
+    use super::test_record as rec;
 
     /// Dedup records commit with their batch, survive a reopen, keep senders apart, and come
     /// back oldest first in bounded turns for expiry; an expiry deletes the record only while
