@@ -65,10 +65,13 @@
 //!   first id, at the end of this pass (`duplicate_sends` counts every duplicate).
 //!
 //! The in-memory part (pending records) is bounded by the pending window like every other
-//! pending operation. Records live `dedup_ttl_secs` (default 24 h): ids carry their mint time,
-//! so a sibling of the expiry sweep deletes, in bounded turns, the records minted before
-//! [`min_live_id`]`(now, dedup_ttl_secs)` (`dedup_expired`), their deletes riding in the next
-//! group commit. Confirms for one connection in one pass come as one reply.
+//! pending operation. Records live `dedup_ttl_secs` (default 24 h) and at most an eighth more:
+//! ids carry their mint time, and the store keeps records in time buckets of an eighth of the
+//! TTL ([`crate::store`]), so a sibling of the expiry sweep deletes each bucket whole once its
+//! last id is older than [`min_live_id`]`(now, dedup_ttl_secs)` (`dedup_expired` counts the
+//! records, approximately); the records of builds before the buckets are deleted in bounded
+//! turns, riding in the next group commit. Confirms for one connection in one pass come as one
+//! reply.
 //!
 //! # Drains and prekey fetches
 //! Before serving a [`CoreRequest::Drain`] or [`CoreRequest::FetchPrekeys`] the core takes in
@@ -445,7 +448,7 @@ impl EmbeddedCore {
                 cfg.queue_capacity, cfg.drain_chunk
             )));
         }
-        let store = MessageStore::open(&cfg.data_dir)?;
+        let store = MessageStore::open(&cfg.data_dir)?.with_dedup_ttl_secs(cfg.dedup_ttl_secs);
         // The hot log's messages go into the LSM before anything is served, so the LSM is the
         // whole truth again (and the id floor counts them).
         let hot_dir = cfg.data_dir.join(HOT_DIR);
@@ -506,6 +509,7 @@ impl EmbeddedCore {
         let core = Core {
             store: Some(store),
             data_dir: cfg.data_dir.clone(),
+            dedup_ttl_secs: cfg.dedup_ttl_secs,
             reopen_needed: false,
             max_messages_per_user: cfg.max_messages_per_user,
             max_bytes_per_user: cfg.max_bytes_per_user,
@@ -689,6 +693,8 @@ struct Core {
     /// The store; `None` only between closing it after a failed write and a successful reopen.
     store: Option<MessageStore>,
     data_dir: PathBuf,
+    /// Sizes the store's dedup buckets (see [`MessageStore::with_dedup_ttl_secs`]).
+    dedup_ttl_secs: u64,
     /// A write failed: close and open the store before the next one (see [`Core::ensure_open`]).
     reopen_needed: bool,
     /// Quota per recipient (0 = none) and message lifetime (0 = forever).
@@ -1303,7 +1309,7 @@ impl Core {
             return Ok(());
         }
         self.store = None;
-        let store = MessageStore::open(&self.data_dir)?;
+        let store = MessageStore::open(&self.data_dir)?.with_dedup_ttl_secs(self.dedup_ttl_secs);
         self.store = Some(store);
         self.reopen_needed = false;
         bump(&self.metrics.store_reopens, 1);
@@ -1367,6 +1373,16 @@ impl Core {
             return;
         }
         let (min_live, cursor) = self.sent_expiry.start();
+        if cursor.is_empty() {
+            // A new pass: whole buckets first, then the records of older builds.
+            match self.store().and_then(|s| s.drop_expired_sent(min_live)) {
+                Ok(n) => bump(&self.metrics.dedup_expired, n),
+                Err(e) => {
+                    bump(&self.metrics.store_errors, 1);
+                    debug!(error = %e, "dedup bucket expiry failed");
+                }
+            }
+        }
         let next = match self
             .store()
             .and_then(|s| s.expired_sent(&cursor, min_live, SWEEP_BUDGET))
@@ -2917,8 +2933,9 @@ mod tests {
         core.shutdown().unwrap();
     }
 
-    /// Dedup records older than dedup_ttl_secs are deleted by the sweep: a resend after that
-    /// is a new message; a younger record still answers Duplicate.
+    /// Dedup records older than dedup_ttl_secs are deleted by the sweep, in whole buckets and
+    /// (records of older builds) one by one: a resend after that is a new message; a younger
+    /// record still answers Duplicate.
     #[test]
     fn dedup_records_expire_after_dedup_ttl_secs() {
         let dir = tempfile::tempdir().unwrap();
@@ -2926,8 +2943,10 @@ mod tests {
         let old = id_aged(Duration::from_secs(7200), 0);
         let young = id_aged(Duration::from_secs(10), 0);
         {
-            // Written directly: records of sends long ago.
-            let store = MessageStore::open(&data_dir).unwrap();
+            // Written directly: records of sends long ago, in buckets of this TTL's width.
+            let store = MessageStore::open(&data_dir)
+                .unwrap()
+                .with_dedup_ttl_secs(3600);
             let rec = |client, id| SentRecord {
                 sender: b"sam".to_vec(),
                 client,
@@ -2943,6 +2962,8 @@ mod tests {
                     true,
                 )
                 .unwrap();
+            let legacy = [rec(4, old + 2), rec(5, young + 1)];
+            store.write_legacy_sent(&legacy).unwrap();
         }
         let cfg = EmbeddedConfig {
             dedup_ttl_secs: 3600,
@@ -2951,7 +2972,7 @@ mod tests {
         let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
         let m = core.metrics();
         wait_for(&m, "the dedup expiry", |s| {
-            s.dedup_expired == 2 && s.pending_ops == 0
+            s.dedup_expired == 3 && s.pending_ops == 0
         });
         let now = id_aged(Duration::ZERO, 0);
         send_v2(&links[0], msg(now + 1), 1, 1);
@@ -2965,6 +2986,9 @@ mod tests {
         assert_eq!(store.sent_id(b"sam", 1).unwrap(), Some(now + 1));
         assert_eq!(store.sent_id(b"sam", 2).unwrap(), None);
         assert_eq!(store.sent_id(b"sam", 3).unwrap(), Some(young));
+        assert_eq!(store.sent_id(b"sam", 4).unwrap(), None);
+        assert_eq!(store.sent_id(b"sam", 5).unwrap(), Some(young + 1));
+        assert_eq!(store.sent_buckets().len(), 1, "the young record's bucket");
     }
 
     /// Drains carry each message's sender, for stored and pending messages alike.

@@ -1003,7 +1003,8 @@ impl CoreService {
             (presence_topic.clone(), parts),
         ];
         ensure_topics(&kafka, &topics)?;
-        let store = Arc::new(MessageStore::open(&cfg.data_dir)?);
+        let store =
+            Arc::new(MessageStore::open(&cfg.data_dir)?.with_dedup_ttl_secs(cfg.dedup_ttl_secs));
         let session_cfg = SessionConfig::with_url(cfg.redis_url.clone());
         let sessions = SessionReader::new(&session_cfg)?;
         let lookups = Lookups::start(&session_cfg)?;
@@ -1423,6 +1424,15 @@ impl CoreService {
             return;
         }
         let (min_live, cursor) = self.sent_expiry.start();
+        if cursor.is_empty() {
+            // A new pass: whole buckets first, then the records of older builds.
+            match self.store.drop_expired_sent(min_live) {
+                Ok(n) => {
+                    self.stats.dedup_expired.fetch_add(n, Ordering::Relaxed);
+                }
+                Err(e) => debug!(error = %e, "dedup bucket expiry failed"),
+            }
+        }
         let next = match self.store.expired_sent(&cursor, min_live, SWEEP_BUDGET) {
             Ok((expired, next)) => {
                 if !expired.is_empty() {

@@ -1,6 +1,6 @@
 //! The durable message store of the embedded deployment: an fjall LSM database on local disk.
 //!
-//! [`MessageStore`] keeps five keyspaces in one fjall [`Database`]:
+//! [`MessageStore`] keeps its keyspaces in one fjall [`Database`]:
 //!
 //! - `inbox`: every stored, not yet acked message. Key = `u16 BE len(user) | user | u64 BE id`.
 //!   The length prefix makes one user's keys a prefix-free range (user `ab` never sees the keys
@@ -15,19 +15,24 @@
 //!   (the embedded core writes it a second of id clock ahead, see [`crate::embedded`]; u64 BE),
 //!   written in the same atomic batch as the messages that raise it. Edge shards seed their id
 //!   generators with it so a restart never reuses an id.
-//! - `sent`: the dedup records of v2 sends (a client message id is an idempotency key unique
-//!   per sender). Key = `u16 BE len(sender) | sender | u64 BE client`, value =
+//! - `sent.{lo}.{hi}` (the **dedup buckets**; `lo`, `hi` as 16 hex digits): the dedup records of
+//!   v2 sends (a client message id is an idempotency key unique per sender) whose server id lies
+//!   in `lo..hi`. Key = `u16 BE len(sender) | sender | u64 BE client`, value =
 //!   `u8 version (1) | u64 BE id`: the server id of the first message the sender sent with that
 //!   client id. Written in the same atomic batch as that message ([`Batch::sent`]), so a
-//!   message is durable exactly when its record is ([`MessageStore::sent_id`] looks it up).
-//! - `sent_by_id`: the same records in time order, for their expiry. Key =
-//!   `u64 BE id | u16 BE len(sender) | sender | u64 BE client`, empty value. An id carries its
-//!   accept time ([`crate::api::min_live_id`]), so the records older than `dedup_ttl_secs` are
-//!   one range at the start of this keyspace: [`MessageStore::expired_sent`] reads them in
-//!   bounded turns and [`Batch::sent_expired`] deletes both entries (the `sent` entry only if
-//!   it still names that id). Dedup records therefore live `dedup_ttl_secs` and a little more
-//!   (until the sweep reaches them), and the store holds about one record per v2 send of the
-//!   last `dedup_ttl_secs`.
+//!   message is durable exactly when its record is ([`MessageStore::sent_id`] looks it up, in
+//!   the newest bucket first). An id carries its accept time ([`crate::api::min_live_id`]), so a
+//!   bucket is a slice of time: `dedup_ttl_secs / 8` wide (at least a second; one bucket for
+//!   all ids when the TTL is 0, "forever"), and it expires whole: once its last id is older
+//!   than `dedup_ttl_secs`, [`MessageStore::drop_expired_sent`] deletes the keyspace. Records
+//!   therefore live `dedup_ttl_secs` and at most an eighth more, and each costs one insert:
+//!   no time index, no tombstone, no sweep of single records.
+//! - `sent` and `sent_by_id`: the dedup records of builds before the buckets (the same key and
+//!   value in `sent`; `sent_by_id` = `u64 BE id | sent key`, empty value, their time index).
+//!   Nothing writes them any more; they are read after the buckets, and swept until empty:
+//!   [`MessageStore::expired_sent`] reads expired ones in bounded turns and
+//!   [`Batch::sent_expired`] deletes both entries (the `sent` entry only if it still names that
+//!   id). A store written by an older build thus opens and answers resends unchanged.
 //!
 //! Every write goes through [`MessageStore::write`] / [`MessageStore::commit`]: one fjall write
 //! batch (atomic across keyspaces), optionally followed by an fsync of the journal. Anything a
@@ -40,6 +45,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
@@ -64,6 +70,12 @@ pub const MAX_SENDER_LEN: usize = u16::MAX as usize;
 const ID_FLOOR_KEY: &[u8] = b"id_floor";
 /// Version byte of a `sent` value.
 const SENT_VERSION: u8 = 1;
+/// Name prefix of a dedup bucket keyspace: `sent.{lo:016x}.{hi:016x}`.
+const BUCKET_PREFIX: &str = "sent.";
+/// Dedup buckets per `dedup_ttl_secs`: a record outlives its TTL by at most one bucket.
+const BUCKETS_PER_TTL: u64 = 8;
+/// The dedup TTL a store opened without one ([`MessageStore::open`]) sizes its buckets for.
+const DEFAULT_DEDUP_TTL_SECS: u64 = 24 * 3600;
 
 /// A dedup record for tests: `sender`'s client message id `client` is message `id`.
 #[cfg(test)]
@@ -198,6 +210,13 @@ pub struct SweepTurn {
     pub next: Option<Vec<u8>>,
 }
 
+/// One dedup bucket: the records of the ids in `lo..hi` (see the module doc).
+struct SentBucket {
+    lo: u64,
+    hi: u64,
+    keyspace: Keyspace,
+}
+
 /// The durable store: per-user inboxes ordered by message id, prekey bundles, and the id floor.
 pub struct MessageStore {
     dir: PathBuf,
@@ -205,8 +224,13 @@ pub struct MessageStore {
     inbox: Keyspace,
     prekeys: Keyspace,
     meta: Keyspace,
+    /// The dedup records of older builds (read and swept, never written).
     sent: Keyspace,
     sent_by_id: Keyspace,
+    /// The dedup buckets, by `lo`. Written by the single writer only; read by anyone.
+    buckets: RwLock<Vec<SentBucket>>,
+    /// Width of a new bucket, in ids (`u64::MAX`: one bucket for all ids).
+    bucket_ids: u64,
     /// Cached `meta/id_floor`; only raised after the batch that raised it on disk committed.
     id_floor: AtomicU64,
     corrupt_skipped: AtomicU64,
@@ -236,6 +260,14 @@ impl MessageStore {
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
         let sent = db.keyspace("sent", KeyspaceCreateOptions::default)?;
         let sent_by_id = db.keyspace("sent_by_id", KeyspaceCreateOptions::default)?;
+        let mut buckets = Vec::new();
+        for name in db.list_keyspace_names() {
+            if let Some((lo, hi)) = parse_bucket_name(&name) {
+                let keyspace = db.keyspace(&name, KeyspaceCreateOptions::default)?;
+                buckets.push(SentBucket { lo, hi, keyspace });
+            }
+        }
+        buckets.sort_by_key(|b| b.lo);
         let id_floor = match meta.get(ID_FLOOR_KEY)? {
             None => 0,
             Some(v) => {
@@ -254,9 +286,20 @@ impl MessageStore {
             meta,
             sent,
             sent_by_id,
+            buckets: RwLock::new(buckets),
+            bucket_ids: bucket_ids(DEFAULT_DEDUP_TTL_SECS),
             id_floor: AtomicU64::new(id_floor),
             corrupt_skipped: AtomicU64::new(0),
         })
+    }
+
+    /// Sizes the dedup buckets this store creates from now on for records that live
+    /// `dedup_ttl_secs` (0: forever, one bucket); [`MessageStore::open`] assumes 24 h. Buckets
+    /// already on disk keep their width: a changed TTL only changes new ones.
+    #[must_use]
+    pub fn with_dedup_ttl_secs(mut self, dedup_ttl_secs: u64) -> Self {
+        self.bucket_ids = bucket_ids(dedup_ttl_secs);
+        self
     }
 
     /// Stores `inserts` and deletes `deletes` (`(recipient, id)`) in ONE atomic write batch, then
@@ -340,10 +383,9 @@ impl MessageStore {
                     wb.remove(&self.sent, key);
                 }
             }
-            // After the removals: a record written in this batch is never undone by one.
             for r in batch.sent {
-                wb.insert(&self.sent, sent_key(&r.sender, r.client), sent_value(r.id));
-                wb.insert(&self.sent_by_id, sent_index_key(r), b"");
+                let bucket = self.bucket_for(r.id)?;
+                wb.insert(&bucket, sent_key(&r.sender, r.client), sent_value(r.id));
             }
             if new_floor > floor {
                 wb.insert(&self.meta, ID_FLOOR_KEY, new_floor.to_be_bytes());
@@ -433,7 +475,19 @@ impl MessageStore {
     /// logged, counted and read as absent.
     pub fn sent_id(&self, sender: &[u8], client: u64) -> Result<Option<u64>, CoreError> {
         check_sender(sender)?;
-        let Some(v) = self.sent.get(sent_key(sender, client))? else {
+        let key = sent_key(sender, client);
+        let mut found = None;
+        for b in self.buckets().iter().rev() {
+            if let Some(v) = b.keyspace.get(&key)? {
+                found = Some(v);
+                break;
+            }
+        }
+        let found = match found {
+            Some(v) => Some(v),
+            None => self.sent.get(&key)?,
+        };
+        let Some(v) = found else {
             return Ok(None);
         };
         match decode_sent_value(&v) {
@@ -446,9 +500,87 @@ impl MessageStore {
         }
     }
 
-    /// One bounded turn of the dedup records' expiry: starting at time-index key `from` (empty
-    /// = the beginning), up to `budget` records minted before `min_live_id`, oldest first, with
-    /// the key to continue from (`None`: no more expired records after these).
+    /// Deletes the dedup buckets whose every id is below `min_live_id` (minted more than the
+    /// TTL ago; 0 deletes none), oldest first, and returns about how many records they held
+    /// (fjall's approximate count). Its caller is the store's single writer.
+    pub fn drop_expired_sent(&self, min_live_id: u64) -> Result<u64, CoreError> {
+        let mut dropped = 0u64;
+        loop {
+            let expired = {
+                let buckets = self.buckets();
+                match buckets.first() {
+                    Some(b) if b.hi <= min_live_id => b.keyspace.clone(),
+                    _ => return Ok(dropped),
+                }
+            };
+            let records = expired.approximate_len() as u64;
+            self.db.delete_keyspace(expired)?;
+            self.buckets
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(0);
+            dropped += records;
+        }
+    }
+
+    /// Writes `records` the way builds before the dedup buckets did (`sent` and `sent_by_id`),
+    /// durably: the tests of the upgrade path.
+    #[cfg(test)]
+    pub(crate) fn write_legacy_sent(&self, records: &[SentRecord]) -> Result<(), CoreError> {
+        let mut wb = self.db.batch();
+        for r in records {
+            wb.insert(&self.sent, sent_key(&r.sender, r.client), sent_value(r.id));
+            wb.insert(&self.sent_by_id, sent_index_key(r), b"");
+        }
+        wb.commit()?;
+        self.db.persist(PersistMode::SyncAll)?;
+        Ok(())
+    }
+
+    /// The dedup buckets on disk, as `(lo, hi)` id ranges, oldest first.
+    pub fn sent_buckets(&self) -> Vec<(u64, u64)> {
+        self.buckets().iter().map(|b| (b.lo, b.hi)).collect()
+    }
+
+    fn buckets(&self) -> std::sync::RwLockReadGuard<'_, Vec<SentBucket>> {
+        self.buckets.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The bucket that holds `id`'s record: an existing one whose range holds it (whatever its
+    /// width), else a new one of this store's width, aligned on it.
+    fn bucket_for(&self, id: u64) -> Result<Keyspace, CoreError> {
+        if let Some(b) = self
+            .buckets()
+            .iter()
+            .rev()
+            .find(|b| b.lo <= id && id < b.hi)
+        {
+            return Ok(b.keyspace.clone());
+        }
+        let (lo, hi) = if self.bucket_ids == u64::MAX {
+            (0, u64::MAX)
+        } else {
+            let lo = id - id % self.bucket_ids;
+            (lo, lo.saturating_add(self.bucket_ids))
+        };
+        let keyspace = self
+            .db
+            .keyspace(&bucket_name(lo, hi), KeyspaceCreateOptions::default)?;
+        let mut buckets = self.buckets.write().unwrap_or_else(PoisonError::into_inner);
+        buckets.push(SentBucket {
+            lo,
+            hi,
+            keyspace: keyspace.clone(),
+        });
+        buckets.sort_by_key(|b| b.lo);
+        debug!(lo, hi, "dedup bucket created");
+        Ok(keyspace)
+    }
+
+    /// One bounded turn of the expiry of the dedup records older builds wrote (the `sent` and
+    /// `sent_by_id` keyspaces): starting at time-index key `from` (empty = the beginning), up
+    /// to `budget` records minted before `min_live_id`, oldest first, with the key to continue
+    /// from (`None`: no more expired records after these).
     pub fn expired_sent(
         &self,
         from: &[u8],
@@ -763,6 +895,37 @@ fn decode_sent_value(v: &[u8]) -> Option<u64> {
         Some((&SENT_VERSION, id)) => id.try_into().ok().map(u64::from_be_bytes),
         _ => None,
     }
+}
+
+/// Width of a dedup bucket, in ids, for records that live `ttl_secs` (0: forever, one bucket
+/// for all ids, `u64::MAX`): an eighth of the TTL, at least a second.
+fn bucket_ids(ttl_secs: u64) -> u64 {
+    use iris_bus::hops::{ID_LOW_BITS, ID_TICK_MICROS};
+    if ttl_secs == 0 {
+        return u64::MAX;
+    }
+    let secs = (ttl_secs / BUCKETS_PER_TTL).max(1);
+    let ticks = secs.saturating_mul(1_000_000) / ID_TICK_MICROS;
+    if ticks > u64::MAX >> ID_LOW_BITS {
+        u64::MAX
+    } else {
+        ticks << ID_LOW_BITS
+    }
+}
+
+fn bucket_name(lo: u64, hi: u64) -> String {
+    format!("{BUCKET_PREFIX}{lo:016x}.{hi:016x}")
+}
+
+/// `(lo, hi)` of a bucket's keyspace name; `None` for any other keyspace.
+fn parse_bucket_name(name: &str) -> Option<(u64, u64)> {
+    let (lo, hi) = name.strip_prefix(BUCKET_PREFIX)?.split_once('.')?;
+    if lo.len() != 16 || hi.len() != 16 {
+        return None;
+    }
+    let lo = u64::from_str_radix(lo, 16).ok()?;
+    let hi = u64::from_str_radix(hi, 16).ok()?;
+    (lo < hi).then_some((lo, hi))
 }
 
 /// `u64 BE id | u16 BE len(sender) | sender | u64 BE client`; callers have checked the length.
@@ -1175,11 +1338,133 @@ mod tests {
 
     use super::test_record as rec;
 
-    /// Dedup records commit with their batch, survive a reopen, keep senders apart, and come
-    /// back oldest first in bounded turns for expiry; an expiry deletes the record only while
-    /// it names the expired id.
+    /// Dedup records commit with their batch into time buckets of the store's width, survive
+    /// a reopen and keep senders apart; the newest record of a client id wins; a bucket goes
+    /// whole, once its last id is expired, and only then.
     #[test]
-    fn sent_records_survive_reopen_and_expire_in_bounded_turns() {
+    fn dedup_buckets_hold_records_and_expire_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = bucket_ids(8);
+        assert_eq!(
+            w,
+            (1_000_000 / 16) << 18,
+            "8 s of TTL: buckets of 1 s of ids"
+        );
+        let write_sent = |s: &MessageStore, sent: &[SentRecord]| {
+            s.write(
+                &Batch {
+                    sent,
+                    ..Batch::default()
+                },
+                true,
+            )
+            .unwrap();
+        };
+        {
+            let s = MessageStore::open(dir.path())
+                .unwrap()
+                .with_dedup_ttl_secs(8);
+            let sent = [
+                rec("sam", 1, 10 * w + 1),
+                rec("sam", 2, 10 * w + 2),
+                rec("sa", 1, 11 * w),
+                rec("samuel", 1, 12 * w + 7),
+            ];
+            s.write(
+                &Batch {
+                    inserts: &[msg("ruth", 10 * w + 1, "p")],
+                    sent: &sent,
+                    ..Batch::default()
+                },
+                true,
+            )
+            .unwrap();
+            let want = vec![(10 * w, 11 * w), (11 * w, 12 * w), (12 * w, 13 * w)];
+            assert_eq!(s.sent_buckets(), want);
+        }
+        // Reopened with the default width (3 h): the buckets on disk keep theirs.
+        let s = MessageStore::open(dir.path()).unwrap();
+        assert_eq!(s.sent_buckets().len(), 3);
+        assert_eq!(s.sent_id(b"sam", 1).unwrap(), Some(10 * w + 1));
+        assert_eq!(s.sent_id(b"sam", 2).unwrap(), Some(10 * w + 2));
+        assert_eq!(s.sent_id(b"sa", 1).unwrap(), Some(11 * w));
+        assert_eq!(s.sent_id(b"samuel", 1).unwrap(), Some(12 * w + 7));
+        assert_eq!(s.sent_id(b"sam", 3).unwrap(), None);
+        assert_eq!(s.sent_id(b"sa", 2).unwrap(), None);
+        // An id inside an existing bucket goes into it; a later record of a client id (sent
+        // again after its TTL) is the one read.
+        write_sent(
+            &s,
+            &[rec("sam", 3, 11 * w + 9), rec("samuel", 1, 12 * w + 9)],
+        );
+        assert_eq!(s.sent_buckets().len(), 3);
+        assert_eq!(s.sent_id(b"sam", 3).unwrap(), Some(11 * w + 9));
+        assert_eq!(s.sent_id(b"samuel", 1).unwrap(), Some(12 * w + 9));
+        write_sent(&s, &[rec("sam", 1, 12 * w + 1)]);
+        assert_eq!(s.sent_id(b"sam", 1).unwrap(), Some(12 * w + 1));
+
+        // Nothing goes while any id of the oldest bucket is alive; 0 = no expiry.
+        assert_eq!(s.drop_expired_sent(0).unwrap(), 0);
+        assert_eq!(s.drop_expired_sent(11 * w - 1).unwrap(), 0);
+        assert_eq!(s.sent_buckets().len(), 3);
+        assert_eq!(
+            s.drop_expired_sent(12 * w).unwrap(),
+            4,
+            "sam 1, 2, 3 and sa 1"
+        );
+        assert_eq!(s.sent_buckets(), vec![(12 * w, 13 * w)]);
+        assert_eq!(s.sent_id(b"sam", 2).unwrap(), None);
+        assert_eq!(s.sent_id(b"sa", 1).unwrap(), None);
+        assert_eq!(s.sent_id(b"sam", 1).unwrap(), Some(12 * w + 1));
+        drop(s);
+        let s = MessageStore::open(dir.path()).unwrap();
+        assert_eq!(s.sent_buckets(), vec![(12 * w, 13 * w)]);
+        assert_eq!(s.sent_id(b"sam", 3).unwrap(), None);
+        assert_eq!(s.sent_id(b"samuel", 1).unwrap(), Some(12 * w + 9));
+        assert_eq!(
+            s.count(b"ruth").unwrap(),
+            1,
+            "messages are not dedup records"
+        );
+    }
+
+    /// With a TTL of 0 (records kept forever) every record goes into one bucket that never
+    /// expires; widths are an eighth of the TTL, at least a second.
+    #[test]
+    fn dedup_bucket_widths() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = MessageStore::open(dir.path())
+            .unwrap()
+            .with_dedup_ttl_secs(0);
+        s.write(
+            &Batch {
+                sent: &[rec("sam", 1, 5), rec("sam", 2, u64::MAX - 1)],
+                ..Batch::default()
+            },
+            true,
+        )
+        .unwrap();
+        assert_eq!(s.sent_buckets(), vec![(0, u64::MAX)]);
+        assert_eq!(
+            s.drop_expired_sent(crate::api::min_live_id(u64::MAX, 0))
+                .unwrap(),
+            0
+        );
+        let second = (1_000_000 / 16) << 18;
+        assert_eq!(bucket_ids(1), second);
+        assert_eq!(bucket_ids(24 * 3600), 3 * 3600 * second);
+        assert_eq!(bucket_ids(u64::MAX), u64::MAX);
+        assert_eq!(parse_bucket_name(&bucket_name(7, 9)), Some((7, 9)));
+        assert_eq!(parse_bucket_name("sent"), None);
+        assert_eq!(parse_bucket_name("sent.1.2"), None);
+        assert_eq!(parse_bucket_name(&bucket_name(9, 7)), None);
+    }
+
+    /// Dedup records written by builds before the buckets are still read, and come back oldest
+    /// first in bounded turns for expiry; an expiry deletes the record only while it names the
+    /// expired id.
+    #[test]
+    fn dedup_records_of_older_builds_are_read_and_expire_in_bounded_turns() {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = MessageStore::open(dir.path()).unwrap();
@@ -1187,15 +1472,8 @@ mod tests {
                 .map(|i| rec("sam", i, 100 + i))
                 .chain([rec("sa", 1, 50), rec("samuel", 1, 900)])
                 .collect();
-            s.write(
-                &Batch {
-                    inserts: &[msg("ruth", 101, "p")],
-                    sent: &sent,
-                    ..Batch::default()
-                },
-                true,
-            )
-            .unwrap();
+            s.commit(&[msg("ruth", 101, "p")], &[], true).unwrap();
+            s.write_legacy_sent(&sent).unwrap();
         }
         let s = MessageStore::open(dir.path()).unwrap();
         assert_eq!(s.sent_id(b"sam", 3).unwrap(), Some(103));
@@ -1240,5 +1518,16 @@ mod tests {
         assert!(s.expired_sent(&[], 106, 100).unwrap().0.is_empty());
         assert_eq!(s.expired_sent(&[], u64::MAX, 100).unwrap().0.len(), 6);
         assert_eq!(s.count(b"ruth").unwrap(), 1);
+        // A bucket's record of the same client id is read before the old one.
+        s.write(
+            &Batch {
+                sent: &[rec("sam", 6, 1_000)],
+                ..Batch::default()
+            },
+            true,
+        )
+        .unwrap();
+        assert_eq!(s.sent_id(b"sam", 6).unwrap(), Some(1_000));
+        assert_eq!(s.sent_id(b"sam", 7).unwrap(), Some(107));
     }
 }
