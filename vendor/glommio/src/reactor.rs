@@ -112,8 +112,22 @@ impl Timers {
     }
 
     fn insert(&mut self, id: u64, when: Instant, waker: Waker) {
-        if let Some(when) = self.timers_by_id.get_mut(&id) {
-            self.timers.remove(&(*when, id));
+        if let Some(old) = self.timers_by_id.get(&id).copied() {
+            // Iris patch (IRIS-PATCH.md, 6): a timer polled again before it fires, with the
+            // same deadline, keeps its place; only a different waker is stored. glommio's
+            // `Timer::poll` registers the timer on every poll, and a connection's task polls
+            // its keepalive timer each time it wakes: a remove and an insert in a BTreeMap of
+            // every connection's timers, each time.
+            if old == when {
+                if let Some(registered) = self.timers.get_mut(&(when, id)) {
+                    if !registered.will_wake(&waker) {
+                        *registered = waker;
+                    }
+                    return;
+                }
+            } else {
+                self.timers.remove(&(old, id));
+            }
         }
         self.timers_by_id.insert(id, when);
         self.timers.insert((when, id), waker);
