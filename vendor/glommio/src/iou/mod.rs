@@ -92,6 +92,9 @@ bitflags::bitflags! {
         const CQSIZE    = 1 << 3;
         const CLAMP     = 1 << 4;
         const ATTACH_WQ = 1 << 5;
+        /// Iris patch (IRIS-PATCH.md, 7): completions run their task work at the ring's task's
+        /// next entry into the kernel instead of interrupting it (Linux 5.19).
+        const COOP_TASKRUN = 1 << 8;
     }
 }
 

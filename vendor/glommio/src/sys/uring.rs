@@ -935,8 +935,21 @@ impl SleepableRing {
         source_map: Rc<RefCell<SourceMap>>,
     ) -> io::Result<Self> {
         assert!(*IO_URING_RECENT_ENOUGH);
+        // Iris patch (IRIS-PATCH.md, 7): a completion that comes while this thread runs (a
+        // socket written from another CPU) no longer interrupts it with an inter-processor
+        // interrupt to post its event; the event is posted at the thread's next system call,
+        // or at once if it sleeps in the ring. Kernels before 5.19 refuse the flag: without it.
+        let ring = match iou::IoUring::new_with_flags(
+            size as _,
+            iou::SetupFlags::COOP_TASKRUN,
+            iou::SetupFeatures::empty(),
+        ) {
+            Ok(ring) => ring,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => iou::IoUring::new(size as _)?,
+            Err(e) => return Err(e),
+        };
         Ok(SleepableRing {
-            ring: iou::IoUring::new(size as _)?,
+            ring,
             size,
             submission_queue: UringQueueState::with_capacity(size * 4),
             name,
