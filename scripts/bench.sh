@@ -302,8 +302,11 @@ fi
 
 if want logins; then
   start_edge
+  # From 16 loopback source addresses: with one, the load generator's own connect() spends a
+  # core searching for a free port among its connections in TIME_WAIT (BENCHMARKS.md,
+  # "2026-12-07 (day)").
   load logins logins --target "$TARGET" --conns 64 --users 10000 --duration "$SHORT" --warmup 1 \
-    --server-pid "$SERVER_PID"
+    --source-ips 16 --server-pid "$SERVER_PID"
   if [ "$PROTOCOL" = v1 ]; then
     load logins logins-relogin --target "$TARGET" --conns 64 --users 10000 --relogin \
       --duration "$SHORT" --warmup 1 --server-pid "$SERVER_PID"

@@ -152,6 +152,17 @@ fn offline_drain_gets_every_message_in_order() {
 
 #[test]
 fn logins_churn_both_modes() {
+    logins_churn(&[]);
+}
+
+/// The same churn from four loopback source addresses (`--source-ips`), as `scripts/bench.sh`
+/// runs its logins step.
+#[test]
+fn logins_churn_from_several_source_addresses() {
+    logins_churn(&["--source-ips", "4"]);
+}
+
+fn logins_churn(extra: &[&str]) {
     let edge = Edge::start(1);
     let target = edge.client.to_string();
     for relogin in [false, true] {
@@ -171,6 +182,7 @@ fn logins_churn_both_modes() {
         if relogin {
             args.push("--relogin");
         }
+        args.extend_from_slice(extra);
         let r = run_load(&args);
         assert!(r.get("logins_per_s").unwrap() > 0.0);
         assert_eq!(r.totals.errors, 0, "{:?}", r.notes);

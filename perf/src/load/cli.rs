@@ -80,6 +80,13 @@ pub struct Common {
     /// Connect timeout, seconds.
     #[arg(long, default_value_t = 5.0)]
     pub connect_timeout: f64,
+    /// Make new connections from this many loopback addresses in turn (127.0.0.1, 127.0.0.2,
+    /// …; every target must then be a 127.x.y.z address). Each source address has its own
+    /// ephemeral ports: with 1 (the kernel's choice, the default) a loop of connect and close
+    /// at thousands per second leaves tens of thousands of connections in TIME_WAIT, and the
+    /// load generator's own `connect` spends its CPU searching them for a free port.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..))]
+    pub source_ips: u8,
     /// Pid of the server: its memory and CPU time go into the report.
     #[arg(long)]
     pub server_pid: Option<u32>,
@@ -113,6 +120,23 @@ impl Common {
             self.ca.as_deref(),
             &self.server_name,
         )?)
+    }
+
+    /// The local addresses of `--source-ips` (none for 1: the kernel chooses).
+    pub fn source_addrs(&self) -> anyhow::Result<Vec<std::net::IpAddr>> {
+        if self.source_ips <= 1 {
+            return Ok(Vec::new());
+        }
+        for t in self.resolve_targets()? {
+            anyhow::ensure!(
+                matches!(t.ip(), std::net::IpAddr::V4(ip) if ip.is_loopback()),
+                "--source-ips {} needs loopback IPv4 targets, not {t}",
+                self.source_ips
+            );
+        }
+        Ok((1..=self.source_ips)
+            .map(|i| std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, i)))
+            .collect())
     }
 
     /// Resolves every `--target`.
@@ -176,4 +200,39 @@ where
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Common;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        common: Common,
+    }
+
+    fn common(args: &[&str]) -> Common {
+        T::try_parse_from(std::iter::once("t").chain(args.iter().copied()))
+            .unwrap()
+            .common
+    }
+
+    /// `--source-ips N` names 127.0.0.1 to 127.0.0.N, only for loopback targets; 1 (the
+    /// default) leaves the choice to the kernel; 0 is refused.
+    #[test]
+    fn source_ips_are_loopback_addresses_for_loopback_targets() {
+        assert!(common(&[]).source_addrs().unwrap().is_empty());
+        let c = common(&["--source-ips", "3", "--target", "127.0.0.1:1"]);
+        let want: Vec<std::net::IpAddr> = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        assert_eq!(c.source_addrs().unwrap(), want);
+        let c = common(&["--source-ips", "2", "--target", "10.0.0.1:1"]);
+        let e = c.source_addrs().unwrap_err().to_string();
+        assert!(e.contains("loopback"), "{e}");
+        assert!(T::try_parse_from(["t", "--source-ips", "0"]).is_err());
+    }
 }

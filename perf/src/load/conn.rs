@@ -13,6 +13,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -190,12 +191,17 @@ impl Client {
         timeout: Duration,
         shared: Arc<Shared>,
     ) -> Result<Self, LoadError> {
-        let stream = TcpStream::connect_timeout(addr, timeout)
-            .await
-            .map_err(|e| LoadError::Connect {
-                addr,
-                err: e.into(),
-            })?;
+        let connected = if shared.sources.is_empty() {
+            TcpStream::connect_timeout(addr, timeout).await
+        } else {
+            let at = shared.next_source.fetch_add(1, Ordering::Relaxed);
+            let source = SocketAddr::new(shared.sources[at % shared.sources.len()], 0);
+            TcpStream::connect_timeout_from(source, addr, timeout).await
+        };
+        let stream = connected.map_err(|e| LoadError::Connect {
+            addr,
+            err: e.into(),
+        })?;
         stream.set_nodelay(true).map_err(io::Error::from)?;
         stream
             .set_read_timeout(Some(POLL))

@@ -149,6 +149,11 @@ pub struct Shared {
     pub protocol: Protocol,
     /// The transport of every connection of the run (`--transport`).
     pub connector: Connector,
+    /// Local addresses new connections are made from, in turn (`--source-ips`); empty: the
+    /// kernel's choice.
+    pub sources: Vec<std::net::IpAddr>,
+    /// The next of `sources` to use.
+    pub next_source: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -159,11 +164,17 @@ impl Shared {
 
     /// State for `n` workers speaking `protocol`.
     pub fn with_protocol(n: usize, protocol: Protocol) -> Arc<Self> {
-        Self::with_transport(n, protocol, Connector::tcp())
+        Self::with_transport(n, protocol, Connector::tcp(), Vec::new())
     }
 
-    /// State for `n` workers speaking `protocol` over `connector`'s transport.
-    pub fn with_transport(n: usize, protocol: Protocol, connector: Connector) -> Arc<Self> {
+    /// State for `n` workers speaking `protocol` over `connector`'s transport, connecting from
+    /// `sources` in turn (empty: from the kernel's choice).
+    pub fn with_transport(
+        n: usize,
+        protocol: Protocol,
+        connector: Connector,
+        sources: Vec<std::net::IpAddr>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             workers: (0..n).map(|_| WorkerShared::default()).collect(),
             phase: AtomicU32::new(0),
@@ -171,6 +182,8 @@ impl Shared {
             stop: AtomicBool::new(false),
             protocol,
             connector,
+            sources,
+            next_source: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 

@@ -96,7 +96,12 @@ impl Run {
         }
         runtime::raise_nofile();
         let prefix = common.user_prefix.clone().unwrap_or_else(default_prefix);
-        let shared = Shared::with_transport(cpus.len(), common.protocol, common.connector()?);
+        let shared = Shared::with_transport(
+            cpus.len(),
+            common.protocol,
+            common.connector()?,
+            common.source_addrs()?,
+        );
         let mut report = Report::new(scenario, command);
         report.label = common.label.clone();
         report.started_utc = clock::utc_now_iso();

@@ -485,6 +485,58 @@ impl TcpStream {
         })
     }
 
+    /// Iris patch (IRIS-PATCH.md, 8): like [`TcpStream::connect_timeout`], from the local
+    /// address `source` (its port 0: chosen by `connect` for the whole 4-tuple, with
+    /// `IP_BIND_ADDRESS_NO_PORT`, so closed connections in TIME_WAIT on one source address do
+    /// not crowd the ports of another).
+    pub async fn connect_timeout_from(
+        source: SocketAddr,
+        addr: SocketAddr,
+        duration: Duration,
+    ) -> Result<TcpStream> {
+        if duration.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "cannot set a 0 duration timeout",
+            )
+            .into());
+        }
+        let socket = make_tcp_socket(&addr)?;
+        if source.is_ipv4() {
+            let on: libc::c_int = 1;
+            // SAFETY: `socket` is an open socket this function owns; `on` is a live c_int and
+            // the length passed is its size, as setsockopt(2) requires for an int option.
+            let rc = unsafe {
+                libc::setsockopt(
+                    socket.as_raw_fd(),
+                    libc::IPPROTO_IP,
+                    libc::IP_BIND_ADDRESS_NO_PORT,
+                    std::ptr::addr_of!(on).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc != 0 {
+                return Err(io::Error::last_os_error().into());
+            }
+        }
+        socket.bind(&socket2::SockAddr::from(source))?;
+        let reactor = crate::executor().reactor();
+        let source =
+            reactor.connect_timeout(socket.as_raw_fd(), SockaddrStorage::from(addr), duration);
+        source
+            .collect_rw()
+            .await
+            .map_err(|err| match err.raw_os_error() {
+                Some(libc::ECANCELED) => {
+                    io::Error::new(io::ErrorKind::TimedOut, "connection timed out")
+                }
+                _ => err,
+            })?;
+        Ok(TcpStream {
+            stream: GlommioStream::from(socket),
+        })
+    }
+
     /// Creates a buffered TCP connection with default receive buffer.
     pub fn buffered(self) -> TcpStream<Preallocated> {
         self.buffered_with(Preallocated::default())
