@@ -268,6 +268,11 @@ impl MessageStore {
             }
         }
         buckets.sort_by_key(|b| b.lo);
+        // The journal's replay left every bucket's records in memory: all but the newest are
+        // closed, so they go to disk (see `close_buckets_before`).
+        if let Some(newest) = buckets.last().map(|b| b.lo) {
+            close_buckets_before(&buckets, newest);
+        }
         let id_floor = match meta.get(ID_FLOOR_KEY)? {
             None => 0,
             Some(v) => {
@@ -567,6 +572,7 @@ impl MessageStore {
             .db
             .keyspace(&bucket_name(lo, hi), KeyspaceCreateOptions::default)?;
         let mut buckets = self.buckets.write().unwrap_or_else(PoisonError::into_inner);
+        close_buckets_before(&buckets, lo);
         buckets.push(SentBucket {
             lo,
             hi,
@@ -894,6 +900,21 @@ fn decode_sent_value(v: &[u8]) -> Option<u64> {
     match v.split_first() {
         Some((&SENT_VERSION, id)) => id.try_into().ok().map(u64::from_be_bytes),
         _ => None,
+    }
+}
+
+/// Flushes the memtables of the buckets that end at or before `lo` (older than a new bucket
+/// there: nothing but a straggler is written to them any more). A send with a new client id
+/// reads every bucket; a bucket in a memtable costs a skip-list search, one on disk mostly a
+/// bloom filter's answer (BENCHMARKS.md, "2026-12-07 (day)"). fjall flushes in the background;
+/// a failure leaves the records where they were, readable, and is only logged.
+fn close_buckets_before(buckets: &[SentBucket], lo: u64) {
+    for b in buckets.iter().filter(|b| b.hi <= lo) {
+        // `rotate_memtable` is fjall's own (hidden from its docs, used by its tests and its
+        // journal): seal the active memtable and queue its flush.
+        if let Err(e) = b.keyspace.rotate_memtable() {
+            debug!(lo = b.lo, hi = b.hi, error = %e, "dedup bucket flush not queued");
+        }
     }
 }
 

@@ -2,14 +2,16 @@
 //! directory: appending a batch of 64 messages (as the core commits a batch window), with and
 //! without the fsync of the journal, acking (deleting) 64 stored messages (with and without the
 //! point lookup the embedded core does first), acks of 64 ids that were never stored (the
-//! tombstones written before, the lookups that replace them now), and the scan of a login
-//! drain.
+//! tombstones written before, the lookups that replace them now), the scan of a login
+//! drain, and the v2 dedup lookups of 64 sends (`dedup/*`: 900,000 records in one bucket, as
+//! with a TTL of 0, or in nine, as a server with the default 24 h TTL holds them; all in
+//! the older buckets flushed to disk, as the store does when the next bucket opens).
 
 use std::cell::Cell;
 
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use iris_core::api::StoredMsg;
-use iris_core::store::MessageStore;
+use iris_core::store::{Batch, MessageStore, SentRecord};
 
 const BATCH: u64 = 64;
 
@@ -132,6 +134,67 @@ fn bench(c: &mut Criterion) {
             got
         })
     });
+    g.finish();
+    dedup(c);
+}
+
+/// `sent_id` for 64 client ids never sent (a new send: every bucket is read) and for 64 that
+/// were (a resend), over 900,000 records of 1,000 senders in one bucket or in nine.
+fn dedup(c: &mut Criterion) {
+    const RECORDS: u64 = 900_000;
+    const SENDERS: u64 = 1_000;
+    // Ids spread over 27 hours: nine buckets of 3 h with the 24 h TTL.
+    let bucket = (3 * 3600 * (1_000_000 / 16)) << 18;
+    let span = 9 * bucket;
+    let first = (1u64 << 60) / bucket * bucket;
+    let mut g = c.benchmark_group("dedup");
+    g.throughput(Throughput::Elements(64));
+    for (name, ttl) in [("one_bucket", 0u64), ("nine_buckets", 24 * 3600)] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = MessageStore::open(dir.path().join("store"))
+            .expect("open store")
+            .with_dedup_ttl_secs(ttl);
+        let records: Vec<SentRecord> = (0..RECORDS)
+            .map(|i| SentRecord {
+                sender: format!("sender-{:06}", i % SENDERS).into_bytes(),
+                client: i / SENDERS,
+                id: first + i * (span / RECORDS),
+            })
+            .collect();
+        for chunk in records.chunks(10_000) {
+            let batch = Batch {
+                sent: chunk,
+                ..Batch::default()
+            };
+            store.write(&batch, false).unwrap();
+        }
+        // The older buckets' flushes (queued when each next bucket was made) finish.
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        let buckets = store.sent_buckets().len();
+        assert_eq!(buckets, if ttl == 0 { 1 } else { 9 }, "{name}");
+        let next = Cell::new(0u64);
+        g.bench_function(format!("new_ids_64_{name}"), |b| {
+            b.iter(|| {
+                for _ in 0..64 {
+                    let i = next.get();
+                    next.set(i + 1);
+                    let sender = format!("sender-{:06}", i % SENDERS);
+                    let miss = store.sent_id(sender.as_bytes(), RECORDS + i).unwrap();
+                    assert!(miss.is_none());
+                }
+            })
+        });
+        g.bench_function(format!("resends_64_{name}"), |b| {
+            b.iter(|| {
+                for _ in 0..64 {
+                    let i = next.get() % RECORDS;
+                    next.set(next.get() + 7919);
+                    let r = &records[i as usize];
+                    assert_eq!(store.sent_id(&r.sender, r.client).unwrap(), Some(r.id));
+                }
+            })
+        });
+    }
     g.finish();
 }
 
