@@ -95,6 +95,9 @@ bitflags::bitflags! {
         /// Iris patch (IRIS-PATCH.md, 7): completions run their task work at the ring's task's
         /// next entry into the kernel instead of interrupting it (Linux 5.19).
         const COOP_TASKRUN = 1 << 8;
+        /// Iris patch (IRIS-PATCH.md, 7): the kernel flags pending task work in the
+        /// submission ring's flags (`IORING_SQ_TASKRUN`), for user space to collect it.
+        const TASKRUN_FLAG = 1 << 9;
     }
 }
 

@@ -685,6 +685,9 @@ pub(crate) trait UringCommon {
     fn may_rush(&self) -> bool {
         true
     }
+    /// Iris patch (IRIS-PATCH.md, 7): posts the completions whose task work the kernel holds
+    /// for this thread (rings with `COOP_TASKRUN`), before the completion queue is read.
+    fn run_pending_task_work(&self) {}
 
     fn consume_sqe_queue(
         &mut self,
@@ -724,6 +727,7 @@ pub(crate) trait UringCommon {
     }
 
     fn consume_completion_queue(&mut self, woke: &mut usize) -> usize {
+        self.run_pending_task_work();
         let mut completed = 0;
         loop {
             match self.consume_one_event() {
@@ -941,7 +945,7 @@ impl SleepableRing {
         // or at once if it sleeps in the ring. Kernels before 5.19 refuse the flag: without it.
         let ring = match iou::IoUring::new_with_flags(
             size as _,
-            iou::SetupFlags::COOP_TASKRUN,
+            iou::SetupFlags::COOP_TASKRUN | iou::SetupFlags::TASKRUN_FLAG,
             iou::SetupFeatures::empty(),
         ) {
             Ok(ring) => ring,
@@ -1155,6 +1159,31 @@ impl SleepableRing {
 impl UringCommon for SleepableRing {
     fn name(&self) -> &'static str {
         self.name
+    }
+
+    fn run_pending_task_work(&self) {
+        let raw = self.ring.raw();
+        // SAFETY: `sq.kflags` points into the submission ring the kernel mapped for this
+        // ring, which lives as long as `self.ring`; the kernel updates the word atomically, so
+        // it is read as an atomic u32 (same size and alignment as the `c_uint` it is).
+        let flags = unsafe {
+            (*(raw.sq.kflags as *const std::sync::atomic::AtomicU32))
+                .load(std::sync::atomic::Ordering::Acquire)
+        };
+        if flags & uring_sys::IORING_SQ_TASKRUN != 0 {
+            // SAFETY: a plain io_uring_enter(2) on this ring's fd, submitting nothing and
+            // waiting for nothing: it only runs the thread's pending task work, which posts
+            // the held completions to the ring.
+            unsafe {
+                uring_sys::syscalls::io_uring_enter(
+                    self.ring.raw_fd(),
+                    0,
+                    0,
+                    uring_sys::IORING_ENTER_GETEVENTS,
+                    std::ptr::null(),
+                );
+            }
+        }
     }
 
     fn io_stats_mut(&mut self) -> &mut RingIoStats {
