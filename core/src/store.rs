@@ -481,17 +481,16 @@ impl MessageStore {
     pub fn sent_id(&self, sender: &[u8], client: u64) -> Result<Option<u64>, CoreError> {
         check_sender(sender)?;
         let key = sent_key(sender, client);
+        // The newest bucket first, the records of older builds last.
+        let buckets = self.buckets();
+        let newest_first = buckets.iter().rev().map(|b| &b.keyspace);
         let mut found = None;
-        for b in self.buckets().iter().rev() {
-            if let Some(v) = b.keyspace.get(&key)? {
-                found = Some(v);
+        for keyspace in newest_first.chain(std::iter::once(&self.sent)) {
+            found = keyspace.get(&key)?;
+            if found.is_some() {
                 break;
             }
         }
-        let found = match found {
-            Some(v) => Some(v),
-            None => self.sent.get(&key)?,
-        };
         let Some(v) = found else {
             return Ok(None);
         };

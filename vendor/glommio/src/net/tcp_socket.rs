@@ -453,6 +453,18 @@ impl TcpStream {
         addr: A,
         duration: Duration,
     ) -> Result<TcpStream> {
+        let addr = addr.to_socket_addrs()?.next().unwrap();
+        let socket = make_tcp_socket(&addr)?;
+        Self::connect_socket_timeout(socket, addr, duration).await
+    }
+
+    /// The connect of [`TcpStream::connect_timeout`] on a socket already made (Iris patch,
+    /// IRIS-PATCH.md 8: shared with [`TcpStream::connect_timeout_from`]).
+    async fn connect_socket_timeout(
+        socket: Socket,
+        addr: SocketAddr,
+        duration: Duration,
+    ) -> Result<TcpStream> {
         if duration.as_secs() == 0 && duration.subsec_nanos() == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -460,9 +472,6 @@ impl TcpStream {
             )
             .into());
         }
-
-        let addr = addr.to_socket_addrs()?.next().unwrap();
-        let socket = make_tcp_socket(&addr)?;
         let reactor = crate::executor().reactor();
         let source =
             reactor.connect_timeout(socket.as_raw_fd(), SockaddrStorage::from(addr), duration);
@@ -494,13 +503,6 @@ impl TcpStream {
         addr: SocketAddr,
         duration: Duration,
     ) -> Result<TcpStream> {
-        if duration.is_zero() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "cannot set a 0 duration timeout",
-            )
-            .into());
-        }
         let socket = make_tcp_socket(&addr)?;
         if source.is_ipv4() {
             let on: libc::c_int = 1;
@@ -520,21 +522,7 @@ impl TcpStream {
             }
         }
         socket.bind(&socket2::SockAddr::from(source))?;
-        let reactor = crate::executor().reactor();
-        let source =
-            reactor.connect_timeout(socket.as_raw_fd(), SockaddrStorage::from(addr), duration);
-        source
-            .collect_rw()
-            .await
-            .map_err(|err| match err.raw_os_error() {
-                Some(libc::ECANCELED) => {
-                    io::Error::new(io::ErrorKind::TimedOut, "connection timed out")
-                }
-                _ => err,
-            })?;
-        Ok(TcpStream {
-            stream: GlommioStream::from(socket),
-        })
+        Self::connect_socket_timeout(socket, addr, duration).await
     }
 
     /// Creates a buffered TCP connection with default receive buffer.
