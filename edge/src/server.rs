@@ -305,6 +305,7 @@ pub fn run(
             .name(&format!("iris-shard-{i}"))
             .io_memory(cfg.io_memory_bytes)
             .ring_depth(cfg.ring_depth)
+            .batch_wait(Duration::from_micros(cfg.batch_wait_us))
             .spawn(move || shard::run(start))
             .map_err(|e| {
                 anyhow::anyhow!(

@@ -1541,7 +1541,20 @@ pub async fn run(start: ShardStart) {
             .accept_loop(listener, v2::Proto::V2, kind, certs);
         accept_v2.push(glommio::spawn_local(task).detach());
     }
-    info!(shard = id, "shard started");
+    let batch_wait = glommio::executor().batch_wait_active();
+    info!(
+        shard = id,
+        batch_wait_us = shard.cfg.batch_wait_us,
+        batch_wait,
+        "shard started"
+    );
+    if shard.cfg.batch_wait_us > 0 && !batch_wait {
+        warn!(
+            shard = id,
+            batch_wait_us = shard.cfg.batch_wait_us,
+            "this kernel has no batch wait (Linux 6.12): the shard wakes at each event"
+        );
+    }
     let _ = ready.send(id);
     drop(ready);
     if fault_panic_requested(id) {

@@ -194,10 +194,18 @@ impl Reactor {
         notifier: Arc<SleepNotifier>,
         io_memory: usize,
         ring_depth: usize,
+        batch_wait: Duration,
         record_io_latencies: bool,
         blocking_thread: BlockingThreadPool,
     ) -> io::Result<Reactor> {
-        let sys = sys::Reactor::new(notifier, io_memory, ring_depth, blocking_thread)?;
+        let batch_wait_us = u32::try_from(batch_wait.as_micros()).unwrap_or(u32::MAX);
+        let sys = sys::Reactor::new(
+            notifier,
+            io_memory,
+            ring_depth,
+            batch_wait_us,
+            blocking_thread,
+        )?;
         let (preempt_ptr_head, preempt_ptr_tail) = sys.preempt_pointers();
         Ok(Reactor {
             sys,
@@ -212,6 +220,10 @@ impl Reactor {
 
     pub(crate) fn io_stats(&self) -> IoStats {
         self.sys.io_stats()
+    }
+
+    pub(crate) fn batch_wait_active(&self) -> bool {
+        self.sys.batch_wait_active()
     }
 
     pub(crate) fn task_queue_io_stats(&self, handle: &TaskQueueHandle) -> Option<IoStats> {

@@ -456,6 +456,8 @@ pub struct LocalExecutorBuilder {
     placement: Placement,
     /// Spin for duration before parking a reactor
     spin_before_park: Option<Duration>,
+    /// Iris patch (IRIS-PATCH.md, 9): see [`LocalExecutorBuilder::batch_wait`].
+    batch_wait: Duration,
     /// A name for the thread-to-be (if any), for identification in panic
     /// messages
     name: String,
@@ -492,6 +494,7 @@ impl LocalExecutorBuilder {
         LocalExecutorBuilder {
             placement: placement.clone(),
             spin_before_park: None,
+            batch_wait: Duration::ZERO,
             name: String::from(DEFAULT_EXECUTOR_NAME),
             io_memory: DEFAULT_IO_MEMORY,
             ring_depth: DEFAULT_RING_SUBMISSION_DEPTH,
@@ -506,6 +509,17 @@ impl LocalExecutorBuilder {
     #[must_use = "The builder must be built to be useful"]
     pub fn spin_before_park(mut self, spin: Duration) -> LocalExecutorBuilder {
         self.spin_before_park = Some(spin);
+        self
+    }
+
+    /// Iris patch (IRIS-PATCH.md, 9): when the executor sleeps, it waits up to `wait` for a
+    /// batch of socket and timer completions before it wakes, instead of waking at the first
+    /// (a completion that comes after a longer sleep still wakes it at once). Fewer wake-ups
+    /// for up to `wait` of added latency. Needs Linux 6.12; zero (the default), or an older
+    /// kernel, wakes at the first completion.
+    #[must_use = "The builder must be built to be useful"]
+    pub fn batch_wait(mut self, wait: Duration) -> LocalExecutorBuilder {
+        self.batch_wait = wait;
         self
     }
 
@@ -622,6 +636,7 @@ impl LocalExecutorBuilder {
                 preempt_timer: self.preempt_timer_duration,
                 record_io_latencies: self.record_io_latencies,
                 spin_before_park: self.spin_before_park,
+                batch_wait: self.batch_wait,
                 thread_pool_placement: self.blocking_thread_pool_placement,
                 detect_stalls: self.detect_stalls,
             },
@@ -687,6 +702,7 @@ impl LocalExecutorBuilder {
         let ring_depth = self.ring_depth;
         let preempt_timer_duration = self.preempt_timer_duration;
         let spin_before_park = self.spin_before_park;
+        let batch_wait = self.batch_wait;
         let detect_stalls = self.detect_stalls;
         let record_io_latencies = self.record_io_latencies;
         let blocking_thread_pool_placement = self.blocking_thread_pool_placement;
@@ -703,6 +719,7 @@ impl LocalExecutorBuilder {
                         preempt_timer: preempt_timer_duration,
                         record_io_latencies,
                         spin_before_park,
+                        batch_wait,
                         thread_pool_placement: blocking_thread_pool_placement,
                         detect_stalls,
                     },
@@ -986,6 +1003,7 @@ impl LocalExecutorPoolBuilder {
                             preempt_timer: preempt_timer_duration,
                             record_io_latencies,
                             spin_before_park,
+                            batch_wait: Duration::ZERO,
                             thread_pool_placement: blocking_thread_pool_placement,
                             detect_stalls,
                         },
@@ -1081,6 +1099,8 @@ pub struct LocalExecutorConfig {
     pub preempt_timer: Duration,
     pub record_io_latencies: bool,
     pub spin_before_park: Option<Duration>,
+    /// Iris patch (IRIS-PATCH.md, 9): see [`LocalExecutorBuilder::batch_wait`].
+    pub batch_wait: Duration,
     pub thread_pool_placement: PoolPlacement,
     pub detect_stalls: Option<Box<dyn stall::StallDetectionHandler + 'static>>,
 }
@@ -1168,6 +1188,7 @@ impl LocalExecutor {
                 notifier,
                 config.io_memory,
                 config.ring_depth,
+                config.batch_wait,
                 config.record_io_latencies,
                 blocking_thread,
             )?),
@@ -2526,6 +2547,22 @@ impl ExecutorProxy {
                 .expect("this thread doesn't have a LocalExecutor running")
                 .get_reactor()
                 .io_stats()
+        };
+    }
+
+    /// Iris patch (IRIS-PATCH.md, 9): true when this executor sleeps in batches
+    /// ([`LocalExecutorBuilder::batch_wait`] set and the kernel has the batch wait).
+    pub fn batch_wait_active(&self) -> bool {
+        #[cfg(not(feature = "native-tls"))]
+        return LOCAL_EX.with(|local_ex| local_ex.get_reactor().batch_wait_active());
+
+        #[cfg(feature = "native-tls")]
+        return unsafe {
+            LOCAL_EX
+                .as_ref()
+                .expect("this thread doesn't have a LocalExecutor running")
+                .get_reactor()
+                .batch_wait_active()
         };
     }
 

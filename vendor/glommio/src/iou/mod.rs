@@ -98,6 +98,13 @@ bitflags::bitflags! {
         /// Iris patch (IRIS-PATCH.md, 7): the kernel flags pending task work in the
         /// submission ring's flags (`IORING_SQ_TASKRUN`), for user space to collect it.
         const TASKRUN_FLAG = 1 << 9;
+        /// Iris patch (IRIS-PATCH.md, 9): only the thread that set the ring up submits to it
+        /// (Linux 6.0).
+        const SINGLE_ISSUER = 1 << 12;
+        /// Iris patch (IRIS-PATCH.md, 9): completions are posted only when the ring's thread
+        /// asks for them (`io_uring_enter` with `GETEVENTS`), and a sleeping thread is woken
+        /// only once as many are ready as it waits for (Linux 6.1).
+        const DEFER_TASKRUN = 1 << 13;
     }
 }
 

@@ -929,7 +929,14 @@ struct SleepableRing {
     task_queue_stats: AHashMap<TaskQueueHandle, RingIoStats>,
     source_map: Rc<RefCell<SourceMap>>,
     in_kernel: usize,
+    /// Iris patch (IRIS-PATCH.md, 9): how long a sleep in this ring waits for a batch of
+    /// completions before it takes the first one (0: wakes at the first).
+    batch_wait_us: u32,
 }
+
+/// Iris patch (IRIS-PATCH.md, 9): the completions a sleeping ring waits for before its batch
+/// wait ends; a full batch wakes it at once.
+const BATCH_WAIT_NR: u32 = 64;
 
 impl SleepableRing {
     fn new(
@@ -937,20 +944,59 @@ impl SleepableRing {
         name: &'static str,
         allocator: Rc<UringBufferAllocator>,
         source_map: Rc<RefCell<SourceMap>>,
+        batch_wait_us: u32,
     ) -> io::Result<Self> {
         assert!(*IO_URING_RECENT_ENOUGH);
         // Iris patch (IRIS-PATCH.md, 7): a completion that comes while this thread runs (a
         // socket written from another CPU) no longer interrupts it with an inter-processor
         // interrupt to post its event; the event is posted at the thread's next system call,
         // or at once if it sleeps in the ring. Kernels before 5.19 refuse the flag: without it.
-        let ring = match iou::IoUring::new_with_flags(
-            size as _,
-            iou::SetupFlags::COOP_TASKRUN | iou::SetupFlags::TASKRUN_FLAG,
-            iou::SetupFeatures::empty(),
-        ) {
-            Ok(ring) => ring,
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => iou::IoUring::new(size as _)?,
-            Err(e) => return Err(e),
+        //
+        // Iris patch (IRIS-PATCH.md, 9): a ring that batches its wake-ups defers its task work
+        // instead (Linux 6.1), so that a completion wakes its sleeping thread only when a
+        // batch is ready; the batch wait itself needs Linux 6.12. Without either, the ring
+        // wakes at the first completion.
+        let mut batch_wait_us = batch_wait_us;
+        let mut attempts = Vec::with_capacity(3);
+        if batch_wait_us > 0 {
+            attempts.push(
+                iou::SetupFlags::SINGLE_ISSUER
+                    | iou::SetupFlags::DEFER_TASKRUN
+                    | iou::SetupFlags::TASKRUN_FLAG,
+            );
+        }
+        attempts.push(iou::SetupFlags::COOP_TASKRUN | iou::SetupFlags::TASKRUN_FLAG);
+        attempts.push(iou::SetupFlags::empty());
+        let mut ring = None;
+        let mut last_err = None;
+        for flags in attempts {
+            match iou::IoUring::new_with_flags(
+                size as _,
+                iou::SetupFlags::from_bits_truncate(flags.bits()),
+                iou::SetupFeatures::empty(),
+            ) {
+                Ok(r) => {
+                    let deferred = flags.contains(iou::SetupFlags::DEFER_TASKRUN);
+                    let min_timeout = r.raw().features & uring_sys::IORING_FEAT_MIN_TIMEOUT != 0;
+                    if deferred && !min_timeout {
+                        // A deferred ring without the batch wait only adds constraints.
+                        continue;
+                    }
+                    if !deferred {
+                        batch_wait_us = 0;
+                    }
+                    ring = Some(r);
+                    break;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => last_err = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        let ring = match ring {
+            Some(ring) => ring,
+            None => {
+                return Err(last_err.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EINVAL)))
+            }
         };
         Ok(SleepableRing {
             ring,
@@ -962,6 +1008,7 @@ impl SleepableRing {
             task_queue_stats: AHashMap::new(),
             source_map,
             in_kernel: 0,
+            batch_wait_us,
         })
     }
 
@@ -1136,6 +1183,9 @@ impl SleepableRing {
                 Err(io::Error::from_raw_os_error(libc::EBUSY))
             } else {
                 // The rings are linked. Goodnight!
+                if self.batch_wait_us > 0 {
+                    return self.sleep_for_batch();
+                }
                 self.ring
                     .cq()
                     .wait(1)
@@ -1152,6 +1202,50 @@ impl SleepableRing {
                 .or_else(Reactor::busy_ok)
                 .or_else(Reactor::again_ok)
                 .or_else(Reactor::intr_ok)
+        }
+    }
+}
+
+impl SleepableRing {
+    /// Iris patch (IRIS-PATCH.md, 9): sleeps until [`BATCH_WAIT_NR`] completions are ready,
+    /// or `batch_wait_us` after the sleep began if at least one is, or else until the first.
+    /// A thread that slept longer than the batch wait is woken by its first completion; one
+    /// that sleeps again right after a turn gathers what comes in the next `batch_wait_us`.
+    fn sleep_for_batch(&mut self) -> io::Result<usize> {
+        // The kernel needs an overall timeout for the batch wait to end in a wait for the
+        // first completion (without one it ends the sleep at `batch_wait_us` even with none):
+        // a day, far beyond any sleep (the latency ring's timers end sleeps before).
+        let ts = uring_sys::__kernel_timespec {
+            tv_sec: 86_400,
+            tv_nsec: 0,
+        };
+        let arg = uring_sys::io_uring_getevents_arg {
+            sigmask: 0,
+            sigmask_sz: 0,
+            min_wait_usec: self.batch_wait_us,
+            ts: &ts as *const _ as u64,
+        };
+        // SAFETY: `arg` and `ts` live on this stack frame until the call returns; the kernel
+        // only reads them. The fd is this ring's, and nothing is submitted.
+        let ret = unsafe {
+            uring_sys::syscalls::io_uring_enter_ext(
+                self.ring.raw_fd(),
+                0,
+                BATCH_WAIT_NR,
+                uring_sys::IORING_ENTER_GETEVENTS,
+                &arg,
+            )
+        };
+        if ret < 0 {
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY) => {
+                    Ok(1)
+                }
+                _ => Err(err),
+            }
+        } else {
+            Ok(1)
         }
     }
 }
@@ -1366,6 +1460,7 @@ impl Reactor {
         notifier: Arc<sys::SleepNotifier>,
         mut io_memory: usize,
         ring_depth: usize,
+        batch_wait_us: u32,
         blocking_thread: BlockingThreadPool,
     ) -> crate::Result<Reactor, ()> {
         const MIN_MEMLOCK_LIMIT: u64 = 512 * 1024;
@@ -1384,11 +1479,21 @@ impl Reactor {
         let allocator = Rc::new(UringBufferAllocator::new(io_memory));
         let registry = vec![allocator.as_bytes()];
 
-        let main_ring =
-            SleepableRing::new(ring_depth, "main", allocator.clone(), source_map.clone())?;
+        let main_ring = SleepableRing::new(
+            ring_depth,
+            "main",
+            allocator.clone(),
+            source_map.clone(),
+            batch_wait_us,
+        )?;
         let poll_ring = PollRing::new(ring_depth, allocator.clone(), source_map.clone())?;
-        let mut latency_ring =
-            SleepableRing::new(ring_depth, "latency", allocator.clone(), source_map.clone())?;
+        let mut latency_ring = SleepableRing::new(
+            ring_depth,
+            "latency",
+            allocator.clone(),
+            source_map.clone(),
+            0,
+        )?;
 
         match main_ring.registrar().register_buffers_by_ref(&registry) {
             Err(x) => warn!("Error: registering buffers in the main ring. Skipping{x:#?}"),
@@ -2013,7 +2118,10 @@ impl Reactor {
 
         if let Some(preempt) = preempt_timer() {
             let limit = Instant::now() + preempt;
-            let current = self.latency_preemption_timeout_src.take().or(lat_kept.take());
+            let current = self
+                .latency_preemption_timeout_src
+                .take()
+                .or(lat_kept.take());
             match current {
                 Some(src)
                     if src.result().is_none()
@@ -2100,6 +2208,11 @@ impl Reactor {
             }
             _ => self.main_ring.borrow_mut(),
         }
+    }
+
+    /// Iris patch (IRIS-PATCH.md, 9): the main ring sleeps in batches.
+    pub fn batch_wait_active(&self) -> bool {
+        self.main_ring.borrow().batch_wait_us > 0
     }
 
     pub fn io_stats(&self) -> IoStats {
@@ -2196,7 +2309,7 @@ mod tests {
     fn timeout_smoke_test() {
         let notifier = sys::new_sleep_notifier().unwrap();
         let pool = BlockingThreadPool::new(PoolPlacement::Unbound(1), notifier.clone()).unwrap();
-        let reactor = Reactor::new(notifier, 0, 128, pool).unwrap();
+        let reactor = Reactor::new(notifier, 0, 128, 0, pool).unwrap();
 
         fn timeout_source(millis: u64) -> (Source, UringOpDescriptor) {
             let source = Source::new(
@@ -2312,7 +2425,7 @@ mod tests {
     fn sqe_link_chain() {
         let allocator = Rc::new(UringBufferAllocator::new(65536));
         let source_map = Rc::new(RefCell::new(SourceMap::default()));
-        let mut ring = SleepableRing::new(4, "main", allocator, source_map).unwrap();
+        let mut ring = SleepableRing::new(4, "main", allocator, source_map, 0).unwrap();
         let q = ring.submission_queue();
         let mut queue = q.borrow_mut();
 
@@ -2346,7 +2459,7 @@ mod tests {
     fn unterminated_sqe_link_chain() {
         let allocator = Rc::new(UringBufferAllocator::new(65536));
         let source_map = Rc::new(RefCell::new(SourceMap::default()));
-        let mut ring = SleepableRing::new(2, "main", allocator, source_map).unwrap();
+        let mut ring = SleepableRing::new(2, "main", allocator, source_map, 0).unwrap();
         let q = ring.submission_queue();
         let mut queue = q.borrow_mut();
 
@@ -2366,7 +2479,7 @@ mod tests {
     fn sqe_link_chain_overflow() {
         let allocator = Rc::new(UringBufferAllocator::new(65536));
         let source_map = Rc::new(RefCell::new(SourceMap::default()));
-        let mut ring = SleepableRing::new(2, "main", allocator, source_map).unwrap();
+        let mut ring = SleepableRing::new(2, "main", allocator, source_map, 0).unwrap();
         let q = ring.submission_queue();
         let mut queue = q.borrow_mut();
 

@@ -91,6 +91,21 @@ pub const IORING_CQ_EVENTFD_DISABLED: libc::c_uint = 1 << 0;
 // io_uring_enter flags
 pub const IORING_ENTER_GETEVENTS: libc::c_uint = 1 << 0;
 pub const IORING_ENTER_SQ_WAKEUP: libc::c_uint = 1 << 1;
+/// Iris patch (IRIS-PATCH.md, 9): the last argument is an [`io_uring_getevents_arg`].
+pub const IORING_ENTER_EXT_ARG: libc::c_uint = 1 << 3;
+
+/// Iris patch (IRIS-PATCH.md, 9): the kernel takes `min_wait_usec` (Linux 6.12).
+pub const IORING_FEAT_MIN_TIMEOUT: libc::__u32 = 1 << 15;
+
+/// Iris patch (IRIS-PATCH.md, 9): the extended argument of `io_uring_enter(2)`.
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct io_uring_getevents_arg {
+    pub sigmask: u64,
+    pub sigmask_sz: u32,
+    pub min_wait_usec: u32,
+    pub ts: u64,
+}
 
 // io_uring_params.features flags
 pub const IORING_FEAT_SINGLE_MMAP: libc::__u32 = 1 << 0;

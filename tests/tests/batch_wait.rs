@@ -1,0 +1,98 @@
+//! `batch_wait_us`: a shard that sleeps in batches (glommio patch 9, Linux 6.12). A shard that
+//! slept longer than the batch wait still wakes at its first event; one that goes back to sleep
+//! right after a turn gathers what comes in the next `batch_wait_us`. Both are checked with a
+//! wait of 10 ms, far above a loopback round trip, so neither check depends on the machine's
+//! speed: the first takes the fastest of several tries, the second only a lower bound.
+
+use std::time::{Duration, Instant};
+
+use iris_tests::{Server, ServerOpts};
+
+/// The batch wait needs Linux 6.12 (`IORING_FEAT_MIN_TIMEOUT`); older kernels wake at once.
+fn kernel_has_batch_wait() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release.trim().split(['.', '-']);
+    let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    (major, minor) >= (6, 12)
+}
+
+fn server(batch_wait_us: u64) -> Server {
+    Server::start(ServerOpts::shards(1).config(&format!("batch_wait_us = {batch_wait_us}\n")))
+}
+
+#[test]
+fn the_shard_says_whether_it_sleeps_in_batches() {
+    let s = server(10_000);
+    let expect = if kernel_has_batch_wait() {
+        "batch_wait=true"
+    } else {
+        "batch_wait=false"
+    };
+    assert!(
+        iris_tests::wait_until(Duration::from_secs(5), || s.log().contains(expect)),
+        "no `{expect}` in the log:\n{}",
+        s.log_tail(20)
+    );
+    let off = server(0);
+    assert!(
+        iris_tests::wait_until(Duration::from_secs(5), || off
+            .log()
+            .contains("batch_wait=false")),
+        "batch_wait_us = 0 must not batch:\n{}",
+        off.log_tail(20)
+    );
+}
+
+#[test]
+fn a_shard_that_slept_longer_than_the_batch_wait_wakes_at_its_first_event() {
+    if !kernel_has_batch_wait() {
+        eprintln!("skipped: the batch wait needs Linux 6.12");
+        return;
+    }
+    let s = server(10_000);
+    let mut a = s.login("bw-sleeper-a");
+    let mut b = s.login("bw-sleeper-b");
+    let mut fastest = Duration::MAX;
+    for i in 0..5 {
+        // Longer than the batch wait: the shard's sleep is past it.
+        std::thread::sleep(Duration::from_millis(50));
+        let t = Instant::now();
+        a.send("bw-sleeper-b", format!("wake {i}").as_bytes());
+        assert_eq!(b.recv_acked(), format!("wake {i}").as_bytes());
+        fastest = fastest.min(t.elapsed());
+    }
+    // A send that waited out the batch would take 10 ms or more, every time.
+    assert!(
+        fastest < Duration::from_millis(8),
+        "the fastest of 5 sends to a long-sleeping shard took {fastest:?} (batch wait 10 ms)"
+    );
+}
+
+#[test]
+fn events_right_after_a_turn_wait_for_the_batch_and_all_arrive() {
+    if !kernel_has_batch_wait() {
+        eprintln!("skipped: the batch wait needs Linux 6.12");
+        return;
+    }
+    let s = server(10_000);
+    let mut a = s.login("bw-pp-a");
+    let mut b = s.login("bw-pp-b");
+    let rounds = 20;
+    let t = Instant::now();
+    for r in 0..rounds {
+        a.send("bw-pp-b", format!("ping {r}").as_bytes());
+        assert_eq!(b.recv_acked(), format!("ping {r}").as_bytes());
+        b.send("bw-pp-a", format!("pong {r}").as_bytes());
+        assert_eq!(a.recv_acked(), format!("pong {r}").as_bytes());
+    }
+    let took = t.elapsed();
+    // Each reply reaches a shard that has just gone back to sleep, so it waits out the batch
+    // (10 ms); without the batch wait the 40 hops take a few milliseconds in all.
+    assert!(
+        took >= Duration::from_millis(5 * rounds),
+        "{rounds} ping-pong rounds took only {took:?}: the batch wait did not hold events"
+    );
+    a.expect_silence(Duration::from_millis(30));
+    b.expect_silence(Duration::from_millis(30));
+}
