@@ -472,7 +472,7 @@ fn check_profile(facts: &HostFacts, profile: &Profile, selection: Selection) -> 
 }
 
 fn check_kernel(facts: &HostFacts) -> Finding {
-    let wanted = ">= 5.8 (glommio 0.9), 6.1 or newer recommended";
+    let wanted = ">= 5.8 (glommio 0.9), 6.12 or newer recommended";
     let current = facts
         .kernel_release
         .clone()
@@ -500,12 +500,20 @@ fn check_kernel(facts: &HostFacts) -> Finding {
             Severity::Info,
             "runs glommio, but older io_uring code gets fewer fixes; prefer a 6.1+ LTS kernel",
         ),
+        Some(v) if v < (6, 12) => finding(
+            "kernel",
+            current,
+            wanted,
+            Severity::Info,
+            "runs the edge, but a sleeping shard wakes at each event: batch_wait_us needs the \
+             batch wait of Linux 6.12",
+        ),
         Some(_) => finding(
             "kernel",
             current,
             wanted,
             Severity::Ok,
-            "io_uring as glommio 0.9 needs it",
+            "io_uring as glommio 0.9 and batch_wait_us need it",
         ),
     }
 }
@@ -1332,6 +1340,8 @@ mod tests {
         for (rel, sev) in [
             ("5.4.0-aws", Severity::Critical),
             ("5.10.1", Severity::Info),
+            ("6.6.30", Severity::Info),
+            ("6.12.0", Severity::Ok),
             ("6.18.44-fc", Severity::Ok),
             ("weird", Severity::Warning),
         ] {

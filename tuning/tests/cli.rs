@@ -207,7 +207,8 @@ fn i3_profile_checks_nvme_and_xen_clock() {
     let out = iris_tune_in(&f, &["--profile", "i3.4xlarge", "check", "--json"]);
     let fs = findings(&out);
     assert_eq!(severity(&fs, "profile"), "ok");
-    assert_eq!(severity(&fs, "kernel"), "ok");
+    // 6.1 runs the edge; the batch wait (batch_wait_us) needs 6.12.
+    assert_eq!(severity(&fs, "kernel"), "info");
     assert_eq!(severity(&fs, "nvme_scheduler:nvme0n1"), "warning");
     assert_eq!(severity(&fs, "nvme_scheduler:nvme1n1"), "warning");
     assert_eq!(severity(&fs, "mount:/data"), "warning");

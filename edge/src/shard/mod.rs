@@ -1552,7 +1552,8 @@ pub async fn run(start: ShardStart) {
         warn!(
             shard = id,
             batch_wait_us = shard.cfg.batch_wait_us,
-            "this kernel has no batch wait (Linux 6.12): the shard wakes at each event"
+            "this kernel has no batch wait (Linux 6.12): the shard wakes at each event \
+             (batch_wait_us = 0 says so and silences this)"
         );
     }
     let _ = ready.send(id);
