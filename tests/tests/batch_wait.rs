@@ -1,8 +1,8 @@
 //! `batch_wait_us`: a shard that sleeps in batches (glommio patch 9, Linux 6.12). A shard that
 //! slept longer than the batch wait still wakes at its first event; one that goes back to sleep
 //! right after a turn gathers what comes in the next `batch_wait_us`. Both are checked with a
-//! wait of 10 ms, far above a loopback round trip, so neither check depends on the machine's
-//! speed: the first takes the fastest of several tries, the second only a lower bound.
+//! wait of 10 ms, far above a loopback round trip, so neither depends on the machine's speed:
+//! the first takes the fastest of several tries, the second asks that some hop waited.
 
 use std::time::{Duration, Instant};
 
@@ -79,20 +79,27 @@ fn events_right_after_a_turn_wait_for_the_batch_and_all_arrive() {
     let mut a = s.login("bw-pp-a");
     let mut b = s.login("bw-pp-b");
     let rounds = 20;
-    let t = Instant::now();
+    let mut hops = Vec::with_capacity(2 * rounds);
     for r in 0..rounds {
+        let t = Instant::now();
         a.send("bw-pp-b", format!("ping {r}").as_bytes());
         assert_eq!(b.recv_acked(), format!("ping {r}").as_bytes());
+        hops.push(t.elapsed());
+        let t = Instant::now();
         b.send("bw-pp-a", format!("pong {r}").as_bytes());
         assert_eq!(a.recv_acked(), format!("pong {r}").as_bytes());
+        hops.push(t.elapsed());
     }
-    let took = t.elapsed();
-    // Each reply reaches a shard that has just gone back to sleep, so it waits out the batch
-    // (10 ms); without the batch wait the 40 hops take a few milliseconds in all.
-    assert!(
-        took >= Duration::from_millis(5 * rounds),
-        "{rounds} ping-pong rounds took only {took:?}: the batch wait did not hold events"
-    );
+    // A send that reaches a shard which went back to sleep right after its last write waits
+    // out the batch (10 ms); one that comes while the shard is still awake (busy with the
+    // ack, or descheduled on a busy machine) is handled at once. So some hops wait: 12 of the
+    // 40 on an idle machine, 4 to 27 beside two busy loops. Without the batch wait no hop
+    // takes a millisecond.
+    let held = hops
+        .iter()
+        .filter(|h| **h >= Duration::from_millis(5))
+        .count();
+    assert!(held >= 1, "no hop waited for the batch: {hops:?}");
     a.expect_silence(Duration::from_millis(30));
     b.expect_silence(Duration::from_millis(30));
 }
