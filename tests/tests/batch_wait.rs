@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use iris_tests::{Server, ServerOpts};
+use iris_tests::{Client, Server, ServerOpts};
 
 /// The batch wait needs Linux 6.12 (`IORING_FEAT_MIN_TIMEOUT`); older kernels wake at once.
 fn kernel_has_batch_wait() -> bool {
@@ -19,6 +19,19 @@ fn kernel_has_batch_wait() -> bool {
 
 fn server(batch_wait_us: u64) -> Server {
     Server::start(ServerOpts::shards(1).config(&format!("batch_wait_us = {batch_wait_us}\n")))
+}
+
+/// An edge waiting 10 ms for a batch, with users `{prefix}-a` and `{prefix}-b` logged in; `None`
+/// (the test is skipped, and says so) on a kernel without the batch wait.
+fn two_users_on_a_10_ms_batch(prefix: &str) -> Option<(Server, Client, Client)> {
+    if !kernel_has_batch_wait() {
+        eprintln!("skipped: the batch wait needs Linux 6.12");
+        return None;
+    }
+    let s = server(10_000);
+    let a = s.login(&format!("{prefix}-a"));
+    let b = s.login(&format!("{prefix}-b"));
+    Some((s, a, b))
 }
 
 #[test]
@@ -46,13 +59,9 @@ fn the_shard_says_whether_it_sleeps_in_batches() {
 
 #[test]
 fn a_shard_that_slept_longer_than_the_batch_wait_wakes_at_its_first_event() {
-    if !kernel_has_batch_wait() {
-        eprintln!("skipped: the batch wait needs Linux 6.12");
+    let Some((_s, mut a, mut b)) = two_users_on_a_10_ms_batch("bw-sleeper") else {
         return;
-    }
-    let s = server(10_000);
-    let mut a = s.login("bw-sleeper-a");
-    let mut b = s.login("bw-sleeper-b");
+    };
     let mut fastest = Duration::MAX;
     for i in 0..5 {
         // Longer than the batch wait: the shard's sleep is past it.
@@ -71,13 +80,9 @@ fn a_shard_that_slept_longer_than_the_batch_wait_wakes_at_its_first_event() {
 
 #[test]
 fn events_right_after_a_turn_wait_for_the_batch_and_all_arrive() {
-    if !kernel_has_batch_wait() {
-        eprintln!("skipped: the batch wait needs Linux 6.12");
+    let Some((_s, mut a, mut b)) = two_users_on_a_10_ms_batch("bw-pp") else {
         return;
-    }
-    let s = server(10_000);
-    let mut a = s.login("bw-pp-a");
-    let mut b = s.login("bw-pp-b");
+    };
     let rounds = 20;
     let mut hops = Vec::with_capacity(2 * rounds);
     for r in 0..rounds {
