@@ -122,6 +122,9 @@ counters! {
     error_limit_disconnects_total: "counter",
     /// TYPING frames not relayed: over typing_relays_per_sec for their connection.
     typing_dropped_total: "counter",
+    /// Times the shard went to sleep in its io_uring, each ending in a wake-up (batch_wait_us
+    /// gathers events per wake-up); published by the shard at least every 100 ms.
+    shard_sleeps_total: "counter",
     /// Logged-in connections closed after idle_timeout_ms with a partial frame or unsent output.
     idle_timeouts_total: "counter",
     /// Requests with a reply (prekey fetches) waiting at the core.

@@ -108,3 +108,22 @@ fn events_right_after_a_turn_wait_for_the_batch_and_all_arrive() {
     a.expect_silence(Duration::from_millis(30));
     b.expect_silence(Duration::from_millis(30));
 }
+
+/// `iris_edge_shard_sleeps_total` counts the shard's sleeps: an idle shard sleeps, and wakes
+/// only for its housekeeping (every 100 ms), so a few times in 400 ms, not thousands.
+#[test]
+fn an_idle_shard_counts_a_few_sleeps() {
+    let s = server(200);
+    let _a = s.login("bw-idle-a");
+    // Published by the shard at least every 100 ms.
+    std::thread::sleep(Duration::from_millis(250));
+    let before = s.metric("iris_edge_shard_sleeps_total");
+    std::thread::sleep(Duration::from_millis(400));
+    let after = s.metric("iris_edge_shard_sleeps_total");
+    assert!(before > 0, "no sleep counted");
+    assert!(
+        (2..=200).contains(&(after - before)),
+        "{} sleeps in 400 ms of an idle shard",
+        after - before
+    );
+}

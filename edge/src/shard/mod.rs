@@ -1192,6 +1192,10 @@ impl Shard {
         let mut last_collect = std::time::Instant::now();
         let mut bytes_at_collect = u64::MAX;
         loop {
+            ShardMetrics::set(
+                &self.metrics.shard_sleeps_total,
+                glommio::executor().sleeps(),
+            );
             let mut busy = false;
             let mut routes = Vec::new();
             {

@@ -226,6 +226,10 @@ impl Reactor {
         self.sys.batch_wait_active()
     }
 
+    pub(crate) fn sleeps(&self) -> u64 {
+        self.sys.sleeps()
+    }
+
     pub(crate) fn task_queue_io_stats(&self, handle: &TaskQueueHandle) -> Option<IoStats> {
         self.sys.task_queue_io_stats(handle)
     }

@@ -2550,6 +2550,22 @@ impl ExecutorProxy {
         };
     }
 
+    /// Iris patch (IRIS-PATCH.md, 9): how many times this executor has gone to sleep in its
+    /// rings (each sleep ends in a wake-up).
+    pub fn sleeps(&self) -> u64 {
+        #[cfg(not(feature = "native-tls"))]
+        return LOCAL_EX.with(|local_ex| local_ex.get_reactor().sleeps());
+
+        #[cfg(feature = "native-tls")]
+        return unsafe {
+            LOCAL_EX
+                .as_ref()
+                .expect("this thread doesn't have a LocalExecutor running")
+                .get_reactor()
+                .sleeps()
+        };
+    }
+
     /// Iris patch (IRIS-PATCH.md, 9): true when this executor sleeps in batches
     /// ([`LocalExecutorBuilder::batch_wait`] set and the kernel has the batch wait).
     pub fn batch_wait_active(&self) -> bool {

@@ -1410,6 +1410,8 @@ pub(crate) struct Reactor {
     blocking_thread: BlockingThreadPool,
 
     rings_depth: usize,
+    /// Iris patch (IRIS-PATCH.md, 9): times this reactor went to sleep in its main ring.
+    sleeps: Cell<u64>,
 }
 
 pub(crate) fn common_flags() -> PollFlags {
@@ -1544,6 +1546,7 @@ impl Reactor {
             eventfd_src,
             source_map,
             rings_depth: ring_depth,
+            sleeps: Cell::new(0),
         })
     }
 
@@ -1926,6 +1929,7 @@ impl Reactor {
     /// We may not be able to register an `SQE` at this point, so we return an
     /// Error and will just not sleep.
     fn link_rings_and_sleep(&self, ring: &mut SleepableRing) -> io::Result<()> {
+        self.sleeps.set(self.sleeps.get() + 1);
         let link_rings = Source::new(
             IoRequirements::default(),
             self.link_fd,
@@ -2208,6 +2212,11 @@ impl Reactor {
             }
             _ => self.main_ring.borrow_mut(),
         }
+    }
+
+    /// Iris patch (IRIS-PATCH.md, 9): times this reactor went to sleep.
+    pub fn sleeps(&self) -> u64 {
+        self.sleeps.get()
     }
 
     /// Iris patch (IRIS-PATCH.md, 9): the main ring sleeps in batches.
