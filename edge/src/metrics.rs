@@ -123,7 +123,8 @@ counters! {
     /// TYPING frames not relayed: over typing_relays_per_sec for their connection.
     typing_dropped_total: "counter",
     /// Times the shard went to sleep in its io_uring, each ending in a wake-up (batch_wait_us
-    /// gathers events per wake-up); published by the shard at least every 100 ms.
+    /// gathers events per wake-up); published after each idle wait of the shard's core poller
+    /// (a shard sleeps only then; at least every 100 ms while idle).
     shard_sleeps_total: "counter",
     /// Logged-in connections closed after idle_timeout_ms with a partial frame or unsent output.
     idle_timeouts_total: "counter",

@@ -11,10 +11,7 @@ use iris_tests::{Client, Server, ServerOpts};
 /// The batch wait needs Linux 6.12 (`IORING_FEAT_MIN_TIMEOUT`); older kernels wake at once.
 fn kernel_has_batch_wait() -> bool {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut parts = release.trim().split(['.', '-']);
-    let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-    (major, minor) >= (6, 12)
+    iris_tuning::facts::parse_kernel_version(release.trim()).is_some_and(|v| v >= (6, 12))
 }
 
 fn server(batch_wait_us: u64) -> Server {

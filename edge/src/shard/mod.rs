@@ -1192,10 +1192,6 @@ impl Shard {
         let mut last_collect = std::time::Instant::now();
         let mut bytes_at_collect = u64::MAX;
         loop {
-            ShardMetrics::set(
-                &self.metrics.shard_sleeps_total,
-                glommio::executor().sleeps(),
-            );
             let mut busy = false;
             let mut routes = Vec::new();
             {
@@ -1287,6 +1283,12 @@ impl Shard {
                     // direct-copy gate's held copies, whose wait (15 s) it serves well enough.
                     self.park_on_core().await;
                 }
+                // The executor sleeps only while this task is parked (a busy poller yields and
+                // stays runnable), so the count is published here, off the busy path.
+                ShardMetrics::set(
+                    &self.metrics.shard_sleeps_total,
+                    glommio::executor().sleeps(),
+                );
             }
         }
     }

@@ -956,46 +956,35 @@ impl SleepableRing {
         // instead (Linux 6.1), so that a completion wakes its sleeping thread only when a
         // batch is ready; the batch wait itself needs Linux 6.12. Without either, the ring
         // wakes at the first completion.
-        let mut batch_wait_us = batch_wait_us;
-        let mut attempts = Vec::with_capacity(3);
-        if batch_wait_us > 0 {
-            attempts.push(
-                iou::SetupFlags::SINGLE_ISSUER
-                    | iou::SetupFlags::DEFER_TASKRUN
-                    | iou::SetupFlags::TASKRUN_FLAG,
-            );
-        }
-        attempts.push(iou::SetupFlags::COOP_TASKRUN | iou::SetupFlags::TASKRUN_FLAG);
-        attempts.push(iou::SetupFlags::empty());
-        let mut ring = None;
-        let mut last_err = None;
-        for flags in attempts {
-            match iou::IoUring::new_with_flags(
-                size as _,
-                iou::SetupFlags::from_bits_truncate(flags.bits()),
-                iou::SetupFeatures::empty(),
-            ) {
-                Ok(r) => {
-                    let deferred = flags.contains(iou::SetupFlags::DEFER_TASKRUN);
-                    let min_timeout = r.raw().features & uring_sys::IORING_FEAT_MIN_TIMEOUT != 0;
-                    if deferred && !min_timeout {
-                        // A deferred ring without the batch wait only adds constraints.
-                        continue;
-                    }
-                    if !deferred {
-                        batch_wait_us = 0;
-                    }
-                    ring = Some(r);
-                    break;
-                }
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => last_err = Some(e),
-                Err(e) => return Err(e),
-            }
-        }
-        let ring = match ring {
-            Some(ring) => ring,
+        let deferred = (batch_wait_us > 0)
+            .then(|| {
+                iou::IoUring::new_with_flags(
+                    size as _,
+                    iou::SetupFlags::SINGLE_ISSUER
+                        | iou::SetupFlags::DEFER_TASKRUN
+                        | iou::SetupFlags::TASKRUN_FLAG,
+                    iou::SetupFeatures::empty(),
+                )
+                .ok()
+            })
+            .flatten()
+            // A deferred ring without the batch wait only adds constraints.
+            .filter(|r| r.raw().features & uring_sys::IORING_FEAT_MIN_TIMEOUT != 0);
+        let (ring, batch_wait_us) = match deferred {
+            Some(ring) => (ring, batch_wait_us),
             None => {
-                return Err(last_err.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EINVAL)))
+                let ring = match iou::IoUring::new_with_flags(
+                    size as _,
+                    iou::SetupFlags::COOP_TASKRUN | iou::SetupFlags::TASKRUN_FLAG,
+                    iou::SetupFeatures::empty(),
+                ) {
+                    Ok(ring) => ring,
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                        iou::IoUring::new(size as _)?
+                    }
+                    Err(e) => return Err(e),
+                };
+                (ring, 0)
             }
         };
         Ok(SleepableRing {
