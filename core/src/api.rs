@@ -13,6 +13,7 @@
 use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Waker;
+use std::time::Instant;
 
 use crossbeam::channel::{Receiver, Sender};
 
@@ -119,10 +120,16 @@ pub enum CoreRequest {
     /// durably (for `dedup_ttl_secs`). A cluster link sends `client` with the message to the
     /// recipient's home core, which does the same region-wide and answers through the bus
     /// (`Stored` or `Duplicate` only: the cluster core refuses nothing).
+    ///
+    /// `accepted`: when the edge accepted the message (read it from its sender). The embedded
+    /// core writes a message not acked by then at most `commit_window_ms` after this instant
+    /// (or after the end of the commit before it was taken in, if that is later); the
+    /// cluster link ignores it.
     Store {
         msg: StoredMsg,
         conn: ConnId,
         client: Option<u64>,
+        accepted: Instant,
     },
     /// The recipient acked message `id`: it is delivered and must never come again.
     Ack { user: Vec<u8>, id: u64 },

@@ -11,17 +11,23 @@
 //!
 //! # Group commit and the accept → store window
 //! A [`CoreRequest::Store`] is held **in memory only** for at most `commit_window_ms` (default
-//! 2 ms, counted from the first operation that became pending after the previous commit). At
-//! the end of the window all surviving inserts, the deletes of acked messages, pending prekey
-//! bundles and the id floor go to disk as ONE atomic fjall batch followed by an fsync. The id
-//! floor is leased: when an id passes the floor last written, the floor written is one second of
-//! id clock ahead of it, so a window whose messages were all acked inside it writes nothing. This is
-//! the bounded "accept → store" window of DESIGN.md: a crash of the process inside the window
-//! loses the messages accepted in it (the recipient got them live or gets nothing; the sender
-//! is never told otherwise); everything committed before survives (fjall journal recovery).
+//! 2 ms) after the edge accepted it (the request's `accepted`; or after the end of the commit
+//! before the store was taken in, if that is later). Every other pending operation (the delete
+//! of an acked stored message, a prekey bundle, a dedup record, the id floor) waits at most
+//! `commit_window_ms` after it became pending. When the first of these deadlines comes, all
+//! surviving inserts, the deletes of acked messages, pending prekey bundles and the id floor go
+//! to disk as ONE atomic fjall batch followed by an fsync. The id floor is leased: when an id
+//! passes the floor last written, the floor written is one second of id clock ahead of it, so
+//! messages all acked inside their windows write nothing. This is the bounded "accept → store"
+//! window of DESIGN.md: a crash of the process loses the messages accepted in the last window
+//! and not yet acked (the recipient got them live or gets nothing; the sender is never told
+//! otherwise); everything committed before survives (fjall journal recovery).
 //!
 //! If an ack arrives while its message is still pending, the message is dropped without ever
-//! touching disk (`cancelled_before_store`). An ack for an already committed message becomes a
+//! touching disk (`cancelled_before_store`). Each message has its own window: one accepted
+//! late in another's window is not written when that window closes, only if its own closes
+//! unacked. Under sparse traffic, whose acks come well within the window, the core thus
+//! commits only for the few messages acked late, not every window. An ack for an already committed message becomes a
 //! delete in the next batch (a message committed in the last one to two seconds is known to be
 //! stored without a lookup: `acks_of_recent_stores`, see "Acks of messages not stored"), and is
 //! remembered for 1–2 s (two generations of a recent-acks set, rotated every second), because
@@ -130,8 +136,9 @@
 //! exits; if the final commit still fails, shutdown returns the error (and logs how many
 //! operations were lost).
 
+use std::cmp::Reverse;
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::ops::Bound;
 use std::path::PathBuf;
@@ -536,6 +543,9 @@ impl EmbeddedCore {
             pending_ops: 0,
             max_id_seen: id_floor,
             deadline: None,
+            insert_due: BinaryHeap::new(),
+            insert_ids: HashSet::new(),
+            last_commit: None,
             failures: 0,
             recent_acks: HashSet::new(),
             older_acks: HashSet::new(),
@@ -740,8 +750,18 @@ struct Core {
     pending_ops: usize,
     /// Highest id of any store taken in (persisted as the id floor at the next commit).
     max_id_seen: u64,
-    /// When the next commit is due; None when nothing is pending.
+    /// When the next commit is due for what is pending besides new messages (deletes, bundles,
+    /// dedup records of acked messages, the id floor) or for a retry; None when none of that
+    /// is pending. New messages have their own deadlines ([`Core::insert_due`]).
     deadline: Option<Instant>,
+    /// Each pending insert's deadline (`accepted + window`) and id, earliest first. An insert
+    /// cancelled by its ack leaves its entry here; it is skipped when it comes to the top.
+    insert_due: BinaryHeap<Reverse<(Instant, u64)>>,
+    /// Ids of the pending inserts (not yet written, not cancelled).
+    insert_ids: HashSet<u64>,
+    /// When the last commit that had something to write ended: no new message's deadline falls
+    /// before `window` after it (see [`Core::next_due`]).
+    last_commit: Option<Instant>,
     /// Consecutive failed commits.
     failures: u32,
     /// Acks of messages that were not pending, `(id, hash(user))`: this and the previous period.
@@ -783,7 +803,7 @@ impl Core {
             }
             self.flush_overflows();
             let now = Instant::now();
-            if self.deadline.is_some_and(|d| now >= d) {
+            if self.next_due().is_some_and(|d| now >= d) {
                 // A failure is logged, counted and retried by `commit` itself.
                 let _ = self.commit();
             }
@@ -807,10 +827,9 @@ impl Core {
                 debug!("all shard links closed");
                 break;
             }
-            self.idle.note(
-                took > 0 || !self.deferred.is_empty() || self.deadline.is_some(),
-                now,
-            );
+            let due = self.next_due().is_some();
+            self.idle
+                .note(took > 0 || !self.deferred.is_empty() || due, now);
             if took == 0 && self.deferred.is_empty() {
                 self.wait();
             }
@@ -832,7 +851,8 @@ impl Core {
     /// a prompt answer (a drain, a prekey fetch) or when its queue passes half full.
     fn wait(&mut self) {
         let now = Instant::now();
-        let mut timeout = self.deadline.map_or(IDLE_WAIT, |d| {
+        let due = self.next_due();
+        let mut timeout = due.map_or(IDLE_WAIT, |d| {
             d.saturating_duration_since(now).min(IDLE_WAIT)
         });
         for next in [self.expiry.next_due(), self.sent_expiry.next_due()]
@@ -849,7 +869,7 @@ impl Core {
             return;
         }
         let stalled = self.stalled();
-        let batching = self.deadline.is_some();
+        let batching = due.is_some();
         let mut sel = Select::new();
         sel.recv(&self.stop_rx);
         sel.recv(&self.wake_rx);
@@ -910,7 +930,12 @@ impl Core {
 
     fn handle(&mut self, shard: usize, req: CoreRequest) {
         match req {
-            CoreRequest::Store { msg, conn, client } => self.on_store(shard, conn, msg, client),
+            CoreRequest::Store {
+                msg,
+                conn,
+                client,
+                accepted,
+            } => self.on_store(shard, conn, msg, client, accepted),
             CoreRequest::Ack { user, id } => self.on_ack(user, id),
             CoreRequest::Drain {
                 user,
@@ -971,7 +996,14 @@ impl Core {
         }
     }
 
-    fn on_store(&mut self, shard: usize, conn: ConnId, msg: StoredMsg, client: Option<u64>) {
+    fn on_store(
+        &mut self,
+        shard: usize,
+        conn: ConnId,
+        msg: StoredMsg,
+        client: Option<u64>,
+        accepted: Instant,
+    ) {
         let invalid = if self.invalid_user(&msg.recipient, "store") {
             true
         } else if msg.sender.len() > MAX_SENDER_LEN {
@@ -1067,9 +1099,15 @@ impl Core {
             );
             self.pending_ops += 1;
         }
+        // An id above the durable floor needs the floor written (once per lease, see
+        // `leased_floor`) by the window, acked or not.
+        if msg.id > self.durable_floor() {
+            self.arm_deadline();
+        }
         if let Some(p) = self.pending.get_mut(&msg.recipient) {
+            let id = msg.id;
             p.inserts.insert(
-                msg.id,
+                id,
                 PendingMsg {
                     msg,
                     shard,
@@ -1078,8 +1116,9 @@ impl Core {
                 },
             );
             self.pending_ops += 1;
+            self.insert_ids.insert(id);
+            self.insert_due.push(Reverse((accepted + self.window, id)));
         }
-        self.arm_deadline();
     }
 
     /// If `(msg.sender, client)` was seen before (pending or stored), answers this resend
@@ -1413,6 +1452,7 @@ impl Core {
         if let Some(p) = self.pending.get_mut(&user) {
             if let Some(m) = p.inserts.remove(&id) {
                 self.pending_ops -= 1;
+                self.insert_ids.remove(&id);
                 if p.inserts.is_empty() && p.deletes.is_empty() {
                     self.pending.remove(&user);
                 }
@@ -1504,6 +1544,33 @@ impl Core {
         if self.deadline.is_none() {
             self.deadline = Some(Instant::now() + self.window);
         }
+    }
+
+    /// When the next commit is due, if anything is pending: the earlier of [`Core::deadline`]
+    /// and the deadline of the oldest insert still pending. A new message is due `window` after
+    /// the edge accepted it, so one acked within its own window is never written, whenever the
+    /// other messages came; and never sooner than `window` after the last commit ended (as
+    /// when the window counted from the first store taken in after it), so stores taken in
+    /// late (a backlog, or those that came during a commit's fsync) do not make commits more
+    /// frequent. Drops the entries of
+    /// cancelled inserts from the top of [`Core::insert_due`].
+    fn next_due(&mut self) -> Option<Instant> {
+        while let Some(&Reverse((due, id))) = self.insert_due.peek() {
+            if self.insert_ids.contains(&id) {
+                let due = self.last_commit.map_or(due, |c| due.max(c + self.window));
+                return Some(self.deadline.map_or(due, |d| d.min(due)));
+            }
+            self.insert_due.pop();
+        }
+        self.deadline
+    }
+
+    /// The id floor already durable (in the LSM or a hot log frame).
+    fn durable_floor(&self) -> u64 {
+        self.store
+            .as_ref()
+            .map_or(0, MessageStore::id_floor)
+            .max(self.hot_floor)
     }
 
     fn rotate_acks(&mut self, now: Instant) {
@@ -1766,16 +1833,16 @@ impl Core {
     /// released; deletes (acks, expiry) and prekey bundles stay pending; the store is reopened
     /// and the commit retried with backoff.
     fn commit(&mut self) -> Result<(), CoreError> {
-        let floor = self
-            .store
-            .as_ref()
-            .map_or(0, MessageStore::id_floor)
-            .max(self.hot_floor);
+        let floor = self.durable_floor();
         if self.pending_ops == 0 && self.max_id_seen <= floor && !self.reopen_needed {
             self.deadline = None;
+            self.insert_due.clear();
             return Ok(());
         }
         let started = Instant::now();
+        // Every pending insert goes into this commit (written, or refused if it fails).
+        self.insert_due.clear();
+        self.insert_ids.clear();
         let mut inserts = Vec::new();
         let mut origins = Vec::new();
         let mut deletes = Vec::new();
@@ -1894,6 +1961,7 @@ impl Core {
             })
         };
         let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.last_commit = Some(Instant::now());
         match result {
             Ok(()) => {
                 bump(&self.metrics.stored, inserts.len() as u64);
@@ -2170,6 +2238,7 @@ mod tests {
             msg: m,
             conn,
             client: None,
+            accepted: Instant::now(),
         }
     }
 
@@ -2660,6 +2729,7 @@ mod tests {
                 msg: m,
                 conn,
                 client: Some(client),
+                accepted: Instant::now(),
             })
             .unwrap();
     }
@@ -3247,6 +3317,82 @@ mod tests {
         assert_eq!(core.id_floor(), leased_floor(1));
         assert!(core.id_floor() > 2);
         core.shutdown().unwrap();
+    }
+
+    /// Each message has its own window, counted from when the edge accepted it: a message
+    /// accepted late in an earlier message's window and acked within its own is never
+    /// written, though the earlier one's window closed while it was unacked.
+    #[test]
+    fn a_message_acked_within_its_own_window_is_never_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = EmbeddedConfig {
+            commit_window_ms: 1_000,
+            ..test_cfg(dir.path().join("core"))
+        };
+        let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
+        let m = core.metrics();
+        let link = &links[0];
+        // The first commit writes the id floor (leased ahead of the ids below).
+        link.to_core.send(store_req(msg(1), 1)).unwrap();
+        ack(link, b"ruth", 1);
+        wait_for(&m, "the floor's commit", |s| s.commits == 1);
+        let t0 = Instant::now();
+        link.to_core.send(store_req(msg(2), 1)).unwrap();
+        sleep_until(t0 + Duration::from_millis(600));
+        link.to_core.send(store_req(msg(3), 1)).unwrap();
+        sleep_until(t0 + Duration::from_millis(650));
+        ack(link, b"ruth", 2); // within its window (t0 + 1 s)
+                               // 2's window closes at t0 + 1 s with 3 unacked: 3's own window runs to t0 + 1.6 s.
+        sleep_until(t0 + Duration::from_millis(1_100));
+        ack(link, b"ruth", 3);
+        wait_for(&m, "both cancels", |s| s.cancelled_before_store == 3);
+        sleep_until(t0 + Duration::from_millis(1_900));
+        let s = m.snapshot();
+        assert_eq!((s.commits, s.stored, s.pending_ops), (1, 0, 0), "{s:?}");
+        core.shutdown().unwrap();
+    }
+
+    /// The window counts from the edge's accept, not from the core's take-in: a store accepted
+    /// a window ago is written at once. A second one is not written sooner than a window after
+    /// the commit before it ended (a backlog makes one commit per window, not one per pass),
+    /// but by then.
+    #[test]
+    fn a_store_accepted_a_window_ago_is_written_at_once_and_commits_stay_a_window_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = EmbeddedConfig {
+            commit_window_ms: 2_000,
+            ..test_cfg(dir.path().join("core"))
+        };
+        let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
+        let m = core.metrics();
+        let link = &links[0];
+        let old = |id| CoreRequest::Store {
+            msg: msg(id),
+            conn: 1,
+            client: None,
+            accepted: Instant::now() - Duration::from_secs(2),
+        };
+        let t0 = Instant::now();
+        link.to_core.send(old(1)).unwrap();
+        wait_for(&m, "the first commit", |s| s.commits == 1);
+        assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+        let t1 = Instant::now();
+        link.to_core.send(old(2)).unwrap();
+        wait_for(&m, "the store taken in", |s| s.pending_ops == 1);
+        sleep_until(t0 + Duration::from_millis(1_500));
+        assert_eq!(
+            m.snapshot().commits,
+            1,
+            "a commit less than a window after the last"
+        );
+        wait_for(&m, "the second commit", |s| s.commits == 2);
+        assert!(t1.elapsed() < Duration::from_secs(4), "{:?}", t1.elapsed());
+        assert_eq!(m.snapshot().stored, 2);
+        core.shutdown().unwrap();
+    }
+
+    fn sleep_until(t: Instant) {
+        std::thread::sleep(t.saturating_duration_since(Instant::now()));
     }
 
     /// A v2 send goes to the hot log with its dedup record: confirmed once that frame is

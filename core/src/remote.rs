@@ -1025,6 +1025,7 @@ impl Bridge {
                 msg: m,
                 conn,
                 client,
+                accepted: _,
             } => {
                 let home = self.elsewhere(&m.recipient);
                 let confirm = client.map(|client| {

@@ -36,6 +36,7 @@ fn store(link: &ShardLink, m: StoredMsg) {
             msg: m,
             conn: 0,
             client: None,
+            accepted: Instant::now(),
         })
         .unwrap();
 }
@@ -304,6 +305,7 @@ fn drain_sees_store_queued_just_before_on_another_shard() {
                     msg: msg("noise", id, "n"),
                     conn: 0,
                     client: None,
+                    accepted: Instant::now(),
                 }
             };
             // Keep a backlog of a few hundred requests, not a flood: a full queue would make

@@ -152,6 +152,7 @@ fn requests_about_users_homed_elsewhere_go_to_their_region_on_the_global_bus() {
         },
         conn: 0,
         client: None,
+        accepted: std::time::Instant::now(),
     })
     .unwrap();
     tx.send(CoreRequest::Store {
@@ -164,6 +165,7 @@ fn requests_about_users_homed_elsewhere_go_to_their_region_on_the_global_bus() {
         },
         conn: 0,
         client: None,
+        accepted: std::time::Instant::now(),
     })
     .unwrap();
     // bob roams into this region: his ack, drain, prekeys go to his home.

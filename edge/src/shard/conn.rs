@@ -1438,6 +1438,7 @@ impl Conn {
             },
             conn: self.c.id,
             client,
+            accepted: Instant::now(),
         });
         ShardMetrics::inc(&shard.metrics.messages_accepted_total);
         let d = Delivery {
