@@ -19,6 +19,7 @@ use crate::plan::Plan;
 use crate::profile::{Profile, Selection};
 use crate::root::format_cpulist;
 use crate::uring::{UringStatus, EDGE_OPCODES};
+use crate::wake::WakeStatus;
 
 /// How much a finding matters (ordered: `Ok < Info < Warning < Critical`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -426,6 +427,7 @@ pub fn run_checks(
     }
     out.push(check_irqbalance(facts, &targets));
     out.push(check_clocksource(facts));
+    out.push(check_wakeup(facts));
     out.extend(check_nvme(facts, profile));
     out
 }
@@ -1227,6 +1229,61 @@ fn check_clocksource(facts: &HostFacts) -> Finding {
     }
 }
 
+/// Above this much CPU per wake-up from idle, sparse traffic costs the edge markedly more CPU per
+/// message than on bare metal (2–5 µs there; about 25 µs under nested virtualization).
+const WAKEUP_CPU_US_MAX: f64 = 10.0;
+
+fn check_wakeup(facts: &HostFacts) -> Finding {
+    let name = "wakeup";
+    let wanted = format!("≤ {WAKEUP_CPU_US_MAX} µs of CPU per wake-up from idle");
+    match &facts.wake {
+        WakeStatus::NotProbed => finding(
+            name,
+            "not probed",
+            wanted,
+            Severity::Info,
+            "not measured (only `iris-tune check` on the live host measures it)",
+        ),
+        WakeStatus::Unavailable { reason } => finding(
+            name,
+            "unknown",
+            wanted,
+            Severity::Info,
+            format!("not measured: {reason}"),
+        ),
+        WakeStatus::Measured {
+            cpu_us_per_wake,
+            rounds,
+        } => {
+            let current = format!("{cpu_us_per_wake:.1} µs per wake-up ({rounds} rounds)");
+            if *cpu_us_per_wake <= WAKEUP_CPU_US_MAX {
+                finding(
+                    name,
+                    current,
+                    wanted,
+                    Severity::Ok,
+                    "a sleeping shard wakes cheaply; batch_wait_us 200 (the default) fits",
+                )
+            } else {
+                finding(
+                    name,
+                    current,
+                    wanted,
+                    Severity::Warning,
+                    format!(
+                        "each wake-up of an idle shard costs {cpu_us_per_wake:.1} µs of CPU \
+                         (typical of nested virtualization or slow idle exits), so at low \
+                         message rates the edge spends several times more CPU per message than \
+                         on bare metal: raise batch_wait_us (500–1000) where up to that much \
+                         added latency at low load is acceptable; see docs/TUNING.md, \
+                         \"Wake-ups and batch_wait_us\""
+                    ),
+                )
+            }
+        }
+    }
+}
+
 fn check_nvme(facts: &HostFacts, profile: &Profile) -> Vec<Finding> {
     let local: Vec<_> = facts.nvme.iter().filter(|d| !d.is_ebs()).collect();
     let mut out = Vec::new();
@@ -1542,6 +1599,39 @@ mod tests {
         assert_eq!(
             get(&run(&f, &ctx()), "clocksource").severity,
             Severity::Info
+        );
+    }
+
+    #[test]
+    fn wakeup_severity() {
+        let mut f = base_facts();
+        assert_eq!(f.wake, WakeStatus::NotProbed);
+        let w = run(&f, &ctx());
+        assert_eq!(get(&w, "wakeup").severity, Severity::Info);
+        assert!(get(&w, "wakeup").why.contains("not measured"));
+        f.wake = WakeStatus::Unavailable {
+            reason: "needs two CPUs this process may run on, has 1".into(),
+        };
+        let w = run(&f, &ctx());
+        assert_eq!(get(&w, "wakeup").severity, Severity::Info);
+        assert!(get(&w, "wakeup").why.contains("needs two CPUs"));
+        let measured = |us| WakeStatus::Measured {
+            cpu_us_per_wake: us,
+            rounds: 400,
+        };
+        f.wake = measured(3.0);
+        assert_eq!(get(&run(&f, &ctx()), "wakeup").severity, Severity::Ok);
+        f.wake = measured(10.0);
+        assert_eq!(get(&run(&f, &ctx()), "wakeup").severity, Severity::Ok);
+        f.wake = measured(24.5);
+        let w = run(&f, &ctx());
+        let wake = get(&w, "wakeup");
+        assert_eq!(wake.severity, Severity::Warning);
+        assert_eq!(wake.current, "24.5 µs per wake-up (400 rounds)");
+        assert!(
+            wake.why.contains("batch_wait_us (500–1000)"),
+            "{}",
+            wake.why
         );
     }
 }

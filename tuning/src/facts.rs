@@ -12,6 +12,7 @@ use serde::Serialize;
 use crate::limits::Limits;
 use crate::root::{options, parse_cpulist, selected, Root};
 use crate::uring::{self, UringStatus};
+use crate::wake::{self, WakeStatus};
 
 /// The kernel settings (sysctl names) the checks and `apply` manage.
 pub const SYSCTLS: &[&str] = &[
@@ -44,6 +45,9 @@ const CAP_IPC_LOCK: u32 = 14;
 pub struct CollectOptions {
     /// Set up a real io_uring ring to probe opcodes (only meaningful on the live root).
     pub probe_uring: bool,
+    /// Run the wake-up cost probe (two pinned threads ping-ponging over pipes, about 0.15 s;
+    /// only meaningful on the live root).
+    pub probe_wake: bool,
 }
 
 /// One logical CPU.
@@ -125,6 +129,8 @@ pub struct HostFacts {
     pub io_uring_disabled: Option<u64>,
     pub io_uring_group: Option<i64>,
     pub uring: UringStatus,
+    /// CPU charged to a thread per wake-up from idle (live probe).
+    pub wake: WakeStatus,
     pub limits: Limits,
     /// Whether this process has `CAP_IPC_LOCK` in its effective set.
     pub cap_ipc_lock: Option<bool>,
@@ -167,6 +173,11 @@ impl HostFacts {
         } else {
             UringStatus::NotProbed
         };
+        let wake = if opts.probe_wake && root.is_live() {
+            wake::probe()
+        } else {
+            WakeStatus::NotProbed
+        };
         let cpus = collect_cpus(root);
         let (clocksource, clocksources_available) = {
             let base = "/sys/devices/system/clocksource/clocksource0";
@@ -185,6 +196,7 @@ impl HostFacts {
                 .read_trimmed("/proc/sys/kernel/io_uring_group")
                 .and_then(|v| v.parse().ok()),
             uring,
+            wake,
             limits: Limits::read(root),
             cap_ipc_lock: status_field(&status, "CapEff:")
                 .and_then(|v| u64::from_str_radix(v, 16).ok())
@@ -435,6 +447,7 @@ mod tests {
         assert!(facts.cpus.is_empty());
         assert!(facts.kernel_release.is_none());
         assert_eq!(facts.uring, UringStatus::NotProbed);
+        assert_eq!(facts.wake, WakeStatus::NotProbed);
         assert!(facts.sysctls.is_empty());
     }
 

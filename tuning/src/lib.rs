@@ -6,10 +6,11 @@
 //!
 //! Layout: [`root`] is the injected filesystem root every read and write goes through (the real
 //! `/`, or a fixture tree in tests); [`facts`] reads a host into plain data; [`uring`] probes
-//! io_uring live; [`limits`] holds the rlimit and locked-memory arithmetic; [`profile`] the
-//! instance profiles (`profiles.toml`); [`plan`] the shard count and core map; [`checks`] judges
-//! facts into [`Finding`]s; [`apply`] turns targets into files and kernel settings; [`report`]
-//! renders results. [`Host`] ties them together for one root and profile.
+//! io_uring live; [`wake`] measures live what a wake-up from idle costs in CPU; [`limits`] holds
+//! the rlimit and locked-memory arithmetic; [`profile`] the instance profiles (`profiles.toml`);
+//! [`plan`] the shard count and core map; [`checks`] judges facts into [`Finding`]s; [`apply`]
+//! turns targets into files and kernel settings; [`report`] renders results. [`Host`] ties them
+//! together for one root and profile.
 
 pub mod apply;
 pub mod checks;
@@ -21,6 +22,7 @@ pub mod profile;
 pub mod report;
 pub mod root;
 pub mod uring;
+pub mod wake;
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -54,7 +56,8 @@ pub struct StartupContext {
 /// Runs every check against the real `/`, from inside the process that will run the shards:
 /// probes io_uring live and judges locked memory with this process's own limit and capabilities.
 /// The profile is the one named like the DMI product name, else `generic`. Never panics; what
-/// cannot be read is reported as unknown.
+/// cannot be read is reported as unknown. The wake-up probe is not run here (it would add about
+/// 0.15 s to every start), and its finding is left out; `iris-tune check` runs it.
 ///
 /// `iris-edge` logs each non-OK finding once (see [`log_findings`]) and refuses to start on a
 /// `Critical` `io_uring` or `memlock` finding.
@@ -71,11 +74,19 @@ pub fn startup_checks(ctx: &StartupContext) -> Vec<Finding> {
             Root::live(),
             &profiles,
             None,
-            CollectOptions { probe_uring: true },
+            CollectOptions {
+                probe_uring: true,
+                probe_wake: false,
+            },
         )
     });
     match opened {
-        Ok(host) => host.check(&check_ctx),
+        Ok(host) => {
+            let mut findings = host.check(&check_ctx);
+            // Not probed here: "not measured" at every start would only be noise.
+            findings.retain(|f| f.name != "wakeup");
+            findings
+        }
         Err(e) => vec![Finding {
             name: "profile".to_owned(),
             current: "unusable".to_owned(),

@@ -81,7 +81,8 @@ struct CheckArgs {
     /// io_uring ring depth (default: the edge config's, else 128).
     #[arg(long)]
     ring_depth: Option<usize>,
-    /// Do not set up an io_uring ring to probe opcodes.
+    /// Do not run the live probes (an io_uring ring for the opcodes, two pinned threads for the
+    /// cost of a wake-up).
     #[arg(long)]
     no_probe: bool,
 }
@@ -168,6 +169,7 @@ fn check(
         profile,
         CollectOptions {
             probe_uring: !args.no_probe,
+            probe_wake: !args.no_probe,
         },
     )?;
     let ctx = CheckContext {

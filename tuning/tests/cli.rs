@@ -47,6 +47,8 @@ fn check_json_reports_a_stock_c6i_and_exits_1() {
         ("irq_affinity:eth0", "warning"),
         ("irqbalance", "ok"),
         ("clocksource", "info"),
+        // Not a live root: the wake-up probe does not run.
+        ("wakeup", "info"),
     ] {
         assert_eq!(severity(&fs, name), want, "{name}: {}", fs[name]);
     }
@@ -374,6 +376,8 @@ fn check_runs_on_this_machine() {
         assert!(fs.contains_key(name), "{name}");
         assert_ne!(fs[name]["current"], "unknown", "{name}");
     }
+    // Probed live: measured, or unknown with a reason (fewer than two CPUs allowed).
+    assert_ne!(fs["wakeup"]["current"], "not probed");
     // Read-only on the real root: the dry run prints and changes nothing.
     let out = iris_tune(&["apply", "--dry-run"]);
     assert_eq!(out.status.code(), Some(0));
