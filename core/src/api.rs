@@ -123,8 +123,9 @@ pub enum CoreRequest {
     ///
     /// `accepted`: when the edge accepted the message (read it from its sender). The embedded
     /// core writes a message not acked by then at most `commit_window_ms` after this instant
-    /// (or after the end of the commit before it was taken in, if that is later); the
-    /// cluster link ignores it.
+    /// (or after the end of the commit before it was taken in, if that is later; one that
+    /// waited in a full queue to the core longer than the window is due the moment it is taken
+    /// in); the cluster link ignores it.
     Store {
         msg: StoredMsg,
         conn: ConnId,

@@ -38,12 +38,13 @@
 //!
 //! The hot tier is owned by the core thread alone, like the store.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use foldhash::{HashMap, HashMapExt};
 use tracing::{debug, warn};
 
 use crate::api::StoredMsg;

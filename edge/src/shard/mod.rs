@@ -20,7 +20,7 @@ pub mod transport;
 pub mod v2;
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::rc::Rc;
@@ -28,6 +28,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::Duration;
+
+use foldhash::{HashMap, HashMapExt};
 
 use crossbeam::channel::TrySendError;
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
