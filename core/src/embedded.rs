@@ -28,13 +28,14 @@
 //! touching disk (`cancelled_before_store`). Each message has its own window: one accepted
 //! late in another's window is not written when that window closes, only if its own closes
 //! unacked. Under sparse traffic, whose acks come well within the window, the core thus
-//! commits only for the few messages acked late, not every window. An ack for an already committed message becomes a
-//! delete in the next batch (a message committed in the last one to two seconds is known to be
-//! stored without a lookup: `acks_of_recent_stores`, see "Acks of messages not stored"), and is
-//! remembered for 1–2 s (two generations of a recent-acks set, rotated every second), because
-//! stores and acks travel on different shards' queues: a store that arrives after its own ack is
-//! dropped (`late_stores_dropped`) instead of being kept forever. A store later than that is kept
-//! and delivered again at the next login (a duplicate, never a loss).
+//! commits only for the few messages acked late, not every window. An ack for an already
+//! committed message becomes a delete in the next batch (a message committed in the last one to
+//! two seconds is known to be stored without a lookup: `acks_of_recent_stores`, see "Acks of
+//! messages not stored"), and is remembered for 1–2 s (two generations of a recent-acks set,
+//! rotated every second), because stores and acks travel on different shards' queues: a store
+//! that arrives after its own ack is dropped (`late_stores_dropped`) instead of being kept
+//! forever. A store later than that is kept and delivered again at the next login (a duplicate,
+//! never a loss).
 //!
 //! # The hot tier
 //! With `hot_log_secs` > 0 (default 1), the commit writes its new messages and v2 dedup records
@@ -45,8 +46,8 @@
 //! (`acks_of_hot`); the LSM never sees it. A hot message not acked within one to two periods is
 //! moved into the LSM in one durable batch per hot log file (`hot_moved`), and remembered as
 //! recently stored; the file's dedup records move with it, acked or not. Drains, the quota,
-//! duplicate stores and resends see the hot messages and records as they see stored ones. The id floor rides in every hot frame, so a commit with only hot work writes
-//! nothing to the LSM. At start the hot log is replayed into the LSM before anything is served;
+//! duplicate stores and resends see the hot messages and records as they see stored ones. The
+//! id floor rides in every hot frame, so a commit with only hot work writes nothing to the LSM. At start the hot log is replayed into the LSM before anything is served;
 //! at shutdown every hot message is moved into it. This exists for the load where acks miss the
 //! 2 ms window by a little: writing each message into the LSM and deleting it moments later
 //! (a memtable insert and a tombstone, then a flush and a compaction of both) cost about 12 µs
@@ -1591,8 +1592,7 @@ impl Core {
     /// other messages came; and never sooner than `window` after the last commit ended (as
     /// when the window counted from the first store taken in after it), so stores taken in
     /// late (a backlog, or those that came during a commit's fsync) do not make commits more
-    /// frequent. Drops the entries of
-    /// cancelled inserts from the top of [`Core::insert_due`].
+    /// frequent. Drops the entries of cancelled inserts from the front of [`Core::insert_due`].
     fn next_due(&mut self) -> Option<Instant> {
         while let Some(&(due, id)) = self.insert_due.front() {
             if self.insert_ids.contains(&id) {
@@ -3379,8 +3379,9 @@ mod tests {
         sleep_until(t0 + Duration::from_millis(600));
         link.to_core.send(store_req(msg(3), 1)).unwrap();
         sleep_until(t0 + Duration::from_millis(650));
-        ack(link, b"ruth", 2); // within its window (t0 + 1 s)
-                               // 2's window closes at t0 + 1 s with 3 unacked: 3's own window runs to t0 + 1.6 s.
+        // Within 2's window (to t0 + 1 s). That window closes with 3 unacked: 3's own runs to
+        // t0 + 1.6 s.
+        ack(link, b"ruth", 2);
         sleep_until(t0 + Duration::from_millis(1_100));
         ack(link, b"ruth", 3);
         wait_for(&m, "both cancels", |s| s.cancelled_before_store == 3);
