@@ -867,11 +867,11 @@ impl Core {
                 debug!("all shard links closed");
                 break;
             }
-            let due = self.next_due().is_some();
+            let due = self.next_due();
             self.idle
-                .note(took > 0 || !self.deferred.is_empty() || due, now);
+                .note(took > 0 || !self.deferred.is_empty() || due.is_some(), now);
             if took == 0 && self.deferred.is_empty() {
-                self.wait();
+                self.wait(due);
             }
         }
         self.finish()
@@ -883,15 +883,14 @@ impl Core {
     }
 
     /// Blocks until a request or stop signal arrives, an overflowing reply queue has room, or
-    /// the next commit is due.
+    /// the next commit is due (`due`, from [`Core::next_due`]).
     ///
     /// With a commit pending, requests do not wake the core: stores and acks wait in the
     /// queues until the commit window closes and are taken in as one batch (one wake-up per
     /// window instead of one per message). A shard rings `wake_rx` for a request that needs
     /// a prompt answer (a drain, a prekey fetch) or when its queue passes half full.
-    fn wait(&mut self) {
+    fn wait(&mut self, due: Option<Instant>) {
         let now = Instant::now();
-        let due = self.next_due();
         let mut timeout = due.map_or(IDLE_WAIT, |d| {
             d.saturating_duration_since(now).min(IDLE_WAIT)
         });

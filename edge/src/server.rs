@@ -118,26 +118,11 @@ fn bind_optional(
 
 /// The CPUs this process may run on (its affinity mask), in ascending order.
 pub fn allowed_cpus() -> Vec<usize> {
-    let ids: Vec<usize> = core_ids_from_affinity();
+    let ids = iris_tuning::facts::affinity_cpus().unwrap_or_default();
     if ids.is_empty() {
         (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect()
     } else {
         ids
-    }
-}
-
-fn core_ids_from_affinity() -> Vec<usize> {
-    // SAFETY: `cpu_set_t` is plain data for which all-zeroes is a valid (empty) set;
-    // `sched_getaffinity` writes at most `size_of::<cpu_set_t>()` bytes into it, and `CPU_ISSET`
-    // only reads it with an index below `CPU_SETSIZE`.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            return Vec::new();
-        }
-        (0..libc::CPU_SETSIZE as usize)
-            .filter(|&i| libc::CPU_ISSET(i, &set))
-            .collect()
     }
 }
 

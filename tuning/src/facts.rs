@@ -245,6 +245,27 @@ impl HostFacts {
     }
 }
 
+/// The CPUs the calling thread may run on (its affinity mask), lowest first.
+pub fn affinity_cpus() -> std::io::Result<Vec<usize>> {
+    // SAFETY: `cpu_set_t` is a plain array of integers, for which all-zero is a valid value
+    // (the empty set).
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sched_getaffinity writes at most `size_of::<cpu_set_t>()` bytes (the size we pass)
+    // through the pointer, which points at a live, aligned and exclusively borrowed `cpu_set_t`
+    // for the whole call; it has no other memory effects.
+    let rc =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let setsize = usize::try_from(libc::CPU_SETSIZE).unwrap_or(0);
+    Ok((0..setsize)
+        // SAFETY: CPU_ISSET only reads bit `c` of the set we own, and `c` < CPU_SETSIZE, the
+        // number of bits in a `cpu_set_t`, so the read stays inside it.
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect())
+}
+
 /// `6.18.44-fc-v669` -> `(6, 18)`.
 pub fn parse_kernel_version(release: &str) -> Option<(u32, u32)> {
     let mut parts = release.split(|c: char| !c.is_ascii_digit());

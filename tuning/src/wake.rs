@@ -161,48 +161,16 @@ fn waker(cpu: usize, mut tx: PipeWriter, mut rx: PipeReader) -> Result<(), Stop>
 
 /// The CPUs the calling thread may run on, lowest first.
 fn allowed_cpus() -> Result<Vec<usize>, String> {
-    // SAFETY: `cpu_set_t` is a plain array of integers, for which all-zero is a valid value
-    // (the empty set).
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: sched_getaffinity writes at most `size_of::<cpu_set_t>()` bytes (the size we pass)
-    // through the pointer, which points at a live, aligned and exclusively borrowed `cpu_set_t`
-    // for the whole call; it has no other memory effects.
-    let rc =
-        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
-    if rc != 0 {
-        return Err(format!(
-            "sched_getaffinity: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    let setsize = usize::try_from(libc::CPU_SETSIZE).unwrap_or(0);
-    Ok((0..setsize)
-        // SAFETY: CPU_ISSET only reads bit `c` of the set we own, and `c` < CPU_SETSIZE, the
-        // number of bits in a `cpu_set_t`, so the read stays inside it.
-        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
-        .collect())
+    crate::facts::affinity_cpus().map_err(|e| format!("sched_getaffinity: {e}"))
 }
 
 /// Pins the calling thread to `cpu`.
 fn pin(cpu: usize) -> Result<(), String> {
-    // SAFETY: `cpu_set_t` is a plain array of integers, for which all-zero is a valid value
-    // (the empty set).
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: CPU_SET only writes bit `cpu` of the set we own; `cpu` came from `allowed_cpus`,
-    // so it is below CPU_SETSIZE and the write stays inside the set (an index past the end
-    // would panic on the bounds check, never write out of bounds).
-    unsafe { libc::CPU_SET(cpu, &mut set) };
-    // SAFETY: sched_setaffinity reads `size_of::<cpu_set_t>()` bytes (the size we pass) from
-    // the pointer, which points at a live, initialized `cpu_set_t` for the whole call; pid 0 is
-    // the calling thread, whose affinity is all it changes.
-    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
-    if rc != 0 {
-        return Err(format!(
-            "pinning a probe thread to CPU {cpu}: {}",
-            std::io::Error::last_os_error()
-        ));
+    if core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
+        Ok(())
+    } else {
+        Err(format!("pinning a probe thread to CPU {cpu} failed"))
     }
-    Ok(())
 }
 
 /// CPU time of the calling thread, in nanoseconds.

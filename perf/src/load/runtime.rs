@@ -40,21 +40,8 @@ pub fn parse_cpus(s: &str) -> anyhow::Result<Vec<usize>> {
     Ok(out)
 }
 
-/// The CPUs this process may run on (its affinity mask).
-pub fn allowed_cpus() -> Vec<usize> {
-    // SAFETY: `cpu_set_t` is a plain bit array for which all-zero is a valid value;
-    // sched_getaffinity writes at most `size_of::<cpu_set_t>()` bytes into the set we own, and
-    // CPU_ISSET only reads it with an index below CPU_SETSIZE.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            return (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
-        }
-        (0..libc::CPU_SETSIZE as usize)
-            .filter(|&c| libc::CPU_ISSET(c, &set))
-            .collect()
-    }
-}
+/// The CPUs this process may run on (its affinity mask): the edge's reading of it.
+pub use iris_edge::server::allowed_cpus;
 
 /// Raises the soft open-files limit to the hard limit; returns the new soft limit.
 pub fn raise_nofile() -> u64 {
