@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crossbeam::channel::{bounded, Receiver};
 use iris_bus::kafka::{
     ensure_topics, ensure_topics_within, route_by_partition, InFrame, KafkaConfig, KafkaConsumer,
-    KafkaProducer, OutFrame, TopicKeeper,
+    KafkaProducer, OutFrame, ReadMarks, TopicKeeper,
 };
 use iris_bus::{decode_counted, encode, BusFrame, Deliver, FrameStats};
 use iris_tests::services::{free_port, wait_for, Tansu};
@@ -270,6 +270,119 @@ fn keeper_recreates_topics_lost_by_a_memory_broker_restart() {
         keeper.stats().checks >= before.checks + 2
     });
     assert_eq!(keeper.stats().recreated, before.recreated);
+    keeper.stop();
+}
+
+/// Writes `payloads` to `partition` of `topic` in one batch (linger 200 ms), flushed.
+fn produce_batch(brokers: &str, topic: &str, partition: i32, payloads: &[&[u8]]) {
+    let p: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "200")
+        .create()
+        .unwrap();
+    for &payload in payloads {
+        p.send(
+            BaseRecord::<(), _>::to(topic)
+                .partition(partition)
+                .payload(payload),
+        )
+        .unwrap();
+    }
+    p.flush(Duration::from_secs(10)).unwrap();
+}
+
+/// Reads `want` records of `topic` from the beginning of its partitions and notes each in
+/// `marks`, as a consumer handing them on would.
+fn read_and_mark(brokers: &str, topic: &str, partitions: i32, want: usize, marks: &ReadMarks) {
+    use rdkafka::message::Message;
+    use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "t-marks")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    c.assign(&tpl).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = HashSet::new();
+    while seen.len() < want {
+        assert!(
+            Instant::now() < deadline,
+            "read {} of {want} records",
+            seen.len()
+        );
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+            if seen.insert((m.partition(), m.offset())) {
+                let ts = m.timestamp().to_millis().unwrap_or(-1);
+                marks.note(
+                    m.partition(),
+                    m.offset(),
+                    ts,
+                    m.payload().unwrap_or_default(),
+                );
+            }
+        }
+    }
+}
+
+/// A topic re-created by another process is present when the keeper looks, but its log is new:
+/// the keeper finds it from the records a consumer read last ([`ReadMarks`]). Partition 0's
+/// mark lies inside a batch of five (tansu's high watermark points at the batch's first
+/// record); partition 1's new log holds another record at the very offset of its mark. Before
+/// the restart, several checks of the same logs find nothing replaced.
+#[test]
+fn keeper_finds_a_log_replaced_by_another_process() {
+    init_tracing();
+    let mut broker = Tansu::memory();
+    let cfg = broker.config("t-marks");
+    let topic = "iris.test.marked";
+    let topics = vec![(topic.to_owned(), 2)];
+    ensure_topics(&cfg, &topics).unwrap();
+    produce_batch(&cfg.brokers, topic, 0, &[b"a0", b"a1", b"a2", b"a3", b"a4"]);
+    produce_batch(&cfg.brokers, topic, 1, &[b"b0"]);
+    let marks = ReadMarks::new(topic);
+    read_and_mark(&cfg.brokers, topic, 2, 6, &marks);
+    let every = Duration::from_millis(200);
+    let keeper =
+        TopicKeeper::start_watching(&cfg, topics.clone(), every, Some(Arc::clone(&marks))).unwrap();
+    wait_for("four checks", Duration::from_secs(30), || {
+        keeper.stats().checks >= 4
+    });
+    let s = keeper.stats();
+    assert_eq!(
+        (s.recreated, s.replaced),
+        (0, 0),
+        "the logs read are still there: {s:?}"
+    );
+    keeper.stop();
+    // Another process re-creates the topic after the restart and writes to it before this
+    // keeper looks again (it is stopped meanwhile, so it cannot re-create the topic itself).
+    broker.restart();
+    ensure_topics(&cfg, &topics).unwrap();
+    produce_batch(&cfg.brokers, topic, 0, &[b"new a0"]);
+    produce_batch(&cfg.brokers, topic, 1, &[b"new b0"]);
+    let keeper =
+        TopicKeeper::start_watching(&cfg, topics, every, Some(Arc::clone(&marks))).unwrap();
+    let watch = keeper.recreations();
+    wait_for("both replaced logs found", Duration::from_secs(30), || {
+        keeper.stats().replaced >= 2
+    });
+    assert_eq!(
+        watch.of(topic),
+        2,
+        "each replaced log counts as a re-creation"
+    );
+    // Reported once each: the marks of the lost logs are dropped.
+    let before = keeper.stats();
+    wait_for("two more checks", Duration::from_secs(20), || {
+        keeper.stats().checks >= before.checks + 2
+    });
+    assert_eq!(keeper.stats().replaced, 2);
     keeper.stop();
 }
 

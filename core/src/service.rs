@@ -155,7 +155,7 @@ use iris_bus::home::Homes;
 use iris_bus::hops::HopHistogram;
 use iris_bus::kafka::{
     ensure_topics, start_offsets, Done, KafkaConfig, KafkaProducer, OffsetGuard, OutFrame,
-    ProducerRing, RecreationCursor, TopicKeeper,
+    ProducerRing, ReadMarks, RecreationCursor, TopicKeeper,
 };
 use iris_bus::{
     decode_counted, encode, to_owned, ArchivedBusFrame, BusFrame, ConfirmTo, Confirmed, Deliver,
@@ -945,8 +945,11 @@ pub struct CoreService {
     inboxes: HashMap<u32, Arc<str>>,
     admin: Option<Admin>,
     keeper: Option<TopicKeeper>,
-    /// Which of the deliver and presence topics the keeper re-created since last looked.
+    /// Which of the deliver and presence topics the keeper re-created (or found replaced)
+    /// since last looked.
     recreations: Option<RecreationCursor>,
+    /// What was read last from each deliver partition, for the keeper's check.
+    read_marks: Arc<ReadMarks>,
     logged_consume_error: bool,
     logged_session_error: bool,
     /// The global bus producer (multi-region): routes to other regions (roamers' copies,
@@ -1055,7 +1058,15 @@ impl CoreService {
             topic = %deliver_topic,
             "iris-core assigned its deliver partitions"
         );
-        let keeper = match TopicKeeper::start(&kafka, topics, KEEPER_EVERY) {
+        // What was read last from each deliver partition: the keeper checks that the logs are
+        // still those (another process may have re-created the topics first).
+        let read_marks = ReadMarks::new(&deliver_topic);
+        let keeper = match TopicKeeper::start_watching(
+            &kafka,
+            topics,
+            KEEPER_EVERY,
+            Some(Arc::clone(&read_marks)),
+        ) {
             Ok(k) => Some(k),
             Err(e) => {
                 warn!(error = %e, "topic keeper not started, lost topics are not re-created");
@@ -1160,6 +1171,7 @@ impl CoreService {
             inboxes: HashMap::new(),
             admin,
             recreations,
+            read_marks,
             keeper,
             logged_consume_error: false,
             offset_guard,
@@ -1507,6 +1519,10 @@ impl CoreService {
                 let presence = msg.topic() == self.presence_topic;
                 // Copied out: the record borrows the consumer, the handler needs `self`.
                 let payload = msg.payload().unwrap_or_default().to_vec();
+                if !presence {
+                    let timestamp = msg.timestamp().to_millis().unwrap_or(-1);
+                    self.read_marks.note(partition, offset, timestamp, &payload);
+                }
                 drop(msg);
                 if presence {
                     self.stats.records.fetch_add(1, Ordering::Relaxed);

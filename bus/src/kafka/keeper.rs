@@ -17,6 +17,13 @@
 //! a topic they read is re-created; [`KafkaConsumer::watch_recreations`] still offers the seek to
 //! the beginning for a consumer that can afford it (records read twice are duplicates).
 //!
+//! A topic re-created by another process (an edge restarting before this keeper looked) is
+//! found present, yet its log is new just the same. So a consumer may also hand the keeper its
+//! [`ReadMarks`] (what it last read from each partition of a topic: offset, timestamp and a hash
+//! of the payload); each check then reads the last record batch of every partition whose mark
+//! lies in it, and a partition whose log is empty, ends before the mark, or holds another record
+//! at the mark's offset counts as a re-creation of its topic ([`KeeperStats::replaced`]).
+//!
 //! [`KafkaConsumer::watch_recreations`]: super::KafkaConsumer::watch_recreations
 
 use std::collections::HashMap;
@@ -27,6 +34,9 @@ use std::time::Duration;
 
 use rdkafka::admin::AdminClient;
 use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
 
 use super::{ensure_topics_within, KafkaConfig, TransportError};
 
@@ -41,6 +51,8 @@ struct Shared {
     wake: Condvar,
     checks: AtomicU64,
     recreated: AtomicU64,
+    /// Logs found replaced under a topic that exists ([`ReadMarks`]).
+    replaced: AtomicU64,
     errors: AtomicU64,
     /// Re-creations per topic name.
     per_topic: Mutex<HashMap<String, u64>>,
@@ -119,6 +131,9 @@ pub struct KeeperStats {
     pub checks: u64,
     /// Topics found missing and re-created.
     pub recreated: u64,
+    /// Topics whose log was found replaced (re-created by another process) under a
+    /// [`ReadMarks`] mark; counted in `recreated` too.
+    pub replaced: u64,
     /// Checks or re-creations that failed (broker unreachable; retried at the next check).
     pub errors: u64,
 }
@@ -138,6 +153,17 @@ impl TopicKeeper {
         topics: Vec<(String, i32)>,
         every: Duration,
     ) -> Result<TopicKeeper, TransportError> {
+        Self::start_watching(cfg, topics, every, None)
+    }
+
+    /// [`Self::start`], also checking at each check that the logs under `marks` are the ones
+    /// its consumer read (see the module doc).
+    pub fn start_watching(
+        cfg: &KafkaConfig,
+        topics: Vec<(String, i32)>,
+        every: Duration,
+        marks: Option<Arc<ReadMarks>>,
+    ) -> Result<TopicKeeper, TransportError> {
         let admin: AdminClient<DefaultClientContext> = cfg
             .base_client_config()
             .create()
@@ -147,7 +173,7 @@ impl TopicKeeper {
         let s = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("iris-topic-keeper".to_owned())
-            .spawn(move || keep(&cfg, &admin, &topics, every, &s))
+            .spawn(move || keep(&cfg, &admin, &topics, marks.as_deref(), every, &s))
             .map_err(TransportError::Thread)?;
         Ok(TopicKeeper {
             shared,
@@ -175,6 +201,7 @@ impl TopicKeeper {
         KeeperStats {
             checks: s.checks.load(Ordering::Relaxed),
             recreated: s.recreated.load(Ordering::Relaxed),
+            replaced: s.replaced.load(Ordering::Relaxed),
             errors: s.errors.load(Ordering::Relaxed),
         }
     }
@@ -204,11 +231,18 @@ fn keep(
     cfg: &KafkaConfig,
     admin: &AdminClient<DefaultClientContext>,
     topics: &[(String, i32)],
+    marks: Option<&ReadMarks>,
     every: Duration,
     s: &Shared,
 ) {
+    // Created at the first check that needs it.
+    let mut probe: Option<BaseConsumer> = None;
     while !s.stop.load(Ordering::Acquire) {
-        check(cfg, admin, topics, s);
+        if check(cfg, admin, topics, s) {
+            if let Some(m) = marks {
+                check_marks(cfg, admin, m, &mut probe, s);
+            }
+        }
         let mut poked = s.poked.lock().unwrap_or_else(|e| e.into_inner());
         if !*poked && !s.stop.load(Ordering::Acquire) {
             poked = s
@@ -222,18 +256,19 @@ fn keep(
 }
 
 /// One check: the topics of `topics` missing from the broker's metadata are re-created.
+/// True when the broker answered and none was missing.
 fn check(
     cfg: &KafkaConfig,
     admin: &AdminClient<DefaultClientContext>,
     topics: &[(String, i32)],
     s: &Shared,
-) {
+) -> bool {
     let md = match admin.inner().fetch_metadata(None, REQUEST_WAIT) {
         Ok(md) => md,
         Err(e) => {
             s.errors.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(error = %e, "topic keeper: metadata not answered");
-            return;
+            return false;
         }
     };
     s.checks.fetch_add(1, Ordering::Relaxed);
@@ -247,25 +282,321 @@ fn check(
         .cloned()
         .collect();
     if missing.is_empty() {
-        return;
+        return true;
     }
     match ensure_topics_within(cfg, &missing, REQUEST_WAIT) {
         Ok(()) => {
-            {
-                let mut m = s.per_topic.lock().unwrap_or_else(|e| e.into_inner());
-                for (name, _) in &missing {
-                    *m.entry(name.clone()).or_default() += 1;
-                }
-            }
-            // After the per-topic counts: a reader that sees the new total finds them.
-            s.recreated
-                .fetch_add(missing.len() as u64, Ordering::Release);
             let names: Vec<&str> = missing.iter().map(|(n, _)| n.as_str()).collect();
+            count_recreated(s, &names);
             tracing::warn!(topics = ?names, "kafka topics were missing, re-created");
         }
         Err(e) => {
             s.errors.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(error = %e, "topic keeper: re-creation failed, retried at the next check");
         }
+    }
+    false
+}
+
+/// Counts a re-creation of each of `names` for the [`Recreations`] watchers.
+fn count_recreated(s: &Shared, names: &[&str]) {
+    {
+        let mut m = s.per_topic.lock().unwrap_or_else(|e| e.into_inner());
+        for name in names {
+            *m.entry((*name).to_owned()).or_default() += 1;
+        }
+    }
+    // After the per-topic counts: a reader that sees the new total finds them.
+    s.recreated.fetch_add(names.len() as u64, Ordering::Release);
+}
+
+/// What a consumer last read from one partition: enough to tell that record from another one
+/// written at the same offset of a new log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mark {
+    pub offset: i64,
+    /// The record's timestamp (create time, set by its producer; -1 when it has none).
+    pub timestamp: i64,
+    /// A hash of its payload ([`payload_hash`]).
+    pub hash: u64,
+}
+
+/// The hash [`Mark::hash`] holds: foldhash with a fixed seed, the same in every process.
+pub fn payload_hash(payload: &[u8]) -> u64 {
+    use std::hash::BuildHasher;
+    foldhash::fast::FixedState::with_seed(0x1e15).hash_one(payload)
+}
+
+/// What a consumer last read from each partition of one topic, shared with its
+/// [`TopicKeeper`] ([`TopicKeeper::start_watching`]). The consumer notes every record it
+/// handles ([`Self::note`]: a lock, never contended but at the keeper's check).
+#[derive(Debug)]
+pub struct ReadMarks {
+    topic: String,
+    marks: Mutex<HashMap<i32, Mark>>,
+}
+
+impl ReadMarks {
+    pub fn new(topic: &str) -> Arc<ReadMarks> {
+        Arc::new(ReadMarks {
+            topic: topic.to_owned(),
+            marks: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The topic the marks are for.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Notes the record just handled from `partition`.
+    pub fn note(&self, partition: i32, offset: i64, timestamp: i64, payload: &[u8]) {
+        let mark = Mark {
+            offset,
+            timestamp,
+            hash: payload_hash(payload),
+        };
+        self.marks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(partition, mark);
+    }
+
+    /// Drops `partition`'s mark if it is still `mark` (its log was found replaced: reported
+    /// once).
+    fn forget(&self, partition: i32, mark: Mark) {
+        let mut m = self.marks.lock().unwrap_or_else(|e| e.into_inner());
+        if m.get(&partition) == Some(&mark) {
+            m.remove(&partition);
+        }
+    }
+
+    fn snapshot(&self) -> Vec<(i32, Mark)> {
+        let m = self.marks.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<(i32, Mark)> = m.iter().map(|(&p, &k)| (p, k)).collect();
+        v.sort_unstable_by_key(|&(p, _)| p);
+        v
+    }
+}
+
+/// Whether a partition's log still holds the record `mark` names, from the log's high
+/// watermark and the records of its last batch (`None`: that batch was not read).
+///
+/// tansu 0.6 reports as high watermark one past the first offset of the last batch, so the
+/// records from `high - 1` to the log's end are that batch's; Kafka reports the log's end.
+fn mark_holds(mark: Mark, high: i64, last_batch: Option<&[Mark]>) -> Option<bool> {
+    if high <= 0 {
+        return Some(false); // an empty log: a new one
+    }
+    if mark.offset < high - 1 {
+        return Some(true); // before the last batch: not checked (see the module doc)
+    }
+    let batch = last_batch?;
+    Some(batch.iter().any(|r| *r == mark))
+}
+
+/// Reads the marks' partitions' last batches and counts a re-creation of the marks' topic
+/// when one of them no longer holds its mark.
+fn check_marks(
+    cfg: &KafkaConfig,
+    admin: &AdminClient<DefaultClientContext>,
+    marks: &ReadMarks,
+    probe: &mut Option<BaseConsumer>,
+    s: &Shared,
+) {
+    let topic = marks.topic();
+    let mut to_read: Vec<(i32, Mark, i64)> = Vec::new();
+    for (partition, mark) in marks.snapshot() {
+        let high = match admin
+            .inner()
+            .fetch_watermarks(topic, partition, REQUEST_WAIT)
+        {
+            Ok((_, high)) => high,
+            Err(e) => {
+                s.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, "topic keeper: watermarks not answered");
+                return;
+            }
+        };
+        match mark_holds(mark, high, None) {
+            Some(true) => {}
+            Some(false) => return replaced(s, marks, partition, mark, high),
+            None => to_read.push((partition, mark, high)),
+        }
+    }
+    if to_read.is_empty() {
+        return;
+    }
+    if probe.is_none() {
+        match cfg
+            .base_client_config()
+            .set("group.id", format!("{}-keeper-probe", cfg.client_id))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false")
+            .set("fetch.wait.max.ms", cfg.fetch_wait_max_ms.to_string())
+            .create()
+        {
+            Ok(c) => *probe = Some(c),
+            Err(e) => {
+                s.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, "topic keeper: probe consumer not created");
+                return;
+            }
+        }
+    }
+    let Some(c) = probe.as_ref() else { return };
+    let batches = last_batches(c, topic, &to_read);
+    for ((partition, mark, high), batch) in to_read.iter().zip(&batches) {
+        if mark_holds(*mark, *high, batch.as_deref()) == Some(false) {
+            return replaced(s, marks, *partition, *mark, *high);
+        }
+    }
+}
+
+/// The records of each partition's last batch (from `high - 1`), read with `probe`; `None` for
+/// a partition that did not answer within [`REQUEST_WAIT`].
+fn last_batches(
+    probe: &BaseConsumer,
+    topic: &str,
+    parts: &[(i32, Mark, i64)],
+) -> Vec<Option<Vec<Mark>>> {
+    let mut out: Vec<Option<Vec<Mark>>> = vec![None; parts.len()];
+    let mut tpl = TopicPartitionList::with_capacity(parts.len());
+    for &(partition, _, high) in parts {
+        if tpl
+            .add_partition_offset(topic, partition, Offset::Offset(high - 1))
+            .is_err()
+        {
+            return out;
+        }
+    }
+    if probe.assign(&tpl).is_err() {
+        return out;
+    }
+    let deadline = std::time::Instant::now() + REQUEST_WAIT;
+    let mut quiet_since: Option<std::time::Instant> = None;
+    while std::time::Instant::now() < deadline {
+        match probe.poll(Duration::from_millis(20)) {
+            Some(Ok(m)) => {
+                if let Some(i) = parts.iter().position(|p| p.0 == m.partition()) {
+                    out[i].get_or_insert_with(Vec::new).push(Mark {
+                        offset: m.offset(),
+                        timestamp: m.timestamp().to_millis().unwrap_or(-1),
+                        hash: payload_hash(m.payload().unwrap_or_default()),
+                    });
+                }
+                quiet_since = None;
+            }
+            _ => {
+                // Every partition answered, and nothing more came for a while.
+                let since = *quiet_since.get_or_insert_with(std::time::Instant::now);
+                if out.iter().all(Option::is_some) && since.elapsed() >= Duration::from_millis(100)
+                {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = probe.unassign();
+    out
+}
+
+/// Counts the replaced log of the marks' topic as a re-creation (its consumers start again).
+fn replaced(s: &Shared, marks: &ReadMarks, partition: i32, mark: Mark, high: i64) {
+    let topic = marks.topic();
+    marks.forget(partition, mark);
+    s.replaced.fetch_add(1, Ordering::Relaxed);
+    count_recreated(s, &[topic]);
+    tracing::warn!(
+        topic,
+        partition,
+        read_offset = mark.offset,
+        high_watermark = high,
+        "kafka topic's log replaced (re-created by another process): the record read last is gone"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mark(offset: i64, payload: &[u8]) -> Mark {
+        Mark {
+            offset,
+            timestamp: 1_000 + offset,
+            hash: payload_hash(payload),
+        }
+    }
+
+    #[test]
+    fn an_empty_log_never_holds_a_mark() {
+        assert_eq!(mark_holds(mark(0, b"a"), 0, None), Some(false));
+        assert_eq!(mark_holds(mark(7, b"a"), 0, Some(&[])), Some(false));
+    }
+
+    #[test]
+    fn a_mark_before_the_last_batch_is_not_checked() {
+        // tansu: the last batch starts at high - 1 = 9; offset 8 lies in an earlier one.
+        assert_eq!(mark_holds(mark(8, b"a"), 10, None), Some(true));
+    }
+
+    #[test]
+    fn a_mark_in_the_last_batch_is_looked_up_in_it() {
+        let batch = [mark(9, b"x"), mark(10, b"a"), mark(11, b"y")];
+        // Not read: no verdict.
+        assert_eq!(mark_holds(mark(10, b"a"), 10, None), None);
+        // The same record (offset, timestamp, payload): held.
+        assert_eq!(mark_holds(mark(10, b"a"), 10, Some(&batch)), Some(true));
+        // Another payload at that offset, or another timestamp: a new log.
+        assert_eq!(mark_holds(mark(10, b"b"), 10, Some(&batch)), Some(false));
+        let mut other_time = mark(10, b"a");
+        other_time.timestamp += 1;
+        assert_eq!(mark_holds(other_time, 10, Some(&batch)), Some(false));
+        // The log ends before the mark (tansu's watermark is inside the last batch).
+        assert_eq!(mark_holds(mark(12, b"z"), 10, Some(&batch)), Some(false));
+    }
+
+    #[test]
+    fn marks_keep_the_last_record_per_partition_and_forget_only_the_one_reported() {
+        let marks = ReadMarks::new("t");
+        marks.note(1, 4, 10, b"a");
+        marks.note(0, 2, 10, b"b");
+        marks.note(1, 5, 11, b"c");
+        let snap = marks.snapshot();
+        assert_eq!(
+            snap,
+            vec![
+                (
+                    0,
+                    Mark {
+                        offset: 2,
+                        timestamp: 10,
+                        hash: payload_hash(b"b")
+                    }
+                ),
+                (
+                    1,
+                    Mark {
+                        offset: 5,
+                        timestamp: 11,
+                        hash: payload_hash(b"c")
+                    }
+                ),
+            ]
+        );
+        // A mark moved on since the check: kept.
+        marks.forget(1, snap[0].1);
+        marks.forget(
+            1,
+            Mark {
+                offset: 4,
+                timestamp: 10,
+                hash: payload_hash(b"a"),
+            },
+        );
+        assert_eq!(marks.snapshot().len(), 2);
+        marks.forget(0, snap[0].1);
+        assert_eq!(marks.snapshot(), vec![snap[1]]);
     }
 }

@@ -40,7 +40,9 @@ pub use consumer::{
     route_by_partition, start_offsets, ConsumerStats, InFrame, KafkaConsumer, OffsetGuard, Starts,
     Verdict, FIRST_BACK_STEP,
 };
-pub use keeper::{KeeperStats, RecreationCursor, Recreations, TopicKeeper};
+pub use keeper::{
+    payload_hash, KeeperStats, Mark, ReadMarks, RecreationCursor, Recreations, TopicKeeper,
+};
 pub use producer::{Done, KafkaProducer, OutFrame, ProducerRing, ProducerStats, NO_TICKET};
 
 /// Settings shared by the producer, the consumer and the admin client.
