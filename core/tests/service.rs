@@ -1081,6 +1081,62 @@ fn routes_held_while_redis_is_down_are_routed_when_it_returns() {
     assert_eq!(core.metric("iris_core_offline_total"), 0);
 }
 
+/// The broker loses its topics and another process (an edge restarting) re-creates them and
+/// writes to them before the core's keeper looks: the topics are there, the logs are new. The
+/// core had read jack's first message at offset 0 of its partition; the new log holds the second
+/// one at that very offset. The keeper finds the record it read gone, the core exits for a
+/// restart (status 75) and the restarted core reads the new log from its beginning. Before
+/// the keeper compared the records, the core went on fetching from offset 1 of the new log
+/// and never read the second message.
+#[test]
+fn topics_re_created_by_another_process_are_read_from_their_beginning() {
+    let mut env = Env::start();
+    let edge = env.edge(6);
+    env.online(b"jack", 6);
+    let mut core = env.core();
+    let tx = env.producer();
+    tx.frame(&BusFrame::Deliver(msg(1, b"jack")));
+    tx.flush();
+    assert_eq!(delivers(&edge.frames(1, Duration::from_secs(30))).len(), 1);
+    core.wait_metric("iris_core_records_total", 1);
+    drop(edge);
+    drop(tx);
+    env.tansu.restart();
+    // What a restarting edge does at once: create the region's topics and write.
+    let topics = [
+        (deliver(REGION), PARTITIONS as i32),
+        (presence(REGION), PARTITIONS as i32),
+    ];
+    ensure_topics(&env.kafka(), &topics).unwrap();
+    let edge = env.edge(6);
+    let tx = env.producer();
+    let second = msg(2, b"jack");
+    tx.frame(&BusFrame::Deliver(second.clone()));
+    tx.flush();
+    let mut restarts = 0;
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while got.is_empty() && Instant::now() < deadline {
+        got.extend(delivers(&edge.frames(1, Duration::from_secs(1))));
+        if core.exited_for_a_restart() {
+            restarts += 1;
+            drop(core);
+            core = env.core();
+        }
+    }
+    assert_eq!(
+        got,
+        vec![second],
+        "the message written to the new log (core restarts: {restarts}); the core's metrics:\n{}",
+        core.metrics()
+    );
+    assert!(
+        restarts >= 1,
+        "the core read the new log without a restart?"
+    );
+    eprintln!("topics re-created by another process: read after {restarts} core restart(s)");
+}
+
 /// A memory broker restarted loses every topic, record and committed offset. The region
 /// recovers: the core's keeper re-creates the deliver and presence topics and the core exits
 /// with status 75 for a restart (or librdkafka crashed it first, see `Core::exited_for_a_restart`);
