@@ -428,6 +428,7 @@ pub fn run_checks(
     out.push(check_irqbalance(facts, &targets));
     out.push(check_clocksource(facts));
     out.push(check_wakeup(facts));
+    out.push(check_halt_poll(facts));
     out.extend(check_nvme(facts, profile));
     out
 }
@@ -1284,6 +1285,72 @@ fn check_wakeup(facts: &HostFacts) -> Finding {
     }
 }
 
+/// What `guest_halt_poll_ns` is advised at: the kernel's own default (200 µs).
+const GUEST_HALT_POLL_NS: u64 = 200_000;
+
+/// A KVM guest whose idle driver is `haltpoll` with polling off halts its vCPU at every idle
+/// entry, so each wake-up of a sleeping shard is a VM exit and entry. The kernel's default polls
+/// up to 200 µs first (adaptively: a CPU whose wake-ups come later polls less).
+fn check_halt_poll(facts: &HostFacts) -> Finding {
+    let name = "halt_poll";
+    let wanted = format!(
+        "guest halt polling on (up to {} µs)",
+        GUEST_HALT_POLL_NS / 1000
+    );
+    if facts.cpuidle_driver.as_deref() != Some("haltpoll") {
+        let current = facts.cpuidle_driver.as_deref().map_or_else(
+            || "no cpuidle driver".to_owned(),
+            |d| format!("cpuidle {d}"),
+        );
+        return finding(
+            name,
+            current,
+            wanted,
+            Severity::Ok,
+            "not a guest idling through haltpoll: nothing to set",
+        );
+    }
+    match facts.guest_halt_poll_ns {
+        None => finding(
+            name,
+            "haltpoll, polling unknown",
+            wanted,
+            Severity::Info,
+            "the haltpoll driver is in use but /sys/module/haltpoll/parameters/guest_halt_poll_ns \
+             cannot be read",
+        ),
+        Some(ns) if ns > 0 => finding(
+            name,
+            format!("haltpoll, polling up to {} µs", ns / 1000),
+            wanted,
+            Severity::Ok,
+            "an idle vCPU polls before it halts: wake-ups soon after sleeping stay in the guest",
+        ),
+        Some(_) => {
+            let dear = matches!(
+                facts.wake,
+                WakeStatus::Measured { cpu_us_per_wake, .. } if cpu_us_per_wake > WAKEUP_CPU_US_MAX
+            );
+            finding(
+                name,
+                "haltpoll, polling off (guest_halt_poll_ns=0)",
+                wanted,
+                if dear { Severity::Warning } else { Severity::Info },
+                format!(
+                    "an idle vCPU halts at once, so every wake-up of a sleeping shard is a VM exit \
+                     and entry; the kernel's default polls up to {} µs first: `echo {GUEST_HALT_POLL_NS} \
+                     > /sys/module/haltpoll/parameters/guest_halt_poll_ns` (or \
+                     haltpoll.guest_halt_poll_ns={GUEST_HALT_POLL_NS} on the kernel command line) \
+                     halved the CPU per wake-up on a nested-virtualization host (21–26 to 12–13 µs) \
+                     at the price of the vCPU spinning that long when it idles; see \
+                     docs/TUNING.md, \"Wake-ups and batch_wait_us\"",
+                    GUEST_HALT_POLL_NS / 1000
+                ),
+            )
+        }
+    }
+}
+
 fn check_nvme(facts: &HostFacts, profile: &Profile) -> Vec<Finding> {
     let local: Vec<_> = facts.nvme.iter().filter(|d| !d.is_ebs()).collect();
     let mut out = Vec::new();
@@ -1599,6 +1666,50 @@ mod tests {
         assert_eq!(
             get(&run(&f, &ctx()), "clocksource").severity,
             Severity::Info
+        );
+    }
+
+    #[test]
+    fn halt_poll_severity() {
+        let mut f = base_facts();
+        // Bare metal or a guest with another idle driver: nothing to set.
+        assert_eq!(get(&run(&f, &ctx()), "halt_poll").severity, Severity::Ok);
+        f.cpuidle_driver = Some("intel_idle".into());
+        assert_eq!(
+            get(&run(&f, &ctx()), "halt_poll").current,
+            "cpuidle intel_idle"
+        );
+        f.cpuidle_driver = Some("haltpoll".into());
+        assert_eq!(get(&run(&f, &ctx()), "halt_poll").severity, Severity::Info);
+        f.guest_halt_poll_ns = Some(200_000);
+        let w = run(&f, &ctx());
+        assert_eq!(get(&w, "halt_poll").severity, Severity::Ok);
+        assert_eq!(
+            get(&w, "halt_poll").current,
+            "haltpoll, polling up to 200 µs"
+        );
+        // Off: advice, a warning once wake-ups were measured dear.
+        f.guest_halt_poll_ns = Some(0);
+        let w = run(&f, &ctx());
+        let h = get(&w, "halt_poll");
+        assert_eq!(h.severity, Severity::Info);
+        assert!(
+            h.why.contains("echo 200000 > /sys/module/haltpoll"),
+            "{}",
+            h.why
+        );
+        f.wake = WakeStatus::Measured {
+            cpu_us_per_wake: 3.0,
+            rounds: 400,
+        };
+        assert_eq!(get(&run(&f, &ctx()), "halt_poll").severity, Severity::Info);
+        f.wake = WakeStatus::Measured {
+            cpu_us_per_wake: 24.5,
+            rounds: 400,
+        };
+        assert_eq!(
+            get(&run(&f, &ctx()), "halt_poll").severity,
+            Severity::Warning
         );
     }
 

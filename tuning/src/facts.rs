@@ -146,6 +146,10 @@ pub struct HostFacts {
     pub cpu_mhz: Option<f64>,
     pub clocksource: Option<String>,
     pub clocksources_available: Vec<String>,
+    /// The cpuidle driver (`haltpoll` in KVM guests that poll before halting).
+    pub cpuidle_driver: Option<String>,
+    /// `haltpoll.guest_halt_poll_ns`: how long an idle vCPU polls before it halts (0: never).
+    pub guest_halt_poll_ns: Option<u64>,
     pub nics: Vec<NicFacts>,
     pub irqbalance_running: bool,
     pub nvme: Vec<BlockFacts>,
@@ -223,6 +227,8 @@ impl HostFacts {
             }),
             clocksource,
             clocksources_available,
+            cpuidle_driver: root.read_trimmed("/sys/devices/system/cpu/cpuidle/current_driver"),
+            guest_halt_poll_ns: root.read_u64("/sys/module/haltpoll/parameters/guest_halt_poll_ns"),
             nics: collect_nics(root),
             irqbalance_running: irqbalance_running(root),
             nvme: collect_nvme(root),
