@@ -389,7 +389,10 @@ fn a_haltpoll_guest_without_polling_is_told_how_to_turn_it_on() {
     let f = Fixture::c6i_4xlarge();
     let fs = findings(&iris_tune_in(&f, &["check", "--json"]));
     assert_eq!(severity(&fs, "halt_poll"), "ok", "{}", fs["halt_poll"]);
-    f.write("/sys/devices/system/cpu/cpuidle/current_driver", "haltpoll\n");
+    f.write(
+        "/sys/devices/system/cpu/cpuidle/current_driver",
+        "haltpoll\n",
+    );
     f.write("/sys/module/haltpoll/parameters/guest_halt_poll_ns", "0\n");
     let fs = findings(&iris_tune_in(&f, &["check", "--json"]));
     // Advice only: wake-ups are not measured under a fixture root.
@@ -399,7 +402,10 @@ fn a_haltpoll_guest_without_polling_is_told_how_to_turn_it_on() {
         why.contains("echo 200000 > /sys/module/haltpoll/parameters/guest_halt_poll_ns"),
         "{why}"
     );
-    f.write("/sys/module/haltpoll/parameters/guest_halt_poll_ns", "200000\n");
+    f.write(
+        "/sys/module/haltpoll/parameters/guest_halt_poll_ns",
+        "200000\n",
+    );
     let fs = findings(&iris_tune_in(&f, &["check", "--json"]));
     assert_eq!(severity(&fs, "halt_poll"), "ok", "{}", fs["halt_poll"]);
     assert_eq!(fs["halt_poll"]["current"], "haltpoll, polling up to 200 µs");

@@ -392,7 +392,7 @@ fn mark_holds(mark: Mark, high: i64, last_batch: Option<&[Mark]>) -> Option<bool
         return Some(true); // before the last batch: not checked (see the module doc)
     }
     let batch = last_batch?;
-    Some(batch.iter().any(|r| *r == mark))
+    Some(batch.contains(&mark))
 }
 
 /// Reads the marks' partitions' last batches and counts a re-creation of the marks' topic
