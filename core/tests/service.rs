@@ -1081,6 +1081,29 @@ fn routes_held_while_redis_is_down_are_routed_when_it_returns() {
     assert_eq!(core.metric("iris_core_offline_total"), 0);
 }
 
+/// Reads up to `want` delivers from `edge` within 60 s, playing the core's supervisor: the core
+/// is started again whenever it exits for a restart (counted in `restarts`).
+fn delivers_restarting(
+    env: &Env,
+    core: &mut Core,
+    edge: &Edge,
+    want: usize,
+    restarts: &mut u32,
+) -> Vec<Deliver> {
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while got.len() < want && Instant::now() < deadline {
+        got.extend(delivers(
+            &edge.frames(want - got.len(), Duration::from_secs(1)),
+        ));
+        if core.exited_for_a_restart() {
+            *restarts += 1;
+            *core = env.core();
+        }
+    }
+    got
+}
+
 /// The broker loses its topics and another process (an edge restarting) re-creates them and
 /// writes to them before the core's keeper looks: the topics are there, the logs are new. The
 /// core had read jack's first message at offset 0 of its partition; the new log holds the second
@@ -1114,16 +1137,7 @@ fn topics_re_created_by_another_process_are_read_from_their_beginning() {
     tx.frame(&BusFrame::Deliver(second.clone()));
     tx.flush();
     let mut restarts = 0;
-    let mut got = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while got.is_empty() && Instant::now() < deadline {
-        got.extend(delivers(&edge.frames(1, Duration::from_secs(1))));
-        if core.exited_for_a_restart() {
-            restarts += 1;
-            drop(core);
-            core = env.core();
-        }
-    }
+    let got = delivers_restarting(&env, &mut core, &edge, 1, &mut restarts);
     assert_eq!(
         got,
         vec![second],
@@ -1201,18 +1215,7 @@ fn a_memory_broker_restart_is_recovered_from() {
         tx.frame(&BusFrame::Deliver(d.clone()));
     }
     tx.flush();
-    let mut got = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while got.len() < sent.len() && Instant::now() < deadline {
-        got.extend(delivers(
-            &edge.frames(sent.len() - got.len(), Duration::from_secs(1)),
-        ));
-        if core.exited_for_a_restart() {
-            restarts += 1;
-            drop(core);
-            core = env.core();
-        }
-    }
+    let got = delivers_restarting(&env, &mut core, &edge, sent.len(), &mut restarts);
     assert_eq!(
         got,
         sent,
