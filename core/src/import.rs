@@ -58,7 +58,7 @@ use iris_bus::home::Homes;
 use iris_bus::hops::HopHistogram;
 use iris_bus::kafka::{
     ensure_topics_within, start_offsets, Done, KafkaConfig, KafkaProducer, OffsetGuard, OutFrame,
-    ProducerRing, RecreationCursor, TopicKeeper, NO_TICKET,
+    ProducerRing, ReadMarks, RecreationCursor, TopicKeeper, NO_TICKET,
 };
 use iris_bus::{decode_counted, encode, to_owned, BusFrame, FrameStats, Route, Routed, Stored};
 use rdkafka::config::ClientConfig;
@@ -278,6 +278,8 @@ struct Worker {
     gring: ProducerRing,
     keeper: Option<TopicKeeper>,
     recreations: Option<RecreationCursor>,
+    /// What was read last from each route partition, for the keeper's check.
+    read_marks: Arc<ReadMarks>,
     stats: Arc<ImportStats>,
     /// Per route partition: (offset, ticket) of the records not committed yet, in offset order
     /// (ticket [`NO_TICKET`]: nothing to wait for).
@@ -339,10 +341,14 @@ impl Worker {
         let ring = rings.pop().ok_or(CoreError::ThreadPanicked)?;
         let (global, mut grings) = KafkaProducer::start(&cfg.global, 1)?;
         let gring = grings.pop().ok_or(CoreError::ThreadPanicked)?;
-        let keeper = match TopicKeeper::start(
+        // What was read last from each route partition: the keeper checks that the logs are
+        // still those (another region's core may have re-created the topic first).
+        let read_marks = ReadMarks::new(&topic);
+        let keeper = match TopicKeeper::start_watching(
             &cfg.global,
             vec![(topic.clone(), parts)],
             KEEPER_EVERY,
+            Some(Arc::clone(&read_marks)),
         ) {
             Ok(k) => Some(k),
             Err(e) => {
@@ -374,6 +380,7 @@ impl Worker {
             gring,
             keeper,
             recreations,
+            read_marks,
             stats: Arc::clone(stats),
             queues: HashMap::new(),
             pending: HashMap::new(),
@@ -482,7 +489,9 @@ impl Worker {
             Some(Ok(msg)) => {
                 let (partition, offset) = (msg.partition(), msg.offset());
                 let payload = msg.payload().unwrap_or_default().to_vec();
+                let timestamp = msg.timestamp().to_millis().unwrap_or(-1);
                 drop(msg);
+                self.read_marks.note(partition, offset, timestamp, &payload);
                 self.positions.insert(partition, offset + 1);
                 let ticket = self.import(&payload);
                 self.queues
