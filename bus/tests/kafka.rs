@@ -348,8 +348,13 @@ fn keeper_finds_a_log_replaced_by_another_process() {
     let marks = ReadMarks::new(topic);
     read_and_mark(&cfg.brokers, topic, 2, 6, &marks);
     let every = Duration::from_millis(200);
-    let keeper =
-        TopicKeeper::start_watching(&cfg, topics.clone(), every, Some(Arc::clone(&marks))).unwrap();
+    let keeper = TopicKeeper::start_watching(
+        &cfg,
+        topics.clone(),
+        every,
+        Some((Arc::clone(&marks), every)),
+    )
+    .unwrap();
     wait_for("four checks", Duration::from_secs(30), || {
         keeper.stats().checks >= 4
     });
@@ -367,7 +372,8 @@ fn keeper_finds_a_log_replaced_by_another_process() {
     produce_batch(&cfg.brokers, topic, 0, &[b"new a0"]);
     produce_batch(&cfg.brokers, topic, 1, &[b"new b0"]);
     let keeper =
-        TopicKeeper::start_watching(&cfg, topics, every, Some(Arc::clone(&marks))).unwrap();
+        TopicKeeper::start_watching(&cfg, topics, every, Some((Arc::clone(&marks), every)))
+            .unwrap();
     let watch = keeper.recreations();
     wait_for("both replaced logs found", Duration::from_secs(30), || {
         keeper.stats().replaced >= 2

@@ -58,7 +58,7 @@ use iris_bus::home::Homes;
 use iris_bus::hops::HopHistogram;
 use iris_bus::kafka::{
     ensure_topics_within, start_offsets, Done, KafkaConfig, KafkaProducer, OffsetGuard, OutFrame,
-    ProducerRing, ReadMarks, RecreationCursor, TopicKeeper, NO_TICKET,
+    ProducerRing, ReadMarks, RecreationCursor, TopicKeeper, MARKS_EVERY, NO_TICKET,
 };
 use iris_bus::{decode_counted, encode, to_owned, BusFrame, FrameStats, Route, Routed, Stored};
 use rdkafka::config::ClientConfig;
@@ -348,7 +348,7 @@ impl Worker {
             &cfg.global,
             vec![(topic.clone(), parts)],
             KEEPER_EVERY,
-            Some(Arc::clone(&read_marks)),
+            Some((Arc::clone(&read_marks), MARKS_EVERY)),
         ) {
             Ok(k) => Some(k),
             Err(e) => {

@@ -155,7 +155,7 @@ use iris_bus::home::Homes;
 use iris_bus::hops::HopHistogram;
 use iris_bus::kafka::{
     ensure_topics, start_offsets, Done, KafkaConfig, KafkaProducer, OffsetGuard, OutFrame,
-    ProducerRing, ReadMarks, RecreationCursor, TopicKeeper,
+    ProducerRing, ReadMarks, RecreationCursor, TopicKeeper, MARKS_EVERY,
 };
 use iris_bus::{
     decode_counted, encode, to_owned, ArchivedBusFrame, BusFrame, ConfirmTo, Confirmed, Deliver,
@@ -1065,7 +1065,7 @@ impl CoreService {
             &kafka,
             topics,
             KEEPER_EVERY,
-            Some(Arc::clone(&read_marks)),
+            Some((Arc::clone(&read_marks), MARKS_EVERY)),
         ) {
             Ok(k) => Some(k),
             Err(e) => {

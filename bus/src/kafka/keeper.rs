@@ -22,7 +22,10 @@
 //! [`ReadMarks`] (what it last read from each partition of a topic: offset, timestamp and a hash
 //! of the payload); each check then reads the last record batch of every partition whose mark
 //! lies in it, and a partition whose log is empty, ends before the mark, or holds another record
-//! at the mark's offset counts as a re-creation of its topic ([`KeeperStats::replaced`]).
+//! at the mark's offset counts as a re-creation of its topic ([`KeeperStats::replaced`]). That
+//! reading costs the broker and this process a few fetches, so it runs after a sign that the
+//! broker may have been restarted (a poke, which consumers give at a consume error, or a check
+//! the broker did not answer) and otherwise every `marks_every` (30 s in the services).
 //!
 //! [`KafkaConsumer::watch_recreations`]: super::KafkaConsumer::watch_recreations
 
@@ -43,11 +46,18 @@ use super::{ensure_topics_within, KafkaConfig, TransportError};
 /// How long one metadata request or one re-creation may take.
 const REQUEST_WAIT: Duration = Duration::from_secs(2);
 
+/// How often the services' keepers read their consumers' [`ReadMarks`] with no sign of a broker
+/// restart (see the module doc).
+pub const MARKS_EVERY: Duration = Duration::from_secs(30);
+
 #[derive(Debug, Default)]
 struct Shared {
     stop: AtomicBool,
     /// Set by [`TopicKeeper::poke`]; the condvar wakes the thread.
     poked: Mutex<bool>,
+    /// Set by a poke or a check the broker did not answer: the marks are read at the next
+    /// answered check.
+    suspect: AtomicBool,
     wake: Condvar,
     checks: AtomicU64,
     recreated: AtomicU64,
@@ -156,13 +166,14 @@ impl TopicKeeper {
         Self::start_watching(cfg, topics, every, None)
     }
 
-    /// [`Self::start`], also checking at each check that the logs under `marks` are the ones
-    /// its consumer read (see the module doc).
+    /// [`Self::start`], also checking that the logs under `marks` are the ones its consumer
+    /// read (see the module doc): at the first answered check after a poke or an unanswered
+    /// check, and at least every `marks_every`.
     pub fn start_watching(
         cfg: &KafkaConfig,
         topics: Vec<(String, i32)>,
         every: Duration,
-        marks: Option<Arc<ReadMarks>>,
+        marks: Option<(Arc<ReadMarks>, Duration)>,
     ) -> Result<TopicKeeper, TransportError> {
         let admin: AdminClient<DefaultClientContext> = cfg
             .base_client_config()
@@ -173,7 +184,10 @@ impl TopicKeeper {
         let s = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("iris-topic-keeper".to_owned())
-            .spawn(move || keep(&cfg, &admin, &topics, marks.as_deref(), every, &s))
+            .spawn(move || {
+                let marks = marks.as_ref().map(|(m, e)| (m.as_ref(), *e));
+                keep(&cfg, &admin, &topics, marks, every, &s)
+            })
             .map_err(TransportError::Thread)?;
         Ok(TopicKeeper {
             shared,
@@ -183,6 +197,7 @@ impl TopicKeeper {
 
     /// Asks for a check now (e.g. after an "unknown topic" error).
     pub fn poke(&self) {
+        self.shared.suspect.store(true, Ordering::Release);
         let mut p = self.shared.poked.lock().unwrap_or_else(|e| e.into_inner());
         *p = true;
         self.shared.wake.notify_one();
@@ -231,16 +246,25 @@ fn keep(
     cfg: &KafkaConfig,
     admin: &AdminClient<DefaultClientContext>,
     topics: &[(String, i32)],
-    marks: Option<&ReadMarks>,
+    marks: Option<(&ReadMarks, Duration)>,
     every: Duration,
     s: &Shared,
 ) {
     // Created at the first check that needs it.
     let mut probe: Option<BaseConsumer> = None;
+    // When the marks were last read in full (`None`: not yet).
+    let mut marks_read: Option<std::time::Instant> = None;
     while !s.stop.load(Ordering::Acquire) {
-        if check(cfg, admin, topics, s) {
-            if let Some(m) = marks {
-                check_marks(cfg, admin, m, &mut probe, s);
+        if !check(cfg, admin, topics, s) {
+            s.suspect.store(true, Ordering::Release);
+        } else if let Some((m, marks_every)) = marks {
+            let due = marks_read.is_none_or(|t| t.elapsed() >= marks_every);
+            if s.suspect.swap(false, Ordering::AcqRel) || due {
+                if check_marks(cfg, admin, m, &mut probe, s) {
+                    marks_read = Some(std::time::Instant::now());
+                } else {
+                    s.suspect.store(true, Ordering::Release);
+                }
             }
         }
         let mut poked = s.poked.lock().unwrap_or_else(|e| e.into_inner());
@@ -396,14 +420,14 @@ fn mark_holds(mark: Mark, high: i64, last_batch: Option<&[Mark]>) -> Option<bool
 }
 
 /// Reads the marks' partitions' last batches and counts a re-creation of the marks' topic
-/// when one of them no longer holds its mark.
+/// when one of them no longer holds its mark. True when every mark got a verdict.
 fn check_marks(
     cfg: &KafkaConfig,
     admin: &AdminClient<DefaultClientContext>,
     marks: &ReadMarks,
     probe: &mut Option<BaseConsumer>,
     s: &Shared,
-) {
+) -> bool {
     let topic = marks.topic();
     let mut to_read: Vec<(i32, Mark, i64)> = Vec::new();
     for (partition, mark) in marks.snapshot() {
@@ -415,17 +439,20 @@ fn check_marks(
             Err(e) => {
                 s.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(error = %e, "topic keeper: watermarks not answered");
-                return;
+                return false;
             }
         };
         match mark_holds(mark, high, None) {
             Some(true) => {}
-            Some(false) => return replaced(s, marks, partition, mark, high),
+            Some(false) => {
+                replaced(s, marks, partition, mark, high);
+                return true;
+            }
             None => to_read.push((partition, mark, high)),
         }
     }
     if to_read.is_empty() {
-        return;
+        return true;
     }
     if probe.is_none() {
         match cfg
@@ -441,17 +468,26 @@ fn check_marks(
             Err(e) => {
                 s.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(error = %e, "topic keeper: probe consumer not created");
-                return;
+                return false;
             }
         }
     }
-    let Some(c) = probe.as_ref() else { return };
+    let Some(c) = probe.as_ref() else {
+        return false;
+    };
     let batches = last_batches(c, topic, &to_read);
+    let mut complete = true;
     for ((partition, mark, high), batch) in to_read.iter().zip(&batches) {
-        if mark_holds(*mark, *high, batch.as_deref()) == Some(false) {
-            return replaced(s, marks, *partition, *mark, *high);
+        match mark_holds(*mark, *high, batch.as_deref()) {
+            Some(true) => {}
+            Some(false) => {
+                replaced(s, marks, *partition, *mark, *high);
+                return true;
+            }
+            None => complete = false,
         }
     }
+    complete
 }
 
 /// The records of each partition's last batch (from `high - 1`), read with `probe`; `None` for

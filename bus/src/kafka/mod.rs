@@ -42,6 +42,7 @@ pub use consumer::{
 };
 pub use keeper::{
     payload_hash, KeeperStats, Mark, ReadMarks, RecreationCursor, Recreations, TopicKeeper,
+    MARKS_EVERY,
 };
 pub use producer::{Done, KafkaProducer, OutFrame, ProducerRing, ProducerStats, NO_TICKET};
 
