@@ -25,7 +25,8 @@
 //! at the mark's offset counts as a re-creation of its topic ([`KeeperStats::replaced`]). That
 //! reading costs the broker and this process a few fetches, so it runs after a sign that the
 //! broker may have been restarted (a poke, which consumers give at a consume error, or a check
-//! the broker did not answer) and otherwise every `marks_every` (30 s in the services).
+//! the broker did not answer; at most once per `every`) and otherwise every `marks_every` (30 s
+//! in the services).
 //!
 //! [`KafkaConsumer::watch_recreations`]: super::KafkaConsumer::watch_recreations
 
@@ -168,7 +169,7 @@ impl TopicKeeper {
 
     /// [`Self::start`], also checking that the logs under `marks` are the ones its consumer
     /// read (see the module doc): at the first answered check after a poke or an unanswered
-    /// check, and at least every `marks_every`.
+    /// check (at most once per `every`), and at least every `marks_every`.
     pub fn start_watching(
         cfg: &KafkaConfig,
         topics: Vec<(String, i32)>,
@@ -258,8 +259,12 @@ fn keep(
         if !check(cfg, admin, topics, s) {
             s.suspect.store(true, Ordering::Release);
         } else if let Some((m, marks_every)) = marks {
-            let due = marks_read.is_none_or(|t| t.elapsed() >= marks_every);
-            if s.suspect.swap(false, Ordering::AcqRel) || due {
+            // A suspicion is acted on at most once per `every`: a consumer that keeps failing
+            // pokes at every error.
+            let since = marks_read.map(|t| t.elapsed());
+            let due = since.is_none_or(|e| e >= marks_every);
+            let may = since.is_none_or(|e| e >= every);
+            if due || (may && s.suspect.swap(false, Ordering::AcqRel)) {
                 if check_marks(cfg, admin, m, &mut probe, s) {
                     marks_read = Some(std::time::Instant::now());
                 } else {
