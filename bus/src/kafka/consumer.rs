@@ -26,6 +26,8 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+
+use super::keeper::{payload_hash, Mark};
 use rdkafka::ClientContext;
 
 use super::{KafkaConfig, RecreationCursor, Recreations, TransportError};
@@ -287,51 +289,30 @@ fn stored_or_beginning<C: ConsumerContext>(
         .iter()
         .map(|a| a.map_or(0, |(_, h)| h.max(0)))
         .collect();
-    let mut probe = TopicPartitionList::with_capacity(partitions.len());
-    for ((topic, partition), a) in partitions.iter().zip(&above) {
-        if let Some((_, high)) = a {
-            if *high > 0
-                && probe
-                    .add_partition_offset(topic, *partition, Offset::Offset(high - 1))
-                    .is_err()
-            {
-                return stored(&seen_offsets);
-            }
-        }
-    }
-    if probe.count() > 0 {
-        if consumer.assign(&probe).is_err() {
+    // The partitions to probe: a committed offset above a watermark above zero.
+    let probed: Vec<(usize, (&str, i32, i64))> = partitions
+        .iter()
+        .zip(&above)
+        .enumerate()
+        .filter_map(|(i, ((topic, partition), a))| match a {
+            Some((_, high)) if *high > 0 => Some((i, (topic.as_str(), *partition, *high))),
+            _ => None,
+        })
+        .collect();
+    if !probed.is_empty() {
+        let parts: Vec<(&str, i32, i64)> = probed.iter().map(|&(_, p)| p).collect();
+        let Some(batches) = read_last_batches(consumer, &parts, wait) else {
             return stored(&seen_offsets);
-        }
+        };
         let mut seen = vec![false; partitions.len()];
-        let deadline = std::time::Instant::now() + wait;
-        let mut quiet_since: Option<std::time::Instant> = None;
-        while std::time::Instant::now() < deadline {
-            match consumer.poll(Duration::from_millis(20)) {
-                Some(Ok(m)) => {
-                    if let Some(i) = partitions
-                        .iter()
-                        .position(|(t, p)| t.as_str() == m.topic() && *p == m.partition())
-                    {
-                        seen[i] = true;
-                        end[i] = end[i].max(m.offset() + 1);
-                    }
-                    quiet_since = None;
-                }
-                _ => {
-                    // Every probed partition answered, and nothing more came for a while.
-                    let all = above
-                        .iter()
-                        .zip(&seen)
-                        .all(|(a, s)| !matches!(a, Some((_, h)) if *h > 0) || *s);
-                    let since = *quiet_since.get_or_insert_with(std::time::Instant::now);
-                    if all && since.elapsed() >= Duration::from_millis(100) {
-                        break;
-                    }
+        for (&(i, _), batch) in probed.iter().zip(&batches) {
+            if let Some(records) = batch {
+                seen[i] = true;
+                for r in records {
+                    end[i] = end[i].max(r.offset + 1);
                 }
             }
         }
-        let _ = consumer.unassign();
         tracing::info!(
             probed = ?partitions.iter().zip(&above).zip(&end).filter(|((_, a), _)| a.is_some())
                 .map(|(((t, p), _), e)| (t.as_str(), *p, *e)).collect::<Vec<_>>(),
@@ -370,6 +351,54 @@ fn stored(
     seen: &[(&str, i32, Option<i64>, Option<i64>)],
 ) -> Vec<(Offset, Option<i64>, Option<i64>)> {
     seen.iter().map(|s| (Offset::Stored, s.2, s.3)).collect()
+}
+
+/// Reads the last record batch of each `(topic, partition, high watermark)` (watermarks above
+/// zero) with `consumer`: from `high - 1`, which is tansu 0.6's first offset of the last batch
+/// (its high watermark is one past that) and Kafka's last record, until every partition answered
+/// and nothing more came for 100 ms, at most `wait`. Per partition, the records read (`None`: no
+/// answer in time); `None` when the consumer could not be assigned. Leaves it unassigned.
+pub(crate) fn read_last_batches<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    parts: &[(&str, i32, i64)],
+    wait: Duration,
+) -> Option<Vec<Option<Vec<Mark>>>> {
+    let mut tpl = TopicPartitionList::with_capacity(parts.len());
+    for &(topic, partition, high) in parts {
+        tpl.add_partition_offset(topic, partition, Offset::Offset(high - 1))
+            .ok()?;
+    }
+    consumer.assign(&tpl).ok()?;
+    let mut out: Vec<Option<Vec<Mark>>> = vec![None; parts.len()];
+    let deadline = Instant::now() + wait;
+    let mut quiet_since: Option<Instant> = None;
+    while Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(20)) {
+            Some(Ok(m)) => {
+                if let Some(i) = parts
+                    .iter()
+                    .position(|&(t, p, _)| t == m.topic() && p == m.partition())
+                {
+                    out[i].get_or_insert_with(Vec::new).push(Mark {
+                        offset: m.offset(),
+                        timestamp: m.timestamp().to_millis().unwrap_or(-1),
+                        hash: payload_hash(m.payload().unwrap_or_default()),
+                    });
+                }
+                quiet_since = None;
+            }
+            _ => {
+                // Every partition answered, and nothing more came for a while.
+                let since = *quiet_since.get_or_insert_with(Instant::now);
+                if out.iter().all(Option::is_some) && since.elapsed() >= Duration::from_millis(100)
+                {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = consumer.unassign();
+    Some(out)
 }
 
 /// Where each partition starts ([`start_offsets`]), in the order asked, and the guard that

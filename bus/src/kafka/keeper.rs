@@ -38,10 +38,9 @@ use std::time::Duration;
 
 use rdkafka::admin::AdminClient;
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::consumer::BaseConsumer;
 
+use super::consumer::read_last_batches;
 use super::{ensure_topics_within, KafkaConfig, TransportError};
 
 /// How long one metadata request or one re-creation may take.
@@ -480,7 +479,12 @@ fn check_marks(
     let Some(c) = probe.as_ref() else {
         return false;
     };
-    let batches = last_batches(c, topic, &to_read);
+    let parts: Vec<(&str, i32, i64)> = to_read
+        .iter()
+        .map(|&(p, _, high)| (topic, p, high))
+        .collect();
+    let batches =
+        read_last_batches(c, &parts, REQUEST_WAIT).unwrap_or_else(|| vec![None; to_read.len()]);
     let mut complete = true;
     for ((partition, mark, high), batch) in to_read.iter().zip(&batches) {
         match mark_holds(*mark, *high, batch.as_deref()) {
@@ -493,54 +497,6 @@ fn check_marks(
         }
     }
     complete
-}
-
-/// The records of each partition's last batch (from `high - 1`), read with `probe`; `None` for
-/// a partition that did not answer within [`REQUEST_WAIT`].
-fn last_batches(
-    probe: &BaseConsumer,
-    topic: &str,
-    parts: &[(i32, Mark, i64)],
-) -> Vec<Option<Vec<Mark>>> {
-    let mut out: Vec<Option<Vec<Mark>>> = vec![None; parts.len()];
-    let mut tpl = TopicPartitionList::with_capacity(parts.len());
-    for &(partition, _, high) in parts {
-        if tpl
-            .add_partition_offset(topic, partition, Offset::Offset(high - 1))
-            .is_err()
-        {
-            return out;
-        }
-    }
-    if probe.assign(&tpl).is_err() {
-        return out;
-    }
-    let deadline = std::time::Instant::now() + REQUEST_WAIT;
-    let mut quiet_since: Option<std::time::Instant> = None;
-    while std::time::Instant::now() < deadline {
-        match probe.poll(Duration::from_millis(20)) {
-            Some(Ok(m)) => {
-                if let Some(i) = parts.iter().position(|p| p.0 == m.partition()) {
-                    out[i].get_or_insert_with(Vec::new).push(Mark {
-                        offset: m.offset(),
-                        timestamp: m.timestamp().to_millis().unwrap_or(-1),
-                        hash: payload_hash(m.payload().unwrap_or_default()),
-                    });
-                }
-                quiet_since = None;
-            }
-            _ => {
-                // Every partition answered, and nothing more came for a while.
-                let since = *quiet_since.get_or_insert_with(std::time::Instant::now);
-                if out.iter().all(Option::is_some) && since.elapsed() >= Duration::from_millis(100)
-                {
-                    break;
-                }
-            }
-        }
-    }
-    let _ = probe.unassign();
-    out
 }
 
 /// Counts the replaced log of the marks' topic as a re-creation (its consumers start again).
