@@ -1669,6 +1669,14 @@ mod tests {
         );
     }
 
+    /// A probe's result of `us` per wake-up.
+    fn measured(us: f64) -> WakeStatus {
+        WakeStatus::Measured {
+            cpu_us_per_wake: us,
+            rounds: 400,
+        }
+    }
+
     #[test]
     fn halt_poll_severity() {
         let mut f = base_facts();
@@ -1698,15 +1706,9 @@ mod tests {
             "{}",
             h.why
         );
-        f.wake = WakeStatus::Measured {
-            cpu_us_per_wake: 3.0,
-            rounds: 400,
-        };
+        f.wake = measured(3.0);
         assert_eq!(get(&run(&f, &ctx()), "halt_poll").severity, Severity::Info);
-        f.wake = WakeStatus::Measured {
-            cpu_us_per_wake: 24.5,
-            rounds: 400,
-        };
+        f.wake = measured(24.5);
         assert_eq!(
             get(&run(&f, &ctx()), "halt_poll").severity,
             Severity::Warning
@@ -1726,10 +1728,6 @@ mod tests {
         let w = run(&f, &ctx());
         assert_eq!(get(&w, "wakeup").severity, Severity::Info);
         assert!(get(&w, "wakeup").why.contains("needs two CPUs"));
-        let measured = |us| WakeStatus::Measured {
-            cpu_us_per_wake: us,
-            rounds: 400,
-        };
         f.wake = measured(3.0);
         assert_eq!(get(&run(&f, &ctx()), "wakeup").severity, Severity::Ok);
         f.wake = measured(10.0);
