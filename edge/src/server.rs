@@ -126,7 +126,7 @@ pub fn allowed_cpus() -> Vec<usize> {
     }
 }
 
-fn bind_listener(addr: SocketAddr) -> std::io::Result<Socket> {
+pub(crate) fn bind_listener(addr: SocketAddr) -> std::io::Result<Socket> {
     let domain = if addr.is_ipv6() {
         Domain::IPV6
     } else {
@@ -135,6 +135,12 @@ fn bind_listener(addr: SocketAddr) -> std::io::Result<Socket> {
     let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
     s.set_reuse_port(true)?;
+    // Accepted sockets inherit `TCP_NODELAY` from the listener (no `setsockopt` per
+    // connection), and a non-blocking listener is accepted from with one `accept4` per
+    // connection (glommio patch 10, vendor/glommio/IRIS-PATCH.md); both are tested in
+    // `shard::transport::tests`.
+    s.set_nodelay(true)?;
+    s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
     s.listen(4096)?;
     Ok(s)

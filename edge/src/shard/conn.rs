@@ -1664,12 +1664,18 @@ fn compact_out(out: &mut Vec<u8>, pos: &mut usize) {
 /// How long a closing TLS or WebSocket connection gets to send its close frame / close_notify.
 const TRANSPORT_CLOSE_TIMEOUT: Duration = Duration::from_millis(200);
 
-/// Serves one accepted socket until it closes.
-pub async fn run(shard: Rc<Shard>, mut stream: Transport, id: ConnId, proto: Proto) {
+/// Serves one accepted socket until it closes. `peer`: the client's address, as the accept
+/// returned it (the per-address login limit keys on it; `TCP_NODELAY` came from the listener).
+pub async fn run(
+    shard: Rc<Shard>,
+    mut stream: Transport,
+    id: ConnId,
+    proto: Proto,
+    peer: Option<std::net::IpAddr>,
+) {
     let c = Rc::new(ConnShared::new(id, proto));
     shard.conns.borrow_mut().insert(id, c.clone());
     ShardMetrics::inc(&shard.metrics.connections_open);
-    let _ = stream.set_nodelay(true);
     let mut conn = Conn {
         shard: shard.clone(),
         c: c.clone(),
@@ -1677,7 +1683,7 @@ pub async fn run(shard: Rc<Shard>, mut stream: Transport, id: ConnId, proto: Pro
         settle_started: false,
         limits: None,
         relays_told: false,
-        peer: stream.peer_addr().ok().map(|a| a.ip()),
+        peer,
         id_floor: Cell::new(0),
         sending: None,
     };

@@ -1350,21 +1350,30 @@ impl Shard {
         certs: Option<Rc<crate::tls::ShardCerts>>,
     ) {
         loop {
-            match listener.accept().await {
-                Ok(stream) => {
+            match listener.accept_with_peer().await {
+                Ok((stream, peer)) => {
+                    let peer = peer.map(|a| a.ip());
                     if self.shutting_down.get() {
                         return;
                     }
                     ShardMetrics::inc(&self.metrics.connections_accepted_total);
                     let id = self.next_conn_id();
                     if kind == transport::Kind::Tcp {
-                        glommio::spawn_local(conn::run(self.clone(), stream.into(), id, proto))
-                            .detach();
+                        glommio::spawn_local(conn::run(
+                            self.clone(),
+                            stream.into(),
+                            id,
+                            proto,
+                            peer,
+                        ))
+                        .detach();
                     } else {
                         // The handshakes run in the connection's own task.
                         let config = certs.as_ref().map(|c| c.current());
-                        glommio::spawn_local(self.clone().handshake(stream, kind, config, id))
-                            .detach();
+                        glommio::spawn_local(
+                            self.clone().handshake(stream, kind, config, id, peer),
+                        )
+                        .detach();
                     }
                 }
                 Err(e) => {
@@ -1385,6 +1394,7 @@ impl Shard {
         kind: transport::Kind,
         config: Option<Arc<rustls::ServerConfig>>,
         id: ConnId,
+        peer: Option<std::net::IpAddr>,
     ) {
         let ws = transport::ws_config(self.cfg.v2.max_frame_bytes);
         let timeout = Duration::from_millis(self.cfg.login_timeout_ms);
@@ -1402,7 +1412,7 @@ impl Shard {
                     transport::Kind::Ws => &m.v2_ws_connections_accepted_total,
                     _ => &m.v2_wss_connections_accepted_total,
                 });
-                conn::run(self, t, id, v2::Proto::V2).await;
+                conn::run(self, t, id, v2::Proto::V2, peer).await;
             }
             Err(e) => {
                 ShardMetrics::inc(if e.is_tls() {

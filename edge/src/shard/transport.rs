@@ -176,7 +176,6 @@ pub async fn accept(
     ws: WebSocketConfig,
     timeout: Duration,
 ) -> Result<Transport, HandshakeError> {
-    let _ = stream.set_nodelay(true);
     let deadline = Instant::now() + timeout;
     Ok(match kind {
         Kind::Tcp => Transport::Tcp(stream),
@@ -190,26 +189,6 @@ pub async fn accept(
 }
 
 impl Transport {
-    /// The TCP socket underneath.
-    fn tcp(&self) -> &TcpStream {
-        match self {
-            Transport::Tcp(s) => s,
-            Transport::Tls(t) => t.get_ref().0,
-            Transport::Ws(w) => w.ws.get_ref(),
-            Transport::Wss(w) => w.ws.get_ref().get_ref().0,
-        }
-    }
-
-    /// Sets `TCP_NODELAY` on the socket underneath.
-    pub fn set_nodelay(&self, on: bool) -> io::Result<()> {
-        self.tcp().set_nodelay(on).map_err(io::Error::from)
-    }
-
-    /// The peer's address (the per-address login limit keys on its IP).
-    pub fn peer_addr(&self) -> io::Result<std::net::SocketAddr> {
-        self.tcp().peer_addr().map_err(io::Error::from)
-    }
-
     /// Ends the session politely before the socket closes: a WebSocket close frame, a TLS
     /// close_notify; at most `timeout`. Nothing for plain TCP.
     pub async fn finish(&mut self, timeout: Duration) {
@@ -491,6 +470,8 @@ mod tests {
     use std::time::Duration;
 
     use futures_lite::AsyncReadExt;
+    use std::os::fd::FromRawFd;
+
     use glommio::net::TcpListener;
     use glommio::{LocalExecutorBuilder, Placement};
 
@@ -592,6 +573,43 @@ mod tests {
                 .expect("the end of the stream was not seen");
                 assert!(matches!(second, Ok(0) | Err(_)), "{second:?}");
             }
+        });
+    }
+
+    /// The edge's listeners (`server::bind_listener`) are non-blocking and set `TCP_NODELAY`:
+    /// glommio patch 10 accepts from them with one `accept4` and returns the peer's address,
+    /// and the accepted socket inherits `TCP_NODELAY` (the edge no longer sets it, nor asks
+    /// `getpeername`). Both ways of accepting: a connection already waiting (the `accept4`),
+    /// and none yet (io_uring's accept, which must wait, not fail, on a non-blocking listener).
+    #[test]
+    fn a_connection_accepted_from_the_edge_listener_has_nodelay_and_its_peer() {
+        on_executor(|| async {
+            let sock = crate::server::bind_listener("127.0.0.1:0".parse().unwrap()).expect("bind");
+            let addr = sock.local_addr().unwrap().as_socket().unwrap();
+            // SAFETY: `into_raw_fd` gives up the socket's single ownership and `from_raw_fd`
+            // takes it: one owner closes the bound, listening descriptor.
+            let listener =
+                unsafe { TcpListener::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(sock)) };
+
+            let client = std::net::TcpStream::connect(addr).expect("connect");
+            glommio::timer::sleep(Duration::from_millis(20)).await;
+            let (server, peer) = listener.accept_with_peer().await.expect("accept waiting");
+            assert_eq!(peer, Some(client.local_addr().unwrap()));
+            assert!(server.nodelay().unwrap(), "TCP_NODELAY not inherited");
+
+            let waiting = glommio::spawn_local(async move {
+                let r = glommio::timer::timeout(Duration::from_secs(2), async {
+                    Ok(listener.accept_with_peer().await)
+                })
+                .await;
+                r.expect("the accept did not wait for the connection")
+            });
+            glommio::timer::sleep(Duration::from_millis(50)).await;
+            let client2 = std::net::TcpStream::connect(addr).expect("connect");
+            let (server2, peer2) = waiting.await.expect("accept by io_uring");
+            assert_eq!(peer2, Some(client2.local_addr().unwrap()));
+            assert!(server2.nodelay().unwrap(), "TCP_NODELAY not inherited");
+            drop((client, client2, server, server2));
         });
     }
 

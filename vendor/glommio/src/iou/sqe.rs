@@ -523,6 +523,54 @@ impl SockAddrStorage {
         let len = mem::size_of::<nix::sys::socket::sockaddr_storage>();
         SockAddrStorage { storage, len }
     }
+
+    /// Iris patch (IRIS-PATCH.md, 10): the address and length pointers for `accept4`. The
+    /// kernel writes a `socklen_t` through the length pointer: the low half of `len` on this
+    /// little-endian `usize`, whose high half is zero as `len` is at most the storage's size.
+    pub(crate) fn as_raw_mut(&mut self) -> (*mut libc::sockaddr, *mut libc::socklen_t) {
+        (
+            self.storage.as_mut_ptr() as *mut libc::sockaddr,
+            &mut self.len as *mut usize as *mut libc::socklen_t,
+        )
+    }
+
+    /// Iris patch (IRIS-PATCH.md, 10): the IPv4 or IPv6 address an accept wrote here, `None`
+    /// for any other family. Only to be called after a successful accept.
+    pub(crate) fn socket_addr(&self) -> Option<std::net::SocketAddr> {
+        use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
+        let p = self.storage.as_ptr();
+        // SAFETY: a successful accept wrote the peer's address at the start of the storage, and
+        // its family field (common to every sockaddr) first. Each read below is of a plain C
+        // struct that fits the storage (`sockaddr_storage` is sized and aligned for all of
+        // them) and is read only when the family says the kernel wrote that struct.
+        unsafe {
+            match i32::from((*p).ss_family) {
+                libc::AF_INET => {
+                    let a = &*(p as *const libc::sockaddr_in);
+                    Some(
+                        SocketAddrV4::new(
+                            Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+                            u16::from_be(a.sin_port),
+                        )
+                        .into(),
+                    )
+                }
+                libc::AF_INET6 => {
+                    let a = &*(p as *const libc::sockaddr_in6);
+                    Some(
+                        SocketAddrV6::new(
+                            Ipv6Addr::from(a.sin6_addr.s6_addr),
+                            u16::from_be(a.sin6_port),
+                            a.sin6_flowinfo,
+                            a.sin6_scope_id,
+                        )
+                        .into(),
+                    )
+                }
+                _ => None,
+            }
+        }
+    }
 }
 
 #[derive(Copy, Clone, Eq, PartialEq, Ord, PartialOrd, Hash)]

@@ -8,18 +8,30 @@ use crate::sys;
 use nix::sys::socket::{MsgFlags, SockaddrLike};
 use std::{io, os::unix::io::RawFd};
 
-fn yolo_accept(fd: RawFd) -> Option<io::Result<RawFd>> {
-    let flags =
-        nix::fcntl::OFlag::from_bits(nix::fcntl::fcntl(fd, nix::fcntl::F_GETFL).unwrap()).unwrap();
-    nix::fcntl::fcntl(
-        fd,
-        nix::fcntl::F_SETFL(flags | nix::fcntl::OFlag::O_NONBLOCK),
-    )
-    .unwrap();
-    let r = sys::accept_syscall(fd);
-    nix::fcntl::fcntl(fd, nix::fcntl::F_SETFL(flags)).unwrap();
+/// Iris patch (IRIS-PATCH.md, 10): takes a waiting connection, if any, with the peer's address
+/// the kernel writes anyway. A listener that is already non-blocking (`nonblocking`) costs one
+/// `accept4`; upstream made any listener non-blocking around each accept (three `fcntl`s).
+fn yolo_accept(
+    fd: RawFd,
+    nonblocking: bool,
+) -> Option<io::Result<(RawFd, Option<std::net::SocketAddr>)>> {
+    let mut addr = crate::iou::sqe::SockAddrStorage::uninit();
+    let r = if nonblocking {
+        sys::accept4_syscall(fd, &mut addr)
+    } else {
+        let flags = nix::fcntl::OFlag::from_bits(nix::fcntl::fcntl(fd, nix::fcntl::F_GETFL).unwrap())
+            .unwrap();
+        nix::fcntl::fcntl(
+            fd,
+            nix::fcntl::F_SETFL(flags | nix::fcntl::OFlag::O_NONBLOCK),
+        )
+        .unwrap();
+        let r = sys::accept4_syscall(fd, &mut addr);
+        nix::fcntl::fcntl(fd, nix::fcntl::F_SETFL(flags)).unwrap();
+        r
+    };
     match r {
-        Ok(x) => Some(Ok(x)),
+        Ok(x) => Some(Ok((x, addr.socket_addr()))),
         Err(err) => match err.kind() {
             io::ErrorKind::WouldBlock => None,
             _ => Some(Err(err)),

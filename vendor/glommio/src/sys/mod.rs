@@ -93,10 +93,14 @@ pub(crate) fn recv_syscall(fd: RawFd, buf: *mut u8, len: usize, flags: i32) -> i
     syscall!(recv(fd, buf as _, len, flags)).map(|x| x as usize)
 }
 
-pub(crate) fn accept_syscall(fd: RawFd) -> io::Result<RawFd> {
-    let mut addr: MaybeUninit<libc::sockaddr_storage> = MaybeUninit::uninit();
-    let mut length = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    syscall!(accept(fd, addr.as_mut_ptr() as *mut _, &mut length))
+/// Iris patch (IRIS-PATCH.md, 10): `accept4(SOCK_CLOEXEC)` writing the peer's address into
+/// `addr`.
+pub(crate) fn accept4_syscall(
+    fd: RawFd,
+    addr: &mut crate::iou::sqe::SockAddrStorage,
+) -> io::Result<RawFd> {
+    let (ptr, len) = addr.as_raw_mut();
+    syscall!(accept4(fd, ptr, len, libc::SOCK_CLOEXEC))
 }
 
 pub(crate) fn direct_io_ify(fd: RawFd, flags: libc::c_int) -> io::Result<()> {
