@@ -38,7 +38,6 @@ use iris_core::outbox::AcceptGate;
 use std::sync::atomic::AtomicBool;
 use tracing::{debug, warn};
 
-use super::deadlines::Due;
 use super::transport::Transport;
 use super::v2::{self as v2out, Proto, V2State};
 use super::{owner_of, Delivery, Meta, Shard, ShardMsg};
@@ -136,8 +135,6 @@ struct ConnState {
     /// Decoding stopped at a FETCH_PREKEYS because the shard's replies were full: decode the
     /// rest as soon as the shard is no longer backpressured, without waiting for new bytes.
     replies_wait: bool,
-    /// The shard-wide deadlines that came due for this connection ([`Due::bit`]).
-    due: u8,
     /// The last time a byte was read from or written to the socket (or the shard held the
     /// connection back): `idle_timeout_ms` counts from here.
     progress: Instant,
@@ -171,7 +168,6 @@ impl ConnShared {
                 registering: false,
                 resume: false,
                 replies_wait: false,
-                due: 0,
                 progress: Instant::now(),
                 v2: (proto == Proto::V2).then(V2State::new),
             }),
@@ -491,20 +487,6 @@ impl ConnShared {
     fn user(&self) -> Option<Vec<u8>> {
         self.st.borrow().user.clone()
     }
-
-    fn logged_in(&self) -> bool {
-        self.st.borrow().user.is_some()
-    }
-
-    /// `kind`'s deadline came due (the shard's deadline keeper): the task learns it at its
-    /// next poll.
-    pub fn mark_due(&self, kind: Due) {
-        let mut st = self.st.borrow_mut();
-        st.due |= kind.bit();
-        if let Some(w) = &st.waker {
-            w.wake_by_ref();
-        }
-    }
 }
 
 enum Io {
@@ -526,7 +508,9 @@ enum Io {
 struct Timers {
     /// v2 keepalive: PING a silent client, close one silent for three intervals.
     ping: Option<Pin<Box<Timer>>>,
+    login: Option<Pin<Box<Timer>>>,
     idle: Option<Pin<Box<Timer>>>,
+    settle: Option<Pin<Box<Timer>>>,
     backoff: Option<Pin<Box<Timer>>>,
 }
 
@@ -634,18 +618,12 @@ impl ConnShared {
                 st.resume = false;
                 return Poll::Ready(Io::Recheck);
             }
-            if st.due != 0 {
-                let kind = if st.due & Due::Settle.bit() != 0 {
-                    Due::Settle
-                } else {
-                    Due::Login
-                };
-                st.due &= !kind.bit();
-                return Poll::Ready(match kind {
-                    Due::Settle => Io::Settled,
-                    Due::Login => Io::LoginTimeout,
-                });
-            }
+        }
+        if poll_timer(&mut timers.settle, cx) {
+            return Poll::Ready(Io::Settled);
+        }
+        if poll_timer(&mut timers.login, cx) {
+            return Poll::Ready(Io::LoginTimeout);
         }
         let gate = shard.accept_gate().load();
         if AcceptGate::is_stalled(gate) {
@@ -1710,9 +1688,12 @@ pub async fn run(
         sending: None,
     };
     let mut inbuf: Vec<u8> = Vec::new();
-    shard.push_deadline(Due::Login, id);
     let mut timers = Timers {
         ping: None,
+        login: Some(Box::pin(Timer::new(Duration::from_millis(
+            shard.cfg.login_timeout_ms,
+        )))),
+        settle: None,
         backoff: None,
         idle: None,
     };
@@ -1741,7 +1722,7 @@ pub async fn run(
                 conn.process(&mut inbuf)
             }
             Io::LoginTimeout => {
-                if !c.logged_in() {
+                if c.user().is_none() {
                     conn.close_with(&error_frame(if proto == Proto::V2 {
                         "hello_timeout"
                     } else {
@@ -1757,9 +1738,17 @@ pub async fn run(
                 break;
             }
         };
-        if matches!(step, Step::Settle) && !conn.settle_started {
-            conn.settle_started = true;
-            shard.push_deadline(Due::Settle, id);
+        match step {
+            Step::Settle if !conn.settle_started => {
+                conn.settle_started = true;
+                timers.settle = Some(Box::pin(Timer::new(Duration::from_micros(
+                    shard.cfg.login_settle_us,
+                ))));
+            }
+            _ => {}
+        }
+        if c.user().is_some() {
+            timers.login = None;
         }
         glommio::yield_if_needed().await;
     }

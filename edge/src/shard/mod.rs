@@ -7,9 +7,7 @@
 //!   [`Shard::handle_mesh`];
 //! - one ring writer per peer shard, which ships the batched outbox to that peer;
 //! - the core poller, which moves requests to the in-process core and takes its replies
-//!   (crossbeam queues: the core is a plain OS thread, not a glommio executor);
-//! - the deadline keeper, which serves every connection's LOGIN settle wait and login timeout
-//!   from two shard-wide queues ([`deadlines`]).
+//!   (crossbeam queues: the core is a plain OS thread, not a glommio executor).
 //!
 //! Routing a message to user `u`: its owner shard is `hash(u) % shards` ([`owner_of`]); the
 //! owner's [`presence`] slice knows which shard and connection hold `u`. So a message takes at
@@ -17,7 +15,6 @@
 //! also handed to the core, which stores it until it is acked.
 
 pub mod conn;
-pub mod deadlines;
 pub mod presence;
 pub mod transport;
 pub mod v2;
@@ -45,7 +42,6 @@ use crate::idgen::{HighWater, IdGen};
 use crate::metrics::ShardMetrics;
 use crate::protocol::{frame, Limits};
 use conn::ConnShared;
-use deadlines::{Deadlines, Due};
 use presence::Presence;
 
 /// Something that will be written to a recipient's socket.
@@ -584,10 +580,6 @@ pub struct Shard {
     /// `[rate_limits]` buckets of this shard: logins by source address, sends by user.
     pub login_buckets: RefCell<crate::ratelimit::Buckets<std::net::IpAddr>>,
     pub user_sends: RefCell<crate::ratelimit::Buckets<Vec<u8>>>,
-    /// Every connection's settle wait and login timeout ([`deadlines`]).
-    deadlines: Deadlines,
-    /// Told when a deadline queue gets its first entry.
-    deadlines_notify: LocalNotify,
 }
 
 impl Shard {
@@ -641,11 +633,6 @@ impl Shard {
             v2_pending: RefCell::new(HashMap::new()),
             login_buckets: RefCell::new(crate::ratelimit::Buckets::new(RATE_TABLE_MAX)),
             user_sends: RefCell::new(crate::ratelimit::Buckets::new(RATE_TABLE_MAX)),
-            deadlines: Deadlines::new(
-                Duration::from_micros(cfg.login_settle_us),
-                Duration::from_millis(cfg.login_timeout_ms),
-            ),
-            deadlines_notify: LocalNotify::default(),
             cfg,
         }
     }
@@ -727,43 +714,6 @@ impl Shard {
         }
         if let Some(c) = c {
             c.write_native(self, &out);
-        }
-    }
-
-    /// Queues `kind`'s deadline for connection `conn`, counted from now ([`deadlines`]).
-    pub fn push_deadline(&self, kind: Due, conn: ConnId) {
-        if self.deadlines.push(kind, conn, std::time::Instant::now()) {
-            self.deadlines_notify.notify();
-        }
-    }
-
-    /// Serves the shard's [`Deadlines`]: sleeps until the earliest one plus
-    /// [`deadlines::GATHER`] (or until a queue gets its first entry), then marks and wakes each
-    /// connection whose deadline passed. Connections that closed meanwhile are skipped.
-    async fn deadline_keeper(self: Rc<Self>) {
-        let mut due = Vec::new();
-        loop {
-            match self.deadlines.earliest() {
-                None => self.deadlines_notify.wait().await,
-                Some(at) => {
-                    let wake = at + deadlines::GATHER;
-                    let now = std::time::Instant::now();
-                    if wake > now {
-                        futures_lite::future::or(
-                            glommio::timer::sleep(wake - now),
-                            self.deadlines_notify.wait(),
-                        )
-                        .await;
-                    }
-                }
-            }
-            self.deadlines.take_due(std::time::Instant::now(), &mut due);
-            let conns = self.conns.borrow();
-            for (kind, id) in due.drain(..) {
-                if let Some(c) = conns.get(&id) {
-                    c.mark_due(kind);
-                }
-            }
         }
     }
 
@@ -1577,7 +1527,6 @@ pub async fn run(start: ShardStart) {
     }
 
     let poller = glommio::spawn_local(shard.clone().core_poller());
-    let keeper = glommio::spawn_local(shard.clone().deadline_keeper()).detach();
     // SAFETY: `OwnedFd` guarantees the descriptor is open and owned by us; `into_raw_fd` gives
     // that ownership up, and `from_raw_fd` takes it, so exactly one owner closes it. It is a
     // bound, listening TCP socket created for this shard alone.
@@ -1665,7 +1614,6 @@ pub async fn run(start: ShardStart) {
             glommio::timer::sleep(Duration::from_millis(5)).await;
         }
     }
-    keeper.cancel();
     // Everything the connections produced is in the backlog or the core's queue now.
     poller.await;
     info!(shard = id, "shard stopped");
