@@ -487,6 +487,10 @@ impl ConnShared {
     fn user(&self) -> Option<Vec<u8>> {
         self.st.borrow().user.clone()
     }
+
+    fn logged_in(&self) -> bool {
+        self.st.borrow().user.is_some()
+    }
 }
 
 enum Io {
@@ -1722,7 +1726,7 @@ pub async fn run(
                 conn.process(&mut inbuf)
             }
             Io::LoginTimeout => {
-                if c.user().is_none() {
+                if !c.logged_in() {
                     conn.close_with(&error_frame(if proto == Proto::V2 {
                         "hello_timeout"
                     } else {
@@ -1747,7 +1751,7 @@ pub async fn run(
             }
             _ => {}
         }
-        if c.user().is_some() {
+        if timers.login.is_some() && c.logged_in() {
             timers.login = None;
         }
         glommio::yield_if_needed().await;
