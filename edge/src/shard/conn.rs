@@ -512,6 +512,8 @@ enum Io {
 struct Timers {
     /// v2 keepalive: PING a silent client, close one silent for three intervals.
     ping: Option<Pin<Box<Timer>>>,
+    /// When `ping` fires, at the earliest.
+    ping_at: Instant,
     login: Option<Pin<Box<Timer>>>,
     idle: Option<Pin<Box<Timer>>>,
     settle: Option<Pin<Box<Timer>>>,
@@ -605,11 +607,19 @@ impl ConnShared {
             }
             if let Some(v2) = st.v2.as_ref() {
                 if v2.hello {
-                    if timers.ping.is_none() {
+                    // The keepalive timer is polled (a search of the reactor's timer map) only
+                    // when it is new or due: once polled, it wakes this task when it fires.
+                    // `ping_at` is taken before the timer reads the clock, so it is never later
+                    // than the timer's deadline and the wake-up of its firing finds it due.
+                    let due = if timers.ping.is_none() {
                         let every = Duration::from_millis(u64::from(shard.cfg.v2.ping_interval_ms));
+                        timers.ping_at = Instant::now() + every;
                         timers.ping = Some(Box::pin(Timer::new(every)));
-                    }
-                    if poll_timer(&mut timers.ping, cx) {
+                        true
+                    } else {
+                        Instant::now() >= timers.ping_at
+                    };
+                    if due && poll_timer(&mut timers.ping, cx) {
                         return Poll::Ready(Io::Ping);
                     }
                 }
@@ -1694,6 +1704,7 @@ pub async fn run(
     let mut inbuf: Vec<u8> = Vec::new();
     let mut timers = Timers {
         ping: None,
+        ping_at: Instant::now(),
         login: Some(Box::pin(Timer::new(Duration::from_millis(
             shard.cfg.login_timeout_ms,
         )))),
