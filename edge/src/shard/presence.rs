@@ -15,8 +15,8 @@
 //! holding its recipient.
 //!
 //! Bounded: a user's entry is removed when its last session ends; its last-seen second moves to
-//! a map of offline users holding at most `presence_last_seen_max / shards` names, oldest
-//! forgotten first (then read as never seen). Remote entries likewise: a user no other edge
+//! a map of offline users holding at most `presence_last_seen_max / shards` names, the least
+//! recently written forgotten first (then read as never seen; an LRU list, one entry per name). Remote entries likewise: a user no other edge
 //! holds keeps only its last-seen second, in the same bounded map.
 //!
 //! Every registration gets a generation number, increasing per shard
@@ -43,28 +43,27 @@ struct Remote {
     nodes: Vec<(u32, u64)>,
 }
 
-/// Last-seen seconds of offline users, at most `max` names, the oldest written forgotten first.
+/// Last-seen seconds of offline users, at most `max` names, the least recently written
+/// forgotten first. An LRU list ordered by write: a write moves its name to the back, so the
+/// structure holds exactly one entry per name (the write-ordered queue it replaces kept a stale
+/// entry per rewrite, up to twice `max` of them, and then swept them all in one pass: about two
+/// million entries, tens of MB and a long stall of the shard, for a million rewrites).
 #[derive(Debug)]
 struct LastSeen {
-    map: HashMap<Box<[u8]>, (u64, u64)>,
-    /// (name, stamp) in write order; an entry whose stamp is not the map's is stale.
-    order: std::collections::VecDeque<(Box<[u8]>, u64)>,
-    stamp: u64,
+    map: lru::LruCache<Box<[u8]>, u64, foldhash::fast::RandomState>,
     max: usize,
 }
 
 impl LastSeen {
     fn new(max: usize) -> Self {
         Self {
-            map: HashMap::new(),
-            order: std::collections::VecDeque::new(),
-            stamp: 0,
+            map: lru::LruCache::unbounded_with_hasher(foldhash::fast::RandomState::default()),
             max,
         }
     }
 
     fn get(&self, user: &[u8]) -> u64 {
-        self.map.get(user).map_or(0, |&(secs, _)| secs)
+        self.map.peek(user).copied().unwrap_or(0)
     }
 
     /// Records `secs` for `user` (keeping the later of the two).
@@ -72,24 +71,14 @@ impl LastSeen {
         if self.max == 0 {
             return;
         }
-        self.stamp += 1;
-        let stamp = self.stamp;
-        let e = self.map.entry(user.into()).or_insert((0, 0));
-        e.0 = e.0.max(secs);
-        e.1 = stamp;
-        self.order.push_back((user.into(), stamp));
-        while self.map.len() > self.max {
-            let Some((name, s)) = self.order.pop_front() else {
-                break;
-            };
-            if self.map.get(&name).is_some_and(|&(_, cur)| cur == s) {
-                self.map.remove(&name);
+        match self.map.get_mut(user) {
+            Some(at) => *at = (*at).max(secs),
+            None => {
+                self.map.push(user.into(), secs);
+                while self.map.len() > self.max {
+                    self.map.pop_lru();
+                }
             }
-        }
-        if self.order.len() > 2 * self.max.max(16) {
-            let map = &self.map;
-            self.order
-                .retain(|(name, s)| map.get(name).is_some_and(|&(_, cur)| cur == *s));
         }
     }
 
@@ -301,7 +290,29 @@ mod tests {
         for i in 0..1000u64 {
             p.remote_event(format!("x{i}").as_bytes(), 3, false, 5_000);
         }
-        assert!(p.last_seen_len() <= 3 && p.seen.order.len() <= 64);
+        assert_eq!(p.last_seen_len(), 3);
+    }
+
+    /// The name forgotten is the one written least recently: a rewrite keeps a name, and
+    /// rewrites add no entries.
+    #[test]
+    fn last_seen_forgets_the_least_recently_written() {
+        let mut seen = LastSeen::new(3);
+        for (i, u) in [&b"a"[..], b"b", b"c"].into_iter().enumerate() {
+            seen.set(u, 10 + i as u64);
+        }
+        for round in 0..1000 {
+            seen.set(b"a", 20 + round);
+        }
+        assert_eq!(seen.len(), 3);
+        seen.set(b"d", 30);
+        assert_eq!(seen.get(b"b"), 0, "b was written least recently");
+        assert_eq!(seen.get(b"a"), 1019);
+        assert_eq!(seen.get(b"c"), 12);
+        assert_eq!(seen.get(b"d"), 30);
+        // An older time never replaces a later one.
+        seen.set(b"d", 5);
+        assert_eq!(seen.get(b"d"), 30);
     }
 
     #[test]
