@@ -24,7 +24,7 @@
 //! generation at that moment, so a second copy of the message (from the other bus path) is
 //! written only to sessions that registered since ([`Presence::sessions_after`]).
 
-use foldhash::{HashMap, HashMapExt};
+use foldhash::HashMap;
 
 use iris_core::api::ConnId;
 
