@@ -784,12 +784,15 @@ impl Shard {
     /// up to 8 KiB). A reply lost on the bus is forgotten after [`REPLY_FORGET`].
     pub fn replies_full(&self) -> bool {
         let mut p = self.pending_replies.borrow_mut();
-        let now = std::time::Instant::now();
-        while p
-            .front()
-            .is_some_and(|&t| now.duration_since(t) > REPLY_FORGET)
-        {
-            p.pop_front();
+        if !p.is_empty() {
+            // (Every connection asks at every wake-up: no clock read while nothing waits.)
+            let now = std::time::Instant::now();
+            while p
+                .front()
+                .is_some_and(|&t| now.duration_since(t) > REPLY_FORGET)
+            {
+                p.pop_front();
+            }
         }
         let full = p.len() >= self.cfg.max_pending_replies;
         if full && !self.replies_were_full.replace(true) {
