@@ -524,14 +524,10 @@ impl SockAddrStorage {
         SockAddrStorage { storage, len }
     }
 
-    /// Iris patch (IRIS-PATCH.md, 10): the address and length pointers for `accept4`. The
-    /// kernel writes a `socklen_t` through the length pointer: the low half of `len` on this
-    /// little-endian `usize`, whose high half is zero as `len` is at most the storage's size.
-    pub(crate) fn as_raw_mut(&mut self) -> (*mut libc::sockaddr, *mut libc::socklen_t) {
-        (
-            self.storage.as_mut_ptr() as *mut libc::sockaddr,
-            &mut self.len as *mut usize as *mut libc::socklen_t,
-        )
+    /// Iris patch (IRIS-PATCH.md, 10): where `accept4` writes the peer's address (the whole
+    /// storage's size is its room).
+    pub(crate) fn as_mut_ptr(&mut self) -> *mut libc::sockaddr {
+        self.storage.as_mut_ptr() as *mut libc::sockaddr
     }
 
     /// Iris patch (IRIS-PATCH.md, 10): the IPv4 or IPv6 address an accept wrote here, `None`

@@ -197,8 +197,12 @@ impl TcpListener {
         // io_uring's accept waits (an internal poll) on a non-blocking listener too.
         let source = reactor.accept(raw_fd);
         let fd = source.collect_rw().await?;
+        // glommio's io_uring accept passes its `usize` length as the `socklen_t` the kernel
+        // reads and writes: the right half of it on little-endian targets only.
         let peer = match source.extract_source_type() {
-            crate::sys::SourceType::Accept(addr) => addr.socket_addr(),
+            crate::sys::SourceType::Accept(addr) if cfg!(target_endian = "little") => {
+                addr.socket_addr()
+            }
             _ => None,
         };
         Ok((AcceptedTcpStream { fd: fd as RawFd }, peer))

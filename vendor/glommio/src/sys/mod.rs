@@ -99,8 +99,8 @@ pub(crate) fn accept4_syscall(
     fd: RawFd,
     addr: &mut crate::iou::sqe::SockAddrStorage,
 ) -> io::Result<RawFd> {
-    let (ptr, len) = addr.as_raw_mut();
-    syscall!(accept4(fd, ptr, len, libc::SOCK_CLOEXEC))
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    syscall!(accept4(fd, addr.as_mut_ptr(), &mut len, libc::SOCK_CLOEXEC))
 }
 
 pub(crate) fn direct_io_ify(fd: RawFd, flags: libc::c_int) -> io::Result<()> {
