@@ -47,6 +47,10 @@ pub struct EdgeConfig {
     /// Largest output queued for a connection; a client that lets it fill up is disconnected and
     /// its undelivered messages stay stored (4194304 = 4 MiB).
     pub max_output_bytes: usize,
+    /// Largest output queued for all the connections of one shard together. Over it, the
+    /// connections holding the most are disconnected as slow consumers until the shard is back
+    /// under seven eighths of it (268435456 = 256 MiB; at least `max_output_bytes`).
+    pub max_output_bytes_per_shard: usize,
     /// A login drain asks the store for the next chunk only while the connection's queued output
     /// is below this (262144 = 256 KiB).
     pub drain_low_water_bytes: usize,
@@ -415,6 +419,7 @@ impl Default for EdgeConfig {
             ring_capacity: 1024,
             max_input_bytes: (1 << 20) + (64 << 10),
             max_output_bytes: 4 << 20,
+            max_output_bytes_per_shard: 256 << 20,
             drain_low_water_bytes: 256 << 10,
             drain_chunk: 1024,
             drain_chunk_bytes: 1 << 20,
@@ -501,6 +506,9 @@ impl EdgeConfig {
         }
         if self.max_output_bytes < 128 << 10 {
             return bad("max_output_bytes must be at least 131072".to_owned());
+        }
+        if self.max_output_bytes_per_shard < self.max_output_bytes {
+            return bad("max_output_bytes_per_shard must be at least max_output_bytes".to_owned());
         }
         if self.drain_low_water_bytes >= self.max_output_bytes {
             return bad("drain_low_water_bytes must be below max_output_bytes".to_owned());
@@ -674,6 +682,19 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("batch_wait_us"));
+    }
+
+    #[test]
+    fn the_shard_output_budget_holds_at_least_one_full_connection() {
+        let mut c: EdgeConfig =
+            toml::from_str("max_output_bytes = 1048576\nmax_output_bytes_per_shard = 1048575\n")
+                .unwrap();
+        assert!(
+            c.validate().is_err(),
+            "a budget below one connection's bound"
+        );
+        c.max_output_bytes_per_shard = 1 << 20;
+        c.validate().unwrap();
     }
 
     #[test]

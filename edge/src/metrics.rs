@@ -97,6 +97,11 @@ counters! {
     protocol_errors_total: "counter",
     /// Connections closed because their queued output exceeded max_output_bytes.
     slow_consumer_disconnects_total: "counter",
+    /// Of those, connections closed because the shard's queued output exceeded
+    /// max_output_bytes_per_shard (they held the most).
+    output_budget_disconnects_total: "counter",
+    /// Output queued for the shard's connections, not yet written (bytes).
+    output_queued_bytes: "gauge",
     /// Batches sent to other shards over the rings.
     ring_batches_out_total: "counter",
     /// Items sent to other shards over the rings.

@@ -313,3 +313,99 @@ fn backlog_of_large_messages_drains_at_default_limits() {
         panic!("large backlog out of order: {d}");
     }
 }
+
+/// Many readers that stop reading, each below `max_output_bytes`, together go over the shard's
+/// `max_output_bytes_per_shard`: the edge closes the ones holding the most until the shard's
+/// queued output is under the bound, a reader that reads is served throughout, and nothing is
+/// lost (each silent user gets the rest at a fresh login).
+#[test]
+fn silent_readers_together_are_held_to_the_shard_output_budget() {
+    // Each reader is sent 6 MB: the kernel takes up to about 4 MB of it (the edge's socket send
+    // buffer grows to `tcp_wmem`'s maximum with loopback's 64 KiB segments), the rest (2 to 6 MB)
+    // waits in the edge's queue, under the 8 MiB per-connection bound; six such queues are over
+    // the 8 MiB shard budget, and any one of them is under the seven eighths the keeper stops at.
+    const READERS: usize = 6;
+    const PER_READER: usize = 100;
+    const LEN: usize = 60_000;
+    const BUDGET: u64 = 8 << 20;
+    let s = Server::start(ServerOpts::shards(1).config(&format!(
+        "max_output_bytes = {BUDGET}\nmax_output_bytes_per_shard = {BUDGET}\n"
+    )));
+    let mut silent: Vec<Client> = (0..READERS)
+        .map(|i| {
+            let mut c = Client::connect_small_rcvbuf(s.client, 8192);
+            c.login(&format!("quiet-{i}"));
+            c
+        })
+        .collect();
+    let mut good = s.login("reads");
+    let mut loud = s.login("loud-budget");
+    for i in 0..READERS {
+        loud.send_many(
+            &format!("quiet-{i}"),
+            (0..PER_READER).map(|n| numbered(n, LEN)),
+        );
+    }
+    loud.sync();
+    assert!(
+        iris_tests::wait_until(Duration::from_secs(10), || {
+            s.metric("iris_edge_output_budget_disconnects_total") >= 1
+        }),
+        "no connection was closed with {} B queued over a {BUDGET} B shard budget",
+        s.metric("iris_edge_output_queued_bytes")
+    );
+    assert!(
+        iris_tests::wait_until(Duration::from_secs(5), || {
+            s.metric("iris_edge_output_queued_bytes") <= BUDGET
+        }),
+        "the shard still queues {} B over its {BUDGET} B budget",
+        s.metric("iris_edge_output_queued_bytes")
+    );
+    let closed = s.metric("iris_edge_output_budget_disconnects_total");
+    assert!(
+        closed < READERS as u64,
+        "all {READERS} silent readers were closed; closing the largest {closed} was enough"
+    );
+    // A reader that reads is not touched.
+    loud.send("reads", b"still here");
+    assert_eq!(good.recv_msg().1, b"still here");
+    // Nothing lost: what each silent reader got, then a fresh login, is all of it in order.
+    for (i, mut c) in silent.drain(..).enumerate() {
+        let (first, _) = read_what_arrived(&mut c);
+        let prefix: Vec<usize> = (0..first.len()).collect();
+        if let Some(d) = describe_sequence_diff(&first, &prefix) {
+            panic!("quiet-{i}'s first session: {d}");
+        }
+        drop(c);
+        std::thread::sleep(Duration::from_millis(100));
+        let mut r = s.login(&format!("quiet-{i}"));
+        let mut second = Vec::new();
+        while let Ok((Frame::Reliable { id, payload }, _)) =
+            r.next_raw(Instant::now() + Duration::from_millis(1500))
+        {
+            second.push(number_of(&payload));
+            r.ack_later(&id);
+        }
+        r.flush_acks();
+        let k = second.first().copied().unwrap_or(PER_READER);
+        assert!(
+            k <= first.len(),
+            "quiet-{i}: the fresh login starts at #{k} after {} (lost)",
+            first.len()
+        );
+        let run: Vec<usize> = (k..PER_READER).collect();
+        if let Some(d) = describe_sequence_diff(&second, &run) {
+            panic!("quiet-{i}'s fresh login: {d}");
+        }
+    }
+    // The shard's sum follows every queue: nothing is left counted once all is written.
+    assert!(
+        iris_tests::wait_until(Duration::from_secs(5), || {
+            s.metric("iris_edge_output_queued_bytes") == 0
+        }),
+        "{} B still counted as queued with every client read up",
+        s.metric("iris_edge_output_queued_bytes")
+    );
+    let mut s = s;
+    s.assert_running();
+}

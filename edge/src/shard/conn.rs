@@ -119,6 +119,9 @@ struct RecentDrain {
 struct ConnState {
     out: Vec<u8>,
     out_pos: usize,
+    /// This connection's share of the shard's queued-output sum (`Shard::output_queued`):
+    /// its pending output when last accounted ([`ConnShared::account`]).
+    counted: usize,
     waker: Option<Waker>,
     close: Close,
     user: Option<Vec<u8>>,
@@ -159,6 +162,7 @@ impl ConnShared {
             st: RefCell::new(ConnState {
                 out: Vec::new(),
                 out_pos: 0,
+                counted: 0,
                 waker: None,
                 close: Close::Open,
                 user: None,
@@ -176,6 +180,32 @@ impl ConnShared {
 
     fn pending_out(st: &ConnState) -> usize {
         st.out.len() - st.out_pos
+    }
+
+    /// Brings the shard's queued-output sum up to date with this connection's queue (after
+    /// anything that appended, wrote or dropped output).
+    fn account(shard: &Shard, st: &mut ConnState) {
+        let pending = Self::pending_out(st);
+        if pending != st.counted {
+            shard.output_queued_changed(st.counted, pending);
+            st.counted = pending;
+        }
+    }
+
+    /// Output queued and not yet written.
+    pub fn queued_out(&self) -> usize {
+        Self::pending_out(&self.st.borrow())
+    }
+
+    /// The shard's queued output is over `max_output_bytes_per_shard` and this connection holds
+    /// among the most: it is closed as a slow consumer (see `Shard::output_budget_keeper`).
+    pub fn disconnect_over_budget(&self, shard: &Shard) {
+        let mut st = self.st.borrow_mut();
+        if st.close == Close::Now {
+            return;
+        }
+        ShardMetrics::inc(&shard.metrics.output_budget_disconnects_total);
+        self.disconnect_slow(shard, &mut st);
     }
 
     /// Appends v1 server frames to the output queue (a v2 connection gets their v2
@@ -246,6 +276,7 @@ impl ConnShared {
         if Self::pending_out(st) > bound {
             self.disconnect_slow(shard, st);
         }
+        Self::account(shard, st);
         if let Some(w) = &st.waker {
             w.wake_by_ref();
         }
@@ -262,6 +293,7 @@ impl ConnShared {
         st.close = Close::Now;
         st.out = Vec::new();
         st.out_pos = 0;
+        Self::account(shard, st);
         if let Some(w) = &st.waker {
             w.wake_by_ref();
         }
@@ -557,10 +589,14 @@ impl ConnShared {
                         st.progress = Instant::now();
                         ShardMetrics::add(&shard.metrics.bytes_out_total, n as u64);
                     }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Io::Failed(e)),
+                    Poll::Ready(Err(e)) => {
+                        Self::account(shard, st);
+                        return Poll::Ready(Io::Failed(e));
+                    }
                     Poll::Pending => break,
                 }
             }
+            Self::account(shard, st);
             // TLS records and WebSocket messages a transport holds go out too (plain TCP holds
             // nothing): the output counts as flushed only once they have.
             let held = match Pin::new(&mut *stream).poll_flush(cx) {
@@ -875,6 +911,7 @@ impl Conn {
             st.close = Close::Now;
             st.out = Vec::new();
             st.out_pos = 0;
+            ConnShared::account(&self.shard, &mut st);
             return Step::Close;
         }
         drop(st);
@@ -1798,6 +1835,15 @@ pub async fn run(
         Box::pin(stream.finish(TRANSPORT_CLOSE_TIMEOUT)).await;
     }
     drop(stream);
+    {
+        // Nothing more is queued for it (a delivery that still finds it appends nothing), and
+        // what it held leaves the shard's sum.
+        let mut st = c.st.borrow_mut();
+        st.close = Close::Now;
+        st.out = Vec::new();
+        st.out_pos = 0;
+        ConnShared::account(&shard, &mut st);
+    }
     shard.conns.borrow_mut().remove(&id);
     ShardMetrics::dec(&shard.metrics.connections_open);
     if shard.shutting_down.get() && shard.conns.borrow().is_empty() {

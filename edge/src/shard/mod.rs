@@ -168,6 +168,8 @@ const REPLY_FORGET: Duration = Duration::from_secs(10);
 
 /// Limits logged once per process, then only counted.
 static LOGGED_REPLIES_FULL: AtomicBool = AtomicBool::new(false);
+/// The first time a shard went over `max_output_bytes_per_shard` is logged.
+static LOGGED_OUTPUT_BUDGET: AtomicBool = AtomicBool::new(false);
 
 /// What a ring message costs in memory, as counted against [`RING_BYTES_HIGH`].
 fn ring_cost(m: &ShardMsg) -> usize {
@@ -580,6 +582,11 @@ pub struct Shard {
     /// `[rate_limits]` buckets of this shard: logins by source address, sends by user.
     pub login_buckets: RefCell<crate::ratelimit::Buckets<std::net::IpAddr>>,
     pub user_sends: RefCell<crate::ratelimit::Buckets<Vec<u8>>>,
+    /// Output queued for all the shard's connections, not yet written (bytes): the sum of
+    /// their accounted queues (`ConnShared::account`).
+    output_queued: Cell<usize>,
+    /// Told when `output_queued` goes over `max_output_bytes_per_shard`.
+    output_sweep: LocalNotify,
 }
 
 impl Shard {
@@ -633,6 +640,8 @@ impl Shard {
             v2_pending: RefCell::new(HashMap::new()),
             login_buckets: RefCell::new(crate::ratelimit::Buckets::new(RATE_TABLE_MAX)),
             user_sends: RefCell::new(crate::ratelimit::Buckets::new(RATE_TABLE_MAX)),
+            output_queued: Cell::new(0),
+            output_sweep: LocalNotify::default(),
             cfg,
         }
     }
@@ -714,6 +723,66 @@ impl Shard {
         }
         if let Some(c) = c {
             c.write_native(self, &out);
+        }
+    }
+
+    /// A connection's queued output went from `old` to `new` bytes.
+    pub fn output_queued_changed(&self, old: usize, new: usize) {
+        debug_assert!(
+            old <= self.output_queued.get(),
+            "a queue counted that the sum lacks"
+        );
+        let total = self.output_queued.get().saturating_sub(old) + new;
+        self.output_queued.set(total);
+        ShardMetrics::set(&self.metrics.output_queued_bytes, total as u64);
+        if new > old && total > self.cfg.max_output_bytes_per_shard {
+            self.output_sweep.notify();
+        }
+    }
+
+    /// Keeps the output queued for the shard's connections under `max_output_bytes_per_shard`:
+    /// each client's queue is bounded by `max_output_bytes`, but thousands of clients that stop
+    /// reading just below it would together hold gigabytes. When the sum goes over the bound,
+    /// the connections holding the most are closed as slow consumers (their unacked messages
+    /// stay stored) until the sum is under seven eighths of it; at most one pass every 10 ms.
+    async fn output_budget_keeper(self: Rc<Self>) {
+        let budget = self.cfg.max_output_bytes_per_shard;
+        loop {
+            self.output_sweep.wait().await;
+            if self.output_queued.get() > budget {
+                let mut held: Vec<(usize, Rc<ConnShared>)> = self
+                    .conns
+                    .borrow()
+                    .values()
+                    .map(|c| (c.queued_out(), c.clone()))
+                    .filter(|&(n, _)| n > 0)
+                    .collect();
+                held.sort_unstable_by_key(|&(n, _)| std::cmp::Reverse(n));
+                let mut closed = 0usize;
+                for (_, c) in held {
+                    if self.output_queued.get() <= budget - budget / 8 {
+                        break;
+                    }
+                    c.disconnect_over_budget(&self);
+                    closed += 1;
+                }
+                debug!(
+                    shard = self.id,
+                    closed,
+                    queued = self.output_queued.get(),
+                    "output over max_output_bytes_per_shard: the largest queues closed"
+                );
+                if crate::metrics::first_time(&LOGGED_OUTPUT_BUDGET) {
+                    warn!(
+                        shard = self.id,
+                        max_output_bytes_per_shard = budget,
+                        "the shard's queued output went over max_output_bytes_per_shard: the \
+                         connections holding the most were closed as slow consumers (logged \
+                         once; iris_edge_output_budget_disconnects_total counts them)"
+                    );
+                }
+            }
+            glommio::timer::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -1530,6 +1599,7 @@ pub async fn run(start: ShardStart) {
     }
 
     let poller = glommio::spawn_local(shard.clone().core_poller());
+    let budget_keeper = glommio::spawn_local(shard.clone().output_budget_keeper()).detach();
     // SAFETY: `OwnedFd` guarantees the descriptor is open and owned by us; `into_raw_fd` gives
     // that ownership up, and `from_raw_fd` takes it, so exactly one owner closes it. It is a
     // bound, listening TCP socket created for this shard alone.
@@ -1617,6 +1687,7 @@ pub async fn run(start: ShardStart) {
             glommio::timer::sleep(Duration::from_millis(5)).await;
         }
     }
+    budget_keeper.cancel();
     // Everything the connections produced is in the backlog or the core's queue now.
     poller.await;
     info!(shard = id, "shard stopped");
