@@ -47,9 +47,10 @@ pub struct EdgeConfig {
     /// Largest output queued for a connection; a client that lets it fill up is disconnected and
     /// its undelivered messages stay stored (4194304 = 4 MiB).
     pub max_output_bytes: usize,
-    /// Largest output queued for all the connections of one shard together. Over it, the
-    /// connections holding the most are disconnected as slow consumers until the shard is back
-    /// under seven eighths of it (268435456 = 256 MiB; at least `max_output_bytes`).
+    /// Largest output queued for all the connections of one shard together. Over it,
+    /// connections are disconnected as slow consumers until the shard is back under seven
+    /// eighths of it, those whose output is stuck first, the largest first
+    /// (268435456 = 256 MiB; at least `max_output_bytes`).
     pub max_output_bytes_per_shard: usize,
     /// A login drain asks the store for the next chunk only while the connection's queued output
     /// is below this (262144 = 256 KiB).

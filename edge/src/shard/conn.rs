@@ -141,6 +141,9 @@ struct ConnState {
     /// The last time a byte was read from or written to the socket (or the shard held the
     /// connection back): `idle_timeout_ms` counts from here.
     progress: Instant,
+    /// The last time the socket took output from us (the output budget keeper closes the
+    /// connections whose output is stuck first).
+    wrote: Instant,
     /// Protocol v2 state (v2 connections only).
     pub(super) v2: Option<Box<V2State>>,
 }
@@ -173,6 +176,7 @@ impl ConnShared {
                 resume: false,
                 replies_wait: false,
                 progress: Instant::now(),
+                wrote: Instant::now(),
                 v2: (proto == Proto::V2).then(V2State::new),
             }),
         }
@@ -192,9 +196,11 @@ impl ConnShared {
         }
     }
 
-    /// Output queued and not yet written.
-    pub fn queued_out(&self) -> usize {
-        Self::pending_out(&self.st.borrow())
+    /// Output queued and not yet written, and whether the socket took none of it for
+    /// [`OUTPUT_STUCK`].
+    pub fn queued_out(&self) -> (usize, bool) {
+        let st = self.st.borrow();
+        (Self::pending_out(&st), st.wrote.elapsed() >= OUTPUT_STUCK)
     }
 
     /// The shard's queued output is over `max_output_bytes_per_shard` and this connection holds
@@ -587,6 +593,7 @@ impl ConnShared {
                     Poll::Ready(Ok(n)) => {
                         st.out_pos += n;
                         st.progress = Instant::now();
+                        st.wrote = st.progress;
                         ShardMetrics::add(&shard.metrics.bytes_out_total, n as u64);
                     }
                     Poll::Ready(Err(e)) => {
@@ -1711,6 +1718,10 @@ fn compact_out(out: &mut Vec<u8>, pos: &mut usize) {
         out.shrink_to((out.len() * 2).max(64 << 10));
     }
 }
+
+/// A connection whose socket took none of its queued output for this long is stuck: the output
+/// budget keeper closes such connections before any that is still being written to.
+pub const OUTPUT_STUCK: Duration = Duration::from_secs(1);
 
 /// How long a closing TLS or WebSocket connection gets to send its close frame / close_notify.
 const TRANSPORT_CLOSE_TIMEOUT: Duration = Duration::from_millis(200);

@@ -743,21 +743,30 @@ impl Shard {
     /// Keeps the output queued for the shard's connections under `max_output_bytes_per_shard`:
     /// each client's queue is bounded by `max_output_bytes`, but thousands of clients that stop
     /// reading just below it would together hold gigabytes. When the sum goes over the bound,
-    /// the connections holding the most are closed as slow consumers (their unacked messages
-    /// stay stored) until the sum is under seven eighths of it; at most one pass every 10 ms.
+    /// connections are closed as slow consumers (their unacked messages stay stored) until the
+    /// sum is under seven eighths of it: first those whose socket took nothing for
+    /// [`conn::OUTPUT_STUCK`], largest first, then the largest of the others (a login storm
+    /// whose drains are read promptly is cut only when it alone is over the bound). At most
+    /// one pass every 10 ms.
     async fn output_budget_keeper(self: Rc<Self>) {
         let budget = self.cfg.max_output_bytes_per_shard;
         loop {
             self.output_sweep.wait().await;
             if self.output_queued.get() > budget {
-                let mut held: Vec<(usize, Rc<ConnShared>)> = self
+                // Stuck queues first (the socket took nothing for a second), then those still
+                // being written; the largest first within each.
+                type Key = (bool, std::cmp::Reverse<usize>);
+                let mut held: Vec<(Key, Rc<ConnShared>)> = self
                     .conns
                     .borrow()
                     .values()
-                    .map(|c| (c.queued_out(), c.clone()))
-                    .filter(|&(n, _)| n > 0)
+                    .map(|c| {
+                        let (n, stuck) = c.queued_out();
+                        ((!stuck, std::cmp::Reverse(n)), c.clone())
+                    })
+                    .filter(|&((_, std::cmp::Reverse(n)), _)| n > 0)
                     .collect();
-                held.sort_unstable_by_key(|&(n, _)| std::cmp::Reverse(n));
+                held.sort_unstable_by_key(|&(key, _)| key);
                 let mut closed = 0usize;
                 for (_, c) in held {
                     if self.output_queued.get() <= budget - budget / 8 {
