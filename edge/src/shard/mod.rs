@@ -7,7 +7,9 @@
 //!   [`Shard::handle_mesh`];
 //! - one ring writer per peer shard, which ships the batched outbox to that peer;
 //! - the core poller, which moves requests to the in-process core and takes its replies
-//!   (crossbeam queues: the core is a plain OS thread, not a glommio executor).
+//!   (crossbeam queues: the core is a plain OS thread, not a glommio executor);
+//! - the output budget keeper, which closes the connections holding the most output when all of
+//!   the shard's queues together are over `max_output_bytes_per_shard`.
 //!
 //! Routing a message to user `u`: its owner shard is `hash(u) % shards` ([`owner_of`]); the
 //! owner's [`presence`] slice knows which shard and connection hold `u`. So a message takes at
@@ -779,7 +781,7 @@ impl Shard {
                     shard = self.id,
                     closed,
                     queued = self.output_queued.get(),
-                    "output over max_output_bytes_per_shard: the largest queues closed"
+                    "output over max_output_bytes_per_shard: stuck and largest queues closed"
                 );
                 if crate::metrics::first_time(&LOGGED_OUTPUT_BUDGET) {
                     warn!(
