@@ -46,6 +46,52 @@ fn read_what_arrived(c: &mut Client) -> (Vec<usize>, bool) {
     (got, closed)
 }
 
+/// A fresh login of `user`, whose first session got messages #0..#`first` in order, delivers
+/// the rest: a contiguous run #k..#`n` with k ≤ `first` (nothing when the first session got and
+/// acked all `n`), and is never disconnected while it reads promptly.
+fn fresh_login_delivers_the_rest(s: &Server, user: &str, first: usize, n: usize) {
+    let mut r = s.login(user);
+    let mut second = Vec::new();
+    loop {
+        match r.next_raw(Instant::now() + Duration::from_millis(1500)) {
+            Ok((Frame::Reliable { id, payload }, _)) => {
+                second.push(number_of(&payload));
+                r.ack_later(&id);
+            }
+            Ok((other, _)) => panic!("{user}'s fresh login got {other:?}"),
+            Err(ReadEnd::Timeout) => break,
+            Err(ReadEnd::Closed(why)) => panic!(
+                "the fresh login of {user} (reading promptly) was disconnected ({why}) after {} \
+                 messages (last {:?}); slow-consumer disconnects so far: {}",
+                second.len(),
+                second.last(),
+                s.metric("iris_edge_slow_consumer_disconnects_total")
+            ),
+        }
+    }
+    r.flush_acks();
+    match second.first() {
+        None => assert_eq!(
+            first,
+            n,
+            "{user}'s first session got {first} messages and a fresh login got none: {} lost",
+            n - first
+        ),
+        Some(&k) => {
+            assert!(
+                k <= first,
+                "{user}'s fresh login starts at #{k} but the first session only got {first} \
+                 (messages lost)"
+            );
+            let run: Vec<usize> = (k..n).collect();
+            if let Some(d) = describe_sequence_diff(&second, &run) {
+                panic!("{user}'s fresh login: not the contiguous run #{k}..#{n}: {d}");
+            }
+        }
+    }
+    r.expect_silence(Duration::from_millis(300));
+}
+
 fn silent_reader(opts: ServerOpts, n: usize, len: usize, must_disconnect: bool) {
     silent_reader_within(opts, n, len, must_disconnect, MAX_RSS_GROWTH_KIB);
 }
@@ -104,49 +150,7 @@ fn silent_reader_within(
     }
     std::thread::sleep(Duration::from_millis(100));
 
-    // A fresh login delivers the rest: a contiguous run k..n with k <= what was received
-    // (nothing if the silent reader got and acked everything).
-    let mut r = s.login("silent");
-    let mut second = Vec::new();
-    loop {
-        match r.next_raw(Instant::now() + Duration::from_millis(1500)) {
-            Ok((Frame::Reliable { id, payload }, _)) => {
-                second.push(number_of(&payload));
-                r.ack_later(&id);
-            }
-            Ok((other, _)) => panic!("fresh login got {other:?}"),
-            Err(ReadEnd::Timeout) => break,
-            Err(ReadEnd::Closed(why)) => panic!(
-                "the fresh login (reading promptly) was disconnected ({why}) after {} messages \
-                 (last {:?}); slow-consumer disconnects so far: {}",
-                second.len(),
-                second.last(),
-                s.metric("iris_edge_slow_consumer_disconnects_total")
-            ),
-        }
-    }
-    r.flush_acks();
-    match second.first() {
-        None => assert_eq!(
-            first.len(),
-            n,
-            "the first session got {} messages and a fresh login got none: {} lost",
-            first.len(),
-            n - first.len()
-        ),
-        Some(&k) => {
-            assert!(
-                k <= first.len(),
-                "the fresh login starts at #{k} but the first session only got {} (messages lost)",
-                first.len()
-            );
-            let run: Vec<usize> = (k..n).collect();
-            if let Some(d) = describe_sequence_diff(&second, &run) {
-                panic!("the fresh login's messages are not the contiguous run #{k}..#{n}: {d}");
-            }
-        }
-    }
-    r.expect_silence(Duration::from_millis(300));
+    fresh_login_delivers_the_rest(&s, "silent", first.len(), n);
     s.assert_running();
 }
 
@@ -378,25 +382,7 @@ fn silent_readers_together_are_held_to_the_shard_output_budget() {
         }
         drop(c);
         std::thread::sleep(Duration::from_millis(100));
-        let mut r = s.login(&format!("quiet-{i}"));
-        let mut second = Vec::new();
-        while let Ok((Frame::Reliable { id, payload }, _)) =
-            r.next_raw(Instant::now() + Duration::from_millis(1500))
-        {
-            second.push(number_of(&payload));
-            r.ack_later(&id);
-        }
-        r.flush_acks();
-        let k = second.first().copied().unwrap_or(PER_READER);
-        assert!(
-            k <= first.len(),
-            "quiet-{i}: the fresh login starts at #{k} after {} (lost)",
-            first.len()
-        );
-        let run: Vec<usize> = (k..PER_READER).collect();
-        if let Some(d) = describe_sequence_diff(&second, &run) {
-            panic!("quiet-{i}'s fresh login: {d}");
-        }
+        fresh_login_delivers_the_rest(&s, &format!("quiet-{i}"), first.len(), PER_READER);
     }
     // The shard's sum follows every queue: nothing is left counted once all is written.
     assert!(
