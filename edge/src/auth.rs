@@ -45,6 +45,29 @@ pub fn split_login(body: &[u8]) -> (&[u8], Option<&[u8]>) {
     }
 }
 
+/// Whether `body` (a LOGIN's bytes after the opcode, all that has arrived) is exactly a user,
+/// `:` and a whole HS256 compact JWS: three non-empty base64url parts, the last the 43
+/// characters of a 32-byte signature, nothing after it. Such a LOGIN cannot go on in a later
+/// segment, so the edge does not wait `login_settle_us` for the rest of it (with auth on, every
+/// login carries one). Anything else (a token cut anywhere, bytes after it) waits as before.
+pub fn is_whole_login(body: &[u8]) -> bool {
+    let (user, Some(token)) = split_login(body) else {
+        return false;
+    };
+    let b64url = |x: &[u8]| {
+        !x.is_empty()
+            && x.iter()
+                .all(|&c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+    };
+    let mut parts = token.split(|&b| b == b'.');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(h), Some(p), Some(s), None) => {
+            !user.is_empty() && b64url(h) && b64url(p) && s.len() == 43 && b64url(s)
+        }
+        _ => false,
+    }
+}
+
 /// Verifies `token` for `user` at `now_ms`.
 pub fn verify(
     cfg: &AuthConfig,
@@ -145,6 +168,32 @@ mod tests {
             secret: "0123456789abcdef0123456789abcdef".into(),
             ..AuthConfig::default()
         }
+    }
+
+    /// Only the whole `user:token` is whole: every shorter prefix (a LOGIN cut by TCP anywhere)
+    /// and anything with bytes after the token waits for the settle time.
+    #[test]
+    fn only_a_whole_token_login_skips_the_settle_wait() {
+        let token = sign(
+            cfg().secret.as_bytes(),
+            &json!({"sub": "alice", "iss": "iris", "exp": 4_102_444_800u64}),
+        );
+        let body = format!("alice:{token}").into_bytes();
+        assert!(is_whole_login(&body));
+        for cut in 0..body.len() {
+            assert!(
+                !is_whole_login(&body[..cut]),
+                "cut at {cut} of {}",
+                body.len()
+            );
+        }
+        for tail in [&b"\x02"[..], b"\x03", b"0", b"A", b"."] {
+            let mut more = body.clone();
+            more.extend_from_slice(tail);
+            assert!(!is_whole_login(&more), "with {tail:?} after the token");
+        }
+        assert!(!is_whole_login(format!(":{token}").as_bytes()), "no user");
+        assert!(!is_whole_login(b"alice"), "no token");
     }
 
     #[test]

@@ -60,7 +60,8 @@ pub struct EdgeConfig {
     /// Payload bytes per drain chunk, at most; one message always fits (1048576 = 1 MiB).
     pub drain_chunk_bytes: usize,
     /// LOGIN carries no length: its body is what arrived with it. The edge waits this long after
-    /// a LOGIN's first byte for the rest of a login split over several TCP segments (500).
+    /// a LOGIN's first byte for the rest of a login split over several TCP segments (500); with
+    /// auth on, not for a LOGIN that is exactly a user and a whole token (`auth::is_whole_login`).
     pub login_settle_us: u64,
     /// Group-commit window of the embedded store: a message lives only in memory at most this
     /// long after it is accepted (2).

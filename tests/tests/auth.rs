@@ -85,6 +85,34 @@ fn good_tokens_log_in_and_deliver() {
     login_ok(&s, "nbf-ok", &t);
 }
 
+/// LOGIN has no length, so the edge waits `login_settle_us` after its first byte for the rest
+/// of it; a LOGIN that is a user and a whole token cannot go on, so it is answered without that
+/// wait. With a 3 s settle time: a whole token gets LOGIN_OK well within it; a token cut in its
+/// signature waits, and logs in as soon as the rest (5 ms later) has made it whole.
+#[test]
+fn a_whole_token_is_answered_without_the_settle_wait() {
+    let s = Server::start(ServerOpts::shards(1).config(&format!(
+        "login_settle_us = 3000000\n[auth]\nenabled = true\nsecret = \"{SECRET}\"\n"
+    )));
+    let mut c = s.connect();
+    let t0 = std::time::Instant::now();
+    c.write(&wire::login(format!("whole:{}", good("whole")).as_bytes()));
+    assert_eq!(
+        c.recv_within(Duration::from_millis(1500)),
+        Some(Frame::LoginOk),
+        "a whole token waited for the settle time"
+    );
+    eprintln!("whole token: LOGIN_OK after {:?}", t0.elapsed());
+    let mut cut = s.connect();
+    let login = wire::login(format!("cut:{}", good("cut")).as_bytes());
+    cut.write_split(&login, login.len() - 10, Duration::from_millis(5));
+    assert_eq!(
+        cut.recv_within(Duration::from_secs(6)),
+        Some(Frame::LoginOk),
+        "a token cut in two did not log in"
+    );
+}
+
 #[test]
 fn bad_tokens_get_auth_failed_and_close() {
     let s = server();

@@ -1079,7 +1079,11 @@ impl Conn {
             if buf.is_empty() {
                 break Step::More;
             }
-            if buf[0] == op::LOGIN && !self.login_settled && self.shard.cfg.login_settle_us > 0 {
+            if buf[0] == op::LOGIN
+                && !self.login_settled
+                && self.shard.cfg.login_settle_us > 0
+                && !(self.shard.cfg.auth.enabled && auth::is_whole_login(&buf[1..]))
+            {
                 break Step::Settle;
             }
             if buf[0] == op::FETCH_PREKEYS && self.shard.replies_full() {
