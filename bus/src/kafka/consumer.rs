@@ -26,10 +26,9 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-
-use super::keeper::{payload_hash, Mark};
 use rdkafka::ClientContext;
 
+use super::keeper::{payload_hash, Mark};
 use super::{KafkaConfig, RecreationCursor, Recreations, TransportError};
 
 /// Offsets are committed at most this often while frames flow.

@@ -186,8 +186,9 @@ impl ConnShared {
         st.out.len() - st.out_pos
     }
 
-    /// Brings the shard's queued-output sum up to date with this connection's queue (after
-    /// anything that appended, wrote or dropped output).
+    /// Brings the shard's queued-output sum up to date with this connection's queue: after
+    /// every append, every write and a slow-consumer drop; a connection that closes otherwise
+    /// is accounted at the end of its task (`run`).
     fn account(shard: &Shard, st: &mut ConnState) {
         let pending = Self::pending_out(st);
         if pending != st.counted {
@@ -550,8 +551,6 @@ enum Io {
 struct Timers {
     /// v2 keepalive: PING a silent client, close one silent for three intervals.
     ping: Option<Pin<Box<Timer>>>,
-    /// When `ping` fires, at the earliest.
-    ping_at: Instant,
     login: Option<Pin<Box<Timer>>>,
     idle: Option<Pin<Box<Timer>>>,
     settle: Option<Pin<Box<Timer>>>,
@@ -596,10 +595,7 @@ impl ConnShared {
                         st.wrote = st.progress;
                         ShardMetrics::add(&shard.metrics.bytes_out_total, n as u64);
                     }
-                    Poll::Ready(Err(e)) => {
-                        Self::account(shard, st);
-                        return Poll::Ready(Io::Failed(e));
-                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Io::Failed(e)),
                     Poll::Pending => break,
                 }
             }
@@ -650,19 +646,13 @@ impl ConnShared {
             }
             if let Some(v2) = st.v2.as_ref() {
                 if v2.hello {
-                    // The keepalive timer is polled (a search of the reactor's timer map) only
-                    // when it is new or due: once polled, it wakes this task when it fires.
-                    // `ping_at` is taken before the timer reads the clock, so it is never later
-                    // than the timer's deadline and the wake-up of its firing finds it due.
-                    let due = if timers.ping.is_none() {
+                    if timers.ping.is_none() {
                         let every = Duration::from_millis(u64::from(shard.cfg.v2.ping_interval_ms));
-                        timers.ping_at = Instant::now() + every;
                         timers.ping = Some(Box::pin(Timer::new(every)));
-                        true
-                    } else {
-                        Instant::now() >= timers.ping_at
-                    };
-                    if due && poll_timer(&mut timers.ping, cx) {
+                    }
+                    // Polled at every wake-up: a pending timer polled again by its task leaves
+                    // the reactor alone (glommio patch 6).
+                    if poll_timer(&mut timers.ping, cx) {
                         return Poll::Ready(Io::Ping);
                     }
                 }
@@ -918,7 +908,6 @@ impl Conn {
             st.close = Close::Now;
             st.out = Vec::new();
             st.out_pos = 0;
-            ConnShared::account(&self.shard, &mut st);
             return Step::Close;
         }
         drop(st);
@@ -1756,7 +1745,6 @@ pub async fn run(
     let mut inbuf: Vec<u8> = Vec::new();
     let mut timers = Timers {
         ping: None,
-        ping_at: Instant::now(),
         login: Some(Box::pin(Timer::new(Duration::from_millis(
             shard.cfg.login_timeout_ms,
         )))),

@@ -10,7 +10,7 @@ use std::{
     future::Future,
     pin::Pin,
     rc::{Rc, Weak},
-    task::{Context, Poll},
+    task::{Context, Poll, Waker},
     time::{Duration, Instant},
 };
 
@@ -21,6 +21,10 @@ struct Inner {
     id: u64,
 
     is_charged: bool,
+
+    /// Iris patch (IRIS-PATCH.md, 6): the waker the reactor holds for this timer while it is
+    /// registered and pending; a poll by the same task then leaves the reactor alone.
+    registered: Option<Waker>,
 
     /// When this timer fires.
     when: Instant,
@@ -38,6 +42,11 @@ impl Inner {
 
         // Update the timeout.
         self.when = Instant::now() + dur;
+        if waker.is_none() {
+            // Iris patch (IRIS-PATCH.md, 6): it had fired (or was never registered): the next
+            // poll registers it again.
+            self.registered = None;
+        }
 
         if let Some(waker) = waker {
             // Re-register the timer with the new timeout.
@@ -101,6 +110,7 @@ impl Timer {
             inner: Rc::new(RefCell::new(Inner {
                 id: reactor.register_timer(),
                 is_charged: false,
+                registered: None,
                 when: Instant::now() + dur,
                 reactor: Rc::downgrade(&reactor),
             })),
@@ -114,6 +124,7 @@ impl Timer {
             inner: Rc::new(RefCell::new(Inner {
                 id,
                 is_charged: false,
+                registered: None,
                 when: Instant::now() + dur,
                 reactor: Rc::downgrade(&crate::executor().reactor()),
             })),
@@ -168,7 +179,17 @@ impl Future for Timer {
         if Instant::now() >= inner.when {
             // Deregister the timer from the reactor if needed
             inner.reactor.upgrade().unwrap().remove_timer(inner.id);
+            inner.registered = None;
             Poll::Ready(inner.when)
+        } else if inner
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            // Iris patch (IRIS-PATCH.md, 6): registered, pending, and the reactor will wake this
+            // task when it fires: nothing to do (a task that polls its timer at every wake-up
+            // no longer searches the reactor's timer map each time).
+            Poll::Pending
         } else {
             // Register the timer in the reactor.
             inner
@@ -177,6 +198,7 @@ impl Future for Timer {
                 .unwrap()
                 .insert_timer(inner.id, inner.when, cx.waker().clone());
             inner.is_charged = true;
+            inner.registered = Some(cx.waker().clone());
             Poll::Pending
         }
     }
