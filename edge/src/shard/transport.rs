@@ -613,6 +613,29 @@ mod tests {
         });
     }
 
+    /// Polls `t` once from the running task; true when it is pending.
+    async fn poll_once(t: &mut glommio::timer::Timer) -> bool {
+        std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(
+                std::future::Future::poll(std::pin::Pin::new(&mut *t), cx).is_pending(),
+            )
+        })
+        .await
+    }
+
+    /// Awaits `t` within an outer 2 s bound and fails unless it fired by itself, well before
+    /// that bound (a timeout's own firing polls the timer once more, which then finds it due).
+    async fn fires_by_itself(t: &mut glommio::timer::Timer, what: &str) {
+        let start = std::time::Instant::now();
+        let _ =
+            glommio::timer::timeout(Duration::from_secs(2), async { Ok((&mut *t).await) }).await;
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "{what} did not fire by itself ({:?})",
+            start.elapsed()
+        );
+    }
+
     /// glommio patch 6: a pending timer polled again by its task leaves the reactor alone, so
     /// it must still fire when polled many times, and a timer reset after it fired (the reactor
     /// no longer holds it) must be registered again by its next poll.
@@ -621,42 +644,15 @@ mod tests {
         on_executor(|| async {
             let mut t = glommio::timer::Timer::new(Duration::from_millis(30));
             for _ in 0..1000 {
-                let pending = std::future::poll_fn(|cx| {
-                    std::task::Poll::Ready(
-                        std::future::Future::poll(std::pin::Pin::new(&mut t), cx).is_pending(),
-                    )
-                })
-                .await;
-                assert!(pending);
+                assert!(poll_once(&mut t).await);
             }
-            let start = std::time::Instant::now();
-            let _ =
-                glommio::timer::timeout(Duration::from_secs(2), async { Ok((&mut t).await) }).await;
-            assert!(
-                start.elapsed() < Duration::from_secs(1),
-                "a timer polled 1000 times did not fire by itself ({:?})",
-                start.elapsed()
-            );
+            fires_by_itself(&mut t, "a timer polled 1000 times").await;
             // Fired and taken out of the reactor; reset, it must be registered anew.
             let mut t = glommio::timer::Timer::new(Duration::from_millis(5));
-            let _ = std::future::poll_fn(|cx| {
-                std::task::Poll::Ready(
-                    std::future::Future::poll(std::pin::Pin::new(&mut t), cx).is_pending(),
-                )
-            })
-            .await;
+            poll_once(&mut t).await;
             glommio::timer::sleep(Duration::from_millis(30)).await;
             t.reset(Duration::from_millis(20));
-            // (A timeout's own firing polls the timer once more, which then finds it due: so
-            // the check is that it fired near its 20 ms, not at the 2 s bound.)
-            let start = std::time::Instant::now();
-            let _ =
-                glommio::timer::timeout(Duration::from_secs(2), async { Ok((&mut t).await) }).await;
-            assert!(
-                start.elapsed() < Duration::from_secs(1),
-                "a timer reset after it fired did not fire again by itself ({:?})",
-                start.elapsed()
-            );
+            fires_by_itself(&mut t, "a timer reset after it fired").await;
         });
     }
 
