@@ -6,6 +6,8 @@
 //! both JSON numbers (seconds; an `exp` or `nbf` of any other type refuses the token).
 //! Anything else is refused with `AUTH_FAILED`.
 
+use std::borrow::Cow;
+
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
@@ -68,76 +70,142 @@ pub fn is_whole_login(body: &[u8]) -> bool {
     }
 }
 
-/// Verifies `token` for `user` at `now_ms`.
+/// Verifies `token` for `user` at `now_ms` (a one-off check: keys the HMAC each call; a
+/// shard keeps a [`Verifier`]).
 pub fn verify(
     cfg: &AuthConfig,
     user: &[u8],
     token: Option<&[u8]>,
     now_ms: u64,
 ) -> Result<(), AuthError> {
-    let token = token.ok_or(AuthError::Missing)?;
-    let token = std::str::from_utf8(token).map_err(|_| AuthError::Malformed)?;
-    let mut parts = token.split('.');
-    let (Some(h), Some(p), Some(s), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
+    Verifier::new(cfg).verify(user, token, now_ms)
+}
+
+/// The token check of one shard: the HMAC keyed once with the secret (the key's two hashed
+/// pads), cloned for each token.
+#[derive(Clone)]
+pub struct Verifier {
+    mac: Hmac<Sha256>,
+    issuer: String,
+    leeway_ms: u64,
+}
+
+/// The header fields read: any other is ignored. A field given twice refuses the token.
+#[derive(serde::Deserialize)]
+struct Header<'a> {
+    #[serde(borrow)]
+    alg: Option<Cow<'a, str>>,
+}
+
+/// The claims read: any other is ignored. A claim given twice refuses the token (JSON objects
+/// with repeated names are read differently by different parsers), as does a `sub`, `iss`,
+/// `exp` or `nbf` of the wrong JSON type.
+#[derive(serde::Deserialize)]
+struct Claims<'a> {
+    #[serde(borrow)]
+    sub: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    iss: Option<Cow<'a, str>>,
+    /// Present with any JSON value (`null` too, which a plain `Option` would read as absent).
+    #[serde(default, deserialize_with = "present")]
+    exp: Option<serde_json::Value>,
+    #[serde(default, deserialize_with = "present")]
+    nbf: Option<serde_json::Value>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<serde_json::Value>, D::Error> {
+    serde::Deserialize::deserialize(d).map(Some)
+}
+
+/// A JSON object read into `T`. Only an object: serde's derived structs also take an array of
+/// the fields in order, which is not a JOSE header or a claims set.
+fn object<'a, T: serde::Deserialize<'a>>(json: &'a [u8]) -> Result<T, AuthError> {
+    if json.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(AuthError::Malformed);
-    };
-    let header: serde_json::Value = serde_json::from_slice(
-        &URL_SAFE_NO_PAD
-            .decode(h)
-            .map_err(|_| AuthError::Malformed)?,
-    )
-    .map_err(|_| AuthError::Malformed)?;
-    if header.get("alg").and_then(|a| a.as_str()) != Some("HS256") {
-        return Err(AuthError::WrongAlg);
     }
-    let sig = URL_SAFE_NO_PAD
-        .decode(s)
-        .map_err(|_| AuthError::Malformed)?;
-    let mut mac = Hmac::<Sha256>::new_from_slice(cfg.secret.as_bytes())
-        .map_err(|_| AuthError::BadSignature)?;
-    mac.update(h.as_bytes());
-    mac.update(b".");
-    mac.update(p.as_bytes());
-    mac.verify_slice(&sig)
-        .map_err(|_| AuthError::BadSignature)?;
-    let claims: serde_json::Value = serde_json::from_slice(
-        &URL_SAFE_NO_PAD
-            .decode(p)
-            .map_err(|_| AuthError::Malformed)?,
-    )
-    .map_err(|_| AuthError::Malformed)?;
-    if claims
-        .get("sub")
-        .and_then(|v| v.as_str())
-        .map(str::as_bytes)
-        != Some(user)
-    {
-        return Err(AuthError::WrongSubject);
+    serde_json::from_slice(json).map_err(|_| AuthError::Malformed)
+}
+
+/// Decodes one base64url part of a token into `stack` when it fits, else into `heap`.
+fn decode_part<'b>(
+    part: &str,
+    stack: &'b mut [u8; 512],
+    heap: &'b mut Vec<u8>,
+) -> Result<&'b [u8], AuthError> {
+    match URL_SAFE_NO_PAD.decode_slice(part, &mut stack[..]) {
+        Ok(n) => Ok(&stack[..n]),
+        Err(base64::DecodeSliceError::OutputSliceTooSmall) => {
+            *heap = URL_SAFE_NO_PAD
+                .decode(part)
+                .map_err(|_| AuthError::Malformed)?;
+            Ok(heap)
+        }
+        Err(base64::DecodeSliceError::DecodeError(_)) => Err(AuthError::Malformed),
     }
-    if claims.get("iss").and_then(|v| v.as_str()) != Some(cfg.issuer.as_str()) {
-        return Err(AuthError::WrongIssuer);
-    }
-    // RFC 7519 NumericDate: a JSON number of seconds (fractions allowed). `exp` is required;
-    // `nbf` is optional, but present with any other type (a string, null, ...) the token is
-    // refused like a malformed one, never silently taken as absent.
-    let leeway = cfg.leeway_ms as f64;
-    let now = now_ms as f64;
-    let exp = match claims.get("exp") {
-        Some(v) => numeric_date(v).ok_or(AuthError::BadClaimType("exp"))?,
-        None => return Err(AuthError::Expired),
-    };
-    if exp * 1000.0 + leeway <= now {
-        return Err(AuthError::Expired);
-    }
-    if let Some(v) = claims.get("nbf") {
-        let nbf = numeric_date(v).ok_or(AuthError::BadClaimType("nbf"))?;
-        if nbf * 1000.0 - leeway > now {
-            return Err(AuthError::NotYetValid);
+}
+
+impl Verifier {
+    pub fn new(cfg: &AuthConfig) -> Self {
+        Self {
+            mac: Hmac::<Sha256>::new_from_slice(cfg.secret.as_bytes())
+                .expect("hmac takes any key length"),
+            issuer: cfg.issuer.clone(),
+            leeway_ms: cfg.leeway_ms,
         }
     }
-    Ok(())
+
+    /// Verifies `token` for `user` at `now_ms`.
+    pub fn verify(&self, user: &[u8], token: Option<&[u8]>, now_ms: u64) -> Result<(), AuthError> {
+        let token = token.ok_or(AuthError::Missing)?;
+        let token = std::str::from_utf8(token).map_err(|_| AuthError::Malformed)?;
+        let mut parts = token.split('.');
+        let (Some(h), Some(p), Some(s), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(AuthError::Malformed);
+        };
+        let (mut stack, mut heap) = ([0u8; 512], Vec::new());
+        let header: Header<'_> = object(decode_part(h, &mut stack, &mut heap)?)?;
+        if header.alg.as_deref() != Some("HS256") {
+            return Err(AuthError::WrongAlg);
+        }
+        let mut sig = [0u8; 48];
+        let n = URL_SAFE_NO_PAD
+            .decode_slice(s, &mut sig)
+            .map_err(|_| AuthError::Malformed)?;
+        let mut mac = self.mac.clone();
+        mac.update(h.as_bytes());
+        mac.update(b".");
+        mac.update(p.as_bytes());
+        mac.verify_slice(&sig[..n])
+            .map_err(|_| AuthError::BadSignature)?;
+        let claims: Claims<'_> = object(decode_part(p, &mut stack, &mut heap)?)?;
+        if claims.sub.as_deref().map(str::as_bytes) != Some(user) {
+            return Err(AuthError::WrongSubject);
+        }
+        if claims.iss.as_deref() != Some(self.issuer.as_str()) {
+            return Err(AuthError::WrongIssuer);
+        }
+        // RFC 7519 NumericDate: a JSON number of seconds (fractions allowed). `exp` is
+        // required; `nbf` is optional, but present with any other type (a string, null, ...)
+        // the token is refused like a malformed one, never silently taken as absent.
+        let leeway = self.leeway_ms as f64;
+        let now = now_ms as f64;
+        let exp = match &claims.exp {
+            Some(v) => numeric_date(v).ok_or(AuthError::BadClaimType("exp"))?,
+            None => return Err(AuthError::Expired),
+        };
+        if exp * 1000.0 + leeway <= now {
+            return Err(AuthError::Expired);
+        }
+        if let Some(v) = &claims.nbf {
+            let nbf = numeric_date(v).ok_or(AuthError::BadClaimType("nbf"))?;
+            if nbf * 1000.0 - leeway > now {
+                return Err(AuthError::NotYetValid);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A NumericDate claim: a finite JSON number (integer or not), else `None`.
@@ -298,6 +366,92 @@ mod tests {
             v(json!({"sub":"a","iss":"iris"})),
             Err(AuthError::Expired),
             "exp is required"
+        );
+    }
+
+    /// A claim or header field given twice, and a `sub`, `iss` or `alg` that is not a string,
+    /// refuse the token (correctly signed): parsers disagree on repeated names.
+    #[test]
+    fn repeated_and_mistyped_fields_are_refused() {
+        let c = cfg();
+        let now = 1_700_000_000_000u64;
+        let raw = |header: &str, claims: &str| {
+            let h = URL_SAFE_NO_PAD.encode(header);
+            let p = URL_SAFE_NO_PAD.encode(claims);
+            let mut mac = Hmac::<Sha256>::new_from_slice(c.secret.as_bytes()).unwrap();
+            mac.update(format!("{h}.{p}").as_bytes());
+            let s = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+            verify(&c, b"a", Some(format!("{h}.{p}.{s}").as_bytes()), now)
+        };
+        let good = r#"{"sub":"a","iss":"iris","exp":1700009000}"#;
+        assert_eq!(raw(r#"{"alg":"HS256"}"#, good), Ok(()));
+        assert_eq!(
+            raw(r#"{"alg":"HS256","typ":"JWT","kid":[1]}"#, good),
+            Ok(()),
+            "other header fields are ignored"
+        );
+        for claims in [
+            r#"{"sub":"b","sub":"a","iss":"iris","exp":1700009000}"#,
+            r#"{"sub":"a","iss":"iris","exp":1,"exp":1700009000}"#,
+            r#"{"sub":"a","iss":"iris","iss":"iris","exp":1700009000}"#,
+            r#"{"sub":1,"iss":"iris","exp":1700009000}"#,
+            r#"{"sub":"a","iss":["iris"],"exp":1700009000}"#,
+            r#"["a","iris",1700009000]"#,
+        ] {
+            assert!(raw(r#"{"alg":"HS256"}"#, claims).is_err(), "{claims}");
+        }
+        assert_eq!(
+            raw(r#"{"alg":"none","alg":"HS256"}"#, good),
+            Err(AuthError::Malformed)
+        );
+        assert_eq!(raw(r#"{"alg":1}"#, good), Err(AuthError::Malformed));
+        assert_eq!(raw(r#"["HS256"]"#, good), Err(AuthError::Malformed));
+        assert_eq!(
+            raw(r#" {"alg":"HS256"} "#, good),
+            Ok(()),
+            "whitespace around is JSON"
+        );
+        // Escapes in a string claim are read (an owned copy, not a borrow).
+        assert_eq!(
+            raw(
+                r#"{"alg":"HS256"}"#,
+                r#"{"sub":"\u0061","iss":"ir\u0069s","exp":1700009000}"#
+            ),
+            Ok(())
+        );
+    }
+
+    /// One verifier serves many tokens (its keyed HMAC is cloned per token), and claims too long
+    /// for the stack buffer are decoded on the heap.
+    #[test]
+    fn a_verifier_is_reused_and_long_claims_decode() {
+        let c = cfg();
+        let v = Verifier::new(&c);
+        let now = 1_700_000_000_000u64;
+        for user in ["a", "bob", "carol"] {
+            let t = sign(
+                c.secret.as_bytes(),
+                &json!({"sub": user, "iss": "iris", "exp": 1_700_000_100}),
+            );
+            assert_eq!(v.verify(user.as_bytes(), Some(t.as_bytes()), now), Ok(()));
+            assert_eq!(
+                v.verify(b"mallory", Some(t.as_bytes()), now),
+                Err(AuthError::WrongSubject)
+            );
+        }
+        let long = sign(
+            c.secret.as_bytes(),
+            &json!({"sub": "a", "iss": "iris", "exp": 1_700_000_100, "pad": "x".repeat(2000)}),
+        );
+        assert!(long.len() > 2000);
+        assert_eq!(v.verify(b"a", Some(long.as_bytes()), now), Ok(()));
+        let other = AuthConfig {
+            secret: "another secret of at least 32 bytes".into(),
+            ..cfg()
+        };
+        assert_eq!(
+            Verifier::new(&other).verify(b"a", Some(long.as_bytes()), now),
+            Err(AuthError::BadSignature)
         );
     }
 

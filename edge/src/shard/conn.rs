@@ -1266,9 +1266,9 @@ impl Conn {
                         reference: 0,
                     }));
                 }
-                if shard.cfg.auth.enabled {
+                if let Some(verifier) = &shard.auth {
                     let now_ms = crate::idgen::now_micros() / 1000;
-                    if let Err(e) = auth::verify(&shard.cfg.auth, user, jwt, now_ms) {
+                    if let Err(e) = verifier.verify(user, jwt, now_ms) {
                         ShardMetrics::inc(&shard.metrics.logins_refused_total);
                         debug!(shard = shard.id, conn = self.c.id, error = %e, "v2 hello refused");
                         return self.error_v2(ErrorCode::BadToken, 0);
@@ -1623,9 +1623,9 @@ impl Conn {
         if self.login_admitted().is_err() {
             return Err(self.close_with(frame::RATE_LIMITED_TEXT));
         }
-        if shard.cfg.auth.enabled {
+        if let Some(verifier) = &shard.auth {
             let now_ms = crate::idgen::now_micros() / 1000;
-            if let Err(e) = auth::verify(&shard.cfg.auth, user, token, now_ms) {
+            if let Err(e) = verifier.verify(user, token, now_ms) {
                 ShardMetrics::inc(&shard.metrics.logins_refused_total);
                 debug!(shard = shard.id, conn = self.c.id, error = %e, "login refused");
                 return Err(self.close_with(frame::AUTH_FAILED));

@@ -589,6 +589,8 @@ pub struct Shard {
     output_queued: Cell<usize>,
     /// Told when `output_queued` goes over `max_output_bytes_per_shard`.
     output_sweep: LocalNotify,
+    /// `[auth]` on: the token check, its HMAC keyed once for the shard.
+    pub auth: Option<crate::auth::Verifier>,
 }
 
 impl Shard {
@@ -644,6 +646,10 @@ impl Shard {
             user_sends: RefCell::new(crate::ratelimit::Buckets::new(RATE_TABLE_MAX)),
             output_queued: Cell::new(0),
             output_sweep: LocalNotify::default(),
+            auth: cfg
+                .auth
+                .enabled
+                .then(|| crate::auth::Verifier::new(&cfg.auth)),
             cfg,
         }
     }
