@@ -189,3 +189,76 @@ fn logins_churn(extra: &[&str]) {
         assert_sane_latency(&r);
     }
 }
+
+/// With `--jwt-secret` every login carries a token signed with the edge's `[auth]` secret: the
+/// churn (v1 and v2) and a `pairs` run log in against an edge with auth on; a wrong secret
+/// logs nobody in.
+#[test]
+fn logins_with_tokens_against_an_edge_with_auth_on() {
+    const SECRET: &str = "load-test-secret-of-at-least-32-bytes";
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("edge.toml");
+    std::fs::write(
+        &cfg,
+        format!("[auth]\nenabled = true\nsecret = \"{SECRET}\"\n"),
+    )
+    .unwrap();
+    let edge = Edge::start_with(
+        1,
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--listen-v2",
+            "127.0.0.1:0",
+        ],
+    );
+    let v1 = edge.client.to_string();
+    let v2 = edge.v2.expect("v2 address").to_string();
+    let churn = |target: &str, protocol: &str, secret: &str| {
+        run_load(&[
+            "logins",
+            "--protocol",
+            protocol,
+            "--target",
+            target,
+            "--conns",
+            "4",
+            "--users",
+            "20",
+            "--duration",
+            "0.5",
+            "--warmup",
+            "0.2",
+            "--jwt-secret",
+            secret,
+        ])
+    };
+    for (target, protocol) in [(&v1, "v1"), (&v2, "v2")] {
+        let r = churn(target, protocol, SECRET);
+        assert!(r.get("logins_per_s").unwrap() > 0.0, "{protocol}");
+        assert_eq!(r.totals.errors, 0, "{protocol}: {:?}", r.notes);
+        assert_sane_latency(&r);
+        let r = churn(target, protocol, "another-secret-of-at-least-32-bytes!");
+        assert_eq!(r.get("logins_per_s"), Some(0.0), "{protocol}: wrong secret");
+        assert!(r.totals.errors > 0, "{protocol}: wrong secret");
+    }
+    let r = run_load(&[
+        "pairs",
+        "--target",
+        &v1,
+        "--pairs",
+        "2",
+        "--rate",
+        "200",
+        "--duration",
+        "0.5",
+        "--warmup",
+        "0.2",
+        "--jwt-secret",
+        SECRET,
+    ]);
+    assert!(r.get("sent").unwrap() > 0.0);
+    assert_eq!(r.get("delivered"), r.get("sent"));
+    assert_eq!(r.lost, 0);
+    assert_eq!(r.totals.errors, 0, "{:?}", r.notes);
+}

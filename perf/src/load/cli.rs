@@ -105,6 +105,14 @@ pub struct Common {
     /// TLS server name to check the certificate against, and the WebSocket request's host.
     #[arg(long, default_value = "localhost")]
     pub server_name: String,
+    /// The edge's `[auth] secret`: every LOGIN (HELLO) then carries `user:token`, an HS256
+    /// token for the user valid for a day (the `logins` step signs its pool in the warm-up, the
+    /// other steps as they log in).
+    #[arg(long)]
+    pub jwt_secret: Option<String>,
+    /// The `iss` claim of `--jwt-secret`'s tokens (the edge's `[auth] issuer`).
+    #[arg(long, default_value = "iris")]
+    pub jwt_issuer: String,
 }
 
 impl Common {
@@ -120,6 +128,12 @@ impl Common {
             self.ca.as_deref(),
             &self.server_name,
         )?)
+    }
+
+    /// The token maker of `--jwt-secret`, if given.
+    pub fn tokens(&self) -> Option<super::conn::Tokens> {
+        let secret = self.jwt_secret.as_ref()?;
+        Some(super::conn::Tokens::new(secret, &self.jwt_issuer))
     }
 
     /// The local addresses of `--source-ips` (none for 1: the kernel chooses).

@@ -8,7 +8,8 @@
 //! `Ok(None)` on such a tick. Login follows the protocol: `0x01 user`, then wait for
 //! `03 LOGIN_OK` (or the raw-text refusals `AUTH_FAILED` / `RATE_LIMITED`) before anything else.
 //! In v2 the login is `HELLO` (token = the user name) and waits for `HELLO_OK`; `ERROR` or
-//! `RATE_LIMITED` (login) is a refusal.
+//! `RATE_LIMITED` (login) is a refusal. With `--jwt-secret` ([`Tokens`]) both carry
+//! `user:token` instead of the name.
 
 use std::io;
 use std::net::SocketAddr;
@@ -36,6 +37,46 @@ pub enum Protocol {
     V1,
     /// `docs/PROTOCOL-v2.md`.
     V2,
+}
+
+/// `--jwt-secret`: HS256 tokens for the edge's `[auth]` (`iris_edge::auth::sign`), valid from
+/// a minute before the run to a day after it.
+#[derive(Debug, Clone)]
+pub struct Tokens {
+    secret: String,
+    issuer: String,
+    nbf_s: u64,
+    exp_s: u64,
+}
+
+impl Tokens {
+    pub fn new(secret: &str, issuer: &str) -> Self {
+        let now_s = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        Self {
+            secret: secret.to_owned(),
+            issuer: issuer.to_owned(),
+            nbf_s: now_s.saturating_sub(60),
+            exp_s: now_s + 86_400,
+        }
+    }
+
+    /// `user:token`, the body of a LOGIN (the token of a HELLO) with auth on.
+    pub fn login_body(&self, user: &[u8]) -> Vec<u8> {
+        let claims = serde_json::json!({
+            "sub": String::from_utf8_lossy(user),
+            "iss": self.issuer,
+            "nbf": self.nbf_s,
+            "exp": self.exp_s,
+        });
+        let token = iris_edge::auth::sign(self.secret.as_bytes(), &claims);
+        let mut body = Vec::with_capacity(user.len() + 1 + token.len());
+        body.extend_from_slice(user);
+        body.push(b':');
+        body.extend_from_slice(token.as_bytes());
+        body
+    }
 }
 
 /// Read/write timeout tick: how quickly a blocked connection notices the run is stopping.
@@ -285,13 +326,22 @@ impl Client {
     }
 
     /// Sends LOGIN for `user` and waits for LOGIN_OK (v1; messages that arrive before it, only
-    /// possible on a re-login, are acked and skipped), or HELLO and HELLO_OK (v2).
+    /// possible on a re-login, are acked and skipped), or HELLO and HELLO_OK (v2). With
+    /// `--jwt-secret` the user's token is signed here: [`Client::login_with`] takes one signed
+    /// before.
     pub async fn login(&mut self, user: &[u8]) -> Result<(), LoadError> {
+        let body = self.shared.login_body(user);
+        self.login_with(&body).await
+    }
+
+    /// [`Client::login`] with the LOGIN's (HELLO token's) whole body: a user, or `user:token`
+    /// ([`Shared::login_body`]).
+    pub async fn login_with(&mut self, body: &[u8]) -> Result<(), LoadError> {
         if self.protocol == Protocol::V2 {
-            return self.hello(user).await;
+            return self.hello(body).await;
         }
-        let mut f = Vec::with_capacity(user.len() + 1);
-        ClientFrame::Login { body: user }.encode(&mut f);
+        let mut f = Vec::with_capacity(body.len() + 1);
+        ClientFrame::Login { body }.encode(&mut f);
         self.write_all(&f).await?;
         self.await_login_ok().await
     }

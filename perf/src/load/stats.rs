@@ -154,6 +154,8 @@ pub struct Shared {
     pub sources: Vec<std::net::IpAddr>,
     /// The next of `sources` to use.
     pub next_source: std::sync::atomic::AtomicUsize,
+    /// `--jwt-secret`: LOGIN carries a token for the user.
+    pub tokens: Option<super::conn::Tokens>,
 }
 
 impl Shared {
@@ -164,16 +166,17 @@ impl Shared {
 
     /// State for `n` workers speaking `protocol`.
     pub fn with_protocol(n: usize, protocol: Protocol) -> Arc<Self> {
-        Self::with_transport(n, protocol, Connector::tcp(), Vec::new())
+        Self::with_transport(n, protocol, Connector::tcp(), Vec::new(), None)
     }
 
     /// State for `n` workers speaking `protocol` over `connector`'s transport, connecting from
-    /// `sources` in turn (empty: from the kernel's choice).
+    /// `sources` in turn (empty: from the kernel's choice), logging in with `tokens` if given.
     pub fn with_transport(
         n: usize,
         protocol: Protocol,
         connector: Connector,
         sources: Vec<std::net::IpAddr>,
+        tokens: Option<super::conn::Tokens>,
     ) -> Arc<Self> {
         Arc::new(Self {
             workers: (0..n).map(|_| WorkerShared::default()).collect(),
@@ -184,7 +187,16 @@ impl Shared {
             connector,
             sources,
             next_source: std::sync::atomic::AtomicUsize::new(0),
+            tokens,
         })
+    }
+
+    /// What LOGIN (HELLO) carries for `user`: the name, or `user:token` with `--jwt-secret`.
+    pub fn login_body(&self, user: &[u8]) -> Vec<u8> {
+        match &self.tokens {
+            Some(t) => t.login_body(user),
+            None => user.to_vec(),
+        }
     }
 
     /// Sum of all workers' counters.

@@ -101,6 +101,7 @@ impl Run {
             common.protocol,
             common.connector()?,
             common.source_addrs()?,
+            common.tokens(),
         );
         let mut report = Report::new(scenario, command);
         report.label = common.label.clone();
