@@ -6,8 +6,9 @@
 //! on different shards each have their own per-user bucket, so a user spread over `n` shards
 //! gets up to `n` times the per-user rate (documented in docs/CONFIG.md).
 
-use std::collections::HashMap;
+use std::borrow::Borrow;
 use std::hash::Hash;
+use std::num::NonZeroUsize;
 use std::time::Instant;
 
 /// One token bucket.
@@ -43,51 +44,42 @@ impl TokenBucket {
         let wait_ms = ((1.0 - self.tokens) / rate * 1000.0).ceil();
         Err((wait_ms as u32).max(1))
     }
-
-    /// Whether the bucket would be full again by `now` (its entry can be forgotten).
-    fn refilled(&self, rate: u32, burst: u32, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-        self.tokens + elapsed * f64::from(rate) >= f64::from(burst)
-    }
 }
 
-/// Buckets by key (a user, a source address), at most `max` of them: when full, the buckets
-/// that have refilled are forgotten (they would start full anyway); if none has, the older half
-/// is, which can only let a forgotten key through early (a fresh full bucket), never refuse one.
+/// Buckets by key (a user, a source address), at most `max` of them, in the order they were
+/// last used. A new key when the table is full forgets the least recently used bucket: the one
+/// with the oldest last take, so the most likely to have refilled (it would start full anyway).
+/// If even that one has not, forgetting it can only let its key through early (a fresh full
+/// bucket), never refuse one. Every take is O(1): no sweep of the table.
 #[derive(Debug)]
-pub struct Buckets<K> {
-    map: HashMap<K, TokenBucket>,
-    max: usize,
+pub struct Buckets<K: Hash + Eq> {
+    map: lru::LruCache<K, TokenBucket, foldhash::fast::RandomState>,
 }
 
-impl<K: Hash + Eq + Clone> Buckets<K> {
+impl<K: Hash + Eq> Buckets<K> {
     pub fn new(max: usize) -> Self {
+        let cap = NonZeroUsize::new(max).unwrap_or(NonZeroUsize::MIN);
         Self {
-            map: HashMap::new(),
-            max: max.max(1),
+            map: lru::LruCache::with_hasher(cap, foldhash::fast::RandomState::default()),
         }
     }
 
-    /// Takes one token from `key`'s bucket (created full).
-    pub fn take(&mut self, key: &K, rate: u32, burst: u32, now: Instant) -> Result<(), u32> {
+    /// Takes one token from `key`'s bucket (created full). The key is copied only when its
+    /// bucket is created.
+    pub fn take<Q>(&mut self, key: &Q, rate: u32, burst: u32, now: Instant) -> Result<(), u32>
+    where
+        K: Borrow<Q> + From<Q::Owned>,
+        Q: Hash + Eq + ToOwned + ?Sized,
+    {
         if rate == 0 {
             return Ok(());
         }
         if let Some(b) = self.map.get_mut(key) {
             return b.take(rate, burst, now);
         }
-        if self.map.len() >= self.max {
-            self.map.retain(|_, b| !b.refilled(rate, burst, now));
-            if self.map.len() >= self.max {
-                let mut ages: Vec<Instant> = self.map.values().map(|b| b.at).collect();
-                ages.sort_unstable();
-                let cut = ages[ages.len() / 2];
-                self.map.retain(|_, b| b.at > cut);
-            }
-        }
         let mut b = TokenBucket::full(burst, now);
         let r = b.take(rate, burst, now);
-        self.map.insert(key.clone(), b);
+        self.map.put(K::from(key.to_owned()), b);
         r
     }
 
@@ -133,6 +125,8 @@ mod tests {
         }
     }
 
+    /// A key that keeps taking stays in a full table (and stays limited) however many other
+    /// keys pass through it; the table never holds more than its bound.
     #[test]
     fn tables_stay_bounded_and_keep_limiting_the_busy_key() {
         let t0 = Instant::now();
@@ -141,9 +135,35 @@ mod tests {
             assert!(m.take(&7, 1, 5, t0).is_ok());
         }
         assert!(m.take(&7, 1, 5, t0).is_err());
+        let t1 = t0 + Duration::from_millis(1);
         for k in 1000..5000 {
-            let _ = m.take(&k, 1, 5, t0 + Duration::from_millis(1));
+            assert!(m.take(&k, 1, 5, t1).is_ok(), "a new key starts full");
+            assert!(
+                m.take(&7, 1, 5, t1).is_err(),
+                "the busy key is forgotten at {k}"
+            );
+            assert!(m.len() <= 100, "{}", m.len());
         }
-        assert!(m.len() <= 100, "{}", m.len());
+        assert_eq!(m.len(), 100);
+    }
+
+    /// A new key in a full table forgets the least recently used bucket, not one in use.
+    #[test]
+    fn a_full_table_forgets_the_least_recently_used_bucket() {
+        let t0 = Instant::now();
+        let mut m: Buckets<Box<[u8]>> = Buckets::new(3);
+        for user in [&b"a"[..], b"b", b"c"] {
+            assert!(m.take(user, 1, 1, t0).is_ok());
+            assert!(m.take(user, 1, 1, t0).is_err());
+        }
+        // `a` is used again (refused): `b` is now the least recently used.
+        assert!(m.take(&b"a"[..], 1, 1, t0).is_err());
+        assert!(m.take(&b"d"[..], 1, 1, t0).is_ok());
+        assert_eq!(m.len(), 3);
+        assert!(m.take(&b"a"[..], 1, 1, t0).is_err(), "a kept");
+        assert!(m.take(&b"c"[..], 1, 1, t0).is_err(), "c kept");
+        assert!(m.take(&b"d"[..], 1, 1, t0).is_err(), "d kept");
+        // `b` was forgotten: it starts full again (let through early, never refused).
+        assert!(m.take(&b"b"[..], 1, 1, t0).is_ok(), "b forgotten");
     }
 }

@@ -983,7 +983,7 @@ impl Conn {
             Ok(())
         } else {
             self.shard.user_sends.borrow_mut().take(
-                &sender.to_vec(),
+                sender,
                 r.sends_per_sec_per_user,
                 r.send_burst_per_user,
                 now,

@@ -583,7 +583,7 @@ pub struct Shard {
     v2_pending: RefCell<HashMap<(ConnId, u64), Vec<PendingSend>>>,
     /// `[rate_limits]` buckets of this shard: logins by source address, sends by user.
     pub login_buckets: RefCell<crate::ratelimit::Buckets<std::net::IpAddr>>,
-    pub user_sends: RefCell<crate::ratelimit::Buckets<Vec<u8>>>,
+    pub user_sends: RefCell<crate::ratelimit::Buckets<Box<[u8]>>>,
     /// Output queued for all the shard's connections, not yet written (bytes): the sum of
     /// their accounted queues (`ConnShared::account`).
     output_queued: Cell<usize>,
