@@ -27,6 +27,20 @@
 //!   than `dedup_ttl_secs`, [`MessageStore::drop_expired_sent`] deletes the keyspace. Records
 //!   therefore live `dedup_ttl_secs` and at most an eighth more, and each costs one insert:
 //!   no time index, no tombstone, no sweep of single records.
+//!
+//!   A send with a new client id would read every live bucket (up to nine) to find nothing.
+//!   The store keeps **marks** ([`SentMarks`]): for up to [`SENT_MARKS_MAX`] senders, an upper
+//!   bound of the client ids of their records in the LSM. A client id above its sender's mark
+//!   is answered "not sent" without a read, which is every send of a client that counts its ids
+//!   up (the Iris client does). Learning a mark costs one range read per bucket, about ten
+//!   point reads' worth (nothing at or above the id: the mark is the id minus one, else the
+//!   highest record, read backwards), so a sender's mark is learnt at its
+//!   [`SENT_MARKS_LEARN_AFTER`]th lookup in a period, when it has shown it sends enough for the
+//!   marks to pay; lighter senders' lookups read the buckets as without marks. Every write of a
+//!   record raises a known mark under the same lock, so a mark never falls below a record. The
+//!   table holds [`SENT_MARKS_MAX`] senders and is cleared every [`SENT_MARKS_RESET`]: a full
+//!   table admits no one until then, so learning costs at most one range read per sender per
+//!   period, never one per send.
 //! - `sent` and `sent_by_id`: the dedup records of builds before the buckets (the same key and
 //!   value in `sent`; `sent_by_id` = `u64 BE id | sent key`, empty value, their time index).
 //!   Nothing writes them any more; they are read after the buckets, and swept until empty:
@@ -43,9 +57,10 @@
 //! Corrupt stored values are reported (logged with the [`CoreError`], counted in
 //! [`MessageStore::corrupt_skipped`]) and skipped; they never cause a panic.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{PoisonError, RwLock};
+use std::sync::{Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
@@ -70,6 +85,13 @@ pub const MAX_SENDER_LEN: usize = u16::MAX as usize;
 const ID_FLOOR_KEY: &[u8] = b"id_floor";
 /// Version byte of a `sent` value.
 const SENT_VERSION: u8 = 1;
+/// Senders whose mark the store keeps (see the module doc): about 60 bytes each with a short
+/// name.
+pub const SENT_MARKS_MAX: usize = 262_144;
+/// How long marks are kept before the table is cleared (and marks learnt again).
+pub const SENT_MARKS_RESET: Duration = Duration::from_secs(600);
+/// Lookups of a sender in a period before its mark is learnt (see the module doc).
+pub const SENT_MARKS_LEARN_AFTER: u32 = 16;
 /// Name prefix of a dedup bucket keyspace: `sent.{lo:016x}.{hi:016x}`.
 const BUCKET_PREFIX: &str = "sent.";
 /// Dedup buckets per `dedup_ttl_secs`: a record outlives its TTL by at most one bucket.
@@ -234,6 +256,49 @@ pub struct MessageStore {
     /// Cached `meta/id_floor`; only raised after the batch that raised it on disk committed.
     id_floor: AtomicU64,
     corrupt_skipped: AtomicU64,
+    /// The senders' marks. Written under this lock by the lookup that learns one and by every
+    /// write of records, which holds it across its commit.
+    sent_marks: Mutex<SentMarks>,
+}
+
+/// Per sender, an upper bound of the client ids of its records in the LSM, or how many of its
+/// lookups came before one is learnt; see the module doc.
+#[derive(Debug)]
+pub struct SentMarks {
+    marks: HashMap<Box<[u8]>, Mark, foldhash::fast::RandomState>,
+    max: usize,
+    learn_after: u32,
+    since: Instant,
+}
+
+/// One sender's entry in [`SentMarks`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mark {
+    /// Lookups so far in this period; no mark yet.
+    Counting(u32),
+    /// Every record's client id is at most this (`None`: it has none).
+    Known(Option<u64>),
+}
+
+impl SentMarks {
+    fn new(max: usize, learn_after: u32) -> Self {
+        Self {
+            marks: HashMap::default(),
+            max,
+            learn_after,
+            since: Instant::now(),
+        }
+    }
+
+    /// Whether a mark may be learnt for one more sender (clearing the table once its period
+    /// is over).
+    fn room(&mut self) -> bool {
+        if self.since.elapsed() >= SENT_MARKS_RESET {
+            self.marks = HashMap::default();
+            self.since = Instant::now();
+        }
+        self.marks.len() < self.max
+    }
 }
 
 impl std::fmt::Debug for MessageStore {
@@ -295,7 +360,38 @@ impl MessageStore {
             bucket_ids: bucket_ids(DEFAULT_DEDUP_TTL_SECS),
             id_floor: AtomicU64::new(id_floor),
             corrupt_skipped: AtomicU64::new(0),
+            sent_marks: Mutex::new(SentMarks::new(SENT_MARKS_MAX, SENT_MARKS_LEARN_AFTER)),
         })
+    }
+
+    /// Keeps the marks of at most `senders` senders (default [`SENT_MARKS_MAX`]; 0: none, every
+    /// lookup reads the buckets), each learnt at its sender's `learn_after`th lookup in a
+    /// period (default [`SENT_MARKS_LEARN_AFTER`]; 0 and 1: at the first).
+    #[must_use]
+    pub fn with_sent_marks(self, senders: usize, learn_after: u32) -> Self {
+        *self.sent_marks() = SentMarks::new(senders, learn_after);
+        self
+    }
+
+    /// How many senders have a mark now.
+    pub fn sent_marks_known(&self) -> usize {
+        let marks = self.sent_marks();
+        marks
+            .marks
+            .values()
+            .filter(|m| matches!(m, Mark::Known(_)))
+            .count()
+    }
+
+    /// Forgets every sender's mark (each is learnt again at its sender's next lookup).
+    pub fn forget_sent_marks(&self) {
+        self.sent_marks().marks.clear();
+    }
+
+    fn sent_marks(&self) -> std::sync::MutexGuard<'_, SentMarks> {
+        self.sent_marks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Sizes the dedup buckets this store creates from now on for records that live
@@ -395,7 +491,19 @@ impl MessageStore {
             if new_floor > floor {
                 wb.insert(&self.meta, ID_FLOOR_KEY, new_floor.to_be_bytes());
             }
-            wb.commit()?;
+            if batch.sent.is_empty() {
+                wb.commit()?;
+            } else {
+                // Held across the commit: no lookup sees these records without the marks
+                // raised, or learns a mark from before them after it.
+                let mut marks = self.sent_marks();
+                wb.commit()?;
+                for r in batch.sent {
+                    if let Some(Mark::Known(mark)) = marks.marks.get_mut(r.sender.as_slice()) {
+                        *mark = Some(mark.map_or(r.client, |m| m.max(r.client)));
+                    }
+                }
+            }
             self.id_floor.fetch_max(new_floor, Ordering::Relaxed);
         }
         if durable {
@@ -480,6 +588,48 @@ impl MessageStore {
     /// logged, counted and read as absent.
     pub fn sent_id(&self, sender: &[u8], client: u64) -> Result<Option<u64>, CoreError> {
         check_sender(sender)?;
+        {
+            // Learnt under the lock: no write of this sender's records can come between.
+            let mut marks = self.sent_marks();
+            let seen = match marks.marks.get(sender).copied() {
+                Some(Mark::Known(mark)) => Ok(mark),
+                Some(Mark::Counting(n)) => Err(n + 1),
+                None if !marks.room() => Err(0),
+                None => Err(1),
+            };
+            let mark = match seen {
+                Ok(mark) => Some(mark),
+                // A full table: no entry.
+                Err(0) => None,
+                Err(n) if n < marks.learn_after => {
+                    marks.marks.insert(sender.into(), Mark::Counting(n));
+                    None
+                }
+                // Nothing at or above `client`: every record is below it, whatever they are.
+                Err(_) if !self.any_sent_from(sender, client) => {
+                    let mark = client.checked_sub(1);
+                    marks.marks.insert(sender.into(), Mark::Known(mark));
+                    Some(mark)
+                }
+                Err(_) => match self.highest_sent_client(sender) {
+                    Ok(mark) => {
+                        marks.marks.insert(sender.into(), Mark::Known(mark));
+                        Some(mark)
+                    }
+                    // A corrupt key: no mark, the lookup below decides.
+                    Err(e @ CoreError::Corrupt { .. }) => {
+                        self.report_corrupt(sender, &e);
+                        None
+                    }
+                    Err(e) => return Err(e),
+                },
+            };
+            match mark {
+                Some(None) => return Ok(None),
+                Some(Some(max)) if client > max => return Ok(None),
+                _ => {}
+            }
+        }
         let key = sent_key(sender, client);
         // The newest bucket first, the records of older builds last.
         let buckets = self.buckets();
@@ -502,6 +652,40 @@ impl MessageStore {
                 Ok(None)
             }
         }
+    }
+
+    /// Whether any of `sender`'s dedup records has a client id of `client` or more: one forward
+    /// read per bucket and of the records of older builds. A read error counts as "maybe".
+    fn any_sent_from(&self, sender: &[u8], client: u64) -> bool {
+        let from = sent_key(sender, client);
+        let to = sent_key(sender, u64::MAX);
+        let buckets = self.buckets();
+        let keyspaces = buckets.iter().rev().map(|b| &b.keyspace);
+        keyspaces
+            .chain(std::iter::once(&self.sent))
+            .any(|k| k.range(from.as_slice()..=to.as_slice()).next().is_some())
+    }
+
+    /// The highest client id among `sender`'s dedup records (`None`: it has none): the last
+    /// key of its prefix in every bucket and in the records of older builds.
+    fn highest_sent_client(&self, sender: &[u8]) -> Result<Option<u64>, CoreError> {
+        let prefix = user_prefix(sender);
+        let buckets = self.buckets();
+        let keyspaces = buckets.iter().map(|b| &b.keyspace);
+        let mut max = None;
+        for keyspace in keyspaces.chain(std::iter::once(&self.sent)) {
+            let Some(last) = keyspace.prefix(&prefix).next_back() else {
+                continue;
+            };
+            let key = last.key()?;
+            let client = key
+                .strip_prefix(prefix.as_slice())
+                .and_then(|c| <[u8; 8]>::try_from(c).ok())
+                .map(u64::from_be_bytes)
+                .ok_or_else(|| CoreError::corrupt("sent key", format!("{} bytes", key.len())))?;
+            max = max.max(Some(client));
+        }
+        Ok(max)
     }
 
     /// Deletes the dedup buckets whose every id is below `min_live_id` (minted more than the
@@ -538,6 +722,7 @@ impl MessageStore {
         }
         wb.commit()?;
         self.db.persist(PersistMode::SyncAll)?;
+        self.forget_sent_marks();
         Ok(())
     }
 
@@ -1446,6 +1631,169 @@ mod tests {
             1,
             "messages are not dedup records"
         );
+    }
+
+    /// The highest recorded client id a sender's lookups stop at follows every write (a mark
+    /// learnt as "no records", a mark raised by a later record), is learnt again after it was
+    /// forgotten or the store reopened, spans every bucket and the records of older builds.
+    #[test]
+    fn the_highest_client_id_mark_follows_every_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = bucket_ids(8);
+        let write_sent = |s: &MessageStore, sent: &[SentRecord]| {
+            let batch = Batch {
+                sent,
+                ..Batch::default()
+            };
+            s.write(&batch, false).unwrap();
+        };
+        {
+            let s = MessageStore::open(dir.path())
+                .unwrap()
+                .with_dedup_ttl_secs(8)
+                .with_sent_marks(2, 1);
+            assert_eq!(
+                s.sent_id(b"ann", 5).unwrap(),
+                None,
+                "no records: mark learnt"
+            );
+            write_sent(&s, &[rec("ann", 3, 10 * w + 1)]);
+            assert_eq!(
+                s.sent_id(b"ann", 3).unwrap(),
+                Some(10 * w + 1),
+                "below no mark"
+            );
+            assert_eq!(s.sent_id(b"ann", 4).unwrap(), None);
+            write_sent(&s, &[rec("ann", 10, 10 * w + 2)]);
+            assert_eq!(
+                s.sent_id(b"ann", 10).unwrap(),
+                Some(10 * w + 2),
+                "mark raised"
+            );
+            assert_eq!(s.sent_id(b"ann", 9).unwrap(), None);
+            assert_eq!(s.sent_id(b"ann", 3).unwrap(), Some(10 * w + 1));
+            // A table of two is full with `bob`: `cat` gets no mark, its lookups read.
+            assert_eq!(s.sent_id(b"bob", 1).unwrap(), None);
+            write_sent(&s, &[rec("cat", 1, 10 * w + 3), rec("ann", 11, 10 * w + 3)]);
+            assert_eq!(s.sent_marks_known(), 2);
+            assert_eq!(s.sent_id(b"cat", 1).unwrap(), Some(10 * w + 3), "no mark");
+            assert_eq!(s.sent_id(b"cat", 2).unwrap(), None);
+            assert_eq!(s.sent_marks_known(), 2);
+            assert_eq!(s.sent_id(b"ann", 11).unwrap(), Some(10 * w + 3));
+            // Forgotten: learnt again, from the records.
+            s.forget_sent_marks();
+            assert_eq!(s.sent_id(b"ann", 12).unwrap(), None);
+            assert_eq!(
+                s.sent_id(b"ann", 11).unwrap(),
+                Some(10 * w + 3),
+                "learnt again"
+            );
+            assert_eq!(s.sent_id(b"ann", 3).unwrap(), Some(10 * w + 1));
+            // The highest record in an older bucket than the newest one of the sender.
+            write_sent(&s, &[rec("dan", 50, 10 * w + 4), rec("dan", 7, 11 * w + 1)]);
+            assert_eq!(s.sent_buckets().len(), 2);
+        }
+        let s = MessageStore::open(dir.path())
+            .unwrap()
+            .with_sent_marks(16, 1);
+        assert_eq!(s.sent_id(b"dan", 30).unwrap(), None);
+        assert_eq!(
+            s.sent_id(b"dan", 50).unwrap(),
+            Some(10 * w + 4),
+            "older bucket's max"
+        );
+        assert_eq!(s.sent_id(b"dan", 7).unwrap(), Some(11 * w + 1));
+        assert_eq!(s.sent_id(b"dan", 51).unwrap(), None);
+        assert_eq!(s.sent_id(b"ann", 11).unwrap(), Some(10 * w + 3), "reopened");
+        assert_eq!(s.sent_id(b"ann", 12).unwrap(), None);
+        // Records of older builds count too.
+        s.write_legacy_sent(&[rec("ann", 20, 9 * w)]).unwrap();
+        assert_eq!(s.sent_id(b"ann", 20).unwrap(), Some(9 * w));
+        drop(s);
+        let s = MessageStore::open(dir.path())
+            .unwrap()
+            .with_sent_marks(16, 1);
+        assert_eq!(
+            s.sent_id(b"ann", 20).unwrap(),
+            Some(9 * w),
+            "legacy, reopened"
+        );
+        assert_eq!(s.sent_id(b"ann", 21).unwrap(), None);
+    }
+
+    /// A sender's mark is learnt at its `learn_after`th lookup, not before; a record written
+    /// while it was counting is found after.
+    #[test]
+    fn a_mark_is_learnt_after_enough_lookups() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = MessageStore::open(dir.path())
+            .unwrap()
+            .with_sent_marks(16, 3);
+        let write_sent = |sent: &[SentRecord]| {
+            let batch = Batch {
+                sent,
+                ..Batch::default()
+            };
+            s.write(&batch, false).unwrap();
+        };
+        write_sent(&[rec("fay", 1, 1)]);
+        assert_eq!(s.sent_id(b"fay", 2).unwrap(), None);
+        write_sent(&[rec("fay", 2, 2)]);
+        assert_eq!(s.sent_id(b"fay", 2).unwrap(), Some(2));
+        assert_eq!(s.sent_marks_known(), 0, "two lookups: counting");
+        write_sent(&[rec("fay", 5, 3)]);
+        assert_eq!(s.sent_id(b"fay", 3).unwrap(), None);
+        assert_eq!(s.sent_marks_known(), 1, "the third learns");
+        assert_eq!(s.sent_id(b"fay", 5).unwrap(), Some(3), "the highest record");
+        assert_eq!(s.sent_id(b"fay", 6).unwrap(), None);
+        write_sent(&[rec("fay", 6, 4)]);
+        assert_eq!(s.sent_id(b"fay", 6).unwrap(), Some(4));
+        // With no room at all, no mark, every lookup reads.
+        let s = MessageStore::open(dir.path().join("none"))
+            .unwrap()
+            .with_sent_marks(0, 1);
+        assert_eq!(s.sent_id(b"gus", 1).unwrap(), None);
+        assert_eq!(s.sent_marks_known(), 0);
+    }
+
+    /// A lookup on another thread finds every record whose write returned before it began,
+    /// while the writer keeps raising the mark.
+    #[test]
+    fn lookups_beside_the_writer_find_every_written_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = std::sync::Arc::new(
+            MessageStore::open(dir.path())
+                .unwrap()
+                .with_sent_marks(16, 1),
+        );
+        let written = std::sync::Arc::new(AtomicU64::new(0));
+        let writer = {
+            let (s, written) = (s.clone(), written.clone());
+            std::thread::spawn(move || {
+                for client in 1..=3000u64 {
+                    let sent = [rec("eve", client, client)];
+                    let batch = Batch {
+                        sent: &sent,
+                        ..Batch::default()
+                    };
+                    s.write(&batch, false).unwrap();
+                    written.store(client, Ordering::Release);
+                }
+            })
+        };
+        let mut checked = 0u64;
+        while !writer.is_finished() || checked < 3000 {
+            let c = written.load(Ordering::Acquire);
+            if c > 0 {
+                assert_eq!(s.sent_id(b"eve", c).unwrap(), Some(c), "client {c}");
+                checked = c;
+            }
+            if writer.is_finished() && c == 3000 {
+                break;
+            }
+        }
+        writer.join().unwrap();
+        assert_eq!(s.sent_id(b"eve", 3001).unwrap(), None);
     }
 
     /// With a TTL of 0 (records kept forever) every record goes into one bucket that never

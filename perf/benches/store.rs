@@ -138,8 +138,11 @@ fn bench(c: &mut Criterion) {
     dedup(c);
 }
 
-/// `sent_id` for 64 client ids never sent (a new send: every bucket is read) and for 64 that
-/// were (a resend), over 900,000 records of 1,000 senders in one bucket or in nine.
+/// `sent_id` for 64 client ids never sent (a new send, each above its sender's highest client
+/// id: answered by the store's per-sender mark), for 64 that were (a resend: every bucket is
+/// read until the record is found), new sends of 64 senders whose marks are learnt first, and
+/// new sends with no marks (every bucket read), over 900,000 records of 1,000 senders in one
+/// bucket or in nine.
 fn dedup(c: &mut Criterion) {
     const RECORDS: u64 = 900_000;
     const SENDERS: u64 = 1_000;
@@ -191,6 +194,37 @@ fn dedup(c: &mut Criterion) {
                     next.set(next.get() + 7919);
                     let r = &records[i as usize];
                     assert_eq!(store.sent_id(&r.sender, r.client).unwrap(), Some(r.id));
+                }
+            })
+        });
+        // Marks forgotten before each 64 lookups of 64 senders: each learns its mark first
+        // (learnt at the first lookup here).
+        let store = store.with_sent_marks(iris_core::store::SENT_MARKS_MAX, 1);
+        g.bench_function(format!("new_ids_64_{name}_marks_learnt"), |b| {
+            b.iter_batched(
+                || store.forget_sent_marks(),
+                |()| {
+                    for _ in 0..64 {
+                        let i = next.get();
+                        next.set(i + 1);
+                        let sender = format!("sender-{:06}", i % SENDERS);
+                        let miss = store.sent_id(sender.as_bytes(), RECORDS + i).unwrap();
+                        assert!(miss.is_none());
+                    }
+                },
+                BatchSize::PerIteration,
+            )
+        });
+        // No marks (a full table): every bucket is read, as before the marks.
+        let store = store.with_sent_marks(0, 1);
+        g.bench_function(format!("new_ids_64_{name}_no_marks"), |b| {
+            b.iter(|| {
+                for _ in 0..64 {
+                    let i = next.get();
+                    next.set(i + 1);
+                    let sender = format!("sender-{:06}", i % SENDERS);
+                    let miss = store.sent_id(sender.as_bytes(), RECORDS + i).unwrap();
+                    assert!(miss.is_none());
                 }
             })
         });
