@@ -8,7 +8,6 @@
 
 use std::borrow::Borrow;
 use std::hash::Hash;
-use std::num::NonZeroUsize;
 use std::time::Instant;
 
 /// One token bucket.
@@ -53,14 +52,17 @@ impl TokenBucket {
 /// bucket), never refuse one. Every take is O(1): no sweep of the table.
 #[derive(Debug)]
 pub struct Buckets<K: Hash + Eq> {
+    /// Unbounded to the `lru` crate (which would allocate room for `max` keys at once): the
+    /// bound is kept by [`Buckets::take`].
     map: lru::LruCache<K, TokenBucket, foldhash::fast::RandomState>,
+    max: usize,
 }
 
 impl<K: Hash + Eq> Buckets<K> {
     pub fn new(max: usize) -> Self {
-        let cap = NonZeroUsize::new(max).unwrap_or(NonZeroUsize::MIN);
         Self {
-            map: lru::LruCache::with_hasher(cap, foldhash::fast::RandomState::default()),
+            map: lru::LruCache::unbounded_with_hasher(foldhash::fast::RandomState::default()),
+            max: max.max(1),
         }
     }
 
@@ -76,6 +78,9 @@ impl<K: Hash + Eq> Buckets<K> {
         }
         if let Some(b) = self.map.get_mut(key) {
             return b.take(rate, burst, now);
+        }
+        if self.map.len() >= self.max {
+            self.map.pop_lru();
         }
         let mut b = TokenBucket::full(burst, now);
         let r = b.take(rate, burst, now);
