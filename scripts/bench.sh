@@ -312,12 +312,34 @@ if want logins; then
       --duration "$SHORT" --warmup 1 --server-pid "$SERVER_PID"
   fi
   stop_server
+  # The same churn against an edge with auth on: every LOGIN (HELLO) carries an HS256 token,
+  # signed by iris-load in the warm-up.
+  SECRET=bench-secret-of-at-least-32-bytes-long
+  AUTH_CONFIG="$TMP/auth.toml"
+  { [ "$PROTOCOL" = v2 ] && cat "$TMP/v2.toml"
+    printf '[auth]\nenabled = true\nsecret = "%s"\n' "$SECRET"; } > "$AUTH_CONFIG"
+  SAVED_EDGE_V2=("${EDGE_V2[@]}")
+  if [ "$PROTOCOL" = v2 ]; then
+    EDGE_V2=()
+    for arg in "${SAVED_EDGE_V2[@]}"; do
+      [ "$arg" = "$TMP/v2.toml" ] && arg=$AUTH_CONFIG
+      EDGE_V2+=("$arg")
+    done
+  else
+    EDGE_V2=(--config "$AUTH_CONFIG")
+  fi
+  start_edge
+  EDGE_V2=("${SAVED_EDGE_V2[@]}")
+  load logins logins-auth --target "$TARGET" --conns 64 --users 10000 --duration "$SHORT" \
+    --warmup 1 --source-ips 16 --jwt-secret "$SECRET" --server-pid "$SERVER_PID"
+  stop_server
 fi
 
 CRIT=()
 if [ "$MICRO" = 1 ] && want micro; then
   say "criterion micro-benchmarks"
-  cargo bench -p iris-perf --bench codec --bench presence --bench ring --bench store -- "${CRIT_ARGS[@]}"
+  cargo bench -p iris-perf --bench codec --bench presence --bench ring --bench store \
+    --bench auth --bench ratelimit -- "${CRIT_ARGS[@]}"
   CRIT=(--criterion target/criterion)
 fi
 

@@ -5,8 +5,8 @@
 //! - the [`Report`]s written by `iris-load --json`, recognised by their `--label`: `echo-1` and
 //!   `echo-8` (the loopback ceiling), `connect`, `saturation` (closed loop), `throughput-goal`
 //!   (open loop at the goal rate), `latency-goal` (open loop at half of it),
-//!   `latency-25|50|75`, `offline`, `logins`, `logins-relogin` (any other label is listed with
-//!   the rest);
+//!   `latency-25|50|75`, `offline`, `logins`, `logins-auth` (against an edge with auth on),
+//!   `logins-relogin` (any other label is listed with the rest);
 //! - `meta.json` (optional, written by `scripts/bench.sh`): date, commit, CPUs of the server and
 //!   of the load generator, a note on machine load;
 //! - `criterion.json`: the criterion micro-benchmarks, gathered from `--criterion DIR`
@@ -546,10 +546,12 @@ pub fn render(
     );
     let logins = get("logins", "logins_per_s");
     let relogin = get("logins-relogin", "logins_per_s");
+    let auth = get("logins-auth", "logins_per_s");
     let _ = writeln!(
         s,
-        "| logins/s | ≥ 50,000 | {} (TCP connect + LOGIN + close); {} (re-LOGIN on open sockets) | {} | {} |",
+        "| logins/s | ≥ 50,000 | {} (TCP connect + LOGIN + close); {} with auth on (HS256 tokens); {} (re-LOGIN on open sockets) | {} | {} |",
         opt(logins, fmt_num),
+        opt(auth, fmt_num),
         opt(relogin, fmt_num),
         opt(logins, ratio),
         status(
