@@ -138,14 +138,18 @@ fn bench(c: &mut Criterion) {
     dedup(c);
 }
 
+/// Dedup records of the `dedup/*` benches, and their senders.
+const DEDUP_RECORDS: u64 = 900_000;
+const DEDUP_SENDERS: u64 = 1_000;
+
 /// `sent_id` for 64 client ids never sent (a new send, each above its sender's highest client
 /// id: answered by the store's per-sender mark), for 64 that were (a resend: every bucket is
 /// read until the record is found), new sends of 64 senders whose marks are learnt first, and
 /// new sends with no marks (every bucket read), over 900,000 records of 1,000 senders in one
 /// bucket or in nine.
 fn dedup(c: &mut Criterion) {
-    const RECORDS: u64 = 900_000;
-    const SENDERS: u64 = 1_000;
+    const RECORDS: u64 = DEDUP_RECORDS;
+    const SENDERS: u64 = DEDUP_SENDERS;
     // Ids spread over 27 hours: nine buckets of 3 h with the 24 h TTL.
     let bucket = (3 * 3600 * (1_000_000 / 16)) << 18;
     let span = 9 * bucket;
@@ -177,15 +181,7 @@ fn dedup(c: &mut Criterion) {
         assert_eq!(buckets, if ttl == 0 { 1 } else { 9 }, "{name}");
         let next = Cell::new(0u64);
         g.bench_function(format!("new_ids_64_{name}"), |b| {
-            b.iter(|| {
-                for _ in 0..64 {
-                    let i = next.get();
-                    next.set(i + 1);
-                    let sender = format!("sender-{:06}", i % SENDERS);
-                    let miss = store.sent_id(sender.as_bytes(), RECORDS + i).unwrap();
-                    assert!(miss.is_none());
-                }
-            })
+            b.iter(|| new_ids_64(&store, &next))
         });
         g.bench_function(format!("resends_64_{name}"), |b| {
             b.iter(|| {
@@ -203,33 +199,28 @@ fn dedup(c: &mut Criterion) {
         g.bench_function(format!("new_ids_64_{name}_marks_learnt"), |b| {
             b.iter_batched(
                 || store.forget_sent_marks(),
-                |()| {
-                    for _ in 0..64 {
-                        let i = next.get();
-                        next.set(i + 1);
-                        let sender = format!("sender-{:06}", i % SENDERS);
-                        let miss = store.sent_id(sender.as_bytes(), RECORDS + i).unwrap();
-                        assert!(miss.is_none());
-                    }
-                },
+                |()| new_ids_64(&store, &next),
                 BatchSize::PerIteration,
             )
         });
         // No marks (a full table): every bucket is read, as before the marks.
         let store = store.with_sent_marks(0, 1);
         g.bench_function(format!("new_ids_64_{name}_no_marks"), |b| {
-            b.iter(|| {
-                for _ in 0..64 {
-                    let i = next.get();
-                    next.set(i + 1);
-                    let sender = format!("sender-{:06}", i % SENDERS);
-                    let miss = store.sent_id(sender.as_bytes(), RECORDS + i).unwrap();
-                    assert!(miss.is_none());
-                }
-            })
+            b.iter(|| new_ids_64(&store, &next))
         });
     }
     g.finish();
+}
+
+/// 64 sends of new client ids (each its sender's highest), from the senders in turn.
+fn new_ids_64(store: &MessageStore, next: &Cell<u64>) {
+    for _ in 0..64 {
+        let i = next.get();
+        next.set(i + 1);
+        let sender = format!("sender-{:06}", i % DEDUP_SENDERS);
+        let miss = store.sent_id(sender.as_bytes(), DEDUP_RECORDS + i).unwrap();
+        assert!(miss.is_none());
+    }
 }
 
 criterion_group! {
