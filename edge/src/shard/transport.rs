@@ -144,11 +144,18 @@ async fn tls_accept(
 ) -> Result<TlsStream<TcpStream>, HandshakeError> {
     let config = config.ok_or(HandshakeError::NoCertificate)?;
     let acceptor = futures_rustls::TlsAcceptor::from(config);
-    within(deadline, acceptor.accept(stream))
+    let mut tls = within(deadline, acceptor.accept(stream))
         .await
         .ok_or(HandshakeError::TlsTimeout)?
-        .map_err(HandshakeError::Tls)
+        .map_err(HandshakeError::Tls)?;
+    tls.get_mut().1.set_buffer_limit(Some(TLS_BUFFER_BYTES));
+    Ok(tls)
 }
+
+/// Encrypted output rustls may hold for a socket that takes nothing (its default is 64 KiB):
+/// one record's worth. The rest stays in the connection's queue, where it counts against
+/// `max_output_bytes` and the shard's `max_output_bytes_per_shard`.
+const TLS_BUFFER_BYTES: usize = 16 << 10;
 
 async fn ws_accept<S>(
     stream: S,
@@ -465,12 +472,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsFrames<S> {
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write;
+    use std::io::{self, Write};
     use std::net::Shutdown;
+    use std::sync::Arc;
     use std::time::Duration;
 
-    use futures_lite::AsyncReadExt;
-    use std::os::fd::FromRawFd;
+    use futures_lite::{AsyncReadExt, AsyncWriteExt};
+    use std::os::fd::{AsRawFd, FromRawFd};
 
     use glommio::net::TcpListener;
     use glommio::{LocalExecutorBuilder, Placement};
@@ -653,6 +661,99 @@ mod tests {
             glommio::timer::sleep(Duration::from_millis(30)).await;
             t.reset(Duration::from_millis(20));
             fires_by_itself(&mut t, "a timer reset after it fired").await;
+        });
+    }
+
+    /// Bytes in `fd`'s socket queue: `SIOCOUTQ` (sent, not yet acknowledged) or `FIONREAD`
+    /// (received, not yet read).
+    fn queued(fd: std::os::fd::RawFd, request: libc::Ioctl) -> usize {
+        let mut n: libc::c_int = 0;
+        // SAFETY: `fd` is an open socket for the whole call, and both requests write one
+        // `c_int` through the pointer, which points at `n`, alive and writable.
+        let r = unsafe { libc::ioctl(fd, request, &mut n as *mut libc::c_int) };
+        assert_eq!(r, 0, "ioctl: {}", io::Error::last_os_error());
+        usize::try_from(n).expect("a queue length")
+    }
+
+    /// A TLS client that never reads: what the edge's rustls holds beyond the two kernel
+    /// queues (the edge's send queue, the client's receive queue) stays within one record's
+    /// worth, so the rest of the output waits in the connection's accounted queue (64 KiB
+    /// with rustls's default).
+    #[test]
+    fn tls_output_to_a_reader_that_takes_nothing_stays_in_the_kernel_and_one_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let (cert, key) = (dir.path().join("edge.crt"), dir.path().join("edge.key"));
+        std::fs::write(&cert, c.cert.pem()).unwrap();
+        std::fs::write(&key, c.signing_key.serialize_pem()).unwrap();
+        let config = Arc::new(crate::tls::load_server_config(&cert, &key).expect("config"));
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(c.cert.der().clone()).unwrap();
+        let client_config = Arc::new(
+            rustls::ClientConfig::builder()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        );
+        on_executor(move || async move {
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+            let (inq_tx, inq_rx) = std::sync::mpsc::channel::<usize>();
+            let client = std::thread::spawn(move || {
+                let name = "localhost".try_into().unwrap();
+                let conn = rustls::ClientConnection::new(client_config, name).unwrap();
+                let sock = std::net::TcpStream::connect(addr).expect("connect");
+                let mut tls = rustls::StreamOwned::new(conn, sock);
+                while tls.conn.is_handshaking() {
+                    tls.conn.complete_io(&mut tls.sock).expect("handshake");
+                }
+                // Reads nothing more until the server is done writing.
+                done_rx.recv().unwrap();
+                inq_tx
+                    .send(queued(tls.sock.as_raw_fd(), libc::FIONREAD))
+                    .unwrap();
+            });
+            let stream = listener.accept().await.expect("accept");
+            let ws = super::ws_config(1 << 16);
+            let mut t = super::accept(
+                stream,
+                super::Kind::Tls,
+                Some(config),
+                ws,
+                Duration::from_secs(5),
+            )
+            .await
+            .expect("tls accept");
+            let super::Transport::Tls(tls) = &t else {
+                panic!("not tls")
+            };
+            let fd = tls.get_ref().0.as_raw_fd();
+            // Write until the transport takes nothing for 200 ms.
+            let chunk = vec![7u8; 16 << 10];
+            let mut accepted = 0usize;
+            let mut idle_since = std::time::Instant::now();
+            while idle_since.elapsed() < Duration::from_millis(200) {
+                match futures_lite::future::poll_once(t.write(&chunk)).await {
+                    Some(n) => {
+                        accepted += n.expect("write");
+                        idle_since = std::time::Instant::now();
+                    }
+                    None => glommio::timer::sleep(Duration::from_millis(5)).await,
+                }
+            }
+            let outq = queued(fd, libc::TIOCOUTQ);
+            done_tx.send(()).unwrap();
+            let inq = inq_rx.recv().unwrap();
+            client.join().unwrap();
+            // TLS 1.3 records of 16 KiB: 22 bytes of framing and tag each.
+            let ciphertext = accepted + accepted.div_ceil(16 << 10) * 22;
+            let held = ciphertext.saturating_sub(outq + inq);
+            assert!(accepted > 256 << 10, "only {accepted} bytes written");
+            assert!(
+                held <= super::TLS_BUFFER_BYTES + (4 << 10),
+                "rustls holds {held} bytes ({accepted} accepted, {outq} in the send queue, {inq} \
+                 in the receive queue)"
+            );
         });
     }
 
