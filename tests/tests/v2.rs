@@ -167,6 +167,64 @@ fn kill9_after_the_sent_tick_loses_nothing_and_a_resend_after_it_is_delivered_on
     assert_eq!(bob.recv_within(Duration::from_millis(500)), None);
 }
 
+/// A sender that sends enough for the store to keep a mark of its highest client id (learnt at
+/// its 16th lookup; `core/src/store.rs`): once its records reached the store, a resend of an old
+/// id, of its highest, and after a kill -9 and restart are still duplicates, and new ids are new. Fails if
+/// a record's write does not raise the mark (the resend of the highest id would be stored and
+/// delivered again).
+#[test]
+fn resends_of_a_busy_sender_are_duplicates_once_its_records_are_in_the_store() {
+    let mut server = v2_server(None);
+    let (mut alice, _) = V2::hello(&server, "alice");
+    let mut first = std::collections::HashMap::new();
+    for client in 1..=40u64 {
+        alice.send(client, "bob", format!("m{client}").as_bytes());
+        let (c, id) = alice.send_ack();
+        assert_eq!(c, client);
+        first.insert(client, id);
+    }
+    // The records leave the hot log for the store within `hot_log_secs` (1 s) and one more.
+    std::thread::sleep(Duration::from_secs(3));
+    for client in [5u64, 16, 17, 40] {
+        alice.send(client, "bob", format!("m{client}").as_bytes());
+        assert_eq!(
+            alice.send_ack(),
+            (client, first[&client]),
+            "resend of {client}"
+        );
+    }
+    alice.send(41, "bob", b"m41");
+    let (_, id41) = alice.send_ack();
+    assert!(!first.values().any(|&id| id == id41));
+    assert_eq!(server.metric("iris_edge_v2_resends_total"), 4);
+    drop(alice);
+    server.kill9();
+    server.restart();
+    let (mut alice, _) = V2::hello(&server, "alice");
+    alice.send(40, "bob", b"m40");
+    assert_eq!(
+        alice.send_ack(),
+        (40, first[&40]),
+        "resend of 40 after the kill"
+    );
+    alice.send(42, "bob", b"m42");
+    let (_, id42) = alice.send_ack();
+    assert_ne!(id42, id41);
+    let (mut bob, _) = V2::hello(&server, "bob");
+    let mut got = Vec::new();
+    for _ in 0..42 {
+        got.push(bob.deliver().3);
+    }
+    let want: Vec<Vec<u8>> = (1..=42).map(|c| format!("m{c}").into_bytes()).collect();
+    assert_eq!(got, want, "each message once, in order");
+    assert_eq!(bob.recv_within(Duration::from_millis(500)), None);
+    assert_eq!(
+        server.metric("iris_edge_v2_resends_total"),
+        1,
+        "since the restart"
+    );
+}
+
 #[test]
 fn hello_must_come_first_and_errors_name_their_send() {
     let server = v2_server(None);
