@@ -3,8 +3,10 @@
 //! With auth on, LOGIN is `user:token`. The token's header must say `alg: HS256`, its signature
 //! must verify with the configured secret, `sub` must equal the user, `iss` the configured
 //! issuer, `exp` must be in the future and `nbf` (if present) in the past, both with leeway and
-//! both JSON numbers (seconds; an `exp` or `nbf` of any other type refuses the token).
-//! Anything else is refused with `AUTH_FAILED`.
+//! both JSON numbers (seconds; an `exp` or `nbf` of any other type refuses the token). The
+//! header and the claims must be JSON objects with no name given twice, and `alg`, `sub` and
+//! `iss` strings. Anything else is refused with `AUTH_FAILED`. Each shard checks tokens with
+//! its own [`Verifier`] (the HMAC keyed once).
 
 use std::borrow::Cow;
 
