@@ -17,6 +17,7 @@
 pub mod admin;
 pub mod alloc;
 pub mod auth;
+pub mod bounded;
 pub mod config;
 pub mod hostcheck;
 pub mod idgen;

@@ -10,6 +10,8 @@ use std::borrow::Borrow;
 use std::hash::Hash;
 use std::time::Instant;
 
+use crate::bounded::BoundedLru;
+
 /// One token bucket.
 #[derive(Debug, Clone, Copy)]
 pub struct TokenBucket {
@@ -52,17 +54,13 @@ impl TokenBucket {
 /// bucket), never refuse one. Every take is O(1): no sweep of the table.
 #[derive(Debug)]
 pub struct Buckets<K: Hash + Eq> {
-    /// Unbounded to the `lru` crate (which would allocate room for `max` keys at once): the
-    /// bound is kept by [`Buckets::take`].
-    map: lru::LruCache<K, TokenBucket, foldhash::fast::RandomState>,
-    max: usize,
+    map: BoundedLru<K, TokenBucket>,
 }
 
 impl<K: Hash + Eq> Buckets<K> {
     pub fn new(max: usize) -> Self {
         Self {
-            map: lru::LruCache::unbounded_with_hasher(foldhash::fast::RandomState::default()),
-            max: max.max(1),
+            map: BoundedLru::new(max.max(1)),
         }
     }
 
@@ -79,12 +77,9 @@ impl<K: Hash + Eq> Buckets<K> {
         if let Some(b) = self.map.get_mut(key) {
             return b.take(rate, burst, now);
         }
-        if self.map.len() >= self.max {
-            self.map.pop_lru();
-        }
         let mut b = TokenBucket::full(burst, now);
         let r = b.take(rate, burst, now);
-        self.map.put(K::from(key.to_owned()), b);
+        self.map.insert(K::from(key.to_owned()), b);
         r
     }
 

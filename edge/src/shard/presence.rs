@@ -28,6 +28,8 @@ use foldhash::HashMap;
 
 use iris_core::api::ConnId;
 
+use crate::bounded::BoundedLru;
+
 #[derive(Debug, Default)]
 struct Entry {
     /// (shard, connection, generation of the registration); never empty (the entry is removed
@@ -50,15 +52,13 @@ struct Remote {
 /// million entries, tens of MB and a long stall of the shard, for a million rewrites).
 #[derive(Debug)]
 struct LastSeen {
-    map: lru::LruCache<Box<[u8]>, u64, foldhash::fast::RandomState>,
-    max: usize,
+    map: BoundedLru<Box<[u8]>, u64>,
 }
 
 impl LastSeen {
     fn new(max: usize) -> Self {
         Self {
-            map: lru::LruCache::unbounded_with_hasher(foldhash::fast::RandomState::default()),
-            max,
+            map: BoundedLru::new(max),
         }
     }
 
@@ -68,17 +68,9 @@ impl LastSeen {
 
     /// Records `secs` for `user` (keeping the later of the two).
     fn set(&mut self, user: &[u8], secs: u64) {
-        if self.max == 0 {
-            return;
-        }
         match self.map.get_mut(user) {
             Some(at) => *at = (*at).max(secs),
-            None => {
-                self.map.push(user.into(), secs);
-                while self.map.len() > self.max {
-                    self.map.pop_lru();
-                }
-            }
+            None => self.map.insert(user.into(), secs),
         }
     }
 
