@@ -374,7 +374,8 @@ impl MessageStore {
     }
 
     /// How many senders have a mark now.
-    pub fn sent_marks_known(&self) -> usize {
+    #[cfg(test)]
+    fn sent_marks_known(&self) -> usize {
         let marks = self.sent_marks();
         marks
             .marks
@@ -588,47 +589,10 @@ impl MessageStore {
     /// logged, counted and read as absent.
     pub fn sent_id(&self, sender: &[u8], client: u64) -> Result<Option<u64>, CoreError> {
         check_sender(sender)?;
-        {
-            // Learnt under the lock: no write of this sender's records can come between.
-            let mut marks = self.sent_marks();
-            let seen = match marks.marks.get(sender).copied() {
-                Some(Mark::Known(mark)) => Ok(mark),
-                Some(Mark::Counting(n)) => Err(n + 1),
-                None if !marks.room() => Err(0),
-                None => Err(1),
-            };
-            let mark = match seen {
-                Ok(mark) => Some(mark),
-                // A full table: no entry.
-                Err(0) => None,
-                Err(n) if n < marks.learn_after => {
-                    marks.marks.insert(sender.into(), Mark::Counting(n));
-                    None
-                }
-                // Nothing at or above `client`: every record is below it, whatever they are.
-                Err(_) if !self.any_sent_from(sender, client) => {
-                    let mark = client.checked_sub(1);
-                    marks.marks.insert(sender.into(), Mark::Known(mark));
-                    Some(mark)
-                }
-                Err(_) => match self.highest_sent_client(sender) {
-                    Ok(mark) => {
-                        marks.marks.insert(sender.into(), Mark::Known(mark));
-                        Some(mark)
-                    }
-                    // A corrupt key: no mark, the lookup below decides.
-                    Err(e @ CoreError::Corrupt { .. }) => {
-                        self.report_corrupt(sender, &e);
-                        None
-                    }
-                    Err(e) => return Err(e),
-                },
-            };
-            match mark {
-                Some(None) => return Ok(None),
-                Some(Some(max)) if client > max => return Ok(None),
-                _ => {}
-            }
+        match self.sent_mark(sender, client)? {
+            Some(None) => return Ok(None),
+            Some(Some(max)) if client > max => return Ok(None),
+            _ => {}
         }
         let key = sent_key(sender, client);
         // The newest bucket first, the records of older builds last.
@@ -652,6 +616,40 @@ impl MessageStore {
                 Ok(None)
             }
         }
+    }
+
+    /// `sender`'s mark (`Some`: every record's client id is at most the inner value, `None`
+    /// inside when it has none), counting this lookup and learning the mark at the
+    /// `learn_after`th; `None` while it has none. Learnt under the lock: no write of this
+    /// sender's records can come between the read and the mark.
+    fn sent_mark(&self, sender: &[u8], client: u64) -> Result<Option<Option<u64>>, CoreError> {
+        let mut marks = self.sent_marks();
+        let seen = match marks.marks.get(sender).copied() {
+            Some(Mark::Known(mark)) => return Ok(Some(mark)),
+            Some(Mark::Counting(n)) => n + 1,
+            None if marks.room() => 1,
+            None => return Ok(None),
+        };
+        if seen < marks.learn_after {
+            marks.marks.insert(sender.into(), Mark::Counting(seen));
+            return Ok(None);
+        }
+        // Nothing at or above `client`: every record is below it, whatever they are.
+        let mark = if self.any_sent_from(sender, client) {
+            match self.highest_sent_client(sender) {
+                Ok(mark) => mark,
+                // A corrupt key: no mark, the lookup decides.
+                Err(e @ CoreError::Corrupt { .. }) => {
+                    self.report_corrupt(sender, &e);
+                    return Ok(None);
+                }
+                Err(e) => return Err(e),
+            }
+        } else {
+            client.checked_sub(1)
+        };
+        marks.marks.insert(sender.into(), Mark::Known(mark));
+        Ok(Some(mark))
     }
 
     /// Whether any of `sender`'s dedup records has a client id of `client` or more: one forward
