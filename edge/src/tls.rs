@@ -195,20 +195,23 @@ impl ShardCerts {
     }
 }
 
+/// Writes a new self-signed certificate for `localhost` and its key as `dir/NAME.crt` and
+/// `dir/NAME.key` (the tests of this module and of the transports).
+#[cfg(test)]
+pub(crate) fn write_cert(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let c = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let (cert, key) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&cert, c.cert.pem()).unwrap();
+    std::fs::write(&key, c.signing_key.serialize_pem()).unwrap();
+    (cert, key)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn write_cert(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-        let c = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-        let (cert, key) = (
-            dir.join(format!("{name}.crt")),
-            dir.join(format!("{name}.key")),
-        );
-        std::fs::write(&cert, c.cert.pem()).unwrap();
-        std::fs::write(&key, c.signing_key.serialize_pem()).unwrap();
-        (cert, key)
-    }
 
     #[test]
     fn loads_pem_and_refuses_missing_or_bad_files() {

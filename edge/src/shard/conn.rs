@@ -1071,7 +1071,7 @@ impl Conn {
             if buf[0] == op::LOGIN
                 && !self.login_settled
                 && self.shard.cfg.login_settle_us > 0
-                && !(self.shard.cfg.auth.enabled && auth::is_whole_login(&buf[1..]))
+                && !(self.shard.auth.is_some() && auth::is_whole_login(&buf[1..]))
             {
                 break Step::Settle;
             }

@@ -681,14 +681,14 @@ mod tests {
     /// with rustls's default).
     #[test]
     fn tls_output_to_a_reader_that_takes_nothing_stays_in_the_kernel_and_one_record() {
+        use rustls_pki_types::pem::PemObject;
         let dir = tempfile::tempdir().unwrap();
-        let c = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-        let (cert, key) = (dir.path().join("edge.crt"), dir.path().join("edge.key"));
-        std::fs::write(&cert, c.cert.pem()).unwrap();
-        std::fs::write(&key, c.signing_key.serialize_pem()).unwrap();
+        let (cert, key) = crate::tls::write_cert(dir.path(), "edge");
         let config = Arc::new(crate::tls::load_server_config(&cert, &key).expect("config"));
         let mut roots = rustls::RootCertStore::empty();
-        roots.add(c.cert.der().clone()).unwrap();
+        roots
+            .add(rustls_pki_types::CertificateDer::from_pem_file(&cert).unwrap())
+            .unwrap();
         let client_config = Arc::new(
             rustls::ClientConfig::builder()
                 .with_root_certificates(roots)
