@@ -205,12 +205,15 @@ pub enum CoreRequest {
 #[derive(Debug)]
 pub enum CoreReply {
     /// Answer to [`CoreRequest::Drain`]: messages in id order; `more` is true when further
-    /// messages may follow `msgs.last()`.
+    /// messages may follow `msgs.last()`. `complete` is false when the store could not be read
+    /// (the messages there stay stored, for a later drain): an empty answer then says nothing
+    /// about the inbox.
     Drain {
         conn: ConnId,
         user: Vec<u8>,
         msgs: Vec<DrainedMsg>,
         more: bool,
+        complete: bool,
     },
     /// Answer to [`CoreRequest::FetchPrekeys`]; `None` when no bundle is stored.
     Prekeys {

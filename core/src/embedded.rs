@@ -1694,8 +1694,8 @@ impl Core {
         } else {
             limit.min(self.drain_chunk)
         };
-        let mut msgs = if self.invalid_user(&user, "drain") {
-            Vec::new()
+        let (mut msgs, complete) = if self.invalid_user(&user, "drain") {
+            (Vec::new(), true)
         } else {
             let min_live = min_live_id(iris_bus::hops::unix_micros(), self.ttl_secs);
             if after < min_live {
@@ -1729,6 +1729,7 @@ impl Core {
                 user,
                 msgs,
                 more,
+                complete,
             },
         );
     }
@@ -1751,20 +1752,21 @@ impl Core {
         }
     }
 
-    /// Up to `limit` of `user`'s messages after `after`: the store merged with what is pending.
-    fn drain_msgs(&mut self, user: &[u8], after: u64, limit: usize) -> Vec<DrainedMsg> {
+    /// Up to `limit` of `user`'s messages after `after`: the store merged with what is pending;
+    /// false with them when the store could not be read.
+    fn drain_msgs(&mut self, user: &[u8], after: u64, limit: usize) -> (Vec<DrainedMsg>, bool) {
         let pending = self.pending.get(user);
         let skip = pending.map_or(0, |p| p.deletes.len());
-        let stored = match self
+        let (stored, complete) = match self
             .store()
             .and_then(|s| s.scan_drained(user, after, limit.saturating_add(skip)))
         {
-            Ok(v) => v,
+            Ok(v) => (v, true),
             Err(e) => {
                 // The messages stay stored; the next login drains them.
                 bump(&self.metrics.store_errors, 1);
                 error!(error = %e, "drain scan failed");
-                Vec::new()
+                (Vec::new(), false)
             }
         };
         if let Some(s) = &self.store {
@@ -1786,7 +1788,7 @@ impl Core {
             fresh.extend(h.range(user, after).take(limit).map(|m| (m.id, m)));
         }
         if fresh.is_empty() && pending.is_none_or(|p| p.deletes.is_empty()) {
-            return stored;
+            return (stored, complete);
         }
         fresh.sort_unstable_by_key(|(id, _)| *id);
         fresh.dedup_by_key(|(id, _)| *id);
@@ -1819,7 +1821,7 @@ impl Core {
                 out.push(e);
             }
         }
-        out
+        (out, complete)
     }
 
     /// Sends a reply without blocking; a full queue parks it (in order) in the overflow list.
@@ -2406,6 +2408,54 @@ mod tests {
         core.shutdown().unwrap();
         let store = MessageStore::open(&data_dir).unwrap();
         assert_eq!(store.count(b"ruth").unwrap(), 4);
+    }
+
+    /// A drain that could not read the store says so (`complete: false`): its empty answer
+    /// must not be taken for an empty inbox (the edge would skip that user's next drains).
+    #[test]
+    fn a_drain_that_cannot_read_the_store_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("core");
+        let cfg = EmbeddedConfig {
+            hot_log_secs: 0,
+            ..test_cfg(data_dir.clone())
+        };
+        let (core, links) = EmbeddedCore::start(cfg, 1).unwrap();
+        let m = core.metrics();
+        let link = &links[0];
+        link.to_core.send(store_req(msg(1), 7)).unwrap();
+        wait_for(&m, "the commit", |s| s.stored == 1);
+        let drain = |after| {
+            link.to_core
+                .send(CoreRequest::Drain {
+                    user: b"ruth".to_vec(),
+                    conn: 99,
+                    after,
+                    limit: 1000,
+                    resume_after: 0,
+                })
+                .unwrap();
+            loop {
+                match link
+                    .from_core
+                    .recv_timeout(Duration::from_secs(10))
+                    .unwrap()
+                {
+                    CoreReply::Drain {
+                        msgs,
+                        more,
+                        complete,
+                        ..
+                    } => return (msgs.len(), more, complete),
+                    _ => continue,
+                }
+            }
+        };
+        fault::fail_next_drain_reads(&data_dir, 1);
+        assert_eq!(drain(0), (0, false, false), "the failed read");
+        assert_eq!(drain(0), (1, false, true));
+        assert_eq!(drain(1), (0, false, true), "read completely, nothing after");
+        core.shutdown().unwrap();
     }
 
     /// While commits fail, acks stay pending (retried) and are written once commits work.

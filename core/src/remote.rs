@@ -1476,6 +1476,8 @@ impl Bridge {
                         user: c.user.as_slice().to_vec(),
                         msgs,
                         more: c.more,
+                        // Cluster edges keep no clean marks, the only use of this flag.
+                        complete: true,
                     },
                 );
             }

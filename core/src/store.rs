@@ -553,6 +553,12 @@ impl MessageStore {
         limit: usize,
     ) -> Result<Vec<DrainedMsg>, CoreError> {
         check_user(user)?;
+        #[cfg(test)]
+        if fault::take_read(&self.dir) {
+            return Err(CoreError::Io(std::io::Error::other(
+                "injected read failure",
+            )));
+        }
         let mut out = Vec::new();
         if limit == 0 || after == u64::MAX {
             return Ok(out);
@@ -1025,24 +1031,45 @@ impl MessageStore {
     }
 }
 
-/// Test-only fault injection: make the next writes of the store in a directory fail.
+/// Test-only fault injection: make the next writes (or drain reads) of the store in a
+/// directory fail.
 #[cfg(test)]
 pub(crate) mod fault {
     use std::path::{Path, PathBuf};
     use std::sync::Mutex;
 
     static FAILURES: Mutex<Vec<(PathBuf, u32)>> = Mutex::new(Vec::new());
+    static READ_FAILURES: Mutex<Vec<(PathBuf, u32)>> = Mutex::new(Vec::new());
 
     /// The next `n` writes of the store opened at `dir` fail with an I/O error.
     pub(crate) fn fail_next_writes(dir: &Path, n: u32) {
-        let mut f = FAILURES.lock().unwrap_or_else(|e| e.into_inner());
+        arm(&FAILURES, dir, n);
+    }
+
+    /// The next `n` drain reads ([`super::MessageStore::scan_drained`]) of the store opened at
+    /// `dir` fail with an I/O error.
+    pub(crate) fn fail_next_drain_reads(dir: &Path, n: u32) {
+        arm(&READ_FAILURES, dir, n);
+    }
+
+    fn arm(list: &Mutex<Vec<(PathBuf, u32)>>, dir: &Path, n: u32) {
+        let mut f = list.lock().unwrap_or_else(|e| e.into_inner());
         f.retain(|(d, _)| d != dir);
         f.push((dir.to_path_buf(), n));
     }
 
-    /// Consumes one injected failure for `dir`, if any is left.
+    /// Consumes one injected write failure for `dir`, if any is left.
     pub(crate) fn take(dir: &Path) -> bool {
-        let mut f = FAILURES.lock().unwrap_or_else(|e| e.into_inner());
+        take_from(&FAILURES, dir)
+    }
+
+    /// Consumes one injected drain read failure for `dir`, if any is left.
+    pub(crate) fn take_read(dir: &Path) -> bool {
+        take_from(&READ_FAILURES, dir)
+    }
+
+    fn take_from(list: &Mutex<Vec<(PathBuf, u32)>>, dir: &Path) -> bool {
+        let mut f = list.lock().unwrap_or_else(|e| e.into_inner());
         match f.iter_mut().find(|(d, n)| d == dir && *n > 0) {
             Some((_, n)) => {
                 *n -= 1;

@@ -73,9 +73,11 @@ fn drain(
             user: u,
             msgs,
             more,
+            complete,
         } => {
             assert_eq!(c, conn);
             assert_eq!(u, user.as_bytes());
+            assert!(complete, "a drain of a healthy store reads it completely");
             (msgs.into_iter().map(|m| (m.id, m.payload)).collect(), more)
         }
         other => panic!("unexpected reply {other:?}"),

@@ -39,6 +39,15 @@ impl<K: Hash + Eq, V> BoundedLru<K, V> {
         self.map.peek(key)
     }
 
+    /// `key`'s value to change, its place in the order unchanged.
+    pub fn peek_mut<Q>(&mut self, key: &Q) -> Option<&mut V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.map.peek_mut(key)
+    }
+
     /// Inserts `key` (absent) as the most recently used, forgetting the least recently used
     /// entry when the map is full.
     pub fn insert(&mut self, key: K, value: V) {

@@ -65,6 +65,9 @@ counters! {
     messages_delivered_live_total: "counter",
     /// Messages written to a recipient's connection by a login drain.
     messages_drained_total: "counter",
+    /// Login drains not asked of the store: the presence owner knew the user's inbox empty
+    /// (its last session drained nothing and no stored message was routed to it since).
+    login_drains_skipped_total: "counter",
     /// Live messages not written because the recipient was offline (they stay stored).
     messages_live_offline_total: "counter",
     /// Live copies of messages a login drain had already written, dropped.

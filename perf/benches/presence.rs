@@ -44,7 +44,7 @@ fn bench(c: &mut Criterion) {
                 b.iter(|| {
                     i = (i + stride) % users;
                     p.register(&names[i], 1, 99);
-                    p.unregister(&names[i], 1, 99, 1);
+                    p.unregister(&names[i], 1, 99, 1, false);
                 })
             },
         );

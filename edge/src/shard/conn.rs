@@ -135,6 +135,9 @@ struct ConnState {
     registering: bool,
     /// Registration done: the task must decode what it buffered meanwhile.
     resume: bool,
+    /// The session's login drain found the store empty (a complete first chunk with nothing
+    /// in it) or was skipped as clean: told to the presence owner when the session ends.
+    drained_empty: bool,
     /// Decoding stopped at a FETCH_PREKEYS because the shard's replies were full: decode the
     /// rest as soon as the shard is no longer backpressured, without waiting for new bytes.
     replies_wait: bool,
@@ -174,6 +177,7 @@ impl ConnShared {
                 told_stall: 0,
                 registering: false,
                 resume: false,
+                drained_empty: false,
                 replies_wait: false,
                 progress: Instant::now(),
                 wrote: Instant::now(),
@@ -376,8 +380,9 @@ impl ConnShared {
 
     /// Presence registered the session: the user is reachable from every shard now, so
     /// LOGIN_OK goes out (PROTOCOL.md "Visibility after LOGIN_OK"), then the store is asked for
-    /// the user's backlog.
-    pub fn start_drain(&self, shard: &Rc<Shard>, user: &[u8]) {
+    /// the user's backlog; unless the owner knows the inbox is empty (`clean`, presence's
+    /// "Known empty inboxes"), when the drain ends at once, without a round trip to the core.
+    pub fn start_drain(&self, shard: &Rc<Shard>, user: &[u8], clean: bool) {
         let mut st = self.st.borrow_mut();
         if st.user.as_deref() != Some(user) {
             return;
@@ -388,6 +393,12 @@ impl ConnShared {
             let mut ok = Vec::with_capacity(9);
             frame::encode_login_ok(&mut ok);
             self.append(shard, &mut st, &ok);
+        }
+        if clean && st.drain.as_ref().is_some_and(|d| !d.requested) {
+            ShardMetrics::inc(&shard.metrics.login_drains_skipped_total);
+            drop(st);
+            self.drain_chunk(shard, user, Vec::new(), false, true);
+            return;
         }
         let resume_after = st.v2.as_ref().map_or(0, |v2| v2.resume_after);
         if let Some(d) = st.drain.as_mut() {
@@ -404,8 +415,15 @@ impl ConnShared {
         }
     }
 
-    /// A chunk of the user's backlog arrived from the store.
-    pub fn drain_chunk(&self, shard: &Rc<Shard>, user: &[u8], msgs: Vec<DrainedMsg>, more: bool) {
+    /// A chunk of the user's backlog arrived from the store (`complete`: it could read it).
+    pub fn drain_chunk(
+        &self,
+        shard: &Rc<Shard>,
+        user: &[u8],
+        msgs: Vec<DrainedMsg>,
+        more: bool,
+        complete: bool,
+    ) {
         let mut st = self.st.borrow_mut();
         let st = &mut *st;
         let Some(drain) = st.drain.as_mut() else {
@@ -456,6 +474,9 @@ impl ConnShared {
             drain.next_after = Some(cursor);
         } else {
             let mut drain = st.drain.take().expect("checked above");
+            // Nothing written by any chunk, and the last one read completely: the inbox was
+            // empty when the drain began (a chunk that found nothing ends the drain).
+            st.drained_empty = drain.cursor == 0 && complete;
             for (id, f) in drain.held.drain(..) {
                 if drain.sent.binary_search(&id).is_err() {
                     frame_buf.extend_from_slice(&f);
@@ -1638,14 +1659,15 @@ impl Conn {
     /// owner, whose answer writes LOGIN_OK (HELLO_OK) and starts the drain.
     fn register(&mut self, user: &[u8]) -> Result<(), Step> {
         let shard = self.shard.clone();
-        let previous = {
+        let (previous, drained_empty) = {
             let mut st = self.c.st.borrow_mut();
             let prev = st.user.replace(user.to_vec());
+            let drained_empty = std::mem::take(&mut st.drained_empty);
             st.drain = Some(DrainState::new(user));
             st.recent = None;
             // LOGIN_OK is written when the owner answers `Registered` (start_drain).
             st.registering = true;
-            prev
+            (prev, drained_empty)
         };
         match previous {
             Some(prev) => shard.send_shard(
@@ -1654,6 +1676,7 @@ impl Conn {
                     user: prev,
                     shard: shard.id,
                     conn: self.c.id,
+                    drained_empty,
                 },
             ),
             None => ShardMetrics::inc(&shard.metrics.sessions_open),
@@ -1823,12 +1846,14 @@ pub async fn run(
             });
         }
         ShardMetrics::dec(&shard.metrics.sessions_open);
+        let drained_empty = c.st.borrow().drained_empty;
         shard.send_shard(
             owner_of(&user, shard.nshards),
             ShardMsg::Unregister {
                 user,
                 shard: shard.id,
                 conn: id,
+                drained_empty,
             },
         );
     }

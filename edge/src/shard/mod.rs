@@ -126,13 +126,20 @@ pub enum ShardMsg {
         shard: usize,
         conn: ConnId,
     },
-    /// Back to the hosting shard: presence knows the session, start the login drain.
-    Registered { user: Vec<u8>, conn: ConnId },
-    /// To the owner of `user`: the session on (`shard`, `conn`) ended.
+    /// Back to the hosting shard: presence knows the session, start the login drain (or skip
+    /// it: `clean`, the user's inbox is known empty, [`presence`] "Known empty inboxes").
+    Registered {
+        user: Vec<u8>,
+        conn: ConnId,
+        clean: bool,
+    },
+    /// To the owner of `user`: the session on (`shard`, `conn`) ended; `drained_empty`: its
+    /// login drain found nothing (or was skipped as clean).
     Unregister {
         user: Vec<u8>,
         shard: usize,
         conn: ConnId,
+        drained_empty: bool,
     },
     /// To the owner of `user`: what is `user`'s status? Reply to (`shard`, `conn`).
     StatusQuery {
@@ -976,12 +983,13 @@ impl Shard {
                 }
             }
             ShardMsg::Register { user, shard, conn } => {
-                let first = {
+                let (first, clean) = {
                     let mut p = self.presence.borrow_mut();
                     let first = !p.is_local(&user);
+                    let clean = !self.cluster && p.take_clean(&user);
                     p.register(&user, shard, conn);
                     ShardMetrics::set(&self.metrics.presence_users, p.users_len() as u64);
-                    first
+                    (first, clean)
                 };
                 if first && self.cluster {
                     // Before `Registered`: the session is announced ahead of the login drain.
@@ -998,20 +1006,25 @@ impl Shard {
                         self.route_owned(user.clone(), d, Via::Direct);
                     }
                 }
-                self.send_shard(shard, ShardMsg::Registered { user, conn });
+                self.send_shard(shard, ShardMsg::Registered { user, conn, clean });
             }
-            ShardMsg::Registered { user, conn } => {
+            ShardMsg::Registered { user, conn, clean } => {
                 let c = self.conns.borrow().get(&conn).cloned();
                 if let Some(c) = c {
-                    c.start_drain(self, &user);
+                    c.start_drain(self, &user, clean);
                 }
             }
-            ShardMsg::Unregister { user, shard, conn } => {
+            ShardMsg::Unregister {
+                user,
+                shard,
+                conn,
+                drained_empty,
+            } => {
                 let now = crate::idgen::now_micros() / 1_000_000;
                 let last = {
                     let mut p = self.presence.borrow_mut();
                     let was = p.is_local(&user);
-                    p.unregister(&user, shard, conn, now);
+                    p.unregister(&user, shard, conn, now, drained_empty && !self.cluster);
                     ShardMetrics::set(&self.metrics.presence_users, p.users_len() as u64);
                     ShardMetrics::set(
                         &self.metrics.presence_last_seen_users,
@@ -1051,6 +1064,10 @@ impl Shard {
     /// routed with the presence generation of that moment, and a later copy is written only to
     /// sessions registered since (none, usually: the copy is dropped and counted).
     fn route_owned(self: &Rc<Self>, to: Vec<u8>, d: Delivery, via: Via) {
+        if d.id.is_some() && !self.cluster {
+            // Before any session is looked up: see presence's "Known empty inboxes".
+            self.presence.borrow_mut().stored_routed(&to);
+        }
         let from_bus = via != Via::Local;
         let mut forwarded = false;
         if self.direct_live && !from_bus {
@@ -1179,10 +1196,11 @@ impl Shard {
                 user,
                 msgs,
                 more,
+                complete,
             } => {
                 let c = self.conns.borrow().get(&conn).cloned();
                 if let Some(c) = c {
-                    c.drain_chunk(self, &user, msgs, more);
+                    c.drain_chunk(self, &user, msgs, more, complete);
                 }
             }
             CoreReply::Confirms { conn, confirms } => self.confirmed(conn, confirms),

@@ -23,6 +23,21 @@
 //! ([`Presence::generation`]): the owner remembers, with each message id it routed, the
 //! generation at that moment, so a second copy of the message (from the other bus path) is
 //! written only to sessions that registered since ([`Presence::sessions_after`]).
+//!
+//! # Known empty inboxes (embedded core)
+//! Every stored message passes its recipient's owner on its way out (the live copy's route,
+//! sent after the message was handed to the core), and every login registers with it first,
+//! so the owner sees, in one order, each user's stored messages and sessions. An offline user
+//! is marked **clean** when its last session ended having found the store empty at its login
+//! drain (a first chunk with nothing in it, read completely) and no stored message was routed
+//! to the user since that session registered ([`Presence::unregister`]); a stored message
+//! routed to the user afterwards clears the mark ([`Presence::stored_routed`]). A login that
+//! finds the mark ([`Presence::take_clean`]) skips its drain: nothing can be stored for it.
+//! Why: a message routed before the registration was handed to the core before the drain was
+//! (the core reads every queue before it serves a drain), so an empty drain saw it acked or
+//! never stored; one routed after it clears the mark or marks its session. The mark lives in
+//! the bounded last-seen map: forgotten, the next login drains as before. Cluster edges keep no
+//! marks (their drains are served by the cluster core, which gives no such order).
 
 use foldhash::HashMap;
 
@@ -35,6 +50,9 @@ struct Entry {
     /// (shard, connection, generation of the registration); never empty (the entry is removed
     /// with its last session).
     sessions: Vec<(usize, ConnId, u64)>,
+    /// The generation when a stored message was last routed to the user (0: none): a session
+    /// registered at a greater generation had it before its drain.
+    routed: u64,
 }
 
 /// What the other edges announced about one user.
@@ -46,7 +64,7 @@ struct Remote {
 }
 
 /// Last-seen seconds of offline users, at most `max` names, the least recently written
-/// forgotten first. An LRU list ordered by write: a write moves its name to the back, so the
+/// forgotten first, each with its clean mark (the top bit, [`CLEAN`]). An LRU list ordered by write: a write moves its name to the back, so the
 /// structure holds exactly one entry per name (the write-ordered queue it replaces kept a stale
 /// entry per rewrite, up to twice `max` of them, and then swept them all in one pass: about two
 /// million entries, tens of MB and a long stall of the shard, for a million rewrites).
@@ -63,14 +81,28 @@ impl LastSeen {
     }
 
     fn get(&self, user: &[u8]) -> u64 {
-        self.map.peek(user).copied().unwrap_or(0)
+        self.map.peek(user).map_or(0, |v| v & !CLEAN)
     }
 
-    /// Records `secs` for `user` (keeping the later of the two).
-    fn set(&mut self, user: &[u8], secs: u64) {
+    /// Records `secs` for `user` (keeping the later of the two) and whether its inbox is known
+    /// empty.
+    fn set(&mut self, user: &[u8], secs: u64, clean: bool) {
+        let mark = if clean { CLEAN } else { 0 };
+        let secs = secs & !CLEAN;
         match self.map.get_mut(user) {
-            Some(at) => *at = (*at).max(secs),
-            None => self.map.insert(user.into(), secs),
+            Some(v) => *v = (*v & !CLEAN).max(secs) | mark,
+            None => self.map.insert(user.into(), secs | mark),
+        }
+    }
+
+    /// Clears `user`'s clean mark; true if it was set.
+    fn take_clean(&mut self, user: &[u8]) -> bool {
+        match self.map.peek_mut(user) {
+            Some(v) if *v & CLEAN != 0 => {
+                *v &= !CLEAN;
+                true
+            }
+            _ => false,
         }
     }
 
@@ -78,6 +110,10 @@ impl LastSeen {
         self.map.len()
     }
 }
+
+/// The clean mark in a [`LastSeen`] value: the user's inbox is known empty (see the module's
+/// "Known empty inboxes"). Seconds never reach it.
+const CLEAN: u64 = 1 << 63;
 
 impl Default for LastSeen {
     fn default() -> Self {
@@ -117,7 +153,8 @@ impl Presence {
         self.seen.len()
     }
 
-    /// Records a session of `user` on (`shard`, `conn`).
+    /// Records a session of `user` on (`shard`, `conn`). Call [`Presence::take_clean`] first
+    /// to learn whether its drain can be skipped.
     pub fn register(&mut self, user: &[u8], shard: usize, conn: ConnId) {
         let e = self.users.entry(user.into()).or_default();
         if !e.sessions.iter().any(|&(s, c, _)| (s, c) == (shard, conn)) {
@@ -132,13 +169,47 @@ impl Presence {
         self.generation
     }
 
-    /// Ends a session; the last one to end sets last-seen to `now_secs`.
-    pub fn unregister(&mut self, user: &[u8], shard: usize, conn: ConnId, now_secs: u64) {
+    /// Ends a session; the last one to end sets last-seen to `now_secs`. `drained_empty`: the
+    /// session's login drain found nothing (or was skipped as clean); with no stored message
+    /// routed to the user since the session registered, the user is marked clean.
+    pub fn unregister(
+        &mut self,
+        user: &[u8],
+        shard: usize,
+        conn: ConnId,
+        now_secs: u64,
+        drained_empty: bool,
+    ) {
         if let Some(e) = self.users.get_mut(user) {
-            e.sessions.retain(|&(s, c, _)| (s, c) != (shard, conn));
+            let Some(i) = e
+                .sessions
+                .iter()
+                .position(|&(s, c, _)| (s, c) == (shard, conn))
+            else {
+                return;
+            };
+            let (_, _, generation) = e.sessions.remove(i);
             if e.sessions.is_empty() {
+                let clean = drained_empty && e.routed < generation;
                 self.users.remove(user);
-                self.seen.set(user, now_secs);
+                self.seen.set(user, now_secs, clean);
+            }
+        }
+    }
+
+    /// A login of `user` with no session here: true when its inbox is known empty (the clean
+    /// mark, which this takes: the new session decides it again when it ends).
+    pub fn take_clean(&mut self, user: &[u8]) -> bool {
+        !self.is_local(user) && self.seen.take_clean(user)
+    }
+
+    /// A stored message is being routed to `user`: its sessions registered so far may not
+    /// have drained it, and an offline user's inbox is no longer known empty.
+    pub fn stored_routed(&mut self, user: &[u8]) {
+        match self.users.get_mut(user) {
+            Some(e) => e.routed = self.generation,
+            None => {
+                self.seen.take_clean(user);
             }
         }
     }
@@ -203,7 +274,7 @@ impl Presence {
                     self.remote.remove(user);
                 }
             }
-            self.seen.set(user, unix_ms / 1000);
+            self.seen.set(user, unix_ms / 1000, false);
         }
     }
 
@@ -231,7 +302,7 @@ impl Presence {
         }
         for user in gone {
             self.remote.remove(&user);
-            self.seen.set(&user, unix_ms / 1000);
+            self.seen.set(&user, unix_ms / 1000, false);
         }
     }
 }
@@ -247,9 +318,9 @@ mod tests {
         p.register(b"a", 0, 1);
         p.register(b"a", 1, 7);
         assert_eq!(p.status(b"a"), (true, 0));
-        p.unregister(b"a", 0, 1, 100);
+        p.unregister(b"a", 0, 1, 100, false);
         assert_eq!(p.status(b"a"), (true, 0));
-        p.unregister(b"a", 1, 7, 200);
+        p.unregister(b"a", 1, 7, 200, false);
         assert_eq!(p.status(b"a"), (false, 200));
         assert!(p.sessions(b"a").is_empty());
         p.register(b"a", 1, 9);
@@ -262,7 +333,7 @@ mod tests {
         for i in 0..10u64 {
             let u = format!("u{i}");
             p.register(u.as_bytes(), 0, i);
-            p.unregister(u.as_bytes(), 0, i, 100 + i);
+            p.unregister(u.as_bytes(), 0, i, 100 + i, false);
         }
         assert_eq!(p.users_len(), 0, "no entry without a session");
         assert_eq!(p.last_seen_len(), 3);
@@ -271,7 +342,7 @@ mod tests {
         assert_eq!(p.status(b"u0"), (false, 0), "forgotten: never seen");
         // Seen again: refreshed, not duplicated.
         p.register(b"u7", 0, 1);
-        p.unregister(b"u7", 0, 1, 200);
+        p.unregister(b"u7", 0, 1, 200, false);
         assert_eq!(p.status(b"u7"), (false, 200));
         assert_eq!(p.last_seen_len(), 3);
         // Remote users too: one no edge holds any more keeps only its last-seen time.
@@ -291,19 +362,19 @@ mod tests {
     fn last_seen_forgets_the_least_recently_written() {
         let mut seen = LastSeen::new(3);
         for (i, u) in [&b"a"[..], b"b", b"c"].into_iter().enumerate() {
-            seen.set(u, 10 + i as u64);
+            seen.set(u, 10 + i as u64, false);
         }
         for round in 0..1000 {
-            seen.set(b"a", 20 + round);
+            seen.set(b"a", 20 + round, false);
         }
         assert_eq!(seen.len(), 3);
-        seen.set(b"d", 30);
+        seen.set(b"d", 30, false);
         assert_eq!(seen.get(b"b"), 0, "b was written least recently");
         assert_eq!(seen.get(b"a"), 1019);
         assert_eq!(seen.get(b"c"), 12);
         assert_eq!(seen.get(b"d"), 30);
         // An older time never replaces a later one.
-        seen.set(b"d", 5);
+        seen.set(b"d", 5, false);
         assert_eq!(seen.get(b"d"), 30);
     }
 
@@ -321,8 +392,77 @@ mod tests {
         p.register(b"a", 1, 3);
         assert_eq!(p.sessions_after(b"a", g), vec![(1, 3)]);
         assert_eq!(p.sessions_after(b"a", 0), vec![(0, 1), (1, 3)]);
-        p.unregister(b"a", 1, 3, 10);
+        p.unregister(b"a", 1, 3, 10, false);
         assert!(p.sessions_after(b"a", g).is_empty());
+    }
+
+    /// A user is clean only when its last session drained nothing and no stored message was
+    /// routed to it since that session registered; a route to the offline user clears it.
+    #[test]
+    fn an_inbox_is_known_empty_only_while_nothing_was_routed_since_an_empty_drain() {
+        let mut p = Presence::default();
+        assert!(!p.take_clean(b"a"), "never seen: not known");
+        p.register(b"a", 0, 1);
+        p.unregister(b"a", 0, 1, 10, true);
+        assert_eq!(p.status(b"a"), (false, 10), "the mark is not a time");
+        p.register(b"b", 0, 9); // other users' sessions change nothing
+        assert!(p.take_clean(b"a"));
+        assert!(!p.take_clean(b"a"), "taken by the login");
+        p.register(b"a", 0, 2);
+
+        // A stored message routed to the session: it may not be acked when the session ends.
+        p.stored_routed(b"a");
+        p.unregister(b"a", 0, 2, 20, true);
+        assert!(!p.take_clean(b"a"));
+
+        // A session whose drain found messages (or could not read) is not clean either.
+        p.register(b"a", 0, 3);
+        p.unregister(b"a", 0, 3, 30, false);
+        assert!(!p.take_clean(b"a"));
+
+        // Routed before the session registered: its drain saw it.
+        p.register(b"a", 1, 4);
+        p.stored_routed(b"a");
+        p.register(b"a", 0, 5);
+        p.unregister(b"a", 1, 4, 40, false);
+        assert!(!p.take_clean(b"a"), "online: no mark");
+        p.unregister(b"a", 0, 5, 41, true);
+        assert!(
+            p.take_clean(b"a"),
+            "the last session's empty drain came after the route"
+        );
+
+        // A stored message to the offline user clears the mark.
+        p.register(b"a", 0, 6);
+        p.unregister(b"a", 0, 6, 50, true);
+        p.stored_routed(b"a");
+        assert!(!p.take_clean(b"a"));
+
+        // Online elsewhere: a login while another session lives is not skipped.
+        p.register(b"a", 0, 7);
+        p.unregister(b"a", 0, 7, 60, true);
+        p.register(b"a", 1, 8);
+        assert!(!p.take_clean(b"a"), "the mark was taken by the first login");
+        // An unknown session's end changes nothing.
+        p.unregister(b"a", 1, 99, 70, true);
+        assert!(p.is_local(b"a"));
+    }
+
+    /// The mark lives in the bounded last-seen map: a forgotten user drains again.
+    #[test]
+    fn a_forgotten_user_is_not_known_empty() {
+        let mut p = Presence::new(2);
+        for (i, u) in [&b"a"[..], b"b", b"c"].into_iter().enumerate() {
+            p.register(u, 0, i as u64);
+            p.unregister(u, 0, i as u64, 10, true);
+        }
+        assert!(!p.take_clean(b"a"), "forgotten");
+        assert!(p.take_clean(b"b") && p.take_clean(b"c"));
+        // A later time keeps its own mark.
+        p.register(b"c", 0, 5);
+        p.unregister(b"c", 0, 5, 20, false);
+        assert_eq!(p.status(b"c"), (false, 20));
+        assert!(!p.take_clean(b"c"));
     }
 
     #[test]
@@ -355,7 +495,7 @@ mod tests {
         p.register(b"b", 0, 1);
         p.remote_event(b"b", 2, false, 5_000_000);
         assert_eq!(p.status(b"b"), (true, 0), "still connected here");
-        p.unregister(b"b", 0, 1, 4_000);
+        p.unregister(b"b", 0, 1, 4_000, false);
         assert_eq!(p.status(b"b"), (false, 5_000), "the latest logout wins");
         p.remote_event(b"c", 3, false, 7_000_000);
         assert_eq!(p.status(b"c"), (false, 7_000));
