@@ -78,11 +78,18 @@ struct DrainState {
     /// Held messages overflowed `max_output_bytes` and were dropped (they are stored): the drain
     /// goes on past what would have been its last chunk, so it picks them up in order.
     overflowed: bool,
+    /// Answers still due to a drain this one replaced (a LOGIN on a connection whose last
+    /// session's chunk was not answered yet): the core answers a shard's drains in order, so
+    /// the next `stale` chunks are theirs and are dropped (they are stored, and this drain
+    /// reads the store anew). Taken for this drain's own, an empty one would end it early and
+    /// tell the presence owner the inbox was empty.
+    stale: u32,
 }
 
 impl DrainState {
-    fn new(user: &[u8]) -> Box<Self> {
+    fn new(user: &[u8], stale: u32) -> Box<Self> {
         Box::new(Self {
+            stale,
             user: user.to_vec(),
             requested: false,
             next_after: None,
@@ -394,7 +401,12 @@ impl ConnShared {
             frame::encode_login_ok(&mut ok);
             self.append(shard, &mut st, &ok);
         }
-        if clean && st.drain.as_ref().is_some_and(|d| !d.requested) {
+        if clean
+            && st
+                .drain
+                .as_ref()
+                .is_some_and(|d| !d.requested && d.stale == 0)
+        {
             ShardMetrics::inc(&shard.metrics.login_drains_skipped_total);
             drop(st);
             self.drain_chunk(shard, user, Vec::new(), false, true);
@@ -429,6 +441,10 @@ impl ConnShared {
         let Some(drain) = st.drain.as_mut() else {
             return;
         };
+        if drain.stale > 0 {
+            drain.stale -= 1;
+            return;
+        }
         if drain.user != user {
             return;
         }
@@ -1663,7 +1679,11 @@ impl Conn {
             let mut st = self.c.st.borrow_mut();
             let prev = st.user.replace(user.to_vec());
             let drained_empty = std::mem::take(&mut st.drained_empty);
-            st.drain = Some(DrainState::new(user));
+            let stale = st
+                .drain
+                .as_ref()
+                .map_or(0, |d| d.stale + u32::from(d.requested));
+            st.drain = Some(DrainState::new(user, stale));
             st.recent = None;
             // LOGIN_OK is written when the owner answers `Registered` (start_drain).
             st.registering = true;
