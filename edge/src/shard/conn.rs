@@ -79,8 +79,8 @@ struct DrainState {
     /// goes on past what would have been its last chunk, so it picks them up in order.
     overflowed: bool,
     /// Answers still due to a drain this one replaced (a LOGIN on a connection whose last
-    /// session's chunk was not answered yet): the core answers a shard's drains in order, so
-    /// the next `stale` chunks are theirs and are dropped (they are stored, and this drain
+    /// session's chunk was not answered yet): the embedded core answers a shard's drains in
+    /// order, so the next `stale` chunks are theirs and are dropped (they are stored, and this drain
     /// reads the store anew). Taken for this drain's own, an empty one would end it early and
     /// tell the presence owner the inbox was empty.
     stale: u32,
@@ -1679,10 +1679,12 @@ impl Conn {
             let mut st = self.c.st.borrow_mut();
             let prev = st.user.replace(user.to_vec());
             let drained_empty = std::mem::take(&mut st.drained_empty);
-            let stale = st
-                .drain
-                .as_ref()
-                .map_or(0, |d| d.stale + u32::from(d.requested));
+            // Embedded core only: it answers every drain, in order. A cluster's answers cross
+            // the bus, where one could be lost and the new drain would wait for ever.
+            let stale = match st.drain.as_ref() {
+                Some(d) if !shard.cluster => d.stale + u32::from(d.requested),
+                _ => 0,
+            };
             st.drain = Some(DrainState::new(user, stale));
             st.recent = None;
             // LOGIN_OK is written when the owner answers `Registered` (start_drain).
