@@ -80,9 +80,10 @@ struct DrainState {
     overflowed: bool,
     /// Answers still due to a drain this one replaced (a LOGIN on a connection whose last
     /// session's chunk was not answered yet): the embedded core answers a shard's drains in
-    /// order, so the next `stale` chunks are theirs and are dropped (they are stored, and this drain
-    /// reads the store anew). Taken for this drain's own, an empty one would end it early and
-    /// tell the presence owner the inbox was empty.
+    /// order, so the next `stale` chunks are theirs and are dropped (what they hold is stored,
+    /// and this drain reads the store anew). Taken for this drain's own, an answer read before
+    /// the live copies the old session held back were stored would end this drain without
+    /// them (and, empty, tell the presence owner the inbox was empty).
     stale: u32,
 }
 

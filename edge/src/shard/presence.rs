@@ -64,10 +64,11 @@ struct Remote {
 }
 
 /// Last-seen seconds of offline users, at most `max` names, the least recently written
-/// forgotten first, each with its clean mark (the top bit, [`CLEAN`]). An LRU list ordered by write: a write moves its name to the back, so the
-/// structure holds exactly one entry per name (the write-ordered queue it replaces kept a stale
-/// entry per rewrite, up to twice `max` of them, and then swept them all in one pass: about two
-/// million entries, tens of MB and a long stall of the shard, for a million rewrites).
+/// forgotten first, each with its clean mark (the top bit, [`CLEAN`]). An LRU list ordered by
+/// write: a write moves its name to the back, so the structure holds exactly one entry per name
+/// (the write-ordered queue it replaces kept a stale entry per rewrite, up to twice `max` of
+/// them, and then swept them all in one pass: about two million entries, tens of MB and a long
+/// stall of the shard, for a million rewrites).
 #[derive(Debug)]
 struct LastSeen {
     map: BoundedLru<Box<[u8]>, u64>,
@@ -480,7 +481,9 @@ mod tests {
         /// users so marks are forgotten). The drain is modelled as served at the registration:
         /// the core's order makes it see every message routed before (module docs).
         #[test]
-        fn a_clean_login_never_hides_a_stored_message(ops in proptest::collection::vec(op(), 1..200)) {
+        fn a_clean_login_never_hides_a_stored_message(
+            ops in proptest::collection::vec(op(), 1..200)
+        ) {
             use std::collections::{BTreeMap, BTreeSet};
             struct Session { u: usize, got: Vec<u64>, drained_empty: bool }
             let names = [&b"u0"[..], b"u1", b"u2", b"u3"];
@@ -521,8 +524,12 @@ mod tests {
                     }
                     Op::Ack { c, k } => {
                         if let Some(s) = sessions.get(&c) {
-                            let live: Vec<u64> =
-                                s.got.iter().copied().filter(|id| stored[s.u].contains(id)).collect();
+                            let live: Vec<u64> = s
+                                .got
+                                .iter()
+                                .copied()
+                                .filter(|id| stored[s.u].contains(id))
+                                .collect();
                             if let Some(id) = live.get(k) {
                                 stored[s.u].remove(id);
                             }
