@@ -29,16 +29,14 @@ fn settle(s: &Server, n: u64) {
 }
 
 /// Logs `user` in and reads what arrives within `quiet` of the last frame, acking each message
-/// when `ack` (the acks written before the close, so the edge reads them before its end).
-fn session(s: &Server, user: &str, quiet: Duration, ack: bool) -> Vec<Vec<u8>> {
+/// (the acks written before the close, so the edge reads them before its end).
+fn session(s: &Server, user: &str, quiet: Duration) -> Vec<Vec<u8>> {
     let mut c = s.login(user);
     let mut got = Vec::new();
     while let Some(f) = c.recv_within(quiet) {
         match f {
             Frame::Reliable { id, payload } => {
-                if ack {
-                    c.ack(&id);
-                }
+                c.ack(&id);
                 got.push(payload);
             }
             other => panic!("{user}: got {other:?}"),
@@ -55,26 +53,26 @@ fn a_login_skips_the_store_only_while_the_inbox_is_known_empty() {
     let quiet = Duration::from_millis(150);
 
     // First login: never seen, so drained; nothing there.
-    assert!(session(&s, b, quiet, true).is_empty());
+    assert!(session(&s, b, quiet).is_empty());
     settle(&s, 1);
     assert_eq!(s.metric(SKIPPED), 0);
     // Its drain found nothing and nothing was sent since: skipped.
-    assert!(session(&s, b, quiet, true).is_empty());
+    assert!(session(&s, b, quiet).is_empty());
     settle(&s, 1);
     assert_eq!(s.metric(SKIPPED), 1);
 
     // Sent while offline: the mark goes, the next login drains it.
     a.send(b, b"while offline");
     a.sync();
-    assert_eq!(session(&s, b, quiet, true), vec![b"while offline".to_vec()]);
+    assert_eq!(session(&s, b, quiet), vec![b"while offline".to_vec()]);
     settle(&s, 1);
     assert_eq!(s.metric(SKIPPED), 1);
     // That session drained a message (acked since): the next one asks the store again and
     // finds nothing; the one after that skips.
-    assert!(session(&s, b, quiet, true).is_empty());
+    assert!(session(&s, b, quiet).is_empty());
     settle(&s, 1);
     assert_eq!(s.metric(SKIPPED), 1);
-    assert!(session(&s, b, quiet, true).is_empty());
+    assert!(session(&s, b, quiet).is_empty());
     settle(&s, 1);
     assert_eq!(s.metric(SKIPPED), 2);
 
@@ -90,16 +88,13 @@ fn a_login_skips_the_store_only_while_the_inbox_is_known_empty() {
     settle(&s, 1);
     let skipped = s.metric(SKIPPED);
     assert_eq!(skipped, 3, "that login was skipped (known empty)");
-    assert_eq!(
-        session(&s, b, quiet, true),
-        vec![b"live, never acked".to_vec()]
-    );
+    assert_eq!(session(&s, b, quiet), vec![b"live, never acked".to_vec()]);
     settle(&s, 1);
     assert_eq!(s.metric(SKIPPED), skipped);
 
     // Two sessions: the second login finds the user online and drains; a message to both,
     // acked by one only after the other has gone, is drained by the next login.
-    assert!(session(&s, b, quiet, true).is_empty());
+    assert!(session(&s, b, quiet).is_empty());
     settle(&s, 1);
     let mut r1 = s.login(b);
     let mut r2 = s.login(b);
@@ -115,7 +110,7 @@ fn a_login_skips_the_store_only_while_the_inbox_is_known_empty() {
     drop(r1);
     drop(r2);
     settle(&s, 1);
-    assert_eq!(session(&s, b, quiet, true), vec![b"to both".to_vec()]);
+    assert_eq!(session(&s, b, quiet), vec![b"to both".to_vec()]);
     settle(&s, 1);
     assert_eq!(s.metric(SKIPPED), skipped + 1);
 
@@ -125,10 +120,10 @@ fn a_login_skips_the_store_only_while_the_inbox_is_known_empty() {
     settle(&s, 0);
     s.sigterm();
     s.restart();
-    assert!(session(&s, b, quiet, true).is_empty());
+    assert!(session(&s, b, quiet).is_empty());
     settle(&s, 0);
     assert_eq!(s.metric(SKIPPED), 0);
-    assert!(session(&s, b, quiet, true).is_empty());
+    assert!(session(&s, b, quiet).is_empty());
     settle(&s, 0);
     assert_eq!(s.metric(SKIPPED), 1);
 }
