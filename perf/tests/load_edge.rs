@@ -166,28 +166,34 @@ fn logins_churn(extra: &[&str]) {
     let edge = Edge::start(1);
     let target = edge.client.to_string();
     for relogin in [false, true] {
-        let mut args = vec![
-            "logins",
-            "--target",
-            &target,
-            "--conns",
-            "4",
-            "--users",
-            "20",
-            "--duration",
-            "0.5",
-            "--warmup",
-            "0.2",
-        ];
+        let mut extra = extra.to_vec();
         if relogin {
-            args.push("--relogin");
+            extra.push("--relogin");
         }
-        args.extend_from_slice(extra);
-        let r = run_load(&args);
+        let r = churn(&target, &extra);
         assert!(r.get("logins_per_s").unwrap() > 0.0);
         assert_eq!(r.totals.errors, 0, "{:?}", r.notes);
         assert_sane_latency(&r);
     }
+}
+
+/// A short `logins` run (4 loops, 20 users, 0.5 s) against `target`, with `extra` arguments.
+fn churn(target: &str, extra: &[&str]) -> iris_perf::load::Report {
+    let mut args = vec![
+        "logins",
+        "--target",
+        target,
+        "--conns",
+        "4",
+        "--users",
+        "20",
+        "--duration",
+        "0.5",
+        "--warmup",
+        "0.2",
+    ];
+    args.extend_from_slice(extra);
+    run_load(&args)
 }
 
 /// With `--jwt-secret` every login carries a token signed with the edge's `[auth]` secret: the
@@ -214,31 +220,15 @@ fn logins_with_tokens_against_an_edge_with_auth_on() {
     );
     let v1 = edge.client.to_string();
     let v2 = edge.v2.expect("v2 address").to_string();
-    let churn = |target: &str, protocol: &str, secret: &str| {
-        run_load(&[
-            "logins",
-            "--protocol",
-            protocol,
-            "--target",
-            target,
-            "--conns",
-            "4",
-            "--users",
-            "20",
-            "--duration",
-            "0.5",
-            "--warmup",
-            "0.2",
-            "--jwt-secret",
-            secret,
-        ])
+    let signed = |target: &str, protocol: &str, secret: &str| {
+        churn(target, &["--protocol", protocol, "--jwt-secret", secret])
     };
     for (target, protocol) in [(&v1, "v1"), (&v2, "v2")] {
-        let r = churn(target, protocol, SECRET);
+        let r = signed(target, protocol, SECRET);
         assert!(r.get("logins_per_s").unwrap() > 0.0, "{protocol}");
         assert_eq!(r.totals.errors, 0, "{protocol}: {:?}", r.notes);
         assert_sane_latency(&r);
-        let r = churn(target, protocol, "another-secret-of-at-least-32-bytes!");
+        let r = signed(target, protocol, "another-secret-of-at-least-32-bytes!");
         assert_eq!(r.get("logins_per_s"), Some(0.0), "{protocol}: wrong secret");
         assert!(r.totals.errors > 0, "{protocol}: wrong secret");
     }
