@@ -1568,6 +1568,15 @@ mod tests {
 
     use super::test_record as rec;
 
+    /// Writes a durable batch of dedup records alone.
+    fn write_sent(s: &MessageStore, sent: &[SentRecord]) {
+        let batch = Batch {
+            sent,
+            ..Batch::default()
+        };
+        s.write(&batch, true).unwrap();
+    }
+
     /// Dedup records commit with their batch into time buckets of the store's width, survive
     /// a reopen and keep senders apart; the newest record of a client id wins; a bucket goes
     /// whole, once its last id is expired, and only then.
@@ -1580,16 +1589,6 @@ mod tests {
             (1_000_000 / 16) << 18,
             "8 s of TTL: buckets of 1 s of ids"
         );
-        let write_sent = |s: &MessageStore, sent: &[SentRecord]| {
-            s.write(
-                &Batch {
-                    sent,
-                    ..Batch::default()
-                },
-                true,
-            )
-            .unwrap();
-        };
         {
             let s = MessageStore::open(dir.path())
                 .unwrap()
@@ -1665,13 +1664,6 @@ mod tests {
     fn the_highest_client_id_mark_follows_every_write() {
         let dir = tempfile::tempdir().unwrap();
         let w = bucket_ids(8);
-        let write_sent = |s: &MessageStore, sent: &[SentRecord]| {
-            let batch = Batch {
-                sent,
-                ..Batch::default()
-            };
-            s.write(&batch, false).unwrap();
-        };
         {
             let s = MessageStore::open(dir.path())
                 .unwrap()
@@ -1754,24 +1746,17 @@ mod tests {
         let s = MessageStore::open(dir.path())
             .unwrap()
             .with_sent_marks(16, 3);
-        let write_sent = |sent: &[SentRecord]| {
-            let batch = Batch {
-                sent,
-                ..Batch::default()
-            };
-            s.write(&batch, false).unwrap();
-        };
-        write_sent(&[rec("fay", 1, 1)]);
+        write_sent(&s, &[rec("fay", 1, 1)]);
         assert_eq!(s.sent_id(b"fay", 2).unwrap(), None);
-        write_sent(&[rec("fay", 2, 2)]);
+        write_sent(&s, &[rec("fay", 2, 2)]);
         assert_eq!(s.sent_id(b"fay", 2).unwrap(), Some(2));
         assert_eq!(s.sent_marks_known(), 0, "two lookups: counting");
-        write_sent(&[rec("fay", 5, 3)]);
+        write_sent(&s, &[rec("fay", 5, 3)]);
         assert_eq!(s.sent_id(b"fay", 3).unwrap(), None);
         assert_eq!(s.sent_marks_known(), 1, "the third learns");
         assert_eq!(s.sent_id(b"fay", 5).unwrap(), Some(3), "the highest record");
         assert_eq!(s.sent_id(b"fay", 6).unwrap(), None);
-        write_sent(&[rec("fay", 6, 4)]);
+        write_sent(&s, &[rec("fay", 6, 4)]);
         assert_eq!(s.sent_id(b"fay", 6).unwrap(), Some(4));
         // With no room at all, no mark, every lookup reads.
         let s = MessageStore::open(dir.path().join("none"))
@@ -1829,14 +1814,7 @@ mod tests {
         let s = MessageStore::open(dir.path())
             .unwrap()
             .with_dedup_ttl_secs(0);
-        s.write(
-            &Batch {
-                sent: &[rec("sam", 1, 5), rec("sam", 2, u64::MAX - 1)],
-                ..Batch::default()
-            },
-            true,
-        )
-        .unwrap();
+        write_sent(&s, &[rec("sam", 1, 5), rec("sam", 2, u64::MAX - 1)]);
         assert_eq!(s.sent_buckets(), vec![(0, u64::MAX)]);
         assert_eq!(
             s.drop_expired_sent(crate::api::min_live_id(u64::MAX, 0))
@@ -1912,14 +1890,7 @@ mod tests {
         assert_eq!(s.expired_sent(&[], u64::MAX, 100).unwrap().0.len(), 6);
         assert_eq!(s.count(b"ruth").unwrap(), 1);
         // A bucket's record of the same client id is read before the old one.
-        s.write(
-            &Batch {
-                sent: &[rec("sam", 6, 1_000)],
-                ..Batch::default()
-            },
-            true,
-        )
-        .unwrap();
+        write_sent(&s, &[rec("sam", 6, 1_000)]);
         assert_eq!(s.sent_id(b"sam", 6).unwrap(), Some(1_000));
         assert_eq!(s.sent_id(b"sam", 7).unwrap(), Some(107));
     }
