@@ -23,6 +23,7 @@
 //! `IRIS_CORE_BIN`, else next to `iris-edge`).
 
 pub mod cluster;
+pub mod owed;
 pub mod services;
 pub mod tls;
 pub mod v2;

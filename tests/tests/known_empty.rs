@@ -7,12 +7,11 @@
 //! stream to it goes on.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
-use iris_tests::{number_of, numbered, wait_until, Client, Frame, ReadEnd, Server, ServerOpts};
+use iris_tests::owed::{read_owed, relogins_under_a_stream, stream};
+use iris_tests::{wait_until, Client, Frame, Server, ServerOpts};
 
 const SKIPPED: &str = "iris_edge_login_drains_skipped_total";
 
@@ -121,75 +120,6 @@ fn a_login_skips_the_store_only_while_the_inbox_is_known_empty() {
     assert_eq!(session_then_skipped(&s, b, 0), (vec![], 1));
 }
 
-/// Sends `bursts` bursts of `per_burst` numbered messages from `a` to `rcpt`, each burst
-/// synced (the edge has handled its SENDs: stored and routed) and then counted in the returned
-/// counter, then sleeps `pause(burst)`.
-fn stream(
-    mut a: Client,
-    rcpt: &'static str,
-    bursts: usize,
-    per_burst: usize,
-    pause: fn(usize) -> Duration,
-) -> (JoinHandle<()>, Arc<AtomicUsize>) {
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counted = accepted.clone();
-    let t = std::thread::spawn(move || {
-        for b in 0..bursts {
-            a.send_many(
-                rcpt,
-                (b * per_burst..(b + 1) * per_burst).map(|i| numbered(i, 48)),
-            );
-            a.sync();
-            counted.store((b + 1) * per_burst, Ordering::SeqCst);
-            std::thread::sleep(pause(b));
-        }
-    });
-    (t, accepted)
-}
-
-/// Reads session `session` of `r`: a LOGIN_OK first when `login` (a LOGIN written on the
-/// socket), every message numbered below `before` not yet in `got` (each acked as it comes),
-/// then, with `quiet`, whatever else comes until nothing does for that long. Panics when an
-/// owed message has not come within 10 s.
-fn read_owed(
-    r: &mut Client,
-    got: &mut BTreeSet<usize>,
-    before: usize,
-    login: bool,
-    quiet: Option<Duration>,
-    session: usize,
-) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut logged_in = !login;
-    loop {
-        let owed = !logged_in || (0..before).any(|i| !got.contains(&i));
-        let until = match (owed, quiet) {
-            (true, _) => deadline,
-            (false, Some(q)) => Instant::now() + q,
-            (false, None) => return,
-        };
-        match r.next_raw(until) {
-            Ok((Frame::LoginOk, _)) if login => logged_in = true,
-            Ok((Frame::Reliable { id, payload }, _)) => {
-                got.insert(number_of(&payload));
-                r.ack(&id);
-            }
-            Ok((other, _)) => panic!("session {session}: got {other:?}"),
-            Err(ReadEnd::Timeout) if !owed => return,
-            Err(ReadEnd::Timeout) => {
-                let missing: Vec<usize> = (0..before).filter(|i| !got.contains(i)).collect();
-                panic!(
-                    "session {session} (logged in: {logged_in}): {} messages accepted before \
-                     its login never came (first {:?})",
-                    missing.len(),
-                    &missing[..missing.len().min(10)],
-                );
-            }
-            Err(ReadEnd::Closed(why)) => panic!("session {session}: closed: {why}"),
-        }
-    }
-}
-
 /// A recipient logs in and out, acking what it gets, while bursts to it go on with pauses (so
 /// some sessions see nothing and the next login skips). Each session must bring every message
 /// the edge had accepted before its LOGIN was written and the recipient had not received yet,
@@ -218,6 +148,7 @@ fn a_recipient_logging_in_and_out_under_a_stream_gets_every_message() {
             false,
             Some(Duration::from_millis(5)),
             sessions,
+            Duration::from_secs(10),
         );
         drop(r);
         if done {
@@ -233,42 +164,21 @@ fn a_recipient_logging_in_and_out_under_a_stream_gets_every_message() {
     );
 }
 
-/// The same on one socket: the recipient logs in again and again on its connection (a LOGIN
-/// while logged in starts a new session and a new drain) while a stream to it goes on. Every
-/// other LOGIN follows the last LOGIN_OK at once, while that session's drain may still be
-/// unanswered; the sessions in between must bring every message the edge had accepted before
-/// their LOGIN was written and not yet received. (Before `DrainState::stale`, 3 of 4 runs
-/// failed, one message missing from one session: it came with a later login.) A drain must
-/// not take the answer to the drain it replaced for its own: the live copies the old session
-/// held for after its drain are dropped with it (they are stored), and an answer read before
-/// they were stored would end the new drain without them (and, empty, mark the inbox clean).
+/// The same on one socket: the recipient logs in again and again on its connection while a
+/// stream to it goes on, every other LOGIN right after the last LOGIN_OK
+/// ([`relogins_under_a_stream`]). (Before `DrainState::stale`, 3 of 4 runs failed, one message
+/// missing from one session: it came with a later login.)
 #[test]
 fn a_recipient_logging_in_again_on_one_socket_under_a_stream_gets_every_message() {
-    const N: usize = 3000;
     // No settle wait after a LOGIN's bytes (as with a whole token): the next LOGIN can come
     // while the last drain is still unanswered.
     let s = Server::start(ServerOpts::shards(2).config("login_settle_us = 0\n"));
     let rcpt = "ke-relogin-r";
-    let (sender, accepted) = stream(s.login("ke-relogin-s"), rcpt, N, 1, |_| Duration::ZERO);
-    let mut r = s.connect();
-    let mut got = BTreeSet::new();
-    let mut sessions = 0;
-    loop {
-        let done = sender.is_finished();
-        let before = accepted.load(Ordering::SeqCst);
-        r.write(&iris_tests::wire::login(rcpt.as_bytes()));
-        sessions += 1;
-        if sessions % 2 == 0 || done {
-            let quiet = done.then_some(Duration::from_millis(50));
-            read_owed(&mut r, &mut got, before, true, quiet, sessions);
-        } else {
-            // The next LOGIN right after this LOGIN_OK.
-            read_owed(&mut r, &mut got, 0, true, None, sessions);
-        }
-        if done {
-            break;
-        }
-    }
-    sender.join().unwrap();
-    assert_eq!(got.len(), N, "after {sessions} sessions");
+    relogins_under_a_stream(
+        s.login("ke-relogin-s"),
+        s.connect(),
+        rcpt,
+        3000,
+        Duration::from_secs(10),
+    );
 }

@@ -1681,7 +1681,8 @@ impl Conn {
             let prev = st.user.replace(user.to_vec());
             let drained_empty = std::mem::take(&mut st.drained_empty);
             // Embedded core only: it answers every drain, in order. A cluster's answers cross
-            // the bus, where one could be lost and the new drain would wait for ever.
+            // the bus, where one could be lost and the new drain would wait for ever; an old
+            // answer taken there is safe (docs/ARCHITECTURE.md, "Login and the drain").
             let stale = match st.drain.as_ref() {
                 Some(d) if !shard.cluster => d.stale + u32::from(d.requested),
                 _ => 0,

@@ -8,7 +8,8 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use iris_tests::cluster::{redis_hgetall, signal_pid, Cluster};
+use iris_tests::cluster::{redis_hgetall, signal_pid, Cluster, ClusterOpts};
+use iris_tests::owed::relogins_under_a_stream;
 use iris_tests::{describe_sequence_diff, number_of, numbered, unique, Client};
 
 use crate::common::*;
@@ -386,4 +387,41 @@ fn with_direct_live_off_only_the_core_routes_live_copies() {
     );
     assert_eq!(c.edge_metric(1, DIRECT_IN), 0);
     assert!(c.edge_metric(1, CORE_IN) >= N as u64);
+}
+
+/// A recipient on edge 2 logs in again and again on one connection while a stream from edge 1
+/// goes on, every other LOGIN right after the last LOGIN_OK, while that session's drain request
+/// or its answer is still on the bus ([`relogins_under_a_stream`]). Each session must bring
+/// every message edge 1 had accepted before its LOGIN, although the new drain takes the old
+/// one's answer: the core writes that answer and the copies it routes after it into the edge's
+/// inbox in order (docs/ARCHITECTURE.md, "Login and the drain").
+fn relogins_through_a_region(direct_live: bool) {
+    let c = Cluster::start(ClusterOpts {
+        edge_config: Some(format!(
+            "login_settle_us = 0\n[cluster]\ndirect_live = {direct_live}\n"
+        )),
+        ..ClusterOpts::default()
+    });
+    assert!(c.wait_startup_presence());
+    let rcpt = unique("relogin-r");
+    let sessions = relogins_under_a_stream(
+        c.login(0, &unique("relogin-s")),
+        c.edge(1).connect(),
+        &rcpt,
+        600,
+        Duration::from_secs(20),
+    );
+    eprintln!("relogins (direct_live = {direct_live}): {sessions} sessions");
+}
+
+#[test]
+fn a_recipient_logging_in_again_on_one_socket_under_a_stream_gets_every_message() {
+    relogins_through_a_region(true);
+}
+
+/// The same with only the core routing live copies: each message has one live copy, so one
+/// held by the old session and dropped with it can only come from the drain.
+#[test]
+fn a_recipient_logging_in_again_on_one_socket_gets_every_message_with_direct_copies_off() {
+    relogins_through_a_region(false);
 }
