@@ -18,6 +18,7 @@
 
 pub mod conn;
 pub mod presence;
+pub mod tls_conn;
 pub mod transport;
 pub mod v2;
 

@@ -3,9 +3,10 @@
 //! AsyncWrite}`, so `conn::run` reads and writes every transport the same way; the v2 decoder
 //! never knows which one it is on.
 //!
-//! - TLS: rustls (ring provider) through `futures-rustls`, with the certificate current when the
-//!   connection was accepted (`crate::tls`). A write puts plaintext into rustls's buffer; the
-//!   connection's `poll_flush` after its writes pushes the records out.
+//! - TLS ([`TlsConn`], `tls_conn.rs`): rustls (ring provider) on its unbuffered API, with the
+//!   certificate current when the connection was accepted (`crate::tls`); an idle session holds
+//!   no buffer. A write encrypts and sends what the socket takes; the connection's
+//!   `poll_flush` after its writes pushes out the rest.
 //! - WebSocket ([`WsFrames`]): the server side of the upgrade by `async-tungstenite`. Reading
 //!   yields the bytes of binary messages in order (v2 frames are self-delimiting, so a frame
 //!   split over messages, or several in one, decode the same); writing cuts the output at frame
@@ -30,11 +31,11 @@ use async_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use async_tungstenite::tungstenite::{Bytes, Error as WsError, Message};
 use async_tungstenite::WebSocketStream;
 use futures_lite::{AsyncRead, AsyncWrite, Stream};
-use futures_rustls::server::TlsStream;
 use futures_sink::Sink;
 use glommio::net::TcpStream;
 use rustls::ServerConfig;
 
+use super::tls_conn::TlsConn;
 use crate::tls::TlsCerts;
 
 /// Which transport a listener serves.
@@ -60,9 +61,9 @@ pub struct Listeners {
 /// A connection's byte stream once its handshakes are done.
 pub enum Transport {
     Tcp(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<TlsConn<TcpStream>>),
     Ws(Box<WsFrames<TcpStream>>),
-    Wss(Box<WsFrames<TlsStream<TcpStream>>>),
+    Wss(Box<WsFrames<TlsConn<TcpStream>>>),
 }
 
 impl std::fmt::Debug for Transport {
@@ -141,21 +142,13 @@ async fn tls_accept(
     stream: TcpStream,
     config: Option<Arc<ServerConfig>>,
     deadline: Instant,
-) -> Result<TlsStream<TcpStream>, HandshakeError> {
+) -> Result<TlsConn<TcpStream>, HandshakeError> {
     let config = config.ok_or(HandshakeError::NoCertificate)?;
-    let acceptor = futures_rustls::TlsAcceptor::from(config);
-    let mut tls = within(deadline, acceptor.accept(stream))
+    within(deadline, TlsConn::accept(stream, config))
         .await
         .ok_or(HandshakeError::TlsTimeout)?
-        .map_err(HandshakeError::Tls)?;
-    tls.get_mut().1.set_buffer_limit(Some(TLS_BUFFER_BYTES));
-    Ok(tls)
+        .map_err(HandshakeError::Tls)
 }
-
-/// Encrypted output rustls may hold for a socket that takes nothing (its default is 64 KiB):
-/// one record's worth. The rest stays in the connection's queue, where it counts against
-/// `max_output_bytes` and the shard's `max_output_bytes_per_shard`.
-const TLS_BUFFER_BYTES: usize = 16 << 10;
 
 async fn ws_accept<S>(
     stream: S,
@@ -471,7 +464,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsFrames<S> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::io::{self, Write};
     use std::net::Shutdown;
     use std::sync::Arc;
@@ -486,7 +479,7 @@ mod tests {
     use super::frame_size;
 
     /// Runs `f` on a glommio executor sized to fit an 8 MiB memlock limit.
-    fn on_executor<F, Fut>(f: F)
+    pub(crate) fn on_executor<F, Fut>(f: F)
     where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()> + 'static,
@@ -727,7 +720,7 @@ mod tests {
             let super::Transport::Tls(tls) = &t else {
                 panic!("not tls")
             };
-            let fd = tls.get_ref().0.as_raw_fd();
+            let fd = tls.get_ref().as_raw_fd();
             // Write until the transport takes nothing for 200 ms.
             let chunk = vec![7u8; 16 << 10];
             let mut accepted = 0usize;
@@ -750,7 +743,7 @@ mod tests {
             let held = ciphertext.saturating_sub(outq + inq);
             assert!(accepted > 256 << 10, "only {accepted} bytes written");
             assert!(
-                held <= super::TLS_BUFFER_BYTES + (4 << 10),
+                held <= crate::shard::tls_conn::OUTPUT_LIMIT + (4 << 10),
                 "rustls holds {held} bytes ({accepted} accepted, {outq} in the send queue, {inq} \
                  in the receive queue)"
             );
