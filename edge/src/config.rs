@@ -166,6 +166,12 @@ pub struct V2Config {
     /// PEM file of the private key (PKCS#8, PKCS#1 or SEC1) of `tls_cert_file`; read again on
     /// SIGHUP (none).
     pub tls_key_file: Option<PathBuf>,
+    /// TLS session resumption with stateless tickets (true): each full handshake ends with one
+    /// ticket, sealed with a key only this process holds (rotated every 6 hours, a ticket lives
+    /// 12; a certificate reload starts a new key), and a client that reconnects to this process
+    /// with it skips the certificate and its signature (the key exchange is still done: forward
+    /// secrecy holds). Off: no tickets, no session cache; every handshake is a full one.
+    pub tls_session_tickets: bool,
     /// Largest frame (`len` field) a client may send; larger is an error and a close; at
     /// least 262656 (256 KiB + 512, so every v1 message fits a DELIVER) (1049088 = 1 MiB + 512).
     /// Announced in HELLO_OK.
@@ -202,6 +208,7 @@ impl Default for V2Config {
             wss_listen: None,
             tls_cert_file: None,
             tls_key_file: None,
+            tls_session_tickets: true,
             max_frame_bytes: iris_wire::v2::DEFAULT_MAX_FRAME_BYTES as u32,
             ping_interval_ms: 30_000,
             send_rate_per_sec: 1_000,

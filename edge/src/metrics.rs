@@ -45,6 +45,8 @@ counters! {
     v2_wss_connections_accepted_total: "counter",
     /// TLS handshakes (tls_listen, wss_listen) that failed or timed out.
     tls_handshakes_failed_total: "counter",
+    /// TLS handshakes that resumed a session with a ticket (`tls_session_tickets`).
+    tls_handshakes_resumed_total: "counter",
     /// WebSocket upgrades (ws_listen, wss_listen) that failed or timed out.
     ws_handshakes_failed_total: "counter",
     /// Connections currently logged in.

@@ -191,7 +191,8 @@ pub fn run(
     let (mut wss_sockets, v2_wss) = bind_optional(v2c.wss_listen, nshards, "v2 wss")?;
     let certs = match (&v2c.tls_cert_file, &v2c.tls_key_file) {
         (Some(cert), Some(key)) if v2_tls.is_some() || v2_wss.is_some() => Some(Arc::new(
-            TlsCerts::load(cert, key).context("cannot load the v2 TLS certificate")?,
+            TlsCerts::load(cert, key, v2c.tls_session_tickets)
+                .context("cannot load the v2 TLS certificate")?,
         )),
         _ => None,
     };

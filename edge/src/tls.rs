@@ -1,6 +1,7 @@
 //! TLS for the protocol v2 transports (`[v2] tls_listen`, `wss_listen`): the rustls server
 //! configuration built from the PEM files of `tls_cert_file` and `tls_key_file` (ring provider,
-//! TLS 1.2 and 1.3, no client certificates), and its reload on SIGHUP.
+//! TLS 1.2 and 1.3, no client certificates, session resumption by stateless tickets only, with
+//! `tls_session_tickets`), and its reload on SIGHUP.
 //!
 //! [`TlsCerts`] is shared by the main thread and the shards. The main thread reads the files and
 //! publishes a new `Arc<ServerConfig>` under a lock held only for a pointer swap, then raises a
@@ -83,18 +84,48 @@ pub fn load_server_config(cert: &Path, key: &Path) -> Result<ServerConfig, TlsEr
         p.kx_groups = vec![kx_group::X25519, kx_group::SECP256R1, kx_group::SECP384R1];
         Arc::new(p)
     };
-    ServerConfig::builder_with_provider(provider)
+    let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(config_err)?
         .with_no_client_auth()
         .with_single_cert(chain, private)
-        .map_err(config_err)
+        .map_err(config_err)?;
+    // No stateful session cache (rustls's default holds 256 sessions behind one lock, shared by
+    // every shard): resumption is by stateless tickets only (`TlsCerts::load`).
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    Ok(config)
+}
+
+/// `config` issuing and accepting tickets sealed by a new key of its own (one ticket per full
+/// handshake: a client uses a ticket once, and each resumption brings a new one), or, without
+/// `session_tickets`, none at all.
+fn with_tickets(
+    mut config: ServerConfig,
+    session_tickets: bool,
+    cert: &Path,
+    key: &Path,
+) -> Result<ServerConfig, TlsError> {
+    if session_tickets {
+        config.ticketer =
+            rustls::crypto::ring::Ticketer::new().map_err(|source| TlsError::Config {
+                cert: cert.to_owned(),
+                key: key.to_owned(),
+                source,
+            })?;
+        config.send_tls13_tickets = 1;
+    } else {
+        config.send_tls13_tickets = 0;
+    }
+    Ok(config)
 }
 
 /// The current TLS server configuration, replaced by [`TlsCerts::reload`].
 pub struct TlsCerts {
     cert_file: PathBuf,
     key_file: PathBuf,
+    /// `tls_session_tickets`: each configuration gets its own ticket key, so a reload also ends
+    /// the resumption of sessions made with the old certificate.
+    session_tickets: bool,
     current: RwLock<Arc<ServerConfig>>,
     /// Raised after each successful reload.
     generation: AtomicU64,
@@ -112,12 +143,23 @@ impl std::fmt::Debug for TlsCerts {
 }
 
 impl TlsCerts {
-    /// Loads the files once (main thread).
-    pub fn load(cert_file: &Path, key_file: &Path) -> Result<Self, TlsError> {
-        let config = load_server_config(cert_file, key_file)?;
+    /// Loads the files once (main thread); with `session_tickets`, handshakes issue and accept
+    /// stateless session tickets.
+    pub fn load(
+        cert_file: &Path,
+        key_file: &Path,
+        session_tickets: bool,
+    ) -> Result<Self, TlsError> {
+        let config = with_tickets(
+            load_server_config(cert_file, key_file)?,
+            session_tickets,
+            cert_file,
+            key_file,
+        )?;
         Ok(Self {
             cert_file: cert_file.to_owned(),
             key_file: key_file.to_owned(),
+            session_tickets,
             current: RwLock::new(Arc::new(config)),
             generation: AtomicU64::new(0),
             reloads_ok: AtomicU64::new(0),
@@ -128,7 +170,15 @@ impl TlsCerts {
     /// Reads the files again and publishes the new configuration; on failure keeps the old one,
     /// logs and counts it. Blocking (file reads): main thread only.
     pub fn reload(&self) -> Result<(), TlsError> {
-        match load_server_config(&self.cert_file, &self.key_file) {
+        let loaded = load_server_config(&self.cert_file, &self.key_file).and_then(|config| {
+            with_tickets(
+                config,
+                self.session_tickets,
+                &self.cert_file,
+                &self.key_file,
+            )
+        });
+        match loaded {
             Ok(config) => {
                 let config = Arc::new(config);
                 match self.current.write() {
@@ -237,7 +287,7 @@ mod tests {
     fn a_failed_reload_keeps_the_old_config_and_shards_see_a_good_one() {
         let dir = tempfile::tempdir().unwrap();
         let (cert, key) = write_cert(dir.path(), "a");
-        let certs = Arc::new(TlsCerts::load(&cert, &key).unwrap());
+        let certs = Arc::new(TlsCerts::load(&cert, &key, true).unwrap());
         let shard = ShardCerts::new(certs.clone());
         let first = shard.current();
         std::fs::write(&cert, "broken").unwrap();

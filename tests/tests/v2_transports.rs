@@ -195,10 +195,20 @@ fn client_config(ca: &Ca) -> Arc<ClientConfig> {
 /// A server with every v2 transport, its certificate issued by `ca` into `dir`; `extra` holds
 /// top-level configuration keys.
 fn server(ca: &Ca, dir: &Path, extra: &str) -> (Server, Vec<u8>, PathBuf, PathBuf) {
+    server_with(ca, dir, extra, "")
+}
+
+/// [`server`] with `v2_extra`, keys of the `[v2]` table.
+fn server_with(
+    ca: &Ca,
+    dir: &Path,
+    extra: &str,
+    v2_extra: &str,
+) -> (Server, Vec<u8>, PathBuf, PathBuf) {
     let (cert, key) = (dir.join("edge.crt"), dir.join("edge.key"));
     let der = ca.issue(&cert, &key);
     let config = format!(
-        "{extra}\n[v2]\ntls_cert_file = {:?}\ntls_key_file = {:?}\n",
+        "{extra}\n[v2]\n{v2_extra}tls_cert_file = {:?}\ntls_key_file = {:?}\n",
         cert.display().to_string(),
         key.display().to_string()
     );
@@ -321,6 +331,42 @@ fn tls_client_talks_to_a_tcp_client_and_a_foreign_ca_is_refused() {
     let _ = raw.read(&mut b); // a TLS alert or nothing, then the close
     wait_metric(&server, "iris_edge_tls_handshakes_failed_total", 2);
     exchange(&mut alice, "alice", &mut bob, "bob", 20);
+}
+
+/// Session tickets (`tls_session_tickets`, on by default): a client that got a session's
+/// ticket resumes its next handshake with it (counted); after a certificate reload, which
+/// starts a new ticket key, its next handshake is a full one (with the new certificate), and
+/// the one after resumes again; with tickets off every handshake is a full one. Each session
+/// does a HELLO, whose HELLO_OK comes after the ticket, so the client has it before it closes.
+#[test]
+fn a_reconnecting_client_resumes_with_a_ticket_unless_tickets_are_off() {
+    use rustls::HandshakeKind::{Full, Resumed};
+    let ca = Ca::new("iris test ca");
+    for tickets in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let v2_extra = format!("tls_session_tickets = {tickets}\n");
+        let (mut server, _, _, _) = server_with(&ca, dir.path(), "", &v2_extra);
+        let config = client_config(&ca);
+        let mut kinds = Vec::new();
+        for round in 0..4 {
+            if round == 2 {
+                server.signal(libc::SIGHUP);
+                wait_metric(&server, "iris_edge_tls_reloads_total", 1);
+            }
+            let s = tls(server.v2_tls.unwrap(), config.clone()).expect("tls handshake");
+            kinds.push(s.conn.handshake_kind().expect("a finished handshake"));
+            let mut c = V2::new(Wire::Stream(Box::new(s)));
+            c.hello(&format!("resume-{tickets}-{round}"));
+        }
+        let resumed = server.metric("iris_edge_tls_handshakes_resumed_total");
+        if tickets {
+            assert_eq!(kinds, [Full, Resumed, Full, Resumed]);
+            assert_eq!(resumed, 2);
+        } else {
+            assert_eq!(kinds, [Full, Full, Full, Full]);
+            assert_eq!(resumed, 0);
+        }
+    }
 }
 
 #[test]

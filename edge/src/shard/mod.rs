@@ -1520,6 +1520,9 @@ impl Shard {
                     transport::Kind::Ws => &m.v2_ws_connections_accepted_total,
                     _ => &m.v2_wss_connections_accepted_total,
                 });
+                if t.tls_resumed() {
+                    ShardMetrics::inc(&m.tls_handshakes_resumed_total);
+                }
                 conn::run(self, t, id, v2::Proto::V2, peer).await;
             }
             Err(e) => {

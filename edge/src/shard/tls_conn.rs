@@ -190,6 +190,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TlsConn<S> {
         &self.io
     }
 
+    /// Whether the handshake resumed a session (with a ticket) rather than a full one.
+    pub fn resumed(&self) -> bool {
+        self.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+    }
+
     /// Processes the received records until `op` is done or more input is needed: decrypted
     /// data goes to `plain`, records rustls wants sent to `outgoing`.
     fn step(&mut self, op: Op<'_>) -> io::Result<Step> {

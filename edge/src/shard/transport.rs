@@ -189,6 +189,15 @@ pub async fn accept(
 }
 
 impl Transport {
+    /// Whether its TLS handshake resumed a session (a ticket) instead of a full handshake.
+    pub fn tls_resumed(&self) -> bool {
+        match self {
+            Transport::Tls(t) => t.resumed(),
+            Transport::Wss(w) => w.get_ref().resumed(),
+            Transport::Tcp(_) | Transport::Ws(_) => false,
+        }
+    }
+
     /// Ends the session politely before the socket closes: a WebSocket close frame, a TLS
     /// close_notify; at most `timeout`. Nothing for plain TCP.
     pub async fn finish(&mut self, timeout: Duration) {
@@ -295,6 +304,10 @@ fn ws_io(e: WsError) -> io::Error {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> WsFrames<S> {
+    /// The stream under the WebSocket.
+    pub fn get_ref(&self) -> &S {
+        self.ws.get_ref()
+    }
     /// Drives the close started by a text message or the session's end; ready once the close
     /// frame is sent (or cannot be: the peer closed first, or the socket failed).
     fn poll_closing(&mut self, cx: &mut Context<'_>) -> Poll<()> {
