@@ -339,7 +339,7 @@ CRIT=()
 if [ "$MICRO" = 1 ] && want micro; then
   say "criterion micro-benchmarks"
   cargo bench -p iris-perf --bench codec --bench presence --bench ring --bench store \
-    --bench auth --bench ratelimit -- "${CRIT_ARGS[@]}"
+    --bench auth --bench ratelimit --bench tls -- "${CRIT_ARGS[@]}"
   CRIT=(--criterion target/criterion)
 fi
 
