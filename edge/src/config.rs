@@ -187,6 +187,10 @@ pub struct V2Config {
     /// SENDs of one connection waiting for their SEND_ACK; at the bound the connection reads
     /// nothing more until acks come (4096).
     pub max_unconfirmed_sends: u32,
+    /// The read buffer of each WebSocket connection (`ws_listen`, `wss_listen`): tungstenite
+    /// keeps it for the connection's life and reads at most this much at a time, so a larger
+    /// message takes several reads; 256 to 1048576 (1024).
+    pub ws_read_buffer_bytes: u32,
 }
 
 impl V2Config {
@@ -209,6 +213,7 @@ impl Default for V2Config {
             tls_cert_file: None,
             tls_key_file: None,
             tls_session_tickets: true,
+            ws_read_buffer_bytes: 1024,
             max_frame_bytes: iris_wire::v2::DEFAULT_MAX_FRAME_BYTES as u32,
             ping_interval_ms: 30_000,
             send_rate_per_sec: 1_000,
@@ -543,6 +548,9 @@ impl EdgeConfig {
                     iris_wire::v2::MIN_MAX_FRAME_BYTES
                 ));
             }
+            if !(256..=1 << 20).contains(&v2.ws_read_buffer_bytes) {
+                return bad("v2.ws_read_buffer_bytes must be 256 to 1048576".to_owned());
+            }
             if v2.send_rate_per_sec == 0 || v2.send_burst == 0 || v2.max_unconfirmed_sends == 0 {
                 return bad(
                     "v2.send_rate_per_sec, v2.send_burst and v2.max_unconfirmed_sends must be > 0"
@@ -808,6 +816,16 @@ mod tests {
         let mut bad = c.clone();
         bad.v2.max_frame_bytes = 10;
         assert!(bad.validate().is_err());
+        for (bytes, ok) in [
+            (255, false),
+            (256, true),
+            (1 << 20, true),
+            ((1 << 20) + 1, false),
+        ] {
+            let mut b = c.clone();
+            b.v2.ws_read_buffer_bytes = bytes;
+            assert_eq!(b.validate().is_ok(), ok, "ws_read_buffer_bytes = {bytes}");
+        }
         let mut cluster = kafka("");
         cluster.v2.listen = c.v2.listen;
         cluster.validate().unwrap();

@@ -1504,7 +1504,10 @@ impl Shard {
         id: ConnId,
         peer: Option<std::net::IpAddr>,
     ) {
-        let ws = transport::ws_config(self.cfg.v2.max_frame_bytes);
+        let ws = transport::ws_config(
+            self.cfg.v2.max_frame_bytes,
+            self.cfg.v2.ws_read_buffer_bytes,
+        );
         let timeout = Duration::from_millis(self.cfg.login_timeout_ms);
         // Boxed: the handshakes' state (about 32 KB, most of it the WebSocket upgrade's) is
         // freed once they are done instead of staying in this task for the connection's life.

@@ -109,18 +109,18 @@ impl HandshakeError {
 }
 
 /// The WebSocket limits of a v2 connection: one message holds one frame of at most
-/// `max_frame_bytes` (plus its 4 length bytes); small buffers, since most connections idle.
-pub fn ws_config(max_frame_bytes: u32) -> WebSocketConfig {
+/// `max_frame_bytes` (plus its 4 length bytes); small buffers, since most connections idle
+/// (`read_buffer_bytes`: tungstenite's read buffer, kept for the connection's life; its default
+/// is 128 KiB).
+pub fn ws_config(max_frame_bytes: u32, read_buffer_bytes: u32) -> WebSocketConfig {
     let max = max_frame_bytes as usize + 4;
     WebSocketConfig::default()
-        .read_buffer_size(WS_READ_BUFFER_BYTES)
+        .read_buffer_size(read_buffer_bytes as usize)
         .write_buffer_size(WS_WRITE_BUFFER_BYTES)
         .max_message_size(Some(max))
         .max_frame_size(Some(max))
 }
 
-/// tungstenite's read buffer, allocated per connection (its default is 128 KiB).
-const WS_READ_BUFFER_BYTES: usize = 4096;
 /// Outgoing messages are gathered up to this before a socket write (flushed after every pass of
 /// the connection's writes anyway).
 const WS_WRITE_BUFFER_BYTES: usize = 16 << 10;
@@ -720,7 +720,7 @@ pub(crate) mod tests {
                     .unwrap();
             });
             let stream = listener.accept().await.expect("accept");
-            let ws = super::ws_config(1 << 16);
+            let ws = super::ws_config(1 << 16, 1024);
             let mut t = super::accept(
                 stream,
                 super::Kind::Tls,

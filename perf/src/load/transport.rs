@@ -193,10 +193,13 @@ impl Connector {
         let max = u32::try_from(super::v2::MAX_FRAME).unwrap_or(u32::MAX);
         let inner = match (&self.tls, self.kind) {
             (None, TransportKind::Ws) => {
-                let (ws, _) =
-                    async_tungstenite::client_async_with_config(url, sock, Some(ws_config(max)))
-                        .await
-                        .map_err(ws_err)?;
+                let (ws, _) = async_tungstenite::client_async_with_config(
+                    url,
+                    sock,
+                    Some(ws_config(max, 4096)),
+                )
+                .await
+                .map_err(ws_err)?;
                 Inner::Ws(Box::new(WsFrames::new(ws)))
             }
             (Some((config, name)), kind) => {
@@ -205,10 +208,13 @@ impl Connector {
                     .await
                     .map_err(|e| io::Error::new(e.kind(), format!("tls handshake: {e}")))?;
                 if kind == TransportKind::Wss {
-                    let (ws, _) =
-                        async_tungstenite::client_async_with_config(url, tls, Some(ws_config(max)))
-                            .await
-                            .map_err(ws_err)?;
+                    let (ws, _) = async_tungstenite::client_async_with_config(
+                        url,
+                        tls,
+                        Some(ws_config(max, 4096)),
+                    )
+                    .await
+                    .map_err(ws_err)?;
                     Inner::Wss(Box::new(WsFrames::new(ws)))
                 } else {
                     Inner::Tls(Box::new(tls))
