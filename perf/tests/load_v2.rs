@@ -240,6 +240,38 @@ fn connect_and_logins_v2_over_tls_and_ws() {
         assert!(r.totals.logins > 4, "{transport}: {}", r.totals.logins);
         assert_eq!(r.totals.errors, 0, "{transport}: {:?}", r.notes);
     }
+    // TLS clients with a session cache each (--tls-clients), used in turn: after each client's
+    // first connection, its connections resume with the ticket the last one left it.
+    let resumed = edge.metric("iris_edge_tls_handshakes_resumed_total");
+    let accepted = edge.metric("iris_edge_v2_tls_connections_accepted_total");
+    let r = run_load(&[
+        "logins",
+        "--protocol",
+        "v2",
+        "--transport",
+        "tls",
+        "--ca",
+        &ca,
+        "--target",
+        &edge.addr("v2tls"),
+        "--tls-clients",
+        "8",
+        "--conns",
+        "2",
+        "--users",
+        "50",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.2",
+    ]);
+    assert_eq!(r.totals.errors, 0, "{:?}", r.notes);
+    let resumed = edge.metric("iris_edge_tls_handshakes_resumed_total") - resumed;
+    let handshakes = edge.metric("iris_edge_v2_tls_connections_accepted_total") - accepted;
+    assert!(
+        handshakes > 16 && resumed + 8 >= handshakes * 9 / 10,
+        "{resumed} of {handshakes} handshakes resumed with 8 clients"
+    );
     // Another self-signed certificate is not the edge's: TLS refuses every connection.
     let other = tempfile::tempdir().unwrap();
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();

@@ -105,6 +105,11 @@ pub struct Common {
     /// TLS server name to check the certificate against, and the WebSocket request's host.
     #[arg(long, default_value = "localhost")]
     pub server_name: String,
+    /// TLS clients, each with its own session cache, which the connections use in turn: a
+    /// connection resumes with a ticket its client got on an earlier one (a reconnecting
+    /// device). 1: one client for the whole run (its cache keeps 8 tickets per server name).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub tls_clients: u32,
     /// The edge's `[auth] secret`: every LOGIN (HELLO) then carries `user:token`, an HS256
     /// token for the user valid for a day (the `logins` step signs its pool in the warm-up, the
     /// other steps as they log in).
@@ -123,11 +128,10 @@ impl Common {
             "--transport {:?} needs --protocol v2 (v1 is plain TCP only)",
             self.transport
         );
-        Ok(Connector::new(
-            self.transport,
-            self.ca.as_deref(),
-            &self.server_name,
-        )?)
+        Ok(
+            Connector::new(self.transport, self.ca.as_deref(), &self.server_name)?
+                .with_tls_clients(self.tls_clients as usize),
+        )
     }
 
     /// The token maker of `--jwt-secret`, if given.

@@ -85,6 +85,10 @@ pub enum TransportError {
 pub struct Connector {
     pub kind: TransportKind,
     tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
+    /// `--tls-clients`: configurations with a session cache each, used in turn (empty: `tls`'s
+    /// for every connection).
+    clients: Vec<Arc<ClientConfig>>,
+    next_client: std::sync::atomic::AtomicUsize,
     /// Host name of the WebSocket request (`Host:` header).
     server_name: String,
 }
@@ -132,6 +136,8 @@ impl Connector {
         Self {
             kind: TransportKind::Tcp,
             tls: None,
+            clients: Vec::new(),
+            next_client: Default::default(),
             server_name: "localhost".into(),
         }
     }
@@ -166,8 +172,36 @@ impl Connector {
         Ok(Self {
             kind,
             tls,
+            clients: Vec::new(),
+            next_client: Default::default(),
             server_name: server_name.into(),
         })
+    }
+
+    /// Gives TLS connections `n` clients with a session cache each, used in turn (`n` ≤ 1: one
+    /// shared client, as built).
+    pub fn with_tls_clients(mut self, n: usize) -> Self {
+        if let (Some((config, _)), true) = (&self.tls, n > 1) {
+            self.clients = (0..n)
+                .map(|_| {
+                    let mut c = ClientConfig::clone(config);
+                    c.resumption = rustls::client::Resumption::in_memory_sessions(1);
+                    Arc::new(c)
+                })
+                .collect();
+        }
+        self
+    }
+
+    /// The TLS configuration of the next connection.
+    fn client(&self, shared: &Arc<ClientConfig>) -> Arc<ClientConfig> {
+        if self.clients.is_empty() {
+            return shared.clone();
+        }
+        let at = self
+            .next_client
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.clients[at % self.clients.len()].clone()
     }
 
     /// Does the handshakes of this transport on a connected socket (which has its read and
@@ -203,7 +237,7 @@ impl Connector {
                 Inner::Ws(Box::new(WsFrames::new(ws)))
             }
             (Some((config, name)), kind) => {
-                let tls = futures_rustls::TlsConnector::from(config.clone())
+                let tls = futures_rustls::TlsConnector::from(self.client(config))
                     .connect(name.clone(), sock)
                     .await
                     .map_err(|e| io::Error::new(e.kind(), format!("tls handshake: {e}")))?;

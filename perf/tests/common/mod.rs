@@ -151,6 +151,18 @@ impl Edge {
             .unwrap_or_else(|| panic!("no {key}= in {:?}", self.ready))
             .to_owned()
     }
+
+    /// The summed (unlabelled) value of counter `name` on the edge's `/metrics`.
+    pub fn metric(&self, name: &str) -> u64 {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(self.addr("admin")).expect("admin");
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics"))
+    }
 }
 
 impl Drop for Edge {
