@@ -308,6 +308,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsFrames<S> {
     pub fn get_ref(&self) -> &S {
         self.ws.get_ref()
     }
+
     /// Drives the close started by a text message or the session's end; ready once the close
     /// frame is sent (or cannot be: the peer closed first, or the socket failed).
     fn poll_closing(&mut self, cx: &mut Context<'_>) -> Poll<()> {
@@ -681,10 +682,10 @@ pub(crate) mod tests {
         usize::try_from(n).expect("a queue length")
     }
 
-    /// A TLS client that never reads: what the edge's rustls holds beyond the two kernel
+    /// A TLS client that never reads: what the edge's TLS layer holds beyond the two kernel
     /// queues (the edge's send queue, the client's receive queue) stays within one record's
     /// worth, so the rest of the output waits in the connection's accounted queue (64 KiB
-    /// with rustls's default).
+    /// with rustls's buffered default).
     #[test]
     fn tls_output_to_a_reader_that_takes_nothing_stays_in_the_kernel_and_one_record() {
         use rustls_pki_types::pem::PemObject;
@@ -757,8 +758,8 @@ pub(crate) mod tests {
             assert!(accepted > 256 << 10, "only {accepted} bytes written");
             assert!(
                 held <= crate::shard::tls_conn::OUTPUT_LIMIT + (4 << 10),
-                "rustls holds {held} bytes ({accepted} accepted, {outq} in the send queue, {inq} \
-                 in the receive queue)"
+                "the TLS layer holds {held} bytes ({accepted} accepted, {outq} in the send \
+                 queue, {inq} in the receive queue)"
             );
         });
     }
