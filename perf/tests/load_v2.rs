@@ -7,6 +7,9 @@ mod common;
 
 use common::{assert_sane_latency, run_load, Edge};
 
+/// The `logins` step's short run: 50 users, one second after 0.2 s of warm-up.
+const SHORT_LOGINS: [&str; 6] = ["--users", "50", "--duration", "1", "--warmup", "0.2"];
+
 #[test]
 fn pairs_v2_open_loop_two_seconds_nothing_lost() {
     let edge = Edge::start_v2(1);
@@ -90,7 +93,7 @@ fn pairs_v2_closed_loop_and_v1_beside_it() {
 fn logins_and_connect_v2() {
     let edge = Edge::start_v2(1);
     let target = edge.v2.unwrap().to_string();
-    let r = run_load(&[
+    let args = [
         "logins",
         "--protocol",
         "v2",
@@ -98,13 +101,11 @@ fn logins_and_connect_v2() {
         &target,
         "--conns",
         "4",
-        "--users",
-        "50",
-        "--duration",
-        "1",
-        "--warmup",
-        "0.2",
-    ]);
+    ]
+    .into_iter()
+    .chain(SHORT_LOGINS)
+    .collect::<Vec<_>>();
+    let r = run_load(&args);
     assert!(r.get("logins_per_s").unwrap() > 0.0);
     assert_eq!(r.totals.errors, 0, "{:?}", r.notes);
     let r = run_load(&[
@@ -225,16 +226,8 @@ fn connect_and_logins_v2_over_tls_and_ws() {
         assert_eq!(r.totals.errors, 0, "{transport}: {:?}", r.notes);
         let mut args = vec!["logins"];
         args.extend(common);
-        args.extend([
-            "--conns",
-            "4",
-            "--users",
-            "50",
-            "--duration",
-            "1",
-            "--warmup",
-            "0.2",
-        ]);
+        args.extend(["--conns", "4"]);
+        args.extend(SHORT_LOGINS);
         let r = run_load(&args);
         assert!(r.get("logins_per_s").unwrap() > 0.0, "{transport}");
         assert!(r.totals.logins > 4, "{transport}: {}", r.totals.logins);
@@ -244,7 +237,8 @@ fn connect_and_logins_v2_over_tls_and_ws() {
     // first connection, its connections resume with the ticket the last one left it.
     let resumed = edge.metric("iris_edge_tls_handshakes_resumed_total");
     let accepted = edge.metric("iris_edge_v2_tls_connections_accepted_total");
-    let r = run_load(&[
+    let tls = edge.addr("v2tls");
+    let args = [
         "logins",
         "--protocol",
         "v2",
@@ -253,18 +247,16 @@ fn connect_and_logins_v2_over_tls_and_ws() {
         "--ca",
         &ca,
         "--target",
-        &edge.addr("v2tls"),
+        &tls,
         "--tls-clients",
         "8",
         "--conns",
         "2",
-        "--users",
-        "50",
-        "--duration",
-        "1",
-        "--warmup",
-        "0.2",
-    ]);
+    ]
+    .into_iter()
+    .chain(SHORT_LOGINS)
+    .collect::<Vec<_>>();
+    let r = run_load(&args);
     assert_eq!(r.totals.errors, 0, "{:?}", r.notes);
     let resumed = edge.metric("iris_edge_tls_handshakes_resumed_total") - resumed;
     let handshakes = edge.metric("iris_edge_v2_tls_connections_accepted_total") - accepted;

@@ -80,6 +80,10 @@ pub enum TransportError {
     Config(String),
 }
 
+/// tungstenite's read buffer of the load generator's WebSocket clients (the edge's is
+/// `[v2] ws_read_buffer_bytes`): their memory is not what is measured.
+const WS_READ_BUFFER_BYTES: u32 = 4096;
+
 /// A transport made ready to connect: the TLS configuration is built once per run.
 #[derive(Debug)]
 pub struct Connector {
@@ -225,15 +229,12 @@ impl Connector {
             io::Error::other(format!("websocket upgrade: {e}"))
         };
         let max = u32::try_from(super::v2::MAX_FRAME).unwrap_or(u32::MAX);
+        let ws = ws_config(max, WS_READ_BUFFER_BYTES);
         let inner = match (&self.tls, self.kind) {
             (None, TransportKind::Ws) => {
-                let (ws, _) = async_tungstenite::client_async_with_config(
-                    url,
-                    sock,
-                    Some(ws_config(max, 4096)),
-                )
-                .await
-                .map_err(ws_err)?;
+                let (ws, _) = async_tungstenite::client_async_with_config(url, sock, Some(ws))
+                    .await
+                    .map_err(ws_err)?;
                 Inner::Ws(Box::new(WsFrames::new(ws)))
             }
             (Some((config, name)), kind) => {
@@ -242,13 +243,9 @@ impl Connector {
                     .await
                     .map_err(|e| io::Error::new(e.kind(), format!("tls handshake: {e}")))?;
                 if kind == TransportKind::Wss {
-                    let (ws, _) = async_tungstenite::client_async_with_config(
-                        url,
-                        tls,
-                        Some(ws_config(max, 4096)),
-                    )
-                    .await
-                    .map_err(ws_err)?;
+                    let (ws, _) = async_tungstenite::client_async_with_config(url, tls, Some(ws))
+                        .await
+                        .map_err(ws_err)?;
                     Inner::Wss(Box::new(WsFrames::new(ws)))
                 } else {
                     Inner::Tls(Box::new(tls))
