@@ -56,8 +56,9 @@ thread_local! {
 
 /// What one pass over the received records came to.
 enum Step {
-    /// Decrypted data waits in `plain`.
-    Data,
+    /// Decrypted data came: this many bytes of it in the reader's buffer, the rest (if any)
+    /// waits in `plain`.
+    Data(usize),
     /// Nothing more to do without more input from the peer.
     NeedInput,
     /// The plaintext of a write (or a close_notify) was encrypted into `outgoing`.
@@ -159,7 +160,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TlsConn<S> {
             write_done: false,
         };
         loop {
-            let step = t.step(Op::Read)?;
+            let step = t.step(Op::Read, &mut [])?;
             std::future::poll_fn(|cx| t.poll_send(cx)).await?;
             if !t.conn.is_handshaking() {
                 return Ok(t);
@@ -174,7 +175,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TlsConn<S> {
                         ));
                     }
                 }
-                Step::Data | Step::Sent => {}
+                Step::Data(_) | Step::Sent => {}
                 Step::PeerClosed => {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
@@ -196,24 +197,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TlsConn<S> {
     }
 
     /// Processes the received records until `op` is done or more input is needed: decrypted
-    /// data goes to `plain`, records rustls wants sent to `outgoing`.
-    fn step(&mut self, op: Op<'_>) -> io::Result<Step> {
+    /// data goes to `out` (the reader's buffer) while nothing waits in `plain` and `out` has
+    /// room, the rest to `plain`; records rustls wants sent go to `outgoing`.
+    fn step(&mut self, op: Op<'_>, out: &mut [u8]) -> io::Result<Step> {
         loop {
             let UnbufferedStatus { discard, state } =
                 self.conn.process_tls_records(&mut self.incoming);
             let state = state.map_err(tls_error)?;
             let step = match state {
                 ConnectionState::ReadTraffic(mut r) => {
+                    let mut filled = 0;
                     while let Some(record) = r.next_record() {
-                        let record = record.map_err(tls_error)?;
+                        let mut payload = record.map_err(tls_error)?.payload;
                         if self.plain_pos == self.plain.len() {
-                            self.plain.clear();
-                            self.plain_pos = 0;
+                            // Nothing waits before it: straight into the reader's buffer.
+                            let n = payload.len().min(out.len() - filled);
+                            out[filled..filled + n].copy_from_slice(&payload[..n]);
+                            filled += n;
+                            payload = &payload[n..];
                         }
-                        self.plain.extend_from_slice(record.payload);
+                        if !payload.is_empty() {
+                            if self.plain_pos == self.plain.len() {
+                                self.plain.clear();
+                                self.plain_pos = 0;
+                            }
+                            self.plain.extend_from_slice(payload);
+                        }
                     }
                     match op {
-                        Op::Read => Some(Step::Data),
+                        Op::Read => Some(Step::Data(filled)),
                         // Kept for the reader; go on to the write.
                         Op::Write(_) | Op::Close => None,
                     }
@@ -359,8 +371,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsConn<S> {
             if this.unsent() > 0 {
                 let _ = this.poll_send(cx)?;
             }
-            match this.step(Op::Read)? {
-                Step::Data | Step::Sent => {}
+            match this.step(Op::Read, buf)? {
+                Step::Data(0) | Step::Sent => {}
+                Step::Data(n) => return Poll::Ready(Ok(n)),
                 Step::PeerClosed => return Poll::Ready(Ok(0)),
                 Step::NeedInput => {
                     if ready!(this.poll_fill(cx))? == 0 {
@@ -396,9 +409,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsConn<S> {
         }
         let take = buf.len().min(MAX_WRITE).min(OUTPUT_LIMIT - this.unsent());
         this.compact();
-        match this.step(Op::Write(&buf[..take]))? {
+        match this.step(Op::Write(&buf[..take]), &mut [])? {
             Step::Sent => {}
-            Step::PeerClosed | Step::NeedInput | Step::Data => {
+            Step::PeerClosed | Step::NeedInput | Step::Data(_) => {
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::BrokenPipe,
                     "tls session cannot send",
@@ -423,7 +436,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsConn<S> {
             this.write_done = true;
             this.compact();
             // A session rustls already closed has nothing more to say.
-            let _ = this.step(Op::Close);
+            let _ = this.step(Op::Close, &mut []);
         }
         ready!(this.poll_send(cx))?;
         Pin::new(&mut this.io).poll_close(cx)
